@@ -1,0 +1,194 @@
+"""The receptive-field value objects: what a probe found, and how to map between output and input coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Bounds = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AxisGeometry:
+    """The receptive-field algebra of one spatial axis (distill.pub's r, S and P).
+
+    Output index ``x`` sees the unclipped input interval ``[x*stride - offset, x*stride - offset + size - 1]``.
+
+    Attributes:
+        size: ``r``, the number of input positions one output position spans before clipping.
+        stride: ``S``, the input distance between the fields of neighbouring output positions.
+        offset: ``P``, the effective padding: how far left of input index 0 the field of output 0 starts.
+    """
+
+    size: int
+    stride: int
+    offset: int
+
+    def span(self, index: int) -> Bounds:
+        """Returns the unclipped inclusive input interval seen by output ``index``."""
+        first = index * self.stride - self.offset
+        return first, first + self.size - 1
+
+    def center(self, index: int) -> float:
+        """Returns the input coordinate of the centre of output ``index``'s field."""
+        return index * self.stride - self.offset + (self.size - 1) / 2
+
+    def index_of(self, coordinate: float) -> int:
+        """Returns the output index whose field is centred nearest to input ``coordinate`` (may be out of range)."""
+        return round((coordinate + self.offset - (self.size - 1) / 2) / self.stride)
+
+
+def _geometry_dict(geometry: AxisGeometry | None) -> dict[str, int] | None:
+    if geometry is None:
+        return None
+    return {"size": geometry.size, "stride": geometry.stride, "offset": geometry.offset}
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """The receptive field of one output position.
+
+    Attributes:
+        position: the probed output index, one entry per output spatial axis.
+        bounds: per input spatial axis, the inclusive ``(first, last)`` input indices that influence the position.
+        input_shape: the full input shape probed, ``(N, C, *spatial)``.
+        output_shape: the spatial shape of the probed output map.
+        geometry: per axis, the :class:`AxisGeometry` of the architecture, or ``None`` on an axis where it is not a
+            regular lattice (an upsampling path, for example) or could not be measured.
+        mode: ``"theoretical"`` or ``"weights"``.
+        layer: the probed submodule's dotted name, ``None`` for the model's output.
+        heatmap: gradient magnitude over the input's spatial axes (float64, CPU), summed over channels (and over the
+            random draws in weights mode); ``None`` where only bounds were computed.
+    """
+
+    position: tuple[int, ...]
+    bounds: tuple[Bounds, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    geometry: tuple[AxisGeometry | None, ...]
+    mode: str
+    layer: str | None = None
+    heatmap: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Per axis, ``last - first + 1``: the number of input positions inside the (clipped) bounds."""
+        return tuple(last - first + 1 for first, last in self.bounds)
+
+    @property
+    def span(self) -> tuple[Bounds, ...]:
+        """Per axis, the unclipped interval ``[x*S - P, x*S - P + r - 1]``; the clipped bounds where unknown."""
+        return tuple(
+            bounds if geometry is None else geometry.span(index)
+            for index, bounds, geometry in zip(self.position, self.bounds, self.geometry)
+        )
+
+    @property
+    def stride(self) -> tuple[int | None, ...]:
+        """Per axis, the effective stride ``S`` (``None`` where the geometry is unknown)."""
+        return tuple(None if g is None else g.stride for g in self.geometry)
+
+    @property
+    def offset(self) -> tuple[int | None, ...]:
+        """Per axis, the effective offset (padding) ``P`` (``None`` where the geometry is unknown)."""
+        return tuple(None if g is None else g.offset for g in self.geometry)
+
+    @property
+    def center(self) -> tuple[float, ...]:
+        """Per axis, the input coordinate of the field's centre (of the unclipped span where known)."""
+        return tuple((first + last) / 2 for first, last in self.span)
+
+    def to_dict(self) -> dict:
+        """Returns every attribute but the heatmap as JSON-serialisable built-in types."""
+        return {
+            "position": list(self.position),
+            "bounds": [list(b) for b in self.bounds],
+            "size": list(self.size),
+            "span": [list(s) for s in self.span],
+            "stride": list(self.stride),
+            "offset": list(self.offset),
+            "center": list(self.center),
+            "geometry": [_geometry_dict(g) for g in self.geometry],
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "mode": self.mode,
+            "layer": self.layer,
+        }
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer!r}" if self.layer else "the output"
+        size = " x ".join(str(s) for s in self.size)
+        bounds = ", ".join(f"{first}..{last}" for first, last in self.bounds)
+        text = f"RF of {where} at {self.position}: {size} (input {bounds})"
+        if all(s is not None for s in self.stride):
+            text += f", stride {' x '.join(str(s) for s in self.stride)}"
+        return f"{text} [{self.mode}]"
+
+
+@dataclass(frozen=True)
+class ReceptiveFieldMap:
+    """The receptive fields of every position of an output map (``pos="all"``): bounds only, no heatmaps.
+
+    Index it with an output position to get that position's :class:`ReceptiveField`.
+
+    Attributes:
+        first: int64 tensor ``(*output_shape, n_axes)``, the first input index per position and axis.
+        last: int64 tensor of the same shape, the last input index (inclusive).
+        input_shape: the full input shape probed, ``(N, C, *spatial)``.
+        output_shape: the spatial shape of the output map.
+        geometry: per axis, the :class:`AxisGeometry` or ``None``.
+        mode: ``"theoretical"`` or ``"weights"``.
+        layer: the probed submodule's dotted name, or ``None``.
+    """
+
+    first: torch.Tensor = field(repr=False)
+    last: torch.Tensor = field(repr=False)
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    geometry: tuple[AxisGeometry | None, ...]
+    mode: str
+    layer: str | None = None
+
+    @property
+    def size(self) -> torch.Tensor:
+        """int64 tensor ``(*output_shape, n_axes)``: ``last - first + 1`` per position and axis."""
+        return self.last - self.first + 1
+
+    def __len__(self) -> int:
+        return int(torch.Size(self.output_shape).numel())
+
+    def positions(self) -> Iterator[tuple[int, ...]]:
+        """Yields every output position in row-major order."""
+        for flat in range(len(self)):
+            yield tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.output_shape))
+
+    def __iter__(self) -> Iterator[ReceptiveField]:
+        return (self[p] for p in self.positions())
+
+    def __getitem__(self, position: int | Sequence[int]) -> ReceptiveField:
+        index = (position,) if isinstance(position, int) else tuple(position)
+        if len(index) != len(self.output_shape) or not all(-n <= i < n for i, n in zip(index, self.output_shape)):
+            raise IndexError(f"position {position!r} is outside the output map of shape {self.output_shape}")
+        index = tuple(i % n for i, n in zip(index, self.output_shape))
+        return ReceptiveField(
+            position=index,
+            bounds=tuple((int(a), int(b)) for a, b in zip(self.first[index], self.last[index])),
+            input_shape=self.input_shape,
+            output_shape=self.output_shape,
+            geometry=self.geometry,
+            mode=self.mode,
+            layer=self.layer,
+        )
+
+    def to_dict(self) -> dict:
+        """Returns the map as JSON-serialisable built-in types (nested lists of ``[first, last]`` per axis)."""
+        return {
+            "bounds": torch.stack([self.first, self.last], dim=-1).tolist(),
+            "geometry": [_geometry_dict(g) for g in self.geometry],
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "mode": self.mode,
+            "layer": self.layer,
+        }

@@ -1,0 +1,349 @@
+"""Tests of rf_callback.plotting: figure layout, box geometry, image overlays, argument errors and the GIF."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from rf_callback.plotting import _raster_positions, animate_rf, plot_rf
+from rf_callback.result import AxisGeometry, ReceptiveField
+
+SPATIAL_2D = (16, 20)
+
+
+def make_field(
+    spatial: tuple[int, ...],
+    bounds: tuple[tuple[int, int], ...],
+    position: tuple[int, ...],
+    output_shape: tuple[int, ...],
+    *,
+    heatmap: bool = True,
+) -> ReceptiveField:
+    """A field whose heatmap is a positive bump exactly inside ``bounds``, peaking at 5 in its first cell."""
+    heat = None
+    if heatmap:
+        heat = torch.zeros(spatial, dtype=torch.float64)
+        box = tuple(slice(first, last + 1) for first, last in bounds)
+        heat[box] = 1.0
+        heat[tuple(first for first, _ in bounds)] = 5.0
+    return ReceptiveField(
+        position=position,
+        bounds=bounds,
+        input_shape=(1, 3, *spatial),
+        output_shape=output_shape,
+        geometry=tuple(AxisGeometry(size=5, stride=2, offset=0) for _ in spatial),
+        mode="theoretical",
+        heatmap=heat,
+    )
+
+
+def field_2d(bounds=((3, 7), (5, 10)), position=(2, 3), *, heatmap: bool = True) -> ReceptiveField:
+    return make_field(SPATIAL_2D, bounds, position, (6, 8), heatmap=heatmap)
+
+
+def patches_with_gid(ax, gid: str) -> list[Rectangle]:
+    return [p for p in ax.patches if p.get_gid() == gid]
+
+
+def rect_geometry(rect: Rectangle) -> tuple[float, float, float, float]:
+    x, y = rect.get_xy()
+    return x, y, rect.get_width(), rect.get_height()
+
+
+# plot_rf, 2D
+
+
+def test_plot_2d_has_input_colorbar_and_output_panels():
+    fig = plot_rf(field_2d())
+    assert isinstance(fig, Figure)
+    ax_in, ax_out, colorbar = fig.axes
+    assert (ax_in.get_xlabel(), ax_in.get_ylabel()) == ("input w", "input h")
+    assert (ax_out.get_xlabel(), ax_out.get_ylabel()) == ("output w", "output h")
+    assert colorbar.get_ylabel() == "|gradient| / max"
+
+
+@pytest.mark.parametrize("bounds", [((3, 7), (5, 10)), ((0, 0), (0, 0)), ((0, 15), (0, 19)), ((15, 15), (19, 19))])
+def test_plot_2d_draws_box_at_bounds(bounds):
+    (top, bottom), (left, right) = bounds
+    ax_in = plot_rf(field_2d(bounds)).axes[0]
+    (box,) = patches_with_gid(ax_in, "rf-box")
+    assert rect_geometry(box) == (left - 0.5, top - 0.5, right - left + 1, bottom - top + 1)
+
+
+def test_plot_2d_highlights_chosen_output_cell():
+    ax_out = plot_rf(field_2d(position=(4, 1))).axes[1]
+    (cell,) = patches_with_gid(ax_out, "rf-cell")
+    assert rect_geometry(cell) == (0.5, 3.5, 1, 1)
+    (grid,) = ax_out.images
+    assert grid.get_array().shape == (6, 8)
+    assert np.argwhere(np.asarray(grid.get_array()) == 1).tolist() == [[4, 1]]
+    assert ax_out.get_xlim() == (-0.5, 7.5) and ax_out.get_ylim() == (5.5, -0.5)
+
+
+def test_plot_2d_shows_heatmap_normalised_to_its_maximum():
+    (heat,) = plot_rf(field_2d()).axes[0].images
+    shown = np.asarray(heat.get_array())
+    assert shown.shape == SPATIAL_2D
+    assert shown.max() == 1.0 and shown[3, 5] == 1.0 and shown[4, 6] == pytest.approx(0.2)
+    assert shown[0, 0] == 0.0
+
+
+def test_plot_2d_draws_all_zero_heatmap_without_dividing_by_zero():
+    field = field_2d()
+    zero = dataclasses.replace(field, heatmap=torch.zeros(SPATIAL_2D, dtype=torch.float64))
+    (heat,) = plot_rf(zero).axes[0].images
+    assert np.asarray(heat.get_array()).max() == 0.0
+
+
+@given(
+    height=st.integers(1, 12),
+    width=st.integers(1, 12),
+    data=st.data(),
+)
+@settings(max_examples=15, deadline=None)
+def test_plot_box_covers_bounds_cell_for_cell_on_any_grid(height, width, data):
+    top = data.draw(st.integers(0, height - 1))
+    bottom = data.draw(st.integers(top, height - 1))
+    left = data.draw(st.integers(0, width - 1))
+    right = data.draw(st.integers(left, width - 1))
+    field = make_field((height, width), ((top, bottom), (left, right)), (0, 0), (1, 1))
+    ax_in = plot_rf(field).axes[0]
+    (box,) = patches_with_gid(ax_in, "rf-box")
+    assert rect_geometry(box) == (left - 0.5, top - 0.5, right - left + 1, bottom - top + 1)
+    assert ax_in.get_xlim() == (-0.5, width - 0.5) and ax_in.get_ylim() == (height - 0.5, -0.5)
+
+
+def test_plot_annotates_field_size_in_box_unless_asked_not_to():
+    ax_in = plot_rf(field_2d()).axes[0]
+    assert [t.get_text() for t in ax_in.texts] == ["5 x 6"]
+    assert len(plot_rf(field_2d(), annotate=False).axes[0].texts) == 0
+
+
+def test_plot_title_defaults_to_str_of_field():
+    field = field_2d()
+    assert plot_rf(field).get_suptitle() == str(field)
+    assert plot_rf(field, title="layer4").get_suptitle() == "layer4"
+    assert plot_rf(field, title="").get_suptitle() == ""
+
+
+def test_plot_2d_saves_a_png_that_reads_back(tmp_path):
+    path = tmp_path / "rf.png"
+    plot_rf(field_2d()).savefig(path, dpi=50)
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    assert 100 < pixels.shape[0] < pixels.shape[1]
+
+
+def test_plot_leaves_pyplot_untouched():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    before = plt.get_fignums()
+    plot_rf(field_2d())
+    assert plt.get_fignums() == before
+
+
+# plot_rf, image overlay
+
+IMAGES = {
+    "grey array": lambda: np.random.default_rng(0).random(SPATIAL_2D),
+    "rgb array": lambda: np.random.default_rng(0).random((*SPATIAL_2D, 3)),
+    "grey tensor": lambda: torch.rand(SPATIAL_2D),
+    "1-channel tensor": lambda: torch.rand(1, *SPATIAL_2D),
+    "3-channel tensor": lambda: torch.rand(3, *SPATIAL_2D),
+    "the probed input": lambda: torch.rand(1, 3, *SPATIAL_2D),
+    "int array": lambda: np.arange(320, dtype=np.int64).reshape(SPATIAL_2D),
+}
+
+
+@pytest.mark.parametrize("make_image", IMAGES.values(), ids=IMAGES.keys())
+def test_plot_overlays_heatmap_on_image(make_image):
+    ax_in = plot_rf(field_2d(), image=make_image()).axes[0]
+    picture, heat = ax_in.images
+    shown = np.asarray(picture.get_array())
+    assert shown.shape[:2] == SPATIAL_2D and shown.shape[2:] in ((), (3,))
+    assert shown.min() == 0.0 and shown.max() == 1.0
+    assert heat.get_alpha() == pytest.approx(0.6)
+    overlay = heat.get_array()
+    assert overlay.mask[0, 0] and not overlay.mask[3, 5]
+
+
+def test_plot_reads_rgb_tensor_channels_first():
+    image = torch.zeros(3, *SPATIAL_2D)
+    image[0] = 1.0
+    picture, _ = plot_rf(field_2d(), image=image).axes[0].images
+    assert np.asarray(picture.get_array())[0, 0].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_plot_draws_image_under_box_when_field_has_no_heatmap():
+    fig = plot_rf(field_2d(heatmap=False), image=torch.rand(SPATIAL_2D))
+    assert len(fig.axes) == 2
+    (picture,) = fig.axes[0].images
+    assert np.asarray(picture.get_array()).shape == SPATIAL_2D
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (20, 16), (2, *SPATIAL_2D), (*SPATIAL_2D, 4), (2, 3, *SPATIAL_2D)])
+def test_plot_rejects_image_of_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"image has shape .*\(16, 20\)") as error:
+        plot_rf(field_2d(), image=torch.rand(shape))
+    assert str(shape) in str(error.value)
+
+
+def test_plot_rejects_image_that_is_not_a_tensor_or_array():
+    with pytest.raises(TypeError, match="image must be a torch.Tensor or a numpy.ndarray, got list"):
+        plot_rf(field_2d(), image=[[0.0] * 20] * 16)
+
+
+# plot_rf, fields without heatmaps, 1D and 3D
+
+
+def test_plot_without_heatmap_draws_box_on_empty_grid():
+    fig = plot_rf(field_2d(heatmap=False))
+    ax_in, ax_out = fig.axes
+    assert len(ax_in.images) == 0
+    (box,) = patches_with_gid(ax_in, "rf-box")
+    assert rect_geometry(box) == (4.5, 2.5, 6, 5)
+    assert ax_in.get_xlim() == (-0.5, 19.5) and ax_in.get_ylim() == (15.5, -0.5)
+    assert len(patches_with_gid(ax_out, "rf-cell")) == 1
+
+
+def test_plot_1d_draws_strips_with_box_over_bounds():
+    field = make_field((40,), ((14, 20),), (7,), (17,))
+    fig = plot_rf(field, image=torch.randn(40))
+    ax_in, ax_out, _colorbar = fig.axes
+    (box,) = patches_with_gid(ax_in, "rf-box")
+    assert rect_geometry(box) == (13.5, -0.5, 7, 1)
+    assert ax_in.get_xlabel() == "input index" and ax_out.get_xlabel() == "output index"
+    picture, heat = ax_in.images
+    assert np.asarray(picture.get_array()).shape == np.asarray(heat.get_array()).shape == (1, 40)
+    (cell,) = patches_with_gid(ax_out, "rf-cell")
+    assert rect_geometry(cell) == (6.5, -0.5, 1, 1)
+    assert [t.get_text() for t in ax_in.texts] == ["7"]
+
+
+def test_plot_3d_slices_depth_evenly_inside_bounds():
+    field = make_field((12, 10, 14), ((2, 9), (1, 4), (3, 8)), (1, 2, 3), (4, 3, 5))
+    fig = plot_rf(field)
+    *slices, _colorbar = fig.axes
+    depths = [int(ax.get_title().removeprefix("input d = ")) for ax in slices]
+    assert len(depths) == 6 and depths[0] == 2 and depths[-1] == 9 and depths == sorted(set(depths))
+    for ax, depth in zip(slices, depths, strict=True):
+        (box,) = patches_with_gid(ax, "rf-box")
+        assert rect_geometry(box) == (2.5, 0.5, 6, 4)
+        (heat,) = ax.images
+        assert np.array_equal(heat.get_array(), field.heatmap[depth].numpy() / 5.0)
+    assert "(1, 2, 3)" in fig.get_suptitle()
+
+
+def test_plot_3d_shows_every_depth_of_a_thin_field():
+    field = make_field((12, 10, 14), ((3, 5), (1, 4), (3, 8)), (0, 0, 0), (4, 3, 5), heatmap=False)
+    fig = plot_rf(field)
+    assert [ax.get_title() for ax in fig.axes] == ["input d = 3", "input d = 4", "input d = 5"]
+
+
+# plot_rf, inconsistent fields
+
+
+def broken(**changes) -> ReceptiveField:
+    return dataclasses.replace(field_2d(), **changes)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (broken(heatmap=torch.zeros(16, 19)), r"field.heatmap has shape \(16, 19\)"),
+        (broken(heatmap=torch.full(SPATIAL_2D, float("nan"))), "field.heatmap holds NaN"),
+        (broken(bounds=((3, 7), (5, 20))), r"field.bounds\[1\]=\(5, 20\) must satisfy 0 <= first <= last < 20"),
+        (broken(bounds=((3, 7),)), "field.bounds="),
+        (broken(position=(6, 0)), r"field.position=\(6, 0\) must be an index into the output map of shape \(6, 8\)"),
+        (broken(input_shape=(1, 1, 2, 2, 2, 2)), r"field.input_shape=\(1, 1, 2, 2, 2, 2\)"),
+        (broken(output_shape=(6, 8, 2), position=(0, 0, 0)), r"field.output_shape=\(6, 8, 2\)"),
+    ],
+    ids=["heatmap shape", "nan heatmap", "bounds", "bounds count", "position", "rank", "output rank"],
+)
+def test_plot_rejects_inconsistent_field(field, message):
+    with pytest.raises(ValueError, match=message):
+        plot_rf(field)
+
+
+def test_plot_rejects_what_is_not_a_field():
+    with pytest.raises(TypeError, match="field must be a ReceptiveField, got dict"):
+        plot_rf({"bounds": ((0, 1), (0, 1))})
+
+
+# animate_rf
+
+
+def test_default_sweep_takes_every_position_of_a_small_map_in_raster_order():
+    assert _raster_positions((2, 3)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert _raster_positions((5,)) == [(0,), (1,), (2,), (3,), (4,)]
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (2, 100), (1000,), (9, 9), (65,)])
+def test_default_sweep_is_capped_at_64_frames_and_keeps_the_corners(shape):
+    positions = _raster_positions(shape)
+    assert 32 <= len(positions) <= 64
+    assert positions == sorted(set(positions))
+    assert positions[0] == (0,) * len(shape) and positions[-1] == tuple(n - 1 for n in shape)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"input_shape": (1, 1, 4, 16, 16)}, ValueError, r"input_shape=\(1, 1, 4, 16, 16\) must be .* 1D and 2D"),
+        ({"fps": 0}, ValueError, "fps=0 must be a positive number"),
+        ({"path": "rf.png"}, ValueError, r"path='rf.png' must end in '.gif'"),
+        ({"path": "missing/rf.gif"}, FileNotFoundError, "does not exist"),
+        ({"positions": []}, ValueError, r"positions=\[\] must be a non-empty list"),
+        ({"positions": [(0, 0), (0, "a")]}, ValueError, r"positions\[1\]=\(0, 'a'\) must be an output index"),
+        ({"image": torch.rand(8, 8)}, ValueError, r"image has shape \(8, 8\)"),
+    ],
+    ids=["3d input", "fps", "suffix", "folder", "no positions", "bad position", "image"],
+)
+def test_animate_rejects_bad_arguments_before_probing(tmp_path, monkeypatch, kwargs, error, message):
+    monkeypatch.chdir(tmp_path)
+    arguments = {"model": None, "input_shape": (1, 1, 16, 16), "path": tmp_path / "rf.gif", **kwargs}
+    with pytest.raises(error, match=message):
+        animate_rf(**arguments)
+
+
+def small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 3, stride=2))
+
+
+def test_animate_sweeps_whole_small_output_map_into_gif(tmp_path):
+    pytest.importorskip("rf_callback.probe")
+    image_module = pytest.importorskip("PIL.Image")
+    path = animate_rf(small_cnn(), (1, 1, 16, 16), str(tmp_path / "rf.gif"))
+    assert path == tmp_path / "rf.gif"
+    with image_module.open(path) as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames == 36  # the 6 x 6 output map, every position once
+        assert gif.size[0] > gif.size[1] > 100
+
+
+def test_animate_draws_one_frame_per_given_position_over_image(tmp_path):
+    pytest.importorskip("rf_callback.probe")
+    image_module = pytest.importorskip("PIL.Image")
+    path = animate_rf(
+        small_cnn(), (1, 1, 16, 16), tmp_path / "rf.gif", positions=[(0, 0), (5, 5), (2, 3)], image=torch.rand(16, 16)
+    )
+    with image_module.open(path) as gif:
+        assert gif.n_frames == 3
+
+
+def test_animate_sweeps_1d_input_with_int_positions(tmp_path):
+    pytest.importorskip("rf_callback.probe")
+    image_module = pytest.importorskip("PIL.Image")
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 5), torch.nn.Conv1d(2, 2, 3, stride=2))
+    path = animate_rf(model, (1, 1, 40), tmp_path / "rf1d.gif", positions=[0, 8, 16], fps=2)
+    with image_module.open(path) as gif:
+        assert gif.n_frames == 3
+        assert gif.info["duration"] == 500

@@ -1,0 +1,249 @@
+"""probe_rf: exact fields on real architectures, many positions at once, weights mode, and the seed's check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rf_callback import ProbeError, ReceptiveField, ReceptiveFieldMap, probe_rf, verify_rf
+from tests.models import TinyResNet, TinyUNet, seed_readme_convs, vgg_style
+
+
+def clip(first: int, last: int, length: int) -> tuple[int, int]:
+    return max(first, 0), min(last, length - 1)
+
+
+def test_seed_readme_example_gives_41_by_23():
+    field = probe_rf(seed_readme_convs(), [1, 3, 60, 90], pos=(4, 8))
+    assert field.bounds == ((18, 58), (28, 50))
+    assert field.size == (41, 23)
+    assert (field.geometry[0].size, field.geometry[0].stride, field.geometry[0].offset) == (41, 6, 6)
+    assert (field.geometry[1].size, field.geometry[1].stride, field.geometry[1].offset) == (23, 4, 4)
+    assert field.heatmap.shape == (60, 90)
+    assert field.output_shape == (6, 19)
+
+
+def test_maxpool_does_not_shrink_rf():
+    # The seed's constant input sends a 3x3/1 max-pool's gradient to one arg-max, reading 5 here instead of 7.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(3, stride=1), nn.Conv2d(4, 4, 3))
+    field = probe_rf(model, (1, 1, 20, 20), pos=(5, 5))
+    assert field.size == (7, 7)
+    assert field.bounds == ((5, 11), (5, 11))
+
+
+def test_functional_relu_and_maxpool_in_forward_are_linearised():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(1, 2, 3), nn.Conv1d(2, 2, 3)
+
+        def forward(self, x):
+            x = F.max_pool1d(torch.relu(self.a(x)), 3, stride=1, dilation=2)
+            return torch.sigmoid(F.dropout(self.b(F.gelu(x))))
+
+    field = probe_rf(Functional(), (1, 1, 40), pos=10)
+    assert field.bounds == ((10, 18),)  # r = 1 + 2 + 4 + 2 = 9
+
+
+def test_zero_bias_relu_network_does_not_vanish():
+    # With zero biases, ReLUs and a constant or negative input, the seed's gradient is zero and min() crashes.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                m.weight.fill_(-1.0)
+    assert probe_rf(model, (1, 1, 12, 12), pos=(3, 3)).size == (5, 5)
+
+
+def test_signed_weights_do_not_cancel_across_channels():
+    conv = nn.Conv1d(2, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[1.0], [-1.0]]]))
+    model = nn.Sequential(nn.Conv1d(1, 2, 3, bias=False), conv)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    # In the real network the two channels cancel exactly: the weights-mode field is empty.
+    with pytest.raises(ProbeError, match="dead|zero"):
+        probe_rf(model, (1, 1, 10), pos=4, mode="weights")
+    assert probe_rf(model, (1, 1, 10), pos=4).bounds == ((4, 6),)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "pos", "bounds"),
+    [
+        # r = 1 + 4 + 2*2*2 = 13, S = 2: [14, 26]
+        (nn.Sequential(nn.Conv1d(2, 4, 5, stride=2), nn.ReLU(), nn.Conv1d(4, 4, 3, dilation=2)), (1, 2, 50), (7,),
+         ((14, 26),)),
+        # depth: r = 1 + 2 + 1 = 4, S = 2, P = 1; height, width: r = 1 + 2 + 1 + 2*2 = 8, S = 2, P = 1
+        (nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.MaxPool3d(2), nn.Conv3d(2, 2, (1, 3, 3))), (1, 1, 8, 12, 12),
+         (1, 2, 2), ((1, 4), (3, 10), (3, 10))),
+    ],
+)  # fmt: skip
+def test_1d_and_3d_networks(model, shape, pos, bounds):
+    field = probe_rf(model, shape, pos)
+    assert field.bounds == bounds
+    assert field.heatmap.shape == shape[2:]
+    assert verify_rf(model, field)
+
+
+def test_vgg_style_equals_hand_derived_value():
+    model = vgg_style()
+    fmap = probe_rf(model, (1, 3, 32, 32), "all")
+    assert fmap.output_shape == (8, 8)
+    for pos in fmap.positions():
+        expected = tuple(clip(4 * x - 6, 4 * x + 9, 32) for x in pos)
+        assert fmap[pos].bounds == expected
+    assert [(g.size, g.stride, g.offset) for g in fmap.geometry] == [(16, 4, 6)] * 2
+
+
+def test_resnet_style_layer_equals_hand_derived_value():
+    model = TinyResNet()
+    field = probe_rf(model, (2, 3, 32, 32), (4, 5), layer="layer2")
+    assert field.bounds == ((4, 28), (8, 31))
+    assert field.span[1] == (8, 32)
+    assert [(g.size, g.stride, g.offset) for g in field.geometry] == [(25, 4, 12)] * 2
+    assert verify_rf(model, field)
+
+
+def test_unet_style_field_follows_both_paths():
+    fmap = probe_rf(TinyUNet(), (1, 1, 16, 16), "all")
+    for pos in fmap.positions():
+        expected = tuple(clip(x - 5, x + 4, 16) if x % 2 == 0 else clip(x - 4, x + 5, 16) for x in pos)
+        assert fmap[pos].bounds == expected
+    assert fmap.geometry == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "layer"),
+    [
+        (vgg_style, (1, 3, 24, 28), None),
+        (TinyUNet, (1, 1, 12, 14), None),
+        (seed_readme_convs, (1, 3, 60, 50), None),
+        (TinyResNet, (1, 3, 24, 28), "layer2"),
+    ],
+)
+def test_all_equals_per_position_loop(make, shape, layer):
+    model = make()
+    fmap = probe_rf(model, shape, "all", layer=layer)
+    assert isinstance(fmap, ReceptiveFieldMap)
+    for pos in fmap.positions():
+        single = probe_rf(model, shape, pos, layer=layer)
+        assert fmap[pos].bounds == single.bounds
+        assert verify_rf(model, single)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_position_list_heatmaps_equal_single_probes(mode):
+    model = vgg_style()
+    positions = [(0, 0), (3, 4), (7, 7), (2, 2), (3, 5), (0, 7)]
+    fields = probe_rf(model, (1, 3, 32, 32), positions, mode=mode)
+    assert [f.position for f in fields] == positions
+    for field in fields:
+        single = probe_rf(model, (1, 3, 32, 32), field.position, mode=mode)
+        assert field.bounds == single.bounds
+        assert torch.equal(field.heatmap, single.heatmap)
+
+
+def test_weights_mode_all_equals_per_position_loop():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 3, 3, padding=1))
+    fmap = probe_rf(model, (1, 1, 20, 20), "all", mode="weights")
+    for pos in fmap.positions():
+        assert fmap[pos].bounds == probe_rf(model, (1, 1, 20, 20), pos, mode="weights").bounds
+
+
+def test_pruned_weights_shrink_weights_field_not_theoretical():
+    model = nn.Sequential(nn.Conv1d(1, 1, 5, bias=False), nn.Conv1d(1, 1, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[[0.0, 0.0, 1.0, 2.0, 0.0]]]))
+        model[1].weight.copy_(torch.tensor([[[1.0, 0.5, 0.0]]]))
+    theoretical = probe_rf(model, (1, 1, 20), pos=5)
+    weights = probe_rf(model, (1, 1, 20), pos=5, mode="weights")
+    assert theoretical.bounds == ((5, 11),)
+    assert weights.bounds == ((7, 9),)  # taps 2..3 of the first layer under taps 0..1 of the second
+    assert weights.geometry == theoretical.geometry
+
+
+def test_weights_mode_union_over_draws_covers_max_pool_windows():
+    field = probe_rf(nn.MaxPool2d(3, stride=1), (1, 1, 10, 10), (4, 4), mode="weights", draws=32)
+    assert field.bounds == ((4, 6), (4, 6))
+
+
+def test_weights_mode_is_deterministic_and_seeded():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2))
+    a = probe_rf(model, (1, 1, 12, 12), mode="weights", seed=3)
+    b = probe_rf(model, (1, 1, 12, 12), mode="weights", seed=3)
+    assert torch.equal(a.heatmap, b.heatmap)
+
+
+def test_heatmap_sums_magnitudes_over_input_channels():
+    # The seed averages signed gradients over input channels before taking the magnitude: +1 and -1 cancel.
+    model = nn.Conv1d(2, 1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[[1.0], [-1.0]]]))
+    field = probe_rf(model, (1, 2, 5), pos=2, mode="weights", draws=1)
+    assert field.bounds == ((2, 2),)
+    theoretical = probe_rf(nn.Conv1d(3, 2, 3, bias=False), (1, 3, 7), pos=2)
+    # Theoretical weights are 1 / fan_in = 1/9 and every output channel has cotangent 1: 2 * 3 * 1/9 per tap.
+    assert torch.allclose(
+        theoretical.heatmap, torch.tensor([0.0, 0.0, 2 / 3, 2 / 3, 2 / 3, 0.0, 0.0], dtype=torch.float64)
+    )
+
+
+def test_geometry_maps_output_to_input_and_back():
+    field = probe_rf(seed_readme_convs(), [1, 3, 60, 90], pos=(4, 8))
+    h, w = field.geometry
+    assert h.span(0) == (-6, 34)
+    assert field.center == (38.0, 39.0)
+    assert h.index_of(38.0) == 4 and w.index_of(39.0) == 8
+    assert [h.index_of(h.center(i)) for i in range(6)] == list(range(6))
+
+
+def test_to_dict_is_json_serialisable_and_complete():
+    field = probe_rf(seed_readme_convs(), [1, 3, 60, 90], pos=(4, 8))
+    data = json.loads(json.dumps(field.to_dict()))
+    assert data["bounds"] == [[18, 58], [28, 50]]
+    assert data["size"] == [41, 23]
+    assert data["stride"] == [6, 4] and data["offset"] == [6, 4]
+    assert data["span"] == [[18, 58], [28, 50]]
+    assert "heatmap" not in data
+    fmap = probe_rf(seed_readme_convs(), [1, 3, 60, 90], "all")
+    assert json.loads(json.dumps(fmap.to_dict()))["bounds"][4][8] == [[18, 58], [28, 50]]
+
+
+def test_str_is_a_one_line_summary():
+    field = probe_rf(seed_readme_convs(), [1, 3, 60, 90], pos=(4, 8))
+    assert str(field) == "RF of the output at (4, 8): 41 x 23 (input 18..58, 28..50), stride 6 x 4 [theoretical]"
+
+
+def test_center_is_middle_of_the_map_and_negative_indices_count_from_the_end():
+    model = nn.Conv2d(1, 1, 3)
+    assert probe_rf(model, (1, 1, 10, 11)).position == (4, 4)
+    assert probe_rf(model, (1, 1, 10, 11), (-1, -2)).position == (7, 7)
+
+
+def test_map_indexing_and_iteration():
+    fmap = probe_rf(nn.Conv1d(1, 1, 3), (1, 1, 6), "all")
+    assert len(fmap) == 4
+    assert [f.bounds for f in fmap] == [((i, i + 2),) for i in range(4)]
+    assert isinstance(fmap[2], ReceptiveField) and fmap[2].heatmap is None
+    assert fmap.size.flatten().tolist() == [3, 3, 3, 3]
+    with pytest.raises(IndexError, match="outside"):
+        fmap[4]
+
+
+def test_verify_rejects_wrong_bounds():
+    import dataclasses
+
+    model = seed_readme_convs()
+    field = probe_rf(model, [1, 3, 60, 90], pos=(4, 8))
+    assert verify_rf(model, field).passed
+    too_small = verify_rf(model, dataclasses.replace(field, bounds=((19, 58), (28, 50))))
+    assert not too_small and too_small.outside_influence
+    too_large = verify_rf(model, dataclasses.replace(field, bounds=((17, 58), (28, 50))))
+    assert not too_large and too_large.faces[0] == (False, True)
+    with pytest.raises(ValueError, match="theoretical"):
+        verify_rf(model, probe_rf(model, [1, 3, 60, 90], pos=(4, 8), mode="weights"))
