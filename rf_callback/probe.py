@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import math
@@ -29,6 +30,14 @@ class ProbeError(RuntimeError):
     """The probe ran but could not measure a field: the forward raised, or the gradient was zero or not finite."""
 
 
+class _Underflow(Exception):
+    """A float32 gradient came close enough to underflow that the probe is redone in float64."""
+
+
+# Float32's smallest normal number is 1.2e-38; a non-zero gradient below this may have neighbours that underflowed.
+_UNDERFLOW_GUARD = 1e-30
+
+
 class _Captured(Exception):
     """Stops the forward pass once the probed layer has produced its output."""
 
@@ -42,7 +51,7 @@ def probe_rf(
     mode: str = "theoretical",
     draws: int = 8,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> ReceptiveField | list[ReceptiveField] | ReceptiveFieldMap:
     """Measures which input positions can influence an output position, by backpropagating from that position.
 
@@ -64,7 +73,9 @@ def probe_rf(
             bias-free, on ``draws`` random inputs; pruned or dead paths shrink it).
         draws: weights mode: how many random inputs the field is the union over.
         seed: weights mode: seed of the private generator that draws the inputs (the global one is not used).
-        dtype: floating type the copy runs in; float64 keeps the far tails of deep fields from underflowing.
+        dtype: floating type the copy runs in. ``None`` (default): float32, redone in float64 when the smallest
+            non-zero gradient comes within 8 orders of magnitude of float32's range, where the far tails of a very
+            deep field could underflow to zero.
 
     Returns:
         A :class:`ReceptiveField` (with heatmap) for one position, a list of them for a list of positions, or a
@@ -81,14 +92,34 @@ def probe_rf(
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws={draws!r} must be a positive int (the number of random inputs in weights mode)")
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad():
-        theory = _Graph(model, shape, layer, "theoretical", dtype=dtype, device=device)
-        positions, kind = _normalised_positions(pos, theory.output_shape, layer)
-        prober = _Prober(model, theory, mode, draws=draws, seed=seed)
-        if kind == "all":
-            return prober.field_map()
-        fields = prober.fields(positions)
-        return fields[0] if kind == "single" else fields
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), _exact_kernels(device):
+        try:
+            return _probe(model, shape, pos, layer, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
+        except _Underflow:
+            return _probe(model, shape, pos, layer, mode, draws, seed, torch.float64, guard=False)
+
+
+def _probe(model, shape, pos, layer, mode, draws, seed, dtype, *, guard: bool):
+    theory = _Graph(model, shape, layer, "theoretical", dtype=dtype, device=model_device(model), guard=guard)
+    positions, kind = _normalised_positions(pos, theory.output_shape, layer)
+    prober = _Prober(model, theory, mode, draws=draws, seed=seed)
+    if kind == "all":
+        return prober.field_map()
+    fields = prober.fields(positions)
+    return fields[0] if kind == "single" else fields
+
+
+@contextlib.contextmanager
+def _exact_kernels(device: torch.device):
+    """On CUDA, keeps cuDNN from choosing Winograd or FFT kernels.
+
+    Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    with torch.backends.cudnn.flags(enabled=False):
+        yield
 
 
 def _checked_input_shape(input_shape) -> tuple[int, ...]:
@@ -146,9 +177,10 @@ class _Graph:
         device: torch.device,
         draws: int = 1,
         seed: int = 0,
+        guard: bool = False,
     ):
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.guard = dtype, device, guard
         copy = prepared_copy(model, mode, dtype)
         target = _submodule(copy, layer)
         spatial = input_shape[2:]
@@ -189,7 +221,11 @@ class _Graph:
         cotangent[(slice(None), slice(None), *index)] = self.channel_weights[:, :, None]
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
-        magnitude = gradient.abs().sum(dim=(0, 1)).cpu()
+        magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
+        if self.guard and gradient.dtype == torch.float32:
+            positive = gradient.abs()[gradient != 0]
+            if positive.numel() and float(positive.min()) < _UNDERFLOW_GUARD:
+                raise _Underflow
         if not torch.isfinite(magnitude).all():
             raise ProbeError(
                 f"the gradient of {_where(self.layer)} is not finite (inf or NaN): check the model's weights and "
@@ -327,16 +363,35 @@ def _spacing_for_gap(table: list[dict[int, Bounds | None]], gaps: Sequence[int])
     """Per axis, the smallest lattice spacing whose fields are separated by at least ``gaps[a]`` empty inputs."""
     spacing = []
     for axis_table, gap in zip(table, gaps):
-        n = len(axis_table)
-        fields = [(i, b) for i, b in sorted(axis_table.items()) if b is not None]
+        n = max(axis_table, default=0) + 1
+        first, last = torch.zeros(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64)
+        valid = torch.zeros(n, dtype=torch.bool)
+        for index, bounds in axis_table.items():
+            if bounds is not None:
+                first[index], last[index], valid[index] = bounds[0], bounds[1], True
         g = 1
-        while g < n and any(
-            j - i >= g and i % g == j % g and fj[0] - fi[1] - 1 < gap and fi[0] - fj[1] - 1 < gap
-            for (i, fi), (j, fj) in itertools.combinations(fields, 2)
-        ):
+        while g < n and not _lattice_separated(first, last, valid, g, gap):
             g += 1
         spacing.append(g)
     return spacing
+
+
+def _lattice_separated(first: torch.Tensor, last: torch.Tensor, valid: torch.Tensor, spacing: int, gap: int) -> bool:
+    n = len(first)
+    for shift in range(spacing, n, spacing):
+        a, b = slice(0, n - shift), slice(shift, n)
+        apart = (first[b] - last[a] - 1 >= gap) | (first[a] - last[b] - 1 >= gap)
+        if (valid[a] & valid[b] & ~apart).any():
+            return False
+    return True
+
+
+def _groups(positions: Sequence[Position], spacing: Sequence[int]) -> list[list[Position]]:
+    """Buckets positions by their residues modulo the lattice spacing: each bucket's fields are pairwise apart."""
+    groups: dict[Position, list[Position]] = {}
+    for p in positions:
+        groups.setdefault(tuple(i % g for i, g in zip(p, spacing)), []).append(p)
+    return list(groups.values())
 
 
 # --- the probe ------------------------------------------------------------------------------------------------
@@ -365,7 +420,7 @@ class _Prober:
             t = self.theory
             self._weights = _Graph(
                 self.model, t.input_shape, t.layer, "weights", dtype=t.dtype, device=t.device, draws=self.draws,
-                seed=self.seed,
+                seed=self.seed, guard=t.guard,
             )  # fmt: skip
         return self._weights
 
@@ -423,12 +478,8 @@ class _Prober:
         if axes is None:
             return {p: graph.gradient_map([p]) for p in unique}
         gaps = axes.gaps if self.mode == "theoretical" else [1] * len(axes.gaps)
-        spacing = _spacing_for_gap(axes.table, gaps)
-        groups: dict[Position, list[Position]] = {}
-        for p in unique:
-            groups.setdefault(tuple(i % g for i, g in zip(p, spacing)), []).append(p)
         heatmaps = {}
-        for members in groups.values():
+        for members in _groups(unique, _spacing_for_gap(axes.table, gaps)):
             gradient = graph.gradient_map(members) if len(members) > 1 else None
             for p in members:
                 box = tuple(axes.table[a][i] for a, i in enumerate(p))
@@ -587,9 +638,10 @@ class _Prober:
         return decoded
 
     def _agrees_with_exact_passes(self, axes: _AxisTableResult) -> bool:
-        """Checks predicted boxes against exact single-position passes.
+        """Checks predicted boxes against exact passes from the corners, the centre and two random positions.
 
-        The positions are the corners, the centre and two positions drawn from a private generator.
+        Positions whose predicted boxes are apart share a pass: each box must hold exactly its prediction and no
+        gradient may fall outside the boxes. The random positions come from a private generator.
         """
         shape = self.theory.output_shape
         samples = set(itertools.product(*({0, n - 1} for n in shape)))
@@ -597,9 +649,14 @@ class _Prober:
         generator = torch.Generator().manual_seed(len(shape) * 7919 + sum(shape))
         for _ in range(2):
             samples.add(tuple(int(torch.randint(n, (1,), generator=generator)) for n in shape))
-        for p in sorted(samples):
-            if _box_of(self.theory.gradient_map([p]) > 0) != self._box(axes, p):
+        for members in _groups(sorted(samples), _spacing_for_gap(axes.table, axes.gaps)):
+            support = self.theory.gradient_map(members) > 0
+            boxes = [self._box(axes, p) for p in members]
+            if not _inside_boxes(support, boxes):
                 return False
+            for box in boxes:
+                if box is not None and _box_of(support[_box_slices(box)]) != tuple((0, b - a) for a, b in box):
+                    return False
         return True
 
     # -- geometry
@@ -639,7 +696,9 @@ class _Prober:
     def _axis_table_on(self, input_shape: tuple[int, ...]) -> _AxisTableResult | None:
         t = self.theory
         try:
-            graph = _Graph(self.model, input_shape, t.layer, "theoretical", dtype=t.dtype, device=t.device)
+            graph = _Graph(
+                self.model, input_shape, t.layer, "theoretical", dtype=t.dtype, device=t.device, guard=t.guard
+            )
         except (ValueError, ProbeError):
             return None
         if len(graph.output_shape) != len(input_shape) - 2:

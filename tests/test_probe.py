@@ -247,3 +247,10 @@ def test_verify_rejects_wrong_bounds():
     assert not too_large and too_large.faces[0] == (False, True)
     with pytest.raises(ValueError, match="theoretical"):
         verify_rf(model, probe_rf(model, [1, 3, 60, 90], pos=(4, 8), mode="weights"))
+
+
+def test_deep_field_tails_do_not_underflow():
+    # 100 three-tap layers: the extreme taps carry (1/3)^100 ~ 2e-48 of the centre's weight, below float32's range.
+    model = nn.Sequential(*[nn.Conv1d(1, 1, 3, bias=False) for _ in range(100)])
+    assert probe_rf(model, (1, 1, 260), pos=10).bounds == ((10, 210),)
+    assert probe_rf(model, (1, 1, 260), pos=10, dtype=torch.float32).bounds != ((10, 210),)  # the guard is needed

@@ -1,0 +1,88 @@
+"""Every wrong argument or failed probe gets a message naming the argument, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rf_callback import ProbeError, probe_rf
+from tests.models import TinyResNet, seed_readme_convs
+
+
+def test_position_outside_the_map_names_the_map_shape():
+    with pytest.raises(ValueError, match=r"pos=\(4, 40\) is outside the output map .* spatial shape is \(6, 19\)"):
+        probe_rf(seed_readme_convs(), (1, 3, 60, 90), (4, 40))
+
+
+def test_position_with_wrong_number_of_axes():
+    with pytest.raises(ValueError, match=r"pos=\(4,\) must have 2 int index\(es\).*\(6, 19\)"):
+        probe_rf(seed_readme_convs(), (1, 3, 60, 90), (4,))
+
+
+def test_position_of_wrong_kind():
+    with pytest.raises(ValueError, match="pos='middle' is not allowed; use an index tuple"):
+        probe_rf(seed_readme_convs(), (1, 3, 60, 90), "middle")
+
+
+def test_input_rank_the_network_rejects_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 3, 60\) has 1 spatial axes.*Conv2d.*takes 2.*\(N, C, H, W\)"):
+        probe_rf(seed_readme_convs(), (1, 3, 60), 4)
+
+
+@pytest.mark.parametrize("shape", [(3, 60), (1, 3, 0, 4), "1,3,4,4", (1, 3, 4.5, 4), (1, 1, 1, 1, 1, 1)])
+def test_malformed_input_shape(shape):
+    with pytest.raises(ValueError, match="input_shape=.* is not a sequence"):
+        probe_rf(seed_readme_convs(), shape)
+
+
+def test_unknown_layer_lists_the_nearest_names():
+    with pytest.raises(ValueError, match=r"layer='layer3' is not a submodule.*nearest names: \['layer2', 'layer1'"):
+        probe_rf(TinyResNet(), (1, 3, 32, 32), layer="layer3")
+
+
+def test_output_without_spatial_axes_suggests_feature_maps():
+    with pytest.raises(ValueError, match=r"shape \(1, 10\): no spatial axes.*layer=.*layer2 \(1, 16, 8, 8\)"):
+        probe_rf(TinyResNet(), (1, 3, 32, 32))
+
+
+def test_forward_that_raises_is_chained():
+    with pytest.raises(ProbeError, match="the model's forward raised on an input of shape") as info:
+        probe_rf(seed_readme_convs(), (1, 5, 60, 90))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_zero_gradient_in_weights_mode_says_why():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.zero_()
+    with pytest.raises(ProbeError, match="dead .* or the weights on every path are zero; mode='theoretical'"):
+        probe_rf(model, (1, 1, 8, 8), mode="weights")
+    assert probe_rf(model, (1, 1, 8, 8)).size == (3, 3)
+
+
+def test_non_finite_weights_are_reported():
+    model = nn.Conv2d(1, 1, 3)
+    with torch.no_grad():
+        model.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ProbeError, match="not finite"):
+        probe_rf(model, (1, 1, 8, 8), mode="weights")
+
+
+def test_output_that_does_not_depend_on_the_input():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.value = nn.Parameter(torch.ones(1, 1, 4, 4))
+
+        def forward(self, x):
+            return self.value.expand(x.shape[0], 1, 4, 4) * 1.0
+
+    with pytest.raises(ProbeError, match="does not depend on the input"):
+        probe_rf(Constant(), (1, 1, 4, 4))
+
+
+@pytest.mark.parametrize(("argument", "value"), [("mode", "exact"), ("draws", 0)])
+def test_bad_keyword_arguments(argument, value):
+    with pytest.raises(ValueError, match=f"{argument}={value!r}"):
+        probe_rf(seed_readme_convs(), (1, 3, 60, 90), **{argument: value})

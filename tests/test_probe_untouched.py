@@ -1,0 +1,93 @@
+"""The probe never changes the live model or the global random states, in any mode or grad context."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rf_callback import probe_rf, verify_rf
+from tests.models import TinyResNet
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()},
+        "dtypes": {n: p.dtype for n, p in model.named_parameters()},
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    for key, grad in before["grads"].items():
+        other = after["grads"][key]
+        assert (grad is None and other is None) or torch.equal(grad, other), key
+    for name in ("requires_grad", "training", "hooks", "dtypes"):
+        assert before[name] == after[name], name
+
+
+def random_states() -> tuple:
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize("context", ["plain", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("pos", ["center", "all", [(0, 0), (3, 4)]])
+def test_model_and_random_states_are_untouched(mode, context, pos):
+    model = TinyResNet()
+    model.train()
+    model.layer1.eval()  # a mixed state must survive too
+    model.head.weight.requires_grad_(False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # leaves .grad and updates BatchNorm statistics
+    calls = []
+    model.layer2.register_forward_hook(lambda *args: calls.append("hook"))
+    before = snapshot(model)
+    states = random_states()
+    grad_enabled = torch.is_grad_enabled()
+    with {"plain": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]():
+        result = probe_rf(model, (1, 3, 32, 32), pos, layer="layer2", mode=mode)
+        if mode == "theoretical" and pos == "center":
+            assert verify_rf(model, result)
+    assert_same(before, snapshot(model))
+    after = random_states()
+    assert torch.equal(states[0], after[0]) and np.array_equal(states[1], after[1]) and states[2] == after[2]
+    assert calls == []  # the user's hook did not see the probe
+    assert torch.is_grad_enabled() == grad_enabled
+
+
+def test_model_created_under_inference_mode_can_be_probed():
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+        field = probe_rf(model, (1, 1, 9, 9), mode="weights")
+    assert field.size == (3, 3)
+
+
+def test_global_generator_is_not_advanced_by_weights_mode():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.5))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    probe_rf(model, (1, 1, 9, 9), "all", mode="weights")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_functional_dropout_in_training_mode_is_not_applied_in_the_copy():
+    class RandomForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3)
+
+        def forward(self, x):
+            return nn.functional.dropout(self.conv(x), p=0.9)  # training=True by default
+
+    a = probe_rf(RandomForward(), (1, 1, 30), 5, mode="weights")
+    assert a.bounds == ((5, 7),)
