@@ -48,7 +48,9 @@ def main() -> None:
     model, shape = network(), (1, 3, 128, 128)
     fmap = probe_rf(model, shape, "all")
     positions = list(fmap.positions())
-    print(f"network: {len(model)} modules, input {shape[2:]}, output map {fmap.output_shape} = {len(positions)} positions")
+    print(
+        f"network: {len(model)} modules, input {shape[2:]}, output map {fmap.output_shape} = {len(positions)} positions"
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def bare_loop():

@@ -143,6 +143,20 @@ def _strip_user_hooks(model: nn.Module) -> None:
                     del hooks[key]
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """Replaces every ``torch.compile`` wrapper in the tree by the module it wraps.
+
+    A deep copy of a compiled module keeps calling the compiled forward of the live module, so a probe of the copy
+    would silently measure the live weights.
+    """
+    model = getattr(model, "_orig_mod", model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if hasattr(child, "_orig_mod") and isinstance(child._orig_mod, nn.Module):
+                setattr(module, name, child._orig_mod)
+    return model
+
+
 def _is_bias(name: str) -> bool:
     return name.split(".")[-1].endswith("bias")
 
@@ -158,7 +172,7 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
     normalisation can hide a pixel.
     """
     with torch.inference_mode(False):
-        clone = copy.deepcopy(model)
+        clone = _uncompiled(copy.deepcopy(getattr(model, "_orig_mod", model)))
         _strip_user_hooks(clone)
         clone.eval()
         for module in clone.modules():

@@ -22,7 +22,7 @@ from torch import nn
 
 from rf_callback.result import Bounds, ReceptiveField
 
-__all__ = ["animate_rf", "plot_rf"]
+__all__ = ["animate_rf", "figure_to_array", "plot_rf"]
 
 ImageLike = torch.Tensor | np.ndarray
 
@@ -90,6 +90,22 @@ def plot_rf(
     _draw_panels(inputs, output, field, heat, picture, annotate=annotate)
     _set_title(fig, field, title)
     return fig
+
+
+def figure_to_array(fig: Figure, dpi: int = 80) -> np.ndarray:
+    """Renders a figure to an RGB image.
+
+    Args:
+        fig: a figure from :func:`plot_rf` (or any Agg-drawable figure).
+        dpi: resolution of the rendering.
+
+    Returns:
+        A ``uint8`` array ``(height, width, 3)``.
+    """
+    fig.set_dpi(dpi)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def animate_rf(

@@ -111,14 +111,15 @@ def _probe(model, shape, pos, layer, mode, draws, seed, dtype, *, guard: bool):
 
 @contextlib.contextmanager
 def _exact_kernels(device: torch.device):
-    """On CUDA, keeps cuDNN from choosing Winograd or FFT kernels.
+    """Runs the probe with autocast off and, on CUDA, without cuDNN's Winograd or FFT kernels.
 
     Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field.
     """
-    if device.type != "cuda":
-        yield
-        return
-    with torch.backends.cudnn.flags(enabled=False):
+    # Mixed precision (a Trainer's bf16-mixed or 16-mixed) must not recast the probe's copy.
+    with torch.autocast("cpu", enabled=False), contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         yield
 
 

@@ -26,7 +26,9 @@ def test_position_of_wrong_kind():
 
 
 def test_input_rank_the_network_rejects_names_the_expected_shape():
-    with pytest.raises(ValueError, match=r"input_shape=\(1, 3, 60\) has 1 spatial axes.*Conv2d.*takes 2.*\(N, C, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"input_shape=\(1, 3, 60\) has 1 spatial axes.*Conv2d.*takes 2.*\(N, C, H, W\)"
+    ):
         probe_rf(seed_readme_convs(), (1, 3, 60), 4)
 
 

@@ -1,0 +1,374 @@
+"""RFCallback: probes the receptive field of the model being trained and logs it to TensorBoard."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from rf_callback._model_copy import MODES
+from rf_callback.probe import probe_rf
+from rf_callback.result import ReceptiveField
+
+try:  # the same class serves a `pytorch_lightning` Trainer, which checks for its own Callback base
+    from pytorch_lightning import Callback as _PLCallback
+    from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
+except ImportError:  # pragma: no cover - pytorch_lightning is optional
+    _CallbackBases: tuple[type, ...] = (Callback,)
+    _TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
+else:
+    _CallbackBases = (Callback, _PLCallback)
+    _TENSORBOARD_LOGGERS = (TensorBoardLogger, _PLTensorBoardLogger)
+
+_AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class RFCallback(*_CallbackBases):
+    """Probes the receptive field of the model being trained and logs it to the Trainer's loggers.
+
+    At fit start it logs the theoretical field of the architecture (``rf_theoretical/...``) and the probe of the
+    initial weights (``rf/...``) at step 0; after every ``every_n_epochs``-th validation epoch it logs the probe of
+    the current weights at the current global step. Without a validation loop it probes at the end of each
+    training epoch instead, and says so once.
+
+    Each probe runs on a deep copy of the live module (made outside inference mode, in eval mode, float32
+    whatever the Trainer's precision, biases zeroed, parameters not requiring grad), so the training run is
+    unchanged: same weights, optimizer state, BatchNorm statistics, random states and logged metrics, bit for
+    bit. A model or submodule compiled with ``torch.compile`` is unwrapped first.
+
+    Logged, for every probed position and spatial axis (``l``; ``h``, ``w``; or ``d``, ``h``, ``w``):
+
+    - scalars ``rf/<layer>/<pos>/size_<axis>``, ``.../first_<axis>`` and ``.../last_<axis>`` through Lightning's
+      logging path, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them (``<layer>`` is ``output`` for
+      the model's output, ``<pos>`` the indices joined by ``_``);
+    - images, to every ``TensorBoardLogger`` in ``trainer.loggers``: the heatmap (``rf/<layer>/<pos>/heatmap``)
+      and the figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/<pos>/figure``). Without a TensorBoard
+      logger the callback warns once and logs the scalars where it can.
+
+    Args:
+        pos: the output position(s) to probe: an index tuple (an int for 1D), a list of tuples, or ``"center"``.
+        layer: dotted name of the submodule whose output is probed (within ``module`` if given); ``None`` probes
+            the output. A classifier must name its last feature map here.
+        input_shape: the input shape ``(N, C, *spatial)`` (``N`` is ignored). Default: the LightningModule's
+            ``example_input_array``, else the first batch the Trainer runs (validation during the sanity check, or
+            training): its first tensor.
+        mode: what the scalars and images show: ``"weights"`` (default: what the current weights connect) or
+            ``"theoretical"`` (the architecture's field, which does not change during training).
+        module: dotted name of the submodule to copy and probe instead of the whole LightningModule (e.g. the
+            backbone), which bounds the memory a probe takes.
+        every_n_epochs: probe after every n-th validation epoch (or training epoch without validation). With the
+            Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs.
+        log_images: log the heatmap and the figure to TensorBoard.
+        strict: raise when a probe fails during training (non-finite weights, out of memory); by default the
+            callback warns with the reason and training goes on.
+        draws: weights mode: how many random inputs the field is the union over.
+        seed: weights mode: seed of the private generator of those inputs.
+
+    Raises:
+        MisconfigurationException: an argument is not allowed (at construction), or does not fit the model
+            (``pos`` outside the output map, unknown ``layer`` or ``module``, no input shape to be found, a sharded
+            strategy) before the first training step.
+    """
+
+    def __init__(
+        self,
+        pos: str | int | Sequence[int] | Sequence[Sequence[int]] = "center",
+        *,
+        layer: str | None = None,
+        input_shape: Sequence[int] | None = None,
+        mode: str = "weights",
+        module: str | None = None,
+        every_n_epochs: int = 1,
+        log_images: bool = True,
+        strict: bool = False,
+        draws: int = 8,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.positions = _checked_positions(pos)
+        self.pos = pos
+        for name, value in (("layer", layer), ("module", module)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise MisconfigurationException(
+                    f"RFCallback({name}={value!r}): {name} must be a dotted submodule name such as 'backbone.layer4' "
+                    f"(see model.named_modules()), or None"
+                )
+        if mode not in MODES:
+            raise MisconfigurationException(f"RFCallback(mode={mode!r}): mode must be one of {MODES}")
+        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
+            raise MisconfigurationException(
+                f"RFCallback(every_n_epochs={every_n_epochs!r}): every_n_epochs must be an int >= 1"
+            )
+        if not isinstance(draws, int) or draws < 1:
+            raise MisconfigurationException(f"RFCallback(draws={draws!r}): draws must be an int >= 1")
+        if input_shape is not None:
+            shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
+            if not 3 <= len(shape) <= 5 or not all(isinstance(s, int) and s > 0 for s in shape):
+                raise MisconfigurationException(
+                    f"RFCallback(input_shape={input_shape!r}): input_shape must be (N, C, L), (N, C, H, W) or "
+                    f"(N, C, D, H, W) with positive ints, or None to take it from example_input_array or a batch"
+                )
+        self.layer, self.module, self.mode = layer, module, mode
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.every_n_epochs, self.log_images, self.strict = every_n_epochs, log_images, strict
+        self.draws, self.seed = draws, seed
+        self.history: list[dict[str, Any]] = []
+        self._initial_logged = False
+        self._last_probed_epoch: int | None = None
+        self._said_no_tensorboard = False
+        self._said_no_validation = False
+
+    @property
+    def state_key(self) -> str:
+        """Identifies this callback's state in a checkpoint by its arguments, so several can share a Trainer."""
+        return self._generate_state_key(pos=str(self.pos), layer=self.layer, module=self.module, mode=self.mode)
+
+    @property
+    def layer_name(self) -> str:
+        """The probed layer as it appears in logged names: ``module.layer``, or ``output``."""
+        return ".".join(n for n in (self.module, self.layer) if n) or "output"
+
+    # -- Trainer hooks
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuses sharded strategies, whose parameters no single process holds."""
+        name = type(trainer.strategy).__name__
+        if name in _SHARDED_STRATEGIES:
+            raise MisconfigurationException(
+                f"RFCallback does not support {name}: a sharded model cannot be copied whole on one process. Use "
+                f"strategy='ddp' (or a single device), or remove the callback"
+            )
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Probes the initial weights when the input shape is already known; else waits for the first batch."""
+        if self.input_shape is None:
+            self.input_shape = _example_input_shape(pl_module)
+        if self.input_shape is not None:
+            self._probe_initial(trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Takes the input shape from the first validation batch (the sanity check) when it is still unknown."""
+        self._from_first_batch(trainer, pl_module, batch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        """Takes the input shape from the first training batch when it is still unknown: before any step."""
+        self._from_first_batch(trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Probes the current weights after every ``every_n_epochs``-th validation epoch (not the sanity check).
+
+        Under ``trainer.validate()`` it probes once, at the end of the validation run.
+        """
+        if trainer.sanity_checking or self.input_shape is None:
+            return
+        if trainer.state.fn == "fit" and self._should_skip(trainer):
+            return
+        self._probe_and_log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """Probes at the end of each training epoch when the run has no validation loop."""
+        if _has_validation(trainer, pl_module) or self._should_skip(trainer):
+            return
+        if not self._said_no_validation:
+            self._said_no_validation = True
+            rank_zero_info("RFCallback: no validation loop, so the field is probed at the end of each training epoch")
+        self._probe_and_log(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history of results and whether the initial field was logged, for checkpoints."""
+        return {"history": copy.deepcopy(self.history), "initial_logged": self._initial_logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the history, so a resumed run continues it without logging the initial field twice."""
+        self.history = list(state_dict.get("history", []))
+        self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
+
+    # -- decisions
+
+    def _should_skip(self, trainer) -> bool:
+        epoch = trainer.current_epoch
+        return self._last_probed_epoch == epoch or (epoch + 1) % self.every_n_epochs != 0 or self.input_shape is None
+
+    def _from_first_batch(self, trainer, pl_module, batch) -> None:
+        if self.input_shape is not None:
+            return
+        shape = _batch_input_shape(batch)
+        if shape is None:
+            raise MisconfigurationException(
+                "RFCallback cannot find the input shape: pass RFCallback(input_shape=(N, C, H, W)), set the "
+                "LightningModule's example_input_array, or yield batches whose first element is the input tensor"
+            )
+        self.input_shape = shape
+        if trainer.state.fn == "fit":
+            self._probe_initial(trainer, pl_module)
+
+    # -- probing and logging
+
+    def _target(self, pl_module) -> nn.Module:
+        module = getattr(pl_module, "_orig_mod", pl_module)
+        if self.module is None:
+            return module
+        try:
+            return module.get_submodule(self.module)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:10]
+            raise MisconfigurationException(
+                f"RFCallback(module={self.module!r}) is not a submodule of {type(module).__name__}; some names: {names}"
+            ) from None
+
+    def _probe(self, pl_module, mode: str) -> list[ReceptiveField]:
+        fields = probe_rf(
+            self._target(pl_module), self.input_shape, self.positions if len(self.positions) > 1 else self.positions[0],
+            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed,
+        )  # fmt: skip
+        return fields if isinstance(fields, list) else [fields]
+
+    def _probe_initial(self, trainer, pl_module) -> None:
+        if self._initial_logged:
+            return
+        try:
+            theoretical = self._probe(pl_module, "theoretical")
+        except ValueError as error:  # pos or layer that does not fit the model: refused before the first step
+            raise MisconfigurationException(f"RFCallback: {error}") from error
+        for field in theoretical:
+            rank_zero_info(f"RFCallback: {field}")
+        self._log_fields(trainer, "rf_theoretical", theoretical, step=0, direct=True)
+        current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
+        if current is not None:
+            self._log_fields(trainer, "rf", current, step=0, direct=True)
+            self._record(trainer, current, initial=True)
+        self._initial_logged = True
+
+    def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
+        try:
+            return self._probe(pl_module, self.mode)
+        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
+            if self.strict:
+                raise
+            rank_zero_warn(f"RFCallback: the probe failed, training goes on ({type(error).__name__}: {error})")
+            return None
+
+    def _probe_and_log(self, trainer, pl_module) -> None:
+        self._last_probed_epoch = trainer.current_epoch
+        fields = self._safe_probe(pl_module)
+        if fields is None:
+            return
+        self._log_fields(trainer, "rf", fields, step=trainer.global_step, direct=False, pl_module=pl_module)
+        self._record(trainer, fields, initial=False)
+
+    def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
+        self.history.append(
+            {
+                "epoch": None if initial else trainer.current_epoch,
+                "step": 0 if initial else trainer.global_step,
+                "fields": [f.to_dict() for f in fields],
+            }
+        )
+
+    def _log_fields(self, trainer, prefix: str, fields, *, step: int, direct: bool, pl_module=None) -> None:
+        metrics = {}
+        for field in fields:
+            metrics.update(_scalars(prefix, self.layer_name, field))
+        if direct:  # Lightning's log() is not allowed in on_fit_start: write to the loggers at step 0
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+        else:
+            for name, value in metrics.items():
+                pl_module.log(name, float(value), on_epoch=True, prog_bar=False, logger=True, sync_dist=False)
+        if self.log_images:
+            self._log_images(trainer, prefix, fields, step)
+
+    def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int) -> None:
+        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
+        if not boards:
+            if not self._said_no_tensorboard:
+                self._said_no_tensorboard = True
+                rank_zero_warn(
+                    "RFCallback: no TensorBoardLogger among the Trainer's loggers, so no heatmaps are logged "
+                    "(scalars still are); add lightning.pytorch.loggers.TensorBoardLogger to see them"
+                )
+            return
+        if not trainer.is_global_zero:
+            return
+        from rf_callback.plotting import figure_to_array, plot_rf
+
+        for field in fields:
+            base = f"{prefix}/{self.layer_name}/{_position_label(field.position)}"
+            heatmap = _heatmap_image(field)
+            figure = figure_to_array(plot_rf(field))
+            for board in boards:
+                board.experiment.add_image(f"{base}/heatmap", heatmap, global_step=step, dataformats="HW")
+                board.experiment.add_image(f"{base}/figure", figure, global_step=step, dataformats="HWC")
+
+
+def _checked_positions(pos) -> list:
+    allowed = "an index tuple (an int for 1D), a list of index tuples, or 'center'"
+    if pos == "center":
+        return ["center"]
+    if isinstance(pos, int) and not isinstance(pos, bool):
+        return [(pos,)]
+    if isinstance(pos, Sequence) and not isinstance(pos, str) and len(pos) > 0:
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in pos):
+            return [tuple(pos)]
+        if all(isinstance(p, Sequence) and p and all(isinstance(i, int) for i in p) for p in pos):
+            return [tuple(p) for p in pos]
+    raise MisconfigurationException(f"RFCallback(pos={pos!r}): pos must be {allowed}")
+
+
+def _example_input_shape(pl_module) -> tuple[int, ...] | None:
+    example = getattr(pl_module, "example_input_array", None)
+    return _batch_input_shape(example)
+
+
+def _batch_input_shape(batch) -> tuple[int, ...] | None:
+    """The shape of a batch's input: the tensor itself, or the first tensor of a tuple, list or dict."""
+    if isinstance(batch, torch.Tensor):
+        return (1, *batch.shape[1:]) if 3 <= batch.dim() <= 5 else None
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_input_shape(batch[0])
+    return None
+
+
+def _has_validation(trainer, pl_module) -> bool:
+    limit = trainer.limit_val_batches
+    return is_overridden("validation_step", pl_module) and limit != 0 and limit != 0.0
+
+
+def _position_label(position: tuple[int, ...]) -> str:
+    return "_".join(str(i) for i in position)
+
+
+def _scalars(prefix: str, layer: str, field: ReceptiveField) -> dict[str, float]:
+    names = _AXIS_NAMES[len(field.bounds)]
+    base = f"{prefix}/{layer}/{_position_label(field.position)}"
+    metrics = {}
+    for axis, (first, last) in zip(names, field.bounds):
+        metrics[f"{base}/size_{axis}"] = float(last - first + 1)
+        metrics[f"{base}/first_{axis}"] = float(first)
+        metrics[f"{base}/last_{axis}"] = float(last)
+    return metrics
+
+
+def _heatmap_image(field: ReceptiveField) -> np.ndarray:
+    """The heatmap scaled to [0, 1] as a 2D image: a 1D field as a one-row strip, a 3D one at its central depth."""
+    heatmap = field.heatmap
+    if heatmap.dim() == 1:
+        heatmap = heatmap[None, :]
+    elif heatmap.dim() == 3:
+        first, last = field.bounds[0]
+        heatmap = heatmap[(first + last) // 2]
+    peak = heatmap.max()
+    return (heatmap / peak if peak > 0 else heatmap).float().numpy()

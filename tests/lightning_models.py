@@ -1,0 +1,66 @@
+"""Small LightningModules and data for the callback tests (picklable: defined at module level for ddp_spawn)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class ConvClassifier(pl.LightningModule):
+    """conv3 p1, BN, ReLU, max-pool 2, conv3 p1, BN, ReLU, Dropout, global pool, linear.
+
+    At ``features`` (8 x 8 on a 16 x 16 input): r = 1 + 2 + 1 + 2*2 = 8, S = 2, P = 1 + 0 + 2 = 3, so the centre
+    (4, 4) sees [5, 12] on both axes.
+    """
+
+    def __init__(self, channels: int = 1, classes: int = 3, example: bool = True, lr: float = 0.05):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+        )  # fmt: skip
+        self.head = nn.Linear(8, classes)
+        self.lr = lr
+        if example:
+            self.example_input_array = torch.zeros(2, channels, 16, 16)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class NoValidation(ConvClassifier):
+    """The same model without a validation loop."""
+
+    validation_step = None  # type: ignore[assignment]
+
+
+def loaders(n: int = 32, batch_size: int = 8, channels: int = 1) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, channels, 16, 16, generator=generator)
+    y = torch.randint(0, 3, (n,), generator=generator)
+    data = TensorDataset(x, y)
+    return DataLoader(data, batch_size=batch_size, shuffle=True), DataLoader(data, batch_size=batch_size)
+
+
+def trainer_kwargs(tmp_path, **overrides) -> dict:
+    kwargs = dict(
+        max_epochs=2, accelerator="cpu", devices=1, default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, enable_checkpointing=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return kwargs
