@@ -48,7 +48,7 @@ class RFCallback(*_CallbackBases):
 
     Logged, for every probed position and spatial axis (``l``; ``h``, ``w``; or ``d``, ``h``, ``w``):
 
-    - scalars ``rf/<layer>/<pos>/size_<axis>``, ``.../first_<axis>`` and ``.../last_<axis>`` through Lightning's
+    - scalars ``rf/<layer>/<pos>/size_<axis>``, ``.../first_<axis>`` and ``.../last_<axis>``, through Lightning's
       logging path, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them (``<layer>`` is ``output`` for
       the model's output, ``<pos>`` the indices joined by ``_``);
     - images, to every ``TensorBoardLogger`` in ``trainer.loggers``: the heatmap (``rf/<layer>/<pos>/heatmap``)
@@ -242,10 +242,10 @@ class RFCallback(*_CallbackBases):
             raise MisconfigurationException(f"RFCallback: {error}") from error
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field}")
-        self._log_fields(trainer, "rf_theoretical", theoretical, step=0, direct=True)
+        self._log_fields(trainer, "rf_theoretical", theoretical, step=0)
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if current is not None:
-            self._log_fields(trainer, "rf", current, step=0, direct=True)
+            self._log_fields(trainer, "rf", current, step=0)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
 
@@ -263,7 +263,7 @@ class RFCallback(*_CallbackBases):
         fields = self._safe_probe(pl_module)
         if fields is None:
             return
-        self._log_fields(trainer, "rf", fields, step=trainer.global_step, direct=False, pl_module=pl_module)
+        self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module)
         self._record(trainer, fields, initial=False)
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
@@ -275,17 +275,17 @@ class RFCallback(*_CallbackBases):
             }
         )
 
-    def _log_fields(self, trainer, prefix: str, fields, *, step: int, direct: bool, pl_module=None) -> None:
+    def _log_fields(self, trainer, prefix: str, fields, *, step: int, pl_module=None) -> None:
         metrics = {}
         for field in fields:
             metrics.update(_scalars(prefix, self.layer_name, field))
-        if direct:  # Lightning's log() is not allowed in on_fit_start: write to the loggers at step 0
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=step)
-        else:
+        if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
             for name, value in metrics.items():
-                pl_module.log(name, float(value), on_epoch=True, prog_bar=False, logger=True, sync_dist=False)
+                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=False)
+        # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
         if self.log_images:
             self._log_images(trainer, prefix, fields, step)
 

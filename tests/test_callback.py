@@ -1,0 +1,249 @@
+"""RFCallback inside real Trainer runs: what it logs, where, and what it must never disturb."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import types
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rf_callback import RFCallback, probe_rf
+from tests.lightning_models import ConvClassifier, NoValidation, loaders, trainer_kwargs
+
+SHAPE = (1, 1, 16, 16)
+STEPS_PER_EPOCH = 4  # 32 samples, batches of 8
+
+
+def read_events(logdir) -> EventAccumulator:
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def fit(tmp_path, callbacks, model=None, **overrides):
+    model = model or ConvClassifier()
+    train, val = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=callbacks)
+    trainer.fit(model, train, val)
+    return trainer, model
+
+
+def test_fit_logs_scalars_and_images_at_fit_start_and_each_validation_epoch(tmp_path):
+    initial = ConvClassifier()
+    model = copy.deepcopy(initial)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    fit(tmp_path, [RFCallback(layer="features")], model=model, logger=logger)
+    events = read_events(logger.log_dir)
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    for axis in "hw":
+        for kind in ("size", "first", "last"):
+            assert f"rf/features/4_4/{kind}_{axis}" in scalars
+            assert f"rf_theoretical/features/4_4/{kind}_{axis}" in scalars
+    assert {"rf/features/4_4/heatmap", "rf/features/4_4/figure", "rf_theoretical/features/4_4/heatmap"} <= images
+    size_h = events.Scalars("rf/features/4_4/size_h")
+    assert [e.step for e in size_h] == [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    start = probe_rf(initial, SHAPE, "center", layer="features", mode="weights")
+    end = probe_rf(model, SHAPE, "center", layer="features", mode="weights")
+    assert size_h[0].value == start.size[0] and size_h[-1].value == end.size[0]
+    last_w = events.Scalars("rf/features/4_4/last_w")
+    assert last_w[-1].value == end.bounds[1][1]
+    theoretical = events.Scalars("rf_theoretical/features/4_4/size_w")
+    assert [(e.step, e.value) for e in theoretical] == [(0, 8.0)]
+    assert [e.step for e in events.Images("rf/features/4_4/figure")] == [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+
+def test_training_trajectory_is_bitwise_unchanged(tmp_path):
+    def run(callbacks, folder):
+        pl.seed_everything(7, workers=True)
+        model = ConvClassifier()
+        logger = CSVLogger(tmp_path / folder)
+        train, val = loaders()
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path / folder, max_epochs=3, logger=logger), callbacks=callbacks)
+        trainer.fit(model, train, val)
+        with open(f"{logger.log_dir}/metrics.csv") as handle:
+            rows = [
+                (row["epoch"], row["step"], row["train_loss"], row["val_loss"])
+                for row in csv.DictReader(handle)
+                if row["train_loss"] or row["val_loss"]
+            ]
+        return model, trainer.optimizers[0].state_dict(), rows
+
+    base_model, base_opt, base_rows = run([], "without")
+    model, opt, rows = run([RFCallback(layer="features", every_n_epochs=1)], "with")
+    for (name, a), (_, b) in zip(base_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name  # weights and BatchNorm statistics
+    for a, b in zip(base_opt["state"].values(), opt["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert len(base_rows) == 3 * STEPS_PER_EPOCH + 3 and rows == base_rows  # every logged loss, to the last digit
+
+
+def test_validate_under_inference_mode_probes(tmp_path):
+    model = ConvClassifier()
+    _, val = loaders()
+    callback = RFCallback(layer="features")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback], inference_mode=True)
+    trainer.validate(model, val)
+    expected = probe_rf(model, SHAPE, "center", layer="features", mode="weights")
+    assert trainer.callback_metrics["rf/features/4_4/size_h"] == expected.size[0]
+    assert callback.history[-1]["fields"][0]["bounds"] == [list(b) for b in expected.bounds]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_reduced_precision_is_probed_in_float32(tmp_path, precision):
+    callback = RFCallback(layer="features", mode="theoretical")
+    trainer, _ = fit(tmp_path, [callback], precision=precision, max_epochs=1, logger=False)
+    assert callback.history[-1]["fields"][0]["bounds"] == [[5, 12], [5, 12]]
+    assert trainer.callback_metrics["rf/features/4_4/size_h"] == 8
+
+
+def test_compiled_submodule_probe_sees_weights_changed_after_compiling(tmp_path):
+    model = ConvClassifier()
+    model.features = torch.compile(model.features, backend="eager")
+    callback = RFCallback(layer="0", module="features", pos=(3, 3), input_shape=SHAPE, mode="weights")
+    fit(tmp_path, [callback], model=model, max_epochs=1, logger=False)
+    with torch.no_grad():  # after compiling and training: prune the live first conv to its centre tap
+        conv = model.features._orig_mod[0]
+        mask = torch.zeros_like(conv.weight)
+        mask[..., 1, 1] = 1
+        conv.weight.mul_(mask)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback])
+    trainer.validate(model, loaders()[1])
+    assert callback.history[-1]["fields"][0]["size"] == [1, 1]
+
+
+def test_csv_logger_only_warns_once_and_logs_scalars(tmp_path):
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+        fit(tmp_path, [RFCallback(layer="features")], logger=logger)
+    assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["rf/features/4_4/size_h"] for r in rows if r.get("rf/features/4_4/size_h")] != []
+
+
+def test_no_logger_still_computes(tmp_path):
+    callback = RFCallback(layer="features", log_images=False)
+    trainer, _ = fit(tmp_path, [callback], logger=False)
+    assert len(callback.history) == 3  # fit start and two validation epochs
+    assert trainer.callback_metrics["rf/features/4_4/size_w"] > 0
+
+
+def test_without_validation_falls_back_to_train_epoch_end(tmp_path, caplog):
+    callback = RFCallback(layer="features")
+    model = NoValidation()
+    train, _ = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, limit_val_batches=0), callbacks=[callback])
+    with caplog.at_level("INFO"):
+        trainer.fit(model, train)
+    assert [h["epoch"] for h in callback.history] == [None, 0, 1]
+    assert sum("no validation loop" in r.message for r in caplog.records) == 1
+
+
+def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
+    callback = RFCallback(layer="features")
+    fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)
+    assert callback.input_shape == SHAPE
+    assert callback.history[0]["fields"][0]["input_shape"] == list(SHAPE)
+
+
+def test_resume_continues_history_without_logging_initial_field_twice(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = RFCallback(layer="features")
+    fit(tmp_path, [first, checkpoint], max_epochs=1, logger=False, enable_checkpointing=True)
+    assert [h["epoch"] for h in first.history] == [None, 0]
+    resumed = RFCallback(layer="features")
+    train, val = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=False, enable_checkpointing=True),
+                         callbacks=[resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")])  # fmt: skip
+    trainer.fit(ConvClassifier(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [None, 0, 1]
+
+
+def test_two_callbacks_share_a_trainer(tmp_path):
+    a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features.0", pos=[(2, 2), (5, 5)])
+    assert a.state_key != b.state_key
+    trainer, _ = fit(tmp_path, [a, b], logger=False, max_epochs=1)
+    assert "rf/features/1_1/size_h" in trainer.callback_metrics
+    assert trainer.callback_metrics["rf/features.0/5_5/size_h"] == 3
+    assert len(b.history[-1]["fields"]) == 2
+
+
+def test_probe_failure_warns_and_training_goes_on_unless_strict(tmp_path):
+    class Diverging(ConvClassifier):
+        def on_validation_epoch_start(self):
+            with torch.no_grad():
+                self.features[0].weight[0, 0, 0, 0] = float("nan")
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    with pytest.warns(UserWarning, match="the probe failed, training goes on.*not finite"):
+        trainer, _ = fit(tmp_path, [RFCallback(layer="features")], model=Diverging(), logger=False)
+    assert trainer.current_epoch == 2
+    with pytest.raises(Exception, match="not finite"):
+        fit(tmp_path, [RFCallback(layer="features", strict=True)], model=Diverging(), logger=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pos": "middle"}, r"pos='middle'"),
+        ({"pos": (1.5, 2)}, r"pos=\(1.5, 2\)"),
+        ({"layer": ""}, r"layer=''"),
+        ({"module": 3}, r"module=3"),
+        ({"mode": "exact"}, r"mode='exact'.*one of"),
+        ({"every_n_epochs": 0}, r"every_n_epochs=0"),
+        ({"draws": 0}, r"draws=0"),
+        ({"input_shape": (16, 16)}, r"input_shape=\(16, 16\)"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        RFCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layer": "features", "pos": (8, 8)}, r"pos=\(8, 8\) is outside the output map .* \(8, 8\)"),
+        ({"layer": "featurez"}, r"layer='featurez' is not a submodule.*'features'"),
+        ({"module": "backbone"}, r"module='backbone'\) is not a submodule of ConvClassifier; some names: \['features'"),
+        ({}, r"no spatial axes.*layer="),
+    ],
+)
+def test_arguments_that_do_not_fit_the_model_fail_before_the_first_step(tmp_path, kwargs, match):
+    model = ConvClassifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MisconfigurationException, match=match):
+        fit(tmp_path, [RFCallback(**kwargs)], model=model, logger=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_missing_input_shape_is_explained(tmp_path):
+    class Unshaped(ConvClassifier):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    data = [{"x": "not a tensor", "y": 0}]
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[RFCallback(layer="features")])
+    with pytest.raises(MisconfigurationException, match="cannot find the input shape.*input_shape="):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Unshaped(example=False), torch.utils.data.DataLoader(data, batch_size=None))
+
+
+def test_sharded_strategy_is_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    # FSDP needs GPUs to build a Trainer; the check reads only the strategy, so it gets a real one directly.
+    trainer = types.SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy.*strategy='ddp'"):
+        RFCallback().setup(trainer, ConvClassifier(), "fit")
