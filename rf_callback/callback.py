@@ -12,7 +12,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from rf_callback._model_copy import MODES
@@ -343,8 +342,15 @@ def _batch_input_shape(batch) -> tuple[int, ...] | None:
 
 
 def _has_validation(trainer, pl_module) -> bool:
-    limit = trainer.limit_val_batches
-    return is_overridden("validation_step", pl_module) and limit != 0 and limit != 0.0
+    return _overrides(pl_module, "validation_step") and trainer.limit_val_batches != 0
+
+
+def _overrides(module, name: str) -> bool:
+    """Whether the user's class defines ``name`` (for ``lightning`` and ``pytorch_lightning`` modules alike)."""
+    for cls in type(module).__mro__:
+        if name in vars(cls):
+            return vars(cls)[name] is not None and not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
+    return False
 
 
 def _position_label(position: tuple[int, ...]) -> str:

@@ -247,3 +247,32 @@ def test_sharded_strategy_is_refused():
     trainer = types.SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy.*strategy='ddp'"):
         RFCallback().setup(trainer, ConvClassifier(), "fit")
+
+
+def test_pytorch_lightning_trainer_accepts_the_same_class(tmp_path):
+    pytorch_lightning = pytest.importorskip("pytorch_lightning")
+
+    class Classic(pytorch_lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+            self.head = torch.nn.Linear(4, 3)
+            self.example_input_array = torch.zeros(1, 1, 16, 16)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = RFCallback(layer="features")
+    trainer = pytorch_lightning.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback])
+    trainer.fit(Classic(), *loaders())
+    assert trainer.callback_metrics["rf/features/8_8/size_h"] == 3
+    assert len(callback.history) == 3
