@@ -1,16 +1,18 @@
 """rf_callback: exact receptive fields of convolutional networks, as a library and a Lightning callback."""
 
 from rf_callback.callback import RFCallback
-from rf_callback.probe import ProbeError, RFVerification, probe_rf, verify_rf
-from rf_callback.result import AxisGeometry, ReceptiveField, ReceptiveFieldMap
+from rf_callback.probe import ProbeError, RFVerification, effective_rf, probe_rf, verify_rf
+from rf_callback.result import AxisGeometry, EffectiveField, ReceptiveField, ReceptiveFieldMap
 
 __all__ = [
     "AxisGeometry",
+    "EffectiveField",
     "ProbeError",
     "RFCallback",
     "RFVerification",
     "ReceptiveField",
     "ReceptiveFieldMap",
+    "effective_rf",
     "probe_rf",
     "verify_rf",
 ]

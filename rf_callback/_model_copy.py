@@ -161,15 +161,16 @@ def _is_bias(name: str) -> bool:
     return name.split(".")[-1].endswith("bias")
 
 
-def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
+def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biases: bool = True) -> nn.Module:
     """Returns the probe's copy of ``model``, prepared for ``mode``.
 
     The copy is made outside inference mode, in eval mode, in ``dtype``, with plain (non-inference) tensors that do
     not require grad, user hooks dropped and every bias zeroed.
 
-    In theoretical mode every other parameter is set to a positive constant (``1 / fan_in`` for weights, 1 for
-    per-channel scales) and BatchNorm statistics to mean 0 and variance 1, so no weight sign, dead unit or
-    normalisation can hide a pixel.
+    ``zero_biases=False`` keeps biases and BatchNorm statistics as trained (the network as it computes, for the
+    effective field). In theoretical mode every other parameter is set to a positive constant (``1 / fan_in`` for
+    weights, 1 for per-channel scales) and BatchNorm statistics to mean 0 and variance 1, so no weight sign, dead
+    unit or normalisation can hide a pixel.
     """
     with torch.inference_mode(False):
         clone = _uncompiled(copy.deepcopy(getattr(model, "_orig_mod", model)))
@@ -178,19 +179,20 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
         for module in clone.modules():
             for name, param in list(module._parameters.items()):
                 if param is not None:
-                    module._parameters[name] = nn.Parameter(_prepared_parameter(name, param, mode, dtype), False)
+                    value = _prepared_parameter(name, param, mode, dtype, zero_biases)
+                    module._parameters[name] = nn.Parameter(value, False)
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = _prepared_buffer(name, buffer, mode, dtype)
+                    module._buffers[name] = _prepared_buffer(name, buffer, mode, dtype, zero_biases)
     return clone
 
 
-def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
+def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
     value = param.detach().clone()
     if not value.is_floating_point():
         return value
     value = value.to(dtype)
-    if _is_bias(name):
+    if _is_bias(name) and zero_biases:
         value.zero_()
     elif mode == "theoretical":
         fan_in = value[0].numel() if value.dim() >= 2 else 1
@@ -198,12 +200,12 @@ def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype: torch.
     return value
 
 
-def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
+def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
     value = buffer.detach().clone()
     if not value.is_floating_point():
         return value
     value = value.to(dtype)
-    if name == "running_mean":
+    if name == "running_mean" and zero_biases:
         value.zero_()
     elif name == "running_var" and mode == "theoretical":
         value.fill_(1.0)

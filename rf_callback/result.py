@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rf_callback.effective import (
+    HIGH_CONTRIBUTION_THRESHOLDS,
+    center_of_mass,
+    high_contribution,
+    mass_extent,
+    spread,
+)
+
 Bounds = tuple[int, int]
 
 
@@ -192,3 +200,56 @@ class ReceptiveFieldMap:
             "mode": self.mode,
             "layer": self.layer,
         }
+
+
+@dataclass(frozen=True)
+class EffectiveField:
+    """The effective receptive field of one output position on real inputs (Luo et al., NeurIPS 2016).
+
+    Attributes:
+        position: the probed output index.
+        heatmap: |d output / d input| summed over channels and averaged over the inputs (float64, CPU), over the
+            input's spatial axes.
+        theoretical: the theoretical field of the same position, for reference.
+        samples: how many inputs the map is averaged over.
+        biases: ``"trained"`` (the network as it computes) or ``"zero"``.
+        layer: the probed submodule's dotted name, or ``None``.
+    """
+
+    position: tuple[int, ...]
+    heatmap: torch.Tensor = field(repr=False)
+    theoretical: ReceptiveField = field(repr=False)
+    samples: int = 0
+    biases: str = "trained"
+    layer: str | None = None
+
+    def extent(self, q: float = 0.95) -> tuple[Bounds, ...]:
+        """Per axis, the inclusive ``(first, last)`` of the shortest interval holding fraction ``q`` of the mass.
+
+        The mass is the marginal of the map along that axis (see :func:`rf_callback.effective.mass_extent`).
+        """
+        return mass_extent(self.heatmap, q)
+
+    def metrics(self, qs: Sequence[float] = (0.95,)) -> dict[str, float | None]:
+        """The effective-field metrics as flat, loggable numbers, per axis (``h``, ``w``, ...).
+
+        Keys: ``extent<q>_<axis>`` (size of the mass-q extent), ``extent<q>_ratio_<axis>`` (that size over the
+        theoretical size), ``com_<axis>`` and ``com_offset_<axis>`` (centre of mass, and its offset from the
+        theoretical field's centre), ``std_<axis>`` (from second moments) and ``area<t>`` / ``side<t>`` (RepLKNet's
+        high-contribution area ratio and square side at t = 0.2, 0.3, 0.5, 0.99; ``None`` where no square fits).
+        """
+        names = ("l",) if self.heatmap.dim() == 1 else ("h", "w") if self.heatmap.dim() == 2 else ("d", "h", "w")
+        result: dict[str, float | None] = {}
+        for q in qs:
+            for name, (first, last), size in zip(names, self.extent(q), self.theoretical.size):
+                result[f"extent{q:g}_{name}"] = float(last - first + 1)
+                result[f"extent{q:g}_ratio_{name}"] = (last - first + 1) / size
+        for name, com, center, std in zip(
+            names, center_of_mass(self.heatmap), self.theoretical.center, spread(self.heatmap)
+        ):
+            result[f"com_{name}"], result[f"com_offset_{name}"], result[f"std_{name}"] = com, com - center, std
+        center = tuple(min(max(round(c), 0), n - 1) for c, n in zip(self.theoretical.center, self.heatmap.shape))
+        for t in HIGH_CONTRIBUTION_THRESHOLDS:
+            found = high_contribution(self.heatmap, t, center)
+            result[f"side{t:g}"], result[f"area{t:g}"] = (None, None) if found is None else (float(found[0]), found[1])
+        return result

@@ -1,0 +1,107 @@
+"""Effective-field metrics on hand-made maps and on linear networks whose maps are derived by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rf_callback import effective_rf
+from rf_callback.effective import center_of_mass, high_contribution, mass_extent, spread
+
+TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
+
+
+def constant_chain(conv: type, layers: int) -> nn.Sequential:
+    model = nn.Sequential(*[conv(1, 1, 3, bias=False) for _ in range(layers)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.fill_(1.0)
+    return model
+
+
+def test_three_tap_chain_marginal_and_extents_are_exact():
+    field = effective_rf(constant_chain(nn.Conv1d, 3), torch.rand(4, 1, 20) + 0.1, 7)
+    assert field.heatmap[7:14].tolist() == TRINOMIAL
+    assert field.heatmap.sum() == 27
+    assert field.extent(0.9) == ((8, 12),)  # 5 taps: 3 + 6 + 7 + 6 + 3 = 25 >= 24.3, 4 taps hold at most 22
+    assert field.extent(0.5) == ((9, 11),)  # 3 taps: 19 >= 13.5, 2 taps hold at most 13
+    metrics = field.metrics((0.9,))
+    assert metrics["extent0.9_l"] == 5 and metrics["extent0.9_ratio_l"] == 5 / 7
+    assert metrics["com_l"] == 10 and metrics["com_offset_l"] == 0
+    assert metrics["std_l"] == pytest.approx(math.sqrt(2))  # 3 layers x variance 2/3
+
+
+def test_2d_map_is_the_product_of_per_axis_marginals():
+    field = effective_rf(constant_chain(nn.Conv2d, 3), torch.rand(3, 1, 16, 16) + 0.1, (4, 5))
+    expected = torch.zeros(16, 16, dtype=torch.float64)
+    expected[4:11, 5:12] = torch.outer(torch.tensor(TRINOMIAL), torch.tensor(TRINOMIAL)).double()
+    assert torch.equal(field.heatmap, expected)
+    assert field.extent(0.9) == ((5, 9), (6, 10))
+
+
+def test_trained_biases_change_which_relus_are_active():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.ReLU(), nn.Conv1d(1, 1, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0), model[0].bias.fill_(-100.0), model[2].weight.fill_(1.0)
+    inputs = torch.rand(4, 1, 16)
+    with pytest.raises(ValueError, match="degenerate: it is zero everywhere"):
+        effective_rf(model, inputs, 5)  # as trained, the bias silences every unit
+    assert effective_rf(model, inputs, 5, biases="zero").extent(1.0) == ((5, 9),)
+
+
+def test_box_map_metrics_in_1d_2d_3d():
+    for shape, box in [((11,), (slice(3, 8),)), ((9, 12), (slice(2, 5), slice(4, 10))),
+                       ((6, 7, 8), (slice(1, 3), slice(2, 5), slice(0, 4)))]:  # fmt: skip
+        heatmap = torch.zeros(shape, dtype=torch.float64)
+        heatmap[box] = 1
+        assert mass_extent(heatmap, 1.0) == tuple((s.start, s.stop - 1) for s in box)
+        assert center_of_mass(heatmap) == tuple((s.start + s.stop - 1) / 2 for s in box)
+        # a uniform box of n cells has variance (n^2 - 1) / 12
+        assert spread(heatmap) == pytest.approx(tuple(math.sqrt(((s.stop - s.start) ** 2 - 1) / 12) for s in box))
+
+
+def test_gaussian_of_known_sigma():
+    x = torch.arange(201, dtype=torch.float64)
+    sigma = 7.0
+    gaussian = torch.exp(-((x - 100) ** 2) / (2 * sigma**2))
+    assert spread(gaussian)[0] == pytest.approx(sigma, rel=1e-6)
+    first, last = mass_extent(gaussian, 0.95)[0]
+    # Brute force: the shortest integer interval holding 95 %; about 2 x 1.96 sigma = 27.4 cells wide.
+    total = float(gaussian.sum())
+    shortest = min(
+        (j - i, i, j) for i in range(201) for j in range(i, 201) if float(gaussian[i : j + 1].sum()) >= 0.95 * total
+    )
+    assert last - first == shortest[0] and abs(last - first + 1 - 2 * 1.96 * sigma) < 1.5
+    assert center_of_mass(gaussian)[0] == pytest.approx(100)
+
+
+def test_off_centre_blob_and_ties_go_to_the_centre_of_mass():
+    heatmap = torch.zeros(10, 10, dtype=torch.float64)
+    heatmap[7, 2] = 4
+    heatmap[7, 3] = 4
+    assert center_of_mass(heatmap) == (7.0, 2.5)
+    assert mass_extent(heatmap, 0.5) == ((7, 7), (2, 2))  # two one-cell windows hold 50 %: equal mass and distance
+    heatmap[7, 3] = 5
+    assert mass_extent(heatmap, 0.5) == ((7, 7), (3, 3))  # now the heavier cell
+
+
+def test_high_contribution_area_ratio():
+    heatmap = torch.zeros(9, 9, dtype=torch.float64)
+    heatmap[3:6, 3:6] = 1
+    heatmap[4, 4] = 9999
+    side, share = high_contribution(heatmap, 0.5)
+    # log10(A + 1) / max: 1 at the centre, log10(2) / 4 = 0.075 on the 8 around it: the centre holds 1 / 1.60 > 0.5
+    assert (side, share) == (1, 1 / 81)
+    assert high_contribution(heatmap, 0.99) == (3, 9 / 81)
+
+
+def test_degenerate_maps_are_refused_clearly():
+    with pytest.raises(ValueError, match="zero everywhere"):
+        mass_extent(torch.zeros(5))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        spread(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"q=1.5"):
+        mass_extent(torch.ones(3), 1.5)
