@@ -14,9 +14,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback._model_copy import MODES
-from rf_callback.probe import probe_rf
-from rf_callback.result import ReceptiveField
+from rf_callback._model_copy import MODES, preserved_random_state
+from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
+from rf_callback.probe import effective_rf, probe_rf
+from rf_callback.result import EffectiveField, ReceptiveField
 
 try:  # the same class serves a `pytorch_lightning` Trainer, which checks for its own Callback base
     from pytorch_lightning import Callback as _PLCallback
@@ -71,7 +72,23 @@ class RFCallback(*_CallbackBases):
         strict: raise when a probe fails during training (non-finite weights, out of memory); by default the
             callback warns with the reason and training goes on.
         draws: weights mode: how many random inputs the field is the union over.
-        seed: weights mode: seed of the private generator of those inputs.
+        seed: seed of the private generators (weights-mode inputs, the choice of validation inputs).
+        effective: compute the effective field (:func:`rf_callback.effective_rf`) on ``erf_samples`` validation
+            inputs after every probed validation epoch and log its metrics (``erf/<layer>/<pos>/<metric>``), its
+            heatmap, an overlay on a validation input and, at fit end, a growth curve. ``None`` (default): on
+            whenever the run has validation data.
+        erf_samples: how many validation inputs, chosen once with a private generator so epochs compare.
+        target_size: the size of the objects the network must see (an int, or one per spatial axis, in input
+            pixels or samples). At fit start, a warning if even the theoretical field is smaller. After each
+            effective-field check, ``rf/<layer>/<pos>/covers_target`` (1 or 0) and ``.../coverage_margin`` (the
+            smallest extent minus target over the axes) are logged, and an alert is raised when coverage is lost,
+            or not reached within ``patience`` checks.
+        coverage_mass: the mass fraction of the effective extent compared with ``target_size``.
+        patience: how many checks coverage may take to be reached before the alert.
+        on_miss: what an alert does: ``"warn"`` (a warning naming layer, position, epoch, extent, target and
+            theoretical field), ``"stop"`` (also stops training, the Lightning way: all DDP ranks agree through
+            the strategy) or ``"raise"`` (also raises :class:`rf_callback.CoverageError`).
+        on_alert: called with the :class:`rf_callback.CoverageEvent` of every alert.
 
     Raises:
         MisconfigurationException: an argument is not allowed (at construction), or does not fit the model
@@ -92,6 +109,13 @@ class RFCallback(*_CallbackBases):
         strict: bool = False,
         draws: int = 8,
         seed: int = 0,
+        effective: bool | None = None,
+        erf_samples: int = 32,
+        target_size: int | Sequence[int] | None = None,
+        coverage_mass: float = 0.95,
+        patience: int = 1,
+        on_miss: str = "warn",
+        on_alert=None,
     ):
         super().__init__()
         self.positions = _checked_positions(pos)
@@ -117,6 +141,24 @@ class RFCallback(*_CallbackBases):
                     f"RFCallback(input_shape={input_shape!r}): input_shape must be (N, C, L), (N, C, H, W) or "
                     f"(N, C, D, H, W) with positive ints, or None to take it from example_input_array or a batch"
                 )
+        for name, value in (("erf_samples", erf_samples), ("patience", patience)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MisconfigurationException(f"RFCallback({name}={value!r}): {name} must be an int >= 1")
+        if on_miss not in ON_MISS:
+            raise MisconfigurationException(f"RFCallback(on_miss={on_miss!r}): on_miss must be one of {ON_MISS}")
+        if on_alert is not None and not callable(on_alert):
+            raise MisconfigurationException(f"RFCallback(on_alert={on_alert!r}): on_alert must be callable or None")
+        if not isinstance(coverage_mass, (int, float)) or not 0 < coverage_mass <= 1:
+            raise MisconfigurationException(
+                f"RFCallback(coverage_mass={coverage_mass!r}): coverage_mass must be a mass fraction in (0, 1]"
+            )
+        if effective not in (None, True, False):
+            raise MisconfigurationException(f"RFCallback(effective={effective!r}): effective must be a bool or None")
+        self.target_size = _checked_target(target_size)
+        self.effective, self.erf_samples, self.coverage_mass = effective, erf_samples, float(coverage_mass)
+        self.patience, self.on_miss, self.on_alert = patience, on_miss, on_alert
+        self.trackers: dict[str, CoverageTracker] = {}
+        self._erf_inputs: torch.Tensor | None = None
         self.layer, self.module, self.mode = layer, module, mode
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.every_n_epochs, self.log_images, self.strict = every_n_epochs, log_images, strict
@@ -150,6 +192,11 @@ class RFCallback(*_CallbackBases):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Probes the initial weights when the input shape is already known; else waits for the first batch."""
+        if self.effective and not _has_validation(trainer, pl_module):
+            raise MisconfigurationException(
+                "RFCallback(effective=True) needs validation data to measure the effective field on: add a "
+                "validation_step and val_dataloaders, or pass effective=False"
+            )
         if self.input_shape is None:
             self.input_shape = _example_input_shape(pl_module)
         if self.input_shape is not None:
@@ -184,13 +231,35 @@ class RFCallback(*_CallbackBases):
         self._probe_and_log(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        """The history of results and whether the initial field was logged, for checkpoints."""
-        return {"history": copy.deepcopy(self.history), "initial_logged": self._initial_logged}
+        """The history of results (effective fields and alerts included) and the alert state, for checkpoints."""
+        return {
+            "history": copy.deepcopy(self.history),
+            "initial_logged": self._initial_logged,
+            "trackers": {label: tracker.state_dict() for label, tracker in self.trackers.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the history, so a resumed run continues it without logging the initial field twice."""
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
+        for label, state in state_dict.get("trackers", {}).items():
+            self._tracker(label).load_state_dict(state)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Logs the growth curve of the effective-field metrics against epoch."""
+        entries = [h for h in self.history if h.get("effective")]
+        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
+        if not entries or not boards or not trainer.is_global_zero or not self.log_images:
+            return
+        from rf_callback.plotting import figure_to_array, plot_growth
+
+        for label in entries[-1]["effective"]:
+            rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
+            image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
+            for board in boards:
+                board.experiment.add_image(
+                    f"erf/{self.layer_name}/{label}/growth", image, global_step=trainer.global_step, dataformats="HWC"
+                )
 
     # -- decisions
 
@@ -241,6 +310,12 @@ class RFCallback(*_CallbackBases):
             raise MisconfigurationException(f"RFCallback: {error}") from error
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field}")
+            target = self._target_for(field)
+            warning = (
+                None if target is None else uncoverable_message(self.layer_name, field.position, field.size, target)
+            )
+            if warning is not None:
+                rank_zero_warn(warning)
         self._log_fields(trainer, "rf_theoretical", theoretical, step=0)
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if current is not None:
@@ -264,6 +339,102 @@ class RFCallback(*_CallbackBases):
             return
         self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module)
         self._record(trainer, fields, initial=False)
+        if self._effective_on(trainer, pl_module):
+            self._effective_and_alert(trainer, pl_module)
+
+    # -- the effective field and the alert
+
+    def _effective_on(self, trainer, pl_module) -> bool:
+        if self.effective is False or trainer.state.fn != "fit":
+            return False
+        return _has_validation(trainer, pl_module) and _first_loader(trainer.val_dataloaders) is not None
+
+    def _tracker(self, label: str) -> CoverageTracker:
+        if label not in self.trackers:
+            self.trackers[label] = CoverageTracker(target=self.target_size or (), patience=self.patience)
+        return self.trackers[label]
+
+    def _target_for(self, field: ReceptiveField) -> tuple[int, ...] | None:
+        if self.target_size is None:
+            return None
+        n = len(field.bounds)
+        if len(self.target_size) not in (1, n):
+            raise MisconfigurationException(
+                f"RFCallback(target_size={self.target_size!r}) must be one int or {n} (one per spatial axis)"
+            )
+        return self.target_size * n if len(self.target_size) == 1 else self.target_size
+
+    def _effective_and_alert(self, trainer, pl_module) -> None:
+        try:
+            if self._erf_inputs is None:
+                self._erf_inputs = _validation_inputs(trainer, self.erf_samples, self.seed)
+            fields = [
+                effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer) for p in self.positions
+            ]
+        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
+            if self.strict:
+                raise
+            rank_zero_warn(
+                f"RFCallback: the effective field failed, training goes on ({type(error).__name__}: {error})"
+            )
+            return
+        entry, events = {}, []
+        for field in fields:
+            label = _position_label(field.position)
+            metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
+            entry[label] = metrics
+            logged = {f"erf/{self.layer_name}/{label}/{k}": float(v) for k, v in metrics.items()}
+            target = self._target_for(field.theoretical)
+            if target is not None:
+                tracker = self._tracker(label)
+                tracker.target = target
+                extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
+                reason = tracker.update(extent)
+                base = f"rf/{self.layer_name}/{label}"
+                logged[f"{base}/covers_target"] = float(tracker.covered)
+                logged[f"{base}/coverage_margin"] = float(tracker.margin(extent))
+                if reason is not None:
+                    event = CoverageEvent(
+                        reason=reason, epoch=trainer.current_epoch, layer=self.layer_name, position=field.position,
+                        extent=extent, target=target, theoretical=field.theoretical.size,
+                        coverage_mass=self.coverage_mass,
+                    )  # fmt: skip
+                    tracker.events.append(event.to_dict())
+                    events.append(event)
+            for name, value in logged.items():
+                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=False)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged, step=trainer.global_step)
+            if self.log_images:
+                self._log_effective_images(trainer, label, field)
+        self.history[-1]["effective"] = entry
+        self._alert(trainer, events)
+
+    def _alert(self, trainer, events: list[CoverageEvent]) -> None:
+        for event in events:
+            rank_zero_warn(event.message)
+            if self.on_alert is not None:
+                self.on_alert(event)
+        if self.on_miss == "stop" and self.target_size is not None:
+            # A collective on every check, not only on alerts, so no rank waits for the others.
+            stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
+            trainer.should_stop = trainer.should_stop or stop
+        if self.on_miss == "raise" and events:
+            raise CoverageError(events[0])
+
+    def _log_effective_images(self, trainer, label: str, field: EffectiveField) -> None:
+        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
+        if not boards or not trainer.is_global_zero:
+            return
+        from rf_callback.plotting import figure_to_array, plot_effective
+
+        base = f"erf/{self.layer_name}/{label}"
+        heatmap = _normalised(field.heatmap)
+        overlay = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
+        for board in boards:
+            board.experiment.add_image(f"{base}/heatmap", heatmap, global_step=trainer.global_step, dataformats="HW")
+            board.experiment.add_image(f"{base}/overlay", overlay, global_step=trainer.global_step, dataformats="HWC")
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(
@@ -370,11 +541,71 @@ def _scalars(prefix: str, layer: str, field: ReceptiveField) -> dict[str, float]
 
 def _heatmap_image(field: ReceptiveField) -> np.ndarray:
     """The heatmap scaled to [0, 1] as a 2D image: a 1D field as a one-row strip, a 3D one at its central depth."""
-    heatmap = field.heatmap
+    first, last = field.bounds[0]
+    return _normalised(field.heatmap, depth=(first + last) // 2)
+
+
+def _normalised(heatmap: torch.Tensor, depth: int | None = None) -> np.ndarray:
     if heatmap.dim() == 1:
         heatmap = heatmap[None, :]
     elif heatmap.dim() == 3:
-        first, last = field.bounds[0]
-        heatmap = heatmap[(first + last) // 2]
+        heatmap = heatmap[heatmap.shape[0] // 2 if depth is None else depth]
     peak = heatmap.max()
     return (heatmap / peak if peak > 0 else heatmap).float().numpy()
+
+
+def _checked_target(target_size) -> tuple[int, ...] | None:
+    if target_size is None:
+        return None
+    values = (target_size,) if isinstance(target_size, int) else target_size
+    if (
+        not isinstance(values, Sequence)
+        or not 1 <= len(values) <= 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
+        raise MisconfigurationException(
+            f"RFCallback(target_size={target_size!r}): target_size must be a positive int, or one per spatial axis "
+            f"(input pixels or samples), or None"
+        )
+    return tuple(values)
+
+
+def _first_loader(loaders):
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def _first_tensor(item) -> torch.Tensor | None:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, dict):
+        item = list(item.values())
+    if isinstance(item, (tuple, list)) and item:
+        return _first_tensor(item[0])
+    return None
+
+
+def _validation_inputs(trainer, count: int, seed: int) -> torch.Tensor:
+    """``count`` validation inputs chosen with a private generator: the same on every rank and every epoch.
+
+    A map-style data set is indexed directly (Lightning's distributed sampler would give each rank other
+    samples); otherwise the first batches of the loader are read. The global random states are restored.
+    """
+    loader = _first_loader(trainer.val_dataloaders)
+    dataset = getattr(loader, "dataset", None)
+    with preserved_random_state(torch.device("cpu")):
+        if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            generator = torch.Generator().manual_seed(seed)
+            indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+            inputs = [_first_tensor(dataset[i]) for i in indices]
+            if all(x is not None for x in inputs):
+                return torch.stack([x.detach().cpu() for x in inputs])
+        batches = []
+        for batch in loader:
+            batches.append(_first_tensor(batch).detach().cpu())
+            if sum(len(b) for b in batches) >= count:
+                break
+    return torch.cat(batches)[:count]

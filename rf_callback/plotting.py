@@ -20,9 +20,9 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from rf_callback.result import Bounds, ReceptiveField
+from rf_callback.result import Bounds, EffectiveField, ReceptiveField
 
-__all__ = ["animate_rf", "figure_to_array", "plot_rf"]
+__all__ = ["animate_rf", "figure_to_array", "plot_effective", "plot_growth", "plot_rf"]
 
 ImageLike = torch.Tensor | np.ndarray
 
@@ -35,6 +35,8 @@ _MAX_DEPTH_SLICES = 6
 _MAX_FRAMES = 64
 _CELL_BORDERS_UP_TO = 64  # output grids with at most this many cells per axis get white cell borders
 _GIF_DPI = 80
+_EXTENT_COLOR = "#7CFC00"
+_EXTENT_GID = "erf-extent"  # the Rectangle outlining the effective field's mass-q extent
 
 
 def plot_rf(
@@ -89,6 +91,80 @@ def plot_rf(
     inputs, output = _layout(fig, field, colorbar=heat is not None)
     _draw_panels(inputs, output, field, heat, picture, annotate=annotate)
     _set_title(fig, field, title)
+    return fig
+
+
+def plot_effective(
+    field: EffectiveField, *, image: ImageLike | None = None, q: float = 0.95, title: str | None = None
+) -> Figure:
+    """Draws an effective field over the input, with the theoretical box and the mass-q extent box.
+
+    The heatmap is drawn over ``image`` when given; the extent holding fraction ``q`` of the gradient mass is the
+    green dashed box.
+
+    Args:
+        field: a field from :func:`rf_callback.effective_rf`.
+        image: an input to draw underneath, as for :func:`plot_rf`; it is rescaled to [0, 1].
+        q: the mass fraction of the extent box.
+        title: the figure's title; ``None`` says what is drawn.
+
+    Returns:
+        The figure.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()
+        low, high = image.min(), image.max()
+        image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    shown = ReceptiveField(
+        position=field.position, bounds=field.theoretical.bounds, input_shape=field.theoretical.input_shape,
+        output_shape=field.theoretical.output_shape, geometry=field.theoretical.geometry, mode="effective",
+        layer=field.layer, heatmap=field.heatmap,
+    )  # fmt: skip
+    extent = field.extent(q)
+    sizes = " x ".join(str(last - first + 1) for first, last in extent)
+    text = f"effective field at {field.position}: {q:g} of the mass in {sizes} (green), theoretical box in blue"
+    fig = plot_rf(shown, image=image, title=text if title is None else title)
+    box = ((0, 0), *extent) if len(extent) == 1 else extent[-2:]
+    for ax in fig.axes:
+        if any(patch.get_gid() == _BOX_GID for patch in ax.patches):
+            (top, bottom), (left, right) = box
+            ax.add_patch(
+                Rectangle(
+                    (left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, facecolor="none",
+                    edgecolor=_EXTENT_COLOR, linewidth=2, linestyle="--", gid=_EXTENT_GID,
+                )
+            )  # fmt: skip
+    return fig
+
+
+def plot_growth(rows: Sequence[tuple[int, dict[str, float]]], *, title: str = "effective field") -> Figure:
+    """Plots effective-field metrics against epoch: extent sizes and standard deviations, per axis.
+
+    Args:
+        rows: ``(epoch, metrics)`` pairs, metrics as :meth:`rf_callback.EffectiveField.metrics` gives them.
+        title: the figure's title.
+
+    Returns:
+        The figure.
+    """
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_extent, ax_std = fig.subplots(1, 2)
+    epochs = [epoch for epoch, _ in rows]
+    names = sorted({k for _, metrics in rows for k in metrics})
+    for name in names:
+        values = [metrics.get(name, np.nan) for _, metrics in rows]
+        if name.startswith("extent") and "_ratio_" not in name:
+            ax_extent.plot(epochs, values, marker="o", label=name)
+        elif name.startswith("std_"):
+            ax_std.plot(epochs, values, marker="o", label=name)
+    for ax, label in ((ax_extent, "mass extent (inputs)"), (ax_std, "standard deviation (inputs)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 

@@ -64,3 +64,41 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )  # fmt: skip
     kwargs.update(overrides)
     return kwargs
+
+
+class ShrinkingField(pl.LightningModule):
+    """Three 3x3 unit convolutions whose effective field shrinks to one pixel at ``shrink_epoch``.
+
+    With unit weights each axis' marginal is 1, 3, 6, 7, 6, 3, 1: the extent holding 0.95 of the mass (25.65 of 27)
+    is 6 wide (3 + 6 + 7 + 6 + 3 + 1 = 26).
+    At the start of ``shrink_epoch`` every kernel becomes a centre tap: the extent is 1. The learning rate is 0,
+    so nothing else moves the weights.
+    """
+
+    def __init__(self, shrink_epoch: int | None = 1):
+        super().__init__()
+        self.features = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(3)])
+        with torch.no_grad():
+            for conv in self.features:
+                conv.weight.fill_(1.0)
+        self.shrink_epoch = shrink_epoch
+        self.example_input_array = torch.zeros(1, 1, 16, 16)
+
+    def forward(self, x):
+        return self.features(x)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == self.shrink_epoch:
+            with torch.no_grad():
+                for conv in self.features:
+                    conv.weight.zero_()
+                    conv.weight[..., 1, 1] = 1.0
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_mean", self(batch[0]).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)

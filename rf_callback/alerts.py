@@ -1,0 +1,132 @@
+"""Coverage alerts: does the effective field cover the target object size, and when to say it does not."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ON_MISS = ("warn", "stop", "raise")
+
+
+class CoverageError(RuntimeError):
+    """Raised by ``RFCallback(on_miss="raise")`` when the effective field stops covering the target size.
+
+    Attributes:
+        event: the :class:`CoverageEvent` that triggered it.
+    """
+
+    def __init__(self, event: CoverageEvent):
+        super().__init__(event.message)
+        self.event = event
+
+
+@dataclass(frozen=True)
+class CoverageEvent:
+    """One coverage alert, as passed to ``on_alert`` and kept in the callback's history.
+
+    Attributes:
+        reason: ``"lost"`` (covered at the previous check, not now) or ``"not_reached"`` (not covered within
+            ``patience`` checks).
+        epoch: the training epoch of the check.
+        layer: the probed layer's name in the logs.
+        position: the output position.
+        extent: per axis, the effective extent's size at ``coverage_mass``.
+        target: per axis, the target size.
+        theoretical: per axis, the theoretical field's size.
+        coverage_mass: the mass fraction of the extent.
+    """
+
+    reason: str
+    epoch: int
+    layer: str
+    position: tuple[int, ...]
+    extent: tuple[int, ...]
+    target: tuple[int, ...]
+    theoretical: tuple[int, ...]
+    coverage_mass: float
+
+    @property
+    def message(self) -> str:
+        """A one-paragraph explanation with the numbers."""
+        what = "stopped covering" if self.reason == "lost" else "has not covered"
+        return (
+            f"RFCallback: at epoch {self.epoch}, the effective receptive field of {self.layer} at {self.position} "
+            f"{what} the target size: its extent holding {self.coverage_mass:g} of the gradient mass is "
+            f"{_sizes(self.extent)}, the target {_sizes(self.target)}, the theoretical field {_sizes(self.theoretical)}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as JSON-serialisable built-in types."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _sizes(values) -> str:
+    return " x ".join(str(v) for v in values)
+
+
+def uncoverable_message(layer: str, position, theoretical, target) -> str | None:
+    """The fit-start warning when even the theoretical field cannot cover ``target``; ``None`` when it can."""
+    if all(t >= g for t, g in zip(theoretical, target)):
+        return None
+    return (
+        f"RFCallback: the theoretical receptive field of {layer} at {tuple(position)} is {_sizes(theoretical)}, "
+        f"smaller than the target size {_sizes(target)}: no amount of training can make it see whole objects. "
+        f"Enlarge the field: more downsampling (strided convolutions or pooling) before this layer, dilated "
+        f"convolutions, larger kernels, or a deeper stage"
+    )
+
+
+@dataclass
+class CoverageTracker:
+    """Decides, check after check, whether the effective extent covers the target and when to alert.
+
+    It alerts when coverage is lost (covered at the previous check, not at this one), or when it has not been
+    reached within the first ``patience`` checks; once per loss, not at every uncovered check.
+
+    Attributes:
+        target: per axis, the target size.
+        patience: how many checks coverage may take to be reached before an alert.
+        checks: how many checks were made.
+        covered: whether the last check covered the target (``None`` before the first).
+        ever_covered: whether any check covered it.
+        alerted: whether the current uncovered stretch was already alerted.
+        events: the alerts so far, as dicts.
+    """
+
+    target: tuple[int, ...]
+    patience: int = 1
+    checks: int = 0
+    covered: bool | None = None
+    ever_covered: bool = False
+    alerted: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def update(self, extent: tuple[int, ...]) -> str | None:
+        """Records one check; returns ``"lost"`` or ``"not_reached"`` when it calls for an alert, else ``None``."""
+        self.checks += 1
+        covers = all(e >= t for e, t in zip(extent, self.target))
+        reason = None
+        if covers:
+            self.alerted = False
+        elif self.covered and not self.alerted:
+            reason = "lost"
+        elif not self.ever_covered and not self.alerted and self.checks >= self.patience:
+            reason = "not_reached"
+        self.covered, self.ever_covered = covers, self.ever_covered or covers
+        if reason is not None:
+            self.alerted = True
+        return reason
+
+    def margin(self, extent: tuple[int, ...]) -> int:
+        """The smallest ``extent - target`` over the axes (negative where the target is not covered)."""
+        return min(e - t for e, t in zip(extent, self.target))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's state, for checkpoints."""
+        return {k: getattr(self, k) for k in ("checks", "covered", "ever_covered", "alerted", "events")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the state saved by :meth:`state_dict`."""
+        for key in ("checks", "covered", "ever_covered", "alerted", "events"):
+            if key in state:
+                setattr(self, key, state[key])

@@ -1,0 +1,141 @@
+"""RFCallback's effective field and the coverage alert in real Trainer runs."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rf_callback import CoverageError, CoverageEvent, RFCallback, effective_rf
+from tests.lightning_models import ConvClassifier, NoValidation, ShrinkingField, loaders, trainer_kwargs
+
+
+def fit(tmp_path, callback, model, **overrides):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=[callback])
+    trainer.fit(model, *loaders())
+    return trainer
+
+
+def alerts(record) -> list[str]:
+    return [str(w.message) for w in record if "effective receptive field" in str(w.message)]
+
+
+def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
+    model = ConvClassifier()
+    logger = TensorBoardLogger(tmp_path, name="run")
+    fit(tmp_path, RFCallback(layer="features", erf_samples=8), model, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"erf/features/4_4/extent0.95_h", "erf/features/4_4/std_w", "erf/features/4_4/area0.5"} <= scalars
+    assert {"erf/features/4_4/heatmap", "erf/features/4_4/overlay", "erf/features/4_4/growth"} <= images
+    assert [e.step for e in events.Scalars("erf/features/4_4/extent0.95_h")] == [4, 8]
+    # The logged value is effective_rf's on the same 8 validation inputs and the final weights.
+    dataset = loaders()[1].dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:8].tolist()
+    inputs = torch.stack([dataset[i][0] for i in indices])
+    expected = effective_rf(model, inputs, "center", layer="features").metrics()
+    assert events.Scalars("erf/features/4_4/extent0.95_h")[-1].value == expected["extent0.95_h"]
+    assert events.Scalars("erf/features/4_4/std_w")[-1].value == pytest.approx(expected["std_w"], rel=1e-5)
+
+
+def test_alert_fires_exactly_at_the_epoch_coverage_is_lost_and_once(tmp_path):
+    received: list[CoverageEvent] = []
+    callback = RFCallback(target_size=5, on_alert=received.append, log_images=False)
+    with pytest.warns(UserWarning) as record:
+        trainer = fit(tmp_path, callback, ShrinkingField(shrink_epoch=1), max_epochs=4, logger=False)
+    assert [e.epoch for e in received] == [1] and received[0].reason == "lost"
+    assert received[0].extent == (1, 1) and received[0].target == (5, 5) and received[0].theoretical == (7, 7)
+    assert len(alerts(record)) == 1 and "at epoch 1" in alerts(record)[0] and "stopped covering" in alerts(record)[0]
+    assert trainer.current_epoch == 4  # "warn" does not stop
+    assert [h["effective"]["8_8"]["extent0.95_h"] for h in callback.history[1:]] == [6.0, 1.0, 1.0, 1.0]
+    assert trainer.callback_metrics["rf/output/8_8/covers_target"] == 0
+    assert trainer.callback_metrics["rf/output/8_8/coverage_margin"] == -4
+
+
+def test_a_covered_run_never_alerts(tmp_path):
+    callback = RFCallback(target_size=(6, 5), log_images=False)
+    with warnings_recorded() as record:
+        trainer = fit(tmp_path, callback, ShrinkingField(shrink_epoch=None), max_epochs=3, logger=False)
+    assert alerts(record) == [] and callback.trackers["8_8"].events == []
+    assert trainer.callback_metrics["rf/output/8_8/covers_target"] == 1
+    assert trainer.callback_metrics["rf/output/8_8/coverage_margin"] == 0
+
+
+def test_not_reached_within_patience(tmp_path):
+    received: list[CoverageEvent] = []
+    callback = RFCallback(target_size=9, patience=2, on_alert=received.append, log_images=False)
+    with pytest.warns(UserWarning, match="theoretical receptive field .* 7 x 7, smaller than the target size 9 x 9"):
+        fit(tmp_path, callback, ShrinkingField(shrink_epoch=None), max_epochs=3, logger=False)
+    assert [(e.epoch, e.reason) for e in received] == [(1, "not_reached")]
+
+
+def test_on_miss_stop_stops_training_at_that_epoch(tmp_path):
+    callback = RFCallback(target_size=5, on_miss="stop", log_images=False)
+    with pytest.warns(UserWarning, match="stopped covering"):
+        trainer = fit(tmp_path, callback, ShrinkingField(shrink_epoch=2), max_epochs=6, logger=False)
+    assert trainer.current_epoch == 3 and callback.history[-1]["epoch"] == 2
+
+
+def test_on_miss_raise_raises_the_documented_type(tmp_path):
+    callback = RFCallback(target_size=5, on_miss="raise", log_images=False)
+    with pytest.raises(CoverageError, match="at epoch 1") as info, pytest.warns(UserWarning):
+        fit(tmp_path, callback, ShrinkingField(shrink_epoch=1), max_epochs=3, logger=False)
+    assert info.value.event.extent == (1, 1)
+
+
+def test_resume_keeps_effective_history_and_alert_state(tmp_path):
+    callback = RFCallback(target_size=5, log_images=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=False, enable_checkpointing=True),
+                         callbacks=[callback, checkpoint])  # fmt: skip
+    with pytest.warns(UserWarning, match="stopped covering"):
+        trainer.fit(ShrinkingField(shrink_epoch=1), *loaders())
+    resumed = RFCallback(target_size=5, log_images=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, logger=False), callbacks=[resumed])
+    with warnings_recorded() as record:
+        trainer.fit(ShrinkingField(shrink_epoch=1), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert alerts(record) == []  # the loss was alerted before the checkpoint: not again
+    assert [h["epoch"] for h in resumed.history] == [None, 0, 1, 2, 3]
+    assert resumed.trackers["8_8"].events[0]["epoch"] == 1 and resumed.trackers["8_8"].checks == 4
+
+
+def test_effective_true_without_validation_is_refused(tmp_path):
+    with pytest.raises(MisconfigurationException, match="effective=True.* needs validation data"):
+        fit(tmp_path, RFCallback(layer="features", effective=True), NoValidation(), logger=False,
+            limit_val_batches=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_size": 0}, "target_size=0"),
+        ({"target_size": (4, 4, 4, 4)}, r"target_size=\(4, 4, 4, 4\)"),
+        ({"on_miss": "abort"}, "on_miss='abort'"),
+        ({"on_alert": "print"}, "on_alert='print'"),
+        ({"coverage_mass": 1.5}, "coverage_mass=1.5"),
+        ({"erf_samples": 0}, "erf_samples=0"),
+        ({"patience": 0}, "patience=0"),
+        ({"effective": "yes"}, "effective='yes'"),
+    ],
+)
+def test_bad_effective_arguments(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        RFCallback(**kwargs)
+
+
+class warnings_recorded:
+    def __enter__(self):
+        import warnings
+
+        self._context = warnings.catch_warnings(record=True)
+        record = self._context.__enter__()
+        warnings.simplefilter("always")
+        return record
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
