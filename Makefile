@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo probe-demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	$(PY) examples/train_demo.py
+
+probe-demo: $(VENV)/.installed
 	$(PY) examples/probe_demo.py
 
 test: $(VENV)/.installed
@@ -31,6 +34,7 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_probe.py
+	$(PY) benchmarks/bench_callback.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis out
