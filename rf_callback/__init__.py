@@ -1,15 +1,16 @@
 """rf_callback: exact receptive fields of convolutional networks, as a library and a Lightning callback."""
 
 from rf_callback.alerts import CoverageError, CoverageEvent
-from rf_callback.callback import RFCallback
 from rf_callback.probe import ProbeError, RFVerification, effective_rf, probe_rf, verify_rf
 from rf_callback.result import AxisGeometry, EffectiveField, ReceptiveField, ReceptiveFieldMap
+from rf_callback.table import LayerField, rf_table
 
 __all__ = [
     "AxisGeometry",
     "CoverageError",
     "CoverageEvent",
     "EffectiveField",
+    "LayerField",
     "ProbeError",
     "RFCallback",
     "RFVerification",
@@ -17,6 +18,16 @@ __all__ = [
     "ReceptiveFieldMap",
     "effective_rf",
     "probe_rf",
+    "rf_table",
     "verify_rf",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback needs Lightning, whose import takes seconds: the probe and the command line do not pay for it.
+    if name == "RFCallback":
+        from rf_callback.callback import RFCallback
+
+        return RFCallback
+    raise AttributeError(f"module 'rf_callback' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
 from rf_callback.effective import checked_map
@@ -257,16 +258,25 @@ def _forward(copy: nn.Module, target, inputs, mode: str, input_shape, layer) -> 
         captured.append(output[0] if isinstance(output, (tuple, list)) else output)
         raise _Captured
 
-    handle = target.register_forward_hook(capture) if target is not None else None
+    def batched_only(module, args):
+        # A convolution also takes an unbatched input: (1, C, L) would reach a Conv2d as one (C, H, W) image.
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() != len(module.kernel_size) + 2:
+            raise _Unbatched(module)
+
+    handles = [m.register_forward_pre_hook(batched_only) for m in copy.modules() if isinstance(m, _ConvNd)]
+    if target is not None:
+        handles.append(target.register_forward_hook(capture))
     try:
         with probe_functions(mode):
             output = copy(inputs)
     except _Captured:
         output = captured[0]
+    except _Unbatched as error:
+        raise _rank_error(copy, error.module, input_shape) from None
     except Exception as error:
         raise _forward_error(copy, input_shape, error) from error
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -276,6 +286,23 @@ def _forward(copy: nn.Module, target, inputs, mode: str, input_shape, layer) -> 
             f"submodule that returns a feature map"
         )
     return output
+
+
+class _Unbatched(Exception):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def _rank_error(copy: nn.Module, module: nn.Module, input_shape) -> ValueError:
+    name = next((n for n, m in copy.named_modules() if m is module), "")
+    takes = len(module.kernel_size)
+    wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
+    return ValueError(
+        f"input_shape={tuple(input_shape)} has {len(input_shape) - 2} spatial axes, but the convolution "
+        f"{name or 'the model'} ({type(module).__name__}) receives an input without a batch axis: it takes {takes} "
+        f"spatial axes; pass a shape {wanted}"
+    )
 
 
 def _forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:

@@ -88,3 +88,11 @@ def test_output_that_does_not_depend_on_the_input():
 def test_bad_keyword_arguments(argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}"):
         probe_rf(seed_readme_convs(), (1, 3, 60, 90), **{argument: value})
+
+
+def test_input_without_the_spatial_axes_a_convolution_takes_is_refused():
+    # (1, 5, 16) would reach a Conv2d(1, ...) as one unbatched (C=1, H=5, W=16) image, and give a wrong field.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ValueError, match=r"input_shape=\(1, 5, 16\) has 1 spatial axes.*takes 2.*\(N, C, H, W\)"):
+            probe_rf(model, (1, 5, 16), 4, mode=mode)

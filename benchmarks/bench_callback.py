@@ -1,0 +1,183 @@
+"""RFCallback's wall-time overhead on a short training run, measured side by side in one run and printed as ratios.
+
+The same fit (a small VGG-style classifier on 64 x 64 RGB inputs, a few epochs on random data, CPU) runs with
+``RFCallback(layer="features")`` (every other argument at its default: weights mode with 8 draws, images on, the
+effective field on 32 validation inputs) and without it, interleaved A B A B ... so that drifts in machine load hit
+both arms alike. Both arms log to a ``TensorBoardLogger``. The ratio of the median wall times is the callback's
+overhead (target: at most 1.03x). Then the cost of each part of one probe, in training steps.
+
+Run: python benchmarks/bench_callback.py [--repeats N] [--epochs N] [--samples N] [--threads N]
+
+On a shared machine, --threads 1 keeps other processes from stalling torch's thread pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rf_callback import RFCallback, effective_rf, probe_rf
+from rf_callback.plotting import figure_to_array, plot_effective, plot_rf
+
+
+class Classifier(pl.LightningModule):
+    """Three stages of conv3 + BN + ReLU, two max-pooled, then global pool and linear: 64 x 64 in, 16 x 16 out."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *stage(3, 16), nn.MaxPool2d(2), *stage(16, 32), nn.MaxPool2d(2), *stage(32, 32), nn.Dropout(0.1)
+        )
+        self.head = nn.Linear(32, classes)
+        self.example_input_array = torch.zeros(2, 3, 64, 64)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def loaders(samples: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(samples, 3, 64, 64, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+    val = max(batch_size, samples // 8)
+    return (
+        DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True),
+        DataLoader(TensorDataset(x[:val], y[:val]), batch_size=batch_size),
+    )
+
+
+ARMS = {  # name: the callback's arguments, or None for no callback
+    "without": None,
+    "with": {},
+    "with, log_images=False": {"log_images": False},
+}
+
+
+def fit_seconds(arm: str, epochs: int, samples: int) -> tuple[float, RFCallback | None]:
+    """Wall time of one trainer.fit, from a fresh model with the same seed."""
+    torch.manual_seed(0)
+    model = Classifier()
+    train, val = loaders(samples)
+    callback = None if ARMS[arm] is None else RFCallback(layer="features", **ARMS[arm])
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root, logger=TensorBoardLogger(root),
+            callbacks=[callback] if callback else [], enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, log_every_n_steps=10,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(model, train, val)
+        elapsed = time.perf_counter() - start
+    return elapsed, callback
+
+
+def median_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def components(repeats: int = 3) -> None:
+    """What one probe costs, against one training step (forward, backward, SGD step of a batch of 64)."""
+    torch.manual_seed(0)
+    model = Classifier()
+    optimizer = model.configure_optimizers()
+    x, y = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
+
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    shape, inputs = (1, 3, 64, 64), torch.randn(32, 3, 64, 64)
+    field = probe_rf(model, shape, "center", layer="features", mode="weights")
+    effective = effective_rf(model, inputs, layer="features")
+    model.train()
+    step = median_of(repeats, train_step)
+    print("\ncost of the callback's parts, in training steps of a batch of 64 (medians)")
+    parts = {
+        "probe_rf, mode='theoretical' (fit start)": lambda: probe_rf(model, shape, layer="features"),
+        "probe_rf, mode='weights' (fit start, each epoch)": lambda: probe_rf(
+            model, shape, layer="features", mode="weights"
+        ),
+        "figure_to_array(plot_rf(field)) (fit start x2, each epoch)": lambda: figure_to_array(plot_rf(field)),
+        "effective_rf on 32 inputs (each epoch)": lambda: effective_rf(model, inputs, layer="features"),
+        "figure_to_array(plot_effective(field)) (each epoch)": lambda: figure_to_array(
+            plot_effective(effective, image=inputs[0])
+        ),
+    }
+    for name, fn in parts.items():
+        print(f"  {name:<58} {median_of(repeats, fn) / step:6.2f} steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="fits per arm (interleaved)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # Lightning's advice on num_workers etc.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, {torch.get_num_threads()} threads")
+    print(f"fit: {args.epochs} epochs of {args.samples} samples (64 x 64 RGB, batch 64), validation on 1/8 of them")
+    fit_seconds("with", 1, 256)  # warm-up: imports, matplotlib, allocator
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    probes = 0
+    for repeat in range(args.repeats):
+        for arm in ARMS:
+            elapsed, callback = fit_seconds(arm, args.epochs, args.samples)
+            times[arm].append(elapsed)
+            if callback is not None:
+                probes = len(callback.history)
+            print(f"  repeat {repeat + 1}, {arm + ' callback':<32} {elapsed:6.2f} s")
+    steps = args.epochs * -(-args.samples // 64)
+    print(
+        f"\nRFCallback(layer='features'): {probes} probes per fit (fit start + one per validation epoch), {steps} steps"
+    )
+    base = statistics.median(times["without"])
+    print(f"  {'fit with callback / without':<32} {'median':>8} {'best':>8} {'per probe':>10}")
+    for arm in list(ARMS)[1:]:
+        median = statistics.median(times[arm])
+        best = min(times[arm]) / min(times["without"])
+        per_probe = (median - base) / probes / base
+        print(f"  {arm:<32} {median / base:7.3f}x {best:7.3f}x {per_probe:10.2%}")
+    print("  (target: median <= 1.03x with the defaults)")
+    components()
+
+
+if __name__ == "__main__":
+    main()

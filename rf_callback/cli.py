@@ -1,0 +1,461 @@
+"""The ``rf-probe`` command: the receptive field of any model built by an importable factory, from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from torch import nn
+
+from rf_callback.probe import ProbeError, probe_rf
+from rf_callback.result import ReceptiveField, ReceptiveFieldMap
+from rf_callback.table import LayerField, rf_table
+
+PROG = "rf-probe"
+_DESCRIPTION = """\
+Measure the exact receptive field of a model, at one output position, over a whole output map, or layer by layer.
+
+MODULE:CALLABLE names a function (or class) that returns the torch.nn.Module: MODULE is a dotted module name
+importable from the current directory (my_package.models) or a path to a .py file (models/net.py). Warning: this
+imports MODULE, which runs its code, and then calls CALLABLE with the --kwargs; only name code you trust.
+The model itself is never modified: the probe works on a private copy."""
+_EPILOG = """\
+examples:
+  rf-probe tests.cli_models:small_net --input-shape 3,32,32
+  rf-probe models.py:resnet --kwargs '{"depth": 18}' --input-shape 3,224,224 --table --target-size 96
+  rf-probe models.py:unet --input-shape 1,64,64 --pos all --json > fields.json
+  rf-probe models.py:net --input-shape 3,32,32 --layer features.3 --pos 2,5 --plot rf.png --gif sweep.gif
+
+exit status: 0 on success, 2 on a bad argument, a module or callable that cannot be imported or called, or an
+input shape the model rejects (with a one-line message on stderr)."""
+
+
+class _UsageError(Exception):
+    """A bad argument, import or shape: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Reports ``message`` on one line and exits with status 2."""
+        _fail(f"{message} (see {PROG} --help)")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "target",
+        metavar="MODULE:CALLABLE",
+        help="the model factory: MODULE (dotted name or path to a .py file) is imported, which runs its code, and "
+        "CALLABLE(**kwargs) must return a torch.nn.Module",
+    )
+    parser.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments of CALLABLE, a JSON object")
+    parser.add_argument(
+        "--input-shape",
+        required=True,
+        metavar="C,H,W",
+        help="input shape without the batch: C,L (1D), C,H,W (2D) or C,D,H,W (3D)",
+    )
+    parser.add_argument(
+        "--layer",
+        action="append",
+        metavar="NAME",
+        help="dotted submodule name (as in model.named_modules()) whose output is probed instead of the model's; "
+        "with --table, list only these layers (repeatable)",
+    )
+    parser.add_argument(
+        "--pos",
+        default=None,
+        metavar="I,J",
+        help="output position: indices separated by commas (use --pos=-1,-1 for negative ones), 'center' "
+        "(default) or 'all' for every position of the output map",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("theoretical", "weights"),
+        default="theoretical",
+        help="theoretical (the architecture's field, default) or weights (what the factory's weights connect)",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="one row per layer with a feature map: the field at its centre"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (the fields of to_dict()) instead of text")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the field (plot_rf) into this image file")
+    parser.add_argument(
+        "--gif", metavar="FILE.gif", help="animate the field sweeping the whole output map (animate_rf; 1D and 2D)"
+    )
+    parser.add_argument(
+        "--target-size",
+        metavar="N",
+        help="object size to cover, in input pixels (N, or one per axis: N,M): say whether the field covers it, or "
+        "with --table which layer first does",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr (shown only on a terminal)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``rf-probe`` command.
+
+    Args:
+        argv: the command-line arguments without the program name; ``None`` for ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success. Usage errors (bad arguments, a module or callable that cannot be imported
+        or called, shapes the model rejects) print one line on stderr and raise ``SystemExit(2)``.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (_UsageError, ValueError, ProbeError) as error:
+        _fail(str(error))
+
+
+def _run(args: argparse.Namespace) -> int:
+    shape = _input_shape(args.input_shape)
+    kwargs = _kwargs(args.kwargs)
+    target = _target_size(args.target_size, len(shape) - 2)
+    pos = _position(args.pos)
+    _check_combinations(args)
+    if args.gif is not None and len(shape) == 5:
+        raise _UsageError("--gif animates 1D and 2D inputs only; for a 3D input, draw single fields with --plot")
+    for option, suffixes in (("--plot", None), ("--gif", (".gif",))):
+        _check_output_path(option, getattr(args, option[2:]), suffixes)
+    model = _model(args.target, kwargs)
+    progress = _Progress(sys.stderr, enabled=not args.quiet)
+    try:
+        _probe_and_print(args, model, shape, pos, target, progress)
+    finally:
+        progress.done()
+    return 0
+
+
+def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Progress) -> None:
+    if args.table:
+        rows = rf_table(model, shape, layers=args.layer, mode=args.mode, progress=progress.layer)
+        progress.done()
+        print(_table_json(rows, target) if args.json else _table_text(args.target, shape, args.mode, rows, target))
+        return
+    layer = args.layer[0] if args.layer else None
+    if pos == "all":
+        progress.note(f"probing every position of the output map of {_where(layer)}")
+    result = probe_rf(model, shape, pos, layer=layer, mode=args.mode)
+    progress.done()
+    if isinstance(result, ReceptiveFieldMap):
+        print(_map_json(result, target) if args.json else _map_text(args.target, result, target))
+    else:
+        print(_field_json(result, target) if args.json else _field_text(args.target, result, target))
+        if args.plot:
+            from rf_callback.plotting import plot_rf
+
+            plot_rf(result).savefig(args.plot)
+    if args.gif:
+        from rf_callback.plotting import animate_rf
+
+        progress.note(f"writing {args.gif}")
+        animate_rf(model, shape, args.gif, layer=layer, mode=args.mode)
+
+
+# --- arguments ------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str, option: str, what: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise _UsageError(f"{option} {text!r} is not {what}") from None
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    what = "C,L or C,H,W or C,D,H,W: 2 to 4 positive ints separated by commas, without the batch"
+    values = _ints(text, "--input-shape", what)
+    if not 2 <= len(values) <= 4 or min(values) < 1:
+        raise _UsageError(f"--input-shape {text!r} is not {what}")
+    return (1, *values)
+
+
+def _kwargs(text: str) -> dict[str, Any]:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _UsageError(f"--kwargs {text!r} is not JSON ({error})") from None
+    if not isinstance(kwargs, dict):
+        raise _UsageError(f"--kwargs {text!r} must be a JSON object of keyword arguments, like '{{\"channels\": 3}}'")
+    return kwargs
+
+
+def _target_size(text: str | None, n_axes: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    what = f"a positive int, or {n_axes} separated by commas (one per spatial axis of the input)"
+    values = _ints(text, "--target-size", what)
+    if len(values) not in (1, n_axes) or min(values) < 1:
+        raise _UsageError(f"--target-size {text!r} is not {what}")
+    return tuple(values * n_axes if len(values) == 1 else values)
+
+
+def _position(text: str | None) -> str | tuple[int, ...]:
+    if text is None or text.strip() == "center":
+        return "center"
+    if text.strip() == "all":
+        return "all"
+    return tuple(_ints(text, "--pos", "'center', 'all' or output indices separated by commas (I,J)"))
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    if args.table:
+        for option, value in (("--pos", args.pos), ("--plot", args.plot), ("--gif", args.gif)):
+            if value is not None:
+                raise _UsageError(
+                    f"{option} applies to one probe; --table lists the field at the centre of every layer"
+                )
+    elif args.layer and len(args.layer) > 1:
+        raise _UsageError(f"--layer is given {len(args.layer)} times; one probe takes one layer (or use --table)")
+    if args.plot is not None and args.pos is not None and args.pos.strip() == "all":
+        raise _UsageError("--plot draws one field; with --pos all use --gif, or give --pos I,J or center")
+
+
+def _check_output_path(option: str, path: str | None, suffixes: tuple[str, ...] | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise _UsageError(f"{option} {path!r} must end in {' or '.join(suffixes)}")
+    if not target.parent.is_dir():
+        raise _UsageError(f"{option} {path!r} is in a folder that does not exist: {str(target.parent)!r}")
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+
+
+def _model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute:
+        raise _UsageError(f"{spec!r} is not MODULE:CALLABLE (e.g. my_package.models:resnet or net.py:build)")
+    module = _import(module_name)
+    factory: Any = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise _UsageError(f"cannot import {attribute!r} from module {module_name!r}: it has no attribute {part!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise _UsageError(f"{spec!r} is a {type(factory).__name__}, not a callable that builds a model")
+    try:
+        model = factory(**kwargs)
+    except Exception as error:
+        raise _UsageError(f"calling {spec}(**{kwargs!r}) raised {type(error).__name__}: {error}") from None
+    if not isinstance(model, nn.Module):
+        raise _UsageError(f"{spec}(**{kwargs!r}) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import(name: str):
+    """Imports a dotted module (from the current directory first) or a ``.py`` file, naming it on failure."""
+    is_file = name.endswith(".py") or os.sep in name or (os.altsep is not None and os.altsep in name)
+    try:
+        if is_file:
+            return _import_file(name)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(name)
+    except _UsageError:
+        raise
+    except ModuleNotFoundError as error:
+        if error.name and (name == error.name or name.startswith(f"{error.name}.")):
+            raise _UsageError(f"cannot import module {name!r}: no module named {error.name!r}") from None
+        raise _UsageError(f"importing module {name!r} failed: {error}") from None
+    except (Exception, SystemExit) as error:
+        raise _UsageError(f"importing module {name!r} raised {type(error).__name__}: {error}") from None
+
+
+def _import_file(path: str):
+    file = Path(path)
+    if not file.is_file():
+        raise _UsageError(f"cannot import module {path!r}: no such file")
+    # The file's folder goes first on sys.path so that it can import its neighbours, as `python file.py` would.
+    folder = str(file.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = file.stem if file.stem.isidentifier() and file.stem not in sys.modules else "_rf_probe_target"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise _UsageError(f"cannot import module {path!r}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """One self-overwriting progress line on stderr, only when stderr is a terminal and not ``--quiet``."""
+
+    def __init__(self, stream: TextIO, *, enabled: bool):
+        isatty = getattr(stream, "isatty", None)
+        self.stream = stream
+        self.enabled = enabled and callable(isatty) and bool(isatty())
+        self.width = 0
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = max(self.width, len(text))
+
+    def layer(self, index: int, total: int, name: str) -> None:
+        self.note(f"probing layer {index}/{total}: {name}")
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def _where(layer: str | None) -> str:
+    return f"layer {layer!r}" if layer else "the model"
+
+
+def _axes(values: Sequence[Any]) -> str:
+    return " x ".join("-" if v is None else str(v) for v in values)
+
+
+def _covers(size: Sequence[int], target: Sequence[int]) -> bool:
+    return all(s >= t for s, t in zip(size, target))
+
+
+def _input_note(input_shape: Sequence[int], target: Sequence[int]) -> str:
+    spatial = input_shape[2:]
+    if any(t > n for t, n in zip(target, spatial)):
+        return f"; it is larger than the input ({_axes(spatial)}), so no field on it can cover it"
+    return ""
+
+
+def _lines(pairs: list[tuple[str, str]]) -> str:
+    return "\n".join(f"{key:<10}{value}" for key, value in pairs)
+
+
+def _field_text(spec: str, field: ReceptiveField, target: tuple[int, ...] | None) -> str:
+    pairs = [
+        ("model", spec),
+        ("input", str(tuple(field.input_shape))),
+        ("layer", field.layer or "(model output)"),
+        ("output", f"{_axes(field.output_shape)} ({field.mode})"),
+        ("position", str(field.position)),
+        ("size", _axes(field.size)),
+        ("bounds", ", ".join(f"{first}..{last}" for first, last in field.bounds)),
+        ("stride", _axes(field.stride)),
+        ("offset", _axes(field.offset)),
+        ("span", ", ".join(f"{first}..{last}" for first, last in field.span)),
+        ("center", ", ".join(f"{c:g}" for c in field.center)),
+    ]
+    if target is not None:
+        verdict = "covered" if _covers(field.size, target) else f"not covered by this {_axes(field.size)} field"
+        pairs.append(("target", f"{_axes(target)}: {verdict}{_input_note(field.input_shape, target)}"))
+    text = _lines(pairs)
+    if any(s is None for s in field.stride):
+        text += "\n(-: no single stride describes the fields on this axis, e.g. an upsampling path)"
+    return text
+
+
+def _field_json(field: ReceptiveField, target: tuple[int, ...] | None) -> str:
+    record = field.to_dict()
+    if target is not None:
+        record.update(target_size=list(target), covers_target=_covers(field.size, target))
+    return json.dumps(record)
+
+
+def _map_text(spec: str, fmap: ReceptiveFieldMap, target: tuple[int, ...] | None) -> str:
+    sizes = fmap.size.reshape(-1, len(fmap.input_shape) - 2)
+    geometry = fmap.geometry
+    pairs = [
+        ("model", spec),
+        ("input", str(tuple(fmap.input_shape))),
+        ("layer", fmap.layer or "(model output)"),
+        ("output", f"{_axes(fmap.output_shape)} ({fmap.mode}), {len(fmap)} positions"),
+        ("size", f"{_axes(sizes.min(dim=0).values.tolist())} to {_axes(sizes.max(dim=0).values.tolist())}"),
+        ("full size", _axes([None if g is None else g.size for g in geometry])),
+        ("stride", _axes([None if g is None else g.stride for g in geometry])),
+        ("offset", _axes([None if g is None else g.offset for g in geometry])),
+    ]
+    if target is not None:
+        covering = _covering_count(fmap, target)
+        pairs.append(
+            ("target", f"{_axes(target)}: covered at {covering} of {len(fmap)} positions"
+             f"{_input_note(fmap.input_shape, target)}")
+        )  # fmt: skip
+    return _lines(pairs)
+
+
+def _covering_count(fmap: ReceptiveFieldMap, target: tuple[int, ...]) -> int:
+    sizes = fmap.size.reshape(-1, len(target))
+    return int((sizes >= sizes.new_tensor(target)).all(dim=1).sum())
+
+
+def _map_json(fmap: ReceptiveFieldMap, target: tuple[int, ...] | None) -> str:
+    record = fmap.to_dict()
+    if target is not None:
+        record.update(target_size=list(target), positions_covering_target=_covering_count(fmap, target))
+    return json.dumps(record)
+
+
+def _table_text(
+    spec: str, shape: tuple[int, ...], mode: str, rows: list[LayerField], target: tuple[int, ...] | None
+) -> str:
+    header = ("layer", "type", "output", "size", "stride", "offset", "")
+    cells = [
+        (r.name, r.module_type, _axes(r.output_shape), _axes(r.size), _axes(r.stride), _axes(r.offset),
+         "*" if r.covers_input else "")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+    lines = [f"{spec} on input {shape}, field at the centre of each layer's output ({mode}):"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
+    if any(r.covers_input for r in rows):
+        lines.append("* the field spans the whole input: later layers on this path cannot see more of it")
+    if any(s is None for r in rows for s in r.stride):
+        lines.append("- no single stride describes the fields on this axis (e.g. an upsampling path)")
+    if target is not None:
+        first = next((r for r in rows if _covers(r.size, target)), None)
+        if first is None:
+            largest = max(rows, key=lambda r: math.prod(r.size), default=None)
+            where = f" (largest: {_axes(largest.size)} at {largest.name})" if largest else ""
+            lines.append(f"target {_axes(target)}: no layer covers it{where}{_input_note(shape, target)}")
+        else:
+            lines.append(f"target {_axes(target)}: first covered by {first.name} ({first.module_type}, field "
+                         f"{_axes(first.size)})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _table_json(rows: list[LayerField], target: tuple[int, ...] | None) -> str:
+    records = [row.to_dict() for row in rows]
+    if target is not None:
+        for record, row in zip(records, rows):
+            record["covers_target"] = _covers(row.size, target)
+    return json.dumps(records)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The per-layer receptive-field table: the centre field of every submodule's feature map, in forward order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
+from rf_callback.probe import _checked_input_shape, _forward_error, _submodule, probe_rf
+from rf_callback.result import Bounds, ReceptiveField
+
+
+@dataclass(frozen=True)
+class LayerField:
+    """One row of :func:`rf_table`: the receptive field at the centre of one submodule's output.
+
+    Attributes:
+        name: the submodule's dotted name, as in ``model.named_modules()``.
+        module_type: the submodule's class name (``"Conv2d"``, ``"BasicBlock"``).
+        output_shape: the submodule's full output shape ``(N, C, *spatial)`` with ``N = 1``.
+        position: the probed output index, ``n // 2`` on every spatial axis.
+        size: per axis, the number of input positions inside the (clipped) bounds.
+        stride: per axis, the effective stride ``S``; ``None`` where no single stride describes the fields (an
+            upsampling path) or it could not be measured.
+        offset: per axis, the effective offset (padding) ``P``; ``None`` where the stride is.
+        bounds: per axis, the inclusive ``(first, last)`` input indices that influence the position.
+        covers_input: the field spans the whole input on every axis (``bounds == (0, L - 1)``); later layers on
+            this path cannot see more of it.
+    """
+
+    name: str
+    module_type: str
+    output_shape: tuple[int, ...]
+    position: tuple[int, ...]
+    size: tuple[int, ...]
+    stride: tuple[int | None, ...]
+    offset: tuple[int | None, ...]
+    bounds: tuple[Bounds, ...]
+    covers_input: bool
+
+    def to_dict(self) -> dict:
+        """Returns every attribute as JSON-serialisable built-in types (tuples become lists)."""
+        return {
+            "name": self.name,
+            "module_type": self.module_type,
+            "output_shape": list(self.output_shape),
+            "position": list(self.position),
+            "size": list(self.size),
+            "stride": list(self.stride),
+            "offset": list(self.offset),
+            "bounds": [list(b) for b in self.bounds],
+            "covers_input": self.covers_input,
+        }
+
+
+@dataclass(frozen=True)
+class _Output:
+    name: str
+    module_type: str
+    shape: tuple[int, ...]
+    depends_on_input: bool
+
+
+def rf_table(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    layers: str | Sequence[str] | None = None,
+    mode: str = "theoretical",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[LayerField]:
+    """Measures the receptive field at the centre of every submodule output that is a feature map.
+
+    One forward pass of a private copy (the probe's: deep-copied, eval mode, user hooks dropped) records, with
+    forward hooks, the order in which submodules first produce their outputs. Every submodule whose output is a
+    tensor with as many axes as the input and that depends on the input is listed, containers included (a
+    ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
+    at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row is then one
+    ``probe_rf(model, input_shape, "center", layer=name, mode=mode)``; probes do not share forward passes.
+
+    Args:
+        model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
+        input_shape: the full input shape ``(N, C, *spatial)``; ``N`` is ignored.
+        layers: dotted names of the submodules to list (a single name is allowed), instead of every feature map;
+            they are listed in forward order, whatever the order given.
+        mode: ``"theoretical"`` (default) or ``"weights"``, as for :func:`~rf_callback.probe.probe_rf`.
+        progress: called as ``progress(index, total, name)`` (``index`` from 1) before each layer is probed.
+
+    Returns:
+        One :class:`LayerField` per listed submodule, in the order of their first outputs during a forward pass.
+
+    Raises:
+        ValueError: an argument is wrong: ``mode`` or ``input_shape`` as for ``probe_rf``, a name in ``layers`` that
+            is not a submodule (the message lists the nearest names) or that the forward pass never calls, or a
+            named submodule whose output is not a feature map; the input shape does not fit the model's
+            convolutions.
+        ProbeError: the forward raised, or a named submodule's output does not depend on the input.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
+    shape = _checked_input_shape(input_shape)
+    wanted = _checked_layers(model, layers)
+    outputs = _forward_outputs(model, shape)
+    if wanted is None:
+        chosen = [o for o in outputs if len(o.shape) == len(shape) and o.depends_on_input]
+    else:
+        seen = {o.name for o in outputs}
+        missing = [name for name in wanted if name not in seen]
+        if missing:
+            raise ValueError(
+                f"layers={list(wanted)!r}: {missing} never produce an output during a forward pass on an input of "
+                f"shape {shape}, so they have no receptive field"
+            )
+        chosen = [o for o in outputs if o.name in wanted]
+    rows = []
+    for index, output in enumerate(chosen, start=1):
+        if progress is not None:
+            progress(index, len(chosen), output.name)
+        field = probe_rf(model, shape, "center", layer=output.name, mode=mode)
+        rows.append(_row(output, field))
+    return rows
+
+
+def _checked_layers(model: nn.Module, layers) -> list[str] | None:
+    """Returns the requested names without duplicates, after checking that each names a submodule."""
+    if layers is None:
+        return None
+    names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else None
+    if not names:
+        raise ValueError(f"layers={layers!r} must be a non-empty sequence of submodule names, or None for all")
+    for name in names:
+        _submodule(model, name)
+    return list(dict.fromkeys(names))
+
+
+def _forward_outputs(model: nn.Module, shape: tuple[int, ...]) -> list[_Output]:
+    """One forward pass of the theoretical copy, recording each submodule's first output in the order produced."""
+    device = model_device(model)
+    outputs: dict[str, _Output] = {}
+
+    def recorder(name: str):
+        def record(module, _args, output):
+            if isinstance(output, (tuple, list)) and output:
+                output = output[0]
+            if name not in outputs and isinstance(output, torch.Tensor):
+                outputs[name] = _Output(name, type(module).__name__, tuple(output.shape), output.requires_grad)
+
+        return record
+
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad():
+        copy = prepared_copy(model, "theoretical", torch.float32)
+        for name, module in copy.named_modules():
+            if name:
+                module.register_forward_hook(recorder(name))
+        inputs = torch.ones((1, *shape[1:]), device=device).requires_grad_(True)
+        try:
+            with probe_functions("theoretical"):
+                copy(inputs)
+        except Exception as error:
+            raise _forward_error(copy, shape, error) from error
+    return list(outputs.values())
+
+
+def _row(output: _Output, field: ReceptiveField) -> LayerField:
+    lengths = field.input_shape[2:]
+    return LayerField(
+        name=output.name,
+        module_type=output.module_type,
+        output_shape=(1, *output.shape[1:]),
+        position=field.position,
+        size=field.size,
+        stride=field.stride,
+        offset=field.offset,
+        bounds=field.bounds,
+        covers_input=all(b == (0, n - 1) for b, n in zip(field.bounds, lengths)),
+    )

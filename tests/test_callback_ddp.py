@@ -1,0 +1,182 @@
+"""RFCallback in a real 2-process DDP run on CPU (gloo, ddp_spawn): no deadlock, images once, ranks agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rf_callback import RFCallback, probe_rf
+from tests.lightning_models import ConvClassifier, loaders, trainer_kwargs
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = (1, 1, 16, 16)
+FIT_TIMEOUT_S = 180  # the run takes ~10 s on 2 cores; past this it is hung
+WORLD_SIZE = 2
+EXPECTED_STEPS = [0, 2, 4]  # 32 samples over 2 ranks, batch 8: 2 steps per epoch; fit start, then 2 epochs
+SCALAR_NAMES = [f"rf/features/4_4/{kind}_{axis}" for kind in ("size", "first", "last") for axis in "hw"]
+IMAGE_TAGS = {
+    "rf_theoretical/features/4_4/heatmap": [0],
+    "rf_theoretical/features/4_4/figure": [0],
+    "rf/features/4_4/heatmap": EXPECTED_STEPS,
+    "rf/features/4_4/figure": EXPECTED_STEPS,
+    "erf/features/4_4/heatmap": EXPECTED_STEPS[1:],  # the effective field: after each validation epoch
+    "erf/features/4_4/overlay": EXPECTED_STEPS[1:],
+    "erf/features/4_4/growth": EXPECTED_STEPS[-1:],  # at fit end
+}
+PREFIXES = ("rf/", "rf_theoretical/", "erf/")
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="this torch build has no torch.distributed gloo backend, which CPU DDP needs",
+)
+
+
+class _RecordRank(pl.Callback):
+    """Writes what each rank's RFCallback recorded and logged through pl_module.log, one JSON file per rank."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        rf = next(c for c in trainer.callbacks if isinstance(c, RFCallback))
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "history": rf.history,
+            "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(PREFIXES)},
+        }
+        (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def fit_ddp(out_dir: str) -> None:
+    """The run under test, in its own process: 2 epochs of ddp_spawn on 2 CPU processes, then the final weights."""
+    out = Path(out_dir)
+    torch.manual_seed(0)
+    model = ConvClassifier()
+    trainer = pl.Trainer(
+        callbacks=[RFCallback(layer="features"), _RecordRank(out_dir)],
+        logger=TensorBoardLogger(out),
+        **trainer_kwargs(out, devices=WORLD_SIZE, strategy="ddp_spawn"),
+    )
+    trainer.fit(model, *loaders())
+    torch.save(model.state_dict(), out / "final.pt")  # ddp_spawn brings rank 0's trained weights back here
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(PREFIXES)}
+    (out / "main.json").write_text(json.dumps({"callback_metrics": metrics}))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    log_file = out.parent / f"{out.name}.log"
+    command = [sys.executable, "-c", f"from tests.test_callback_ddp import fit_ddp; fit_ddp({str(out)!r})"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log_file, "wb") as log:
+        # its own session, so that on a hang the spawned workers go down with it
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        returncode = process.wait(timeout=FIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"the DDP fit did not finish in {FIT_TIMEOUT_S} s (deadlock?):\n{log_file.read_text()[-6000:]}")
+    output = log_file.read_text(errors="replace")
+    assert returncode == 0, f"the DDP fit failed with exit code {returncode}:\n{output[-6000:]}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    return SimpleNamespace(
+        out=out, output=output, ranks=ranks, main=json.loads((out / "main.json").read_text()),
+        event_files=sorted(out.rglob("events.out.tfevents.*")),
+    )  # fmt: skip
+
+
+def _final_model(ddp_run) -> ConvClassifier:
+    model = ConvClassifier()
+    model.load_state_dict(torch.load(ddp_run.out / "final.pt"))
+    return model
+
+
+def _counts(ddp_run, kind: str) -> Counter:
+    """How many events of `kind` ('images' or 'scalars') each (tag, step) has, over every event file of the run."""
+    counts: Counter = Counter()
+    for path in ddp_run.event_files:
+        events = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0}).Reload()
+        for tag in events.Tags()[kind]:
+            items = events.Images(tag) if kind == "images" else events.Scalars(tag)
+            counts.update((tag, item.step) for item in items)
+    return counts
+
+
+def test_ddp_fit_finishes_on_two_processes(ddp_run):
+    assert [r["rank"] for r in ddp_run.ranks] == list(range(WORLD_SIZE))
+    assert all(r["world_size"] == WORLD_SIZE for r in ddp_run.ranks)
+    assert "Trainer.fit` stopped: `max_epochs=2` reached" in ddp_run.output
+    assert "RFCallback: the probe failed" not in ddp_run.output
+
+
+def test_each_rank_probes_at_fit_start_and_after_each_validation_epoch(ddp_run):
+    for rank in ddp_run.ranks:
+        assert [entry["step"] for entry in rank["history"]] == EXPECTED_STEPS
+
+
+def test_images_are_written_once_per_step_by_rank_zero_only(ddp_run):
+    assert len(ddp_run.event_files) == 1  # rank 1 opens no writer
+    images = {key: n for key, n in _counts(ddp_run, "images").items() if key[0].startswith(PREFIXES)}
+    assert {key: n for key, n in images.items() if n != 1} == {}
+    for tag, steps in IMAGE_TAGS.items():
+        assert sorted(step for t, step in images if t == tag) == steps, tag
+
+
+def test_scalars_are_written_once_per_step(ddp_run):
+    scalars = _counts(ddp_run, "scalars")
+    callback_scalars = {key: n for key, n in scalars.items() if key[0].startswith(PREFIXES)}
+    assert {key: n for key, n in callback_scalars.items() if n != 1} == {}
+    erf_steps = {step for tag, step in callback_scalars if tag.startswith("erf/")}
+    assert erf_steps == set(EXPECTED_STEPS[1:])
+    for name in SCALAR_NAMES:
+        assert {step: n for (tag, step), n in scalars.items() if tag == name} == dict.fromkeys(EXPECTED_STEPS, 1)
+        theoretical = name.replace("rf/", "rf_theoretical/", 1)
+        assert {step: n for (tag, step), n in scalars.items() if tag == theoretical} == {0: 1}
+
+
+def test_ranks_agree_on_every_probe_and_logged_value(ddp_run):
+    rank0, *others = ddp_run.ranks
+    assert set(SCALAR_NAMES) <= set(rank0["callback_metrics"])
+    assert any(name.startswith("erf/") for name in rank0["callback_metrics"])  # the effective field, same inputs
+    for other in others:
+        assert other["history"] == rank0["history"]
+        assert other["callback_metrics"] == rank0["callback_metrics"]
+    assert ddp_run.main["callback_metrics"] == rank0["callback_metrics"]
+
+
+def test_logged_values_are_the_probe_of_the_final_weights(ddp_run):
+    field = probe_rf(_final_model(ddp_run), SHAPE, "center", layer="features", mode="weights")
+    expected = {}
+    for axis, (first, last) in zip("hw", field.bounds):
+        expected.update({f"size_{axis}": last - first + 1, f"first_{axis}": first, f"last_{axis}": last})
+    assert (field.size[0], field.size[1]) == (expected["size_h"], expected["size_w"])
+    logged_last = {}
+    for path in ddp_run.event_files:
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
+        for name in SCALAR_NAMES:
+            series = events.Scalars(name)
+            assert series[-1].step == EXPECTED_STEPS[-1]
+            logged_last[name.rsplit("/", 1)[1]] = series[-1].value
+    assert logged_last == {k: float(v) for k, v in expected.items()}
+    for rank in ddp_run.ranks:
+        logged = {k: v for k, v in rank["callback_metrics"].items() if k in SCALAR_NAMES}
+        assert logged == {f"rf/features/4_4/{k}": float(v) for k, v in expected.items()}
+        assert rank["history"][-1]["fields"][0]["bounds"] == [list(b) for b in field.bounds]

@@ -1,0 +1,236 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rf_callback import LayerField, probe_rf, rf_table
+
+
+def clip(first: int, last: int, length: int) -> tuple[int, int]:
+    return max(first, 0), min(last, length - 1)
+
+
+class Block(nn.Module):
+    """A ResNet basic block: conv3 (stride s) p1, ReLU, conv3 p1, plus a shortcut (identity, or conv1x1 stride s)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
+
+    def forward(self, x):
+        return F.relu(self.conv2(F.relu(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNetStyle(nn.Module):
+    """stem [conv3 p1, BN, ReLU] -> block(s1) -> block(s2) -> block(s2) -> global average pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block1 = Block(4, 4, 1)
+        self.block2 = Block(4, 8, 2)
+        self.block3 = Block(8, 8, 2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.gap(self.block3(self.block2(self.block1(self.stem(x)))))
+        return self.head(torch.flatten(x, 1))
+
+
+# Closed form per stage, r = 1 + sum (k - 1) * jump, S = prod s, P = sum p * jump, along the longest path (a block's
+# field is the union of its branches, and the conv branch contains the shortcut's):
+#   stem conv3 p1 (jump 1): r 3, S 1, P 1; BatchNorm and ReLU add nothing
+#   block1.conv1 k3 p1 (jump 1): r 3 + 2 = 5, P 1 + 1 = 2; block1.conv2: r 7, P 3; identity shortcut: the stem's
+#   block2.conv1 k3 s2 p1 (jump 1): r 9, P 4, then jump 2; block2.conv2 (jump 2): r 9 + 4 = 13, P 4 + 2 = 6;
+#       block2.shortcut 1x1 s2 on block1's output: r 7, S 2, P 3
+#   block3.conv1 k3 s2 p1 (jump 2): r 13 + 4 = 17, P 6 + 2 = 8, then jump 4; block3.conv2 (jump 4): r 25, P 12;
+#       block3.shortcut 1x1 s2 on block2's output: r 13, S 4, P 6
+RESNET_STAGES = {
+    "stem.0": (3, 1, 1),
+    "stem.1": (3, 1, 1),
+    "stem.2": (3, 1, 1),
+    "stem": (3, 1, 1),
+    "block1.conv1": (5, 1, 2),
+    "block1.conv2": (7, 1, 3),
+    "block1.shortcut": (3, 1, 1),
+    "block1": (7, 1, 3),
+    "block2.conv1": (9, 2, 4),
+    "block2.conv2": (13, 2, 6),
+    "block2.shortcut": (7, 2, 3),
+    "block2": (13, 2, 6),
+    "block3.conv1": (17, 4, 8),
+    "block3.conv2": (25, 4, 12),
+    "block3.shortcut": (13, 4, 6),
+    "block3": (25, 4, 12),
+}
+
+
+def test_resnet_style_table_equals_closed_form_at_every_stage():
+    # H = 24, W = 20: output lengths 24 x 20 (stride 1), 12 x 10 (stride 2), 6 x 5 (stride 4); centre index x = n // 2,
+    # so x * S = 12 on H at every stage, and 10, 10, 8 on W. The field is clip([x*S - P, x*S - P + r - 1]).
+    # block3.conv2 and block3 reach 12 - 12 = 0 .. 24 -> 0..23 on H and 8 - 12 = -4 .. 20 -> 0..19 on W: the whole
+    # input; block3.shortcut, run after block3.conv2, does not (a branch's field is smaller).
+    rows = rf_table(ResNetStyle(), (1, 3, 24, 20))
+    assert [row.name for row in rows] == [*RESNET_STAGES, "gap"]  # forward order; the Linear head is not spatial
+    for row in rows[:-1]:
+        r, s, p = RESNET_STAGES[row.name]
+        centres = [row.position[a] * s for a in range(2)]
+        expected = tuple(clip(c - p, c - p + r - 1, n) for c, n in zip(centres, (24, 20)))
+        assert row.position == tuple(n // 2 for n in row.output_shape[2:])
+        assert row.bounds == expected, row.name
+        assert row.size == tuple(last - first + 1 for first, last in expected), row.name
+        assert (row.stride, row.offset) == ((s, s), (p, p)), row.name
+        assert row.covers_input == (expected == ((0, 23), (0, 19))), row.name
+    assert [row.name for row in rows if row.covers_input] == ["block3.conv2", "block3", "gap"]
+    # The global pool's single output sees the union of every block3 field: the whole input, no lattice.
+    gap = rows[-1]
+    assert (gap.module_type, gap.output_shape, gap.position) == ("AdaptiveAvgPool2d", (1, 8, 1, 1), (0, 0))
+    assert gap.bounds == ((0, 23), (0, 19)) and gap.stride == (None, None)
+
+
+def test_row_holds_what_probe_rf_gives():
+    model = ResNetStyle()
+    for row in rf_table(model, (1, 3, 24, 20), layers=["block2", "block1.conv2"]):
+        field = probe_rf(model, (1, 3, 24, 20), "center", layer=row.name)
+        assert (row.bounds, row.size, row.stride, row.offset) == (field.bounds, field.size, field.stride, field.offset)
+        assert row.output_shape[2:] == field.output_shape
+
+
+class UNetStyle(nn.Module):
+    """enc conv3 p1 -> down max-pool 2 -> mid conv3 p1 -> up nearest x2 -> dec conv3 p1 on [enc, up] -> head 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 4, 3, padding=1)
+        self.down = nn.MaxPool2d(2)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.enc(x))
+        deep = self.up(F.relu(self.mid(self.down(skip))))
+        return self.head(F.relu(self.dec(torch.cat([skip, deep], dim=1))))
+
+
+def test_unet_style_table_equals_hand_derived_fields_at_every_stage():
+    # Input 16 x 14. Encoder, closed form: enc r 3, S 1, P 1; down (k2 s2) r 4, S 2, P 1; mid (k3 p1 at jump 2)
+    # r 8, S 2, P 3, so mid index x sees [2x - 3, 2x + 4].
+    # up (nearest x2): y reads mid index y // 2: y even sees [y - 3, y + 4], y odd [y - 4, y + 3]; the fields of y
+    # and y + 1 alternate between the same and a shifted interval, so no stride describes them (None).
+    # dec (k3 p1 on [enc, up]): z sees up at z - 1, z, z + 1: z even [z - 5, z + 4], z odd [z - 4, z + 5] (size 10;
+    # the skip path's [z - 2, z + 2] is inside). head (1x1) keeps dec's field.
+    # Centres: H 16 -> 8 (even), 8 -> 4; W 14 -> 7 (odd), 7 -> 3.
+    rows = {row.name: row for row in rf_table(UNetStyle(), (1, 1, 16, 14))}
+    assert list(rows) == ["enc", "down", "mid", "up", "dec", "head"]
+    expected = {
+        "enc": (((7, 9), (6, 8)), (1, 1), (1, 1)),
+        "down": (((7, 10), (5, 8)), (2, 2), (1, 1)),
+        "mid": (((5, 12), (3, 10)), (2, 2), (3, 3)),
+        "up": (((5, 12), (3, 10)), (None, None), (None, None)),  # y = 8: [8-3, 8+4]; y = 7: [7-4, 7+3]
+        "dec": (((3, 12), (3, 12)), (None, None), (None, None)),  # z = 8: [8-5, 8+4]; z = 7: [7-4, 7+5]
+        "head": (((3, 12), (3, 12)), (None, None), (None, None)),
+    }
+    for name, (bounds, stride, offset) in expected.items():
+        row = rows[name]
+        assert (row.bounds, row.stride, row.offset) == (bounds, stride, offset), name
+        assert row.size == tuple(last - first + 1 for first, last in bounds)
+        assert not row.covers_input
+    assert rows["up"].output_shape == (1, 4, 16, 14) and rows["mid"].output_shape == (1, 4, 8, 7)
+
+
+def test_covers_input_is_set_from_the_first_layer_spanning_every_axis():
+    # Six conv3 p1 layers on a 7 x 11 input: layer d (1-based) at the centre (3, 5) sees [3 - d, 3 + d] x
+    # [5 - d, 5 + d]. H is spanned (0..6) from d = 3, W (0..10) only from d = 5: the flag is set from d = 5 ("4").
+    model = nn.Sequential(*(nn.Conv2d(2, 2, 3, padding=1) for _ in range(6)))
+    rows = rf_table(model, (1, 2, 7, 11))
+    assert [row.name for row in rows] == ["0", "1", "2", "3", "4", "5"]
+    for depth, row in enumerate(rows, start=1):
+        assert row.bounds == (clip(3 - depth, 3 + depth, 7), clip(5 - depth, 5 + depth, 11))
+        assert (row.stride, row.offset) == ((1, 1), (depth, depth))
+    assert [row.covers_input for row in rows] == [False, False, False, False, True, True]
+
+
+def test_one_dimensional_model():
+    # conv5 p2 -> conv3 s2 -> conv3 d2: r 5, 7, 7 + 2*2*2 = 15; S 1, 2, 2; P 2, 2, 2.
+    model = nn.Sequential(nn.Conv1d(1, 2, 5, padding=2), nn.Conv1d(2, 2, 3, stride=2), nn.Conv1d(2, 2, 3, dilation=2))
+    rows = rf_table(model, (1, 1, 40))
+    assert [(row.size, row.stride, row.offset) for row in rows] == [((5,), (1,), (2,)), ((7,), (2,), (2,)),
+                                                                   ((15,), (2,), (2,))]  # fmt: skip
+    assert [row.output_shape for row in rows] == [(1, 2, 40), (1, 2, 19), (1, 2, 15)]
+
+
+def test_layers_are_listed_in_forward_order_whatever_the_order_given():
+    rows = rf_table(ResNetStyle(), (1, 3, 24, 20), layers=["block3", "stem.0", "block3", "block1"])
+    assert [row.name for row in rows] == ["stem.0", "block1", "block3"]
+    assert [row.name for row in rf_table(ResNetStyle(), (1, 3, 24, 20), layers="block2")] == ["block2"]
+
+
+def test_unknown_layer_lists_nearest_names():
+    with pytest.raises(ValueError, match=r"layer='block4' is not a submodule of the model; nearest names: .*block"):
+        rf_table(ResNetStyle(), (1, 3, 24, 20), layers=["block1", "block4"])
+
+
+def test_layer_never_called_is_an_error():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithSpare()
+    with pytest.raises(ValueError, match=r"\['unused'\] never produce an output"):
+        rf_table(model, (1, 1, 8, 8), layers=["unused"])
+
+
+def test_named_layer_without_spatial_output_is_an_error():
+    with pytest.raises(ValueError, match="no spatial axes"):
+        rf_table(ResNetStyle(), (1, 3, 24, 20), layers=["head"])
+
+
+def test_shape_the_model_rejects_is_a_value_error():
+    with pytest.raises(ValueError, match="has 1 spatial axes, but the model's first convolution"):
+        rf_table(ResNetStyle(), (1, 3, 24))
+    with pytest.raises(ValueError, match="mode='exact' is not a probe mode"):
+        rf_table(ResNetStyle(), (1, 3, 24, 20), mode="exact")
+
+
+def test_module_whose_output_does_not_depend_on_the_input_is_left_out():
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.bias_map = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x) + self.bias_map(torch.ones_like(x).detach())
+
+    assert [row.name for row in rf_table(WithConstant(), (1, 1, 8, 8))] == ["conv"]
+
+
+def test_model_is_left_untouched():
+    model = ResNetStyle().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rf_table(model, (1, 3, 24, 20), layers=["block1"])
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_progress_is_called_before_each_layer_and_to_dict_is_json():
+    calls = []
+    rows = rf_table(ResNetStyle(), (1, 3, 24, 20), layers=["block1", "block2"], progress=lambda *a: calls.append(a))
+    assert calls == [(1, 2, "block1"), (2, 2, "block2")]
+    assert isinstance(rows[0], LayerField)
+    record = json.loads(json.dumps(rows[1].to_dict()))
+    assert record == {
+        "name": "block2", "module_type": "Block", "output_shape": [1, 8, 12, 10], "position": [6, 5],
+        "size": [13, 13], "stride": [2, 2], "offset": [6, 6], "bounds": [[6, 18], [4, 16]], "covers_input": False,
+    }  # fmt: skip
