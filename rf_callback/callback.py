@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,21 +20,11 @@ from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTr
 from rf_callback.probe import effective_rf, probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
-try:  # the same class serves a `pytorch_lightning` Trainer, which checks for its own Callback base
-    from pytorch_lightning import Callback as _PLCallback
-    from pytorch_lightning.loggers import TensorBoardLogger as _PLTensorBoardLogger
-except ImportError:  # pragma: no cover - pytorch_lightning is optional
-    _CallbackBases: tuple[type, ...] = (Callback,)
-    _TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
-else:
-    _CallbackBases = (Callback, _PLCallback)
-    _TENSORBOARD_LOGGERS = (TensorBoardLogger, _PLTensorBoardLogger)
-
 _AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
-class RFCallback(*_CallbackBases):
+class RFCallback(Callback):
     """Probes the receptive field of the model being trained and logs it to the Trainer's loggers.
 
     At fit start it logs the theoretical field of the architecture (``rf_theoretical/...``) and the probe of the
@@ -52,8 +43,11 @@ class RFCallback(*_CallbackBases):
       logging path, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them (``<layer>`` is ``output`` for
       the model's output, ``<pos>`` the indices joined by ``_``);
     - images, to every ``TensorBoardLogger`` in ``trainer.loggers``: the heatmap (``rf/<layer>/<pos>/heatmap``)
-      and the figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/<pos>/figure``). Without a TensorBoard
-      logger the callback warns once and logs the scalars where it can.
+      at every probe, and the figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/<pos>/figure``) at fit
+      start and fit end only (a figure costs as much as a few training steps). Without a TensorBoard logger the
+      callback warns once and logs the scalars where it can.
+
+    For a ``pytorch_lightning`` Trainer, use the twin ``rf_callback.pl.RFCallback``.
 
     Args:
         pos: the output position(s) to probe: an index tuple (an int for 1D), a list of tuples, or ``"center"``.
@@ -159,6 +153,8 @@ class RFCallback(*_CallbackBases):
         self.patience, self.on_miss, self.on_alert = patience, on_miss, on_alert
         self.trackers: dict[str, CoverageTracker] = {}
         self._erf_inputs: torch.Tensor | None = None
+        self._last_fields: list[ReceptiveField] = []
+        self._last_effective: dict[str, EffectiveField] = {}
         self.layer, self.module, self.mode = layer, module, mode
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.every_n_epochs, self.log_images, self.strict = every_n_epochs, log_images, strict
@@ -246,14 +242,25 @@ class RFCallback(*_CallbackBases):
             self._tracker(label).load_state_dict(state)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        """Logs the growth curve of the effective-field metrics against epoch."""
-        entries = [h for h in self.history if h.get("effective")]
-        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
-        if not entries or not boards or not trainer.is_global_zero or not self.log_images:
+        """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
+        boards = _tensorboard_loggers(trainer)
+        if not boards or not trainer.is_global_zero or not self.log_images:
             return
-        from rf_callback.plotting import figure_to_array, plot_growth
+        from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
 
-        for label in entries[-1]["effective"]:
+        step = trainer.global_step
+        for field in self._last_fields:
+            image = figure_to_array(plot_rf_figure(field))
+            for board in boards:
+                board.experiment.add_image(
+                    f"rf/{self.layer_name}/{_position_label(field.position)}/figure", image, step, dataformats="HWC"
+                )
+        for label, field in self._last_effective.items():
+            image = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
+            for board in boards:
+                board.experiment.add_image(f"erf/{self.layer_name}/{label}/overlay", image, step, dataformats="HWC")
+        entries = [h for h in self.history if h.get("effective")]
+        for label in entries[-1]["effective"] if entries else []:
             rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
             image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
             for board in boards:
@@ -316,10 +323,10 @@ class RFCallback(*_CallbackBases):
             )
             if warning is not None:
                 rank_zero_warn(warning)
-        self._log_fields(trainer, "rf_theoretical", theoretical, step=0)
+        self._log_fields(trainer, "rf_theoretical", theoretical, step=0, figures=False)
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if current is not None:
-            self._log_fields(trainer, "rf", current, step=0)
+            self._log_fields(trainer, "rf", current, step=0, figures=True)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
 
@@ -337,7 +344,8 @@ class RFCallback(*_CallbackBases):
         fields = self._safe_probe(pl_module)
         if fields is None:
             return
-        self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module)
+        self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module, figures=False)
+        self._last_fields = fields
         self._record(trainer, fields, initial=False)
         if self._effective_on(trainer, pl_module):
             self._effective_and_alert(trainer, pl_module)
@@ -402,7 +410,7 @@ class RFCallback(*_CallbackBases):
                     tracker.events.append(event.to_dict())
                     events.append(event)
             for name, value in logged.items():
-                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=False)
+                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(logged, step=trainer.global_step)
@@ -424,17 +432,15 @@ class RFCallback(*_CallbackBases):
             raise CoverageError(events[0])
 
     def _log_effective_images(self, trainer, label: str, field: EffectiveField) -> None:
-        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
+        self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
+        boards = _tensorboard_loggers(trainer)
         if not boards or not trainer.is_global_zero:
             return
-        from rf_callback.plotting import figure_to_array, plot_effective
-
-        base = f"erf/{self.layer_name}/{label}"
         heatmap = _normalised(field.heatmap)
-        overlay = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
         for board in boards:
-            board.experiment.add_image(f"{base}/heatmap", heatmap, global_step=trainer.global_step, dataformats="HW")
-            board.experiment.add_image(f"{base}/overlay", overlay, global_step=trainer.global_step, dataformats="HWC")
+            board.experiment.add_image(
+                f"erf/{self.layer_name}/{label}/heatmap", heatmap, global_step=trainer.global_step, dataformats="HW"
+            )
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(
@@ -445,22 +451,22 @@ class RFCallback(*_CallbackBases):
             }
         )
 
-    def _log_fields(self, trainer, prefix: str, fields, *, step: int, pl_module=None) -> None:
+    def _log_fields(self, trainer, prefix: str, fields, *, step: int, figures: bool, pl_module=None) -> None:
         metrics = {}
         for field in fields:
             metrics.update(_scalars(prefix, self.layer_name, field))
         if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
             for name, value in metrics.items():
-                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=False)
+                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
         # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         if self.log_images:
-            self._log_images(trainer, prefix, fields, step)
+            self._log_images(trainer, prefix, fields, step, figures=figures)
 
-    def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int) -> None:
-        boards = [logger for logger in trainer.loggers if isinstance(logger, _TENSORBOARD_LOGGERS)]
+    def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
+        boards = _tensorboard_loggers(trainer)
         if not boards:
             if not self._said_no_tensorboard:
                 self._said_no_tensorboard = True
@@ -471,15 +477,32 @@ class RFCallback(*_CallbackBases):
             return
         if not trainer.is_global_zero:
             return
-        from rf_callback.plotting import figure_to_array, plot_rf
+        from rf_callback.plotting import figure_to_array
 
         for field in fields:
             base = f"{prefix}/{self.layer_name}/{_position_label(field.position)}"
             heatmap = _heatmap_image(field)
-            figure = figure_to_array(plot_rf(field))
+            figure = figure_to_array(plot_rf_figure(field)) if figures else None
             for board in boards:
                 board.experiment.add_image(f"{base}/heatmap", heatmap, global_step=step, dataformats="HW")
-                board.experiment.add_image(f"{base}/figure", figure, global_step=step, dataformats="HWC")
+                if figure is not None:
+                    board.experiment.add_image(f"{base}/figure", figure, global_step=step, dataformats="HWC")
+
+
+def _tensorboard_loggers(trainer) -> list:
+    """The Trainer's TensorBoard loggers, ``pytorch_lightning``'s too when that package is in use."""
+    kinds: list[type] = [TensorBoardLogger]
+    classic = sys.modules.get("pytorch_lightning.loggers")
+    if classic is not None:
+        kinds.append(classic.TensorBoardLogger)
+    return [logger for logger in trainer.loggers if isinstance(logger, tuple(kinds))]
+
+
+def plot_rf_figure(field: ReceptiveField):
+    """The figure of one field (matplotlib is imported only when a figure is drawn)."""
+    from rf_callback.plotting import plot_rf
+
+    return plot_rf(field)
 
 
 def _checked_positions(pos) -> list:

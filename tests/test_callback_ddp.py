@@ -29,11 +29,10 @@ EXPECTED_STEPS = [0, 2, 4]  # 32 samples over 2 ranks, batch 8: 2 steps per epoc
 SCALAR_NAMES = [f"rf/features/4_4/{kind}_{axis}" for kind in ("size", "first", "last") for axis in "hw"]
 IMAGE_TAGS = {
     "rf_theoretical/features/4_4/heatmap": [0],
-    "rf_theoretical/features/4_4/figure": [0],
     "rf/features/4_4/heatmap": EXPECTED_STEPS,
-    "rf/features/4_4/figure": EXPECTED_STEPS,
+    "rf/features/4_4/figure": [0, EXPECTED_STEPS[-1]],  # figures at fit start and fit end only
     "erf/features/4_4/heatmap": EXPECTED_STEPS[1:],  # the effective field: after each validation epoch
-    "erf/features/4_4/overlay": EXPECTED_STEPS[1:],
+    "erf/features/4_4/overlay": EXPECTED_STEPS[-1:],
     "erf/features/4_4/growth": EXPECTED_STEPS[-1:],  # at fit end
 }
 PREFIXES = ("rf/", "rf_theoretical/", "erf/")
