@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rf_callback import RFCallback, probe_rf
-from tests.lightning_models import ConvClassifier, loaders, trainer_kwargs
+from tests.lightning_models import ConvClassifier, ShrinkingField, loaders, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (1, 1, 16, 16)
@@ -76,11 +76,10 @@ def fit_ddp(out_dir: str) -> None:
     (out / "main.json").write_text(json.dumps({"callback_metrics": metrics}))
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def _spawn(function: str, out: Path) -> str:
+    """Runs ``tests.test_callback_ddp.<function>(out)`` in a process of its own; returns its output."""
     log_file = out.parent / f"{out.name}.log"
-    command = [sys.executable, "-c", f"from tests.test_callback_ddp import fit_ddp; fit_ddp({str(out)!r})"]
+    command = [sys.executable, "-c", f"from tests.test_callback_ddp import {function}; {function}({str(out)!r})"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log_file, "wb") as log:
         # its own session, so that on a hang the spawned workers go down with it
@@ -95,11 +94,45 @@ def ddp_run(tmp_path_factory):
         pytest.fail(f"the DDP fit did not finish in {FIT_TIMEOUT_S} s (deadlock?):\n{log_file.read_text()[-6000:]}")
     output = log_file.read_text(errors="replace")
     assert returncode == 0, f"the DDP fit failed with exit code {returncode}:\n{output[-6000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    output = _spawn("fit_ddp", out)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
     return SimpleNamespace(
         out=out, output=output, ranks=ranks, main=json.loads((out / "main.json").read_text()),
         event_files=sorted(out.rglob("events.out.tfevents.*")),
     )  # fmt: skip
+
+
+class _RecordStop(pl.Callback):
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        rf = next(c for c in trainer.callbacks if isinstance(c, RFCallback))
+        record = {"epoch": trainer.current_epoch, "probed": [h["epoch"] for h in rf.history]}
+        (Path(self.out) / f"stop{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def fit_ddp_stop(out_dir: str) -> None:
+    """A run whose effective field stops covering the target at epoch 1, with on_miss="stop", on 2 processes."""
+    trainer = pl.Trainer(
+        callbacks=[RFCallback(target_size=5, on_miss="stop", log_images=False), _RecordStop(out_dir)],
+        logger=False,
+        **trainer_kwargs(out_dir, max_epochs=5, devices=WORLD_SIZE, strategy="ddp_spawn"),
+    )
+    trainer.fit(ShrinkingField(shrink_epoch=1), *loaders())
+
+
+def test_on_miss_stop_ends_cleanly_on_both_ranks(tmp_path):
+    output = _spawn("fit_ddp_stop", tmp_path)
+    records = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert records == [{"epoch": 2, "probed": [None, 0, 1]}] * WORLD_SIZE  # both stopped after epoch 1
+    assert "stopped covering" in output
 
 
 def _final_model(ddp_run) -> ConvClassifier:
