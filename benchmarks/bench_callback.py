@@ -152,10 +152,10 @@ def components(repeats: int = 5) -> dict[str, tuple[float, int, int]]:
         "one training step (batch 64)": (train_step, 0, 0),
         "probe_rf, mode='theoretical'": (lambda: probe_rf(model, shape, layer="features"), 1, 0),
         "probe_rf, mode='weights'": (lambda: probe_rf(model, shape, layer="features", mode="weights"), 1, 1),
-        "figure_to_array(plot_rf(field))": (lambda: figure_to_array(plot_rf(field)), 2, 1),
+        "figure_to_array(plot_rf(field))": (lambda: figure_to_array(plot_rf(field)), 2, 0),  # fit start and end
         "effective_rf on 32 inputs": (lambda: effective_rf(model, inputs, layer="features"), 0, 1),
         "figure_to_array(plot_effective(...))": (
-            lambda: figure_to_array(plot_effective(effective, image=inputs[0])), 0, 1
+            lambda: figure_to_array(plot_effective(effective, image=inputs[0])), 1, 0  # fit end
         ),
         "figure_to_array(plot_growth(...))": (lambda: figure_to_array(plot_growth(rows)), 1, 0),
     }  # fmt: skip
