@@ -254,3 +254,13 @@ def test_deep_field_tails_do_not_underflow():
     model = nn.Sequential(*[nn.Conv1d(1, 1, 3, bias=False) for _ in range(100)])
     assert probe_rf(model, (1, 1, 260), pos=10).bounds == ((10, 210),)
     assert probe_rf(model, (1, 1, 260), pos=10, dtype=torch.float32).bounds != ((10, 210),)  # the guard is needed
+
+
+def test_importing_the_probe_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rf_callback; rf_callback.probe_rf; assert 'lightning' not in sys.modules; rf_callback.RFCallback"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
