@@ -264,3 +264,23 @@ def test_importing_the_probe_does_not_import_lightning():
         "import sys, rf_callback; rf_callback.probe_rf; assert 'lightning' not in sys.modules; rf_callback.RFCallback"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_drop_path_residual_block_is_the_union_over_paths():
+    class DropPath(nn.Module):  # stochastic depth, as in timm: a random per-sample mask in training only
+        def forward(self, x):
+            if not self.training:
+                return x
+            keep = (torch.rand(x.shape[0], 1, 1, 1) > 0.5).to(x.dtype)
+            return x * keep / 0.5
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(2, 2, 5, padding=2), DropPath()
+
+        def forward(self, x):
+            return x + self.drop(self.conv(x))
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Block()).train()
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8)).bounds == ((5, 11), (5, 11))  # 1 + 2 + 4 = 7, via the conv path
