@@ -181,21 +181,29 @@ class _Graph:
         draws: int = 1,
         seed: int = 0,
         guard: bool = False,
+        captured: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
+
+        A captured output comes from a copy prepared for ``mode``; one forward pass can serve every layer of a table.
+        """
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
         self.dtype, self.device, self.guard = dtype, device, guard
-        copy = prepared_copy(model, mode, dtype)
-        target = _submodule(copy, layer)
-        spatial = input_shape[2:]
-        if mode == "theoretical":
-            inputs = torch.ones((1, input_shape[1], *spatial), dtype=dtype)
+        if captured is None:
+            copy = prepared_copy(model, mode, dtype)
+            target = _submodule(copy, layer)
+            spatial = input_shape[2:]
+            if mode == "theoretical":
+                inputs = torch.ones((1, input_shape[1], *spatial), dtype=dtype)
+            else:
+                generator = torch.Generator().manual_seed(seed)
+                inputs = torch.randn((draws, input_shape[1], *spatial), dtype=dtype, generator=generator)
+            self.inputs = inputs.to(device).requires_grad_(True)
+            self.output = _forward(copy, target, self.inputs, mode, input_shape, layer)
+            if self.output.dim() < 3:
+                raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
         else:
-            generator = torch.Generator().manual_seed(seed)
-            inputs = torch.randn((draws, input_shape[1], *spatial), dtype=dtype, generator=generator)
-        self.inputs = inputs.to(device).requires_grad_(True)
-        self.output = _forward(copy, target, self.inputs, mode, input_shape, layer)
-        if self.output.dim() < 3:
-            raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
+            self.inputs, self.output = captured
         if not self.output.requires_grad:
             raise ProbeError(f"the output of {_where(layer)} does not depend on the input: nothing to backpropagate")
         self.output_shape = tuple(self.output.shape[2:])

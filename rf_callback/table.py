@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
-from rf_callback.probe import _checked_input_shape, _forward_error, _submodule, probe_rf
+from rf_callback.probe import (
+    _checked_input_shape,
+    _exact_kernels,
+    _forward_error,
+    _Graph,
+    _Prober,
+    _submodule,
+    _Underflow,
+    probe_rf,
+)
 from rf_callback.result import Bounds, ReceptiveField
 
 
@@ -78,8 +87,9 @@ def rf_table(
     forward hooks, the order in which submodules first produce their outputs. Every submodule whose output is a
     tensor with as many axes as the input and that depends on the input is listed, containers included (a
     ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
-    at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row is then one
-    ``probe_rf(model, input_shape, "center", layer=name, mode=mode)``; probes do not share forward passes.
+    at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row equals
+    ``probe_rf(model, input_shape, "center", layer=name, mode=mode)``; all rows share one forward pass of the
+    theoretical copy (weights mode adds one of the real network per row).
 
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
@@ -115,11 +125,53 @@ def rf_table(
                 f"shape {shape}, so they have no receptive field"
             )
         chosen = [o for o in outputs if o.name in wanted]
+    device = model_device(model)
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), _exact_kernels(device):
+        try:
+            return _rows(model, shape, chosen, mode, progress, torch.float32, guard=True)
+        except _Underflow:
+            return _rows(model, shape, chosen, mode, progress, torch.float64, guard=False)
+
+
+def _rows(model, shape, chosen: list[_Output], mode: str, progress, dtype: torch.dtype, *, guard: bool) -> list:
+    """Probes the centre of every chosen layer, all from one forward pass of the theoretical copy."""
+    names = {o.name for o in chosen}
+    device = model_device(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(_module, _args, output):
+            if isinstance(output, (tuple, list)) and output:
+                output = output[0]
+            if name not in captured and isinstance(output, torch.Tensor):
+                # A clone keeps the value and graph of this moment: a later in-place op (a residual "out += x")
+                # would otherwise turn the captured tensor into the sum.
+                captured[name] = output.clone()
+
+        return hook
+
+    copy = prepared_copy(model, "theoretical", dtype)
+    for name, module in copy.named_modules():
+        if name in names:
+            module.register_forward_hook(capture(name))
+    inputs = torch.ones((1, *shape[1:]), dtype=dtype, device=device).requires_grad_(True)
+    try:
+        with probe_functions("theoretical"):
+            copy(inputs)
+    except Exception as error:
+        raise _forward_error(copy, shape, error) from error
     rows = []
     for index, output in enumerate(chosen, start=1):
         if progress is not None:
             progress(index, len(chosen), output.name)
-        field = probe_rf(model, shape, "center", layer=output.name, mode=mode)
+        if len(output.shape) < 3:  # a named layer without spatial axes: the probe's own error names candidates
+            probe_rf(model, shape, "center", layer=output.name, mode=mode)
+        graph = _Graph(
+            model, shape, output.name, "theoretical", dtype=dtype, device=device, guard=guard,
+            captured=(inputs, captured[output.name]),
+        )  # fmt: skip
+        center = tuple(n // 2 for n in graph.output_shape)
+        field = _Prober(model, graph, mode, draws=8, seed=0).fields([center])[0]
         rows.append(_row(output, field))
     return rows
 

@@ -234,3 +234,23 @@ def test_progress_is_called_before_each_layer_and_to_dict_is_json():
         "name": "block2", "module_type": "Block", "output_shape": [1, 8, 12, 10], "position": [6, 5],
         "size": [13, 13], "stride": [2, 2], "offset": [6, 6], "bounds": [[6, 18], [4, 16]], "covers_input": False,
     }  # fmt: skip
+
+
+def test_rows_share_one_forward_pass_and_survive_in_place_residual_adds():
+    class InPlaceResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 2, 3, padding=1)
+            self.point = nn.Conv2d(2, 2, 1)
+            self.wide = nn.Conv2d(2, 2, 5, padding=2)
+
+        def forward(self, x):
+            x = self.stem(x)
+            out = self.point(x)
+            out += self.wide(x)  # torchvision-style: modifies the 1x1 conv's output tensor in place
+            return out
+
+    model = InPlaceResidual()
+    rows = {row.name: row for row in rf_table(model, (1, 1, 20, 20))}
+    assert rows["point"].size == (3, 3) == probe_rf(model, (1, 1, 20, 20), layer="point").size  # not the sum's 7
+    assert rows["wide"].size == (7, 7)
