@@ -525,14 +525,9 @@ def _example_input_shape(pl_module) -> tuple[int, ...] | None:
 
 
 def _batch_input_shape(batch) -> tuple[int, ...] | None:
-    """The shape of a batch's input: the tensor itself, or the first tensor of a tuple, list or dict."""
-    if isinstance(batch, torch.Tensor):
-        return (1, *batch.shape[1:]) if 3 <= batch.dim() <= 5 else None
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_input_shape(batch[0])
-    return None
+    """The shape of a batch's input (see :func:`_first_tensor`), with a batch of 1."""
+    inputs = _first_tensor(batch)
+    return (1, *inputs.shape[1:]) if inputs is not None and 3 <= inputs.dim() <= 5 else None
 
 
 def _has_validation(trainer, pl_module) -> bool:
@@ -602,6 +597,7 @@ def _first_loader(loaders):
 
 
 def _first_tensor(item) -> torch.Tensor | None:
+    """The input of a batch or sample: the tensor itself, or the first tensor of a tuple, list or dict."""
     if isinstance(item, torch.Tensor):
         return item
     if isinstance(item, dict):
