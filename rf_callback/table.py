@@ -113,7 +113,17 @@ def rf_table(
         raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
     shape = _checked_input_shape(input_shape)
     wanted = _checked_layers(model, layers)
-    outputs = _forward_outputs(model, shape)
+    device = model_device(model)
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), _exact_kernels(device):
+        try:
+            return _rows(model, shape, wanted, mode, progress, torch.float32, guard=True)
+        except _Underflow:
+            return _rows(model, shape, wanted, mode, progress, torch.float64, guard=False)
+
+
+def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:
+    """Probes the centre of every chosen layer, all from one forward pass of the theoretical copy."""
+    inputs, outputs, captured = _forward_outputs(model, shape, dtype, wanted)
     if wanted is None:
         chosen = [o for o in outputs if len(o.shape) == len(shape) and o.depends_on_input]
     else:
@@ -126,40 +136,6 @@ def rf_table(
             )
         chosen = [o for o in outputs if o.name in wanted]
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), _exact_kernels(device):
-        try:
-            return _rows(model, shape, chosen, mode, progress, torch.float32, guard=True)
-        except _Underflow:
-            return _rows(model, shape, chosen, mode, progress, torch.float64, guard=False)
-
-
-def _rows(model, shape, chosen: list[_Output], mode: str, progress, dtype: torch.dtype, *, guard: bool) -> list:
-    """Probes the centre of every chosen layer, all from one forward pass of the theoretical copy."""
-    names = {o.name for o in chosen}
-    device = model_device(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(name: str):
-        def hook(_module, _args, output):
-            if isinstance(output, (tuple, list)) and output:
-                output = output[0]
-            if name not in captured and isinstance(output, torch.Tensor):
-                # A clone keeps the value and graph of this moment: a later in-place op (a residual "out += x")
-                # would otherwise turn the captured tensor into the sum.
-                captured[name] = output.clone()
-
-        return hook
-
-    copy = prepared_copy(model, "theoretical", dtype)
-    for name, module in copy.named_modules():
-        if name in names:
-            module.register_forward_hook(capture(name))
-    inputs = torch.ones((1, *shape[1:]), dtype=dtype, device=device).requires_grad_(True)
-    try:
-        with probe_functions("theoretical"):
-            copy(inputs)
-    except Exception as error:
-        raise _forward_error(copy, shape, error) from error
     rows = []
     for index, output in enumerate(chosen, start=1):
         if progress is not None:
@@ -188,10 +164,16 @@ def _checked_layers(model: nn.Module, layers) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def _forward_outputs(model: nn.Module, shape: tuple[int, ...]) -> list[_Output]:
-    """One forward pass of the theoretical copy, recording each submodule's first output in the order produced."""
+def _forward_outputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, wanted: list[str] | None):
+    """One forward pass of the theoretical copy, recording each submodule's first output in the order produced.
+
+    Returns the input leaf, the outputs' descriptions, and a clone of every output a row may probe (a feature map,
+    or a named layer): the clone keeps the value and graph of that moment, where a later in-place op (a residual
+    ``out += x``) would otherwise turn the captured tensor into the sum.
+    """
     device = model_device(model)
     outputs: dict[str, _Output] = {}
+    captured: dict[str, torch.Tensor] = {}
 
     def recorder(name: str):
         def record(module, _args, output):
@@ -199,21 +181,22 @@ def _forward_outputs(model: nn.Module, shape: tuple[int, ...]) -> list[_Output]:
                 output = output[0]
             if name not in outputs and isinstance(output, torch.Tensor):
                 outputs[name] = _Output(name, type(module).__name__, tuple(output.shape), output.requires_grad)
+                if name in wanted if wanted is not None else output.dim() == len(shape):
+                    captured[name] = output.clone()
 
         return record
 
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad():
-        copy = prepared_copy(model, "theoretical", torch.float32)
-        for name, module in copy.named_modules():
-            if name:
-                module.register_forward_hook(recorder(name))
-        inputs = torch.ones((1, *shape[1:]), device=device).requires_grad_(True)
-        try:
-            with probe_functions("theoretical"):
-                copy(inputs)
-        except Exception as error:
-            raise _forward_error(copy, shape, error) from error
-    return list(outputs.values())
+    copy = prepared_copy(model, "theoretical", dtype)
+    for name, module in copy.named_modules():
+        if name:
+            module.register_forward_hook(recorder(name))
+    inputs = torch.ones((1, *shape[1:]), dtype=dtype, device=device).requires_grad_(True)
+    try:
+        with probe_functions("theoretical"):
+            copy(inputs)
+    except Exception as error:
+        raise _forward_error(copy, shape, error) from error
+    return inputs, list(outputs.values()), captured
 
 
 def _row(output: _Output, field: ReceptiveField) -> LayerField:
