@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rf_callback import probe_rf
-from rf_callback.probe import _Graph
+from rf_callback.graph import ProbeGraph as _Graph
 
 
 def network() -> nn.Sequential:

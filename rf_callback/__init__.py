@@ -1,9 +1,13 @@
 """rf_callback: exact receptive fields of convolutional networks, as a library and a Lightning callback."""
 
 from rf_callback.alerts import CoverageError, CoverageEvent
-from rf_callback.probe import ProbeError, RFVerification, effective_rf, probe_rf, verify_rf
-from rf_callback.result import AxisGeometry, EffectiveField, ReceptiveField, ReceptiveFieldMap
+from rf_callback.effective_probe import effective_rf
+from rf_callback.geometry import AxisGeometry
+from rf_callback.graph import ProbeError
+from rf_callback.probe import probe_rf
+from rf_callback.result import EffectiveField, ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
+from rf_callback.verify import RFVerification, verify_rf
 
 __all__ = [
     "AxisGeometry",

@@ -17,7 +17,8 @@ from torch import nn
 
 from rf_callback._model_copy import MODES, preserved_random_state
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
-from rf_callback.probe import effective_rf, probe_rf
+from rf_callback.effective_probe import effective_rf
+from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
 _AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}

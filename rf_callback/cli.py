@@ -15,7 +15,8 @@ from typing import Any, NoReturn, TextIO
 
 from torch import nn
 
-from rf_callback.probe import ProbeError, probe_rf
+from rf_callback.graph import ProbeError
+from rf_callback.probe import probe_rf
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
 

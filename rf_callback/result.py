@@ -14,44 +14,13 @@ from rf_callback.effective import (
     mass_extent,
     spread,
 )
+from rf_callback.geometry import AxisGeometry, Bounds, LazyGeometry
 
-Bounds = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class AxisGeometry:
-    """The receptive-field algebra of one spatial axis (distill.pub's r, S and P).
-
-    Output index ``x`` sees the unclipped input interval ``[x*stride - offset, x*stride - offset + size - 1]``.
-
-    Attributes:
-        size: ``r``, the number of input positions one output position spans before clipping.
-        stride: ``S``, the input distance between the fields of neighbouring output positions.
-        offset: ``P``, the effective padding: how far left of input index 0 the field of output 0 starts.
-    """
-
-    size: int
-    stride: int
-    offset: int
-
-    def span(self, index: int) -> Bounds:
-        """Returns the unclipped inclusive input interval seen by output ``index``."""
-        first = index * self.stride - self.offset
-        return first, first + self.size - 1
-
-    def center(self, index: int) -> float:
-        """Returns the input coordinate of the centre of output ``index``'s field."""
-        return index * self.stride - self.offset + (self.size - 1) / 2
-
-    def index_of(self, coordinate: float) -> int:
-        """Returns the output index whose field is centred nearest to input ``coordinate`` (may be out of range)."""
-        return round((coordinate + self.offset - (self.size - 1) / 2) / self.stride)
+__all__ = ["AxisGeometry", "Bounds", "EffectiveField", "ReceptiveField", "ReceptiveFieldMap"]
 
 
 def _geometry_dict(geometry: AxisGeometry | None) -> dict[str, int] | None:
-    if geometry is None:
-        return None
-    return {"size": geometry.size, "stride": geometry.stride, "offset": geometry.offset}
+    return None if geometry is None else geometry.to_dict()
 
 
 @dataclass(frozen=True)
@@ -64,7 +33,8 @@ class ReceptiveField:
         input_shape: the full input shape probed, ``(N, C, *spatial)``.
         output_shape: the spatial shape of the probed output map.
         geometry: per axis, the :class:`AxisGeometry` of the architecture, or ``None`` on an axis where it is not a
-            regular lattice (an upsampling path, for example) or could not be measured.
+            regular lattice (an upsampling path, for example) or could not be measured. A probe measures it on
+            first use (a :class:`~rf_callback.geometry.LazyGeometry`, which reads like the tuple).
         mode: ``"theoretical"`` or ``"weights"``.
         layer: the probed submodule's dotted name, ``None`` for the model's output.
         heatmap: gradient magnitude over the input's spatial axes (float64, CPU), summed over channels (and over the
@@ -75,7 +45,7 @@ class ReceptiveField:
     bounds: tuple[Bounds, ...]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    geometry: tuple[AxisGeometry | None, ...]
+    geometry: tuple[AxisGeometry | None, ...] | LazyGeometry
     mode: str
     layer: str | None = None
     heatmap: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -125,14 +95,29 @@ class ReceptiveField:
             "layer": self.layer,
         }
 
-    def __str__(self) -> str:
+    def bounds_dict(self) -> dict:
+        """Returns the position, bounds and size as JSON-serialisable types, without measuring the geometry."""
+        return {"position": list(self.position), "bounds": [list(b) for b in self.bounds], "size": list(self.size)}
+
+    def describe(self, *, stride: bool = True) -> str:
+        """A one-line summary: position, size, bounds, and the effective stride unless ``stride=False``.
+
+        Args:
+            stride: include the effective stride, which measures the geometry if it has not been measured yet.
+
+        Returns:
+            The summary, e.g. ``RF of the output at (4, 8): 41 x 23 (input 18..58, 28..50), stride 6 x 4``.
+        """
         where = f"layer {self.layer!r}" if self.layer else "the output"
         size = " x ".join(str(s) for s in self.size)
         bounds = ", ".join(f"{first}..{last}" for first, last in self.bounds)
         text = f"RF of {where} at {self.position}: {size} (input {bounds})"
-        if all(s is not None for s in self.stride):
+        if stride and all(s is not None for s in self.stride):
             text += f", stride {' x '.join(str(s) for s in self.stride)}"
         return f"{text} [{self.mode}]"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 @dataclass(frozen=True)
@@ -155,7 +140,7 @@ class ReceptiveFieldMap:
     last: torch.Tensor = field(repr=False)
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    geometry: tuple[AxisGeometry | None, ...]
+    geometry: tuple[AxisGeometry | None, ...] | LazyGeometry
     mode: str
     layer: str | None = None
 

@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
-from rf_callback.probe import (
-    _checked_input_shape,
-    _exact_kernels,
-    _forward_error,
-    _Graph,
-    _Prober,
-    _submodule,
-    _Underflow,
-    probe_rf,
+from rf_callback.geometry_probe import measure_geometry
+from rf_callback.graph import (
+    ProbeGraph,
+    Underflow,
+    checked_input_shape,
+    exact_kernels,
+    forward_error,
+    probe_inputs,
+    submodule,
 )
-from rf_callback.result import Bounds, ReceptiveField
+from rf_callback.probe import probe_rf
+from rf_callback.result import Bounds
+from rf_callback.support import box_of
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class LayerField:
         output_shape: the submodule's full output shape ``(N, C, *spatial)`` with ``N = 1``.
         position: the probed output index, ``n // 2`` on every spatial axis.
         size: per axis, the number of input positions inside the (clipped) bounds.
+        full_size: per axis, the unclipped size ``r`` of the field (larger than ``size`` where the input clips it,
+            as the analytic tools print it); ``None`` where the stride is.
         stride: per axis, the effective stride ``S``; ``None`` where no single stride describes the fields (an
             upsampling path) or it could not be measured.
         offset: per axis, the effective offset (padding) ``P``; ``None`` where the stride is.
@@ -45,6 +49,7 @@ class LayerField:
     output_shape: tuple[int, ...]
     position: tuple[int, ...]
     size: tuple[int, ...]
+    full_size: tuple[int | None, ...]
     stride: tuple[int | None, ...]
     offset: tuple[int | None, ...]
     bounds: tuple[Bounds, ...]
@@ -58,6 +63,7 @@ class LayerField:
             "output_shape": list(self.output_shape),
             "position": list(self.position),
             "size": list(self.size),
+            "full_size": list(self.full_size),
             "stride": list(self.stride),
             "offset": list(self.offset),
             "bounds": [list(b) for b in self.bounds],
@@ -88,8 +94,9 @@ def rf_table(
     tensor with as many axes as the input and that depends on the input is listed, containers included (a
     ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
     at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row equals
-    ``probe_rf(model, input_shape, "center", layer=name, mode=mode)``; all rows share one forward pass of the
-    theoretical copy (weights mode adds one of the real network per row).
+    ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
+    pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
+    geometry of every row is read on thin inputs whose forward passes the rows share too.
 
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
@@ -111,19 +118,20 @@ def rf_table(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
-    shape = _checked_input_shape(input_shape)
+    shape = checked_input_shape(input_shape)
     wanted = _checked_layers(model, layers)
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), _exact_kernels(device):
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
         try:
             return _rows(model, shape, wanted, mode, progress, torch.float32, guard=True)
-        except _Underflow:
+        except Underflow:
             return _rows(model, shape, wanted, mode, progress, torch.float64, guard=False)
 
 
 def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:
-    """Probes the centre of every chosen layer, all from one forward pass of the theoretical copy."""
-    inputs, outputs, captured = _forward_outputs(model, shape, dtype, wanted)
+    """Probes the centre of every chosen layer, all from shared forward passes of the theoretical copy."""
+    forwards = _SharedForwards(model, wanted, dtype, guard)
+    inputs, outputs, captured = forwards.run(shape, record=True)
     if wanted is None:
         chosen = [o for o in outputs if len(o.shape) == len(shape) and o.depends_on_input]
     else:
@@ -135,6 +143,7 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                 f"shape {shape}, so they have no receptive field"
             )
         chosen = [o for o in outputs if o.name in wanted]
+    forwards.names = [o.name for o in chosen]
     device = model_device(model)
     rows = []
     for index, output in enumerate(chosen, start=1):
@@ -142,14 +151,55 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
             progress(index, len(chosen), output.name)
         if len(output.shape) < 3:  # a named layer without spatial axes: the probe's own error names candidates
             probe_rf(model, shape, "center", layer=output.name, mode=mode)
-        graph = _Graph(
+        theory = ProbeGraph(
             model, shape, output.name, "theoretical", dtype=dtype, device=device, guard=guard,
             captured=(inputs, captured[output.name]),
         )  # fmt: skip
-        center = tuple(n // 2 for n in graph.output_shape)
-        field = _Prober(model, graph, mode, draws=8, seed=0).fields([center])[0]
-        rows.append(_row(output, field))
+        center = theory.center
+        support = theory.support([center])
+        geometry = measure_geometry(theory, forwards.graph_on(output.name), known={center: support})
+        if mode == "weights":
+            support = ProbeGraph(model, shape, output.name, "weights", dtype=dtype, device=device, draws=8,
+                                 guard=guard).support([center])  # fmt: skip
+        bounds = box_of(support)
+        if bounds is None:
+            probe_rf(model, shape, "center", layer=output.name, mode=mode)  # raises the probe's own error
+        rows.append(_row(output, center, bounds, geometry, shape))
     return rows
+
+
+class _SharedForwards:
+    """One forward pass of the theoretical copy per input shape, capturing the output of every chosen layer."""
+
+    def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool):
+        self.model, self.wanted, self.dtype, self.guard = model, wanted, dtype, guard
+        self.names: list[str] | None = wanted
+        self._runs: dict[tuple[int, ...], tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = {}
+
+    def run(self, shape: tuple[int, ...], *, record: bool = False):
+        """The forward pass on ``shape``: the input leaf, the outputs' descriptions and the captured outputs.
+
+        On the user's input (``record``) a forward that raises raises; on another shape it keeps what it captured.
+        """
+        return _forward_outputs(self.model, shape, self.dtype, self.names, tolerant=not record)
+
+    def graph_on(self, name: str):
+        """Returns ``graph_on(shape)`` for :func:`measure_geometry`: the row's graph from the pass on ``shape``."""
+        device = model_device(self.model)
+
+        def graph_on(shape: tuple[int, ...]) -> ProbeGraph | None:
+            if shape not in self._runs:
+                inputs, _, captured = self.run(shape)
+                self._runs[shape] = (inputs, captured)
+            inputs, captured = self._runs[shape]
+            if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
+                return None
+            return ProbeGraph(
+                self.model, shape, name, "theoretical", dtype=self.dtype, device=device, guard=self.guard,
+                captured=(inputs, captured[name]),
+            )  # fmt: skip
+
+        return graph_on
 
 
 def _checked_layers(model: nn.Module, layers) -> list[str] | None:
@@ -160,16 +210,19 @@ def _checked_layers(model: nn.Module, layers) -> list[str] | None:
     if not names:
         raise ValueError(f"layers={layers!r} must be a non-empty sequence of submodule names, or None for all")
     for name in names:
-        _submodule(model, name)
+        submodule(model, name)
     return list(dict.fromkeys(names))
 
 
-def _forward_outputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, wanted: list[str] | None):
+def _forward_outputs(
+    model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, wanted: list[str] | None, *, tolerant: bool = False
+):
     """One forward pass of the theoretical copy, recording each submodule's first output in the order produced.
 
     Returns the input leaf, the outputs' descriptions, and a clone of every output a row may probe (a feature map,
     or a named layer): the clone keeps the value and graph of that moment, where a later in-place op (a residual
-    ``out += x``) would otherwise turn the captured tensor into the sum.
+    ``out += x``) would otherwise turn the captured tensor into the sum. ``tolerant``: a forward that raises keeps
+    what it captured before (a head that needs the original input size does not matter to the rows before it).
     """
     device = model_device(model)
     outputs: dict[str, _Output] = {}
@@ -190,25 +243,27 @@ def _forward_outputs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtyp
     for name, module in copy.named_modules():
         if name:
             module.register_forward_hook(recorder(name))
-    inputs = torch.ones((1, *shape[1:]), dtype=dtype, device=device).requires_grad_(True)
+    inputs = probe_inputs(shape, "theoretical", dtype, device)
     try:
         with probe_functions("theoretical"):
             copy(inputs)
     except Exception as error:
-        raise _forward_error(copy, shape, error) from error
+        if not tolerant:
+            raise forward_error(copy, shape, error) from error
     return inputs, list(outputs.values()), captured
 
 
-def _row(output: _Output, field: ReceptiveField) -> LayerField:
-    lengths = field.input_shape[2:]
+def _row(output: _Output, center, bounds, geometry, shape) -> LayerField:
+    lengths = shape[2:]
     return LayerField(
         name=output.name,
         module_type=output.module_type,
         output_shape=(1, *output.shape[1:]),
-        position=field.position,
-        size=field.size,
-        stride=field.stride,
-        offset=field.offset,
-        bounds=field.bounds,
-        covers_input=all(b == (0, n - 1) for b, n in zip(field.bounds, lengths)),
+        position=center,
+        size=tuple(last - first + 1 for first, last in bounds),
+        full_size=tuple(None if g is None else g.size for g in geometry),
+        stride=tuple(None if g is None else g.stride for g in geometry),
+        offset=tuple(None if g is None else g.offset for g in geometry),
+        bounds=bounds,
+        covers_input=all(b == (0, n - 1) for b, n in zip(bounds, lengths)),
     )

@@ -232,7 +232,8 @@ def test_progress_is_called_before_each_layer_and_to_dict_is_json():
     record = json.loads(json.dumps(rows[1].to_dict()))
     assert record == {
         "name": "block2", "module_type": "Block", "output_shape": [1, 8, 12, 10], "position": [6, 5],
-        "size": [13, 13], "stride": [2, 2], "offset": [6, 6], "bounds": [[6, 18], [4, 16]], "covers_input": False,
+        "size": [13, 13], "full_size": [13, 13], "stride": [2, 2], "offset": [6, 6], "bounds": [[6, 18], [4, 16]],
+        "covers_input": False,
     }  # fmt: skip
 
 

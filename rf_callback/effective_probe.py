@@ -1,0 +1,86 @@
+"""The effective receptive field on real inputs (Luo et al., 2016): the gradient of a trained network, averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback.effective import checked_map
+from rf_callback.graph import exact_kernels, forward_to, submodule
+from rf_callback.probe import probe_rf
+from rf_callback.result import EffectiveField, ReceptiveField
+
+
+def effective_rf(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    pos: str | int | Sequence[int] = "center",
+    *,
+    layer: str | None = None,
+    biases: str = "trained",
+    chunk_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    theoretical: ReceptiveField | None = None,
+) -> EffectiveField:
+    """Measures the effective receptive field of one output position on real inputs (Luo et al., 2016).
+
+    The map is the magnitude of the gradient of the chosen output position (all channels) with respect to each
+    input, summed over input channels and averaged over the inputs, on a deep copy in eval mode. Biases stay as
+    trained by default: with ReLUs, a bias decides which units are active, so the zero-bias network of
+    :func:`probe_rf` would measure a different function. One backward pass serves each chunk of inputs.
+
+    Args:
+        model: the network (not modified).
+        inputs: real inputs ``(N, C, *spatial)``.
+        pos: the output position: an index tuple (an int for 1D) or ``"center"``.
+        layer: dotted name of the submodule whose output is probed.
+        biases: ``"trained"`` (default) or ``"zero"`` (as the theoretical and weights-mode probes).
+        chunk_size: inputs per backward pass.
+        dtype: floating type the copy runs in.
+        theoretical: the theoretical field of the same position, layer and input shape, if already probed (it does
+            not depend on the weights, so a caller that measures every epoch probes it once).
+
+    Returns:
+        An :class:`EffectiveField` with the averaged map, its metrics and the theoretical field for reference.
+
+    Raises:
+        ValueError: an argument is wrong, or the map is degenerate (all zero or not finite).
+        ProbeError: the forward raised or the output does not depend on the input.
+    """
+    if biases not in ("trained", "zero"):
+        raise ValueError(f"biases={biases!r} must be 'trained' or 'zero'")
+    if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5 or inputs.shape[0] < 1:
+        raise ValueError(f"inputs must be a tensor (N, C, *spatial) with 1 to 3 spatial axes, got {_shape_of(inputs)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    shape = (1, *inputs.shape[1:])
+    if theoretical is None:
+        theoretical = probe_rf(model, shape, pos, layer=layer)
+    elif theoretical.mode != "theoretical" or theoretical.input_shape[1:] != shape[1:] or theoretical.layer != layer:
+        raise ValueError(
+            f"theoretical={theoretical} must be the theoretical field of layer={layer!r} on inputs shaped {shape}"
+        )
+    device = model_device(model)
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+        copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero")
+        target = submodule(copy, layer)
+        total = torch.zeros(inputs.shape[2:], dtype=torch.float64)
+        for chunk in inputs.detach().split(chunk_size):
+            x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
+            output = forward_to(copy, target, x, "weights", shape, layer)
+            cotangent = torch.zeros_like(output)
+            cotangent[(slice(None), slice(None), *theoretical.position)] = 1
+            (gradient,) = torch.autograd.grad(output, x, cotangent)
+            total += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
+    heatmap = checked_map(total / inputs.shape[0])
+    return EffectiveField(
+        position=theoretical.position, heatmap=heatmap, theoretical=theoretical, samples=int(inputs.shape[0]),
+        biases=biases, layer=layer,
+    )  # fmt: skip
+
+
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -1,0 +1,267 @@
+"""Measuring the geometry (r, S, P) of every axis, at a small multiple of one forward and backward pass.
+
+Where a field is clipped by the input (a ResNet's last stage sees 435 pixels of a 224 input), its unclipped size
+cannot be read on that input. Each axis is then read on a *thin* input: long along that axis, as short as the
+model accepts along the others, because a convolutional network's field along one axis does not depend on the
+input's length along the others. Two exact single-position passes give r, S and P, one lattice pass checks them
+against every index along the axis, a second width confirms that the other axes' lengths did not matter, and the
+result must match the field measured on the user's input. Where any of that fails (fields that are not boxes,
+axes that interact, an input the model refuses), the axis falls back to the exact reading on inputs enlarged along
+every undecided axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rf_callback._model_copy import prepared_copy
+from rf_callback.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
+from rf_callback.graph import ProbeError, ProbeGraph
+from rf_callback.lattice import AxisTable, measure_axis_table
+from rf_callback.support import Position, hull, largest_hole, marginal, runs
+
+# Geometry that cannot be read on the user's input (every field clipped) is read on inputs up to this many times
+# longer along the axis, as long as the input stays under _MAX_ELEMENTS.
+GROWTH = (2, 4, 8, 16, 32)
+_MAX_ELEMENTS = 1 << 24
+
+GraphOn = Callable[[tuple[int, ...]], "ProbeGraph | None"]
+
+
+class _Clipped:
+    """The thin input is too short along the axis: the fields it needs are cut by the input's ends."""
+
+
+_CLIPPED = _Clipped()
+
+
+def graph_factory(
+    model, layer: str | None, *, dtype: torch.dtype, device: torch.device, guard: bool, copy: nn.Module | None = None
+) -> GraphOn:
+    """Returns ``graph_on(shape)``: a theoretical graph of ``layer`` on another input shape, ``None`` if refused.
+
+    Every graph runs the same prepared copy (``copy``, or one prepared on first use): a deep copy of a large
+    model costs more than a forward pass on a thin input.
+    """
+    shared = [copy]
+
+    def graph_on(shape: tuple[int, ...]) -> ProbeGraph | None:
+        if shared[0] is None:
+            shared[0] = prepared_copy(model, "theoretical", dtype)
+        try:
+            return ProbeGraph(
+                model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0]
+            )
+        except (ValueError, ProbeError):
+            return None
+
+    return graph_on
+
+
+def measure_geometry(
+    theory: ProbeGraph,
+    graph_on: GraphOn,
+    *,
+    known: dict[Position, torch.Tensor] | None = None,
+    table: AxisTable | None = None,
+) -> tuple[AxisGeometry | None, ...]:
+    """Per axis, the (r, S, P) of the theoretical fields of ``theory``'s output, or ``None`` where there is none.
+
+    Args:
+        theory: the theoretical graph on the user's input.
+        graph_on: builds the theoretical graph of the same output on another input shape (``None`` if refused).
+        known: exact theoretical supports of single positions already measured on the user's input.
+        table: an axis table already measured on the user's input, if any.
+
+    Returns:
+        Per axis, an :class:`AxisGeometry`, or ``None`` on an axis whose fields fit no single (r, S, P) (an
+        upsampling path) or span the input however long it is (global pooling, attention).
+    """
+    lengths = theory.spatial_input_shape
+    if len(theory.output_shape) != len(lengths):
+        return (None,) * len(lengths)
+    known = dict(known or {})
+    center = theory.center
+    if center not in known:
+        known[center] = theory.support([center])
+    measured = [dict(table.table[a]) if table is not None else {} for a in range(len(lengths))]
+    for position, support in known.items():
+        if support.any():
+            for axis in range(len(lengths)):
+                measured[axis][position[axis]] = hull(marginal(support, axis))
+    geometry: list[AxisGeometry | None] = []
+    fallback = []
+    for axis, length in enumerate(lengths):
+        found = None
+        if table is not None and table.conclusive(axis, length):
+            found = fit_axis(table.table[axis], length, table.gaps[axis])
+        if found is None:
+            centre_mask = marginal(known[center], axis)
+            whole = is_whole(hull(centre_mask), length, largest_hole(centre_mask) + 1)
+            found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=1 if whole else 2)
+        if found is _CLIPPED:
+            found = None
+        if found is _FALLBACK:
+            fallback.append(axis)
+        geometry.append(found if isinstance(found, AxisGeometry) else None)
+    if fallback:
+        exact = _enlarged_geometry(theory, graph_on, known)
+        for axis in fallback:
+            geometry[axis] = exact[axis]
+    return tuple(geometry)
+
+
+class _Fallback:
+    """The thin reading's assumption failed on this axis: read it the exact way."""
+
+
+_FALLBACK = _Fallback()
+
+
+def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth):
+    """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
+    length = theory.spatial_input_shape[axis]
+    width = _thin_width(theory, axis, graph_on)
+    if width is None:
+        return _FALLBACK
+    for growth in (g for g in (1, *GROWTH) if g >= start_growth):
+        shape = _thin_shape(theory.input_shape, axis, width, length * growth)
+        if math.prod(shape[1:]) > _MAX_ELEMENTS:
+            return _CLIPPED
+        graph = graph_on(shape)
+        if graph is None or len(graph.output_shape) != len(theory.output_shape):
+            return _FALLBACK
+        found = read_axis(graph, axis)
+        if found is _CLIPPED:
+            continue
+        if found is None or not consistent(found, user_table, length):
+            return _FALLBACK
+        if width < max(_other_lengths(theory, axis), default=0):
+            if not _same_at_width(theory, graph, axis, graph_on, 4 * width, found):
+                return _FALLBACK
+        return found
+    return _CLIPPED
+
+
+def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
+    """Reads (r, S, P) along ``axis`` from two neighbouring exact fields and checks it with one lattice pass.
+
+    Returns:
+        The geometry; ``_CLIPPED`` when the input is too short for two whole fields; ``None`` when the fields do not
+        follow one (r, S, P) along the axis (the caller falls back to the exact path).
+    """
+    n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
+    center = graph.center
+    mask = marginal(graph.support([center]), axis)
+    first = hull(mask)
+    if first is None:
+        return None
+    gap = largest_hole(mask) + 1
+    if n < 2 or not is_whole(first, length, gap):
+        return _CLIPPED
+    neighbour_index = center[axis] + 1 if center[axis] + 1 < n else center[axis] - 1
+    second = hull(marginal(graph.support([_moved(center, axis, neighbour_index)]), axis))
+    if not is_whole(second, length, gap):
+        return _CLIPPED
+    step = neighbour_index - center[axis]
+    stride = (second[0] - first[0]) * step
+    if stride < 1 or second[1] - second[0] != first[1] - first[0]:
+        return None
+    geometry = AxisGeometry(size=first[1] - first[0] + 1, stride=stride, offset=center[axis] * stride - first[0])
+    return geometry if _lattice_agrees(graph, axis, geometry, gap) else None
+
+
+def _lattice_agrees(graph: ProbeGraph, axis: int, geometry: AxisGeometry, gap: int) -> bool:
+    """One pass from every ``g``-th index along ``axis`` (fields ``gap`` apart): each run must match the geometry."""
+    n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
+    center = graph.center
+    spacing = max(1, math.ceil((geometry.size + gap) / geometry.stride))
+    indices = list(range(center[axis] % spacing, n, spacing))
+    support = graph.support([_moved(center, axis, i) for i in indices])
+    found = runs(marginal(support, axis), gap)
+    reached = [i for i in indices if geometry.span(i)[1] >= 0 and geometry.span(i)[0] <= length - 1]
+    if len(found) != len(reached):
+        return False
+    return consistent(geometry, dict(zip(reached, found)), length)
+
+
+def _same_at_width(theory, graph: ProbeGraph, axis: int, graph_on: GraphOn, width: int, found: AxisGeometry) -> bool:
+    """Whether the centre field along ``axis`` is the same with the other axes ``width`` long (at most the user's)."""
+    shape = _thin_shape(theory.input_shape, axis, width, graph.spatial_input_shape[axis])
+    wider = graph_on(shape)
+    if wider is None or wider.output_shape[axis] != graph.output_shape[axis]:
+        return False
+    index = wider.center[axis]
+    field = hull(marginal(wider.support([wider.center]), axis))
+    return field == found.span(index)
+
+
+def _thin_width(theory: ProbeGraph, axis: int, graph_on: GraphOn) -> int | None:
+    """The shortest length (a power of two, or the user's) of the other axes on which the model runs; 0 in 1D."""
+    longest = max(_other_lengths(theory, axis), default=0)
+    if not longest:
+        return 0
+    width = 1
+    while width < longest:
+        graph = graph_on(_thin_shape(theory.input_shape, axis, width, theory.spatial_input_shape[axis]))
+        if graph is not None and len(graph.output_shape) == len(theory.output_shape):
+            return width
+        width *= 2
+    return longest
+
+
+def _other_lengths(theory: ProbeGraph, axis: int) -> list[int]:
+    return [n for b, n in enumerate(theory.spatial_input_shape) if b != axis]
+
+
+def _thin_shape(shape: tuple[int, ...], axis: int, width: int, length: int) -> tuple[int, ...]:
+    spatial = [length if b == axis else min(width, n) for b, n in enumerate(shape[2:])]
+    return (1, shape[1], *spatial)
+
+
+def _moved(position: Position, axis: int, index: int) -> Position:
+    return tuple(index if a == axis else i for a, i in enumerate(position))
+
+
+def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known) -> list[AxisGeometry | None]:
+    """The exact reading: full axis tables, on inputs enlarged along every undecided axis at once."""
+    lengths = theory.spatial_input_shape
+    axes = _conclusive_axis_table(theory, known)
+    if axes is None:
+        return [None] * len(lengths)
+    geometry = [fit_axis(axes.table[a], lengths[a], axes.gaps[a]) for a in range(len(lengths))]
+    undecided = {a for a, g in enumerate(geometry) if g is None and not axes.conclusive(a, lengths[a])}
+    for growth in GROWTH:
+        if not undecided:
+            break
+        larger = [*theory.input_shape]
+        for a in undecided:
+            larger[2 + a] *= growth
+        if math.prod(larger[1:]) > _MAX_ELEMENTS:
+            break
+        graph = graph_on(tuple(larger))
+        if graph is None or len(graph.output_shape) != len(lengths):
+            break
+        larger_axes = _conclusive_axis_table(graph, {})
+        if larger_axes is None:
+            break
+        for a in list(undecided):
+            found = fit_axis(larger_axes.table[a], larger[2 + a], larger_axes.gaps[a])
+            if found is not None and consistent(found, axes.table[a], lengths[a]):
+                geometry[a] = found
+            if found is not None or larger_axes.conclusive(a, larger[2 + a]):
+                undecided.discard(a)
+    return geometry
+
+
+def _conclusive_axis_table(graph: ProbeGraph, known) -> AxisTable | None:
+    """The table of one lattice through the centre, or of every index if that cannot decide the geometry."""
+    axes = measure_axis_table(graph, full=False, known=known)
+    lengths = graph.spatial_input_shape
+    if axes is None or not all(axes.conclusive(a, n) for a, n in enumerate(lengths)):
+        axes = measure_axis_table(graph, full=True, known=known) or axes
+    return axes

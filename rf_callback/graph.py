@@ -1,0 +1,292 @@
+"""One forward pass of the probe's copy, kept to backpropagate from many cotangents, and the errors of running it."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from rf_callback._model_copy import prepared_copy, probe_functions
+from rf_callback.support import Position
+
+
+class ProbeError(RuntimeError):
+    """The probe ran but could not measure a field: the forward raised, or the gradient was zero or not finite."""
+
+
+class Underflow(Exception):
+    """A float32 gradient came close enough to underflow that the probe is redone in float64."""
+
+
+# Float32's smallest normal number is 1.2e-38; a non-zero gradient below this may have neighbours that underflowed.
+_UNDERFLOW_GUARD = 1e-30
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the probed layer has produced its output."""
+
+
+@contextlib.contextmanager
+def exact_kernels(device: torch.device):
+    """Runs the probe with autocast off and, on CUDA, without cuDNN's Winograd or FFT kernels.
+
+    Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field.
+    """
+    # Mixed precision (a Trainer's bf16-mixed or 16-mixed) must not recast the probe's copy.
+    with torch.autocast("cpu", enabled=False), contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        yield
+
+
+def checked_input_shape(input_shape) -> tuple[int, ...]:
+    """Returns ``input_shape`` as a tuple of ints after checking it is ``(N, C, *spatial)`` with 1 to 3 axes.
+
+    Raises:
+        ValueError: it is not.
+    """
+    allowed = "a sequence (N, C, L), (N, C, H, W) or (N, C, D, H, W) of positive ints"
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape={input_shape!r} is not {allowed}") from None
+    if not 3 <= len(shape) <= 5 or min(shape) < 1 or any(s != v for s, v in zip(shape, input_shape)):
+        raise ValueError(f"input_shape={input_shape!r} is not {allowed}")
+    return shape
+
+
+def where(layer: str | None) -> str:
+    """Names the probed output in messages."""
+    return f"layer {layer!r}" if layer else "the model"
+
+
+def submodule(model: nn.Module, layer: str | None) -> nn.Module | None:
+    """Returns the submodule named ``layer`` (``None`` for the model's output).
+
+    Raises:
+        ValueError: ``layer`` names no submodule (the message lists the nearest names).
+    """
+    if layer is None:
+        return None
+    names = [name for name, _ in model.named_modules() if name]
+    if not isinstance(layer, str) or layer not in names:
+        close = difflib.get_close_matches(str(layer), names, n=5, cutoff=0.3) or names[-5:]
+        raise ValueError(f"layer={layer!r} is not a submodule of the model; nearest names: {close}")
+    return model.get_submodule(layer)
+
+
+class ProbeGraph:
+    """One forward pass of a prepared copy, kept to backpropagate from many cotangents.
+
+    Attributes:
+        input_shape: the full input shape ``(N, C, *spatial)`` the pass ran on.
+        output_shape: the spatial shape of the probed output.
+        passes: how many backward passes it has run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        layer: str | None,
+        mode: str,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        draws: int = 1,
+        seed: int = 0,
+        guard: bool = False,
+        captured: tuple[torch.Tensor, torch.Tensor] | None = None,
+        copy: nn.Module | None = None,
+    ):
+        """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
+
+        A captured output comes from a copy prepared for ``mode``; one forward pass can serve every layer of a table.
+        ``copy`` is a copy already prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs.
+        """
+        self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
+        self.dtype, self.device, self.guard = dtype, device, guard
+        self.copy = copy
+        if captured is None:
+            copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype)
+            target = submodule(copy, layer)
+            self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
+            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer)
+            if self.output.dim() < 3:
+                raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
+        else:
+            self.inputs, self.output = captured
+        if not self.output.requires_grad:
+            raise ProbeError(f"the output of {where(layer)} does not depend on the input: nothing to backpropagate")
+        self.output_shape = tuple(self.output.shape[2:])
+        if mode == "theoretical":
+            self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
+        else:
+            # Random positive weights per (draw, channel): signed gradients of different output channels cannot
+            # cancel except on a set of measure zero, and one pass serves every channel.
+            generator = torch.Generator().manual_seed(seed + 1)
+            weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
+            self.channel_weights = weights.to(device)
+        self.passes = 0
+
+    @property
+    def spatial_input_shape(self) -> tuple[int, ...]:
+        """The input's spatial shape."""
+        return self.input_shape[2:]
+
+    @property
+    def center(self) -> Position:
+        """The output position ``n // 2`` on every axis."""
+        return tuple(n // 2 for n in self.output_shape)
+
+    def gradient_map(self, positions: Sequence[Position]) -> torch.Tensor:
+        """One backward pass from all ``positions`` at once.
+
+        Returns |d output / d input| summed over the batch and channels, on the CPU, shaped like the input's spatial
+        axes.
+        """
+        cotangent = torch.zeros_like(self.output)
+        index = tuple(torch.tensor(axis, device=self.device) for axis in zip(*positions))
+        cotangent[(slice(None), slice(None), *index)] = self.channel_weights[:, :, None]
+        (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
+        self.passes += 1
+        magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
+        if self.guard and gradient.dtype == torch.float32:
+            positive = gradient.abs()[gradient != 0]
+            if positive.numel() and float(positive.min()) < _UNDERFLOW_GUARD:
+                raise Underflow
+        if not torch.isfinite(magnitude).all():
+            raise ProbeError(
+                f"the gradient of {where(self.layer)} is not finite (inf or NaN): check the model's weights and "
+                f"buffers for non-finite values"
+            )
+        return magnitude
+
+    def support(self, positions: Sequence[Position]) -> torch.Tensor:
+        """The inputs that influence any of ``positions``: where :meth:`gradient_map` is non-zero."""
+        return self.gradient_map(positions) > 0
+
+
+def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.device, *, draws: int = 1, seed: int = 0):
+    """The probe's input leaf: ones in theoretical mode, ``draws`` normal samples from a private generator else."""
+    spatial = tuple(input_shape[2:])
+    if mode == "theoretical":
+        inputs = torch.ones((1, input_shape[1], *spatial), dtype=dtype)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn((draws, input_shape[1], *spatial), dtype=dtype, generator=generator)
+    return inputs.to(device).requires_grad_(True)
+
+
+def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer) -> torch.Tensor:
+    """Runs the copy's forward under the probe's function mode and returns ``target``'s output (the model's if None).
+
+    The forward stops once ``target`` has produced its output.
+
+    Raises:
+        ValueError: the input's rank does not fit the model's convolutions, or the output is not a tensor.
+        ProbeError: the forward raised (chained).
+    """
+    captured: list[torch.Tensor] = []
+
+    def capture(_module, _args, output):
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _Captured
+
+    handles = batched_only_hooks(copy)
+    if target is not None:
+        handles.append(target.register_forward_hook(capture))
+    try:
+        with probe_functions(mode):
+            output = copy(inputs)
+    except _Captured:
+        output = captured[0]
+    except _Unbatched as error:
+        raise _rank_error(copy, error.module, input_shape) from None
+    except Exception as error:
+        raise forward_error(copy, input_shape, error) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"the output of {where(layer)} is a {type(output).__name__}, not a tensor; pass layer= naming a "
+            f"submodule that returns a feature map"
+        )
+    return output
+
+
+def batched_only_hooks(copy: nn.Module) -> list:
+    """Pre-hooks that refuse a convolution input without a batch axis: (1, C, L) would reach a Conv2d as (C, H, W)."""
+
+    def batched_only(module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() != len(module.kernel_size) + 2:
+            raise _Unbatched(module)
+
+    return [m.register_forward_pre_hook(batched_only) for m in copy.modules() if isinstance(m, _ConvNd)]
+
+
+class _Unbatched(Exception):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def _rank_error(copy: nn.Module, module: nn.Module, input_shape) -> ValueError:
+    name = next((n for n, m in copy.named_modules() if m is module), "")
+    takes = len(module.kernel_size)
+    wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
+    return ValueError(
+        f"input_shape={tuple(input_shape)} has {len(input_shape) - 2} spatial axes, but the convolution "
+        f"{name or 'the model'} ({type(module).__name__}) receives an input without a batch axis: it takes {takes} "
+        f"spatial axes; pass a shape {wanted}"
+    )
+
+
+def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
+    """The error to raise for a forward that raised: a rank mismatch with the first convolution, or a ProbeError."""
+    spatial = len(input_shape) - 2
+    for name, module in copy.named_modules():
+        kernel = getattr(module, "kernel_size", None)
+        if isinstance(module, _ConvNd) and len(kernel) != spatial:
+            wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[len(kernel) - 1]
+            return ValueError(
+                f"input_shape={tuple(input_shape)} has {spatial} spatial axes, but the model's first convolution "
+                f"({name or 'the model'}: {type(module).__name__}) takes {len(kernel)}; pass a shape {wanted}"
+            )
+        if isinstance(module, _ConvNd):
+            break
+    return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}")
+
+
+def _no_spatial_axes_message(copy: nn.Module, inputs, mode: str, output, layer) -> str:
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor) and out.dim() >= 3:
+                shapes[name] = tuple(out.shape)
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in copy.named_modules() if n and n != layer]
+    try:
+        with torch.no_grad(), probe_functions(mode):
+            copy(inputs)
+    except Exception:  # noqa: BLE001 - the candidates are a courtesy; the error below is raised either way
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [f"{name} {shape}" for name, shape in list(shapes.items())[-5:]]
+    return (
+        f"the output of {where(layer)} has shape {tuple(output.shape)}: no spatial axes to probe (expected "
+        f"(N, C, *spatial)); pass layer= naming a feature map, e.g. one of: {candidates}"
+    )

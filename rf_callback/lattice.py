@@ -1,0 +1,180 @@
+"""Many output positions per backward pass: lattices of positions whose fields cannot touch, and the per-axis table.
+
+A field is a box, so the theoretical bounds along one axis depend on the index along that axis alone. One backward
+pass from a lattice of positions spaced so their fields are apart splits, projected on each axis, into one run per
+lattice index; ``max_a g_a`` such passes measure every position's bounds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rf_callback.geometry import MIN_WHOLE_FIELDS, Bounds, whole_fields
+from rf_callback.graph import ProbeGraph
+from rf_callback.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
+
+
+@dataclass
+class AxisTable:
+    """Per axis, the theoretical bounds of each measured output index, and the smallest gap between two fields.
+
+    Attributes:
+        table: per axis, ``{output index: (first, last) or None}`` (``None``: the field is empty on that axis).
+        gaps: per axis, one more than the largest hole inside the centre field (dilation); fields at least this far
+            apart are told apart.
+    """
+
+    table: list[dict[int, Bounds | None]]
+    gaps: list[int]
+
+    def box(self, position: Position) -> Box | None:
+        """The predicted box of ``position``, ``None`` where an axis has no field or was not measured."""
+        box = tuple(self.table[a].get(i) for a, i in enumerate(position))
+        return None if any(b is None for b in box) else box
+
+    def conclusive(self, axis: int, length: int) -> bool:
+        """Whether the table holds enough certainly unclipped fields along ``axis`` to decide its geometry."""
+        return len(whole_fields(self.table[axis], length, self.gaps[axis])) >= MIN_WHOLE_FIELDS
+
+
+def lattice(anchor: Position, spacing: Sequence[int], output_shape: Sequence[int]) -> list[list[int]]:
+    """Per axis, the indices of the lattice through ``anchor`` with the given spacing."""
+    return [list(range(a % g, n, g)) for a, g, n in zip(anchor, spacing, output_shape)]
+
+
+def spacing_for_gap(table: list[dict[int, Bounds | None]], gaps: Sequence[int]) -> list[int]:
+    """Per axis, the smallest lattice spacing whose fields are separated by at least ``gaps[a]`` empty inputs."""
+    spacing = []
+    for axis_table, gap in zip(table, gaps):
+        n = max(axis_table, default=0) + 1
+        first, last = torch.zeros(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64)
+        valid = torch.zeros(n, dtype=torch.bool)
+        for index, bounds in axis_table.items():
+            if bounds is not None:
+                first[index], last[index], valid[index] = bounds[0], bounds[1], True
+        g = 1
+        while g < n and not _lattice_separated(first, last, valid, g, gap):
+            g += 1
+        spacing.append(g)
+    return spacing
+
+
+def _lattice_separated(first: torch.Tensor, last: torch.Tensor, valid: torch.Tensor, spacing: int, gap: int) -> bool:
+    n = len(first)
+    for shift in range(spacing, n, spacing):
+        a, b = slice(0, n - shift), slice(shift, n)
+        apart = (first[b] - last[a] - 1 >= gap) | (first[a] - last[b] - 1 >= gap)
+        if (valid[a] & valid[b] & ~apart).any():
+            return False
+    return True
+
+
+def groups(positions: Sequence[Position], spacing: Sequence[int]) -> list[list[Position]]:
+    """Buckets positions by their residues modulo the lattice spacing: each bucket's fields are pairwise apart."""
+    buckets: dict[Position, list[Position]] = {}
+    for p in positions:
+        buckets.setdefault(tuple(i % g for i, g in zip(p, spacing)), []).append(p)
+    return list(buckets.values())
+
+
+def measure_axis_table(
+    graph: ProbeGraph, *, full: bool, known: dict[Position, torch.Tensor] | None = None
+) -> AxisTable | None:
+    """Measures the theoretical bounds along each axis, as a function of the index along that axis alone.
+
+    A pilot pass from the centre position (the least clipped) gives the field's size and the largest hole
+    inside it (dilation). Then each pass backpropagates from a whole lattice of positions spaced so that their
+    fields should not touch, and reads every lattice index's bounds from the runs of the support projected on
+    each axis. A pass whose runs do not match its indices, or whose positions do not fill their boxes exactly,
+    is retried with twice the spacing. ``full`` measures every index (else one lattice through the centre);
+    ``known`` holds exact single-position supports already computed, which join the table. The full table is
+    checked against exact single-position passes at the corners, the centre and two random positions; on any
+    disagreement (a field that is not a box) this returns None and callers fall back to one pass per position.
+    """
+    shape = graph.output_shape
+    known = dict(known or {})
+    anchor = graph.center
+    if anchor not in known:
+        known[anchor] = graph.support([anchor])
+    pilot = known[anchor]
+    table: list[dict[int, Bounds | None]] = [{} for _ in shape]
+    for position, support in known.items():
+        if support.any():  # an empty field does not tell which axis emptied it
+            for axis in range(len(shape)):
+                table[axis][position[axis]] = hull(marginal(support, axis))
+    gaps, spacing = [], []
+    for axis, n in enumerate(shape):
+        mask = marginal(pilot, axis)
+        pilot_hull = hull(mask)
+        gaps.append(largest_hole(mask) + 1)
+        size = 1 if pilot_hull is None else pilot_hull[1] - pilot_hull[0] + 1
+        stride = max(1, graph.spatial_input_shape[axis] // n)
+        spacing.append(min(n, max(1, math.ceil((size + gaps[-1]) / stride))))
+    todo = [set(range(n)) if full else {anchor[a]} for a, n in enumerate(shape)]
+    lattice_done = False
+    while any(todo[a] - table[a].keys() for a in range(len(shape))) or not lattice_done:
+        start = tuple(min(todo[a] - table[a].keys(), default=anchor[a]) for a in range(len(shape)))
+        decoded = _decode_lattice(graph, lattice(start, spacing, shape), gaps)
+        if decoded is None:
+            if all(g >= n for g, n in zip(spacing, shape)):
+                return None
+            spacing = [min(n, 2 * g) for g, n in zip(spacing, shape)]
+            continue
+        for axis, bounds in enumerate(decoded):
+            for index, b in bounds.items():
+                if table[axis].setdefault(index, b) != b:
+                    return None
+        lattice_done = True
+    result = AxisTable(table=table, gaps=gaps)
+    if full and not _agrees_with_exact_passes(graph, result, known):
+        return None
+    return result
+
+
+def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]) -> list[dict] | None:
+    members = list(itertools.product(*indices))
+    support = graph.support(members)
+    if not support.any():
+        return None
+    decoded = []
+    for axis, axis_indices in enumerate(indices):
+        mask = marginal(support, axis)
+        if len(axis_indices) == 1:
+            decoded.append({axis_indices[0]: hull(mask)})
+            continue
+        found = runs(mask, gaps[axis])
+        if len(found) != len(axis_indices):
+            return None
+        decoded.append(dict(zip(axis_indices, found)))
+    for p in members:
+        box = tuple(decoded[a][i] for a, i in enumerate(p))
+        if any(b is None for b in box):
+            return None
+        if box_of(support[box_slices(box)]) != tuple((0, last - first) for first, last in box):
+            return None
+    return decoded
+
+
+def _agrees_with_exact_passes(graph: ProbeGraph, axes: AxisTable, known: dict[Position, torch.Tensor]) -> bool:
+    """Checks predicted boxes against exact single-position passes.
+
+    The positions are the corners, the centre and two positions drawn from a private generator. Each gets a
+    pass of its own (or reuses one already run): a shared pass could be fooled the way a lattice pass can, by
+    fields whose holes (dilation) interleave.
+    """
+    shape = graph.output_shape
+    samples = set(itertools.product(*({0, n - 1} for n in shape)))
+    samples.add(graph.center)
+    generator = torch.Generator().manual_seed(len(shape) * 7919 + sum(shape))
+    for _ in range(2):
+        samples.add(tuple(int(torch.randint(n, (1,), generator=generator)) for n in shape))
+    for p in sorted(samples):
+        support = known[p] if p in known else graph.support([p])
+        if box_of(support) != axes.box(p):
+            return False
+    return True
