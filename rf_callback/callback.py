@@ -156,6 +156,7 @@ class RFCallback(Callback):
         self._erf_inputs: torch.Tensor | None = None
         self._last_fields: list[ReceptiveField] = []
         self._last_effective: dict[str, EffectiveField] = {}
+        self._theoretical: list[ReceptiveField] | None = None
         self.layer, self.module, self.mode = layer, module, mode
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.every_n_epochs, self.log_images, self.strict = every_n_epochs, log_images, strict
@@ -313,11 +314,11 @@ class RFCallback(Callback):
         if self._initial_logged:
             return
         try:
-            theoretical = self._probe(pl_module, "theoretical")
+            self._theoretical = theoretical = self._probe(pl_module, "theoretical")
         except ValueError as error:  # pos or layer that does not fit the model: refused before the first step
             raise MisconfigurationException(f"RFCallback: {error}") from error
         for field in theoretical:
-            rank_zero_info(f"RFCallback: {field}")
+            rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
             target = self._target_for(field)
             warning = (
                 None if target is None else uncoverable_message(self.layer_name, field.position, field.size, target)
@@ -330,6 +331,16 @@ class RFCallback(Callback):
             self._log_fields(trainer, "rf", current, step=0, figures=True)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
+
+    def _theoretical_fields(self, pl_module) -> list[ReceptiveField]:
+        """The theoretical fields, probed once: they depend on the architecture and the input shape, not the weights.
+
+        The effective-field metrics read their centres, so their geometry is measured once per fit, at the first
+        validation epoch.
+        """
+        if self._theoretical is None:
+            self._theoretical = self._probe(pl_module, "theoretical")
+        return self._theoretical
 
     def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
         try:
@@ -378,7 +389,8 @@ class RFCallback(Callback):
             if self._erf_inputs is None:
                 self._erf_inputs = _validation_inputs(trainer, self.erf_samples, self.seed)
             fields = [
-                effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer) for p in self.positions
+                effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer, theoretical=theoretical)
+                for p, theoretical in zip(self.positions, self._theoretical_fields(pl_module))
             ]
         except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
             if self.strict:
@@ -448,7 +460,7 @@ class RFCallback(Callback):
             {
                 "epoch": None if initial else trainer.current_epoch,
                 "step": 0 if initial else trainer.global_step,
-                "fields": [f.to_dict() for f in fields],
+                "fields": [f.to_dict(geometry=False) for f in fields],
             }
         )
 

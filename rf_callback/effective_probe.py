@@ -10,7 +10,7 @@ from torch import nn
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
 from rf_callback.effective import checked_map
 from rf_callback.graph import exact_kernels, forward_to, submodule
-from rf_callback.probe import probe_rf
+from rf_callback.probe import normalised_positions, probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
 
@@ -59,9 +59,15 @@ def effective_rf(
     shape = (1, *inputs.shape[1:])
     if theoretical is None:
         theoretical = probe_rf(model, shape, pos, layer=layer)
-    elif theoretical.mode != "theoretical" or theoretical.input_shape[1:] != shape[1:] or theoretical.layer != layer:
+    elif (
+        theoretical.mode != "theoretical"
+        or tuple(theoretical.input_shape[1:]) != shape[1:]
+        or theoretical.layer != layer
+        or normalised_positions(pos, theoretical.output_shape, layer)[0] != [theoretical.position]
+    ):
         raise ValueError(
-            f"theoretical={theoretical} must be the theoretical field of layer={layer!r} on inputs shaped {shape}"
+            f"theoretical={theoretical.describe(stride=False)} must be the theoretical field of pos={pos!r}, "
+            f"layer={layer!r}, on inputs shaped {shape}; pass theoretical=None to probe it"
         )
     device = model_device(model)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):

@@ -4,10 +4,11 @@ Where a field is clipped by the input (a ResNet's last stage sees 435 pixels of 
 cannot be read on that input. Each axis is then read on a *thin* input: long along that axis, as short as the
 model accepts along the others, because a convolutional network's field along one axis does not depend on the
 input's length along the others. Two exact single-position passes give r, S and P, one lattice pass checks them
-against every index along the axis, a second width confirms that the other axes' lengths did not matter, and the
-result must match the field measured on the user's input. Where any of that fails (fields that are not boxes,
-axes that interact, an input the model refuses), the axis falls back to the exact reading on inputs enlarged along
-every undecided axis.
+against every index along the axis, an input twice as long and four times as wide must give the same centre field
+(nothing was hidden beyond the border, and the other axes' lengths did not matter), and the result must match the
+field measured on the user's input. Where any of that fails (fields that are not boxes, axes that interact, an input
+the model refuses, a convolution window that sees only padding on the thin input), the axis falls back to the exact
+reading on inputs enlarged along every undecided axis.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from torch import nn
 
 from rf_callback._model_copy import prepared_copy
 from rf_callback.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
-from rf_callback.graph import ProbeError, ProbeGraph
+from rf_callback.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.lattice import AxisTable, measure_axis_table
-from rf_callback.support import Position, hull, largest_hole, marginal, runs
+from rf_callback.support import Position, hull, largest_hole, marginal
 
 # Geometry that cannot be read on the user's input (every field clipped) is read on inputs up to this many times
 # longer along the axis, as long as the input stays under _MAX_ELEMENTS.
 GROWTH = (2, 4, 8, 16, 32)
 _MAX_ELEMENTS = 1 << 24
 
-GraphOn = Callable[[tuple[int, ...]], "ProbeGraph | None"]
+GraphOn = Callable[..., "ProbeGraph | None"]
 
 
 class _Clipped:
@@ -42,22 +43,27 @@ _CLIPPED = _Clipped()
 def graph_factory(
     model, layer: str | None, *, dtype: torch.dtype, device: torch.device, guard: bool, copy: nn.Module | None = None
 ) -> GraphOn:
-    """Returns ``graph_on(shape)``: a theoretical graph of ``layer`` on another input shape, ``None`` if refused.
+    """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of ``layer`` on another input shape.
 
-    Every graph runs the same prepared copy (``copy``, or one prepared on first use): a deep copy of a large
-    model costs more than a forward pass on a thin input.
+    It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
+    one of ``thin_axes`` covers only padding (paths that carry nothing on that input). Every graph runs the same
+    prepared copy (``copy``, or one prepared on first use): a deep copy of a large model costs more than a forward
+    pass on a thin input.
     """
     shared = [copy]
 
-    def graph_on(shape: tuple[int, ...]) -> ProbeGraph | None:
+    def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
         if shared[0] is None:
             shared[0] = prepared_copy(model, "theoretical", dtype)
+        dead: list[str] = []
         try:
-            return ProbeGraph(
-                model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0]
-            )
+            with dead_windows_watched(shared[0], thin_axes, dead):
+                graph = ProbeGraph(
+                    model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0]
+                )
         except (ValueError, ProbeError):
             return None
+        return None if dead else graph
 
     return graph_on
 
@@ -128,23 +134,25 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
     width = _thin_width(theory, axis, graph_on)
     if width is None:
         return _FALLBACK
+    undecided = False
     for growth in (g for g in (1, *GROWTH) if g >= start_growth):
         shape = _thin_shape(theory.input_shape, axis, width, length * growth)
         if math.prod(shape[1:]) > _MAX_ELEMENTS:
-            return _CLIPPED
-        graph = graph_on(shape)
+            break
+        graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is None or len(graph.output_shape) != len(theory.output_shape):
             return _FALLBACK
         found = read_axis(graph, axis)
         if found is _CLIPPED:
             continue
+        # Fields that fit no geometry may still be clipped ones that looked whole (a border hides holes): grow.
         if found is None or not consistent(found, user_table, length):
-            return _FALLBACK
-        if width < max(_other_lengths(theory, axis), default=0):
-            if not _same_at_width(theory, graph, axis, graph_on, 4 * width, found):
-                return _FALLBACK
-        return found
-    return _CLIPPED
+            undecided = True
+            continue
+        if _confirmed(theory, graph, axis, graph_on, width, found):
+            return found
+        undecided = True
+    return _FALLBACK if undecided else _CLIPPED
 
 
 def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
@@ -176,42 +184,63 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
 
 
 def _lattice_agrees(graph: ProbeGraph, axis: int, geometry: AxisGeometry, gap: int) -> bool:
-    """One pass from every ``g``-th index along ``axis`` (fields ``gap`` apart): each run must match the geometry."""
+    """One pass from every ``g``-th index along ``axis``, with fields ``gap`` apart, checked against the geometry.
+
+    Nothing may lie outside the predicted spans (clipped to the input), and every certainly unclipped field must
+    reach both ends of its span. A clipped field can lose inputs beyond its own holes (a border cuts the paths that
+    filled them), so only its containment is checked.
+    """
     n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
     center = graph.center
     spacing = max(1, math.ceil((geometry.size + gap) / geometry.stride))
     indices = list(range(center[axis] % spacing, n, spacing))
-    support = graph.support([_moved(center, axis, i) for i in indices])
-    found = runs(marginal(support, axis), gap)
-    reached = [i for i in indices if geometry.span(i)[1] >= 0 and geometry.span(i)[0] <= length - 1]
-    if len(found) != len(reached):
-        return False
-    return consistent(geometry, dict(zip(reached, found)), length)
+    mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
+    predicted = torch.zeros_like(mask)
+    for index in indices:
+        first, last = geometry.span(index)
+        predicted[max(first, 0) : max(min(last + 1, length), 0)] = True
+        if is_whole((first, last), length, gap) and not (mask[first] and mask[last]):
+            return False
+    return not bool((mask & ~predicted).any())
 
 
-def _same_at_width(theory, graph: ProbeGraph, axis: int, graph_on: GraphOn, width: int, found: AxisGeometry) -> bool:
-    """Whether the centre field along ``axis`` is the same with the other axes ``width`` long (at most the user's)."""
-    shape = _thin_shape(theory.input_shape, axis, width, graph.spatial_input_shape[axis])
-    wider = graph_on(shape)
-    if wider is None or wider.output_shape[axis] != graph.output_shape[axis]:
+def _confirmed(theory, graph: ProbeGraph, axis: int, graph_on: GraphOn, width: int, found: AxisGeometry) -> bool:
+    """Whether the centre field matches the geometry on an input twice as long along ``axis`` and 4 times as wide.
+
+    Longer: a field can look whole on an input that hides some of its inputs beyond the border (a dilated layer
+    whose other taps fall outside), and then the geometry read off it is too small. Wider: the field along
+    ``axis`` must not depend on the other axes' lengths (at most the user's).
+    """
+    longer = 2 * graph.spatial_input_shape[axis]
+    shape = _thin_shape(theory.input_shape, axis, 4 * width, longer)
+    other = graph_on(shape, _thin_axes(theory, axis, 4 * width))
+    if other is None:
         return False
-    index = wider.center[axis]
-    field = hull(marginal(wider.support([wider.center]), axis))
-    return field == found.span(index)
+    index = other.center[axis]
+    return hull(marginal(other.support([other.center]), axis)) == found.span(index)
 
 
 def _thin_width(theory: ProbeGraph, axis: int, graph_on: GraphOn) -> int | None:
-    """The shortest length (a power of two, or the user's) of the other axes on which the model runs; 0 in 1D."""
+    """The shortest length of the other axes (a power of two, or the user's) that suits a thin read; 0 in 1D.
+
+    Suits: the model runs on it and no convolution window along those axes covers only padding.
+    """
     longest = max(_other_lengths(theory, axis), default=0)
     if not longest:
         return 0
     width = 1
     while width < longest:
-        graph = graph_on(_thin_shape(theory.input_shape, axis, width, theory.spatial_input_shape[axis]))
+        shape = _thin_shape(theory.input_shape, axis, width, theory.spatial_input_shape[axis])
+        graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is not None and len(graph.output_shape) == len(theory.output_shape):
             return width
         width *= 2
     return longest
+
+
+def _thin_axes(theory: ProbeGraph, axis: int, width: int) -> tuple[int, ...]:
+    """The axes a thin input shortens: those other than ``axis`` that are longer than ``width`` on the user's input."""
+    return tuple(b for b, n in enumerate(theory.spatial_input_shape) if b != axis and n > width)
 
 
 def _other_lengths(theory: ProbeGraph, axis: int) -> list[int]:

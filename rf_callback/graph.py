@@ -233,6 +233,46 @@ def batched_only_hooks(copy: nn.Module) -> list:
     return [m.register_forward_pre_hook(batched_only) for m in copy.modules() if isinstance(m, _ConvNd)]
 
 
+@contextlib.contextmanager
+def dead_windows_watched(copy: nn.Module, axes: Sequence[int], found: list[str]):
+    """Records, in ``found``, every convolution with an output whose window along ``axes`` covers only padding.
+
+    On such an input some paths of the network carry nothing, so a field read on it can be smaller than the field
+    on a longer input. ``axes`` are spatial axes (0 for the first).
+    """
+
+    def check(module, args):
+        if not args or not isinstance(args[0], torch.Tensor) or module.padding_mode != "zeros":
+            return
+        spatial = args[0].shape[2:]
+        for axis in axes:
+            if axis < len(spatial) and _has_dead_window(spatial[axis], module, axis):
+                found.append(f"{type(module).__name__} {tuple(module.kernel_size)}")
+
+    convolutions = [m for m in copy.modules() if isinstance(m, _ConvNd) and not m.transposed]
+    handles = [m.register_forward_pre_hook(check) for m in convolutions]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _has_dead_window(length: int, conv: _ConvNd, axis: int) -> bool:
+    kernel, stride, dilation = conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
+    if isinstance(conv.padding, str):
+        padding = dilation * (kernel - 1) // 2 if conv.padding == "same" else 0
+    else:
+        padding = conv.padding[axis]
+    outputs = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    first = torch.arange(max(outputs, 0)) * stride - padding
+    reached = torch.zeros_like(first, dtype=torch.bool)
+    for tap in range(kernel):
+        index = first + tap * dilation
+        reached |= (index >= 0) & (index < length)
+    return not bool(reached.all())
+
+
 class _Unbatched(Exception):
     def __init__(self, module: nn.Module):
         super().__init__()

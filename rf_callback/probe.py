@@ -96,14 +96,19 @@ def _probe_context(device: torch.device):
 
 def _probe(model, shape, pos, layer, mode, draws, seed, dtype, *, guard: bool):
     prober = _Prober(model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard)
-    positions, kind = _normalised_positions(pos, prober.measured.output_shape, layer)
+    positions, kind = normalised_positions(pos, prober.measured.output_shape, layer)
     if kind == "all":
         return prober.field_map()
     fields = prober.fields(positions)
     return fields[0] if kind == "single" else fields
 
 
-def _normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) -> tuple[list[Position], str]:
+def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) -> tuple[list[Position], str]:
+    """Resolves ``pos`` on an output map: its positions (indices from 0) and ``"single"``, ``"list"`` or ``"all"``.
+
+    Raises:
+        ValueError: ``pos`` is not a position, a list of them, ``"center"`` or ``"all"``, or is outside the map.
+    """
     where = f"layer {layer!r}" if layer else "the model"
     if isinstance(pos, str):
         if pos == "center":
@@ -112,13 +117,14 @@ def _normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None)
             return [], "all"
         raise ValueError(f"pos={pos!r} is not allowed; use an index tuple, a list of them, 'center' or 'all'")
     if isinstance(pos, int) or (isinstance(pos, Sequence) and all(isinstance(i, int) for i in pos)):
-        return [_checked_position(pos, output_shape, where)], "single"
+        return [checked_position(pos, output_shape, where)], "single"
     if isinstance(pos, Sequence) and len(pos) > 0:
-        return [_checked_position(p, output_shape, where) for p in pos], "list"
+        return [checked_position(p, output_shape, where) for p in pos], "list"
     raise ValueError(f"pos={pos!r} is not allowed; use an index tuple, a list of them, 'center' or 'all'")
 
 
-def _checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position:
+def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position:
+    """Returns ``pos`` with non-negative indices, after checking it is a position inside ``output_shape``."""
     index = (pos,) if isinstance(pos, int) else tuple(pos)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in index) or len(index) != len(output_shape):
         raise ValueError(

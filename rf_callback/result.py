@@ -78,26 +78,34 @@ class ReceptiveField:
         """Per axis, the input coordinate of the field's centre (of the unclipped span where known)."""
         return tuple((first + last) / 2 for first, last in self.span)
 
-    def to_dict(self) -> dict:
-        """Returns every attribute but the heatmap as JSON-serialisable built-in types."""
-        return {
+    def to_dict(self, *, geometry: bool = True) -> dict:
+        """Returns every attribute but the heatmap as JSON-serialisable built-in types.
+
+        Args:
+            geometry: include ``span``, ``stride``, ``offset``, ``center`` and ``geometry``, which measures the
+                geometry if it has not been measured yet; ``False`` keeps to what the probe measured already.
+
+        Returns:
+            A dict with ``position``, ``bounds``, ``size``, ``input_shape``, ``output_shape``, ``mode``, ``layer``
+            and, with ``geometry``, the geometry's entries.
+        """
+        record = {
             "position": list(self.position),
             "bounds": [list(b) for b in self.bounds],
             "size": list(self.size),
-            "span": [list(s) for s in self.span],
-            "stride": list(self.stride),
-            "offset": list(self.offset),
-            "center": list(self.center),
-            "geometry": [_geometry_dict(g) for g in self.geometry],
-            "input_shape": list(self.input_shape),
-            "output_shape": list(self.output_shape),
-            "mode": self.mode,
-            "layer": self.layer,
         }
-
-    def bounds_dict(self) -> dict:
-        """Returns the position, bounds and size as JSON-serialisable types, without measuring the geometry."""
-        return {"position": list(self.position), "bounds": [list(b) for b in self.bounds], "size": list(self.size)}
+        if geometry:
+            record.update(
+                span=[list(s) for s in self.span],
+                stride=list(self.stride),
+                offset=list(self.offset),
+                center=list(self.center),
+                geometry=[_geometry_dict(g) for g in self.geometry],
+            )
+        record.update(
+            input_shape=list(self.input_shape), output_shape=list(self.output_shape), mode=self.mode, layer=self.layer
+        )
+        return record
 
     def describe(self, *, stride: bool = True) -> str:
         """A one-line summary: position, size, bounds, and the effective stride unless ``stride=False``.

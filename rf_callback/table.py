@@ -14,6 +14,7 @@ from rf_callback.graph import (
     ProbeGraph,
     Underflow,
     checked_input_shape,
+    dead_windows_watched,
     exact_kernels,
     forward_error,
     probe_inputs,
@@ -174,24 +175,25 @@ class _SharedForwards:
     def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool):
         self.model, self.wanted, self.dtype, self.guard = model, wanted, dtype, guard
         self.names: list[str] | None = wanted
-        self._runs: dict[tuple[int, ...], tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = {}
+        self._runs: dict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
-    def run(self, shape: tuple[int, ...], *, record: bool = False):
+    def run(self, shape: tuple[int, ...], *, record: bool = False, thin_axes: tuple[int, ...] = ()):
         """The forward pass on ``shape``: the input leaf, the outputs' descriptions and the captured outputs.
 
-        On the user's input (``record``) a forward that raises raises; on another shape it keeps what it captured.
+        On the user's input (``record``) a forward that raises raises; on another shape it keeps what it captured,
+        and captures nothing where a convolution window along ``thin_axes`` covers only padding.
         """
-        return _forward_outputs(self.model, shape, self.dtype, self.names, tolerant=not record)
+        return _forward_outputs(self.model, shape, self.dtype, self.names, tolerant=not record, thin_axes=thin_axes)
 
     def graph_on(self, name: str):
         """Returns ``graph_on(shape)`` for :func:`measure_geometry`: the row's graph from the pass on ``shape``."""
         device = model_device(self.model)
 
-        def graph_on(shape: tuple[int, ...]) -> ProbeGraph | None:
-            if shape not in self._runs:
-                inputs, _, captured = self.run(shape)
-                self._runs[shape] = (inputs, captured)
-            inputs, captured = self._runs[shape]
+        def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+            if (shape, thin_axes) not in self._runs:
+                inputs, _, captured = self.run(shape, thin_axes=thin_axes)
+                self._runs[shape, thin_axes] = (inputs, captured)
+            inputs, captured = self._runs[shape, thin_axes]
             if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
                 return None
             return ProbeGraph(
@@ -215,7 +217,13 @@ def _checked_layers(model: nn.Module, layers) -> list[str] | None:
 
 
 def _forward_outputs(
-    model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, wanted: list[str] | None, *, tolerant: bool = False
+    model: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    wanted: list[str] | None,
+    *,
+    tolerant: bool = False,
+    thin_axes: tuple[int, ...] = (),
 ):
     """One forward pass of the theoretical copy, recording each submodule's first output in the order produced.
 
@@ -244,13 +252,14 @@ def _forward_outputs(
         if name:
             module.register_forward_hook(recorder(name))
     inputs = probe_inputs(shape, "theoretical", dtype, device)
+    dead: list[str] = []
     try:
-        with probe_functions("theoretical"):
+        with probe_functions("theoretical"), dead_windows_watched(copy, thin_axes, dead):
             copy(inputs)
     except Exception as error:
         if not tolerant:
             raise forward_error(copy, shape, error) from error
-    return inputs, list(outputs.values()), captured
+    return inputs, list(outputs.values()), {} if dead else captured
 
 
 def _row(output: _Output, center, bounds, geometry, shape) -> LayerField:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rf_callback import effective_rf
+from rf_callback import effective_rf, probe_rf
 from rf_callback.effective import center_of_mass, high_contribution, mass_extent, spread
 
 TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
@@ -105,3 +105,16 @@ def test_degenerate_maps_are_refused_clearly():
         spread(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match=r"q=1.5"):
         mass_extent(torch.ones(3), 1.5)
+
+
+def test_theoretical_field_passed_in_is_reused_and_must_match():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    inputs = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    theoretical = probe_rf(model, (1, 1, 16, 16), (5, 5))
+    given = effective_rf(model, inputs, (5, 5), theoretical=theoretical)
+    assert given.theoretical is theoretical
+    assert torch.equal(given.heatmap, effective_rf(model, inputs, (5, 5)).heatmap)
+    with pytest.raises(ValueError, match=r"pos=\(4, 4\).*theoretical=None"):
+        effective_rf(model, inputs, (4, 4), theoretical=theoretical)
+    with pytest.raises(ValueError, match="theoretical field of pos"):
+        effective_rf(model, inputs, (5, 5), theoretical=probe_rf(model, (1, 1, 16, 16), (5, 5), mode="weights"))

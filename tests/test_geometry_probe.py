@@ -1,0 +1,138 @@
+"""The geometry (r, S, P) is measured only when asked for, on thin inputs, and equals the closed form where every
+field on the given input is clipped; where the thin reading's assumption fails, the exact reading takes over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rf_callback import probe_rf, rf_table
+from rf_callback.geometry import chain_geometry
+from rf_callback.graph import ProbeGraph
+from tests.chains import build, closed_form
+from tests.models import TinyResNet, TinyUNet
+from tests.test_probe_closed_form import chains
+
+SEEN_SHAPES: list[tuple[int, ...]] = []
+
+
+class ShapeRecorder(nn.Module):
+    """Records the shape of every input it sees in a module-level list, which deep copies share."""
+
+    def forward(self, x):
+        SEEN_SHAPES.append(tuple(x.shape))
+        return x
+
+
+def recorded(*layers: nn.Module) -> nn.Sequential:
+    SEEN_SHAPES.clear()
+    return nn.Sequential(ShapeRecorder(), *layers)
+
+
+def geometry_triples(field) -> list[tuple[int, int, int] | None]:
+    return [None if g is None else (g.size, g.stride, g.offset) for g in field.geometry]
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=chains(1) | chains(2), data=st.data())
+def test_geometry_of_clipped_chains_equals_closed_form(layers, data):
+    n_axes = len(layers[0].kernel)
+    expected = [closed_form(layers, a) for a in range(n_axes)]
+    # Inputs shorter than the field on at least one axis: every field is clipped there.
+    lengths = tuple(data.draw(st.integers(max(4, r // 4), max(4, r - 1))) for r, _, _ in expected)
+    assume(any(length < r for length, (r, _, _) in zip(lengths, expected)))
+    model = build(layers, channels=2)
+    shape = (1, 2, *lengths)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except RuntimeError:
+        assume(False)
+    assume(out.numel() > 0)
+    try:
+        field = probe_rf(model, shape, "center")
+    except Exception as error:  # a centre that sees only padding is refused, and tested elsewhere
+        assume("padding" not in str(error))
+        raise
+    assert geometry_triples(field) == expected
+
+
+@pytest.mark.parametrize("n_axes", [1, 2, 3])
+def test_geometry_of_dilated_strided_stack_clipped_on_every_axis(n_axes):
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n_axes - 1]
+    layers = [conv(1, 1, 3, stride=2, padding=2, dilation=2), conv(1, 1, 3, padding=3, dilation=3)]
+    layers += [conv(1, 1, 5, stride=2, padding=2), conv(1, 1, 3, padding=4, dilation=4)]
+    expected = chain_geometry([(3, 2, 2, 2), (3, 1, 3, 3), (5, 2, 2, 1), (3, 1, 4, 4)])
+    assert (expected.size, expected.stride, expected.offset) == (57, 4, 28)  # 1 + 4 + 12 + 8 + 32; 2 + 6 + 4 + 16
+    field = probe_rf(nn.Sequential(*layers), (1, 1, *([16] * n_axes)), "center")
+    assert all(first <= 1 and last >= 14 for first, last in field.bounds)  # clipped: the span is 57 long
+    assert field.geometry == (expected,) * n_axes
+
+
+def test_residual_network_clipped_on_a_small_input_gets_the_hand_derived_geometry():
+    # TinyResNet's layer2: r = 25, S = 4, P = 12 (derived in tests/models.py); the input is 12 x 10.
+    field = probe_rf(TinyResNet(), (1, 3, 12, 10), "center", layer="layer2")
+    assert field.bounds == ((0, 11), (0, 9))
+    assert geometry_triples(field) == [(25, 4, 12), (25, 4, 12)]
+
+
+def test_thin_input_where_a_dilated_branch_sees_only_padding_falls_back_to_the_exact_field():
+    class TwoBranch(nn.Module):
+        # Branch a reads columns j - 3 and j + 3 only: on an input a few columns wide it reads only padding, and a
+        # field read there would miss its 9 rows (branch b alone spans 7).
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 1, (9, 2), dilation=(1, 6), padding=(4, 3))
+            self.b = nn.Conv2d(1, 1, (7, 1), padding=(3, 0))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    clipped = probe_rf(TwoBranch(), (1, 1, 6, 32), "center")
+    assert clipped.bounds[0] == (0, 5)
+    whole = probe_rf(TwoBranch(), (1, 1, 40, 32), "center")
+    assert geometry_triples(clipped) == geometry_triples(whole) == [(9, 1, 4), (7, 1, 3)]
+
+
+def test_upsampling_path_has_no_geometry_even_when_clipped():
+    assert probe_rf(TinyUNet(), (1, 1, 6, 6), "center").geometry == (None, None)
+
+
+@pytest.mark.parametrize("mode, batch", [("theoretical", 1), ("weights", 8)])
+def test_bounds_and_heatmaps_cost_one_forward_on_the_given_shape_and_one_backward_per_position(
+    mode, batch, monkeypatch
+):
+    passes = []
+    gradient_map = ProbeGraph.gradient_map
+    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    model = recorded(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3))
+    fields = probe_rf(model, (1, 3, 40, 40), [(1, 1), (4, 4), (6, 2)], mode=mode)
+    assert SEEN_SHAPES == [(batch, 3, 40, 40)]
+    assert passes == [1, 1, 1]
+    assert not any(f.geometry.measured for f in fields)
+    assert fields[1].bounds == ((16, 28), (16, 28)) and fields[0].heatmap.shape == (40, 40)  # r = 1 + 2 + 2 + 8
+    assert fields[2].stride == (4, 4)  # measured now, once for all three fields, on other shapes
+    assert fields[1].geometry.measured and len(set(SEEN_SHAPES)) > 1
+
+
+def test_geometry_is_measured_once_and_str_measures_it():
+    model = recorded(nn.Conv1d(1, 1, 5, stride=2), nn.Conv1d(1, 1, 5))  # r = 1 + 4 + 4 * 2 = 13, S = 2, P = 0
+    field = probe_rf(model, (1, 1, 20), 1)
+    assert not field.geometry.measured and SEEN_SHAPES == [(1, 1, 20)]
+    assert field.describe(stride=False) == "RF of the output at (1,): 13 (input 2..14) [theoretical]"
+    assert not field.geometry.measured
+    assert str(field) == "RF of the output at (1,): 13 (input 2..14), stride 2 [theoretical]"
+    count = len(SEEN_SHAPES)
+    assert field.offset == (0,) and field.span == ((2, 14),) and len(SEEN_SHAPES) == count
+    assert "span" not in field.to_dict(geometry=False)
+    assert field.to_dict()["geometry"] == [{"size": 13, "stride": 2, "offset": 0}]
+
+
+def test_table_rows_carry_the_unclipped_size_beside_the_clipped_bounds():
+    rows = {r.name: r for r in rf_table(TinyResNet(), (1, 3, 12, 10))}
+    assert rows["layer2"].size == (12, 10) and rows["layer2"].covers_input
+    assert rows["layer2"].full_size == (25, 25) and rows["layer2"].stride == (4, 4)
+    assert rows["stem.0"].full_size == (3, 3) == rows["stem.0"].size
