@@ -425,17 +425,20 @@ def _map_json(fmap: ReceptiveFieldMap, target: tuple[int, ...] | None) -> str:
 def _table_text(
     spec: str, shape: tuple[int, ...], mode: str, rows: list[LayerField], target: tuple[int, ...] | None
 ) -> str:
-    header = ("layer", "type", "output", "size", "stride", "offset", "")
+    header = ("layer", "type", "output", "size", "full size", "stride", "offset", "")
     cells = [
-        (r.name, r.module_type, _axes(r.output_shape), _axes(r.size), _axes(r.stride), _axes(r.offset),
-         "*" if r.covers_input else "")
+        (r.name, r.module_type, _axes(r.output_shape), _axes(r.size), _axes(r.full_size), _axes(r.stride),
+         _axes(r.offset), "*" if r.covers_input else "")
         for r in rows
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = [f"{spec} on input {shape}, field at the centre of each layer's output ({mode}):"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
     if any(r.covers_input for r in rows):
-        lines.append("* the field spans the whole input: later layers on this path cannot see more of it")
+        lines.append(
+            "* the field spans the whole input (size: the inputs it sees; full size: its unclipped size r): later "
+            "layers on this path cannot see more of this input"
+        )
     if any(s is None for r in rows for s in r.stride):
         lines.append("- no single stride describes the fields on this axis (e.g. an upsampling path)")
     if target is not None:

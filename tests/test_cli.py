@@ -91,9 +91,10 @@ def test_installed_console_script_runs():
     done = run("tests.cli_models:unet", "--input-shape", "1,16,14", "--table", command=[script])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[1].split() == ["layer", "type", "output", "size", "stride", "offset"]
+    assert lines[1].split() == ["layer", "type", "output", "size", "full", "size", "stride", "offset"]
+    assert lines[3].split()[-8:] == ["8", "x", "8", "8", "x", "8", "2", "x", "2", "3", "x", "3"][-8:]
     assert lines[4].split() == ["dec", "Conv2d", "1", "x", "2", "x", "16", "x", "14", "10", "x", "10", "-", "x", "-",
-                                "-", "x", "-"]  # fmt: skip
+                                "-", "x", "-", "-", "x", "-"]  # fmt: skip
 
 
 # --- the same entry point in process ---------------------------------------------------------------------------
