@@ -92,7 +92,7 @@ def test_installed_console_script_runs():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1].split() == ["layer", "type", "output", "size", "full", "size", "stride", "offset"]
-    assert lines[3].split()[-8:] == ["8", "x", "8", "8", "x", "8", "2", "x", "2", "3", "x", "3"][-8:]
+    assert lines[3].split()[-12:] == ["8", "x", "8", "8", "x", "8", "2", "x", "2", "3", "x", "3"]
     assert lines[4].split() == ["dec", "Conv2d", "1", "x", "2", "x", "16", "x", "14", "10", "x", "10", "-", "x", "-",
                                 "-", "x", "-", "-", "x", "-"]  # fmt: skip
 
