@@ -3,12 +3,13 @@
 Where a field is clipped by the input (a ResNet's last stage sees 435 pixels of a 224 input), its unclipped size
 cannot be read on that input. Each axis is then read on a *thin* input: long along that axis, as short as the
 model accepts along the others, because a convolutional network's field along one axis does not depend on the
-input's length along the others. Two exact single-position passes give r, S and P, one lattice pass checks them
-against every index along the axis, an input twice as long and four times as wide must give the same centre field
-(nothing was hidden beyond the border, and the other axes' lengths did not matter), and the result must match the
-field measured on the user's input. Where any of that fails (fields that are not boxes, axes that interact, an input
-the model refuses, a convolution window that sees only padding on the thin input), the axis falls back to the exact
-reading on inputs enlarged along every undecided axis.
+input's length along the others. The exact fields of the centre position and its neighbour give r, S and P; one
+pass from a lattice of positions whose fields cannot touch checks them at every index along the axis; an input
+twice as long and twice as wide must give the same centre field (nothing was hidden beyond the border, and
+the other axes' lengths did not matter); and the result must match the field measured on the user's input. Where
+any of that fails (fields that are not boxes, axes that interact, an input the model refuses, a convolution window that
+sees only padding on the thin input), the axis falls back to the exact reading on inputs enlarged along every
+undecided axis.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from rf_callback.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.lattice import AxisTable, measure_axis_table
 from rf_callback.support import Position, hull, largest_hole, marginal
 
-# Geometry that cannot be read on the user's input (every field clipped) is read on inputs up to this many times
-# longer along the axis, as long as the input stays under _MAX_ELEMENTS.
-GROWTH = (2, 4, 8, 16, 32)
+# A field clipped on the user's input is read on thin inputs up to this many times longer along the axis (doubling:
+# a thin input as wide as a VGG needs, 32, costs in proportion to its length), under _MAX_ELEMENTS; the exact
+# reading enlarges every undecided axis of the user's input at once, by the same factors.
+GROWTH = (1, 2, 4, 8, 16, 32)
 _MAX_ELEMENTS = 1 << 24
 
 GraphOn = Callable[..., "ProbeGraph | None"]
@@ -131,15 +133,18 @@ _FALLBACK = _Fallback()
 def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth):
     """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
     length = theory.spatial_input_shape[axis]
-    width = _thin_width(theory, axis, graph_on)
-    if width is None:
-        return _FALLBACK
-    undecided = False
-    for growth in (g for g in (1, *GROWTH) if g >= start_growth):
-        shape = _thin_shape(theory.input_shape, axis, width, length * growth)
-        if math.prod(shape[1:]) > _MAX_ELEMENTS:
-            break
-        graph = graph_on(shape, _thin_axes(theory, axis, width))
+    undecided, width = False, None
+    for growth in (g for g in GROWTH if g >= start_growth):
+        if width is None:
+            thin = _thinnest_graph(theory, axis, graph_on, length * growth)
+            if thin is None:
+                return _FALLBACK
+            width, graph = thin
+        else:
+            shape = _thin_shape(theory.input_shape, axis, width, length * growth)
+            if math.prod(shape[1:]) > _MAX_ELEMENTS:
+                break
+            graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is None or len(graph.output_shape) != len(theory.output_shape):
             return _FALLBACK
         found = read_axis(graph, axis)
@@ -158,9 +163,14 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
 def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
     """Reads (r, S, P) along ``axis`` from two neighbouring exact fields and checks it with one lattice pass.
 
+    The centre field gives r and its neighbour's gives S (two neighbours also catch fields that alternate, as on an
+    upsampling path). The lattice holds every ``g``-th index along the axis, ``g`` odd and large enough that their
+    fields cannot touch, so its fields alternate in parity too; each must match the geometry (see
+    :func:`_lattice_agrees`).
+
     Returns:
         The geometry; ``_CLIPPED`` when the input is too short for two whole fields; ``None`` when the fields do not
-        follow one (r, S, P) along the axis (the caller falls back to the exact path).
+        follow one (r, S, P) along the axis.
     """
     n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
     center = graph.center
@@ -171,30 +181,28 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
     gap = largest_hole(mask) + 1
     if n < 2 or not is_whole(first, length, gap):
         return _CLIPPED
-    neighbour_index = center[axis] + 1 if center[axis] + 1 < n else center[axis] - 1
-    second = hull(marginal(graph.support([_moved(center, axis, neighbour_index)]), axis))
+    neighbour = center[axis] + 1 if center[axis] + 1 < n else center[axis] - 1
+    second = hull(marginal(graph.support([_moved(center, axis, neighbour)]), axis))
     if not is_whole(second, length, gap):
         return _CLIPPED
-    step = neighbour_index - center[axis]
-    stride = (second[0] - first[0]) * step
+    stride = (second[0] - first[0]) * (neighbour - center[axis])
     if stride < 1 or second[1] - second[0] != first[1] - first[0]:
         return None
     geometry = AxisGeometry(size=first[1] - first[0] + 1, stride=stride, offset=center[axis] * stride - first[0])
-    return geometry if _lattice_agrees(graph, axis, geometry, gap) else None
+    spacing = math.ceil((geometry.size + gap) / stride) | 1
+    indices = list(range(center[axis] % spacing, n, spacing))
+    lattice_mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
+    return geometry if _lattice_agrees(lattice_mask, indices, geometry, gap) else None
 
 
-def _lattice_agrees(graph: ProbeGraph, axis: int, geometry: AxisGeometry, gap: int) -> bool:
-    """One pass from every ``g``-th index along ``axis``, with fields ``gap`` apart, checked against the geometry.
+def _lattice_agrees(mask: torch.Tensor, indices: list[int], geometry: AxisGeometry, gap: int) -> bool:
+    """Checks one lattice pass's support, projected on the axis, against the geometry.
 
     Nothing may lie outside the predicted spans (clipped to the input), and every certainly unclipped field must
     reach both ends of its span. A clipped field can lose inputs beyond its own holes (a border cuts the paths that
     filled them), so only its containment is checked.
     """
-    n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
-    center = graph.center
-    spacing = max(1, math.ceil((geometry.size + gap) / geometry.stride))
-    indices = list(range(center[axis] % spacing, n, spacing))
-    mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
+    length = len(mask)
     predicted = torch.zeros_like(mask)
     for index in indices:
         first, last = geometry.span(index)
@@ -205,37 +213,37 @@ def _lattice_agrees(graph: ProbeGraph, axis: int, geometry: AxisGeometry, gap: i
 
 
 def _confirmed(theory, graph: ProbeGraph, axis: int, graph_on: GraphOn, width: int, found: AxisGeometry) -> bool:
-    """Whether the centre field matches the geometry on an input twice as long along ``axis`` and 4 times as wide.
+    """Whether the centre field matches the geometry on an input twice as long along ``axis`` and twice as wide.
 
     Longer: a field can look whole on an input that hides some of its inputs beyond the border (a dilated layer
     whose other taps fall outside), and then the geometry read off it is too small. Wider: the field along
     ``axis`` must not depend on the other axes' lengths (at most the user's).
     """
     longer = 2 * graph.spatial_input_shape[axis]
-    shape = _thin_shape(theory.input_shape, axis, 4 * width, longer)
-    other = graph_on(shape, _thin_axes(theory, axis, 4 * width))
+    shape = _thin_shape(theory.input_shape, axis, 2 * width, longer)
+    other = graph_on(shape, _thin_axes(theory, axis, 2 * width))
     if other is None:
         return False
     index = other.center[axis]
     return hull(marginal(other.support([other.center]), axis)) == found.span(index)
 
 
-def _thin_width(theory: ProbeGraph, axis: int, graph_on: GraphOn) -> int | None:
-    """The shortest length of the other axes (a power of two, or the user's) that suits a thin read; 0 in 1D.
+def _thinnest_graph(theory: ProbeGraph, axis: int, graph_on: GraphOn, length: int):
+    """The graph on the thinnest input ``length`` long along ``axis`` that suits a thin read, with its width.
 
-    Suits: the model runs on it and no convolution window along those axes covers only padding.
+    The other axes are 1, 2, 4, ... long (at most the user's lengths; 0 in 1D): the first width on which the model
+    runs and no convolution window along those axes covers only padding. None if the input grows too large.
     """
     longest = max(_other_lengths(theory, axis), default=0)
-    if not longest:
-        return 0
-    width = 1
-    while width < longest:
-        shape = _thin_shape(theory.input_shape, axis, width, theory.spatial_input_shape[axis])
+    width = 1 if longest else 0
+    while True:
+        shape = _thin_shape(theory.input_shape, axis, width, length)
+        if math.prod(shape[1:]) > _MAX_ELEMENTS:
+            return None
         graph = graph_on(shape, _thin_axes(theory, axis, width))
-        if graph is not None and len(graph.output_shape) == len(theory.output_shape):
-            return width
+        if (graph is not None and len(graph.output_shape) == len(theory.output_shape)) or width >= longest:
+            return width, graph
         width *= 2
-    return longest
 
 
 def _thin_axes(theory: ProbeGraph, axis: int, width: int) -> tuple[int, ...]:
@@ -264,7 +272,7 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known) -> list[Axi
         return [None] * len(lengths)
     geometry = [fit_axis(axes.table[a], lengths[a], axes.gaps[a]) for a in range(len(lengths))]
     undecided = {a for a, g in enumerate(geometry) if g is None and not axes.conclusive(a, lengths[a])}
-    for growth in GROWTH:
+    for growth in GROWTH[1:]:
         if not undecided:
             break
         larger = [*theory.input_shape]

@@ -78,6 +78,19 @@ class _Output:
     module_type: str
     shape: tuple[int, ...]
     depends_on_input: bool
+    same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
+
+
+# Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
+# field is their input's. Exact types only, so a subclass with a forward of its own is probed like any module.
+_THEORETICAL_IDENTITIES = frozenset(
+    {
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Identity, nn.Dropout, nn.Dropout1d,
+        nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU,
+        nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
+        nn.Softplus,
+    }
+)  # fmt: skip
 
 
 def rf_table(
@@ -97,7 +110,9 @@ def rf_table(
     at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row equals
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
     pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
-    geometry of every row is read on thin inputs whose forward passes the rows share too.
+    geometry of every row is read on thin inputs whose forward passes the rows share too. A row whose output is
+    another row's tensor (a container's last child), or a BatchNorm, activation, dropout or identity applied to it
+    unchanged, shares that row's theoretical field instead of measuring it again.
 
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
@@ -144,21 +159,26 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                 f"shape {shape}, so they have no receptive field"
             )
         chosen = [o for o in outputs if o.name in wanted]
-    forwards.names = [o.name for o in chosen]
+    forwards.names = [o.name for o in chosen if o.same_as is None]
     device = model_device(model)
+    theoretical: dict[str, tuple] = {}  # name -> (centre support, geometry)
     rows = []
     for index, output in enumerate(chosen, start=1):
         if progress is not None:
             progress(index, len(chosen), output.name)
         if len(output.shape) < 3:  # a named layer without spatial axes: the probe's own error names candidates
             probe_rf(model, shape, "center", layer=output.name, mode=mode)
-        theory = ProbeGraph(
-            model, shape, output.name, "theoretical", dtype=dtype, device=device, guard=guard,
-            captured=(inputs, captured[output.name]),
-        )  # fmt: skip
-        center = theory.center
-        support = theory.support([center])
-        geometry = measure_geometry(theory, forwards.graph_on(output.name), known={center: support})
+        center = tuple(n // 2 for n in output.shape[2:])
+        if output.same_as in theoretical:
+            support, geometry = theoretical[output.same_as]
+        else:
+            theory = ProbeGraph(
+                model, shape, output.name, "theoretical", dtype=dtype, device=device, guard=guard,
+                captured=(inputs, captured[output.name]),
+            )  # fmt: skip
+            support = theory.support([center])
+            geometry = measure_geometry(theory, forwards.graph_on(output.name), known={center: support})
+        theoretical[output.name] = support, geometry
         if mode == "weights":
             support = ProbeGraph(model, shape, output.name, "weights", dtype=dtype, device=device, draws=8,
                                  guard=guard).support([center])  # fmt: skip
@@ -236,14 +256,26 @@ def _forward_outputs(
     outputs: dict[str, _Output] = {}
     captured: dict[str, torch.Tensor] = {}
 
+    # Each output tensor by (id, version), so an in-place change (a residual ``out += x``) makes it another one;
+    # ``alive`` keeps the ids from being reused during the pass.
+    producers: dict[tuple[int, int], str] = {}
+    alive: list[torch.Tensor] = []
+
     def recorder(name: str):
-        def record(module, _args, output):
+        def record(module, args, output):
             if isinstance(output, (tuple, list)) and output:
                 output = output[0]
-            if name not in outputs and isinstance(output, torch.Tensor):
-                outputs[name] = _Output(name, type(module).__name__, tuple(output.shape), output.requires_grad)
-                if name in wanted if wanted is not None else output.dim() == len(shape):
-                    captured[name] = output.clone()
+            if name in outputs or not isinstance(output, torch.Tensor):
+                return
+            key = (id(output), output._version)
+            same_as = producers.get(key)
+            if same_as is None and type(module) in _THEORETICAL_IDENTITIES and args and torch.is_tensor(args[0]):
+                same_as = producers.get((id(args[0]), args[0]._version))
+            producers.setdefault(key, same_as or name)
+            alive.append(output)
+            outputs[name] = _Output(name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as)
+            if name in wanted if wanted is not None else output.dim() == len(shape):
+                captured[name] = output.clone()
 
         return record
 
