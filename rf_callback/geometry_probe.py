@@ -108,9 +108,7 @@ def measure_geometry(
         if table is not None and table.conclusive(axis, length):
             found = fit_axis(table.table[axis], length, table.gaps[axis])
         if found is None:
-            centre_mask = marginal(known[center], axis)
-            whole = is_whole(hull(centre_mask), length, largest_hole(centre_mask) + 1)
-            found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=1 if whole else 2)
+            found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=_first_growth(known[center], axis))
         if found is _CLIPPED:
             found = None
         if found is _FALLBACK:
@@ -121,6 +119,16 @@ def measure_geometry(
         for axis in fallback:
             geometry[axis] = exact[axis]
     return tuple(geometry)
+
+
+def _first_growth(center_support: torch.Tensor, axis: int) -> int:
+    """1 where the centre field fits the user's input, 2 where one end is cut, 4 where both are (then r > L)."""
+    mask = marginal(center_support, axis)
+    bounds, gap, length = hull(mask), largest_hole(mask) + 1, len(mask)
+    if bounds is None:
+        return 1
+    cut = (bounds[0] < gap) + (bounds[1] > length - 1 - gap)
+    return (1, 2, 4)[cut]
 
 
 class _Fallback:
