@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import random
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 MODES = ("theoretical", "weights")
+
+
+class ProbeError(RuntimeError):
+    """The probe ran but could not measure a field: the forward raised, or the gradient was zero or not finite."""
+
 
 _ACTIVATIONS = frozenset(
     {
@@ -28,6 +34,11 @@ _NORMALISATIONS = frozenset(
     {"batch_norm", "instance_norm", "group_norm", "layer_norm", "local_response_norm", "rms_norm"}
 )
 _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
+# Products of two input-dependent tensors (a squeeze-and-excitation gate, attention): with activations as
+# identities, their magnitudes square block after block until float32 overflows. The theoretical copy divides such a
+# product by its largest magnitude (a positive constant: the gradient's support does not change).
+_PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm",
+                       "einsum", "multiply"})  # fmt: skip
 _ADAPTIVE_MAX_POOLS = {
     "adaptive_max_pool1d": F.adaptive_avg_pool1d,
     "adaptive_max_pool2d": F.adaptive_avg_pool2d,
@@ -84,17 +95,23 @@ class _ProbeFunctions(TorchFunctionMode):
 
     Both modes: dropout is the identity (a ``forward`` calling ``F.dropout(x)`` with its default ``training=True``
     would otherwise zero pixels at random and draw from the global random generator).
-    Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin.
+    Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
+    and a product of two input-dependent tensors is divided by its largest magnitude (no overflow).
+    ``cuts`` records every call that cuts the gradient on an input-dependent tensor (see :func:`_gradient_cut`).
     """
 
     def __init__(self, linearise: bool):
         super().__init__()
         self.linearise = linearise
+        self.cuts: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         base = name.rstrip("_")
+        cut = _gradient_cut(name, args, kwargs)
+        if cut is not None:
+            self.cuts.append(cut)
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -105,15 +122,56 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _ADAPTIVE_MAX_POOLS and not _returns_indices(args, kwargs, position=2):
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
+        if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
+            return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
+
+
+# Functions whose output depends on their input but whose gradient is zero.
+_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign", "argmax", "argmin", "argsort"})
+_INTEGER_CASTS = frozenset({"long", "int", "short", "byte", "char"})
+
+
+def _gradient_cut(name: str, args, kwargs) -> str | None:
+    """Describes how a call cuts the gradient on an input-dependent tensor, None if it does not.
+
+    A field read from gradients misses every input that reaches the output only through such a cut: ``.detach()``,
+    an op inside ``torch.no_grad()``, a cast to an integer type, or a function whose gradient is zero.
+    """
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not any(t.requires_grad for t in tensors):
+        return None
+    if not torch.is_grad_enabled():
+        return f"{name}() inside torch.no_grad()"
+    if name in ("detach", "detach_") or name.rstrip("_") in _ZERO_GRADIENT or name in _INTEGER_CASTS:
+        return f"{name}()"
+    if name in ("to", "type") and any(isinstance(a, torch.dtype) and not a.is_floating_point and a != torch.bool
+                                      for a in (*args, *kwargs.values())):  # fmt: skip
+        return f"{name}() to an integer type"
+    return None
+
+
+def _input_dependent_factors(args) -> int:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+    return sum(t.requires_grad for t in tensors)
+
+
+def _bounded(product: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    if not isinstance(product, torch.Tensor) or not product.is_floating_point():
+        return product
+    scale = product.detach().abs().amax() if product.numel() else None
+    if scale is None or not bool(scale > 1):
+        return product
+    return product.div_(scale) if in_place else product / scale
 
 
 def _returns_indices(args, kwargs, position: int) -> bool:
     return bool(kwargs.get("return_indices", args[position] if len(args) > position else False))
 
 
-def probe_functions(mode: str) -> TorchFunctionMode:
-    """Returns the function mode the probe's forward runs under for ``mode``."""
+def probe_functions(mode: str) -> _ProbeFunctions:
+    """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen."""
     return _ProbeFunctions(linearise=mode == "theoretical")
 
 
@@ -144,17 +202,53 @@ def _strip_user_hooks(model: nn.Module) -> None:
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
-    """Replaces every ``torch.compile`` wrapper in the tree by the module it wraps.
+    """Makes the copy run its own forward: compiled wrappers replaced, instance ``forward`` attributes rebound.
 
-    A deep copy of a compiled module keeps calling the compiled forward of the live module, so a probe of the copy
-    would silently measure the live weights.
+    A deep copy of a ``torch.compile`` wrapper keeps calling the compiled forward of the live module, and so does a
+    copy of a module whose ``forward`` attribute Lightning replaced by a compiled one (``trainer.fit`` of a
+    ``torch.compile``d LightningModule): a probe of the copy would silently run the live model.
     """
     model = getattr(model, "_orig_mod", model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if hasattr(child, "_orig_mod") and isinstance(child._orig_mod, nn.Module):
                 setattr(module, name, child._orig_mod)
+    for module in model.modules():
+        _own_forward(module)
     return model
+
+
+def _own_forward(module: nn.Module) -> None:
+    """Drops or rebinds an instance-level ``forward`` that calls another object (the live module)."""
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return
+    if getattr(module, "_compiler_ctx", None):  # Lightning's from_compiled: the class's forward is the original
+        del module.__dict__["forward"]
+        module._compiler_ctx = None
+        return
+    target = forward
+    while not isinstance(target, types.MethodType) and hasattr(target, "_torchdynamo_orig_callable"):
+        target = target._torchdynamo_orig_callable
+    if isinstance(target, types.MethodType) and target.__self__ is not module and isinstance(module, nn.Module):
+        module.forward = types.MethodType(target.__func__, module)
+    elif target is not forward:  # a compiled function that is not a method: the class's forward
+        del module.__dict__["forward"]
+
+
+def scripted_modules(model: nn.Module) -> list[str]:
+    """Names of the TorchScript modules in ``model`` (``""`` for the model itself)."""
+    return [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+
+
+def _checked_device(model: nn.Module) -> None:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_meta:
+            raise ValueError(
+                "the model's parameters are on the meta device (shapes without values), so the probe cannot run it; "
+                "materialise it first (model.to_empty(device='cpu') and load its weights) or probe the model it "
+                "was built from"
+            )
 
 
 def _is_bias(name: str) -> bool:
@@ -172,8 +266,26 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
     weights, 1 for per-channel scales) and BatchNorm statistics to mean 0 and variance 1, so no weight sign, dead
     unit or normalisation can hide a pixel.
     """
+    _checked_device(model)
+    scripted = scripted_modules(model)
+    if scripted and mode == "theoretical":
+        where = "the model is" if "" in scripted else f"{scripted[:3]} are"
+        raise ValueError(
+            f"{where} TorchScript (torch.jit.script or trace): its functions are compiled, so the theoretical probe "
+            f"cannot treat its activations as identities and its max-pools as mean-pools, and a field measured on it "
+            f"could be smaller than the architecture's; probe the Python module it was scripted from, or use "
+            f"mode='weights' (what the current weights connect)"
+        )
     with torch.inference_mode(False):
-        clone = _uncompiled(copy.deepcopy(getattr(model, "_orig_mod", model)))
+        try:
+            clone = copy.deepcopy(getattr(model, "_orig_mod", model))
+        except Exception as error:
+            raise ProbeError(
+                f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
+                f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe the "
+                f"submodule that holds the layers (RFCallback(module=...))"
+            ) from error
+        clone = _uncompiled(clone)
         _strip_user_hooks(clone)
         clone.eval()
         for module in clone.modules():
@@ -210,6 +322,34 @@ def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_bia
     elif name == "running_var" and mode == "theoretical":
         value.fill_(1.0)
     return value
+
+
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+)
+
+
+@contextlib.contextmanager
+def global_hooks_suspended() -> Iterator[None]:
+    """Hides the global module hooks (``register_module_forward_hook`` and kin): they would see the probe's copy."""
+    from torch.nn.modules import module as module_module
+
+    saved = {}
+    for name in _GLOBAL_HOOKS:
+        hooks = getattr(module_module, name, None)
+        if isinstance(hooks, dict):
+            saved[name] = dict(hooks)
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for name, hooks in saved.items():
+            getattr(module_module, name).update(hooks)
 
 
 @contextlib.contextmanager

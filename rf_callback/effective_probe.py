@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback.arguments import checked_dtype, checked_element, checked_int, checked_layer
 from rf_callback.effective import checked_map
-from rf_callback.graph import exact_kernels, forward_to, submodule
+from rf_callback.graph import ProbeError, exact_kernels, forward_to, submodule, where
 from rf_callback.probe import normalised_positions, probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
@@ -24,6 +25,7 @@ def effective_rf(
     chunk_size: int = 32,
     dtype: torch.dtype = torch.float32,
     theoretical: ReceptiveField | None = None,
+    element: int | str | None = None,
 ) -> EffectiveField:
     """Measures the effective receptive field of one output position on real inputs (Luo et al., 2016).
 
@@ -42,23 +44,35 @@ def effective_rf(
         dtype: floating type the copy runs in.
         theoretical: the theoretical field of the same position, layer and input shape, if already probed (it does
             not depend on the weights, so a caller that measures every epoch probes it once).
+        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
+            probe.
 
     Returns:
         An :class:`EffectiveField` with the averaged map, its metrics and the theoretical field for reference.
 
     Raises:
-        ValueError: an argument is wrong, or the map is degenerate (all zero or not finite).
-        ProbeError: the forward raised or the output does not depend on the input.
+        ValueError: an argument is wrong (inputs that are not a batch, hold no sample or hold NaN or inf among
+            them), or the map is degenerate (all zero or not finite).
+        ProbeError: the forward raised, cuts the gradient, or gives a non-finite output.
     """
     if biases not in ("trained", "zero"):
         raise ValueError(f"biases={biases!r} must be 'trained' or 'zero'")
-    if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5 or inputs.shape[0] < 1:
-        raise ValueError(f"inputs must be a tensor (N, C, *spatial) with 1 to 3 spatial axes, got {_shape_of(inputs)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    _check_inputs(inputs)
+    chunk_size = checked_int("chunk_size", chunk_size, minimum=1, meaning="inputs per backward pass")
+    layer, element = checked_layer(layer), checked_element(element)
+    if checked_dtype(dtype) is None:
+        raise ValueError("dtype=None is not allowed here; pass torch.float32 or torch.float64")
     shape = (1, *inputs.shape[1:])
     if theoretical is None:
-        theoretical = probe_rf(model, shape, pos, layer=layer)
+        try:
+            theoretical = probe_rf(model, shape, pos, layer=layer, element=element)
+        except ValueError as error:
+            if not str(error).startswith("input_shape="):
+                raise
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} are read as a batch (N, C, *spatial), which the model "
+                f"refuses: {error}; one unbatched input (C, H, W) is passed as inputs.unsqueeze(0)"
+            ) from error
     elif (
         theoretical.mode != "theoretical"
         or tuple(theoretical.input_shape[1:]) != shape[1:]
@@ -76,7 +90,12 @@ def effective_rf(
         total = torch.zeros(inputs.shape[2:], dtype=torch.float64)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
-            output = forward_to(copy, target, x, "weights", shape, layer)
+            output = forward_to(copy, target, x, "weights", shape, layer, element)
+            if not torch.isfinite(output).all():
+                raise ProbeError(
+                    f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "
+                    f"and buffers for non-finite values"
+                )
             cotangent = torch.zeros_like(output)
             cotangent[(slice(None), slice(None), *theoretical.position)] = 1
             (gradient,) = torch.autograd.grad(output, x, cotangent)
@@ -88,5 +107,16 @@ def effective_rf(
     )  # fmt: skip
 
 
-def _shape_of(value) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+def _check_inputs(inputs) -> None:
+    allowed = "a tensor (N, C, *spatial) with 1 to 3 spatial axes"
+    if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be {allowed}, got {shape}")
+    if inputs.shape[0] < 1 or inputs.numel() == 0:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)} hold no sample: pass at least one input")
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        bad = int((~torch.isfinite(inputs)).flatten(1).any(dim=1).sum())
+        raise ValueError(
+            f"inputs hold NaN or inf values ({bad} of {inputs.shape[0]} samples): the model's output, and so the map, "
+            f"would not be finite; drop or clean those samples"
+        )

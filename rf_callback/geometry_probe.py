@@ -43,7 +43,14 @@ _CLIPPED = _Clipped()
 
 
 def graph_factory(
-    model, layer: str | None, *, dtype: torch.dtype, device: torch.device, guard: bool, copy: nn.Module | None = None
+    model,
+    layer: str | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    guard: bool,
+    copy: nn.Module | None = None,
+    element: int | str | None = None,
 ) -> GraphOn:
     """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of ``layer`` on another input shape.
 
@@ -61,8 +68,9 @@ def graph_factory(
         try:
             with dead_windows_watched(shared[0], thin_axes, dead):
                 graph = ProbeGraph(
-                    model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0]
-                )
+                    model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0],
+                    element=element,
+                )  # fmt: skip
         except (ValueError, ProbeError):
             return None
         return None if dead else graph

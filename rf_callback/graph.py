@@ -10,12 +10,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import prepared_copy, probe_functions
+from rf_callback._model_copy import ProbeError, global_hooks_suspended, prepared_copy, probe_functions
 from rf_callback.support import Position
-
-
-class ProbeError(RuntimeError):
-    """The probe ran but could not measure a field: the forward raised, or the gradient was zero or not finite."""
 
 
 class Underflow(Exception):
@@ -32,12 +28,13 @@ class _Captured(Exception):
 
 @contextlib.contextmanager
 def exact_kernels(device: torch.device):
-    """Runs the probe with autocast off and, on CUDA, without cuDNN's Winograd or FFT kernels.
+    """Runs the probe with autocast off, global module hooks hidden, and on CUDA without Winograd or FFT kernels.
 
-    Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field.
+    Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field; a
+    global hook would see (and could change) the probe's copy.
     """
     # Mixed precision (a Trainer's bf16-mixed or 16-mixed) must not recast the probe's copy.
-    with torch.autocast("cpu", enabled=False), contextlib.ExitStack() as stack:
+    with torch.autocast("cpu", enabled=False), global_hooks_suspended(), contextlib.ExitStack() as stack:
         if device.type == "cuda":
             stack.enter_context(torch.autocast("cuda", enabled=False))
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
@@ -103,11 +100,13 @@ class ProbeGraph:
         guard: bool = False,
         captured: tuple[torch.Tensor, torch.Tensor] | None = None,
         copy: nn.Module | None = None,
+        element: int | str | None = None,
     ):
         """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
 
         A captured output comes from a copy prepared for ``mode``; one forward pass can serve every layer of a table.
-        ``copy`` is a copy already prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs.
+        ``copy`` is a copy already prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs;
+        ``element`` picks the feature map from a tuple, list or dict output.
         """
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
         self.dtype, self.device, self.guard = dtype, device, guard
@@ -116,7 +115,7 @@ class ProbeGraph:
             copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype)
             target = submodule(copy, layer)
             self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
-            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer)
+            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer, element)
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
         else:
@@ -183,26 +182,29 @@ def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.devic
     return inputs.to(device).requires_grad_(True)
 
 
-def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer) -> torch.Tensor:
+def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None) -> torch.Tensor:
     """Runs the copy's forward under the probe's function mode and returns ``target``'s output (the model's if None).
 
-    The forward stops once ``target`` has produced its output.
+    The forward stops once ``target`` has produced its output; ``element`` picks one feature map from an output
+    that is a tuple, list or dict.
 
     Raises:
-        ValueError: the input's rank does not fit the model's convolutions, or the output is not a tensor.
-        ProbeError: the forward raised (chained).
+        ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, or the output is
+            not a tensor and ``element`` does not pick one.
+        ProbeError: the forward raised (chained), or it cuts the gradient on an input-dependent tensor.
     """
-    captured: list[torch.Tensor] = []
+    captured: list = []
 
     def capture(_module, _args, output):
-        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        captured.append(output)
         raise _Captured
 
     handles = batched_only_hooks(copy)
     if target is not None:
         handles.append(target.register_forward_hook(capture))
+    functions = probe_functions(mode)
     try:
-        with probe_functions(mode):
+        with functions:
             output = copy(inputs)
     except _Captured:
         output = captured[0]
@@ -213,14 +215,72 @@ def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer) -
     finally:
         for handle in handles:
             handle.remove()
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
+    if target is not None and not captured:
         raise ValueError(
-            f"the output of {where(layer)} is a {type(output).__name__}, not a tensor; pass layer= naming a "
-            f"submodule that returns a feature map"
+            f"layer={layer!r} never runs in the model's forward on an input of shape {tuple(input_shape)} (a spare "
+            f"head, or a ModuleList/ModuleDict container whose children run instead), so it has no field; name a "
+            f"submodule that runs, e.g. one of {_run_modules(copy, inputs, mode)}"
         )
-    return output
+    if functions.cuts:
+        raise ProbeError(
+            f"the forward up to the output of {where(layer)} cuts the gradient on a path from the input "
+            f"({', '.join(dict.fromkeys(functions.cuts))}): the probe reads fields from gradients and would miss the "
+            f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
+        )
+    return selected_element(output, element, layer)
+
+
+def selected_element(output, element, layer: str | None) -> torch.Tensor:
+    """Returns the feature map ``element`` picks from an output (the output itself when it is a tensor).
+
+    Raises:
+        ValueError: the output is a tuple, list or dict and ``element`` does not name one of its tensors, or it is a
+            tensor and ``element`` is given, or it is something else.
+    """
+    if isinstance(output, torch.Tensor):
+        if element is not None:
+            raise ValueError(
+                f"element={element!r} picks from a tuple, list or dict output, but the output of {where(layer)} is a "
+                f"tensor; leave element=None"
+            )
+        return output
+    if isinstance(output, (tuple, list, dict)):
+        keys = list(output.keys()) if isinstance(output, dict) else list(range(len(output)))
+        choices = ", ".join(f"{k!r}: {_describe(output[k])}" for k in keys)
+        what = "key" if isinstance(output, dict) else "index"
+        if element is None:
+            raise ValueError(
+                f"the output of {where(layer)} is a {type(output).__name__} of {len(keys)} ({choices}); pass "
+                f"element= with the {what} of the feature map to probe"
+            )
+        if isinstance(element, bool) or element not in keys:
+            raise ValueError(f"element={element!r} is not a {what} of the output of {where(layer)}: {choices}")
+        output = output[element]
+        if isinstance(output, torch.Tensor):
+            return output
+    raise ValueError(
+        f"the output of {where(layer)} is a {type(output).__name__}, not a tensor; pass layer= naming a "
+        f"submodule that returns a feature map"
+    )
+
+
+def _describe(value) -> str:
+    return f"tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _run_modules(copy: nn.Module, inputs, mode: str) -> list[str]:
+    """The names of the submodules that run in a forward pass, the last five (a courtesy for messages)."""
+    ran: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: ran.append(n)) for n, m in copy.named_modules() if n]
+    try:
+        with torch.no_grad(), probe_functions(mode):
+            copy(inputs)
+    except Exception:  # noqa: BLE001 - the names are a courtesy; the error is raised either way
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(ran))[-5:]
 
 
 def batched_only_hooks(copy: nn.Module) -> list:

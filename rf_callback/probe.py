@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rf_callback._model_copy import MODES, model_device, preserved_random_state
+from rf_callback._model_copy import model_device, preserved_random_state
+from rf_callback.arguments import as_index, checked_dtype, checked_element, checked_int, checked_layer, checked_mode
 from rf_callback.geometry import LazyGeometry
 from rf_callback.geometry_probe import graph_factory, measure_geometry
 from rf_callback.graph import ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
@@ -38,6 +39,7 @@ def probe_rf(
     draws: int = 8,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    element: int | str | None = None,
 ) -> ReceptiveField | list[ReceptiveField] | ReceptiveFieldMap:
     """Measures which input positions can influence an output position, by backpropagating from that position.
 
@@ -62,6 +64,8 @@ def probe_rf(
         dtype: floating type the copy runs in. ``None`` (default): float32, redone in float64 when the smallest
             non-zero gradient comes within 8 orders of magnitude of float32's range, where the far tails of a very
             deep field could underflow to zero.
+        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
+            probe (required there: the probe never guesses).
 
     Returns:
         A :class:`ReceptiveField` (with heatmap) for one position, a list of them for a list of positions, or a
@@ -74,17 +78,18 @@ def probe_rf(
         ProbeError: the forward raised (chained), the output does not depend on the input, or the gradient is
             zero or not finite.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
+    mode, layer, element = checked_mode(mode), checked_layer(layer), checked_element(element)
     shape = checked_input_shape(input_shape)
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws={draws!r} must be a positive int (the number of random inputs in weights mode)")
+    draws = checked_int("draws", draws, minimum=1, meaning="the number of random inputs in weights mode")
+    seed = checked_int("seed", seed, meaning="the seed of the probe's private generator")
+    dtype = checked_dtype(dtype)
     device = model_device(model)
+    target = (layer, element)
     with _probe_context(device):
         try:
-            return _probe(model, shape, pos, layer, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
+            return _probe(model, shape, pos, target, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
         except Underflow:
-            return _probe(model, shape, pos, layer, mode, draws, seed, torch.float64, guard=False)
+            return _probe(model, shape, pos, target, mode, draws, seed, torch.float64, guard=False)
 
 
 @contextlib.contextmanager
@@ -94,8 +99,9 @@ def _probe_context(device: torch.device):
         yield
 
 
-def _probe(model, shape, pos, layer, mode, draws, seed, dtype, *, guard: bool):
-    prober = _Prober(model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard)
+def _probe(model, shape, pos, target, mode, draws, seed, dtype, *, guard: bool):
+    layer, element = target
+    prober = _Prober(model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element)
     positions, kind = normalised_positions(pos, prober.measured.output_shape, layer)
     if kind == "all":
         return prober.field_map()
@@ -103,8 +109,13 @@ def _probe(model, shape, pos, layer, mode, draws, seed, dtype, *, guard: bool):
     return fields[0] if kind == "single" else fields
 
 
+_POS_ALLOWED = "an index tuple (an int in 1D), a list of them, 'center' or 'all'"
+
+
 def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) -> tuple[list[Position], str]:
     """Resolves ``pos`` on an output map: its positions (indices from 0) and ``"single"``, ``"list"`` or ``"all"``.
+
+    Indices may be numpy or torch integers; floats and bools are refused.
 
     Raises:
         ValueError: ``pos`` is not a position, a list of them, ``"center"`` or ``"all"``, or is outside the map.
@@ -115,28 +126,44 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
             return [tuple(n // 2 for n in output_shape)], "single"
         if pos == "all":
             return [], "all"
-        raise ValueError(f"pos={pos!r} is not allowed; use an index tuple, a list of them, 'center' or 'all'")
-    if isinstance(pos, int) or (isinstance(pos, Sequence) and all(isinstance(i, int) for i in pos)):
+        raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
+    if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
+        pos = pos.tolist()
+    if as_index(pos) is not None or (isinstance(pos, Sequence) and pos and all(_scalar(i) for i in pos)):
         return [checked_position(pos, output_shape, where)], "single"
-    if isinstance(pos, Sequence) and len(pos) > 0:
+    if isinstance(pos, Sequence) and pos and all(isinstance(p, Sequence) and not isinstance(p, str) for p in pos):
         return [checked_position(p, output_shape, where) for p in pos], "list"
-    raise ValueError(f"pos={pos!r} is not allowed; use an index tuple, a list of them, 'center' or 'all'")
+    raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
+
+
+def _scalar(value) -> bool:
+    return not isinstance(value, (Sequence, torch.Tensor)) or (isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
 def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position:
     """Returns ``pos`` with non-negative indices, after checking it is a position inside ``output_shape``."""
-    index = (pos,) if isinstance(pos, int) else tuple(pos)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in index) or len(index) != len(output_shape):
+    index = (pos,) if as_index(pos) is not None else tuple(pos)
+    as_ints = [as_index(i) for i in index]
+    if None in as_ints:
+        wrong = index[as_ints.index(None)]
+        raise ValueError(
+            f"pos={pos!r} has the index {wrong!r} ({type(wrong).__name__}): indices must be ints (numpy and torch "
+            f"integers are accepted), e.g. pos={tuple(int(i) if isinstance(i, float) else i for i in index)!r}"
+            if isinstance(wrong, float) and float(wrong).is_integer()
+            else f"pos={pos!r} has the index {wrong!r} ({type(wrong).__name__}): indices must be ints (numpy and "
+            f"torch integers are accepted)"
+        )
+    if len(as_ints) != len(output_shape):
         raise ValueError(
             f"pos={pos!r} must have {len(output_shape)} int index(es), one per spatial axis of the output of "
             f"{where}, whose spatial shape is {output_shape}"
         )
-    if not all(-n <= i < n for i, n in zip(index, output_shape)):
+    if not all(-n <= i < n for i, n in zip(as_ints, output_shape)):
         raise ValueError(
             f"pos={pos!r} is outside the output map of {where}, whose spatial shape is {output_shape}: each index "
             f"must be in 0..n-1 (negative indices count from the end)"
         )
-    return tuple(i % n for i, n in zip(index, output_shape))
+    return tuple(i % n for i, n in zip(as_ints, output_shape))
 
 
 class _Prober:
@@ -147,14 +174,19 @@ class _Prober:
     mode).
     """
 
-    def __init__(self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, measured=None):
-        self.model, self.shape, self.layer, self.mode = model, shape, layer, mode
+    def __init__(
+        self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, measured=None, element=None
+    ):
+        self.model, self.shape, self.layer, self.mode, self.element = model, shape, layer, mode, element
         self.dtype, self.guard, self.device = dtype, guard, model_device(model)
         self.measured = measured or ProbeGraph(
-            model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard
-        )
+            model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
+            element=element,
+        )  # fmt: skip
         shared_copy = self.measured.copy if mode == "theoretical" else None
-        self.graph_on = graph_factory(model, layer, dtype=dtype, device=self.device, guard=guard, copy=shared_copy)
+        self.graph_on = graph_factory(
+            model, layer, dtype=dtype, device=self.device, guard=guard, copy=shared_copy, element=element
+        )
         self.draws = draws
         self._theory = self.measured if mode == "theoretical" else None
         # Exact single-position theoretical supports already computed on the user's input, for reuse.
@@ -167,7 +199,7 @@ class _Prober:
         if self._theory is None:
             self._theory = self.graph_on(self.shape) or ProbeGraph(
                 self.model, self.shape, self.layer, "theoretical", dtype=self.dtype, device=self.device,
-                guard=self.guard,
+                guard=self.guard, element=self.element,
             )  # fmt: skip
         return self._theory
 
@@ -185,7 +217,7 @@ class _Prober:
 
     def _float64(self) -> _Prober:
         return _Prober(self.model, self.shape, self.layer, "theoretical", draws=1, seed=0, dtype=torch.float64,
-                       guard=False)  # fmt: skip
+                       guard=False, element=self.element)  # fmt: skip
 
     def _field(self, position: Position, heatmap: torch.Tensor | None, geometry: LazyGeometry) -> ReceptiveField:
         bounds = box_of(heatmap > 0)
@@ -193,7 +225,7 @@ class _Prober:
             raise self._empty_field_error(position)
         return ReceptiveField(
             position=position, bounds=bounds, input_shape=self.shape, output_shape=self.measured.output_shape,
-            geometry=geometry, mode=self.mode, layer=self.layer, heatmap=heatmap,
+            geometry=geometry, mode=self.mode, layer=self.layer, heatmap=heatmap, element=self.element,
         )  # fmt: skip
 
     def _empty_field_error(self, position: Position) -> ProbeError:
@@ -262,7 +294,7 @@ class _Prober:
                 last[p] = torch.tensor([b[1] for b in box])
         return ReceptiveFieldMap(
             first=first, last=last, input_shape=self.shape, output_shape=graph.output_shape,
-            geometry=self.geometry(), mode=self.mode, layer=self.layer,
+            geometry=self.geometry(), mode=self.mode, layer=self.layer, element=self.element,
         )  # fmt: skip
 
     def _map_boxes(self, axes: AxisTable | None):

@@ -39,6 +39,7 @@ class ReceptiveField:
         layer: the probed submodule's dotted name, ``None`` for the model's output.
         heatmap: gradient magnitude over the input's spatial axes (float64, CPU), summed over channels (and over the
             random draws in weights mode); ``None`` where only bounds were computed.
+        element: the index or key of the probed feature map in a tuple, list or dict output; ``None`` for a tensor.
     """
 
     position: tuple[int, ...]
@@ -49,6 +50,7 @@ class ReceptiveField:
     mode: str
     layer: str | None = None
     heatmap: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    element: int | str | None = None
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -105,6 +107,8 @@ class ReceptiveField:
         record.update(
             input_shape=list(self.input_shape), output_shape=list(self.output_shape), mode=self.mode, layer=self.layer
         )
+        if self.element is not None:
+            record["element"] = self.element
         return record
 
     def describe(self, *, stride: bool = True) -> str:
@@ -151,6 +155,7 @@ class ReceptiveFieldMap:
     geometry: tuple[AxisGeometry | None, ...] | LazyGeometry
     mode: str
     layer: str | None = None
+    element: int | str | None = None
 
     @property
     def size(self) -> torch.Tensor:
@@ -181,6 +186,7 @@ class ReceptiveFieldMap:
             geometry=self.geometry,
             mode=self.mode,
             layer=self.layer,
+            element=self.element,
         )
 
     def to_dict(self) -> dict:

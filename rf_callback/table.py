@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from torch import nn
 from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
 from rf_callback.geometry_probe import measure_geometry
 from rf_callback.graph import (
+    ProbeError,
     ProbeGraph,
     Underflow,
     checked_input_shape,
@@ -79,6 +81,8 @@ class _Output:
     shape: tuple[int, ...]
     depends_on_input: bool
     same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
+    container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
+    after_cut: str | None = None  # a gradient cut the forward made before this output
 
 
 # Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
@@ -149,7 +153,16 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
     forwards = _SharedForwards(model, wanted, dtype, guard)
     inputs, outputs, captured = forwards.run(shape, record=True)
     if wanted is None:
-        chosen = [o for o in outputs if len(o.shape) == len(shape) and o.depends_on_input]
+        chosen = [o for o in outputs if len(o.shape) == len(shape)]
+        cut = next((o for o in chosen if o.after_cut), None)
+        chosen = [o for o in chosen if o.depends_on_input]
+        if cut is not None:
+            warnings.warn(
+                f"rf_table: the rows from {cut.name!r} on are left out: the forward cuts the gradient before them "
+                f"({cut.after_cut}), and a field read from gradients would miss the inputs on that path",
+                stacklevel=3,
+            )
+            chosen = [o for o in chosen if o.after_cut is None]
     else:
         seen = {o.name for o in outputs}
         missing = [name for name in wanted if name not in seen]
@@ -159,6 +172,17 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                 f"shape {shape}, so they have no receptive field"
             )
         chosen = [o for o in outputs if o.name in wanted]
+        for o in chosen:
+            if o.container:
+                raise ValueError(
+                    f"layers={list(wanted)!r}: {o.name!r} returns a {o.container} of feature maps; probe one of them "
+                    f"with probe_rf(model, input_shape, layer={o.name!r}, element=...)"
+                )
+            if o.after_cut:
+                raise ProbeError(
+                    f"the forward cuts the gradient before the output of {o.name!r} ({o.after_cut}): a field read "
+                    f"from gradients would miss the inputs on that path; remove the cut or list layers before it"
+                )
     forwards.names = [o.name for o in chosen if o.same_as is None]
     device = model_device(model)
     theoretical: dict[str, tuple] = {}  # name -> (centre support, geometry)
@@ -260,12 +284,16 @@ def _forward_outputs(
     # ``alive`` keeps the ids from being reused during the pass.
     producers: dict[tuple[int, int], str] = {}
     alive: list[torch.Tensor] = []
+    functions = probe_functions("theoretical")
 
     def recorder(name: str):
         def record(module, args, output):
-            if isinstance(output, (tuple, list)) and output:
-                output = output[0]
-            if name in outputs or not isinstance(output, torch.Tensor):
+            if name in outputs:
+                return
+            if isinstance(output, (tuple, list, dict)):
+                outputs[name] = _Output(name, type(module).__name__, (), False, container=type(output).__name__)
+                return
+            if not isinstance(output, torch.Tensor):
                 return
             key = (id(output), output._version)
             same_as = producers.get(key)
@@ -273,7 +301,10 @@ def _forward_outputs(
                 same_as = producers.get((id(args[0]), args[0]._version))
             producers.setdefault(key, same_as or name)
             alive.append(output)
-            outputs[name] = _Output(name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as)
+            cut = ", ".join(dict.fromkeys(functions.cuts)) or None
+            outputs[name] = _Output(
+                name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut
+            )
             if name in wanted if wanted is not None else output.dim() == len(shape):
                 captured[name] = output.clone()
 
@@ -286,7 +317,7 @@ def _forward_outputs(
     inputs = probe_inputs(shape, "theoretical", dtype, device)
     dead: list[str] = []
     try:
-        with probe_functions("theoretical"), dead_windows_watched(copy, thin_axes, dead):
+        with functions, dead_windows_watched(copy, thin_axes, dead):
             copy(inputs)
     except Exception as error:
         if not tolerant:

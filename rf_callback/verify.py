@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
-from rf_callback.graph import forward_to, submodule
+from rf_callback.graph import exact_kernels, forward_to, submodule
 from rf_callback.result import ReceptiveField
 from rf_callback.support import box_slices
 
@@ -61,7 +61,7 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
             f"mode='theoretical')); a weights-mode field depends on random draws"
         )
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.no_grad():
+    with preserved_random_state(device), torch.inference_mode(False), torch.no_grad(), exact_kernels(device):
         copy = prepared_copy(model, "theoretical", dtype)
         n, channels, *spatial = field.input_shape
         box = (slice(None), *box_slices(field.bounds))
@@ -77,7 +77,8 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
                 face[tuple(face_box)] = 1
                 inputs.append(face)
         batch = torch.stack(inputs).to(device)
-        output = forward_to(copy, submodule(copy, field.layer), batch, "theoretical", field.input_shape, field.layer)
+        target = submodule(copy, field.layer)
+        output = forward_to(copy, target, batch, "theoretical", field.input_shape, field.layer, field.element)
         values = output[(slice(None), slice(None), *field.position)].abs().sum(dim=1).cpu()
     faces = tuple((bool(values[2 + 2 * a] > 0), bool(values[3 + 2 * a] > 0)) for a in range(len(field.bounds)))
     reaches, leaks = bool(values[0] > 0), bool(values[1] != 0)

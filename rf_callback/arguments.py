@@ -1,0 +1,89 @@
+"""Arguments checked at the door: each error names the argument, the value, what is allowed and how to fix it."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from rf_callback._model_copy import MODES
+
+
+def as_index(value) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy and torch integers included, bools not), else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() != 0):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def checked_int(name: str, value, *, minimum: int | None = None, meaning: str = "") -> int:
+    """Returns ``value`` as an int after checking it is an integer of at least ``minimum``.
+
+    Raises:
+        ValueError: it is not (a bool, a float, a string), or it is below ``minimum``.
+    """
+    index = as_index(value)
+    if index is None or (minimum is not None and index < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        fix = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name}={value!r} must be an int{bound}{fix}; got {type(value).__name__}")
+    return index
+
+
+def checked_mode(mode) -> str:
+    """Returns ``mode`` after checking it is a probe mode.
+
+    Raises:
+        ValueError: it is not one of :data:`MODES`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
+    return mode
+
+
+def checked_dtype(dtype) -> torch.dtype | None:
+    """Returns ``dtype`` after checking it is a floating torch dtype or None.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(
+            f"dtype={dtype!r} must be a floating torch dtype (torch.float32 or torch.float64; gradients need floats), "
+            f"or None for float32 with a float64 retry near underflow"
+        )
+    return dtype
+
+
+def checked_layer(layer) -> str | None:
+    """Returns ``layer`` after checking it is a dotted submodule name or None (existence is checked on the model).
+
+    Raises:
+        ValueError: it is not a str.
+    """
+    if layer is not None and not isinstance(layer, str):
+        raise ValueError(
+            f"layer={layer!r} must be a dotted submodule name (a str, as in model.named_modules(), e.g. "
+            f"'layer4' or 'features.7'), or None for the model's output; got {type(layer).__name__}"
+        )
+    return layer
+
+
+def checked_element(element) -> int | str | None:
+    """Returns ``element`` after checking it is an index (int), a key (str) or None.
+
+    Raises:
+        ValueError: it is something else.
+    """
+    if element is None or isinstance(element, str):
+        return element
+    index = as_index(element)
+    if index is None:
+        raise ValueError(
+            f"element={element!r} must be an int (the index in a tuple or list output), a str (the key in a dict "
+            f"output) or None (the output is a tensor)"
+        )
+    return index

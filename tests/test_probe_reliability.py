@@ -1,0 +1,248 @@
+"""The probe's field is right or refused with the reason: every way a number could be silently wrong is detected,
+and every bad argument is refused at the door with its name, its value and the fix."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rf_callback import ProbeError, effective_rf, probe_rf, rf_table, verify_rf
+
+SHAPE = (1, 1, 20, 20)
+
+
+def small() -> nn.Sequential:
+    """conv 3, max-pool 2, conv 3: r = 1 + 2 + 1 + 4 = 8, S = 2."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.MaxPool2d(2), nn.Conv2d(2, 2, 3))
+
+
+# --- silently wrong numbers, now detected ------------------------------------------------------------------------
+
+
+def test_module_whose_forward_attribute_is_compiled_is_probed_on_the_copy_and_left_untouched():
+    model = small().train()
+    model.forward = torch.compile(model.forward, backend="eager")  # what Lightning does to a compiled module
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    field = probe_rf(model, SHAPE, "center")
+    assert field.size == (8, 8)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model[3].weight.zero_()  # the live model changes; the theoretical field of the architecture does not
+    assert probe_rf(model, SHAPE, "center").size == (8, 8)
+
+
+def test_layer_that_never_runs_is_refused():
+    class SpareHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.spare = small(), nn.Conv2d(2, 2, 5)
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(ValueError, match=r"layer='spare' never runs.*e\.g\. one of \[.*'body'"):
+        probe_rf(SpareHead(), SHAPE, "center", layer="spare")
+
+
+class TwoMaps(nn.Module):
+    """Returns a tuple (or a dict) of a 3x3 map and a 5x5 map."""
+
+    def __init__(self, as_dict: bool = False):
+        super().__init__()
+        self.small, self.large, self.as_dict = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2), as_dict
+
+    def forward(self, x):
+        a, b = self.small(x), self.large(x)
+        return {"fine": a, "coarse": b} if self.as_dict else (a, b)
+
+
+def test_tuple_or_dict_output_needs_an_explicit_element():
+    with pytest.raises(
+        ValueError, match=r"is a tuple of 2 \(0: tensor \(1, 1, 20, 20\), 1: .*pass element= with the index"
+    ):
+        probe_rf(TwoMaps(), SHAPE, "center")
+    assert probe_rf(TwoMaps(), SHAPE, "center", element=1).size == (5, 5)
+    assert probe_rf(TwoMaps(as_dict=True), SHAPE, "center", element="fine").size == (3, 3)
+    with pytest.raises(ValueError, match=r"element='medium' is not a key .*'fine'"):
+        probe_rf(TwoMaps(as_dict=True), SHAPE, "center", element="medium")
+    with pytest.raises(ValueError, match="element=0 picks from a tuple.*leave element=None"):
+        probe_rf(small(), SHAPE, "center", element=0)
+    field = probe_rf(TwoMaps(), SHAPE, "center", element=1)
+    assert field.to_dict()["element"] == 1 and verify_rf(TwoMaps(), field).passed
+
+
+def test_scripted_model_is_refused_in_theoretical_mode_and_measured_in_weights_mode():
+    scripted = torch.jit.script(small().eval())
+    with pytest.raises(ValueError, match="TorchScript.*Python module it was scripted from.*mode='weights'"):
+        probe_rf(scripted, SHAPE, "center")
+    assert probe_rf(scripted, SHAPE, "center", mode="weights").size == (8, 8)
+
+
+class CutPath(nn.Module):
+    """A 3x3 path and a 5x5 path; ``cut`` hides the 5x5 one from gradients in one of several ways."""
+
+    def __init__(self, cut: str):
+        super().__init__()
+        self.a, self.b, self.cut = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2), cut
+
+    def forward(self, x):
+        b = self.b(x)
+        if self.cut == "detach":
+            b = b.detach()
+        elif self.cut == "no_grad":
+            with torch.no_grad():
+                b = self.b(x)
+        elif self.cut == "int":
+            b = b.long().float()
+        elif self.cut == "round":
+            b = torch.round(b)
+        return self.a(x) + b
+
+
+@pytest.mark.parametrize("cut, named", [("detach", "detach()"), ("no_grad", "inside torch.no_grad()"),
+                                        ("int", "long()"), ("round", "round()")])  # fmt: skip
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_path_the_gradient_cannot_see_is_refused_not_measured_too_small(cut, named, mode):
+    with pytest.raises(ProbeError, match=rf"cuts the gradient on a path from the input \(.*{named}.*remove the cut"):
+        probe_rf(CutPath(cut), SHAPE, "center", mode=mode)
+
+
+def test_a_cut_after_the_probed_layer_does_not_matter_and_the_table_leaves_out_rows_after_a_cut():
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = small(), nn.Conv2d(2, 2, 3)
+
+        def forward(self, x):
+            return self.head(self.features(x).detach()).mean((2, 3)).argmax(1)
+
+    assert probe_rf(Classifier(), SHAPE, "center", layer="features").size == (8, 8)
+    with pytest.warns(UserWarning, match=r"rows from 'head' on are left out.*detach\(\)"):
+        rows = rf_table(Classifier(), SHAPE)
+    assert [r.name for r in rows] == ["features.0", "features.1", "features.2", "features.3", "features"]
+    with pytest.raises(ProbeError, match=r"cuts the gradient before the output of 'head'"):
+        rf_table(Classifier(), SHAPE, layers=["head"])
+
+
+def test_table_refuses_a_named_layer_with_a_tuple_output():
+    with pytest.raises(ValueError, match=r"'' returns|returns a tuple of feature maps.*element="):
+        rf_table(nn.Sequential(TwoMaps()), SHAPE, layers=["0"])
+
+
+def test_squeeze_and_excitation_gates_do_not_overflow_the_theoretical_copy():
+    class SE(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = (
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.Conv2d(c, c // 2, 1),
+                nn.Conv2d(c // 2, c, 1),
+            )
+
+        def forward(self, x):
+            y = self.conv(x)
+            return x + y * torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[SE(8) for _ in range(24)])
+    field = probe_rf(model, (1, 3, 24, 24), "center")
+    assert field.bounds == ((0, 23), (0, 23))  # the gate pools globally: the whole input, exactly
+    assert field.geometry == (None, None)  # every field spans any input: no (r, S, P)
+
+
+def test_global_module_hooks_do_not_run_on_the_probe_copy():
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: calls.append(1))
+    try:
+        probe_rf(small(), SHAPE, "center", mode="weights")
+        effective_rf(small(), torch.randn(2, 1, 20, 20), "center")
+        assert calls == []
+        small()(torch.zeros(SHAPE))
+        assert calls  # still registered for the user's own forwards
+    finally:
+        handle.remove()
+
+
+# --- effective_rf's inputs ----------------------------------------------------------------------------------------
+
+
+def test_effective_rf_refuses_nan_inputs_empty_batches_and_unbatched_images():
+    model = small()
+    bad = torch.randn(4, 1, 20, 20)
+    bad[2, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs hold NaN or inf values \(1 of 4 samples\).*drop or clean"):
+        effective_rf(model, bad)
+    with pytest.raises(ValueError, match=r"inputs of shape \(0, 1, 20, 20\) hold no sample"):
+        effective_rf(model, torch.zeros(0, 1, 20, 20))
+    with pytest.raises(ValueError, match=r"inputs of shape \(1, 20, 20\) are read as a batch.*inputs\.unsqueeze\(0\)"):
+        effective_rf(model, torch.zeros(1, 20, 20))
+    with pytest.raises(ValueError, match=r"chunk_size=0 must be an int >= 1"):
+        effective_rf(model, torch.zeros(2, 1, 20, 20), chunk_size=0)
+
+
+def test_effective_rf_refuses_a_model_whose_output_is_not_finite():
+    model = small()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ProbeError, match="not finite"):
+        effective_rf(model, torch.randn(2, 1, 20, 20))
+
+
+# --- arguments at the door ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pos": (4.0, 4.0)}, r"pos=\(4\.0, 4\.0\) has the index 4\.0 \(float\): indices must be ints.*pos=\(4, 4\)"),
+        ({"pos": (True, 1)}, r"has the index True \(bool\)"),
+        ({"pos": "middle"}, r"pos='middle' is not allowed; use an index tuple"),
+        ({"pos": [(1, 1), 2]}, r"pos=\[\(1, 1\), 2\] is not allowed"),
+        ({"pos": (1, 2, 3)}, r"must have 2 int index\(es\)"),
+        ({"pos": (9, 0)}, r"outside the output map of the model, whose spatial shape is \(7, 7\)"),
+        ({"draws": True, "mode": "weights"}, r"draws=True must be an int >= 1 \(the number of random inputs"),
+        ({"draws": 0, "mode": "weights"}, r"draws=0 must be an int >= 1"),
+        ({"seed": "0"}, r"seed='0' must be an int .*got str"),
+        ({"dtype": torch.int32}, r"dtype=torch\.int32 must be a floating torch dtype"),
+        ({"layer": 2}, r"layer=2 must be a dotted submodule name \(a str"),
+        ({"layer": "conv9"}, r"layer='conv9' is not a submodule of the model; nearest names"),
+        ({"element": 1.5}, r"element=1\.5 must be an int \(the index in a tuple"),
+        ({"mode": "exact"}, r"mode='exact' is not a probe mode"),
+    ],
+)
+def test_bad_arguments_are_refused_with_their_name_and_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        probe_rf(small(), SHAPE, **{"pos": "center", **kwargs})
+
+
+def test_layer_given_as_the_module_object_says_a_name_is_needed():
+    model = small()
+    with pytest.raises(ValueError, match=r"must be a dotted submodule name \(a str, as in model\.named_modules\(\)"):
+        probe_rf(model, SHAPE, "center", layer=model[3])
+
+
+def test_numpy_and_torch_integers_are_accepted_where_ints_are():
+    model = small()
+    expected = probe_rf(model, SHAPE, (3, 2))
+    assert probe_rf(model, SHAPE, (np.int64(3), np.int32(2))) == expected
+    assert probe_rf(model, SHAPE, np.array([3, 2])) == expected
+    assert probe_rf(model, SHAPE, torch.tensor([3, 2])) == expected
+    assert probe_rf(model, SHAPE, (3, 2), mode="weights", draws=np.int64(2), seed=np.int32(1)).size == (8, 8)
+
+
+def test_model_on_the_meta_device_is_refused_with_the_way_out():
+    with torch.device("meta"):
+        model = small()
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        probe_rf(model, SHAPE, "center")
+
+
+def test_model_that_cannot_be_copied_is_refused_with_the_way_out():
+    model = small()
+    model.lock = threading.Lock()
+    with pytest.raises(ProbeError, match=r"cannot be deep-copied \(TypeError.*module="):
+        probe_rf(model, SHAPE, "center")
