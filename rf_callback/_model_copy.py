@@ -97,21 +97,45 @@ class _ProbeFunctions(TorchFunctionMode):
     would otherwise zero pixels at random and draw from the global random generator).
     Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
     and a product of two input-dependent tensors is divided by its largest magnitude (no overflow).
-    ``cuts`` records every call that cuts the gradient on an input-dependent tensor (see :func:`_gradient_cut`).
+
+    ``cuts`` records how the forward cuts the gradient on an input-dependent tensor: a function whose gradient is
+    zero (``round``, ``argmax``), or a tensor made without gradient from the input (``.detach()``, an op inside
+    ``torch.no_grad()``, an integer cast) that a later op or the output uses. A custom ``autograd.Function`` runs
+    its forward without gradient too, but its output carries one, so it is no cut.
     """
 
     def __init__(self, linearise: bool):
         super().__init__()
         self.linearise = linearise
         self.cuts: list[str] = []
+        # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
+        # unique).
+        self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def cut_reason(self, tensor) -> str | None:
+        """Why ``tensor`` depends on the input without a gradient to it, or None."""
+        if isinstance(tensor, torch.Tensor) and not tensor.requires_grad and id(tensor) in self._cut_from_input:
+            return self._cut_from_input[id(tensor)][1]
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
+        if from_input and torch.is_grad_enabled():
+            self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
+            if name.rstrip("_") in _ZERO_GRADIENT:
+                self.cuts.append(f"{name}(), whose gradient is zero")
+        result = self._call(func, name, args, kwargs)
+        # A boolean mask (x > 0) gates values that carry their own gradient: not a cut.
+        if from_input and isinstance(result, torch.Tensor) and not result.requires_grad and result.dtype != torch.bool:
+            reason = f"{name}() inside torch.no_grad()" if not torch.is_grad_enabled() else f"{name}()"
+            self._cut_from_input[id(result)] = (result, reason)
+        return result
+
+    def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
-        cut = _gradient_cut(name, args, kwargs)
-        if cut is not None:
-            self.cuts.append(cut)
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -128,27 +152,7 @@ class _ProbeFunctions(TorchFunctionMode):
 
 
 # Functions whose output depends on their input but whose gradient is zero.
-_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign", "argmax", "argmin", "argsort"})
-_INTEGER_CASTS = frozenset({"long", "int", "short", "byte", "char"})
-
-
-def _gradient_cut(name: str, args, kwargs) -> str | None:
-    """Describes how a call cuts the gradient on an input-dependent tensor, None if it does not.
-
-    A field read from gradients misses every input that reaches the output only through such a cut: ``.detach()``,
-    an op inside ``torch.no_grad()``, a cast to an integer type, or a function whose gradient is zero.
-    """
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if not any(t.requires_grad for t in tensors):
-        return None
-    if not torch.is_grad_enabled():
-        return f"{name}() inside torch.no_grad()"
-    if name in ("detach", "detach_") or name.rstrip("_") in _ZERO_GRADIENT or name in _INTEGER_CASTS:
-        return f"{name}()"
-    if name in ("to", "type") and any(isinstance(a, torch.dtype) and not a.is_floating_point and a != torch.bool
-                                      for a in (*args, *kwargs.values())):  # fmt: skip
-        return f"{name}() to an integer type"
-    return None
+_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign"})
 
 
 def _input_dependent_factors(args) -> int:

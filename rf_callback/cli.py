@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-from rf_callback.graph import ProbeError
-from rf_callback.probe import probe_rf
+from rf_callback.probe import ProbeError, probe_rf
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
 
 PROG = "rf-probe"
+# Set to 1 to see the traceback of an unexpected failure (on stderr, above the one-line message).
+TRACEBACK_VARIABLE = "RF_PROBE_TRACEBACK"
 _DESCRIPTION = """\
 Measure the exact receptive field of a model, at one output position, over a whole output map, or layer by layer.
 
@@ -28,19 +34,23 @@ MODULE:CALLABLE names a function (or class) that returns the torch.nn.Module: MO
 importable from the current directory (my_package.models) or a path to a .py file (models/net.py). Warning: this
 imports MODULE, which runs its code, and then calls CALLABLE with the --kwargs; only name code you trust.
 The model itself is never modified: the probe works on a private copy."""
-_EPILOG = """\
+_EPILOG = f"""\
 examples:
   rf-probe tests.cli_models:small_net --input-shape 3,32,32
-  rf-probe models.py:resnet --kwargs '{"depth": 18}' --input-shape 3,224,224 --table --target-size 96
+  rf-probe models.py:resnet --kwargs '{{"depth": 18}}' --input-shape 3,224,224 --table --target-size 96
   rf-probe models.py:unet --input-shape 1,64,64 --pos all --json > fields.json
   rf-probe models.py:net --input-shape 3,32,32 --layer features.3 --pos 2,5 --plot rf.png --gif sweep.gif
 
-exit status: 0 on success, 2 on a bad argument, a module or callable that cannot be imported or called, or an
-input shape the model rejects (with a one-line message on stderr)."""
+exit status: 0 on success; 2 on any failure (a bad argument, a module or callable that cannot be imported or
+called, an input shape the model rejects, a model the probe cannot measure, a picture that cannot be written),
+with a one-line message on stderr and no traceback ({TRACEBACK_VARIABLE}=1 shows the traceback of an unexpected
+one); 130 when interrupted (Ctrl-C). --plot and --gif paths are checked before anything is probed."""
+
+_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
 class _UsageError(Exception):
-    """A bad argument, import or shape: reported as one line on stderr, exit status 2."""
+    """A failure reported as one line on stderr with exit status 2 (the message names the option and the fix)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,12 +58,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Reports ``message`` on one line and exits with status 2."""
+        if message.startswith("argument --pos: expected one argument"):
+            message += "; a value that starts with '-' must follow an '=': --pos=-1,-1"
         _fail(f"{message} (see {PROG} --help)")
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 2) -> NoReturn:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
+
+
+class _Stage:
+    """What the command is doing now, named in the message of an interrupt or of an unexpected failure."""
+
+    def __init__(self) -> None:
+        self.now = "reading the arguments"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,7 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--table", action="store_true", help="one row per layer with a feature map: the field at its centre"
     )
     parser.add_argument("--json", action="store_true", help="print JSON (the fields of to_dict()) instead of text")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the field (plot_rf) into this image file")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the field (plot_rf) into this image file, in a format matplotlib writes (.png, .pdf, .svg, ...)",
+    )
     parser.add_argument(
         "--gif", metavar="FILE.gif", help="animate the field sweeping the whole output map (animate_rf; 1D and 2D)"
     )
@@ -114,63 +137,229 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``rf-probe`` command.
 
+    Every failure ends the same way: one line on stderr that names the option (or the factory) at fault and how to
+    fix it, and ``SystemExit(2)``, whatever raised, including the model's own code and the writing of a picture
+    after the results were printed; never a traceback (unless ``RF_PROBE_TRACEBACK=1`` asks for the traceback of
+    an unexpected failure). An interrupt (Ctrl-C) ends with one line and ``SystemExit(130)``.
+
     Args:
         argv: the command-line arguments without the program name; ``None`` for ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success. Usage errors (bad arguments, a module or callable that cannot be imported
-        or called, shapes the model rejects) print one line on stderr and raise ``SystemExit(2)``.
+        The exit status: 0 on success (failures raise ``SystemExit`` instead, as described above).
     """
-    args = _parser().parse_args(argv)
+    stage = _Stage()
     try:
-        return _run(args)
-    except (_UsageError, ValueError, ProbeError) as error:
+        args = _parser().parse_args(argv)
+        return _run(args, stage)
+    except _UsageError as error:
+        _show_traceback(error.__cause__)
         _fail(str(error))
+    except KeyboardInterrupt:
+        _fail(f"interrupted (Ctrl-C) while {stage.now}; nothing more was done", status=130)
+    except BrokenPipeError:
+        _silence_stdout()
+        _fail(f"stdout was closed before all the output was written, while {stage.now} (broken pipe, e.g. | head)")
+    except Exception as error:
+        _show_traceback(error)
+        _fail(
+            f"unexpected {type(error).__name__} while {stage.now}: {error}; this is a bug in {PROG}: rerun with "
+            f"{TRACEBACK_VARIABLE}=1 for the traceback and report it"
+        )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _show_traceback(error: BaseException | None) -> None:
+    if error is not None and os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """Points stdout at the null device, so that the interpreter's last flush of a closed pipe does not fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (captured in tests): nothing to flush
+        pass
+
+
+def _run(args: argparse.Namespace, stage: _Stage) -> int:
+    stage.now = "checking the arguments"
     shape = _input_shape(args.input_shape)
     kwargs = _kwargs(args.kwargs)
     target = _target_size(args.target_size, len(shape) - 2)
     pos = _position(args.pos)
+    _check_layers(args.layer)
     _check_combinations(args)
     if args.gif is not None and len(shape) == 5:
         raise _UsageError("--gif animates 1D and 2D inputs only; for a 3D input, draw single fields with --plot")
-    for option, suffixes in (("--plot", None), ("--gif", (".gif",))):
-        _check_output_path(option, getattr(args, option[2:]), suffixes)
+    pictures = {
+        option: _checked_picture(option, path, _picture_formats(option))
+        for option, path in (("--plot", args.plot), ("--gif", args.gif))
+        if path is not None
+    }
+    stage.now = f"building the model ({args.target})"
     model = _model(args.target, kwargs)
     progress = _Progress(sys.stderr, enabled=not args.quiet)
     try:
-        _probe_and_print(args, model, shape, pos, target, progress)
+        _probe_and_print(args, model, shape, pos, target, progress, stage, pictures)
     finally:
         progress.done()
     return 0
 
 
-def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Progress) -> None:
-    if args.table:
-        rows = rf_table(model, shape, layers=args.layer, mode=args.mode, progress=progress.layer)
-        progress.done()
-        print(_table_json(rows, target) if args.json else _table_text(args.target, shape, args.mode, rows, target))
-        return
+def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Progress, stage: _Stage, pictures) -> None:
     layer = args.layer[0] if args.layer else None
-    if pos == "all":
-        progress.note(f"probing every position of the output map of {_where(layer)}")
-    result = probe_rf(model, shape, pos, layer=layer, mode=args.mode)
-    progress.done()
-    if isinstance(result, ReceptiveFieldMap):
-        print(_map_json(result, target) if args.json else _map_text(args.target, result, target))
-    else:
-        print(_field_json(result, target) if args.json else _field_text(args.target, result, target))
-        if args.plot:
+    stage.now = f"probing {args.target}"
+    with _probing(args, model, shape, pos):
+        if args.table:
+            rows = rf_table(model, shape, layers=args.layer, mode=args.mode, progress=progress.layer)
+            progress.done()
+            text = _table_json(rows, target) if args.json else _table_text(args.target, shape, args.mode, rows, target)
+        else:
+            if pos == "all":
+                progress.note(f"probing every position of the output map of {_where(layer)}")
+            result = probe_rf(model, shape, pos, layer=layer, mode=args.mode)
+            progress.done()
+            if isinstance(result, ReceptiveFieldMap):
+                text = _map_json(result, target) if args.json else _map_text(args.target, result, target)
+            else:  # the geometry is measured here, on first use
+                text = _field_json(result, target) if args.json else _field_text(args.target, result, target)
+    stage.now = "printing the results"
+    print(text)
+    sys.stdout.flush()  # a closed pipe fails here, inside main, and not at the interpreter's exit
+    if args.plot:
+        stage.now = f"writing --plot {args.plot}"
+        with _writing("--plot", args.plot, pictures["--plot"]):
             from rf_callback.plotting import plot_rf
 
             plot_rf(result).savefig(args.plot)
     if args.gif:
-        from rf_callback.plotting import animate_rf
-
+        stage.now = f"writing --gif {args.gif}"
         progress.note(f"writing {args.gif}")
-        animate_rf(model, shape, args.gif, layer=layer, mode=args.mode)
+        with _writing("--gif", args.gif, pictures["--gif"]):
+            from rf_callback.plotting import animate_rf
+
+            animate_rf(model, shape, args.gif, layer=layer, mode=args.mode)
+
+
+@contextmanager
+def _probing(args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...], pos) -> Iterator[None]:
+    """Turns whatever the probe (or the model's own code) raises into one line that names the option at fault."""
+    try:
+        yield
+    except ValueError as error:
+        message = _probe_message(str(error), args, model, shape, pos)
+        raise _UsageError(message if "--" in message else f"{_probed(args)} failed: {message}") from error
+    except ProbeError as error:
+        uncopyable = _copy_failure(model)
+        if uncopyable is not None:
+            raise _UsageError(_uncopyable_message(args.target, uncopyable)) from uncopyable
+        message = _probe_message(str(error), args, model, shape, pos)
+        if "forward raised" in message:
+            message += f"; check that the model runs on an input of shape {shape} (--input-shape, with a batch of 1)"
+        raise _UsageError(f"{_probed(args)} failed: {message}") from error
+    except SystemExit as exit_:
+        raise _UsageError(
+            f"{_probed(args)} failed: the model's code called sys.exit({exit_.code!r}) (raised SystemExit) while it "
+            f"was probed; a forward must return a tensor, not end the program"
+        ) from exit_
+    except Exception as error:
+        uncopyable = _copy_failure(model)
+        if uncopyable is not None:
+            raise _UsageError(_uncopyable_message(args.target, uncopyable)) from uncopyable
+        raise _UsageError(
+            f"{_probed(args)} failed with {type(error).__name__}: {error}; check that the model runs on an input of "
+            f"shape {shape} (--input-shape, with a batch of 1); if it does, this is a bug in {PROG}: rerun with "
+            f"{TRACEBACK_VARIABLE}=1 for the traceback and report it"
+        ) from error
+
+
+def _probed(args: argparse.Namespace) -> str:
+    layer = f" --layer {' --layer '.join(args.layer)}" if args.layer else ""
+    return f"probing {args.target} with --input-shape {args.input_shape}{layer} --mode {args.mode}"
+
+
+def _copy_failure(model: nn.Module) -> BaseException | None:
+    """The error of ``copy.deepcopy(model)``, if the probe's private copy cannot be made; ``None`` if it can."""
+    try:
+        copy.deepcopy(model)
+    except Exception as error:
+        return error
+    return None
+
+
+def _uncopyable_message(spec: str, error: BaseException) -> str:
+    return (
+        f"the model that {spec} returned cannot be deep-copied ({type(error).__name__}: {error}), and the probe "
+        f"works on a copy so that the model is never changed; make the factory return a model that copy.deepcopy() "
+        f"accepts (keep locks, open files and other unpicklable objects out of its modules, or define __deepcopy__)"
+    )
+
+
+def _probe_message(message: str, args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...], pos) -> str:
+    """The library's message in the command line's words: ``pos=(1, 2)`` becomes ``--pos 1,2``, and so on."""
+    if message.startswith("input_shape=") or "forward raised" in message:
+        mismatch = _rank_mismatch(model, args.input_shape, shape)
+        if mismatch is not None:
+            return mismatch
+    layers = args.layer or []
+    for name, option in (
+        (f"input_shape={shape!r}", f"--input-shape {args.input_shape} (the input {shape}, with its batch axis)"),
+        (f"pos={pos!r}", f"--pos {args.pos}"),
+        (f"layers={list(layers)!r}", " ".join(f"--layer {name}" for name in layers)),
+        *((f"layer={name!r}", f"--layer {name}") for name in layers),
+        (f"mode={args.mode!r}", f"--mode {args.mode}"),
+    ):
+        message = message.replace(name, option, 1)
+    hints = {"layer": "--layer NAME", "pos": "--pos I,J", "input_shape": "--input-shape C,H,W", "mode": "--mode M"}
+    message = re.sub(r"(?<![\w-])(layer|pos|input_shape|mode)=(?=[\s,;.)]|$)", lambda m: hints[m[1]], message)
+    # A shape in the library's words, (N, C, H, W), is C,H,W on the command line (the batch axis is implied).
+    return re.sub(r"\(N, (C(?:, [A-Z])+)\)", lambda m: m[1].replace(" ", ""), message)
+
+
+def _rank_mismatch(model: nn.Module, text: str, shape: tuple[int, ...]) -> str | None:
+    """Says how ``--input-shape`` was read, when its spatial axes do not fit the model's first convolution."""
+    first = next(((name, m) for name, m in model.named_modules() if isinstance(m, _ConvNd)), None)
+    if first is None:
+        return None
+    name, conv = first
+    takes, values = len(conv.kernel_size), list(shape[1:])
+    given = len(values) - 1
+    if takes == given or takes not in _AXES:
+        return None
+    read = ", ".join(f"{axis}={value}" for axis, value in zip(("C", *_AXES[given]), values))
+    if len(values) >= takes:
+        spatial = values[-takes:]
+    else:
+        spatial = values[1:] + values[-1:] * (takes - given)
+    channels = conv.in_channels if conv.in_channels > 0 else "C"
+    example = ",".join(map(str, (channels, *spatial)))
+    if len(values) == takes:
+        why = "; C (the channels) seems to be missing"
+    elif len(values) == takes + 2 and values[0] == 1:
+        why = "; leave out the batch axis, which the command adds"
+    else:
+        why = ""
+    return (
+        f"--input-shape {text} is read as {read} (channels first, no batch axis): it has {given} spatial axes, but "
+        f"the convolution {name or '(the model)'} ({type(conv).__name__}), the model's first, takes {takes}: pass "
+        f"{','.join(('C', *_AXES[takes]))}, e.g. {example}{why}"
+    )
+
+
+@contextmanager
+def _writing(option: str, path: str, existed: bool) -> Iterator[None]:
+    """Turns a failure to draw or write a picture into one line; removes a partial file this command created."""
+    try:
+        yield
+    except BaseException as error:
+        if not existed:
+            Path(path).unlink(missing_ok=True)
+        if not isinstance(error, Exception):
+            raise
+        raise _UsageError(
+            f"writing {option} {path!r} failed after the results above were printed: {type(error).__name__}: "
+            f"{error}; choose another path or format (e.g. {option} {_example(option, path)}) and run again"
+        ) from error
 
 
 # --- arguments ------------------------------------------------------------------------------------------------
@@ -219,6 +408,14 @@ def _position(text: str | None) -> str | tuple[int, ...]:
     return tuple(_ints(text, "--pos", "'center', 'all' or output indices separated by commas (I,J)"))
 
 
+def _check_layers(layers: list[str] | None) -> None:
+    for name in layers or []:
+        if not name or any(not part for part in name.split(".")):
+            raise _UsageError(
+                f"--layer {name!r} is not a dotted submodule name (as in model.named_modules(), e.g. features.3)"
+            )
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     if args.table:
         for option, value in (("--pos", args.pos), ("--plot", args.plot), ("--gif", args.gif)):
@@ -232,14 +429,63 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise _UsageError("--plot draws one field; with --pos all use --gif, or give --pos I,J or center")
 
 
-def _check_output_path(option: str, path: str | None, suffixes: tuple[str, ...] | None) -> None:
-    if path is None:
-        return
+def _picture_formats(option: str) -> tuple[str, ...]:
+    """The file extensions ``option`` writes: matplotlib's for ``--plot`` (no pyplot state), GIF for ``--gif``."""
+    if option == "--gif":
+        return ("gif",)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
+
+
+def _example(option: str, path: str) -> str:
+    stem = Path(path).stem or "rf"
+    return f"{stem}.gif" if option == "--gif" else f"{stem}.png"
+
+
+def _checked_picture(option: str, path: str, formats: tuple[str, ...]) -> bool:
+    """Checks that ``path`` can be written in a format ``option`` knows, before anything is probed.
+
+    Returns:
+        Whether the file existed before (a new file left half-written by a failure is removed).
+    """
     target = Path(path)
-    if suffixes is not None and target.suffix.lower() not in suffixes:
-        raise _UsageError(f"{option} {path!r} must end in {' or '.join(suffixes)}")
-    if not target.parent.is_dir():
-        raise _UsageError(f"{option} {path!r} is in a folder that does not exist: {str(target.parent)!r}")
+    if path and target.is_dir():
+        raise _UsageError(
+            f"{option} {path!r} is a folder; give a file name in it, e.g. {option} {target / _example(option, '')}"
+        )
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        found = f"ends in {target.suffix!r}" if target.suffix else "has no file extension"
+        if option == "--gif":
+            allowed, also = ".gif (the sweep is an animated GIF)", "; for a single picture use --plot"
+        else:
+            allowed, also = f"one of matplotlib's picture formats ({', '.join(f'.{f}' for f in formats)})", ""
+        raise _UsageError(
+            f"{option} {path!r} must end in {allowed}, but it {found}: use e.g. {option} {_example(option, path)}{also}"
+        )
+    folder = target.parent
+    if not folder.exists():
+        raise _UsageError(
+            f"{option} {path!r} is in a folder that does not exist: {str(folder)!r}; create it first or choose "
+            f"another path"
+        )
+    if not folder.is_dir():
+        raise _UsageError(
+            f"{option} {path!r} is in {str(folder)!r}, which is a file, not a folder; choose another path"
+        )
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as error:
+        raise _UsageError(
+            f"{option} {path!r} cannot be written ({error.strerror or error}); choose a path in a folder you can "
+            f"write to"
+        ) from None
+    if not existed:
+        target.unlink(missing_ok=True)
+    return existed
 
 
 # --- the model ------------------------------------------------------------------------------------------------
@@ -260,7 +506,15 @@ def _model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as error:
-        raise _UsageError(f"calling {spec}(**{kwargs!r}) raised {type(error).__name__}: {error}") from None
+        raise _UsageError(
+            f"calling {spec}(**{kwargs!r}) raised {type(error).__name__}: {error}; fix the factory or its --kwargs"
+        ) from error
+    except SystemExit as exit_:
+        raise _UsageError(
+            f"calling {spec}(**{kwargs!r}) raised SystemExit({exit_.code!r}): the factory called sys.exit() (as "
+            f"argparse does on a command line it cannot parse) instead of returning a model; make it take its "
+            f"settings as arguments and pass them with --kwargs"
+        ) from None
     if not isinstance(model, nn.Module):
         raise _UsageError(f"{spec}(**{kwargs!r}) returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -281,8 +535,13 @@ def _import(name: str):
         if error.name and (name == error.name or name.startswith(f"{error.name}.")):
             raise _UsageError(f"cannot import module {name!r}: no module named {error.name!r}") from None
         raise _UsageError(f"importing module {name!r} failed: {error}") from None
-    except (Exception, SystemExit) as error:
-        raise _UsageError(f"importing module {name!r} raised {type(error).__name__}: {error}") from None
+    except SystemExit as exit_:
+        raise _UsageError(
+            f"importing module {name!r} raised SystemExit({exit_.code!r}): its code calls sys.exit() when imported; "
+            f"put the script part under if __name__ == '__main__':"
+        ) from None
+    except Exception as error:
+        raise _UsageError(f"importing module {name!r} raised {type(error).__name__}: {error}") from error
 
 
 def _import_file(path: str):

@@ -221,13 +221,20 @@ def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer, e
             f"head, or a ModuleList/ModuleDict container whose children run instead), so it has no field; name a "
             f"submodule that runs, e.g. one of {_run_modules(copy, inputs, mode)}"
         )
-    if functions.cuts:
+    cuts = [*functions.cuts, *filter(None, [functions.cut_reason(t) for t in _tensors_in(output)])]
+    if cuts:
         raise ProbeError(
             f"the forward up to the output of {where(layer)} cuts the gradient on a path from the input "
-            f"({', '.join(dict.fromkeys(functions.cuts))}): the probe reads fields from gradients and would miss the "
+            f"({', '.join(dict.fromkeys(cuts))}): the probe reads fields from gradients and would miss the "
             f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
         )
     return selected_element(output, element, layer)
+
+
+def _tensors_in(output) -> list:
+    if isinstance(output, dict):
+        output = list(output.values())
+    return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
 def selected_element(output, element, layer: str | None) -> torch.Tensor:

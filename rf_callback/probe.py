@@ -215,6 +215,10 @@ class _Prober:
 
         return LazyGeometry(len(self.shape) - 2, measure)
 
+    def _bare_geometry(self) -> tuple:
+        """The geometry without a table (which it would otherwise use): tables need it first, to tell cut fields."""
+        return measure_geometry(self.theory, self.graph_on, known=self.known)
+
     def _float64(self) -> _Prober:
         return _Prober(self.model, self.shape, self.layer, "theoretical", draws=1, seed=0, dtype=torch.float64,
                        guard=False, element=self.element)  # fmt: skip
@@ -250,7 +254,7 @@ class _Prober:
             if self.mode == "theoretical":
                 self.known.update({p: h > 0 for p, h in heatmaps.items()})
         else:
-            self.table = measure_axis_table(self.theory, full=True, known=self.known)
+            self.table = measure_axis_table(self.theory, full=True, known=self.known, geometry=self._bare_geometry())
             heatmaps = self._grouped_heatmaps(unique, self.table)
         geometry = self.geometry()
         return [self._field(p, heatmaps[p], geometry) for p in positions]
@@ -284,7 +288,7 @@ class _Prober:
     def field_map(self) -> ReceptiveFieldMap:
         """Returns the bounds of every output position."""
         graph = self.measured
-        self.table = axes = measure_axis_table(self.theory, full=True, known=self.known)
+        self.table = axes = measure_axis_table(self.theory, full=True, known=self.known, geometry=self._bare_geometry())
         shape = (*graph.output_shape, len(graph.output_shape))
         first = torch.zeros(shape, dtype=torch.int64)
         last = torch.full(shape, -1, dtype=torch.int64)

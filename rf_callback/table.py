@@ -301,7 +301,7 @@ def _forward_outputs(
                 same_as = producers.get((id(args[0]), args[0]._version))
             producers.setdefault(key, same_as or name)
             alive.append(output)
-            cut = ", ".join(dict.fromkeys(functions.cuts)) or None
+            cut = ", ".join(dict.fromkeys([*functions.cuts, *filter(None, [functions.cut_reason(output)])])) or None
             outputs[name] = _Output(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut
             )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+import threading
+
+import torch
 from torch import nn
 
 from tests.models import TinyResNet, TinyUNet
@@ -42,3 +47,60 @@ def not_a_model() -> str:
 
 def broken_factory() -> nn.Module:
     raise RuntimeError("the factory failed on purpose")
+
+
+# --- factories that fail, for the command's reliability tests -------------------------------------------------
+
+
+def locked_net() -> nn.Module:
+    """small_net holding a threading.Lock, which copy.deepcopy (and so the probe's private copy) refuses."""
+    model = small_net()
+    model.lock = threading.Lock()
+    return model
+
+
+def exiting_factory(code: int = 3) -> nn.Module:
+    """A factory that ends the program instead of returning a model."""
+    sys.exit(code)
+
+
+def argparse_factory() -> nn.Module:
+    """A factory that parses a command line of its own, as scripts do: argparse prints its usage and exits 2."""
+    parser = argparse.ArgumentParser(prog="train.py")
+    parser.add_argument("--depth", type=int, required=True)
+    return small_net(width=parser.parse_args([]).depth)
+
+
+def interrupted_factory() -> nn.Module:
+    """A factory interrupted by the user (Ctrl-C)."""
+    raise KeyboardInterrupt
+
+
+class _FailingForward(nn.Module):
+    def __init__(self, exit_code: int | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.exit_code = exit_code
+
+    def forward(self, x):
+        if self.exit_code is not None:
+            sys.exit(self.exit_code)
+        raise RuntimeError("the forward failed on purpose")
+
+
+def failing_forward() -> nn.Module:
+    """A model whose forward raises RuntimeError."""
+    return _FailingForward()
+
+
+def exiting_forward() -> nn.Module:
+    """A model whose forward calls sys.exit(4)."""
+    return _FailingForward(exit_code=4)
+
+
+def nan_net() -> nn.Module:
+    """small_net with NaN weights: the probe's gradient in weights mode is not finite."""
+    model = small_net()
+    with torch.no_grad():
+        model[2].weight.fill_(float("nan"))
+    return model

@@ -136,3 +136,18 @@ def test_table_rows_carry_the_unclipped_size_beside_the_clipped_bounds():
     assert rows["layer2"].size == (12, 10) and rows["layer2"].covers_input
     assert rows["layer2"].full_size == (25, 25) and rows["layer2"].stride == (4, 4)
     assert rows["stem.0"].full_size == (3, 3) == rows["stem.0"].size
+
+
+def test_fixed_size_output_has_no_geometry_and_is_not_read_on_enlarged_inputs(monkeypatch):
+    # An adaptive pool to 8 x 8 is the identity on this input and pools on a longer one: no single (r, S, P)
+    # describes the fields across input lengths, and reading them on inputs enlarged in every axis would cost the
+    # most for nothing.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(2, 2, 3, padding=1))
+    shapes = []
+    init = ProbeGraph.__init__
+    monkeypatch.setattr(
+        ProbeGraph, "__init__", lambda self, m, shape, *a, **k: shapes.append(shape) or init(self, m, shape, *a, **k)
+    )
+    field = probe_rf(nn.Sequential(*model, nn.AdaptiveAvgPool2d((8, 8))), (1, 1, 16, 16), "center")
+    assert field.bounds == ((5, 12), (5, 12)) and field.geometry == (None, None)
+    assert max(s[2] * s[3] for s in shapes) <= 16 * 64  # thin inputs only, never 32 x 32 or larger in both axes

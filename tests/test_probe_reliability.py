@@ -246,3 +246,27 @@ def test_model_that_cannot_be_copied_is_refused_with_the_way_out():
     model.lock = threading.Lock()
     with pytest.raises(ProbeError, match=r"cannot be deep-copied \(TypeError.*module="):
         probe_rf(model, SHAPE, "center")
+
+
+class _Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return (x * 2).clone()  # runs without gradient, as every custom forward does
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_custom_autograd_functions_and_boolean_masks_are_not_gradient_cuts():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2)
+
+        def forward(self, x):
+            y = _Doubled.apply(self.a(x))
+            return self.b(y * (y > 0))  # a hand-written ReLU
+
+    assert probe_rf(Custom(), SHAPE, "center").size == (7, 7)
+    assert probe_rf(Custom(), SHAPE, "center", mode="weights").size == (7, 7)
