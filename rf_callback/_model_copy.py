@@ -108,6 +108,9 @@ class _ProbeFunctions(TorchFunctionMode):
         super().__init__()
         self.linearise = linearise
         self.cuts: list[str] = []
+        # Calls whose output size is fixed rather than following the input's (adaptive pooling, an interpolation
+        # to a size): the fields then change with the input's length, and no (r, S, P) describes them.
+        self.fixed_size: list[str] = []
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
@@ -127,6 +130,10 @@ class _ProbeFunctions(TorchFunctionMode):
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
+        if name.startswith(("adaptive_", "_adaptive_")) or (
+            name in ("interpolate", "upsample") and _sized(args, kwargs)
+        ):
+            self.fixed_size.append(f"{name}()")
         result = self._call(func, name, args, kwargs)
         # A boolean mask (x > 0) gates values that carry their own gradient: not a cut.
         if from_input and isinstance(result, torch.Tensor) and not result.requires_grad and result.dtype != torch.bool:
@@ -149,6 +156,10 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
+
+
+def _sized(args, kwargs) -> bool:
+    return kwargs.get("size", args[1] if len(args) > 1 else None) is not None
 
 
 # Functions whose output depends on their input but whose gradient is zero.

@@ -163,9 +163,9 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
             graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is None or len(graph.output_shape) != len(theory.output_shape):
             return _FALLBACK
-        if growth > 1 and graph.output_shape[axis] == theory.output_shape[axis] >= 2:
-            # A strided map of 2 or more grows with its input; this one has a fixed size (adaptive pooling, an
-            # interpolation to a size): its fields change with the input's length, and no (r, S, P) holds.
+        if graph.fixed_size:
+            # Adaptive pooling or an interpolation to a size on the way: the fields change with the input's
+            # length, and no (r, S, P) holds across lengths.
             return _CLIPPED
         found = read_axis(graph, axis)
         if found is _CLIPPED:

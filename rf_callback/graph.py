@@ -111,11 +111,14 @@ class ProbeGraph:
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
         self.dtype, self.device, self.guard = dtype, device, guard
         self.copy = copy
+        self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
         if captured is None:
             copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype)
             target = submodule(copy, layer)
             self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
-            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer, element)
+            functions = probe_functions(mode)
+            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer, element, functions)
+            self.fixed_size = functions.fixed_size
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
         else:
@@ -182,11 +185,14 @@ def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.devic
     return inputs.to(device).requires_grad_(True)
 
 
-def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None) -> torch.Tensor:
+def forward_to(
+    copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None, functions=None
+) -> torch.Tensor:
     """Runs the copy's forward under the probe's function mode and returns ``target``'s output (the model's if None).
 
     The forward stops once ``target`` has produced its output; ``element`` picks one feature map from an output
-    that is a tuple, list or dict.
+    that is a tuple, list or dict; ``functions`` is the function mode to run under (:func:`probe_functions`), to
+    read what it saw afterwards.
 
     Raises:
         ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, or the output is
@@ -202,7 +208,7 @@ def forward_to(copy: nn.Module, target, inputs, mode: str, input_shape, layer, e
     handles = batched_only_hooks(copy)
     if target is not None:
         handles.append(target.register_forward_hook(capture))
-    functions = probe_functions(mode)
+    functions = functions or probe_functions(mode)
     try:
         with functions:
             output = copy(inputs)

@@ -83,6 +83,7 @@ class _Output:
     same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
     after_cut: str | None = None  # a gradient cut the forward made before this output
+    fixed_size: tuple[str, ...] = ()  # calls with a fixed output size before this output
 
 
 # Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
@@ -219,7 +220,7 @@ class _SharedForwards:
     def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool):
         self.model, self.wanted, self.dtype, self.guard = model, wanted, dtype, guard
         self.names: list[str] | None = wanted
-        self._runs: dict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._runs: dict[tuple, tuple[torch.Tensor, dict[str, _Output], dict[str, torch.Tensor]]] = {}
 
     def run(self, shape: tuple[int, ...], *, record: bool = False, thin_axes: tuple[int, ...] = ()):
         """The forward pass on ``shape``: the input leaf, the outputs' descriptions and the captured outputs.
@@ -235,15 +236,17 @@ class _SharedForwards:
 
         def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
             if (shape, thin_axes) not in self._runs:
-                inputs, _, captured = self.run(shape, thin_axes=thin_axes)
-                self._runs[shape, thin_axes] = (inputs, captured)
-            inputs, captured = self._runs[shape, thin_axes]
+                inputs, outputs, captured = self.run(shape, thin_axes=thin_axes)
+                self._runs[shape, thin_axes] = (inputs, {o.name: o for o in outputs}, captured)
+            inputs, outputs, captured = self._runs[shape, thin_axes]
             if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
                 return None
-            return ProbeGraph(
+            graph = ProbeGraph(
                 self.model, shape, name, "theoretical", dtype=self.dtype, device=device, guard=self.guard,
                 captured=(inputs, captured[name]),
             )  # fmt: skip
+            graph.fixed_size = list(outputs[name].fixed_size)
+            return graph
 
         return graph_on
 
@@ -303,8 +306,9 @@ def _forward_outputs(
             alive.append(output)
             cut = ", ".join(dict.fromkeys([*functions.cuts, *filter(None, [functions.cut_reason(output)])])) or None
             outputs[name] = _Output(
-                name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut
-            )
+                name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
+                fixed_size=tuple(functions.fixed_size),
+            )  # fmt: skip
             if name in wanted if wanted is not None else output.dim() == len(shape):
                 captured[name] = output.clone()
 
