@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         "with --table, list only these layers (repeatable)",
     )
     parser.add_argument(
+        "--element",
+        metavar="INDEX|KEY",
+        help="the feature map to probe where the output is a tuple or list (its INDEX) or a dict (its KEY)",
+    )
+    parser.add_argument(
         "--pos",
         default=None,
         metavar="I,J",
@@ -206,6 +211,16 @@ def _run(args: argparse.Namespace, stage: _Stage) -> int:
     return 0
 
 
+def _element(value: str | None) -> int | str | None:
+    """``--element``: an index where it is an int, else a dict key."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Progress, stage: _Stage, pictures) -> None:
     layer = args.layer[0] if args.layer else None
     stage.now = f"probing {args.target}"
@@ -217,7 +232,7 @@ def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Prog
         else:
             if pos == "all":
                 progress.note(f"probing every position of the output map of {_where(layer)}")
-            result = probe_rf(model, shape, pos, layer=layer, mode=args.mode)
+            result = probe_rf(model, shape, pos, layer=layer, mode=args.mode, element=_element(args.element))
             progress.done()
             if isinstance(result, ReceptiveFieldMap):
                 text = _map_json(result, target) if args.json else _map_text(args.target, result, target)
@@ -418,7 +433,12 @@ def _check_layers(layers: list[str] | None) -> None:
 
 def _check_combinations(args: argparse.Namespace) -> None:
     if args.table:
-        for option, value in (("--pos", args.pos), ("--plot", args.plot), ("--gif", args.gif)):
+        for option, value in (
+            ("--pos", args.pos),
+            ("--plot", args.plot),
+            ("--gif", args.gif),
+            ("--element", args.element),
+        ):
             if value is not None:
                 raise _UsageError(
                     f"{option} applies to one probe; --table lists the field at the centre of every layer"

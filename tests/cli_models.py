@@ -104,3 +104,17 @@ def nan_net() -> nn.Module:
     with torch.no_grad():
         model[2].weight.fill_(float("nan"))
     return model
+
+
+class _TwoMaps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 5, padding=2)
+
+    def forward(self, x):
+        return {"fine": self.fine(x), "coarse": self.coarse(x)}
+
+
+def two_maps() -> nn.Module:
+    """A dict of two feature maps: 'fine' (3 x 3 field) and 'coarse' (5 x 5)."""
+    return _TwoMaps()

@@ -1,5 +1,6 @@
 """rf-probe never shows a traceback: every bad input and every fault ends with one line naming the option, exit 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -370,3 +371,17 @@ def test_subprocess_closed_stdout_is_one_line():
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2 and "Traceback" not in err and "Exception ignored" not in err
     assert err.startswith(PREFIX) and err.count("\n") == 1 and "broken pipe" in err
+
+
+def test_element_picks_a_feature_map_from_a_dict_output(capsys):
+    argv = ["tests.cli_models:two_maps", "--input-shape", "3,16,16"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pass element=" in err and "'coarse'" in err and len(err.splitlines()) == 1
+    assert main([*argv, "--element", "coarse", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["size"], record["element"]) == ([5, 5], "coarse")
+    with pytest.raises(SystemExit):
+        main([*argv, "--element", "fine", "--table"])
+    assert "--element applies to one probe" in capsys.readouterr().err
