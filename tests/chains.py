@@ -76,3 +76,20 @@ def clip(bounds: tuple[int, int], length: int) -> tuple[int, int]:
 
 def prod(values) -> int:
     return math.prod(values)
+
+
+def runnable(
+    layers: list[Layer], input_spatial: tuple[int, ...]
+) -> tuple[nn.Sequential, tuple[int, ...], torch.Tensor]:
+    """The chain with 2 channels, its input shape and its output; hypothesis skips chains the input does not fit."""
+    from hypothesis import assume
+
+    model = build(layers, channels=2)
+    shape = (1, 2, *input_spatial)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except RuntimeError:
+        assume(False)
+    assume(out.numel() > 0)
+    return model, shape, out
