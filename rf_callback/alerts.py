@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,13 +65,54 @@ def _sizes(values) -> str:
     return " x ".join(str(v) for v in values)
 
 
-def uncoverable_message(layer: str, position, theoretical, target) -> str | None:
-    """The fit-start warning when even the theoretical field cannot cover ``target``; ``None`` when it can."""
+def uncoverable_message(
+    layer: str,
+    position,
+    theoretical,
+    target,
+    *,
+    input_size: Sequence[int] | None = None,
+    unclipped: Sequence[int] | None = None,
+) -> str | None:
+    """The fit-start warning when the theoretical field cannot cover ``target``; ``None`` when it can.
+
+    Args:
+        layer: the probed layer's name in the logs.
+        position: the output position.
+        theoretical: per axis, the theoretical field's size on the input (clipped to it).
+        target: per axis, the target size.
+        input_size: per axis, the input's size; a target larger than the input is said to be so (no field on that
+            input could cover it, however large).
+        unclipped: per axis, the field's size before the input's border clips it (the geometry's ``r``); where it
+            covers the target, the field is large enough and the border cuts it at this position, which is said
+            instead of the advice to enlarge the field.
+
+    Returns:
+        The message, or ``None`` when the field covers the target on every axis.
+    """
     if all(t >= g for t, g in zip(theoretical, target)):
         return None
+    where = f"{layer} at {tuple(position)}"
+    if input_size is not None and any(g > n for g, n in zip(target, input_size)):
+        return (
+            f"RFCallback: the target size {_sizes(target)} is larger than the input, {_sizes(input_size)}: no "
+            f"receptive field on this input can cover it, however large (the theoretical field of {where} is "
+            f"{_sizes(theoretical)}). target_size is in input pixels (samples): pass the size the objects have in "
+            f"the input the model is given, at most {_sizes(input_size)}"
+        )
+    whole = theoretical if unclipped is None else tuple(max(u, t) for u, t in zip(unclipped, theoretical))
+    if all(w >= g for w, g in zip(whole, target)):
+        return (
+            f"RFCallback: the theoretical receptive field of {where} is {_sizes(theoretical)} on the input, smaller "
+            f"than the target size {_sizes(target)} because the input's border cuts it: unclipped it is "
+            f"{_sizes(whole)}, large enough for the target. Nothing needs enlarging; at this position part of the "
+            f"field lies outside the input, so an object of the target size cannot lie whole inside it. To check "
+            f"coverage of whole objects, probe a position whose field lies inside the input (e.g. pos='center')"
+        )
     return (
-        f"RFCallback: the theoretical receptive field of {layer} at {tuple(position)} is {_sizes(theoretical)}, "
-        f"smaller than the target size {_sizes(target)}: no amount of training can make it see whole objects. "
+        f"RFCallback: the theoretical receptive field of {where} is {_sizes(theoretical)}"
+        + ("" if whole == tuple(theoretical) else f" ({_sizes(whole)} before the input's border cuts it)")
+        + f", smaller than the target size {_sizes(target)}: no amount of training can make it see whole objects. "
         f"Enlarge the field: more downsampling (strided convolutions or pooling) before this layer, dilated "
         f"convolutions, larger kernels, or a deeper stage"
     )

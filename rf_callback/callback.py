@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import numbers
+import operator
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,9 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback._model_copy import MODES, preserved_random_state
+from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
 from rf_callback.effective_probe import effective_rf
+from rf_callback.graph import ProbeError
 from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
@@ -48,42 +53,67 @@ class RFCallback(Callback):
       start and fit end only (a figure costs as much as a few training steps). Without a TensorBoard logger the
       callback warns once and logs the scalars where it can.
 
+    The callback never iterates a data loader: the input shape comes from ``input_shape``,
+    ``example_input_array`` or the first batch the Trainer runs, and the effective field's inputs from the
+    validation batches the Trainer hands it (see ``erf_samples``), so a streaming data set is read exactly as often
+    as without the callback.
+
+    The training run is the user's. Whatever fails inside the callback (a probe at fit start or after an epoch, the
+    effective field, choosing its inputs, drawing a figure, a logger) warns once per kind of failure, with the
+    reason and the fix, and training goes on; ``strict=True`` raises instead. Only an argument that is not allowed
+    (at construction) or does not fit the model (before the first training step) ends a run, with a
+    ``MisconfigurationException``.
+
     For a ``pytorch_lightning`` Trainer, use the twin ``rf_callback.pl.RFCallback``.
 
     Args:
-        pos: the output position(s) to probe: an index tuple (an int for 1D), a list of tuples, or ``"center"``.
-        layer: dotted name of the submodule whose output is probed (within ``module`` if given); ``None`` probes
-            the output. A classifier must name its last feature map here.
+        pos: the output position(s) to probe: an index tuple (an int for 1D; numpy and torch integers are
+            accepted), a list of tuples, or ``"center"``.
+        layer: dotted name of the submodule whose output is probed (within ``module`` if given), a str as listed
+            by ``named_modules()``; ``None`` probes the output. A classifier must name its last feature map here.
         input_shape: the input shape ``(N, C, *spatial)`` (``N`` is ignored). Default: the LightningModule's
             ``example_input_array``, else the first batch the Trainer runs (validation during the sanity check, or
-            training): its first tensor.
+            training): its first tensor. Pass it when that tensor is not the model's input (a dict batch whose
+            first value is a mask).
         mode: what the scalars and images show: ``"weights"`` (default: what the current weights connect) or
             ``"theoretical"`` (the architecture's field, which does not change during training).
         module: dotted name of the submodule to copy and probe instead of the whole LightningModule (e.g. the
-            backbone), which bounds the memory a probe takes.
+            backbone), which bounds the memory a probe takes; also the way out for a LightningModule that cannot
+            be deep-copied (one holding a lock, an open file or a process handle).
         every_n_epochs: probe after every n-th validation epoch (or training epoch without validation). With the
             Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs.
         log_images: log the heatmap and the figure to TensorBoard.
-        strict: raise when a probe fails during training (non-finite weights, out of memory); by default the
-            callback warns with the reason and training goes on.
+        strict: raise when anything in the callback fails (a probe, the effective field, a figure, a logger); by
+            default the callback warns once per kind of failure, with the reason, and training goes on.
         draws: weights mode: how many random inputs the field is the union over.
-        seed: seed of the private generators (weights-mode inputs, the choice of validation inputs).
+        seed: seed of the private generators (weights-mode inputs, the choice of validation inputs); the global
+            random states are never drawn from.
         effective: compute the effective field (:func:`rf_callback.effective_rf`) on ``erf_samples`` validation
             inputs after every probed validation epoch and log its metrics (``erf/<layer>/<pos>/<metric>``), its
             heatmap, an overlay on a validation input and, at fit end, a growth curve. ``None`` (default): on
             whenever the run has validation data.
-        erf_samples: how many validation inputs, chosen once with a private generator so epochs compare.
+        erf_samples: how many validation inputs the effective field is measured on. They are chosen once, during
+            the first validation epoch of the fit (not the sanity check, which sees a few batches only), among the
+            inputs (first tensors) of the batches of the first validation loader as the Trainer hands them over: each
+            sample gets a random key from a generator seeded by ``seed`` and the rank, and the ``erf_samples``
+            samples with the smallest keys are kept (reservoir sampling, so every sample seen is equally likely
+            whatever the length of the stream). Under DDP the ranks pool their choices, so every rank measures the
+            same inputs. The same inputs serve every later epoch, so epochs compare. They are not saved in
+            checkpoints (they can be large): a resumed run chooses them again at its first validation epoch, the
+            same way, so the same validation data give the same inputs.
         target_size: the size of the objects the network must see (an int, or one per spatial axis, in input
-            pixels or samples). At fit start, a warning if even the theoretical field is smaller. After each
+            pixels or samples). At fit start, a warning if even the theoretical field is smaller (or the target is
+            larger than the input, or the image border cuts the field at a border position). After each
             effective-field check, ``rf/<layer>/<pos>/covers_target`` (1 or 0) and ``.../coverage_margin`` (the
             smallest extent minus target over the axes) are logged, and an alert is raised when coverage is lost,
             or not reached within ``patience`` checks.
-        coverage_mass: the mass fraction of the effective extent compared with ``target_size``.
+        coverage_mass: the mass fraction q of the effective extent compared with ``target_size`` (0 < q <= 1).
         patience: how many checks coverage may take to be reached before the alert.
         on_miss: what an alert does: ``"warn"`` (a warning naming layer, position, epoch, extent, target and
             theoretical field), ``"stop"`` (also stops training, the Lightning way: all DDP ranks agree through
             the strategy) or ``"raise"`` (also raises :class:`rf_callback.CoverageError`).
-        on_alert: called with the :class:`rf_callback.CoverageEvent` of every alert.
+        on_alert: called with the :class:`rf_callback.CoverageEvent` of every alert (your code: what it raises
+            propagates).
 
     Raises:
         MisconfigurationException: an argument is not allowed (at construction), or does not fit the model
@@ -110,58 +140,38 @@ class RFCallback(Callback):
         coverage_mass: float = 0.95,
         patience: int = 1,
         on_miss: str = "warn",
-        on_alert=None,
+        on_alert: Callable[[CoverageEvent], Any] | None = None,
     ):
         super().__init__()
-        self.positions = _checked_positions(pos)
-        self.pos = pos
-        for name, value in (("layer", layer), ("module", module)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise MisconfigurationException(
-                    f"RFCallback({name}={value!r}): {name} must be a dotted submodule name such as 'backbone.layer4' "
-                    f"(see model.named_modules()), or None"
-                )
-        if mode not in MODES:
-            raise MisconfigurationException(f"RFCallback(mode={mode!r}): mode must be one of {MODES}")
-        if not isinstance(every_n_epochs, int) or isinstance(every_n_epochs, bool) or every_n_epochs < 1:
-            raise MisconfigurationException(
-                f"RFCallback(every_n_epochs={every_n_epochs!r}): every_n_epochs must be an int >= 1"
-            )
-        if not isinstance(draws, int) or draws < 1:
-            raise MisconfigurationException(f"RFCallback(draws={draws!r}): draws must be an int >= 1")
-        if input_shape is not None:
-            shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
-            if not 3 <= len(shape) <= 5 or not all(isinstance(s, int) and s > 0 for s in shape):
-                raise MisconfigurationException(
-                    f"RFCallback(input_shape={input_shape!r}): input_shape must be (N, C, L), (N, C, H, W) or "
-                    f"(N, C, D, H, W) with positive ints, or None to take it from example_input_array or a batch"
-                )
-        for name, value in (("erf_samples", erf_samples), ("patience", patience)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MisconfigurationException(f"RFCallback({name}={value!r}): {name} must be an int >= 1")
-        if on_miss not in ON_MISS:
-            raise MisconfigurationException(f"RFCallback(on_miss={on_miss!r}): on_miss must be one of {ON_MISS}")
-        if on_alert is not None and not callable(on_alert):
-            raise MisconfigurationException(f"RFCallback(on_alert={on_alert!r}): on_alert must be callable or None")
-        if not isinstance(coverage_mass, (int, float)) or not 0 < coverage_mass <= 1:
-            raise MisconfigurationException(
-                f"RFCallback(coverage_mass={coverage_mass!r}): coverage_mass must be a mass fraction in (0, 1]"
-            )
-        if effective not in (None, True, False):
-            raise MisconfigurationException(f"RFCallback(effective={effective!r}): effective must be a bool or None")
+        self.positions, self.pos = _checked_positions(pos)
+        self.layer, self.module = _checked_name("layer", layer), _checked_name("module", module)
+        self.mode = _checked_choice("mode", mode, MODES)
+        self.input_shape = _checked_input_shape(input_shape)
+        self.every_n_epochs = _checked_count("every_n_epochs", every_n_epochs, "validation epochs between probes", 1)
+        self.log_images, self.strict = _checked_flag("log_images", log_images), _checked_flag("strict", strict)
+        self.draws = _checked_count("draws", draws, "random inputs in weights mode", 8)
+        self.seed = _checked_seed(seed)
+        if effective is not None and not isinstance(effective, (bool, np.bool_)):
+            raise _refused("effective", effective, "True, False or None (on whenever the run has validation data)")
+        self.effective = None if effective is None else bool(effective)
+        self.erf_samples = _checked_count("erf_samples", erf_samples, "validation inputs of the effective field", 32)
         self.target_size = _checked_target(target_size)
-        self.effective, self.erf_samples, self.coverage_mass = effective, erf_samples, float(coverage_mass)
-        self.patience, self.on_miss, self.on_alert = patience, on_miss, on_alert
+        self.coverage_mass = _checked_mass(coverage_mass)
+        self.patience = _checked_count("patience", patience, "checks before a coverage alert", 1)
+        self.on_miss = _checked_choice("on_miss", on_miss, ON_MISS)
+        if on_alert is not None and not callable(on_alert):
+            raise _refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
+        self.on_alert = on_alert
         self.trackers: dict[str, CoverageTracker] = {}
+        self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
+        self._reservoir: _InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
         self._last_effective: dict[str, EffectiveField] = {}
         self._theoretical: list[ReceptiveField] | None = None
-        self.layer, self.module, self.mode = layer, module, mode
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self.every_n_epochs, self.log_images, self.strict = every_n_epochs, log_images, strict
-        self.draws, self.seed = draws, seed
-        self.history: list[dict[str, Any]] = []
+        self._erf_theoretical: list[ReceptiveField] | None = None
+        self._shape_source = "input_shape=" if self.input_shape is not None else None
+        self._failures = _Failures()
         self._initial_logged = False
         self._last_probed_epoch: int | None = None
         self._said_no_tensorboard = False
@@ -176,6 +186,11 @@ class RFCallback(Callback):
     def layer_name(self) -> str:
         """The probed layer as it appears in logged names: ``module.layer``, or ``output``."""
         return ".".join(n for n in (self.module, self.layer) if n) or "output"
+
+    @property
+    def erf_inputs(self) -> torch.Tensor | None:
+        """The validation inputs the effective field is measured on (CPU, float32); ``None`` until chosen."""
+        return self._erf_inputs
 
     # -- Trainer hooks
 
@@ -197,12 +212,26 @@ class RFCallback(Callback):
             )
         if self.input_shape is None:
             self.input_shape = _example_input_shape(pl_module)
+            self._shape_source = "the LightningModule's example_input_array" if self.input_shape else None
         if self.input_shape is not None:
             self._probe_initial(trainer, pl_module)
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        """Starts choosing the effective field's inputs at the fit's first validation epoch (not the sanity check)."""
+        if self._erf_inputs is None and self._reservoir is None and not trainer.sanity_checking:
+            if self._effective_on(trainer, pl_module):
+                self._reservoir = _InputReservoir(self.erf_samples, self.seed, rank=trainer.global_rank)
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Takes the input shape from the first validation batch (the sanity check) when it is still unknown."""
+        """Takes the input shape from the first validation batch when unknown; offers its inputs to the choice.
+
+        The first batch is the sanity check's, when the Trainer runs one. The effective field's inputs are chosen
+        among the batches of the first validation loader during the fit's first validation epoch.
+        """
         self._from_first_batch(trainer, pl_module, batch)
+        if self._reservoir is not None and dataloader_idx == 0:
+            with self._guard("inputs", "choosing the effective field's inputs", _inputs_fix):
+                self._reservoir.add(_first_tensor(batch))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         """Takes the input shape from the first training batch when it is still unknown: before any step."""
@@ -213,6 +242,10 @@ class RFCallback(Callback):
 
         Under ``trainer.validate()`` it probes once, at the end of the validation run.
         """
+        if self._reservoir is not None:  # the batches have passed: the effective field's inputs are chosen
+            reservoir, self._reservoir = self._reservoir, None
+            with self._guard("inputs", "choosing the effective field's inputs", _inputs_fix):
+                self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
         if trainer.sanity_checking or self.input_shape is None:
             return
         if trainer.state.fn == "fit" and self._should_skip(trainer):
@@ -229,7 +262,10 @@ class RFCallback(Callback):
         self._probe_and_log(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        """The history of results (effective fields and alerts included) and the alert state, for checkpoints."""
+        """The history of results (effective fields and alerts included) and the alert state, for checkpoints.
+
+        The effective field's inputs are left out (they can weigh megabytes): a resumed run chooses them again.
+        """
         return {
             "history": copy.deepcopy(self.history),
             "initial_logged": self._initial_logged,
@@ -245,30 +281,10 @@ class RFCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
-        boards = _tensorboard_loggers(trainer)
-        if not boards or not trainer.is_global_zero or not self.log_images:
+        if not _tensorboard_loggers(trainer) or not trainer.is_global_zero or not self.log_images:
             return
-        from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
-
-        step = trainer.global_step
-        for field in self._last_fields:
-            image = figure_to_array(plot_rf_figure(field))
-            for board in boards:
-                board.experiment.add_image(
-                    f"rf/{self.layer_name}/{_position_label(field.position)}/figure", image, step, dataformats="HWC"
-                )
-        for label, field in self._last_effective.items():
-            image = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
-            for board in boards:
-                board.experiment.add_image(f"erf/{self.layer_name}/{label}/overlay", image, step, dataformats="HWC")
-        entries = [h for h in self.history if h.get("effective")]
-        for label in entries[-1]["effective"] if entries else []:
-            rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
-            image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
-            for board in boards:
-                board.experiment.add_image(
-                    f"erf/{self.layer_name}/{label}/growth", image, global_step=trainer.global_step, dataformats="HWC"
-                )
+        with self._guard("images", "drawing the figures at fit end", _IMAGES_FIX, goes_on="the fit ends normally"):
+            self._log_final_figures(trainer)
 
     # -- decisions
 
@@ -285,9 +301,52 @@ class RFCallback(Callback):
                 "RFCallback cannot find the input shape: pass RFCallback(input_shape=(N, C, H, W)), set the "
                 "LightningModule's example_input_array, or yield batches whose first element is the input tensor"
             )
-        self.input_shape = shape
+        self.input_shape, self._shape_source = shape, "the first tensor of the first batch"
         if trainer.state.fn == "fit":
             self._probe_initial(trainer, pl_module)
+
+    # -- failures: warned once per kind, with the reason and the fix; raised under strict
+
+    @contextlib.contextmanager
+    def _guard(
+        self, kind: str, what: str, fix: str | Callable[[Exception], str] = "", *, goes_on: str = "training goes on"
+    ) -> Iterator[None]:
+        """Runs the block; what it raises is warned once per ``kind`` (raised under ``strict``)."""
+        try:
+            yield
+        except CoverageError:  # on_miss="raise" is the user's choice
+            raise
+        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
+            fix_text = fix(error) if callable(fix) else fix
+            self._failures.report(kind, what, error, fix_text, strict=self.strict, goes_on=goes_on)
+
+    def _probe_fix(self, error: Exception) -> str:
+        if _is_copy_failure(error):
+            return "" if "module=" in str(error) else _COPY_FIX
+        text = str(error)
+        raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
+        if raw or "forward raised" in text or text.startswith("input_shape"):
+            return (
+                f"The probe runs the model's forward on an input shaped {self.input_shape}, taken from "
+                f"{self._shape_source}: if that is not the model's input (the first tensor of a dict batch may be a "
+                f"mask), pass RFCallback(input_shape=(N, C, H, W)); if the forward does not take one tensor, pass "
+                f"module= naming a submodule that does (the backbone), with layer= inside it"
+            )
+        return ""
+
+    def _effective_fix(self, error: Exception) -> str:
+        if _is_copy_failure(error):
+            return "" if "module=" in str(error) else _COPY_FIX
+        if isinstance(error, _NoInputsError):
+            return _inputs_fix(error)
+        raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
+        if self._erf_inputs is not None and (raw or "forward raised" in str(error)):
+            return (
+                f"The effective field runs the model on the first tensor of the validation batches (shaped "
+                f"{tuple(self._erf_inputs.shape[1:])} per sample): if that is not the model's input, put the input "
+                f"first in the batch, pass module= naming a submodule that takes it, or pass effective=False"
+            )
+        return ""
 
     # -- probing and logging
 
@@ -303,9 +362,10 @@ class RFCallback(Callback):
                 f"RFCallback(module={self.module!r}) is not a submodule of {type(module).__name__}; some names: {names}"
             ) from None
 
-    def _probe(self, pl_module, mode: str) -> list[ReceptiveField]:
+    def _probe(self, pl_module, mode: str, input_shape: tuple[int, ...] | None = None) -> list[ReceptiveField]:
         fields = probe_rf(
-            self._target(pl_module), self.input_shape, self.positions if len(self.positions) > 1 else self.positions[0],
+            self._target(pl_module), input_shape or self.input_shape,
+            self.positions if len(self.positions) > 1 else self.positions[0],
             layer=self.layer, mode=mode, draws=self.draws, seed=self.seed,
         )  # fmt: skip
         return fields if isinstance(fields, list) else [fields]
@@ -313,16 +373,20 @@ class RFCallback(Callback):
     def _probe_initial(self, trainer, pl_module) -> None:
         if self._initial_logged:
             return
+        target = self._target_for(len(self.input_shape) - 2)  # refused now if it does not fit the input's axes
         try:
-            self._theoretical = theoretical = self._probe(pl_module, "theoretical")
-        except ValueError as error:  # pos or layer that does not fit the model: refused before the first step
-            raise MisconfigurationException(f"RFCallback: {error}") from error
+            theoretical = self._probe(pl_module, "theoretical")
+        except MisconfigurationException:
+            raise
+        except Exception as error:  # noqa: BLE001 - only an argument that does not fit the model ends the run
+            if _is_argument_error(error, shape_given=self._shape_source == "input_shape="):
+                raise MisconfigurationException(f"RFCallback: {error}") from error
+            self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error), strict=self.strict)
+            return
+        self._theoretical = theoretical
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
-            target = self._target_for(field)
-            warning = (
-                None if target is None else uncoverable_message(self.layer_name, field.position, field.size, target)
-            )
+            warning = None if target is None else self._target_warning(field, target)
             if warning is not None:
                 rank_zero_warn(warning)
         self._log_fields(trainer, "rf_theoretical", theoretical, step=0, figures=False)
@@ -331,6 +395,25 @@ class RFCallback(Callback):
             self._log_fields(trainer, "rf", current, step=0, figures=True)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
+
+    def _target_warning(self, field: ReceptiveField, target: tuple[int, ...]) -> str | None:
+        """The fit-start warning when the theoretical field cannot cover the target; ``None`` when it can.
+
+        Only then is the field's geometry read (once per fit, a few passes on thin inputs), to tell a field that is
+        too small from one the image border cuts.
+        """
+        if all(size >= t for size, t in zip(field.size, target)):
+            return None
+        input_size = tuple(self.input_shape[2:])
+        unclipped = None
+        if all(t <= n for t, n in zip(target, input_size)):
+            try:
+                unclipped = tuple(s if g is None else g.size for g, s in zip(field.geometry, field.size))
+            except Exception:  # noqa: BLE001 - the geometry refines the message; without it the plain one is said
+                unclipped = None
+        return uncoverable_message(
+            self.layer_name, field.position, field.size, target, input_size=input_size, unclipped=unclipped
+        )
 
     def _theoretical_fields(self, pl_module) -> list[ReceptiveField]:
         """The theoretical fields, probed once: they depend on the architecture and the input shape, not the weights.
@@ -342,13 +425,20 @@ class RFCallback(Callback):
             self._theoretical = self._probe(pl_module, "theoretical")
         return self._theoretical
 
+    def _erf_theoretical_fields(self, pl_module, inputs: torch.Tensor) -> list[ReceptiveField]:
+        """The theoretical fields on the effective field's inputs: those of the input shape, unless shaped otherwise."""
+        shape = (1, *inputs.shape[1:])
+        if shape[1:] == tuple(self.input_shape[1:]):
+            return self._theoretical_fields(pl_module)
+        if self._erf_theoretical is None or self._erf_theoretical[0].input_shape != shape:
+            self._erf_theoretical = self._probe(pl_module, "theoretical", shape)
+        return self._erf_theoretical
+
     def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
         try:
             return self._probe(pl_module, self.mode)
         except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
-            if self.strict:
-                raise
-            rank_zero_warn(f"RFCallback: the probe failed, training goes on ({type(error).__name__}: {error})")
+            self._failures.report("probe", "the probe", error, self._probe_fix(error), strict=self.strict)
             return None
 
     def _probe_and_log(self, trainer, pl_module) -> None:
@@ -374,38 +464,41 @@ class RFCallback(Callback):
             self.trackers[label] = CoverageTracker(target=self.target_size or (), patience=self.patience)
         return self.trackers[label]
 
-    def _target_for(self, field: ReceptiveField) -> tuple[int, ...] | None:
+    def _target_for(self, n_axes: int) -> tuple[int, ...] | None:
         if self.target_size is None:
             return None
-        n = len(field.bounds)
-        if len(self.target_size) not in (1, n):
+        if len(self.target_size) not in (1, n_axes):
             raise MisconfigurationException(
-                f"RFCallback(target_size={self.target_size!r}) must be one int or {n} (one per spatial axis)"
+                f"RFCallback(target_size={self.target_size!r}): target_size must be one int or {n_axes} (one per "
+                f"spatial axis of the input, shaped {self.input_shape}); pass target_size={self.target_size[0]} or "
+                f"a tuple of {n_axes}"
             )
-        return self.target_size * n if len(self.target_size) == 1 else self.target_size
+        return self.target_size * n_axes if len(self.target_size) == 1 else self.target_size
 
     def _effective_and_alert(self, trainer, pl_module) -> None:
-        try:
-            if self._erf_inputs is None:
-                self._erf_inputs = _validation_inputs(trainer, self.erf_samples, self.seed)
-            fields = [
-                effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer, theoretical=theoretical)
-                for p, theoretical in zip(self.positions, self._theoretical_fields(pl_module))
-            ]
-        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
-            if self.strict:
-                raise
-            rank_zero_warn(
-                f"RFCallback: the effective field failed, training goes on ({type(error).__name__}: {error})"
+        events: list[CoverageEvent] = []
+        with self._guard("effective", "the effective field", self._effective_fix):
+            events = self._effective(trainer, pl_module)
+        self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
+
+    def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
+        if self._erf_inputs is None:
+            raise _NoInputsError(
+                "no validation batch handed to the callback had an input tensor (N, C, *spatial) as its first "
+                "element, so there is nothing to measure the effective field on"
             )
-            return
+        theoretical_fields = self._erf_theoretical_fields(pl_module, self._erf_inputs)
+        fields = [
+            effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer, theoretical=theoretical)
+            for p, theoretical in zip(self.positions, theoretical_fields)
+        ]
         entry, events = {}, []
         for field in fields:
             label = _position_label(field.position)
             metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
             entry[label] = metrics
             logged = {f"erf/{self.layer_name}/{label}/{k}": float(v) for k, v in metrics.items()}
-            target = self._target_for(field.theoretical)
+            target = self._target_for(len(field.theoretical.bounds))
             if target is not None:
                 tracker = self._tracker(label)
                 tracker.target = target
@@ -422,15 +515,11 @@ class RFCallback(Callback):
                     )  # fmt: skip
                     tracker.events.append(event.to_dict())
                     events.append(event)
-            for name, value in logged.items():
-                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(logged, step=trainer.global_step)
+            self._log_metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
             if self.log_images:
                 self._log_effective_images(trainer, label, field)
         self.history[-1]["effective"] = entry
-        self._alert(trainer, events)
+        return events
 
     def _alert(self, trainer, events: list[CoverageEvent]) -> None:
         for event in events:
@@ -446,14 +535,11 @@ class RFCallback(Callback):
 
     def _log_effective_images(self, trainer, label: str, field: EffectiveField) -> None:
         self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
-        boards = _tensorboard_loggers(trainer)
-        if not boards or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        heatmap = _normalised(field.heatmap)
-        for board in boards:
-            board.experiment.add_image(
-                f"erf/{self.layer_name}/{label}/heatmap", heatmap, global_step=trainer.global_step, dataformats="HW"
-            )
+        with self._guard("images", "drawing the effective field's heatmap", _IMAGES_FIX):
+            heatmap = _normalised(field.heatmap)
+            self._add_image(trainer, f"erf/{self.layer_name}/{label}/heatmap", heatmap, trainer.global_step, "HW")
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(
@@ -468,15 +554,30 @@ class RFCallback(Callback):
         metrics = {}
         for field in fields:
             metrics.update(_scalars(prefix, self.layer_name, field))
-        if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
-            for name, value in metrics.items():
-                pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
-        # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        self._log_metrics(trainer, metrics, step=step, pl_module=pl_module)
         if self.log_images:
             self._log_images(trainer, prefix, fields, step, figures=figures)
+
+    # -- writing to the loggers: each logger's failure is its own kind, warned once
+
+    def _log_metrics(self, trainer, metrics: dict[str, float], *, step: int, pl_module=None) -> None:
+        if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
+            with self._guard("log", "pl_module.log of the callback's scalars"):
+                for name, value in metrics.items():
+                    pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
+        if not trainer.is_global_zero:
+            return
+        # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
+        for logger in trainer.loggers:
+            name = type(logger).__name__
+            with self._guard(f"logger {name}", f"writing the callback's scalars to {name}", _logger_fix(name)):
+                logger.log_metrics(metrics, step=step)
+
+    def _add_image(self, trainer, tag: str, image: np.ndarray, step: int, dataformats: str) -> None:
+        for board in _tensorboard_loggers(trainer):
+            name = type(board).__name__
+            with self._guard(f"logger {name}", f"writing the callback's images to {name}", _logger_fix(name)):
+                board.experiment.add_image(tag, image, global_step=step, dataformats=dataformats)
 
     def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
         boards = _tensorboard_loggers(trainer)
@@ -494,12 +595,359 @@ class RFCallback(Callback):
 
         for field in fields:
             base = f"{prefix}/{self.layer_name}/{_position_label(field.position)}"
-            heatmap = _heatmap_image(field)
-            figure = figure_to_array(plot_rf_figure(field)) if figures else None
-            for board in boards:
-                board.experiment.add_image(f"{base}/heatmap", heatmap, global_step=step, dataformats="HW")
-                if figure is not None:
-                    board.experiment.add_image(f"{base}/figure", figure, global_step=step, dataformats="HWC")
+            with self._guard("images", "drawing the field's images", _IMAGES_FIX):
+                self._add_image(trainer, f"{base}/heatmap", _heatmap_image(field), step, "HW")
+                if figures:
+                    self._add_image(trainer, f"{base}/figure", figure_to_array(plot_rf_figure(field)), step, "HWC")
+
+    def _log_final_figures(self, trainer) -> None:
+        from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
+
+        step = trainer.global_step
+        for field in self._last_fields:
+            tag = f"rf/{self.layer_name}/{_position_label(field.position)}/figure"
+            self._add_image(trainer, tag, figure_to_array(plot_rf_figure(field)), step, "HWC")
+        for label, field in self._last_effective.items():
+            image = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
+            self._add_image(trainer, f"erf/{self.layer_name}/{label}/overlay", image, step, "HWC")
+        entries = [h for h in self.history if h.get("effective")]
+        for label in entries[-1]["effective"] if entries else []:
+            rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
+            image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
+            self._add_image(trainer, f"erf/{self.layer_name}/{label}/growth", image, step, "HWC")
+
+
+# -- failures
+
+
+class _NoInputsError(RuntimeError):
+    """No validation batch offered an input tensor to measure the effective field on."""
+
+
+_COPY_FIX = (
+    "The callback probes a deep copy, so that the model being trained is never changed: pass "
+    "RFCallback(module='...') naming the submodule that holds the layers (the backbone), one without the attribute "
+    "that cannot be copied (a lock, an open file, a process handle), or give that attribute a __deepcopy__; a model "
+    "on the meta device must be put on a real device first"
+)
+_IMAGES_FIX = "pass log_images=False to skip the images (the scalars do not need them)"
+
+
+def _inputs_fix(error: Exception) -> str:
+    return (
+        "The effective field is measured on the first tensor of the validation batches (a tensor, or the first value "
+        "of a tuple, list or dict, shaped (N, C, *spatial)): put the input first in the batch, or pass "
+        "RFCallback(effective=False)"
+    )
+
+
+def _logger_fix(name: str) -> str:
+    return (
+        f"The callback's scalars and images are not written to {name} (the scalars stay in trainer.callback_metrics "
+        f"and the callback's history); fix that logger, or pass log_images=False if it is the images it refuses"
+    )
+
+
+class _Failures:
+    """Says each kind of failure once, with its reason and its fix (or raises it under ``strict``).
+
+    A kind is where it happened (``"probe"``, ``"effective"``, one logger, ...) and the type of the error, so a
+    probe that fails at every epoch for the same reason warns once; a model that cannot be copied is one kind
+    wherever the copy is made.
+    """
+
+    def __init__(self):
+        self.said: set[tuple[str, str]] = set()
+
+    def report(
+        self, kind: str, what: str, error: Exception, fix: str, *, strict: bool, goes_on: str = "training goes on"
+    ) -> None:
+        """Warns about ``error`` unless its kind was warned already; under ``strict`` raises it instead."""
+        if strict:
+            if fix and hasattr(error, "add_note"):  # Python >= 3.11: the fix shows under the traceback
+                error.add_note(f"RFCallback: {fix}")
+            raise error
+        key = ("copy", "") if _is_copy_failure(error) else (kind, type(error).__name__)
+        if key in self.said:
+            return
+        self.said.add(key)
+        text = f"RFCallback: {what} failed, {goes_on} ({type(error).__name__.lstrip('_')}: {error})"
+        if fix:
+            text += f". {fix}"
+        rank_zero_warn(text)
+
+
+_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module)=|pass layer=")
+
+
+def _is_argument_error(error: Exception, *, shape_given: bool) -> bool:
+    """Whether the probe refused an argument of the callback that does not fit the model (``pos``, ``layer``, ...).
+
+    The probe raises ``ValueError`` naming the argument; an input shape found in a batch is not an argument, so a
+    model that refuses it is a failure to warn about, not a reason to end the run.
+    """
+    if not isinstance(error, ValueError):
+        return False
+    text = str(error)
+    return bool(_ARGUMENT_ERROR.search(text)) or (shape_given and text.startswith("input_shape="))
+
+
+_COPY_WORDS = ("pickle", "deepcopy", "deep-cop", "deep cop", "be copied", "cannot copy")
+
+
+def _is_copy_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) comes from deep-copying the model."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(word in str(error).lower() for word in _COPY_WORDS):
+            return True
+        frame = error.__traceback__
+        while frame is not None:
+            code = frame.tb_frame.f_code
+            if code.co_name == "deepcopy" and code.co_filename.endswith("copy.py"):
+                return True
+            frame = frame.tb_next
+        error = error.__cause__ or error.__context__
+    return False
+
+
+# -- the effective field's inputs
+
+
+class _InputReservoir:
+    """Keeps ``count`` of the samples handed to it, each equally likely, with a private generator.
+
+    Every sample gets a random key from a generator seeded by ``(seed, rank)``, and the samples with the ``count``
+    smallest keys are kept (reservoir sampling with random keys): one pass over a stream of unknown length chooses
+    uniformly, only samples that enter the reservoir are copied (to CPU, float32), and the reservoirs of several
+    ranks merge by the same rule into one choice over all their samples. No global random state is drawn from.
+    Samples shaped unlike the first kept one are passed over.
+    """
+
+    _MAX_SAMPLE_DIMS = 4  # (C, D, H, W)
+
+    def __init__(self, count: int, seed: int, *, rank: int = 0):
+        self.count = count
+        self._generator = np.random.default_rng(np.random.SeedSequence([seed % 2**64, rank]))
+        self.keys = torch.empty(0, dtype=torch.float64)
+        self.samples: torch.Tensor | None = None
+
+    def add(self, inputs: torch.Tensor | None) -> None:
+        """Offers the samples of one batch ``(N, C, *spatial)``; anything else is passed over."""
+        if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5 or len(inputs) == 0:
+            return
+        keys = torch.from_numpy(self._generator.random(len(inputs)))
+        if self.samples is not None and inputs.shape[1:] != self.samples.shape[1:]:
+            return
+        if len(self.keys) < self.count:
+            chosen = torch.arange(len(inputs))
+        else:
+            chosen = (keys < self.keys.max()).nonzero().flatten()
+            if len(chosen) == 0:
+                return
+        with torch.inference_mode(False), torch.no_grad():
+            new = inputs.detach()[chosen.to(inputs.device)].to("cpu", torch.float32, copy=True)
+        keys = torch.cat([self.keys, keys[chosen]])
+        samples = new if self.samples is None else torch.cat([self.samples, new])
+        order = keys.argsort(stable=True)[: self.count]
+        self.keys, self.samples = keys[order], samples[order]
+
+    def chosen(self, strategy, world_size: int) -> torch.Tensor | None:
+        """The chosen inputs, the same on every rank (pooled over the ranks under DDP); ``None`` if none was seen."""
+        if world_size > 1:
+            return self._pooled(strategy)
+        return self.samples
+
+    def _pooled(self, strategy) -> torch.Tensor | None:
+        """The ``count`` samples of smallest key over every rank's reservoir: two all-gathers, the same on all ranks."""
+        device = strategy.root_device
+        shape = tuple(self.samples.shape[1:]) if self.samples is not None else ()
+        meta = [len(self.keys), len(shape), *shape, *[0] * (self._MAX_SAMPLE_DIMS - len(shape))]
+        metas = strategy.all_gather(torch.tensor(meta, dtype=torch.int64, device=device)).cpu().tolist()
+        reference = next((m for m in metas if m[0] > 0), None)
+        if reference is None:
+            return None
+        common = tuple(reference[2 : 2 + reference[1]])  # ranks whose inputs are shaped otherwise offer none
+        keys = torch.full((self.count,), float("inf"), dtype=torch.float64)
+        samples = torch.zeros((self.count, *common), dtype=torch.float32)
+        if self.samples is not None and shape == common:
+            keys[: len(self.keys)], samples[: len(self.keys)] = self.keys, self.samples
+        all_keys = strategy.all_gather(keys.to(device)).cpu().flatten()
+        all_samples = strategy.all_gather(samples.to(device)).cpu().flatten(0, 1)
+        order = all_keys.argsort(stable=True)[: self.count]
+        return all_samples[order[torch.isfinite(all_keys[order])]]
+
+
+# -- arguments
+
+
+def _shown(value) -> str:
+    """``repr(value)``, short: a module by its class, a long repr cut."""
+    if isinstance(value, nn.Module):
+        return f"<{type(value).__name__} module>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refused(name: str, value, allowed: str, fix: str = "") -> MisconfigurationException:
+    text = f"RFCallback({name}={_shown(value)}): {name} must be {allowed}"
+    return MisconfigurationException(f"{text}; {fix}" if fix else text)
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an int when it is an integer (numpy and 0-d torch integers included, bools not), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor) and (
+        value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex()
+    ):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _int_fix(name: str, value, example) -> str:
+    """How to write ``value`` as the int it may have meant."""
+    if isinstance(value, (bool, np.bool_)):
+        return f"a bool is not a number here; pass an int, e.g. {name}={example}"
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return f"pass the int, not a str: {name}={int(value)}"
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return f"pass {name}={int(value)}"
+    return f"e.g. {name}={example}"
+
+
+def _checked_count(name: str, value, meaning: str, example: int) -> int:
+    number = _as_int(value)
+    if number is None or number < 1:
+        allowed = f"an int >= 1 ({meaning}; numpy and torch integers are accepted)"
+        raise _refused(name, value, allowed, _int_fix(name, value, example))
+    return number
+
+
+def _checked_seed(seed) -> int:
+    number = _as_int(seed)
+    if number is None or not -(2**63) <= number < 2**64:
+        allowed = "an int in torch.Generator's range [-2**63, 2**64) (numpy and torch integers are accepted)"
+        raise _refused("seed", seed, allowed, _int_fix("seed", seed, 0))
+    return number
+
+
+def _checked_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _refused(name, value, "True or False", f"e.g. {name}=True")
+    return bool(value)
+
+
+def _checked_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _refused(name, value, f"one of {choices}", f"e.g. {name}={choices[0]!r}")
+    return value
+
+
+def _checked_mass(value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
+        allowed = "a mass fraction q with 0 < q <= 1 (the share of the gradient mass the effective extent holds)"
+        raise _refused("coverage_mass", value, allowed, "e.g. coverage_mass=0.95")
+    return float(value)
+
+
+def _checked_name(name: str, value) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    default = "None for the model's output" if name == "layer" else "None to probe the whole LightningModule"
+    allowed = f"a dotted submodule name (a str, as in model.named_modules(), e.g. 'backbone.layer4'), or {default}"
+    if isinstance(value, nn.Module):
+        fix = "pass the module's name from model.named_modules(), not the module object"
+    elif _as_int(value) is not None:
+        fix = f"pass {name}={str(value)!r} (a str) for the child named {value}, as in a Sequential"
+    elif value == "":
+        fix = f"an empty name names nothing; pass {name}=None"
+    else:
+        fix = f"got {type(value).__name__}"
+    raise _refused(name, value, allowed, fix)
+
+
+def _checked_input_shape(input_shape) -> tuple[int, ...] | None:
+    if input_shape is None:
+        return None
+    sequence = isinstance(input_shape, (Sequence, np.ndarray)) and not isinstance(input_shape, str)
+    dims = [_as_int(v) for v in input_shape] if sequence else []
+    if not 3 <= len(dims) <= 5 or any(d is None or d < 1 for d in dims):
+        allowed = "(N, C, L), (N, C, H, W) or (N, C, D, H, W) with positive ints, or None"
+        fix = "to take it from example_input_array or a batch"
+        if sequence and 1 <= len(dims) <= 3 and all(d is not None and d > 0 for d in dims):
+            fix = f"the batch and channel axes come first, e.g. input_shape={(1, 3, *dims[-2:])}"
+        raise _refused("input_shape", input_shape, allowed, fix)
+    return tuple(dims)
+
+
+def _checked_target(target_size) -> tuple[int, ...] | None:
+    if target_size is None:
+        return None
+    single = _as_int(target_size)
+    if single is not None:
+        values = [single]
+    elif isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
+        values = [_as_int(v) for v in target_size]
+    else:
+        values = []
+    if not 1 <= len(values) <= 3 or any(v is None or v < 1 for v in values):
+        allowed = "a positive int, or one per spatial axis (input pixels or samples; numpy integers accepted), or None"
+        fix = "e.g. target_size=32 or target_size=(32, 48)"
+        if isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
+            whole = [float(v) for v in target_size if isinstance(v, numbers.Real) and float(v).is_integer()]
+            if 1 <= len(whole) == len(target_size) <= 3 and all(v > 0 for v in whole):
+                fix = f"pass target_size={tuple(int(v) for v in whole)}"
+        elif isinstance(target_size, numbers.Real) and float(target_size).is_integer() and target_size > 0:
+            fix = f"pass target_size={int(target_size)}"
+        raise _refused("target_size", target_size, allowed, fix)
+    return tuple(values)
+
+
+_POS_ALLOWED = "an index tuple into the output map (an int for 1D), a list of index tuples, or 'center'"
+
+
+def _checked_positions(pos) -> tuple[list, Any]:
+    """The positions to probe, and ``pos`` with Python ints (so ``state_key`` reads the same for numpy integers)."""
+    if isinstance(pos, str):
+        if pos == "center":
+            return ["center"], pos
+        fix = "pos='all' is for probe_rf; the callback logs a few positions" if pos == "all" else "e.g. pos='center'"
+        raise _refused("pos", pos, _POS_ALLOWED, fix)
+    if isinstance(pos, (np.ndarray, torch.Tensor)):
+        pos = pos.tolist()
+    index = _as_int(pos)
+    if index is not None:
+        return [(index,)], index
+    if isinstance(pos, Sequence) and len(pos) > 0:
+        nested = [isinstance(p, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(p, str) for p in pos]
+        if not any(nested):
+            indices = _indices(pos, pos)
+            return [indices], indices if isinstance(pos, tuple) else list(indices)
+        if all(nested):
+            fields = [_indices(list(p) if not isinstance(p, Sequence) else p, pos) for p in pos]
+            same = [f if isinstance(p, tuple) else list(f) for p, f in zip(pos, fields)]
+            return fields, tuple(same) if isinstance(pos, tuple) else same
+    raise _refused("pos", pos, _POS_ALLOWED, "e.g. pos=(4, 4) or pos=[(0, 0), (4, 4)]")
+
+
+def _indices(entries, pos) -> tuple[int, ...]:
+    indices = tuple(_as_int(i) for i in entries)
+    if len(indices) == 0 or any(i is None for i in indices):
+        bad = next((e for e, i in zip(entries, indices) if i is None), None)
+        if isinstance(bad, numbers.Real) and not isinstance(bad, (bool, np.bool_)) and float(bad).is_integer():
+            fix = f"{bad!r} is a float, but positions are integer indices; pass pos={tuple(int(e) for e in entries)}"
+        else:
+            fix = f"{bad!r} is not an integer index" if indices else "an empty index tuple names no position"
+        raise _refused("pos", pos, _POS_ALLOWED, fix)
+    return indices  # type: ignore[return-value]
+
+
+# -- Lightning and the loggers
 
 
 def _tensorboard_loggers(trainer) -> list:
@@ -516,20 +964,6 @@ def plot_rf_figure(field: ReceptiveField):
     from rf_callback.plotting import plot_rf
 
     return plot_rf(field)
-
-
-def _checked_positions(pos) -> list:
-    allowed = "an index tuple (an int for 1D), a list of index tuples, or 'center'"
-    if pos == "center":
-        return ["center"]
-    if isinstance(pos, int) and not isinstance(pos, bool):
-        return [(pos,)]
-    if isinstance(pos, Sequence) and not isinstance(pos, str) and len(pos) > 0:
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in pos):
-            return [tuple(pos)]
-        if all(isinstance(p, Sequence) and p and all(isinstance(i, int) for i in p) for p in pos):
-            return [tuple(p) for p in pos]
-    raise MisconfigurationException(f"RFCallback(pos={pos!r}): pos must be {allowed}")
 
 
 def _example_input_shape(pl_module) -> tuple[int, ...] | None:
@@ -585,22 +1019,6 @@ def _normalised(heatmap: torch.Tensor, depth: int | None = None) -> np.ndarray:
     return (heatmap / peak if peak > 0 else heatmap).float().numpy()
 
 
-def _checked_target(target_size) -> tuple[int, ...] | None:
-    if target_size is None:
-        return None
-    values = (target_size,) if isinstance(target_size, int) else target_size
-    if (
-        not isinstance(values, Sequence)
-        or not 1 <= len(values) <= 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    ):
-        raise MisconfigurationException(
-            f"RFCallback(target_size={target_size!r}): target_size must be a positive int, or one per spatial axis "
-            f"(input pixels or samples), or None"
-        )
-    return tuple(values)
-
-
 def _first_loader(loaders):
     if isinstance(loaders, (list, tuple)):
         return loaders[0] if loaders else None
@@ -618,26 +1036,3 @@ def _first_tensor(item) -> torch.Tensor | None:
     if isinstance(item, (tuple, list)) and item:
         return _first_tensor(item[0])
     return None
-
-
-def _validation_inputs(trainer, count: int, seed: int) -> torch.Tensor:
-    """``count`` validation inputs chosen with a private generator: the same on every rank and every epoch.
-
-    A map-style data set is indexed directly (Lightning's distributed sampler would give each rank other
-    samples); otherwise the first batches of the loader are read. The global random states are restored.
-    """
-    loader = _first_loader(trainer.val_dataloaders)
-    dataset = getattr(loader, "dataset", None)
-    with preserved_random_state(torch.device("cpu")):
-        if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
-            generator = torch.Generator().manual_seed(seed)
-            indices = torch.randperm(len(dataset), generator=generator)[:count].tolist()
-            inputs = [_first_tensor(dataset[i]) for i in indices]
-            if all(x is not None for x in inputs):
-                return torch.stack([x.detach().cpu() for x in inputs])
-        batches = []
-        for batch in loader:
-            batches.append(_first_tensor(batch).detach().cpu())
-            if sum(len(b) for b in batches) >= count:
-                break
-    return torch.cat(batches)[:count]

@@ -102,3 +102,83 @@ class ShrinkingField(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class CountingStream(torch.utils.data.IterableDataset):
+    """A streaming data set: every item drawn is new (seeded by how many were drawn before), and ``drawn`` counts them.
+
+    Reading it once more than the Trainer does shifts every later item, so the validation losses change too.
+    """
+
+    def __init__(self, items_per_pass: int = 24):
+        self.items_per_pass = items_per_pass
+        self.drawn = 0
+
+    def __iter__(self):
+        for _ in range(self.items_per_pass):
+            generator = torch.Generator().manual_seed(self.drawn)
+            self.drawn += 1
+            yield torch.randn(1, 16, 16, generator=generator), torch.randint(0, 3, (), generator=generator)
+
+
+class RecordingClassifier(ConvClassifier):
+    """ConvClassifier that keeps every validation loss it computes (``val_losses``), sanity check included."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.val_losses: list[float] = []
+
+    def validation_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.val_losses.append(float(loss))
+        self.log("val_loss", loss)
+
+
+class DictBatchClassifier(ConvClassifier):
+    """A 3-channel ConvClassifier fed dict batches whose first value is a segmentation mask, not the image."""
+
+    def __init__(self):
+        super().__init__(channels=3, example=False)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"], batch["label"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch["image"], batch["label"]), batch_idx)
+
+
+def dict_loaders(n: int = 16, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
+    """Loaders of ``{"mask": (1, 16, 16) bool, "image": (3, 16, 16), "label": int}`` samples."""
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(n, 3, 16, 16, generator=generator)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    data = [{"mask": images[i, :1] > 0, "image": images[i], "label": labels[i]} for i in range(n)]
+    return DataLoader(data, batch_size=batch_size, shuffle=True), DataLoader(data, batch_size=batch_size)
+
+
+class LockedClassifier(ConvClassifier):
+    """ConvClassifier holding a ``threading.Lock``: it cannot be deep-copied, its ``features`` can."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+class NamedBatchClassifier(ConvClassifier):
+    """ConvClassifier fed ``(names, images, labels)`` batches: the first element of a batch is a list of strings."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch[1:], batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step(batch[1:], batch_idx)
+
+
+def named_loaders(n: int = 16, batch_size: int = 8) -> tuple[DataLoader, DataLoader]:
+    """Loaders of ``(name, image (1, 16, 16), label)`` samples."""
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(n, 1, 16, 16, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+    data = [(f"sample{i}", images[i], labels[i]) for i in range(n)]
+    return DataLoader(data, batch_size=batch_size, shuffle=True), DataLoader(data, batch_size=batch_size)

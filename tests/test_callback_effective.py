@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -27,7 +26,8 @@ def alerts(record) -> list[str]:
 def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
     model = ConvClassifier()
     logger = TensorBoardLogger(tmp_path, name="run")
-    fit(tmp_path, RFCallback(layer="features", erf_samples=8), model, logger=logger)
+    callback = RFCallback(layer="features", erf_samples=8)
+    fit(tmp_path, callback, model, logger=logger)
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
@@ -35,9 +35,8 @@ def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
     assert {"erf/features/4_4/heatmap", "erf/features/4_4/overlay", "erf/features/4_4/growth"} <= images
     assert [e.step for e in events.Scalars("erf/features/4_4/extent0.95_h")] == [4, 8]
     # The logged value is effective_rf's on the same 8 validation inputs and the final weights.
-    dataset = loaders()[1].dataset
-    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:8].tolist()
-    inputs = torch.stack([dataset[i][0] for i in indices])
+    inputs = callback.erf_inputs
+    assert inputs.shape == (8, 1, 16, 16)
     expected = effective_rf(model, inputs, "center", layer="features").metrics()
     assert events.Scalars("erf/features/4_4/extent0.95_h")[-1].value == expected["extent0.95_h"]
     assert events.Scalars("erf/features/4_4/std_w")[-1].value == pytest.approx(expected["std_w"], rel=1e-5)

@@ -1,0 +1,374 @@
+"""RFCallback never ends the user's training run but for a wrong argument, and never reads the user's data itself.
+
+Real Trainer runs on CPU: whatever fails inside the callback (a probe at fit start or in a validation epoch, the
+effective field, a figure, a logger) warns once with the reason and the fix and training goes on, unless strict;
+the effective field's inputs come from the batches the Trainer hands over, so a streaming data set is read exactly
+as often as without the callback; every argument is checked at construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+import rf_callback.callback as callback_module
+from rf_callback import ProbeError, RFCallback, effective_rf
+from rf_callback.callback import _InputReservoir
+from tests.lightning_models import (
+    ConvClassifier,
+    CountingStream,
+    DictBatchClassifier,
+    LockedClassifier,
+    NamedBatchClassifier,
+    RecordingClassifier,
+    ShrinkingField,
+    dict_loaders,
+    loaders,
+    named_loaders,
+    trainer_kwargs,
+)
+
+FAILED = "failed, training goes on"
+
+
+def fit(tmp_path, callbacks, model, train, val, **overrides):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **overrides), callbacks=callbacks)
+    trainer.fit(model, train, val)
+    return trainer
+
+
+def callback_warnings(record, text: str = "RFCallback") -> list[str]:
+    return [str(w.message) for w in record if text in str(w.message)]
+
+
+class recorded_warnings:
+    """Every warning of the block, none filtered out as a repeat (so 'once' is the callback's doing)."""
+
+    def __enter__(self):
+        self._context = warnings.catch_warnings(record=True)
+        record = self._context.__enter__()
+        warnings.simplefilter("always")
+        return record
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+# -- the data loaders are the Trainer's
+
+
+class _ValidationBatches(Callback):
+    """Keeps the inputs of the validation batches of epoch 0, and the callback's choice after each validation epoch."""
+
+    def __init__(self):
+        self.first_epoch: list[torch.Tensor] = []
+        self.choices: list[torch.Tensor] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            self.first_epoch.append(batch[0].detach().clone())
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        rf = next(c for c in trainer.callbacks if isinstance(c, RFCallback))
+        if not trainer.sanity_checking:
+            self.choices.append(rf.erf_inputs.clone())
+
+
+def _stream_run(tmp_path, callbacks):
+    pl.seed_everything(3, workers=True)
+    model, stream = RecordingClassifier(), CountingStream(items_per_pass=24)
+    train, _ = loaders()
+    fit(tmp_path, callbacks, model, train, DataLoader(stream, batch_size=8), logger=False, max_epochs=2)
+    return model, stream
+
+
+def test_streaming_validation_data_is_read_exactly_as_often_as_without_the_callback(tmp_path):
+    base_model, base_stream = _stream_run(tmp_path / "without", [])
+    rf, batches = RFCallback(layer="features", erf_samples=12, log_images=False), _ValidationBatches()
+    model, stream = _stream_run(tmp_path / "with", [rf, batches])
+    assert stream.drawn == base_stream.drawn  # the callback drew nothing from the stream
+    assert model.val_losses == base_model.val_losses  # so validation saw the same items, to the last digit
+    assert all(torch.equal(a, b) for a, b in zip(base_model.state_dict().values(), model.state_dict().values()))
+    # The effective field was measured, on 12 inputs chosen among those the Trainer handed over at epoch 0 ...
+    assert [sorted(h.get("effective", {})) for h in rf.history] == [[], ["4_4"], ["4_4"]]
+    seen = torch.cat(batches.first_epoch)
+    assert rf.erf_inputs.shape == (12, 1, 16, 16)
+    assert all((seen == x).flatten(1).all(dim=1).any() for x in rf.erf_inputs)
+    # ... and kept: the same inputs at every epoch.
+    assert len(batches.choices) == 2 and torch.equal(batches.choices[0], batches.choices[1])
+
+
+def test_the_logged_effective_field_is_that_of_the_chosen_inputs(tmp_path):
+    model, rf = ConvClassifier(), RFCallback(layer="features", erf_samples=8, log_images=False)
+    trainer = fit(tmp_path, [rf], model, *loaders(), logger=False)
+    expected = effective_rf(model, rf.erf_inputs, "center", layer="features").metrics()
+    assert trainer.callback_metrics["erf/features/4_4/extent0.95_h"] == expected["extent0.95_h"]
+    assert float(trainer.callback_metrics["erf/features/4_4/std_w"]) == pytest.approx(expected["std_w"], rel=1e-5)
+    dataset = loaders()[1].dataset.tensors[0]  # chosen among the validation samples, no sample twice
+    matches = [(dataset == x).flatten(1).all(dim=1).nonzero().flatten().tolist() for x in rf.erf_inputs]
+    assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 8
+
+
+def test_input_choice_is_uniform_private_and_independent_of_the_batch_size():
+    samples = torch.arange(20.0).reshape(20, 1, 1, 1).expand(20, 1, 2, 2)
+
+    def choice(seed: int, batch_size: int) -> list[int]:
+        reservoir = _InputReservoir(5, seed)
+        for batch in samples.split(batch_size):
+            reservoir.add(batch)
+        return sorted(int(x) for x in reservoir.chosen(None, world_size=1)[:, 0, 0, 0])
+
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    assert choice(0, 8) == choice(0, 3) == choice(0, 20)  # one key per sample, in stream order
+    assert choice(0, 8) != choice(1, 8)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
+    counts = np.bincount(np.concatenate([choice(seed, 7) for seed in range(1000)]), minlength=20)
+    assert counts.sum() == 5000 and np.all(np.abs(counts - 250) < 60)  # 250 each, binomial sd 14
+
+
+# -- failures warn once, with the reason and the fix; strict raises
+
+
+def test_dict_batch_whose_first_tensor_is_a_mask_warns_and_fit_completes(tmp_path):
+    rf = RFCallback(layer="features", log_images=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], DictBatchClassifier(), *dict_loaders(), logger=False)
+    assert trainer.current_epoch == 2
+    said = callback_warnings(record, FAILED)
+    assert len(said) == 1, said  # once, though every probe fails
+    assert "taken from the first tensor of the first batch" in said[0]
+    assert "pass RFCallback(input_shape=(N, C, H, W))" in said[0] and "module=" in said[0]
+
+
+def test_dict_batch_with_input_shape_probes_and_warns_about_the_effective_field_once(tmp_path):
+    rf = RFCallback(layer="features", input_shape=(1, 3, 16, 16), log_images=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], DictBatchClassifier(), *dict_loaders(), logger=False)
+    assert trainer.current_epoch == 2 and [h["epoch"] for h in rf.history] == [None, 0, 1]
+    said = callback_warnings(record, FAILED)
+    assert len(said) == 1 and said[0].startswith("RFCallback: the effective field failed"), said
+    assert "first tensor of the validation batches" in said[0] and "effective=False" in said[0]
+
+
+def test_validation_batches_without_an_input_tensor_first_warn_once_and_fit_completes(tmp_path):
+    rf = RFCallback(layer="features", log_images=False)  # the input shape comes from example_input_array
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], NamedBatchClassifier(), *named_loaders(), logger=False, max_epochs=3)
+    assert trainer.current_epoch == 3 and [h["epoch"] for h in rf.history] == [None, 0, 1, 2]
+    said = callback_warnings(record, FAILED)
+    assert len(said) == 1 and "no validation batch handed to the callback had an input tensor" in said[0], said
+    assert "put the input first in the batch, or pass RFCallback(effective=False)" in said[0]
+
+
+def test_dict_batch_under_strict_raises(tmp_path):
+    with pytest.raises(ProbeError, match="forward raised"):
+        fit(tmp_path, [RFCallback(layer="features", strict=True)], DictBatchClassifier(), *dict_loaders(), logger=False)
+
+
+def test_uncopyable_module_warns_naming_the_way_out_and_fit_completes(tmp_path):
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [RFCallback(layer="features")], LockedClassifier(), *loaders(), logger=False)
+    assert trainer.current_epoch == 2
+    said = callback_warnings(record, FAILED)
+    assert len(said) == 1, said
+    assert "the probe at fit start failed" in said[0] and "deep" in said[0] and "module=" in said[0]
+    # The way out works: module= copies the submodule only.
+    rf = RFCallback(layer="0", module="features", log_images=False)
+    with recorded_warnings() as record:
+        fit(tmp_path, [rf], LockedClassifier(), *loaders(), logger=False)
+    assert callback_warnings(record, FAILED) == [] and len(rf.history) == 3
+
+
+class _PickyLogger(CSVLogger):
+    """A logger that refuses metric names with a slash (as some tracking services refuse some characters)."""
+
+    def log_metrics(self, metrics, step=None):
+        if any("/" in name for name in metrics):
+            raise ValueError("metric names may not contain '/'")
+        super().log_metrics(metrics, step)
+
+
+def test_logger_that_raises_warns_once_and_fit_completes(tmp_path):
+    logger = _PickyLogger(tmp_path)
+    rf = RFCallback(layer="features", log_images=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], ConvClassifier(), *loaders(), logger=logger)
+    assert trainer.current_epoch == 2 and len(rf.history) == 3
+    said = callback_warnings(record, "_PickyLogger failed")
+    assert len(said) == 1 and "metric names may not contain '/'" in said[0], said
+    assert "fix that logger" in said[0]
+    assert "rf/features/4_4/size_h" in trainer.callback_metrics  # the scalars are still there
+
+
+class _BrokenImages:
+    def __init__(self, writer):
+        self._writer = writer
+
+    def add_image(self, *args, **kwargs):
+        raise RuntimeError("the image service is down")
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+
+class _NoImagesLogger(TensorBoardLogger):
+    @property
+    def experiment(self):
+        return _BrokenImages(super().experiment)
+
+
+def test_tensorboard_images_that_fail_warn_once_and_scalars_still_land(tmp_path):
+    logger = _NoImagesLogger(tmp_path, name="run")
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [RFCallback(layer="features")], ConvClassifier(), *loaders(), logger=logger)
+    assert trainer.current_epoch == 2
+    said = callback_warnings(record, FAILED)
+    assert len(said) == 1 and "images to _NoImagesLogger" in said[0] and "the image service is down" in said[0]
+
+
+def test_figures_that_fail_at_fit_end_warn_once_and_fit_completes(tmp_path, monkeypatch):
+    def no_figures(field):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(callback_module, "plot_rf_figure", no_figures)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [RFCallback(layer="features")], ConvClassifier(), *loaders(), logger=logger)
+    assert trainer.current_epoch == 2
+    said = callback_warnings(record, "no display")
+    assert len(said) == 1 and "log_images=False" in said[0], said
+
+
+def test_figures_that_fail_under_strict_raise(tmp_path, monkeypatch):
+    def no_figures(field):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(callback_module, "plot_rf_figure", no_figures)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    with pytest.raises(RuntimeError, match="no display"):
+        fit(tmp_path, [RFCallback(layer="features", strict=True)], ConvClassifier(), *loaders(), logger=logger)
+
+
+def test_a_layer_that_does_not_fit_still_ends_the_run_before_the_first_step(tmp_path):
+    model = DictBatchClassifier()
+    rf = RFCallback(layer="featurez", input_shape=(1, 3, 16, 16))
+    with pytest.raises(MisconfigurationException, match="layer='featurez'"):
+        fit(tmp_path, [rf], model, *dict_loaders(), logger=False)
+    assert model.global_step == 0
+
+
+# -- arguments are checked at the door
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"draws": True}, r"draws=True\): draws must be an int >= 1 .*a bool is not a number here; .*draws=8"),
+        ({"draws": 2.0}, r"draws=2\.0\): draws must be an int >= 1.*pass draws=2"),
+        ({"draws": "8"}, r"draws='8'\).*pass the int, not a str: draws=8"),
+        ({"seed": "0"}, r"seed='0'\): seed must be an int .*pass the int, not a str: seed=0"),
+        ({"seed": True}, r"seed=True\).*a bool is not a number"),
+        ({"seed": 1.5}, r"seed=1\.5\): seed must be an int"),
+        ({"seed": 2**64}, r"seed=18446744073709551616\).*range"),
+        ({"erf_samples": 0}, r"erf_samples=0\): erf_samples must be an int >= 1"),
+        ({"erf_samples": True}, r"erf_samples=True\).*a bool"),
+        ({"every_n_epochs": 1.0}, r"every_n_epochs=1\.0\).*pass every_n_epochs=1"),
+        ({"patience": -1}, r"patience=-1\): patience must be an int >= 1"),
+        ({"coverage_mass": 0}, r"coverage_mass=0\): coverage_mass must be a mass fraction q with 0 < q <= 1"),
+        ({"coverage_mass": True}, r"coverage_mass=True\).*0 < q <= 1"),
+        ({"coverage_mass": "0.9"}, r"coverage_mass='0\.9'\).*e\.g\. coverage_mass=0\.95"),
+        ({"coverage_mass": float("nan")}, r"coverage_mass=nan\)"),
+        ({"target_size": (4.0, 4.0)}, r"target_size=\(4\.0, 4\.0\)\).*positive int.*pass target_size=\(4, 4\)"),
+        ({"target_size": True}, r"target_size=True\)"),
+        ({"target_size": -3}, r"target_size=-3\)"),
+        ({"target_size": "16"}, r"target_size='16'\)"),
+        (
+            {"pos": (4.0, 4.0)},
+            r"pos=\(4\.0, 4\.0\)\).*4\.0 is a float, but positions are integer indices; pass pos=\(4, 4\)",
+        ),
+        ({"pos": "all"}, r"pos='all'\).*for probe_rf"),
+        ({"pos": ()}, r"pos=\(\)\)"),
+        ({"pos": [(1, 1), 2]}, r"pos=\[\(1, 1\), 2\]\)"),
+        ({"pos": True}, r"pos=True\)"),
+        (
+            {"layer": 2},
+            r"layer=2\): layer must be a dotted submodule name \(a str, as in model\.named_modules\(\).*layer='2'",
+        ),
+        ({"layer": nn.Conv2d(1, 1, 3)}, r"layer=<Conv2d module>\).*not the module object"),
+        ({"module": ""}, r"module=''\).*pass module=None"),
+        ({"module": ["features"]}, r"module=\['features'\]\).*named_modules"),
+        ({"input_shape": (16, 16)}, r"input_shape=\(16, 16\)\).*e\.g\. input_shape=\(1, 3, 16, 16\)"),
+        ({"input_shape": (1, 3, 16.0, 16)}, r"input_shape=\(1, 3, 16\.0, 16\)\)"),
+        ({"input_shape": "1,3,16,16"}, r"input_shape='1,3,16,16'\)"),
+        ({"on_alert": 3}, r"on_alert=3\): on_alert must be callable or None"),
+        ({"strict": "yes"}, r"strict='yes'\): strict must be True or False"),
+        ({"log_images": 1}, r"log_images=1\): log_images must be True or False"),
+        ({"effective": 1}, r"effective=1\): effective must be True, False or None"),
+        ({"mode": None}, r"mode=None\): mode must be one of \('theoretical', 'weights'\)"),
+        ({"on_miss": ["warn"]}, r"on_miss=\['warn'\]\): on_miss must be one of"),
+    ],
+)
+def test_bad_argument_is_refused_at_construction_with_the_fix(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        RFCallback(**kwargs)
+
+
+def test_numpy_and_torch_integers_are_accepted_as_ints():
+    plain = RFCallback(pos=(4, 4), draws=4, seed=3, target_size=(5, 6), erf_samples=8, every_n_epochs=2, patience=2)
+    numpy = RFCallback(
+        pos=(np.int64(4), np.int32(4)), draws=np.int64(4), seed=np.uint8(3), target_size=np.array([5, 6]),
+        erf_samples=torch.tensor(8), every_n_epochs=np.int16(2), patience=np.int64(2), coverage_mass=np.float32(0.5),
+        input_shape=torch.Size([1, 1, 16, 16]),
+    )  # fmt: skip
+    for name in ("positions", "draws", "seed", "target_size", "erf_samples", "every_n_epochs", "patience"):
+        assert getattr(numpy, name) == getattr(plain, name), name
+        value = getattr(numpy, name)
+        flat = (
+            [i for v in value for i in (v if isinstance(v, tuple) else (v,))]
+            if isinstance(value, (list, tuple))
+            else [value]
+        )
+        assert all(type(v) is int for v in flat), name  # plain ints go to the probe
+    assert numpy.state_key == plain.state_key and numpy.input_shape == (1, 1, 16, 16)
+    assert RFCallback(pos=np.array([[1, 2], [3, 4]])).positions == [(1, 2), (3, 4)]
+
+
+# -- the fit-start target warnings say what is wrong
+
+
+def _fit_start_warnings(tmp_path, callback) -> list[str]:
+    with recorded_warnings() as record:
+        fit(tmp_path, [callback], ShrinkingField(shrink_epoch=None), *loaders(), logger=False, max_epochs=1)
+    return callback_warnings(record, "target size")
+
+
+def test_target_larger_than_the_input_is_said_to_be_so(tmp_path):
+    said = _fit_start_warnings(tmp_path, RFCallback(target_size=(20, 8), log_images=False, effective=False))
+    assert len(said) == 1, said
+    assert "the target size 20 x 8 is larger than the input, 16 x 16" in said[0]
+    assert "no amount of training" not in said[0] and "Enlarge" not in said[0]
+
+
+def test_field_cut_by_the_border_is_not_called_too_small(tmp_path):
+    # Three 3x3 convolutions: r = 7; at (0, 0) the input's border cuts it to 4 x 4 (input 0..3).
+    said = _fit_start_warnings(tmp_path, RFCallback(pos=(0, 0), target_size=5, log_images=False, effective=False))
+    assert len(said) == 1, said
+    assert "is 4 x 4 on the input" in said[0] and "the input's border cuts it: unclipped it is 7 x 7" in said[0]
+    assert "no amount of training" not in said[0] and "Enlarge" not in said[0]
+
+
+def test_field_too_small_even_unclipped_still_gets_the_advice_to_enlarge_it(tmp_path):
+    said = _fit_start_warnings(tmp_path, RFCallback(pos=(0, 0), target_size=9, log_images=False, effective=False))
+    assert len(said) == 1, said
+    assert "4 x 4 (7 x 7 before the input's border cuts it), smaller than the target size 9 x 9" in said[0]
+    assert "no amount of training" in said[0] and "Enlarge the field" in said[0]
