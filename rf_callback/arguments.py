@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
 from rf_callback._model_copy import MODES
@@ -11,12 +12,18 @@ from rf_callback._model_copy import MODES
 
 def as_index(value) -> int | None:
     """``value`` as a Python int when it is an integer (numpy and torch integers included, bools not), else None."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() != 0):
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool or not _integral(value)):
         return None
     try:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def _integral(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex())
 
 
 def checked_int(name: str, value, *, minimum: int | None = None, meaning: str = "") -> int:

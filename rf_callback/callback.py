@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
-import operator
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,10 +18,33 @@ from torch import nn
 
 from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
+from rf_callback.callback_arguments import (
+    checked_choice,
+    checked_count,
+    checked_flag,
+    checked_input_shape,
+    checked_mass,
+    checked_name,
+    checked_positions,
+    checked_seed,
+    checked_target,
+    refused,
+)
 from rf_callback.effective_probe import effective_rf
+from rf_callback.failures import (
+    COPY_FIX,
+    IMAGES_FIX,
+    Failures,
+    NoInputsError,
+    inputs_fix,
+    is_argument_error,
+    is_copy_failure,
+    logger_fix,
+)
 from rf_callback.graph import ProbeError
 from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
+from rf_callback.sampling import InputReservoir
 
 _AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -143,35 +163,35 @@ class RFCallback(Callback):
         on_alert: Callable[[CoverageEvent], Any] | None = None,
     ):
         super().__init__()
-        self.positions, self.pos = _checked_positions(pos)
-        self.layer, self.module = _checked_name("layer", layer), _checked_name("module", module)
-        self.mode = _checked_choice("mode", mode, MODES)
-        self.input_shape = _checked_input_shape(input_shape)
-        self.every_n_epochs = _checked_count("every_n_epochs", every_n_epochs, "validation epochs between probes", 1)
-        self.log_images, self.strict = _checked_flag("log_images", log_images), _checked_flag("strict", strict)
-        self.draws = _checked_count("draws", draws, "random inputs in weights mode", 8)
-        self.seed = _checked_seed(seed)
+        self.positions, self.pos = checked_positions(pos)
+        self.layer, self.module = checked_name("layer", layer), checked_name("module", module)
+        self.mode = checked_choice("mode", mode, MODES)
+        self.input_shape = checked_input_shape(input_shape)
+        self.every_n_epochs = checked_count("every_n_epochs", every_n_epochs, "validation epochs between probes", 1)
+        self.log_images, self.strict = checked_flag("log_images", log_images), checked_flag("strict", strict)
+        self.draws = checked_count("draws", draws, "random inputs in weights mode", 8)
+        self.seed = checked_seed(seed)
         if effective is not None and not isinstance(effective, (bool, np.bool_)):
-            raise _refused("effective", effective, "True, False or None (on whenever the run has validation data)")
+            raise refused("effective", effective, "True, False or None (on whenever the run has validation data)")
         self.effective = None if effective is None else bool(effective)
-        self.erf_samples = _checked_count("erf_samples", erf_samples, "validation inputs of the effective field", 32)
-        self.target_size = _checked_target(target_size)
-        self.coverage_mass = _checked_mass(coverage_mass)
-        self.patience = _checked_count("patience", patience, "checks before a coverage alert", 1)
-        self.on_miss = _checked_choice("on_miss", on_miss, ON_MISS)
+        self.erf_samples = checked_count("erf_samples", erf_samples, "validation inputs of the effective field", 32)
+        self.target_size = checked_target(target_size)
+        self.coverage_mass = checked_mass(coverage_mass)
+        self.patience = checked_count("patience", patience, "checks before a coverage alert", 1)
+        self.on_miss = checked_choice("on_miss", on_miss, ON_MISS)
         if on_alert is not None and not callable(on_alert):
-            raise _refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
+            raise refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
         self.on_alert = on_alert
         self.trackers: dict[str, CoverageTracker] = {}
         self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
-        self._reservoir: _InputReservoir | None = None
+        self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
         self._last_effective: dict[str, EffectiveField] = {}
         self._theoretical: list[ReceptiveField] | None = None
         self._erf_theoretical: list[ReceptiveField] | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
-        self._failures = _Failures()
+        self._failures = Failures()
         self._initial_logged = False
         self._last_probed_epoch: int | None = None
         self._said_no_tensorboard = False
@@ -220,7 +240,7 @@ class RFCallback(Callback):
         """Starts choosing the effective field's inputs at the fit's first validation epoch (not the sanity check)."""
         if self._erf_inputs is None and self._reservoir is None and not trainer.sanity_checking:
             if self._effective_on(trainer, pl_module):
-                self._reservoir = _InputReservoir(self.erf_samples, self.seed, rank=trainer.global_rank)
+                self._reservoir = InputReservoir(self.erf_samples, self.seed, rank=trainer.global_rank)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Takes the input shape from the first validation batch when unknown; offers its inputs to the choice.
@@ -230,7 +250,7 @@ class RFCallback(Callback):
         """
         self._from_first_batch(trainer, pl_module, batch)
         if self._reservoir is not None and dataloader_idx == 0:
-            with self._guard("inputs", "choosing the effective field's inputs", _inputs_fix):
+            with self._guard("inputs", "choosing the effective field's inputs", inputs_fix):
                 self._reservoir.add(_first_tensor(batch))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -244,7 +264,7 @@ class RFCallback(Callback):
         """
         if self._reservoir is not None:  # the batches have passed: the effective field's inputs are chosen
             reservoir, self._reservoir = self._reservoir, None
-            with self._guard("inputs", "choosing the effective field's inputs", _inputs_fix):
+            with self._guard("inputs", "choosing the effective field's inputs", inputs_fix):
                 self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
         if trainer.sanity_checking or self.input_shape is None:
             return
@@ -283,7 +303,7 @@ class RFCallback(Callback):
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
         if not _tensorboard_loggers(trainer) or not trainer.is_global_zero or not self.log_images:
             return
-        with self._guard("images", "drawing the figures at fit end", _IMAGES_FIX, goes_on="the fit ends normally"):
+        with self._guard("images", "drawing the figures at fit end", IMAGES_FIX, goes_on="the fit ends normally"):
             self._log_final_figures(trainer)
 
     # -- decisions
@@ -321,8 +341,8 @@ class RFCallback(Callback):
             self._failures.report(kind, what, error, fix_text, strict=self.strict, goes_on=goes_on)
 
     def _probe_fix(self, error: Exception) -> str:
-        if _is_copy_failure(error):
-            return "" if "module=" in str(error) else _COPY_FIX
+        if is_copy_failure(error):
+            return "" if "module=" in str(error) else COPY_FIX
         text = str(error)
         raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
         if raw or "forward raised" in text or text.startswith("input_shape"):
@@ -335,10 +355,10 @@ class RFCallback(Callback):
         return ""
 
     def _effective_fix(self, error: Exception) -> str:
-        if _is_copy_failure(error):
-            return "" if "module=" in str(error) else _COPY_FIX
-        if isinstance(error, _NoInputsError):
-            return _inputs_fix(error)
+        if is_copy_failure(error):
+            return "" if "module=" in str(error) else COPY_FIX
+        if isinstance(error, NoInputsError):
+            return inputs_fix(error)
         raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
         if self._erf_inputs is not None and (raw or "forward raised" in str(error)):
             return (
@@ -379,7 +399,7 @@ class RFCallback(Callback):
         except MisconfigurationException:
             raise
         except Exception as error:  # noqa: BLE001 - only an argument that does not fit the model ends the run
-            if _is_argument_error(error, shape_given=self._shape_source == "input_shape="):
+            if is_argument_error(error, shape_given=self._shape_source == "input_shape="):
                 raise MisconfigurationException(f"RFCallback: {error}") from error
             self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error), strict=self.strict)
             return
@@ -483,7 +503,7 @@ class RFCallback(Callback):
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
         if self._erf_inputs is None:
-            raise _NoInputsError(
+            raise NoInputsError(
                 "no validation batch handed to the callback had an input tensor (N, C, *spatial) as its first "
                 "element, so there is nothing to measure the effective field on"
             )
@@ -537,7 +557,7 @@ class RFCallback(Callback):
         self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
         if not trainer.is_global_zero:
             return
-        with self._guard("images", "drawing the effective field's heatmap", _IMAGES_FIX):
+        with self._guard("images", "drawing the effective field's heatmap", IMAGES_FIX):
             heatmap = _normalised(field.heatmap)
             self._add_image(trainer, f"erf/{self.layer_name}/{label}/heatmap", heatmap, trainer.global_step, "HW")
 
@@ -570,13 +590,13 @@ class RFCallback(Callback):
         # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
         for logger in trainer.loggers:
             name = type(logger).__name__
-            with self._guard(f"logger {name}", f"writing the callback's scalars to {name}", _logger_fix(name)):
+            with self._guard(f"logger {name}", f"writing the callback's scalars to {name}", logger_fix(name)):
                 logger.log_metrics(metrics, step=step)
 
     def _add_image(self, trainer, tag: str, image: np.ndarray, step: int, dataformats: str) -> None:
         for board in _tensorboard_loggers(trainer):
             name = type(board).__name__
-            with self._guard(f"logger {name}", f"writing the callback's images to {name}", _logger_fix(name)):
+            with self._guard(f"logger {name}", f"writing the callback's images to {name}", logger_fix(name)):
                 board.experiment.add_image(tag, image, global_step=step, dataformats=dataformats)
 
     def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
@@ -595,7 +615,7 @@ class RFCallback(Callback):
 
         for field in fields:
             base = f"{prefix}/{self.layer_name}/{_position_label(field.position)}"
-            with self._guard("images", "drawing the field's images", _IMAGES_FIX):
+            with self._guard("images", "drawing the field's images", IMAGES_FIX):
                 self._add_image(trainer, f"{base}/heatmap", _heatmap_image(field), step, "HW")
                 if figures:
                     self._add_image(trainer, f"{base}/figure", figure_to_array(plot_rf_figure(field)), step, "HWC")
@@ -615,336 +635,6 @@ class RFCallback(Callback):
             rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
             image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
             self._add_image(trainer, f"erf/{self.layer_name}/{label}/growth", image, step, "HWC")
-
-
-# -- failures
-
-
-class _NoInputsError(RuntimeError):
-    """No validation batch offered an input tensor to measure the effective field on."""
-
-
-_COPY_FIX = (
-    "The callback probes a deep copy, so that the model being trained is never changed: pass "
-    "RFCallback(module='...') naming the submodule that holds the layers (the backbone), one without the attribute "
-    "that cannot be copied (a lock, an open file, a process handle), or give that attribute a __deepcopy__; a model "
-    "on the meta device must be put on a real device first"
-)
-_IMAGES_FIX = "pass log_images=False to skip the images (the scalars do not need them)"
-
-
-def _inputs_fix(error: Exception) -> str:
-    return (
-        "The effective field is measured on the first tensor of the validation batches (a tensor, or the first value "
-        "of a tuple, list or dict, shaped (N, C, *spatial)): put the input first in the batch, or pass "
-        "RFCallback(effective=False)"
-    )
-
-
-def _logger_fix(name: str) -> str:
-    return (
-        f"The callback's scalars and images are not written to {name} (the scalars stay in trainer.callback_metrics "
-        f"and the callback's history); fix that logger, or pass log_images=False if it is the images it refuses"
-    )
-
-
-class _Failures:
-    """Says each kind of failure once, with its reason and its fix (or raises it under ``strict``).
-
-    A kind is where it happened (``"probe"``, ``"effective"``, one logger, ...) and the type of the error, so a
-    probe that fails at every epoch for the same reason warns once; a model that cannot be copied is one kind
-    wherever the copy is made.
-    """
-
-    def __init__(self):
-        self.said: set[tuple[str, str]] = set()
-
-    def report(
-        self, kind: str, what: str, error: Exception, fix: str, *, strict: bool, goes_on: str = "training goes on"
-    ) -> None:
-        """Warns about ``error`` unless its kind was warned already; under ``strict`` raises it instead."""
-        if strict:
-            if fix and hasattr(error, "add_note"):  # Python >= 3.11: the fix shows under the traceback
-                error.add_note(f"RFCallback: {fix}")
-            raise error
-        key = ("copy", "") if _is_copy_failure(error) else (kind, type(error).__name__)
-        if key in self.said:
-            return
-        self.said.add(key)
-        text = f"RFCallback: {what} failed, {goes_on} ({type(error).__name__.lstrip('_')}: {error})"
-        if fix:
-            text += f". {fix}"
-        rank_zero_warn(text)
-
-
-_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module)=|pass layer=")
-
-
-def _is_argument_error(error: Exception, *, shape_given: bool) -> bool:
-    """Whether the probe refused an argument of the callback that does not fit the model (``pos``, ``layer``, ...).
-
-    The probe raises ``ValueError`` naming the argument; an input shape found in a batch is not an argument, so a
-    model that refuses it is a failure to warn about, not a reason to end the run.
-    """
-    if not isinstance(error, ValueError):
-        return False
-    text = str(error)
-    return bool(_ARGUMENT_ERROR.search(text)) or (shape_given and text.startswith("input_shape="))
-
-
-_COPY_WORDS = ("pickle", "deepcopy", "deep-cop", "deep cop", "be copied", "cannot copy")
-
-
-def _is_copy_failure(error: BaseException | None) -> bool:
-    """Whether ``error`` (or what caused it) comes from deep-copying the model."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if any(word in str(error).lower() for word in _COPY_WORDS):
-            return True
-        frame = error.__traceback__
-        while frame is not None:
-            code = frame.tb_frame.f_code
-            if code.co_name == "deepcopy" and code.co_filename.endswith("copy.py"):
-                return True
-            frame = frame.tb_next
-        error = error.__cause__ or error.__context__
-    return False
-
-
-# -- the effective field's inputs
-
-
-class _InputReservoir:
-    """Keeps ``count`` of the samples handed to it, each equally likely, with a private generator.
-
-    Every sample gets a random key from a generator seeded by ``(seed, rank)``, and the samples with the ``count``
-    smallest keys are kept (reservoir sampling with random keys): one pass over a stream of unknown length chooses
-    uniformly, only samples that enter the reservoir are copied (to CPU, float32), and the reservoirs of several
-    ranks merge by the same rule into one choice over all their samples. No global random state is drawn from.
-    Samples shaped unlike the first kept one are passed over.
-    """
-
-    _MAX_SAMPLE_DIMS = 4  # (C, D, H, W)
-
-    def __init__(self, count: int, seed: int, *, rank: int = 0):
-        self.count = count
-        self._generator = np.random.default_rng(np.random.SeedSequence([seed % 2**64, rank]))
-        self.keys = torch.empty(0, dtype=torch.float64)
-        self.samples: torch.Tensor | None = None
-
-    def add(self, inputs: torch.Tensor | None) -> None:
-        """Offers the samples of one batch ``(N, C, *spatial)``; anything else is passed over."""
-        if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5 or len(inputs) == 0:
-            return
-        keys = torch.from_numpy(self._generator.random(len(inputs)))
-        if self.samples is not None and inputs.shape[1:] != self.samples.shape[1:]:
-            return
-        if len(self.keys) < self.count:
-            chosen = torch.arange(len(inputs))
-        else:
-            chosen = (keys < self.keys.max()).nonzero().flatten()
-            if len(chosen) == 0:
-                return
-        with torch.inference_mode(False), torch.no_grad():
-            new = inputs.detach()[chosen.to(inputs.device)].to("cpu", torch.float32, copy=True)
-        keys = torch.cat([self.keys, keys[chosen]])
-        samples = new if self.samples is None else torch.cat([self.samples, new])
-        order = keys.argsort(stable=True)[: self.count]
-        self.keys, self.samples = keys[order], samples[order]
-
-    def chosen(self, strategy, world_size: int) -> torch.Tensor | None:
-        """The chosen inputs, the same on every rank (pooled over the ranks under DDP); ``None`` if none was seen."""
-        if world_size > 1:
-            return self._pooled(strategy)
-        return self.samples
-
-    def _pooled(self, strategy) -> torch.Tensor | None:
-        """The ``count`` samples of smallest key over every rank's reservoir: two all-gathers, the same on all ranks."""
-        device = strategy.root_device
-        shape = tuple(self.samples.shape[1:]) if self.samples is not None else ()
-        meta = [len(self.keys), len(shape), *shape, *[0] * (self._MAX_SAMPLE_DIMS - len(shape))]
-        metas = strategy.all_gather(torch.tensor(meta, dtype=torch.int64, device=device)).cpu().tolist()
-        reference = next((m for m in metas if m[0] > 0), None)
-        if reference is None:
-            return None
-        common = tuple(reference[2 : 2 + reference[1]])  # ranks whose inputs are shaped otherwise offer none
-        keys = torch.full((self.count,), float("inf"), dtype=torch.float64)
-        samples = torch.zeros((self.count, *common), dtype=torch.float32)
-        if self.samples is not None and shape == common:
-            keys[: len(self.keys)], samples[: len(self.keys)] = self.keys, self.samples
-        all_keys = strategy.all_gather(keys.to(device)).cpu().flatten()
-        all_samples = strategy.all_gather(samples.to(device)).cpu().flatten(0, 1)
-        order = all_keys.argsort(stable=True)[: self.count]
-        return all_samples[order[torch.isfinite(all_keys[order])]]
-
-
-# -- arguments
-
-
-def _shown(value) -> str:
-    """``repr(value)``, short: a module by its class, a long repr cut."""
-    if isinstance(value, nn.Module):
-        return f"<{type(value).__name__} module>"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _refused(name: str, value, allowed: str, fix: str = "") -> MisconfigurationException:
-    text = f"RFCallback({name}={_shown(value)}): {name} must be {allowed}"
-    return MisconfigurationException(f"{text}; {fix}" if fix else text)
-
-
-def _as_int(value) -> int | None:
-    """``value`` as an int when it is an integer (numpy and 0-d torch integers included, bools not), else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, torch.Tensor) and (
-        value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex()
-    ):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _int_fix(name: str, value, example) -> str:
-    """How to write ``value`` as the int it may have meant."""
-    if isinstance(value, (bool, np.bool_)):
-        return f"a bool is not a number here; pass an int, e.g. {name}={example}"
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return f"pass the int, not a str: {name}={int(value)}"
-    if isinstance(value, numbers.Real) and float(value).is_integer():
-        return f"pass {name}={int(value)}"
-    return f"e.g. {name}={example}"
-
-
-def _checked_count(name: str, value, meaning: str, example: int) -> int:
-    number = _as_int(value)
-    if number is None or number < 1:
-        allowed = f"an int >= 1 ({meaning}; numpy and torch integers are accepted)"
-        raise _refused(name, value, allowed, _int_fix(name, value, example))
-    return number
-
-
-def _checked_seed(seed) -> int:
-    number = _as_int(seed)
-    if number is None or not -(2**63) <= number < 2**64:
-        allowed = "an int in torch.Generator's range [-2**63, 2**64) (numpy and torch integers are accepted)"
-        raise _refused("seed", seed, allowed, _int_fix("seed", seed, 0))
-    return number
-
-
-def _checked_flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise _refused(name, value, "True or False", f"e.g. {name}=True")
-    return bool(value)
-
-
-def _checked_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise _refused(name, value, f"one of {choices}", f"e.g. {name}={choices[0]!r}")
-    return value
-
-
-def _checked_mass(value) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
-        allowed = "a mass fraction q with 0 < q <= 1 (the share of the gradient mass the effective extent holds)"
-        raise _refused("coverage_mass", value, allowed, "e.g. coverage_mass=0.95")
-    return float(value)
-
-
-def _checked_name(name: str, value) -> str | None:
-    if value is None or (isinstance(value, str) and value):
-        return value
-    default = "None for the model's output" if name == "layer" else "None to probe the whole LightningModule"
-    allowed = f"a dotted submodule name (a str, as in model.named_modules(), e.g. 'backbone.layer4'), or {default}"
-    if isinstance(value, nn.Module):
-        fix = "pass the module's name from model.named_modules(), not the module object"
-    elif _as_int(value) is not None:
-        fix = f"pass {name}={str(value)!r} (a str) for the child named {value}, as in a Sequential"
-    elif value == "":
-        fix = f"an empty name names nothing; pass {name}=None"
-    else:
-        fix = f"got {type(value).__name__}"
-    raise _refused(name, value, allowed, fix)
-
-
-def _checked_input_shape(input_shape) -> tuple[int, ...] | None:
-    if input_shape is None:
-        return None
-    sequence = isinstance(input_shape, (Sequence, np.ndarray)) and not isinstance(input_shape, str)
-    dims = [_as_int(v) for v in input_shape] if sequence else []
-    if not 3 <= len(dims) <= 5 or any(d is None or d < 1 for d in dims):
-        allowed = "(N, C, L), (N, C, H, W) or (N, C, D, H, W) with positive ints, or None"
-        fix = "to take it from example_input_array or a batch"
-        if sequence and 1 <= len(dims) <= 3 and all(d is not None and d > 0 for d in dims):
-            fix = f"the batch and channel axes come first, e.g. input_shape={(1, 3, *dims[-2:])}"
-        raise _refused("input_shape", input_shape, allowed, fix)
-    return tuple(dims)
-
-
-def _checked_target(target_size) -> tuple[int, ...] | None:
-    if target_size is None:
-        return None
-    single = _as_int(target_size)
-    if single is not None:
-        values = [single]
-    elif isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
-        values = [_as_int(v) for v in target_size]
-    else:
-        values = []
-    if not 1 <= len(values) <= 3 or any(v is None or v < 1 for v in values):
-        allowed = "a positive int, or one per spatial axis (input pixels or samples; numpy integers accepted), or None"
-        fix = "e.g. target_size=32 or target_size=(32, 48)"
-        if isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
-            whole = [float(v) for v in target_size if isinstance(v, numbers.Real) and float(v).is_integer()]
-            if 1 <= len(whole) == len(target_size) <= 3 and all(v > 0 for v in whole):
-                fix = f"pass target_size={tuple(int(v) for v in whole)}"
-        elif isinstance(target_size, numbers.Real) and float(target_size).is_integer() and target_size > 0:
-            fix = f"pass target_size={int(target_size)}"
-        raise _refused("target_size", target_size, allowed, fix)
-    return tuple(values)
-
-
-_POS_ALLOWED = "an index tuple into the output map (an int for 1D), a list of index tuples, or 'center'"
-
-
-def _checked_positions(pos) -> tuple[list, Any]:
-    """The positions to probe, and ``pos`` with Python ints (so ``state_key`` reads the same for numpy integers)."""
-    if isinstance(pos, str):
-        if pos == "center":
-            return ["center"], pos
-        fix = "pos='all' is for probe_rf; the callback logs a few positions" if pos == "all" else "e.g. pos='center'"
-        raise _refused("pos", pos, _POS_ALLOWED, fix)
-    if isinstance(pos, (np.ndarray, torch.Tensor)):
-        pos = pos.tolist()
-    index = _as_int(pos)
-    if index is not None:
-        return [(index,)], index
-    if isinstance(pos, Sequence) and len(pos) > 0:
-        nested = [isinstance(p, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(p, str) for p in pos]
-        if not any(nested):
-            indices = _indices(pos, pos)
-            return [indices], indices if isinstance(pos, tuple) else list(indices)
-        if all(nested):
-            fields = [_indices(list(p) if not isinstance(p, Sequence) else p, pos) for p in pos]
-            same = [f if isinstance(p, tuple) else list(f) for p, f in zip(pos, fields)]
-            return fields, tuple(same) if isinstance(pos, tuple) else same
-    raise _refused("pos", pos, _POS_ALLOWED, "e.g. pos=(4, 4) or pos=[(0, 0), (4, 4)]")
-
-
-def _indices(entries, pos) -> tuple[int, ...]:
-    indices = tuple(_as_int(i) for i in entries)
-    if len(indices) == 0 or any(i is None for i in indices):
-        bad = next((e for e, i in zip(entries, indices) if i is None), None)
-        if isinstance(bad, numbers.Real) and not isinstance(bad, (bool, np.bool_)) and float(bad).is_integer():
-            fix = f"{bad!r} is a float, but positions are integer indices; pass pos={tuple(int(e) for e in entries)}"
-        else:
-            fix = f"{bad!r} is not an integer index" if indices else "an empty index tuple names no position"
-        raise _refused("pos", pos, _POS_ALLOWED, fix)
-    return indices  # type: ignore[return-value]
 
 
 # -- Lightning and the loggers

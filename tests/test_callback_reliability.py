@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import rf_callback.callback as callback_module
 from rf_callback import ProbeError, RFCallback, effective_rf
-from rf_callback.callback import _InputReservoir
+from rf_callback.sampling import InputReservoir
 from tests.lightning_models import (
     ConvClassifier,
     CountingStream,
@@ -122,7 +122,7 @@ def test_input_choice_is_uniform_private_and_independent_of_the_batch_size():
     samples = torch.arange(20.0).reshape(20, 1, 1, 1).expand(20, 1, 2, 2)
 
     def choice(seed: int, batch_size: int) -> list[int]:
-        reservoir = _InputReservoir(5, seed)
+        reservoir = InputReservoir(5, seed)
         for batch in samples.split(batch_size):
             reservoir.add(batch)
         return sorted(int(x) for x in reservoir.chosen(None, world_size=1)[:, 0, 0, 0])

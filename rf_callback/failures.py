@@ -1,0 +1,101 @@
+"""What the callback says when something fails inside it: each kind of failure once, with its reason and its fix."""
+
+from __future__ import annotations
+
+import re
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class NoInputsError(RuntimeError):
+    """No validation batch offered an input tensor to measure the effective field on."""
+
+
+COPY_FIX = (
+    "The callback probes a deep copy, so that the model being trained is never changed: pass "
+    "RFCallback(module='...') naming the submodule that holds the layers (the backbone), one without the attribute "
+    "that cannot be copied (a lock, an open file, a process handle), or give that attribute a __deepcopy__; a model "
+    "on the meta device must be put on a real device first"
+)
+IMAGES_FIX = "pass log_images=False to skip the images (the scalars do not need them)"
+
+
+def inputs_fix(error: Exception) -> str:
+    """How to give the callback inputs for the effective field."""
+    return (
+        "The effective field is measured on the first tensor of the validation batches (a tensor, or the first value "
+        "of a tuple, list or dict, shaped (N, C, *spatial)): put the input first in the batch, or pass "
+        "RFCallback(effective=False)"
+    )
+
+
+def logger_fix(name: str) -> str:
+    """What to do about a logger that refused the callback's scalars or images."""
+    return (
+        f"The callback's scalars and images are not written to {name} (the scalars stay in trainer.callback_metrics "
+        f"and the callback's history); fix that logger, or pass log_images=False if it is the images it refuses"
+    )
+
+
+class Failures:
+    """Says each kind of failure once, with its reason and its fix (or raises it under ``strict``).
+
+    A kind is where it happened (``"probe"``, ``"effective"``, one logger, ...) and the type of the error, so a
+    probe that fails at every epoch for the same reason warns once; a model that cannot be copied is one kind
+    wherever the copy is made.
+    """
+
+    def __init__(self):
+        self.said: set[tuple[str, str]] = set()
+
+    def report(
+        self, kind: str, what: str, error: Exception, fix: str, *, strict: bool, goes_on: str = "training goes on"
+    ) -> None:
+        """Warns about ``error`` unless its kind was warned already; under ``strict`` raises it instead."""
+        if strict:
+            if fix and hasattr(error, "add_note"):  # Python >= 3.11: the fix shows under the traceback
+                error.add_note(f"RFCallback: {fix}")
+            raise error
+        key = ("copy", "") if is_copy_failure(error) else (kind, type(error).__name__)
+        if key in self.said:
+            return
+        self.said.add(key)
+        text = f"RFCallback: {what} failed, {goes_on} ({type(error).__name__.lstrip('_')}: {error})"
+        if fix:
+            text += f". {fix}"
+        rank_zero_warn(text)
+
+
+_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module)=|pass layer=")
+
+
+def is_argument_error(error: Exception, *, shape_given: bool) -> bool:
+    """Whether the probe refused an argument of the callback that does not fit the model (``pos``, ``layer``, ...).
+
+    The probe raises ``ValueError`` naming the argument; an input shape found in a batch is not an argument, so a
+    model that refuses it is a failure to warn about, not a reason to end the run.
+    """
+    if not isinstance(error, ValueError):
+        return False
+    text = str(error)
+    return bool(_ARGUMENT_ERROR.search(text)) or (shape_given and text.startswith("input_shape="))
+
+
+_COPY_WORDS = ("pickle", "deepcopy", "deep-cop", "deep cop", "be copied", "cannot copy")
+
+
+def is_copy_failure(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) comes from deep-copying the model."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(word in str(error).lower() for word in _COPY_WORDS):
+            return True
+        frame = error.__traceback__
+        while frame is not None:
+            code = frame.tb_frame.f_code
+            if code.co_name == "deepcopy" and code.co_filename.endswith("copy.py"):
+                return True
+            frame = frame.tb_next
+        error = error.__cause__ or error.__context__
+    return False
