@@ -22,6 +22,10 @@ class ProbeError(RuntimeError):
     """The probe ran but could not measure a field: the forward raised, or the gradient was zero or not finite."""
 
 
+class CopyError(ProbeError):
+    """The model cannot be deep-copied, and the probe only ever runs on a copy."""
+
+
 _ACTIVATIONS = frozenset(
     {
         "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "elu", "selu", "celu", "hardswish",
@@ -295,10 +299,10 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
         try:
             clone = copy.deepcopy(getattr(model, "_orig_mod", model))
         except Exception as error:
-            raise ProbeError(
+            raise CopyError(
                 f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
-                f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe the "
-                f"submodule that holds the layers (RFCallback(module=...))"
+                f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
+                f"submodule without it"
             ) from error
         clone = _uncompiled(clone)
         _strip_user_hooks(clone)

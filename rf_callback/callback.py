@@ -18,6 +18,7 @@ from torch import nn
 
 from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
+from rf_callback.arguments import checked_element
 from rf_callback.callback_arguments import (
     checked_choice,
     checked_count,
@@ -91,6 +92,8 @@ class RFCallback(Callback):
             accepted), a list of tuples, or ``"center"``.
         layer: dotted name of the submodule whose output is probed (within ``module`` if given), a str as listed
             by ``named_modules()``; ``None`` probes the output. A classifier must name its last feature map here.
+        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
+            probe (the probe never guesses: without it, such an output is refused before the first step).
         input_shape: the input shape ``(N, C, *spatial)`` (``N`` is ignored). Default: the LightningModule's
             ``example_input_array``, else the first batch the Trainer runs (validation during the sanity check, or
             training): its first tensor. Pass it when that tensor is not the model's input (a dict batch whose
@@ -161,10 +164,15 @@ class RFCallback(Callback):
         patience: int = 1,
         on_miss: str = "warn",
         on_alert: Callable[[CoverageEvent], Any] | None = None,
+        element: int | str | None = None,
     ):
         super().__init__()
         self.positions, self.pos = checked_positions(pos)
         self.layer, self.module = checked_name("layer", layer), checked_name("module", module)
+        try:
+            self.element = checked_element(element)
+        except ValueError as error:
+            raise MisconfigurationException(f"RFCallback({error}") from None
         self.mode = checked_choice("mode", mode, MODES)
         self.input_shape = checked_input_shape(input_shape)
         self.every_n_epochs = checked_count("every_n_epochs", every_n_epochs, "validation epochs between probes", 1)
@@ -200,7 +208,10 @@ class RFCallback(Callback):
     @property
     def state_key(self) -> str:
         """Identifies this callback's state in a checkpoint by its arguments, so several can share a Trainer."""
-        return self._generate_state_key(pos=str(self.pos), layer=self.layer, module=self.module, mode=self.mode)
+        keys = {"pos": str(self.pos), "layer": self.layer, "module": self.module, "mode": self.mode}
+        if self.element is not None:  # only then: checkpoints written before element= keep their key
+            keys["element"] = self.element
+        return self._generate_state_key(**keys)
 
     @property
     def layer_name(self) -> str:
@@ -386,7 +397,7 @@ class RFCallback(Callback):
         fields = probe_rf(
             self._target(pl_module), input_shape or self.input_shape,
             self.positions if len(self.positions) > 1 else self.positions[0],
-            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed,
+            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element,
         )  # fmt: skip
         return fields if isinstance(fields, list) else [fields]
 
@@ -509,7 +520,14 @@ class RFCallback(Callback):
             )
         theoretical_fields = self._erf_theoretical_fields(pl_module, self._erf_inputs)
         fields = [
-            effective_rf(self._target(pl_module), self._erf_inputs, p, layer=self.layer, theoretical=theoretical)
+            effective_rf(
+                self._target(pl_module),
+                self._erf_inputs,
+                p,
+                layer=self.layer,
+                theoretical=theoretical,
+                element=self.element,
+            )  # fmt: skip
             for p, theoretical in zip(self.positions, theoretical_fields)
         ]
         entry, events = {}, []

@@ -6,6 +6,8 @@ import re
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rf_callback._model_copy import CopyError
+
 
 class NoInputsError(RuntimeError):
     """No validation batch offered an input tensor to measure the effective field on."""
@@ -66,7 +68,7 @@ class Failures:
         rank_zero_warn(text)
 
 
-_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module)=|pass layer=")
+_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module|element)=|pass layer=|pass element=")
 
 
 def is_argument_error(error: Exception, *, shape_given: bool) -> bool:
@@ -86,6 +88,8 @@ _COPY_WORDS = ("pickle", "deepcopy", "deep-cop", "deep cop", "be copied", "canno
 
 def is_copy_failure(error: BaseException | None) -> bool:
     """Whether ``error`` (or what caused it) comes from deep-copying the model."""
+    if isinstance(error, CopyError):
+        return True
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

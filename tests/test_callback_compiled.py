@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 
@@ -53,3 +54,37 @@ def test_probe_of_a_module_whose_forward_lightning_compiled_leaves_its_batchnorm
     assert probe_rf(model, (1, 1, 16, 16), (4, 4), layer="features", mode="weights").size == (8, 8)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.features[1], nn.BatchNorm2d)
+
+
+class TwoHeads(ConvClassifier):
+    """``features`` returns a tuple: the usual map and a coarser one."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _Both(self.features)
+
+    def forward(self, x):
+        return self.head(self.features(x)[0].mean(dim=(2, 3)))
+
+
+class _Both(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.pool = body, nn.AvgPool2d(2)
+
+    def forward(self, x):
+        fine = self.body(x)
+        return fine, self.pool(fine)
+
+
+def test_a_tuple_output_needs_element_before_the_first_step_and_element_picks_it(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    kwargs = trainer_kwargs(tmp_path, logger=False, max_epochs=1)
+    with pytest.raises(MisconfigurationException, match=r"is a tuple of 2 .*pass element="):
+        pl.Trainer(**kwargs, callbacks=[RFCallback(layer="features", effective=False)]).fit(TwoHeads(), *loaders())
+    callback = RFCallback(pos=(2, 2), layer="features", element=1, effective=False)
+    pl.Trainer(**kwargs, callbacks=[callback]).fit(TwoHeads(), *loaders())
+    assert callback.history[-1]["fields"][0]["element"] == 1
+    assert callback.history[-1]["fields"][0]["size"] == [10, 10]  # r = 8 + (2 - 1) * 2 = 10 at stride 2
+    assert "element" in callback.state_key and "element" not in RFCallback(layer="features").state_key
