@@ -98,6 +98,21 @@ _THEORETICAL_IDENTITIES = frozenset(
 )  # fmt: skip
 
 
+def _keeps_the_field(module: nn.Module) -> bool:
+    """Whether the theoretical field of the module's output is its input's.
+
+    So it is for an identity of the theoretical copy, and for a 1 x 1 convolution with stride 1 (every weight is
+    positive there: a channel mix at each pixel).
+    """
+    if type(module) in _THEORETICAL_IDENTITIES:
+        return True
+    return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (
+        all(k == 1 for k in module.kernel_size)
+        and all(s == 1 for s in module.stride)
+        and module.padding in ("valid", (0,) * len(module.kernel_size))
+    )
+
+
 def rf_table(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -116,8 +131,8 @@ def rf_table(
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
     pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
     geometry of every row is read on thin inputs whose forward passes the rows share too. A row whose output is
-    another row's tensor (a container's last child), or a BatchNorm, activation, dropout or identity applied to it
-    unchanged, shares that row's theoretical field instead of measuring it again.
+    another row's tensor (a container's last child), or a BatchNorm, activation, dropout, identity or 1 x 1
+    stride-1 convolution applied to it unchanged, shares that row's theoretical field instead of measuring it again.
 
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
@@ -300,7 +315,7 @@ def _forward_outputs(
                 return
             key = (id(output), output._version)
             same_as = producers.get(key)
-            if same_as is None and type(module) in _THEORETICAL_IDENTITIES and args and torch.is_tensor(args[0]):
+            if same_as is None and _keeps_the_field(module) and args and torch.is_tensor(args[0]):
                 same_as = producers.get((id(args[0]), args[0]._version))
             producers.setdefault(key, same_as or name)
             alive.append(output)

@@ -255,3 +255,38 @@ def test_rows_share_one_forward_pass_and_survive_in_place_residual_adds():
     rows = {row.name: row for row in rf_table(model, (1, 1, 20, 20))}
     assert rows["point"].size == (3, 3) == probe_rf(model, (1, 1, 20, 20), layer="point").size  # not the sum's 7
     assert rows["wide"].size == (7, 7)
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise (strided or not), 1x1 project, residual added in place."""
+
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        hidden = channels * 2
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+        self.residual = stride == 1
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.residual:
+            out += x
+        return out
+
+
+def test_rows_that_share_a_field_equal_their_own_probe():
+    # Identities, 1x1 convolutions and containers share the field of the row they apply to; every row, shared or
+    # measured, must equal probe_rf of that layer, geometry included.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), _InvertedResidual(4, 1), _InvertedResidual(4, 2),
+                          _InvertedResidual(4, 1), nn.Conv2d(4, 8, 1), nn.ReLU())  # fmt: skip
+    shape = (1, 3, 20, 18)
+    rows = rf_table(model, shape)
+    assert len(rows) == 33
+    for row in rows:
+        field = probe_rf(model, shape, "center", layer=row.name)
+        geometry = [(g.size, g.stride, g.offset) if g else None for g in field.geometry]
+        assert (row.bounds, row.size) == (field.bounds, field.size), row.name
+        assert [(r, s, p) if s else None for r, s, p in zip(row.full_size, row.stride, row.offset)] == geometry
