@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rf_callback import probe_rf
-from rf_callback.graph import ProbeGraph as _Graph
+from rf_callback.graph import ProbeGraph
 
 
 def network() -> nn.Sequential:
@@ -54,7 +54,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def bare_loop():
-        graph = _Graph(model, shape, None, "theoretical", dtype=torch.float32, device=torch.device("cpu"))
+        graph = ProbeGraph(model, shape, None, "theoretical", dtype=torch.float32, device=torch.device("cpu"))
         for p in positions:
             graph.gradient_map([p])
 
@@ -79,26 +79,26 @@ def main() -> None:
     t_fb = best_of(args.repeats * 3, forward_backward)
     t_single = best_of(args.repeats * 3, lambda: probe_rf(model, shape, "center"))
     t_single64 = best_of(args.repeats * 3, lambda: probe_rf(model, shape, "center", dtype=torch.float64))
+    t_geometry = best_of(args.repeats * 3, lambda: tuple(probe_rf(model, shape, "center").geometry))
     print("\n2. one position against one forward + backward of one sample (float32, the model itself)")
-    print(f"   probe_rf(pos='center') / forward+backward: {t_single / t_fb:7.2f}x (float32, the default)")
-    print(f"   probe_rf(pos='center', dtype=float64) / forward+backward: {t_single64 / t_fb:7.2f}x")
+    print(f"   probe_rf(pos='center'), bounds and heatmap / forward+backward: {t_single / t_fb:7.2f}x (float32)")
+    print(f"   the same with dtype=float64 / forward+backward: {t_single64 / t_fb:7.2f}x")
+    print(f"   the same, then its geometry / forward+backward: {t_geometry / t_fb:7.2f}x")
 
 
 def _passes_of(model: nn.Module, shape) -> int:
-    from rf_callback import probe as probe_module
-
     counted = []
-    original = probe_module._Graph.gradient_map
+    original = ProbeGraph.gradient_map
 
     def counting(self, positions):
         counted.append(len(positions))
         return original(self, positions)
 
-    probe_module._Graph.gradient_map = counting
+    ProbeGraph.gradient_map = counting
     try:
         probe_rf(model, shape, "all")
     finally:
-        probe_module._Graph.gradient_map = original
+        ProbeGraph.gradient_map = original
     return len(counted)
 
 

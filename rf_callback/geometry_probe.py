@@ -139,6 +139,21 @@ def _first_growth(center_support: torch.Tensor, axis: int) -> int:
     return (1, 2, 4)[cut]
 
 
+def centre_field_is_whole(theory: ProbeGraph, graph_on: GraphOn, axis: int, support: torch.Tensor) -> bool:
+    """Whether the centre field along ``axis`` (``support`` on the user's input) is the same on a longer input.
+
+    The input is thin and twice as long along ``axis``: a field that only looks whole (a dilated layer's other taps
+    beyond the border) grows there.
+    """
+    thin = _thinnest_graph(theory, axis, graph_on, 2 * theory.spatial_input_shape[axis])
+    if thin is None or thin[1] is None:
+        return False
+    graph = thin[1]
+    mine, theirs = marginal(support, axis), marginal(graph.support([graph.center]), axis)
+    a, b = hull(mine), hull(theirs)
+    return a is not None and b is not None and torch.equal(mine[a[0] : a[1] + 1], theirs[b[0] : b[1] + 1])
+
+
 class _Fallback:
     """The thin reading's assumption failed on this axis: read it the exact way."""
 

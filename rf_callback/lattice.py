@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rf_callback.geometry import MIN_WHOLE_FIELDS, AxisGeometry, Bounds, is_whole, whole_fields
+from rf_callback.geometry import MIN_WHOLE_FIELDS, Bounds, is_whole, whole_fields
 from rf_callback.graph import ProbeGraph
 from rf_callback.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
 
@@ -87,20 +87,21 @@ def measure_axis_table(
     *,
     full: bool,
     known: dict[Position, torch.Tensor] | None = None,
-    geometry: Sequence[AxisGeometry | None] | None = None,
+    centre_is_whole: Callable[[int, torch.Tensor], bool] | None = None,
 ) -> AxisTable | None:
     """Measures the theoretical bounds along each axis, as a function of the index along that axis alone.
 
-    A pilot pass from the centre position (the least clipped) gives the field's size and the largest hole
-    inside it (dilation). Along an axis where that field is cut by the input's ends (it differs from the span of
-    ``geometry``, when given), its holes may be hidden, and fields that look apart may interleave: every index
-    gets a pass of its own along that axis. Then each pass backpropagates from a whole lattice of positions spaced
-    so that their fields should not touch, and reads every lattice index's bounds from the runs of the support
-    projected on each axis. A pass whose runs do not match its indices, or whose positions do not fill their boxes
-    exactly, is retried with twice the spacing. ``full`` measures every index (else one lattice through the centre);
-    ``known`` holds exact single-position supports already computed, which join the table. The full table is
-    checked against exact single-position passes at the corners, the centre and two random positions; on any
-    disagreement (a field that is not a box) this returns None and callers fall back to one pass per position.
+    A pilot pass from the centre position (the least clipped) gives the field's size and the largest hole inside
+    it (dilation). Along an axis where that field is cut by the input's ends (it comes near them, or
+    ``centre_is_whole(axis, support)`` says it changes on a longer input), its holes may be hidden, and fields that
+    look apart may interleave: every index gets a pass of its own along that axis. Then each pass backpropagates
+    from a whole lattice of positions spaced so that their fields should not touch, and reads every lattice index's
+    bounds from the runs of the support projected on each axis. A pass whose runs do not match its indices, or
+    whose positions do not fill their boxes exactly, is retried with twice the spacing. ``full`` measures every
+    index (else one lattice through the centre); ``known`` holds exact single-position supports already computed,
+    which join the table. The full table is checked against exact single-position passes at the corners, the
+    centre and two random positions; on any disagreement (a field that is not a box) this returns None and callers
+    fall back to one pass per position.
     """
     shape = graph.output_shape
     known = dict(known or {})
@@ -120,13 +121,8 @@ def measure_axis_table(
         gaps.append(largest_hole(mask) + 1)
         size = 1 if pilot_hull is None else pilot_hull[1] - pilot_hull[0] + 1
         stride = max(1, graph.spatial_input_shape[axis] // n)
-        known_geometry = None if geometry is None else geometry[axis]
-        if known_geometry is not None:
-            span, length = known_geometry.span(anchor[axis]), graph.spatial_input_shape[axis]
-            whole = pilot_hull == span and span[0] >= 0 and span[1] <= length - 1
-        else:
-            whole = is_whole(pilot_hull, graph.spatial_input_shape[axis], gaps[-1])
-        if not whole:
+        whole = is_whole(pilot_hull, graph.spatial_input_shape[axis], gaps[-1])
+        if not whole or (centre_is_whole is not None and not centre_is_whole(axis, pilot)):
             # A field cut by the input's ends can hide its holes (dilation), and then fields of a lattice would
             # interleave unseen: one index per pass along this axis.
             spacing.append(n)

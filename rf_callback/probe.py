@@ -17,7 +17,7 @@ from torch import nn
 from rf_callback._model_copy import model_device, preserved_random_state
 from rf_callback.arguments import as_index, checked_dtype, checked_element, checked_int, checked_layer, checked_mode
 from rf_callback.geometry import LazyGeometry
-from rf_callback.geometry_probe import graph_factory, measure_geometry
+from rf_callback.geometry_probe import centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.graph import ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
 from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
@@ -215,9 +215,13 @@ class _Prober:
 
         return LazyGeometry(len(self.shape) - 2, measure)
 
-    def _bare_geometry(self) -> tuple:
-        """The geometry without a table (which it would otherwise use): tables need it first, to tell cut fields."""
-        return measure_geometry(self.theory, self.graph_on, known=self.known)
+    def _full_table(self) -> AxisTable | None:
+        """Every index's theoretical bounds on the user's input; a centre field that only looks whole is found."""
+
+        def centre_is_whole(axis: int, support: torch.Tensor) -> bool:
+            return centre_field_is_whole(self.theory, self.graph_on, axis, support)
+
+        return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
 
     def _float64(self) -> _Prober:
         return _Prober(self.model, self.shape, self.layer, "theoretical", draws=1, seed=0, dtype=torch.float64,
@@ -254,7 +258,7 @@ class _Prober:
             if self.mode == "theoretical":
                 self.known.update({p: h > 0 for p, h in heatmaps.items()})
         else:
-            self.table = measure_axis_table(self.theory, full=True, known=self.known, geometry=self._bare_geometry())
+            self.table = self._full_table()
             heatmaps = self._grouped_heatmaps(unique, self.table)
         geometry = self.geometry()
         return [self._field(p, heatmaps[p], geometry) for p in positions]
@@ -288,7 +292,7 @@ class _Prober:
     def field_map(self) -> ReceptiveFieldMap:
         """Returns the bounds of every output position."""
         graph = self.measured
-        self.table = axes = measure_axis_table(self.theory, full=True, known=self.known, geometry=self._bare_geometry())
+        self.table = axes = self._full_table()
         shape = (*graph.output_shape, len(graph.output_shape))
         first = torch.zeros(shape, dtype=torch.int64)
         last = torch.full(shape, -1, dtype=torch.int64)

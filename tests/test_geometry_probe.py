@@ -143,3 +143,12 @@ def test_fixed_size_output_has_no_geometry_and_is_not_read_on_enlarged_inputs(mo
     field = probe_rf(nn.Sequential(*model, nn.AdaptiveAvgPool2d((8, 8))), (1, 1, 16, 16), "center")
     assert field.bounds == ((5, 12), (5, 12)) and field.geometry == (None, None)
     assert max(s[2] * s[3] for s in shapes) <= 16 * 64  # thin inputs only, never 32 x 32 or larger in both axes
+
+
+def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():
+    # Output o reads inputs 3(o - 4), 3(o - 2) and 3o (a 1x1 stride-3 conv, then a 3-tap conv dilated by 2): on a
+    # 7-long input the centre field is one pixel that looks whole; lattice passes spaced by it would interleave
+    # the fields of o = 0 ({0}) and o = 4 ({0, 6}) and read 4 as (6, 6).
+    model = nn.Sequential(nn.Conv2d(2, 2, 1, (3, 1)), nn.Conv2d(2, 2, (3, 1), padding=(4, 0), dilation=(2, 1)))
+    fmap = probe_rf(model, (1, 2, 7, 6), "all")
+    assert [fmap[i, 0].bounds[0] for i in range(7)] == [(0, 0), (3, 3), (0, 6), (3, 3), (0, 6), (3, 3), (6, 6)]
