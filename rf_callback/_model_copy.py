@@ -139,8 +139,15 @@ class _ProbeFunctions(TorchFunctionMode):
         ):
             self.fixed_size.append(f"{name}()")
         result = self._call(func, name, args, kwargs)
-        # A boolean mask (x > 0) gates values that carry their own gradient: not a cut.
-        if from_input and isinstance(result, torch.Tensor) and not result.requires_grad and result.dtype != torch.bool:
+        # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
+        # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
+        if (
+            from_input
+            and isinstance(result, torch.Tensor)
+            and not result.requires_grad
+            and result.dtype != torch.bool
+            and not _from_shape_alone(name)
+        ):
             reason = f"{name}() inside torch.no_grad()" if not torch.is_grad_enabled() else f"{name}()"
             self._cut_from_input[id(result)] = (result, reason)
         return result
@@ -160,6 +167,10 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
+
+
+def _from_shape_alone(name: str) -> bool:
+    return name.startswith("new_") or (name.endswith("_like") and name != "clone")
 
 
 def _sized(args, kwargs) -> bool:

@@ -270,3 +270,18 @@ def test_custom_autograd_functions_and_boolean_masks_are_not_gradient_cuts():
 
     assert probe_rf(Custom(), SHAPE, "center").size == (7, 7)
     assert probe_rf(Custom(), SHAPE, "center", mode="weights").size == (7, 7)
+
+
+def test_tensors_made_from_another_tensors_shape_are_not_gradient_cuts():
+    class ShapedMask(nn.Module):
+        # Shifted-window attention builds its mask with x.new_zeros(...): the shape of x, none of its values.
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            mask = y.new_zeros(y.shape).masked_fill(torch.ones_like(y, dtype=torch.bool), 0.5)
+            return y + mask
+
+    assert probe_rf(ShapedMask(), SHAPE, "center").size == (3, 3)
