@@ -33,8 +33,9 @@ format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_probe.py
-	$(PY) benchmarks/bench_callback.py
+	PYTHONPATH=. $(PY) benchmarks/bench_probe.py
+	PYTHONPATH=. $(PY) benchmarks/bench_callback.py
+	PYTHONPATH=. $(PY) benchmarks/bench_effective.py
 
 # The benchmark on torchvision's ResNet-18/50, VGG-16 and MobileNetV2 at 224 x 224 runs in a separate environment
 # with torchvision (on this project's machines pip takes both from local disk); without it, on real_models.py's
