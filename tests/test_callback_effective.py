@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rf_callback import CoverageError, CoverageEvent, RFCallback, effective_rf
 from tests.lightning_models import ConvClassifier, NoValidation, ShrinkingField, loaders, trainer_kwargs
+from tests.recording import recorded_warnings
 
 
 def fit(tmp_path, callback, model, **overrides):
@@ -58,7 +59,7 @@ def test_alert_fires_exactly_at_the_epoch_coverage_is_lost_and_once(tmp_path):
 
 def test_a_covered_run_never_alerts(tmp_path):
     callback = RFCallback(target_size=(6, 5), log_images=False)
-    with warnings_recorded() as record:
+    with recorded_warnings() as record:
         trainer = fit(tmp_path, callback, ShrinkingField(shrink_epoch=None), max_epochs=3, logger=False)
     assert alerts(record) == [] and callback.trackers["8_8"].events == []
     assert trainer.callback_metrics["rf/output/8_8/covers_target"] == 1
@@ -96,7 +97,7 @@ def test_resume_keeps_effective_history_and_alert_state(tmp_path):
         trainer.fit(ShrinkingField(shrink_epoch=1), *loaders())
     resumed = RFCallback(target_size=5, log_images=False)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4, logger=False), callbacks=[resumed])
-    with warnings_recorded() as record:
+    with recorded_warnings() as record:
         trainer.fit(ShrinkingField(shrink_epoch=1), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert alerts(record) == []  # the loss was alerted before the checkpoint: not again
     assert [h["epoch"] for h in resumed.history] == [None, 0, 1, 2, 3]
@@ -125,16 +126,3 @@ def test_effective_true_without_validation_is_refused(tmp_path):
 def test_bad_effective_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         RFCallback(**kwargs)
-
-
-class warnings_recorded:
-    def __enter__(self):
-        import warnings
-
-        self._context = warnings.catch_warnings(record=True)
-        record = self._context.__enter__()
-        warnings.simplefilter("always")
-        return record
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)

@@ -8,8 +8,6 @@ as often as without the callback; every argument is checked at construction.
 
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -36,6 +34,7 @@ from tests.lightning_models import (
     named_loaders,
     trainer_kwargs,
 )
+from tests.recording import recorded_warnings
 
 FAILED = "failed, training goes on"
 
@@ -48,19 +47,6 @@ def fit(tmp_path, callbacks, model, train, val, **overrides):
 
 def callback_warnings(record, text: str = "RFCallback") -> list[str]:
     return [str(w.message) for w in record if text in str(w.message)]
-
-
-class recorded_warnings:
-    """Every warning of the block, none filtered out as a repeat (so 'once' is the callback's doing)."""
-
-    def __enter__(self):
-        self._context = warnings.catch_warnings(record=True)
-        record = self._context.__enter__()
-        warnings.simplefilter("always")
-        return record
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
 
 
 # -- the data loaders are the Trainer's
