@@ -44,7 +44,8 @@ examples:
 exit status: 0 on success; 2 on any failure (a bad argument, a module or callable that cannot be imported or
 called, an input shape the model rejects, a model the probe cannot measure, a picture that cannot be written),
 with a one-line message on stderr and no traceback ({TRACEBACK_VARIABLE}=1 shows the traceback of an unexpected
-one); 130 when interrupted (Ctrl-C). --plot and --gif paths are checked before anything is probed."""
+one); 130 when interrupted (Ctrl-C); 0, quietly, when the reader of its output leaves early (| head).
+--plot and --gif paths are checked before anything is probed."""
 
 _AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
@@ -162,9 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail(f"interrupted (Ctrl-C) while {stage.now}; nothing more was done", status=130)
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader left (| head): what it did not read is not wanted, and that is no failure
         _silence_stdout()
-        _fail(f"stdout was closed before all the output was written, while {stage.now} (broken pipe, e.g. | head)")
+        raise SystemExit(0) from None
     except Exception as error:
         _show_traceback(error)
         _fail(

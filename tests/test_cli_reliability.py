@@ -363,14 +363,13 @@ def test_subprocess_factory_exit_code_is_not_passed_on():
     assert done.returncode == 2 and done.stderr.startswith(PREFIX) and "SystemExit(3)" in done.stderr
 
 
-def test_subprocess_closed_stdout_is_one_line():
+def test_subprocess_closed_stdout_ends_quietly():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "rf_callback.cli", *NET, "--table"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process.stdout.close()  # like `rf-probe ... | head -0`: the reader is gone before anything is printed
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 2 and "Traceback" not in err and "Exception ignored" not in err
-    assert err.startswith(PREFIX) and err.count("\n") == 1 and "broken pipe" in err
+    assert process.returncode == 0 and err == ""  # as `yes | head` does: the reader left, nothing failed
 
 
 def test_element_picks_a_feature_map_from_a_dict_output(capsys):
