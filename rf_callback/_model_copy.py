@@ -134,6 +134,15 @@ class _ProbeFunctions(TorchFunctionMode):
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
+            if name in _TO_PYTHON:
+                self.cuts.append(f"{name}(), a Python value made from the input")
+        if from_input and not torch.is_grad_enabled() and _in_place(name) and args:
+            # Written in place without gradient: the target keeps no trace of what flowed into it.
+            target = args[0]
+            if isinstance(target, torch.Tensor) and target.requires_grad:
+                self.cuts.append(f"{name}() inside torch.no_grad()")
+            elif isinstance(target, torch.Tensor):
+                self._cut_from_input[id(target)] = (target, f"{name}() inside torch.no_grad()")
         if name.startswith(("adaptive_", "_adaptive_")) or (
             name in ("interpolate", "upsample") and _sized(args, kwargs)
         ):
@@ -170,7 +179,16 @@ class _ProbeFunctions(TorchFunctionMode):
 
 
 def _from_shape_alone(name: str) -> bool:
-    return name.startswith("new_") or (name.endswith("_like") and name != "clone")
+    return name in ("new_zeros", "new_ones", "new_empty", "new_full") or name.endswith("_like")
+
+
+# Calls that turn an input-dependent tensor into Python values, out of the gradient's reach.
+_TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
+
+
+def _in_place(name: str) -> bool:
+    return (name.endswith("_") and not name.startswith("_")) or name in ("__setitem__", "__iadd__", "__isub__",
+                                                                      "__imul__", "__itruediv__")  # fmt: skip
 
 
 def _sized(args, kwargs) -> bool:
@@ -231,25 +249,31 @@ def _strip_user_hooks(model: nn.Module) -> None:
                     del hooks[key]
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """Makes the copy run its own forward: compiled wrappers replaced, instance ``forward`` attributes rebound.
+def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
+    """Makes the copy run its own forward: compiled wrappers replaced, compiled ``forward`` attributes rebound.
 
     A deep copy of a ``torch.compile`` wrapper keeps calling the compiled forward of the live module, and so does a
-    copy of a module whose ``forward`` attribute Lightning replaced by a compiled one (``trainer.fit`` of a
-    ``torch.compile``d LightningModule): a probe of the copy would silently run the live model.
+    copy of a module whose ``forward`` attribute was replaced by a compiled one (``trainer.fit`` of a
+    ``torch.compile``d LightningModule): a probe of the copy would silently run the live model. ``live`` is the
+    module ``model`` was copied from, to find the copy of the module a compiled forward belongs to.
     """
+    counterpart = {id(m): c for m, c in zip(live.modules(), model.modules())}
     model = getattr(model, "_orig_mod", model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if hasattr(child, "_orig_mod") and isinstance(child._orig_mod, nn.Module):
                 setattr(module, name, child._orig_mod)
     for module in model.modules():
-        _own_forward(module)
+        _own_forward(module, counterpart)
     return model
 
 
-def _own_forward(module: nn.Module) -> None:
-    """Drops or rebinds an instance-level ``forward`` that calls another object (the live module)."""
+def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
+    """Rebinds a compiled instance-level ``forward`` to the copy of the module it was compiled from.
+
+    A plain bound method stored as ``forward`` (``self.forward = self.inner.forward``) was rebound by the deep copy
+    already and is left alone.
+    """
     forward = module.__dict__.get("forward")
     if forward is None:
         return
@@ -260,9 +284,18 @@ def _own_forward(module: nn.Module) -> None:
     target = forward
     while not isinstance(target, types.MethodType) and hasattr(target, "_torchdynamo_orig_callable"):
         target = target._torchdynamo_orig_callable
-    if isinstance(target, types.MethodType) and target.__self__ is not module and isinstance(module, nn.Module):
-        module.forward = types.MethodType(target.__func__, module)
-    elif target is not forward:  # a compiled function that is not a method: the class's forward
+    if target is forward:
+        return
+    owner = counterpart.get(id(target.__self__)) if isinstance(target, types.MethodType) else None
+    if owner is not None:
+        owner_forward = types.MethodType(target.__func__, owner)
+        if owner is module:
+            del module.__dict__["forward"]
+            if type(module).forward is not target.__func__:
+                module.forward = owner_forward
+        else:
+            module.forward = owner_forward
+    else:  # compiled code that belongs to nothing in the copy: the class's forward
         del module.__dict__["forward"]
 
 
@@ -315,7 +348,7 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
                 f"submodule without it"
             ) from error
-        clone = _uncompiled(clone)
+        clone = _uncompiled(clone, getattr(model, "_orig_mod", model))
         _strip_user_hooks(clone)
         clone.eval()
         for module in clone.modules():

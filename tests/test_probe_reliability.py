@@ -101,11 +101,22 @@ class CutPath(nn.Module):
             b = b.long().float()
         elif self.cut == "round":
             b = torch.round(b)
+        elif self.cut == "new_tensor":
+            b = x.new_tensor(b)
+        elif self.cut == "in_place":
+            out = self.a(x)
+            with torch.no_grad():
+                out.add_(self.b(x))
+            return out
+        elif self.cut == "item":
+            return self.a(x) - b.mean().item()
         return self.a(x) + b
 
 
 @pytest.mark.parametrize("cut, named", [("detach", "detach()"), ("no_grad", "inside torch.no_grad()"),
-                                        ("int", "long()"), ("round", "round()")])  # fmt: skip
+                                        ("int", "long()"), ("round", "round()"), ("new_tensor", "new_tensor()"),
+                                        ("in_place", r"add_\(\) inside torch.no_grad\(\)"),
+                                        ("item", "item()")])  # fmt: skip
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 def test_a_path_the_gradient_cannot_see_is_refused_not_measured_too_small(cut, named, mode):
     with pytest.raises(ProbeError, match=rf"cuts the gradient on a path from the input \(.*{named}.*remove the cut"):
@@ -285,3 +296,21 @@ def test_tensors_made_from_another_tensors_shape_are_not_gradient_cuts():
             return y + mask
 
     assert probe_rf(ShapedMask(), SHAPE, "center").size == (3, 3)
+
+
+def test_a_forward_delegated_to_another_module_runs_that_module_on_the_copy():
+    class Net(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, k, padding=k // 2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    class Wrapper(Net):  # its own 3x3 conv is unused: the inner 9x9 network runs
+        def __init__(self):
+            super().__init__(3)
+            self.inner = Net(9)
+            self.forward = self.inner.forward
+
+    assert probe_rf(Wrapper(), (1, 1, 32, 32), (16, 16)).bounds == ((12, 20), (12, 20))
