@@ -224,10 +224,20 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
     if stride < 1 or second[1] - second[0] != first[1] - first[0]:
         return None
     geometry = AxisGeometry(size=first[1] - first[0] + 1, stride=stride, offset=center[axis] * stride - first[0])
-    spacing = math.ceil((geometry.size + gap) / stride) | 1
+    spacing = _coprime_to_small_periods(math.ceil((geometry.size + gap) / stride))
     indices = list(range(center[axis] % spacing, n, spacing))
     lattice_mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
     return geometry if _lattice_agrees(lattice_mask, indices, geometry, gap) else None
+
+
+def _coprime_to_small_periods(spacing: int) -> int:
+    """The smallest spacing at least ``spacing`` that shares no factor with 2, 3, 5 or 7.
+
+    Fields that repeat with such a period (an upsampling path, a strided slice) then show every phase in the lattice.
+    """
+    while any(spacing % p == 0 for p in (2, 3, 5, 7)) and spacing > 1:
+        spacing += 1
+    return spacing
 
 
 def _lattice_agrees(mask: torch.Tensor, indices: list[int], geometry: AxisGeometry, gap: int) -> bool:

@@ -21,7 +21,7 @@ from rf_callback.geometry_probe import centre_field_is_whole, graph_factory, mea
 from rf_callback.graph import ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
 from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.support import Position, box_of, inside_boxes, restricted
+from rf_callback.support import Box, Position, box_of, inside_boxes, restricted
 
 __all__ = ["ProbeError", "probe_rf"]
 
@@ -166,6 +166,42 @@ def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position
     return tuple(i % n for i, n in zip(as_ints, output_shape))
 
 
+class _TheoryOnDemand:
+    """The theoretical graph on the user's input, run only if a pass on it is needed (its shapes are known)."""
+
+    def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on):
+        self.input_shape, self.output_shape, self._graph_on, self._graph = input_shape, output_shape, graph_on, None
+
+    @property
+    def spatial_input_shape(self) -> tuple[int, ...]:
+        return self.input_shape[2:]
+
+    @property
+    def center(self) -> Position:
+        return tuple(n // 2 for n in self.output_shape)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._graph is None:
+            self._graph = self._graph_on(self.input_shape)
+            if self._graph is None:
+                raise ProbeError("the theoretical copy no longer runs on the input shape it was probed on")
+        return getattr(self._graph, name)
+
+
+def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], shape) -> bool:
+    """Whether every field's bounds along ``axis`` lie inside the clipped span the geometry gives its position."""
+    if geometry is None:
+        return True
+    length = shape[2 + axis]
+    for position, bounds in fields:
+        first, last = geometry.span(position[axis])
+        if bounds[axis][0] < max(first, 0) or bounds[axis][1] > min(last, length - 1):
+            return False
+    return True
+
+
 class _Prober:
     """Answers field questions for one model, layer and mode, with as few backward passes as it can prove exact.
 
@@ -203,15 +239,30 @@ class _Prober:
             )  # fmt: skip
         return self._theory
 
-    def geometry(self) -> LazyGeometry:
-        """The per-axis geometry, measured on first use (in the context a probe runs in)."""
+    def geometry(self, fields: Sequence[tuple[Position, Box]] = ()) -> LazyGeometry:
+        """The per-axis geometry, measured on first use (in the context a probe runs in).
+
+        The measurement keeps only the model, the arguments and the small supports already read, not this probe's
+        copies and graphs (a field kept for later, as the callback keeps them, must not hold them in memory): it
+        builds the theoretical copy again when it runs. An axis on which one of ``fields`` (position, bounds) lies
+        outside its clipped span has no geometry: the fields do not follow it.
+        """
+        model, shape, layer, element = self.model, self.shape, self.layer, self.element
+        dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
+        known, table = dict(self.known), self.table
 
         def measure():
-            with _probe_context(self.device):
-                try:
-                    return measure_geometry(self.theory, self.graph_on, known=self.known, table=self.table)
-                except Underflow:
-                    return self._float64().geometry().resolve()
+            with _probe_context(device):
+                for attempt_dtype, attempt_guard in ((dtype, guard), (torch.float64, False)):
+                    graph_on = graph_factory(model, layer, dtype=attempt_dtype, device=device, guard=attempt_guard,
+                                             element=element)  # fmt: skip
+                    theory = _TheoryOnDemand(shape, output_shape, graph_on)
+                    try:
+                        geometry = measure_geometry(theory, graph_on, known=known, table=table)
+                    except Underflow:
+                        continue
+                    return tuple(g if _within_spans(g, a, fields, shape) else None for a, g in enumerate(geometry))
+            raise AssertionError("float64 does not underflow")
 
         return LazyGeometry(len(self.shape) - 2, measure)
 
@@ -222,10 +273,6 @@ class _Prober:
             return centre_field_is_whole(self.theory, self.graph_on, axis, support)
 
         return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
-
-    def _float64(self) -> _Prober:
-        return _Prober(self.model, self.shape, self.layer, "theoretical", draws=1, seed=0, dtype=torch.float64,
-                       guard=False, element=self.element)  # fmt: skip
 
     def _field(self, position: Position, heatmap: torch.Tensor | None, geometry: LazyGeometry) -> ReceptiveField:
         bounds = box_of(heatmap > 0)
@@ -260,7 +307,8 @@ class _Prober:
         else:
             self.table = self._full_table()
             heatmaps = self._grouped_heatmaps(unique, self.table)
-        geometry = self.geometry()
+        bounds = {p: box_of(h > 0) for p, h in heatmaps.items()}
+        geometry = self.geometry([(p, b) for p, b in bounds.items() if b is not None])
         return [self._field(p, heatmaps[p], geometry) for p in positions]
 
     def _grouped_heatmaps(self, positions: list[Position], axes: AxisTable | None) -> dict:

@@ -199,7 +199,8 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                     f"the forward cuts the gradient before the output of {o.name!r} ({o.after_cut}): a field read "
                     f"from gradients would miss the inputs on that path; remove the cut or list layers before it"
                 )
-    forwards.names = [o.name for o in chosen if o.same_as is None]
+    chosen_names = {o.name for o in chosen}
+    forwards.names = [o.name for o in chosen if o.same_as not in chosen_names]
     device = model_device(model)
     theoretical: dict[str, tuple] = {}  # name -> (centre support, geometry)
     rows = []

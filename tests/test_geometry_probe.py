@@ -4,6 +4,8 @@ field on the given input is clipped; where the thin reading's assumption fails, 
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -152,3 +154,30 @@ def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():
     model = nn.Sequential(nn.Conv2d(2, 2, 1, (3, 1)), nn.Conv2d(2, 2, (3, 1), padding=(4, 0), dilation=(2, 1)))
     fmap = probe_rf(model, (1, 2, 7, 6), "all")
     assert [fmap[i, 0].bounds[0] for i in range(7)] == [(0, 0), (3, 3), (0, 6), (3, 3), (0, 6), (3, 3), (6, 6)]
+
+
+class _Period3(nn.Module):
+    """Fields [i - 3, i + 3], and one more input (i + 4) at the outputs i = 2 (mod 3): no single (r, S, P)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(1, 1, 7, padding=3)
+
+    def forward(self, x):
+        shifted = F.pad(x, (0, 4))[..., 4:]
+        extra = torch.zeros_like(shifted)
+        extra[..., 2::3] = shifted[..., 2::3]
+        return self.a(x) + extra
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_fields_that_repeat_with_a_period_have_no_geometry(mode):
+    field = probe_rf(_Period3(), (1, 1, 24), 14, mode=mode)
+    assert field.bounds == ((11, 18),) and field.geometry == (None,)
+
+
+def test_a_named_table_row_that_shares_an_unlisted_rows_field_still_gets_its_geometry():
+    model = nn.Sequential(nn.Conv2d(1, 4, 7, 2, 3), nn.Conv2d(4, 4, 7, padding=3), nn.Conv2d(4, 4, 7, padding=3),
+                          nn.BatchNorm2d(4), nn.ReLU())  # fmt: skip
+    (row,) = rf_table(model, (1, 1, 24, 24), layers=["3"])
+    assert (row.size, row.full_size, row.stride) == ((24, 24), (31, 31), (2, 2))
