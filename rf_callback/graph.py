@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import ProbeError, global_hooks_suspended, prepared_copy, probe_functions
+from rf_callback._model_copy import ProbeError, global_hooks_suspended, pooled_length, prepared_copy, probe_functions
 from rf_callback.support import Position
 
 
@@ -308,22 +308,23 @@ def batched_only_hooks(copy: nn.Module) -> list:
 
 @contextlib.contextmanager
 def dead_windows_watched(copy: nn.Module, axes: Sequence[int], found: list[str]):
-    """Records, in ``found``, every convolution with an output whose window along ``axes`` covers only padding.
+    """Records, in ``found``, every convolution or pooling with an output whose window along ``axes`` is all padding.
 
     On such an input some paths of the network carry nothing, so a field read on it can be smaller than the field
     on a longer input. ``axes`` are spatial axes (0 for the first).
     """
 
     def check(module, args):
-        if not args or not isinstance(args[0], torch.Tensor) or module.padding_mode != "zeros":
+        if not args or not isinstance(args[0], torch.Tensor) or getattr(module, "padding_mode", "zeros") != "zeros":
             return
         spatial = args[0].shape[2:]
+        window = _window(module, len(spatial))
         for axis in axes:
-            if axis < len(spatial) and _has_dead_window(spatial[axis], module, axis):
-                found.append(f"{type(module).__name__} {tuple(module.kernel_size)}")
+            if axis < len(spatial) and _has_dead_window(spatial[axis], *(w[axis] for w in window[:4]), window[4]):
+                found.append(f"{type(module).__name__} {tuple(window[0])}")
 
-    convolutions = [m for m in copy.modules() if isinstance(m, _ConvNd) and not m.transposed]
-    handles = [m.register_forward_pre_hook(check) for m in convolutions]
+    watched = [m for m in copy.modules() if (isinstance(m, _ConvNd) and not m.transposed) or isinstance(m, _POOLS)]
+    handles = [m.register_forward_pre_hook(check) for m in watched]
     try:
         yield
     finally:
@@ -331,13 +332,26 @@ def dead_windows_watched(copy: nn.Module, axes: Sequence[int], found: list[str])
             handle.remove()
 
 
-def _has_dead_window(length: int, conv: _ConvNd, axis: int) -> bool:
-    kernel, stride, dilation = conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
-    if isinstance(conv.padding, str):
-        padding = dilation * (kernel - 1) // 2 if conv.padding == "same" else 0
-    else:
-        padding = conv.padding[axis]
-    outputs = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+
+
+def _window(module: nn.Module, n: int):
+    """Per axis, the (kernel, stride, padding, dilation) of a convolution or pooling, and its ceil_mode."""
+
+    def per_axis(value, default=None):
+        value = default if value is None else value
+        return (value,) * n if isinstance(value, int) else tuple(value)
+
+    kernel = per_axis(module.kernel_size)
+    dilation = per_axis(getattr(module, "dilation", 1))
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = tuple(d * (k - 1) // 2 if padding == "same" else 0 for k, d in zip(kernel, dilation))
+    return kernel, per_axis(module.stride, kernel), per_axis(padding), dilation, getattr(module, "ceil_mode", False)
+
+
+def _has_dead_window(length: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> bool:
+    outputs = pooled_length(length, kernel, stride, padding, dilation, ceil_mode)
     first = torch.arange(max(outputs, 0)) * stride - padding
     reached = torch.zeros_like(first, dtype=torch.bool)
     for tap in range(kernel):
