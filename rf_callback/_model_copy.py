@@ -100,7 +100,8 @@ class _ProbeFunctions(TorchFunctionMode):
     Both modes: dropout is the identity (a ``forward`` calling ``F.dropout(x)`` with its default ``training=True``
     would otherwise zero pixels at random and draw from the global random generator).
     Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
-    and a product of two input-dependent tensors is divided by its largest magnitude (no overflow).
+    ``max``/``min`` along a dim give the mean's values, and a product of two input-dependent tensors is divided by
+    its largest magnitude (no overflow).
 
     ``cuts`` records how the forward cuts the gradient on an input-dependent tensor: a function whose gradient is
     zero (``round``, ``argmax``), or a tensor made without gradient from the input (``.detach()``, an op inside
@@ -173,6 +174,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _ADAPTIVE_MAX_POOLS and not _returns_indices(args, kwargs, position=2):
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
+        if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
+            return _mean_twin(func, args, kwargs)
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -197,6 +200,24 @@ def _sized(args, kwargs) -> bool:
 
 # Functions whose output depends on their input but whose gradient is zero.
 _ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign"})
+
+
+def _reduces_along_a_dim(args, kwargs) -> bool:
+    """``max(x, dim)`` or ``min(x, dim)`` (values and indices), not the elementwise ``max(x, y)`` nor ``max(x)``."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return isinstance(dim, int) and not isinstance(dim, bool)
+
+
+def _mean_twin(func, args, kwargs):
+    """``max``/``min`` along a dim, with the values of the mean over it (the indices stay the real ones).
+
+    Every element gets a share of the gradient, not the arg-max alone.
+    """
+    x = args[0]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    real = func(*args, **kwargs)
+    return type(real)((x.mean(dim=dim, keepdim=keepdim), real.indices))
 
 
 def _input_dependent_factors(args) -> int:

@@ -314,3 +314,16 @@ def test_a_forward_delegated_to_another_module_runs_that_module_on_the_copy():
             self.forward = self.inner.forward
 
     assert probe_rf(Wrapper(), (1, 1, 32, 32), (16, 16)).bounds == ((12, 20), (12, 20))
+
+
+def test_max_along_a_dim_does_not_hide_pixels_in_theoretical_mode():
+    class GlobalMax(nn.Module):  # a feature map plus its global maximum: every output sees the whole input
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.c2(self.c1(x))
+            return y + y.max(dim=3, keepdim=True).values.max(dim=2, keepdim=True).values
+
+    assert probe_rf(GlobalMax(), (1, 1, 16, 16), (3, 3)).bounds == ((0, 15), (0, 15))
