@@ -475,12 +475,16 @@ class RFCallback(Callback):
     def _probe_and_log(self, trainer, pl_module) -> None:
         self._last_probed_epoch = trainer.current_epoch
         fields = self._safe_probe(pl_module)
-        if fields is None:
-            return
-        self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module, figures=False)
-        self._last_fields = fields
-        self._record(trainer, fields, initial=False)
-        if self._effective_on(trainer, pl_module):
+        # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
+        # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
+        succeeded = fields is not None
+        if trainer.world_size > 1:
+            succeeded = trainer.strategy.reduce_boolean_decision(succeeded, all=True)
+        if succeeded:
+            self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module, figures=False)
+            self._last_fields = fields
+        self._record(trainer, fields if succeeded else [], initial=False)  # an epoch whose probe failed has none
+        if succeeded and self._effective_on(trainer, pl_module):
             self._effective_and_alert(trainer, pl_module)
 
     # -- the effective field and the alert
