@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import importlib.util
 import json
@@ -20,6 +19,7 @@ from typing import Any, NoReturn, TextIO
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from rf_callback._model_copy import CopyError
 from rf_callback.probe import ProbeError, probe_rf
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
@@ -265,10 +265,9 @@ def _probing(args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...],
     except ValueError as error:
         message = _probe_message(str(error), args, model, shape, pos)
         raise _UsageError(message if "--" in message else f"{_probed(args)} failed: {message}") from error
+    except CopyError as error:
+        raise _UsageError(_uncopyable_message(args.target, error.__cause__ or error)) from error
     except ProbeError as error:
-        uncopyable = _copy_failure(model)
-        if uncopyable is not None:
-            raise _UsageError(_uncopyable_message(args.target, uncopyable)) from uncopyable
         message = _probe_message(str(error), args, model, shape, pos)
         if "forward raised" in message:
             message += f"; check that the model runs on an input of shape {shape} (--input-shape, with a batch of 1)"
@@ -279,9 +278,6 @@ def _probing(args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...],
             f"was probed; a forward must return a tensor, not end the program"
         ) from exit_
     except Exception as error:
-        uncopyable = _copy_failure(model)
-        if uncopyable is not None:
-            raise _UsageError(_uncopyable_message(args.target, uncopyable)) from uncopyable
         raise _UsageError(
             f"{_probed(args)} failed with {type(error).__name__}: {error}; check that the model runs on an input of "
             f"shape {shape} (--input-shape, with a batch of 1); if it does, this is a bug in {PROG}: rerun with "
@@ -292,15 +288,6 @@ def _probing(args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...],
 def _probed(args: argparse.Namespace) -> str:
     layer = f" --layer {' --layer '.join(args.layer)}" if args.layer else ""
     return f"probing {args.target} with --input-shape {args.input_shape}{layer} --mode {args.mode}"
-
-
-def _copy_failure(model: nn.Module) -> BaseException | None:
-    """The error of ``copy.deepcopy(model)``, if the probe's private copy cannot be made; ``None`` if it can."""
-    try:
-        copy.deepcopy(model)
-    except Exception as error:
-        return error
-    return None
 
 
 def _uncopyable_message(spec: str, error: BaseException) -> str:

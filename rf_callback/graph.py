@@ -283,17 +283,29 @@ def _describe(value) -> str:
 
 def _run_modules(copy: nn.Module, inputs, mode: str) -> list[str]:
     """The names of the submodules that run in a forward pass, the last five (a courtesy for messages)."""
-    ran: list[str] = []
-    handles = [m.register_forward_hook(lambda *_, n=n: ran.append(n)) for n, m in copy.named_modules() if n]
+    return list(_outputs_by_module(copy, inputs, mode))[-5:]
+
+
+def _outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = None) -> dict[str, object]:
+    """Each submodule that runs in a forward pass (but ``skip``), with its first output, in the order they run.
+
+    A courtesy for messages: a forward that raises ends the record, nothing more.
+    """
+    outputs: dict[str, object] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, n=n: outputs.setdefault(n, out))
+        for n, m in copy.named_modules()
+        if n and n != skip
+    ]
     try:
         with torch.no_grad(), probe_functions(mode):
             copy(inputs)
-    except Exception:  # noqa: BLE001 - the names are a courtesy; the error is raised either way
+    except Exception:  # noqa: BLE001 - a courtesy; the caller's error is raised either way
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(ran))[-5:]
+    return outputs
 
 
 def batched_only_hooks(copy: nn.Module) -> list:
@@ -394,24 +406,8 @@ def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
 
 
 def _no_spatial_axes_message(copy: nn.Module, inputs, mode: str, output, layer) -> str:
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name):
-        def hook(_module, _args, out):
-            if isinstance(out, torch.Tensor) and out.dim() >= 3:
-                shapes[name] = tuple(out.shape)
-
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in copy.named_modules() if n and n != layer]
-    try:
-        with torch.no_grad(), probe_functions(mode):
-            copy(inputs)
-    except Exception:  # noqa: BLE001 - the candidates are a courtesy; the error below is raised either way
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs = _outputs_by_module(copy, inputs, mode, skip=layer)
+    shapes = {n: tuple(o.shape) for n, o in outputs.items() if isinstance(o, torch.Tensor) and o.dim() >= 3}
     candidates = [f"{name} {shape}" for name, shape in list(shapes.items())[-5:]]
     return (
         f"the output of {where(layer)} has shape {tuple(output.shape)}: no spatial axes to probe (expected "
