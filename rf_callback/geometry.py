@@ -159,13 +159,11 @@ def consistent(geometry: AxisGeometry, axis_table: dict[int, Bounds | None], len
     """
     for index, bounds in axis_table.items():
         first, last = geometry.span(index)
-        if bounds is None:
-            if first <= length - 1 and last >= 0 and first >= 0 and last <= length - 1:
+        if bounds is None:  # an empty field is right only where its span leaves the input
+            if first >= 0 and last <= length - 1:
                 return False
             continue
-        if (first >= 0 and bounds[0] != first) or (first < 0 and bounds[0] < 0):
-            return False
-        if (last <= length - 1 and bounds[1] != last) or (last > length - 1 and bounds[1] > length - 1):
+        if (first >= 0 and bounds[0] != first) or (last <= length - 1 and bounds[1] != last):
             return False
         if bounds[0] < max(first, 0) or bounds[1] > min(last, length - 1):
             return False
