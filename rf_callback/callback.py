@@ -33,13 +33,12 @@ from rf_callback.callback_arguments import (
 )
 from rf_callback.effective_probe import effective_rf
 from rf_callback.failures import (
-    COPY_FIX,
     IMAGES_FIX,
     Failures,
     NoInputsError,
+    copy_fix,
     inputs_fix,
     is_argument_error,
-    is_copy_failure,
     logger_fix,
 )
 from rf_callback.graph import ProbeError
@@ -352,8 +351,9 @@ class RFCallback(Callback):
             self._failures.report(kind, what, error, fix_text, strict=self.strict, goes_on=goes_on)
 
     def _probe_fix(self, error: Exception) -> str:
-        if is_copy_failure(error):
-            return "" if "module=" in str(error) else COPY_FIX
+        fix = copy_fix(error)
+        if fix is not None:
+            return fix
         text = str(error)
         raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
         if raw or "forward raised" in text or text.startswith("input_shape"):
@@ -366,8 +366,9 @@ class RFCallback(Callback):
         return ""
 
     def _effective_fix(self, error: Exception) -> str:
-        if is_copy_failure(error):
-            return "" if "module=" in str(error) else COPY_FIX
+        fix = copy_fix(error)
+        if fix is not None:
+            return fix
         if isinstance(error, NoInputsError):
             return inputs_fix(error)
         raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped

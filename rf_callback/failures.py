@@ -22,6 +22,16 @@ COPY_FIX = (
 IMAGES_FIX = "pass log_images=False to skip the images (the scalars do not need them)"
 
 
+def copy_fix(error: BaseException) -> str | None:
+    """The fix for a model that cannot be copied, or None if ``error`` is another failure.
+
+    It is empty where the message names ``module=`` already.
+    """
+    if not is_copy_failure(error):
+        return None
+    return "" if "module=" in str(error) else COPY_FIX
+
+
 def inputs_fix(error: Exception) -> str:
     """How to give the callback inputs for the effective field."""
     return (

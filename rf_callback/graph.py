@@ -77,7 +77,24 @@ def submodule(model: nn.Module, layer: str | None) -> nn.Module | None:
     return model.get_submodule(layer)
 
 
-class ProbeGraph:
+class GraphShapes:
+    """The shapes every graph-like object of the probe answers with: ``input_shape`` and ``output_shape`` set."""
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    @property
+    def spatial_input_shape(self) -> tuple[int, ...]:
+        """The input's spatial shape."""
+        return self.input_shape[2:]
+
+    @property
+    def center(self) -> Position:
+        """The output position ``n // 2`` on every axis."""
+        return tuple(n // 2 for n in self.output_shape)
+
+
+class ProbeGraph(GraphShapes):
     """One forward pass of a prepared copy, kept to backpropagate from many cotangents.
 
     Attributes:
@@ -135,16 +152,6 @@ class ProbeGraph:
             weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
             self.channel_weights = weights.to(device)
         self.passes = 0
-
-    @property
-    def spatial_input_shape(self) -> tuple[int, ...]:
-        """The input's spatial shape."""
-        return self.input_shape[2:]
-
-    @property
-    def center(self) -> Position:
-        """The output position ``n // 2`` on every axis."""
-        return tuple(n // 2 for n in self.output_shape)
 
     def gradient_map(self, positions: Sequence[Position]) -> torch.Tensor:
         """One backward pass from all ``positions`` at once.

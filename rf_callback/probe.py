@@ -18,7 +18,7 @@ from rf_callback._model_copy import model_device, preserved_random_state
 from rf_callback.arguments import as_index, checked_dtype, checked_element, checked_int, checked_layer, checked_mode
 from rf_callback.geometry import LazyGeometry
 from rf_callback.geometry_probe import centre_field_is_whole, graph_factory, measure_geometry
-from rf_callback.graph import ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
+from rf_callback.graph import GraphShapes, ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
 from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.support import Box, Position, box_of, inside_boxes, restricted
@@ -120,7 +120,7 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
     Raises:
         ValueError: ``pos`` is not a position, a list of them, ``"center"`` or ``"all"``, or is outside the map.
     """
-    where = f"layer {layer!r}" if layer else "the model"
+    place = where(layer)
     if isinstance(pos, str):
         if pos == "center":
             return [tuple(n // 2 for n in output_shape)], "single"
@@ -130,9 +130,9 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
     if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
         pos = pos.tolist()
     if as_index(pos) is not None or (isinstance(pos, Sequence) and pos and all(_scalar(i) for i in pos)):
-        return [checked_position(pos, output_shape, where)], "single"
+        return [checked_position(pos, output_shape, place)], "single"
     if isinstance(pos, Sequence) and pos and all(isinstance(p, Sequence) and not isinstance(p, str) for p in pos):
-        return [checked_position(p, output_shape, where) for p in pos], "list"
+        return [checked_position(p, output_shape, place) for p in pos], "list"
     raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
 
 
@@ -166,19 +166,11 @@ def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position
     return tuple(i % n for i, n in zip(as_ints, output_shape))
 
 
-class _TheoryOnDemand:
+class _TheoryOnDemand(GraphShapes):
     """The theoretical graph on the user's input, run only if a pass on it is needed (its shapes are known)."""
 
     def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on):
         self.input_shape, self.output_shape, self._graph_on, self._graph = input_shape, output_shape, graph_on, None
-
-    @property
-    def spatial_input_shape(self) -> tuple[int, ...]:
-        return self.input_shape[2:]
-
-    @property
-    def center(self) -> Position:
-        return tuple(n // 2 for n in self.output_shape)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -210,12 +202,10 @@ class _Prober:
     mode).
     """
 
-    def __init__(
-        self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, measured=None, element=None
-    ):
+    def __init__(self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, element=None):
         self.model, self.shape, self.layer, self.mode, self.element = model, shape, layer, mode, element
         self.dtype, self.guard, self.device = dtype, guard, model_device(model)
-        self.measured = measured or ProbeGraph(
+        self.measured = ProbeGraph(
             model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
             element=element,
         )  # fmt: skip
@@ -274,8 +264,7 @@ class _Prober:
 
         return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
 
-    def _field(self, position: Position, heatmap: torch.Tensor | None, geometry: LazyGeometry) -> ReceptiveField:
-        bounds = box_of(heatmap > 0)
+    def _field(self, position: Position, bounds: Box | None, heatmap: torch.Tensor, geometry) -> ReceptiveField:
         if bounds is None:
             raise self._empty_field_error(position)
         return ReceptiveField(
@@ -309,7 +298,7 @@ class _Prober:
             heatmaps = self._grouped_heatmaps(unique, self.table)
         bounds = {p: box_of(h > 0) for p, h in heatmaps.items()}
         geometry = self.geometry([(p, b) for p, b in bounds.items() if b is not None])
-        return [self._field(p, heatmaps[p], geometry) for p in positions]
+        return [self._field(p, bounds[p], heatmaps[p], geometry) for p in positions]
 
     def _grouped_heatmaps(self, positions: list[Position], axes: AxisTable | None) -> dict:
         """Heatmaps of many positions, in as few passes as their disjoint fields allow.

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rf_callback._model_copy import MODES, model_device, prepared_copy, preserved_random_state, probe_functions
+from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, probe_functions
+from rf_callback.arguments import checked_mode
 from rf_callback.geometry_probe import measure_geometry
 from rf_callback.graph import (
     ProbeError,
@@ -152,8 +153,7 @@ def rf_table(
             convolutions.
         ProbeError: the forward raised, or a named submodule's output does not depend on the input.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a probe mode; use one of {MODES}")
+    mode = checked_mode(mode)
     shape = checked_input_shape(input_shape)
     wanted = _checked_layers(model, layers)
     device = model_device(model)
