@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from rf_callback import dashboard
 from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
 from rf_callback.arguments import checked_element
@@ -31,6 +30,7 @@ from rf_callback.callback_arguments import (
     checked_target,
     refused,
 )
+from rf_callback.dashboard import EFFECTIVE_SCALARS
 from rf_callback.effective_probe import effective_rf
 from rf_callback.failures import (
     IMAGES_FIX,
@@ -42,11 +42,11 @@ from rf_callback.failures import (
     logger_fix,
 )
 from rf_callback.graph import ProbeError
+from rf_callback.loggers import LoggerWriter, writer_for
 from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 from rf_callback.sampling import InputReservoir
 
-_AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
@@ -153,6 +153,7 @@ class RFCallback(Callback):
         module: str | None = None,
         every_n_epochs: int = 1,
         log_images: bool = True,
+        effective_scalars: str = "summary",
         strict: bool = False,
         draws: int = 8,
         seed: int = 0,
@@ -176,6 +177,7 @@ class RFCallback(Callback):
         self.input_shape = checked_input_shape(input_shape)
         self.every_n_epochs = checked_count("every_n_epochs", every_n_epochs, "validation epochs between probes", 1)
         self.log_images, self.strict = checked_flag("log_images", log_images), checked_flag("strict", strict)
+        self.effective_scalars = checked_choice("effective_scalars", effective_scalars, EFFECTIVE_SCALARS)
         self.draws = checked_count("draws", draws, "random inputs in weights mode", 8)
         self.seed = checked_seed(seed)
         if effective is not None and not isinstance(effective, (bool, np.bool_)):
@@ -194,14 +196,15 @@ class RFCallback(Callback):
         self._erf_inputs: torch.Tensor | None = None
         self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
-        self._last_effective: dict[str, EffectiveField] = {}
+        self._last_effective: dict[str, EffectiveField] = {}  # by position label, in the order of pos
         self._theoretical: list[ReceptiveField] | None = None
         self._erf_theoretical: list[ReceptiveField] | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
         self._failures = Failures()
         self._initial_logged = False
         self._last_probed_epoch: int | None = None
-        self._said_no_tensorboard = False
+        self._said_no_images = False
+        self._said_scalars_only: set[str] = set()
         self._said_no_validation = False
 
     @property
@@ -311,7 +314,7 @@ class RFCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
-        if not _tensorboard_loggers(trainer) or not trainer.is_global_zero or not self.log_images:
+        if not self._image_writers(trainer) or not trainer.is_global_zero or not self.log_images:
             return
         with self._guard("images", "drawing the figures at fit end", IMAGES_FIX, goes_on="the fit ends normally"):
             self._log_final_figures(trainer)
@@ -421,10 +424,12 @@ class RFCallback(Callback):
             warning = None if target is None else self._target_warning(field, target)
             if warning is not None:
                 rank_zero_warn(warning)
-        self._log_fields(trainer, "rf_theoretical", theoretical, step=0, figures=False)
+        self._describe_dashboard(trainer, theoretical, target)
+        self._log_fields(trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical")
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if current is not None:
-            self._log_fields(trainer, "rf", current, step=0, figures=True)
+            if current is not theoretical:
+                self._log_fields(trainer, "weights", current, step=0, figures=True)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
 
@@ -482,7 +487,9 @@ class RFCallback(Callback):
         if trainer.world_size > 1:
             succeeded = trainer.strategy.reduce_boolean_decision(succeeded, all=True)
         if succeeded:
-            self._log_fields(trainer, "rf", fields, step=trainer.global_step, pl_module=pl_module, figures=False)
+            self._log_fields(
+                trainer, self.mode, fields, step=trainer.global_step, pl_module=pl_module, figures=False, beside=True
+            )
             self._last_fields = fields
         self._record(trainer, fields if succeeded else [], initial=False)  # an epoch whose probe failed has none
         if succeeded and self._effective_on(trainer, pl_module):
@@ -536,20 +543,21 @@ class RFCallback(Callback):
             for p, theoretical in zip(self.positions, theoretical_fields)
         ]
         entry, events = {}, []
-        for field in fields:
+        for index, field in enumerate(fields):
             label = _position_label(field.position)
             metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
             entry[label] = metrics
-            logged = {f"erf/{self.layer_name}/{label}/{k}": float(v) for k, v in metrics.items()}
+            full = self.effective_scalars == "all"
+            logged = dashboard.effective_scalars(self.layer_name, index, field, metrics, self.coverage_mass, full=full)
             target = self._target_for(len(field.theoretical.bounds))
             if target is not None:
                 tracker = self._tracker(label)
                 tracker.target = target
                 extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
                 reason = tracker.update(extent)
-                base = f"rf/{self.layer_name}/{label}"
-                logged[f"{base}/covers_target"] = float(tracker.covered)
-                logged[f"{base}/coverage_margin"] = float(tracker.margin(extent))
+                logged.update(
+                    dashboard.coverage_scalars(self.layer_name, index, tracker.covered, tracker.margin(extent))
+                )
                 if reason is not None:
                     event = CoverageEvent(
                         reason=reason, epoch=trainer.current_epoch, layer=self.layer_name, position=field.position,
@@ -560,7 +568,7 @@ class RFCallback(Callback):
                     events.append(event)
             self._log_metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
             if self.log_images:
-                self._log_effective_images(trainer, label, field)
+                self._log_effective_images(trainer, index, label, field)
         self.history[-1]["effective"] = entry
         return events
 
@@ -576,13 +584,15 @@ class RFCallback(Callback):
         if self.on_miss == "raise" and events:
             raise CoverageError(events[0])
 
-    def _log_effective_images(self, trainer, label: str, field: EffectiveField) -> None:
+    def _log_effective_images(self, trainer, index: int, label: str, field: EffectiveField) -> None:
         self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
         if not trainer.is_global_zero:
             return
         with self._guard("images", "drawing the effective field's heatmap", IMAGES_FIX):
-            heatmap = _normalised(field.heatmap)
-            self._add_image(trainer, f"erf/{self.layer_name}/{label}/heatmap", heatmap, trainer.global_step, "HW")
+            from rf_callback.plotting import heatmap_image
+
+            tag = dashboard.image_tag(self.layer_name, index, "heatmap/effective")
+            self._log_image(trainer, tag, heatmap_image(field.heatmap), trainer.global_step, self._caption(field))
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(
@@ -593,15 +603,53 @@ class RFCallback(Callback):
             }
         )
 
-    def _log_fields(self, trainer, prefix: str, fields, *, step: int, figures: bool, pl_module=None) -> None:
+    def _describe_dashboard(self, trainer, theoretical: list[ReceptiveField], target) -> None:
+        """Declares the charts overlaying the sizes, and says which cell each position index is."""
+        if not trainer.is_global_zero:
+            return
+        axes = len(self.input_shape) - 2
+        note = dashboard.positions_note(self.layer_name, theoretical, target)
+        for writer in self._writers(trainer):
+            with self._guard(f"logger {writer.name}", f"writing the callback's charts to {writer.name}",
+                             logger_fix(writer.name)):  # fmt: skip
+                writer.charts(dashboard.chart_layout(self.layer_name, len(theoretical), axes))
+                writer.text(f"rf/{self.layer_name}/positions", note, 0)
+
+    def _log_fields(
+        self, trainer, kind: str, fields, *, step: int, figures: bool, pl_module=None, beside: bool = False
+    ) -> None:
+        """Logs probed fields (``kind`` is ``theoretical`` or ``weights``) and the target's sizes.
+
+        With ``beside``, the theoretical sizes too, so the charts draw them as a flat line beside the weights' size.
+        """
         metrics = {}
-        for field in fields:
-            metrics.update(_scalars(prefix, self.layer_name, field))
+        for index, field in enumerate(fields):
+            metrics.update(dashboard.field_scalars(self.layer_name, index, field, kind))
+            if beside and kind != "theoretical" and self._theoretical is not None:
+                sizes = dashboard.field_scalars(self.layer_name, index, self._theoretical[index], "theoretical")
+                metrics.update({k: v for k, v in sizes.items() if k.startswith("rf/")})
+            target = self._target_for(len(field.bounds))
+            if target is not None:
+                metrics.update(dashboard.target_scalars(self.layer_name, index, target))
         self._log_metrics(trainer, metrics, step=step, pl_module=pl_module)
         if self.log_images:
-            self._log_images(trainer, prefix, fields, step, figures=figures)
+            self._log_images(trainer, kind, fields, step, figures=figures)
 
-    # -- writing to the loggers: each logger's failure is its own kind, warned once
+    # -- writing to the loggers, each through its own API: each logger's failure is its own kind, warned once
+
+    def _writers(self, trainer) -> list[LoggerWriter]:
+        writers = [writer_for(logger) for logger in trainer.loggers]
+        for writer in writers:
+            if not writer.known and writer.name not in self._said_scalars_only:
+                self._said_scalars_only.add(writer.name)
+                rank_zero_warn(
+                    f"RFCallback: {writer.name} gets the scalars only (through log_metrics); the heatmaps and "
+                    f"figures go to TensorBoardLogger, WandbLogger and MLFlowLogger"
+                )
+        return writers
+
+    def _image_writers(self, trainer) -> list[LoggerWriter]:
+        return [writer for writer in self._writers(trainer) if writer.takes_images]
 
     def _log_metrics(self, trainer, metrics: dict[str, float], *, step: int, pl_module=None) -> None:
         if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
@@ -611,65 +659,71 @@ class RFCallback(Callback):
         if not trainer.is_global_zero:
             return
         # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
-        for logger in trainer.loggers:
-            name = type(logger).__name__
-            with self._guard(f"logger {name}", f"writing the callback's scalars to {name}", logger_fix(name)):
-                logger.log_metrics(metrics, step=step)
+        for writer in self._writers(trainer):
+            with self._guard(f"logger {writer.name}", f"writing the callback's scalars to {writer.name}",
+                             logger_fix(writer.name)):  # fmt: skip
+                writer.scalars(metrics, step)
 
-    def _add_image(self, trainer, tag: str, image: np.ndarray, step: int, dataformats: str) -> None:
-        for board in _tensorboard_loggers(trainer):
-            name = type(board).__name__
-            with self._guard(f"logger {name}", f"writing the callback's images to {name}", logger_fix(name)):
-                board.experiment.add_image(tag, image, global_step=step, dataformats=dataformats)
+    def _log_image(self, trainer, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        for writer in self._image_writers(trainer):
+            with self._guard(f"logger {writer.name}", f"writing the callback's images to {writer.name}",
+                             logger_fix(writer.name)):  # fmt: skip
+                writer.image(tag, image, step, caption)
 
-    def _log_images(self, trainer, prefix: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
-        boards = _tensorboard_loggers(trainer)
-        if not boards:
-            if not self._said_no_tensorboard:
-                self._said_no_tensorboard = True
+    def _caption(self, field: ReceptiveField | EffectiveField) -> str:
+        if isinstance(field, EffectiveField):
+            extent = " x ".join(str(last - first + 1) for first, last in field.extent(self.coverage_mass))
+            where = f"{self.layer_name} at {field.position}"
+            return f"effective field of {where}: {self.coverage_mass:g} of the mass in {extent}"
+        return f"{field.mode} field of {self.layer_name} at {field.position}: {' x '.join(map(str, field.size))}"
+
+    def _log_images(self, trainer, kind: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
+        if not self._image_writers(trainer):
+            if not self._said_no_images:
+                self._said_no_images = True
                 rank_zero_warn(
-                    "RFCallback: no TensorBoardLogger among the Trainer's loggers, so no heatmaps are logged "
-                    "(scalars still are); add lightning.pytorch.loggers.TensorBoardLogger to see them"
+                    "RFCallback: no TensorBoardLogger, WandbLogger or MLFlowLogger among the Trainer's loggers, so no "
+                    "heatmaps are logged (scalars still are); add one of them to see the pictures"
                 )
             return
         if not trainer.is_global_zero:
             return
-        from rf_callback.plotting import figure_to_array
+        from rf_callback.plotting import figure_to_array, heatmap_image
 
-        for field in fields:
-            base = f"{prefix}/{self.layer_name}/{_position_label(field.position)}"
+        for index, field in enumerate(fields):
             with self._guard("images", "drawing the field's images", IMAGES_FIX):
-                self._add_image(trainer, f"{base}/heatmap", _heatmap_image(field), step, "HW")
+                caption = self._caption(field)
+                heatmap = heatmap_image(field.heatmap, depth=(field.bounds[0][0] + field.bounds[0][1]) // 2)
+                self._log_image(trainer, dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}"), heatmap, step,
+                                caption)  # fmt: skip
                 if figures:
-                    self._add_image(trainer, f"{base}/figure", figure_to_array(plot_rf_figure(field)), step, "HWC")
+                    figure = figure_to_array(plot_rf_figure(field))
+                    self._log_image(
+                        trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption
+                    )
 
     def _log_final_figures(self, trainer) -> None:
         from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
 
-        step = trainer.global_step
-        for field in self._last_fields:
-            tag = f"rf/{self.layer_name}/{_position_label(field.position)}/figure"
-            self._add_image(trainer, tag, figure_to_array(plot_rf_figure(field)), step, "HWC")
-        for label, field in self._last_effective.items():
-            image = figure_to_array(plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass))
-            self._add_image(trainer, f"erf/{self.layer_name}/{label}/overlay", image, step, "HWC")
+        step, layer = trainer.global_step, self.layer_name
+        for index, field in enumerate(self._last_fields):
+            figure = figure_to_array(plot_rf_figure(field))
+            self._log_image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self._caption(field))
+        for index, field in enumerate(self._last_effective.values()):
+            target = self._target_for(len(field.theoretical.bounds))
+            overlay = plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass, target=target)
+            tag = dashboard.image_tag(layer, index, "overlay")
+            self._log_image(trainer, tag, figure_to_array(overlay), step, self._caption(field))
         entries = [h for h in self.history if h.get("effective")]
-        for label in entries[-1]["effective"] if entries else []:
+        for index, label in enumerate(entries[-1]["effective"] if entries else []):
             rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
-            image = figure_to_array(plot_growth(rows, title=f"effective field of {self.layer_name} at {label}"))
-            self._add_image(trainer, f"erf/{self.layer_name}/{label}/growth", image, step, "HWC")
+            target = self._target_for(len(self.input_shape) - 2)
+            title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
+            image = figure_to_array(plot_growth(rows, title=title, target=target))
+            self._log_image(trainer, dashboard.image_tag(layer, index, "growth"), image, step, title)
 
 
 # -- Lightning and the loggers
-
-
-def _tensorboard_loggers(trainer) -> list:
-    """The Trainer's TensorBoard loggers, ``pytorch_lightning``'s too when that package is in use."""
-    kinds: list[type] = [TensorBoardLogger]
-    classic = sys.modules.get("pytorch_lightning.loggers")
-    if classic is not None:
-        kinds.append(classic.TensorBoardLogger)
-    return [logger for logger in trainer.loggers if isinstance(logger, tuple(kinds))]
 
 
 def plot_rf_figure(field: ReceptiveField):
@@ -704,32 +758,6 @@ def _overrides(module, name: str) -> bool:
 
 def _position_label(position: tuple[int, ...]) -> str:
     return "_".join(str(i) for i in position)
-
-
-def _scalars(prefix: str, layer: str, field: ReceptiveField) -> dict[str, float]:
-    names = _AXIS_NAMES[len(field.bounds)]
-    base = f"{prefix}/{layer}/{_position_label(field.position)}"
-    metrics = {}
-    for axis, (first, last) in zip(names, field.bounds):
-        metrics[f"{base}/size_{axis}"] = float(last - first + 1)
-        metrics[f"{base}/first_{axis}"] = float(first)
-        metrics[f"{base}/last_{axis}"] = float(last)
-    return metrics
-
-
-def _heatmap_image(field: ReceptiveField) -> np.ndarray:
-    """The heatmap scaled to [0, 1] as a 2D image: a 1D field as a one-row strip, a 3D one at its central depth."""
-    first, last = field.bounds[0]
-    return _normalised(field.heatmap, depth=(first + last) // 2)
-
-
-def _normalised(heatmap: torch.Tensor, depth: int | None = None) -> np.ndarray:
-    if heatmap.dim() == 1:
-        heatmap = heatmap[None, :]
-    elif heatmap.dim() == 3:
-        heatmap = heatmap[heatmap.shape[0] // 2 if depth is None else depth]
-    peak = heatmap.max()
-    return (heatmap / peak if peak > 0 else heatmap).float().numpy()
 
 
 def _first_loader(loaders):

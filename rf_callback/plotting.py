@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.animation import PillowWriter
@@ -22,7 +23,7 @@ from torch import nn
 
 from rf_callback.result import Bounds, EffectiveField, ReceptiveField
 
-__all__ = ["animate_rf", "figure_to_array", "plot_effective", "plot_growth", "plot_rf"]
+__all__ = ["animate_rf", "figure_to_array", "heatmap_image", "plot_effective", "plot_growth", "plot_rf"]
 
 ImageLike = torch.Tensor | np.ndarray
 
@@ -37,6 +38,10 @@ _CELL_BORDERS_UP_TO = 64  # output grids with at most this many cells per axis g
 _GIF_DPI = 80
 _EXTENT_COLOR = "#7CFC00"
 _EXTENT_GID = "erf-extent"  # the Rectangle outlining the effective field's mass-q extent
+_TARGET_COLOR = "#ffffff"
+_TARGET_GID = "erf-target"  # the Rectangle of the target object size, centred on the field
+_HEATMAP_MIN_SIDE = 256  # heatmap images are upscaled (nearest) until their longer side reaches this
+_STRIP_HEIGHT = 24  # rows of a 1D heatmap's strip
 
 
 def plot_rf(
@@ -95,18 +100,25 @@ def plot_rf(
 
 
 def plot_effective(
-    field: EffectiveField, *, image: ImageLike | None = None, q: float = 0.95, title: str | None = None
+    field: EffectiveField,
+    *,
+    image: ImageLike | None = None,
+    q: float = 0.95,
+    title: str | None = None,
+    target: Sequence[int] | None = None,
 ) -> Figure:
     """Draws an effective field over the input, with the theoretical box and the mass-q extent box.
 
     The heatmap is drawn over ``image`` when given; the extent holding fraction ``q`` of the gradient mass is the
-    green dashed box.
+    green dashed box; the target object size, when given, a white dotted box centred on the theoretical field
+    (gid ``"erf-target"``).
 
     Args:
         field: a field from :func:`rf_callback.effective_rf`.
         image: an input to draw underneath, as for :func:`plot_rf`; it is rescaled to [0, 1].
         q: the mass fraction of the extent box.
         title: the figure's title; ``None`` says what is drawn.
+        target: the size of the objects the network must see, one per spatial axis; ``None`` draws no target.
 
     Returns:
         The figure.
@@ -123,6 +135,11 @@ def plot_effective(
     extent = field.extent(q)
     sizes = " x ".join(str(last - first + 1) for first, last in extent)
     text = f"effective field at {field.position}: {q:g} of the mass in {sizes} (green), theoretical box in blue"
+    if target is not None:
+        target = tuple(int(t) for t in target)
+        if len(target) != len(extent):
+            raise ValueError(f"target={target!r} has {len(target)} entries; the field has {len(extent)} axes")
+        text += f", target {' x '.join(map(str, target))} (white)"
     fig = plot_rf(shown, image=image, title=text if title is None else title)
     box = ((0, 0), *extent) if len(extent) == 1 else extent[-2:]
     for ax in fig.axes:
@@ -134,15 +151,36 @@ def plot_effective(
                     edgecolor=_EXTENT_COLOR, linewidth=2, linestyle="--", gid=_EXTENT_GID,
                 )
             )  # fmt: skip
+            if target is not None:
+                ax.add_patch(_target_box(field.theoretical.center, target))
     return fig
 
 
-def plot_growth(rows: Sequence[tuple[int, dict[str, float]]], *, title: str = "effective field") -> Figure:
+def _target_box(center: tuple[float, ...], target: tuple[int, ...]) -> Rectangle:
+    """A box of ``target`` pixels per axis centred on ``center`` (pixel i covers i - 0.5 to i + 0.5)."""
+    pairs = list(zip(center, target))
+    if len(pairs) == 1:  # a 1D field is drawn as a one-row strip
+        pairs.insert(0, (0.0, 1))
+    (middle_h, size_h), (middle_w, size_w) = pairs[-2:]
+    return Rectangle(
+        (middle_w - size_w / 2, middle_h - size_h / 2), size_w, size_h, facecolor="none", edgecolor=_TARGET_COLOR,
+        linewidth=1.5, linestyle=":", gid=_TARGET_GID,
+    )  # fmt: skip
+
+
+def plot_growth(
+    rows: Sequence[tuple[int, dict[str, float]]],
+    *,
+    title: str = "effective field",
+    target: Sequence[int] | None = None,
+) -> Figure:
     """Plots effective-field metrics against epoch: extent sizes and standard deviations, per axis.
 
     Args:
         rows: ``(epoch, metrics)`` pairs, metrics as :meth:`rf_callback.EffectiveField.metrics` gives them.
         title: the figure's title.
+        target: the target object size, one per spatial axis (or one for all), drawn as dashed horizontal lines on
+            the extent panel; ``None`` draws none.
 
     Returns:
         The figure.
@@ -158,6 +196,9 @@ def plot_growth(rows: Sequence[tuple[int, dict[str, float]]], *, title: str = "e
             ax_extent.plot(epochs, values, marker="o", label=name)
         elif name.startswith("std_"):
             ax_std.plot(epochs, values, marker="o", label=name)
+    sizes = sorted(set(int(t) for t in target)) if target is not None else []
+    for size in sizes:
+        ax_extent.axhline(size, color="0.35", linestyle="--", linewidth=1.2, label=f"target {size}")
     for ax, label in ((ax_extent, "mass extent (inputs)"), (ax_std, "standard deviation (inputs)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -166,6 +207,37 @@ def plot_growth(rows: Sequence[tuple[int, dict[str, float]]], *, title: str = "e
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+def heatmap_image(heatmap: torch.Tensor, *, depth: int | None = None, min_side: int = _HEATMAP_MIN_SIDE) -> np.ndarray:
+    """Colours a heatmap with the figures' colour map and enlarges it, for loggers' image panels.
+
+    The heatmap is normalised to its maximum and coloured with the colour map of :func:`plot_rf`; each input pixel
+    becomes a square block of pixels (nearest neighbour, never interpolated) so that the longer side reaches
+    ``min_side``: a 5 x 5 field on a 48 x 48 input is 25 x 25 screen pixels. A 1D heatmap becomes a strip
+    ``_STRIP_HEIGHT`` rows high; a 3D one is shown at depth ``depth`` (default: the middle).
+
+    Args:
+        heatmap: a 1D, 2D or 3D heatmap (a field's ``heatmap``).
+        depth: for a 3D heatmap, the depth index to show.
+        min_side: the longer side, in pixels, the image is enlarged to (whole multiples only; never shrunk).
+
+    Returns:
+        A ``uint8`` RGB array ``(height, width, 3)``.
+    """
+    values = heatmap.detach().float().cpu()
+    if values.dim() == 3:
+        values = values[values.shape[0] // 2 if depth is None else depth]
+    peak = values.max()
+    values = (values / peak if peak > 0 else values).numpy()
+    if values.ndim == 1:
+        values = values[None, :]
+    scale = max(1, min_side // max(values.shape))
+    values = values.repeat(scale, axis=0).repeat(scale, axis=1)
+    if values.shape[0] < _STRIP_HEIGHT:  # a 1D strip
+        values = values.repeat(-(-_STRIP_HEIGHT // values.shape[0]), axis=0)
+    colours = matplotlib.colormaps[_HEATMAP_CMAP](values)[..., :3]
+    return (colours * 255).round().astype(np.uint8)
 
 
 def figure_to_array(fig: Figure, dpi: int = 80) -> np.ndarray:

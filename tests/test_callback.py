@@ -43,23 +43,33 @@ def test_fit_logs_scalars_and_images_at_fit_start_and_each_validation_epoch(tmp_
     fit(tmp_path, [RFCallback(layer="features")], model=model, logger=logger)
     events = read_events(logger.log_dir)
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    steps = [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     for axis in "hw":
-        for kind in ("size", "first", "last"):
-            assert f"rf/features/4_4/{kind}_{axis}" in scalars
-            assert f"rf_theoretical/features/4_4/{kind}_{axis}" in scalars
-    assert {"rf/features/4_4/heatmap", "rf/features/4_4/figure", "rf_theoretical/features/4_4/heatmap"} <= images
-    size_h = events.Scalars("rf/features/4_4/size_h")
-    assert [e.step for e in size_h] == [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+        for kind in ("theoretical", "weights"):
+            assert f"rf/features/pos0/size_{axis}/{kind}" in scalars
+            assert {
+                f"rf_span/features/pos0/{kind}/first_{axis}",
+                f"rf_span/features/pos0/{kind}/last_{axis}",
+            } <= scalars
+    assert {
+        "rf/features/pos0/heatmap/weights",
+        "rf/features/pos0/figure",
+        "rf/features/pos0/heatmap/theoretical",
+    } <= images
+    size_h = events.Scalars("rf/features/pos0/size_h/weights")
+    assert [e.step for e in size_h] == steps
     start = probe_rf(initial, SHAPE, "center", layer="features", mode="weights")
     end = probe_rf(model, SHAPE, "center", layer="features", mode="weights")
     assert size_h[0].value == start.size[0] and size_h[-1].value == end.size[0]
-    last_w = events.Scalars("rf/features/4_4/last_w")
+    last_w = events.Scalars("rf_span/features/pos0/weights/last_w")
     assert last_w[-1].value == end.bounds[1][1]
-    theoretical = events.Scalars("rf_theoretical/features/4_4/size_w")
-    assert [(e.step, e.value) for e in theoretical] == [(0, 8.0)]
-    assert [e.step for e in events.Images("rf/features/4_4/heatmap")] == [0, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    theoretical = events.Scalars("rf/features/pos0/size_w/theoretical")  # a flat line beside the weights' size
+    assert [(e.step, e.value) for e in theoretical] == [(step, 8.0) for step in steps]
+    assert [e.step for e in events.Scalars("rf_span/features/pos0/theoretical/first_h")] == [0]
+    assert [e.step for e in events.Images("rf/features/pos0/heatmap/weights")] == steps
+    assert [e.step for e in events.Images("rf/features/pos0/heatmap/theoretical")] == [0]
     # Figures cost a few training steps each: drawn at fit start and at fit end only.
-    assert [e.step for e in events.Images("rf/features/4_4/figure")] == [0, 2 * STEPS_PER_EPOCH]
+    assert [e.step for e in events.Images("rf/features/pos0/figure")] == [0, 2 * STEPS_PER_EPOCH]
 
 
 def test_training_trajectory_is_bitwise_unchanged(tmp_path):
@@ -94,7 +104,7 @@ def test_validate_under_inference_mode_probes(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback], inference_mode=True)
     trainer.validate(model, val)
     expected = probe_rf(model, SHAPE, "center", layer="features", mode="weights")
-    assert trainer.callback_metrics["rf/features/4_4/size_h"] == expected.size[0]
+    assert trainer.callback_metrics["rf/features/pos0/size_h/weights"] == expected.size[0]
     assert callback.history[-1]["fields"][0]["bounds"] == [list(b) for b in expected.bounds]
 
 
@@ -103,7 +113,7 @@ def test_reduced_precision_is_probed_in_float32(tmp_path, precision):
     callback = RFCallback(layer="features", mode="theoretical")
     trainer, _ = fit(tmp_path, [callback], precision=precision, max_epochs=1, logger=False)
     assert callback.history[-1]["fields"][0]["bounds"] == [[5, 12], [5, 12]]
-    assert trainer.callback_metrics["rf/features/4_4/size_h"] == 8
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 8
 
 
 def test_compiled_submodule_probe_sees_weights_changed_after_compiling(tmp_path):
@@ -123,19 +133,21 @@ def test_compiled_submodule_probe_sees_weights_changed_after_compiling(tmp_path)
 
 def test_csv_logger_only_warns_once_and_logs_scalars(tmp_path):
     logger = CSVLogger(tmp_path)
-    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+    with pytest.warns(UserWarning, match="no TensorBoardLogger, WandbLogger or MLFlowLogger") as record:
         fit(tmp_path, [RFCallback(layer="features")], logger=logger)
     assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
+    assert not any("gets the scalars only" in str(w.message) for w in record)  # a CSV file holds scalars only
     with open(f"{logger.log_dir}/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["rf/features/4_4/size_h"] for r in rows if r.get("rf/features/4_4/size_h")] != []
+    tag = "rf/features/pos0/size_h/weights"
+    assert [r[tag] for r in rows if r.get(tag)] != []
 
 
 def test_no_logger_still_computes(tmp_path):
     callback = RFCallback(layer="features", log_images=False)
     trainer, _ = fit(tmp_path, [callback], logger=False)
     assert len(callback.history) == 3  # fit start and two validation epochs
-    assert trainer.callback_metrics["rf/features/4_4/size_w"] > 0
+    assert trainer.callback_metrics["rf/features/pos0/size_w/weights"] > 0
 
 
 def test_without_validation_falls_back_to_train_epoch_end(tmp_path, caplog):
@@ -173,8 +185,8 @@ def test_two_callbacks_share_a_trainer(tmp_path):
     a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features.0", pos=[(2, 2), (5, 5)])
     assert a.state_key != b.state_key
     trainer, _ = fit(tmp_path, [a, b], logger=False, max_epochs=1)
-    assert "rf/features/1_1/size_h" in trainer.callback_metrics
-    assert trainer.callback_metrics["rf/features.0/5_5/size_h"] == 3
+    assert "rf/features/pos0/size_h/weights" in trainer.callback_metrics
+    assert trainer.callback_metrics["rf/features.0/pos1/size_h/weights"] == 3  # pos1 is (5, 5)
     assert len(b.history[-1]["fields"]) == 2
 
 
@@ -278,5 +290,5 @@ def test_pytorch_lightning_trainer_accepts_the_same_class(tmp_path):
     callback = ClassicRFCallback(layer="features")
     trainer = pytorch_lightning.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback])
     trainer.fit(Classic(), *loaders())
-    assert trainer.callback_metrics["rf/features/8_8/size_h"] == 3
+    assert trainer.callback_metrics["rf/features/pos0/size_h/weights"] == 3
     assert len(callback.history) == 3

@@ -26,16 +26,19 @@ SHAPE = (1, 1, 16, 16)
 FIT_TIMEOUT_S = 180  # the run takes ~10 s on 2 cores; past this it is hung
 WORLD_SIZE = 2
 EXPECTED_STEPS = [0, 2, 4]  # 32 samples over 2 ranks, batch 8: 2 steps per epoch; fit start, then 2 epochs
-SCALAR_NAMES = [f"rf/features/4_4/{kind}_{axis}" for kind in ("size", "first", "last") for axis in "hw"]
-IMAGE_TAGS = {
-    "rf_theoretical/features/4_4/heatmap": [0],
-    "rf/features/4_4/heatmap": EXPECTED_STEPS,
-    "rf/features/4_4/figure": [0, EXPECTED_STEPS[-1]],  # figures at fit start and fit end only
-    "erf/features/4_4/heatmap": EXPECTED_STEPS[1:],  # the effective field: after each validation epoch
-    "erf/features/4_4/overlay": EXPECTED_STEPS[-1:],
-    "erf/features/4_4/growth": EXPECTED_STEPS[-1:],  # at fit end
+SCALAR_NAMES = {  # the weights' field: short name -> tag
+    **{f"size_{axis}": f"rf/features/pos0/size_{axis}/weights" for axis in "hw"},
+    **{f"{end}_{axis}": f"rf_span/features/pos0/weights/{end}_{axis}" for end in ("first", "last") for axis in "hw"},
 }
-PREFIXES = ("rf/", "rf_theoretical/", "erf/")
+IMAGE_TAGS = {
+    "rf/features/pos0/heatmap/theoretical": [0],
+    "rf/features/pos0/heatmap/weights": EXPECTED_STEPS,
+    "rf/features/pos0/figure": [0, EXPECTED_STEPS[-1]],  # figures at fit start and fit end only
+    "rf/features/pos0/heatmap/effective": EXPECTED_STEPS[1:],  # the effective field: after each validation epoch
+    "rf/features/pos0/overlay": EXPECTED_STEPS[-1:],
+    "rf/features/pos0/growth": EXPECTED_STEPS[-1:],  # at fit end
+}
+PREFIXES = ("rf/", "rf_span/", "rf_effective/")
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -176,18 +179,20 @@ def test_scalars_are_written_once_per_step(ddp_run):
     scalars = _counts(ddp_run, "scalars")
     callback_scalars = {key: n for key, n in scalars.items() if key[0].startswith(PREFIXES)}
     assert {key: n for key, n in callback_scalars.items() if n != 1} == {}
-    erf_steps = {step for tag, step in callback_scalars if tag.startswith("erf/")}
+    erf_steps = {step for tag, step in callback_scalars if tag.startswith("rf_effective/") or "/effective" in tag}
     assert erf_steps == set(EXPECTED_STEPS[1:])
-    for name in SCALAR_NAMES:
+    for name in SCALAR_NAMES.values():
         assert {step: n for (tag, step), n in scalars.items() if tag == name} == dict.fromkeys(EXPECTED_STEPS, 1)
-        theoretical = name.replace("rf/", "rf_theoretical/", 1)
-        assert {step: n for (tag, step), n in scalars.items() if tag == theoretical} == {0: 1}
+        theoretical = name.replace("/weights", "/theoretical")
+        # the theoretical size is a flat line beside the weights' at every probe; its span is logged once
+        expected_steps = EXPECTED_STEPS if name.startswith("rf/") else [0]
+        assert {step: n for (tag, step), n in scalars.items() if tag == theoretical} == dict.fromkeys(expected_steps, 1)
 
 
 def test_ranks_agree_on_every_probe_and_logged_value(ddp_run):
     rank0, *others = ddp_run.ranks
-    assert set(SCALAR_NAMES) <= set(rank0["callback_metrics"])
-    assert any(name.startswith("erf/") for name in rank0["callback_metrics"])  # the effective field, same inputs
+    assert set(SCALAR_NAMES.values()) <= set(rank0["callback_metrics"])
+    assert any(name.startswith("rf_effective/") for name in rank0["callback_metrics"])  # same inputs on every rank
     for other in others:
         assert other["history"] == rank0["history"]
         assert other["callback_metrics"] == rank0["callback_metrics"]
@@ -203,12 +208,12 @@ def test_logged_values_are_the_probe_of_the_final_weights(ddp_run):
     logged_last = {}
     for path in ddp_run.event_files:
         events = EventAccumulator(str(path), size_guidance={"scalars": 0}).Reload()
-        for name in SCALAR_NAMES:
+        for short, name in SCALAR_NAMES.items():
             series = events.Scalars(name)
             assert series[-1].step == EXPECTED_STEPS[-1]
-            logged_last[name.rsplit("/", 1)[1]] = series[-1].value
+            logged_last[short] = series[-1].value
     assert logged_last == {k: float(v) for k, v in expected.items()}
     for rank in ddp_run.ranks:
-        logged = {k: v for k, v in rank["callback_metrics"].items() if k in SCALAR_NAMES}
-        assert logged == {f"rf/features/4_4/{k}": float(v) for k, v in expected.items()}
+        logged = {k: v for k, v in rank["callback_metrics"].items() if k in SCALAR_NAMES.values()}
+        assert logged == {SCALAR_NAMES[k]: float(v) for k, v in expected.items()}
         assert rank["history"][-1]["fields"][0]["bounds"] == [list(b) for b in field.bounds]

@@ -32,15 +32,33 @@ def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    assert {"erf/features/4_4/extent0.95_h", "erf/features/4_4/std_w", "erf/features/4_4/area0.5"} <= scalars
-    assert {"erf/features/4_4/heatmap", "erf/features/4_4/overlay", "erf/features/4_4/growth"} <= images
-    assert [e.step for e in events.Scalars("erf/features/4_4/extent0.95_h")] == [4, 8]
+    summary = {f"rf_effective/features/pos0/{name}_{axis}" for name in ("ratio", "offset", "spread") for axis in "hw"}
+    assert {"rf/features/pos0/size_h/effective", "rf/features/pos0/size_w/effective"} | summary <= scalars
+    assert not any("area" in tag or "com_" in tag for tag in scalars)  # the full set is opt-in
+    effective_images = {"rf/features/pos0/heatmap/effective", "rf/features/pos0/overlay", "rf/features/pos0/growth"}
+    assert effective_images <= images
+    assert [e.step for e in events.Scalars("rf/features/pos0/size_h/effective")] == [4, 8]
     # The logged value is effective_rf's on the same 8 validation inputs and the final weights.
     inputs = callback.erf_inputs
     assert inputs.shape == (8, 1, 16, 16)
-    expected = effective_rf(model, inputs, "center", layer="features").metrics()
-    assert events.Scalars("erf/features/4_4/extent0.95_h")[-1].value == expected["extent0.95_h"]
-    assert events.Scalars("erf/features/4_4/std_w")[-1].value == pytest.approx(expected["std_w"], rel=1e-5)
+    field = effective_rf(model, inputs, "center", layer="features")
+    expected = field.metrics()
+    assert events.Scalars("rf/features/pos0/size_h/effective")[-1].value == expected["extent0.95_h"]
+    spread = events.Scalars("rf_effective/features/pos0/spread_w")[-1].value
+    assert spread == pytest.approx(expected["std_w"], rel=1e-5)
+    ratio = events.Scalars("rf_effective/features/pos0/ratio_h")[-1].value
+    assert ratio == pytest.approx(expected["extent0.95_h"] / field.theoretical.size[0], rel=1e-6)
+
+
+def test_every_effective_metric_is_opt_in(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(layer="features", erf_samples=8, effective_scalars="all", log_images=False)
+    fit(tmp_path, callback, ConvClassifier(), logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"rf_effective/features/pos0/area0.5", "rf_effective/features/pos0/com_h"} <= scalars
+    assert "rf_effective/features/pos0/spread_h" in scalars and "rf_effective/features/pos0/std_h" not in scalars
 
 
 def test_alert_fires_exactly_at_the_epoch_coverage_is_lost_and_once(tmp_path):
@@ -53,8 +71,8 @@ def test_alert_fires_exactly_at_the_epoch_coverage_is_lost_and_once(tmp_path):
     assert len(alerts(record)) == 1 and "at epoch 1" in alerts(record)[0] and "stopped covering" in alerts(record)[0]
     assert trainer.current_epoch == 4  # "warn" does not stop
     assert [h["effective"]["8_8"]["extent0.95_h"] for h in callback.history[1:]] == [6.0, 1.0, 1.0, 1.0]
-    assert trainer.callback_metrics["rf/output/8_8/covers_target"] == 0
-    assert trainer.callback_metrics["rf/output/8_8/coverage_margin"] == -4
+    assert trainer.callback_metrics["rf/output/pos0/target/covered"] == 0
+    assert trainer.callback_metrics["rf/output/pos0/target/margin"] == -4
 
 
 def test_a_covered_run_never_alerts(tmp_path):
@@ -62,8 +80,8 @@ def test_a_covered_run_never_alerts(tmp_path):
     with recorded_warnings() as record:
         trainer = fit(tmp_path, callback, ShrinkingField(shrink_epoch=None), max_epochs=3, logger=False)
     assert alerts(record) == [] and callback.trackers["8_8"].events == []
-    assert trainer.callback_metrics["rf/output/8_8/covers_target"] == 1
-    assert trainer.callback_metrics["rf/output/8_8/coverage_margin"] == 0
+    assert trainer.callback_metrics["rf/output/pos0/target/covered"] == 1
+    assert trainer.callback_metrics["rf/output/pos0/target/margin"] == 0
 
 
 def test_not_reached_within_patience(tmp_path):

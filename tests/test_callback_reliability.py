@@ -97,8 +97,9 @@ def test_the_logged_effective_field_is_that_of_the_chosen_inputs(tmp_path):
     model, rf = ConvClassifier(), RFCallback(layer="features", erf_samples=8, log_images=False)
     trainer = fit(tmp_path, [rf], model, *loaders(), logger=False)
     expected = effective_rf(model, rf.erf_inputs, "center", layer="features").metrics()
-    assert trainer.callback_metrics["erf/features/4_4/extent0.95_h"] == expected["extent0.95_h"]
-    assert float(trainer.callback_metrics["erf/features/4_4/std_w"]) == pytest.approx(expected["std_w"], rel=1e-5)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/effective"] == expected["extent0.95_h"]
+    spread = float(trainer.callback_metrics["rf_effective/features/pos0/spread_w"])
+    assert spread == pytest.approx(expected["std_w"], rel=1e-5)
     dataset = loaders()[1].dataset.tensors[0]  # chosen among the validation samples, no sample twice
     matches = [(dataset == x).flatten(1).all(dim=1).nonzero().flatten().tolist() for x in rf.erf_inputs]
     assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 8
@@ -193,7 +194,7 @@ def test_logger_that_raises_warns_once_and_fit_completes(tmp_path):
     said = callback_warnings(record, "_PickyLogger failed")
     assert len(said) == 1 and "metric names may not contain '/'" in said[0], said
     assert "fix that logger" in said[0]
-    assert "rf/features/4_4/size_h" in trainer.callback_metrics  # the scalars are still there
+    assert "rf/features/pos0/size_h/weights" in trainer.callback_metrics  # the scalars are still there
 
 
 class _BrokenImages:

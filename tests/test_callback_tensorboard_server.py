@@ -24,8 +24,10 @@ from rf_callback import RFCallback, probe_rf
 from tests.lightning_models import ConvClassifier, loaders, trainer_kwargs
 
 SHAPE = (1, 1, 16, 16)
-SCALAR_TAGS = ("rf/features/4_4/size_h", "rf/features/4_4/size_w", "rf_theoretical/features/4_4/size_h")
-IMAGE_TAGS = ("rf/features/4_4/heatmap", "rf/features/4_4/figure")
+SCALAR_TAGS = (
+    "rf/features/pos0/size_h/weights", "rf/features/pos0/size_w/weights", "rf/features/pos0/size_h/theoretical",
+)  # fmt: skip
+IMAGE_TAGS = ("rf/features/pos0/heatmap/weights", "rf/features/pos0/figure")
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -116,7 +118,8 @@ def _image_series(served, tag: str) -> list[dict]:
 
 def test_server_lists_the_rf_scalar_and_image_tags(served):
     assert set(SCALAR_TAGS) <= set(served.scalar_tags)
-    assert {f"rf/features/4_4/{k}_{a}" for k in ("first", "last") for a in "hw"} <= set(served.scalar_tags)
+    span = {f"rf_span/features/pos0/weights/{k}_{a}" for k in ("first", "last") for a in "hw"}
+    assert span <= set(served.scalar_tags)
     assert set(IMAGE_TAGS) <= set(served.image_tags)
     for tag in IMAGE_TAGS:
         assert served.image_tags[tag]["samples"] == 1
@@ -127,7 +130,7 @@ def test_served_rf_size_is_the_initial_probe_then_one_per_validation_epoch(serve
     initial = probe_rf(served.initial, SHAPE, "center", layer="features", mode="weights").size
     final = probe_rf(served.model, SHAPE, "center", layer="features", mode="weights").size
     for axis, name in enumerate("hw"):
-        series = _scalar_series(served, f"rf/features/4_4/size_{name}")
+        series = _scalar_series(served, f"rf/features/pos0/size_{name}/weights")
         steps, values = [s for s, _ in series], [v for _, v in series]
         assert len(series) == 1 + served.trainer.max_epochs
         assert steps[0] == 0 and steps == sorted(steps) and len(set(steps)) == len(steps)
@@ -136,19 +139,37 @@ def test_served_rf_size_is_the_initial_probe_then_one_per_validation_epoch(serve
         assert values[-1] == final[axis]
 
 
-def test_served_theoretical_size_is_logged_once_at_step_0(served):
+def test_served_theoretical_size_is_a_flat_line_at_every_probe(served):
     theoretical = probe_rf(served.model, SHAPE, "center", layer="features", mode="theoretical").size
-    assert _scalar_series(served, "rf_theoretical/features/4_4/size_h") == [(0, float(theoretical[0]))]
+    steps = [entry["step"] for entry in served.callback.history]
+    assert _scalar_series(served, "rf/features/pos0/size_h/theoretical") == [(s, float(theoretical[0])) for s in steps]
+
+
+def test_served_custom_scalars_layout_overlays_the_sizes_per_axis(served):
+    layout = _get(f"{served.url}/data/plugin/custom_scalars/layout")
+    (category,) = layout["category"]
+    assert category["title"] == "receptive field of features"
+    charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
+    assert charts["features · pos0 · size along h"] == ["^rf/features/pos0/size_h/"]
+    assert charts["features · pos0 · size along w"] == ["^rf/features/pos0/size_w/"]
+    # the chart's regex picks the theoretical, weights' and effective sizes on one set of axes (no target here)
+    query = urllib.parse.urlencode({"run": served.run, "tag": "^rf/features/pos0/size_h/"})
+    served_lines = _get(f"{served.url}/data/plugin/custom_scalars/scalars?{query}")
+    assert served_lines["regex_valid"]
+    lines = served_lines["tag_to_events"]
+    assert set(lines) == {f"rf/features/pos0/size_h/{kind}" for kind in ("theoretical", "weights", "effective")}
+    effective = [entry["effective"]["4_4"]["extent0.95_h"] for entry in served.callback.history[1:]]
+    assert [value for _wall_time, _step, value in lines["rf/features/pos0/size_h/effective"]] == effective
 
 
 def test_served_scalars_and_images_are_at_step_0_then_the_validation_global_steps(served):
     steps_per_epoch = 4
     expected = [0] + [steps_per_epoch * (epoch + 1) for epoch in range(served.trainer.max_epochs)]  # 0, 4, 8
     assert [entry["step"] for entry in served.callback.history] == expected
-    assert [image["step"] for image in _image_series(served, "rf/features/4_4/heatmap")] == expected
+    assert [image["step"] for image in _image_series(served, "rf/features/pos0/heatmap/weights")] == expected
     # Figures cost a few training steps each: drawn at fit start and at fit end only.
-    assert [image["step"] for image in _image_series(served, "rf/features/4_4/figure")] == [0, expected[-1]]
-    assert [step for step, _ in _scalar_series(served, "rf/features/4_4/size_h")] == expected
+    assert [image["step"] for image in _image_series(served, "rf/features/pos0/figure")] == [0, expected[-1]]
+    assert [step for step, _ in _scalar_series(served, "rf/features/pos0/size_h/weights")] == expected
 
 
 def test_served_heatmap_and_figure_are_png_images(served):
