@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo probe-demo test lint format bench bench-env bench-real clean
+.PHONY: demo probe-demo screenshots test lint format bench bench-env bench-real clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ demo: $(VENV)/.installed
 
 probe-demo: $(VENV)/.installed
 	$(PY) examples/probe_demo.py
+
+# Screenshots of TensorBoard's tabs in headless Chromium for the README: docs/dashboard_*.png (not part of `make test`).
+# Needs `apt-get install chromium chromium-driver`; installs selenium into the venv. ARGS="--tags '^rf/'" passes options.
+screenshots: $(VENV)/.installed
+	$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
+	[ -d out/logs ] || $(PY) examples/train_demo.py
+	$(PY) docs/screenshots.py --logdir out/logs --out docs/ $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

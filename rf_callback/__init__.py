@@ -4,6 +4,7 @@ from rf_callback.alerts import CoverageError, CoverageEvent
 from rf_callback.effective_probe import effective_rf
 from rf_callback.geometry import AxisGeometry
 from rf_callback.graph import ProbeError
+from rf_callback.layouts import Tokens
 from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
@@ -20,6 +21,7 @@ __all__ = [
     "RFVerification",
     "ReceptiveField",
     "ReceptiveFieldMap",
+    "Tokens",
     "effective_rf",
     "probe_rf",
     "rf_table",

@@ -43,6 +43,8 @@ _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 # product by its largest magnitude (a positive constant: the gradient's support does not change).
 _PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm",
                        "einsum", "multiply"})  # fmt: skip
+# Functions that couple every element along a dim: on the theoretical copy's equal values their real gradient cancels.
+_SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin"})
 _ADAPTIVE_MAX_POOLS = {
     "adaptive_max_pool1d": F.adaptive_avg_pool1d,
     "adaptive_max_pool2d": F.adaptive_avg_pool2d,
@@ -100,8 +102,9 @@ class _ProbeFunctions(TorchFunctionMode):
     Both modes: dropout is the identity (a ``forward`` calling ``F.dropout(x)`` with its default ``training=True``
     would otherwise zero pixels at random and draw from the global random generator).
     Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
-    ``max``/``min`` along a dim give the mean's values, and a product of two input-dependent tensors is divided by
-    its largest magnitude (no overflow).
+    ``max``/``min`` along a dim give the mean's values, softmax along a dim passes every finite input an equal share
+    of the gradient (see :func:`_softmax_twin`; ``scaled_dot_product_attention`` is spelled out with it), and a
+    product of two input-dependent tensors is divided by its largest magnitude (no overflow).
 
     ``cuts`` records how the forward cuts the gradient on an input-dependent tensor: a function whose gradient is
     zero (``round``, ``argmax``), or a tensor made without gradient from the input (``.detach()``, an op inside
@@ -176,6 +179,10 @@ class _ProbeFunctions(TorchFunctionMode):
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
             return _mean_twin(func, args, kwargs)
+        if self.linearise and name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
+            return _softmax_twin(func, args, kwargs)
+        if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(args[:3]):
+            return _attention_twin(*args, **kwargs)
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -218,6 +225,44 @@ def _mean_twin(func, args, kwargs):
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
     real = func(*args, **kwargs)
     return type(real)((x.mean(dim=dim, keepdim=keepdim), real.indices))
+
+
+def _softmax_twin(func, args, kwargs):
+    """``softmax`` (``log_softmax``, ``softmin``) along a dim, with its real values and a gradient that cannot cancel.
+
+    The real gradient with respect to the inputs along the dim, ``p * (g - sum(p * g))``, is zero wherever the
+    cotangent ``g`` is the same along the dim, as it is on the theoretical copy's equal values (attention over
+    equal values, a gate over branches with equal fields): the paths through the scores would vanish. The twin gives
+    every finite input along the dim the mean of the cotangents instead; an input of ``-inf`` (a masked score) gets
+    nothing, as in the real function.
+    """
+    real = func(*args, **kwargs)
+    x = args[0] if args else kwargs["input"]
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:  # F.softmax's implicit dim
+        dim = 0 if x.dim() in (0, 1, 3) else 1
+    finite = torch.isfinite(x.detach())
+    step = torch.where(finite, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
+    share = step.sum(dim, keepdim=True) / finite.sum(dim, keepdim=True).clamp(min=1)
+    return real.detach() + share.to(real.dtype)
+
+
+def _attention_twin(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``scaled_dot_product_attention`` spelled out with the softmax twin and bounded products; no dropout.
+
+    The fused kernel's softmax would cancel the gradient of the query and key paths on equal values.
+    """
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = _bounded(query @ key.transpose(-2, -1), in_place=False) * scale
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return _bounded(_softmax_twin(torch.softmax, (scores, -1), {}) @ value, in_place=False)
 
 
 def _input_dependent_factors(args) -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import operator
+import re
 
 import numpy as np
 import torch
 
 from rf_callback._model_copy import MODES
+from rf_callback.layouts import LAYOUTS, Tokens
 
 
 def as_index(value) -> int | None:
@@ -94,3 +96,29 @@ def checked_element(element) -> int | str | None:
             f"output) or None (the output is a tensor)"
         )
     return index
+
+
+_TOKENS = re.compile(r"tokens:(\d+(?:x\d+){0,2})(?:\+(\d+))?")
+
+
+def checked_layout(layout) -> str | Tokens:
+    """Returns ``layout`` read as a layout: ``"channels_first"``, ``"channels_last"`` or a :class:`Tokens`.
+
+    The string form of tokens, ``"tokens:HxW"`` or ``"tokens:HxW+P"`` (``P`` leading class or register tokens), is
+    read as ``Tokens(grid=(H, W), prefix=P)``. Callers keep the value as given, for messages in the user's words.
+
+    Raises:
+        ValueError: it is none of these.
+    """
+    if isinstance(layout, Tokens) or (isinstance(layout, str) and layout in LAYOUTS):
+        return layout
+    match = _TOKENS.fullmatch(layout) if isinstance(layout, str) else None
+    grid = tuple(int(n) for n in match[1].split("x")) if match else ()
+    if grid and min(grid) > 0:
+        return Tokens(grid, int(match[2] or 0))
+    raise ValueError(
+        f"layout={layout!r} is not a layout of the probed output; use 'channels_first' ((N, C, *spatial), the "
+        f"default), 'channels_last' ((N, *spatial, C)), or tokens on a grid (N, P + H*W, C): "
+        f"Tokens(grid=(H, W), prefix=P) or its string form 'tokens:HxW+P', e.g. 'tokens:14x14+1' for a ViT's 14 x 14 "
+        f"patch tokens after one class token"
+    )

@@ -1,4 +1,4 @@
-"""RFCallback: probes the receptive field of the model being trained and logs it to TensorBoard."""
+"""RFCallback: probes the receptive field of the model being trained and logs it to the Trainer's loggers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from rf_callback import dashboard
 from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
-from rf_callback.arguments import checked_element
+from rf_callback.arguments import checked_element, checked_layout
 from rf_callback.callback_arguments import (
     checked_choice,
     checked_count,
@@ -42,6 +42,7 @@ from rf_callback.failures import (
     logger_fix,
 )
 from rf_callback.graph import ProbeError
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.loggers import LoggerWriter, writer_for
 from rf_callback.probe import probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
@@ -53,8 +54,8 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrate
 class RFCallback(Callback):
     """Probes the receptive field of the model being trained and logs it to the Trainer's loggers.
 
-    At fit start it logs the theoretical field of the architecture (``rf_theoretical/...``) and the probe of the
-    initial weights (``rf/...``) at step 0; after every ``every_n_epochs``-th validation epoch it logs the probe of
+    At fit start it logs the theoretical field of the architecture and the probe of the initial weights at step
+    0; after every ``every_n_epochs``-th validation epoch it logs the probe of
     the current weights at the current global step. Without a validation loop it probes at the end of each
     training epoch instead, and says so once.
 
@@ -63,15 +64,21 @@ class RFCallback(Callback):
     unchanged: same weights, optimizer state, BatchNorm statistics, random states and logged metrics, bit for
     bit. A model or submodule compiled with ``torch.compile`` is unwrapped first.
 
-    Logged, for every probed position and spatial axis (``l``; ``h``, ``w``; or ``d``, ``h``, ``w``):
+    Logged, for every probed position ``pos<i>`` (its index in ``pos``) and spatial axis ``<a>`` (``l``; ``h``,
+    ``w``; or ``d``, ``h``, ``w``), under the names :mod:`rf_callback.dashboard` lists (``<layer>`` is ``output``
+    for the model's output):
 
-    - scalars ``rf/<layer>/<pos>/size_<axis>``, ``.../first_<axis>`` and ``.../last_<axis>``, through Lightning's
-      logging path, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them (``<layer>`` is ``output`` for
-      the model's output, ``<pos>`` the indices joined by ``_``);
-    - images, to every ``TensorBoardLogger`` in ``trainer.loggers``: the heatmap (``rf/<layer>/<pos>/heatmap``)
-      at every probe, and the figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/<pos>/figure``) at fit
-      start and fit end only (a figure costs as much as a few training steps). Without a TensorBoard logger the
-      callback warns once and logs the scalars where it can.
+    - scalars ``rf/<layer>/pos<i>/size_<a>/{theoretical,weights,effective,target}``, the target's coverage,
+      the effective field's summary (``rf_effective/...``) and the spans (``rf_span/...``), to every logger at
+      the step of the images, and through Lightning's logging path so ``EarlyStopping`` and ``ModelCheckpoint``
+      can monitor them;
+    - images, to every ``TensorBoardLogger``, ``WandbLogger`` and ``MLFlowLogger`` through its own API
+      (:mod:`rf_callback.loggers`): the heatmaps (``rf/<layer>/pos<i>/heatmap/<kind>``) at every probe, and the
+      figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/pos<i>/figure``) at fit start and fit end
+      only (a figure costs as much as a few training steps); a note naming each position's cell, and for
+      TensorBoard a Custom Scalars layout overlaying the four sizes per position and axis. Other loggers get the
+      scalars (with one warning, ``CSVLogger`` without); without a logger that takes images the callback warns
+      once.
 
     The callback never iterates a data loader: the input shape comes from ``input_shape``,
     ``example_input_array`` or the first batch the Trainer runs, and the effective field's inputs from the
@@ -93,6 +100,11 @@ class RFCallback(Callback):
             by ``named_modules()``; ``None`` probes the output. A classifier must name its last feature map here.
         element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
             probe (the probe never guesses: without it, such an output is refused before the first step).
+        layout: how the probed output lays out its axes: ``"channels_first"`` (default, ``(N, C, *spatial)``),
+            ``"channels_last"`` (``(N, *spatial, C)``, a Swin stage), or tokens on a grid, ``Tokens(grid=(H, W),
+            prefix=P)`` or its string form ``"tokens:HxW+P"`` (a ViT's ``(N, P + H*W, C)``; in a YAML file, the
+            string). ``pos`` is then on the spatial grid. An output that does not fit it is refused before the first
+            step. Part of ``state_key`` when not the default.
         input_shape: the input shape ``(N, C, *spatial)`` (``N`` is ignored). Default: the LightningModule's
             ``example_input_array``, else the first batch the Trainer runs (validation during the sanity check, or
             training): its first tensor. Pass it when that tensor is not the model's input (a dict batch whose
@@ -104,15 +116,18 @@ class RFCallback(Callback):
             be deep-copied (one holding a lock, an open file or a process handle).
         every_n_epochs: probe after every n-th validation epoch (or training epoch without validation). With the
             Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs.
-        log_images: log the heatmap and the figure to TensorBoard.
+        log_images: log the heatmaps and figures to the loggers that take images.
+        effective_scalars: ``"summary"`` (default: the effective extent beside the sizes, and its ratio to the
+            theoretical size, centre offset and spread) or ``"all"`` (also every other metric of
+            :meth:`rf_callback.EffectiveField.metrics`, under ``rf_effective/<layer>/pos<i>/<metric>``).
         strict: raise when anything in the callback fails (a probe, the effective field, a figure, a logger); by
             default the callback warns once per kind of failure, with the reason, and training goes on.
         draws: weights mode: how many random inputs the field is the union over.
         seed: seed of the private generators (weights-mode inputs, the choice of validation inputs); the global
             random states are never drawn from.
         effective: compute the effective field (:func:`rf_callback.effective_rf`) on ``erf_samples`` validation
-            inputs after every probed validation epoch and log its metrics (``erf/<layer>/<pos>/<metric>``), its
-            heatmap, an overlay on a validation input and, at fit end, a growth curve. ``None`` (default): on
+            inputs after every probed validation epoch and log its extent and summary (see ``effective_scalars``),
+            its heatmap and, at fit end, an overlay on a validation input and a growth curve. ``None`` (default): on
             whenever the run has validation data.
         erf_samples: how many validation inputs the effective field is measured on. They are chosen once, during
             the first validation epoch of the fit (not the sanity check, which sees a few batches only), among the
@@ -126,7 +141,7 @@ class RFCallback(Callback):
         target_size: the size of the objects the network must see (an int, or one per spatial axis, in input
             pixels or samples). At fit start, a warning if even the theoretical field is smaller (or the target is
             larger than the input, or the image border cuts the field at a border position). After each
-            effective-field check, ``rf/<layer>/<pos>/covers_target`` (1 or 0) and ``.../coverage_margin`` (the
+            effective-field check, ``rf/<layer>/pos<i>/target/covered`` (1 or 0) and ``.../margin`` (the
             smallest extent minus target over the axes) are logged, and an alert is raised when coverage is lost,
             or not reached within ``patience`` checks.
         coverage_mass: the mass fraction q of the effective extent compared with ``target_size`` (0 < q <= 1).
@@ -165,12 +180,15 @@ class RFCallback(Callback):
         on_miss: str = "warn",
         on_alert: Callable[[CoverageEvent], Any] | None = None,
         element: int | str | None = None,
+        layout: str | Tokens = CHANNELS_FIRST,
     ):
         super().__init__()
         self.positions, self.pos = checked_positions(pos)
         self.layer, self.module = checked_name("layer", layer), checked_name("module", module)
         try:
             self.element = checked_element(element)
+            checked_layout(layout)
+            self.layout = layout  # as given, so that messages show it in the user's words
         except ValueError as error:
             raise MisconfigurationException(f"RFCallback({error}") from None
         self.mode = checked_choice("mode", mode, MODES)
@@ -213,6 +231,8 @@ class RFCallback(Callback):
         keys = {"pos": str(self.pos), "layer": self.layer, "module": self.module, "mode": self.mode}
         if self.element is not None:  # only then: checkpoints written before element= keep their key
             keys["element"] = self.element
+        if checked_layout(self.layout) != CHANNELS_FIRST:  # likewise
+            keys["layout"] = str(checked_layout(self.layout))
         return self._generate_state_key(**keys)
 
     @property
@@ -401,7 +421,7 @@ class RFCallback(Callback):
         fields = probe_rf(
             self._target(pl_module), input_shape or self.input_shape,
             self.positions if len(self.positions) > 1 else self.positions[0],
-            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element,
+            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
         )  # fmt: skip
         return fields if isinstance(fields, list) else [fields]
 
@@ -539,6 +559,7 @@ class RFCallback(Callback):
                 layer=self.layer,
                 theoretical=theoretical,
                 element=self.element,
+                layout=self.layout,
             )  # fmt: skip
             for p, theoretical in zip(self.positions, theoretical_fields)
         ]
@@ -620,7 +641,8 @@ class RFCallback(Callback):
     ) -> None:
         """Logs probed fields (``kind`` is ``theoretical`` or ``weights``) and the target's sizes.
 
-        With ``beside``, the theoretical sizes too, so the charts draw them as a flat line beside the weights' size.
+        With ``beside`` (every probe after fit start), the theoretical sizes too, so the charts draw them as a flat
+        line beside the weights' size. The target's sizes come once per probe: with ``beside`` or the theoretical ones.
         """
         metrics = {}
         for index, field in enumerate(fields):
@@ -629,7 +651,7 @@ class RFCallback(Callback):
                 sizes = dashboard.field_scalars(self.layer_name, index, self._theoretical[index], "theoretical")
                 metrics.update({k: v for k, v in sizes.items() if k.startswith("rf/")})
             target = self._target_for(len(field.bounds))
-            if target is not None:
+            if target is not None and (beside or kind == "theoretical"):  # once per probe
                 metrics.update(dashboard.target_scalars(self.layer_name, index, target))
         self._log_metrics(trainer, metrics, step=step, pl_module=pl_module)
         if self.log_images:

@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import CopyError
+from rf_callback.arguments import checked_layout
+from rf_callback.layouts import CHANNELS_FIRST
 from rf_callback.probe import ProbeError, probe_rf
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
@@ -104,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
         "--element",
         metavar="INDEX|KEY",
         help="the feature map to probe where the output is a tuple or list (its INDEX) or a dict (its KEY)",
+    )
+    parser.add_argument(
+        "--layout",
+        default=CHANNELS_FIRST,
+        metavar="LAYOUT",
+        help="how the probed output lays out its axes: channels_first (default: N,C,H,W), channels_last (N,H,W,C, "
+        "e.g. a Swin stage) or tokens:HxW+P (N,P+H*W,C: a ViT's P class or register tokens, then H*W patch tokens, "
+        "row-major, e.g. tokens:14x14+1); --pos is then on the H x W grid",
     )
     parser.add_argument(
         "--pos",
@@ -193,6 +203,7 @@ def _run(args: argparse.Namespace, stage: _Stage) -> int:
     kwargs = _kwargs(args.kwargs)
     target = _target_size(args.target_size, len(shape) - 2)
     pos = _position(args.pos)
+    _check_layout(args.layout)
     _check_layers(args.layer)
     _check_combinations(args)
     if args.gif is not None and len(shape) == 5:
@@ -227,13 +238,17 @@ def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Prog
     stage.now = f"probing {args.target}"
     with _probing(args, model, shape, pos):
         if args.table:
-            rows = rf_table(model, shape, layers=args.layer, mode=args.mode, progress=progress.layer)
+            rows = rf_table(
+                model, shape, layers=args.layer, mode=args.mode, progress=progress.layer, layout=args.layout
+            )
             progress.done()
             text = _table_json(rows, target) if args.json else _table_text(args.target, shape, args.mode, rows, target)
         else:
             if pos == "all":
                 progress.note(f"probing every position of the output map of {_where(layer)}")
-            result = probe_rf(model, shape, pos, layer=layer, mode=args.mode, element=_element(args.element))
+            result = probe_rf(
+                model, shape, pos, layer=layer, mode=args.mode, element=_element(args.element), layout=args.layout
+            )
             progress.done()
             if isinstance(result, ReceptiveFieldMap):
                 text = _map_json(result, target) if args.json else _map_text(args.target, result, target)
@@ -313,8 +328,10 @@ def _probe_message(message: str, args: argparse.Namespace, model: nn.Module, sha
         (f"mode={args.mode!r}", f"--mode {args.mode}"),
     ):
         message = message.replace(name, option, 1)
-    hints = {"layer": "--layer NAME", "pos": "--pos I,J", "input_shape": "--input-shape C,H,W", "mode": "--mode M"}
-    message = re.sub(r"(?<![\w-])(layer|pos|input_shape|mode)=(?=[\s,;.)]|$)", lambda m: hints[m[1]], message)
+    message = re.sub(r"(?<![\w-])layout='([^']*)'", r"--layout \1", message)
+    hints = {"layer": "--layer NAME", "pos": "--pos I,J", "input_shape": "--input-shape C,H,W", "mode": "--mode M",
+             "layout": "--layout LAYOUT"}  # fmt: skip
+    message = re.sub(r"(?<![\w-])(layer|pos|input_shape|mode|layout)=(?=[\s,;.)]|$)", lambda m: hints[m[1]], message)
     # A shape in the library's words, (N, C, H, W), is C,H,W on the command line (the batch axis is implied).
     return re.sub(r"\(N, (C(?:, [A-Z])+)\)", lambda m: m[1].replace(" ", ""), message)
 
@@ -411,6 +428,16 @@ def _position(text: str | None) -> str | tuple[int, ...]:
     return tuple(_ints(text, "--pos", "'center', 'all' or output indices separated by commas (I,J)"))
 
 
+def _check_layout(text: str) -> None:
+    try:
+        checked_layout(text)
+    except ValueError:
+        raise _UsageError(
+            f"--layout {text!r} is not a layout: use channels_first (default: N,C,H,W), channels_last (N,H,W,C) or "
+            f"tokens:HxW+P (tokens N,P+H*W,C on an H x W grid after P class or register tokens, e.g. tokens:14x14+1)"
+        ) from None
+
+
 def _check_layers(layers: list[str] | None) -> None:
     for name in layers or []:
         if not name or any(not part for part in name.split(".")):
@@ -433,6 +460,11 @@ def _check_combinations(args: argparse.Namespace) -> None:
                 )
     elif args.layer and len(args.layer) > 1:
         raise _UsageError(f"--layer is given {len(args.layer)} times; one probe takes one layer (or use --table)")
+    if args.gif is not None and args.layout != CHANNELS_FIRST:
+        raise _UsageError(
+            f"--gif sweeps channels-first output maps only, not --layout {args.layout}; draw single fields with --pos "
+            f"I,J --plot FILE.png"
+        )
     if args.plot is not None and args.pos is not None and args.pos.strip() == "all":
         raise _UsageError("--plot draws one field; with --pos all use --gif, or give --pos I,J or center")
 
@@ -610,6 +642,10 @@ def _axes(values: Sequence[Any]) -> str:
     return " x ".join("-" if v is None else str(v) for v in values)
 
 
+def _layout_note(layout) -> str:
+    return "" if layout == CHANNELS_FIRST else f", read as {layout}"
+
+
 def _covers(size: Sequence[int], target: Sequence[int]) -> bool:
     return all(s >= t for s, t in zip(size, target))
 
@@ -630,7 +666,7 @@ def _field_text(spec: str, field: ReceptiveField, target: tuple[int, ...] | None
         ("model", spec),
         ("input", str(tuple(field.input_shape))),
         ("layer", field.layer or "(model output)"),
-        ("output", f"{_axes(field.output_shape)} ({field.mode})"),
+        ("output", f"{_axes(field.output_shape)} ({field.mode}{_layout_note(field.layout)})"),
         ("position", str(field.position)),
         ("size", _axes(field.size)),
         ("bounds", ", ".join(f"{first}..{last}" for first, last in field.bounds)),
@@ -662,7 +698,7 @@ def _map_text(spec: str, fmap: ReceptiveFieldMap, target: tuple[int, ...] | None
         ("model", spec),
         ("input", str(tuple(fmap.input_shape))),
         ("layer", fmap.layer or "(model output)"),
-        ("output", f"{_axes(fmap.output_shape)} ({fmap.mode}), {len(fmap)} positions"),
+        ("output", f"{_axes(fmap.output_shape)} ({fmap.mode}{_layout_note(fmap.layout)}), {len(fmap)} positions"),
         ("size", f"{_axes(sizes.min(dim=0).values.tolist())} to {_axes(sizes.max(dim=0).values.tolist())}"),
         ("full size", _axes([None if g is None else g.size for g in geometry])),
         ("stride", _axes([None if g is None else g.stride for g in geometry])),
@@ -698,6 +734,9 @@ def _table_text(
          _axes(r.offset), "*" if r.covers_input else "")
         for r in rows
     ]  # fmt: skip
+    if any(r.layout != CHANNELS_FIRST for r in rows):  # how each output was read, after its shape
+        header = (*header[:3], "layout", *header[3:])
+        cells = [(*c[:3], r.layout, *c[3:]) for c, r in zip(cells, rows)]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = [f"{spec} on input {shape}, field at the centre of each layer's output ({mode}):"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]

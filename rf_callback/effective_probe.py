@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
-from rf_callback.arguments import checked_dtype, checked_element, checked_int, checked_layer
+from rf_callback.arguments import checked_dtype, checked_element, checked_int, checked_layer, checked_layout
 from rf_callback.effective import checked_map
 from rf_callback.graph import ProbeError, exact_kernels, forward_to, submodule, where
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.probe import normalised_positions, probe_rf
 from rf_callback.result import EffectiveField, ReceptiveField
 
@@ -26,6 +27,7 @@ def effective_rf(
     dtype: torch.dtype = torch.float32,
     theoretical: ReceptiveField | None = None,
     element: int | str | None = None,
+    layout: str | Tokens = CHANNELS_FIRST,
 ) -> EffectiveField:
     """Measures the effective receptive field of one output position on real inputs (Luo et al., 2016).
 
@@ -46,6 +48,8 @@ def effective_rf(
             not depend on the weights, so a caller that measures every epoch probes it once).
         element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
             probe.
+        layout: how the probed output lays out its axes (``"channels_first"``, ``"channels_last"`` or tokens on a
+            grid), as for :func:`~rf_callback.probe.probe_rf`; ``pos`` is on its spatial grid.
 
     Returns:
         An :class:`EffectiveField` with the averaged map, its metrics and the theoretical field for reference.
@@ -59,13 +63,13 @@ def effective_rf(
         raise ValueError(f"biases={biases!r} must be 'trained' or 'zero'")
     _check_inputs(inputs)
     chunk_size = checked_int("chunk_size", chunk_size, minimum=1, meaning="inputs per backward pass")
-    layer, element = checked_layer(layer), checked_element(element)
+    layer, element, parsed_layout = checked_layer(layer), checked_element(element), checked_layout(layout)
     if checked_dtype(dtype) is None:
         raise ValueError("dtype=None is not allowed here; pass torch.float32 or torch.float64")
     shape = (1, *inputs.shape[1:])
     if theoretical is None:
         try:
-            theoretical = probe_rf(model, shape, pos, layer=layer, element=element)
+            theoretical = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout)
         except ValueError as error:
             if not str(error).startswith("input_shape="):
                 raise
@@ -77,11 +81,12 @@ def effective_rf(
         theoretical.mode != "theoretical"
         or tuple(theoretical.input_shape[1:]) != shape[1:]
         or theoretical.layer != layer
+        or checked_layout(theoretical.layout) != parsed_layout
         or normalised_positions(pos, theoretical.output_shape, layer)[0] != [theoretical.position]
     ):
         raise ValueError(
             f"theoretical={theoretical.describe(stride=False)} must be the theoretical field of pos={pos!r}, "
-            f"layer={layer!r}, on inputs shaped {shape}; pass theoretical=None to probe it"
+            f"layer={layer!r}, layout={layout!r}, on inputs shaped {shape}; pass theoretical=None to probe it"
         )
     device = model_device(model)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
@@ -90,7 +95,7 @@ def effective_rf(
         total = torch.zeros(inputs.shape[2:], dtype=torch.float64)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
-            output = forward_to(copy, target, x, "weights", shape, layer, element)
+            output = forward_to(copy, target, x, "weights", shape, layer, element, layout=layout)
             if not torch.isfinite(output).all():
                 raise ProbeError(
                     f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "

@@ -78,7 +78,7 @@ class Failures:
         rank_zero_warn(text)
 
 
-_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module|element)=|pass layer=|pass element=")
+_ARGUMENT_ERROR = re.compile(r"^(pos|layer|module|element|layout)=|pass (layer|element|layout)=")
 
 
 def is_argument_error(error: Exception, *, shape_given: bool) -> bool:

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import prepared_copy
+from rf_callback.arguments import checked_layout
 from rf_callback.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
 from rf_callback.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.lattice import AxisTable, measure_axis_table
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.support import Position, hull, largest_hole, marginal
 
 # A field clipped on the user's input is read on thin inputs up to this many times longer along the axis (doubling:
@@ -46,22 +48,29 @@ def graph_factory(
     model,
     layer: str | None,
     *,
+    input_shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
     guard: bool,
     copy: nn.Module | None = None,
     element: int | str | None = None,
+    layout: str | Tokens = CHANNELS_FIRST,
 ) -> GraphOn:
     """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of ``layer`` on another input shape.
 
     It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
     one of ``thin_axes`` covers only padding (paths that carry nothing on that input). Every graph runs the same
     prepared copy (``copy``, or one prepared on first use): a deep copy of a large model costs more than a forward
-    pass on a thin input.
+    pass on a thin input. ``element`` and ``layout`` read the output as the probe does. A token grid fits the user's
+    input (``input_shape``) alone: on another input the same number of tokens can lie on another grid, so with
+    :class:`Tokens` it returns ``None`` on any other shape.
     """
     shared = [copy]
+    fixed = input_shape if isinstance(checked_layout(layout), Tokens) else None
 
     def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+        if fixed is not None and tuple(shape) != tuple(fixed):
+            return None
         if shared[0] is None:
             shared[0] = prepared_copy(model, "theoretical", dtype)
         dead: list[str] = []
@@ -69,7 +78,7 @@ def graph_factory(
             with dead_windows_watched(shared[0], thin_axes, dead):
                 graph = ProbeGraph(
                     model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0],
-                    element=element,
+                    element=element, layout=layout,
                 )  # fmt: skip
         except (ValueError, ProbeError):
             return None

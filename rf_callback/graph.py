@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import ProbeError, global_hooks_suspended, pooled_length, prepared_copy, probe_functions
+from rf_callback.arguments import checked_layout
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.support import Position
 
 
@@ -118,12 +121,14 @@ class ProbeGraph(GraphShapes):
         captured: tuple[torch.Tensor, torch.Tensor] | None = None,
         copy: nn.Module | None = None,
         element: int | str | None = None,
+        layout: str | Tokens = CHANNELS_FIRST,
     ):
         """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
 
-        A captured output comes from a copy prepared for ``mode``; one forward pass can serve every layer of a table.
-        ``copy`` is a copy already prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs;
-        ``element`` picks the feature map from a tuple, list or dict output.
+        A captured output comes from a copy prepared for ``mode``, already channels first (see
+        :func:`as_channels_first`); one forward pass can serve every layer of a table. ``copy`` is a copy already
+        prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs; ``element`` picks the feature map
+        from a tuple, list or dict output, and ``layout`` says how its axes are laid out.
         """
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
         self.dtype, self.device, self.guard = dtype, device, guard
@@ -134,7 +139,9 @@ class ProbeGraph(GraphShapes):
             target = submodule(copy, layer)
             self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
             functions = probe_functions(mode)
-            self.output = forward_to(copy, target, self.inputs, mode, input_shape, layer, element, functions)
+            self.output = forward_to(
+                copy, target, self.inputs, mode, input_shape, layer, element, functions, layout=layout
+            )
             self.fixed_size = functions.fixed_size
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
@@ -193,17 +200,18 @@ def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.devic
 
 
 def forward_to(
-    copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None, functions=None
-) -> torch.Tensor:
+    copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None, functions=None, *,
+    layout=CHANNELS_FIRST,
+) -> torch.Tensor:  # fmt: skip
     """Runs the copy's forward under the probe's function mode and returns ``target``'s output (the model's if None).
 
     The forward stops once ``target`` has produced its output; ``element`` picks one feature map from an output
-    that is a tuple, list or dict; ``functions`` is the function mode to run under (:func:`probe_functions`), to
-    read what it saw afterwards.
+    that is a tuple, list or dict, which is returned channels first, read in ``layout`` (:func:`as_channels_first`);
+    ``functions`` is the function mode to run under (:func:`probe_functions`), to read what it saw afterwards.
 
     Raises:
-        ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, or the output is
-            not a tensor and ``element`` does not pick one.
+        ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, the output is
+            not a tensor and ``element`` does not pick one, or its shape does not fit ``layout``.
         ProbeError: the forward raised (chained), or it cuts the gradient on an input-dependent tensor.
     """
     captured: list = []
@@ -241,7 +249,7 @@ def forward_to(
             f"({', '.join(dict.fromkeys(cuts))}): the probe reads fields from gradients and would miss the "
             f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
         )
-    return selected_element(output, element, layer)
+    return as_channels_first(selected_element(output, element, layer), layout, input_shape, layer)
 
 
 def _tensors_in(output) -> list:
@@ -282,6 +290,103 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
         f"the output of {where(layer)} is a {type(output).__name__}, not a tensor; pass layer= naming a "
         f"submodule that returns a feature map"
     )
+
+
+_AXIS_LETTERS = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+def as_channels_first(output: torch.Tensor, layout, input_shape, layer: str | None) -> torch.Tensor:
+    """Returns the probed output as a feature map ``(N, C, *spatial)``, reading its axes as ``layout`` lays them out.
+
+    Channels last ``(N, *spatial, C)`` is permuted; tokens ``(N, P + prod(grid), C)`` lose their ``P`` leading tokens
+    and the others are reshaped onto the grid, row-major. Both are differentiable, so the backward probe stays exact.
+    An output without spatial axes, ``(N, C)``, is returned as it is: the caller names layers that have them.
+
+    Raises:
+        ValueError: the output's shape does not fit ``layout`` on an input of ``input_shape``: another number of
+            spatial axes than the input's, or, for tokens, another number of tokens than the grid's and the prefix's
+            (the message shows the shape and the fix).
+    """
+    parsed = checked_layout(layout)
+    axes = len(input_shape) - 2
+    if output.dim() < 3:
+        return output
+    if isinstance(parsed, Tokens):
+        return _tokens_on_grid(output, parsed, layout, input_shape, layer)
+    if output.dim() != axes + 2:
+        raise ValueError(_rank_mismatch(output, parsed, layout, input_shape, layer))
+    return output if parsed == CHANNELS_FIRST else output.movedim(-1, 1)
+
+
+def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, layer) -> torch.Tensor:
+    shape, axes, grid = tuple(output.shape), len(input_shape) - 2, tokens.grid
+    if len(grid) != axes:
+        raise ValueError(
+            f"layout={layout!r} lays the tokens on a grid of {len(grid)} {_axes(len(grid))} {grid}, but the input "
+            f"{tuple(input_shape)} has {axes} spatial axes; give one grid length per axis, e.g. "
+            f"layout={_tokens_hint(layout, axes)}"
+        )
+    if output.dim() != 3:
+        fix = (
+            "; for a feature map (N, *spatial, C) pass layout='channels_last', for (N, C, *spatial) "
+            "layout='channels_first'"
+            if output.dim() == axes + 2
+            else "; name a layer whose output is tokens with layer="
+        )
+        raise ValueError(
+            f"layout={layout!r} reads tokens (N, L, C), but the output of {where(layer)} is {shape} "
+            f"({output.dim()} axes){fix}"
+        )
+    count, on_grid = shape[1], math.prod(grid)
+    if count != tokens.tokens:
+        said = f"{tokens.prefix} + {'*'.join(map(str, grid))} = {tokens.tokens}"
+        if count > on_grid:
+            extra = count - on_grid
+            first = "token is a class or register token" if extra == 1 else f"{extra} are class or register tokens"
+            fix = f"; if the first {first}, pass layout={_spelled(layout, Tokens(grid, extra))}"
+        else:
+            fix = "; pass layout= with the grid the tokens lie on (per axis, the input's length over the patch's)"
+        raise ValueError(
+            f"the output of {where(layer)} is {shape}: {count} tokens, not {said} as layout={layout!r} says{fix}"
+        )
+    return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
+
+
+def _rank_mismatch(output: torch.Tensor, parsed: str, layout, input_shape, layer) -> str:
+    shape, axes, seen = tuple(output.shape), len(input_shape) - 2, output.dim() - 2
+    letters = ", ".join(_AXIS_LETTERS[axes])
+    read = f"channels first (N, C, {letters})" if parsed == CHANNELS_FIRST else f"channels last (N, {letters}, C)"
+    text = (
+        f"the output of {where(layer)} is {shape}, which layout={layout!r} reads as {seen} spatial "
+        f"{_axes(seen)}, but the input {tuple(input_shape)} has {axes}: it is not {read}"
+    )
+    if seen > axes:
+        return f"{text}; pass layer= naming a feature map with {axes} spatial axes"
+    fix = (
+        f"; if it holds tokens (N, L, C), pass layout={_tokens_hint(layout, axes)}: the grid its patch tokens lie on "
+        f"(row-major) after P leading class or register tokens"
+    )
+    if parsed == CHANNELS_FIRST:
+        fix += f"; if it is channels last (N, {letters}, C), pass layout='channels_last'"
+    return text + fix
+
+
+def _axes(n: int) -> str:
+    return "axis" if n == 1 else "axes"
+
+
+def _tokens_hint(layout, axes: int) -> str:
+    """The tokens layout to pass, with placeholders, in the form the user wrote the layout."""
+    letters = _AXIS_LETTERS[axes]
+    if isinstance(layout, Tokens):
+        grid = f"({letters[0]},)" if axes == 1 else f"({', '.join(letters)})"
+        return f"Tokens(grid={grid}, prefix=P)"
+    return f"'tokens:{'x'.join(letters)}+P'"
+
+
+def _spelled(layout, tokens: Tokens) -> str:
+    """``tokens`` written as the user wrote ``layout``: a ``Tokens(...)`` or its string form."""
+    return repr(tokens) if isinstance(layout, Tokens) else repr(str(tokens))
 
 
 def _describe(value) -> str:

@@ -88,7 +88,8 @@ class MLflowWriter(LoggerWriter):
     takes_images = known = True
 
     def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:  # noqa: D102
-        self.logger.experiment.log_image(self.logger.run_id, image, key=_mlflow_key(tag), step=step)
+        # synchronous: the artifact is stored when the call returns, like the scalars, not by a background thread
+        self.logger.experiment.log_image(self.logger.run_id, image, key=_mlflow_key(tag), step=step, synchronous=True)
 
     def text(self, tag: str, text: str, step: int) -> None:  # noqa: D102
         self.logger.experiment.log_text(self.logger.run_id, text, artifact_file=f"rf_callback/{_mlflow_key(tag)}.md")

@@ -15,11 +15,20 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import model_device, preserved_random_state
-from rf_callback.arguments import as_index, checked_dtype, checked_element, checked_int, checked_layer, checked_mode
+from rf_callback.arguments import (
+    as_index,
+    checked_dtype,
+    checked_element,
+    checked_int,
+    checked_layer,
+    checked_layout,
+    checked_mode,
+)
 from rf_callback.geometry import LazyGeometry
 from rf_callback.geometry_probe import centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.graph import GraphShapes, ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
 from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.support import Box, Position, box_of, inside_boxes, restricted
 
@@ -40,6 +49,7 @@ def probe_rf(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     element: int | str | None = None,
+    layout: str | Tokens = CHANNELS_FIRST,
 ) -> ReceptiveField | list[ReceptiveField] | ReceptiveFieldMap:
     """Measures which input positions can influence an output position, by backpropagating from that position.
 
@@ -66,6 +76,12 @@ def probe_rf(
             deep field could underflow to zero.
         element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
             probe (required there: the probe never guesses).
+        layout: how the probed output lays out its axes: ``"channels_first"`` (default, ``(N, C, *spatial)``),
+            ``"channels_last"`` (``(N, *spatial, C)``, as a Swin stage or a ConvNeXt MLP returns it), or tokens on a
+            grid, ``Tokens(grid=(H, W), prefix=P)`` or ``"tokens:HxW+P"`` (a ViT's ``(N, P + H*W, C)``, whose ``P``
+            leading class or register tokens are dropped). ``pos`` is then an index on the spatial grid. An output
+            whose shape does not fit the layout is refused (the probe never guesses a grid); a channels-last output
+            with as many axes as a channels-first one cannot be told apart by its shape, so say which it is.
 
     Returns:
         A :class:`ReceptiveField` (with heatmap) for one position, a list of them for a list of positions, or a
@@ -74,17 +90,19 @@ def probe_rf(
         ``center``, ``to_dict()``, ``str()``) is measured on first use, once for all fields of the call.
 
     Raises:
-        ValueError: an argument is wrong (the message names it, the value given and what is allowed).
+        ValueError: an argument is wrong (the message names it, the value given and what is allowed), or the output's
+            shape does not fit ``layout``.
         ProbeError: the forward raised (chained), the output does not depend on the input, or the gradient is
             zero or not finite.
     """
     mode, layer, element = checked_mode(mode), checked_layer(layer), checked_element(element)
+    checked_layout(layout)
     shape = checked_input_shape(input_shape)
     draws = checked_int("draws", draws, minimum=1, meaning="the number of random inputs in weights mode")
     seed = checked_int("seed", seed, meaning="the seed of the probe's private generator")
     dtype = checked_dtype(dtype)
     device = model_device(model)
-    target = (layer, element)
+    target = (layer, element, layout)
     with _probe_context(device):
         try:
             return _probe(model, shape, pos, target, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
@@ -100,8 +118,10 @@ def _probe_context(device: torch.device):
 
 
 def _probe(model, shape, pos, target, mode, draws, seed, dtype, *, guard: bool):
-    layer, element = target
-    prober = _Prober(model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element)
+    layer, element, layout = target
+    prober = _Prober(
+        model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element, layout=layout
+    )
     positions, kind = normalised_positions(pos, prober.measured.output_shape, layer)
     if kind == "all":
         return prober.field_map()
@@ -202,17 +222,22 @@ class _Prober:
     mode).
     """
 
-    def __init__(self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, element=None):
+    def __init__(
+        self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, element=None,
+        layout=CHANNELS_FIRST,
+    ):  # fmt: skip
         self.model, self.shape, self.layer, self.mode, self.element = model, shape, layer, mode, element
+        self.layout = layout
         self.dtype, self.guard, self.device = dtype, guard, model_device(model)
         self.measured = ProbeGraph(
             model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
-            element=element,
+            element=element, layout=layout,
         )  # fmt: skip
         shared_copy = self.measured.copy if mode == "theoretical" else None
         self.graph_on = graph_factory(
-            model, layer, dtype=dtype, device=self.device, guard=guard, copy=shared_copy, element=element
-        )
+            model, layer, input_shape=shape, dtype=dtype, device=self.device, guard=guard, copy=shared_copy,
+            element=element, layout=layout,
+        )  # fmt: skip
         self.draws = draws
         self._theory = self.measured if mode == "theoretical" else None
         # Exact single-position theoretical supports already computed on the user's input, for reuse.
@@ -225,7 +250,7 @@ class _Prober:
         if self._theory is None:
             self._theory = self.graph_on(self.shape) or ProbeGraph(
                 self.model, self.shape, self.layer, "theoretical", dtype=self.dtype, device=self.device,
-                guard=self.guard, element=self.element,
+                guard=self.guard, element=self.element, layout=self.layout,
             )  # fmt: skip
         return self._theory
 
@@ -237,15 +262,15 @@ class _Prober:
         builds the theoretical copy again when it runs. An axis on which one of ``fields`` (position, bounds) lies
         outside its clipped span has no geometry: the fields do not follow it.
         """
-        model, shape, layer, element = self.model, self.shape, self.layer, self.element
+        model, shape, layer, element, layout = self.model, self.shape, self.layer, self.element, self.layout
         dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
         known, table = dict(self.known), self.table
 
         def measure():
             with _probe_context(device):
                 for attempt_dtype, attempt_guard in ((dtype, guard), (torch.float64, False)):
-                    graph_on = graph_factory(model, layer, dtype=attempt_dtype, device=device, guard=attempt_guard,
-                                             element=element)  # fmt: skip
+                    graph_on = graph_factory(model, layer, input_shape=shape, dtype=attempt_dtype, device=device,
+                                             guard=attempt_guard, element=element, layout=layout)  # fmt: skip
                     theory = _TheoryOnDemand(shape, output_shape, graph_on)
                     try:
                         geometry = measure_geometry(theory, graph_on, known=known, table=table)
@@ -270,6 +295,7 @@ class _Prober:
         return ReceptiveField(
             position=position, bounds=bounds, input_shape=self.shape, output_shape=self.measured.output_shape,
             geometry=geometry, mode=self.mode, layer=self.layer, heatmap=heatmap, element=self.element,
+            layout=self.layout,
         )  # fmt: skip
 
     def _empty_field_error(self, position: Position) -> ProbeError:
@@ -339,7 +365,7 @@ class _Prober:
                 last[p] = torch.tensor([b[1] for b in box])
         return ReceptiveFieldMap(
             first=first, last=last, input_shape=self.shape, output_shape=graph.output_shape,
-            geometry=self.geometry(), mode=self.mode, layer=self.layer, element=self.element,
+            geometry=self.geometry(), mode=self.mode, layer=self.layer, element=self.element, layout=self.layout,
         )  # fmt: skip
 
     def _map_boxes(self, axes: AxisTable | None):

@@ -15,6 +15,7 @@ from rf_callback.effective import (
     spread,
 )
 from rf_callback.geometry import AxisGeometry, Bounds, LazyGeometry
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 
 __all__ = ["AxisGeometry", "Bounds", "EffectiveField", "ReceptiveField", "ReceptiveFieldMap"]
 
@@ -40,6 +41,9 @@ class ReceptiveField:
         heatmap: gradient magnitude over the input's spatial axes (float64, CPU), summed over channels (and over the
             random draws in weights mode); ``None`` where only bounds were computed.
         element: the index or key of the probed feature map in a tuple, list or dict output; ``None`` for a tensor.
+        layout: how the probed output lays out its axes, as given to the probe: ``"channels_first"``,
+            ``"channels_last"`` or a :class:`~rf_callback.layouts.Tokens` grid (or its string form); ``position``
+            and ``output_shape`` are on its spatial grid.
     """
 
     position: tuple[int, ...]
@@ -51,6 +55,7 @@ class ReceptiveField:
     layer: str | None = None
     heatmap: torch.Tensor | None = field(default=None, repr=False, compare=False)
     element: int | str | None = None
+    layout: str | Tokens = CHANNELS_FIRST
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -109,6 +114,8 @@ class ReceptiveField:
         )
         if self.element is not None:
             record["element"] = self.element
+        if self.layout != CHANNELS_FIRST:
+            record["layout"] = str(self.layout)
         return record
 
     def describe(self, *, stride: bool = True) -> str:
@@ -146,6 +153,8 @@ class ReceptiveFieldMap:
         geometry: per axis, the :class:`AxisGeometry` or ``None``.
         mode: ``"theoretical"`` or ``"weights"``.
         layer: the probed submodule's dotted name, or ``None``.
+        element: the index or key of the probed feature map in a tuple, list or dict output; ``None`` for a tensor.
+        layout: how the probed output lays out its axes, as for :class:`ReceptiveField`.
     """
 
     first: torch.Tensor = field(repr=False)
@@ -156,6 +165,7 @@ class ReceptiveFieldMap:
     mode: str
     layer: str | None = None
     element: int | str | None = None
+    layout: str | Tokens = CHANNELS_FIRST
 
     @property
     def size(self) -> torch.Tensor:
@@ -187,6 +197,7 @@ class ReceptiveFieldMap:
             mode=self.mode,
             layer=self.layer,
             element=self.element,
+            layout=self.layout,
         )
 
     def to_dict(self) -> dict:

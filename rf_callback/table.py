@@ -8,14 +8,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, probe_functions
-from rf_callback.arguments import checked_mode
+from rf_callback.arguments import checked_layout, checked_mode
 from rf_callback.geometry_probe import measure_geometry
 from rf_callback.graph import (
     ProbeError,
     ProbeGraph,
     Underflow,
+    as_channels_first,
     checked_input_shape,
     dead_windows_watched,
     exact_kernels,
@@ -23,6 +25,7 @@ from rf_callback.graph import (
     probe_inputs,
     submodule,
 )
+from rf_callback.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.probe import probe_rf
 from rf_callback.result import Bounds
 from rf_callback.support import box_of
@@ -35,8 +38,9 @@ class LayerField:
     Attributes:
         name: the submodule's dotted name, as in ``model.named_modules()``.
         module_type: the submodule's class name (``"Conv2d"``, ``"BasicBlock"``).
-        output_shape: the submodule's full output shape ``(N, C, *spatial)`` with ``N = 1``.
-        position: the probed output index, ``n // 2`` on every spatial axis.
+        output_shape: the submodule's full output shape with ``N = 1``, as it returns it (``(N, C, *spatial)``
+            channels first, ``(N, *spatial, C)`` channels last, ``(N, L, C)`` tokens).
+        position: the probed output index, ``n // 2`` on every axis of the spatial grid.
         size: per axis, the number of input positions inside the (clipped) bounds.
         full_size: per axis, the unclipped size ``r`` of the field (larger than ``size`` where the input clips it,
             as the analytic tools print it); ``None`` where the stride is.
@@ -46,6 +50,7 @@ class LayerField:
         bounds: per axis, the inclusive ``(first, last)`` input indices that influence the position.
         covers_input: the field spans the whole input on every axis (``bounds == (0, L - 1)``); later layers on
             this path cannot see more of it.
+        layout: how the row's output was read: ``"channels_first"``, ``"channels_last"`` or ``"tokens:HxW+P"``.
     """
 
     name: str
@@ -58,10 +63,14 @@ class LayerField:
     offset: tuple[int | None, ...]
     bounds: tuple[Bounds, ...]
     covers_input: bool
+    layout: str = CHANNELS_FIRST
 
     def to_dict(self) -> dict:
-        """Returns every attribute as JSON-serialisable built-in types (tuples become lists)."""
-        return {
+        """Returns every attribute as JSON-serialisable built-in types (tuples become lists).
+
+        ``layout`` is left out where it is the default, ``"channels_first"``.
+        """
+        record = {
             "name": self.name,
             "module_type": self.module_type,
             "output_shape": list(self.output_shape),
@@ -73,6 +82,9 @@ class LayerField:
             "bounds": [list(b) for b in self.bounds],
             "covers_input": self.covers_input,
         }
+        if self.layout != CHANNELS_FIRST:
+            record["layout"] = self.layout
+        return record
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,11 @@ class _Output:
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
     after_cut: str | None = None  # a gradient cut the forward made before this output
     fixed_size: tuple[str, ...] = ()  # calls with a fixed output size before this output
+    layout: str | Tokens = CHANNELS_FIRST  # how the row's output is read
+    misfit: str | None = None  # why the output does not fit that layout
+    grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
+    feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
+    assumed: bool = False  # read in rf_table's layout= alone (no module type or shared tensor fixes it)
 
 
 # Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
@@ -114,6 +131,36 @@ def _keeps_the_field(module: nn.Module) -> bool:
     )
 
 
+# Modules whose output PyTorch defines as (N, C, *spatial): read channels first whatever rf_table's layout.
+_CHANNELS_FIRST_MODULES = (
+    _ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)  # fmt: skip
+
+
+def _row_layout(name: str, module: nn.Module, output, same_as: _Output | None, layout) -> tuple[object, str | None]:
+    """The layout a row's output is read in, and why the output does not fit it (``None`` where it does).
+
+    PyTorch's convolutions, batch norms and poolings give channels-first outputs; a row whose output is another
+    row's tensor (a container's last child, an activation applied to it) is read as that row is; a ``Linear`` or
+    ``LayerNorm`` (exactly those: ``LayerNorm2d``-style subclasses permute inside) acts on the last axis, which
+    channels first would read as a spatial axis; other rows are read in ``layout``.
+    """
+    if isinstance(module, _CHANNELS_FIRST_MODULES):
+        return CHANNELS_FIRST, None
+    if same_as is not None:
+        shared = same_as.misfit and f"layer {name!r} returns the output of layer {same_as.name!r}: {same_as.misfit}"
+        return same_as.layout, shared or None
+    last_axis = type(module) is nn.Linear or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1)
+    if last_axis and checked_layout(layout) == CHANNELS_FIRST:
+        return layout, (
+            f"the output of layer {name!r} is {tuple(output.shape)}, made by a {type(module).__name__}, which acts "
+            f"on its last axis: channels (channels last) or token features, not a spatial axis as layout={layout!r} "
+            f"would read it; pass layout='channels_last', or the tokens' grid as layout='tokens:HxW+P'"
+        )
+    return layout, None
+
+
 def rf_table(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -121,12 +168,13 @@ def rf_table(
     layers: str | Sequence[str] | None = None,
     mode: str = "theoretical",
     progress: Callable[[int, int, str], None] | None = None,
+    layout: str | Tokens = CHANNELS_FIRST,
 ) -> list[LayerField]:
     """Measures the receptive field at the centre of every submodule output that is a feature map.
 
     One forward pass of a private copy (the probe's: deep-copied, eval mode, user hooks dropped) records, with
     forward hooks, the order in which submodules first produce their outputs. Every submodule whose output is a
-    tensor with as many axes as the input and that depends on the input is listed, containers included (a
+    feature map of the input in its layout (below) and depends on the input is listed, containers included (a
     ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
     at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row equals
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
@@ -135,6 +183,18 @@ def rf_table(
     another row's tensor (a container's last child), or a BatchNorm, activation, dropout, identity or 1 x 1
     stride-1 convolution applied to it unchanged, shares that row's theoretical field instead of measuring it again.
 
+    One network can hold several layouts (a Swin's patch-embedding convolution is channels first, its blocks
+    channels last), and a channels-last output ``(N, H, W, C)`` has as many axes as a channels-first one, so each
+    row is read in one layout, by these rules: the outputs of PyTorch's convolutions, batch norms and poolings are
+    channels first; a row whose output is another row's tensor (a container's last child, an activation applied
+    to it) is read as that row; every other row is read in ``layout``, except that a ``Linear`` or ``LayerNorm``
+    (which act on the last axis) is never read channels first. A row whose output does not fit its layout
+    (another number of spatial axes than the input's, another number of tokens than the grid's, a batch axis
+    that holds more than the sample: windows folded into it) is left out with a warning that says why, or
+    refused when ``layers`` names it. ``LayerField.layout`` says how each row was read. Where blocks switch
+    layouts inside (ConvNeXt's channels-last MLP between channels-first convolutions), list the rows of each
+    layout with ``layers`` and that ``layout``.
+
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
         input_shape: the full input shape ``(N, C, *spatial)``; ``N`` is ignored.
@@ -142,6 +202,9 @@ def rf_table(
             they are listed in forward order, whatever the order given.
         mode: ``"theoretical"`` (default) or ``"weights"``, as for :func:`~rf_callback.probe.probe_rf`.
         progress: called as ``progress(index, total, name)`` (``index`` from 1) before each layer is probed.
+        layout: how the rows that no rule above fixes lay out their outputs: ``"channels_first"`` (default),
+            ``"channels_last"``, or tokens on a grid, ``Tokens(grid=(H, W), prefix=P)`` or ``"tokens:HxW+P"``, as
+            for :func:`~rf_callback.probe.probe_rf`.
 
     Returns:
         One :class:`LayerField` per listed submodule, in the order of their first outputs during a forward pass.
@@ -149,27 +212,28 @@ def rf_table(
     Raises:
         ValueError: an argument is wrong: ``mode`` or ``input_shape`` as for ``probe_rf``, a name in ``layers`` that
             is not a submodule (the message lists the nearest names) or that the forward pass never calls, or a
-            named submodule whose output is not a feature map; the input shape does not fit the model's
-            convolutions.
+            named submodule whose output is not a feature map or does not fit its layout; the input shape does not
+            fit the model's convolutions.
         ProbeError: the forward raised, or a named submodule's output does not depend on the input.
     """
     mode = checked_mode(mode)
+    checked_layout(layout)
     shape = checked_input_shape(input_shape)
     wanted = _checked_layers(model, layers)
     device = model_device(model)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
         try:
-            return _rows(model, shape, wanted, mode, progress, torch.float32, guard=True)
+            return _rows(model, shape, wanted, mode, progress, layout, torch.float32, guard=True)
         except Underflow:
-            return _rows(model, shape, wanted, mode, progress, torch.float64, guard=False)
+            return _rows(model, shape, wanted, mode, progress, layout, torch.float64, guard=False)
 
 
-def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:
+def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:
     """Probes the centre of every chosen layer, all from shared forward passes of the theoretical copy."""
-    forwards = _SharedForwards(model, wanted, dtype, guard)
+    forwards = _SharedForwards(model, wanted, dtype, guard, layout, shape)
     inputs, outputs, captured = forwards.run(shape, record=True)
     if wanted is None:
-        chosen = [o for o in outputs if len(o.shape) == len(shape)]
+        chosen = [o for o in outputs if o.feature_map]
         cut = next((o for o in chosen if o.after_cut), None)
         chosen = [o for o in chosen if o.depends_on_input]
         if cut is not None:
@@ -179,6 +243,22 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                 stacklevel=3,
             )
             chosen = [o for o in chosen if o.after_cut is None]
+        misfits = [o for o in chosen if o.misfit]
+        chosen = [o for o in chosen if not o.misfit]
+        if misfits:
+            # A 4-axis output reads the same channels first or last: say which listed rows only layout= decided.
+            assumed = [o.name for o in chosen if o.assumed]
+            warnings.warn(
+                f"rf_table: {len(misfits)} rows are left out, whose outputs do not fit the layout they are read in "
+                f"({_some(f'{o.name} {o.shape}' for o in misfits)}); the first: {misfits[0].misfit}"
+                + (
+                    f". These rows are read in layout={layout!r} only because it says so, and may be laid out as "
+                    f"those left out are: {_some(assumed)}"
+                    if assumed
+                    else ""
+                ),
+                stacklevel=3,
+            )
     else:
         seen = {o.name for o in outputs}
         missing = [name for name in wanted if name not in seen]
@@ -199,6 +279,8 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
                     f"the forward cuts the gradient before the output of {o.name!r} ({o.after_cut}): a field read "
                     f"from gradients would miss the inputs on that path; remove the cut or list layers before it"
                 )
+            if o.misfit and len(o.shape) >= 3:
+                raise ValueError(f"layers={list(wanted)!r}: {o.misfit}")
     chosen_names = {o.name for o in chosen}
     forwards.names = [o.name for o in chosen if o.same_as not in chosen_names]
     device = model_device(model)
@@ -209,7 +291,7 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
             progress(index, len(chosen), output.name)
         if len(output.shape) < 3:  # a named layer without spatial axes: the probe's own error names candidates
             probe_rf(model, shape, "center", layer=output.name, mode=mode)
-        center = tuple(n // 2 for n in output.shape[2:])
+        center = tuple(n // 2 for n in output.grid)
         if output.same_as in theoretical:
             support, geometry = theoretical[output.same_as]
         else:
@@ -222,19 +304,25 @@ def _rows(model, shape, wanted, mode: str, progress, dtype: torch.dtype, *, guar
         theoretical[output.name] = support, geometry
         if mode == "weights":
             support = ProbeGraph(model, shape, output.name, "weights", dtype=dtype, device=device, draws=8,
-                                 guard=guard).support([center])  # fmt: skip
+                                 guard=guard, layout=output.layout).support([center])  # fmt: skip
         bounds = box_of(support)
-        if bounds is None:
-            probe_rf(model, shape, "center", layer=output.name, mode=mode)  # raises the probe's own error
+        if bounds is None:  # raises the probe's own error
+            probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
         rows.append(_row(output, center, bounds, geometry, shape))
     return rows
+
+
+def _some(names) -> str:
+    names = list(names)
+    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
 
 class _SharedForwards:
     """One forward pass of the theoretical copy per input shape, capturing the output of every chosen layer."""
 
-    def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool):
+    def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool, layout, shape):
         self.model, self.wanted, self.dtype, self.guard = model, wanted, dtype, guard
+        self.layout, self.shape = layout, shape  # the table's layout, and the user's input shape
         self.names: list[str] | None = wanted
         self._runs: dict[tuple, tuple[torch.Tensor, dict[str, _Output], dict[str, torch.Tensor]]] = {}
 
@@ -244,7 +332,9 @@ class _SharedForwards:
         On the user's input (``record``) a forward that raises raises; on another shape it keeps what it captured,
         and captures nothing where a convolution window along ``thin_axes`` covers only padding.
         """
-        return _forward_outputs(self.model, shape, self.dtype, self.names, tolerant=not record, thin_axes=thin_axes)
+        return _forward_outputs(
+            self.model, shape, self.dtype, self.names, self.layout, tolerant=not record, thin_axes=thin_axes
+        )
 
     def graph_on(self, name: str):
         """Returns ``graph_on(shape)`` for :func:`measure_geometry`: the row's graph from the pass on ``shape``."""
@@ -257,6 +347,8 @@ class _SharedForwards:
             inputs, outputs, captured = self._runs[shape, thin_axes]
             if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
                 return None
+            if isinstance(checked_layout(outputs[name].layout), Tokens) and shape != self.shape:
+                return None  # a token grid fits the user's input alone (see graph_factory)
             graph = ProbeGraph(
                 self.model, shape, name, "theoretical", dtype=self.dtype, device=device, guard=self.guard,
                 captured=(inputs, captured[name]),
@@ -284,6 +376,7 @@ def _forward_outputs(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     wanted: list[str] | None,
+    layout,
     *,
     tolerant: bool = False,
     thin_axes: tuple[int, ...] = (),
@@ -291,9 +384,10 @@ def _forward_outputs(
     """One forward pass of the theoretical copy, recording each submodule's first output in the order produced.
 
     Returns the input leaf, the outputs' descriptions, and a clone of every output a row may probe (a feature map,
-    or a named layer): the clone keeps the value and graph of that moment, where a later in-place op (a residual
-    ``out += x``) would otherwise turn the captured tensor into the sum. ``tolerant``: a forward that raises keeps
-    what it captured before (a head that needs the original input size does not matter to the rows before it).
+    or a named layer), channels first (each row read in its layout, see :func:`_row_layout`): the clone keeps the
+    value and graph of that moment, where a later in-place op (a residual ``out += x``) would otherwise turn the
+    captured tensor into the sum. ``tolerant``: a forward that raises keeps what it captured before (a head that
+    needs the original input size does not matter to the rows before it).
     """
     device = model_device(model)
     outputs: dict[str, _Output] = {}
@@ -321,12 +415,29 @@ def _forward_outputs(
             producers.setdefault(key, same_as or name)
             alive.append(output)
             cut = ", ".join(dict.fromkeys([*functions.cuts, *filter(None, [functions.cut_reason(output)])])) or None
+            row_layout, misfit = _row_layout(name, module, output, outputs.get(same_as), layout)
+            spatial = output.dim() >= 3
+            feature_map, grid = None, ()
+            if spatial and output.shape[0] != 1:
+                misfit = misfit or (
+                    f"the output of layer {name!r} is {tuple(output.shape)}: its first axis holds {output.shape[0]} "
+                    f"where the input holds one sample (windows or heads folded into the batch axis?), so it is no "
+                    f"feature map of the input; name the layer that returns the whole map"
+                )
+            elif spatial and misfit is None:
+                try:
+                    feature_map = as_channels_first(output, row_layout, shape, name)
+                    grid = tuple(feature_map.shape[2:])
+                except ValueError as error:
+                    misfit = str(error)
             outputs[name] = _Output(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
-                fixed_size=tuple(functions.fixed_size),
+                fixed_size=tuple(functions.fixed_size), layout=row_layout, misfit=misfit, grid=grid,
+                feature_map=spatial and output.shape[0] == 1,
+                assumed=same_as is None and not isinstance(module, _CHANNELS_FIRST_MODULES),
             )  # fmt: skip
-            if name in wanted if wanted is not None else output.dim() == len(shape):
-                captured[name] = output.clone()
+            if feature_map is not None and (wanted is None or name in wanted):
+                captured[name] = feature_map.clone()
 
         return record
 
@@ -358,4 +469,5 @@ def _row(output: _Output, center, bounds, geometry, shape) -> LayerField:
         offset=tuple(None if g is None else g.offset for g in geometry),
         bounds=bounds,
         covers_input=all(b == (0, n - 1) for b, n in zip(bounds, lengths)),
+        layout=str(output.layout),
     )

@@ -78,7 +78,9 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
                 inputs.append(face)
         batch = torch.stack(inputs).to(device)
         target = submodule(copy, field.layer)
-        output = forward_to(copy, target, batch, "theoretical", field.input_shape, field.layer, field.element)
+        output = forward_to(
+            copy, target, batch, "theoretical", field.input_shape, field.layer, field.element, layout=field.layout
+        )
         values = output[(slice(None), slice(None), *field.position)].abs().sum(dim=1).cpu()
     faces = tuple((bool(values[2 + 2 * a] > 0), bool(values[3 + 2 * a] > 0)) for a in range(len(field.bounds)))
     reaches, leaks = bool(values[0] > 0), bool(values[1] != 0)

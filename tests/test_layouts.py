@@ -1,0 +1,600 @@
+"""Feature maps in any layout: channels last, tokens on a grid; and attention in the theoretical copy.
+
+The models are small stand-ins for what torchvision and timm build: a Swin (a stride-4 patch-embedding convolution,
+then channels-last blocks of attention inside non-overlapping windows, optionally shifted), a ViT (patch tokens after
+a class token, global attention), a segmentation head returning a dict. They double as factories for the rf-probe
+command (``tests.test_layouts:tiny_swin``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from rf_callback import RFCallback, Tokens, effective_rf, probe_rf, rf_table, verify_rf
+from rf_callback.cli import main
+from tests.lightning_models import loaders, trainer_kwargs
+
+MODES = ("theoretical", "weights")
+SWIN_INPUT = (1, 3, 32, 32)  # 8 x 8 patches of 4 x 4 pixels
+VIT_INPUT = (1, 3, 32, 48)  # 8 x 12 patches: not square, so a grid read in the wrong order shows
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module (torchvision's Swin and ConvNeXt have one)."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class WindowAttention(nn.Module):
+    """Self-attention inside non-overlapping windows of ``window`` x ``window`` tokens of a (N, H, W, C) map.
+
+    With ``shift``, the map is rolled by ``-shift`` on both axes before and back after (Swin's shifted windows,
+    without the mask that keeps wrapped-around tokens apart: the probes below stay inside the map).
+    """
+
+    def __init__(self, dim: int, window: int, shift: int = 0):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, h, w, c = x.shape
+        ws, s = self.window, self.shift
+        if s:
+            x = torch.roll(x, (-s, -s), dims=(1, 2))
+        windows = x.view(n, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        attention = (q @ k.transpose(-2, -1) / math.sqrt(c)).softmax(dim=-1)
+        out = self.proj(attention @ v)
+        out = out.view(n, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+        return torch.roll(out, (s, s), dims=(1, 2)) if s else out
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, window: int, shift: int = 0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, shift)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinySwin(nn.Module):
+    """Conv 4 x 4 stride 4 -> permute to (N, H, W, C) -> a windowed block [-> a shifted-window block].
+
+    Output (N, H/4, W/4, dim), channels last. Without the shifted block, the field of patch (i, j) is its window of
+    ``window`` x ``window`` patches: rows ``[4 w (i // w), 4 w (i // w) + 4 w - 1]`` in pixels.
+    """
+
+    def __init__(self, dim: int = 8, window: int = 2, shifted: bool = False):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.permute = Permute(0, 2, 3, 1)
+        blocks = [SwinBlock(dim, window)] + ([SwinBlock(dim, window, window // 2)] if shifted else [])
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.permute(self.patch(x)))
+
+
+class Attention(nn.Module):
+    """Global self-attention over tokens (N, L, C): written out, or with the fused kernel."""
+
+    def __init__(self, dim: int, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.fused:
+            return self.proj(F.scaled_dot_product_attention(q, k, v))
+        return self.proj((q @ k.transpose(-2, -1) / math.sqrt(x.shape[-1])).softmax(dim=-1) @ v)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, fused: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, fused)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchTokens(nn.Module):
+    """Conv 4 x 4 stride 4, flattened row-major to tokens, after ``prefix`` learned tokens: (N, prefix + h*w, C)."""
+
+    def __init__(self, dim: int = 8, prefix: int = 1):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.prefix = nn.Parameter(torch.randn(1, prefix, dim))
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.prefix.expand(len(x), -1, -1), tokens], dim=1)
+
+
+class TinyViT(nn.Module):
+    """Patch tokens after a class token (and ``registers`` register tokens), then global-attention blocks."""
+
+    def __init__(self, dim: int = 8, depth: int = 1, registers: int = 0, fused: bool = False):
+        super().__init__()
+        self.embed = PatchTokens(dim, 1 + registers)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, fused) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.embed(x))
+
+
+def conv_stack() -> nn.Sequential:
+    """conv5 p2, ReLU, conv3 s2 p1, max-pool 2 (channels first), the same network in both layouts below."""
+    return nn.Sequential(nn.Conv2d(2, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.MaxPool2d(2))  # fmt: skip
+
+
+class ChannelsLast(nn.Module):
+    """A channels-first network whose output is permuted to channels last (1, 2 or 3 spatial axes)."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return self.features(x).movedim(1, -1)
+
+
+class Segmenter(nn.Module):
+    """A segmentation head: {"out": per-pixel class scores (N, H, W, K), channels last; "aux": (N, C, H/2, W/2)}."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 8, 3, padding=1)
+        self.aux = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.classes = nn.Linear(8, 3)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return {"out": self.classes(features.permute(0, 2, 3, 1)), "aux": self.aux(features)}
+
+
+def tiny_swin(shifted: bool = False) -> nn.Module:
+    """rf-probe factory: the TinySwin above."""
+    return TinySwin(shifted=shifted)
+
+
+def tiny_vit() -> nn.Module:
+    """rf-probe factory: the TinyViT above."""
+    return TinyViT()
+
+
+def window(index: int, patches: int, patch: int = 4) -> tuple[int, int]:
+    """The pixels of the window of ``patches`` patches that holds patch ``index``."""
+    first = patch * patches * (index // patches)
+    return first, first + patch * patches - 1
+
+
+# --- channels last ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_conv_stack_permuted_to_channels_last_gives_exactly_the_channels_first_fields(mode):
+    torch.manual_seed(0)
+    features = conv_stack()
+    positions = [(0, 0), (3, 5), (7, 7), (2, 6)]
+    first = probe_rf(features, (1, 2, 32, 32), positions, mode=mode)
+    last = probe_rf(ChannelsLast(features), (1, 2, 32, 32), positions, mode=mode, layout="channels_last")
+    assert [f.bounds for f in last] == [f.bounds for f in first]
+    assert all(torch.equal(a.heatmap, b.heatmap) for a, b in zip(first, last))
+    assert last[0].output_shape == (8, 8) and last[0].layout == "channels_last"
+    assert tuple(last[0].geometry) == tuple(first[0].geometry)  # the geometry reads channels last on thin inputs too
+    assert torch.equal(
+        probe_rf(ChannelsLast(features), (1, 2, 32, 32), "all", mode=mode, layout="channels_last").last,
+        probe_rf(features, (1, 2, 32, 32), "all", mode=mode).last,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_1d_channels_last_output_is_read_along_its_sequence(mode):
+    # conv5 p2, conv3 s2: r = 7, S = 2, P = 2, so position x sees [2x - 2, 2x + 4] (clipped to 0..19).
+    convs = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.Conv1d(4, 4, 3, stride=2))
+    fields = probe_rf(ChannelsLast(convs), (1, 2, 20), [(0,), (4,), (8,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 4),), ((6, 12),), ((14, 19),)]
+    assert fields[1].stride == (2,) and fields[1].span == ((6, 12),)
+
+
+def test_a_channels_last_field_passes_verify_rf():
+    field = probe_rf(TinySwin(), SWIN_INPUT, (3, 2), layout="channels_last")
+    assert verify_rf(TinySwin(), field).passed
+    assert field.to_dict(geometry=False)["layout"] == "channels_last"
+    assert "layout" not in probe_rf(conv_stack(), (1, 2, 16, 16)).to_dict(geometry=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_dict_output_picks_its_channels_last_element(mode):
+    model = Segmenter()
+    out = probe_rf(model, (1, 3, 16, 16), (5, 9), mode=mode, element="out", layout="channels_last")
+    assert out.bounds == ((4, 6), (8, 10)) and out.output_shape == (16, 16)  # the backbone's 3 x 3
+    aux = probe_rf(model, (1, 3, 16, 16), (2, 4), mode=mode, element="aux")  # channels first, the default
+    assert aux.bounds == ((2, 6), (6, 10))  # conv3 s2 p1 after conv3 p1: r = 5, S = 2, P = 2
+
+
+# --- windowed and global attention ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("patches", [2, 4])
+def test_windowed_attention_sees_exactly_its_window(mode, patches):
+    torch.manual_seed(0)
+    model = TinySwin(window=patches)
+    positions = [(i, j) for i in range(8) for j in range(8)]
+    fields = probe_rf(model, SWIN_INPUT, positions, mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [(window(i, patches), window(j, patches)) for i, j in positions]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shifted_window_block_after_it_sees_two_windows_across(mode):
+    # Windows of 2 patches shifted by 1: patch i (1..6) attends to patches 2k + 1 and 2k + 2 with k = (i - 1) // 2,
+    # which the first block saw through their windows, patches 2k .. 2k + 3: pixels [8k, 8k + 15].
+    torch.manual_seed(0)
+    model = TinySwin(window=2, shifted=True)
+    positions = [(i, j) for i in range(1, 7) for j in range(1, 7)]
+    fields = probe_rf(model, SWIN_INPUT, positions, mode=mode, layout="channels_last")
+    span = {i: (8 * ((i - 1) // 2), 8 * ((i - 1) // 2) + 15) for i in range(1, 7)}
+    assert [f.bounds for f in fields] == [(span[i], span[j]) for i, j in positions]
+    assert fields[0].size == (16, 16)  # twice the window's 8 pixels
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_global_attention_over_tokens_sees_the_whole_input(mode, fused):
+    model = TinyViT(depth=2, fused=fused)
+    fields = probe_rf(model, VIT_INPUT, [(0, 0), (4, 6), (7, 11)], mode=mode, layout=Tokens(grid=(8, 12), prefix=1))
+    assert [f.bounds for f in fields] == [((0, 31), (0, 47))] * 3
+    assert fields[0].output_shape == (8, 12) and fields[0].geometry == (None, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tokens_lie_on_the_grid_row_major_after_the_prefix(mode):
+    # Before attention, token (i, j) is patch (i, j): pixels [4i, 4i + 3] x [4j, 4j + 3] of the 32 x 48 input.
+    model = TinyViT(registers=4)
+    positions = [(0, 0), (2, 5), (7, 11), (5, 1)]
+    fields = probe_rf(model, VIT_INPUT, positions, layer="embed", mode=mode, layout="tokens:8x12+5")
+    assert [f.bounds for f in fields] == [((4 * i, 4 * i + 3), (4 * j, 4 * j + 3)) for i, j in positions]
+    assert fields[0].layout == "tokens:8x12+5"
+    if mode == "theoretical":  # measured on the user's input alone: a token grid fits no other input size
+        assert fields[1].stride == (4, 4) and fields[1].span == ((8, 11), (20, 23))
+
+
+def test_effective_rf_reads_the_layout_and_stays_inside_the_window():
+    torch.manual_seed(0)
+    model = TinySwin(window=2)
+    inputs = torch.randn(4, 3, 32, 32)
+    field = effective_rf(model, inputs, (3, 1), layout="channels_last")
+    assert field.theoretical.bounds == ((8, 15), (0, 7))
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:16, 0:8] = True
+    assert field.heatmap[~inside].eq(0).all() and field.heatmap[inside].gt(0).all()
+    with pytest.raises(ValueError, match="layout='channels_last'"):
+        effective_rf(model, inputs, (3, 1), layout="channels_last", theoretical=probe_rf(conv_stack(), (1, 2, 8, 8)))
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+
+
+def test_a_token_output_without_layout_is_refused_with_the_fix():
+    with pytest.raises(ValueError) as info:
+        probe_rf(TinyViT(), VIT_INPUT)
+    message = str(info.value)
+    assert "the output of the model is (1, 97, 8)" in message and "input (1, 3, 32, 48) has 2" in message
+    assert "pass layout='tokens:HxW+P'" in message and "layout='channels_last'" in message
+    with pytest.raises(ValueError, match=r"\(1, 97, 8\), which layout='channels_last' reads as 1 spatial axis"):
+        probe_rf(TinyViT(), VIT_INPUT, layout="channels_last")
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("tokens:8x12", "97 tokens, not 0 + 8*12 = 96 as layout='tokens:8x12' says; if the first token is a class "
+                        "or register token, pass layout='tokens:8x12+1'"),
+        (Tokens(grid=(8, 12)), "as layout=Tokens(grid=(8, 12), prefix=0) says; if the first token is a class or "
+                               "register token, pass layout=Tokens(grid=(8, 12), prefix=1)"),
+        ("tokens:12x12+1", "97 tokens, not 1 + 12*12 = 145 as layout='tokens:12x12+1' says; pass layout= with the "
+                           "grid"),
+        ("tokens:8x12+5", "97 tokens, not 5 + 8*12 = 101"),
+        ("tokens:96+1", "layout='tokens:96+1' lays the tokens on a grid of 1 axis (96,), but the input (1, 3, 32, 48) "
+                        "has 2 spatial axes"),
+    ],
+)  # fmt: skip
+def test_tokens_that_do_not_fit_the_grid_are_refused_in_the_users_words(layout, message):
+    with pytest.raises(ValueError) as info:
+        probe_rf(TinyViT(), VIT_INPUT, layout=layout)
+    assert message in str(info.value)
+
+
+def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():
+    with pytest.raises(ValueError) as info:
+        probe_rf(TinySwin(), SWIN_INPUT, layout="tokens:8x8")
+    assert str(info.value).startswith("layout='tokens:8x8' reads tokens (N, L, C), but the output of the model is")
+    assert "(1, 8, 8, 8)" in str(info.value) and "pass layout='channels_last'" in str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["tokens:14x14+", "tokens:0x14", "NHWC", "tokens:1x2x3x4", 3, None])
+def test_a_value_that_is_no_layout_is_refused_naming_the_forms_allowed(layout):
+    with pytest.raises(ValueError) as info:
+        probe_rf(conv_stack(), (1, 2, 16, 16), layout=layout)
+    assert str(info.value).startswith(f"layout={layout!r} is not a layout")
+    assert "'channels_last'" in str(info.value) and "'tokens:14x14+1'" in str(info.value)
+
+
+def test_tokens_is_a_frozen_value_with_a_string_form():
+    assert Tokens(grid=[14, 14], prefix=1) == Tokens((14, 14), 1)
+    assert str(Tokens((14, 14), 1)) == "tokens:14x14+1" and str(Tokens(7)) == "tokens:7"
+    assert repr(Tokens((2, 3))) == "Tokens(grid=(2, 3), prefix=0)"
+    with pytest.raises(ValueError, match=r"Tokens\(grid=\(14, 0\)\): grid must be 1 to 3 positive ints"):
+        Tokens((14, 0))
+    with pytest.raises(ValueError, match=r"Tokens\(prefix=-1\): prefix must be an int >= 0"):
+        Tokens((14, 14), -1)
+    with pytest.raises(AttributeError):
+        Tokens((14, 14)).prefix = 2  # type: ignore[misc]
+
+
+def test_a_position_off_the_token_grid_names_the_grid():
+    with pytest.raises(ValueError, match=r"pos=\(8, 0\) is outside .* whose spatial shape is \(8, 12\)"):
+        probe_rf(TinyViT(), VIT_INPUT, (8, 0), layout="tokens:8x12+1")
+
+
+# --- attention in the theoretical copy --------------------------------------------------------------------------
+
+
+class SplitAttention(nn.Module):
+    """Two branches (3 x 3 and 5 x 5) weighted by a softmax over branches of a globally pooled gate (SKNet)."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.small, self.large = nn.Conv2d(1, channels, 3), nn.Conv2d(1, channels, 5)
+        self.gate = nn.Linear(channels, 2 * channels)
+
+    def forward(self, x):
+        small, large = self.small(x)[..., 1:-1, 1:-1], self.large(x)
+        weights = self.gate((small + large).mean(dim=(2, 3))).view(len(x), 2, -1).softmax(dim=1)
+        return weights[:, 0, :, None, None] * small + weights[:, 1, :, None, None] * large
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_softmax_gate_over_branches_with_equal_values_keeps_its_global_path(dtype):
+    # The theoretical copy gives both branches the same values, on which softmax's real gradient cancels exactly
+    # (float64: the field was the 5 x 5 branch alone; float32 kept the gate only by rounding noise, 1e-11).
+    field = probe_rf(SplitAttention(), (1, 1, 16, 16), (6, 6), dtype=dtype)
+    assert field.bounds == ((0, 15), (0, 15)) and field.heatmap.min() > 1e-6 * field.heatmap.max()
+    assert probe_rf(SplitAttention(), (1, 1, 16, 16), (6, 6), mode="weights").bounds == ((0, 15), (0, 15))
+
+
+class CrossAttention(nn.Module):
+    """1D: tokens of the first half query the second half (keys and values); optionally causal self-attention."""
+
+    def __init__(self, fused: bool = False, causal: bool = False):
+        super().__init__()
+        self.fused, self.causal = fused, causal
+        self.embed = nn.Conv1d(2, 4, 1)
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        queries, keys = (tokens, tokens) if self.causal else (tokens[:, :8], tokens[:, 8:])
+        q, k, v = self.q(queries), self.k(keys), self.v(keys)
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        scores = q @ k.transpose(1, 2) / 2
+        if self.causal:
+            scores = scores.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -math.inf)
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_query_path_of_attention_counts_in_theoretical_mode(mode, fused):
+    # Query i sees its own token (through the query) and every key and value token, 8..15. The theoretical field
+    # was 8..15 alone: softmax's gradient cancelled over equal values, and the query path with it.
+    fields = probe_rf(CrossAttention(fused), (1, 2, 16), [(0,), (3,), (7,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 15),), ((3, 15),), ((7, 15),)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_masked_scores_stay_out_of_the_field(mode, fused):
+    model = CrossAttention(fused, causal=True)
+    fields = probe_rf(model, (1, 2, 16), [(0,), (3,), (15,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 0),), ((0, 3),), ((0, 15),)]
+
+
+def test_multihead_attention_module_sees_the_whole_input():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv1d(2, 8, 1)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            tokens = self.embed(x).transpose(1, 2)
+            return tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+
+    for mode in MODES:
+        assert probe_rf(Encoder(), (1, 2, 12), 4, mode=mode, layout="channels_last").bounds == ((0, 11),)
+
+
+# --- rf_table ---------------------------------------------------------------------------------------------------
+
+
+def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embedding():
+    model = TinySwin(window=2, shifted=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = rf_table(model, SWIN_INPUT, layout="channels_last")
+    by_name = {r.name: r for r in rows}
+    assert by_name["patch"].layout == "channels_first" and by_name["patch"].output_shape == (1, 8, 8, 8)
+    assert {r.layout for r in rows if r.name != "patch"} == {"channels_last"}
+    assert by_name["permute"].bounds == ((16, 19), (16, 19)) and by_name["permute"].stride == (4, 4)
+    assert by_name["blocks.0.attn"].bounds == ((16, 23), (16, 23))  # the window of patch (4, 4)
+    assert by_name["blocks.1"].bounds == ((8, 23), (8, 23))  # and the shifted window after it
+    assert by_name["blocks.0.mlp.0"].output_shape == (1, 8, 8, 16) and by_name["blocks.0.mlp.0"].position == (4, 4)
+    assert "blocks.0.attn.qkv" not in by_name  # windows folded into the batch axis: no map of the input
+    for row in rows:
+        field = probe_rf(model, SWIN_INPUT, "center", layer=row.name, layout=row.layout)
+        assert (field.bounds, field.position) == (row.bounds, row.position), row.name
+    assert by_name["blocks"].to_dict()["layout"] == "channels_last"
+
+
+def test_rf_table_by_default_leaves_out_last_axis_rows_and_says_which_rows_it_only_assumed():
+    with pytest.warns(UserWarning) as record:
+        rows = rf_table(TinySwin(), SWIN_INPUT)
+    (message,) = [str(w.message) for w in record]
+    assert "made by a LayerNorm, which acts on its last axis" in message and "pass layout='channels_last'" in message
+    assert "only because it says so, and may be laid out as those left out are: permute, blocks.0.attn" in message
+    assert not any(r.module_type in ("LayerNorm", "Linear", "GELU") for r in rows)
+    with pytest.raises(ValueError, match="layers=\\['blocks.0.mlp.1'\\]: layer 'blocks.0.mlp.1' returns the output"):
+        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.mlp.1"])
+    with pytest.raises(ValueError, match=r"\(16, 4, 24\): its first axis holds 16 where the input holds one sample"):
+        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.attn.qkv"], layout="channels_last")
+
+
+def test_rf_table_reads_token_rows_on_the_grid():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = rf_table(TinyViT(), VIT_INPUT, layout=Tokens((8, 12), 1))
+    by_name = {r.name: r for r in rows}
+    assert by_name["embed.patch"].layout == "channels_first" and by_name["embed"].layout == "tokens:8x12+1"
+    assert by_name["embed"].bounds == ((16, 19), (24, 27)) and by_name["embed"].stride == (4, 4)
+    assert by_name["blocks"].bounds == ((0, 31), (0, 47)) and by_name["blocks"].covers_input
+
+
+# --- rf-probe ---------------------------------------------------------------------------------------------------
+
+
+def fields_of(text: str) -> dict[str, str]:
+    return {line[:10].strip(): line[10:] for line in text.splitlines() if line[:1].isalpha()}
+
+
+def test_rf_probe_layout_channels_last_and_tokens(capsys):
+    assert main(["tests.test_layouts:tiny_swin", "--input-shape", "3,32,32", "--layout", "channels_last",
+                 "--pos", "3,5", "--quiet"]) == 0  # fmt: skip
+    printed = fields_of(capsys.readouterr().out)
+    assert printed["bounds"] == "8..15, 16..23" and printed["output"] == "8 x 8 (theoretical, read as channels_last)"
+    assert main(["tests.test_layouts:tiny_vit", "--input-shape", "3,32,48", "--layout", "tokens:8x12+1",
+                 "--layer", "embed", "--pos", "2,5", "--quiet"]) == 0  # fmt: skip
+    assert fields_of(capsys.readouterr().out)["bounds"] == "8..11, 20..23"
+    assert main(["tests.test_layouts:tiny_swin", "--input-shape", "3,32,32", "--layout", "channels_last", "--table",
+                 "--quiet"]) == 0  # fmt: skip
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:4] == ["layer", "type", "output", "layout"]
+    assert table[2].split()[:3] == ["patch", "Conv2d", "1"] and "channels_first" in table[2]
+    assert "channels_last" in table[3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layout", "tokens:8x"], "--layout 'tokens:8x' is not a layout"),
+        (["--layout", "NHWC"], "use channels_first (default: N,C,H,W), channels_last (N,H,W,C) or tokens:HxW+P"),
+        (["--layout", "tokens:8x8", "--gif", "a.gif"], "--gif sweeps channels-first output maps only"),
+        ([], "the output of the model is (1, 97, 8), which --layout channels_first reads as 1 spatial axis"),
+        (["--layout", "tokens:8x12"], "97 tokens, not 0 + 8*12 = 96 as --layout tokens:8x12 says; if the first token "
+                                      "is a class or register token, pass --layout tokens:8x12+1"),
+    ],
+)  # fmt: skip
+def test_rf_probe_refuses_a_layout_that_does_not_fit_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["tests.test_layouts:tiny_vit", "--input-shape", "3,32,48", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    if not argv:
+        assert "pass --layout tokens:HxW+P" in err
+
+
+# --- RFCallback -------------------------------------------------------------------------------------------------
+
+
+class ChannelsLastClassifier(pl.LightningModule):
+    """conv3 s2 p1 -> (N, H, W, C) -> LayerNorm -> Linear, GELU (per pixel) = ``features``, channels last; mean, head.
+
+    At ``features`` (8 x 8 on a 16 x 16 input), position (4, 4) sees [7, 9] on both axes: r = 3, S = 2, P = 1.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), Permute(0, 2, 3, 1), nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU()
+        )
+        self.head = nn.Linear(8, 3)
+        self.example_input_array = torch.zeros(2, 1, 16, 16)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(1, 2)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_callback_probes_a_channels_last_layer_in_a_real_fit(tmp_path):
+    train, val = loaders(n=16)
+    callback = RFCallback((4, 4), layer="features", layout="channels_last", erf_samples=8, log_images=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=False), callbacks=[callback])
+    trainer.fit(ChannelsLastClassifier(), train, val)
+    assert [h["fields"][0]["bounds"] for h in callback.history] == [[[7, 9], [7, 9]]] * 2
+    assert callback.history[-1]["effective"]["4_4"]["extent0.95_h"] <= 3
+
+
+def test_callback_checks_layout_at_construction_and_keys_its_state_by_it():
+    with pytest.raises(MisconfigurationException, match=r"^RFCallback\(layout='NHWC' is not a layout"):
+        RFCallback(layout="NHWC")
+    assert "layout" not in RFCallback(layer="features").state_key
+    assert RFCallback(layout="tokens:8x8+1").state_key == RFCallback(layout=Tokens((8, 8), 1)).state_key
+    assert "tokens:8x8+1" in RFCallback(layout=Tokens((8, 8), 1)).state_key
+
+
+def test_a_layout_that_does_not_fit_ends_the_run_before_the_first_step(tmp_path):
+    callback = RFCallback((4, 4), layer="features", layout="tokens:8x8", effective=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=False), callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match=r"layout='tokens:8x8' reads tokens \(N, L, C\)"):
+        trainer.fit(ChannelsLastClassifier(), *loaders(n=16))
+
+
+def test_lightning_cli_takes_the_layout_as_a_string(tmp_path):
+    cli = pytest.importorskip("lightning.pytorch.cli")
+    pytest.importorskip("jsonargparse")
+    args = ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=rf_callback.RFCallback", "--trainer.callbacks.layer=features",
+            "--trainer.callbacks.layout=tokens:14x14+1"]  # fmt: skip
+    run = cli.LightningCLI(ChannelsLastClassifier, args=args, run=False)
+    (callback,) = [c for c in run.trainer.callbacks if isinstance(c, RFCallback)]
+    assert callback.layout == "tokens:14x14+1" and "tokens:14x14+1" in callback.state_key
