@@ -126,7 +126,8 @@ def tab_url(base: str, tab: str, tags: str, runs: str) -> str:
         query = urlencode({k: v for k, v in (("tagFilter", tags), ("runFilter", runs)) if v}, quote_via=quote)
         return f"{base}/?{query}#timeseries"
     state = (("tagFilter", "" if tab == "custom_scalars" else tags), ("regexInput", runs))
-    return f"{base}/#{tab}" + "".join(f"&{k}={quote(v, safe='')}" for k, v in state if v)
+    # No smoothing: the default 0.6 bends a size that steps from 6 to 48 into a ramp.
+    return f"{base}/#{tab}" + "".join(f"&{k}={quote(v, safe='')}" for k, v in state if v) + "&_smoothingWeight=0"
 
 
 def shoot(driver, base: str, tab: str, args, enabled: bool, path: pathlib.Path) -> None:

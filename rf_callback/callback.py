@@ -69,7 +69,7 @@ class RFCallback(Callback):
     for the model's output):
 
     - scalars ``rf/<layer>/pos<i>/size_<a>/{theoretical,weights,effective,target}``, the target's coverage,
-      the effective field's summary (``rf_effective/...``) and the spans (``rf_span/...``), to every logger at
+      the effective field's summary (``rf-effective/...``) and the spans (``rf-span/...``), to every logger at
       the step of the images, and through Lightning's logging path so ``EarlyStopping`` and ``ModelCheckpoint``
       can monitor them;
     - images, to every ``TensorBoardLogger``, ``WandbLogger`` and ``MLFlowLogger`` through its own API
@@ -119,7 +119,7 @@ class RFCallback(Callback):
         log_images: log the heatmaps and figures to the loggers that take images.
         effective_scalars: ``"summary"`` (default: the effective extent beside the sizes, and its ratio to the
             theoretical size, centre offset and spread) or ``"all"`` (also every other metric of
-            :meth:`rf_callback.EffectiveField.metrics`, under ``rf_effective/<layer>/pos<i>/<metric>``).
+            :meth:`rf_callback.EffectiveField.metrics`, under ``rf-effective/<layer>/pos<i>/<metric>``).
         strict: raise when anything in the callback fails (a probe, the effective field, a figure, a logger); by
             default the callback warns once per kind of failure, with the reason, and training goes on.
         draws: weights mode: how many random inputs the field is the union over.

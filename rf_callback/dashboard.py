@@ -5,13 +5,15 @@ probed at different positions (a shallow and a deep network, whose output maps d
 each index is, is written once per fit as a text note (:func:`positions_note`).
 
 Scalars, for layer ``L``, position ``posI`` and spatial axis ``a`` (``l``; ``h``, ``w``; or ``d``, ``h``, ``w``),
-in the order the story reads (TensorBoard sorts groups and tags alphabetically):
+in the order the story reads. TensorBoard sorts tags treating ``/``, ``_`` and digits as equal separators (so
+``rf_effective/features`` would come before ``rf/features``: ``e`` < ``f``); the hyphens keep ``rf`` first whatever
+the layer's name, then ``rf-effective``, then ``rf-span``:
 
 - ``rf/L/posI/size_a/{theoretical,weights,effective,target}``: the sizes that answer "does it look far enough?";
 - ``rf/L/posI/target/{covered,margin}``: whether the effective extent covers the target, and by how much;
-- ``rf_effective/L/posI/{ratio_a,offset_a,spread_a}``: the effective extent over the theoretical size, the centre
+- ``rf-effective/L/posI/{ratio_a,offset_a,spread_a}``: the effective extent over the theoretical size, the centre
   of mass's offset from the theoretical centre, and the standard deviation (every metric with ``"all"``);
-- ``rf_span/L/posI/{theoretical,weights}/{first_a,last_a}``: the first and last input index of the field.
+- ``rf-span/L/posI/{theoretical,weights}/{first_a,last_a}``: the first and last input index of the field.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ def field_scalars(layer: str, index: int, field: ReceptiveField, kind: str) -> d
         kind: ``"theoretical"`` or ``"weights"``.
 
     Returns:
-        ``rf/L/posI/size_a/<kind>`` and ``rf_span/L/posI/<kind>/{first_a,last_a}`` for every axis.
+        ``rf/L/posI/size_a/<kind>`` and ``rf-span/L/posI/<kind>/{first_a,last_a}`` for every axis.
     """
     metrics = {}
     for axis, (first, last) in zip(AXIS_NAMES[len(field.bounds)], field.bounds):
         metrics[f"{_base('rf', layer, index)}/size_{axis}/{kind}"] = float(last - first + 1)
-        metrics[f"{_base('rf_span', layer, index)}/{kind}/first_{axis}"] = float(first)
-        metrics[f"{_base('rf_span', layer, index)}/{kind}/last_{axis}"] = float(last)
+        metrics[f"{_base('rf-span', layer, index)}/{kind}/first_{axis}"] = float(first)
+        metrics[f"{_base('rf-span', layer, index)}/{kind}/last_{axis}"] = float(last)
     return metrics
 
 
@@ -80,7 +82,7 @@ def target_scalars(layer: str, index: int, target: Sequence[int]) -> dict[str, f
 def effective_scalars(
     layer: str, index: int, field: EffectiveField, metrics: dict[str, float], q: float, *, full: bool
 ) -> dict[str, float]:
-    """The effective field's extent beside the sizes, and its summary (or every metric) in ``rf_effective``.
+    """The effective field's extent beside the sizes, and its summary (or every metric) in ``rf-effective``.
 
     Args:
         layer: the probed layer as logged.
@@ -91,10 +93,10 @@ def effective_scalars(
         full: log every metric (RepLKNet areas, centres of mass, ...), not only the summary.
 
     Returns:
-        ``rf/L/posI/size_a/effective`` and ``rf_effective/L/posI/{ratio_a,offset_a,spread_a}`` (and, with
+        ``rf/L/posI/size_a/effective`` and ``rf-effective/L/posI/{ratio_a,offset_a,spread_a}`` (and, with
         ``full``, every other metric under its own name).
     """
-    base = _base("rf_effective", layer, index)
+    base = _base("rf-effective", layer, index)
     logged, summarised = {}, set()
     for axis in AXIS_NAMES[field.heatmap.dim()]:
         extent = f"extent{q:g}_{axis}"
@@ -160,7 +162,7 @@ def chart_layout(layer: str, positions: int, axes: int) -> dict[str, dict[str, l
             charts[f"{layer} · pos{index} · size along {axis}"] = [f"^rf/{escaped}/pos{index}/size_{axis}/"]
         charts[f"{layer} · pos{index} · covers the target (1 = yes), margin"] = [f"^rf/{escaped}/pos{index}/target/"]
         charts[f"{layer} · pos{index} · effective extent / theoretical size"] = [
-            f"^rf_effective/{escaped}/pos{index}/ratio_"
+            f"^rf-effective/{escaped}/pos{index}/ratio_"
         ]
     return {f"receptive field of {layer}": charts}
 

@@ -48,8 +48,8 @@ def test_fit_logs_scalars_and_images_at_fit_start_and_each_validation_epoch(tmp_
         for kind in ("theoretical", "weights"):
             assert f"rf/features/pos0/size_{axis}/{kind}" in scalars
             assert {
-                f"rf_span/features/pos0/{kind}/first_{axis}",
-                f"rf_span/features/pos0/{kind}/last_{axis}",
+                f"rf-span/features/pos0/{kind}/first_{axis}",
+                f"rf-span/features/pos0/{kind}/last_{axis}",
             } <= scalars
     assert {
         "rf/features/pos0/heatmap/weights",
@@ -61,11 +61,11 @@ def test_fit_logs_scalars_and_images_at_fit_start_and_each_validation_epoch(tmp_
     start = probe_rf(initial, SHAPE, "center", layer="features", mode="weights")
     end = probe_rf(model, SHAPE, "center", layer="features", mode="weights")
     assert size_h[0].value == start.size[0] and size_h[-1].value == end.size[0]
-    last_w = events.Scalars("rf_span/features/pos0/weights/last_w")
+    last_w = events.Scalars("rf-span/features/pos0/weights/last_w")
     assert last_w[-1].value == end.bounds[1][1]
     theoretical = events.Scalars("rf/features/pos0/size_w/theoretical")  # a flat line beside the weights' size
     assert [(e.step, e.value) for e in theoretical] == [(step, 8.0) for step in steps]
-    assert [e.step for e in events.Scalars("rf_span/features/pos0/theoretical/first_h")] == [0]
+    assert [e.step for e in events.Scalars("rf-span/features/pos0/theoretical/first_h")] == [0]
     assert [e.step for e in events.Images("rf/features/pos0/heatmap/weights")] == steps
     assert [e.step for e in events.Images("rf/features/pos0/heatmap/theoretical")] == [0]
     # Figures cost a few training steps each: drawn at fit start and at fit end only.

@@ -28,7 +28,7 @@ WORLD_SIZE = 2
 EXPECTED_STEPS = [0, 2, 4]  # 32 samples over 2 ranks, batch 8: 2 steps per epoch; fit start, then 2 epochs
 SCALAR_NAMES = {  # the weights' field: short name -> tag
     **{f"size_{axis}": f"rf/features/pos0/size_{axis}/weights" for axis in "hw"},
-    **{f"{end}_{axis}": f"rf_span/features/pos0/weights/{end}_{axis}" for end in ("first", "last") for axis in "hw"},
+    **{f"{end}_{axis}": f"rf-span/features/pos0/weights/{end}_{axis}" for end in ("first", "last") for axis in "hw"},
 }
 IMAGE_TAGS = {
     "rf/features/pos0/heatmap/theoretical": [0],
@@ -38,7 +38,7 @@ IMAGE_TAGS = {
     "rf/features/pos0/overlay": EXPECTED_STEPS[-1:],
     "rf/features/pos0/growth": EXPECTED_STEPS[-1:],  # at fit end
 }
-PREFIXES = ("rf/", "rf_span/", "rf_effective/")
+PREFIXES = ("rf/", "rf-span/", "rf-effective/")
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -179,7 +179,7 @@ def test_scalars_are_written_once_per_step(ddp_run):
     scalars = _counts(ddp_run, "scalars")
     callback_scalars = {key: n for key, n in scalars.items() if key[0].startswith(PREFIXES)}
     assert {key: n for key, n in callback_scalars.items() if n != 1} == {}
-    erf_steps = {step for tag, step in callback_scalars if tag.startswith("rf_effective/") or "/effective" in tag}
+    erf_steps = {step for tag, step in callback_scalars if tag.startswith("rf-effective/") or "/effective" in tag}
     assert erf_steps == set(EXPECTED_STEPS[1:])
     for name in SCALAR_NAMES.values():
         assert {step: n for (tag, step), n in scalars.items() if tag == name} == dict.fromkeys(EXPECTED_STEPS, 1)
@@ -192,7 +192,7 @@ def test_scalars_are_written_once_per_step(ddp_run):
 def test_ranks_agree_on_every_probe_and_logged_value(ddp_run):
     rank0, *others = ddp_run.ranks
     assert set(SCALAR_NAMES.values()) <= set(rank0["callback_metrics"])
-    assert any(name.startswith("rf_effective/") for name in rank0["callback_metrics"])  # same inputs on every rank
+    assert any(name.startswith("rf-effective/") for name in rank0["callback_metrics"])  # same inputs on every rank
     for other in others:
         assert other["history"] == rank0["history"]
         assert other["callback_metrics"] == rank0["callback_metrics"]

@@ -32,7 +32,7 @@ def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    summary = {f"rf_effective/features/pos0/{name}_{axis}" for name in ("ratio", "offset", "spread") for axis in "hw"}
+    summary = {f"rf-effective/features/pos0/{name}_{axis}" for name in ("ratio", "offset", "spread") for axis in "hw"}
     assert {"rf/features/pos0/size_h/effective", "rf/features/pos0/size_w/effective"} | summary <= scalars
     assert not any("area" in tag or "com_" in tag for tag in scalars)  # the full set is opt-in
     effective_images = {"rf/features/pos0/heatmap/effective", "rf/features/pos0/overlay", "rf/features/pos0/growth"}
@@ -44,9 +44,9 @@ def test_effective_metrics_are_logged_with_images_and_a_growth_curve(tmp_path):
     field = effective_rf(model, inputs, "center", layer="features")
     expected = field.metrics()
     assert events.Scalars("rf/features/pos0/size_h/effective")[-1].value == expected["extent0.95_h"]
-    spread = events.Scalars("rf_effective/features/pos0/spread_w")[-1].value
+    spread = events.Scalars("rf-effective/features/pos0/spread_w")[-1].value
     assert spread == pytest.approx(expected["std_w"], rel=1e-5)
-    ratio = events.Scalars("rf_effective/features/pos0/ratio_h")[-1].value
+    ratio = events.Scalars("rf-effective/features/pos0/ratio_h")[-1].value
     assert ratio == pytest.approx(expected["extent0.95_h"] / field.theoretical.size[0], rel=1e-6)
 
 
@@ -57,8 +57,8 @@ def test_every_effective_metric_is_opt_in(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"rf_effective/features/pos0/area0.5", "rf_effective/features/pos0/com_h"} <= scalars
-    assert "rf_effective/features/pos0/spread_h" in scalars and "rf_effective/features/pos0/std_h" not in scalars
+    assert {"rf-effective/features/pos0/area0.5", "rf-effective/features/pos0/com_h"} <= scalars
+    assert "rf-effective/features/pos0/spread_h" in scalars and "rf-effective/features/pos0/std_h" not in scalars
 
 
 def test_alert_fires_exactly_at_the_epoch_coverage_is_lost_and_once(tmp_path):

@@ -98,7 +98,7 @@ def test_the_logged_effective_field_is_that_of_the_chosen_inputs(tmp_path):
     trainer = fit(tmp_path, [rf], model, *loaders(), logger=False)
     expected = effective_rf(model, rf.erf_inputs, "center", layer="features").metrics()
     assert trainer.callback_metrics["rf/features/pos0/size_h/effective"] == expected["extent0.95_h"]
-    spread = float(trainer.callback_metrics["rf_effective/features/pos0/spread_w"])
+    spread = float(trainer.callback_metrics["rf-effective/features/pos0/spread_w"])
     assert spread == pytest.approx(expected["std_w"], rel=1e-5)
     dataset = loaders()[1].dataset.tensors[0]  # chosen among the validation samples, no sample twice
     matches = [(dataset == x).flatten(1).all(dim=1).nonzero().flatten().tolist() for x in rf.erf_inputs]

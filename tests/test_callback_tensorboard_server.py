@@ -118,7 +118,7 @@ def _image_series(served, tag: str) -> list[dict]:
 
 def test_server_lists_the_rf_scalar_and_image_tags(served):
     assert set(SCALAR_TAGS) <= set(served.scalar_tags)
-    span = {f"rf_span/features/pos0/weights/{k}_{a}" for k in ("first", "last") for a in "hw"}
+    span = {f"rf-span/features/pos0/weights/{k}_{a}" for k in ("first", "last") for a in "hw"}
     assert span <= set(served.scalar_tags)
     assert set(IMAGE_TAGS) <= set(served.image_tags)
     for tag in IMAGE_TAGS:
