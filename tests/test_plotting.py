@@ -347,3 +347,60 @@ def test_animate_sweeps_1d_input_with_int_positions(tmp_path):
     with image_module.open(path) as gif:
         assert gif.n_frames == 3
         assert gif.info["duration"] == 500
+
+
+# -- pictures for the loggers: coloured heatmaps, the target on the overlay and the growth curve
+
+
+def test_heatmap_image_is_magma_enlarged_block_for_block():
+    import matplotlib
+
+    from rf_callback.plotting import heatmap_image
+
+    heatmap = torch.zeros(16, 16)
+    heatmap[6:11, 6:11] = 1.0  # a 5 x 5 field
+    heatmap[8, 8] = 2.0
+    image = heatmap_image(heatmap)
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8  # 16 times, nearest neighbour
+    blocks = image.reshape(16, 16, 16, 16, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # every input pixel is a uniform 16 x 16 block
+    magma = matplotlib.colormaps["magma"]
+    for value, (row, col) in ((1.0, (8, 8)), (0.5, (6, 6)), (0.0, (0, 0))):
+        expected = np.round(np.asarray(magma(value)[:3]) * 255)
+        assert (blocks[row, 0, col, 0] == expected).all()
+
+
+def test_heatmap_image_of_1d_and_3d_fields():
+    from rf_callback.plotting import heatmap_image
+
+    strip = heatmap_image(torch.arange(100.0))
+    assert strip.shape == (24, 200, 3)  # 2 times along the axis, a strip 24 rows high
+    volume = torch.zeros(5, 8, 8)
+    volume[1, 2, 3] = 1.0
+    assert heatmap_image(volume, depth=1).shape == (256, 256, 3)
+    assert heatmap_image(volume, depth=1).max() > heatmap_image(volume).max()  # the middle depth (2) is empty
+
+
+def test_effective_overlay_draws_the_target_centred_on_the_field():
+    from rf_callback import effective_rf
+    from rf_callback.plotting import _TARGET_GID, plot_effective
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Conv2d(2, 1, 3, padding=1))
+    field = effective_rf(model, torch.randn(4, 1, 16, 16), (8, 8))
+    fig = plot_effective(field, target=(6, 4))
+    (box,) = [p for ax in fig.axes for p in ax.patches if p.get_gid() == _TARGET_GID]
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (8 - 2, 8 - 3, 4, 6)
+    assert not any(p.get_gid() == _TARGET_GID for ax in plot_effective(field).axes for p in ax.patches)
+    with pytest.raises(ValueError, match="target=.*2 axes"):
+        plot_effective(field, target=(6,))
+
+
+def test_growth_curve_draws_the_target_line():
+    from rf_callback.plotting import plot_growth
+
+    rows = [(0, {"extent0.95_h": 5.0, "extent0.95_w": 5.0, "std_h": 1.0}), (1, {"extent0.95_h": 9.0, "std_h": 2.0})]
+    ax_extent = plot_growth(rows, target=(16, 16)).axes[0]
+    lines = {line.get_label(): line for line in ax_extent.get_lines()}
+    assert list(lines["target 16"].get_ydata()) == [16, 16]
+    assert list(lines["extent0.95_h"].get_ydata()) == [5.0, 9.0]
+    assert not any("target" in line.get_label() for line in plot_growth(rows).axes[0].get_lines())
