@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import random
 import types
@@ -44,7 +45,11 @@ _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 _PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm",
                        "einsum", "multiply"})  # fmt: skip
 # Functions that couple every element along a dim: on the theoretical copy's equal values their real gradient cancels.
-_SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin"})
+_SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin", "special_softmax", "special_log_softmax", "_softmax",
+                        "_log_softmax"})  # fmt: skip
+# A softmax input this far below its dim's largest is masked: exp() of it is 0 in every float dtype (float64 underflows
+# below -745), so the real output there is exactly 0 (a mask of -inf, finfo.min, -1e9 or -1e4 added to the scores).
+_MASKED_GAP = 1000.0
 _ADAPTIVE_MAX_POOLS = {
     "adaptive_max_pool1d": F.adaptive_avg_pool1d,
     "adaptive_max_pool2d": F.adaptive_avg_pool2d,
@@ -102,9 +107,10 @@ class _ProbeFunctions(TorchFunctionMode):
     Both modes: dropout is the identity (a ``forward`` calling ``F.dropout(x)`` with its default ``training=True``
     would otherwise zero pixels at random and draw from the global random generator).
     Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
-    ``max``/``min`` along a dim give the mean's values, softmax along a dim passes every finite input an equal share
-    of the gradient (see :func:`_softmax_twin`; ``scaled_dot_product_attention`` is spelled out with it), and a
-    product of two input-dependent tensors is divided by its largest magnitude (no overflow).
+    ``max``/``min`` along a dim give the mean's values, softmax along a dim passes every live (unmasked) input an equal
+    share of the gradient (see :func:`_softmax_twin`; ``scaled_dot_product_attention`` is spelled out with it;
+    ``multi_head_attention_forward`` is refused where its hidden softmax would lose a path), and a product of two
+    input-dependent tensors is divided by its largest magnitude (no overflow).
 
     ``cuts`` records how the forward cuts the gradient on an input-dependent tensor: a function whose gradient is
     zero (``round``, ``argmax``), or a tensor made without gradient from the input (``.detach()``, an op inside
@@ -180,9 +186,11 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
             return _mean_twin(func, args, kwargs)
         if self.linearise and name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
-            return _softmax_twin(func, args, kwargs)
-        if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(args[:3]):
+            return _softmax_twin(func, name, args, kwargs)
+        if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(_qkv(args, kwargs)):
             return _attention_twin(*args, **kwargs)
+        if self.linearise and name == "multi_head_attention_forward":
+            _check_self_attention(func, args, kwargs)
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -227,23 +235,27 @@ def _mean_twin(func, args, kwargs):
     return type(real)((x.mean(dim=dim, keepdim=keepdim), real.indices))
 
 
-def _softmax_twin(func, args, kwargs):
+def _softmax_twin(func, name: str, args, kwargs):
     """``softmax`` (``log_softmax``, ``softmin``) along a dim, with its real values and a gradient that cannot cancel.
 
     The real gradient with respect to the inputs along the dim, ``p * (g - sum(p * g))``, is zero wherever the
     cotangent ``g`` is the same along the dim, as it is on the theoretical copy's equal values (attention over
     equal values, a gate over branches with equal fields): the paths through the scores would vanish. The twin gives
-    every finite input along the dim the mean of the cotangents instead; an input of ``-inf`` (a masked score) gets
-    nothing, as in the real function.
+    every live input along the dim the mean of the cotangents instead. An input masked out (``_MASKED_GAP`` or more
+    below the largest: ``-inf``, ``finfo.min``, ``-1e9``, ``-1e4`` added) gets nothing, as in the real function; and
+    where fewer than two are live, the real output is a constant (1, or 0 for ``log_softmax``) and nothing gets any.
+    A smaller gap is no mask: it comes from the copy's values, not the architecture, so its input stays live.
     """
     real = func(*args, **kwargs)
     x = args[0] if args else kwargs["input"]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None:  # F.softmax's implicit dim
         dim = 0 if x.dim() in (0, 1, 3) else 1
-    finite = torch.isfinite(x.detach())
-    step = torch.where(finite, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
-    share = step.sum(dim, keepdim=True) / finite.sum(dim, keepdim=True).clamp(min=1)
+    scores = -x.detach() if name == "softmin" else x.detach()  # softmin is the softmax of -x
+    live = scores - scores.amax(dim, keepdim=True) > -_MASKED_GAP  # NaN (a row of -inf) is not live
+    count = live.sum(dim, keepdim=True)
+    step = torch.where(live, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
+    share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
     return real.detach() + share.to(real.dtype)
 
 
@@ -262,7 +274,55 @@ def _attention_twin(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         scores = scores.masked_fill(~causal, -math.inf)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return _bounded(_softmax_twin(torch.softmax, (scores, -1), {}) @ value, in_place=False)
+    return _bounded(_softmax_twin(torch.softmax, "softmax", (scores, -1), {}) @ value, in_place=False)
+
+
+def _qkv(args, kwargs) -> list:
+    """The query, key and value of ``scaled_dot_product_attention``, passed by position or by name."""
+    return [*args[:3], *(kwargs.get(name) for name in ("query", "key", "value")[len(args[:3]) :])]
+
+
+def _check_self_attention(func, args, kwargs) -> None:
+    """Refuses ``multi_head_attention_forward`` unless the real function gives the theoretical copy its exact field.
+
+    The copy cannot reach the softmax inside it, whose gradient through the scores cancels on equal values: only the
+    value path counts. That is the whole field when every input-dependent query and key is the value: each live key
+    is a value, and a query is its own token's value, live where the mask keeps the diagonal (a boolean mask False
+    there, a float mask at its row's largest) and no key is padded away. A learned query adds no input to the field.
+
+    Raises:
+        ProbeError: an input-dependent query or key that is not the value (cross-attention), static keys or values,
+            or, for self-attention, a key padding mask or an attention mask that hides a query's own token.
+    """
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    if query.requires_grad and query is not value:
+        why = "its query is not its key and value (cross-attention): the query path"
+    elif key.requires_grad and key is not value:
+        why = "its key is not its value: the key path"
+    elif a["static_k"] is not None or a["static_v"] is not None:
+        why = "it is given static keys or values: their path"
+    elif query.requires_grad and a["key_padding_mask"] is not None:
+        why = "it is given a key_padding_mask, which hides padded tokens from their own query: their query path"
+    elif query.requires_grad and a["attn_mask"] is not None and not _keeps_the_diagonal(a["attn_mask"]):
+        why = "its attn_mask hides some query's own token: that query's path"
+    else:
+        return
+    raise ProbeError(
+        f"nn.MultiheadAttention (F.multi_head_attention_forward) cannot be probed in theoretical mode when {why} "
+        f"runs through its internal softmax, whose gradient cancels on the theoretical copy's equal values, and "
+        f"would be missing from the field; use mode='weights', or call F.scaled_dot_product_attention, which the "
+        f"theoretical copy handles"
+    )
+
+
+def _keeps_the_diagonal(mask: torch.Tensor) -> bool:
+    diagonal = mask.diagonal(dim1=-2, dim2=-1)
+    if mask.dtype == torch.bool:  # True: not allowed to attend
+        return not bool(diagonal.any())
+    return bool((diagonal == mask.amax(dim=-1)).all())
 
 
 def _input_dependent_factors(args) -> int:

@@ -249,7 +249,19 @@ def forward_to(
             f"({', '.join(dict.fromkeys(cuts))}): the probe reads fields from gradients and would miss the "
             f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
         )
-    return as_channels_first(selected_element(output, element, layer), layout, input_shape, layer)
+    output = selected_element(output, element, layer)
+    merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
+    return as_channels_first(output, layout, input_shape, layer, batch=len(inputs), merged=merged)
+
+
+def _merged_back(copy: nn.Module, inputs, mode: str, layer: str | None) -> list[str]:
+    """The first module after ``layer`` whose output holds one map per sample, an enclosing one first (a courtesy)."""
+    outputs = _outputs_by_module(copy, inputs, mode)
+    names = list(outputs)
+    later = names[names.index(layer) + 1 :] if layer in names else []
+    whole = [n for n in later if isinstance(t := outputs[n], torch.Tensor) and t.dim() >= 3 and len(t) == len(inputs)]
+    enclosing = [n for n in whole if layer and layer.startswith(n + ".")]
+    return (enclosing or whole)[:1]
 
 
 def _tensors_in(output) -> list:
@@ -295,22 +307,29 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
 _AXIS_LETTERS = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-def as_channels_first(output: torch.Tensor, layout, input_shape, layer: str | None) -> torch.Tensor:
+def as_channels_first(
+    output: torch.Tensor, layout, input_shape, layer: str | None, *, batch: int, merged: Sequence[str] = ()
+) -> torch.Tensor:
     """Returns the probed output as a feature map ``(N, C, *spatial)``, reading its axes as ``layout`` lays them out.
 
     Channels last ``(N, *spatial, C)`` is permuted; tokens ``(N, P + prod(grid), C)`` lose their ``P`` leading tokens
     and the others are reshaped onto the grid, row-major. Both are differentiable, so the backward probe stays exact.
     An output without spatial axes, ``(N, C)``, is returned as it is: the caller names layers that have them.
+    ``batch`` is the batch of the input the forward ran on; ``merged`` names layers to suggest where the output's
+    batch holds more (the layers where windows are merged back).
 
     Raises:
-        ValueError: the output's shape does not fit ``layout`` on an input of ``input_shape``: another number of
-            spatial axes than the input's, or, for tokens, another number of tokens than the grid's and the prefix's
-            (the message shows the shape and the fix).
+        ValueError: the output's first axis is not the input's batch (windows or heads folded into it: any field read
+            from it would be a union over them, no map of the input), or its shape does not fit ``layout`` on an
+            input of ``input_shape``: another number of spatial axes than the input's, or, for tokens, another number
+            of tokens than the grid's and the prefix's (the message shows the shape and the fix).
     """
     parsed = checked_layout(layout)
     axes = len(input_shape) - 2
     if output.dim() < 3:
         return output
+    if len(output) != batch:
+        raise ValueError(_folded_batch(output, batch, layer, merged))
     if isinstance(parsed, Tokens):
         return _tokens_on_grid(output, parsed, layout, input_shape, layer)
     if output.dim() != axes + 2:
@@ -350,6 +369,20 @@ def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, l
             f"the output of {where(layer)} is {shape}: {count} tokens, not {said} as layout={layout!r} says{fix}"
         )
     return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
+
+
+def _folded_batch(output: torch.Tensor, batch: int, layer: str | None, merged: Sequence[str]) -> str:
+    held = "one sample" if batch == 1 else f"{batch} samples (the batch the probe ran)"
+    fix = (
+        f"probe the layer that merges them back instead, layer={merged[0]!r}"
+        if merged
+        else "probe a layer whose output holds one map per sample instead (where they are merged back)"
+    )
+    return (
+        f"the output of {where(layer)} is {tuple(output.shape)}: its first axis holds {len(output)} where the input "
+        f"holds {held}: the forward folds something into the batch axis before it (windows or heads), so it is no "
+        f"feature map of the input and a field read from it would be the union over them; {fix}"
+    )
 
 
 def _rank_mismatch(output: torch.Tensor, parsed: str, layout, input_shape, layer) -> str:
@@ -503,6 +536,8 @@ def _rank_error(copy: nn.Module, module: nn.Module, input_shape) -> ValueError:
 
 def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
     """The error to raise for a forward that raised: a rank mismatch with the first convolution, or a ProbeError."""
+    if isinstance(error, ProbeError):  # the probe's copy refused something (see probe_functions): its own words
+        return ProbeError(str(error))
     spatial = len(input_shape) - 2
     for name, module in copy.named_modules():
         kernel = getattr(module, "kernel_size", None)

@@ -418,15 +418,9 @@ def _forward_outputs(
             row_layout, misfit = _row_layout(name, module, output, outputs.get(same_as), layout)
             spatial = output.dim() >= 3
             feature_map, grid = None, ()
-            if spatial and output.shape[0] != 1:
-                misfit = misfit or (
-                    f"the output of layer {name!r} is {tuple(output.shape)}: its first axis holds {output.shape[0]} "
-                    f"where the input holds one sample (windows or heads folded into the batch axis?), so it is no "
-                    f"feature map of the input; name the layer that returns the whole map"
-                )
-            elif spatial and misfit is None:
+            if spatial and misfit is None:
                 try:
-                    feature_map = as_channels_first(output, row_layout, shape, name)
+                    feature_map = as_channels_first(output, row_layout, shape, name, batch=len(inputs))
                     grid = tuple(feature_map.shape[2:])
                 except ValueError as error:
                     misfit = str(error)

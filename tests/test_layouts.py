@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback import RFCallback, Tokens, effective_rf, probe_rf, rf_table, verify_rf
+from rf_callback import ProbeError, RFCallback, Tokens, effective_rf, probe_rf, rf_table, verify_rf
 from rf_callback.cli import main
 from tests.lightning_models import loaders, trainer_kwargs
 
@@ -442,6 +442,190 @@ def test_multihead_attention_module_sees_the_whole_input():
 
     for mode in MODES:
         assert probe_rf(Encoder(), (1, 2, 12), 4, mode=mode, layout="channels_last").bounds == ((0, 11),)
+
+
+class CausalAttention(nn.Module):
+    """Causal self-attention over 16 tokens, masked with a finite float (``-1e4`` to ``finfo.min``) or causally."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Conv1d(2, 4, 1)
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)
+        hidden = ~torch.ones(16, 16, dtype=torch.bool).tril()
+        if self.how == "sdpa finfo.min":
+            mask = torch.zeros(16, 16).masked_fill(hidden, torch.finfo(torch.float32).min)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.how == "sdpa rectangular is_causal":  # the last 4 tokens query all 16: query i sees keys 0..i
+            return F.scaled_dot_product_attention(q[:, 12:], k, v, is_causal=True)
+        mask = torch.zeros(16, 16).masked_fill(hidden, float(self.how))
+        return (q @ k.transpose(1, 2) + mask).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["sdpa finfo.min", "-1e9", "-1e4"])
+def test_a_finite_mask_keeps_masked_keys_out_of_the_field(mode, how):
+    # Token i sees tokens 0..i. The softmax twin counted every finite score (a finfo.min, -1e9 or -1e4 mask
+    # included) and gave token 0 the field 0..15.
+    fields = probe_rf(CausalAttention(how), (1, 2, 16), [(0,), (3,), (15,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 0),), ((0, 3),), ((0, 15),)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_query_that_sees_one_key_gets_that_key_alone(mode):
+    # Query i (token 12 + i) sees keys 0..i; with one key, the softmax is the constant 1 and the query's own token
+    # drops out: fields {0}, {0, 1, 13}, {0, 1, 2, 14}, {0..3, 15}. The twin passed query 0 its own token 12.
+    model = CausalAttention("sdpa rectangular is_causal")
+    fields = probe_rf(model, (1, 2, 16), [(0,), (1,), (2,), (3,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 0),), ((0, 13),), ((0, 14),), ((0, 15),)]
+    assert fields[1].heatmap.nonzero().flatten().tolist() == [0, 1, 13]
+
+
+class OneChannelGate(nn.Module):
+    """A 1 x 1 convolution gated by a softmax over a single channel of a 5 x 5 convolution: the gate is constant."""
+
+    def __init__(self, gate: str):
+        super().__init__()
+        self.gate = gate
+        self.value, self.score = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 5, padding=2)
+
+    def forward(self, x):
+        score = self.score(x)
+        if self.gate == "softmax":
+            weights = score.softmax(dim=1)
+        elif self.gate == "log_softmax":
+            weights = F.log_softmax(score, dim=1).exp()
+        else:
+            weights = F.softmin(score, dim=1)
+        return self.value(x) * weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gate", ["softmax", "log_softmax", "softmin"])
+def test_a_softmax_over_one_element_is_a_constant_that_adds_no_field(mode, gate):
+    # The twin gave the 5 x 5 gate a share: 5 x 5 instead of the 1 x 1 value path.
+    assert probe_rf(OneChannelGate(gate), (1, 1, 16, 16), (8, 8), mode=mode).bounds == ((8, 8), (8, 8))
+
+
+class SpelledCrossAttention(CrossAttention):
+    """The cross-attention above, spelled with keyword arguments or another name of softmax."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        q, k, v = self.q(tokens[:, :8]), self.k(tokens[:, 8:]), self.v(tokens[:, 8:])
+        if self.how == "sdpa keywords":
+            return F.scaled_dot_product_attention(query=q, key=k, value=v)
+        softmax = {"torch.special.softmax": torch.special.softmax, "torch._softmax": torch._softmax}[self.how]
+        scores = q @ k.transpose(1, 2) / 2
+        return (softmax(scores, -1) if self.how == "torch.special.softmax" else softmax(scores, -1, False)) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["sdpa keywords", "torch.special.softmax", "torch._softmax"])
+def test_the_query_path_counts_however_attention_is_called(mode, how):
+    # Was 8..15 alone in theoretical mode: the call bypassed the twin.
+    fields = probe_rf(SpelledCrossAttention(how), (1, 2, 16), [(0,), (3,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 15),), ((3, 15),)]
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` over 16 tokens: cross (tokens 0..7 query 8..15), or self with a mask."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Conv1d(2, 8, 1)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.queries = nn.Parameter(torch.randn(1, 2, 8))
+
+    def forward(self, x):
+        t = self.embed(x).transpose(1, 2)
+        causal = ~torch.ones(16, 16, dtype=torch.bool).tril()  # True: hidden
+        if self.how == "cross":
+            return self.attention(t[:, :8], t[:, 8:], t[:, 8:], need_weights=False)[0]
+        if self.how == "learned query":  # two learned queries pool the 16 tokens, masked or not
+            queries = self.queries.expand(len(x), -1, -1)
+            return self.attention(queries, t, t, key_padding_mask=torch.zeros(len(x), 16, dtype=torch.bool))[0]
+        if self.how == "causal":
+            return self.attention(t, t, t, attn_mask=causal, need_weights=False)[0]
+        if self.how == "diagonal hidden":
+            mask = torch.eye(16).masked_fill(torch.eye(16, dtype=torch.bool), -math.inf)
+            return self.attention(t, t, t, attn_mask=mask, need_weights=False)[0]
+        padding = torch.zeros(len(x), 16, dtype=torch.bool)
+        return self.attention(t, t, t, key_padding_mask=padding.index_fill(1, torch.tensor([15]), True))[0]
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("cross", "its query is not its key and value (cross-attention): the query path"),
+        ("diagonal hidden", "its attn_mask hides some query's own token"),
+        ("key padding", "it is given a key_padding_mask"),
+    ],
+)
+def test_multihead_attention_that_would_lose_a_path_is_refused_in_theoretical_mode(how, reason):
+    # The copy cannot reach the softmax inside F.multi_head_attention_forward: cross-attention measured 8..15
+    # where query 0 sees 0 and 8..15.
+    with pytest.raises(ProbeError) as info:
+        probe_rf(MultiheadAttention(how), (1, 2, 16), (0,), layout="channels_last")
+    assert str(info.value).startswith("nn.MultiheadAttention (F.multi_head_attention_forward) cannot be probed")
+    assert reason in str(info.value) and "use mode='weights', or call F.scaled_dot_product_attention" in str(info.value)
+    probe_rf(MultiheadAttention(how), (1, 2, 16), (0,), layout="channels_last", mode="weights")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_multihead_self_attention_with_a_causal_mask_and_learned_queries_are_measured(mode):
+    fields = probe_rf(MultiheadAttention("causal"), (1, 2, 16), [(0,), (3,), (15,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 0),), ((0, 3),), ((0, 15),)]
+    pooled = probe_rf(MultiheadAttention("learned query"), (1, 2, 16), (0,), mode=mode, layout="channels_last")
+    assert pooled.bounds == ((0, 15),)  # a learned query adds no path from the input: nothing to lose
+
+
+# --- windows folded into the batch axis -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["tokens:2x2", "channels_first"])
+def test_an_output_with_windows_in_its_batch_axis_is_refused_naming_the_layer_that_merges_them(mode, layout):
+    # The qkv of a windowed block is (16 windows, 4 tokens, 24): read as tokens, every field was the union over
+    # the windows (28 x 28); read channels first, the message sent the user to layout='tokens:...'.
+    with pytest.raises(ValueError) as info:
+        probe_rf(TinySwin(window=2), SWIN_INPUT, (0, 0), layer="blocks.0.attn.qkv", mode=mode, layout=layout)
+    message = str(info.value)
+    rows, held = (16, "one sample") if mode == "theoretical" else (128, "8 samples")  # 8 draws in weights mode
+    assert message.startswith(f"the output of layer 'blocks.0.attn.qkv' is ({rows}, 4, 24)")
+    assert f"its first axis holds {rows} where the input holds {held}" in message
+    assert "folds something into the batch axis" in message
+    assert message.endswith("probe the layer that merges them back instead, layer='blocks.0.attn'")
+    assert "tokens:HxW" not in message
+
+
+def test_effective_rf_refuses_an_output_with_windows_in_its_batch_axis():
+    with pytest.raises(ValueError, match="folds something into the batch axis"):
+        effective_rf(TinySwin(window=2), torch.randn(2, 3, 32, 32), (0, 0), layer="blocks.0.attn.qkv",
+                     layout="tokens:2x2")  # fmt: skip
+
+
+def test_a_model_whose_output_holds_windows_is_refused():
+    class Windows(nn.Module):  # 16 windows of 8 x 8 folded into the batch axis, a convolution on each
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x.view(len(x), 1, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(-1, 1, 8, 8))
+
+    for mode in MODES:  # was 26 x 26 at (0, 0): the union of the 16 windows' 3 x 3
+        with pytest.raises(ValueError, match=r"is \(\d+, 2, 8, 8\): its first axis holds .* holds one map per sample"):
+            probe_rf(Windows(), (1, 1, 32, 32), (0, 0), mode=mode)
 
 
 # --- rf_table ---------------------------------------------------------------------------------------------------
