@@ -25,7 +25,7 @@ from rf_callback.graph import (
     probe_inputs,
     submodule,
 )
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.probe import probe_rf
 from rf_callback.result import Bounds
 from rf_callback.support import box_of
@@ -102,6 +102,7 @@ class _Output:
     grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
     assumed: bool = False  # read in rf_table's layout= alone (no module type or shared tensor fixes it)
+    known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
 
 
 # Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
@@ -138,6 +139,18 @@ _CHANNELS_FIRST_MODULES = (
 )  # fmt: skip
 
 
+def _known_reading(module: nn.Module) -> str | None:
+    """What a module's type says of its output: ``channels_first``, ``last_axis`` (it acts on the last axis), or None.
+
+    Exact ``Linear`` and ``LayerNorm`` types only: ``LayerNorm2d``-style subclasses permute inside.
+    """
+    if isinstance(module, _CHANNELS_FIRST_MODULES):
+        return CHANNELS_FIRST
+    if type(module) is nn.Linear or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1):
+        return "last_axis"
+    return None
+
+
 def _row_layout(name: str, module: nn.Module, output, same_as: _Output | None, layout) -> tuple[object, str | None]:
     """The layout a row's output is read in, and why the output does not fit it (``None`` where it does).
 
@@ -146,13 +159,13 @@ def _row_layout(name: str, module: nn.Module, output, same_as: _Output | None, l
     ``LayerNorm`` (exactly those: ``LayerNorm2d``-style subclasses permute inside) acts on the last axis, which
     channels first would read as a spatial axis; other rows are read in ``layout``.
     """
-    if isinstance(module, _CHANNELS_FIRST_MODULES):
+    known = _known_reading(module)
+    if known == CHANNELS_FIRST:
         return CHANNELS_FIRST, None
     if same_as is not None:
         shared = same_as.misfit and f"layer {name!r} returns the output of layer {same_as.name!r}: {same_as.misfit}"
         return same_as.layout, shared or None
-    last_axis = type(module) is nn.Linear or (type(module) is nn.LayerNorm and len(module.normalized_shape) == 1)
-    if last_axis and checked_layout(layout) == CHANNELS_FIRST:
+    if known == "last_axis" and checked_layout(layout) == CHANNELS_FIRST:
         return layout, (
             f"the output of layer {name!r} is {tuple(output.shape)}, made by a {type(module).__name__}, which acts "
             f"on its last axis: channels (channels last) or token features, not a spatial axis as layout={layout!r} "
@@ -245,6 +258,15 @@ def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype,
             chosen = [o for o in chosen if o.after_cut is None]
         misfits = [o for o in chosen if o.misfit]
         chosen = [o for o in chosen if not o.misfit]
+        contradicted = _contradicted(chosen, outputs)
+        if contradicted:
+            chosen = [o for o in chosen if o.name not in contradicted]
+            warnings.warn(
+                f"rf_table: {len(contradicted)} rows are left out, read in layout={layout!r} only because it says "
+                f"so while another row of the same output shape is laid out otherwise: {_some(contradicted.values())}"
+                f"; list them in layers= to read them in layout={layout!r}",
+                stacklevel=3,
+            )
         if misfits:
             # A 4-axis output reads the same channels first or last: say which listed rows only layout= decided.
             assumed = [o.name for o in chosen if o.assumed]
@@ -310,6 +332,32 @@ def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype,
             probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
         rows.append(_row(output, center, bounds, geometry, shape))
     return rows
+
+
+def _contradicted(chosen: list[_Output], outputs: list[_Output]) -> dict[str, str]:
+    """The rows read in ``layout=`` alone whose output shape is that of a row whose module type says otherwise.
+
+    A 4-axis output reads the same channels first or last: a ConvNeXt block that permutes back to channels first,
+    read channels last, or a Swin block read channels first, would be silently wrong. Its shape is the evidence: a
+    convolution's (channels first) or a ``Linear``'s (channels last) output of the same shape. By name: the reason.
+    """
+    shapes: dict[str, dict[tuple[int, ...], str]] = {CHANNELS_FIRST: {}, "last_axis": {}}
+    for o in outputs:
+        if o.known is not None:
+            shapes[o.known].setdefault(o.shape, o.name)
+    found = {}
+    for o in chosen:
+        if not o.assumed:
+            continue
+        reading = checked_layout(o.layout)
+        other = shapes["last_axis"] if reading == CHANNELS_FIRST else shapes[CHANNELS_FIRST]
+        if reading in (CHANNELS_FIRST, CHANNELS_LAST) and o.shape in other:
+            kind = "channels first" if reading == CHANNELS_LAST else "acting on its last axis"
+            found[o.name] = f"{o.name} {o.shape} (like {other[o.shape]}, {kind})"
+    for o in chosen:  # a row returning a left-out row's tensor is read as that row: left out too
+        if o.same_as in found:
+            found[o.name] = f"{o.name} (the output of {o.same_as})"
+    return found
 
 
 def _some(names) -> str:
@@ -429,6 +477,7 @@ def _forward_outputs(
                 fixed_size=tuple(functions.fixed_size), layout=row_layout, misfit=misfit, grid=grid,
                 feature_map=spatial and output.shape[0] == 1,
                 assumed=same_as is None and not isinstance(module, _CHANNELS_FIRST_MODULES),
+                known=_known_reading(module),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()

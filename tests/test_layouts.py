@@ -632,17 +632,17 @@ def test_a_model_whose_output_holds_windows_is_refused():
 
 
 def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embedding():
-    model = TinySwin(window=2, shifted=True)
+    model = TinySwin(dim=12, window=2, shifted=True)  # 12 channels: (1, 12, 8, 8) tells the conv from the blocks
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rows = rf_table(model, SWIN_INPUT, layout="channels_last")
     by_name = {r.name: r for r in rows}
-    assert by_name["patch"].layout == "channels_first" and by_name["patch"].output_shape == (1, 8, 8, 8)
+    assert by_name["patch"].layout == "channels_first" and by_name["patch"].output_shape == (1, 12, 8, 8)
     assert {r.layout for r in rows if r.name != "patch"} == {"channels_last"}
     assert by_name["permute"].bounds == ((16, 19), (16, 19)) and by_name["permute"].stride == (4, 4)
     assert by_name["blocks.0.attn"].bounds == ((16, 23), (16, 23))  # the window of patch (4, 4)
     assert by_name["blocks.1"].bounds == ((8, 23), (8, 23))  # and the shifted window after it
-    assert by_name["blocks.0.mlp.0"].output_shape == (1, 8, 8, 16) and by_name["blocks.0.mlp.0"].position == (4, 4)
+    assert by_name["blocks.0.mlp.0"].output_shape == (1, 8, 8, 24) and by_name["blocks.0.mlp.0"].position == (4, 4)
     assert "blocks.0.attn.qkv" not in by_name  # windows folded into the batch axis: no map of the input
     for row in rows:
         field = probe_rf(model, SWIN_INPUT, "center", layer=row.name, layout=row.layout)
@@ -650,13 +650,57 @@ def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embe
     assert by_name["blocks"].to_dict()["layout"] == "channels_last"
 
 
-def test_rf_table_by_default_leaves_out_last_axis_rows_and_says_which_rows_it_only_assumed():
+def test_rf_table_by_default_leaves_out_last_axis_rows_and_the_rows_shaped_like_them():
     with pytest.warns(UserWarning) as record:
-        rows = rf_table(TinySwin(), SWIN_INPUT)
-    (message,) = [str(w.message) for w in record]
-    assert "made by a LayerNorm, which acts on its last axis" in message and "pass layout='channels_last'" in message
-    assert "only because it says so, and may be laid out as those left out are: permute, blocks.0.attn" in message
-    assert not any(r.module_type in ("LayerNorm", "Linear", "GELU") for r in rows)
+        rows = rf_table(TinySwin(dim=12), SWIN_INPUT)
+    contradicted, misfits = [str(w.message) for w in record]
+    assert "made by a LayerNorm, which acts on its last axis" in misfits and "pass layout='channels_last'" in misfits
+    # channels-last rows that no module type gives away, but shaped like the LayerNorm's output: not read at all
+    assert "read in layout='channels_first' only because it says so" in contradicted
+    assert "permute (1, 8, 8, 12) (like blocks.0.norm1, acting on its last axis)" in contradicted
+    assert [r.name for r in rows] == ["patch"]
+
+
+def test_rf_table_leaves_out_rows_whose_shape_cannot_tell_the_layouts_apart():
+    with pytest.warns(UserWarning, match=r"permute \(1, 8, 8, 8\) \(like patch, channels first\)"):
+        rows = rf_table(TinySwin(dim=8), SWIN_INPUT, layout="channels_last")  # (1, 8, 8, 8) either way
+    assert [r.name for r in rows] == ["patch", "blocks.0.mlp.0", "blocks.0.mlp.1"]  # the MLP's (1, 8, 8, 16) fits one
+    (row,) = rf_table(TinySwin(dim=8), SWIN_INPUT, layout="channels_last", layers=["blocks"])  # the user's word
+    assert row.layout == "channels_last" and row.bounds == ((16, 23), (16, 23))
+
+
+class ConvNeXtBlock(nn.Module):
+    """torchvision's CNBlock: depthwise 7 x 7, then a channels-last MLP between two permutes, and the residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute(0, 2, 3, 1), nn.LayerNorm(dim),
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), Permute(0, 3, 1, 2),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def tiny_convnext() -> nn.Module:
+    """A 4 x 4 stride-4 stem (12 channels) and two ConvNeXt blocks: channels first outside, channels last inside."""
+    return nn.Sequential(nn.Conv2d(3, 12, 4, stride=4), nn.Sequential(ConvNeXtBlock(12), ConvNeXtBlock(12)))
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
+    model, shape = tiny_convnext(), (1, 3, 64, 32)
+    with pytest.warns(UserWarning, match="only because it says so while another row of the same output shape"):
+        rows = rf_table(model, shape, layout=layout)
+    for row in rows:  # each row as probed alone, in the layout the table read it in
+        field = probe_rf(model, shape, "center", layer=row.name, layout=row.layout)
+        assert (field.bounds, field.position) == (row.bounds, row.position), row.name
+    blocks = {"1.0", "1.1"}
+    if layout == "channels_first":  # the blocks (channels first) are read, their channels-last inside is not
+        assert blocks <= {r.name for r in rows} and {r.layout for r in rows} == {"channels_first"}
+    else:  # the MLP inside is read channels last; the blocks, shaped like the stem, are left out
+        assert not blocks & {r.name for r in rows} and "1.0.block.3" in {r.name for r in rows}
     with pytest.raises(ValueError, match="layers=\\['blocks.0.mlp.1'\\]: layer 'blocks.0.mlp.1' returns the output"):
         rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.mlp.1"])
     with pytest.raises(ValueError, match=r"\(16, 4, 24\): its first axis holds 16 where the input holds one sample"):
