@@ -426,7 +426,10 @@ class RFCallback(Callback):
         return fields if isinstance(fields, list) else [fields]
 
     def _probe_initial(self, trainer, pl_module) -> None:
-        if self._initial_logged:
+        if self._initial_logged:  # a resumed fit: its logger (maybe a new version) still gets the charts and the note
+            with self._guard("probe", "the theoretical probe of a resumed fit", self._probe_fix):
+                theoretical = self._theoretical_fields(pl_module)
+                self._describe_dashboard(trainer, theoretical, self._target_for(len(self.input_shape) - 2))
             return
         target = self._target_for(len(self.input_shape) - 2)  # refused now if it does not fit the input's axes
         try:

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,10 +239,13 @@ def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Prog
     stage.now = f"probing {args.target}"
     with _probing(args, model, shape, pos):
         if args.table:
-            rows = rf_table(
-                model, shape, layers=args.layer, mode=args.mode, progress=progress.layer, layout=args.layout
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rows = rf_table(
+                    model, shape, layers=args.layer, mode=args.mode, progress=progress.layer, layout=args.layout
+                )
             progress.done()
+            _say_warnings(caught, args, model, shape, pos)
             text = _table_json(rows, target) if args.json else _table_text(args.target, shape, args.mode, rows, target)
         else:
             if pos == "all":
@@ -270,6 +274,16 @@ def _probe_and_print(args, model: nn.Module, shape, pos, target, progress: _Prog
             from rf_callback.plotting import animate_rf
 
             animate_rf(model, shape, args.gif, layer=layer, mode=args.mode)
+
+
+def _say_warnings(caught, args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...], pos) -> None:
+    """The table's own warnings as one line each in the command line's words; any other warning as it was."""
+    for warning in caught:
+        text = str(warning.message)
+        if text.startswith("rf_table:"):
+            print(f"{PROG}: warning: {_probe_message(text, args, model, shape, pos)}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 @contextmanager
@@ -329,9 +343,11 @@ def _probe_message(message: str, args: argparse.Namespace, model: nn.Module, sha
     ):
         message = message.replace(name, option, 1)
     message = re.sub(r"(?<![\w-])layout='([^']*)'", r"--layout \1", message)
-    hints = {"layer": "--layer NAME", "pos": "--pos I,J", "input_shape": "--input-shape C,H,W", "mode": "--mode M",
-             "layout": "--layout LAYOUT"}  # fmt: skip
-    message = re.sub(r"(?<![\w-])(layer|pos|input_shape|mode|layout)=(?=[\s,;.)]|$)", lambda m: hints[m[1]], message)
+    hints = {"layer": "--layer NAME", "layers": "--layer NAME (once per layer)", "pos": "--pos I,J",
+             "input_shape": "--input-shape C,H,W", "mode": "--mode M", "layout": "--layout LAYOUT"}  # fmt: skip
+    message = re.sub(
+        r"(?<![\w-])(layers|layer|pos|input_shape|mode|layout)=(?=[\s,;.)]|$)", lambda m: hints[m[1]], message
+    )
     # A shape in the library's words, (N, C, H, W), is C,H,W on the command line (the batch axis is implied).
     return re.sub(r"\(N, (C(?:, [A-Z])+)\)", lambda m: m[1].replace(" ", ""), message)
 

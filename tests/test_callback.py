@@ -181,6 +181,22 @@ def test_resume_continues_history_without_logging_initial_field_twice(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [None, 0, 1]
 
 
+def test_a_resumed_fit_logs_the_charts_and_note_but_not_the_initial_field_again(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    board = TensorBoardLogger(tmp_path, name="run")
+    fit(tmp_path, [RFCallback(layer="features"), checkpoint], max_epochs=1, logger=board, enable_checkpointing=True)
+    resumed_board = TensorBoardLogger(tmp_path, name="run")  # a new version
+    train, val = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=resumed_board, enable_checkpointing=True),
+                         callbacks=[RFCallback(layer="features")])  # fmt: skip
+    trainer.fit(ConvClassifier(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed_board.log_dir != board.log_dir
+    events = read_events(resumed_board.log_dir)
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    assert "rf/features/positions/text_summary" in events.Tags()["tensors"]
+    assert [e.step for e in events.Scalars("rf/features/pos0/size_h/weights")] == [2 * STEPS_PER_EPOCH]
+
+
 def test_two_callbacks_share_a_trainer(tmp_path):
     a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features.0", pos=[(2, 2), (5, 5)])
     assert a.state_key != b.state_key

@@ -659,6 +659,10 @@ def test_rf_table_by_default_leaves_out_last_axis_rows_and_the_rows_shaped_like_
     assert "read in layout='channels_first' only because it says so" in contradicted
     assert "permute (1, 8, 8, 12) (like blocks.0.norm1, acting on its last axis)" in contradicted
     assert [r.name for r in rows] == ["patch"]
+    with pytest.raises(ValueError, match="layers=\\['blocks.0.mlp.1'\\]: layer 'blocks.0.mlp.1' returns the output"):
+        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.mlp.1"])
+    with pytest.raises(ValueError, match=r"\(16, 4, 24\): its first axis holds 16 where the input holds one sample"):
+        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.attn.qkv"], layout="channels_last")
 
 
 def test_rf_table_leaves_out_rows_whose_shape_cannot_tell_the_layouts_apart():
@@ -701,10 +705,6 @@ def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
         assert blocks <= {r.name for r in rows} and {r.layout for r in rows} == {"channels_first"}
     else:  # the MLP inside is read channels last; the blocks, shaped like the stem, are left out
         assert not blocks & {r.name for r in rows} and "1.0.block.3" in {r.name for r in rows}
-    with pytest.raises(ValueError, match="layers=\\['blocks.0.mlp.1'\\]: layer 'blocks.0.mlp.1' returns the output"):
-        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.mlp.1"])
-    with pytest.raises(ValueError, match=r"\(16, 4, 24\): its first axis holds 16 where the input holds one sample"):
-        rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.attn.qkv"], layout="channels_last")
 
 
 def test_rf_table_reads_token_rows_on_the_grid():
@@ -826,3 +826,12 @@ def test_lightning_cli_takes_the_layout_as_a_string(tmp_path):
     run = cli.LightningCLI(ChannelsLastClassifier, args=args, run=False)
     (callback,) = [c for c in run.trainer.callbacks if isinstance(c, RFCallback)]
     assert callback.layout == "tokens:14x14+1" and "tokens:14x14+1" in callback.state_key
+
+
+def test_rf_probe_says_the_tables_warnings_in_its_own_words(capsys):
+    assert main(["tests.test_layouts:tiny_swin", "--input-shape", "3,32,32", "--table", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rf-probe: warning: rf_table:")]
+    assert len(lines) == 2 and "layout=" not in err
+    assert "pass --layout channels_last" in err and "read in --layout channels_first only because it says so" in err
+    assert "list them in --layer NAME (once per layer) to read them in --layout channels_first" in err
