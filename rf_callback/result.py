@@ -201,8 +201,12 @@ class ReceptiveFieldMap:
         )
 
     def to_dict(self) -> dict:
-        """Returns the map as JSON-serialisable built-in types (nested lists of ``[first, last]`` per axis)."""
-        return {
+        """Returns the map as JSON-serialisable built-in types (nested lists of ``[first, last]`` per axis).
+
+        ``element`` and ``layout`` are there only when they are not the defaults, as in
+        :meth:`ReceptiveField.to_dict`.
+        """
+        record = {
             "bounds": torch.stack([self.first, self.last], dim=-1).tolist(),
             "geometry": [_geometry_dict(g) for g in self.geometry],
             "input_shape": list(self.input_shape),
@@ -210,6 +214,11 @@ class ReceptiveFieldMap:
             "mode": self.mode,
             "layer": self.layer,
         }
+        if self.element is not None:
+            record["element"] = self.element
+        if self.layout != CHANNELS_FIRST:
+            record["layout"] = str(self.layout)
+        return record
 
 
 @dataclass(frozen=True)

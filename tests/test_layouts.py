@@ -209,10 +209,9 @@ def test_a_conv_stack_permuted_to_channels_last_gives_exactly_the_channels_first
     assert all(torch.equal(a.heatmap, b.heatmap) for a, b in zip(first, last))
     assert last[0].output_shape == (8, 8) and last[0].layout == "channels_last"
     assert tuple(last[0].geometry) == tuple(first[0].geometry)  # the geometry reads channels last on thin inputs too
-    assert torch.equal(
-        probe_rf(ChannelsLast(features), (1, 2, 32, 32), "all", mode=mode, layout="channels_last").last,
-        probe_rf(features, (1, 2, 32, 32), "all", mode=mode).last,
-    )
+    every = probe_rf(ChannelsLast(features), (1, 2, 32, 32), "all", mode=mode, layout="channels_last")
+    assert torch.equal(every.last, probe_rf(features, (1, 2, 32, 32), "all", mode=mode).last)
+    assert every.to_dict()["layout"] == "channels_last" and "layout" not in probe_rf(features, (1, 2, 8, 8)).to_dict()
 
 
 @pytest.mark.parametrize("mode", MODES)
