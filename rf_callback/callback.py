@@ -441,6 +441,12 @@ class RFCallback(Callback):
                 raise MisconfigurationException(f"RFCallback: {error}") from error
             self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error), strict=self.strict)
             return
+        cells = [field.position for field in theoretical]
+        if len(set(cells)) < len(cells):
+            raise MisconfigurationException(
+                f"RFCallback(pos={self.pos!r}): positions {cells} name the same output cell more than once (negative "
+                f"indices count from the end of the {theoretical[0].output_shape} map); list each cell once"
+            )
         self._theoretical = theoretical
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
@@ -636,8 +642,12 @@ class RFCallback(Callback):
         for writer in self._writers(trainer):
             with self._guard(f"logger {writer.name}", f"writing the callback's charts to {writer.name}",
                              logger_fix(writer.name)):  # fmt: skip
-                writer.charts(dashboard.chart_layout(self.layer_name, len(theoretical), axes))
-                writer.text(f"rf/{self.layer_name}/positions", note, 0)
+                effective = self.effective is not False and _has_validation(trainer, trainer.lightning_module)
+                charts = dashboard.chart_layout(
+                    self.layer_name, len(theoretical), axes, target=target is not None, effective=effective
+                )
+                writer.charts(charts)
+                writer.text(dashboard.note_tag(self.layer_name), note, 0)
 
     def _log_fields(
         self, trainer, kind: str, fields, *, step: int, figures: bool, pl_module=None, beside: bool = False
@@ -665,7 +675,7 @@ class RFCallback(Callback):
     def _writers(self, trainer) -> list[LoggerWriter]:
         writers = [writer_for(logger) for logger in trainer.loggers]
         for writer in writers:
-            if not writer.known and writer.name not in self._said_scalars_only:
+            if self.log_images and not writer.known and writer.name not in self._said_scalars_only:
                 self._said_scalars_only.add(writer.name)
                 rank_zero_warn(
                     f"RFCallback: {writer.name} gets the scalars only (through log_metrics); the heatmaps and "
@@ -718,7 +728,7 @@ class RFCallback(Callback):
         for index, field in enumerate(fields):
             with self._guard("images", "drawing the field's images", IMAGES_FIX):
                 caption = self._caption(field)
-                heatmap = heatmap_image(field.heatmap, depth=(field.bounds[0][0] + field.bounds[0][1]) // 2)
+                heatmap = heatmap_image(field.heatmap)
                 self._log_image(trainer, dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}"), heatmap, step,
                                 caption)  # fmt: skip
                 if figures:
@@ -730,7 +740,7 @@ class RFCallback(Callback):
     def _log_final_figures(self, trainer) -> None:
         from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
 
-        step, layer = trainer.global_step, self.layer_name
+        step, layer = self.history[-1]["step"] if self.history else trainer.global_step, self.layer_name
         for index, field in enumerate(self._last_fields):
             figure = figure_to_array(plot_rf_figure(field))
             self._log_image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self._caption(field))

@@ -31,6 +31,7 @@ __all__ = [
     "effective_scalars",
     "field_scalars",
     "image_tag",
+    "note_tag",
     "positions_note",
     "target_scalars",
 ]
@@ -141,7 +142,9 @@ def image_tag(layer: str, index: int, name: str) -> str:
     return f"{_base('rf', layer, index)}/{name}"
 
 
-def chart_layout(layer: str, positions: int, axes: int) -> dict[str, dict[str, list[str]]]:
+def chart_layout(
+    layer: str, positions: int, axes: int, *, target: bool = True, effective: bool = True
+) -> dict[str, dict[str, list[str]]]:
     """Charts overlaying, per position and axis, the theoretical, weights, effective and target sizes.
 
     Chart titles hold the layer and position index only, so the layouts of two runs merge into the same charts.
@@ -150,21 +153,40 @@ def chart_layout(layer: str, positions: int, axes: int) -> dict[str, dict[str, l
         layer: the probed layer as logged.
         positions: how many positions are probed.
         axes: how many spatial axes the input has.
+        target: a target size is logged: add the charts of its coverage and margin (with the effective field).
+        effective: the effective field is logged: add the chart of its extent over the theoretical size.
 
     Returns:
         ``{category: {chart title: [tag regex, ...]}}``: one category per layer; per position a chart per axis
-        (the four sizes), one for the target's coverage and one for the effective extent over the theoretical size.
+        (the four sizes), then, where logged, whether the target is covered, the margin, and the effective extent
+        over the theoretical size.
     """
     charts: dict[str, list[str]] = {}
     escaped = re.escape(layer)
     for index in range(positions):
+        base = f"rf/{escaped}/pos{index}"
         for axis in AXIS_NAMES[axes]:
-            charts[f"{layer} · pos{index} · size along {axis}"] = [f"^rf/{escaped}/pos{index}/size_{axis}/"]
-        charts[f"{layer} · pos{index} · covers the target (1 = yes), margin"] = [f"^rf/{escaped}/pos{index}/target/"]
-        charts[f"{layer} · pos{index} · effective extent / theoretical size"] = [
-            f"^rf-effective/{escaped}/pos{index}/ratio_"
-        ]
+            charts[f"{layer} · pos{index} · size along {axis}"] = [f"^{base}/size_{axis}/"]
+        if target and effective:
+            charts[f"{layer} · pos{index} · covers the target (1 = yes)"] = [f"^{base}/target/covered$"]
+            charts[f"{layer} · pos{index} · margin: effective extent − target"] = [f"^{base}/target/margin$"]
+        if effective:
+            charts[f"{layer} · pos{index} · effective extent / theoretical size"] = [
+                f"^rf-effective/{escaped}/pos{index}/ratio_"
+            ]
     return {f"receptive field of {layer}": charts}
+
+
+def note_tag(layer: str) -> str:
+    """The tag of the note saying which cell each position index is: ``rf/L/positions``.
+
+    Args:
+        layer: the probed layer as logged.
+
+    Returns:
+        The tag.
+    """
+    return f"rf/{layer}/positions"
 
 
 def positions_note(layer: str, fields: Sequence[ReceptiveField], target: Sequence[int] | None) -> str:

@@ -122,5 +122,8 @@ def writer_for(logger) -> LoggerWriter:
 
 
 def _mlflow_key(tag: str) -> str:
-    """MLflow keys allow letters, digits, ``_ - . /`` and spaces; anything else becomes ``_``."""
-    return re.sub(r"[^\w\-./ ]", "_", tag)
+    """The tag as ``MLFlowLogger.log_metrics`` writes a metric's name, so a layer's images sit beside its scalars.
+
+    MLflow allows ASCII letters, digits, ``_ - . /`` and spaces; Lightning drops the rest, and so does this.
+    """
+    return re.sub(r"[^a-zA-Z0-9_/. -]+", "", tag)

@@ -196,9 +196,11 @@ def plot_growth(
             ax_extent.plot(epochs, values, marker="o", label=name)
         elif name.startswith("std_"):
             ax_std.plot(epochs, values, marker="o", label=name)
-    sizes = sorted(set(int(t) for t in target)) if target is not None else []
-    for size in sizes:
-        ax_extent.axhline(size, color="0.35", linestyle="--", linewidth=1.2, label=f"target {size}")
+    target = [int(t) for t in target] if target is not None else []
+    axes = ("l",) if len(target) == 1 else ("h", "w") if len(target) == 2 else ("d", "h", "w")
+    for size in sorted(set(target)):  # one line per size; named by axis where the axes' targets differ
+        named = "" if len(set(target)) == 1 else " " + ", ".join(a for a, t in zip(axes, target) if t == size)
+        ax_extent.axhline(size, color="0.35", linestyle="--", linewidth=1.2, label=f"target{named} {size}")
     for ax, label in ((ax_extent, "mass extent (inputs)"), (ax_std, "standard deviation (inputs)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -214,27 +216,29 @@ def heatmap_image(heatmap: torch.Tensor, *, depth: int | None = None, min_side: 
 
     The heatmap is normalised to its maximum and coloured with the colour map of :func:`plot_rf`; each input pixel
     becomes a square block of pixels (nearest neighbour, never interpolated) so that the longer side reaches
-    ``min_side``: a 5 x 5 field on a 48 x 48 input is 25 x 25 screen pixels. A 1D heatmap becomes a strip
-    ``_STRIP_HEIGHT`` rows high; a 3D one is shown at depth ``depth`` (default: the middle).
+    ``min_side`` or just under it (whole multiples only; never shrunk): a 5 x 5 field on a 48 x 48 input is 25 x 25
+    screen pixels. A 1D heatmap becomes a strip ``_STRIP_HEIGHT`` rows high; a 3D one is shown at depth ``depth``
+    (default: the depth slice holding the most mass, which lies inside the field).
 
     Args:
         heatmap: a 1D, 2D or 3D heatmap (a field's ``heatmap``).
         depth: for a 3D heatmap, the depth index to show.
-        min_side: the longer side, in pixels, the image is enlarged to (whole multiples only; never shrunk).
+        min_side: the longer side, in pixels, the image is enlarged towards.
 
     Returns:
         A ``uint8`` RGB array ``(height, width, 3)``.
     """
     values = heatmap.detach().float().cpu()
+    strip = values.dim() == 1
     if values.dim() == 3:
-        values = values[values.shape[0] // 2 if depth is None else depth]
+        values = values[int(values.abs().sum(dim=(1, 2)).argmax()) if depth is None else depth]
     peak = values.max()
     values = (values / peak if peak > 0 else values).numpy()
-    if values.ndim == 1:
+    if strip:
         values = values[None, :]
     scale = max(1, min_side // max(values.shape))
     values = values.repeat(scale, axis=0).repeat(scale, axis=1)
-    if values.shape[0] < _STRIP_HEIGHT:  # a 1D strip
+    if strip:
         values = values.repeat(-(-_STRIP_HEIGHT // values.shape[0]), axis=0)
     colours = matplotlib.colormaps[_HEATMAP_CMAP](values)[..., :3]
     return (colours * 255).round().astype(np.uint8)

@@ -197,6 +197,21 @@ def test_a_resumed_fit_logs_the_charts_and_note_but_not_the_initial_field_again(
     assert [e.step for e in events.Scalars("rf/features/pos0/size_h/weights")] == [2 * STEPS_PER_EPOCH]
 
 
+def test_positions_naming_one_cell_twice_are_refused_before_training(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"positions \[\(7, 7\), \(7, 7\)\] name the same output"):
+        fit(tmp_path, [RFCallback(layer="features", pos=[(7, 7), (-1, -1)])], logger=False)
+
+
+def test_fit_end_pictures_are_logged_at_the_step_of_the_probe_they_show(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    fit(tmp_path, [RFCallback(layer="features", every_n_epochs=2)], max_epochs=3, logger=logger)
+    events = read_events(logger.log_dir)
+    probes = [e.step for e in events.Scalars("rf/features/pos0/size_h/weights")]
+    assert probes == [0, 2 * STEPS_PER_EPOCH]  # no probe after the third epoch
+    for image in ("figure", "overlay", "growth"):
+        assert events.Images(f"rf/features/pos0/{image}")[-1].step == probes[-1], image
+
+
 def test_two_callbacks_share_a_trainer(tmp_path):
     a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features.0", pos=[(2, 2), (5, 5)])
     assert a.state_key != b.state_key

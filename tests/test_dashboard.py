@@ -102,6 +102,16 @@ def test_chart_titles_hold_no_coordinates_so_runs_share_them():
     assert not any(re.search(r"\d+_\d+|\(\d+, \d+\)", title) for title in charts)
 
 
+def test_charts_only_for_what_is_logged():
+    (charts,) = dashboard.chart_layout("f", positions=1, axes=2, target=False, effective=True).values()
+    assert not any("target" in title for title in charts) and "f · pos0 · effective extent / theoretical size" in charts
+    (charts,) = dashboard.chart_layout("f", positions=1, axes=3, target=True, effective=False).values()
+    assert list(charts) == [f"f · pos0 · size along {axis}" for axis in "dhw"]  # coverage needs the effective field
+    (charts,) = dashboard.chart_layout("f", positions=1, axes=2).values()
+    assert charts["f · pos0 · covers the target (1 = yes)"] == ["^rf/f/pos0/target/covered$"]
+    assert charts["f · pos0 · margin: effective extent − target"] == ["^rf/f/pos0/target/margin$"]
+
+
 def test_chart_regexes_escape_the_layer_name():
     (charts,) = dashboard.chart_layout("backbone.layer4", positions=2, axes=1).values()
     (regex,) = charts["backbone.layer4 · pos1 · size along l"]

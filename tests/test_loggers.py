@@ -156,3 +156,20 @@ def test_writers_are_chosen_by_the_nearest_lightning_base_class(tmp_path):
 
     assert type(writer_for(ClassicBoard(tmp_path))) is TensorBoardWriter
     assert {WandbWriter.takes_images, MLflowWriter.takes_images} == {True}
+
+
+def test_mlflow_image_keys_are_the_metric_names_lightning_writes(tmp_path):
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="rf", tracking_uri=tracking, artifact_location=str(tmp_path / "artifacts"))
+    tag = "rf/étage.conv(1)/pos0/heatmap/weights"  # MLflow refuses é and parentheses
+    logger.log_metrics({tag.replace("heatmap/weights", "size_h/weights"): 3.0}, step=0)
+    writer_for(logger).image(tag, np.zeros((4, 4, 3), np.uint8), 0, "caption")
+    client = MlflowClient(tracking)
+    (metric,) = client.get_run(logger.run_id).data.metrics
+    assert metric == "rf/tage.conv1/pos0/size_h/weights"
+    (image,) = [a.path for a in client.list_artifacts(logger.run_id, "images") if a.path.endswith(".png")]
+    assert image.startswith("images/rf~tage.conv1~pos0~heatmap~weights+step+0+")

@@ -378,7 +378,9 @@ def test_heatmap_image_of_1d_and_3d_fields():
     volume = torch.zeros(5, 8, 8)
     volume[1, 2, 3] = 1.0
     assert heatmap_image(volume, depth=1).shape == (256, 256, 3)
-    assert heatmap_image(volume, depth=1).max() > heatmap_image(volume).max()  # the middle depth (2) is empty
+    assert (heatmap_image(volume) == heatmap_image(volume, depth=1)).all()  # the slice with the mass, not the middle
+    assert heatmap_image(volume, depth=2).max() < heatmap_image(volume).max()  # the middle is empty
+    assert heatmap_image(torch.rand(4, 512)).shape == (4, 512, 3)  # a thin 2D map is not stretched like a strip
 
 
 def test_effective_overlay_draws_the_target_centred_on_the_field():
@@ -404,3 +406,5 @@ def test_growth_curve_draws_the_target_line():
     assert list(lines["target 16"].get_ydata()) == [16, 16]
     assert list(lines["extent0.95_h"].get_ydata()) == [5.0, 9.0]
     assert not any("target" in line.get_label() for line in plot_growth(rows).axes[0].get_lines())
+    labels = [line.get_label() for line in plot_growth(rows, target=(4, 6)).axes[0].get_lines()]
+    assert {"target h 4", "target w 6"} <= set(labels)
