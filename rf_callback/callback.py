@@ -432,6 +432,7 @@ class RFCallback(Callback):
                 self._describe_dashboard(trainer, theoretical, self._target_for(len(self.input_shape) - 2))
             return
         target = self._target_for(len(self.input_shape) - 2)  # refused now if it does not fit the input's axes
+        theoretical = None
         try:
             theoretical = self._probe(pl_module, "theoretical")
         except MisconfigurationException:
@@ -440,6 +441,10 @@ class RFCallback(Callback):
             if is_argument_error(error, shape_given=self._shape_source == "input_shape="):
                 raise MisconfigurationException(f"RFCallback: {error}") from error
             self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error), strict=self.strict)
+        # The ranks agree: the theoretical sizes are synced beside every later probe only where all ranks have them.
+        if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(theoretical is not None, all=True):
+            theoretical = None
+        if theoretical is None:
             return
         cells = [field.position for field in theoretical]
         if len(set(cells)) < len(cells):

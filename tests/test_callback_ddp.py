@@ -138,6 +138,43 @@ def test_on_miss_stop_ends_cleanly_on_both_ranks(tmp_path):
     assert "stopped covering" in output
 
 
+_FIT_START_PROBES = {"failed": False}
+
+
+class _FailsOnRankOneAtFitStart(torch.nn.Module):
+    """Wraps features; on rank 1, the first forward on one sample (the fit-start probe's copy) raises."""
+
+    def __init__(self, features: torch.nn.Module):
+        super().__init__()
+        self.inner = features
+
+    def forward(self, x):
+        if len(x) == 1 and torch.distributed.get_rank() == 1 and not _FIT_START_PROBES["failed"]:
+            _FIT_START_PROBES["failed"] = True
+            raise RuntimeError("a failure on rank 1 only")
+        return self.inner(x)
+
+
+def fit_ddp_one_rank_fails_at_fit_start(out_dir: str) -> None:
+    """A run whose fit-start probe fails on rank 1 only: the ranks must still log the same synced keys."""
+    model = ConvClassifier()
+    model.features = _FailsOnRankOneAtFitStart(model.features)
+    trainer = pl.Trainer(
+        callbacks=[RFCallback(layer="features"), _RecordRank(out_dir)],
+        logger=False,
+        **trainer_kwargs(out_dir, devices=WORLD_SIZE, strategy="ddp_spawn"),
+    )
+    trainer.fit(model, *loaders())
+
+
+def test_a_fit_start_probe_that_fails_on_one_rank_skips_it_on_all(tmp_path):
+    _spawn("fit_ddp_one_rank_fails_at_fit_start", tmp_path)  # no deadlock on mismatched synced keys
+    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert rank0["callback_metrics"] == rank1["callback_metrics"]
+    # rank 0's own fit-start probe succeeded, but no fit-start entry: the ranks agreed to skip it
+    assert [h["epoch"] for h in rank0["history"]] == [h["epoch"] for h in rank1["history"]] == [0, 1]
+
+
 def _final_model(ddp_run) -> ConvClassifier:
     model = ConvClassifier()
     model.load_state_dict(torch.load(ddp_run.out / "final.pt"))
