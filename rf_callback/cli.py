@@ -22,7 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import CopyError
 from rf_callback.arguments import checked_layout
-from rf_callback.layouts import CHANNELS_FIRST
+from rf_callback.layouts import AXIS_NAMES, CHANNELS_FIRST, axis_letters
 from rf_callback.probe import ProbeError, probe_rf
 from rf_callback.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.table import LayerField, rf_table
@@ -49,8 +49,6 @@ called, an input shape the model rejects, a model the probe cannot measure, a pi
 with a one-line message on stderr and no traceback ({TRACEBACK_VARIABLE}=1 shows the traceback of an unexpected
 one); 130 when interrupted (Ctrl-C); 0, quietly, when the reader of its output leaves early (| head).
 --plot and --gif paths are checked before anything is probed."""
-
-_AXES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
 class _UsageError(Exception):
@@ -360,9 +358,9 @@ def _rank_mismatch(model: nn.Module, text: str, shape: tuple[int, ...]) -> str |
     name, conv = first
     takes, values = len(conv.kernel_size), list(shape[1:])
     given = len(values) - 1
-    if takes == given or takes not in _AXES:
+    if takes == given or takes not in AXIS_NAMES:
         return None
-    read = ", ".join(f"{axis}={value}" for axis, value in zip(("C", *_AXES[given]), values))
+    read = ", ".join(f"{axis}={value}" for axis, value in zip(("C", *axis_letters(given)), values))
     if len(values) >= takes:
         spatial = values[-takes:]
     else:
@@ -378,7 +376,7 @@ def _rank_mismatch(model: nn.Module, text: str, shape: tuple[int, ...]) -> str |
     return (
         f"--input-shape {text} is read as {read} (channels first, no batch axis): it has {given} spatial axes, but "
         f"the convolution {name or '(the model)'} ({type(conv).__name__}), the model's first, takes {takes}: pass "
-        f"{','.join(('C', *_AXES[takes]))}, e.g. {example}{why}"
+        f"{','.join(('C', *axis_letters(takes)))}, e.g. {example}{why}"
     )
 
 

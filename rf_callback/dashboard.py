@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from rf_callback.layouts import AXIS_NAMES
 from rf_callback.result import EffectiveField, ReceptiveField
 
 __all__ = [
-    "AXIS_NAMES",
     "EFFECTIVE_SCALARS",
     "chart_layout",
     "coverage_scalars",
@@ -36,7 +36,6 @@ __all__ = [
     "target_scalars",
 ]
 
-AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
 EFFECTIVE_SCALARS = ("summary", "all")  # the effective-field scalars logged: the summary, or every metric
 _SUMMARY = {"extent{q}_ratio_{a}": "ratio_{a}", "com_offset_{a}": "offset_{a}", "std_{a}": "spread_{a}"}
 

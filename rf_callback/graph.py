@@ -13,7 +13,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import ProbeError, global_hooks_suspended, pooled_length, prepared_copy, probe_functions
 from rf_callback.arguments import checked_layout
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.layouts import CHANNELS_FIRST, Tokens, axis_letters
 from rf_callback.support import Position
 
 
@@ -304,9 +304,6 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
     )
 
 
-_AXIS_LETTERS = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
-
-
 def as_channels_first(
     output: torch.Tensor, layout, input_shape, layer: str | None, *, batch: int, merged: Sequence[str] = ()
 ) -> torch.Tensor:
@@ -387,7 +384,7 @@ def _folded_batch(output: torch.Tensor, batch: int, layer: str | None, merged: S
 
 def _rank_mismatch(output: torch.Tensor, parsed: str, layout, input_shape, layer) -> str:
     shape, axes, seen = tuple(output.shape), len(input_shape) - 2, output.dim() - 2
-    letters = ", ".join(_AXIS_LETTERS[axes])
+    letters = ", ".join(axis_letters(axes))
     read = f"channels first (N, C, {letters})" if parsed == CHANNELS_FIRST else f"channels last (N, {letters}, C)"
     text = (
         f"the output of {where(layer)} is {shape}, which layout={layout!r} reads as {seen} spatial "
@@ -410,7 +407,7 @@ def _axes(n: int) -> str:
 
 def _tokens_hint(layout, axes: int) -> str:
     """The tokens layout to pass, with placeholders, in the form the user wrote the layout."""
-    letters = _AXIS_LETTERS[axes]
+    letters = axis_letters(axes)
     if isinstance(layout, Tokens):
         grid = f"({letters[0]},)" if axes == 1 else f"({', '.join(letters)})"
         return f"Tokens(grid={grid}, prefix=P)"

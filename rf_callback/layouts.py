@@ -10,6 +10,20 @@ from dataclasses import dataclass
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST)
+# The spatial axes of a 1D, 2D and 3D input, as logged names (lower case) and shapes in messages (upper case) say them.
+AXIS_NAMES = {1: ("l",), 2: ("h", "w"), 3: ("d", "h", "w")}
+
+
+def axis_letters(axes: int) -> tuple[str, ...]:
+    """The letters of ``axes`` spatial axes in the shapes messages show: ``("H", "W")`` for 2.
+
+    Args:
+        axes: 1, 2 or 3.
+
+    Returns:
+        The upper-case :data:`AXIS_NAMES`.
+    """
+    return tuple(name.upper() for name in AXIS_NAMES[axes])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from rf_callback.layouts import AXIS_NAMES
 from rf_callback.result import Bounds, EffectiveField, ReceptiveField
 
 __all__ = ["animate_rf", "figure_to_array", "heatmap_image", "plot_effective", "plot_growth", "plot_rf"]
@@ -197,7 +198,7 @@ def plot_growth(
         elif name.startswith("std_"):
             ax_std.plot(epochs, values, marker="o", label=name)
     target = [int(t) for t in target] if target is not None else []
-    axes = ("l",) if len(target) == 1 else ("h", "w") if len(target) == 2 else ("d", "h", "w")
+    axes = AXIS_NAMES.get(len(target), ())
     for size in sorted(set(target)):  # one line per size; named by axis where the axes' targets differ
         named = "" if len(set(target)) == 1 else " " + ", ".join(a for a, t in zip(axes, target) if t == size)
         ax_extent.axhline(size, color="0.35", linestyle="--", linewidth=1.2, label=f"target{named} {size}")

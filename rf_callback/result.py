@@ -15,7 +15,7 @@ from rf_callback.effective import (
     spread,
 )
 from rf_callback.geometry import AxisGeometry, Bounds, LazyGeometry
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.layouts import AXIS_NAMES, CHANNELS_FIRST, Tokens
 
 __all__ = ["AxisGeometry", "Bounds", "EffectiveField", "ReceptiveField", "ReceptiveFieldMap"]
 
@@ -257,7 +257,7 @@ class EffectiveField:
         theoretical field's centre), ``std_<axis>`` (from second moments) and ``area<t>`` / ``side<t>`` (RepLKNet's
         high-contribution area ratio and square side at t = 0.2, 0.3, 0.5, 0.99; ``None`` where no square fits).
         """
-        names = ("l",) if self.heatmap.dim() == 1 else ("h", "w") if self.heatmap.dim() == 2 else ("d", "h", "w")
+        names = AXIS_NAMES[self.heatmap.dim()]
         result: dict[str, float | None] = {}
         for q in qs:
             for name, (first, last), size in zip(names, self.extent(q), self.theoretical.size):
