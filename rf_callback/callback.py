@@ -642,15 +642,13 @@ class RFCallback(Callback):
         """Declares the charts overlaying the sizes, and says which cell each position index is."""
         if not trainer.is_global_zero:
             return
-        axes = len(self.input_shape) - 2
+        effective = self.effective is not False and _has_validation(trainer, trainer.lightning_module)
+        charts = dashboard.chart_layout(
+            self.layer_name, len(theoretical), len(self.input_shape) - 2, target=target is not None, effective=effective
+        )
         note = dashboard.positions_note(self.layer_name, theoretical, target)
         for writer in self._writers(trainer):
-            with self._guard(f"logger {writer.name}", f"writing the callback's charts to {writer.name}",
-                             logger_fix(writer.name)):  # fmt: skip
-                effective = self.effective is not False and _has_validation(trainer, trainer.lightning_module)
-                charts = dashboard.chart_layout(
-                    self.layer_name, len(theoretical), axes, target=target is not None, effective=effective
-                )
+            with self._writing(writer, "charts"):
                 writer.charts(charts)
                 writer.text(dashboard.note_tag(self.layer_name), note, 0)
 
@@ -666,8 +664,7 @@ class RFCallback(Callback):
         for index, field in enumerate(fields):
             metrics.update(dashboard.field_scalars(self.layer_name, index, field, kind))
             if beside and kind != "theoretical" and self._theoretical is not None:
-                sizes = dashboard.field_scalars(self.layer_name, index, self._theoretical[index], "theoretical")
-                metrics.update({k: v for k, v in sizes.items() if k.startswith("rf/")})
+                metrics.update(dashboard.size_scalars(self.layer_name, index, self._theoretical[index], "theoretical"))
             target = self._target_for(len(field.bounds))
             if target is not None and (beside or kind == "theoretical"):  # once per probe
                 metrics.update(dashboard.target_scalars(self.layer_name, index, target))
@@ -700,15 +697,18 @@ class RFCallback(Callback):
             return
         # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
         for writer in self._writers(trainer):
-            with self._guard(f"logger {writer.name}", f"writing the callback's scalars to {writer.name}",
-                             logger_fix(writer.name)):  # fmt: skip
+            with self._writing(writer, "scalars"):
                 writer.scalars(metrics, step)
 
     def _log_image(self, trainer, tag: str, image: np.ndarray, step: int, caption: str) -> None:
         for writer in self._image_writers(trainer):
-            with self._guard(f"logger {writer.name}", f"writing the callback's images to {writer.name}",
-                             logger_fix(writer.name)):  # fmt: skip
+            with self._writing(writer, "images"):
                 writer.image(tag, image, step, caption)
+
+    def _writing(self, writer: LoggerWriter, what: str):
+        """Guards a write to one logger: each logger's failure is its own kind, warned once."""
+        return self._guard(f"logger {writer.name}", f"writing the callback's {what} to {writer.name}",
+                           logger_fix(writer.name))  # fmt: skip
 
     def _caption(self, field: ReceptiveField | EffectiveField) -> str:
         if isinstance(field, EffectiveField):
@@ -746,18 +746,17 @@ class RFCallback(Callback):
         from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
 
         step, layer = self.history[-1]["step"] if self.history else trainer.global_step, self.layer_name
+        target = self._target_for(len(self.input_shape) - 2)
         for index, field in enumerate(self._last_fields):
             figure = figure_to_array(plot_rf_figure(field))
             self._log_image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self._caption(field))
         for index, field in enumerate(self._last_effective.values()):
-            target = self._target_for(len(field.theoretical.bounds))
             overlay = plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass, target=target)
             tag = dashboard.image_tag(layer, index, "overlay")
             self._log_image(trainer, tag, figure_to_array(overlay), step, self._caption(field))
         entries = [h for h in self.history if h.get("effective")]
         for index, label in enumerate(entries[-1]["effective"] if entries else []):
             rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
-            target = self._target_for(len(self.input_shape) - 2)
             title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
             image = figure_to_array(plot_growth(rows, title=title, target=target))
             self._log_image(trainer, dashboard.image_tag(layer, index, "growth"), image, step, title)

@@ -31,6 +31,7 @@ __all__ = [
     "effective_scalars",
     "field_scalars",
     "image_tag",
+    "size_scalars",
     "note_tag",
     "positions_note",
     "target_scalars",
@@ -44,6 +45,22 @@ def _base(group: str, layer: str, index: int) -> str:
     return f"{group}/{layer}/pos{index}"
 
 
+def size_scalars(layer: str, index: int, field: ReceptiveField, kind: str) -> dict[str, float]:
+    """The size of a probed field along each axis.
+
+    Args:
+        layer: the probed layer as logged (``output``, or its dotted name).
+        index: the position's index in ``pos``.
+        field: the probed field.
+        kind: ``"theoretical"`` or ``"weights"``.
+
+    Returns:
+        ``rf/L/posI/size_a/<kind>`` for every axis.
+    """
+    names = AXIS_NAMES[len(field.bounds)]
+    return {f"{_base('rf', layer, index)}/size_{axis}/{kind}": float(size) for axis, size in zip(names, field.size)}
+
+
 def field_scalars(layer: str, index: int, field: ReceptiveField, kind: str) -> dict[str, float]:
     """The size, first and last index of a probed field along each axis.
 
@@ -54,11 +71,10 @@ def field_scalars(layer: str, index: int, field: ReceptiveField, kind: str) -> d
         kind: ``"theoretical"`` or ``"weights"``.
 
     Returns:
-        ``rf/L/posI/size_a/<kind>`` and ``rf-span/L/posI/<kind>/{first_a,last_a}`` for every axis.
+        :func:`size_scalars`, and ``rf-span/L/posI/<kind>/{first_a,last_a}`` for every axis.
     """
-    metrics = {}
+    metrics = size_scalars(layer, index, field, kind)
     for axis, (first, last) in zip(AXIS_NAMES[len(field.bounds)], field.bounds):
-        metrics[f"{_base('rf', layer, index)}/size_{axis}/{kind}"] = float(last - first + 1)
         metrics[f"{_base('rf-span', layer, index)}/{kind}/first_{axis}"] = float(first)
         metrics[f"{_base('rf-span', layer, index)}/{kind}/last_{axis}"] = float(last)
     return metrics
