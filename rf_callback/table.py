@@ -101,8 +101,12 @@ class _Output:
     misfit: str | None = None  # why the output does not fit that layout
     grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
-    assumed: bool = False  # read in rf_table's layout= alone (no module type or shared tensor fixes it)
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
+
+    @property
+    def assumed(self) -> bool:
+        """Read in rf_table's ``layout=`` alone: no module type fixes its layout, and it is no other row's tensor."""
+        return self.same_as is None and self.known != CHANNELS_FIRST
 
 
 # Modules that the theoretical copy computes as identities (per-pixel scales at most): their output's theoretical
@@ -204,9 +208,10 @@ def rf_table(
     (which act on the last axis) is never read channels first. A row whose output does not fit its layout
     (another number of spatial axes than the input's, another number of tokens than the grid's, a batch axis
     that holds more than the sample: windows folded into it) is left out with a warning that says why, or
-    refused when ``layers`` names it. ``LayerField.layout`` says how each row was read. Where blocks switch
-    layouts inside (ConvNeXt's channels-last MLP between channels-first convolutions), list the rows of each
-    layout with ``layers`` and that ``layout``.
+    refused when ``layers`` names it. So is a row read in ``layout`` alone whose output shape is that of a row
+    whose module type reads otherwise (a ConvNeXt block that permutes back to channels first, under
+    ``layout="channels_last"``): the shape is the only evidence. ``LayerField.layout`` says how each row was read;
+    ``layers`` reads the rows it names in ``layout`` whatever their shape.
 
     Args:
         model: a network taking inputs shaped ``(N, C, *spatial)`` with 1, 2 or 3 spatial axes (not modified).
@@ -476,7 +481,6 @@ def _forward_outputs(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
                 fixed_size=tuple(functions.fixed_size), layout=row_layout, misfit=misfit, grid=grid,
                 feature_map=spatial and output.shape[0] == 1,
-                assumed=same_as is None and not isinstance(module, _CHANNELS_FIRST_MODULES),
                 known=_known_reading(module),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
