@@ -694,8 +694,13 @@ def tiny_convnext() -> nn.Module:
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
     model, shape = tiny_convnext(), (1, 3, 64, 32)
-    with pytest.warns(UserWarning, match="only because it says so while another row of the same output shape"):
+    with pytest.warns(
+        UserWarning, match="only because it says so while another row of the same output shape"
+    ) as record:
         rows = rf_table(model, shape, layout=layout)
+    if layout == "channels_first":  # the rows kept on layout='s word alone are named beside the misfits
+        (misfits,) = [str(w.message) for w in record if "do not fit the layout" in str(w.message)]
+        assert misfits.endswith("may be laid out as those left out are: 1.0.block.6, 1.0, 1.1.block.6, 1.1")
     for row in rows:  # each row as probed alone, in the layout the table read it in
         field = probe_rf(model, shape, "center", layer=row.name, layout=row.layout)
         assert (field.bounds, field.position) == (row.bounds, row.position), row.name
