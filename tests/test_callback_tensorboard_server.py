@@ -152,6 +152,8 @@ def test_served_custom_scalars_layout_overlays_the_sizes_per_axis(served):
     charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
     assert charts["features · pos0 · size along h"] == ["^rf/features/pos0/size_h/"]
     assert charts["features · pos0 · size along w"] == ["^rf/features/pos0/size_w/"]
+    assert "features · pos0 · effective extent / theoretical size" in charts  # the run measures the effective field
+    assert not any("target" in title for title in charts)  # but has no target_size: no empty coverage charts
     # the chart's regex picks the theoretical, weights' and effective sizes on one set of axes (no target here)
     query = urllib.parse.urlencode({"run": served.run, "tag": "^rf/features/pos0/size_h/"})
     served_lines = _get(f"{served.url}/data/plugin/custom_scalars/scalars?{query}")

@@ -143,6 +143,12 @@ def test_an_unknown_logger_gets_the_scalars_and_one_warning(tmp_path):
     assert [(int(row["step"]), float(row[SIZE_H])) for row in rows] == sizes
 
 
+def test_without_images_no_logger_is_warned_that_it_gets_the_scalars_only(tmp_path):
+    with recorded_warnings() as record:
+        fit(tmp_path, ListLogger(), log_images=False)
+    assert not any("gets the scalars only" in str(w.message) for w in record)
+
+
 def test_writers_are_chosen_by_the_nearest_lightning_base_class(tmp_path):
     class MyBoard(TensorBoardLogger):
         pass
