@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo probe-demo screenshots test lint format bench bench-env bench-real clean
+.PHONY: demo probe-demo screenshots test test-gpu lint format bench bench-env bench-real clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The tests marked `cuda` (skipped without a CUDA device), with the Python that has a CUDA build of torch:
+# `make test-gpu PY=python3` on a machine that has one installed.
+test-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed,)
+	$(PY) -m pytest -q -m cuda tests/test_gpu.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

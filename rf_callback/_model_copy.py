@@ -40,16 +40,18 @@ _NORMALISATIONS = frozenset(
 )
 _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 # Products of two input-dependent tensors (a squeeze-and-excitation gate, attention): with activations as
-# identities, their magnitudes square block after block until float32 overflows. The theoretical copy divides such a
-# product by its largest magnitude (a positive constant: the gradient's support does not change).
+# identities, their magnitudes square block after block until they overflow or underflow. The theoretical copy divides
+# such a product by its largest magnitude (a positive constant: the gradient's support does not change).
 _PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm",
                        "einsum", "multiply"})  # fmt: skip
 # Functions that couple every element along a dim: on the theoretical copy's equal values their real gradient cancels.
 _SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin", "special_softmax", "special_log_softmax", "_softmax",
                         "_log_softmax"})  # fmt: skip
-# A softmax input this far below its dim's largest is masked: exp() of it is 0 in every float dtype (float64 underflows
-# below -745), so the real output there is exactly 0 (a mask of -inf, finfo.min, -1e9 or -1e4 added to the scores).
-_MASKED_GAP = 1000.0
+# A softmax input this far below its dim's largest is masked: a mask added to attention scores (-inf, finfo.min, -1e9,
+# -1e4, or Swin's -100) puts it there, and its share of the output is below exp(-50) = 2e-22 of the largest. On the
+# theoretical copy the live scores are bounded products (at most 1 in magnitude, times a scale) plus position biases
+# (Swin V2's at most 16 either way), so a smaller gap comes from the copy's values, not the architecture.
+_MASKED_GAP = 50.0
 _ADAPTIVE_MAX_POOLS = {
     "adaptive_max_pool1d": F.adaptive_avg_pool1d,
     "adaptive_max_pool2d": F.adaptive_avg_pool2d,
@@ -105,12 +107,13 @@ class _ProbeFunctions(TorchFunctionMode):
     their module twins.
 
     Both modes: dropout is the identity (a ``forward`` calling ``F.dropout(x)`` with its default ``training=True``
-    would otherwise zero pixels at random and draw from the global random generator).
+    would otherwise zero pixels at random and draw from the global random generator), and a softmax's masked inputs
+    get no gradient (a -100 mask leaves them a tiny one; see :func:`_masked_softmax`).
     Theoretical mode also: activations and normalisations are the identity, max-pooling is its mean-pool twin,
     ``max``/``min`` along a dim give the mean's values, softmax along a dim passes every live (unmasked) input an equal
     share of the gradient (see :func:`_softmax_twin`; ``scaled_dot_product_attention`` is spelled out with it;
     ``multi_head_attention_forward`` is refused where its hidden softmax would lose a path), and a product of two
-    input-dependent tensors is divided by its largest magnitude (no overflow).
+    input-dependent tensors is divided by its largest magnitude (no overflow, no underflow).
 
     ``cuts`` records how the forward cuts the gradient on an input-dependent tensor: a function whose gradient is
     zero (``round``, ``argmax``), or a tensor made without gradient from the input (``.detach()``, an op inside
@@ -125,6 +128,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Calls whose output size is fixed rather than following the input's (adaptive pooling, an interpolation
         # to a size): the fields then change with the input's length, and no (r, S, P) describes them.
         self.fixed_size: list[str] = []
+        # The feature sizes of linear layers and layer norms (the length of the last axis they act on): an output
+        # whose last axis has one of them may be channels last (see graph.channels_last_evidence).
+        self.last_axis_sizes: set[int] = set()
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
@@ -157,7 +163,11 @@ class _ProbeFunctions(TorchFunctionMode):
             name in ("interpolate", "upsample") and _sized(args, kwargs)
         ):
             self.fixed_size.append(f"{name}()")
+        if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
+            self.last_axis_sizes.add(args[0].shape[-1])
         result = self._call(func, name, args, kwargs)
+        if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
+            self.last_axis_sizes.add(result.shape[-1])
         # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
         if (
@@ -185,8 +195,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
             return _mean_twin(func, args, kwargs)
-        if self.linearise and name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
-            return _softmax_twin(func, name, args, kwargs)
+        if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
+            return (_softmax_twin if self.linearise else _masked_softmax)(func, name, args, kwargs)
         if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(_qkv(args, kwargs)):
             return _attention_twin(*args, **kwargs)
         if self.linearise and name == "multi_head_attention_forward":
@@ -242,21 +252,52 @@ def _softmax_twin(func, name: str, args, kwargs):
     cotangent ``g`` is the same along the dim, as it is on the theoretical copy's equal values (attention over
     equal values, a gate over branches with equal fields): the paths through the scores would vanish. The twin gives
     every live input along the dim the mean of the cotangents instead. An input masked out (``_MASKED_GAP`` or more
-    below the largest: ``-inf``, ``finfo.min``, ``-1e9``, ``-1e4`` added) gets nothing, as in the real function; and
-    where fewer than two are live, the real output is a constant (1, or 0 for ``log_softmax``) and nothing gets any.
-    A smaller gap is no mask: it comes from the copy's values, not the architecture, so its input stays live.
+    below the largest: ``-inf``, ``finfo.min``, ``-1e9``, ``-1e4`` or ``-100`` added) gets nothing, neither gradient
+    nor weight (:func:`_masked_out`); and where fewer than two are live, the real output is a constant (1, or 0 for
+    ``log_softmax``) and nothing gets any. A smaller gap is no mask: it comes from the copy's values, not the
+    architecture, so its input stays live.
     """
     real = func(*args, **kwargs)
+    x, dim, live = _live(func, name, args, kwargs)
+    count = live.sum(dim, keepdim=True)
+    step = torch.where(live, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
+    share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
+    return _masked_out(real.detach(), live, name) + share.to(real.dtype)
+
+
+def _live(func, name: str, args, kwargs):
+    """The softmax's input, its dim, and where along the dim it is live (under ``_MASKED_GAP`` below the largest)."""
     x = args[0] if args else kwargs["input"]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None:  # F.softmax's implicit dim
         dim = 0 if x.dim() in (0, 1, 3) else 1
     scores = -x.detach() if name == "softmin" else x.detach()  # softmin is the softmax of -x
-    live = scores - scores.amax(dim, keepdim=True) > -_MASKED_GAP  # NaN (a row of -inf) is not live
-    count = live.sum(dim, keepdim=True)
-    step = torch.where(live, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
-    share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
-    return real.detach() + share.to(real.dtype)
+    return x, dim, scores - scores.amax(dim, keepdim=True) > -_MASKED_GAP  # NaN (a row of -inf) is not live
+
+
+def _masked_softmax(func, name: str, args, kwargs):
+    """The real ``softmax`` (weights mode), with no gradient to its masked inputs (see :func:`_live`).
+
+    A mask of -100 (Swin's) leaves its keys a weight of exp(-100) = 4e-44, and a gradient as small but not zero: the
+    field would take in every pixel the mask hides. The live inputs' gradients are the real ones.
+    """
+    x, _, live = _live(func, name, args, kwargs)
+    if bool(live.all()):
+        return func(*args, **kwargs)
+    gated = torch.where(live, x, x.detach())
+    return _masked_out(func(gated, *args[1:], **kwargs) if args else func(**{**kwargs, "input": gated}), live, name)
+
+
+def _masked_out(probabilities: torch.Tensor, live: torch.Tensor, name: str) -> torch.Tensor:
+    """A softmax's output with exactly 0 where its input is masked (not the tiny exp(-100) a -100 mask leaves).
+
+    The output weighs the values (``attention @ v``): a weight that is not exactly 0 passes the masked values'
+    gradient on, and their pixels into the field. ``log_softmax`` is left as it is (its masked outputs are large
+    negative numbers, no weights).
+    """
+    if "log" in name:
+        return probabilities
+    return torch.where(live, probabilities, torch.zeros((), dtype=probabilities.dtype, device=probabilities.device))
 
 
 def _attention_twin(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -332,10 +373,16 @@ def _input_dependent_factors(args) -> int:
 
 
 def _bounded(product: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    """``product`` divided by its largest magnitude (a positive constant: no support changes), so it is at most 1.
+
+    With activations as identities, a product of two input-dependent tensors squares magnitudes block after block: a
+    gate that multiplies a map by its own mean overflows above 1 and underflows, even in float64, below (16 such
+    blocks of values near 0.9 reach 0.9 ** 65536).
+    """
     if not isinstance(product, torch.Tensor) or not product.is_floating_point():
         return product
     scale = product.detach().abs().amax() if product.numel() else None
-    if scale is None or not bool(scale > 1):
+    if scale is None or not bool(scale > 0 and scale != 1):
         return product
     return product.div_(scale) if in_place else product / scale
 
@@ -465,52 +512,63 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
             f"could be smaller than the architecture's; probe the Python module it was scripted from, or use "
             f"mode='weights' (what the current weights connect)"
         )
+    source = getattr(model, "_orig_mod", model)
     with torch.inference_mode(False):
+        # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
+        memo = _prepared_tensors(source, mode, dtype, zero_biases)
         try:
-            clone = copy.deepcopy(getattr(model, "_orig_mod", model))
+            clone = copy.deepcopy(source, memo)
         except Exception as error:
             raise CopyError(
                 f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
                 f"submodule without it"
             ) from error
-        clone = _uncompiled(clone, getattr(model, "_orig_mod", model))
+        clone = _uncompiled(clone, source)
         _strip_user_hooks(clone)
         clone.eval()
-        for module in clone.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None:
-                    value = _prepared_parameter(name, param, mode, dtype, zero_biases)
-                    module._parameters[name] = nn.Parameter(value, False)
-            for name, buffer in list(module._buffers.items()):
-                if buffer is not None:
-                    module._buffers[name] = _prepared_buffer(name, buffer, mode, dtype, zero_biases)
     return clone
 
 
+def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool) -> dict[int, torch.Tensor]:
+    """The copy's parameters and buffers, by the ``id`` of the live tensor each replaces (a deep-copy memo)."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in memo:
+                memo[id(param)] = nn.Parameter(_prepared_parameter(name, param, mode, dtype, zero_biases), False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and id(buffer) not in memo:
+                memo[id(buffer)] = _prepared_buffer(name, buffer, mode, dtype, zero_biases)
+    return memo
+
+
 def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
-    value = param.detach().clone()
-    if not value.is_floating_point():
-        return value
-    value = value.to(dtype)
-    if _is_bias(name) and zero_biases:
-        value.zero_()
-    elif mode == "theoretical":
-        fan_in = value[0].numel() if value.dim() >= 2 else 1
-        value.fill_(1.0 / fan_in)
-    return value
+    if not param.is_floating_point():
+        return param.detach().clone()
+    if mode == "theoretical":
+        fan_in = param[0].numel() if param.dim() >= 2 else 1
+        return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in)
+    value = param.detach().to(dtype, copy=True)
+    return value.zero_() if _is_bias(name) and zero_biases else value
+
+
+def _constant(like: torch.Tensor, dtype, value: float) -> torch.Tensor:
+    """A tensor shaped like ``like`` holding ``value`` everywhere, in one element of memory (an expanded scalar).
+
+    The theoretical copy's weights are constants, so its copy of a model of several GB costs no more than the
+    model's other buffers, and a field can keep it to measure its geometry later.
+    """
+    return torch.full((1,) * like.dim(), value, dtype=dtype, device=like.device).expand(like.shape)
 
 
 def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
-    value = buffer.detach().clone()
-    if not value.is_floating_point():
-        return value
-    value = value.to(dtype)
-    if name == "running_mean" and zero_biases:
-        value.zero_()
-    elif name == "running_var" and mode == "theoretical":
-        value.fill_(1.0)
-    return value
+    if not buffer.is_floating_point():
+        return buffer.detach().clone()
+    if mode == "theoretical" and name in ("running_mean", "running_var"):
+        return _constant(buffer, dtype, 0.0 if name == "running_mean" else 1.0)
+    value = buffer.detach().to(dtype, copy=True)
+    return value.zero_() if name == "running_mean" and zero_biases else value
 
 
 _GLOBAL_HOOKS = (

@@ -20,7 +20,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rf_callback._model_copy import prepared_copy
 from rf_callback.arguments import checked_layout
 from rf_callback.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
 from rf_callback.graph import ProbeError, ProbeGraph, dead_windows_watched
@@ -33,6 +32,9 @@ from rf_callback.support import Position, hull, largest_hole, marginal
 # reading enlarges every undecided axis of the user's input at once, by the same factors.
 GROWTH = (1, 2, 4, 8, 16, 32)
 _MAX_ELEMENTS = 1 << 24
+# Beyond 32 times, a thin input keeps doubling while it holds no more elements than the user's input or than this: a
+# small input on a network of large stride (3^4 = 81 on a 4-pixel input) needs more, and costs little.
+_SMALL_THIN_INPUT = 1 << 16
 
 GraphOn = Callable[..., "ProbeGraph | None"]
 
@@ -45,39 +47,36 @@ _CLIPPED = _Clipped()
 
 
 def graph_factory(
-    model,
+    copy: nn.Module,
     layer: str | None,
     *,
     input_shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
     guard: bool,
-    copy: nn.Module | None = None,
     element: int | str | None = None,
     layout: str | Tokens = CHANNELS_FIRST,
 ) -> GraphOn:
     """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of ``layer`` on another input shape.
 
     It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
-    one of ``thin_axes`` covers only padding (paths that carry nothing on that input). Every graph runs the same
-    prepared copy (``copy``, or one prepared on first use): a deep copy of a large model costs more than a forward
-    pass on a thin input. ``element`` and ``layout`` read the output as the probe does. A token grid fits the user's
+    one of ``thin_axes`` covers only padding (paths that carry nothing on that input). Every graph runs ``copy``, a
+    theoretical copy prepared by :func:`prepared_copy` (in ``dtype``): a deep copy of a large model costs more than
+    a forward pass on a thin input, and the copy, not the live model, is what the graphs measure, however the live
+    model changes later. ``element`` and ``layout`` read the output as the probe does. A token grid fits the user's
     input (``input_shape``) alone: on another input the same number of tokens can lie on another grid, so with
     :class:`Tokens` it returns ``None`` on any other shape.
     """
-    shared = [copy]
     fixed = input_shape if isinstance(checked_layout(layout), Tokens) else None
 
     def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
         if fixed is not None and tuple(shape) != tuple(fixed):
             return None
-        if shared[0] is None:
-            shared[0] = prepared_copy(model, "theoretical", dtype)
         dead: list[str] = []
         try:
-            with dead_windows_watched(shared[0], thin_axes, dead):
+            with dead_windows_watched(copy, thin_axes, dead):
                 graph = ProbeGraph(
-                    model, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=shared[0],
+                    copy, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=copy,
                     element=element, layout=layout,
                 )  # fmt: skip
         except (ValueError, ProbeError):
@@ -174,7 +173,7 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
     """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
     length = theory.spatial_input_shape[axis]
     undecided, width = False, None
-    for growth in (g for g in GROWTH if g >= start_growth):
+    for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
         if width is None:
             thin = _thinnest_graph(theory, axis, graph_on, length * growth)
             if thin is None:
@@ -182,7 +181,8 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
             width, graph = thin
         else:
             shape = _thin_shape(theory.input_shape, axis, width, length * growth)
-            if math.prod(shape[1:]) > _MAX_ELEMENTS:
+            elements, budget = math.prod(shape[1:]), max(math.prod(theory.input_shape[1:]), _SMALL_THIN_INPUT)
+            if elements > _MAX_ELEMENTS or (growth > GROWTH[-1] and elements > budget):
                 break
             graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is None or len(graph.output_shape) != len(theory.output_shape):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -122,13 +123,16 @@ class ProbeGraph(GraphShapes):
         copy: nn.Module | None = None,
         element: int | str | None = None,
         layout: str | Tokens = CHANNELS_FIRST,
+        check_layout: bool = False,
     ):
         """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
 
         A captured output comes from a copy prepared for ``mode``, already channels first (see
         :func:`as_channels_first`); one forward pass can serve every layer of a table. ``copy`` is a copy already
         prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs; ``element`` picks the feature map
-        from a tuple, list or dict output, and ``layout`` says how its axes are laid out.
+        from a tuple, list or dict output, and ``layout`` says how its axes are laid out. ``check_layout``: on the
+        user's input, refuse (or warn of) a channels-first reading that the output's shape contradicts (see
+        :func:`check_channels_first`).
         """
         self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
         self.dtype, self.device, self.guard = dtype, device, guard
@@ -145,6 +149,9 @@ class ProbeGraph(GraphShapes):
             self.fixed_size = functions.fixed_size
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
+            if check_layout and checked_layout(layout) == CHANNELS_FIRST:
+                check_channels_first(copy, self.output, functions.last_axis_sizes, input_shape, mode, layer, element,
+                                     dtype=dtype, device=device)  # fmt: skip
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
@@ -186,6 +193,63 @@ class ProbeGraph(GraphShapes):
     def support(self, positions: Sequence[Position]) -> torch.Tensor:
         """The inputs that influence any of ``positions``: where :meth:`gradient_map` is non-zero."""
         return self.gradient_map(positions) > 0
+
+
+def check_channels_first(
+    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], input_shape, mode: str, layer, element, *,
+    dtype: torch.dtype, device: torch.device,
+) -> None:  # fmt: skip
+    """Refuses a channels-first reading of ``output`` where the shapes show it is channels last; warns where they hint.
+
+    A channels-last ``(N, H, W, C)`` output read channels first puts a spatial axis where the channels are and the
+    channels where a spatial axis is: the probe would answer for the wrong cell, often after minutes on an axis as
+    long as the channels. Two hints, from shapes alone: its last axis is longer than the input's (768 channels of a
+    Swin on a 224 input), or as long as the features of a linear layer or layer norm in the forward (which act on
+    the last axis). Either hint is then decided by one forward pass without gradient
+    on an input twice as long on every axis: a channel axis keeps its length, a spatial one follows the input.
+
+    Raises:
+        ValueError: the axis read as the channels follows the input's length: the output is channels last.
+    """
+    channels, spatial, lengths = output.shape[1], tuple(output.shape[2:]), tuple(input_shape[2:])
+    longer = spatial[-1] > lengths[-1]
+    features = spatial[-1] in last_axis_sizes
+    if not (longer or features):
+        return
+    larger = (1, input_shape[1], *(2 * n for n in lengths))
+    other = _output_on(copy, larger, mode, layer, element, dtype, device)
+    shape, letters = tuple(output.shape), axis_letters(len(lengths))
+    last = f"(N, {', '.join(letters)}, C)"
+    if other is not None and other.dim() == output.dim() and other.shape[1] != channels:
+        raise ValueError(
+            f"the output of {where(layer)} is {shape}, which layout='channels_first' reads as {channels} channels "
+            f"of a {' x '.join(map(str, spatial))} map, but it is channels last {last}: on an input twice as long "
+            f"({larger}) the axis read as the channels follows the input ({channels} -> {other.shape[1]}) and the "
+            f"last axis keeps its length ({spatial[-1]}); pass layout='channels_last'"
+        )
+    if other is not None and other.dim() == output.dim() and tuple(other.shape[2:]) != spatial:
+        return  # the channels keep their length, the spatial axes follow the input: channels first
+    why = (
+        f"its last axis ({spatial[-1]}) is longer than the input's ({lengths[-1]})"
+        if longer
+        else f"its last axis ({spatial[-1]}) is as long as the features of a linear layer or layer norm before it"
+    )
+    warnings.warn(
+        f"the output of {where(layer)} is {shape}, read channels first (N, C, {', '.join(letters)}), but {why}: it "
+        f"may be channels last {last} (the probe could not run the model on another input to tell); if it is, pass "
+        f"layout='channels_last', or the tokens' grid as layout='tokens:HxW+P'",
+        stacklevel=4,
+    )
+
+
+def _output_on(copy: nn.Module, input_shape, mode: str, layer, element, dtype, device) -> torch.Tensor | None:
+    """The probed output on another input, channels first, by a forward pass without gradient; None if it fails."""
+    inputs = probe_inputs(input_shape, mode, dtype, device, draws=1)
+    try:
+        with torch.no_grad():
+            return forward_to(copy, submodule(copy, layer), inputs.detach(), mode, input_shape, layer, element)
+    except (ValueError, ProbeError, RuntimeError):
+        return None
 
 
 def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.device, *, draws: int = 1, seed: int = 0):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rf_callback._model_copy import model_device, preserved_random_state
+from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
 from rf_callback.arguments import (
     as_index,
     checked_dtype,
@@ -198,7 +198,9 @@ class _TheoryOnDemand(GraphShapes):
         if self._graph is None:
             self._graph = self._graph_on(self.input_shape)
             if self._graph is None:
-                raise ProbeError("the theoretical copy no longer runs on the input shape it was probed on")
+                raise ProbeError(
+                    "the theoretical copy kept from the probe no longer runs on the input shape it was probed on"
+                )
         return getattr(self._graph, name)
 
 
@@ -212,6 +214,14 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
         if bounds[axis][0] < max(first, 0) or bounds[axis][1] > min(last, length - 1):
             return False
     return True
+
+
+def _theoretical_copy_or_reason(model: nn.Module, dtype: torch.dtype) -> nn.Module | ValueError:
+    """The theoretical copy a weights-mode probe keeps for its geometry, or why there is none (TorchScript)."""
+    try:
+        return prepared_copy(model, "theoretical", dtype)
+    except ValueError as error:
+        return error
 
 
 class _Prober:
@@ -231,12 +241,14 @@ class _Prober:
         self.dtype, self.guard, self.device = dtype, guard, model_device(model)
         self.measured = ProbeGraph(
             model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
-            element=element, layout=layout,
+            element=element, layout=layout, check_layout=True,
         )  # fmt: skip
-        shared_copy = self.measured.copy if mode == "theoretical" else None
+        # The theoretical copy the geometry is measured on, now or later: its weights are constants (it costs its
+        # buffers), and a field keeps it, so what it reports later is what the model was when it was probed.
+        self.skeleton = self.measured.copy if mode == "theoretical" else _theoretical_copy_or_reason(model, dtype)
         self.graph_on = graph_factory(
-            model, layer, input_shape=shape, dtype=dtype, device=self.device, guard=guard, copy=shared_copy,
-            element=element, layout=layout,
+            self.skeleton, layer, input_shape=shape, dtype=dtype, device=self.device, guard=guard, element=element,
+            layout=layout,
         )  # fmt: skip
         self.draws = draws
         self._theory = self.measured if mode == "theoretical" else None
@@ -247,29 +259,35 @@ class _Prober:
     @property
     def theory(self) -> ProbeGraph:
         """The theoretical graph on the user's input."""
+        if isinstance(self.skeleton, ValueError):
+            raise self.skeleton
         if self._theory is None:
             self._theory = self.graph_on(self.shape) or ProbeGraph(
-                self.model, self.shape, self.layer, "theoretical", dtype=self.dtype, device=self.device,
-                guard=self.guard, element=self.element, layout=self.layout,
+                self.skeleton, self.shape, self.layer, "theoretical", dtype=self.dtype, device=self.device,
+                guard=self.guard, copy=self.skeleton, element=self.element, layout=self.layout,
             )  # fmt: skip
         return self._theory
 
     def geometry(self, fields: Sequence[tuple[Position, Box]] = ()) -> LazyGeometry:
         """The per-axis geometry, measured on first use (in the context a probe runs in).
 
-        The measurement keeps only the model, the arguments and the small supports already read, not this probe's
-        copies and graphs (a field kept for later, as the callback keeps them, must not hold them in memory): it
-        builds the theoretical copy again when it runs. An axis on which one of ``fields`` (position, bounds) lies
-        outside its clipped span has no geometry: the fields do not follow it.
+        The measurement keeps the theoretical copy made at probe time (its weights are constants, so it holds
+        little more than the model's buffers), the arguments and the small supports already read, never the live
+        model, which training moves, changes and frees: what it measures later is the model as it was probed. It
+        keeps none of this probe's graphs. An axis on which one of ``fields`` (position, bounds) lies outside its
+        clipped span has no geometry: the fields do not follow it.
         """
-        model, shape, layer, element, layout = self.model, self.shape, self.layer, self.element, self.layout
+        skeleton, shape, layer, element, layout = self.skeleton, self.shape, self.layer, self.element, self.layout
         dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
         known, table = dict(self.known), self.table
 
         def measure():
+            if isinstance(skeleton, ValueError):
+                raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
             with _probe_context(device):
                 for attempt_dtype, attempt_guard in ((dtype, guard), (torch.float64, False)):
-                    graph_on = graph_factory(model, layer, input_shape=shape, dtype=attempt_dtype, device=device,
+                    copy = skeleton if attempt_dtype == dtype else prepared_copy(skeleton, "theoretical", attempt_dtype)
+                    graph_on = graph_factory(copy, layer, input_shape=shape, dtype=attempt_dtype, device=device,
                                              guard=attempt_guard, element=element, layout=layout)  # fmt: skip
                     theory = _TheoryOnDemand(shape, output_shape, graph_on)
                     try:

@@ -61,32 +61,50 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
             f"mode='theoretical')); a weights-mode field depends on random draws"
         )
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.no_grad(), exact_kernels(device):
+    # Gradients on, though nothing is backpropagated: the copy recognises the products of two input-dependent
+    # tensors (gates, attention) by their gradient, and rescales them so that they neither overflow nor underflow.
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
         copy = prepared_copy(model, "theoretical", dtype)
         n, channels, *spatial = field.input_shape
         box = (slice(None), *box_slices(field.bounds))
-        inputs = [torch.ones((channels, *spatial), dtype=dtype)]
-        outside = inputs[0].clone()
+        ones = torch.ones((channels, *spatial), dtype=dtype)
+        outside = ones.clone()
         outside[box] = 0
-        inputs.append(outside)
+        faces = []
         for axis, (first, last) in enumerate(field.bounds):
             for edge in (first, last):
                 face = torch.zeros_like(outside)
                 face_box = list(box)
                 face_box[1 + axis] = slice(edge, edge + 1)
                 face[tuple(face_box)] = 1
-                inputs.append(face)
-        batch = torch.stack(inputs).to(device)
+                faces.append(face)
         target = submodule(copy, field.layer)
-        output = forward_to(
-            copy, target, batch, "theoretical", field.input_shape, field.layer, field.element, layout=field.layout
-        )
-        values = output[(slice(None), slice(None), *field.position)].abs().sum(dim=1).cpu()
-    faces = tuple((bool(values[2 + 2 * a] > 0), bool(values[3 + 2 * a] > 0)) for a in range(len(field.bounds)))
-    reaches, leaks = bool(values[0] > 0), bool(values[1] != 0)
+        # A gate that multiplies a map by a global statistic of it passes a change only where the map is not zero, so
+        # the outside is also checked as a change to an input of ones (ones, then ones + outside).
+        batch = torch.stack([ones, outside, ones + outside, *faces])
+        channels_at = _influence(copy, target, batch, field, device)
+        values = channels_at.abs().sum(dim=1)
+        leaks = bool(values[1] != 0) or not torch.equal(channels_at[2], channels_at[0])
+        # For the same reason a face alone (zeros elsewhere) can reach nothing: it is checked as a change too.
+        unseen = [i for i in range(len(faces)) if values[3 + i] == 0]
+        if unseen:
+            changed = _influence(copy, target, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field, device)
+            for k, i in enumerate(unseen):
+                values[3 + i] = (changed[1 + k] - changed[0]).abs().sum()
+    faces = tuple((bool(values[3 + 2 * a] > 0), bool(values[4 + 2 * a] > 0)) for a in range(len(field.bounds)))
+    reaches = bool(values[0] > 0)
     return RFVerification(
         passed=reaches and not leaks and all(all(f) for f in faces),
         reaches_output=reaches,
         outside_influence=leaks,
         faces=faces,
     )
+
+
+def _influence(copy: nn.Module, target, batch: torch.Tensor, field: ReceptiveField, device) -> torch.Tensor:
+    """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward)."""
+    inputs = batch.to(device).requires_grad_(True)
+    output = forward_to(
+        copy, target, inputs, "theoretical", field.input_shape, field.layer, field.element, layout=field.layout
+    )
+    return output[(slice(None), slice(None), *field.position)].detach().cpu()

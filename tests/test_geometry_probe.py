@@ -181,3 +181,68 @@ def test_a_named_table_row_that_shares_an_unlisted_rows_field_still_gets_its_geo
                           nn.BatchNorm2d(4), nn.ReLU())  # fmt: skip
     (row,) = rf_table(model, (1, 1, 24, 24), layers=["3"])
     assert (row.size, row.full_size, row.stride) == ((24, 24), (31, 31), (2, 2))
+
+
+# -- a field reports the model as it was probed, whatever happens to the live model afterwards (issue 15)
+
+
+def convs_16() -> nn.Sequential:
+    """Four 3 x 3 convolutions, the second strided: on 16 x 16 every field is clipped, so the geometry is read later.
+
+    By hand, (k - 1) times the jumps 1, 1, 2, 2: r = 1 + 2 + 2 + 4 + 4 = 13, S = 2, P = 1 + 1 + 2 + 2 = 6; with a 7 x 7
+    third convolution (padding 3), r = 1 + 2 + 2 + 12 + 4 = 21 and P = 1 + 1 + 6 + 2 = 10.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+    )
+
+
+def _probed_unmeasured(model, mode="theoretical"):
+    field = probe_rf(model, (1, 1, 16, 16), (4, 4), mode=mode)
+    assert not field.geometry.measured
+    return field
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_layer_replaced_after_the_probe_does_not_change_the_field_probed(mode):
+    model = convs_16()
+    field = _probed_unmeasured(model, mode)
+    model[2] = nn.Conv2d(4, 4, 7, padding=3)  # the live model's field grows to 21
+    assert geometry_triples(field) == [(13, 2, 6), (13, 2, 6)]
+    assert str(field) == f"RF of the output at (4, 4): 13 x 13 (input 2..14, 2..14), stride 2 x 2 [{mode}]"
+    assert geometry_triples(probe_rf(model, (1, 1, 16, 16), (4, 4))) == [(21, 2, 10), (21, 2, 10)]
+
+
+def test_layers_deleted_after_the_probe_keep_the_fields_stride():
+    model = convs_16()
+    field = _probed_unmeasured(model)
+    del model[1:]
+    assert field.stride == (2, 2) and field.to_dict()["geometry"][0] == {"size": 13, "stride": 2, "offset": 6}
+
+
+def test_a_model_moved_to_the_meta_device_after_the_probe_keeps_its_field_readable():
+    model = convs_16()
+    field = _probed_unmeasured(model)
+    model.to("meta")
+    assert field.span == ((2, 14), (2, 14)) and field.center == (8.0, 8.0)
+
+
+def test_weights_changed_after_a_weights_probe_do_not_change_its_geometry():
+    model = convs_16()
+    field = _probed_unmeasured(model, "weights")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    assert geometry_triples(field) == [(13, 2, 6), (13, 2, 6)]
+
+
+def test_the_theoretical_copy_a_field_keeps_holds_no_copy_of_the_weights():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    field = probe_rf(model, (1, 64, 8, 8), (1, 1))
+    skeleton = field.geometry._measure.__closure__  # the lazily measured geometry's kept state
+    kept = [c.cell_contents for c in skeleton if isinstance(c.cell_contents, nn.Module)]
+    assert kept and all(p.untyped_storage().nbytes() <= 8 for m in kept for p in m.parameters())
+    assert field.stride == (2, 2)

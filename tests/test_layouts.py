@@ -839,3 +839,112 @@ def test_rf_probe_says_the_tables_warnings_in_its_own_words(capsys):
     assert len(lines) == 2 and "layout=" not in err
     assert "pass --layout channels_last" in err and "read in --layout channels_first only because it says so" in err
     assert "list them in --layer NAME (once per layer) to read them in --layout channels_first" in err
+
+
+# --- Swin's shifted windows with torchvision's and timm's -100 mask (issue 16) -----------------------------------
+
+
+class MaskedShiftedAttention(WindowAttention):
+    """Shifted-window attention as torchvision and timm write it: roll, windows, and a mask of -100 between tokens
+    that the roll brought together from opposite borders (Swin's regions), added to the scores before the softmax."""
+
+    def forward(self, x):
+        n, h, w, c = x.shape
+        ws, s = self.window, self.shift
+        x = torch.roll(x, (-s, -s), dims=(1, 2))
+        windows = x.view(n, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        region = torch.zeros(h, w)
+        for k, rows in enumerate((slice(0, -ws), slice(-ws, -s), slice(-s, None))):
+            for m, cols in enumerate((slice(0, -ws), slice(-ws, -s), slice(-s, None))):
+                region[rows, cols] = 3 * k + m
+        region = region.view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+        mask = (region[:, None, :] - region[:, :, None]).ne(0).float() * -100.0  # (windows, tokens, tokens)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(c)).view(n, -1, ws * ws, ws * ws) + mask
+        out = self.proj(F.softmax(scores.view(-1, ws * ws, ws * ws), dim=-1) @ v)
+        out = out.view(n, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+        return torch.roll(out, (s, s), dims=(1, 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_minus_100_mask_keeps_the_wrapped_strip_out_of_a_shifted_windows_field(mode):
+    # Windows of 2 patches shifted by 1 on 8 x 8 patches: patch 7 shares its shifted window with patch 0, which the
+    # roll brought from the other border, and the mask keeps them apart: patch 7 sees its first-block window alone,
+    # pixels 24..31. Counting the masked keys (the twin's mask list stopped at -1e4) gave 0..31.
+    torch.manual_seed(0)
+    model = TinySwin(window=2, shifted=True)
+    model.blocks[1].attn = MaskedShiftedAttention(8, 2, 1)
+    positions = [(7, 7), (0, 0), (7, 3), (3, 4)]
+    fields = probe_rf(model, SWIN_INPUT, positions, mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [
+        ((24, 31), (24, 31)),
+        ((0, 7), (0, 7)),
+        ((24, 31), (8, 23)),
+        ((8, 23), (8, 23)),
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_minus_100_causal_mask_keeps_masked_keys_out_of_the_field(mode):
+    fields = probe_rf(CausalAttention("-100"), (1, 2, 16), [(0,), (3,)], mode=mode, layout="channels_last")
+    assert [f.bounds for f in fields] == [((0, 0),), ((0, 3),)]
+
+
+# --- a channels-last output read channels first is refused, not measured for minutes (issue 16) ------------------
+
+
+class FixedInput(nn.Module):
+    """Runs ``inner`` on inputs of one shape only, as a model with fixed position embeddings does."""
+
+    def __init__(self, inner: nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.inner, self.shape = inner, shape
+
+    def forward(self, x):
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected {self.shape}, got {tuple(x.shape[1:])}")
+        return self.inner(x)
+
+
+def nhwc_stage(channels: int) -> nn.Module:
+    """A patch embedding, then channels last, a LayerNorm and a Linear: (N, H/2, W/2, channels)."""
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 2, stride=2), Permute(0, 2, 3, 1), nn.LayerNorm(channels), nn.Linear(channels, channels)
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "evidence"),
+    [
+        (nhwc_stage(64), (1, 3, 32, 32), "16 -> 32"),  # its channels (64) are longer than the input (32)
+        (nhwc_stage(8), (1, 3, 48, 48), "24 -> 48"),  # shorter, but as long as its Linear's features
+        (TinySwin(window=2), SWIN_INPUT, "8 -> 16"),  # (1, 8, 8, 8): the shape alone reads either way
+        (ChannelsLast(nn.Conv1d(2, 40, 3, padding=1)), (1, 2, 20), "20 -> 40"),  # 1D (N, L, C)
+    ],
+)
+def test_a_channels_last_output_read_channels_first_is_refused_with_the_fix(model, shape, evidence):
+    with pytest.raises(ValueError, match=rf"it is channels last .*\({evidence}\).*pass layout='channels_last'"):
+        probe_rf(model, shape)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2)), (1, 3, 16, 16)),
+        (nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.Upsample(scale_factor=4)), (1, 1, 10)),  # a 1D signal
+        (nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Upsample(scale_factor=2)), (1, 1, 4, 6, 6)),  # a volume
+        (ConvNeXtBlock(8), (1, 8, 8, 8)),  # Linear layers inside, channels first outside, C = W
+    ],
+)
+def test_a_channels_first_output_longer_than_its_input_is_measured_without_a_word(model, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        field = probe_rf(model, shape)
+    assert field.heatmap.shape == shape[2:] and min(field.size) >= 1
+
+
+def test_a_channels_last_hint_the_model_cannot_decide_is_a_warning_at_once():
+    model = FixedInput(nhwc_stage(64), (3, 32, 32))  # it refuses the doubled input that would decide
+    with pytest.warns(UserWarning, match=r"\(64\) is longer than the input's \(32\).*pass layout='channels_last'"):
+        probe_rf(model, (1, 3, 32, 32), (3, 3))
+    assert probe_rf(model, (1, 3, 32, 32), (3, 3), layout="channels_last").bounds == ((6, 7), (6, 7))

@@ -3,6 +3,7 @@ and every bad argument is refused at the door with its name, its value and the f
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -327,3 +328,43 @@ def test_max_along_a_dim_does_not_hide_pixels_in_theoretical_mode():
             return y + y.max(dim=3, keepdim=True).values.max(dim=2, keepdim=True).values
 
     assert probe_rf(GlobalMax(), (1, 1, 16, 16), (3, 3)).bounds == ((0, 15), (0, 15))
+
+
+class MeanGate(nn.Module):
+    """A convolution, then a squeeze-and-excitation gate as timm writes it: the map times a function of its mean."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def gated(blocks: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), *[MeanGate(8) for _ in range(blocks)])
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 16])
+def test_verify_rf_passes_the_whole_input_field_of_a_gated_network(blocks):
+    # The gate makes every output see the whole input. A face alone (zeros elsewhere) reaches nothing through it, so
+    # verify_rf found no face and failed a right field (EfficientNet-B0); 16 blocks underflowed even in float64.
+    model = gated(blocks)
+    field = probe_rf(model, (1, 3, 32, 32))
+    assert field.bounds == ((0, 31), (0, 31))
+    assert verify_rf(model, field).passed
+
+
+def test_verify_rf_still_fails_a_field_that_misses_a_face_behind_a_gate():
+    model = gated(2)
+    field = probe_rf(model, (1, 3, 32, 32))
+    too_small = dataclasses.replace(field, bounds=((1, 31), (0, 31)))
+    verification = verify_rf(model, too_small)
+    assert not verification.passed and verification.outside_influence
+
+
+def test_a_deep_gated_stack_keeps_its_gradient_in_the_theoretical_copy():
+    # Each gate squares the copy's values (a map times its own mean): 0.9 ** (2 ** 16) is 0 even in float64, and the
+    # probe refused the field ("its window covers only padding").
+    assert probe_rf(gated(16), (1, 3, 32, 32), (3, 12)).bounds == ((0, 31), (0, 31))
