@@ -7,6 +7,9 @@ both arms alike. Both arms log to a ``TensorBoardLogger``. The ratio of the medi
 overhead (target: at most 1.03x). Then the cost of each part of one probe, in training steps.
 
 Run: python benchmarks/bench_callback.py [--repeats N] [--epochs N] [--samples N] [--threads N]
+     [--device cuda] [--model resnet18]
+``--device cuda`` fits on the GPU (``Trainer(accelerator="gpu")``) and reports each arm's peak GPU memory;
+``--model resnet18`` trains torchvision's ResNet-18 (10 classes, 96 x 96 inputs) and probes ``net.layer4``.
 
 On a shared machine, --threads 1 keeps other processes from stalling torch's thread pool.
 """
@@ -28,6 +31,45 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from rf_callback import RFCallback, effective_rf, probe_rf
 from rf_callback.plotting import figure_to_array, plot_effective, plot_growth, plot_rf
+
+MODEL = {"name": "small", "side": 64, "layer": "features"}  # --model
+DEVICE = torch.device("cpu")  # --device
+
+
+class ResNetClassifier(pl.LightningModule):
+    """torchvision's ResNet-18 for 10 classes, as ``net``: the GPU fit of the callback's issue."""
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=10)
+        self.example_input_array = torch.zeros(2, 3, 96, 96)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def new_model() -> pl.LightningModule:
+    return ResNetClassifier() if MODEL["name"] == "resnet18" else Classifier()
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class Classifier(pl.LightningModule):
@@ -64,7 +106,8 @@ class Classifier(pl.LightningModule):
 
 def loaders(samples: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(samples, 3, 64, 64, generator=generator)
+    side = MODEL["side"]
+    x = torch.randn(samples, 3, side, side, generator=generator)
     y = torch.randint(0, 10, (samples,), generator=generator)
     val = max(batch_size, samples // 8)
     return (
@@ -103,29 +146,41 @@ for _name in [n for n in vars(RFCallback) if n.startswith("on_") or n == "setup"
     setattr(TimedRFCallback, _name, _timed(_name))
 
 
+PEAKS: dict[str, int] = {}  # per arm, the largest peak GPU memory of its fits
+
+
 def fit_seconds(arm: str, epochs: int, samples: int) -> tuple[float, TimedRFCallback | None]:
     """Wall time of one trainer.fit, from a fresh model with the same seed."""
     torch.manual_seed(0)
-    model = Classifier()
+    model = new_model()
     train, val = loaders(samples)
-    callback = None if ARMS[arm] is None else TimedRFCallback(layer="features", **ARMS[arm])
+    callback = None if ARMS[arm] is None else TimedRFCallback(layer=MODEL["layer"], **ARMS[arm])
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root, logger=TensorBoardLogger(root),
+            max_epochs=epochs, accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, default_root_dir=root,
+            logger=TensorBoardLogger(root),
             callbacks=[callback] if callback else [], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False, log_every_n_steps=10,
         )  # fmt: skip
         start = time.perf_counter()
         trainer.fit(model, train, val)
+        sync()
         elapsed = time.perf_counter() - start
+    if DEVICE.type == "cuda":
+        PEAKS[arm] = max(PEAKS.get(arm, 0), torch.cuda.max_memory_allocated())
     return elapsed, callback
 
 
 def median_of(repeats: int, fn) -> float:
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -133,27 +188,28 @@ def median_of(repeats: int, fn) -> float:
 def components(repeats: int = 5) -> dict[str, tuple[float, int, int]]:
     """Seconds of each part of the callback's work (medians), with how often a fit runs it: once, per epoch."""
     torch.manual_seed(0)
-    model = Classifier()
+    model = new_model().to(DEVICE)
     optimizer = model.configure_optimizers()
-    x, y = torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,))
+    side, layer = MODEL["side"], MODEL["layer"]
+    x, y = torch.randn(64, 3, side, side, device=DEVICE), torch.randint(0, 10, (64,), device=DEVICE)
 
     def train_step():
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    shape, inputs = (1, 3, 64, 64), torch.randn(32, 3, 64, 64)
-    field = probe_rf(model, shape, "center", layer="features", mode="weights")
-    effective = effective_rf(model, inputs, layer="features")
+    shape, inputs = (1, 3, side, side), torch.randn(32, 3, side, side)
+    field = probe_rf(model, shape, "center", layer=layer, mode="weights")
+    effective = effective_rf(model, inputs, layer=layer)
     metrics = {k: v for k, v in effective.metrics((0.95,)).items() if v is not None}
     rows = [(epoch, metrics) for epoch in range(4)]
     model.train()
     parts = {  # name: (work, runs once per fit (at its start or end), runs per validation epoch)
         "one training step (batch 64)": (train_step, 0, 0),
-        "probe_rf, mode='theoretical'": (lambda: probe_rf(model, shape, layer="features"), 1, 0),
-        "probe_rf, mode='weights'": (lambda: probe_rf(model, shape, layer="features", mode="weights"), 1, 1),
+        "probe_rf, mode='theoretical'": (lambda: probe_rf(model, shape, layer=layer), 1, 0),
+        "probe_rf, mode='weights'": (lambda: probe_rf(model, shape, layer=layer, mode="weights"), 1, 1),
         "figure_to_array(plot_rf(field))": (lambda: figure_to_array(plot_rf(field)), 2, 0),  # fit start and end
-        "effective_rf on 32 inputs": (lambda: effective_rf(model, inputs, layer="features"), 0, 1),
+        "effective_rf on 32 inputs": (lambda: effective_rf(model, inputs, layer=layer), 0, 1),
         "figure_to_array(plot_effective(...))": (
             lambda: figure_to_array(plot_effective(effective, image=inputs[0])), 1, 0  # fit end
         ),
@@ -168,14 +224,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU fit")
+    parser.add_argument("--model", choices=["small", "resnet18"], default="small")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.model == "resnet18":
+        MODEL.update(name="resnet18", side=96, layer="net.layer4")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Lightning's advice on num_workers etc.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {torch.get_num_threads()} threads")
-    print(f"fit: {args.epochs} epochs of {args.samples} samples (64 x 64 RGB, batch 64), validation on 1/8 of them")
+    side = MODEL["side"]
+    print(
+        f"fit on {DEVICE}: {MODEL['name']}, {args.epochs} epochs of {args.samples} samples ({side} x {side} RGB, "
+        f"batch 64), validation on 1/8 of them"
+    )
     fit_seconds("with", 1, 256)  # warm-up: imports, matplotlib, allocator
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     in_hooks: dict[str, list[float]] = {arm: [] for arm in ARMS}  # (fit) / (fit - time in the callback's hooks)
@@ -191,8 +257,13 @@ def main() -> None:
             print(f"  repeat {repeat + 1}, {arm + ' callback':<32} {elapsed:6.2f} s, {spent:5.2f} s in its hooks")
     steps = args.epochs * -(-args.samples // 64)
     print(
-        f"\nRFCallback(layer='features'): {probes} probes per fit (fit start + one per validation epoch), {steps} steps"
+        f"\nRFCallback(layer={MODEL['layer']!r}): {probes} probes per fit (fit start + one per validation epoch), "
+        f"{steps} steps"
     )
+    if PEAKS:
+        print(
+            "  peak GPU memory of a fit: " + ", ".join(f"{arm} {peak / 2**20:.0f} MiB" for arm, peak in PEAKS.items())
+        )
     base = statistics.median(times["without"])
     print(f"  {'fit with callback / without':<32} {'median':>8} {'best':>8} {'in hooks':>9}")
     for arm in list(ARMS)[1:]:

@@ -14,7 +14,9 @@ L is ``layer4`` for the ResNets and ``features`` for VGG-16 and MobileNetV2. A s
 probes found beside the closed form of the longest path (``real_models.closed_form``).
 
 Run: python benchmarks/bench_real.py [--repeats N | --quick] [--models resnet18,vgg16] [--source own]
-     [--calls theoretical,weights,geometry,table]
+     [--calls theoretical,weights,geometry,table] [--device cuda]
+On a GPU every call is synchronised before its time is read, and the table adds each call's peak memory beside
+the model's parameters.
 (Ctrl-C or SIGTERM prints the tables of what was measured so far.)
 """
 
@@ -34,6 +36,7 @@ from torch import nn
 from rf_callback import probe_rf, rf_table
 
 SHAPE = (1, 3, 224, 224)
+DEVICE = torch.device("cpu")  # --device
 DRAWS = 8  # probe_rf's default number of draws in weights mode: the weights-mode baseline's batch size
 CALLS = {  # what each call does, as the table shows it (L: the probed layer, R: rf_table's number of rows)
     "theoretical": '`probe_rf(model, shape, "center", layer="L")`, bounds + heatmap',
@@ -45,7 +48,7 @@ CALLS = {  # what each call does, as the table shows it (L: the probed layer, R:
 
 def forward_backward(model: nn.Module, batch: int) -> Callable[[], None]:
     """Returns the baseline: one forward and backward pass of ``batch`` samples, loss = output.sum()."""
-    x = torch.randn((batch, *SHAPE[1:]), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((batch, *SHAPE[1:]), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def run() -> None:
         model(x.clone().requires_grad_(True)).sum().backward()
@@ -78,14 +81,28 @@ def calls_of(model: nn.Module, layer: str, wanted: list[str], results: dict) -> 
     return calls | {name: everything[name] for name in wanted}
 
 
-def measure(calls: dict[str, Callable[[], None]], repeats: int, times: dict[str, float], label: str) -> None:
-    """Times every call once per repeat, the calls interleaved, keeping the best time of each in ``times``."""
+def measure(
+    calls: dict[str, Callable[[], None]], repeats: int, times: dict[str, float], label: str, peaks: dict | None = None
+) -> None:
+    """Times every call once per repeat, the calls interleaved, keeping the best time of each in ``times``.
+
+    On a GPU, ``peaks`` gets each call's peak memory above what was allocated before it (bytes).
+    """
+    cuda = DEVICE.type == "cuda"
     for name in ("fb1", "fb8"):
         calls[name]()  # warm-up: the baselines are cheap and their first call pays for allocation
     for repeat in range(repeats):
         for name, call in calls.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             call()
+            if cuda:
+                torch.cuda.synchronize()
+                if peaks is not None:
+                    peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated() - before)
             elapsed = time.perf_counter() - start
             times[name] = min(times.get(name, elapsed), elapsed)
             print(f"  [{label}] repeat {repeat + 1}/{repeats}: {name} {elapsed:.3f} s", file=sys.stderr, flush=True)
@@ -118,11 +135,12 @@ class OtherWork:
         return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9)
 
 
-def ratio_table(measured: dict[str, tuple[str, dict, dict]]) -> list[str]:
-    """Returns the Markdown table of ratios to the baselines, one row per model and call."""
+def ratio_table(measured: dict[str, tuple[str, dict, dict]], peaks: dict | None = None) -> list[str]:
+    """Returns the Markdown table of ratios to the baselines, one row per model and call (and peak memory on a GPU)."""
+    memory = bool(peaks)
     lines = [
-        "| model | call | ratio | time (s) | baseline | baseline (s) |",
-        "|---|---|---|---|---|---|",
+        "| model | call | ratio | time (s) | baseline | baseline (s) |" + (" peak MiB (model MiB) |" if memory else ""),
+        "|---|---|---|---|---|---|" + ("---|" if memory else ""),
     ]
     for model_name, (layer, times, results) in measured.items():
         for call, text in CALLS.items():
@@ -131,9 +149,13 @@ def ratio_table(measured: dict[str, tuple[str, dict, dict]]) -> list[str]:
                 continue
             base_text = f"fwd+bwd, batch of {DRAWS}" if base == "fb8" else "fwd+bwd, 1 sample"
             text = text.replace('"L"', f'"{layer}"').replace("R rows", f"{len(results.get('table', ''))} rows")
+            peak = ""
+            if memory:
+                model_peaks = peaks.get(model_name, {})
+                peak = f" {model_peaks.get(call, 0) / 2**20:.0f} ({model_peaks.get('model', 0) / 2**20:.0f}) |"
             lines.append(
                 f"| {model_name} | {text} | **{times[call] / times[base]:.1f}×** | {times[call]:.2f} | "
-                f"{base_text} | {times[base]:.3f} |"
+                f"{base_text} | {times[base]:.3f} |{peak}"
             )
     return lines
 
@@ -191,7 +213,10 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--source", choices=["torchvision", "own"], default=sources[0])
     parser.add_argument("--calls", default=",".join(CALLS), help=f"comma-separated subset of {','.join(CALLS)}")
+    parser.add_argument("--device", default="cpu", help="where the model and its probes run (cpu, cuda)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     models, calls = args.models.split(","), args.calls.split(",")
     for name, given, allowed in (("--models", models, MODELS), ("--calls", calls, list(CALLS))):
         if not set(given) <= set(allowed):
@@ -207,26 +232,28 @@ def main() -> None:
     else:
         origin = "benchmarks/real_models.py (re-implementations of torchvision's layer shapes)"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, input {SHAPE}, "
-        f"best of {repeats} interleaved repeat(s)\nmodels from {origin}, fresh weights, eval mode",
+        f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"input {SHAPE}, best of {repeats} interleaved repeat(s)\nmodels from {origin}, fresh weights, eval mode",
         flush=True,
     )
     probe_rf(nn.Conv2d(1, 1, 3), (1, 1, 8, 8))  # warm-up of the probe's code paths, on a tiny network
 
     measured: dict[str, tuple[str, dict, dict]] = {}
+    peaks: dict[str, dict] = {}
     others: dict[str, float | None] = {}  # per model, CPUs kept busy by other processes while it was measured
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` stops it as Ctrl-C does: tables printed
     try:
         for model_name in models:
             layer, times, results = PROBED_LAYER[model_name], {}, {}
             measured[model_name] = (layer, times, results)
-            model, other_work = build(model_name, args.source), OtherWork()
-            measure(calls_of(model, layer, calls, results), repeats, times, model_name)
+            model, other_work = build(model_name, args.source).to(DEVICE), OtherWork()
+            peaks[model_name] = {"model": sum(p.numel() * p.element_size() for p in model.parameters())}
+            measure(calls_of(model, layer, calls, results), repeats, times, model_name, peaks[model_name])
             others[model_name] = other_work.cpus()
     except KeyboardInterrupt:
         print("\ninterrupted: the tables hold what was measured so far", file=sys.stderr)
     print()
-    print("\n".join(ratio_table(measured)))
+    print("\n".join(ratio_table(measured, peaks if DEVICE.type == "cuda" else None)))
     print()
     print("\n".join(fields_table(measured, args.source)))
     if others:

@@ -34,7 +34,7 @@ TORCHVISION = [
     ("swin_t", "permute", "channels_first", 224),
     ("swin_v2_t", "features", "channels_last", 256),
     ("vit_b_16", "encoder", "tokens:14x14+1", 224),
-    ("maxvit_t", "blocks", "channels_first", 224),
+    ("maxvit_t", "blocks.3", "channels_first", 224),
     ("shufflenet_v2_x1_0", "conv5", "channels_first", 224),
     ("squeezenet1_1", "features", "channels_first", 224),
     ("mnasnet1_0", "layers", "channels_first", 224),

@@ -131,6 +131,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # The feature sizes of linear layers and layer norms (the length of the last axis they act on): an output
         # whose last axis has one of them may be channels last (see graph.channels_last_evidence).
         self.last_axis_sizes: set[int] = set()
+        # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
+        # one over a dim that follows the input's length couples a whole axis (see geometry_probe).
+        self.couplings: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
@@ -148,6 +151,10 @@ class _ProbeFunctions(TorchFunctionMode):
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
+            if name in _COUPLINGS and args and isinstance(args[0], torch.Tensor) and args[0].dim():
+                dims = _reduced_dims(name, args, kwargs)
+                if dims:
+                    self.couplings.append((name, tuple(args[0].shape), dims))
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
@@ -204,6 +211,41 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
+
+
+# Functions that reduce a tensor along dims (or weigh it along one): along a spatial dim, every output position
+# depends on the whole axis.
+_COUPLINGS = frozenset(
+    {"mean", "sum", "amax", "amin", "std", "var", "std_mean", "var_mean", "logsumexp", "nansum", "nanmean", "prod",
+     "max", "min", "norm", "normalize", "linalg_vector_norm", "vector_norm"}
+) | _SOFTMAXES  # fmt: skip
+
+
+def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
+    """The dims a reduction or softmax call runs along, non-negative; all of them where it reduces to one value."""
+    x = args[0]
+    if name == "norm":
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    elif name == "normalize":  # F.normalize(x, p=2.0, dim=1): x over its norm along dim
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+    elif name in ("linalg_vector_norm", "vector_norm"):  # (x, ord=2, dim=None)
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    elif name in ("max", "min"):
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            return ()  # max(x) of everything is no path the probe follows; max(x, y) is elementwise
+    else:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if name in _SOFTMAXES and dim is None:
+        dim = 0 if x.dim() in (0, 1, 3) else 1
+    if dim is None:
+        return tuple(range(x.dim()))
+    if isinstance(dim, torch.Tensor) or not isinstance(dim, (int, tuple, list)) or isinstance(dim, bool):
+        return ()
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not all(isinstance(d, int) and -x.dim() <= d < x.dim() for d in dims):
+        return ()
+    return tuple(sorted(d % x.dim() for d in dims))
 
 
 def _from_shape_alone(name: str) -> bool:
@@ -491,8 +533,10 @@ def _is_bias(name: str) -> bool:
     return name.split(".")[-1].endswith("bias")
 
 
-def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biases: bool = True) -> nn.Module:
-    """Returns the probe's copy of ``model``, prepared for ``mode``.
+def prepared_copy(
+    model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biases: bool = True, device: torch.device | None = None
+) -> nn.Module:
+    """Returns the probe's copy of ``model``, prepared for ``mode``, on ``device`` (``None``: where each tensor is).
 
     The copy is made outside inference mode, in eval mode, in ``dtype``, with plain (non-inference) tensors that do
     not require grad, user hooks dropped and every bias zeroed.
@@ -515,7 +559,7 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
     source = getattr(model, "_orig_mod", model)
     with torch.inference_mode(False):
         # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
-        memo = _prepared_tensors(source, mode, dtype, zero_biases)
+        memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
         try:
             clone = copy.deepcopy(source, memo)
         except Exception as error:
@@ -530,44 +574,48 @@ def prepared_copy(model: nn.Module, mode: str, dtype: torch.dtype, *, zero_biase
     return clone
 
 
-def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool) -> dict[int, torch.Tensor]:
-    """The copy's parameters and buffers, by the ``id`` of the live tensor each replaces (a deep-copy memo)."""
+def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, device) -> dict[int, torch.Tensor]:
+    """The copy's parameters and buffers, by the ``id`` of the live tensor each replaces (a deep-copy memo).
+
+    Each is made on ``device`` directly (where it is, for None): a copy for the CPU never takes GPU memory.
+    """
     memo: dict[int, torch.Tensor] = {}
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
-                memo[id(param)] = nn.Parameter(_prepared_parameter(name, param, mode, dtype, zero_biases), False)
+                value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device)
+                memo[id(param)] = nn.Parameter(value, False)
         for name, buffer in module._buffers.items():
             if buffer is not None and id(buffer) not in memo:
-                memo[id(buffer)] = _prepared_buffer(name, buffer, mode, dtype, zero_biases)
+                memo[id(buffer)] = _prepared_buffer(name, buffer, mode, dtype, zero_biases, device or buffer.device)
     return memo
 
 
-def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
+def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
     if not param.is_floating_point():
-        return param.detach().clone()
+        return param.detach().to(device, copy=True)
     if mode == "theoretical":
         fan_in = param[0].numel() if param.dim() >= 2 else 1
-        return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in)
-    value = param.detach().to(dtype, copy=True)
+        return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in, device)
+    value = param.detach().to(device, dtype, copy=True)
     return value.zero_() if _is_bias(name) and zero_biases else value
 
 
-def _constant(like: torch.Tensor, dtype, value: float) -> torch.Tensor:
+def _constant(like: torch.Tensor, dtype, value: float, device) -> torch.Tensor:
     """A tensor shaped like ``like`` holding ``value`` everywhere, in one element of memory (an expanded scalar).
 
     The theoretical copy's weights are constants, so its copy of a model of several GB costs no more than the
     model's other buffers, and a field can keep it to measure its geometry later.
     """
-    return torch.full((1,) * like.dim(), value, dtype=dtype, device=like.device).expand(like.shape)
+    return torch.full((1,) * like.dim(), value, dtype=dtype, device=device).expand(like.shape)
 
 
-def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool) -> torch.Tensor:
+def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
     if not buffer.is_floating_point():
-        return buffer.detach().clone()
+        return buffer.detach().to(device, copy=True)
     if mode == "theoretical" and name in ("running_mean", "running_var"):
-        return _constant(buffer, dtype, 0.0 if name == "running_mean" else 1.0)
-    value = buffer.detach().to(dtype, copy=True)
+        return _constant(buffer, dtype, 0.0 if name == "running_mean" else 1.0, device)
+    value = buffer.detach().to(device, dtype, copy=True)
     return value.zero_() if name == "running_mean" and zero_biases else value
 
 

@@ -67,6 +67,23 @@ def checked_dtype(dtype) -> torch.dtype | None:
     return dtype
 
 
+def checked_device(device, name: str = "device") -> torch.device | None:
+    """Returns ``device`` as a ``torch.device`` (or None) after checking it names one this torch knows.
+
+    Raises:
+        ValueError: it is not a device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...), a ``torch.device`` or None.
+    """
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name}={device!r} is not a device: pass a device name ('cpu', 'cuda', 'cuda:1', ...), a torch.device, or "
+            f"None for the model's own device"
+        ) from None
+
+
 def checked_layer(layer) -> str | None:
     """Returns ``layer`` after checking it is a dotted submodule name or None (existence is checked on the model).
 

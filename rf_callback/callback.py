@@ -17,7 +17,7 @@ from torch import nn
 from rf_callback import dashboard
 from rf_callback._model_copy import MODES
 from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
-from rf_callback.arguments import checked_element, checked_layout
+from rf_callback.arguments import checked_device, checked_element, checked_layout
 from rf_callback.callback_arguments import (
     checked_choice,
     checked_count,
@@ -40,6 +40,7 @@ from rf_callback.failures import (
     inputs_fix,
     is_argument_error,
     logger_fix,
+    memory_fix,
 )
 from rf_callback.graph import ProbeError
 from rf_callback.layouts import CHANNELS_FIRST, Tokens
@@ -151,6 +152,10 @@ class RFCallback(Callback):
             the strategy) or ``"raise"`` (also raises :class:`rf_callback.CoverageError`).
         on_alert: called with the :class:`rf_callback.CoverageEvent` of every alert (your code: what it raises
             propagates).
+        probe_device: where every probe's copy runs: ``None`` (default) on the model's device, ``"cpu"`` on the CPU,
+            so a training run that fills its GPU keeps that memory (the copy is made on the CPU directly). A GPU that
+            runs out of memory inside a probe frees what the probe took and warns with this fix; training goes on
+            unless ``strict``.
 
     Raises:
         MisconfigurationException: an argument is not allowed (at construction), or does not fit the model
@@ -181,6 +186,7 @@ class RFCallback(Callback):
         on_alert: Callable[[CoverageEvent], Any] | None = None,
         element: int | str | None = None,
         layout: str | Tokens = CHANNELS_FIRST,
+        probe_device: str | torch.device | None = None,
     ):
         super().__init__()
         self.positions, self.pos = checked_positions(pos)
@@ -189,6 +195,7 @@ class RFCallback(Callback):
             self.element = checked_element(element)
             checked_layout(layout)
             self.layout = layout  # as given, so that messages show it in the user's words
+            self.probe_device = checked_device(probe_device, "probe_device")
         except ValueError as error:
             raise MisconfigurationException(f"RFCallback({error}") from None
         self.mode = checked_choice("mode", mode, MODES)
@@ -374,7 +381,7 @@ class RFCallback(Callback):
             self._failures.report(kind, what, error, fix_text, strict=self.strict, goes_on=goes_on)
 
     def _probe_fix(self, error: Exception) -> str:
-        fix = copy_fix(error)
+        fix = copy_fix(error) or memory_fix(error)
         if fix is not None:
             return fix
         text = str(error)
@@ -389,7 +396,7 @@ class RFCallback(Callback):
         return ""
 
     def _effective_fix(self, error: Exception) -> str:
-        fix = copy_fix(error)
+        fix = copy_fix(error) or memory_fix(error, effective=True)
         if fix is not None:
             return fix
         if isinstance(error, NoInputsError):
@@ -422,6 +429,7 @@ class RFCallback(Callback):
             self._target(pl_module), input_shape or self.input_shape,
             self.positions if len(self.positions) > 1 else self.positions[0],
             layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
+            device=self.probe_device,
         )  # fmt: skip
         return fields if isinstance(fields, list) else [fields]
 
@@ -565,18 +573,10 @@ class RFCallback(Callback):
                 "element, so there is nothing to measure the effective field on"
             )
         theoretical_fields = self._erf_theoretical_fields(pl_module, self._erf_inputs)
-        fields = [
-            effective_rf(
-                self._target(pl_module),
-                self._erf_inputs,
-                p,
-                layer=self.layer,
-                theoretical=theoretical,
-                element=self.element,
-                layout=self.layout,
-            )  # fmt: skip
-            for p, theoretical in zip(self.positions, theoretical_fields)
-        ]
+        fields = effective_rf(  # one forward pass per chunk serves every position
+            self._target(pl_module), self._erf_inputs, [f.position for f in theoretical_fields], layer=self.layer,
+            theoretical=list(theoretical_fields), element=self.element, layout=self.layout, device=self.probe_device,
+        )  # fmt: skip
         entry, events = {}, []
         for index, field in enumerate(fields):
             label = _position_label(field.position)

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
-from rf_callback.arguments import checked_dtype, checked_element, checked_int, checked_layer, checked_layout
+from rf_callback.arguments import (
+    checked_device,
+    checked_dtype,
+    checked_element,
+    checked_int,
+    checked_layer,
+    checked_layout,
+)
 from rf_callback.effective import checked_map
 from rf_callback.graph import ProbeError, exact_kernels, forward_to, submodule, where
 from rf_callback.layouts import CHANNELS_FIRST, Tokens
@@ -19,16 +26,17 @@ from rf_callback.result import EffectiveField, ReceptiveField
 def effective_rf(
     model: nn.Module,
     inputs: torch.Tensor,
-    pos: str | int | Sequence[int] = "center",
+    pos: str | int | Sequence[int] | Sequence[Sequence[int]] = "center",
     *,
     layer: str | None = None,
     biases: str = "trained",
     chunk_size: int = 32,
     dtype: torch.dtype = torch.float32,
-    theoretical: ReceptiveField | None = None,
+    theoretical: ReceptiveField | list[ReceptiveField] | None = None,
     element: int | str | None = None,
     layout: str | Tokens = CHANNELS_FIRST,
-) -> EffectiveField:
+    device: str | torch.device | None = None,
+) -> EffectiveField | list[EffectiveField]:
     """Measures the effective receptive field of one output position on real inputs (Luo et al., 2016).
 
     The map is the magnitude of the gradient of the chosen output position (all channels) with respect to each
@@ -39,20 +47,25 @@ def effective_rf(
     Args:
         model: the network (not modified).
         inputs: real inputs ``(N, C, *spatial)``.
-        pos: the output position: an index tuple (an int for 1D) or ``"center"``.
+        pos: the output position: an index tuple (an int for 1D) or ``"center"``; or a list of them (one forward
+            pass per chunk serves them all, with one backward pass per position). ``"all"`` is refused: pass the
+            positions you need as a list.
         layer: dotted name of the submodule whose output is probed.
         biases: ``"trained"`` (default) or ``"zero"`` (as the theoretical and weights-mode probes).
         chunk_size: inputs per backward pass.
         dtype: floating type the copy runs in.
-        theoretical: the theoretical field of the same position, layer and input shape, if already probed (it does
-            not depend on the weights, so a caller that measures every epoch probes it once).
+        theoretical: the theoretical field of the same position, layer and input shape (a list of them for a list
+            of positions), if already probed (it does not depend on the weights, so a caller that measures every
+            epoch probes it once).
         element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
             probe.
         layout: how the probed output lays out its axes (``"channels_first"``, ``"channels_last"`` or tokens on a
             grid), as for :func:`~rf_callback.probe.probe_rf`; ``pos`` is on its spatial grid.
+        device: where the copy runs (the inputs are moved there chunk by chunk); ``None``: the model's device.
 
     Returns:
-        An :class:`EffectiveField` with the averaged map, its metrics and the theoretical field for reference.
+        An :class:`EffectiveField` with the averaged map, its metrics and the theoretical field for reference; a
+        list of them, in order, for a list of positions.
 
     Raises:
         ValueError: an argument is wrong (inputs that are not a batch, hold no sample or hold NaN or inf among
@@ -66,10 +79,17 @@ def effective_rf(
     layer, element, parsed_layout = checked_layer(layer), checked_element(element), checked_layout(layout)
     if checked_dtype(dtype) is None:
         raise ValueError("dtype=None is not allowed here; pass torch.float32 or torch.float64")
+    device = checked_device(device) or model_device(model)
     shape = (1, *inputs.shape[1:])
+    if isinstance(pos, str) and pos == "all":
+        raise ValueError(
+            "pos='all' is not allowed here: the effective field costs one backward pass per position over every "
+            "input, so effective_rf measures the positions you name; pass a list, e.g. pos=[(2, 2), (4, 4)], or "
+            "probe_rf(model, input_shape, 'all') for every position's theoretical bounds"
+        )
     if theoretical is None:
         try:
-            theoretical = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout)
+            theoretical = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout, device=device)
         except ValueError as error:
             if not str(error).startswith("input_shape="):
                 raise
@@ -77,22 +97,13 @@ def effective_rf(
                 f"inputs of shape {tuple(inputs.shape)} are read as a batch (N, C, *spatial), which the model "
                 f"refuses: {error}; one unbatched input (C, H, W) is passed as inputs.unsqueeze(0)"
             ) from error
-    elif (
-        theoretical.mode != "theoretical"
-        or tuple(theoretical.input_shape[1:]) != shape[1:]
-        or theoretical.layer != layer
-        or checked_layout(theoretical.layout) != parsed_layout
-        or normalised_positions(pos, theoretical.output_shape, layer)[0] != [theoretical.position]
-    ):
-        raise ValueError(
-            f"theoretical={theoretical.describe(stride=False)} must be the theoretical field of pos={pos!r}, "
-            f"layer={layer!r}, layout={layout!r}, on inputs shaped {shape}; pass theoretical=None to probe it"
-        )
-    device = model_device(model)
+    else:
+        _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout)
+    fields = theoretical if isinstance(theoretical, list) else [theoretical]
+    totals = [torch.zeros(inputs.shape[2:], dtype=torch.float64) for _ in fields]
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
-        copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero")
+        copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
         target = submodule(copy, layer)
-        total = torch.zeros(inputs.shape[2:], dtype=torch.float64)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, target, x, "weights", shape, layer, element, layout=layout)
@@ -101,15 +112,52 @@ def effective_rf(
                     f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "
                     f"and buffers for non-finite values"
                 )
-            cotangent = torch.zeros_like(output)
-            cotangent[(slice(None), slice(None), *theoretical.position)] = 1
-            (gradient,) = torch.autograd.grad(output, x, cotangent)
-            total += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
-    heatmap = checked_map(total / inputs.shape[0])
-    return EffectiveField(
-        position=theoretical.position, heatmap=heatmap, theoretical=theoretical, samples=int(inputs.shape[0]),
-        biases=biases, layer=layer,
-    )  # fmt: skip
+            for index, field in enumerate(fields):
+                cotangent = torch.zeros_like(output)
+                cotangent[(slice(None), slice(None), *field.position)] = 1
+                (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(fields) - 1)
+                totals[index] += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
+    effective = [
+        EffectiveField(
+            position=field.position,
+            heatmap=checked_map(total / inputs.shape[0]),
+            theoretical=field,
+            samples=int(inputs.shape[0]),
+            biases=biases,
+            layer=layer,
+        )  # fmt: skip
+        for field, total in zip(fields, totals)
+    ]
+    return effective if isinstance(theoretical, list) else effective[0]
+
+
+def _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout) -> None:
+    """Refuses ``theoretical`` fields that are not those of ``pos``, ``layer`` and ``layout`` on ``shape``."""
+    fields = theoretical if isinstance(theoretical, list) else [theoretical]
+    first = fields[0] if fields and isinstance(fields[0], ReceptiveField) else None
+    try:
+        wanted = normalised_positions(pos, first.output_shape, layer) if first is not None else None
+    except ValueError:  # pos does not fit that field's map: not the field of pos
+        wanted = None
+    if (
+        wanted is None
+        or not all(isinstance(f, ReceptiveField) for f in fields)
+        or isinstance(theoretical, list) != (wanted[1] == "list")
+        or any(
+            f.mode != "theoretical"
+            or tuple(f.input_shape[1:]) != shape[1:]
+            or f.layer != layer
+            or checked_layout(f.layout) != parsed_layout
+            for f in fields
+        )
+        or wanted[0] != [f.position for f in fields]
+    ):
+        described = first.describe(stride=False) if first is not None else repr(theoretical)
+        raise ValueError(
+            f"theoretical={described}{' ...' if isinstance(theoretical, list) else ''} must be the theoretical "
+            f"field of pos={pos!r} (a list of them for a list of positions), layer={layer!r}, layout={layout!r}, on "
+            f"inputs shaped {shape}; pass theoretical=None to probe it"
+        )
 
 
 def _check_inputs(inputs) -> None:

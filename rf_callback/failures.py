@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import traceback
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rf_callback._model_copy import CopyError
@@ -30,6 +32,17 @@ def copy_fix(error: BaseException) -> str | None:
     if not is_copy_failure(error):
         return None
     return "" if "module=" in str(error) else COPY_FIX
+
+
+def memory_fix(error: BaseException, *, effective: bool = False) -> str | None:
+    """The fix for a GPU that ran out of memory inside the callback, or None if ``error`` is another failure."""
+    if not isinstance(error, torch.cuda.OutOfMemoryError):
+        return None
+    fewer = ", or fewer erf_samples (the effective field's inputs)" if effective else ""
+    return (
+        "The probe runs on a copy of the model beside training: pass RFCallback(probe_device='cpu') to run it on the "
+        f"CPU, module= naming a smaller submodule to copy{fewer}"
+    )
 
 
 def inputs_fix(error: Exception) -> str:
@@ -68,6 +81,10 @@ class Failures:
             if fix and hasattr(error, "add_note"):  # Python >= 3.11: the fix shows under the traceback
                 error.add_note(f"RFCallback: {fix}")
             raise error
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            # The frames of the traceback hold the probe's tensors: clear them, then give their memory back.
+            traceback.clear_frames(error.__traceback__)
+            torch.cuda.empty_cache()
         key = ("copy", "") if is_copy_failure(error) else (kind, type(error).__name__)
         if key in self.said:
             return

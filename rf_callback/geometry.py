@@ -59,9 +59,12 @@ class LazyGeometry(Sequence):
     of axes, is known without measuring. A probe that needs bounds and heatmaps only never pays for the geometry.
     """
 
-    def __init__(self, n_axes: int, measure: Callable[[], tuple[AxisGeometry | None, ...]]):
+    def __init__(
+        self, n_axes: int, measure: Callable[[], tuple[AxisGeometry | None, ...]], why: dict[int, str] | None = None
+    ):
         self._n_axes, self._measure = n_axes, measure
         self._value: tuple[AxisGeometry | None, ...] | None = None
+        self._why = {} if why is None else why  # filled by ``measure``
         self._lock = threading.Lock()
 
     @property
@@ -78,6 +81,12 @@ class LazyGeometry(Sequence):
                     raise AssertionError(f"measured {len(value)} axes, expected {self._n_axes}")
                 self._value, self._measure = value, None
         return self._value
+
+    @property
+    def reasons(self) -> tuple[str | None, ...]:
+        """Per axis, why its geometry is ``None`` (``None`` where there is a geometry); measures it if not yet."""
+        value = self.resolve()
+        return tuple(None if g is not None else self._why.get(a, "not measured") for a, g in enumerate(value))
 
     def __len__(self) -> int:
         return self._n_axes

@@ -15,6 +15,8 @@ undecided axis.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -44,6 +46,91 @@ class _Clipped:
 
 
 _CLIPPED = _Clipped()
+
+# Measuring the geometry may cost this many passes (forward or backward) over the user's input, counted in input
+# elements: enough for the thin reading of a field nine times longer than the input (DenseNet-121 at 224: r = 2071),
+# and for the exact reading of a small map; past it, the undecided axes get None and say so.
+BUDGET_PASSES = 96
+
+
+# On a small input, the thin reading's inputs may be longer than the budget's passes (see _SMALL_THIN_INPUT).
+_SMALL_BUDGET = 1 << 22
+
+
+class OverBudget(Exception):
+    """Measuring the geometry would cost more than its :class:`Budget`."""
+
+
+class Budget:
+    """What measuring the geometry may still spend, in input elements through the copy (one pass each).
+
+    Attributes:
+        limit: the elements it may spend, ``BUDGET_PASSES`` times the user's input's (at least 4M).
+        spent: the elements spent so far.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], passes: int | None = None):
+        passes = BUDGET_PASSES if passes is None else passes
+        self.limit, self.spent = max(passes * math.prod(input_shape[1:]), _SMALL_BUDGET), 0
+        self._progress = _Progress()
+
+    def charge(self, shape: tuple[int, ...]) -> None:
+        """Counts one pass over an input of ``shape``.
+
+        Raises:
+            OverBudget: the pass would take the total past the limit.
+        """
+        elements = math.prod(shape[1:])
+        if self.spent + elements > self.limit:
+            raise OverBudget
+        self.spent += elements
+        self._progress.show(
+            f"rf_callback: measuring the geometry (r, S, P), input {' x '.join(map(str, shape[2:]))}, "
+            f"{self.spent / self.limit:.0%} of its budget"
+        )
+
+    def done(self) -> None:
+        """Clears the progress line, if one was shown."""
+        self._progress.clear()
+
+
+class _Progress:
+    """One line on a terminal (standard error) for a measurement that takes more than a few seconds."""
+
+    AFTER_SECONDS = 3.0
+
+    def __init__(self):
+        self.start, self.shown = time.monotonic(), False
+
+    def show(self, text: str) -> None:
+        if time.monotonic() - self.start > self.AFTER_SECONDS and sys.stderr.isatty():
+            sys.stderr.write(f"\r{text[:150]}\x1b[K")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+class _Global:
+    """A reduction or softmax along the whole axis on the path: the field spans any input along it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+# Why an axis has no geometry, by the reading's exit.
+FIXED_SIZE = (
+    "an adaptive pooling or a resize to a fixed size on the path: the fields change with the input's length, so no "
+    "(r, S, P) holds across lengths"
+)
+NO_FIT = "the fields fit no single (r, S, P) along this axis (an upsampling path, windows, or fields that are no box)"
+OVER_BUDGET = (
+    f"not measured: the fields did not settle within {BUDGET_PASSES} passes' worth of inputs (the exact reading would "
+    f"cost more)"
+)
 
 
 def graph_factory(
@@ -92,6 +179,9 @@ def measure_geometry(
     *,
     known: dict[Position, torch.Tensor] | None = None,
     table: AxisTable | None = None,
+    reasons: dict[int, str] | None = None,
+    budget: Budget | None = None,
+    one_shape: bool = False,
 ) -> tuple[AxisGeometry | None, ...]:
     """Per axis, the (r, S, P) of the theoretical fields of ``theory``'s output, or ``None`` where there is none.
 
@@ -100,14 +190,23 @@ def measure_geometry(
         graph_on: builds the theoretical graph of the same output on another input shape (``None`` if refused).
         known: exact theoretical supports of single positions already measured on the user's input.
         table: an axis table already measured on the user's input, if any.
+        reasons: filled, for each axis whose geometry is ``None``, with why.
+        budget: what the passes on other inputs may cost (:class:`Budget`); ``None``: no limit.
+        one_shape: the output is read on the user's input alone (a token grid): an axis along which the centre
+            field spans that input has no geometry to read.
 
     Returns:
         Per axis, an :class:`AxisGeometry`, or ``None`` on an axis whose fields fit no single (r, S, P) (an
-        upsampling path) or span the input however long it is (global pooling, attention).
+        upsampling path), span the input however long it is (global pooling, a gate, attention), or were not
+        measured within the budget.
     """
+    reasons = {} if reasons is None else reasons
     lengths = theory.spatial_input_shape
     if len(theory.output_shape) != len(lengths):
+        reasons.update(dict.fromkeys(range(len(lengths)), "the output has another number of spatial axes"))
         return (None,) * len(lengths)
+    if budget is not None:
+        graph_on = _charged(graph_on, budget)
     known = dict(known or {})
     center = theory.center
     if center not in known:
@@ -121,20 +220,92 @@ def measure_geometry(
     fallback = []
     for axis, length in enumerate(lengths):
         found = None
+        if one_shape and hull(marginal(known[center], axis)) == (0, length - 1):
+            reasons[axis] = (
+                "the field spans the whole input probed, and a token grid is read on that input alone (on another "
+                "input the same number of tokens lies on another grid)"
+            )
+            geometry.append(None)
+            continue
         if table is not None and table.conclusive(axis, length):
             found = fit_axis(table.table[axis], length, table.gaps[axis])
         if found is None:
-            found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=_first_growth(known[center], axis))
-        if found is _CLIPPED:
-            found = None
+            try:
+                start = _first_growth(known[center], axis)
+                found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=start)
+            except OverBudget:
+                found = OVER_BUDGET
         if found is _FALLBACK:
             fallback.append(axis)
+        elif not isinstance(found, AxisGeometry):
+            reasons[axis] = _reason(found, length)
         geometry.append(found if isinstance(found, AxisGeometry) else None)
     if fallback:
-        exact = _enlarged_geometry(theory, graph_on, known)
+        try:
+            exact = _enlarged_geometry(theory, graph_on, known, reasons)
+        except OverBudget:
+            exact = [OVER_BUDGET] * len(lengths)
         for axis in fallback:
-            geometry[axis] = exact[axis]
+            geometry[axis] = exact[axis] if isinstance(exact[axis], AxisGeometry) else None
+            if geometry[axis] is None:
+                reasons[axis] = exact[axis] if isinstance(exact[axis], str) else reasons.get(axis, NO_FIT)
+    if budget is not None:
+        budget.done()
     return tuple(geometry)
+
+
+def _reason(found, length: int) -> str:
+    """Why the thin reading found no geometry, in words."""
+    if isinstance(found, str):
+        return found
+    if isinstance(found, _Global):
+        return (
+            f"a {found.name}() along the whole axis on the path (a global pooling, a gate or attention): the field "
+            f"spans the input however long it is"
+        )
+    if found is _FIXED:
+        return FIXED_SIZE
+    if found is _CLIPPED:
+        return (
+            f"the field spans every input read, up to {GROWTH[-1]} times longer than {length}: a global operation on "
+            f"the path, or r beyond that"
+        )
+    return NO_FIT
+
+
+def _charged(graph_on: GraphOn, budget: Budget) -> GraphOn:
+    """``graph_on`` whose forward passes, and the graphs' backward passes, are charged to ``budget``."""
+
+    def charged(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+        budget.charge(shape)
+        graph = graph_on(shape, thin_axes)
+        if graph is not None:
+            graph.budget = budget
+        return graph
+
+    return charged
+
+
+def _whole_axis_coupling(before: ProbeGraph, after: ProbeGraph, axis: int) -> str | None:
+    """A reduction or softmax of ``after`` along a dim that grew with the input, where both centre fields span it.
+
+    ``before`` and ``after`` are the same forward on inputs that differ in length along ``axis`` only: a dim whose
+    length differs between their calls follows that axis. Where such a call reduces along it and the centre field
+    spans the whole input on both, the field spans any input: no (r, S, P). Returns the call's name.
+    """
+    if not (_spans(before, axis) and _spans(after, axis)) or len(before.couplings) != len(after.couplings):
+        return None
+    for (name, shape, dims), (other, grown, _) in zip(before.couplings, after.couplings):
+        if name != other or len(shape) != len(grown):
+            return None
+        if any(shape[d] != grown[d] for d in dims):
+            return name
+    return None
+
+
+def _spans(graph: ProbeGraph, axis: int) -> bool:
+    """Whether the centre field spans the whole input along ``axis``."""
+    return hull(marginal(graph.support([graph.center]), axis)) == (0, graph.spatial_input_shape[axis] - 1)
 
 
 def _first_growth(center_support: torch.Tensor, axis: int) -> int:
@@ -169,10 +340,17 @@ class _Fallback:
 _FALLBACK = _Fallback()
 
 
+class _FixedSize:
+    """A call with a fixed output size on the path (adaptive pooling, a resize to a size)."""
+
+
+_FIXED = _FixedSize()
+
+
 def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth):
     """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
     length = theory.spatial_input_shape[axis]
-    undecided, width = False, None
+    undecided, width, previous = False, None, None
     for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
         if width is None:
             thin = _thinnest_graph(theory, axis, graph_on, length * growth)
@@ -190,7 +368,10 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
         if graph.fixed_size:
             # Adaptive pooling or an interpolation to a size on the way: the fields change with the input's
             # length, and no (r, S, P) holds across lengths.
-            return _CLIPPED
+            return _FIXED
+        if previous is not None and (name := _whole_axis_coupling(previous, graph, axis)):
+            return _Global(name)
+        previous = graph
         found = read_axis(graph, axis)
         if found is _CLIPPED:
             continue
@@ -318,11 +499,15 @@ def _moved(position: Position, axis: int, index: int) -> Position:
     return tuple(index if a == axis else i for a, i in enumerate(position))
 
 
-def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known) -> list[AxisGeometry | None]:
-    """The exact reading: full axis tables, on inputs enlarged along every undecided axis at once."""
+def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: dict[int, str]) -> list:
+    """The exact reading: full axis tables, on inputs enlarged along every undecided axis at once.
+
+    Per axis, the geometry or None (``reasons`` says why where it can tell).
+    """
     lengths = theory.spatial_input_shape
     axes = _conclusive_axis_table(theory, known)
     if axes is None:
+        reasons.update(dict.fromkeys(range(len(lengths)), "the fields on the input probed are no boxes"))
         return [None] * len(lengths)
     geometry = [fit_axis(axes.table[a], lengths[a], axes.gaps[a]) for a in range(len(lengths))]
     undecided = {a for a, g in enumerate(geometry) if g is None and not axes.conclusive(a, lengths[a])}
@@ -336,6 +521,9 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known) -> list[Axi
             break
         graph = graph_on(tuple(larger))
         if graph is None or len(graph.output_shape) != len(lengths):
+            break
+        if len(undecided) == 1 and (name := _whole_axis_coupling(theory, graph, next(iter(undecided)))):
+            reasons[next(iter(undecided))] = _reason(_Global(name), lengths[0])
             break
         larger_axes = _conclusive_axis_table(graph, {})
         if larger_axes is None:

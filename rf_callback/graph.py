@@ -138,15 +138,18 @@ class ProbeGraph(GraphShapes):
         self.dtype, self.device, self.guard = dtype, device, guard
         self.copy = copy
         self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
+        self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
+        self.budget = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
+        self._supports: dict[tuple, torch.Tensor] = {}
         if captured is None:
-            copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype)
+            copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype, device=device)
             target = submodule(copy, layer)
             self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
             functions = probe_functions(mode)
             self.output = forward_to(
                 copy, target, self.inputs, mode, input_shape, layer, element, functions, layout=layout
             )
-            self.fixed_size = functions.fixed_size
+            self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
             if check_layout and checked_layout(layout) == CHANNELS_FIRST:
@@ -173,6 +176,8 @@ class ProbeGraph(GraphShapes):
         Returns |d output / d input| summed over the batch and channels, on the CPU, shaped like the input's spatial
         axes.
         """
+        if self.budget is not None:
+            self.budget.charge(self.input_shape)
         cotangent = torch.zeros_like(self.output)
         index = tuple(torch.tensor(axis, device=self.device) for axis in zip(*positions))
         cotangent[(slice(None), slice(None), *index)] = self.channel_weights[:, :, None]
@@ -191,8 +196,16 @@ class ProbeGraph(GraphShapes):
         return magnitude
 
     def support(self, positions: Sequence[Position]) -> torch.Tensor:
-        """The inputs that influence any of ``positions``: where :meth:`gradient_map` is non-zero."""
-        return self.gradient_map(positions) > 0
+        """The inputs that influence any of ``positions``: where :meth:`gradient_map` is non-zero.
+
+        A single position's support is kept: the geometry's readings ask for the centre's more than once.
+        """
+        if len(positions) != 1:
+            return self.gradient_map(positions) > 0
+        key = tuple(positions[0])
+        if key not in self._supports:
+            self._supports[key] = self.gradient_map(positions) > 0
+        return self._supports[key]
 
 
 def check_channels_first(

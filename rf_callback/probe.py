@@ -17,6 +17,7 @@ from torch import nn
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
 from rf_callback.arguments import (
     as_index,
+    checked_device,
     checked_dtype,
     checked_element,
     checked_int,
@@ -25,7 +26,7 @@ from rf_callback.arguments import (
     checked_mode,
 )
 from rf_callback.geometry import LazyGeometry
-from rf_callback.geometry_probe import centre_field_is_whole, graph_factory, measure_geometry
+from rf_callback.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.graph import GraphShapes, ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
 from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.layouts import CHANNELS_FIRST, Tokens
@@ -50,6 +51,7 @@ def probe_rf(
     dtype: torch.dtype | None = None,
     element: int | str | None = None,
     layout: str | Tokens = CHANNELS_FIRST,
+    device: str | torch.device | None = None,
 ) -> ReceptiveField | list[ReceptiveField] | ReceptiveFieldMap:
     """Measures which input positions can influence an output position, by backpropagating from that position.
 
@@ -82,6 +84,8 @@ def probe_rf(
             leading class or register tokens are dropped). ``pos`` is then an index on the spatial grid. An output
             whose shape does not fit the layout is refused (the probe never guesses a grid); a channels-last output
             with as many axes as a channels-first one cannot be told apart by its shape, so say which it is.
+        device: where the probe's copy runs; ``None`` (default): the model's device. ``"cpu"`` probes a model on a
+            GPU without taking GPU memory (its copy is made on the CPU directly).
 
     Returns:
         A :class:`ReceptiveField` (with heatmap) for one position, a list of them for a list of positions, or a
@@ -101,8 +105,8 @@ def probe_rf(
     draws = checked_int("draws", draws, minimum=1, meaning="the number of random inputs in weights mode")
     seed = checked_int("seed", seed, meaning="the seed of the probe's private generator")
     dtype = checked_dtype(dtype)
-    device = model_device(model)
-    target = (layer, element, layout)
+    device = checked_device(device) or model_device(model)
+    target = (layer, element, layout, device)
     with _probe_context(device):
         try:
             return _probe(model, shape, pos, target, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
@@ -118,10 +122,11 @@ def _probe_context(device: torch.device):
 
 
 def _probe(model, shape, pos, target, mode, draws, seed, dtype, *, guard: bool):
-    layer, element, layout = target
+    layer, element, layout, device = target
     prober = _Prober(
-        model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element, layout=layout
-    )
+        model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element, layout=layout,
+        device=device,
+    )  # fmt: skip
     positions, kind = normalised_positions(pos, prober.measured.output_shape, layer)
     if kind == "all":
         return prober.field_map()
@@ -216,10 +221,10 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
     return True
 
 
-def _theoretical_copy_or_reason(model: nn.Module, dtype: torch.dtype) -> nn.Module | ValueError:
+def _theoretical_copy_or_reason(model: nn.Module, dtype: torch.dtype, device) -> nn.Module | ValueError:
     """The theoretical copy a weights-mode probe keeps for its geometry, or why there is none (TorchScript)."""
     try:
-        return prepared_copy(model, "theoretical", dtype)
+        return prepared_copy(model, "theoretical", dtype, device=device)
     except ValueError as error:
         return error
 
@@ -234,18 +239,20 @@ class _Prober:
 
     def __init__(
         self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, element=None,
-        layout=CHANNELS_FIRST,
+        layout=CHANNELS_FIRST, device: torch.device | None = None,
     ):  # fmt: skip
         self.model, self.shape, self.layer, self.mode, self.element = model, shape, layer, mode, element
         self.layout = layout
-        self.dtype, self.guard, self.device = dtype, guard, model_device(model)
+        self.dtype, self.guard, self.device = dtype, guard, device or model_device(model)
         self.measured = ProbeGraph(
             model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
             element=element, layout=layout, check_layout=True,
         )  # fmt: skip
         # The theoretical copy the geometry is measured on, now or later: its weights are constants (it costs its
         # buffers), and a field keeps it, so what it reports later is what the model was when it was probed.
-        self.skeleton = self.measured.copy if mode == "theoretical" else _theoretical_copy_or_reason(model, dtype)
+        self.skeleton = (
+            self.measured.copy if mode == "theoretical" else _theoretical_copy_or_reason(model, dtype, self.device)
+        )
         self.graph_on = graph_factory(
             self.skeleton, layer, input_shape=shape, dtype=dtype, device=self.device, guard=guard, element=element,
             layout=layout,
@@ -280,6 +287,7 @@ class _Prober:
         skeleton, shape, layer, element, layout = self.skeleton, self.shape, self.layer, self.element, self.layout
         dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
         known, table = dict(self.known), self.table
+        reasons: dict[int, str] = {}
 
         def measure():
             if isinstance(skeleton, ValueError):
@@ -290,14 +298,21 @@ class _Prober:
                     graph_on = graph_factory(copy, layer, input_shape=shape, dtype=attempt_dtype, device=device,
                                              guard=attempt_guard, element=element, layout=layout)  # fmt: skip
                     theory = _TheoryOnDemand(shape, output_shape, graph_on)
+                    reasons.clear()
                     try:
-                        geometry = measure_geometry(theory, graph_on, known=known, table=table)
+                        geometry = measure_geometry(
+                            theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
+                            one_shape=isinstance(checked_layout(layout), Tokens),
+                        )  # fmt: skip
                     except Underflow:
                         continue
-                    return tuple(g if _within_spans(g, a, fields, shape) else None for a, g in enumerate(geometry))
+                    for axis, g in enumerate(geometry):
+                        if not _within_spans(g, axis, fields, shape):
+                            reasons[axis] = "a probed field lies outside the span (r, S, P) would give it"
+                    return tuple(None if a in reasons else g for a, g in enumerate(geometry))
             raise AssertionError("float64 does not underflow")
 
-        return LazyGeometry(len(self.shape) - 2, measure)
+        return LazyGeometry(len(self.shape) - 2, measure, reasons)
 
     def _full_table(self) -> AxisTable | None:
         """Every index's theoretical bounds on the user's input; a centre field that only looks whole is found."""

@@ -323,3 +323,18 @@ def test_pytorch_lightning_trainer_accepts_the_same_class(tmp_path):
     trainer.fit(Classic(), *loaders())
     assert trainer.callback_metrics["rf/features/pos0/size_h/weights"] == 3
     assert len(callback.history) == 3
+
+
+def test_probe_device_cpu_logs_the_same_fields(tmp_path):
+    logged = []
+    for device in (None, "cpu"):
+        model = ConvClassifier()
+        torch.manual_seed(0)
+        model.load_state_dict(ConvClassifier().state_dict())
+        train, val = loaders()
+        callback = RFCallback(layer="features", probe_device=device)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path / str(device), max_epochs=1, logger=False), callbacks=[callback])
+        pl.seed_everything(3)
+        trainer.fit(model, train, val)
+        logged.append([entry["fields"] for entry in callback.history])
+    assert logged[0] == logged[1] and logged[0]

@@ -303,6 +303,7 @@ def test_a_layer_that_does_not_fit_still_ends_the_run_before_the_first_step(tmp_
         ({"effective": 1}, r"effective=1\): effective must be True, False or None"),
         ({"mode": None}, r"mode=None\): mode must be one of \('theoretical', 'weights'\)"),
         ({"on_miss": ["warn"]}, r"on_miss=\['warn'\]\): on_miss must be one of"),
+        ({"probe_device": "gpu0"}, r"probe_device='gpu0' is not a device: pass a device name \('cpu'"),
     ],
 )
 def test_bad_argument_is_refused_at_construction_with_the_fix(kwargs, match):

@@ -118,3 +118,31 @@ def test_theoretical_field_passed_in_is_reused_and_must_match():
         effective_rf(model, inputs, (4, 4), theoretical=theoretical)
     with pytest.raises(ValueError, match="theoretical field of pos"):
         effective_rf(model, inputs, (5, 5), theoretical=probe_rf(model, (1, 1, 16, 16), (5, 5), mode="weights"))
+
+
+def test_a_list_of_positions_gives_one_effective_field_each_equal_to_its_own():
+    model = constant_chain(nn.Conv2d, 3)
+    inputs = torch.rand(5, 1, 16, 16) + 0.1
+    fields = effective_rf(model, inputs, [(4, 5), (0, 0), (9, 9)], chunk_size=2)
+    assert [f.position for f in fields] == [(4, 5), (0, 0), (9, 9)]
+    for field in fields:
+        alone = effective_rf(model, inputs, field.position, chunk_size=2)
+        assert torch.equal(field.heatmap, alone.heatmap) and field.theoretical.bounds == alone.theoretical.bounds
+    assert fields[1].extent(1.0) == ((0, 6), (0, 6))  # the trinomial square at the corner
+
+
+def test_a_list_of_theoretical_fields_is_reused_and_must_match():
+    model = constant_chain(nn.Conv1d, 3)
+    inputs = torch.rand(3, 1, 20) + 0.1
+    theoretical = probe_rf(model, (1, 1, 20), [(2,), (7,)])
+    given = effective_rf(model, inputs, [(2,), (7,)], theoretical=theoretical)
+    assert [f.theoretical for f in given] == theoretical
+    with pytest.raises(ValueError, match=r"a list of them for a list of positions.*theoretical=None"):
+        effective_rf(model, inputs, [(2,), (8,)], theoretical=theoretical)
+    with pytest.raises(ValueError, match=r"a list of them for a list of positions"):
+        effective_rf(model, inputs, (7,), theoretical=theoretical)
+
+
+def test_all_positions_are_refused_with_what_to_pass():
+    with pytest.raises(ValueError, match=r"pos='all' is not allowed here.*pass a list, e.g. pos=\[\(2, 2\)"):
+        effective_rf(constant_chain(nn.Conv2d, 1), torch.rand(2, 1, 8, 8), "all")

@@ -246,3 +246,90 @@ def test_the_theoretical_copy_a_field_keeps_holds_no_copy_of_the_weights():
     kept = [c.cell_contents for c in skeleton if isinstance(c.cell_contents, nn.Module)]
     assert kept and all(p.untyped_storage().nbytes() <= 8 for m in kept for p in m.parameters())
     assert field.stride == (2, 2)
+
+
+# -- fields that span any input get None at once, and every reading is bounded (issue 14)
+
+
+class MeanGated(nn.Module):
+    """Convolutions with a squeeze-and-excitation gate as timm writes it (``x.mean``, no adaptive pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class GlobalContext(nn.Module):
+    """A 1D convolution, then the map plus its mean along the sequence (global pooling broadcast back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + x.sum(dim=-1, keepdim=True)
+
+
+class TokenAttention(nn.Module):
+    """Global self-attention over the positions of a 1D map (softmax over all keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv1d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        return ((tokens @ tokens.transpose(1, 2)).softmax(-1) @ tokens).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "call"),
+    [
+        (MeanGated(), (1, 3, 24, 24), "mean"),
+        (GlobalContext(), (1, 2, 30), "sum"),
+        (TokenAttention(), (1, 2, 30), "softmax"),
+    ],
+)
+def test_a_field_that_spans_any_input_gets_none_at_once_with_the_reason(model, shape, call, monkeypatch):
+    passes = []
+    gradient_map = ProbeGraph.gradient_map
+    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    field = probe_rf(model, shape)
+    assert field.size == shape[2:]
+    assert list(field.geometry) == [None] * len(shape[2:])
+    assert all(f"a {call}() along the whole axis" in reason for reason in field.geometry.reasons)
+    # Per axis the centre field on the two shortest thin inputs decides (it grew 32 times before, then read the
+    # whole table on inputs enlarged along every axis).
+    assert len(passes) <= 1 + 2 * len(shape[2:])
+
+
+def test_a_reduction_over_channels_alone_does_not_make_a_field_global():
+    class ChannelContext(nn.Module):  # a map plus its mean over the channels: statistics of one pixel's channels
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            return x + x.mean(1, keepdim=True)
+
+    field = probe_rf(ChannelContext(), (1, 1, 2, 2))  # clipped: read on thin inputs, where the channel mean stays
+    assert geometry_triples(field) == [(3, 1, 1), (3, 1, 1)]
+
+
+def test_a_geometry_past_its_budget_is_none_and_says_so(monkeypatch):
+    import rf_callback.geometry_probe as geometry_probe
+
+    monkeypatch.setattr(geometry_probe, "BUDGET_PASSES", 1)
+    monkeypatch.setattr(geometry_probe, "_SMALL_BUDGET", 0)
+    field = probe_rf(TinyResNet(), (1, 3, 12, 10), layer="layer2")  # clipped: thin inputs cost more than a pass
+    assert list(field.geometry) == [None, None]
+    assert all(reason.startswith("not measured: the fields did not settle") for reason in field.geometry.reasons)
+    monkeypatch.undo()
+    assert geometry_triples(probe_rf(TinyResNet(), (1, 3, 12, 10), layer="layer2")) == [(25, 4, 12)] * 2

@@ -25,15 +25,15 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
-@pytest.mark.parametrize("factory", [TinyResNet, vgg_style])
-def test_a_cuda_model_gives_the_cpus_bounds_and_heatmaps(factory, mode):
+@pytest.mark.parametrize(("factory", "layer"), [(TinyResNet, "layer2"), (vgg_style, None)])
+def test_a_cuda_model_gives_the_cpus_bounds_and_heatmaps(factory, layer, mode):
     torch.manual_seed(0)
     model = factory().eval()
     shape = (1, 3, 32, 32)
     positions = [(0, 0), (3, 5), "center"]
     for pos in positions:
-        on_cpu = probe_rf(model, shape, pos, mode=mode)
-        on_gpu = probe_rf(model.cuda(), shape, pos, mode=mode)
+        on_cpu = probe_rf(model, shape, pos, mode=mode, layer=layer)
+        on_gpu = probe_rf(model.cuda(), shape, pos, mode=mode, layer=layer)
         model.cpu()
         assert on_gpu.bounds == on_cpu.bounds
         assert torch.equal(on_gpu.heatmap > 0, on_cpu.heatmap > 0)
@@ -44,19 +44,22 @@ def test_a_cuda_model_gives_the_cpus_bounds_and_heatmaps(factory, mode):
 
 def test_a_field_probed_on_cuda_is_read_after_the_model_moves_back_to_the_cpu():
     model = TinyResNet().cuda()
-    field = probe_rf(model, (1, 3, 12, 10))  # clipped: the geometry is measured later
-    model.cpu()
-    assert list(field.geometry) == list(probe_rf(model, (1, 3, 12, 10)).geometry)
-    assert verify_rf(model, probe_rf(model, (1, 3, 12, 10))).passed
+    field = probe_rf(model, (1, 3, 12, 10), layer="layer2")  # clipped: the geometry is measured later
+    model.cpu()  # what Lightning does at fit end
+    assert [(g.size, g.stride, g.offset) for g in field.geometry] == [(25, 4, 12), (25, 4, 12)]
+    assert verify_rf(model, probe_rf(model, (1, 3, 12, 10), layer="layer2")).passed
 
 
 def test_effective_rf_on_cuda_equals_the_cpus():
     torch.manual_seed(0)
     model = TinyResNet().eval()
     inputs = torch.randn(4, 3, 32, 32)
-    on_cpu = effective_rf(model, inputs, dtype=torch.float64)
-    on_gpu = effective_rf(model.cuda(), inputs, dtype=torch.float64)
-    torch.testing.assert_close(on_gpu.heatmap, on_cpu.heatmap, rtol=1e-9, atol=1e-12)
+    on_cpu = effective_rf(model, inputs, [(2, 2), (4, 5)], layer="layer2", dtype=torch.float64)
+    on_gpu = effective_rf(model.cuda(), inputs, [(2, 2), (4, 5)], layer="layer2", dtype=torch.float64)
+    on_cpu_copy = effective_rf(model, inputs, [(2, 2), (4, 5)], layer="layer2", dtype=torch.float64, device="cpu")
+    for a, b, c in zip(on_cpu, on_gpu, on_cpu_copy):
+        torch.testing.assert_close(b.heatmap, a.heatmap, rtol=1e-9, atol=1e-12)
+        assert torch.equal(c.heatmap, a.heatmap)
 
 
 def _fit(tmp_path, folder, callbacks, **overrides):
@@ -65,7 +68,7 @@ def _fit(tmp_path, folder, callbacks, **overrides):
     logger = CSVLogger(tmp_path / folder)
     train, val = loaders()
     kwargs = trainer_kwargs(tmp_path / folder, max_epochs=2, logger=[logger, TensorBoardLogger(tmp_path / folder)])
-    kwargs.update(accelerator="gpu", deterministic=True, **overrides)
+    kwargs.update(accelerator="gpu", deterministic="warn", **overrides)
     trainer = pl.Trainer(**kwargs, callbacks=callbacks)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -86,6 +89,37 @@ def test_a_gpu_fit_keeps_its_losses_and_draws_its_fit_end_figures(tmp_path, prec
     events = EventAccumulator(trainer.loggers[1].log_dir, size_guidance={"images": 0}).Reload()
     figure_steps = [e.step for e in events.Images("rf/features/pos0/figure")]
     assert figure_steps[0] == 0 and len(figure_steps) == 2  # fit start and fit end
+
+
+def test_probe_device_cpu_takes_no_gpu_memory_beside_training(tmp_path):
+    # Probes on a 1024 x 1024 input (8 draws): on the GPU they would take some 256 MiB beside the fit's few MiB.
+    peaks = []
+    arms = ([], [RFCallback(layer="features", probe_device="cpu", input_shape=(1, 1, 1024, 1024), effective=False)],
+            [RFCallback(layer="features", input_shape=(1, 1, 1024, 1024), effective=False)])  # fmt: skip
+    for index, callbacks in enumerate(arms):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        _fit(tmp_path, f"peak{index}", callbacks)
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert peaks[1] <= peaks[0] + (1 << 20)
+    assert peaks[2] > peaks[0] + (100 << 20)  # the same probes on the GPU: the test can fail
+
+
+def test_a_probe_that_runs_out_of_gpu_memory_warns_with_the_fix_and_training_goes_on(tmp_path):
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    fraction = (before + (512 << 20)) / torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    try:
+        # Training on 16 x 16 inputs fits; the probe, on an input of 4096 x 4096 (8 draws), does not.
+        callback = RFCallback(layer="features", input_shape=(1, 1, 4096, 4096), effective=False)
+        _, rows, messages, _ = _fit(tmp_path, "oom", [callback])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert rows, "training went on"
+    warned = [m for m in messages if "OutOfMemoryError" in m]
+    assert warned and "probe_device='cpu'" in warned[0]
+    assert torch.cuda.memory_allocated() <= before + (64 << 20)  # what the probe took is given back
 
 
 def test_a_channels_last_compiled_gpu_fit_draws_its_figures(tmp_path):

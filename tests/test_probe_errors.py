@@ -96,3 +96,13 @@ def test_input_without_the_spatial_axes_a_convolution_takes_is_refused():
     for mode in ("theoretical", "weights"):
         with pytest.raises(ValueError, match=r"input_shape=\(1, 5, 16\) has 1 spatial axes.*takes 2.*\(N, C, H, W\)"):
             probe_rf(model, (1, 5, 16), 4, mode=mode)
+
+
+def test_a_device_that_is_no_device_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"device='gpu0' is not a device: pass a device name \('cpu'"):
+        probe_rf(nn.Conv2d(1, 1, 3), (1, 1, 8, 8), device="gpu0")
+
+
+def test_a_probe_on_the_device_asked_for_gives_the_same_field():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, stride=2))
+    assert probe_rf(model, (1, 1, 12, 12), device="cpu") == probe_rf(model, (1, 1, 12, 12))
