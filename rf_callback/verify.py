@@ -20,8 +20,9 @@ class RFVerification:
     Attributes:
         passed: the output depends on the input, nothing outside the bounds influences it, and every face of the
             bounds does (so the bounds are exact, not merely large enough).
-        reaches_output: with an input of ones, the probed output is non-zero.
-        outside_influence: with everything inside the bounds zeroed, the probed output is still non-zero.
+        reaches_output: with an input of ones, the probed output differs from that on an input of zeros.
+        outside_influence: with everything inside the bounds zeroed, the probed output still differs from that on an
+            input of zeros (or ones outside the bounds change it).
         faces: per axis, whether the first and the last slice of the bounds each influence the output.
     """
 
@@ -40,9 +41,10 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
     It runs on the linearised, bias-free copy the theoretical probe uses (all weights positive, so no contributions
     can cancel).
 
-    An input of ones with the bounds zeroed must give exactly zero at the probed position (nothing outside can
-    change it), and an input that is one only on one face of the bounds must give a non-zero value, for every
-    face (each edge of the bounds is reached). All inputs go through the network in one batched forward pass.
+    An input of ones with the bounds zeroed must give exactly what an input of zeros gives at the probed position
+    (nothing outside can change it), and an input that is one only on one face of the bounds must give something
+    else, for every face (each edge of the bounds is reached). Comparing with zeros, not with zero, keeps
+    input-independent terms (a ViT's position embeddings) out of it. All inputs go through the network in one batched forward pass.
 
     Args:
         model: the network the field was measured on.
@@ -79,20 +81,23 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
                 face[tuple(face_box)] = 1
                 faces.append(face)
         target = submodule(copy, field.layer)
-        # A gate that multiplies a map by a global statistic of it passes a change only where the map is not zero, so
-        # the outside is also checked as a change to an input of ones (ones, then ones + outside).
-        batch = torch.stack([ones, outside, ones + outside, *faces])
-        channels_at = _influence(copy, target, batch, field, device)
-        values = channels_at.abs().sum(dim=1)
-        leaks = bool(values[1] != 0) or not torch.equal(channels_at[2], channels_at[0])
+        # Everything is compared with the output on an input of zeros, which is not zero where the network adds
+        # input-independent tensors (a ViT's position embeddings and class token). A gate that multiplies a map by a
+        # global statistic of it passes a change only where the map is not zero, so the outside is also checked as a
+        # change to an input of ones.
+        zeros = torch.zeros_like(ones)
+        batch = torch.stack([zeros, ones, outside, ones + outside, *faces])
+        at = _influence(copy, target, batch, field, device)
+        changed = [not torch.equal(at[i], at[0]) for i in range(len(batch))]
+        leaks = changed[2] or not torch.equal(at[3], at[1])
         # For the same reason a face alone (zeros elsewhere) can reach nothing: it is checked as a change too.
-        unseen = [i for i in range(len(faces)) if values[3 + i] == 0]
+        unseen = [i for i in range(len(faces)) if not changed[4 + i]]
         if unseen:
-            changed = _influence(copy, target, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field, device)
+            again = _influence(copy, target, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field, device)
             for k, i in enumerate(unseen):
-                values[3 + i] = (changed[1 + k] - changed[0]).abs().sum()
-    faces = tuple((bool(values[3 + 2 * a] > 0), bool(values[4 + 2 * a] > 0)) for a in range(len(field.bounds)))
-    reaches = bool(values[0] > 0)
+                changed[4 + i] = not torch.equal(again[1 + k], again[0])
+    faces = tuple((changed[4 + 2 * a], changed[5 + 2 * a]) for a in range(len(field.bounds)))
+    reaches = changed[1]
     return RFVerification(
         passed=reaches and not leaks and all(all(f) for f in faces),
         reaches_output=reaches,

@@ -8,6 +8,7 @@ command (``tests.test_layouts:tiny_swin``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -948,3 +949,26 @@ def test_a_channels_last_hint_the_model_cannot_decide_is_a_warning_at_once():
     with pytest.warns(UserWarning, match=r"\(64\) is longer than the input's \(32\).*pass layout='channels_last'"):
         probe_rf(model, (1, 3, 32, 32), (3, 3))
     assert probe_rf(model, (1, 3, 32, 32), (3, 3), layout="channels_last").bounds == ((6, 7), (6, 7))
+
+
+class PositionEmbedded(TinyViT):
+    """A TinyViT whose tokens get learned position embeddings: added whatever the input, as timm's ViTs do."""
+
+    def __init__(self):
+        super().__init__(depth=2)
+        self.position = nn.Parameter(torch.randn(1, 1 + 8 * 12, 8))
+
+    def forward(self, x):
+        return self.blocks(self.embed(x) + self.position)
+
+
+def test_verify_rf_passes_a_vit_whose_position_embeddings_reach_the_output_without_the_input():
+    # The output on an input of zeros is not zero (the embeddings and the class token): verify_rf compared the
+    # outside's output with zero, saw influence where there is none, and failed the whole-input field (timm's ViTs).
+    model = PositionEmbedded()
+    field = probe_rf(model, VIT_INPUT, (3, 5), layout="tokens:8x12+1")
+    assert field.bounds == ((0, 31), (0, 47))
+    assert verify_rf(model, field).passed
+    local = probe_rf(model, VIT_INPUT, (3, 5), layer="embed", layout="tokens:8x12+1")  # one patch, before attention
+    assert local.bounds == ((12, 15), (20, 23)) and verify_rf(model, local).passed
+    assert not verify_rf(model, dataclasses.replace(local, bounds=((12, 14), (20, 23)))).passed
