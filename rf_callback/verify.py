@@ -44,7 +44,10 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
     An input of ones with the bounds zeroed must give exactly what an input of zeros gives at the probed position
     (nothing outside can change it), and an input that is one only on one face of the bounds must give something
     else, for every face (each edge of the bounds is reached). Comparing with zeros, not with zero, keeps
-    input-independent terms (a ViT's position embeddings) out of it. All inputs go through the network in one batched forward pass.
+    input-independent terms (a ViT's position embeddings) out of it. A gate that multiplies a map by its mean passes
+    a change only where the map is not zero, so the outside is also checked as a change to an input of ones, and a
+    face that changes nothing alone is checked once more that way. All inputs go through the network in one batched
+    forward pass (two where a face is checked again).
 
     Args:
         model: the network the field was measured on.
