@@ -8,6 +8,7 @@ import inspect
 import math
 import random
 import types
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -561,7 +562,7 @@ def prepared_copy(
         # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
         memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
         try:
-            clone = copy.deepcopy(source, memo)
+            clone = module_copy(source, memo)
         except Exception as error:
             raise CopyError(
                 f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
@@ -571,6 +572,46 @@ def prepared_copy(
         clone = _uncompiled(clone, source)
         _strip_user_hooks(clone)
         clone.eval()
+    return clone
+
+
+# Attribute values a copy can share with the live module: they cannot change.
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
+def module_copy(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, a few times faster on a large module tree.
+
+    Each module is rebuilt from its ``__getstate__`` as a deep copy does, but the empty hook dicts and the sets every
+    module carries are made new and immutable values are shared, instead of each going through ``__reduce_ex__``;
+    every other attribute is deep-copied (with the same ``memo``, so shared references stay shared). A module whose
+    class copies itself its own way (``__deepcopy__``, ``__reduce_ex__``, TorchScript) is deep-copied.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if (
+        getattr(cls, "__deepcopy__", None) is not None
+        or cls.__reduce_ex__ is not object.__reduce_ex__
+        or cls.__reduce__ is not object.__reduce__
+        or isinstance(module, torch.jit.ScriptModule)
+    ):
+        return copy.deepcopy(module, memo)
+    clone = cls.__new__(cls)
+    memo[id(module)] = clone
+    state = {}
+    for key, value in module.__getstate__().items():
+        if key == "_modules":
+            state[key] = type(value)((name, None if m is None else module_copy(m, memo)) for name, m in value.items())
+        elif key in ("_parameters", "_buffers"):
+            state[key] = type(value)((name, None if t is None else copy.deepcopy(t, memo)) for name, t in value.items())
+        elif type(value) in _IMMUTABLE or (type(value) in (dict, OrderedDict, set) and not value):
+            state[key] = value if type(value) in _IMMUTABLE else type(value)()
+        elif type(value) is set and all(type(item) is str for item in value):
+            state[key] = set(value)
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    clone.__setstate__(state)
     return clone
 
 

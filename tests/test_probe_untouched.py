@@ -91,3 +91,39 @@ def test_functional_dropout_in_training_mode_is_not_applied_in_the_copy():
 
     a = probe_rf(RandomForward(), (1, 1, 30), 5, mode="weights")
     assert a.bounds == ((5, 7),)
+
+
+class SharedParts(nn.Module):
+    """A submodule used twice, a tied weight, a module kept in a plain attribute, a list attribute and a set."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 2, 3)
+        self.b = self.a  # the same module under two names
+        self.c = nn.Conv2d(2, 2, 1)
+        self.c.weight = nn.Parameter(torch.ones(2, 2, 1, 1))
+        self.d = nn.Conv2d(2, 2, 1)
+        self.d.weight = self.c.weight  # tied
+        self.__dict__["helper"] = self.c  # a module reached by a plain attribute, not registered twice
+        self.log: list[int] = []
+        self.tags = {"x", "y"}
+
+    def forward(self, x):
+        self.log.append(1)  # a forward that mutates a list attribute: the copy's list, never the live one
+        return self.d(self.c(self.b(x)))
+
+
+def test_the_fast_module_copy_keeps_sharing_and_never_shares_mutable_state_with_the_live_model():
+    from rf_callback._model_copy import module_copy
+
+    live = SharedParts()
+    clone = module_copy(live, {})
+    assert clone.a is clone.b and clone.a is not live.a
+    assert clone.d.weight is clone.c.weight and clone.c.weight is not live.c.weight
+    assert clone.helper is clone.c
+    assert clone.log is not live.log and clone.tags == live.tags and clone.tags is not live.tags
+    clone(torch.ones(1, 1, 5, 5))
+    assert live.log == [] and clone.log == [1]
+    assert [n for n, _ in clone.named_modules()] == [n for n, _ in live.named_modules()]
+    probe_rf(live, (1, 1, 9, 9))
+    assert live.log == []  # the probe ran its copy
