@@ -101,7 +101,9 @@ def effective_rf(
         _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout)
     fields = theoretical if isinstance(theoretical, list) else [theoretical]
     totals = [torch.zeros(inputs.shape[2:], dtype=torch.float64) for _ in fields]
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+    # The map's mass is what counts, not its exact zeros: cuDNN's fast kernels stay on.
+    kernels = exact_kernels(device, exact_zeros=False)
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels:
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
         target = submodule(copy, layer)
         for chunk in inputs.detach().split(chunk_size):
