@@ -36,18 +36,8 @@ MODEL = {"name": "small", "side": 64, "layer": "features"}  # --model
 DEVICE = torch.device("cpu")  # --device
 
 
-class ResNetClassifier(pl.LightningModule):
-    """torchvision's ResNet-18 for 10 classes, as ``net``: the GPU fit of the callback's issue."""
-
-    def __init__(self):
-        super().__init__()
-        import torchvision
-
-        self.net = torchvision.models.resnet18(num_classes=10)
-        self.example_input_array = torch.zeros(2, 3, 96, 96)
-
-    def forward(self, x):
-        return self.net(x)
+class Fit(pl.LightningModule):
+    """Cross-entropy classification with SGD: what the benchmark's models train with."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -63,16 +53,7 @@ class ResNetClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def new_model() -> pl.LightningModule:
-    return ResNetClassifier() if MODEL["name"] == "resnet18" else Classifier()
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Classifier(pl.LightningModule):
+class Classifier(Fit):
     """Three stages of conv3 + BN + ReLU, two max-pooled, then global pool and linear: 64 x 64 in, 16 x 16 out."""
 
     def __init__(self, classes: int = 10):
@@ -90,18 +71,28 @@ class Classifier(pl.LightningModule):
     def forward(self, x):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+class ResNetClassifier(Fit):
+    """torchvision's ResNet-18 for 10 classes, as ``net``: the GPU fit of the callback's issue."""
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=10)
+        self.example_input_array = torch.zeros(2, 3, 96, 96)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def new_model() -> pl.LightningModule:
+    return ResNetClassifier() if MODEL["name"] == "resnet18" else Classifier()
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def loaders(samples: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:

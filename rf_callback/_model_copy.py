@@ -214,17 +214,22 @@ class _ProbeFunctions(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-# Functions that reduce a tensor along dims (or weigh it along one): along a spatial dim, every output position
-# depends on the whole axis.
+# Functions that reduce a tensor along dims (or weigh it along one, or contract it along its last dim, as attention's
+# weights times its values do): along a spatial dim, every output position depends on the whole axis.
+_CONTRACTIONS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm"})
 _COUPLINGS = frozenset(
     {"mean", "sum", "amax", "amin", "std", "var", "std_mean", "var_mean", "logsumexp", "nansum", "nanmean", "prod",
      "max", "min", "norm", "normalize", "linalg_vector_norm", "vector_norm"}
-) | _SOFTMAXES  # fmt: skip
+) | _SOFTMAXES | _CONTRACTIONS  # fmt: skip
 
 
 def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
     """The dims a reduction or softmax call runs along, non-negative; all of them where it reduces to one value."""
     x = args[0]
+    if name in _CONTRACTIONS:
+        other = args[1] if len(args) > 1 else None
+        both = isinstance(other, torch.Tensor) and other.requires_grad and x.dim() >= 2
+        return (x.dim() - 1,) if both else ()  # two input-dependent factors (attention), contracted along x's last dim
     if name == "norm":
         dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
     elif name == "normalize":  # F.normalize(x, p=2.0, dim=1): x over its norm along dim

@@ -303,6 +303,22 @@ def _whole_axis_coupling(before: ProbeGraph, after: ProbeGraph, axis: int) -> st
     return None
 
 
+def _couples_every_axis(before: ProbeGraph, after: ProbeGraph, axes: list[int], growth: int) -> str | None:
+    """As :func:`_whole_axis_coupling`, for inputs ``growth`` times longer along every one of ``axes`` at once.
+
+    A call counts where the dims it reduces along grew by ``growth`` per axis together (a mean over H and W, a softmax
+    over flattened tokens): it couples every one of them, and each centre field spans its axis on both inputs.
+    """
+    if not all(_spans(before, a) and _spans(after, a) for a in axes) or len(before.couplings) != len(after.couplings):
+        return None
+    for (name, shape, dims), (other, grown, _) in zip(before.couplings, after.couplings):
+        if name != other or len(shape) != len(grown):
+            return None
+        if dims and math.prod(grown[d] for d in dims) == math.prod(shape[d] for d in dims) * growth ** len(axes):
+            return name
+    return None
+
+
 def _spans(graph: ProbeGraph, axis: int) -> bool:
     """Whether the centre field spans the whole input along ``axis``."""
     return hull(marginal(graph.support([graph.center]), axis)) == (0, graph.spatial_input_shape[axis] - 1)
@@ -357,6 +373,8 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
             if thin is None:
                 return _FALLBACK
             width, graph = thin
+            if width >= max(_other_lengths(theory, axis), default=0):
+                previous = theory  # no thinner input runs: the user's input differs from this one along the axis only
         else:
             shape = _thin_shape(theory.input_shape, axis, width, length * growth)
             elements, budget = math.prod(shape[1:]), max(math.prod(theory.input_shape[1:]), _SMALL_THIN_INPUT)
@@ -522,8 +540,8 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
         graph = graph_on(tuple(larger))
         if graph is None or len(graph.output_shape) != len(lengths):
             break
-        if len(undecided) == 1 and (name := _whole_axis_coupling(theory, graph, next(iter(undecided)))):
-            reasons[next(iter(undecided))] = _reason(_Global(name), lengths[0])
+        if name := _couples_every_axis(theory, graph, sorted(undecided), growth):
+            reasons.update(dict.fromkeys(undecided, _reason(_Global(name), 0)))
             break
         larger_axes = _conclusive_axis_table(graph, {})
         if larger_axes is None:

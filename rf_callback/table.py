@@ -12,7 +12,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, probe_functions
 from rf_callback.arguments import checked_layout, checked_mode
-from rf_callback.geometry_probe import measure_geometry
+from rf_callback.geometry_probe import Budget, measure_geometry
 from rf_callback.graph import (
     ProbeError,
     ProbeGraph,
@@ -327,7 +327,8 @@ def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype,
                 captured=(inputs, captured[output.name]),
             )  # fmt: skip
             support = theory.support([center])
-            geometry = measure_geometry(theory, forwards.graph_on(output.name), known={center: support})
+            graph_on = forwards.graph_on(output.name)
+            geometry = measure_geometry(theory, graph_on, known={center: support}, budget=Budget(shape))
         theoretical[output.name] = support, geometry
         if mode == "weights":
             support = ProbeGraph(model, shape, output.name, "weights", dtype=dtype, device=device, draws=8,

@@ -92,3 +92,20 @@ class TinyUNet(nn.Module):
         deep = F.relu(self.mid(F.max_pool2d(skip, 2)))
         up = F.interpolate(deep, scale_factor=2, mode="nearest")
         return self.dec(torch.cat([skip, up], dim=1))
+
+
+class MeanGate(nn.Module):
+    """A convolution, then a squeeze-and-excitation gate as timm writes it: the map times a function of its mean."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def gated(blocks: int) -> nn.Sequential:
+    """A strided stem, then ``blocks`` gated convolutions: every output sees the whole input (by the gates' means)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), *[MeanGate(8) for _ in range(blocks)])

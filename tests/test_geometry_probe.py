@@ -14,7 +14,7 @@ from rf_callback import probe_rf, rf_table
 from rf_callback.geometry import chain_geometry
 from rf_callback.graph import ProbeGraph
 from tests.chains import closed_form, runnable
-from tests.models import TinyResNet, TinyUNet
+from tests.models import TinyResNet, TinyUNet, gated
 from tests.test_probe_closed_form import chains
 
 SEEN_SHAPES: list[tuple[int, ...]] = []
@@ -251,19 +251,6 @@ def test_the_theoretical_copy_a_field_keeps_holds_no_copy_of_the_weights():
 # -- fields that span any input get None at once, and every reading is bounded (issue 14)
 
 
-class MeanGated(nn.Module):
-    """Convolutions with a squeeze-and-excitation gate as timm writes it (``x.mean``, no adaptive pooling)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Conv2d(8, 8, 1)
-
-    def forward(self, x):
-        x = self.conv(self.stem(x))
-        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-
-
 class GlobalContext(nn.Module):
     """A 1D convolution, then the map plus its mean along the sequence (global pooling broadcast back)."""
 
@@ -291,7 +278,7 @@ class TokenAttention(nn.Module):
 @pytest.mark.parametrize(
     ("model", "shape", "call"),
     [
-        (MeanGated(), (1, 3, 24, 24), "mean"),
+        (gated(1), (1, 3, 24, 24), "mean"),
         (GlobalContext(), (1, 2, 30), "sum"),
         (TokenAttention(), (1, 2, 30), "softmax"),
     ],

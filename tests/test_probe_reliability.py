@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rf_callback import ProbeError, effective_rf, probe_rf, rf_table, verify_rf
+from tests.models import gated
 
 SHAPE = (1, 1, 20, 20)
 
@@ -328,22 +329,6 @@ def test_max_along_a_dim_does_not_hide_pixels_in_theoretical_mode():
             return y + y.max(dim=3, keepdim=True).values.max(dim=2, keepdim=True).values
 
     assert probe_rf(GlobalMax(), (1, 1, 16, 16), (3, 3)).bounds == ((0, 15), (0, 15))
-
-
-class MeanGate(nn.Module):
-    """A convolution, then a squeeze-and-excitation gate as timm writes it: the map times a function of its mean."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x):
-        x = self.conv(x)
-        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-
-
-def gated(blocks: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), *[MeanGate(8) for _ in range(blocks)])
 
 
 @pytest.mark.parametrize("blocks", [1, 4, 16])
