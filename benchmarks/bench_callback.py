@@ -7,9 +7,10 @@ both arms alike. Both arms log to a ``TensorBoardLogger``. The ratio of the medi
 overhead (target: at most 1.03x). Then the cost of each part of one probe, in training steps.
 
 Run: python benchmarks/bench_callback.py [--repeats N] [--epochs N] [--samples N] [--threads N]
-     [--device cuda] [--model resnet18]
+     [--device cuda] [--model resnet18 | resnet50]
 ``--device cuda`` fits on the GPU (``Trainer(accelerator="gpu")``) and reports each arm's peak GPU memory;
-``--model resnet18`` trains torchvision's ResNet-18 (10 classes, 96 x 96 inputs) and probes ``net.layer4``.
+``--model resnet18`` trains torchvision's ResNet-18 (10 classes, 96 x 96 inputs, batch 64) and probes ``net.layer4``;
+``--model resnet50`` its ResNet-50 (224 x 224, batch 128, ``bf16-mixed`` on a GPU), the callback issue's heavier fit.
 
 On a shared machine, --threads 1 keeps other processes from stalling torch's thread pool.
 """
@@ -17,6 +18,7 @@ On a shared machine, --threads 1 keeps other processes from stalling torch's thr
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import tempfile
@@ -32,7 +34,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from rf_callback import RFCallback, effective_rf, probe_rf
 from rf_callback.plotting import figure_to_array, plot_effective, plot_growth, plot_rf
 
-MODEL = {"name": "small", "side": 64, "layer": "features"}  # --model
+MODEL = {"name": "small", "side": 64, "layer": "features", "batch": 64, "precision": "32-true"}  # --model
+MODELS = {
+    "small": {"name": "small", "side": 64, "layer": "features", "batch": 64, "precision": "32-true"},
+    "resnet18": {"name": "resnet18", "side": 96, "layer": "net.layer4", "batch": 64, "precision": "32-true"},
+    "resnet50": {"name": "resnet50", "side": 224, "layer": "net.layer4", "batch": 128, "precision": "bf16-mixed"},
+}
 DEVICE = torch.device("cpu")  # --device
 
 
@@ -73,21 +80,21 @@ class Classifier(Fit):
 
 
 class ResNetClassifier(Fit):
-    """torchvision's ResNet-18 for 10 classes, as ``net``: the GPU fit of the callback's issue."""
+    """torchvision's ResNet-18 or ResNet-50 for 10 classes, as ``net``: the GPU fits of the callback's issue."""
 
-    def __init__(self):
+    def __init__(self, name: str, side: int):
         super().__init__()
         import torchvision
 
-        self.net = torchvision.models.resnet18(num_classes=10)
-        self.example_input_array = torch.zeros(2, 3, 96, 96)
+        self.net = getattr(torchvision.models, name)(num_classes=10)
+        self.example_input_array = torch.zeros(2, 3, side, side)
 
     def forward(self, x):
         return self.net(x)
 
 
 def new_model() -> pl.LightningModule:
-    return ResNetClassifier() if MODEL["name"] == "resnet18" else Classifier()
+    return Classifier() if MODEL["name"] == "small" else ResNetClassifier(MODEL["name"], MODEL["side"])
 
 
 def sync() -> None:
@@ -95,11 +102,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def loaders(samples: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+@functools.lru_cache(maxsize=2)
+def _data(samples: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random data set, made once per size (12800 images of 224 x 224 take seconds to draw)."""
     generator = torch.Generator().manual_seed(1)
-    side = MODEL["side"]
-    x = torch.randn(samples, 3, side, side, generator=generator)
-    y = torch.randint(0, 10, (samples,), generator=generator)
+    return torch.randn(samples, 3, side, side, generator=generator), torch.randint(
+        0, 10, (samples,), generator=generator
+    )
+
+
+def loaders(samples: int, batch_size: int = 64) -> tuple[DataLoader, DataLoader]:
+    x, y = _data(samples, MODEL["side"])
     val = max(batch_size, samples // 8)
     return (
         DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True),
@@ -144,7 +157,7 @@ def fit_seconds(arm: str, epochs: int, samples: int) -> tuple[float, TimedRFCall
     """Wall time of one trainer.fit, from a fresh model with the same seed."""
     torch.manual_seed(0)
     model = new_model()
-    train, val = loaders(samples)
+    train, val = loaders(samples, MODEL["batch"])
     callback = None if ARMS[arm] is None else TimedRFCallback(layer=MODEL["layer"], **ARMS[arm])
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
@@ -152,7 +165,7 @@ def fit_seconds(arm: str, epochs: int, samples: int) -> tuple[float, TimedRFCall
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1, default_root_dir=root,
-            logger=TensorBoardLogger(root),
+            logger=TensorBoardLogger(root), precision=MODEL["precision"] if DEVICE.type == "cuda" else "32-true",
             callbacks=[callback] if callback else [], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False, log_every_n_steps=10,
         )  # fmt: skip
@@ -176,17 +189,24 @@ def median_of(repeats: int, fn) -> float:
     return statistics.median(times)
 
 
+STEP = "one training step"
+
+
 def components(repeats: int = 5) -> dict[str, tuple[float, int, int]]:
     """Seconds of each part of the callback's work (medians), with how often a fit runs it: once, per epoch."""
     torch.manual_seed(0)
     model = new_model().to(DEVICE)
     optimizer = model.configure_optimizers()
     side, layer = MODEL["side"], MODEL["layer"]
-    x, y = torch.randn(64, 3, side, side, device=DEVICE), torch.randint(0, 10, (64,), device=DEVICE)
+    batch = MODEL["batch"]
+    x, y = torch.randn(batch, 3, side, side, device=DEVICE), torch.randint(0, 10, (batch,), device=DEVICE)
+    bf16 = MODEL["precision"] == "bf16-mixed" and DEVICE.type == "cuda"
 
     def train_step():
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         optimizer.step()
 
     shape, inputs = (1, 3, side, side), torch.randn(32, 3, side, side)
@@ -196,7 +216,7 @@ def components(repeats: int = 5) -> dict[str, tuple[float, int, int]]:
     rows = [(epoch, metrics) for epoch in range(4)]
     model.train()
     parts = {  # name: (work, runs once per fit (at its start or end), runs per validation epoch)
-        "one training step (batch 64)": (train_step, 0, 0),
+        STEP: (train_step, 0, 0),
         "probe_rf, mode='theoretical'": (lambda: probe_rf(model, shape, layer=layer), 1, 0),
         "probe_rf, mode='weights'": (lambda: probe_rf(model, shape, layer=layer, mode="weights"), 1, 1),
         "figure_to_array(plot_rf(field))": (lambda: figure_to_array(plot_rf(field)), 2, 0),  # fit start and end
@@ -216,12 +236,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU fit")
-    parser.add_argument("--model", choices=["small", "resnet18"], default="small")
+    parser.add_argument("--model", choices=list(MODELS), default="small")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    if args.model == "resnet18":
-        MODEL.update(name="resnet18", side=96, layer="net.layer4")
+    MODEL.update(MODELS[args.model])
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Lightning's advice on num_workers etc.
@@ -231,7 +250,7 @@ def main() -> None:
     side = MODEL["side"]
     print(
         f"fit on {DEVICE}: {MODEL['name']}, {args.epochs} epochs of {args.samples} samples ({side} x {side} RGB, "
-        f"batch 64), validation on 1/8 of them"
+        f"batch {MODEL['batch']}, {MODEL['precision']} on a GPU), validation on 1/8 of them"
     )
     fit_seconds("with", 1, 256)  # warm-up: imports, matplotlib, allocator
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
@@ -246,7 +265,7 @@ def main() -> None:
             if callback is not None:
                 probes = len(callback.history)
             print(f"  repeat {repeat + 1}, {arm + ' callback':<32} {elapsed:6.2f} s, {spent:5.2f} s in its hooks")
-    steps = args.epochs * -(-args.samples // 64)
+    steps = args.epochs * -(-args.samples // MODEL["batch"])
     print(
         f"\nRFCallback(layer={MODEL['layer']!r}): {probes} probes per fit (fit start + one per validation epoch), "
         f"{steps} steps"
@@ -265,8 +284,9 @@ def main() -> None:
     print("   the same fit's own share, which machine-load noise between fits does not blur)")
 
     parts = components()
-    step = parts["one training step (batch 64)"][0]
-    print("\nthe callback's parts, in training steps of a batch of 64 (medians), and how often a fit runs them")
+    step = parts[STEP][0]
+    batch = MODEL["batch"]
+    print(f"\nthe callback's parts, in training steps of a batch of {batch} (medians), and how often a fit runs them")
     overhead = 0.0
     for name, (seconds, once, per_epoch) in list(parts.items())[1:]:
         overhead += seconds * (once + per_epoch * args.epochs)

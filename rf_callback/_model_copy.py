@@ -602,10 +602,13 @@ def module_copy(module: nn.Module, memo: dict[int, object]) -> nn.Module:
         or isinstance(module, torch.jit.ScriptModule)
     ):
         return copy.deepcopy(module, memo)
+    original = module.__getstate__()
+    if not isinstance(original, dict):  # a state of its own making: the deep copy's way
+        return copy.deepcopy(module, memo)
     clone = cls.__new__(cls)
     memo[id(module)] = clone
     state = {}
-    for key, value in module.__getstate__().items():
+    for key, value in original.items():
         if key == "_modules":
             state[key] = type(value)((name, None if m is None else module_copy(m, memo)) for name, m in value.items())
         elif key in ("_parameters", "_buffers"):

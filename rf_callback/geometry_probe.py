@@ -265,6 +265,8 @@ def _reason(found, length: int) -> str:
         )
     if found is _FIXED:
         return FIXED_SIZE
+    if found is _WINDOWS:
+        return "neighbouring outputs see the same input (attention inside windows): no single (r, S, P)"
     if found is _CLIPPED:
         return (
             f"the field spans every input read, up to {GROWTH[-1]} times longer than {length}: a global operation on "
@@ -356,6 +358,13 @@ class _Fallback:
 _FALLBACK = _Fallback()
 
 
+class _Windows:
+    """Neighbouring outputs see the same whole field (attention inside windows): no (r, S, P) along the axis."""
+
+
+_WINDOWS = _Windows()
+
+
 class _FixedSize:
     """A call with a fixed output size on the path (adaptive pooling, a resize to a size)."""
 
@@ -393,6 +402,8 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
         found = read_axis(graph, axis)
         if found is _CLIPPED:
             continue
+        if found is _WINDOWS:
+            return found
         # Fields that fit no geometry may still be clipped ones that looked whole (a border hides holes): grow.
         if found is None or not consistent(found, user_table, length):
             undecided = True
@@ -403,7 +414,7 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
     return _FALLBACK if undecided else _CLIPPED
 
 
-def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
+def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Windows | None:
     """Reads (r, S, P) along ``axis`` from two neighbouring exact fields and checks it with one lattice pass.
 
     The centre field gives r and its neighbour's gives S (two neighbours also catch fields that alternate, as on an
@@ -412,8 +423,8 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
     :func:`_lattice_agrees`).
 
     Returns:
-        The geometry; ``_CLIPPED`` when the input is too short for two whole fields; ``None`` when the fields do not
-        follow one (r, S, P) along the axis.
+        The geometry; ``_CLIPPED`` when the input is too short for two whole fields; ``_WINDOWS`` when two
+        neighbours see the same whole field; ``None`` when the fields do not follow one (r, S, P) along the axis.
     """
     n, length = graph.output_shape[axis], graph.spatial_input_shape[axis]
     center = graph.center
@@ -429,13 +440,33 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | None:
     if not is_whole(second, length, gap):
         return _CLIPPED
     stride = (second[0] - first[0]) * (neighbour - center[axis])
+    if first == second:
+        # Two neighbours see the same whole field: windows. A translate by a stride of at least 1 could look the
+        # same inside the input only where it reached both of its ends, which a whole field does not.
+        return _WINDOWS
     if stride < 1 or second[1] - second[0] != first[1] - first[0]:
-        return None
+        return _other_neighbour_windows(graph, axis, first, neighbour, gap)
     geometry = AxisGeometry(size=first[1] - first[0] + 1, stride=stride, offset=center[axis] * stride - first[0])
     spacing = _coprime_to_small_periods(math.ceil((geometry.size + gap) / stride))
     indices = list(range(center[axis] % spacing, n, spacing))
     lattice_mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
-    return geometry if _lattice_agrees(lattice_mask, indices, geometry, gap) else None
+    if _lattice_agrees(lattice_mask, indices, geometry, gap):
+        return geometry
+    return _other_neighbour_windows(graph, axis, first, neighbour, gap)
+
+
+def _other_neighbour_windows(graph: ProbeGraph, axis: int, first: Bounds, neighbour: int, gap: int):
+    """``_WINDOWS`` where the centre's other neighbour sees the same whole field, else None.
+
+    Shifted windows can pair the centre with that neighbour rather than the first one read; None: the fields follow
+    no (r, S, P) read so far.
+    """
+    center = graph.center
+    other = 2 * center[axis] - neighbour
+    if not 0 <= other < graph.output_shape[axis]:
+        return None
+    field = hull(marginal(graph.support([_moved(center, axis, other)]), axis))
+    return _WINDOWS if field == first and is_whole(field, graph.spatial_input_shape[axis], gap) else None
 
 
 def _coprime_to_small_periods(spacing: int) -> int:

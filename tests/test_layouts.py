@@ -972,3 +972,18 @@ def test_verify_rf_passes_a_vit_whose_position_embeddings_reach_the_output_witho
     local = probe_rf(model, VIT_INPUT, (3, 5), layer="embed", layout="tokens:8x12+1")  # one patch, before attention
     assert local.bounds == ((12, 15), (20, 23)) and verify_rf(model, local).passed
     assert not verify_rf(model, dataclasses.replace(local, bounds=((12, 14), (20, 23)))).passed
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_windowed_attention_has_no_geometry_and_says_why_at_once(shifted, monkeypatch):
+    from rf_callback.graph import ProbeGraph
+
+    passes = []
+    gradient_map = ProbeGraph.gradient_map
+    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    torch.manual_seed(0)
+    field = probe_rf(TinySwin(window=2, shifted=shifted), (1, 3, 64, 64), (3, 4), layout="channels_last")
+    assert list(field.geometry) == [None, None]
+    assert all("attention inside windows" in reason for reason in field.geometry.reasons)
+    # Two neighbours with the same whole field decide it (it grew 32 times, then read full tables on larger inputs).
+    assert len(passes) <= 16
