@@ -205,8 +205,17 @@ def measure_geometry(
     if len(theory.output_shape) != len(lengths):
         reasons.update(dict.fromkeys(range(len(lengths)), "the output has another number of spatial axes"))
         return (None,) * len(lengths)
-    if budget is not None:
-        graph_on = _charged(graph_on, budget)
+    if budget is None:
+        return _measured(theory, graph_on, known, table, reasons, one_shape)
+    try:
+        return _measured(theory, _charged(graph_on, budget), known, table, reasons, one_shape)
+    finally:
+        budget.done()
+
+
+def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], one_shape: bool):
+    """:func:`measure_geometry`'s reading, once its arguments are settled."""
+    lengths = theory.spatial_input_shape
     known = dict(known or {})
     center = theory.center
     if center not in known:
@@ -249,8 +258,6 @@ def measure_geometry(
             geometry[axis] = exact[axis] if isinstance(exact[axis], AxisGeometry) else None
             if geometry[axis] is None:
                 reasons[axis] = exact[axis] if isinstance(exact[axis], str) else reasons.get(axis, NO_FIT)
-    if budget is not None:
-        budget.done()
     return tuple(geometry)
 
 
@@ -269,8 +276,8 @@ def _reason(found, length: int) -> str:
         return "neighbouring outputs see the same input (attention inside windows): no single (r, S, P)"
     if found is _CLIPPED:
         return (
-            f"the field spans every input read, up to {GROWTH[-1]} times longer than {length}: a global operation on "
-            f"the path, or r beyond that"
+            f"the field spans every input read, the longest at least {GROWTH[-1]} times as long as {length}: a global "
+            f"operation on the path, or r beyond that"
         )
     return NO_FIT
 
