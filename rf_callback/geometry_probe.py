@@ -382,7 +382,7 @@ _FIXED = _FixedSize()
 def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth):
     """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
     length = theory.spatial_input_shape[axis]
-    undecided, width, previous = False, None, None
+    undecided, width, previous, windows_seen = False, None, None, False
     for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
         if width is None:
             thin = _thinnest_graph(theory, axis, graph_on, length * growth)
@@ -410,7 +410,12 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
         if found is _CLIPPED:
             continue
         if found is _WINDOWS:
-            return found
+            # Seen on two lengths, the second at least twice the first: on a short input the borders of the inner
+            # maps can make two neighbours' clipped fields look alike and whole.
+            if windows_seen:
+                return found
+            windows_seen, undecided = True, True
+            continue
         # Fields that fit no geometry may still be clipped ones that looked whole (a border hides holes): grow.
         if found is None or not consistent(found, user_table, length):
             undecided = True
@@ -448,8 +453,8 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Window
         return _CLIPPED
     stride = (second[0] - first[0]) * (neighbour - center[axis])
     if first == second:
-        # Two neighbours see the same whole field: windows. A translate by a stride of at least 1 could look the
-        # same inside the input only where it reached both of its ends, which a whole field does not.
+        # Two neighbours see the same whole field: windows (a translate by a stride of at least 1 could look the same
+        # only where the borders hide its ends; the caller confirms it on a longer input).
         return _WINDOWS
     if stride < 1 or second[1] - second[0] != first[1] - first[0]:
         return _other_neighbour_windows(graph, axis, first, neighbour, gap)

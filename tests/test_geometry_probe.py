@@ -320,3 +320,11 @@ def test_a_geometry_past_its_budget_is_none_and_says_so(monkeypatch):
     assert all(reason.startswith("not measured: the fields did not settle") for reason in field.geometry.reasons)
     monkeypatch.undo()
     assert geometry_triples(probe_rf(TinyResNet(), (1, 3, 12, 10), layer="layer2")) == [(25, 4, 12)] * 2
+
+
+def test_neighbours_that_look_alike_on_a_short_input_are_not_taken_for_windows():
+    # On a 4-pixel axis a dilated convolution's inner map is 2 long, and its borders give both outputs the field
+    # 1..2, whole by its margins: read as windows, the axis lost its geometry (hypothesis found it).
+    model = nn.Sequential(nn.Conv2d(2, 2, (5, 1), padding=(5, 0), dilation=(3, 1)), nn.AvgPool2d((3, 1), 1, (1, 0)))
+    field = probe_rf(model, (1, 2, 4, 4), "center")
+    assert geometry_triples(field) == [(15, 1, 6), (1, 1, 0)]  # r = 1 + 4 * 3 + 2, P = 5 + 1
