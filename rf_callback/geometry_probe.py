@@ -370,6 +370,9 @@ class _Windows:
 
 
 _WINDOWS = _Windows()
+# Windows are read off output maps at least this long: on a map of a few positions, all near its ends, the inner maps'
+# borders can give neighbours the same clipped field (a stride of 18 on a 9-pixel axis).
+_WINDOWS_FROM = 8
 
 
 class _FixedSize:
@@ -452,7 +455,7 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Window
     if not is_whole(second, length, gap):
         return _CLIPPED
     stride = (second[0] - first[0]) * (neighbour - center[axis])
-    if first == second:
+    if first == second and n >= _WINDOWS_FROM:
         # Two neighbours see the same whole field: windows (a translate by a stride of at least 1 could look the same
         # only where the borders hide its ends; the caller confirms it on a longer input).
         return _WINDOWS
@@ -475,7 +478,7 @@ def _other_neighbour_windows(graph: ProbeGraph, axis: int, first: Bounds, neighb
     """
     center = graph.center
     other = 2 * center[axis] - neighbour
-    if not 0 <= other < graph.output_shape[axis]:
+    if not 0 <= other < graph.output_shape[axis] or graph.output_shape[axis] < _WINDOWS_FROM:
         return None
     field = hull(marginal(graph.support([_moved(center, axis, other)]), axis))
     return _WINDOWS if field == first and is_whole(field, graph.spatial_input_shape[axis], gap) else None

@@ -328,3 +328,14 @@ def test_neighbours_that_look_alike_on_a_short_input_are_not_taken_for_windows()
     model = nn.Sequential(nn.Conv2d(2, 2, (5, 1), padding=(5, 0), dilation=(3, 1)), nn.AvgPool2d((3, 1), 1, (1, 0)))
     field = probe_rf(model, (1, 2, 4, 4), "center")
     assert geometry_triples(field) == [(15, 1, 6), (1, 1, 0)]  # r = 1 + 4 * 3 + 2, P = 5 + 1
+
+
+def test_a_stride_longer_than_the_input_is_not_taken_for_windows():
+    # Stride 18 on a 9-pixel axis: two or three outputs, whose fields the inner maps' borders cut to the same pixel
+    # on two lengths; windows are read off longer maps only (hypothesis found it).
+    model = nn.Sequential(
+        nn.AvgPool2d(1, (1, 2)), nn.Conv2d(2, 2, 1, (1, 3)), nn.Conv2d(2, 2, (1, 3), (1, 3), (0, 5), (1, 3))
+    )
+    expected_w = chain_geometry([(1, 2, 0, 1), (1, 3, 0, 1), (3, 3, 5, 3)])  # r = 1 + 2 * 3 * 6 = 37, S = 18, P = 30
+    field = probe_rf(model, (1, 2, 4, 9), "center")
+    assert geometry_triples(field) == [(1, 1, 0), (expected_w.size, expected_w.stride, expected_w.offset)]
