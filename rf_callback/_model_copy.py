@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
 import math
@@ -650,13 +651,59 @@ def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_b
     return value.zero_() if _is_bias(name) and zero_biases else value
 
 
+# Inside materialised_constants(), the theoretical copy's constants are whole tensors: for a forward that writes into
+# its own weights (a clamp in place), which an expanded scalar refuses.
+_MATERIALISED = contextvars.ContextVar("rf_callback_materialised_constants", default=False)
+
+
+@contextlib.contextmanager
+def materialised_constants(on: bool = True) -> Iterator[None]:
+    """Makes the theoretical copies prepared inside it hold their constants in full (``on``), not as one element."""
+    token = _MATERIALISED.set(on)
+    try:
+        yield
+    finally:
+        _MATERIALISED.reset(token)
+
+
+def constants_materialised() -> bool:
+    """Whether theoretical copies are prepared with their constants in full here (see materialised_constants)."""
+    return _MATERIALISED.get()
+
+
+def with_materialised_fallback(call):
+    """Returns ``call()``, or, where its forward wrote into one of the copy's one-element constants, ``call()`` again.
+
+    The second time the copies hold their constants in full (:func:`materialised_constants`).
+    """
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 - only the write into a constant is retried; the rest is raised
+        if _MATERIALISED.get() or not _writes_into_a_constant(error):
+            raise
+    with materialised_constants():
+        return call()
+
+
+def _writes_into_a_constant(error: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if "refers to a single memory location" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _constant(like: torch.Tensor, dtype, value: float, device) -> torch.Tensor:
     """A tensor shaped like ``like`` holding ``value`` everywhere, in one element of memory (an expanded scalar).
 
     The theoretical copy's weights are constants, so its copy of a model of several GB costs no more than the
-    model's other buffers, and a field can keep it to measure its geometry later.
+    model's other buffers, and a field can keep it to measure its geometry later (in full inside
+    :func:`materialised_constants`).
     """
-    return torch.full((1,) * like.dim(), value, dtype=dtype, device=device).expand(like.shape)
+    constant = torch.full((1,) * like.dim(), value, dtype=dtype, device=device).expand(like.shape)
+    return constant.contiguous() if _MATERIALISED.get() else constant
 
 
 def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:

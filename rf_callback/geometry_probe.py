@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -182,6 +183,7 @@ def measure_geometry(
     reasons: dict[int, str] | None = None,
     budget: Budget | None = None,
     one_shape: bool = False,
+    user_couplings: list | None = None,
 ) -> tuple[AxisGeometry | None, ...]:
     """Per axis, the (r, S, P) of the theoretical fields of ``theory``'s output, or ``None`` where there is none.
 
@@ -194,6 +196,8 @@ def measure_geometry(
         budget: what the passes on other inputs may cost (:class:`Budget`); ``None``: no limit.
         one_shape: the output is read on the user's input alone (a token grid): an axis along which the centre
             field spans that input has no geometry to read.
+        user_couplings: the reductions and softmaxes of the theoretical forward on the user's input, where known
+            (``ProbeGraph.couplings``): a thin input as wide as the user's is compared with it at once.
 
     Returns:
         Per axis, an :class:`AxisGeometry`, or ``None`` on an axis whose fields fit no single (r, S, P) (an
@@ -205,15 +209,16 @@ def measure_geometry(
     if len(theory.output_shape) != len(lengths):
         reasons.update(dict.fromkeys(range(len(lengths)), "the output has another number of spatial axes"))
         return (None,) * len(lengths)
+    settled = (known, table, reasons, one_shape, user_couplings)
     if budget is None:
-        return _measured(theory, graph_on, known, table, reasons, one_shape)
+        return _measured(theory, graph_on, *settled)
     try:
-        return _measured(theory, _charged(graph_on, budget), known, table, reasons, one_shape)
+        return _measured(theory, _charged(graph_on, budget), *settled)
     finally:
         budget.done()
 
 
-def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], one_shape: bool):
+def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], one_shape: bool, user_couplings):
     """:func:`measure_geometry`'s reading, once its arguments are settled."""
     lengths = theory.spatial_input_shape
     known = dict(known or {})
@@ -241,7 +246,8 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
         if found is None:
             try:
                 start = _first_growth(known[center], axis)
-                found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=start)
+                user = None if user_couplings is None else _Reading(user_couplings, _support_spans(known[center], axis))
+                found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=start, user_reading=user)
             except OverBudget:
                 found = OVER_BUDGET
         if found is _FALLBACK:
@@ -251,7 +257,8 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
         geometry.append(found if isinstance(found, AxisGeometry) else None)
     if fallback:
         try:
-            exact = _enlarged_geometry(theory, graph_on, known, reasons)
+            user_reading = None if user_couplings is None else (known[center], user_couplings)
+            exact = _enlarged_geometry(theory, graph_on, known, reasons, user_reading)
         except OverBudget:
             exact = [OVER_BUDGET] * len(lengths)
         for axis in fallback:
@@ -295,14 +302,29 @@ def _charged(graph_on: GraphOn, budget: Budget) -> GraphOn:
     return charged
 
 
-def _whole_axis_coupling(before: ProbeGraph, after: ProbeGraph, axis: int) -> str | None:
+class _Reading(NamedTuple):
+    """What the coupling check keeps of one forward: its reductions and softmaxes, and whether the centre spans.
+
+    Both are read at once, while the forward's graph is the newest: a forward that writes into its own weights
+    ends the older graphs.
+    """
+
+    couplings: list
+    spans: bool
+
+
+def _reading(graph: ProbeGraph, axis: int) -> _Reading:
+    return _Reading(list(graph.couplings), _spans(graph, axis))
+
+
+def _whole_axis_coupling(before: _Reading, after: _Reading) -> str | None:
     """A reduction or softmax of ``after`` along a dim that grew with the input, where both centre fields span it.
 
-    ``before`` and ``after`` are the same forward on inputs that differ in length along ``axis`` only: a dim whose
+    ``before`` and ``after`` are the same forward on inputs that differ in length along one axis only: a dim whose
     length differs between their calls follows that axis. Where such a call reduces along it and the centre field
     spans the whole input on both, the field spans any input: no (r, S, P). Returns the call's name.
     """
-    if not (_spans(before, axis) and _spans(after, axis)) or len(before.couplings) != len(after.couplings):
+    if not (before.spans and after.spans) or len(before.couplings) != len(after.couplings):
         return None
     for (name, shape, dims), (other, grown, _) in zip(before.couplings, after.couplings):
         if name != other or len(shape) != len(grown):
@@ -312,15 +334,20 @@ def _whole_axis_coupling(before: ProbeGraph, after: ProbeGraph, axis: int) -> st
     return None
 
 
-def _couples_every_axis(before: ProbeGraph, after: ProbeGraph, axes: list[int], growth: int) -> str | None:
+def _couples_every_axis(before, after: ProbeGraph, axes: list[int], growth: int) -> str | None:
     """As :func:`_whole_axis_coupling`, for inputs ``growth`` times longer along every one of ``axes`` at once.
+
+    ``before`` is the user input's centre support and couplings (None where unknown: no coupling is found).
 
     A call counts where the dims it reduces along grew by ``growth`` per axis together (a mean over H and W, a softmax
     over flattened tokens): it couples every one of them, and each centre field spans its axis on both inputs.
     """
-    if not all(_spans(before, a) and _spans(after, a) for a in axes) or len(before.couplings) != len(after.couplings):
+    if before is None:
         return None
-    for (name, shape, dims), (other, grown, _) in zip(before.couplings, after.couplings):
+    support, couplings = before
+    if not all(_support_spans(support, a) and _spans(after, a) for a in axes) or len(couplings) != len(after.couplings):
+        return None
+    for (name, shape, dims), (other, grown, _) in zip(couplings, after.couplings):
         if name != other or len(shape) != len(grown):
             return None
         if dims and math.prod(grown[d] for d in dims) == math.prod(shape[d] for d in dims) * growth ** len(axes):
@@ -330,7 +357,11 @@ def _couples_every_axis(before: ProbeGraph, after: ProbeGraph, axes: list[int], 
 
 def _spans(graph: ProbeGraph, axis: int) -> bool:
     """Whether the centre field spans the whole input along ``axis``."""
-    return hull(marginal(graph.support([graph.center]), axis)) == (0, graph.spatial_input_shape[axis] - 1)
+    return _support_spans(graph.support([graph.center]), axis)
+
+
+def _support_spans(support: torch.Tensor, axis: int) -> bool:
+    return hull(marginal(support, axis)) == (0, support.shape[axis] - 1)
 
 
 def _first_growth(center_support: torch.Tensor, axis: int) -> int:
@@ -382,8 +413,14 @@ class _FixedSize:
 _FIXED = _FixedSize()
 
 
-def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth):
-    """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring."""
+def _thin_read(
+    theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth,
+    user_reading: _Reading | None = None,
+):  # fmt: skip
+    """Reads one axis on thin inputs, growing along the axis until its fields fit; see the module's docstring.
+
+    ``user_reading``: the coupling check's reading of the user's input, where it is known.
+    """
     length = theory.spatial_input_shape[axis]
     undecided, width, previous, windows_seen = False, None, None, False
     for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
@@ -392,8 +429,8 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
             if thin is None:
                 return _FALLBACK
             width, graph = thin
-            if width >= max(_other_lengths(theory, axis), default=0):
-                previous = theory  # no thinner input runs: the user's input differs from this one along the axis only
+            if width >= max(_other_lengths(theory, axis), default=0) and user_reading is not None:
+                previous = user_reading  # no thinner input runs: the user's input differs from this one along the axis
         else:
             shape = _thin_shape(theory.input_shape, axis, width, length * growth)
             elements, budget = math.prod(shape[1:]), max(math.prod(theory.input_shape[1:]), _SMALL_THIN_INPUT)
@@ -406,9 +443,10 @@ def _thin_read(theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dic
             # Adaptive pooling or an interpolation to a size on the way: the fields change with the input's
             # length, and no (r, S, P) holds across lengths.
             return _FIXED
-        if previous is not None and (name := _whole_axis_coupling(previous, graph, axis)):
+        current = _reading(graph, axis)
+        if previous is not None and (name := _whole_axis_coupling(previous, current)):
             return _Global(name)
-        previous = graph
+        previous = current
         found = read_axis(graph, axis)
         if found is _CLIPPED:
             continue
@@ -563,10 +601,11 @@ def _moved(position: Position, axis: int, index: int) -> Position:
     return tuple(index if a == axis else i for a, i in enumerate(position))
 
 
-def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: dict[int, str]) -> list:
+def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: dict[int, str], user_reading) -> list:
     """The exact reading: full axis tables, on inputs enlarged along every undecided axis at once.
 
-    Per axis, the geometry or None (``reasons`` says why where it can tell).
+    Per axis, the geometry or None (``reasons`` says why where it can tell). ``user_reading``: the centre's support
+    and the couplings on the user's input, where known, to find a coupling of every undecided axis at once.
     """
     lengths = theory.spatial_input_shape
     axes = _conclusive_axis_table(theory, known)
@@ -586,7 +625,7 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
         graph = graph_on(tuple(larger))
         if graph is None or len(graph.output_shape) != len(lengths):
             break
-        if name := _couples_every_axis(theory, graph, sorted(undecided), growth):
+        if name := _couples_every_axis(user_reading, graph, sorted(undecided), growth):
             reasons.update(dict.fromkeys(undecided, _reason(_Global(name), 0)))
             break
         larger_axes = _conclusive_axis_table(graph, {})

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback._model_copy import (
+    constants_materialised,
+    materialised_constants,
+    model_device,
+    prepared_copy,
+    preserved_random_state,
+    with_materialised_fallback,
+)
 from rf_callback.arguments import (
     as_index,
     checked_device,
@@ -107,11 +114,15 @@ def probe_rf(
     dtype = checked_dtype(dtype)
     device = checked_device(device) or model_device(model)
     target = (layer, element, layout, device)
-    with _probe_context(device):
+
+    def attempts():
         try:
             return _probe(model, shape, pos, target, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
         except Underflow:
             return _probe(model, shape, pos, target, mode, draws, seed, torch.float64, guard=False)
+
+    with _probe_context(device):
+        return with_materialised_fallback(attempts)
 
 
 @contextlib.contextmanager
@@ -288,11 +299,14 @@ class _Prober:
         dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
         known, table = dict(self.known), self.table
         reasons: dict[int, str] = {}
+        materialised = constants_materialised()
+        # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
+        couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
 
         def measure():
             if isinstance(skeleton, ValueError):
                 raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
-            with _probe_context(device):
+            with _probe_context(device), materialised_constants(materialised):
                 for attempt_dtype, attempt_guard in ((dtype, guard), (torch.float64, False)):
                     copy = skeleton if attempt_dtype == dtype else prepared_copy(skeleton, "theoretical", attempt_dtype)
                     graph_on = graph_factory(copy, layer, input_shape=shape, dtype=attempt_dtype, device=device,
@@ -302,7 +316,7 @@ class _Prober:
                     try:
                         geometry = measure_geometry(
                             theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
-                            one_shape=isinstance(checked_layout(layout), Tokens),
+                            one_shape=isinstance(checked_layout(layout), Tokens), user_couplings=couplings,
                         )  # fmt: skip
                     except Underflow:
                         continue

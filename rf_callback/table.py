@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, probe_functions
+from rf_callback._model_copy import (
+    model_device,
+    prepared_copy,
+    preserved_random_state,
+    probe_functions,
+    with_materialised_fallback,
+)
 from rf_callback.arguments import checked_layout, checked_mode
 from rf_callback.geometry_probe import Budget, measure_geometry
 from rf_callback.graph import (
@@ -239,11 +245,15 @@ def rf_table(
     shape = checked_input_shape(input_shape)
     wanted = _checked_layers(model, layers)
     device = model_device(model)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+
+    def attempts() -> list[LayerField]:
         try:
             return _rows(model, shape, wanted, mode, progress, layout, torch.float32, guard=True)
         except Underflow:
             return _rows(model, shape, wanted, mode, progress, layout, torch.float64, guard=False)
+
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+        return with_materialised_fallback(attempts)
 
 
 def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, with_materialised_fallback
 from rf_callback.graph import exact_kernels, forward_to, submodule
 from rf_callback.result import ReceptiveField
 from rf_callback.support import box_slices
@@ -65,6 +65,10 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
             f"field={field!r} cannot be verified: verify_rf checks theoretical fields (probe_rf(..., "
             f"mode='theoretical')); a weights-mode field depends on random draws"
         )
+    return with_materialised_fallback(lambda: _verified(model, field, dtype))
+
+
+def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RFVerification:
     device = model_device(model)
     # Gradients on, though nothing is backpropagated: the copy recognises the products of two input-dependent
     # tensors (gates, attention) by their gradient, and rescales them so that they neither overflow nor underflow.

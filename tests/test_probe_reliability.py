@@ -353,3 +353,28 @@ def test_a_deep_gated_stack_keeps_its_gradient_in_the_theoretical_copy():
     # Each gate squares the copy's values (a map times its own mean): 0.9 ** (2 ** 16) is 0 even in float64, and the
     # probe refused the field ("its window covers only padding").
     assert probe_rf(gated(16), (1, 3, 32, 32), (3, 12)).bounds == ((0, 31), (0, 31))
+
+
+class ClampsItsWeights(nn.Module):
+    """A convolution that keeps its weights non-negative by clamping them in place in its forward (a constraint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.conv.weight.clamp_(min=0)
+        return self.conv(x)
+
+
+def test_a_forward_that_writes_into_its_weights_is_probed_on_constants_held_in_full():
+    # The theoretical copy holds each constant weight as one element, which an in-place write refuses; the probe,
+    # the geometry, rf_table and verify_rf run again with the constants in full. The live model is the user's.
+    model = nn.Sequential(ClampsItsWeights(), nn.Conv2d(1, 1, 3, stride=2))
+    before = [p.detach().clone() for p in model.parameters()]
+    field = probe_rf(model, (1, 1, 5, 5))
+    assert field.bounds == ((0, 4), (0, 4)) and field.stride == (2, 2) and field.span == ((0, 4), (0, 4))
+    assert verify_rf(model, field).passed
+    assert rf_table(model, (1, 1, 5, 5))[-1].full_size == (5, 5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
