@@ -265,6 +265,9 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
             geometry[axis] = exact[axis] if isinstance(exact[axis], AxisGeometry) else None
             if geometry[axis] is None:
                 reasons[axis] = exact[axis] if isinstance(exact[axis], str) else reasons.get(axis, NO_FIT)
+    for axis, found in enumerate(geometry):
+        if found is not None:  # a reading of several axes at once may have said why of one the thin reading read
+            reasons.pop(axis, None)
     return tuple(geometry)
 
 
@@ -610,8 +613,7 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
     lengths = theory.spatial_input_shape
     axes = _conclusive_axis_table(theory, known)
     if axes is None:
-        reasons.update(dict.fromkeys(range(len(lengths)), "the fields on the input probed are no boxes"))
-        return [None] * len(lengths)
+        return ["the fields on the input probed are no boxes"] * len(lengths)
     geometry = [fit_axis(axes.table[a], lengths[a], axes.gaps[a]) for a in range(len(lengths))]
     undecided = {a for a, g in enumerate(geometry) if g is None and not axes.conclusive(a, lengths[a])}
     for growth in GROWTH[1:]:

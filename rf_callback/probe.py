@@ -320,10 +320,9 @@ class _Prober:
                         )  # fmt: skip
                     except Underflow:
                         continue
-                    for axis, g in enumerate(geometry):
-                        if not _within_spans(g, axis, fields, shape):
-                            reasons[axis] = "a probed field lies outside the span (r, S, P) would give it"
-                    return tuple(None if a in reasons else g for a, g in enumerate(geometry))
+                    outside = [a for a, g in enumerate(geometry) if not _within_spans(g, a, fields, shape)]
+                    reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
+                    return tuple(None if a in outside else g for a, g in enumerate(geometry))
             raise AssertionError("float64 does not underflow")
 
         return LazyGeometry(len(self.shape) - 2, measure, reasons)
