@@ -131,7 +131,7 @@ class _ProbeFunctions(TorchFunctionMode):
         # to a size): the fields then change with the input's length, and no (r, S, P) describes them.
         self.fixed_size: list[str] = []
         # The feature sizes of linear layers and layer norms (the length of the last axis they act on): an output
-        # whose last axis has one of them may be channels last (see graph.channels_last_evidence).
+        # whose last axis has one of them may be channels last (see graph.check_channels_first).
         self.last_axis_sizes: set[int] = set()
         # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
         # one over a dim that follows the input's length couples a whole axis (see geometry_probe).
@@ -331,9 +331,7 @@ def _masked_softmax(func, name: str, args, kwargs):
     field would take in every pixel the mask hides. The live inputs' gradients are the real ones.
     """
     x, _, live = _live(func, name, args, kwargs)
-    if bool(live.all()):
-        return func(*args, **kwargs)
-    gated = torch.where(live, x, x.detach())
+    gated = torch.where(live, x, x.detach())  # no test for a mask first: it would wait for the GPU at every softmax
     return _masked_out(func(gated, *args[1:], **kwargs) if args else func(**{**kwargs, "input": gated}), live, name)
 
 

@@ -327,14 +327,9 @@ def _whole_axis_coupling(before: _Reading, after: _Reading) -> str | None:
     length differs between their calls follows that axis. Where such a call reduces along it and the centre field
     spans the whole input on both, the field spans any input: no (r, S, P). Returns the call's name.
     """
-    if not (before.spans and after.spans) or len(before.couplings) != len(after.couplings):
+    if not (before.spans and after.spans):
         return None
-    for (name, shape, dims), (other, grown, _) in zip(before.couplings, after.couplings):
-        if name != other or len(shape) != len(grown):
-            return None
-        if any(shape[d] != grown[d] for d in dims):
-            return name
-    return None
+    return _first_grown(before.couplings, after.couplings, lambda lengths, grown: lengths != grown)
 
 
 def _couples_every_axis(before, after: ProbeGraph, axes: list[int], growth: int) -> str | None:
@@ -348,12 +343,26 @@ def _couples_every_axis(before, after: ProbeGraph, axes: list[int], growth: int)
     if before is None:
         return None
     support, couplings = before
-    if not all(_support_spans(support, a) and _spans(after, a) for a in axes) or len(couplings) != len(after.couplings):
+    if not all(_support_spans(support, a) and _spans(after, a) for a in axes):
         return None
-    for (name, shape, dims), (other, grown, _) in zip(couplings, after.couplings):
+    factor = growth ** len(axes)
+    return _first_grown(
+        couplings, after.couplings, lambda lengths, grown: math.prod(grown) == math.prod(lengths) * factor
+    )
+
+
+def _first_grown(before: list, after: list, grew: Callable[[list, list], bool]) -> str | None:
+    """The name of the first call in ``after`` whose reduced dims ``grew`` since the same call in ``before``.
+
+    ``before`` and ``after`` are the couplings of one forward on a shorter and a longer input; ``grew`` gets the
+    lengths of the call's reduced dims on each. None where the two forwards made other calls.
+    """
+    if len(before) != len(after):
+        return None
+    for (name, shape, dims), (other, grown, _) in zip(before, after):
         if name != other or len(shape) != len(grown):
             return None
-        if dims and math.prod(grown[d] for d in dims) == math.prod(shape[d] for d in dims) * growth ** len(axes):
+        if dims and grew([shape[d] for d in dims], [grown[d] for d in dims]):
             return name
     return None
 

@@ -223,8 +223,8 @@ def check_channels_first(
     channels where a spatial axis is: the probe would answer for the wrong cell, often after minutes on an axis as
     long as the channels. Two hints, from shapes alone: its last axis is longer than the input's (768 channels of a
     Swin on a 224 input), or as long as the features of a linear layer or layer norm in the forward (which act on
-    the last axis). Either hint is then decided by one forward pass without gradient
-    on an input twice as long on every axis: a channel axis keeps its length, a spatial one follows the input.
+    the last axis). Either hint is then decided by one forward pass without gradient on an input twice as long on
+    every axis: a channel axis keeps its length, a spatial one follows the input.
 
     Raises:
         ValueError: the axis read as the channels follows the input's length: the output is channels last.
