@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rf_callback import probe_rf
-from rf_callback.graph import ProbeGraph
+from rf_callback.core.graph import ProbeGraph
 
 
 def network() -> nn.Sequential:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-import rf_callback.graph as graph
+import rf_callback.core.graph as graph
 from rf_callback import probe_rf
 
 MODELS = {"resnet18": "layer4", "vgg16": "features", "mobilenet_v2": "features"}
@@ -55,7 +55,7 @@ def cudnn_kept(enabled: bool):
             yield
 
     graph.exact_kernels = kernels
-    import rf_callback.probe as probe
+    import rf_callback.core.probe as probe
 
     probe.exact_kernels = kernels
     try:

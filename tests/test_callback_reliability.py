@@ -18,9 +18,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-import rf_callback.callback as callback_module
+import rf_callback.callback.rf_callback as callback_module
 from rf_callback import ProbeError, RFCallback, effective_rf
-from rf_callback.sampling import InputReservoir
+from rf_callback.callback.sampling import InputReservoir
 from tests.lightning_models import (
     ConvClassifier,
     CountingStream,

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.figure
 import pytest
 
-import rf_callback.cli as cli
+import rf_callback.cli.command as cli
 import rf_callback.plotting as plotting
 from rf_callback import ProbeError
 from rf_callback.cli import main

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from rf_callback import dashboard, effective_rf, probe_rf
+from rf_callback import effective_rf, probe_rf
+from rf_callback.callback import dashboard
 from tests.models import vgg_style
 
 

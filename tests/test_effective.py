@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rf_callback import effective_rf, probe_rf
-from rf_callback.effective import center_of_mass, high_contribution, mass_extent, spread
+from rf_callback.core.effective import center_of_mass, high_contribution, mass_extent, spread
 
 TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf, rf_table
-from rf_callback.geometry import chain_geometry
-from rf_callback.graph import ProbeGraph
+from rf_callback.core.geometry import chain_geometry
+from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated
 from tests.test_probe_closed_form import chains
@@ -311,7 +311,7 @@ def test_a_reduction_over_channels_alone_does_not_make_a_field_global():
 
 
 def test_a_geometry_past_its_budget_is_none_and_says_so(monkeypatch):
-    import rf_callback.geometry_probe as geometry_probe
+    import rf_callback.core.geometry_probe as geometry_probe
 
     monkeypatch.setattr(geometry_probe, "BUDGET_PASSES", 1)
     monkeypatch.setattr(geometry_probe, "_SMALL_BUDGET", 0)

@@ -976,7 +976,7 @@ def test_verify_rf_passes_a_vit_whose_position_embeddings_reach_the_output_witho
 
 @pytest.mark.parametrize("shifted", [False, True])
 def test_windowed_attention_has_no_geometry_and_says_why_at_once(shifted, monkeypatch):
-    from rf_callback.graph import ProbeGraph
+    from rf_callback.core.graph import ProbeGraph
 
     passes = []
     gradient_map = ProbeGraph.gradient_map

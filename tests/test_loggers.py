@@ -14,7 +14,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rf_callback import RFCallback
-from rf_callback.loggers import CSVWriter, LoggerWriter, MLflowWriter, TensorBoardWriter, WandbWriter, writer_for
+from rf_callback.callback.loggers import (
+    CSVWriter,
+    LoggerWriter,
+    MLflowWriter,
+    TensorBoardWriter,
+    WandbWriter,
+    writer_for,
+)
 from tests.lightning_models import ConvClassifier, loaders, trainer_kwargs
 from tests.recording import recorded_warnings
 

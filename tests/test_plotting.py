@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from rf_callback.plotting import _raster_positions, animate_rf, plot_rf
-from rf_callback.result import AxisGeometry, ReceptiveField
+from rf_callback.core.result import AxisGeometry, ReceptiveField
+from rf_callback.plotting.figures import _raster_positions, animate_rf, plot_rf
 
 SPATIAL_2D = (16, 20)
 
@@ -319,7 +319,7 @@ def small_cnn() -> torch.nn.Module:
 
 
 def test_animate_sweeps_whole_small_output_map_into_gif(tmp_path):
-    pytest.importorskip("rf_callback.probe")
+    pytest.importorskip("rf_callback.core.probe")
     image_module = pytest.importorskip("PIL.Image")
     path = animate_rf(small_cnn(), (1, 1, 16, 16), str(tmp_path / "rf.gif"))
     assert path == tmp_path / "rf.gif"
@@ -330,7 +330,7 @@ def test_animate_sweeps_whole_small_output_map_into_gif(tmp_path):
 
 
 def test_animate_draws_one_frame_per_given_position_over_image(tmp_path):
-    pytest.importorskip("rf_callback.probe")
+    pytest.importorskip("rf_callback.core.probe")
     image_module = pytest.importorskip("PIL.Image")
     path = animate_rf(
         small_cnn(), (1, 1, 16, 16), tmp_path / "rf.gif", positions=[(0, 0), (5, 5), (2, 3)], image=torch.rand(16, 16)
@@ -340,7 +340,7 @@ def test_animate_draws_one_frame_per_given_position_over_image(tmp_path):
 
 
 def test_animate_sweeps_1d_input_with_int_positions(tmp_path):
-    pytest.importorskip("rf_callback.probe")
+    pytest.importorskip("rf_callback.core.probe")
     image_module = pytest.importorskip("PIL.Image")
     model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 5), torch.nn.Conv1d(2, 2, 3, stride=2))
     path = animate_rf(model, (1, 1, 40), tmp_path / "rf1d.gif", positions=[0, 8, 16], fps=2)
@@ -385,7 +385,7 @@ def test_heatmap_image_of_1d_and_3d_fields():
 
 def test_effective_overlay_draws_the_target_centred_on_the_field():
     from rf_callback import effective_rf
-    from rf_callback.plotting import _TARGET_GID, plot_effective
+    from rf_callback.plotting.figures import _TARGET_GID, plot_effective
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Conv2d(2, 1, 3, padding=1))
     field = effective_rf(model, torch.randn(4, 1, 16, 16), (8, 8))

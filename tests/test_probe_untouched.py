@@ -114,7 +114,7 @@ class SharedParts(nn.Module):
 
 
 def test_the_fast_module_copy_keeps_sharing_and_never_shares_mutable_state_with_the_live_model():
-    from rf_callback._model_copy import module_copy
+    from rf_callback.core.model_copy import module_copy
 
     live = SharedParts()
     clone = module_copy(live, {})

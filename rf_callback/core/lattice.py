@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rf_callback.geometry import MIN_WHOLE_FIELDS, Bounds, is_whole, whole_fields
-from rf_callback.graph import ProbeGraph
-from rf_callback.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
+from rf_callback.core.geometry import MIN_WHOLE_FIELDS, Bounds, is_whole, whole_fields
+from rf_callback.core.graph import ProbeGraph
+from rf_callback.core.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
 
 
 @dataclass

@@ -14,15 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rf_callback._model_copy import (
-    constants_materialised,
-    materialised_constants,
-    model_device,
-    prepared_copy,
-    preserved_random_state,
-    with_materialised_fallback,
-)
-from rf_callback.arguments import (
+from rf_callback.core.arguments import (
     as_index,
     checked_device,
     checked_dtype,
@@ -32,13 +24,29 @@ from rf_callback.arguments import (
     checked_layout,
     checked_mode,
 )
-from rf_callback.geometry import LazyGeometry
-from rf_callback.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
-from rf_callback.graph import GraphShapes, ProbeError, ProbeGraph, Underflow, checked_input_shape, exact_kernels, where
-from rf_callback.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.support import Box, Position, box_of, inside_boxes, restricted
+from rf_callback.core.geometry import LazyGeometry
+from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
+from rf_callback.core.graph import (
+    GraphShapes,
+    ProbeError,
+    ProbeGraph,
+    Underflow,
+    checked_input_shape,
+    exact_kernels,
+    where,
+)
+from rf_callback.core.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
+from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.core.model_copy import (
+    constants_materialised,
+    materialised_constants,
+    model_device,
+    prepared_copy,
+    preserved_random_state,
+    with_materialised_fallback,
+)
+from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
+from rf_callback.core.support import Box, Position, box_of, inside_boxes, restricted
 
 __all__ = ["ProbeError", "probe_rf"]
 

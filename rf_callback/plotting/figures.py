@@ -21,8 +21,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from rf_callback.layouts import AXIS_NAMES
-from rf_callback.result import Bounds, EffectiveField, ReceptiveField
+from rf_callback.core.layouts import AXIS_NAMES
+from rf_callback.core.result import Bounds, EffectiveField, ReceptiveField
 
 __all__ = ["animate_rf", "figure_to_array", "heatmap_image", "plot_effective", "plot_growth", "plot_rf"]
 
@@ -66,7 +66,7 @@ def plot_rf(
     The field's box is a :class:`~matplotlib.patches.Rectangle` with gid ``"rf-box"`` covering the inclusive
     bounds cell for cell (``x`` from ``first_w - 0.5`` to ``last_w + 0.5``); the chosen output cell is one with gid
     ``"rf-cell"``. A field without a heatmap (one taken from a
-    :class:`~rf_callback.result.ReceptiveFieldMap`) is drawn as its box on an empty grid, without a colorbar.
+    :class:`~rf_callback.core.result.ReceptiveFieldMap`) is drawn as its box on an empty grid, without a colorbar.
 
     Args:
         field: the receptive field to draw, with or without its heatmap.
@@ -83,7 +83,7 @@ def plot_rf(
         The figure.
 
     Raises:
-        TypeError: ``field`` is not a :class:`~rf_callback.result.ReceptiveField`, or ``image`` is neither a tensor
+        TypeError: ``field`` is not a :class:`~rf_callback.core.result.ReceptiveField`, or ``image`` is neither a tensor
             nor an array.
         ValueError: ``field`` is inconsistent (bounds, heatmap or position not fitting its shapes, a non-finite
             heatmap, an output map of other than 1 or 2 axes under a 1D or 2D input), or ``image`` does not match
@@ -279,14 +279,14 @@ def animate_rf(
     depth slices of single fields with :func:`plot_rf`.
 
     Args:
-        model: the network, as for :func:`~rf_callback.probe.probe_rf` (it is not modified).
+        model: the network, as for :func:`~rf_callback.core.probe.probe_rf` (it is not modified).
         input_shape: the full input shape ``(N, C, L)`` or ``(N, C, H, W)``.
         path: where to write the GIF; it must end in ``.gif`` and its folder must exist.
         positions: the output positions to show, one frame each, in order (an int or a 1-tuple per position for a
             1D output). ``None`` sweeps the output map in row-major (raster) order, subsampled evenly on each axis
             to at most 64 frames; the first and last index of every axis are always included.
         layer: dotted name of the submodule whose output map is swept, ``None`` for the model's output.
-        mode: ``"theoretical"`` or ``"weights"``, as for :func:`~rf_callback.probe.probe_rf`.
+        mode: ``"theoretical"`` or ``"weights"``, as for :func:`~rf_callback.core.probe.probe_rf`.
         fps: frames per second of the GIF.
         image: the input to draw underneath every frame, as for :func:`plot_rf`.
 
@@ -299,7 +299,7 @@ def animate_rf(
             the probe's own ``ValueError`` for the model, position, layer or mode.
         TypeError: ``image`` is neither a tensor nor an array.
         FileNotFoundError: the folder of ``path`` does not exist (checked before anything is probed or drawn).
-        rf_callback.probe.ProbeError: the probe could not measure a field.
+        rf_callback.core.probe.ProbeError: the probe could not measure a field.
     """
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
     if len(shape) not in (3, 4):
@@ -317,7 +317,7 @@ def animate_rf(
     picture = _prepared_image(image, tuple(int(s) for s in shape[2:]))
     chosen = None if positions is None else _checked_positions(positions)
 
-    from rf_callback.probe import probe_rf
+    from rf_callback.core.probe import probe_rf
 
     if chosen is None:
         chosen = _raster_positions(probe_rf(model, shape, "center", layer=layer, mode=mode).output_shape)

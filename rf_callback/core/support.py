@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rf_callback.geometry import Bounds
+from rf_callback.core.geometry import Bounds
 
 Position = tuple[int, ...]
 Box = tuple[Bounds, ...]

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state, with_materialised_fallback
-from rf_callback.graph import exact_kernels, forward_to, submodule
-from rf_callback.result import ReceptiveField
-from rf_callback.support import box_slices
+from rf_callback.core.graph import exact_kernels, forward_to, submodule
+from rf_callback.core.model_copy import model_device, prepared_copy, preserved_random_state, with_materialised_fallback
+from rf_callback.core.result import ReceptiveField
+from rf_callback.core.support import box_slices
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rf_callback.layouts import AXIS_NAMES
-from rf_callback.result import EffectiveField, ReceptiveField
+from rf_callback.core.layouts import AXIS_NAMES
+from rf_callback.core.result import EffectiveField, ReceptiveField
 
 __all__ = [
     "EFFECTIVE_SCALARS",

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import torch
 
-from rf_callback._model_copy import MODES
-from rf_callback.layouts import LAYOUTS, Tokens
+from rf_callback.core.layouts import LAYOUTS, Tokens
+from rf_callback.core.model_copy import MODES
 
 
 def as_index(value) -> int | None:

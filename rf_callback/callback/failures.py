@@ -8,7 +8,7 @@ import traceback
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rf_callback._model_copy import CopyError
+from rf_callback.core.model_copy import CopyError
 
 
 class NoInputsError(RuntimeError):

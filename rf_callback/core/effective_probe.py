@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rf_callback._model_copy import model_device, prepared_copy, preserved_random_state
-from rf_callback.arguments import (
+from rf_callback.core.arguments import (
     checked_device,
     checked_dtype,
     checked_element,
@@ -16,11 +15,12 @@ from rf_callback.arguments import (
     checked_layer,
     checked_layout,
 )
-from rf_callback.effective import checked_map
-from rf_callback.graph import ProbeError, exact_kernels, forward_to, submodule, where
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.probe import normalised_positions, probe_rf
-from rf_callback.result import EffectiveField, ReceptiveField
+from rf_callback.core.effective import checked_map
+from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, submodule, where
+from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.core.model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback.core.probe import normalised_positions, probe_rf
+from rf_callback.core.result import EffectiveField, ReceptiveField
 
 
 def effective_rf(
@@ -60,7 +60,7 @@ def effective_rf(
         element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
             probe.
         layout: how the probed output lays out its axes (``"channels_first"``, ``"channels_last"`` or tokens on a
-            grid), as for :func:`~rf_callback.probe.probe_rf`; ``pos`` is on its spatial grid.
+            grid), as for :func:`~rf_callback.core.probe.probe_rf`; ``pos`` is on its spatial grid.
         device: where the copy runs (the inputs are moved there chunk by chunk); ``None``: the model's device.
 
     Returns:

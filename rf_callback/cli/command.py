@@ -20,12 +20,12 @@ from typing import Any, NoReturn, TextIO
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import CopyError
-from rf_callback.arguments import checked_layout
-from rf_callback.layouts import AXIS_NAMES, CHANNELS_FIRST, axis_letters
-from rf_callback.probe import ProbeError, probe_rf
-from rf_callback.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.table import LayerField, rf_table
+from rf_callback.core.arguments import checked_layout
+from rf_callback.core.layouts import AXIS_NAMES, CHANNELS_FIRST, axis_letters
+from rf_callback.core.model_copy import CopyError
+from rf_callback.core.probe import ProbeError, probe_rf
+from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
+from rf_callback.core.table import LayerField, rf_table
 
 PROG = "rf-probe"
 # Set to 1 to see the traceback of an unexpected failure (on stderr, above the one-line message).

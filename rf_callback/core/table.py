@@ -10,16 +10,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import (
-    model_device,
-    prepared_copy,
-    preserved_random_state,
-    probe_functions,
-    with_materialised_fallback,
-)
-from rf_callback.arguments import checked_layout, checked_mode
-from rf_callback.geometry_probe import Budget, measure_geometry
-from rf_callback.graph import (
+from rf_callback.core.arguments import checked_layout, checked_mode
+from rf_callback.core.geometry_probe import Budget, measure_geometry
+from rf_callback.core.graph import (
     ProbeError,
     ProbeGraph,
     Underflow,
@@ -31,10 +24,17 @@ from rf_callback.graph import (
     probe_inputs,
     submodule,
 )
-from rf_callback.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
-from rf_callback.probe import probe_rf
-from rf_callback.result import Bounds
-from rf_callback.support import box_of
+from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
+from rf_callback.core.model_copy import (
+    model_device,
+    prepared_copy,
+    preserved_random_state,
+    probe_functions,
+    with_materialised_fallback,
+)
+from rf_callback.core.probe import probe_rf
+from rf_callback.core.result import Bounds
+from rf_callback.core.support import box_of
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def rf_table(
     forward hooks, the order in which submodules first produce their outputs. Every submodule whose output is a
     feature map of the input in its layout (below) and depends on the input is listed, containers included (a
     ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
-    at its first call, as :func:`~rf_callback.probe.probe_rf` probes it. Each row equals
+    at its first call, as :func:`~rf_callback.core.probe.probe_rf` probes it. Each row equals
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
     pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
     geometry of every row is read on thin inputs whose forward passes the rows share too. A row whose output is
@@ -224,11 +224,11 @@ def rf_table(
         input_shape: the full input shape ``(N, C, *spatial)``; ``N`` is ignored.
         layers: dotted names of the submodules to list (a single name is allowed), instead of every feature map;
             they are listed in forward order, whatever the order given.
-        mode: ``"theoretical"`` (default) or ``"weights"``, as for :func:`~rf_callback.probe.probe_rf`.
+        mode: ``"theoretical"`` (default) or ``"weights"``, as for :func:`~rf_callback.core.probe.probe_rf`.
         progress: called as ``progress(index, total, name)`` (``index`` from 1) before each layer is probed.
         layout: how the rows that no rule above fixes lay out their outputs: ``"channels_first"`` (default),
             ``"channels_last"``, or tokens on a grid, ``Tokens(grid=(H, W), prefix=P)`` or ``"tokens:HxW+P"``, as
-            for :func:`~rf_callback.probe.probe_rf`.
+            for :func:`~rf_callback.core.probe.probe_rf`.
 
     Returns:
         One :class:`LayerField` per listed submodule, in the order of their first outputs during a forward pass.

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rf_callback.effective import (
+from rf_callback.core.effective import (
     HIGH_CONTRIBUTION_THRESHOLDS,
     center_of_mass,
     high_contribution,
     mass_extent,
     spread,
 )
-from rf_callback.geometry import AxisGeometry, Bounds, LazyGeometry
-from rf_callback.layouts import AXIS_NAMES, CHANNELS_FIRST, Tokens
+from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry
+from rf_callback.core.layouts import AXIS_NAMES, CHANNELS_FIRST, Tokens
 
 __all__ = ["AxisGeometry", "Bounds", "EffectiveField", "ReceptiveField", "ReceptiveFieldMap"]
 
@@ -35,14 +35,14 @@ class ReceptiveField:
         output_shape: the spatial shape of the probed output map.
         geometry: per axis, the :class:`AxisGeometry` of the architecture, or ``None`` on an axis where it is not a
             regular lattice (an upsampling path, for example) or could not be measured. A probe measures it on
-            first use (a :class:`~rf_callback.geometry.LazyGeometry`, which reads like the tuple).
+            first use (a :class:`~rf_callback.core.geometry.LazyGeometry`, which reads like the tuple).
         mode: ``"theoretical"`` or ``"weights"``.
         layer: the probed submodule's dotted name, ``None`` for the model's output.
         heatmap: gradient magnitude over the input's spatial axes (float64, CPU), summed over channels (and over the
             random draws in weights mode); ``None`` where only bounds were computed.
         element: the index or key of the probed feature map in a tuple, list or dict output; ``None`` for a tensor.
         layout: how the probed output lays out its axes, as given to the probe: ``"channels_first"``,
-            ``"channels_last"`` or a :class:`~rf_callback.layouts.Tokens` grid (or its string form); ``position``
+            ``"channels_last"`` or a :class:`~rf_callback.core.layouts.Tokens` grid (or its string form); ``position``
             and ``output_shape`` are on its spatial grid.
     """
 
@@ -245,7 +245,7 @@ class EffectiveField:
     def extent(self, q: float = 0.95) -> tuple[Bounds, ...]:
         """Per axis, the inclusive ``(first, last)`` of the shortest interval holding fraction ``q`` of the mass.
 
-        The mass is the marginal of the map along that axis (see :func:`rf_callback.effective.mass_extent`).
+        The mass is the marginal of the map along that axis (see :func:`rf_callback.core.effective.mass_extent`).
         """
         return mass_extent(self.heatmap, q)
 

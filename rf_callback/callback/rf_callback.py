@@ -14,11 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback import dashboard
-from rf_callback._model_copy import MODES
-from rf_callback.alerts import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
-from rf_callback.arguments import checked_device, checked_element, checked_layout
-from rf_callback.callback_arguments import (
+from rf_callback.callback import dashboard
+from rf_callback.callback.arguments import (
     checked_choice,
     checked_count,
     checked_flag,
@@ -30,9 +27,9 @@ from rf_callback.callback_arguments import (
     checked_target,
     refused,
 )
-from rf_callback.dashboard import EFFECTIVE_SCALARS
-from rf_callback.effective_probe import effective_rf
-from rf_callback.failures import (
+from rf_callback.callback.coverage import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
+from rf_callback.callback.dashboard import EFFECTIVE_SCALARS
+from rf_callback.callback.failures import (
     IMAGES_FIX,
     Failures,
     NoInputsError,
@@ -42,12 +39,15 @@ from rf_callback.failures import (
     logger_fix,
     memory_fix,
 )
-from rf_callback.graph import ProbeError
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.loggers import LoggerWriter, writer_for
-from rf_callback.probe import probe_rf
-from rf_callback.result import EffectiveField, ReceptiveField
-from rf_callback.sampling import InputReservoir
+from rf_callback.callback.loggers import LoggerWriter, writer_for
+from rf_callback.callback.sampling import InputReservoir
+from rf_callback.core.arguments import checked_device, checked_element, checked_layout
+from rf_callback.core.effective_probe import effective_rf
+from rf_callback.core.graph import ProbeError
+from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.core.model_copy import MODES
+from rf_callback.core.probe import probe_rf
+from rf_callback.core.result import EffectiveField, ReceptiveField
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -66,15 +66,15 @@ class RFCallback(Callback):
     bit. A model or submodule compiled with ``torch.compile`` is unwrapped first.
 
     Logged, for every probed position ``pos<i>`` (its index in ``pos``) and spatial axis ``<a>`` (``l``; ``h``,
-    ``w``; or ``d``, ``h``, ``w``), under the names :mod:`rf_callback.dashboard` lists (``<layer>`` is ``output``
-    for the model's output):
+    ``w``; or ``d``, ``h``, ``w``), under the names :mod:`rf_callback.callback.dashboard` lists (``<layer>`` is
+    ``output`` for the model's output):
 
     - scalars ``rf/<layer>/pos<i>/size_<a>/{theoretical,weights,effective,target}``, the target's coverage,
       the effective field's summary (``rf-effective/...``) and the spans (``rf-span/...``), to every logger at
       the step of the images, and through Lightning's logging path so ``EarlyStopping`` and ``ModelCheckpoint``
       can monitor them;
     - images, to every ``TensorBoardLogger``, ``WandbLogger`` and ``MLFlowLogger`` through its own API
-      (:mod:`rf_callback.loggers`): the heatmaps (``rf/<layer>/pos<i>/heatmap/<kind>``) at every probe, and the
+      (:mod:`rf_callback.callback.loggers`): the heatmaps (``rf/<layer>/pos<i>/heatmap/<kind>``) at every probe, and the
       figure of :func:`rf_callback.plotting.plot_rf` (``rf/<layer>/pos<i>/figure``) at fit start and fit end
       only (a figure costs as much as a few training steps); a note naming each position's cell, and for
       TensorBoard a Custom Scalars layout overlaying the four sizes per position and axis. Other loggers get the

@@ -23,12 +23,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rf_callback.arguments import checked_layout
-from rf_callback.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
-from rf_callback.graph import ProbeError, ProbeGraph, dead_windows_watched
-from rf_callback.lattice import AxisTable, measure_axis_table
-from rf_callback.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.support import Position, hull, largest_hole, marginal
+from rf_callback.core.arguments import checked_layout
+from rf_callback.core.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
+from rf_callback.core.graph import ProbeError, ProbeGraph, dead_windows_watched
+from rf_callback.core.lattice import AxisTable, measure_axis_table
+from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.core.support import Position, hull, largest_hole, marginal
 
 # A field clipped on the user's input is read on thin inputs up to this many times longer along the axis (doubling:
 # a thin input as wide as a VGG needs, 32, costs in proportion to its length), under _MAX_ELEMENTS; the exact

@@ -13,10 +13,16 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback._model_copy import ProbeError, global_hooks_suspended, pooled_length, prepared_copy, probe_functions
-from rf_callback.arguments import checked_layout
-from rf_callback.layouts import CHANNELS_FIRST, Tokens, axis_letters
-from rf_callback.support import Position
+from rf_callback.core.arguments import checked_layout
+from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
+from rf_callback.core.model_copy import (
+    ProbeError,
+    global_hooks_suspended,
+    pooled_length,
+    prepared_copy,
+    probe_functions,
+)
+from rf_callback.core.support import Position
 
 
 class Underflow(Exception):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback.arguments import as_index
+from rf_callback.core.arguments import as_index
 
 
 def _shown(value) -> str:

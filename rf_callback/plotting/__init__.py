@@ -1,0 +1,12 @@
+"""Pictures of receptive fields with matplotlib (no Lightning): figures, heatmap images and animations."""
+
+from rf_callback.plotting.figures import (
+    animate_rf,
+    figure_to_array,
+    heatmap_image,
+    plot_effective,
+    plot_growth,
+    plot_rf,
+)
+
+__all__ = ["animate_rf", "figure_to_array", "heatmap_image", "plot_effective", "plot_growth", "plot_rf"]
