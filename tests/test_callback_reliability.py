@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
-import rf_callback.callback.rf_callback as callback_module
+import rf_callback.callback.reporting as reporting_module
 from rf_callback import ProbeError, RFCallback, effective_rf
 from rf_callback.callback.sampling import InputReservoir
 from tests.lightning_models import (
@@ -227,7 +227,7 @@ def test_figures_that_fail_at_fit_end_warn_once_and_fit_completes(tmp_path, monk
     def no_figures(field):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(callback_module, "plot_rf_figure", no_figures)
+    monkeypatch.setattr(reporting_module, "plot_rf_figure", no_figures)
     logger = TensorBoardLogger(tmp_path, name="run")
     with recorded_warnings() as record:
         trainer = fit(tmp_path, [RFCallback(layer="features")], ConvClassifier(), *loaders(), logger=logger)
@@ -240,7 +240,7 @@ def test_figures_that_fail_under_strict_raise(tmp_path, monkeypatch):
     def no_figures(field):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(callback_module, "plot_rf_figure", no_figures)
+    monkeypatch.setattr(reporting_module, "plot_rf_figure", no_figures)
     logger = TensorBoardLogger(tmp_path, name="run")
     with pytest.raises(RuntimeError, match="no display"):
         fit(tmp_path, [RFCallback(layer="features", strict=True)], ConvClassifier(), *loaders(), logger=logger)

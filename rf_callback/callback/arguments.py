@@ -172,3 +172,29 @@ def _indices(entries, pos) -> tuple[int, ...]:
             fix = f"{bad!r} is not an integer index" if indices else "an empty index tuple names no position"
         raise refused("pos", pos, _POS_ALLOWED, fix)
     return indices  # type: ignore[return-value]
+
+
+def target_per_axis(
+    target_size: tuple[int, ...] | None, n_axes: int, input_shape: Sequence[int]
+) -> tuple[int, ...] | None:
+    """The target size per spatial axis: one size for every axis, or one per axis.
+
+    Args:
+        target_size: the checked ``target_size`` (see :func:`checked_target`), or ``None``.
+        n_axes: the number of spatial axes of the input.
+        input_shape: the input's shape, for the message.
+
+    Returns:
+        ``n_axes`` sizes, or ``None`` without a target.
+
+    Raises:
+        MisconfigurationException: ``target_size`` has neither one entry nor one per axis.
+    """
+    if target_size is None:
+        return None
+    if len(target_size) not in (1, n_axes):
+        raise MisconfigurationException(
+            f"RFCallback(target_size={target_size!r}): target_size must be one int or {n_axes} (one per spatial axis "
+            f"of the input, shaped {tuple(input_shape)}); pass target_size={target_size[0]} or a tuple of {n_axes}"
+        )
+    return target_size * n_axes if len(target_size) == 1 else target_size

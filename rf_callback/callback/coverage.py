@@ -172,3 +172,71 @@ class CoverageTracker:
         for key in ("checks", "covered", "ever_covered", "alerted", "events"):
             if key in state:
                 setattr(self, key, state[key])
+
+
+class CoverageWatch:
+    """Watches every probed position's coverage of the target size, check after check, and makes the alerts.
+
+    Args:
+        patience: how many checks coverage may take to be reached before an alert.
+        coverage_mass: the mass fraction q of the effective extent compared with the target.
+
+    Attributes:
+        trackers: one :class:`CoverageTracker` per position label, in the order they were first checked.
+    """
+
+    def __init__(self, patience: int, coverage_mass: float):
+        self.patience = patience
+        self.coverage_mass = coverage_mass
+        self.trackers: dict[str, CoverageTracker] = {}
+
+    def tracker(self, label: str) -> CoverageTracker:
+        """The tracker of one position, made at its first check (or when a checkpoint restores it).
+
+        Args:
+            label: the position's label, e.g. ``"3_4"``.
+
+        Returns:
+            Its tracker.
+        """
+        if label not in self.trackers:
+            self.trackers[label] = CoverageTracker(target=(), patience=self.patience)
+        return self.trackers[label]
+
+    def check(
+        self, label: str, field, target: tuple[int, ...], *, epoch: int, layer: str
+    ) -> tuple[bool, int, CoverageEvent | None]:
+        """Checks one effective field against the target.
+
+        Args:
+            label: the position's label.
+            field: the :class:`~rf_callback.EffectiveField` of that position.
+            target: per axis, the target size.
+            epoch: the epoch of the check, for the alert.
+            layer: the probed layer's name, for the alert.
+
+        Returns:
+            Whether the extent covers the target, the smallest extent minus target over the axes, and the alert
+            when the check calls for one (also kept in the tracker's events), else ``None``.
+        """
+        tracker = self.tracker(label)
+        tracker.target = target
+        extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
+        reason = tracker.update(extent)
+        event = None
+        if reason is not None:
+            event = CoverageEvent(
+                reason=reason, epoch=epoch, layer=layer, position=field.position, extent=extent, target=target,
+                theoretical=field.theoretical.size, coverage_mass=self.coverage_mass,
+            )  # fmt: skip
+            tracker.events.append(event.to_dict())
+        return bool(tracker.covered), tracker.margin(extent), event
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every tracker's state, by position label, for checkpoints."""
+        return {label: tracker.state_dict() for label, tracker in self.trackers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the trackers saved by :meth:`state_dict`."""
+        for label, tracker_state in state.items():
+            self.tracker(label).load_state_dict(tracker_state)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import traceback
+from collections.abc import Callable, Iterator
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rf_callback.callback.coverage import CoverageError
 from rf_callback.core.model_copy import CopyError
 
 
@@ -68,16 +71,51 @@ class Failures:
     A kind is where it happened (``"probe"``, ``"effective"``, one logger, ...) and the type of the error, so a
     probe that fails at every epoch for the same reason warns once; a model that cannot be copied is one kind
     wherever the copy is made.
+
+    Args:
+        strict: raise every failure (with its fix as a note) instead of warning.
     """
 
-    def __init__(self):
+    def __init__(self, strict: bool = False):
+        self.strict = strict
         self.said: set[tuple[str, str]] = set()
 
-    def report(
-        self, kind: str, what: str, error: Exception, fix: str, *, strict: bool, goes_on: str = "training goes on"
-    ) -> None:
-        """Warns about ``error`` unless its kind was warned already; under ``strict`` raises it instead."""
-        if strict:
+    @contextlib.contextmanager
+    def guard(
+        self, kind: str, what: str, fix: str | Callable[[Exception], str] = "", *, goes_on: str = "training goes on"
+    ) -> Iterator[None]:
+        """Runs the block; what it raises is reported as a failure of ``kind`` (see :meth:`report`).
+
+        Args:
+            kind: where the block runs, e.g. ``"probe"`` or ``"images"``.
+            what: the block in words, for the warning (``"drawing the figures at fit end"``).
+            fix: the fix to say, or a function of the error that returns it.
+            goes_on: what happens after the warning.
+
+        Raises:
+            CoverageError: always passed on (``on_miss="raise"`` is the user's choice).
+        """
+        try:
+            yield
+        except CoverageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
+            self.report(kind, what, error, fix(error) if callable(fix) else fix, goes_on=goes_on)
+
+    def report(self, kind: str, what: str, error: Exception, fix: str, *, goes_on: str = "training goes on") -> None:
+        """Warns about ``error`` unless its kind was warned already; under ``strict`` raises it instead.
+
+        Args:
+            kind: where it happened, e.g. ``"probe"``.
+            what: what failed, in words.
+            error: the error.
+            fix: what the user can do about it ("" when the message says it already).
+            goes_on: what happens after the warning.
+
+        Raises:
+            Exception: ``error`` itself, under ``strict``.
+        """
+        if self.strict:
             if fix and hasattr(error, "add_note"):  # Python >= 3.11: the fix shows under the traceback
                 error.add_note(f"RFCallback: {fix}")
             raise error

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 
 from rf_callback.callback import dashboard
 from rf_callback.callback.arguments import (
@@ -26,27 +24,25 @@ from rf_callback.callback.arguments import (
     checked_seed,
     checked_target,
     refused,
+    target_per_axis,
 )
-from rf_callback.callback.coverage import ON_MISS, CoverageError, CoverageEvent, CoverageTracker, uncoverable_message
+from rf_callback.callback.coverage import ON_MISS, CoverageError, CoverageEvent, CoverageWatch, uncoverable_message
 from rf_callback.callback.dashboard import EFFECTIVE_SCALARS
-from rf_callback.callback.failures import (
-    IMAGES_FIX,
-    Failures,
-    NoInputsError,
-    copy_fix,
-    inputs_fix,
-    is_argument_error,
-    logger_fix,
-    memory_fix,
-)
-from rf_callback.callback.loggers import LoggerWriter, writer_for
+from rf_callback.callback.failures import IMAGES_FIX, Failures, inputs_fix, is_argument_error
+from rf_callback.callback.fields import FieldProber, effective_fix, probe_fix
+from rf_callback.callback.reporting import Reporter
 from rf_callback.callback.sampling import InputReservoir
+from rf_callback.callback.schedule import (
+    ProbeSchedule,
+    batch_input_shape,
+    first_loader,
+    first_tensor,
+    has_validation,
+    ranks_agree,
+)
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
-from rf_callback.core.effective_probe import effective_rf
-from rf_callback.core.graph import ProbeError
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import MODES
-from rf_callback.core.probe import probe_rf
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -216,21 +212,26 @@ class RFCallback(Callback):
         if on_alert is not None and not callable(on_alert):
             raise refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
         self.on_alert = on_alert
-        self.trackers: dict[str, CoverageTracker] = {}
         self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
+        self._shape_source = "input_shape=" if self.input_shape is not None else None
+        self._initial_logged = False
+        self._said_no_validation = False
+        # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
+        self._schedule = ProbeSchedule(self.every_n_epochs)
+        self._prober = FieldProber(
+            self.positions, layer=self.layer, module=self.module, element=self.element, layout=self.layout,
+            draws=self.draws, seed=self.seed, device=self.probe_device,
+        )  # fmt: skip
+        self._coverage = CoverageWatch(self.patience, self.coverage_mass)
+        self.trackers = self._coverage.trackers
+        self._failures = Failures(self.strict)
+        self._reporter = Reporter(
+            self.layer_name, log_images=self.log_images, coverage_mass=self.coverage_mass, failures=self._failures
+        )
         self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
         self._last_effective: dict[str, EffectiveField] = {}  # by position label, in the order of pos
-        self._theoretical: list[ReceptiveField] | None = None
-        self._erf_theoretical: list[ReceptiveField] | None = None
-        self._shape_source = "input_shape=" if self.input_shape is not None else None
-        self._failures = Failures()
-        self._initial_logged = False
-        self._last_probed_epoch: int | None = None
-        self._said_no_images = False
-        self._said_scalars_only: set[str] = set()
-        self._said_no_validation = False
 
     @property
     def state_key(self) -> str:
@@ -252,7 +253,7 @@ class RFCallback(Callback):
         """The validation inputs the effective field is measured on (CPU, float32); ``None`` until chosen."""
         return self._erf_inputs
 
-    # -- Trainer hooks
+    # -- Trainer hooks: a table of contents of what the callback does
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuses sharded strategies, whose parameters no single process holds."""
@@ -265,13 +266,13 @@ class RFCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Probes the initial weights when the input shape is already known; else waits for the first batch."""
-        if self.effective and not _has_validation(trainer, pl_module):
+        if self.effective and not has_validation(trainer, pl_module):
             raise MisconfigurationException(
                 "RFCallback(effective=True) needs validation data to measure the effective field on: add a "
                 "validation_step and val_dataloaders, or pass effective=False"
             )
         if self.input_shape is None:
-            self.input_shape = _example_input_shape(pl_module)
+            self.input_shape = batch_input_shape(getattr(pl_module, "example_input_array", None))
             self._shape_source = "the LightningModule's example_input_array" if self.input_shape else None
         if self.input_shape is not None:
             self._probe_initial(trainer, pl_module)
@@ -290,8 +291,8 @@ class RFCallback(Callback):
         """
         self._from_first_batch(trainer, pl_module, batch)
         if self._reservoir is not None and dataloader_idx == 0:
-            with self._guard("inputs", "choosing the effective field's inputs", inputs_fix):
-                self._reservoir.add(_first_tensor(batch))
+            with self._failures.guard("inputs", "choosing the effective field's inputs", inputs_fix):
+                self._reservoir.add(first_tensor(batch))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         """Takes the input shape from the first training batch when it is still unknown: before any step."""
@@ -304,17 +305,19 @@ class RFCallback(Callback):
         """
         if self._reservoir is not None:  # the batches have passed: the effective field's inputs are chosen
             reservoir, self._reservoir = self._reservoir, None
-            with self._guard("inputs", "choosing the effective field's inputs", inputs_fix):
+            with self._failures.guard("inputs", "choosing the effective field's inputs", inputs_fix):
                 self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
         if trainer.sanity_checking or self.input_shape is None:
             return
-        if trainer.state.fn == "fit" and self._should_skip(trainer):
+        if trainer.state.fn == "fit" and not self._schedule.due(trainer.current_epoch):
             return
         self._probe_and_log(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         """Probes at the end of each training epoch when the run has no validation loop."""
-        if _has_validation(trainer, pl_module) or self._should_skip(trainer):
+        if has_validation(trainer, pl_module) or self.input_shape is None:
+            return
+        if not self._schedule.due(trainer.current_epoch):
             return
         if not self._said_no_validation:
             self._said_no_validation = True
@@ -329,33 +332,35 @@ class RFCallback(Callback):
         return {
             "history": copy.deepcopy(self.history),
             "initial_logged": self._initial_logged,
-            "trackers": {label: tracker.state_dict() for label, tracker in self.trackers.items()},
+            "trackers": self._coverage.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the history, so a resumed run continues it without logging the initial field twice."""
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
-        for label, state in state_dict.get("trackers", {}).items():
-            self._tracker(label).load_state_dict(state)
+        self._coverage.load_state_dict(state_dict.get("trackers", {}))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
-        if not self._image_writers(trainer) or not trainer.is_global_zero or not self.log_images:
+        if not self.log_images or not trainer.is_global_zero or not self._reporter.image_writers(trainer):
             return
-        with self._guard("images", "drawing the figures at fit end", IMAGES_FIX, goes_on="the fit ends normally"):
-            self._log_final_figures(trainer)
+        with self._failures.guard(
+            "images", "drawing the figures at fit end", IMAGES_FIX, goes_on="the fit ends normally"
+        ):
+            self._reporter.final_figures(
+                trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
+                fields=self._last_fields, effective=list(self._last_effective.values()),
+                image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
+                target=self._target_for(len(self.input_shape) - 2),
+            )  # fmt: skip
 
-    # -- decisions
-
-    def _should_skip(self, trainer) -> bool:
-        epoch = trainer.current_epoch
-        return self._last_probed_epoch == epoch or (epoch + 1) % self.every_n_epochs != 0 or self.input_shape is None
+    # -- the input shape
 
     def _from_first_batch(self, trainer, pl_module, batch) -> None:
         if self.input_shape is not None:
             return
-        shape = _batch_input_shape(batch)
+        shape = batch_input_shape(batch)
         if shape is None:
             raise MisconfigurationException(
                 "RFCallback cannot find the input shape: pass RFCallback(input_shape=(N, C, H, W)), set the "
@@ -365,94 +370,27 @@ class RFCallback(Callback):
         if trainer.state.fn == "fit":
             self._probe_initial(trainer, pl_module)
 
-    # -- failures: warned once per kind, with the reason and the fix; raised under strict
-
-    @contextlib.contextmanager
-    def _guard(
-        self, kind: str, what: str, fix: str | Callable[[Exception], str] = "", *, goes_on: str = "training goes on"
-    ) -> Iterator[None]:
-        """Runs the block; what it raises is warned once per ``kind`` (raised under ``strict``)."""
-        try:
-            yield
-        except CoverageError:  # on_miss="raise" is the user's choice
-            raise
-        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
-            fix_text = fix(error) if callable(fix) else fix
-            self._failures.report(kind, what, error, fix_text, strict=self.strict, goes_on=goes_on)
-
-    def _probe_fix(self, error: Exception) -> str:
-        fix = copy_fix(error) or memory_fix(error)
-        if fix is not None:
-            return fix
-        text = str(error)
-        raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
-        if raw or "forward raised" in text or text.startswith("input_shape"):
-            return (
-                f"The probe runs the model's forward on an input shaped {self.input_shape}, taken from "
-                f"{self._shape_source}: if that is not the model's input (the first tensor of a dict batch may be a "
-                f"mask), pass RFCallback(input_shape=(N, C, H, W)); if the forward does not take one tensor, pass "
-                f"module= naming a submodule that does (the backbone), with layer= inside it"
-            )
-        return ""
-
-    def _effective_fix(self, error: Exception) -> str:
-        fix = copy_fix(error) or memory_fix(error, effective=True)
-        if fix is not None:
-            return fix
-        if isinstance(error, NoInputsError):
-            return inputs_fix(error)
-        raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
-        if self._erf_inputs is not None and (raw or "forward raised" in str(error)):
-            return (
-                f"The effective field runs the model on the first tensor of the validation batches (shaped "
-                f"{tuple(self._erf_inputs.shape[1:])} per sample): if that is not the model's input, put the input "
-                f"first in the batch, pass module= naming a submodule that takes it, or pass effective=False"
-            )
-        return ""
-
-    # -- probing and logging
-
-    def _target(self, pl_module) -> nn.Module:
-        module = getattr(pl_module, "_orig_mod", pl_module)
-        if self.module is None:
-            return module
-        try:
-            return module.get_submodule(self.module)
-        except AttributeError:
-            names = [n for n, _ in module.named_modules() if n][:10]
-            raise MisconfigurationException(
-                f"RFCallback(module={self.module!r}) is not a submodule of {type(module).__name__}; some names: {names}"
-            ) from None
-
-    def _probe(self, pl_module, mode: str, input_shape: tuple[int, ...] | None = None) -> list[ReceptiveField]:
-        fields = probe_rf(
-            self._target(pl_module), input_shape or self.input_shape,
-            self.positions if len(self.positions) > 1 else self.positions[0],
-            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
-            device=self.probe_device,
-        )  # fmt: skip
-        return fields if isinstance(fields, list) else [fields]
+    # -- a probe event: probe, log, then the effective field and its coverage
 
     def _probe_initial(self, trainer, pl_module) -> None:
+        n_axes = len(self.input_shape) - 2
         if self._initial_logged:  # a resumed fit: its logger (maybe a new version) still gets the charts and the note
-            with self._guard("probe", "the theoretical probe of a resumed fit", self._probe_fix):
-                theoretical = self._theoretical_fields(pl_module)
-                self._describe_dashboard(trainer, theoretical, self._target_for(len(self.input_shape) - 2))
+            with self._failures.guard("probe", "the theoretical probe of a resumed fit", self._probe_fix):
+                theoretical = self._prober.theoretical_fields(pl_module, self.input_shape)
+                self._describe_dashboard(trainer, theoretical, self._target_for(n_axes))
             return
-        target = self._target_for(len(self.input_shape) - 2)  # refused now if it does not fit the input's axes
+        target = self._target_for(n_axes)  # refused now if it does not fit the input's axes
         theoretical = None
         try:
-            theoretical = self._probe(pl_module, "theoretical")
+            theoretical = self._prober.probe(pl_module, "theoretical", self.input_shape)
         except MisconfigurationException:
             raise
         except Exception as error:  # noqa: BLE001 - only an argument that does not fit the model ends the run
             if is_argument_error(error, shape_given=self._shape_source == "input_shape="):
                 raise MisconfigurationException(f"RFCallback: {error}") from error
-            self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error), strict=self.strict)
+            self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error))
         # The ranks agree: the theoretical sizes are synced beside every later probe only where all ranks have them.
-        if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(theoretical is not None, all=True):
-            theoretical = None
-        if theoretical is None:
+        if not ranks_agree(trainer, theoretical is not None) or theoretical is None:
             return
         cells = [field.position for field in theoretical]
         if len(set(cells)) < len(cells):
@@ -460,20 +398,101 @@ class RFCallback(Callback):
                 f"RFCallback(pos={self.pos!r}): positions {cells} name the same output cell more than once (negative "
                 f"indices count from the end of the {theoretical[0].output_shape} map); list each cell once"
             )
-        self._theoretical = theoretical
+        self._prober.theoretical = theoretical
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
             warning = None if target is None else self._target_warning(field, target)
             if warning is not None:
                 rank_zero_warn(warning)
         self._describe_dashboard(trainer, theoretical, target)
-        self._log_fields(trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical")
+        self._reporter.fields(
+            trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical", target_for=self._target_for
+        )
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if current is not None:
             if current is not theoretical:
-                self._log_fields(trainer, "weights", current, step=0, figures=True)
+                self._reporter.fields(trainer, "weights", current, step=0, figures=True, target_for=self._target_for)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
+
+    def _probe_and_log(self, trainer, pl_module) -> None:
+        self._schedule.probed(trainer.current_epoch)
+        fields = self._safe_probe(pl_module)
+        # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
+        # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
+        succeeded = ranks_agree(trainer, fields is not None)
+        if succeeded:
+            self._reporter.fields(
+                trainer, self.mode, fields, step=trainer.global_step, figures=False, target_for=self._target_for,
+                beside=self._prober.theoretical or [], pl_module=pl_module,
+            )  # fmt: skip
+            self._last_fields = fields
+        self._record(trainer, fields if succeeded else [], initial=False)  # an epoch whose probe failed has none
+        if succeeded and self._effective_on(trainer, pl_module):
+            events: list[CoverageEvent] = []
+            with self._failures.guard("effective", "the effective field", self._effective_fix):
+                events = self._effective(trainer, pl_module)
+            self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
+
+    def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
+        try:
+            return self._prober.probe(pl_module, self.mode, self.input_shape)
+        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
+            self._failures.report("probe", "the probe", error, self._probe_fix(error))
+            return None
+
+    def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
+        fields = self._prober.effective(pl_module, self._erf_inputs, self.input_shape)
+        entry, events = {}, []
+        for index, field in enumerate(fields):
+            label = "_".join(str(i) for i in field.position)
+            metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
+            entry[label] = metrics
+            full = self.effective_scalars == "all"
+            logged = dashboard.effective_scalars(self.layer_name, index, field, metrics, self.coverage_mass, full=full)
+            target = self._target_for(len(field.theoretical.bounds))
+            if target is not None:
+                covered, margin, event = self._coverage.check(
+                    label, field, target, epoch=trainer.current_epoch, layer=self.layer_name
+                )
+                logged.update(dashboard.coverage_scalars(self.layer_name, index, covered, margin))
+                events += [event] if event is not None else []
+            self._reporter.metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
+            self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
+            self._reporter.effective_image(trainer, index, field)
+        self.history[-1]["effective"] = entry
+        return events
+
+    def _alert(self, trainer, events: list[CoverageEvent]) -> None:
+        for event in events:
+            rank_zero_warn(event.message)
+            if self.on_alert is not None:
+                self.on_alert(event)
+        if self.on_miss == "stop" and self.target_size is not None:
+            # A collective on every check, not only on alerts, so no rank waits for the others.
+            stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
+            trainer.should_stop = trainer.should_stop or stop
+        if self.on_miss == "raise" and events:
+            raise CoverageError(events[0])
+
+    def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
+        self.history.append(
+            {
+                "epoch": None if initial else trainer.current_epoch,
+                "step": 0 if initial else trainer.global_step,
+                "fields": [f.to_dict(geometry=False) for f in fields],
+            }
+        )
+
+    # -- small decisions
+
+    def _effective_on(self, trainer, pl_module) -> bool:
+        if self.effective is False or trainer.state.fn != "fit":
+            return False
+        return has_validation(trainer, pl_module) and first_loader(trainer.val_dataloaders) is not None
+
+    def _target_for(self, n_axes: int) -> tuple[int, ...] | None:
+        return target_per_axis(self.target_size, n_axes, self.input_shape)
 
     def _target_warning(self, field: ReceptiveField, target: tuple[int, ...]) -> str | None:
         """The fit-start warning when the theoretical field cannot cover the target; ``None`` when it can.
@@ -494,325 +513,13 @@ class RFCallback(Callback):
             self.layer_name, field.position, field.size, target, input_size=input_size, unclipped=unclipped
         )
 
-    def _theoretical_fields(self, pl_module) -> list[ReceptiveField]:
-        """The theoretical fields, probed once: they depend on the architecture and the input shape, not the weights.
-
-        The effective-field metrics read their centres, so their geometry is measured once per fit, at the first
-        validation epoch.
-        """
-        if self._theoretical is None:
-            self._theoretical = self._probe(pl_module, "theoretical")
-        return self._theoretical
-
-    def _erf_theoretical_fields(self, pl_module, inputs: torch.Tensor) -> list[ReceptiveField]:
-        """The theoretical fields on the effective field's inputs: those of the input shape, unless shaped otherwise."""
-        shape = (1, *inputs.shape[1:])
-        if shape[1:] == tuple(self.input_shape[1:]):
-            return self._theoretical_fields(pl_module)
-        if self._erf_theoretical is None or self._erf_theoretical[0].input_shape != shape:
-            self._erf_theoretical = self._probe(pl_module, "theoretical", shape)
-        return self._erf_theoretical
-
-    def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
-        try:
-            return self._probe(pl_module, self.mode)
-        except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
-            self._failures.report("probe", "the probe", error, self._probe_fix(error), strict=self.strict)
-            return None
-
-    def _probe_and_log(self, trainer, pl_module) -> None:
-        self._last_probed_epoch = trainer.current_epoch
-        fields = self._safe_probe(pl_module)
-        # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
-        # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
-        succeeded = fields is not None
-        if trainer.world_size > 1:
-            succeeded = trainer.strategy.reduce_boolean_decision(succeeded, all=True)
-        if succeeded:
-            self._log_fields(
-                trainer, self.mode, fields, step=trainer.global_step, pl_module=pl_module, figures=False, beside=True
-            )
-            self._last_fields = fields
-        self._record(trainer, fields if succeeded else [], initial=False)  # an epoch whose probe failed has none
-        if succeeded and self._effective_on(trainer, pl_module):
-            self._effective_and_alert(trainer, pl_module)
-
-    # -- the effective field and the alert
-
-    def _effective_on(self, trainer, pl_module) -> bool:
-        if self.effective is False or trainer.state.fn != "fit":
-            return False
-        return _has_validation(trainer, pl_module) and _first_loader(trainer.val_dataloaders) is not None
-
-    def _tracker(self, label: str) -> CoverageTracker:
-        if label not in self.trackers:
-            self.trackers[label] = CoverageTracker(target=self.target_size or (), patience=self.patience)
-        return self.trackers[label]
-
-    def _target_for(self, n_axes: int) -> tuple[int, ...] | None:
-        if self.target_size is None:
-            return None
-        if len(self.target_size) not in (1, n_axes):
-            raise MisconfigurationException(
-                f"RFCallback(target_size={self.target_size!r}): target_size must be one int or {n_axes} (one per "
-                f"spatial axis of the input, shaped {self.input_shape}); pass target_size={self.target_size[0]} or "
-                f"a tuple of {n_axes}"
-            )
-        return self.target_size * n_axes if len(self.target_size) == 1 else self.target_size
-
-    def _effective_and_alert(self, trainer, pl_module) -> None:
-        events: list[CoverageEvent] = []
-        with self._guard("effective", "the effective field", self._effective_fix):
-            events = self._effective(trainer, pl_module)
-        self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
-
-    def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
-        if self._erf_inputs is None:
-            raise NoInputsError(
-                "no validation batch handed to the callback had an input tensor (N, C, *spatial) as its first "
-                "element, so there is nothing to measure the effective field on"
-            )
-        theoretical_fields = self._erf_theoretical_fields(pl_module, self._erf_inputs)
-        fields = effective_rf(  # one forward pass per chunk serves every position
-            self._target(pl_module), self._erf_inputs, [f.position for f in theoretical_fields], layer=self.layer,
-            theoretical=list(theoretical_fields), element=self.element, layout=self.layout, device=self.probe_device,
-        )  # fmt: skip
-        entry, events = {}, []
-        for index, field in enumerate(fields):
-            label = _position_label(field.position)
-            metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
-            entry[label] = metrics
-            full = self.effective_scalars == "all"
-            logged = dashboard.effective_scalars(self.layer_name, index, field, metrics, self.coverage_mass, full=full)
-            target = self._target_for(len(field.theoretical.bounds))
-            if target is not None:
-                tracker = self._tracker(label)
-                tracker.target = target
-                extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
-                reason = tracker.update(extent)
-                logged.update(
-                    dashboard.coverage_scalars(self.layer_name, index, tracker.covered, tracker.margin(extent))
-                )
-                if reason is not None:
-                    event = CoverageEvent(
-                        reason=reason, epoch=trainer.current_epoch, layer=self.layer_name, position=field.position,
-                        extent=extent, target=target, theoretical=field.theoretical.size,
-                        coverage_mass=self.coverage_mass,
-                    )  # fmt: skip
-                    tracker.events.append(event.to_dict())
-                    events.append(event)
-            self._log_metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
-            if self.log_images:
-                self._log_effective_images(trainer, index, label, field)
-        self.history[-1]["effective"] = entry
-        return events
-
-    def _alert(self, trainer, events: list[CoverageEvent]) -> None:
-        for event in events:
-            rank_zero_warn(event.message)
-            if self.on_alert is not None:
-                self.on_alert(event)
-        if self.on_miss == "stop" and self.target_size is not None:
-            # A collective on every check, not only on alerts, so no rank waits for the others.
-            stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
-            trainer.should_stop = trainer.should_stop or stop
-        if self.on_miss == "raise" and events:
-            raise CoverageError(events[0])
-
-    def _log_effective_images(self, trainer, index: int, label: str, field: EffectiveField) -> None:
-        self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
-        if not trainer.is_global_zero:
-            return
-        with self._guard("images", "drawing the effective field's heatmap", IMAGES_FIX):
-            from rf_callback.plotting import heatmap_image
-
-            tag = dashboard.image_tag(self.layer_name, index, "heatmap/effective")
-            self._log_image(trainer, tag, heatmap_image(field.heatmap), trainer.global_step, self._caption(field))
-
-    def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
-        self.history.append(
-            {
-                "epoch": None if initial else trainer.current_epoch,
-                "step": 0 if initial else trainer.global_step,
-                "fields": [f.to_dict(geometry=False) for f in fields],
-            }
-        )
-
     def _describe_dashboard(self, trainer, theoretical: list[ReceptiveField], target) -> None:
-        """Declares the charts overlaying the sizes, and says which cell each position index is."""
-        if not trainer.is_global_zero:
-            return
-        effective = self.effective is not False and _has_validation(trainer, trainer.lightning_module)
-        charts = dashboard.chart_layout(
-            self.layer_name, len(theoretical), len(self.input_shape) - 2, target=target is not None, effective=effective
-        )
-        note = dashboard.positions_note(self.layer_name, theoretical, target)
-        for writer in self._writers(trainer):
-            with self._writing(writer, "charts"):
-                writer.charts(charts)
-                writer.text(dashboard.note_tag(self.layer_name), note, 0)
+        effective = self.effective is not False and has_validation(trainer, trainer.lightning_module)
+        n_axes = len(self.input_shape) - 2
+        self._reporter.dashboard(trainer, theoretical, target, n_axes=n_axes, effective=effective)
 
-    def _log_fields(
-        self, trainer, kind: str, fields, *, step: int, figures: bool, pl_module=None, beside: bool = False
-    ) -> None:
-        """Logs probed fields (``kind`` is ``theoretical`` or ``weights``) and the target's sizes.
+    def _probe_fix(self, error: Exception) -> str:
+        return probe_fix(error, self.input_shape, self._shape_source)
 
-        With ``beside`` (every probe after fit start), the theoretical sizes too, so the charts draw them as a flat
-        line beside the weights' size. The target's sizes come once per probe: with ``beside`` or the theoretical ones.
-        """
-        metrics = {}
-        for index, field in enumerate(fields):
-            metrics.update(dashboard.field_scalars(self.layer_name, index, field, kind))
-            if beside and kind != "theoretical" and self._theoretical is not None:
-                metrics.update(dashboard.size_scalars(self.layer_name, index, self._theoretical[index], "theoretical"))
-            target = self._target_for(len(field.bounds))
-            if target is not None and (beside or kind == "theoretical"):  # once per probe
-                metrics.update(dashboard.target_scalars(self.layer_name, index, target))
-        self._log_metrics(trainer, metrics, step=step, pl_module=pl_module)
-        if self.log_images:
-            self._log_images(trainer, kind, fields, step, figures=figures)
-
-    # -- writing to the loggers, each through its own API: each logger's failure is its own kind, warned once
-
-    def _writers(self, trainer) -> list[LoggerWriter]:
-        writers = [writer_for(logger) for logger in trainer.loggers]
-        for writer in writers:
-            if self.log_images and not writer.known and writer.name not in self._said_scalars_only:
-                self._said_scalars_only.add(writer.name)
-                rank_zero_warn(
-                    f"RFCallback: {writer.name} gets the scalars only (through log_metrics); the heatmaps and "
-                    f"figures go to TensorBoardLogger, WandbLogger and MLFlowLogger"
-                )
-        return writers
-
-    def _image_writers(self, trainer) -> list[LoggerWriter]:
-        return [writer for writer in self._writers(trainer) if writer.takes_images]
-
-    def _log_metrics(self, trainer, metrics: dict[str, float], *, step: int, pl_module=None) -> None:
-        if pl_module is not None:  # for EarlyStopping, ModelCheckpoint and the progress bar (not allowed at fit start)
-            with self._guard("log", "pl_module.log of the callback's scalars"):
-                for name, value in metrics.items():
-                    pl_module.log(name, value, on_epoch=True, logger=False, sync_dist=True)
-        if not trainer.is_global_zero:
-            return
-        # The loggers get the scalars directly, at the step of the images, so one probe lies on one step.
-        for writer in self._writers(trainer):
-            with self._writing(writer, "scalars"):
-                writer.scalars(metrics, step)
-
-    def _log_image(self, trainer, tag: str, image: np.ndarray, step: int, caption: str) -> None:
-        for writer in self._image_writers(trainer):
-            with self._writing(writer, "images"):
-                writer.image(tag, image, step, caption)
-
-    def _writing(self, writer: LoggerWriter, what: str):
-        """Guards a write to one logger: each logger's failure is its own kind, warned once."""
-        return self._guard(f"logger {writer.name}", f"writing the callback's {what} to {writer.name}",
-                           logger_fix(writer.name))  # fmt: skip
-
-    def _caption(self, field: ReceptiveField | EffectiveField) -> str:
-        if isinstance(field, EffectiveField):
-            extent = " x ".join(str(last - first + 1) for first, last in field.extent(self.coverage_mass))
-            where = f"{self.layer_name} at {field.position}"
-            return f"effective field of {where}: {self.coverage_mass:g} of the mass in {extent}"
-        return f"{field.mode} field of {self.layer_name} at {field.position}: {' x '.join(map(str, field.size))}"
-
-    def _log_images(self, trainer, kind: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
-        if not self._image_writers(trainer):
-            if not self._said_no_images:
-                self._said_no_images = True
-                rank_zero_warn(
-                    "RFCallback: no TensorBoardLogger, WandbLogger or MLFlowLogger among the Trainer's loggers, so no "
-                    "heatmaps are logged (scalars still are); add one of them to see the pictures"
-                )
-            return
-        if not trainer.is_global_zero:
-            return
-        from rf_callback.plotting import figure_to_array, heatmap_image
-
-        for index, field in enumerate(fields):
-            with self._guard("images", "drawing the field's images", IMAGES_FIX):
-                caption = self._caption(field)
-                heatmap = heatmap_image(field.heatmap)
-                self._log_image(trainer, dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}"), heatmap, step,
-                                caption)  # fmt: skip
-                if figures:
-                    figure = figure_to_array(plot_rf_figure(field))
-                    self._log_image(
-                        trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption
-                    )
-
-    def _log_final_figures(self, trainer) -> None:
-        from rf_callback.plotting import figure_to_array, plot_effective, plot_growth
-
-        step, layer = self.history[-1]["step"] if self.history else trainer.global_step, self.layer_name
-        target = self._target_for(len(self.input_shape) - 2)
-        for index, field in enumerate(self._last_fields):
-            figure = figure_to_array(plot_rf_figure(field))
-            self._log_image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self._caption(field))
-        for index, field in enumerate(self._last_effective.values()):
-            overlay = plot_effective(field, image=self._erf_inputs[0], q=self.coverage_mass, target=target)
-            tag = dashboard.image_tag(layer, index, "overlay")
-            self._log_image(trainer, tag, figure_to_array(overlay), step, self._caption(field))
-        entries = [h for h in self.history if h.get("effective")]
-        for index, label in enumerate(entries[-1]["effective"] if entries else []):
-            rows = [(h["epoch"], h["effective"][label]) for h in entries if label in h["effective"]]
-            title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
-            image = figure_to_array(plot_growth(rows, title=title, target=target))
-            self._log_image(trainer, dashboard.image_tag(layer, index, "growth"), image, step, title)
-
-
-# -- Lightning and the loggers
-
-
-def plot_rf_figure(field: ReceptiveField):
-    """The figure of one field (matplotlib is imported only when a figure is drawn)."""
-    from rf_callback.plotting import plot_rf
-
-    return plot_rf(field)
-
-
-def _example_input_shape(pl_module) -> tuple[int, ...] | None:
-    example = getattr(pl_module, "example_input_array", None)
-    return _batch_input_shape(example)
-
-
-def _batch_input_shape(batch) -> tuple[int, ...] | None:
-    """The shape of a batch's input (see :func:`_first_tensor`), with a batch of 1."""
-    inputs = _first_tensor(batch)
-    return (1, *inputs.shape[1:]) if inputs is not None and 3 <= inputs.dim() <= 5 else None
-
-
-def _has_validation(trainer, pl_module) -> bool:
-    return _overrides(pl_module, "validation_step") and trainer.limit_val_batches != 0
-
-
-def _overrides(module, name: str) -> bool:
-    """Whether the user's class defines ``name`` (for ``lightning`` and ``pytorch_lightning`` modules alike)."""
-    for cls in type(module).__mro__:
-        if name in vars(cls):
-            return vars(cls)[name] is not None and not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
-    return False
-
-
-def _position_label(position: tuple[int, ...]) -> str:
-    return "_".join(str(i) for i in position)
-
-
-def _first_loader(loaders):
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders
-
-
-def _first_tensor(item) -> torch.Tensor | None:
-    """The input of a batch or sample: the tensor itself, or the first tensor of a tuple, list or dict."""
-    if isinstance(item, torch.Tensor):
-        return item
-    if isinstance(item, dict):
-        item = list(item.values())
-    if isinstance(item, (tuple, list)) and item:
-        return _first_tensor(item[0])
-    return None
+    def _effective_fix(self, error: Exception) -> str:
+        return effective_fix(error, self._erf_inputs)

@@ -1,0 +1,194 @@
+"""What a probe event measures: the fields of the module the user named, and its effective field on real inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from rf_callback.callback.failures import NoInputsError, copy_fix, inputs_fix, memory_fix
+from rf_callback.core.effective_probe import effective_rf
+from rf_callback.core.graph import ProbeError
+from rf_callback.core.layouts import Tokens
+from rf_callback.core.probe import probe_rf
+from rf_callback.core.result import EffectiveField, ReceptiveField
+
+
+class FieldProber:
+    """Probes the live LightningModule the way the callback's arguments say, always on a copy.
+
+    The theoretical fields depend on the architecture and the input shape, not on the weights: they are probed
+    once per input shape and kept.
+
+    Args:
+        positions: the output positions to probe (indices, or ``"center"``).
+        layer: the probed layer within ``module``, or ``None`` for its output.
+        module: the submodule to copy and probe, or ``None`` for the whole LightningModule.
+        element: which feature map of a tuple, list or dict output.
+        layout: the probed output's layout.
+        draws: weights mode's random inputs.
+        seed: the seed of the probe's private generators.
+        device: where the copies run (``None``: the model's device).
+    """
+
+    def __init__(
+        self,
+        positions: Sequence,
+        *,
+        layer: str | None,
+        module: str | None,
+        element: int | str | None,
+        layout: str | Tokens,
+        draws: int,
+        seed: int,
+        device: str | torch.device | None,
+    ):
+        self.positions = list(positions)
+        self.layer, self.module, self.element, self.layout = layer, module, element, layout
+        self.draws, self.seed, self.device = draws, seed, device
+        self.theoretical: list[ReceptiveField] | None = None  # on the input shape the fields are probed on
+        self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
+
+    def target(self, pl_module: nn.Module) -> nn.Module:
+        """The module that is copied and probed: ``module`` inside the LightningModule (unwrapped if compiled).
+
+        Args:
+            pl_module: the live LightningModule.
+
+        Returns:
+            The live submodule (never changed: the probe copies it).
+
+        Raises:
+            MisconfigurationException: ``module`` names no submodule.
+        """
+        module = getattr(pl_module, "_orig_mod", pl_module)
+        if self.module is None:
+            return module
+        try:
+            return module.get_submodule(self.module)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:10]
+            raise MisconfigurationException(
+                f"RFCallback(module={self.module!r}) is not a submodule of {type(module).__name__}; some names: {names}"
+            ) from None
+
+    def probe(self, pl_module: nn.Module, mode: str, input_shape: Sequence[int]) -> list[ReceptiveField]:
+        """Probes every position in ``mode`` on ``input_shape``.
+
+        Args:
+            pl_module: the live LightningModule.
+            mode: ``"theoretical"`` or ``"weights"``.
+            input_shape: the input shape ``(N, C, *spatial)``.
+
+        Returns:
+            One field per position, in the order of ``positions``.
+        """
+        positions = self.positions if len(self.positions) > 1 else self.positions[0]
+        fields = probe_rf(
+            self.target(pl_module), tuple(input_shape), positions,
+            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
+            device=self.device,
+        )  # fmt: skip
+        return fields if isinstance(fields, list) else [fields]
+
+    def theoretical_fields(
+        self, pl_module: nn.Module, input_shape: Sequence[int], inputs_shape: Sequence[int] | None = None
+    ) -> list[ReceptiveField]:
+        """The theoretical fields on ``input_shape`` (or on inputs shaped otherwise), probed once and kept.
+
+        Args:
+            pl_module: the live LightningModule.
+            input_shape: the input shape the callback probes on.
+            inputs_shape: the shape of other inputs (the effective field's), if they are shaped otherwise.
+
+        Returns:
+            One field per position.
+        """
+        if inputs_shape is None or tuple(inputs_shape[1:]) == tuple(input_shape[1:]):
+            if self.theoretical is None:
+                self.theoretical = self.probe(pl_module, "theoretical", input_shape)
+            return self.theoretical
+        shape = (1, *inputs_shape[1:])
+        if self._other_theoretical is None or self._other_theoretical[0].input_shape != shape:
+            self._other_theoretical = self.probe(pl_module, "theoretical", shape)
+        return self._other_theoretical
+
+    def effective(
+        self, pl_module: nn.Module, inputs: torch.Tensor | None, input_shape: Sequence[int]
+    ) -> list[EffectiveField]:
+        """The effective field of every position on ``inputs``, in one forward pass per chunk of inputs.
+
+        Args:
+            pl_module: the live LightningModule.
+            inputs: the validation inputs chosen for the effective field, or ``None`` when none were found.
+            input_shape: the input shape the callback probes on.
+
+        Returns:
+            One effective field per position.
+
+        Raises:
+            NoInputsError: ``inputs`` is ``None``.
+        """
+        if inputs is None:
+            raise NoInputsError(
+                "no validation batch handed to the callback had an input tensor (N, C, *spatial) as its first "
+                "element, so there is nothing to measure the effective field on"
+            )
+        theoretical = self.theoretical_fields(pl_module, input_shape, inputs.shape)
+        return effective_rf(
+            self.target(pl_module), inputs, [field.position for field in theoretical], layer=self.layer,
+            theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
+        )  # fmt: skip
+
+
+def probe_fix(error: Exception, input_shape: Sequence[int] | None, shape_source: str | None) -> str:
+    """The fix to say when a probe fails with ``error``.
+
+    Args:
+        error: the failure.
+        input_shape: the input shape the probe ran on.
+        shape_source: where that shape came from, in words.
+
+    Returns:
+        The fix, or ``""`` when the message says it already.
+    """
+    fix = copy_fix(error) or memory_fix(error)
+    if fix is not None:
+        return fix
+    text = str(error)
+    raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
+    if raw or "forward raised" in text or text.startswith("input_shape"):
+        return (
+            f"The probe runs the model's forward on an input shaped {input_shape}, taken from {shape_source}: if "
+            f"that is not the model's input (the first tensor of a dict batch may be a mask), pass "
+            f"RFCallback(input_shape=(N, C, H, W)); if the forward does not take one tensor, pass module= naming a "
+            f"submodule that does (the backbone), with layer= inside it"
+        )
+    return ""
+
+
+def effective_fix(error: Exception, inputs: torch.Tensor | None) -> str:
+    """The fix to say when the effective field fails with ``error``.
+
+    Args:
+        error: the failure.
+        inputs: the inputs it was measured on, or ``None``.
+
+    Returns:
+        The fix, or ``""`` when the message says it already.
+    """
+    fix = copy_fix(error) or memory_fix(error, effective=True)
+    if fix is not None:
+        return fix
+    if isinstance(error, NoInputsError):
+        return inputs_fix(error)
+    raw = not isinstance(error, (ProbeError, ValueError))  # the forward's own error, unwrapped
+    if inputs is not None and (raw or "forward raised" in str(error)):
+        return (
+            f"The effective field runs the model on the first tensor of the validation batches (shaped "
+            f"{tuple(inputs.shape[1:])} per sample): if that is not the model's input, put the input first in the "
+            f"batch, pass module= naming a submodule that takes it, or pass effective=False"
+        )
+    return ""

@@ -1,0 +1,119 @@
+"""When the callback probes, and on what input shape: the Trainer's epochs, loops and batches, and rank agreement."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ProbeSchedule:
+    """Decides after which epochs the callback probes: every ``every_n_epochs``-th, once per epoch.
+
+    Args:
+        every_n_epochs: probe after every n-th epoch (validation epochs, or training epochs without validation).
+    """
+
+    def __init__(self, every_n_epochs: int):
+        self.every_n_epochs = every_n_epochs
+        self.last_probed_epoch: int | None = None
+
+    def due(self, epoch: int) -> bool:
+        """Whether a probe is due at the end of ``epoch`` (0-based) and has not run in it yet.
+
+        Args:
+            epoch: the Trainer's ``current_epoch``.
+
+        Returns:
+            True at every ``every_n_epochs``-th epoch not probed yet.
+        """
+        return self.last_probed_epoch != epoch and (epoch + 1) % self.every_n_epochs == 0
+
+    def probed(self, epoch: int) -> None:
+        """Records that ``epoch`` was probed, so a second hook in the same epoch does not probe again.
+
+        Args:
+            epoch: the Trainer's ``current_epoch``.
+        """
+        self.last_probed_epoch = epoch
+
+
+def ranks_agree(trainer, succeeded: bool) -> bool:
+    """Whether every rank succeeded: a collective on every rank, so one rank's failure never hangs the others.
+
+    Args:
+        trainer: the Lightning ``Trainer``.
+        succeeded: whether this rank succeeded.
+
+    Returns:
+        ``succeeded`` on a single process; under DDP, whether it is true on all ranks.
+    """
+    if trainer.world_size > 1:
+        return trainer.strategy.reduce_boolean_decision(succeeded, all=True)
+    return succeeded
+
+
+def has_validation(trainer, pl_module) -> bool:
+    """Whether the run validates: the user's module defines ``validation_step`` and validation is not switched off.
+
+    Args:
+        trainer: the Lightning ``Trainer``.
+        pl_module: the ``LightningModule``.
+
+    Returns:
+        True when validation epochs will run.
+    """
+    return _overrides(pl_module, "validation_step") and trainer.limit_val_batches != 0
+
+
+def _overrides(module, name: str) -> bool:
+    """Whether the user's class defines ``name`` (for ``lightning`` and ``pytorch_lightning`` modules alike)."""
+    for cls in type(module).__mro__:
+        if name in vars(cls):
+            return vars(cls)[name] is not None and not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
+    return False
+
+
+def first_loader(loaders):
+    """The first of the Trainer's data loaders (a loader, a list, a tuple or a dict of them), or ``None``.
+
+    Args:
+        loaders: ``trainer.val_dataloaders`` or the like.
+
+    Returns:
+        The first loader, or ``None`` when there is none.
+    """
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def first_tensor(item) -> torch.Tensor | None:
+    """The input of a batch or sample: the tensor itself, or the first tensor of a tuple, list or dict.
+
+    Args:
+        item: a batch as the Trainer hands it over, or ``example_input_array``.
+
+    Returns:
+        The tensor, or ``None`` when there is none.
+    """
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, dict):
+        item = list(item.values())
+    if isinstance(item, (tuple, list)) and item:
+        return first_tensor(item[0])
+    return None
+
+
+def batch_input_shape(batch) -> tuple[int, ...] | None:
+    """The shape of a batch's input (see :func:`first_tensor`), with a batch of 1.
+
+    Args:
+        batch: a batch as the Trainer hands it over, or ``example_input_array``.
+
+    Returns:
+        ``(1, C, *spatial)`` with 1 to 3 spatial axes, or ``None`` when the batch has no such tensor.
+    """
+    inputs = first_tensor(batch)
+    return (1, *inputs.shape[1:]) if inputs is not None and 3 <= inputs.dim() <= 5 else None
