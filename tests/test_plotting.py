@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from rf_callback.core.result import AxisGeometry, ReceptiveField
-from rf_callback.plotting.figures import _raster_positions, animate_rf, plot_rf
+from rf_callback.plotting import animate_rf, plot_rf
+from rf_callback.plotting.animation import _raster_positions
 
 SPATIAL_2D = (16, 20)
 
@@ -385,7 +386,8 @@ def test_heatmap_image_of_1d_and_3d_fields():
 
 def test_effective_overlay_draws_the_target_centred_on_the_field():
     from rf_callback import effective_rf
-    from rf_callback.plotting.figures import _TARGET_GID, plot_effective
+    from rf_callback.plotting import plot_effective
+    from rf_callback.plotting.style import _TARGET_GID
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Conv2d(2, 1, 3, padding=1))
     field = effective_rf(model, torch.randn(4, 1, 16, 16), (8, 8))
