@@ -17,6 +17,7 @@ from torch import nn
 
 from rf_callback import probe_rf
 from rf_callback.core.graph import ProbeGraph
+from rf_callback.core.request import ProbeRequest
 
 
 def network() -> nn.Sequential:
@@ -54,7 +55,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     def bare_loop():
-        graph = ProbeGraph(model, shape, None, "theoretical", dtype=torch.float32, device=torch.device("cpu"))
+        graph = ProbeGraph(model, ProbeRequest.checked(model, shape))
         for p in positions:
             graph.gradient_map([p])
 

@@ -140,7 +140,9 @@ def test_fixed_size_output_has_no_geometry_and_is_not_read_on_enlarged_inputs(mo
     shapes = []
     init = ProbeGraph.__init__
     monkeypatch.setattr(
-        ProbeGraph, "__init__", lambda self, m, shape, *a, **k: shapes.append(shape) or init(self, m, shape, *a, **k)
+        ProbeGraph,
+        "__init__",
+        lambda self, m, request, **k: shapes.append(request.input_shape) or init(self, m, request, **k),
     )
     field = probe_rf(nn.Sequential(*model, nn.AdaptiveAvgPool2d((8, 8))), (1, 1, 16, 16), "center")
     assert field.bounds == ((5, 12), (5, 12)) and field.geometry == (None, None)

@@ -42,6 +42,22 @@ def checked_int(name: str, value, *, minimum: int | None = None, meaning: str = 
     return index
 
 
+def checked_input_shape(input_shape) -> tuple[int, ...]:
+    """Returns ``input_shape`` as a tuple of ints after checking it is ``(N, C, *spatial)`` with 1 to 3 axes.
+
+    Raises:
+        ValueError: it is not.
+    """
+    allowed = "a sequence (N, C, L), (N, C, H, W) or (N, C, D, H, W) of positive ints"
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape={input_shape!r} is not {allowed}") from None
+    if not 3 <= len(shape) <= 5 or min(shape) < 1 or any(s != v for s, v in zip(shape, input_shape)):
+        raise ValueError(f"input_shape={input_shape!r} is not {allowed}")
+    return shape
+
+
 def checked_mode(mode) -> str:
     """Returns ``mode`` after checking it is a probe mode.
 

@@ -8,18 +8,16 @@ import torch
 from torch import nn
 
 from rf_callback.core.arguments import (
-    checked_device,
     checked_dtype,
-    checked_element,
     checked_int,
-    checked_layer,
     checked_layout,
 )
 from rf_callback.core.effective import checked_map
-from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, submodule, where
+from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, where
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import model_device, prepared_copy, preserved_random_state
+from rf_callback.core.model_copy import prepared_copy, preserved_random_state
 from rf_callback.core.probe import normalised_positions, probe_rf
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
 
@@ -76,11 +74,14 @@ def effective_rf(
         raise ValueError(f"biases={biases!r} must be 'trained' or 'zero'")
     _check_inputs(inputs)
     chunk_size = checked_int("chunk_size", chunk_size, minimum=1, meaning="inputs per backward pass")
-    layer, element, parsed_layout = checked_layer(layer), checked_element(element), checked_layout(layout)
     if checked_dtype(dtype) is None:
         raise ValueError("dtype=None is not allowed here; pass torch.float32 or torch.float64")
-    device = checked_device(device) or model_device(model)
-    shape = (1, *inputs.shape[1:])
+    request = ProbeRequest.checked(
+        model, (1, *inputs.shape[1:]), layer=layer, mode="weights", dtype=dtype, element=element, layout=layout,
+        device=device,
+    )  # fmt: skip
+    shape, layer, element, device = request.input_shape, request.layer, request.element, request.device
+    parsed_layout = request.parsed_layout
     if isinstance(pos, str) and pos == "all":
         raise ValueError(
             "pos='all' is not allowed here: the effective field costs one backward pass per position over every "
@@ -105,10 +106,9 @@ def effective_rf(
     kernels = exact_kernels(device, exact_zeros=False)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels:
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
-        target = submodule(copy, layer)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
-            output = forward_to(copy, target, x, "weights", shape, layer, element, layout=layout)
+            output = forward_to(copy, x, request)
             if not torch.isfinite(output).all():
                 raise ProbeError(
                     f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "

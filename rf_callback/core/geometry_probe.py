@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rf_callback.core.arguments import checked_layout
 from rf_callback.core.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
 from rf_callback.core.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.core.lattice import AxisTable, measure_axis_table
-from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
+from rf_callback.core.layouts import Tokens
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.support import Position, hull, largest_hole, marginal
 
 # A field clipped on the user's input is read on thin inputs up to this many times longer along the axis (doubling:
@@ -134,28 +134,19 @@ OVER_BUDGET = (
 )
 
 
-def graph_factory(
-    copy: nn.Module,
-    layer: str | None,
-    *,
-    input_shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    guard: bool,
-    element: int | str | None = None,
-    layout: str | Tokens = CHANNELS_FIRST,
-) -> GraphOn:
-    """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of ``layer`` on another input shape.
+def graph_factory(copy: nn.Module, request: ProbeRequest) -> GraphOn:
+    """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of the requested layer on another input shape.
 
     It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
     one of ``thin_axes`` covers only padding (paths that carry nothing on that input). Every graph runs ``copy``, a
-    theoretical copy prepared by :func:`prepared_copy` (in ``dtype``): a deep copy of a large model costs more than
-    a forward pass on a thin input, and the copy, not the live model, is what the graphs measure, however the live
-    model changes later. ``element`` and ``layout`` read the output as the probe does. A token grid fits the user's
-    input (``input_shape``) alone: on another input the same number of tokens can lie on another grid, so with
+    theoretical copy prepared by :func:`prepared_copy` (in the request's dtype): a deep copy of a large model costs
+    more than a forward pass on a thin input, and the copy, not the live model, is what the graphs measure, however
+    the live model changes later. The output is read as the request reads it. A token grid fits the user's input
+    (the request's) alone: on another input the same number of tokens can lie on another grid, so with
     :class:`Tokens` it returns ``None`` on any other shape.
     """
-    fixed = input_shape if isinstance(checked_layout(layout), Tokens) else None
+    request = request.theoretical()
+    fixed = request.input_shape if isinstance(request.parsed_layout, Tokens) else None
 
     def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
         if fixed is not None and tuple(shape) != tuple(fixed):
@@ -163,10 +154,7 @@ def graph_factory(
         dead: list[str] = []
         try:
             with dead_windows_watched(copy, thin_axes, dead):
-                graph = ProbeGraph(
-                    copy, shape, layer, "theoretical", dtype=dtype, device=device, guard=guard, copy=copy,
-                    element=element, layout=layout,
-                )  # fmt: skip
+                graph = ProbeGraph(copy, request.on(shape), copy=copy)
         except (ValueError, ProbeError):
             return None
         return None if dead else graph

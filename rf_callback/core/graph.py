@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import math
@@ -22,6 +23,7 @@ from rf_callback.core.model_copy import (
     prepared_copy,
     probe_functions,
 )
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.support import Position
 
 
@@ -54,22 +56,6 @@ def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
             settings = dict(benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
             stack.enter_context(cudnn.flags(enabled=not exact_zeros, **settings))
         yield
-
-
-def checked_input_shape(input_shape) -> tuple[int, ...]:
-    """Returns ``input_shape`` as a tuple of ints after checking it is ``(N, C, *spatial)`` with 1 to 3 axes.
-
-    Raises:
-        ValueError: it is not.
-    """
-    allowed = "a sequence (N, C, L), (N, C, H, W) or (N, C, D, H, W) of positive ints"
-    try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_shape={input_shape!r} is not {allowed}") from None
-    if not 3 <= len(shape) <= 5 or min(shape) < 1 or any(s != v for s, v in zip(shape, input_shape)):
-        raise ValueError(f"input_shape={input_shape!r} is not {allowed}")
-    return shape
 
 
 def where(layer: str | None) -> str:
@@ -121,62 +107,51 @@ class ProbeGraph(GraphShapes):
     def __init__(
         self,
         model: nn.Module,
-        input_shape: tuple[int, ...],
-        layer: str | None,
-        mode: str,
+        request: ProbeRequest,
         *,
-        dtype: torch.dtype,
-        device: torch.device,
-        draws: int = 1,
-        seed: int = 0,
-        guard: bool = False,
         captured: tuple[torch.Tensor, torch.Tensor] | None = None,
         copy: nn.Module | None = None,
-        element: int | str | None = None,
-        layout: str | Tokens = CHANNELS_FIRST,
         check_layout: bool = False,
     ):
-        """Runs the forward pass, or takes ``captured``: the ``(inputs, output)`` of one that already ran.
+        """Runs the forward pass that ``request`` asks for, or takes ``captured``: the ``(inputs, output)`` of one.
 
-        A captured output comes from a copy prepared for ``mode``, already channels first (see
+        A captured output comes from a copy prepared for the request's mode, already channels first (see
         :func:`as_channels_first`); one forward pass can serve every layer of a table. ``copy`` is a copy already
-        prepared for ``mode`` (by :func:`prepared_copy`), to share between graphs; ``element`` picks the feature map
-        from a tuple, list or dict output, and ``layout`` says how its axes are laid out. ``check_layout``: on the
-        user's input, refuse (or warn of) a channels-first reading that the output's shape contradicts (see
+        prepared for the mode (by :func:`prepared_copy`), to share between graphs. ``check_layout``: on the user's
+        input, refuse (or warn of) a channels-first reading that the output's shape contradicts (see
         :func:`check_channels_first`).
         """
-        self.model, self.input_shape, self.layer, self.mode = model, input_shape, layer, mode
-        self.dtype, self.device, self.guard = dtype, device, guard
-        self.copy = copy
+        self.model, self.request, self.copy = model, request, copy
+        self.input_shape, self.layer, self.mode = request.input_shape, request.layer, request.mode
+        self.dtype, self.device, self.guard = request.dtype, request.device, request.guard
         self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.budget = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self._supports: dict[tuple, torch.Tensor] = {}
         if captured is None:
-            copy = self.copy = copy if copy is not None else prepared_copy(model, mode, dtype, device=device)
-            target = submodule(copy, layer)
-            self.inputs = probe_inputs(input_shape, mode, dtype, device, draws=draws, seed=seed)
-            functions = probe_functions(mode)
-            self.output = forward_to(
-                copy, target, self.inputs, mode, input_shape, layer, element, functions, layout=layout
-            )
+            if copy is None:
+                copy = self.copy = prepared_copy(model, request.mode, request.dtype, device=request.device)
+            self.inputs = probe_inputs(request)
+            functions = probe_functions(request.mode)
+            self.output = forward_to(copy, self.inputs, request, functions)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             if self.output.dim() < 3:
-                raise ValueError(_no_spatial_axes_message(copy, self.inputs, mode, self.output, layer))
-            if check_layout and checked_layout(layout) == CHANNELS_FIRST:
-                check_channels_first(copy, self.output, functions.last_axis_sizes, input_shape, mode, layer, element,
-                                     dtype=dtype, device=device)  # fmt: skip
+                raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
+            if check_layout and request.parsed_layout == CHANNELS_FIRST:
+                check_channels_first(copy, self.output, functions.last_axis_sizes, request)
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
-            raise ProbeError(f"the output of {where(layer)} does not depend on the input: nothing to backpropagate")
+            where_ = where(self.layer)
+            raise ProbeError(f"the output of {where_} does not depend on the input: nothing to backpropagate")
         self.output_shape = tuple(self.output.shape[2:])
-        if mode == "theoretical":
+        dtype, device = self.dtype, self.device
+        if self.mode == "theoretical":
             self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
         else:
             # Random positive weights per (draw, channel): signed gradients of different output channels cannot
             # cancel except on a set of measure zero, and one pass serves every channel.
-            generator = torch.Generator().manual_seed(seed + 1)
+            generator = torch.Generator().manual_seed(request.seed + 1)
             weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
             self.channel_weights = weights.to(device)
         self.passes = 0
@@ -220,9 +195,8 @@ class ProbeGraph(GraphShapes):
 
 
 def check_channels_first(
-    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], input_shape, mode: str, layer, element, *,
-    dtype: torch.dtype, device: torch.device,
-) -> None:  # fmt: skip
+    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], request: ProbeRequest
+) -> None:
     """Refuses a channels-first reading of ``output`` where the shapes show it is channels last; warns where they hint.
 
     A channels-last ``(N, H, W, C)`` output read channels first puts a spatial axis where the channels are and the
@@ -235,13 +209,14 @@ def check_channels_first(
     Raises:
         ValueError: the axis read as the channels follows the input's length: the output is channels last.
     """
+    input_shape, layer = request.input_shape, request.layer
     channels, spatial, lengths = output.shape[1], tuple(output.shape[2:]), tuple(input_shape[2:])
     longer = spatial[-1] > lengths[-1]
     features = spatial[-1] in last_axis_sizes
     if not (longer or features):
         return
     larger = (1, input_shape[1], *(2 * n for n in lengths))
-    other = _output_on(copy, larger, mode, layer, element, dtype, device)
+    other = _output_on(copy, request.on(larger))
     shape, letters = tuple(output.shape), axis_letters(len(lengths))
     last = f"(N, {', '.join(letters)}, C)"
     if other is not None and other.dim() == output.dim() and other.shape[1] != channels:
@@ -266,42 +241,53 @@ def check_channels_first(
     )
 
 
-def _output_on(copy: nn.Module, input_shape, mode: str, layer, element, dtype, device) -> torch.Tensor | None:
-    """The probed output on another input, channels first, by a forward pass without gradient; None if it fails."""
-    inputs = probe_inputs(input_shape, mode, dtype, device, draws=1)
+def _output_on(copy: nn.Module, request: ProbeRequest) -> torch.Tensor | None:
+    """The probed output on the request's input, channels first, by a forward pass without gradient; None if it fails.
+
+    It is read channels first whatever the request's layout: the check compares a channels-first reading.
+    """
+    request = dataclasses.replace(request, layout=CHANNELS_FIRST, draws=1)
     try:
         with torch.no_grad():
-            return forward_to(copy, submodule(copy, layer), inputs.detach(), mode, input_shape, layer, element)
+            return forward_to(copy, probe_inputs(request).detach(), request)
     except (ValueError, ProbeError, RuntimeError):
         return None
 
 
-def probe_inputs(input_shape, mode: str, dtype: torch.dtype, device: torch.device, *, draws: int = 1, seed: int = 0):
-    """The probe's input leaf: ones in theoretical mode, ``draws`` normal samples from a private generator else."""
+def probe_inputs(request: ProbeRequest) -> torch.Tensor:
+    """The probe's input leaf: ones in theoretical mode, ``draws`` normal samples from a private generator else.
+
+    Args:
+        request: the probe's request (input shape, mode, draws, seed, dtype, device).
+
+    Returns:
+        The input, requiring grad, on the request's device.
+    """
+    input_shape, dtype = request.input_shape, request.dtype
     spatial = tuple(input_shape[2:])
-    if mode == "theoretical":
+    if request.mode == "theoretical":
         inputs = torch.ones((1, input_shape[1], *spatial), dtype=dtype)
     else:
-        generator = torch.Generator().manual_seed(seed)
-        inputs = torch.randn((draws, input_shape[1], *spatial), dtype=dtype, generator=generator)
-    return inputs.to(device).requires_grad_(True)
+        generator = torch.Generator().manual_seed(request.seed)
+        inputs = torch.randn((request.draws, input_shape[1], *spatial), dtype=dtype, generator=generator)
+    return inputs.to(request.device).requires_grad_(True)
 
 
-def forward_to(
-    copy: nn.Module, target, inputs, mode: str, input_shape, layer, element=None, functions=None, *,
-    layout=CHANNELS_FIRST,
-) -> torch.Tensor:  # fmt: skip
-    """Runs the copy's forward under the probe's function mode and returns ``target``'s output (the model's if None).
+def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, functions=None) -> torch.Tensor:
+    """Runs the copy's forward under the probe's function mode and returns the requested layer's output.
 
-    The forward stops once ``target`` has produced its output; ``element`` picks one feature map from an output
-    that is a tuple, list or dict, which is returned channels first, read in ``layout`` (:func:`as_channels_first`);
-    ``functions`` is the function mode to run under (:func:`probe_functions`), to read what it saw afterwards.
+    The forward stops once the request's layer (the model's output if ``None``) has produced its output; the
+    request's ``element`` picks one feature map from an output that is a tuple, list or dict, which is returned
+    channels first, read in the request's ``layout`` (:func:`as_channels_first`). ``functions`` is the function
+    mode to run under (:func:`probe_functions`), to read what it saw afterwards.
 
     Raises:
         ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, the output is
             not a tensor and ``element`` does not pick one, or its shape does not fit ``layout``.
         ProbeError: the forward raised (chained), or it cuts the gradient on an input-dependent tensor.
     """
+    mode, input_shape, layer, element = request.mode, request.input_shape, request.layer, request.element
+    target = submodule(copy, layer)
     captured: list = []
 
     def capture(_module, _args, output):
@@ -339,7 +325,7 @@ def forward_to(
         )
     output = selected_element(output, element, layer)
     merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
-    return as_channels_first(output, layout, input_shape, layer, batch=len(inputs), merged=merged)
+    return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
 
 
 def _merged_back(copy: nn.Module, inputs, mode: str, layer: str | None) -> list[str]:

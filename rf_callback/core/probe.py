@@ -16,13 +16,6 @@ from torch import nn
 
 from rf_callback.core.arguments import (
     as_index,
-    checked_device,
-    checked_dtype,
-    checked_element,
-    checked_int,
-    checked_layer,
-    checked_layout,
-    checked_mode,
 )
 from rf_callback.core.geometry import LazyGeometry
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
@@ -31,7 +24,6 @@ from rf_callback.core.graph import (
     ProbeError,
     ProbeGraph,
     Underflow,
-    checked_input_shape,
     exact_kernels,
     where,
 )
@@ -40,11 +32,11 @@ from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import (
     constants_materialised,
     materialised_constants,
-    model_device,
     prepared_copy,
     preserved_random_state,
     with_materialised_fallback,
 )
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.core.support import Box, Position, box_of, inside_boxes, restricted
 
@@ -114,22 +106,18 @@ def probe_rf(
         ProbeError: the forward raised (chained), the output does not depend on the input, or the gradient is
             zero or not finite.
     """
-    mode, layer, element = checked_mode(mode), checked_layer(layer), checked_element(element)
-    checked_layout(layout)
-    shape = checked_input_shape(input_shape)
-    draws = checked_int("draws", draws, minimum=1, meaning="the number of random inputs in weights mode")
-    seed = checked_int("seed", seed, meaning="the seed of the probe's private generator")
-    dtype = checked_dtype(dtype)
-    device = checked_device(device) or model_device(model)
-    target = (layer, element, layout, device)
+    request = ProbeRequest.checked(
+        model, input_shape, layer=layer, mode=mode, draws=draws, seed=seed, dtype=dtype, element=element,
+        layout=layout, device=device,
+    )  # fmt: skip
 
     def attempts():
         try:
-            return _probe(model, shape, pos, target, mode, draws, seed, dtype or torch.float32, guard=dtype is None)
+            return _probe(model, request, pos)
         except Underflow:
-            return _probe(model, shape, pos, target, mode, draws, seed, torch.float64, guard=False)
+            return _probe(model, request.in_dtype(torch.float64), pos)
 
-    with _probe_context(device):
+    with _probe_context(request.device):
         return with_materialised_fallback(attempts)
 
 
@@ -140,13 +128,9 @@ def _probe_context(device: torch.device):
         yield
 
 
-def _probe(model, shape, pos, target, mode, draws, seed, dtype, *, guard: bool):
-    layer, element, layout, device = target
-    prober = _Prober(
-        model, shape, layer, mode, draws=draws, seed=seed, dtype=dtype, guard=guard, element=element, layout=layout,
-        device=device,
-    )  # fmt: skip
-    positions, kind = normalised_positions(pos, prober.measured.output_shape, layer)
+def _probe(model: nn.Module, request: ProbeRequest, pos):
+    prober = _Prober(model, request)
+    positions, kind = normalised_positions(pos, prober.measured.output_shape, request.layer)
     if kind == "all":
         return prober.field_map()
     fields = prober.fields(positions)
@@ -240,10 +224,10 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
     return True
 
 
-def _theoretical_copy_or_reason(model: nn.Module, dtype: torch.dtype, device) -> nn.Module | ValueError:
+def _theoretical_copy_or_reason(model: nn.Module, request: ProbeRequest) -> nn.Module | ValueError:
     """The theoretical copy a weights-mode probe keeps for its geometry, or why there is none (TorchScript)."""
     try:
-        return prepared_copy(model, "theoretical", dtype, device=device)
+        return prepared_copy(model, "theoretical", request.dtype, device=request.device)
     except ValueError as error:
         return error
 
@@ -256,28 +240,18 @@ class _Prober:
     mode).
     """
 
-    def __init__(
-        self, model, shape, layer, mode: str, *, draws: int, seed: int, dtype, guard: bool, element=None,
-        layout=CHANNELS_FIRST, device: torch.device | None = None,
-    ):  # fmt: skip
-        self.model, self.shape, self.layer, self.mode, self.element = model, shape, layer, mode, element
-        self.layout = layout
-        self.dtype, self.guard, self.device = dtype, guard, device or model_device(model)
-        self.measured = ProbeGraph(
-            model, shape, layer, mode, dtype=dtype, device=self.device, draws=draws, seed=seed, guard=guard,
-            element=element, layout=layout, check_layout=True,
-        )  # fmt: skip
+    def __init__(self, model: nn.Module, request: ProbeRequest):
+        self.model, self.request = model, request
+        self.shape, self.layer, self.mode = request.input_shape, request.layer, request.mode
+        self.element, self.layout, self.draws = request.element, request.layout, request.draws
+        self.measured = ProbeGraph(model, request, check_layout=True)
         # The theoretical copy the geometry is measured on, now or later: its weights are constants (it costs its
         # buffers), and a field keeps it, so what it reports later is what the model was when it was probed.
         self.skeleton = (
-            self.measured.copy if mode == "theoretical" else _theoretical_copy_or_reason(model, dtype, self.device)
+            self.measured.copy if self.mode == "theoretical" else _theoretical_copy_or_reason(model, request)
         )
-        self.graph_on = graph_factory(
-            self.skeleton, layer, input_shape=shape, dtype=dtype, device=self.device, guard=guard, element=element,
-            layout=layout,
-        )  # fmt: skip
-        self.draws = draws
-        self._theory = self.measured if mode == "theoretical" else None
+        self.graph_on = graph_factory(self.skeleton, request)
+        self._theory = self.measured if self.mode == "theoretical" else None
         # Exact single-position theoretical supports already computed on the user's input, for reuse.
         self.known: dict[Position, torch.Tensor] = {}
         self.table: AxisTable | None = None
@@ -288,10 +262,8 @@ class _Prober:
         if isinstance(self.skeleton, ValueError):
             raise self.skeleton
         if self._theory is None:
-            self._theory = self.graph_on(self.shape) or ProbeGraph(
-                self.skeleton, self.shape, self.layer, "theoretical", dtype=self.dtype, device=self.device,
-                guard=self.guard, copy=self.skeleton, element=self.element, layout=self.layout,
-            )  # fmt: skip
+            request = self.request.theoretical()
+            self._theory = self.graph_on(self.shape) or ProbeGraph(self.skeleton, request, copy=self.skeleton)
         return self._theory
 
     def geometry(self, fields: Sequence[tuple[Position, Box]] = ()) -> LazyGeometry:
@@ -303,8 +275,7 @@ class _Prober:
         keeps none of this probe's graphs. An axis on which one of ``fields`` (position, bounds) lies outside its
         clipped span has no geometry: the fields do not follow it.
         """
-        skeleton, shape, layer, element, layout = self.skeleton, self.shape, self.layer, self.element, self.layout
-        dtype, guard, device, output_shape = self.dtype, self.guard, self.device, self.measured.output_shape
+        skeleton, request, shape, output_shape = self.skeleton, self.request, self.shape, self.measured.output_shape
         known, table = dict(self.known), self.table
         reasons: dict[int, str] = {}
         materialised = constants_materialised()
@@ -314,17 +285,16 @@ class _Prober:
         def measure():
             if isinstance(skeleton, ValueError):
                 raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
-            with _probe_context(device), materialised_constants(materialised):
-                for attempt_dtype, attempt_guard in ((dtype, guard), (torch.float64, False)):
-                    copy = skeleton if attempt_dtype == dtype else prepared_copy(skeleton, "theoretical", attempt_dtype)
-                    graph_on = graph_factory(copy, layer, input_shape=shape, dtype=attempt_dtype, device=device,
-                                             guard=attempt_guard, element=element, layout=layout)  # fmt: skip
+            with _probe_context(request.device), materialised_constants(materialised):
+                for attempt in (request, request.in_dtype(torch.float64)):
+                    copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
+                    graph_on = graph_factory(copy, attempt)
                     theory = _TheoryOnDemand(shape, output_shape, graph_on)
                     reasons.clear()
                     try:
                         geometry = measure_geometry(
                             theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
-                            one_shape=isinstance(checked_layout(layout), Tokens), user_couplings=couplings,
+                            one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
                         )  # fmt: skip
                     except Underflow:
                         continue

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from rf_callback.core.arguments import checked_layout, checked_mode
+from rf_callback.core.arguments import checked_layout
 from rf_callback.core.geometry_probe import Budget, measure_geometry
 from rf_callback.core.graph import (
     ProbeError,
     ProbeGraph,
     Underflow,
     as_channels_first,
-    checked_input_shape,
     dead_windows_watched,
     exact_kernels,
     forward_error,
@@ -26,13 +25,13 @@ from rf_callback.core.graph import (
 )
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
-    model_device,
     prepared_copy,
     preserved_random_state,
     probe_functions,
     with_materialised_fallback,
 )
 from rf_callback.core.probe import probe_rf
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import Bounds
 from rf_callback.core.support import box_of
 
@@ -240,25 +239,24 @@ def rf_table(
             fit the model's convolutions.
         ProbeError: the forward raised, or a named submodule's output does not depend on the input.
     """
-    mode = checked_mode(mode)
-    checked_layout(layout)
-    shape = checked_input_shape(input_shape)
+    request = ProbeRequest.checked(model, input_shape, mode=mode, layout=layout)
     wanted = _checked_layers(model, layers)
-    device = model_device(model)
+    device = request.device
 
     def attempts() -> list[LayerField]:
         try:
-            return _rows(model, shape, wanted, mode, progress, layout, torch.float32, guard=True)
+            return _rows(model, request, wanted, progress)
         except Underflow:
-            return _rows(model, shape, wanted, mode, progress, layout, torch.float64, guard=False)
+            return _rows(model, request.in_dtype(torch.float64), wanted, progress)
 
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
         return with_materialised_fallback(attempts)
 
 
-def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype, *, guard: bool) -> list[LayerField]:
+def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[LayerField]:
     """Probes the centre of every chosen layer, all from shared forward passes of the theoretical copy."""
-    forwards = _SharedForwards(model, wanted, dtype, guard, layout, shape)
+    shape, mode, layout = request.input_shape, request.mode, request.layout
+    forwards = _SharedForwards(model, wanted, request)
     inputs, outputs, captured = forwards.run(shape, record=True)
     if wanted is None:
         chosen = [o for o in outputs if o.feature_map]
@@ -320,7 +318,6 @@ def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype,
                 raise ValueError(f"layers={list(wanted)!r}: {o.misfit}")
     chosen_names = {o.name for o in chosen}
     forwards.names = [o.name for o in chosen if o.same_as not in chosen_names]
-    device = model_device(model)
     theoretical: dict[str, tuple] = {}  # name -> (centre support, geometry)
     rows = []
     for index, output in enumerate(chosen, start=1):
@@ -332,17 +329,15 @@ def _rows(model, shape, wanted, mode: str, progress, layout, dtype: torch.dtype,
         if output.same_as in theoretical:
             support, geometry = theoretical[output.same_as]
         else:
-            theory = ProbeGraph(
-                model, shape, output.name, "theoretical", dtype=dtype, device=device, guard=guard,
-                captured=(inputs, captured[output.name]),
-            )  # fmt: skip
+            row_request = request.theoretical().replaced(layer=output.name, layout=CHANNELS_FIRST)
+            theory = ProbeGraph(model, row_request, captured=(inputs, captured[output.name]))
             support = theory.support([center])
             graph_on = forwards.graph_on(output.name)
             geometry = measure_geometry(theory, graph_on, known={center: support}, budget=Budget(shape))
         theoretical[output.name] = support, geometry
         if mode == "weights":
-            support = ProbeGraph(model, shape, output.name, "weights", dtype=dtype, device=device, draws=8,
-                                 guard=guard, layout=output.layout).support([center])  # fmt: skip
+            row_request = request.replaced(layer=output.name, layout=output.layout)
+            support = ProbeGraph(model, row_request).support([center])
         bounds = box_of(support)
         if bounds is None:  # raises the probe's own error
             probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
@@ -384,9 +379,8 @@ def _some(names) -> str:
 class _SharedForwards:
     """One forward pass of the theoretical copy per input shape, capturing the output of every chosen layer."""
 
-    def __init__(self, model: nn.Module, wanted: list[str] | None, dtype: torch.dtype, guard: bool, layout, shape):
-        self.model, self.wanted, self.dtype, self.guard = model, wanted, dtype, guard
-        self.layout, self.shape = layout, shape  # the table's layout, and the user's input shape
+    def __init__(self, model: nn.Module, wanted: list[str] | None, request: ProbeRequest):
+        self.model, self.wanted, self.request = model, wanted, request  # the table's request: its layout and input
         self.names: list[str] | None = wanted
         self._runs: dict[tuple, tuple[torch.Tensor, dict[str, _Output], dict[str, torch.Tensor]]] = {}
 
@@ -396,13 +390,12 @@ class _SharedForwards:
         On the user's input (``record``) a forward that raises raises; on another shape it keeps what it captured,
         and captures nothing where a convolution window along ``thin_axes`` covers only padding.
         """
-        return _forward_outputs(
-            self.model, shape, self.dtype, self.names, self.layout, tolerant=not record, thin_axes=thin_axes
-        )
+        request = self.request.on(shape)
+        return _forward_outputs(self.model, request, self.names, tolerant=not record, thin_axes=thin_axes)
 
     def graph_on(self, name: str):
         """Returns ``graph_on(shape)`` for :func:`measure_geometry`: the row's graph from the pass on ``shape``."""
-        device = model_device(self.model)
+        row_request = self.request.theoretical().replaced(layer=name, layout=CHANNELS_FIRST)
 
         def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
             if (shape, thin_axes) not in self._runs:
@@ -411,12 +404,9 @@ class _SharedForwards:
             inputs, outputs, captured = self._runs[shape, thin_axes]
             if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
                 return None
-            if isinstance(checked_layout(outputs[name].layout), Tokens) and shape != self.shape:
+            if isinstance(checked_layout(outputs[name].layout), Tokens) and shape != self.request.input_shape:
                 return None  # a token grid fits the user's input alone (see graph_factory)
-            graph = ProbeGraph(
-                self.model, shape, name, "theoretical", dtype=self.dtype, device=device, guard=self.guard,
-                captured=(inputs, captured[name]),
-            )  # fmt: skip
+            graph = ProbeGraph(self.model, row_request.on(shape), captured=(inputs, captured[name]))
             graph.fixed_size = list(outputs[name].fixed_size)
             return graph
 
@@ -437,10 +427,8 @@ def _checked_layers(model: nn.Module, layers) -> list[str] | None:
 
 def _forward_outputs(
     model: nn.Module,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
+    request: ProbeRequest,
     wanted: list[str] | None,
-    layout,
     *,
     tolerant: bool = False,
     thin_axes: tuple[int, ...] = (),
@@ -453,7 +441,7 @@ def _forward_outputs(
     captured tensor into the sum. ``tolerant``: a forward that raises keeps what it captured before (a head that
     needs the original input size does not matter to the rows before it).
     """
-    device = model_device(model)
+    shape, layout, request = request.input_shape, request.layout, request.theoretical()
     outputs: dict[str, _Output] = {}
     captured: dict[str, torch.Tensor] = {}
 
@@ -499,11 +487,11 @@ def _forward_outputs(
 
         return record
 
-    copy = prepared_copy(model, "theoretical", dtype)
+    copy = prepared_copy(model, "theoretical", request.dtype)
     for name, module in copy.named_modules():
         if name:
             module.register_forward_hook(recorder(name))
-    inputs = probe_inputs(shape, "theoretical", dtype, device)
+    inputs = probe_inputs(request)
     dead: list[str] = []
     try:
         with functions, dead_windows_watched(copy, thin_axes, dead):

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rf_callback.core.graph import exact_kernels, forward_to, submodule
+from rf_callback.core.graph import exact_kernels, forward_to
 from rf_callback.core.model_copy import model_device, prepared_copy, preserved_random_state, with_materialised_fallback
+from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField
 from rf_callback.core.support import box_slices
 
@@ -87,20 +88,23 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
                 face_box[1 + axis] = slice(edge, edge + 1)
                 face[tuple(face_box)] = 1
                 faces.append(face)
-        target = submodule(copy, field.layer)
+        request = ProbeRequest(
+            input_shape=field.input_shape, layer=field.layer, element=field.element, layout=field.layout,
+            dtype=dtype, device=device,
+        )  # fmt: skip
         # Everything is compared with the output on an input of zeros, which is not zero where the network adds
         # input-independent tensors (a ViT's position embeddings and class token). A gate that multiplies a map by a
         # global statistic of it passes a change only where the map is not zero, so the outside is also checked as a
         # change to an input of ones.
         zeros = torch.zeros_like(ones)
         batch = torch.stack([zeros, ones, outside, ones + outside, *faces])
-        at = _influence(copy, target, batch, field, device)
+        at = _influence(copy, request, batch, field.position)
         changed = [not torch.equal(at[i], at[0]) for i in range(len(batch))]
         leaks = changed[2] or not torch.equal(at[3], at[1])
         # For the same reason a face alone (zeros elsewhere) can reach nothing: it is checked as a change too.
         unseen = [i for i in range(len(faces)) if not changed[4 + i]]
         if unseen:
-            again = _influence(copy, target, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field, device)
+            again = _influence(copy, request, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field.position)
             for k, i in enumerate(unseen):
                 changed[4 + i] = not torch.equal(again[1 + k], again[0])
     faces = tuple((changed[4 + 2 * a], changed[5 + 2 * a]) for a in range(len(field.bounds)))
@@ -113,10 +117,8 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
     )
 
 
-def _influence(copy: nn.Module, target, batch: torch.Tensor, field: ReceptiveField, device) -> torch.Tensor:
+def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, position) -> torch.Tensor:
     """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward)."""
-    inputs = batch.to(device).requires_grad_(True)
-    output = forward_to(
-        copy, target, inputs, "theoretical", field.input_shape, field.layer, field.element, layout=field.layout
-    )
-    return output[(slice(None), slice(None), *field.position)].detach().cpu()
+    inputs = batch.to(request.device).requires_grad_(True)
+    output = forward_to(copy, inputs, request)
+    return output[(slice(None), slice(None), *position)].detach().cpu()
