@@ -9,10 +9,11 @@ from pathlib import Path
 import matplotlib.figure
 import pytest
 
-import rf_callback.cli.command as cli
+import rf_callback.cli.arguments as arguments
+import rf_callback.cli.running as running
 import rf_callback.plotting as plotting
 from rf_callback import ProbeError
-from rf_callback.cli import main
+from rf_callback.cli import TRACEBACK_VARIABLE, main
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["tests.cli_models:small_net", "--input-shape", "3,16,16"]
@@ -39,7 +40,7 @@ def failure(capsys, *argv: str, status: int = 2) -> tuple[str, str]:
 def run(*args: str, **popen) -> subprocess.CompletedProcess:
     """The command as a user runs it: a fresh process from the repository root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(cli.TRACEBACK_VARIABLE, None)
+    env.pop(TRACEBACK_VARIABLE, None)
     command = [sys.executable, "-m", "rf_callback.cli", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, **popen)
 
@@ -287,7 +288,7 @@ def test_any_probe_failure_is_one_line(capsys, monkeypatch, error):
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "probe_rf", fails)
+    monkeypatch.setattr(running, "probe_rf", fails)
     err, out = failure(capsys, *NET, "--layer", "2")
     assert "probing tests.cli_models:small_net with --input-shape 3,16,16 --layer 2" in err
     assert str(error) in err and out == ""
@@ -297,14 +298,14 @@ def test_unexpected_error_in_the_command_itself(capsys, monkeypatch):
     def bug(text):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(cli, "_kwargs", bug)
+    monkeypatch.setattr(arguments, "_kwargs", bug)
     err, _ = failure(capsys, *NET)
     assert "unexpected TypeError while checking the arguments: a bug" in err
-    assert f"{cli.TRACEBACK_VARIABLE}=1" in err
+    assert f"{TRACEBACK_VARIABLE}=1" in err
 
 
 def test_traceback_only_when_asked(capsys, monkeypatch):
-    monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
+    monkeypatch.setenv(TRACEBACK_VARIABLE, "1")
     with pytest.raises(SystemExit) as info:
         main(["tests.cli_models:broken_factory", "--input-shape", "3,16,16"])
     err = capsys.readouterr().err
@@ -324,7 +325,7 @@ def test_interrupt_while_probing_exits_130(capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "probe_rf", interrupted)
+    monkeypatch.setattr(running, "probe_rf", interrupted)
     err, _ = failure(capsys, *NET, status=130)
     assert "interrupted (Ctrl-C) while probing tests.cli_models:small_net" in err
 
