@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo probe-demo screenshots test test-gpu lint format bench bench-env bench-real clean
+.PHONY: demo probe-demo screenshots docs test test-gpu lint format bench bench-env bench-real clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,24 @@ demo: $(VENV)/.installed
 probe-demo: $(VENV)/.installed
 	$(PY) examples/probe_demo.py
 
-# Screenshots of TensorBoard's tabs in headless Chromium for the README: docs/dashboard_*.png (not part of `make test`).
+# Screenshots of TensorBoard's tabs in headless Chromium for the docs: docs/dashboard_*.png (not part of `make test`).
 # Needs `apt-get install chromium chromium-driver`; installs selenium into the venv. ARGS="--tags '^rf/'" passes options.
 screenshots: $(VENV)/.installed
 	$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install --quiet selenium
 	[ -d out/logs ] || $(PY) examples/train_demo.py
 	$(PY) docs/screenshots.py --logdir out/logs --out docs/ $(ARGS)
 
+# The documentation site (mkdocs.yml, docs/*.md, the API reference from the docstrings) into site/. --strict: a
+# broken link or anchor, a missing reference or a docstring griffe cannot parse fails the build. A few seconds.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
+docs: $(VENV)/.installed
+	$(MKDOCS)
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(MKDOCS)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # The tests marked `cuda` (skipped without a CUDA device), with the Python that has a CUDA build of torch:
@@ -68,4 +76,4 @@ bench-real: $(if $(wildcard $(BENCH_VENV)/bin/python),,$(VENV)/.installed)  # AR
 	else $(PY) benchmarks/bench_real.py --source own $(ARGS); fi
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis out
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis out site
