@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf, rf_table
+from rf_callback.core import chain
 from rf_callback.core.geometry import chain_geometry
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
-from tests.models import TinyResNet, TinyUNet, gated
+from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
 from tests.test_probe_closed_form import chains
 
 SEEN_SHAPES: list[tuple[int, ...]] = []
@@ -31,6 +32,23 @@ class ShapeRecorder(nn.Module):
 def recorded(*layers: nn.Module) -> nn.Sequential:
     SEEN_SHAPES.clear()
     return nn.Sequential(ShapeRecorder(), *layers)
+
+
+@pytest.fixture(autouse=True)
+def measured_geometry(monkeypatch):
+    """The geometry is measured on thin inputs here, also for plain chains (whose closed form tests turn it on)."""
+    monkeypatch.setattr(chain, "ENABLED", False)
+
+
+def count_graphs(monkeypatch) -> list[tuple[int, ...]]:
+    shapes = []
+    init = ProbeGraph.__init__
+    monkeypatch.setattr(
+        ProbeGraph,
+        "__init__",
+        lambda self, m, request, **k: shapes.append(request.input_shape) or init(self, m, request, **k),
+    )
+    return shapes
 
 
 def geometry_triples(field) -> list[tuple[int, int, int] | None]:
@@ -341,3 +359,58 @@ def test_a_stride_longer_than_the_input_is_not_taken_for_windows():
     expected_w = chain_geometry([(1, 2, 0, 1), (1, 3, 0, 1), (3, 3, 5, 3)])  # r = 1 + 2 * 3 * 6 = 37, S = 18, P = 30
     field = probe_rf(model, (1, 2, 4, 9), "center")
     assert geometry_triples(field) == [(1, 1, 0), (expected_w.size, expected_w.stride, expected_w.offset)]
+
+
+def test_a_plain_chain_reads_its_geometry_off_its_layers_without_a_pass(monkeypatch):
+    monkeypatch.setattr(chain, "ENABLED", True)
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(seed_readme_convs(), (1, 3, 60, 90), (4, 8))
+    assert geometry_triples(field) == [(41, 6, 6), (23, 4, 4)] and field.bounds == ((18, 58), (28, 50))
+    assert shapes == [(1, 3, 60, 90)]  # the probe's own graph, nothing for the geometry
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_closed_form_equals_the_measured_geometry_on_nested_chains_with_same_padding(monkeypatch, mode):
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 4, padding="same", dilation=(2, 1)), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, (1, 5), stride=(1, 2), padding=(0, 2)), nn.GELU()),
+        nn.AvgPool2d(2), nn.Dropout(), nn.Conv2d(4, 3, 3, padding="valid"),
+    )  # fmt: skip
+    for layer in (None, "3", "3.1", "5"):
+        measured = probe_rf(model, (1, 2, 48, 40), "center", layer=layer, mode=mode)
+        monkeypatch.setattr(chain, "ENABLED", True)
+        closed = probe_rf(model, (1, 2, 48, 40), "center", layer=layer, mode=mode)
+        monkeypatch.setattr(chain, "ENABLED", False)
+        assert None not in geometry_triples(measured)
+        assert geometry_triples(closed) == geometry_triples(measured) and closed.bounds == measured.bounds
+
+
+class Doubled(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, x], dim=-1)  # doubles the length: no closed form of a chain
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Conv1d(1, 1, 3), Doubled(), nn.Conv1d(1, 1, 3)),
+        nn.Sequential(nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect"), nn.Conv1d(1, 1, 3)),
+        nn.Sequential(nn.Conv1d(1, 1, 3), nn.Upsample(scale_factor=2), nn.Conv1d(1, 1, 3)),
+    ],
+    ids=["user module", "reflect padding", "upsample"],
+)
+def test_a_chain_with_a_layer_the_closed_form_does_not_know_is_measured(monkeypatch, model):
+    monkeypatch.setattr(chain, "ENABLED", True)
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(model, (1, 1, 32), "center")
+    list(field.geometry)
+    assert len(shapes) > 1  # measured on other inputs
+
+
+def test_a_hook_that_changes_a_layer_leaves_the_geometry_to_the_measurement(monkeypatch):
+    model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3))
+    model[0].register_forward_hook(lambda module, args, output: output)
+    monkeypatch.setattr(chain, "ENABLED", True)
+    shapes = count_graphs(monkeypatch)
+    assert geometry_triples(probe_rf(model, (1, 1, 32), "center")) == [(5, 1, 0)]
+    assert len(shapes) > 1

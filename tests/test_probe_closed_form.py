@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rf_callback import ProbeError, probe_rf
+from rf_callback.core import chain
 from tests.chains import Layer, build, clip, closed_form, exact_hull, lengths, runnable, span
 
 
@@ -26,6 +28,13 @@ def chains(draw, n_axes: int):
         ceil_mode = kind != "conv" and draw(st.booleans())
         layers.append(Layer(kind, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), ceil_mode))
     return layers
+
+
+@pytest.fixture(autouse=True, params=["measured", "closed form"])
+def geometry_source(request, monkeypatch):
+    """Every test runs twice: the geometry measured on thin inputs, and read off the chain's layers."""
+    monkeypatch.setattr(chain, "ENABLED", request.param == "closed form")
+    return request.param
 
 
 def check_chain(layers: list[Layer], input_spatial: tuple[int, ...], data) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.geometry import LazyGeometry
+from rf_callback.core.chain import chain_layers
+from rf_callback.core.geometry import AxisGeometry, LazyGeometry, chain_geometry, consistent
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
     GraphShapes,
@@ -279,10 +280,13 @@ class _Prober:
         known, table = dict(self.known), self.table
         reasons: dict[int, str] = {}
         materialised = constants_materialised()
+        closed_form = self._closed_form(fields)
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
 
         def measure():
+            if closed_form is not None:
+                return closed_form
             if isinstance(skeleton, ValueError):
                 raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
             with _probe_context(request.device), materialised_constants(materialised):
@@ -304,6 +308,28 @@ class _Prober:
             raise AssertionError("float64 does not underflow")
 
         return LazyGeometry(len(self.shape) - 2, measure, reasons)
+
+    def _closed_form(self, fields: Sequence[tuple[Position, Box]]) -> tuple[AxisGeometry, ...] | None:
+        """The geometry of a plain chain of layers in closed form, if the model is one and the probed fields agree.
+
+        The fields are checked against it as a measured geometry is (:func:`consistent`): in theoretical mode each
+        equals its span where the span lies inside the input; in weights mode each lies inside its clipped span. So
+        is every index's theoretical field where a table of them was measured (many positions, or the map).
+        """
+        layers = chain_layers(self.model, self.request)
+        if layers is None:
+            return None
+        geometry = tuple(chain_geometry(axis_layers) for axis_layers in layers)
+        for axis, axis_geometry in enumerate(geometry):
+            if self.mode == "theoretical":
+                table = {position[axis]: bounds[axis] for position, bounds in fields}
+                if not consistent(axis_geometry, table, self.shape[2 + axis]):
+                    return None
+            elif not _within_spans(axis_geometry, axis, fields, self.shape):
+                return None
+            if self.table is not None and not consistent(axis_geometry, self.table.table[axis], self.shape[2 + axis]):
+                return None
+        return geometry
 
     def _full_table(self) -> AxisTable | None:
         """Every index's theoretical bounds on the user's input; a centre field that only looks whole is found."""
