@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf, rf_table
-from rf_callback.core import chain
+from rf_callback.core import chain, geometry_flow
 from rf_callback.core.geometry import chain_geometry
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
@@ -38,6 +38,7 @@ def recorded(*layers: nn.Module) -> nn.Sequential:
 def measured_geometry(monkeypatch):
     """The geometry is measured on thin inputs here, also for plain chains (whose closed form tests turn it on)."""
     monkeypatch.setattr(chain, "ENABLED", False)
+    monkeypatch.setattr(geometry_flow, "ENABLED", False)
 
 
 def count_graphs(monkeypatch) -> list[tuple[int, ...]]:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from rf_callback.core.arguments import checked_layout
+from rf_callback.core.geometry_flow import Flow
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
     ProbeError,
@@ -128,12 +129,17 @@ class ProbeGraph(GraphShapes):
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.budget = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self._supports: dict[tuple, torch.Tensor] = {}
+        # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
+        self.flow: Flow | None = None
         if captured is None:
             if copy is None:
                 copy = self.copy = prepared_copy(model, request.mode, request.dtype, device=request.device)
             self.inputs = probe_inputs(request)
-            functions = probe_functions(request.mode)
+            functions = probe_functions(request.mode, flow=request.mode == "theoretical")
+            if functions.flow is not None:
+                functions.flow.start(self.inputs)
             self.output = forward_to(copy, self.inputs, request, functions)
+            self.flow = None if functions.flow is None else functions.flow.of(self.output)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from rf_callback.core import geometry_flow
+from rf_callback.core.geometry_flow import GeometryFlow
+
 MODES = ("theoretical", "weights")
 
 
@@ -123,9 +126,11 @@ class _ProbeFunctions(TorchFunctionMode):
     its forward without gradient too, but its output carries one, so it is no cut.
     """
 
-    def __init__(self, linearise: bool):
+    def __init__(self, linearise: bool, flow: GeometryFlow | None = None):
         super().__init__()
         self.linearise = linearise
+        # The geometry carried beside each input-dependent tensor (see geometry_flow), where it is asked for.
+        self.flow = flow
         self.cuts: list[str] = []
         # Calls whose output size is fixed rather than following the input's (adaptive pooling, an interpolation
         # to a size): the fields then change with the input's length, and no (r, S, P) describes them.
@@ -175,6 +180,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
             self.last_axis_sizes.add(args[0].shape[-1])
         result = self._call(func, name, args, kwargs)
+        if self.flow is not None:
+            self.flow.after(name, args, kwargs, result)
         if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
             self.last_axis_sizes.add(result.shape[-1])
         # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
@@ -438,9 +445,13 @@ def _returns_indices(args, kwargs, position: int) -> bool:
     return bool(kwargs.get("return_indices", args[position] if len(args) > position else False))
 
 
-def probe_functions(mode: str) -> _ProbeFunctions:
-    """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen."""
-    return _ProbeFunctions(linearise=mode == "theoretical")
+def probe_functions(mode: str, *, flow: bool = False) -> _ProbeFunctions:
+    """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen.
+
+    With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`).
+    """
+    carried = GeometryFlow() if flow and geometry_flow.ENABLED else None
+    return _ProbeFunctions(linearise=mode == "theoretical", flow=carried)
 
 
 def _is_torch_hook(hook) -> bool:

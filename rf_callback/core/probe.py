@@ -18,7 +18,8 @@ from rf_callback.core.arguments import (
     as_index,
 )
 from rf_callback.core.chain import chain_layers
-from rf_callback.core.geometry import AxisGeometry, LazyGeometry, chain_geometry, consistent
+from rf_callback.core.geometry import LazyGeometry, chain_geometry
+from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
     GraphShapes,
@@ -225,6 +226,19 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
     return True
 
 
+def _rows_of(table: AxisTable | None) -> list[dict] | None:
+    return None if table is None else table.table
+
+
+def _flow_on_theory(theory, positions: list[Position], table: AxisTable | None, shape) -> tuple | None:
+    """Weights mode: the flow of the theoretical forward on the user's input, checked on its fields at ``positions``."""
+    flow = theory.flow
+    if flow is None:
+        return None
+    fields = [(p, box) for p in positions if (box := box_of(theory.support([p]))) is not None]
+    return checked_flow(flow, fields, shape, _rows_of(table)) if fields else None
+
+
 def _theoretical_copy_or_reason(model: nn.Module, request: ProbeRequest) -> nn.Module | ValueError:
     """The theoretical copy a weights-mode probe keeps for its geometry, or why there is none (TorchScript)."""
     try:
@@ -281,12 +295,15 @@ class _Prober:
         reasons: dict[int, str] = {}
         materialised = constants_materialised()
         closed_form = self._closed_form(fields)
+        weights_positions = [position for position, _ in fields][:1] if self.mode == "weights" else []
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
 
         def measure():
             if closed_form is not None:
-                return closed_form
+                geometry, why = closed_form
+                reasons.update(why)
+                return geometry
             if isinstance(skeleton, ValueError):
                 raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
             with _probe_context(request.device), materialised_constants(materialised):
@@ -294,6 +311,12 @@ class _Prober:
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
                     graph_on = graph_factory(copy, attempt)
                     theory = _TheoryOnDemand(shape, output_shape, graph_on)
+                    if weights_positions and attempt is request:
+                        flowed = _flow_on_theory(theory, weights_positions, table, shape)
+                        if flowed is not None:
+                            geometry, why = flowed
+                            reasons.update(why)
+                            return geometry
                     reasons.clear()
                     try:
                         geometry = measure_geometry(
@@ -309,27 +332,26 @@ class _Prober:
 
         return LazyGeometry(len(self.shape) - 2, measure, reasons)
 
-    def _closed_form(self, fields: Sequence[tuple[Position, Box]]) -> tuple[AxisGeometry, ...] | None:
-        """The geometry of a plain chain of layers in closed form, if the model is one and the probed fields agree.
+    def _closed_form(self, fields: Sequence[tuple[Position, Box]]) -> tuple[tuple, dict[int, str]] | None:
+        """The geometry without a pass on another input, where the probe can read it and the probed fields agree.
 
-        The fields are checked against it as a measured geometry is (:func:`consistent`): in theoretical mode each
-        equals its span where the span lies inside the input; in weights mode each lies inside its clipped span. So
-        is every index's theoretical field where a table of them was measured (many positions, or the map).
+        A plain chain of layers gives it in closed form (:mod:`~rf_callback.core.chain`); in theoretical mode the
+        probe's own forward carried it (:mod:`~rf_callback.core.geometry_flow`). Weights mode reads the flow at
+        measuring time, on the theoretical graph (see :meth:`geometry`). Returns the geometry and the reasons of
+        its ``None`` axes, or ``None`` where it must be measured.
         """
         layers = chain_layers(self.model, self.request)
-        if layers is None:
+        if layers is not None:
+            candidate = tuple(chain_geometry(axis_layers) for axis_layers in layers)
+        elif self.mode == "theoretical" and self.measured.flow is not None:
+            candidate = self.measured.flow
+        else:
             return None
-        geometry = tuple(chain_geometry(axis_layers) for axis_layers in layers)
-        for axis, axis_geometry in enumerate(geometry):
-            if self.mode == "theoretical":
-                table = {position[axis]: bounds[axis] for position, bounds in fields}
-                if not consistent(axis_geometry, table, self.shape[2 + axis]):
-                    return None
-            elif not _within_spans(axis_geometry, axis, fields, self.shape):
-                return None
-            if self.table is not None and not consistent(axis_geometry, self.table.table[axis], self.shape[2 + axis]):
-                return None
-        return geometry
+        if self.mode == "theoretical":
+            return checked_flow(candidate, fields, self.shape, _rows_of(self.table))
+        if not all(_within_spans(g, a, fields, self.shape) for a, g in enumerate(candidate) if not isinstance(g, str)):
+            return None
+        return checked_flow(candidate, (), self.shape, _rows_of(self.table)) if layers is not None else None
 
     def _full_table(self) -> AxisTable | None:
         """Every index's theoretical bounds on the user's input; a centre field that only looks whole is found."""

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from rf_callback.core.arguments import checked_layout
+from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, measure_geometry
 from rf_callback.core.graph import (
     ProbeError,
@@ -107,6 +108,7 @@ class _Output:
     grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
+    flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
 
     @property
     def assumed(self) -> bool:
@@ -332,8 +334,13 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             row_request = request.theoretical().replaced(layer=output.name, layout=CHANNELS_FIRST)
             theory = ProbeGraph(model, row_request, captured=(inputs, captured[output.name]))
             support = theory.support([center])
-            graph_on = forwards.graph_on(output.name)
-            geometry = measure_geometry(theory, graph_on, known={center: support}, budget=Budget(shape))
+            box = box_of(support)
+            flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
+            if flowed is not None:
+                geometry = flowed[0]
+            else:
+                graph_on = forwards.graph_on(output.name)
+                geometry = measure_geometry(theory, graph_on, known={center: support}, budget=Budget(shape))
         theoretical[output.name] = support, geometry
         if mode == "weights":
             row_request = request.replaced(layer=output.name, layout=output.layout)
@@ -449,7 +456,7 @@ def _forward_outputs(
     # ``alive`` keeps the ids from being reused during the pass.
     producers: dict[tuple[int, int], str] = {}
     alive: list[torch.Tensor] = []
-    functions = probe_functions("theoretical")
+    functions = probe_functions("theoretical", flow=True)
 
     def recorder(name: str):
         def record(module, args, output):
@@ -481,6 +488,7 @@ def _forward_outputs(
                 fixed_size=tuple(functions.fixed_size), layout=row_layout, misfit=misfit, grid=grid,
                 feature_map=spatial and output.shape[0] == 1,
                 known=_known_reading(module),
+                flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()
@@ -492,6 +500,8 @@ def _forward_outputs(
         if name:
             module.register_forward_hook(recorder(name))
     inputs = probe_inputs(request)
+    if functions.flow is not None:
+        functions.flow.start(inputs)
     dead: list[str] = []
     try:
         with functions, dead_windows_watched(copy, thin_axes, dead):

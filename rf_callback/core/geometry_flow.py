@@ -1,0 +1,316 @@
+"""The geometry carried along the forward pass: each tensor's (r, S, P) per axis, from the probe's input onwards.
+
+The probe's theoretical forward already runs every function of the model under the probe's function mode. This
+module lets the mode carry, beside each tensor that depends on the input, the algebra of its fields along each
+spatial axis (:class:`~rf_callback.core.geometry.AxisGeometry`): a convolution or pooling composes it with its
+kernel, stride, padding and dilation; an activation, a normalisation of the linearised copy, a slice of channels
+keep it; a sum, a product or a concatenation of channels takes the hull of its operands' fields where their strides
+agree; a reduction along a whole spatial axis (a global pooling, a squeeze-and-excitation gate) makes every later
+field span that axis, whatever its length (the axis then carries that call's name). Any other function that takes
+such a tensor ends the flow: its output carries nothing, and the geometry is left to the measurement on other
+inputs (:mod:`~rf_callback.core.geometry_probe`). What the flow gives is only a candidate: the probe checks it
+against the fields it measured before it reports it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rf_callback.core.geometry import AxisGeometry, consistent
+
+AxisFlow = AxisGeometry | str  # an AxisGeometry, or the name of the call that made the axis whole
+Flow = tuple[AxisFlow, ...]  # per spatial axis of a channels-first tensor (N, C, *spatial)
+
+# Whether probes read the flow (tests of the measured geometry turn it off).
+ENABLED = True
+
+_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
+_AVG_POOLS = {"avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3}
+_ADAPTIVE_POOLS = {f"adaptive_{kind}_pool{n}d": n for kind in ("avg", "max") for n in (1, 2, 3)}
+# Functions that act on each position alone (the linearised copy's activations and normalisations are identities).
+_POINTWISE = frozenset(
+    {
+        "relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "elu", "selu", "celu", "hardswish",
+        "hardsigmoid", "hardtanh", "mish", "softplus", "prelu", "softsign", "threshold", "logsigmoid", "tanhshrink",
+        "hardshrink", "softshrink", "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm",
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "clone",
+        "contiguous", "to", "float", "double", "half", "bfloat16", "type_as", "neg", "__neg__", "abs", "exp",
+        "sqrt", "rsqrt", "square", "clamp", "clip", "clamp_min", "clamp_max", "detach_", "requires_grad_",
+    }
+)  # fmt: skip
+# Elementwise functions of several tensors (broadcast): the hull of their operands' fields.
+_ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "div", "true_divide", "multiply", "subtract", "maximum", "minimum", "where", "addcmul",
+        "addcdiv", "pow", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
+        "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__pow__",
+    }
+)  # fmt: skip
+_REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
+_SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
+_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose"})
+
+
+class GeometryFlow:
+    """Carries each input-dependent tensor's flow along one forward pass.
+
+    Tensors are held by weak reference: the flow keeps none alive.
+    """
+
+    def __init__(self):
+        self._flows: dict[int, tuple[weakref.ref, Flow]] = {}
+
+    def start(self, inputs: torch.Tensor) -> None:
+        """Gives the probe's input ``(N, C, *spatial)`` the identity geometry on every axis.
+
+        Args:
+            inputs: the input leaf.
+        """
+        self._set(inputs, (AxisGeometry(1, 1, 0),) * (inputs.dim() - 2))
+
+    def of(self, tensor) -> Flow | None:
+        """The flow of ``tensor``, or ``None`` where the flow ended before it (or it does not depend on the input).
+
+        Args:
+            tensor: a tensor of the forward pass.
+
+        Returns:
+            Per spatial axis, its geometry, or the name of the call that made its fields span the whole axis;
+            ``None`` if unknown.
+        """
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        entry = self._flows.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def _set(self, tensor: torch.Tensor, flow: Flow | None) -> None:
+        if flow is None:
+            self._flows.pop(id(tensor), None)
+        else:
+            self._flows[id(tensor)] = (weakref.ref(tensor), flow)
+
+    def after(self, name: str, args: tuple, kwargs: dict, result: Any) -> None:
+        """Gives ``result`` the flow of the call ``name(*args, **kwargs)``, or none where the rules do not cover it.
+
+        Args:
+            name: the function's name.
+            args: its positional arguments.
+            kwargs: its keyword arguments.
+            result: what it returned.
+        """
+        operands = [*args, *kwargs.values()]
+        if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)):
+            operands = [*args[0], *args[1:], *kwargs.values()]
+        dependent = [t for t in operands if isinstance(t, torch.Tensor) and (t.requires_grad or self.of(t))]
+        if not dependent:
+            return
+        try:
+            flows = self._flows_of(name, args, kwargs, result, dependent)
+        except (TypeError, ValueError, IndexError):  # an argument spelled in a way the rules do not read
+            flows = None
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        for index, item in enumerate(results):
+            if isinstance(item, torch.Tensor):
+                self._set(item, None if flows is None else flows[index] if index < len(flows) else None)
+
+    def _flows_of(self, name: str, args, kwargs, result, dependent: list[torch.Tensor]) -> list[Flow | None] | None:
+        first = args[0] if args else kwargs.get("input")
+        source = self.of(first)
+        if name in _SPLITS:
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+            keeps = source is not None and _is_channel_dim(dim, first) and name != "unbind"
+            return [source] * len(result) if keeps else None
+        if isinstance(result, (tuple, list)):  # max_pool with indices, max along a dim: the values
+            result = result[0]
+        if not isinstance(result, torch.Tensor):
+            return None
+        if name in ("cat", "concat", "concatenate"):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            return [_hull(self, dependent, result)] if _is_channel_dim(dim, result) else None
+        if _base(name) in _ELEMENTWISE:
+            return [_hull(self, dependent, result)]
+        if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
+            return None
+        n_axes = first.dim() - 2
+        if _base(name) in _POINTWISE or (name in _RESHAPES and result.shape == first.shape):
+            return [source] if result.shape[2:] == first.shape[2:] else None
+        if name == "__getitem__":
+            return [source] if _keeps_positions(args[1], first.dim()) else None
+        if _CONVS.get(name) == n_axes:
+            return [_composed(source, _conv_layers(args, kwargs, n_axes))]
+        if _MAX_POOLS.get(name.removesuffix("_with_indices")) == n_axes:
+            return [_composed(source, _pool_layers(args, kwargs, n_axes, dilated=True))]
+        if _AVG_POOLS.get(name) == n_axes:
+            return [_composed(source, _pool_layers(args, kwargs, n_axes, dilated=False))]
+        if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
+            return [(name,) * n_axes]
+        if name in _REDUCTIONS:
+            return [_reduced(name, source, args, kwargs, first)]
+        return None
+
+
+def _base(name: str) -> str:
+    """The name without the trailing underscore of an in-place variant (``add_`` is ``add``; ``__iadd__`` stays)."""
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _is_channel_dim(dim, tensor: torch.Tensor) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim % tensor.dim() == 1
+
+
+def _keeps_positions(index, n_dims: int) -> bool:
+    """Whether ``x[index]`` keeps every sample and every position at its index: ``x[:, a:b]``, ``x[..., :n]``.
+
+    Channels may be sliced at will; a spatial axis only from its start, step 1 (so output ``i`` is still input
+    ``i``). Integers, ``None`` and tensors as indices change the axes: no.
+    """
+    index = list(index) if isinstance(index, tuple) else [index]
+    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return False
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at : at + 1] = [slice(None)] * (n_dims - len(index) + 1)
+    if len(index) > n_dims or (index and index[0] != slice(None)):
+        return False
+    return all(i.start in (None, 0) and i.step in (None, 1) for i in index[2:])
+
+
+def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> Flow | None:
+    """The flow of an elementwise function of ``dependent`` (broadcast to ``result``): the hull of their fields."""
+    flows = []
+    for tensor in dependent:
+        own = flow.of(tensor)
+        if own is None or tensor.dim() != result.dim():
+            return None
+        # An operand of length 1 broadcast along a longer axis gives every position the same field: whole, or none.
+        flows.append(
+            tuple(
+                a if isinstance(a, str) else None if n == 1 and m > 1 else a
+                for a, n, m in zip(own, tensor.shape[2:], result.shape[2:])
+            )
+        )
+    axes = []
+    for per_operand in zip(*flows):
+        if None in per_operand:
+            return None
+        whole = [a for a in per_operand if isinstance(a, str)]
+        if whole:
+            axes.append(whole[0])
+            continue
+        if len({g.stride for g in per_operand}) > 1:
+            return None  # fields that move at different rates: no (r, S, P)
+        offset = max(g.offset for g in per_operand)
+        end = max(g.size - 1 - g.offset for g in per_operand)
+        axes.append(AxisGeometry(size=end + offset + 1, stride=per_operand[0].stride, offset=offset))
+    return tuple(axes)
+
+
+def _composed(source: Flow, layers: list[tuple[int, int, int, int]]) -> Flow:
+    """The flow after a layer of ``(kernel, stride, padding, dilation)`` per axis (distill.pub's recurrence)."""
+    out: list[AxisFlow] = []
+    for axis, (kernel, stride, padding, dilation) in zip(source, layers):
+        if isinstance(axis, str):
+            out.append(axis)
+            continue
+        out.append(
+            AxisGeometry(
+                size=axis.size + (kernel - 1) * dilation * axis.stride,
+                stride=axis.stride * stride,
+                offset=axis.offset + padding * axis.stride,
+            )
+        )
+    return tuple(out)
+
+
+def _per_axis(value, n_axes: int) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)):
+        values = tuple(int(v) for v in value)
+        return values * n_axes if len(values) == 1 else values
+    return (int(value),) * n_axes
+
+
+def _argument(args, kwargs, position: int, name: str, default):
+    return kwargs.get(name, args[position] if len(args) > position else default)
+
+
+def _conv_layers(args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]]:
+    """``conv(input, weight, bias, stride, padding, dilation, groups)`` per axis."""
+    weight = _argument(args, kwargs, 1, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+        raise ValueError("a convolution whose weight depends on the input")
+    kernel = tuple(weight.shape[2:])
+    stride = _per_axis(_argument(args, kwargs, 3, "stride", 1), n_axes)
+    dilation = _per_axis(_argument(args, kwargs, 5, "dilation", 1), n_axes)
+    padding = _argument(args, kwargs, 4, "padding", 0)
+    if isinstance(padding, str):  # "valid", or "same": PyTorch pads the smaller half first
+        padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    return list(zip(kernel, stride, _per_axis(padding, n_axes), dilation))
+
+
+def _pool_layers(args, kwargs, n_axes: int, *, dilated: bool) -> list[tuple[int, int, int, int]]:
+    """A pooling's layer per axis.
+
+    ``max_pool(input, kernel_size, stride, padding, dilation, ...)``, ``avg_pool(input, kernel_size, stride, padding,
+    ...)``.
+    """
+    kernel = _per_axis(_argument(args, kwargs, 1, "kernel_size", None), n_axes)
+    stride = _argument(args, kwargs, 2, "stride", None)
+    stride = kernel if stride is None or stride == [] or stride == () else _per_axis(stride, n_axes)
+    padding = _per_axis(_argument(args, kwargs, 3, "padding", 0), n_axes)
+    dilation = _per_axis(_argument(args, kwargs, 4, "dilation", 1), n_axes) if dilated else (1,) * n_axes
+    return list(zip(kernel, stride, padding, dilation))
+
+
+def _reduced(name: str, source: Flow, args, kwargs, tensor: torch.Tensor) -> Flow | None:
+    """A reduction with ``keepdim=True``: its spatial dims become whole; over the channels alone, nothing changes."""
+    dim = _argument(args, kwargs, 1, "dim", None)
+    keepdim = _argument(args, kwargs, 2, "keepdim", False)
+    if dim is None or keepdim is not True:
+        return None
+    dims = {dim % tensor.dim()} if isinstance(dim, int) else {d % tensor.dim() for d in dim}
+    if 0 in dims:
+        return None
+    return tuple(name if 2 + axis in dims else a for axis, a in enumerate(source))
+
+
+def checked_flow(
+    candidate: tuple, fields: Sequence[tuple[tuple[int, ...], tuple]], shape: Sequence[int], table: list | None = None
+) -> tuple[tuple, dict[int, str]] | None:
+    """A geometry read without a pass, checked against theoretical fields as a measured one is; ``None`` if refuted.
+
+    An axis with an (r, S, P) must be :func:`consistent` with every field (each equals its span where the span lies
+    inside the input); an axis a whole-axis call made whole must have every field span the whole input. ``fields``
+    are the probed ones (position, bounds); ``table``, where measured, per axis every index's theoretical bounds.
+
+    Args:
+        candidate: per axis, an (r, S, P), or the name of the call that made the axis whole.
+        fields: theoretical fields as (position, per-axis bounds).
+        shape: the input shape ``(N, C, *spatial)``.
+        table: per axis, ``{index: bounds or None}`` for every output index, where measured.
+
+    Returns:
+        The geometry (``None`` on whole axes) and the reasons of its ``None`` axes; ``None`` where refuted.
+    """
+    geometry, reasons = [], {}
+    for axis, axis_flow in enumerate(candidate):
+        length = shape[2 + axis]
+        measured = {position[axis]: bounds[axis] for position, bounds in fields}
+        tables = [measured] + ([table[axis]] if table is not None else [])
+        if isinstance(axis_flow, str):
+            if any(bounds != (0, length - 1) for t in tables for bounds in t.values()):
+                return None
+            geometry.append(None)
+            reasons[axis] = (
+                f"a {axis_flow}() along the whole axis on the path (a global pooling, a gate or attention): the field "
+                f"spans the input however long it is"
+            )
+            continue
+        if not all(consistent(axis_flow, t, length) for t in tables):
+            return None
+        geometry.append(axis_flow)
+    return tuple(geometry), reasons

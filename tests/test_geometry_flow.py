@@ -1,0 +1,139 @@
+"""The geometry carried along the probe's own forward: equal to the measured one, at the cost of no other pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rf_callback import probe_rf, rf_table
+from rf_callback.core import chain, geometry_flow
+from rf_callback.core.graph import ProbeGraph
+from tests.models import TinyResNet, gated
+
+
+def triples(geometry) -> list:
+    return [None if g is None else (g.size, g.stride, g.offset) for g in geometry]
+
+
+def measured_and_flowed(monkeypatch, model, shape, **kwargs):
+    """The geometry and reasons measured on other inputs, then read off the flow (chains' closed form off)."""
+    monkeypatch.setattr(chain, "ENABLED", False)
+    monkeypatch.setattr(geometry_flow, "ENABLED", False)
+    measured = probe_rf(model, shape, **kwargs)
+    measured = triples(measured.geometry), measured.geometry.reasons
+    monkeypatch.setattr(geometry_flow, "ENABLED", True)
+    shapes = []
+    init = ProbeGraph.__init__
+    monkeypatch.setattr(ProbeGraph, "__init__", lambda s, m, r, **k: shapes.append(r.input_shape) or init(s, m, r, **k))
+    field = probe_rf(model, shape, **kwargs)
+    flowed = triples(field.geometry), field.geometry.reasons
+    return measured, flowed, shapes
+
+
+class Inception(nn.Module):
+    """Branches of different kernels and paddings at one stride, concatenated; then a DenseNet-style concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Sequential(nn.Conv2d(4, 4, (1, 7), padding=(0, 3)), nn.ReLU())
+        self.c = nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.Conv2d(4, 4, 5, padding=(4, 2), dilation=(2, 1)))
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.dense = nn.Conv2d(12, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.a(x), self.b(x), self.c(x)[:, :4]], 1)
+        x = self.pool(x)
+        return torch.cat([x, torch.relu(self.dense(x))], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "kwargs"),
+    [
+        (TinyResNet(), (1, 3, 32, 32), {"layer": "layer2"}),
+        (TinyResNet(), (1, 3, 32, 24), {"layer": "layer1"}),
+        (Inception(), (1, 3, 41, 37), {}),
+    ],
+    ids=["resnet layer2", "resnet layer1", "inception and dense"],
+)
+def test_a_flowed_geometry_equals_the_measured_one_without_another_pass(monkeypatch, model, shape, kwargs):
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, model, shape, **kwargs)
+    assert flowed == measured and None not in measured[0]
+    assert shapes == [shape]  # theoretical mode: the probe's own forward carried it
+
+
+def test_a_gate_over_the_whole_map_gives_no_geometry_at_the_cost_of_the_probe(monkeypatch):
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, gated(2), (1, 3, 16, 16))
+    assert flowed == measured == ([None, None], (measured[1][0],) * 2) and "mean()" in measured[1][0]
+    assert shapes == [(1, 3, 16, 16)]
+
+
+def test_weights_mode_reads_the_flow_off_one_theoretical_forward(monkeypatch):
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, TinyResNet(), (1, 3, 32, 32), layer="layer2",
+                                                   mode="weights")  # fmt: skip
+    assert flowed == measured and shapes == [(1, 3, 32, 32)] * 2
+
+
+class Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.roll(self.conv(x), 5, dims=2))  # a call the flow does not follow
+
+
+def test_a_call_the_flow_does_not_follow_leaves_the_geometry_to_the_measurement(monkeypatch):
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, Rolled(), (1, 1, 32))
+    assert flowed == measured and len(shapes) > 1
+
+
+class Branches(nn.Module):
+    """Two chains from one map, added or concatenated: the hull of their fields where their strides agree."""
+
+    def __init__(self, left: list[nn.Module], right: list[nn.Module], concatenate: bool):
+        super().__init__()
+        self.left, self.right, self.concatenate = nn.Sequential(*left), nn.Sequential(*right), concatenate
+
+    def forward(self, x):
+        a, b = self.left(x), self.right(x)
+        n = min(a.shape[-1], b.shape[-1])
+        a, b = a[..., :n], b[..., :n]
+        return torch.cat([a, b], 1) if self.concatenate else a + b
+
+
+@st.composite
+def branch(draw):
+    layers, stride = [], 1
+    for _ in range(draw(st.integers(1, 3))):
+        k, s, d = draw(st.integers(1, 5)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        layers.append(nn.Conv1d(2, 2, k, s, padding=draw(st.integers(0, (k - 1) * d)), dilation=d))
+        stride *= s
+    return layers, stride
+
+
+@settings(max_examples=30, deadline=None)
+@given(left=branch(), right=branch(), concatenate=st.booleans(), length=st.integers(24, 64))
+def test_branches_flow_to_the_measured_geometry(left, right, concatenate, length):
+    model = Branches(left[0], right[0], concatenate)
+    try:
+        model(torch.zeros(1, 2, length))
+    except RuntimeError:
+        return  # too short for a branch
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        measured, flowed, _ = measured_and_flowed(monkeypatch, model, (1, 2, length))
+    # The trim a[..., :n] is a slice along the axis, which the flow does not follow: both measure then.
+    assert flowed == measured
+
+
+def test_rf_table_rows_read_the_flow(monkeypatch):
+    monkeypatch.setattr(chain, "ENABLED", False)
+    monkeypatch.setattr(geometry_flow, "ENABLED", False)
+    measured = [(row.name, row.full_size, row.stride, row.offset) for row in rf_table(TinyResNet(), (1, 3, 32, 32))]
+    monkeypatch.setattr(geometry_flow, "ENABLED", True)
+    rows = rf_table(TinyResNet(), (1, 3, 32, 32))
+    assert [(row.name, row.full_size, row.stride, row.offset) for row in rows] == measured
