@@ -168,6 +168,14 @@ def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     assert callback.history[0]["fields"][0]["input_shape"] == list(SHAPE)
 
 
+def test_a_fit_that_sees_no_batch_ends_quietly(tmp_path):
+    # No batch, no input shape, no probe: fit end has nothing to draw (it once failed on the unknown shape).
+    callback = RFCallback(layer="features", strict=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, limit_train_batches=0, limit_val_batches=0), callbacks=[callback])
+    trainer.fit(ConvClassifier(example=False), *loaders())
+    assert callback.input_shape is None and callback.history == []
+
+
 def test_resume_continues_history_without_logging_initial_field_twice(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = RFCallback(layer="features")

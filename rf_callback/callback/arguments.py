@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import numpy as np
 import torch
@@ -35,8 +35,13 @@ def _int_fix(name: str, value, example) -> str:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return f"pass the int, not a str: {name}={int(value)}"
     if isinstance(value, numbers.Real) and float(value).is_integer():
-        return f"pass {name}={int(value)}"
+        return f"pass {name}={_whole(value)}"
     return f"e.g. {name}={example}"
+
+
+def _whole(value: numbers.Real) -> int:
+    """``int(value)``: every concrete ``Real`` (float, Fraction, numpy floats) has ``__int__``, which the ABC lacks."""
+    return int(cast(SupportsInt, value))
 
 
 def checked_count(name: str, value, meaning: str, example: int) -> int:
@@ -102,13 +107,14 @@ def checked_input_shape(input_shape) -> tuple[int, ...] | None:
         return None
     sequence = isinstance(input_shape, (Sequence, np.ndarray)) and not isinstance(input_shape, str)
     dims = [as_index(v) for v in input_shape] if sequence else []
-    if not 3 <= len(dims) <= 5 or any(d is None or d < 1 for d in dims):
+    sizes = [d for d in dims if d is not None and d >= 1]
+    if not 3 <= len(dims) <= 5 or len(sizes) != len(dims):
         allowed = "(N, C, L), (N, C, H, W) or (N, C, D, H, W) with positive ints, or None"
         fix = "to take it from example_input_array or a batch"
-        if sequence and 1 <= len(dims) <= 3 and all(d is not None and d > 0 for d in dims):
-            fix = f"the batch and channel axes come first, e.g. input_shape={(1, 3, *dims[-2:])}"
+        if sequence and 1 <= len(dims) <= 3 and len(sizes) == len(dims):
+            fix = f"the batch and channel axes come first, e.g. input_shape={(1, 3, *sizes[-2:])}"
         raise refused("input_shape", input_shape, allowed, fix)
-    return tuple(dims)
+    return tuple(sizes)
 
 
 def checked_target(target_size) -> tuple[int, ...] | None:
@@ -116,23 +122,25 @@ def checked_target(target_size) -> tuple[int, ...] | None:
     if target_size is None:
         return None
     single = as_index(target_size)
+    values: list[int | None]
     if single is not None:
         values = [single]
     elif isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
         values = [as_index(v) for v in target_size]
     else:
         values = []
-    if not 1 <= len(values) <= 3 or any(v is None or v < 1 for v in values):
+    sizes = [v for v in values if v is not None and v >= 1]
+    if not 1 <= len(values) <= 3 or len(sizes) != len(values):
         allowed = "a positive int, or one per spatial axis (input pixels or samples; numpy integers accepted), or None"
         fix = "e.g. target_size=32 or target_size=(32, 48)"
         if isinstance(target_size, (Sequence, np.ndarray)) and not isinstance(target_size, str):
             whole = [float(v) for v in target_size if isinstance(v, numbers.Real) and float(v).is_integer()]
             if 1 <= len(whole) == len(target_size) <= 3 and all(v > 0 for v in whole):
                 fix = f"pass target_size={tuple(int(v) for v in whole)}"
-        elif isinstance(target_size, numbers.Real) and float(target_size).is_integer() and target_size > 0:
-            fix = f"pass target_size={int(target_size)}"
+        elif isinstance(target_size, numbers.Real) and float(target_size).is_integer() and float(target_size) > 0:
+            fix = f"pass target_size={_whole(target_size)}"
         raise refused("target_size", target_size, allowed, fix)
-    return tuple(values)
+    return tuple(sizes)
 
 
 _POS_ALLOWED = "an index tuple into the output map (an int for 1D), a list of index tuples, or 'center'"
@@ -164,14 +172,15 @@ def checked_positions(pos) -> tuple[list, Any]:
 
 def _indices(entries, pos) -> tuple[int, ...]:
     indices = tuple(as_index(i) for i in entries)
-    if len(indices) == 0 or any(i is None for i in indices):
+    whole = tuple(i for i in indices if i is not None)
+    if len(indices) == 0 or len(whole) != len(indices):
         bad = next((e for e, i in zip(entries, indices) if i is None), None)
         if isinstance(bad, numbers.Real) and not isinstance(bad, (bool, np.bool_)) and float(bad).is_integer():
             fix = f"{bad!r} is a float, but positions are integer indices; pass pos={tuple(int(e) for e in entries)}"
         else:
             fix = f"{bad!r} is not an integer index" if indices else "an empty index tuple names no position"
         raise refused("pos", pos, _POS_ALLOWED, fix)
-    return indices  # type: ignore[return-value]
+    return whole
 
 
 def target_per_axis(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -91,6 +92,8 @@ class FieldProber:
             layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
             device=self.device,
         )  # fmt: skip
+        # The positions are indices or "center", never "all": probe_rf returns fields, not a ReceptiveFieldMap.
+        fields = cast("ReceptiveField | list[ReceptiveField]", fields)
         return fields if isinstance(fields, list) else [fields]
 
     def theoretical_fields(
@@ -137,10 +140,11 @@ class FieldProber:
                 "element, so there is nothing to measure the effective field on"
             )
         theoretical = self.theoretical_fields(pl_module, input_shape, inputs.shape)
-        return effective_rf(
+        fields = effective_rf(
             self.target(pl_module), inputs, [field.position for field in theoretical], layer=self.layer,
             theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
         )  # fmt: skip
+        return cast("list[EffectiveField]", fields)  # a list of theoretical fields gives a list of effective ones
 
 
 def probe_fix(error: Exception, input_shape: Sequence[int] | None, shape_source: str | None) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rf_callback.callback import dashboard
@@ -182,7 +183,8 @@ class Reporter:
             with self.failures.guard("images", "drawing the field's images", IMAGES_FIX):
                 caption = self.caption(field)
                 tag = dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}")
-                self.image(trainer, tag, heatmap_image(field.heatmap), step, caption)
+                # probe_rf at named positions draws every field's heatmap: only a ReceptiveFieldMap's lack one.
+                self.image(trainer, tag, heatmap_image(cast(torch.Tensor, field.heatmap)), step, caption)
                 if figures:
                     figure = figure_to_array(plot_rf_figure(field))
                     self.image(trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption)
@@ -231,10 +233,10 @@ class Reporter:
         for index, field in enumerate(fields):
             figure = figure_to_array(plot_rf_figure(field))
             self.image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self.caption(field))
-        for index, field in enumerate(effective):
-            overlay = plot_effective(field, image=image, q=self.coverage_mass, target=target)
+        for index, effective_field in enumerate(effective):
+            overlay = plot_effective(effective_field, image=image, q=self.coverage_mass, target=target)
             tag = dashboard.image_tag(layer, index, "overlay")
-            self.image(trainer, tag, figure_to_array(overlay), step, self.caption(field))
+            self.image(trainer, tag, figure_to_array(overlay), step, self.caption(effective_field))
         entries = [entry for entry in history if entry.get("effective")]
         for index, label in enumerate(entries[-1]["effective"] if entries else []):
             rows = [(entry["epoch"], entry["effective"][label]) for entry in entries if label in entry["effective"]]

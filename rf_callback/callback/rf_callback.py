@@ -236,7 +236,12 @@ class RFCallback(Callback):
     @property
     def state_key(self) -> str:
         """Identifies this callback's state in a checkpoint by its arguments, so several can share a Trainer."""
-        keys = {"pos": str(self.pos), "layer": self.layer, "module": self.module, "mode": self.mode}
+        keys: dict[str, str | int | None] = {
+            "pos": str(self.pos),
+            "layer": self.layer,
+            "module": self.module,
+            "mode": self.mode,
+        }
         if self.element is not None:  # only then: checkpoints written before element= keep their key
             keys["element"] = self.element
         if checked_layout(self.layout) != CHANNELS_FIRST:  # likewise
@@ -345,6 +350,8 @@ class RFCallback(Callback):
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
         if not self.log_images or not trainer.is_global_zero or not self._reporter.image_writers(trainer):
             return
+        if self.input_shape is None:  # no batch came, so nothing was probed: there is nothing to draw
+            return
         with self._failures.guard(
             "images", "drawing the figures at fit end", IMAGES_FIX, goes_on="the fit ends normally"
         ):
@@ -352,7 +359,7 @@ class RFCallback(Callback):
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
                 fields=self._last_fields, effective=list(self._last_effective.values()),
                 image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
-                target=self._target_for(len(self.input_shape) - 2),
+                target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
 
     # -- the input shape
@@ -373,16 +380,16 @@ class RFCallback(Callback):
     # -- a probe event: probe, log, then the effective field and its coverage
 
     def _probe_initial(self, trainer, pl_module) -> None:
-        n_axes = len(self.input_shape) - 2
+        n_axes = len(self._shape) - 2
         if self._initial_logged:  # a resumed fit: its logger (maybe a new version) still gets the charts and the note
             with self._failures.guard("probe", "the theoretical probe of a resumed fit", self._probe_fix):
-                theoretical = self._prober.theoretical_fields(pl_module, self.input_shape)
-                self._describe_dashboard(trainer, theoretical, self._target_for(n_axes))
+                kept = self._prober.theoretical_fields(pl_module, self._shape)
+                self._describe_dashboard(trainer, kept, self._target_for(n_axes))
             return
         target = self._target_for(n_axes)  # refused now if it does not fit the input's axes
-        theoretical = None
+        theoretical: list[ReceptiveField] | None = None
         try:
-            theoretical = self._prober.probe(pl_module, "theoretical", self.input_shape)
+            theoretical = self._prober.probe(pl_module, "theoretical", self._shape)
         except MisconfigurationException:
             raise
         except Exception as error:  # noqa: BLE001 - only an argument that does not fit the model ends the run
@@ -417,17 +424,18 @@ class RFCallback(Callback):
 
     def _probe_and_log(self, trainer, pl_module) -> None:
         self._schedule.probed(trainer.current_epoch)
-        fields = self._safe_probe(pl_module)
+        probed = self._safe_probe(pl_module)
         # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
         # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
-        succeeded = ranks_agree(trainer, fields is not None)
+        succeeded = ranks_agree(trainer, probed is not None)
+        fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
         if succeeded:
             self._reporter.fields(
                 trainer, self.mode, fields, step=trainer.global_step, figures=False, target_for=self._target_for,
                 beside=self._prober.theoretical or [], pl_module=pl_module,
             )  # fmt: skip
             self._last_fields = fields
-        self._record(trainer, fields if succeeded else [], initial=False)  # an epoch whose probe failed has none
+        self._record(trainer, fields, initial=False)
         if succeeded and self._effective_on(trainer, pl_module):
             events: list[CoverageEvent] = []
             with self._failures.guard("effective", "the effective field", self._effective_fix):
@@ -436,13 +444,13 @@ class RFCallback(Callback):
 
     def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
         try:
-            return self._prober.probe(pl_module, self.mode, self.input_shape)
+            return self._prober.probe(pl_module, self.mode, self._shape)
         except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
             self._failures.report("probe", "the probe", error, self._probe_fix(error))
             return None
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
-        fields = self._prober.effective(pl_module, self._erf_inputs, self.input_shape)
+        fields = self._prober.effective(pl_module, self._erf_inputs, self._shape)
         entry, events = {}, []
         for index, field in enumerate(fields):
             label = "_".join(str(i) for i in field.position)
@@ -491,8 +499,14 @@ class RFCallback(Callback):
             return False
         return has_validation(trainer, pl_module) and first_loader(trainer.val_dataloaders) is not None
 
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        """``input_shape`` where a probe event needs it: every one comes after the first batch at the latest."""
+        assert self.input_shape is not None, "RFCallback probes only once the input shape is known"
+        return self.input_shape
+
     def _target_for(self, n_axes: int) -> tuple[int, ...] | None:
-        return target_per_axis(self.target_size, n_axes, self.input_shape)
+        return target_per_axis(self.target_size, n_axes, self._shape)
 
     def _target_warning(self, field: ReceptiveField, target: tuple[int, ...]) -> str | None:
         """The fit-start warning when the theoretical field cannot cover the target; ``None`` when it can.
@@ -502,7 +516,7 @@ class RFCallback(Callback):
         """
         if all(size >= t for size, t in zip(field.size, target)):
             return None
-        input_size = tuple(self.input_shape[2:])
+        input_size = tuple(self._shape[2:])
         unclipped = None
         if all(t <= n for t, n in zip(target, input_size)):
             try:
@@ -515,7 +529,7 @@ class RFCallback(Callback):
 
     def _describe_dashboard(self, trainer, theoretical: list[ReceptiveField], target) -> None:
         effective = self.effective is not False and has_validation(trainer, trainer.lightning_module)
-        n_axes = len(self.input_shape) - 2
+        n_axes = len(self._shape) - 2
         self._reporter.dashboard(trainer, theoretical, target, n_axes=n_axes, effective=effective)
 
     def _probe_fix(self, error: Exception) -> str:

@@ -143,10 +143,10 @@ def _draw_panels(
         for ax, depth in zip(inputs, _depth_slices(field.bounds[0]), strict=True):
             _draw_input_grid(
                 ax,
-                spatial[1:],
+                (spatial[1], spatial[2]),
                 None if heat is None else heat[depth],
                 None if image is None else image[depth],
-                field.bounds[1:],
+                (field.bounds[1], field.bounds[2]),
                 " x ".join(str(s) for s in field.size[1:]) if annotate else None,
             )
             ax.set_title(f"input d = {depth}", fontsize=10)
@@ -155,13 +155,13 @@ def _draw_panels(
         return
     (ax_in,) = inputs
     one_d = len(spatial) == 1
-    grid = (1, spatial[0]) if one_d else spatial
+    grid = (1, spatial[0]) if one_d else (spatial[0], spatial[1])
     _draw_input_grid(
         ax_in,
         grid,
         None if heat is None else heat.reshape(grid),
         None if image is None else image.reshape(*grid, *image.shape[len(spatial) :]),
-        ((0, 0), *field.bounds) if one_d else field.bounds,
+        ((0, 0), field.bounds[0]) if one_d else (field.bounds[0], field.bounds[1]),
         " x ".join(str(s) for s in field.size) if annotate else None,
     )
     ax_in.set_title(f"input {' x '.join(str(n) for n in spatial)}", fontsize=10)
@@ -172,6 +172,7 @@ def _draw_panels(
     else:
         ax_in.set_xlabel("input w")
         ax_in.set_ylabel("input h")
+    assert output is not None, "_layout makes an output panel for 1D and 2D fields"
     _draw_output_grid(output, tuple(field.output_shape), tuple(field.position))
 
 

@@ -38,14 +38,14 @@ def heatmap_image(heatmap: torch.Tensor, *, depth: int | None = None, min_side: 
     if values.dim() == 3:
         values = values[int(values.abs().sum(dim=(1, 2)).argmax()) if depth is None else depth]
     peak = values.max()
-    values = (values / peak if peak > 0 else values).numpy()
+    pixels = (values / peak if peak > 0 else values).numpy()
     if strip:
-        values = values[None, :]
-    scale = max(1, min_side // max(values.shape))
-    values = values.repeat(scale, axis=0).repeat(scale, axis=1)
+        pixels = pixels[None, :]
+    scale = max(1, min_side // max(pixels.shape))
+    pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     if strip:
-        values = values.repeat(-(-_STRIP_HEIGHT // values.shape[0]), axis=0)
-    colours = matplotlib.colormaps[_HEATMAP_CMAP](values)[..., :3]
+        pixels = pixels.repeat(-(-_STRIP_HEIGHT // pixels.shape[0]), axis=0)
+    colours = matplotlib.colormaps[_HEATMAP_CMAP](pixels)[..., :3]
     return (colours * 255).round().astype(np.uint8)
 
 
