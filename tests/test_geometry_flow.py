@@ -137,3 +137,33 @@ def test_rf_table_rows_read_the_flow(monkeypatch):
     monkeypatch.setattr(geometry_flow, "ENABLED", True)
     rows = rf_table(TinyResNet(), (1, 3, 32, 32))
     assert [(row.name, row.full_size, row.stride, row.offset) for row in rows] == measured
+
+
+class ConvNeXtBlock(nn.Module):
+    """timm's ConvNeXt block: a 7 x 7 depthwise convolution, then channels last: layer norm, linear layers, scale."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm, self.fc1, self.fc2 = (
+            nn.LayerNorm(channels),
+            nn.Linear(channels, 4 * channels),
+            nn.Linear(4 * channels, channels),
+        )
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-6))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.dw(x).permute(0, 2, 3, 1)
+        x = self.fc2(nn.functional.gelu(self.fc1(self.norm(x)))) * self.gamma
+        return x.permute(0, 3, 1, 2) + shortcut
+
+
+def test_a_channels_last_stretch_inside_a_block_keeps_the_flow(monkeypatch):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 4, stride=4), ConvNeXtBlock(8), nn.Conv2d(8, 8, 2, stride=2), ConvNeXtBlock(8)
+    )
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, model, (1, 3, 64, 48))
+    # stem k4 s4 (r 4), 7 x 7 at jump 4 (+24, P 12), k2 s2 (+4, S 8), 7 x 7 at jump 8 (+48, P +24)
+    assert flowed == measured and flowed[0] == [(80, 8, 36)] * 2
+    assert shapes == [(1, 3, 64, 48)]

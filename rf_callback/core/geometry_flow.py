@@ -59,11 +59,13 @@ _RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "un
 class GeometryFlow:
     """Carries each input-dependent tensor's flow along one forward pass.
 
+    A tensor's flow comes with the dims its spatial axes lie at: ``(2, 3)`` for ``(N, C, H, W)``, ``(1, 2)`` once
+    permuted to ``(N, H, W, C)`` (a ConvNeXt block's layer norm and linear layers act on its last dim, the channels).
     Tensors are held by weak reference: the flow keeps none alive.
     """
 
     def __init__(self):
-        self._flows: dict[int, tuple[weakref.ref, Flow]] = {}
+        self._tags: dict[int, tuple[weakref.ref, _Tag]] = {}
 
     def start(self, inputs: torch.Tensor) -> None:
         """Gives the probe's input ``(N, C, *spatial)`` the identity geometry on every axis.
@@ -71,28 +73,33 @@ class GeometryFlow:
         Args:
             inputs: the input leaf.
         """
-        self._set(inputs, (AxisGeometry(1, 1, 0),) * (inputs.dim() - 2))
+        n_axes = inputs.dim() - 2
+        self._set(inputs, ((AxisGeometry(1, 1, 0),) * n_axes, tuple(range(2, 2 + n_axes))))
 
     def of(self, tensor) -> Flow | None:
-        """The flow of ``tensor``, or ``None`` where the flow ended before it (or it does not depend on the input).
+        """The flow of a channels-first ``tensor``, or ``None`` where the flow ended before it.
 
         Args:
-            tensor: a tensor of the forward pass.
+            tensor: a tensor of the forward pass, ``(N, C, *spatial)``.
 
         Returns:
             Per spatial axis, its geometry, or the name of the call that made its fields span the whole axis;
-            ``None`` if unknown.
+            ``None`` if unknown, if ``tensor`` does not depend on the input, or if its axes are laid out otherwise.
         """
+        tag = self._tag(tensor)
+        return tag[0] if tag is not None and tag[1] == tuple(range(2, tensor.dim())) else None
+
+    def _tag(self, tensor) -> _Tag | None:
         if not isinstance(tensor, torch.Tensor):
             return None
-        entry = self._flows.get(id(tensor))
+        entry = self._tags.get(id(tensor))
         return entry[1] if entry is not None and entry[0]() is tensor else None
 
-    def _set(self, tensor: torch.Tensor, flow: Flow | None) -> None:
-        if flow is None:
-            self._flows.pop(id(tensor), None)
+    def _set(self, tensor: torch.Tensor, tag: _Tag | None) -> None:
+        if tag is None:
+            self._tags.pop(id(tensor), None)
         else:
-            self._flows[id(tensor)] = (weakref.ref(tensor), flow)
+            self._tags[id(tensor)] = (weakref.ref(tensor), tag)
 
     def after(self, name: str, args: tuple, kwargs: dict, result: Any) -> None:
         """Gives ``result`` the flow of the call ``name(*args, **kwargs)``, or none where the rules do not cover it.
@@ -106,52 +113,64 @@ class GeometryFlow:
         operands = [*args, *kwargs.values()]
         if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)):
             operands = [*args[0], *args[1:], *kwargs.values()]
-        dependent = [t for t in operands if isinstance(t, torch.Tensor) and (t.requires_grad or self.of(t))]
+        dependent = [t for t in operands if isinstance(t, torch.Tensor) and (t.requires_grad or self._tag(t))]
         if not dependent:
             return
         try:
-            flows = self._flows_of(name, args, kwargs, result, dependent)
-        except (TypeError, ValueError, IndexError):  # an argument spelled in a way the rules do not read
-            flows = None
+            tags = self._tags_of(name, args, kwargs, result, dependent)
+        except (TypeError, ValueError, IndexError, AttributeError):  # arguments spelled in a way the rules do not read
+            tags = None
         results = result if isinstance(result, (tuple, list)) else (result,)
         for index, item in enumerate(results):
             if isinstance(item, torch.Tensor):
-                self._set(item, None if flows is None else flows[index] if index < len(flows) else None)
+                self._set(item, None if tags is None else tags[index] if index < len(tags) else None)
 
-    def _flows_of(self, name: str, args, kwargs, result, dependent: list[torch.Tensor]) -> list[Flow | None] | None:
+    def _tags_of(self, name: str, args, kwargs, result, dependent: list[torch.Tensor]) -> list[_Tag | None] | None:
         first = args[0] if args else kwargs.get("input")
-        source = self.of(first)
+        source = self._tag(first)
         if name in _SPLITS:
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-            keeps = source is not None and _is_channel_dim(dim, first) and name != "unbind"
+            keeps = source is not None and _is_feature_dim(dim, first, source[1]) and name != "unbind"
             return [source] * len(result) if keeps else None
         if isinstance(result, (tuple, list)):  # max_pool with indices, max along a dim: the values
             result = result[0]
         if not isinstance(result, torch.Tensor):
             return None
         if name in ("cat", "concat", "concatenate"):
+            hull = _hull(self, dependent, result)
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-            return [_hull(self, dependent, result)] if _is_channel_dim(dim, result) else None
+            return [hull] if hull is not None and _is_feature_dim(dim, result, hull[1]) else None
         if _base(name) in _ELEMENTWISE:
             return [_hull(self, dependent, result)]
         if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
             return None
-        n_axes = first.dim() - 2
+        flow, dims = source
         if _base(name) in _POINTWISE or (name in _RESHAPES and result.shape == first.shape):
-            return [source] if result.shape[2:] == first.shape[2:] else None
+            return [source] if result.shape == first.shape else None
         if name == "__getitem__":
-            return [source] if _keeps_positions(args[1], first.dim()) else None
-        if _CONVS.get(name) == n_axes:
-            return [_composed(source, _conv_layers(args, kwargs, n_axes))]
-        if _MAX_POOLS.get(name.removesuffix("_with_indices")) == n_axes:
-            return [_composed(source, _pool_layers(args, kwargs, n_axes, dilated=True))]
-        if _AVG_POOLS.get(name) == n_axes:
-            return [_composed(source, _pool_layers(args, kwargs, n_axes, dilated=False))]
-        if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
-            return [(name,) * n_axes]
+            return [source] if _keeps_positions(args[1], first.dim(), dims) else None
+        if name in ("permute", "transpose", "swapaxes", "swapdims"):
+            order = _order(name, args[1:], kwargs, first.dim())
+            return [(flow, tuple(order.index(d) for d in dims))] if order[0] == 0 else None
+        if name == "linear":  # acts on the last dim
+            return [source] if first.dim() - 1 not in dims else None
         if name in _REDUCTIONS:
             return [_reduced(name, source, args, kwargs, first)]
+        n_axes = len(dims)
+        if dims != tuple(range(2, 2 + n_axes)) or first.dim() != n_axes + 2:
+            return None  # the layers below read (N, C, *spatial)
+        if _CONVS.get(name) == n_axes:
+            return [(_composed(flow, _conv_layers(args, kwargs, n_axes)), dims)]
+        if _MAX_POOLS.get(name.removesuffix("_with_indices")) == n_axes:
+            return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=True)), dims)]
+        if _AVG_POOLS.get(name) == n_axes:
+            return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=False)), dims)]
+        if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
+            return [((name,) * n_axes, dims)]
         return None
+
+
+_Tag = tuple[Flow, tuple[int, ...]]  # a tensor's flow, and the dims its spatial axes lie at
 
 
 def _base(name: str) -> str:
@@ -159,11 +178,29 @@ def _base(name: str) -> str:
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
-def _is_channel_dim(dim, tensor: torch.Tensor) -> bool:
-    return isinstance(dim, int) and not isinstance(dim, bool) and dim % tensor.dim() == 1
+def _is_feature_dim(dim, tensor: torch.Tensor, spatial: tuple[int, ...]) -> bool:
+    """Whether ``dim`` is neither the batch nor a spatial dim of ``tensor``: the channels."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return False
+    dim %= tensor.dim()
+    return dim != 0 and dim not in spatial
 
 
-def _keeps_positions(index, n_dims: int) -> bool:
+def _order(name: str, dims, kwargs, n_dims: int) -> list[int]:
+    """The permutation of ``permute(*dims)`` or ``transpose(d0, d1)``: new dim ``i`` is old dim ``order[i]``."""
+    if name == "permute":
+        dims = kwargs.get("dims", dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims)
+        order = [int(d) % n_dims for d in dims]
+        if sorted(order) != list(range(n_dims)):
+            raise ValueError("not a permutation")
+        return order
+    first, second = (int(d) % n_dims for d in dims[:2])
+    order = list(range(n_dims))
+    order[first], order[second] = second, first
+    return order
+
+
+def _keeps_positions(index, n_dims: int, spatial: tuple[int, ...]) -> bool:
     """Whether ``x[index]`` keeps every sample and every position at its index: ``x[:, a:b]``, ``x[..., :n]``.
 
     Channels may be sliced at will; a spatial axis only from its start, step 1 (so output ``i`` is still input
@@ -177,21 +214,22 @@ def _keeps_positions(index, n_dims: int) -> bool:
         index[at : at + 1] = [slice(None)] * (n_dims - len(index) + 1)
     if len(index) > n_dims or (index and index[0] != slice(None)):
         return False
-    return all(i.start in (None, 0) and i.step in (None, 1) for i in index[2:])
+    return all(i.start in (None, 0) and i.step in (None, 1) for d, i in enumerate(index) if d in spatial)
 
 
-def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> Flow | None:
-    """The flow of an elementwise function of ``dependent`` (broadcast to ``result``): the hull of their fields."""
-    flows = []
+def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> _Tag | None:
+    """The tag of an elementwise function of ``dependent`` (broadcast to ``result``): the hull of their fields."""
+    flows, layout = [], None
     for tensor in dependent:
-        own = flow.of(tensor)
-        if own is None or tensor.dim() != result.dim():
+        tag = flow._tag(tensor)
+        if tag is None or tensor.dim() != result.dim() or (layout is not None and tag[1] != layout):
             return None
+        own, layout = tag
         # An operand of length 1 broadcast along a longer axis gives every position the same field: whole, or none.
         flows.append(
             tuple(
-                a if isinstance(a, str) else None if n == 1 and m > 1 else a
-                for a, n, m in zip(own, tensor.shape[2:], result.shape[2:])
+                a if isinstance(a, str) else None if tensor.shape[d] == 1 and result.shape[d] > 1 else a
+                for a, d in zip(own, layout)
             )
         )
     axes = []
@@ -207,7 +245,7 @@ def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tenso
         offset = max(g.offset for g in per_operand)
         end = max(g.size - 1 - g.offset for g in per_operand)
         axes.append(AxisGeometry(size=end + offset + 1, stride=per_operand[0].stride, offset=offset))
-    return tuple(axes)
+    return (tuple(axes), layout) if layout is not None else None
 
 
 def _composed(source: Flow, layers: list[tuple[int, int, int, int]]) -> Flow:
@@ -266,8 +304,9 @@ def _pool_layers(args, kwargs, n_axes: int, *, dilated: bool) -> list[tuple[int,
     return list(zip(kernel, stride, padding, dilation))
 
 
-def _reduced(name: str, source: Flow, args, kwargs, tensor: torch.Tensor) -> Flow | None:
+def _reduced(name: str, source: _Tag, args, kwargs, tensor: torch.Tensor) -> _Tag | None:
     """A reduction with ``keepdim=True``: its spatial dims become whole; over the channels alone, nothing changes."""
+    flow, spatial = source
     dim = _argument(args, kwargs, 1, "dim", None)
     keepdim = _argument(args, kwargs, 2, "keepdim", False)
     if dim is None or keepdim is not True:
@@ -275,7 +314,7 @@ def _reduced(name: str, source: Flow, args, kwargs, tensor: torch.Tensor) -> Flo
     dims = {dim % tensor.dim()} if isinstance(dim, int) else {d % tensor.dim() for d in dim}
     if 0 in dims:
         return None
-    return tuple(name if 2 + axis in dims else a for axis, a in enumerate(source))
+    return tuple(name if d in dims else a for a, d in zip(flow, spatial)), spatial
 
 
 def checked_flow(
