@@ -194,7 +194,7 @@ def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tenso
                 for a, n, m in zip(own, tensor.shape[2:], result.shape[2:])
             )
         )
-    axes = []
+    axes: list[AxisFlow] = []
     for per_operand in zip(*flows):
         if None in per_operand:
             return None
@@ -296,7 +296,8 @@ def checked_flow(
     Returns:
         The geometry (``None`` on whole axes) and the reasons of its ``None`` axes; ``None`` where refuted.
     """
-    geometry, reasons = [], {}
+    geometry: list[AxisGeometry | None] = []
+    reasons: dict[int, str] = {}
     for axis, axis_flow in enumerate(candidate):
         length = shape[2 + axis]
         measured = {position[axis]: bounds[axis] for position, bounds in fields}
