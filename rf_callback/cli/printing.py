@@ -124,8 +124,8 @@ def table_text(
     Returns:
         The text, without a final newline.
     """
-    header = ("layer", "type", "output", "size", "full size", "stride", "offset", "")
-    cells = [
+    header: tuple[str, ...] = ("layer", "type", "output", "size", "full size", "stride", "offset", "")
+    cells: list[tuple[str, ...]] = [
         (r.name, r.module_type, _axes(r.output_shape), _axes(r.size), _axes(r.full_size), _axes(r.stride),
          _axes(r.offset), "*" if r.covers_input else "")
         for r in rows

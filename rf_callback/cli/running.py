@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import TextIO
+from typing import TextIO, cast
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from rf_callback.cli.messages import probe_message, probing
 from rf_callback.cli.pictures import writing
 from rf_callback.cli.printing import field_json, field_text, map_json, map_text, table_json, table_text
 from rf_callback.core.probe import probe_rf
-from rf_callback.core.result import ReceptiveFieldMap
+from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.core.table import rf_table
 
 
@@ -93,7 +93,8 @@ def _probe_and_print(
             if isinstance(result, ReceptiveFieldMap):
                 text = map_json(result, target) if args.json else map_text(args.target, result, target)
             else:  # the geometry is measured here, on first use
-                text = field_json(result, target) if args.json else field_text(args.target, result, target)
+                field = cast(ReceptiveField, result)  # one position: --pos center or I,J
+                text = field_json(field, target) if args.json else field_text(args.target, field, target)
     stage.now = "printing the results"
     print(text)
     sys.stdout.flush()  # a closed pipe fails here, inside main, and not at the interpreter's exit
@@ -102,7 +103,7 @@ def _probe_and_print(
         with writing("--plot", args.plot, checked.pictures["--plot"]):
             from rf_callback.plotting import plot_rf
 
-            plot_rf(result).savefig(args.plot)
+            plot_rf(cast(ReceptiveField, result)).savefig(args.plot)  # --plot refuses --pos all and --table
     if args.gif:
         stage.now = f"writing --gif {args.gif}"
         progress.note(f"writing {args.gif}")

@@ -147,7 +147,7 @@ def checked_layout(layout) -> str | Tokens:
         return layout
     match = _TOKENS.fullmatch(layout) if isinstance(layout, str) else None
     grid = tuple(int(n) for n in match[1].split("x")) if match else ()
-    if grid and min(grid) > 0:
+    if match is not None and grid and min(grid) > 0:
         return Tokens(grid, int(match[2] or 0))
     raise ValueError(
         f"layout={layout!r} is not a layout of the probed output; use 'channels_first' ((N, C, *spatial), the "

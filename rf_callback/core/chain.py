@@ -10,14 +10,16 @@ forward may do anything) leaves the measurement to :mod:`~rf_callback.core.geome
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.pooling import _MaxPoolNd
 
 from rf_callback.core.request import ProbeRequest
 
 Layer = tuple[int, int, int, int]  # kernel, stride, padding, dilation along one axis
 
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MAX_POOLS: dict[type[nn.Module], int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_AVG_POOLS: dict[type[nn.Module], int] = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 # Layers whose output at a position depends on the input at that position alone (batch norm: in the eval-mode
 # copy, a per-channel affine map; dropout: the identity).
 _POINTWISE = (
@@ -75,12 +77,12 @@ def _append(module: nn.Module, layers: list[list[Layer]]) -> None:
     kind, n_axes = type(module), len(layers)
     if isinstance(module, _POINTWISE) and kind in _POINTWISE:
         return
-    if _CONVS.get(kind) == n_axes and module.padding_mode == "zeros":
+    if isinstance(module, _ConvNd) and _CONVS.get(kind) == n_axes and module.padding_mode == "zeros":
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         padding = module.padding
         if isinstance(padding, str):  # "valid", or "same": PyTorch pads the smaller half first
             padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(kernel, dilation))
-    elif _MAX_POOLS.get(kind) == n_axes and not module.return_indices:
+    elif isinstance(module, _MaxPoolNd) and _MAX_POOLS.get(kind) == n_axes and not module.return_indices:
         kernel, stride = _per_axis(module.kernel_size, n_axes), _per_axis(module.stride or module.kernel_size, n_axes)
         padding, dilation = _per_axis(module.padding, n_axes), _per_axis(module.dilation, n_axes)
     elif _AVG_POOLS.get(kind) == n_axes:

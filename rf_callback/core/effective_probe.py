@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -90,7 +91,9 @@ def effective_rf(
         )
     if theoretical is None:
         try:
-            theoretical = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout, device=device)
+            probed = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout, device=device)
+            # pos is not 'all' (refused above): no ReceptiveFieldMap
+            theoretical = cast("ReceptiveField | list[ReceptiveField]", probed)
         except ValueError as error:
             if not str(error).startswith("input_shape="):
                 raise
@@ -116,7 +119,8 @@ def effective_rf(
                 )
             for index, field in enumerate(fields):
                 cotangent = torch.zeros_like(output)
-                cotangent[(slice(None), slice(None), *field.position)] = 1
+                at: tuple[slice | int, ...] = (slice(None), slice(None), *field.position)
+                cotangent[at] = 1
                 (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(fields) - 1)
                 totals[index] += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
     effective = [

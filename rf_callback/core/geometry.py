@@ -8,7 +8,7 @@ inputs that no window reaches). This module fits (r, S, P) to measured bounds an
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 Bounds = tuple[int, int]
@@ -62,7 +62,8 @@ class LazyGeometry(Sequence):
     def __init__(
         self, n_axes: int, measure: Callable[[], tuple[AxisGeometry | None, ...]], why: dict[int, str] | None = None
     ):
-        self._n_axes, self._measure = n_axes, measure
+        self._n_axes = n_axes
+        self._measure: Callable[[], tuple[AxisGeometry | None, ...]] | None = measure  # dropped once measured
         self._value: tuple[AxisGeometry | None, ...] | None = None
         self._why = {} if why is None else why  # filled by ``measure``
         self._lock = threading.Lock()
@@ -76,6 +77,7 @@ class LazyGeometry(Sequence):
         """Returns the geometry as a tuple, measuring it if this is the first use."""
         with self._lock:
             if self._value is None:
+                assert self._measure is not None, "measured once, then dropped"
                 value = tuple(self._measure())
                 if len(value) != self._n_axes:
                     raise AssertionError(f"measured {len(value)} axes, expected {self._n_axes}")
@@ -160,7 +162,7 @@ def common_slope(points: list[tuple[int, int]]) -> int | None:
     return slope
 
 
-def consistent(geometry: AxisGeometry, axis_table: dict[int, Bounds | None], length: int) -> bool:
+def consistent(geometry: AxisGeometry, axis_table: Mapping[int, Bounds | None], length: int) -> bool:
     """Whether every measured field matches the geometry.
 
     Exactly where the span is inside the input, and inside the clipped span where it is not (a strided layer can

@@ -232,7 +232,7 @@ def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tenso
                 for a, d in zip(own, layout)
             )
         )
-    axes = []
+    axes: list[AxisFlow] = []
     for per_operand in zip(*flows):
         if None in per_operand:
             return None
@@ -335,7 +335,8 @@ def checked_flow(
     Returns:
         The geometry (``None`` on whole axes) and the reasons of its ``None`` axes; ``None`` where refuted.
     """
-    geometry, reasons = [], {}
+    geometry: list[AxisGeometry | None] = []
+    reasons: dict[int, str] = {}
     for axis, axis_flow in enumerate(candidate):
         length = shape[2 + axis]
         measured = {position[axis]: bounds[axis] for position, bounds in fields}

@@ -134,7 +134,7 @@ OVER_BUDGET = (
 )
 
 
-def graph_factory(copy: nn.Module, request: ProbeRequest) -> GraphOn:
+def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest) -> GraphOn:
     """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of the requested layer on another input shape.
 
     It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
@@ -143,12 +143,14 @@ def graph_factory(copy: nn.Module, request: ProbeRequest) -> GraphOn:
     more than a forward pass on a thin input, and the copy, not the live model, is what the graphs measure, however
     the live model changes later. The output is read as the request reads it. A token grid fits the user's input
     (the request's) alone: on another input the same number of tokens can lie on another grid, so with
-    :class:`Tokens` it returns ``None`` on any other shape.
+    :class:`Tokens` it returns ``None`` on any other shape. Where there is no copy (``copy`` is why), it raises that.
     """
     request = request.theoretical()
     fixed = request.input_shape if isinstance(request.parsed_layout, Tokens) else None
 
     def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+        if isinstance(copy, ValueError):
+            raise copy
         if fixed is not None and tuple(shape) != tuple(fixed):
             return None
         dead: list[str] = []
@@ -221,7 +223,7 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
     geometry: list[AxisGeometry | None] = []
     fallback = []
     for axis, length in enumerate(lengths):
-        found = None
+        found: object = None  # a geometry, or why there is none
         if one_shape and hull(marginal(known[center], axis)) == (0, length - 1):
             reasons[axis] = (
                 "the field spans the whole input probed, and a token grid is read on that input alone (on another "
@@ -448,9 +450,9 @@ def _thin_read(
             return _Global(name)
         previous = current
         found = read_axis(graph, axis)
-        if found is _CLIPPED:
+        if isinstance(found, _Clipped):
             continue
-        if found is _WINDOWS:
+        if isinstance(found, _Windows):
             # Seen on two lengths, the second at least twice the first: on a short input the borders of the inner
             # maps can make two neighbours' clipped fields look alike and whole.
             if windows_seen:
@@ -490,7 +492,7 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Window
         return _CLIPPED
     neighbour = center[axis] + 1 if center[axis] + 1 < n else center[axis] - 1
     second = hull(marginal(graph.support([_moved(center, axis, neighbour)]), axis))
-    if not is_whole(second, length, gap):
+    if second is None or not is_whole(second, length, gap):
         return _CLIPPED
     stride = (second[0] - first[0]) * (neighbour - center[axis])
     if first == second and n >= _WINDOWS_FROM:

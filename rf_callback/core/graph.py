@@ -9,6 +9,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.support import Position
+
+if TYPE_CHECKING:  # geometry_probe imports this module
+    from rf_callback.core.geometry_probe import Budget
 
 
 class Underflow(Exception):
@@ -127,7 +131,7 @@ class ProbeGraph(GraphShapes):
         self.dtype, self.device, self.guard = request.dtype, request.device, request.guard
         self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
-        self.budget = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
+        self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self._supports: dict[tuple, torch.Tensor] = {}
         # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
         self.flow: Flow | None = None
@@ -172,7 +176,8 @@ class ProbeGraph(GraphShapes):
             self.budget.charge(self.input_shape)
         cotangent = torch.zeros_like(self.output)
         index = tuple(torch.tensor(axis, device=self.device) for axis in zip(*positions))
-        cotangent[(slice(None), slice(None), *index)] = self.channel_weights[:, :, None]
+        at: tuple[slice | torch.Tensor, ...] = (slice(None), slice(None), *index)
+        cotangent[at] = self.channel_weights[:, :, None]
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
@@ -578,7 +583,7 @@ def _window(module: nn.Module, n: int):
 
     kernel = per_axis(module.kernel_size)
     dilation = per_axis(getattr(module, "dilation", 1))
-    padding = module.padding
+    padding: object = module.padding
     if isinstance(padding, str):
         padding = tuple(d * (k - 1) // 2 if padding == "same" else 0 for k, d in zip(kernel, dilation))
     return kernel, per_axis(module.stride, kernel), per_axis(padding), dilation, getattr(module, "ceil_mode", False)
@@ -596,12 +601,12 @@ def _has_dead_window(length: int, kernel: int, stride: int, padding: int, dilati
 
 
 class _Unbatched(Exception):
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: _ConvNd):
         super().__init__()
         self.module = module
 
 
-def _rank_error(copy: nn.Module, module: nn.Module, input_shape) -> ValueError:
+def _rank_error(copy: nn.Module, module: _ConvNd, input_shape) -> ValueError:
     name = next((n for n, m in copy.named_modules() if m is module), "")
     takes = len(module.kernel_size)
     wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
@@ -618,12 +623,12 @@ def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
         return ProbeError(str(error))
     spatial = len(input_shape) - 2
     for name, module in copy.named_modules():
-        kernel = getattr(module, "kernel_size", None)
-        if isinstance(module, _ConvNd) and len(kernel) != spatial:
-            wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[len(kernel) - 1]
+        if isinstance(module, _ConvNd) and len(module.kernel_size) != spatial:
+            takes = len(module.kernel_size)
+            wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
             return ValueError(
                 f"input_shape={tuple(input_shape)} has {spatial} spatial axes, but the model's first convolution "
-                f"({name or 'the model'}: {type(module).__name__}) takes {len(kernel)}; pass a shape {wanted}"
+                f"({name or 'the model'}: {type(module).__name__}) takes {takes}; pass a shape {wanted}"
             )
         if isinstance(module, _ConvNd):
             break

@@ -34,8 +34,9 @@ class AxisTable:
 
     def box(self, position: Position) -> Box | None:
         """The predicted box of ``position``, ``None`` where an axis has no field or was not measured."""
-        box = tuple(self.table[a].get(i) for a, i in enumerate(position))
-        return None if any(b is None for b in box) else box
+        bounds = [self.table[a].get(i) for a, i in enumerate(position)]
+        box = tuple(b for b in bounds if b is not None)
+        return box if len(box) == len(bounds) else None
 
     def conclusive(self, axis: int, length: int) -> bool:
         """Whether the table holds enough certainly unclipped fields along ``axis`` to decide its geometry."""
@@ -165,8 +166,9 @@ def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]
             return None
         decoded.append(dict(zip(axis_indices, found)))
     for p in members:
-        box = tuple(decoded[a][i] for a, i in enumerate(p))
-        if any(b is None for b in box):
+        bounds = [decoded[a][i] for a, i in enumerate(p)]
+        box = tuple(b for b in bounds if b is not None)
+        if len(box) != len(bounds):
             return None
         if box_of(support[box_slices(box)]) != tuple((0, last - first) for first, last in box):
             return None

@@ -11,6 +11,7 @@ import random
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ def max_pool_twin(n_axes: int, input, kernel_size, stride=None, padding=0, dilat
     weight = x.new_full((channels, 1, *kernel), 1.0 / math.prod(kernel))
     conv = (F.conv1d, F.conv2d, F.conv3d)[n_axes - 1]
     y = conv(x, weight, stride=strides, dilation=dilations, groups=channels)
-    y = y[(..., *(slice(0, o) for o in out))]
+    cropped: tuple[types.EllipsisType | slice, ...] = (..., *(slice(0, o) for o in out))
+    y = y[cropped]
     return y.squeeze(0) if unbatched else y
 
 
@@ -510,7 +512,7 @@ def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
         return
     if getattr(module, "_compiler_ctx", None):  # Lightning's from_compiled: the class's forward is the original
         del module.__dict__["forward"]
-        module._compiler_ctx = None
+        module._compiler_ctx = None  # type: ignore[assignment]  # torch types Module.__setattr__'s value as Tensor | Module
         return
     target = forward
     while not isinstance(target, types.MethodType) and hasattr(target, "_torchdynamo_orig_callable"):
@@ -594,7 +596,7 @@ def prepared_copy(
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
 
 
-def module_copy(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(module, memo)``, a few times faster on a large module tree.
 
     Each module is rebuilt from its ``__getstate__`` as a deep copy does, but the empty hook dicts and the sets every
@@ -770,6 +772,6 @@ def model_device(model: nn.Module) -> torch.device:
     """Returns the device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from rf_callback.core.arguments import (
 )
 from rf_callback.core.chain import chain_layers
 from rf_callback.core.geometry import LazyGeometry, chain_geometry
-from rf_callback.core.geometry_flow import checked_flow
+from rf_callback.core.geometry_flow import Flow, checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
     GraphShapes,
@@ -188,12 +189,13 @@ def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position
             f"pos={pos!r} must have {len(output_shape)} int index(es), one per spatial axis of the output of "
             f"{where}, whose spatial shape is {output_shape}"
         )
-    if not all(-n <= i < n for i, n in zip(as_ints, output_shape)):
+    ints = [i for i in as_ints if i is not None]  # all of them: a None was refused above
+    if not all(-n <= i < n for i, n in zip(ints, output_shape)):
         raise ValueError(
             f"pos={pos!r} is outside the output map of {where}, whose spatial shape is {output_shape}: each index "
             f"must be in 0..n-1 (negative indices count from the end)"
         )
-    return tuple(i % n for i, n in zip(as_ints, output_shape))
+    return tuple(i % n for i, n in zip(ints, output_shape))
 
 
 class _TheoryOnDemand(GraphShapes):
@@ -262,10 +264,10 @@ class _Prober:
         self.measured = ProbeGraph(model, request, check_layout=True)
         # The theoretical copy the geometry is measured on, now or later: its weights are constants (it costs its
         # buffers), and a field keeps it, so what it reports later is what the model was when it was probed.
-        self.skeleton = (
-            self.measured.copy if self.mode == "theoretical" else _theoretical_copy_or_reason(model, request)
-        )
-        self.graph_on = graph_factory(self.skeleton, request)
+        skeleton = self.measured.copy if self.mode == "theoretical" else _theoretical_copy_or_reason(model, request)
+        assert skeleton is not None, "a graph that ran its own forward pass holds its copy"
+        self.skeleton = skeleton
+        self.graph_on = graph_factory(skeleton, request)
         self._theory = self.measured if self.mode == "theoretical" else None
         # Exact single-position theoretical supports already computed on the user's input, for reuse.
         self.known: dict[Position, torch.Tensor] = {}
@@ -310,7 +312,8 @@ class _Prober:
                 for attempt in (request, request.in_dtype(torch.float64)):
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
                     graph_on = graph_factory(copy, attempt)
-                    theory = _TheoryOnDemand(shape, output_shape, graph_on)
+                    # It forwards every other attribute to the ProbeGraph it builds on first use.
+                    theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     if weights_positions and attempt is request:
                         flowed = _flow_on_theory(theory, weights_positions, table, shape)
                         if flowed is not None:
@@ -341,6 +344,7 @@ class _Prober:
         its ``None`` axes, or ``None`` where it must be measured.
         """
         layers = chain_layers(self.model, self.request)
+        candidate: Flow
         if layers is not None:
             candidate = tuple(chain_geometry(axis_layers) for axis_layers in layers)
         elif self.mode == "theoretical" and self.measured.flow is not None:

@@ -206,7 +206,7 @@ class ReceptiveFieldMap:
         ``element`` and ``layout`` are there only when they are not the defaults, as in
         :meth:`ReceptiveField.to_dict`.
         """
-        record = {
+        record: dict[str, object] = {
             "bounds": torch.stack([self.first, self.last], dim=-1).tolist(),
             "geometry": [_geometry_dict(g) for g in self.geometry],
             "input_shape": list(self.input_shape),
@@ -267,8 +267,8 @@ class EffectiveField:
             names, center_of_mass(self.heatmap), self.theoretical.center, spread(self.heatmap)
         ):
             result[f"com_{name}"], result[f"com_offset_{name}"], result[f"std_{name}"] = com, com - center, std
-        center = tuple(min(max(round(c), 0), n - 1) for c, n in zip(self.theoretical.center, self.heatmap.shape))
+        cell = tuple(min(max(round(c), 0), n - 1) for c, n in zip(self.theoretical.center, self.heatmap.shape))
         for t in HIGH_CONTRIBUTION_THRESHOLDS:
-            found = high_contribution(self.heatmap, t, center)
+            found = high_contribution(self.heatmap, t, cell)
             result[f"side{t:g}"], result[f"area{t:g}"] = (None, None) if found is None else (float(found[0]), found[1])
         return result

@@ -42,7 +42,8 @@ def runs(mask: torch.Tensor, min_gap: int) -> list[Bounds]:
 def box_of(support: torch.Tensor) -> Box | None:
     """The smallest box holding the support, ``None`` when it is empty."""
     hulls = [hull(marginal(support, a)) for a in range(support.dim())]
-    return None if any(h is None for h in hulls) else tuple(hulls)
+    box = tuple(h for h in hulls if h is not None)
+    return box if len(box) == len(hulls) else None
 
 
 def box_slices(box: Box) -> tuple[slice, ...]:

@@ -136,10 +136,14 @@ def _keeps_the_field(module: nn.Module) -> bool:
     """
     if type(module) in _THEORETICAL_IDENTITIES:
         return True
-    return type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (
-        all(k == 1 for k in module.kernel_size)
-        and all(s == 1 for s in module.stride)
-        and module.padding in ("valid", (0,) * len(module.kernel_size))
+    return (
+        isinstance(module, _ConvNd)
+        and type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        and (
+            all(k == 1 for k in module.kernel_size)
+            and all(s == 1 for s in module.stride)
+            and module.padding in ("valid", (0,) * len(module.kernel_size))
+        )
     )
 
 
@@ -162,7 +166,9 @@ def _known_reading(module: nn.Module) -> str | None:
     return None
 
 
-def _row_layout(name: str, module: nn.Module, output, same_as: _Output | None, layout) -> tuple[object, str | None]:
+def _row_layout(
+    name: str, module: nn.Module, output, same_as: _Output | None, layout
+) -> tuple[str | Tokens, str | None]:
     """The layout a row's output is read in, and why the output does not fit it (``None`` where it does).
 
     PyTorch's convolutions, batch norms and poolings give channels-first outputs; a row whose output is another
@@ -474,9 +480,12 @@ def _forward_outputs(
             producers.setdefault(key, same_as or name)
             alive.append(output)
             cut = ", ".join(dict.fromkeys([*functions.cuts, *filter(None, [functions.cut_reason(output)])])) or None
-            row_layout, misfit = _row_layout(name, module, output, outputs.get(same_as), layout)
+            row_layout, misfit = _row_layout(
+                name, module, output, None if same_as is None else outputs.get(same_as), layout
+            )
             spatial = output.dim() >= 3
-            feature_map, grid = None, ()
+            feature_map = None
+            grid: tuple[int, ...] = ()
             if spatial and misfit is None:
                 try:
                     feature_map = as_channels_first(output, row_layout, shape, name, batch=len(inputs))

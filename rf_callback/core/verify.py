@@ -107,13 +107,13 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
             again = _influence(copy, request, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field.position)
             for k, i in enumerate(unseen):
                 changed[4 + i] = not torch.equal(again[1 + k], again[0])
-    faces = tuple((changed[4 + 2 * a], changed[5 + 2 * a]) for a in range(len(field.bounds)))
+    reached = tuple((changed[4 + 2 * a], changed[5 + 2 * a]) for a in range(len(field.bounds)))
     reaches = changed[1]
     return RFVerification(
-        passed=reaches and not leaks and all(all(f) for f in faces),
+        passed=reaches and not leaks and all(all(f) for f in reached),
         reaches_output=reaches,
         outside_influence=leaks,
-        faces=faces,
+        faces=reached,
     )
 
 
@@ -121,4 +121,5 @@ def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, posi
     """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward)."""
     inputs = batch.to(request.device).requires_grad_(True)
     output = forward_to(copy, inputs, request)
-    return output[(slice(None), slice(None), *position)].detach().cpu()
+    at: tuple[slice | int, ...] = (slice(None), slice(None), *position)
+    return output[at].detach().cpu()
