@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo probe-demo screenshots docs test test-gpu lint format bench bench-env bench-real clean
+.PHONY: demo probe-demo screenshots docs test typecheck wheel-check test-gpu lint format bench bench-env bench-real clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,19 @@ docs: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(MKDOCS)
+	.ci/check_wheel.sh $(PY)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# The declared types, checked: mypy with [tool.mypy] of pyproject.toml (about a minute cold, seconds from its cache).
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
+
+# The wheel users install: built from the package's files, its contents and rf-probe entry point checked, every
+# module imported from it outside the repository (.ci/check_wheel.sh, a few seconds).
+wheel-check: $(VENV)/.installed
+	.ci/check_wheel.sh $(PY)
 
 # The tests marked `cuda` (skipped without a CUDA device), with the Python that has a CUDA build of torch:
 # `make test-gpu PY=python3` on a machine that has one installed.
@@ -76,4 +87,4 @@ bench-real: $(if $(wildcard $(BENCH_VENV)/bin/python),,$(VENV)/.installed)  # AR
 	else $(PY) benchmarks/bench_real.py --source own $(ARGS); fi
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis out site
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis out site
