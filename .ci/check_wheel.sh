@@ -2,7 +2,10 @@
 # The wheel users install. Builds it from a clean copy of the package's files (no stale build/ or egg-info leaks in);
 # checks that it holds exactly the source tree's modules plus py.typed and declares the rf-probe command; then imports
 # every module from the unpacked wheel in an isolated interpreter (-I) run outside the repository, so the source tree
-# cannot stand in for it. Offline, about 10 seconds: the venv's own setuptools builds it (--no-build-isolation).
+# cannot stand in for it. Then builds the sdist and the wheel with `python -m build`, runs `twine check` on both,
+# installs the wheel into a fresh virtual environment (its dependencies lent from the given Python's site-packages,
+# whose editable rf_callback stays out) and runs `rf-probe --help` and one probe there. Offline, about 20 seconds:
+# the venv's own setuptools builds it (--no-build-isolation).
 # Usage: .ci/check_wheel.sh [python]   (default .venv/bin/python; `make wheel-check` runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,3 +72,21 @@ if problems:
     sys.exit(f"wheel check: {wheel.name} is broken:\n  " + "\n  ".join(problems))
 print(f"wheel check: {wheel.name} holds the {len(source)} files of rf_callback/; its {len(modules)} modules load")
 EOF
+
+# The sdist and the wheel as `python -m build` makes them, checked by twine.
+"$PY" -m build --no-isolation --sdist --wheel --outdir "$TMP/build" "$TMP/src" > "$TMP/build.log" 2>&1 \
+  || { cat "$TMP/build.log"; exit 1; }
+"$PY" -m twine check --strict "$TMP"/build/*
+
+# A fresh virtual environment with the wheel installed, its dependencies (torch, Lightning, ...) lent by a .pth line.
+"$PY" -m venv --without-pip "$TMP/venv"
+"$PY" -m pip --python "$TMP/venv/bin/python" install --quiet --no-deps --disable-pip-version-check "$TMP"/build/*.whl
+LENT=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+FRESH=$("$TMP/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$LENT" > "$FRESH/lent_dependencies.pth"
+"$TMP/venv/bin/python" -I -c "import rf_callback, sys; sys.exit(0 if rf_callback.__file__.startswith('$FRESH') else f'rf_callback imported from {rf_callback.__file__}')"
+"$TMP/venv/bin/rf-probe" --help > /dev/null
+PROBED=$("$TMP/venv/bin/rf-probe" torch.nn:Conv2d --kwargs '{"in_channels": 3, "out_channels": 4, "kernel_size": 5}' \
+  --input-shape 3,16,16 --pos 2,3)
+case $PROBED in *"5 x 5"*) ;; *) echo "wheel check: rf-probe in a fresh venv printed: $PROBED"; exit 1 ;; esac
+echo "wheel check: sdist and wheel pass twine check; in a fresh venv, rf-probe --help runs and a probe prints: $(echo "$PROBED" | grep "^size")"
