@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf, rf_table
-from rf_callback.core import chain, geometry_flow
-from rf_callback.core.graph import ProbeGraph
+from rf_callback.core import geometry_flow
 from tests.models import TinyResNet, gated
+from tests.test_geometry_probe import count_graphs
 
 
 def triples(geometry) -> list:
@@ -19,15 +19,12 @@ def triples(geometry) -> list:
 
 
 def measured_and_flowed(monkeypatch, model, shape, **kwargs):
-    """The geometry and reasons measured on other inputs, then read off the flow (chains' closed form off)."""
-    monkeypatch.setattr(chain, "ENABLED", False)
+    """The geometry and reasons measured on other inputs, then read off the flow."""
     monkeypatch.setattr(geometry_flow, "ENABLED", False)
     measured = probe_rf(model, shape, **kwargs)
     measured = triples(measured.geometry), measured.geometry.reasons
     monkeypatch.setattr(geometry_flow, "ENABLED", True)
-    shapes = []
-    init = ProbeGraph.__init__
-    monkeypatch.setattr(ProbeGraph, "__init__", lambda s, m, r, **k: shapes.append(r.input_shape) or init(s, m, r, **k))
+    shapes = count_graphs(monkeypatch)
     field = probe_rf(model, shape, **kwargs)
     flowed = triples(field.geometry), field.geometry.reasons
     return measured, flowed, shapes
@@ -131,7 +128,6 @@ def test_branches_flow_to_the_measured_geometry(left, right, concatenate, length
 
 
 def test_rf_table_rows_read_the_flow(monkeypatch):
-    monkeypatch.setattr(chain, "ENABLED", False)
     monkeypatch.setattr(geometry_flow, "ENABLED", False)
     measured = [(row.name, row.full_size, row.stride, row.offset) for row in rf_table(TinyResNet(), (1, 3, 32, 32))]
     monkeypatch.setattr(geometry_flow, "ENABLED", True)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf, rf_table
-from rf_callback.core import chain, geometry_flow
+from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import chain_geometry
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
@@ -36,8 +36,7 @@ def recorded(*layers: nn.Module) -> nn.Sequential:
 
 @pytest.fixture(autouse=True)
 def measured_geometry(monkeypatch):
-    """The geometry is measured on thin inputs here, also for plain chains (whose closed form tests turn it on)."""
-    monkeypatch.setattr(chain, "ENABLED", False)
+    """The geometry is measured on thin inputs here (the tests of the flow below turn it on)."""
     monkeypatch.setattr(geometry_flow, "ENABLED", False)
 
 
@@ -156,13 +155,7 @@ def test_fixed_size_output_has_no_geometry_and_is_not_read_on_enlarged_inputs(mo
     # describes the fields across input lengths, and reading them on inputs enlarged in every axis would cost the
     # most for nothing.
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(2, 2, 3, padding=1))
-    shapes = []
-    init = ProbeGraph.__init__
-    monkeypatch.setattr(
-        ProbeGraph,
-        "__init__",
-        lambda self, m, request, **k: shapes.append(request.input_shape) or init(self, m, request, **k),
-    )
+    shapes = count_graphs(monkeypatch)
     field = probe_rf(nn.Sequential(*model, nn.AdaptiveAvgPool2d((8, 8))), (1, 1, 16, 16), "center")
     assert field.bounds == ((5, 12), (5, 12)) and field.geometry == (None, None)
     assert max(s[2] * s[3] for s in shapes) <= 16 * 64  # thin inputs only, never 32 x 32 or larger in both axes
@@ -362,8 +355,8 @@ def test_a_stride_longer_than_the_input_is_not_taken_for_windows():
     assert geometry_triples(field) == [(1, 1, 0), (expected_w.size, expected_w.stride, expected_w.offset)]
 
 
-def test_a_plain_chain_reads_its_geometry_off_its_layers_without_a_pass(monkeypatch):
-    monkeypatch.setattr(chain, "ENABLED", True)
+def test_a_plain_chain_reads_its_geometry_off_its_forward_without_another_pass(monkeypatch):
+    monkeypatch.setattr(geometry_flow, "ENABLED", True)
     shapes = count_graphs(monkeypatch)
     field = probe_rf(seed_readme_convs(), (1, 3, 60, 90), (4, 8))
     assert geometry_triples(field) == [(41, 6, 6), (23, 4, 4)] and field.bounds == ((18, 58), (28, 50))
@@ -371,7 +364,7 @@ def test_a_plain_chain_reads_its_geometry_off_its_layers_without_a_pass(monkeypa
 
 
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
-def test_closed_form_equals_the_measured_geometry_on_nested_chains_with_same_padding(monkeypatch, mode):
+def test_the_flow_equals_the_measured_geometry_on_nested_chains_with_same_padding(monkeypatch, mode):
     model = nn.Sequential(
         nn.Conv2d(2, 4, 4, padding="same", dilation=(2, 1)), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, (1, 5), stride=(1, 2), padding=(0, 2)), nn.GELU()),
@@ -379,16 +372,16 @@ def test_closed_form_equals_the_measured_geometry_on_nested_chains_with_same_pad
     )  # fmt: skip
     for layer in (None, "3", "3.1", "5"):
         measured = probe_rf(model, (1, 2, 48, 40), "center", layer=layer, mode=mode)
-        monkeypatch.setattr(chain, "ENABLED", True)
-        closed = probe_rf(model, (1, 2, 48, 40), "center", layer=layer, mode=mode)
-        monkeypatch.setattr(chain, "ENABLED", False)
+        monkeypatch.setattr(geometry_flow, "ENABLED", True)
+        flowed = probe_rf(model, (1, 2, 48, 40), "center", layer=layer, mode=mode)
+        monkeypatch.setattr(geometry_flow, "ENABLED", False)
         assert None not in geometry_triples(measured)
-        assert geometry_triples(closed) == geometry_triples(measured) and closed.bounds == measured.bounds
+        assert geometry_triples(flowed) == geometry_triples(measured) and flowed.bounds == measured.bounds
 
 
 class Doubled(nn.Module):
     def forward(self, x):
-        return torch.cat([x, x], dim=-1)  # doubles the length: no closed form of a chain
+        return torch.cat([x, x], dim=-1)  # doubles the length: a concatenation along the axis ends the flow
 
 
 @pytest.mark.parametrize(
@@ -400,18 +393,18 @@ class Doubled(nn.Module):
     ],
     ids=["user module", "reflect padding", "upsample"],
 )
-def test_a_chain_with_a_layer_the_closed_form_does_not_know_is_measured(monkeypatch, model):
-    monkeypatch.setattr(chain, "ENABLED", True)
+def test_a_chain_with_a_call_the_flow_does_not_follow_is_measured(monkeypatch, model):
+    monkeypatch.setattr(geometry_flow, "ENABLED", True)
     shapes = count_graphs(monkeypatch)
     field = probe_rf(model, (1, 1, 32), "center")
     list(field.geometry)
     assert len(shapes) > 1  # measured on other inputs
 
 
-def test_a_hook_that_changes_a_layer_leaves_the_geometry_to_the_measurement(monkeypatch):
+def test_a_hook_on_a_layer_runs_under_the_flow(monkeypatch):
     model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3))
-    model[0].register_forward_hook(lambda module, args, output: output)
-    monkeypatch.setattr(chain, "ENABLED", True)
+    model[0].register_forward_hook(lambda module, args, output: output * 2)
+    monkeypatch.setattr(geometry_flow, "ENABLED", True)
     shapes = count_graphs(monkeypatch)
     assert geometry_triples(probe_rf(model, (1, 1, 32), "center")) == [(5, 1, 0)]
-    assert len(shapes) > 1
+    assert shapes == [(1, 1, 32)]  # the hook's product is a call the flow follows

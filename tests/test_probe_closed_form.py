@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rf_callback import ProbeError, probe_rf
-from rf_callback.core import chain, geometry_flow
+from rf_callback.core import geometry_flow
 from tests.chains import Layer, build, clip, closed_form, exact_hull, lengths, runnable, span
 
 
@@ -30,11 +30,10 @@ def chains(draw, n_axes: int):
     return layers
 
 
-@pytest.fixture(autouse=True, params=["measured", "closed form"])
+@pytest.fixture(autouse=True, params=["measured", "flowed"])
 def geometry_source(request, monkeypatch):
-    """Every test runs twice: the geometry measured on thin inputs, and read off the chain's layers."""
-    monkeypatch.setattr(chain, "ENABLED", request.param == "closed form")
-    monkeypatch.setattr(geometry_flow, "ENABLED", request.param == "closed form")
+    """Every test runs twice: the geometry measured on thin inputs, and carried along the probe's forward."""
+    monkeypatch.setattr(geometry_flow, "ENABLED", request.param == "flowed")
     return request.param
 
 

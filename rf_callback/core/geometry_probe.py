@@ -156,7 +156,8 @@ def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest) -> GraphO
         dead: list[str] = []
         try:
             with dead_windows_watched(copy, thin_axes, dead):
-                graph = ProbeGraph(copy, request.on(shape), copy=copy)
+                on_input = tuple(shape) == tuple(request.input_shape)  # only there is the flow read
+                graph = ProbeGraph(copy, request.on(shape), copy=copy, carry_flow=on_input)
         except (ValueError, ProbeError):
             return None
         return None if dead else graph

@@ -117,6 +117,7 @@ class ProbeGraph(GraphShapes):
         captured: tuple[torch.Tensor, torch.Tensor] | None = None,
         copy: nn.Module | None = None,
         check_layout: bool = False,
+        carry_flow: bool = True,
     ):
         """Runs the forward pass that ``request`` asks for, or takes ``captured``: the ``(inputs, output)`` of one.
 
@@ -124,7 +125,8 @@ class ProbeGraph(GraphShapes):
         :func:`as_channels_first`); one forward pass can serve every layer of a table. ``copy`` is a copy already
         prepared for the mode (by :func:`prepared_copy`), to share between graphs. ``check_layout``: on the user's
         input, refuse (or warn of) a channels-first reading that the output's shape contradicts (see
-        :func:`check_channels_first`).
+        :func:`check_channels_first`). ``carry_flow``: a theoretical forward carries the geometry along
+        (:mod:`~rf_callback.core.geometry_flow`), which only a graph on the user's input needs.
         """
         self.model, self.request, self.copy = model, request, copy
         self.input_shape, self.layer, self.mode = request.input_shape, request.layer, request.mode
@@ -139,7 +141,7 @@ class ProbeGraph(GraphShapes):
             if copy is None:
                 copy = self.copy = prepared_copy(model, request.mode, request.dtype, device=request.device)
             self.inputs = probe_inputs(request)
-            functions = probe_functions(request.mode, flow=request.mode == "theoretical")
+            functions = probe_functions(request.mode, flow=carry_flow and request.mode == "theoretical")
             if functions.flow is not None:
                 functions.flow.start(self.inputs)
             self.output = forward_to(copy, self.inputs, request, functions)

@@ -18,9 +18,8 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.chain import chain_layers
-from rf_callback.core.geometry import LazyGeometry, chain_geometry
-from rf_callback.core.geometry_flow import Flow, checked_flow
+from rf_callback.core.geometry import LazyGeometry
+from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
     GraphShapes,
@@ -296,14 +295,14 @@ class _Prober:
         known, table = dict(self.known), self.table
         reasons: dict[int, str] = {}
         materialised = constants_materialised()
-        closed_form = self._closed_form(fields)
+        flowed = self._flowed(fields)
         weights_positions = [position for position, _ in fields][:1] if self.mode == "weights" else []
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
 
         def measure():
-            if closed_form is not None:
-                geometry, why = closed_form
+            if flowed is not None:
+                geometry, why = flowed
                 reasons.update(why)
                 return geometry
             if isinstance(skeleton, ValueError):
@@ -315,9 +314,9 @@ class _Prober:
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     if weights_positions and attempt is request:
-                        flowed = _flow_on_theory(theory, weights_positions, table, shape)
-                        if flowed is not None:
-                            geometry, why = flowed
+                        on_theory = _flow_on_theory(theory, weights_positions, table, shape)
+                        if on_theory is not None:
+                            geometry, why = on_theory
                             reasons.update(why)
                             return geometry
                     reasons.clear()
@@ -335,27 +334,16 @@ class _Prober:
 
         return LazyGeometry(len(self.shape) - 2, measure, reasons)
 
-    def _closed_form(self, fields: Sequence[tuple[Position, Box]]) -> tuple[tuple, dict[int, str]] | None:
-        """The geometry without a pass on another input, where the probe can read it and the probed fields agree.
+    def _flowed(self, fields: Sequence[tuple[Position, Box]]) -> tuple[tuple, dict[int, str]] | None:
+        """Theoretical mode: the geometry the probe's own forward carried, if the probed fields agree with it.
 
-        A plain chain of layers gives it in closed form (:mod:`~rf_callback.core.chain`); in theoretical mode the
-        probe's own forward carried it (:mod:`~rf_callback.core.geometry_flow`). Weights mode reads the flow at
-        measuring time, on the theoretical graph (see :meth:`geometry`). Returns the geometry and the reasons of
-        its ``None`` axes, or ``None`` where it must be measured.
+        See :mod:`~rf_callback.core.geometry_flow`; weights mode reads the flow at measuring time, on the theoretical
+        graph (see :meth:`geometry`). Returns the geometry and the reasons of its ``None`` axes, or ``None`` where
+        it must be measured.
         """
-        layers = chain_layers(self.model, self.request)
-        candidate: Flow
-        if layers is not None:
-            candidate = tuple(chain_geometry(axis_layers) for axis_layers in layers)
-        elif self.mode == "theoretical" and self.measured.flow is not None:
-            candidate = self.measured.flow
-        else:
+        if self.mode != "theoretical" or self.measured.flow is None:
             return None
-        if self.mode == "theoretical":
-            return checked_flow(candidate, fields, self.shape, _rows_of(self.table))
-        if not all(_within_spans(g, a, fields, self.shape) for a, g in enumerate(candidate) if not isinstance(g, str)):
-            return None
-        return checked_flow(candidate, (), self.shape, _rows_of(self.table)) if layers is not None else None
+        return checked_flow(self.measured.flow, fields, self.shape, _rows_of(self.table))
 
     def _full_table(self) -> AxisTable | None:
         """Every index's theoretical bounds on the user's input; a centre field that only looks whole is found."""
