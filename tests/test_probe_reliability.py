@@ -331,6 +331,65 @@ def test_max_along_a_dim_does_not_hide_pixels_in_theoretical_mode():
     assert probe_rf(GlobalMax(), (1, 1, 16, 16), (3, 3)).bounds == ((0, 15), (0, 15))
 
 
+def _layer_norm_by_hand(y):
+    mean = y.mean(1, keepdim=True)
+    return (y - mean) / torch.sqrt(((y - mean) ** 2).mean(1, keepdim=True) + 1e-6)
+
+
+class SignedBranch(nn.Module):
+    """conv 3, then a 5 x 5 branch behind a signed call beside a 1 x 1 bypass: r = 3 + 5 - 1 = 7 at every position.
+
+    On the theoretical copy every channel of ``y`` is equal, so ``y - y.mean(1)`` is exactly zero and its gradient
+    cancels: the 5 x 5 branch vanished and the field was the bypass's 3 x 3 (weights mode said 7 x 7).
+    """
+
+    def __init__(self, signed):
+        super().__init__()
+        self.signed = signed
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(self.signed(y)) + self.c3(y)
+
+
+SIGNED_CALLS = {
+    "centred": lambda y: y - y.mean(1, keepdim=True),
+    "torch.sub": lambda y: torch.sub(y.mean(1, keepdim=True), y, alpha=2),
+    "in place": lambda y: y.clone().sub_(y.mean(1, keepdim=True)),
+    "reversed": lambda y: 1 - y / y.sum(1, keepdim=True),
+    "negated": lambda y: y + (-y.mean(1, keepdim=True)),
+    "divided": lambda y: y / y.mean(1, keepdim=True),
+    "reciprocal": lambda y: y * y.mean(1, keepdim=True).reciprocal() - y * torch.rsqrt(y.mean(1, keepdim=True) ** 2),
+    "negative power": lambda y: y - y * y.mean(1, keepdim=True) ** -1.0,
+    "layer norm by hand": _layer_norm_by_hand,
+}
+
+
+@pytest.mark.parametrize("signed", SIGNED_CALLS.values(), ids=SIGNED_CALLS.keys())
+def test_signed_calls_do_not_cancel_paths_in_theoretical_mode(signed):
+    model = SignedBranch(signed)
+    theoretical = probe_rf(model, (1, 1, 20, 20), (10, 10), mode="theoretical")
+    assert theoretical.bounds == ((7, 13), (7, 13))
+    assert probe_rf(model, (1, 1, 20, 20), (10, 10), mode="weights").bounds == theoretical.bounds
+    assert [(g.size, g.stride, g.offset) for g in theoretical.geometry] == [(7, 1, 3)] * 2
+
+
+def test_a_mask_subtracted_from_scores_keeps_its_values_in_theoretical_mode():
+    # The subtrahend does not depend on the input: the real call runs, so the mask still hides its positions.
+    class MaskedMix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 1)
+            self.register_buffer("mask", torch.arange(20.0).ge(10).float() * 1e9)
+
+        def forward(self, x):
+            y = self.c(x)
+            return torch.softmax(y - self.mask, dim=3) * y.sum(3, keepdim=True)
+
+    assert probe_rf(MaskedMix(), (1, 1, 20, 20), (5, 5)).bounds == ((5, 5), (0, 19))
+
+
 @pytest.mark.parametrize("blocks", [1, 4, 16])
 def test_verify_rf_passes_the_whole_input_field_of_a_gated_network(blocks):
     # The gate makes every output see the whole input. A face alone (zeros elsewhere) reaches nothing through it, so

@@ -219,6 +219,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return _attention_twin(*args, **kwargs)
         if self.linearise and name == "multi_head_attention_forward":
             _check_self_attention(func, args, kwargs)
+        if self.linearise and (twin := _sign_free_twin(name, args, kwargs)) is not None:
+            return twin
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -441,6 +443,51 @@ def _bounded(product: torch.Tensor, *, in_place: bool) -> torch.Tensor:
     if scale is None or not bool(scale > 0 and scale != 1):
         return product
     return product.div_(scale) if in_place else product / scale
+
+
+# Elementwise calls whose gradient is negative with respect to an input-dependent operand, on the theoretical copy's
+# positive values: a subtrahend, a negation, a divisor, a reciprocal. Their paths would cancel the positive ones:
+# ``y - y.mean(1)`` is exactly zero on the copy's equal channels, and a 5 x 5 branch behind it vanishes from the field.
+_SUBTRACTIONS = frozenset({"sub", "subtract", "__sub__", "sub_", "subtract_", "__isub__"})
+_REVERSED_SUBTRACTIONS = frozenset({"__rsub__", "rsub"})  # other - self
+_NEGATIONS = frozenset({"neg", "negative", "__neg__", "neg_", "negative_", "reciprocal", "reciprocal_", "rsqrt",
+                        "rsqrt_"})  # fmt: skip
+_DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "divide_", "true_divide_",
+                        "__itruediv__"})  # fmt: skip
+_POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
+
+
+def _depends_on_input(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _sign_free_twin(name: str, args, kwargs):
+    """The theoretical copy's twin of a call with a negative gradient to an input-dependent operand, or None.
+
+    ``a - b`` becomes ``a + b``, ``-x``, ``1 / x`` and ``rsqrt(x)`` become ``x``, ``a / b`` becomes the bounded product
+    ``a * b``, and ``x ** -p`` becomes ``x ** p``: the same operands, every gradient positive, so no path through
+    them cancels another (the weights mode keeps the real call). A call whose negative operand does not depend on the
+    input (``x - mean`` of a buffer, a mask subtracted) stays the real one: its values may matter (a mask).
+    """
+    dependent = _depends_on_input
+    in_place = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    if name in _SUBTRACTIONS and dependent(second):
+        alpha = abs(kwargs.get("alpha", 1))
+        return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
+    if name in _REVERSED_SUBTRACTIONS and dependent(first):
+        alpha = abs(kwargs.get("alpha", 1))
+        return torch.add(second, first, alpha=alpha)
+    if name in _NEGATIONS and dependent(first):
+        return first if in_place else first.clone()
+    if name in _DIVISIONS and dependent(second) and kwargs.get("rounding_mode") is None:
+        return _bounded(first.mul_(second) if in_place else torch.mul(first, second), in_place=in_place)
+    if name == "__rtruediv__" and dependent(first):
+        return _bounded(torch.mul(second, first), in_place=False)
+    if name in _POWERS and dependent(first) and isinstance(second, (int, float)) and second < 0:
+        return first.pow_(-second) if in_place else torch.pow(first, -second)
+    return None
 
 
 def _returns_indices(args, kwargs, position: int) -> bool:
