@@ -363,6 +363,8 @@ SIGNED_CALLS = {
     "reciprocal": lambda y: y * y.mean(1, keepdim=True).reciprocal() - y * torch.rsqrt(y.mean(1, keepdim=True) ** 2),
     "negative power": lambda y: y - y * y.mean(1, keepdim=True) ** -1.0,
     "layer norm by hand": _layer_norm_by_hand,
+    "variance gate": lambda y: y * y.var(1, keepdim=True),
+    "standardised": lambda y: y / (y.std(dim=1, keepdim=True) + 1e-5),
 }
 
 

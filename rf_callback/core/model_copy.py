@@ -464,10 +464,11 @@ def _depends_on_input(value) -> bool:
 def _sign_free_twin(name: str, args, kwargs):
     """The theoretical copy's twin of a call with a negative gradient to an input-dependent operand, or None.
 
-    ``a - b`` becomes ``a + b``, ``-x``, ``1 / x`` and ``rsqrt(x)`` become ``x``, ``a / b`` becomes the bounded product
-    ``a * b``, and ``x ** -p`` becomes ``x ** p``: the same operands, every gradient positive, so no path through
-    them cancels another (the weights mode keeps the real call). A call whose negative operand does not depend on the
-    input (``x - mean`` of a buffer, a mask subtracted) stays the real one: its values may matter (a mask).
+    ``a - b`` becomes ``a + b``; ``-x``, ``1 / x`` and ``rsqrt(x)`` become ``x``; ``a / b`` becomes the bounded
+    product ``a * b``; ``x ** -p`` becomes ``x ** p``; ``var`` and ``std`` (zero on equal values, with a zero
+    gradient) become the mean along the same dims. The same operands, every gradient positive: no path through them
+    cancels another (weights mode keeps the real calls). A call whose negative operand does not depend on the input
+    (a buffer's mean, a mask subtracted) stays the real one: its values may matter.
     """
     dependent = _depends_on_input
     in_place = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
@@ -485,6 +486,10 @@ def _sign_free_twin(name: str, args, kwargs):
         return _bounded(first.mul_(second) if in_place else torch.mul(first, second), in_place=in_place)
     if name == "__rtruediv__" and dependent(first):
         return _bounded(torch.mul(second, first), in_place=False)
+    if name in ("var", "std") and dependent(first) and (dims := _reduced_dims(name, args, kwargs)):
+        # Zero on equal values, with a zero gradient: the mean has the same support and a positive gradient.
+        keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 and isinstance(args[2], bool) else False)
+        return first.mean(dim=dims, keepdim=keepdim)
     if name in _POWERS and dependent(first) and isinstance(second, (int, float)) and second < 0:
         return first.pow_(-second) if in_place else torch.pow(first, -second)
     return None
