@@ -182,3 +182,40 @@ def named_loaders(n: int = 16, batch_size: int = 8) -> tuple[DataLoader, DataLoa
     images, labels = torch.randn(n, 1, 16, 16, generator=generator), torch.randint(0, 3, (n,), generator=generator)
     data = [(f"sample{i}", images[i], labels[i]) for i in range(n)]
     return DataLoader(data, batch_size=batch_size, shuffle=True), DataLoader(data, batch_size=batch_size)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3 x 3 convolutions (padding 1) around an identity: r grows by 4 input strides."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResidualClassifier(ConvClassifier):
+    """conv 3, residual block, max-pool 2, residual block: at ``features``, r = 3 + 4 + 1 + 2*4 = 16, S = 2, P = 7.
+
+    Under Lightning's ``ModelParallelStrategy``, ``configure_model`` shards each block and then the whole module
+    with FSDP2's ``fully_shard`` on the data-parallel mesh; elsewhere it leaves the module whole.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), ResidualBlock(8), nn.MaxPool2d(2), ResidualBlock(8)
+        )
+
+    def configure_model(self):
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.features:
+            if isinstance(block, ResidualBlock):
+                fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self, mesh=mesh["data_parallel"])

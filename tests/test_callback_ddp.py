@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rf_callback import RFCallback, probe_rf
 from tests.lightning_models import ConvClassifier, ShrinkingField, loaders, trainer_kwargs
+from tests.processes import run_isolated
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAPE = (1, 1, 16, 16)
 FIT_TIMEOUT_S = 180  # the run takes ~10 s on 2 cores; past this it is hung
 WORLD_SIZE = 2
@@ -81,23 +77,8 @@ def fit_ddp(out_dir: str) -> None:
 
 def _spawn(function: str, out: Path) -> str:
     """Runs ``tests.test_callback_ddp.<function>(out)`` in a process of its own; returns its output."""
-    log_file = out.parent / f"{out.name}.log"
-    command = [sys.executable, "-c", f"from tests.test_callback_ddp import {function}; {function}({str(out)!r})"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    with open(log_file, "wb") as log:
-        # its own session, so that on a hang the spawned workers go down with it
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        returncode = process.wait(timeout=FIT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        pytest.fail(f"the DDP fit did not finish in {FIT_TIMEOUT_S} s (deadlock?):\n{log_file.read_text()[-6000:]}")
-    output = log_file.read_text(errors="replace")
-    assert returncode == 0, f"the DDP fit failed with exit code {returncode}:\n{output[-6000:]}"
-    return output
+    code = f"from tests.test_callback_ddp import {function}; {function}({str(out)!r})"
+    return run_isolated(["-c", code], out.parent / f"{out.name}.log", FIT_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -127,10 +128,43 @@ class Failures:
         if key in self.said:
             return
         self.said.add(key)
-        text = f"RFCallback: {what} failed, {goes_on} ({type(error).__name__.lstrip('_')}: {error})"
+        text = f"RFCallback: {what} failed{_on_this_rank()}, {goes_on} ({type(error).__name__.lstrip('_')}: {error})"
         if fix:
             text += f". {fix}"
+        _warn(text)
+
+    def elsewhere(self, what: str) -> None:
+        """Warns, once per ``what``, that another rank failed ``what``, so every rank skipped it.
+
+        Args:
+            what: what failed on another rank, in words (``"the probe"``).
+        """
+        if self.strict or ("elsewhere", what) in self.said:
+            return
+        self.said.add(("elsewhere", what))
+        _warn(
+            f"RFCallback: {what} failed on another rank, so every rank skips it{_on_this_rank(' (this is rank {})')} "
+            f"and the ranks stay in step; that rank's warning says why"
+        )
+
+
+def _rank() -> int | None:
+    """This process's rank where more than one process runs, else None."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed and torch.distributed.get_world_size() > 1 else None
+
+
+def _on_this_rank(template: str = " on rank {}") -> str:
+    rank = _rank()
+    return "" if rank is None else template.format(rank)
+
+
+def _warn(text: str) -> None:
+    """Warns on this rank: a failure can happen on one rank only (every rank probes), and its rank must say so."""
+    if _rank() is None:
         rank_zero_warn(text)
+    else:
+        warnings.warn(text, UserWarning, stacklevel=3)
 
 
 _ARGUMENT_ERROR = re.compile(r"^(pos|layer|module|element|layout)=|pass (layer|element|layout)=")

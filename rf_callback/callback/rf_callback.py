@@ -39,13 +39,12 @@ from rf_callback.callback.schedule import (
     first_tensor,
     has_validation,
     ranks_agree,
+    strategy_refusal,
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import MODES
 from rf_callback.core.result import EffectiveField, ReceptiveField
-
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class RFCallback(Callback):
@@ -261,13 +260,10 @@ class RFCallback(Callback):
     # -- Trainer hooks: a table of contents of what the callback does
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuses sharded strategies, whose parameters no single process holds."""
-        name = type(trainer.strategy).__name__
-        if name in _SHARDED_STRATEGIES:
-            raise MisconfigurationException(
-                f"RFCallback does not support {name}: a sharded model cannot be copied whole on one process. Use "
-                f"strategy='ddp' (or a single device), or remove the callback"
-            )
+        """Refuses the strategies whose parameters the probe cannot copy: FSDP1 and DeepSpeed stage 3."""
+        refusal = strategy_refusal(trainer.strategy)
+        if refusal is not None:
+            raise MisconfigurationException(refusal)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Probes the initial weights when the input shape is already known; else waits for the first batch."""
@@ -397,7 +393,7 @@ class RFCallback(Callback):
                 raise MisconfigurationException(f"RFCallback: {error}") from error
             self._failures.report("probe", "the probe at fit start", error, self._probe_fix(error))
         # The ranks agree: the theoretical sizes are synced beside every later probe only where all ranks have them.
-        if not ranks_agree(trainer, theoretical is not None) or theoretical is None:
+        if not self._ranks_agree(trainer, theoretical is not None, "the probe at fit start") or theoretical is None:
             return
         cells = [field.position for field in theoretical]
         if len(set(cells)) < len(cells):
@@ -416,6 +412,8 @@ class RFCallback(Callback):
             trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical", target_for=self._target_for
         )
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
+        if self.mode != "theoretical" and not self._ranks_agree(trainer, current is not None, "the probe at fit start"):
+            current = None  # every rank records the same history
         if current is not None:
             if current is not theoretical:
                 self._reporter.fields(trainer, "weights", current, step=0, figures=True, target_for=self._target_for)
@@ -427,7 +425,7 @@ class RFCallback(Callback):
         probed = self._safe_probe(pl_module)
         # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
         # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
-        succeeded = ranks_agree(trainer, probed is not None)
+        succeeded = self._ranks_agree(trainer, probed is not None, "the probe")
         fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
         if succeeded:
             self._reporter.fields(
@@ -493,6 +491,13 @@ class RFCallback(Callback):
         )
 
     # -- small decisions
+
+    def _ranks_agree(self, trainer, succeeded: bool, what: str) -> bool:
+        """Whether ``what`` succeeded on every rank (a collective); a rank that succeeded says when another did not."""
+        agreed = ranks_agree(trainer, succeeded)
+        if succeeded and not agreed:
+            self._failures.elsewhere(what)
+        return agreed
 
     def _effective_on(self, trainer, pl_module) -> bool:
         if self.effective is False or trainer.state.fn != "fit":

@@ -36,6 +36,36 @@ class ProbeSchedule:
         self.last_probed_epoch = epoch
 
 
+def strategy_refusal(strategy) -> str | None:
+    """Why RFCallback cannot run under ``strategy``, or None where it can.
+
+    DDP and single devices hold whole parameters; ``ModelParallelStrategy`` (FSDP2's ``fully_shard``) shards them as
+    ``DTensor``s, whose shapes the theoretical copy reads and whose values weights mode and the effective field gather
+    (the probe's copy, not the live model); DeepSpeed stages 1 and 2 shard only the optimizer state and gradients.
+
+    Args:
+        strategy: the Trainer's strategy.
+
+    Returns:
+        The reason and the fix, or None.
+    """
+    name = type(strategy).__name__
+    if name == "FSDPStrategy":
+        return (
+            "RFCallback does not support FSDPStrategy (FSDP1): its flat parameters hide the shapes and values of the "
+            "model's own, so no copy of the model can be made without gathering all of it on every process. Use "
+            "ModelParallelStrategy with fully_shard in configure_model (FSDP2), which RFCallback supports, or "
+            "strategy='ddp', or remove the callback"
+        )
+    if name == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+        return (
+            "RFCallback does not support DeepSpeed ZeRO stage 3: its parameters are partitioned and gathered only "
+            "inside DeepSpeed's own hooks, so the probe's copy would hold empty tensors. Use stage 1 or 2 (whole "
+            "parameters on every process), ModelParallelStrategy with fully_shard (FSDP2), or remove the callback"
+        )
+    return None
+
+
 def ranks_agree(trainer, succeeded: bool) -> bool:
     """Whether every rank succeeded: a collective on every rank, so one rank's failure never hangs the others.
 

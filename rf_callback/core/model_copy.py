@@ -629,6 +629,8 @@ def prepared_copy(
     source = getattr(model, "_orig_mod", model)
     with torch.inference_mode(False):
         # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
+        if mode != "theoretical":
+            check_gathered_fits(source, dtype, device)
         memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
         try:
             clone = module_copy(source, memo)
@@ -659,6 +661,9 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
+    sharded = _sharded_class_origin(cls)
+    if sharded is not None:  # fully_shard's class refuses deep copies: the copy is of the class it was built from
+        cls = sharded
     if (
         getattr(cls, "__deepcopy__", None) is not None
         or cls.__reduce_ex__ is not object.__reduce_ex__
@@ -675,6 +680,11 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     for key, value in original.items():
         if key == "_modules":
             state[key] = type(value)((name, None if m is None else module_copy(m, memo)) for name, m in value.items())
+        elif sharded is not None and key.startswith("__composable_api_state_key"):
+            continue  # FSDP's state (process groups, the sharded parameters) stays with the live module
+        elif sharded is not None and key.endswith("hooks") and isinstance(value, dict):  # its gathering hooks too
+            kept = type(value)((k, hook) for k, hook in value.items() if not _is_distributed_hook(hook))
+            state[key] = copy.deepcopy(kept, memo) if kept else kept
         elif key in ("_parameters", "_buffers"):
             state[key] = type(value)((name, None if t is None else copy.deepcopy(t, memo)) for name, t in value.items())
         elif type(value) in _IMMUTABLE or (type(value) in (dict, OrderedDict, set) and not value):
@@ -685,6 +695,77 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = copy.deepcopy(value, memo)
     clone.__setstate__(state)
     return clone
+
+
+def _sharded_class_origin(cls: type) -> type | None:
+    """The class ``fully_shard`` (FSDP2) built ``cls`` from, or None for a class it did not build.
+
+    ``fully_shard`` gives each module it shards a class of its own, ``FSDP<Original>(FSDPModule, Original)``, whose
+    ``__deepcopy__`` raises.
+    """
+    index = getattr(cls, "_orig_cls_mro_index", None)
+    if not isinstance(index, int) or not any(base.__name__ == "FSDPModule" for base in cls.__mro__[1:index]):
+        return None
+    return cls.__mro__[index]
+
+
+def _is_distributed_hook(hook) -> bool:
+    function = getattr(hook, "__func__", hook)
+    return (getattr(function, "__module__", None) or "").startswith("torch.distributed")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a distributed tensor (a ``DTensor``: FSDP2's sharded parameters), whole on no rank."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def check_gathered_fits(model: nn.Module, dtype: torch.dtype, device: torch.device | None) -> None:
+    """Refuses, on every rank at once, to gather a sharded model's parameters where they would not fit in memory.
+
+    The copy holds every parameter whole in ``dtype`` on ``device`` (where each shard is, for None), plus, while it is
+    gathered, the largest parameter whole in its own dtype. Each rank compares that with its free memory, and the
+    ranks agree (an all-reduce on the default process group): a rank that refused alone would leave the others
+    waiting in the gathers.
+
+    Raises:
+        ProbeError: the gathered copy would not fit on some rank; says how much it needs and the fix.
+    """
+    sharded = [p for p in model.parameters() if is_sharded(p)]
+    if not sharded:
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = sum(p.numel() for p in model.parameters()) * itemsize + max(p.numel() * p.element_size() for p in sharded)
+    where = torch.device(device) if device is not None else sharded[0].device
+    free = free_memory(where)
+    fits = torch.tensor([int(need <= free)], device=sharded[0].device)
+    torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+    if not int(fits.item()):
+        raise ProbeError(
+            f"the parameters of {type(model).__name__} are sharded, and weights mode and the effective field need "
+            f"them whole: gathering them takes {need / 2**20:.1f} MiB on {where}, more than some rank has free "
+            f"({free / 2**20:.1f} MiB here); name a smaller module= (a submodule whose parameters fit), probe on "
+            f"another device (device=, RFCallback(probe_device=)), or use mode='theoretical', which reads the shapes "
+            f"alone"
+        )
+
+
+def free_memory(device: torch.device) -> float:
+    """The bytes free on ``device``, infinity where unknown.
+
+    On CUDA, the free memory plus what the caching allocator holds unused; on the CPU, ``MemAvailable``.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return float(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return math.inf
 
 
 def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, device) -> dict[int, torch.Tensor]:
@@ -707,9 +788,12 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
 def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
     if not param.is_floating_point():
         return param.detach().to(device, copy=True)
-    if mode == "theoretical":
-        fan_in = param[0].numel() if param.dim() >= 2 else 1
+    if mode == "theoretical":  # from the shape alone: a sharded parameter is never gathered
+        fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else 1
         return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in, device)
+    if is_sharded(param):
+        # All-gathered: a collective on the parameter's mesh, so every rank prepares the same copy at the same time.
+        param = param.detach().full_tensor()  # type: ignore[attr-defined]  # a DTensor's
     value = param.detach().to(device, dtype, copy=True)
     return value.zero_() if _is_bias(name) and zero_biases else value
 

@@ -1,0 +1,138 @@
+"""Fits under Lightning's ModelParallelStrategy (FSDP2) on 2 CPU processes, run as ``python -m tests.sharded_fits``.
+
+Lightning's launcher starts the second rank by running this module again, so each scenario is one command line:
+
+- ``record OUT``: the same 2-epoch fit with and without RFCallback (weights mode, the effective field on), a checkpoint
+  of the first, a fit resumed from it for a third epoch, and the final weights gathered whole;
+- ``fails OUT``: a fit whose epoch-end weights probe raises on rank 1 only, after the parameters were gathered;
+- ``direct OUT``: ``probe_rf`` and ``effective_rf`` on a model sharded with ``fully_shard`` outside Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from rf_callback import RFCallback
+from tests.lightning_models import ResidualClassifier, loaders, trainer_kwargs
+
+WORLD_SIZE = 2
+DRAWS = 3  # the weights probe's batch: no training or validation batch has 3 samples
+
+
+class RecordRank(pl.Callback):
+    """Writes each rank's training losses and what its RFCallback recorded, as ``<name>-rank<r>.json``."""
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.name, self.losses = out, name, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        rf = next((c for c in trainer.callbacks if isinstance(c, RFCallback)), None)
+        record = {"losses": self.losses, "history": None if rf is None else rf.history}
+        (self.out / f"{self.name}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class FailsOnRankOne(torch.nn.Module):
+    """Wraps a module; on rank 1, a forward on ``DRAWS`` samples (the weights probe's copy) raises."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if len(x) == DRAWS and torch.distributed.get_rank() == 1:
+            raise RuntimeError("a failure on rank 1 only")
+        return self.inner(x)
+
+
+def _trainer(out: Path, name: str, callback: bool, **overrides) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [RecordRank(out, name)]
+    if callback:
+        callbacks.insert(0, RFCallback((2, 5), layer="features", mode="weights", draws=DRAWS, target_size=12))
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1)
+    kwargs = trainer_kwargs(out / name, devices=WORLD_SIZE, strategy=strategy, **overrides)
+    return pl.Trainer(callbacks=callbacks, logger=pl.loggers.TensorBoardLogger(out / name), **kwargs)
+
+
+def _model() -> ResidualClassifier:
+    torch.manual_seed(0)
+    return ResidualClassifier()
+
+
+def record(out: Path) -> None:
+    """The fits with and without the callback, a checkpoint, its resumption, and the final weights whole."""
+    model, trainer = _model(), _trainer(out, "probed", callback=True)
+    trainer.fit(model, *loaders())
+    trainer.save_checkpoint(out / "probed.ckpt")
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    if trainer.global_rank == 0:
+        torch.save(whole, out / "final.pt")
+    _trainer(out, "plain", callback=False).fit(_model(), *loaders())
+    resumed = _trainer(out, "resumed", callback=True, max_epochs=3)
+    resumed.fit(_model(), *loaders(), ckpt_path=out / "probed.ckpt")
+
+
+def fails(out: Path) -> None:
+    """A fit whose weights probe raises on rank 1 only, after every rank gathered the parameters."""
+    model = _model()
+    model.features[3] = FailsOnRankOne(model.features[3])
+    _trainer(out, "fails", callback=True).fit(model, *loaders())
+
+
+def _direct_rank(rank: int, out: Path) -> None:
+    """One rank of ``direct``: the probes of a ``fully_shard``-ed model beside those of the same model whole."""
+    import os
+
+    from torch.distributed.fsdp import fully_shard
+
+    from rf_callback import ProbeError, effective_rf, probe_rf, rf_table
+    from rf_callback.core import model_copy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["RF_TEST_PORT"])
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    whole, sharded = _model().features, _model().features
+    for block in sharded:
+        if not isinstance(block, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            fully_shard(block)
+    fully_shard(sharded)
+    shards = {name: p.to_local().clone() for name, p in sharded.named_parameters()}
+    inputs = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    same = {}
+    for mode in ("theoretical", "weights"):
+        a, b = probe_rf(whole, (1, 1, 16, 16), (2, 5), mode=mode), probe_rf(sharded, (1, 1, 16, 16), (2, 5), mode=mode)
+        same[mode] = a == b and torch.equal(a.heatmap, b.heatmap)
+    same["table"] = str(rf_table(whole, (1, 1, 16, 16))) == str(rf_table(sharded, (1, 1, 16, 16)))
+    a, b = effective_rf(whole, inputs, (2, 5)), effective_rf(sharded, inputs, (2, 5))
+    same["effective"] = torch.equal(a.heatmap, b.heatmap)
+    untouched = all(
+        type(p).__name__ == "DTensor" and torch.equal(p.to_local(), shards[name])
+        for name, p in sharded.named_parameters()
+    )
+    record = {"same": same, "untouched": untouched, "forward": torch.equal(whole(inputs), sharded(inputs))}
+    # Rank 1 alone has no memory to gather into: every rank refuses, none waits in a gather.
+    if rank == 1:
+        model_copy.free_memory = lambda device: 0.0
+    try:
+        probe_rf(sharded, (1, 1, 16, 16), (2, 5), mode="weights")
+        record["refused"] = ""
+    except ProbeError as error:
+        record["refused"] = str(error)
+    (out / f"direct-rank{rank}.json").write_text(json.dumps(record))
+    torch.distributed.destroy_process_group()
+
+
+def direct(out: Path) -> None:
+    """``probe_rf``, ``rf_table`` and ``effective_rf`` on a ``fully_shard``-ed model outside Lightning, every rank."""
+    torch.multiprocessing.spawn(_direct_rank, args=(out,), nprocs=WORLD_SIZE)
+
+
+if __name__ == "__main__":
+    {"record": record, "fails": fails, "direct": direct}[sys.argv[1]](Path(sys.argv[2]))
