@@ -132,3 +132,25 @@ def test_a_channels_last_compiled_gpu_fit_draws_its_figures(tmp_path):
     trainer.fit(torch.compile(model), train, val)
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0}).Reload()
     assert len(events.Images("rf/features/pos0/figure")) == 2
+
+
+def test_a_model_parallel_fit_on_one_gpu_logs_the_whole_models_fields(tmp_path):
+    # FSDP2 on one GPU (nccl, a mesh of one): the same code path as on many, parameters as DTensors.
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.lightning_models import ResidualClassifier
+
+    torch.manual_seed(0)
+    initial = probe_rf(ResidualClassifier(), (1, 1, 16, 16), (2, 5), layer="features", mode="weights", draws=3)
+    torch.manual_seed(0)
+    model = ResidualClassifier()
+    rf = RFCallback((2, 5), layer="features", mode="weights", draws=3)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = pl.Trainer(callbacks=[rf], logger=False, **trainer_kwargs(tmp_path, accelerator="gpu", strategy=strategy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no probe may fail
+        warnings.filterwarnings("ignore", message=".*(deprecated|sync_dist|num_workers|LeafSpec).*")
+        trainer.fit(model, *loaders())
+    assert rf.history[0]["fields"][0]["bounds"] == [list(b) for b in initial.bounds]
+    assert [entry["step"] for entry in rf.history] == [0, 4, 8]
+    assert all(entry["effective"] for entry in rf.history[1:])
