@@ -365,11 +365,13 @@ SIGNED_CALLS = {
     "layer norm by hand": _layer_norm_by_hand,
     "variance gate": lambda y: y * y.var(1, keepdim=True),
     "standardised": lambda y: y / (y.std(dim=1, keepdim=True) + 1e-5),
+    "clamped": lambda y: (8 * y).clamp(0, 6),  # the copy's values are 8: past the bound, the gradient was zero
+    "clipped in place": lambda y: (8 * y).clip_(max=6),
 }
 
 
 @pytest.mark.parametrize("signed", SIGNED_CALLS.values(), ids=SIGNED_CALLS.keys())
-def test_signed_calls_do_not_cancel_paths_in_theoretical_mode(signed):
+def test_signed_or_clamping_calls_do_not_hide_paths_in_theoretical_mode(signed):
     model = SignedBranch(signed)
     theoretical = probe_rf(model, (1, 1, 20, 20), (10, 10), mode="theoretical")
     assert theoretical.bounds == ((7, 13), (7, 13))

@@ -40,6 +40,10 @@ _ACTIVATIONS = frozenset(
         "tanhshrink", "hardshrink", "softshrink",
     }
 )  # fmt: skip
+# Clamps of input-dependent values are activations (a ReLU6 written as x.clamp(0, 6)): past a bound their gradient
+# is zero, and the theoretical copy's values grow block after block (x + f(x) doubles them). Integer clamps of
+# indices do not depend on the input and stay real.
+_CLAMPS = frozenset({"clamp", "clip", "clamp_min", "clamp_max"})
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
 _NORMALISATIONS = frozenset(
     {"batch_norm", "instance_norm", "group_norm", "layer_norm", "local_response_norm", "rms_norm"}
@@ -201,7 +205,8 @@ class _ProbeFunctions(TorchFunctionMode):
 
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
-        if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS)):
+        clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input"))
+        if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
         # With return_indices the indices feed an unpooling layer, so the real max-pool must stay.
