@@ -75,7 +75,7 @@ def run(rank: int, port: int, device: str, repeats: int) -> None:
         for mode in ("theoretical", "weights"):
             for label, model in (("whole", whole), ("sharded", sharded)):
                 dist.barrier()
-                row[(mode, label)] = best(lambda m=model, mo=mode: probe_rf(m, shape, mode=mo), repeats)
+                row[(mode, label)] = best(lambda m=model, mo=mode, s=shape: probe_rf(m, s, mode=mo), repeats)
         if rank == 0:
             print(f"{name}: parameters {full_mib:.1f} MiB whole, {shard_mib:.1f} MiB per rank's shard; gathered copy "
                   f"(weights mode) {full_mib:.1f} MiB per rank")  # fmt: skip
