@@ -117,6 +117,7 @@ def _direct_rank(rank: int, out: Path) -> None:
         for name, p in sharded.named_parameters()
     )
     record = {"same": same, "untouched": untouched, "forward": torch.equal(whole(inputs), sharded(inputs))}
+    record["fsdp1"] = _fsdp1_probes(whole, inputs)
     # Rank 1 alone has no memory to gather into: every rank refuses, none waits in a gather.
     if rank == 1:
         model_copy.free_memory = lambda device: 0.0
@@ -126,7 +127,60 @@ def _direct_rank(rank: int, out: Path) -> None:
     except ProbeError as error:
         record["refused"] = str(error)
     (out / f"direct-rank{rank}.json").write_text(json.dumps(record))
-    torch.distributed.destroy_process_group()
+    # FSDP1 on the CPU aborts now and then at interpreter exit ("terminate called without an active exception",
+    # torch's teardown of its gloo threads, with no probe in the script): the results are written, so leave at once.
+    os._exit(0)
+
+
+def _fsdp1_probes(whole: torch.nn.Module, inputs: torch.Tensor) -> dict:
+    """FSDP1 (``FullyShardedDataParallel``, blocks wrapped by the auto-wrap policy) beside the whole model.
+
+    Directly (``probe_rf`` on the wrapper), and as the callback does under ``FSDPStrategy``: a LightningModule wrapped
+    whole, probed at ``features`` through ``FieldProber`` with the root gathered around each probe.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from rf_callback import ProbeError, effective_rf, probe_rf
+    from rf_callback.callback.fields import FieldProber
+    from rf_callback.core.model_copy import fsdp1_parameters_whole
+    from tests.lightning_models import ResidualBlock
+
+    def wrapped(module: torch.nn.Module, orig: bool) -> FullyShardedDataParallel:
+        policy = ModuleWrapPolicy({ResidualBlock})
+        return FullyShardedDataParallel(
+            module, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=orig
+        )
+
+    same = {}
+    for orig in (True, False):
+        flat = wrapped(_model().features, orig)
+        flat(inputs)  # as in training: FSDP1 initialises lazily
+        local = [p.detach().clone() for p in flat.parameters()]
+        for mode in ("theoretical", "weights"):
+            a, b = probe_rf(whole, (1, 1, 16, 16), (2, 5), mode=mode), probe_rf(flat, (1, 1, 16, 16), (2, 5), mode=mode)
+            same[f"{mode} use_orig_params={orig}"] = a == b and torch.equal(a.heatmap, b.heatmap)
+        a, b = effective_rf(whole, inputs, (2, 5)), effective_rf(flat, inputs, (2, 5))
+        same[f"effective use_orig_params={orig}"] = torch.equal(a.heatmap, b.heatmap)
+        same[f"untouched use_orig_params={orig}"] = all(map(torch.equal, local, flat.parameters()))
+
+        pl_module = _model()
+        root = wrapped(pl_module, orig)
+        root(inputs)
+        prober = FieldProber(
+            [(2, 5)], layer="features", module=None, element=None, layout="channels_first", draws=DRAWS, seed=0,
+            device=None,
+        )  # fmt: skip
+        try:
+            prober.probe(pl_module, "weights", (1, 1, 16, 16))
+            same[f"refused without the root use_orig_params={orig}"] = False
+        except ProbeError as error:
+            same[f"refused without the root use_orig_params={orig}"] = "unit around it" in str(error)
+        prober.whole_parameters = lambda module, root=root: fsdp1_parameters_whole(module, root)
+        expected = probe_rf(_model(), (1, 1, 16, 16), (2, 5), layer="features", mode="weights", draws=DRAWS)
+        got = prober.probe(pl_module, "weights", (1, 1, 16, 16))[0]
+        same[f"callback use_orig_params={orig}"] = got == expected and torch.equal(got.heatmap, expected.heatmap)
+    return same
 
 
 def direct(out: Path) -> None:

@@ -134,18 +134,23 @@ def test_a_channels_last_compiled_gpu_fit_draws_its_figures(tmp_path):
     assert len(events.Images("rf/features/pos0/figure")) == 2
 
 
-def test_a_model_parallel_fit_on_one_gpu_logs_the_whole_models_fields(tmp_path):
-    # FSDP2 on one GPU (nccl, a mesh of one): the same code path as on many, parameters as DTensors.
-    from lightning.pytorch.strategies import ModelParallelStrategy
+@pytest.mark.parametrize("sharding", ["ModelParallelStrategy", "FSDPStrategy"])
+def test_a_sharded_fit_on_one_gpu_logs_the_whole_models_fields(tmp_path, sharding):
+    # FSDP2 (a mesh of one) and FSDP1 (blocks auto-wrapped) on one GPU with nccl: the code paths of many GPUs.
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from tests.lightning_models import ResidualClassifier
+    from tests.lightning_models import ResidualBlock, ResidualClassifier
 
     torch.manual_seed(0)
     initial = probe_rf(ResidualClassifier(), (1, 1, 16, 16), (2, 5), layer="features", mode="weights", draws=3)
     torch.manual_seed(0)
     model = ResidualClassifier()
     rf = RFCallback((2, 5), layer="features", mode="weights", draws=3)
-    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    if sharding == "FSDPStrategy":
+        strategy = FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({ResidualBlock}))
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     trainer = pl.Trainer(callbacks=[rf], logger=False, **trainer_kwargs(tmp_path, accelerator="gpu", strategy=strategy))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no probe may fail

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -50,6 +51,8 @@ class FieldProber:
         self.layer, self.module, self.element, self.layout = layer, module, element, layout
         self.draws, self.seed, self.device = draws, seed, device
         self.theoretical: list[ReceptiveField] | None = None  # on the input shape the fields are probed on
+        # Around every probe of a module: where its parameters are whole (FSDP1's gathering, see RFCallback.setup).
+        self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
         self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
 
     def target(self, pl_module: nn.Module) -> nn.Module:
@@ -87,11 +90,13 @@ class FieldProber:
             One field per position, in the order of ``positions``.
         """
         positions = self.positions if len(self.positions) > 1 else self.positions[0]
-        fields = probe_rf(
-            self.target(pl_module), tuple(input_shape), positions,
-            layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element, layout=self.layout,
-            device=self.device,
-        )  # fmt: skip
+        target = self.target(pl_module)
+        with self.whole_parameters(target):
+            fields = probe_rf(
+                target, tuple(input_shape), positions,
+                layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element,
+                layout=self.layout, device=self.device,
+            )  # fmt: skip
         # The positions are indices or "center", never "all": probe_rf returns fields, not a ReceptiveFieldMap.
         fields = cast("ReceptiveField | list[ReceptiveField]", fields)
         return fields if isinstance(fields, list) else [fields]
@@ -140,11 +145,17 @@ class FieldProber:
                 "element, so there is nothing to measure the effective field on"
             )
         theoretical = self.theoretical_fields(pl_module, input_shape, inputs.shape)
-        fields = effective_rf(
-            self.target(pl_module), inputs, [field.position for field in theoretical], layer=self.layer,
-            theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
-        )  # fmt: skip
+        target = self.target(pl_module)
+        with self.whole_parameters(target):
+            fields = effective_rf(
+                target, inputs, [field.position for field in theoretical], layer=self.layer,
+                theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
+            )  # fmt: skip
         return cast("list[EffectiveField]", fields)  # a list of theoretical fields gives a list of effective ones
+
+
+def _as_it_is(module: nn.Module) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def probe_fix(error: Exception, input_shape: Sequence[int] | None, shape_source: str | None) -> str:

@@ -43,7 +43,7 @@ from rf_callback.callback.schedule import (
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import MODES
+from rf_callback.core.model_copy import MODES, fsdp1_parameters_whole
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
 
@@ -260,10 +260,12 @@ class RFCallback(Callback):
     # -- Trainer hooks: a table of contents of what the callback does
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuses the strategies whose parameters the probe cannot copy: FSDP1 and DeepSpeed stage 3."""
+        """Refuses DeepSpeed stage 3, whose parameters the probe cannot copy; under FSDP1 gathers around each probe."""
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise MisconfigurationException(refusal)
+        if type(trainer.strategy).__name__ == "FSDPStrategy":  # each probe copies inside a gathering
+            self._prober.whole_parameters = lambda module: fsdp1_parameters_whole(module, trainer.strategy.model)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Probes the initial weights when the input shape is already known; else waits for the first batch."""

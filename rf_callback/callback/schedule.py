@@ -41,7 +41,8 @@ def strategy_refusal(strategy) -> str | None:
 
     DDP and single devices hold whole parameters; ``ModelParallelStrategy`` (FSDP2's ``fully_shard``) shards them as
     ``DTensor``s, whose shapes the theoretical copy reads and whose values weights mode and the effective field gather
-    (the probe's copy, not the live model); DeepSpeed stages 1 and 2 shard only the optimizer state and gradients.
+    (the probe's copy, not the live model); ``FSDPStrategy`` (FSDP1) is gathered whole around each probe; DeepSpeed
+    stages 1 and 2 shard only the optimizer state and gradients.
 
     Args:
         strategy: the Trainer's strategy.
@@ -50,13 +51,6 @@ def strategy_refusal(strategy) -> str | None:
         The reason and the fix, or None.
     """
     name = type(strategy).__name__
-    if name == "FSDPStrategy":
-        return (
-            "RFCallback does not support FSDPStrategy (FSDP1): its flat parameters hide the shapes and values of the "
-            "model's own, so no copy of the model can be made without gathering all of it on every process. Use "
-            "ModelParallelStrategy with fully_shard in configure_model (FSDP2), which RFCallback supports, or "
-            "strategy='ddp', or remove the callback"
-        )
     if name == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
         return (
             "RFCallback does not support DeepSpeed ZeRO stage 3: its parameters are partitioned and gathered only "

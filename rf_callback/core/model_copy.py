@@ -8,10 +8,11 @@ import copy
 import inspect
 import math
 import random
+import sys
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -636,9 +637,12 @@ def prepared_copy(
         # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
         if mode != "theoretical":
             check_gathered_fits(source, dtype, device)
-        memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
         try:
-            clone = module_copy(source, memo)
+            with fsdp1_parameters_whole(source):
+                memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
+                clone = module_copy(source, memo)
+        except ProbeError:
+            raise
         except Exception as error:
             raise CopyError(
                 f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
@@ -666,6 +670,10 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
     cls = type(module)
+    if _is_fsdp1_wrapper(module):  # FSDP1's wrapper holds the flat parameters: the copy keeps what it wraps
+        unwrapped = memo[id(module)] = _Unwrapped()
+        unwrapped._fsdp_wrapped_module = module_copy(cast(nn.Module, module._fsdp_wrapped_module), memo)
+        return unwrapped
     sharded = _sharded_class_origin(cls)
     if sharded is not None:  # fully_shard's class refuses deep copies: the copy is of the class it was built from
         cls = sharded
@@ -714,6 +722,90 @@ def _sharded_class_origin(cls: type) -> type | None:
     return cls.__mro__[index]
 
 
+class _Unwrapped(nn.Module):
+    """Stands in the probe's copy for an FSDP1 ``FullyShardedDataParallel`` wrapper: runs what it wraps.
+
+    The child keeps the wrapper's name for it (``_fsdp_wrapped_module``), so the copy's module names are the live
+    model's and ``layer=`` names the same module in both.
+    """
+
+    _fsdp_wrapped_module: nn.Module
+
+    def forward(self, *args, **kwargs):
+        """Runs the wrapped module."""
+        return self._fsdp_wrapped_module(*args, **kwargs)
+
+
+def _fsdp1_class() -> Any:
+    """FSDP1's wrapper class where a model may hold one (its module was imported), else None: no import per probe."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return getattr(fsdp, "FullyShardedDataParallel", None)
+
+
+def _is_fsdp1_wrapper(module: nn.Module) -> bool:
+    wrapper = _fsdp1_class()
+    return wrapper is not None and isinstance(module, wrapper)
+
+
+@contextlib.contextmanager
+def fsdp1_parameters_whole(model: nn.Module, root: nn.Module | None = None) -> Iterator[None]:
+    """Inside it, the FSDP1 (``FullyShardedDataParallel``) parameters of ``model`` are whole on every rank.
+
+    FSDP1 keeps each unit's parameters as one flat shard per rank, which hides even their shapes: the copy is made
+    inside ``summon_full_params`` (an all-gather, a collective: every rank calls the probe at the same time), without
+    writing back, after the ranks agree that the whole parameters fit in memory. The units inside ``model`` are
+    gathered; where ``model`` also holds parameters of a unit around it, ``root`` (the outermost unit) is. Inside a
+    gathering already (the caller's, or this function's), ``model`` is read as it is.
+
+    Args:
+        model: the module to copy.
+        root: the outermost FSDP1 unit, gathered where ``model`` holds parameters of a unit around it.
+
+    Raises:
+        ProbeError: ``model`` holds parameters of a unit around it and no ``root`` is given; or the whole
+            parameters would not fit in some rank's memory.
+    """
+    wrapper = _fsdp1_class()
+    if wrapper is None:
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, wrapper)]
+    gathering = _FSDP1_WHOLE.get() or any("SUMMON" in str(unit.training_state) for unit in units)
+    inside = {id(p) for unit in units for p in unit.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in inside and getattr(p, "_fsdp_flattened", False)]
+    if gathering or not (units or outside):
+        yield
+        return
+    if outside and root is None:
+        raise ProbeError(
+            f"{type(model).__name__} holds parameters of an FSDP1 unit around it (FullyShardedDataParallel), "
+            f"sharded flat: their shapes and values are not its own; pass the FullyShardedDataParallel module "
+            f"itself, or call inside FullyShardedDataParallel.summon_full_params(root, writeback=False)"
+        )
+    gathered = root if outside and root is not None else model
+    flat: list[Any] = [getattr(unit, "_flat_param", None) for unit in gathered.modules()]
+    flat = [f for f in flat if f is not None]
+    if flat:  # the whole unsharded flat parameters, on their device, beside the shards
+        need = sum(f._unpadded_unsharded_size.numel() * f.element_size() for f in flat)
+        _agree_it_fits(
+            need, flat[0].device, flat[0].device,
+            f"the parameters of {type(gathered).__name__} are FSDP1 flat shards, and the probe's copy needs them "
+            f"whole in every mode (the shards hide even their shapes)",
+            "name a module= that is an FSDP1 unit of its own (wrapped by the auto-wrap policy), or shard the model "
+            "with ModelParallelStrategy and fully_shard (FSDP2), whose theoretical probe gathers nothing",
+        )  # fmt: skip
+    token = _FSDP1_WHOLE.set(True)
+    try:
+        with wrapper.summon_full_params(gathered, writeback=False, recurse=True):
+            yield
+    finally:
+        _FSDP1_WHOLE.reset(token)
+
+
+# True inside fsdp1_parameters_whole's gathering: the FSDP1 units around a submodule probed inside it are whole.
+_FSDP1_WHOLE = contextvars.ContextVar("rf_callback_fsdp1_whole", default=False)
+
+
 def _is_distributed_hook(hook) -> bool:
     function = getattr(hook, "__func__", hook)
     return (getattr(function, "__module__", None) or "").startswith("torch.distributed")
@@ -741,17 +833,29 @@ def check_gathered_fits(model: nn.Module, dtype: torch.dtype, device: torch.devi
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = sum(p.numel() for p in model.parameters()) * itemsize + max(p.numel() * p.element_size() for p in sharded)
     where = torch.device(device) if device is not None else sharded[0].device
+    name = (_sharded_class_origin(type(model)) or type(model)).__name__
+    _agree_it_fits(
+        need, where, sharded[0].device,
+        f"the parameters of {name} are sharded, and weights mode and the effective field need them whole",
+        "name a smaller module= (a submodule whose parameters fit), probe on another device (device=, "
+        "RFCallback(probe_device=)), or use mode='theoretical', which reads the shapes alone",
+    )  # fmt: skip
+
+
+def _agree_it_fits(need: float, where: torch.device, collective_device: torch.device, why: str, fix: str) -> None:
+    """Refuses on every rank where gathering ``need`` bytes on ``where`` would not fit on some rank (an all-reduce)."""
     free = free_memory(where)
-    fits = torch.tensor([int(need <= free)], device=sharded[0].device)
+    fits = torch.tensor([int(need <= free)], device=collective_device)
     torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
     if not int(fits.item()):
         raise ProbeError(
-            f"the parameters of {type(model).__name__} are sharded, and weights mode and the effective field need "
-            f"them whole: gathering them takes {need / 2**20:.1f} MiB on {where}, more than some rank has free "
-            f"({free / 2**20:.1f} MiB here); name a smaller module= (a submodule whose parameters fit), probe on "
-            f"another device (device=, RFCallback(probe_device=)), or use mode='theoretical', which reads the shapes "
-            f"alone"
+            f"{why}: gathering them takes {_in_mib(need)} on {where}, more than some rank has free ({_in_mib(free)} "
+            f"here); {fix}"
         )
+
+
+def _in_mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 / 10 else f"{size / 2**10:.1f} KiB"
 
 
 def free_memory(device: torch.device) -> float:
