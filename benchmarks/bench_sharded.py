@@ -1,8 +1,9 @@
 """What the probe costs on a model sharded with FSDP2's ``fully_shard``, beside the same model whole.
 
 Runs on 2 CPU processes (gloo) here, or on 2 GPUs with ``--device cuda`` (nccl). For each model, per rank: the
-theoretical probe (no communication), the weights-mode probe (one all-gather per parameter into the probe's copy),
-and the same probes of the whole model on one process; the gathered copy's size beside the rank's shard.
+theoretical probe (no communication under FSDP2), the weights-mode probe (one all-gather per parameter into the
+probe's copy), the same under FSDP1 (``FullyShardedDataParallel``, blocks auto-wrapped: gathered in every mode), and
+the same probes of the whole model; the gathered copy's size beside the rank's shard.
 
     OMP_NUM_THREADS=1 PYTHONPATH=.. ../.venv/bin/python bench_sharded.py
 """
@@ -54,7 +55,8 @@ def best(call, repeats: int) -> float:
 
 
 def run(rank: int, port: int, device: str, repeats: int) -> None:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD_SIZE)
@@ -68,22 +70,29 @@ def run(rank: int, port: int, device: str, repeats: int) -> None:
             if isinstance(module, Block):
                 fully_shard(module)
         fully_shard(sharded)
+        torch.manual_seed(0)
+        flat = FullyShardedDataParallel(
+            residual(width, blocks).to(where), auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=where
+        )
         shape = (1, 3, 64, 64)
+        flat(torch.ones(shape, device=where))  # FSDP1 initialises lazily, at its first forward
         full_mib = sum(p.numel() for p in whole.parameters()) * 4 / 2**20
         shard_mib = sum(p.to_local().numel() for p in sharded.parameters()) * 4 / 2**20
         row = {}
         for mode in ("theoretical", "weights"):
-            for label, model in (("whole", whole), ("sharded", sharded)):
+            for label, model in (("whole", whole), ("sharded", sharded), ("fsdp1", flat)):
                 dist.barrier()
                 row[(mode, label)] = best(lambda m=model, mo=mode, s=shape: probe_rf(m, s, mode=mo), repeats)
         if rank == 0:
             print(f"{name}: parameters {full_mib:.1f} MiB whole, {shard_mib:.1f} MiB per rank's shard; gathered copy "
                   f"(weights mode) {full_mib:.1f} MiB per rank")  # fmt: skip
             for mode in ("theoretical", "weights"):
-                whole_s, sharded_s = row[(mode, "whole")], row[(mode, "sharded")]
-                print(f"  {mode:<11} whole {whole_s * 1e3:7.1f} ms   sharded {sharded_s * 1e3:7.1f} ms   "
-                      f"({sharded_s / whole_s:.2f}x)")  # fmt: skip
-    dist.destroy_process_group()
+                whole_s, sharded_s, flat_s = (row[(mode, label)] for label in ("whole", "sharded", "fsdp1"))
+                fsdp2 = f"FSDP2 {sharded_s * 1e3:7.1f} ms ({sharded_s / whole_s:.2f}x)"
+                fsdp1 = f"FSDP1 {flat_s * 1e3:7.1f} ms ({flat_s / whole_s:.2f}x)"
+                print(f"  {mode:<11} whole {whole_s * 1e3:7.1f} ms   {fsdp2}   {fsdp1}")
+    # FSDP1 on the CPU aborts now and then at interpreter exit (torch's teardown of its gloo threads): leave at once.
+    os._exit(0)
 
 
 def main() -> None:

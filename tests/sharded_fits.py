@@ -143,7 +143,7 @@ def _fsdp1_probes(whole: torch.nn.Module, inputs: torch.Tensor) -> dict:
 
     from rf_callback import ProbeError, effective_rf, probe_rf
     from rf_callback.callback.fields import FieldProber
-    from rf_callback.core.model_copy import fsdp1_parameters_whole
+    from rf_callback.core.model_copy import fsdp1_parameters_whole, gather_note
     from tests.lightning_models import ResidualBlock
 
     def wrapped(module: torch.nn.Module, orig: bool) -> FullyShardedDataParallel:
@@ -176,6 +176,8 @@ def _fsdp1_probes(whole: torch.nn.Module, inputs: torch.Tensor) -> dict:
             same[f"refused without the root use_orig_params={orig}"] = False
         except ProbeError as error:
             same[f"refused without the root use_orig_params={orig}"] = "unit around it" in str(error)
+        note = gather_note(pl_module, root) or ""
+        same[f"note use_orig_params={orig}"] = "gathers the whole model's (FullyShardedDataParallel" in note
         prober.whole_parameters = lambda module, root=root: fsdp1_parameters_whole(module, root)
         expected = probe_rf(_model(), (1, 1, 16, 16), (2, 5), layer="features", mode="weights", draws=DRAWS)
         got = prober.probe(pl_module, "weights", (1, 1, 16, 16))[0]

@@ -76,6 +76,15 @@ def test_sharded_fields_are_those_of_the_same_model_whole(recorded):
     assert all("effective" in entry and entry["effective"] for entry in history[1:])
 
 
+def test_the_fit_says_what_each_probe_gathers(recorded):
+    # A stem (72 + 8), 2 blocks of 2 convolutions of 8 x 8 x 3 x 3 (576 + 8) and a head (24 + 3): 2443 parameters in
+    # float32, plus the largest (576) whole while it is gathered: (2443 + 576) * 4 bytes = 11.8 KiB.
+    assert (
+        "RFCallback: the parameters of ResidualClassifier are sharded (FSDP2): each weights-mode probe and effective "
+        "field gathers them whole into the probe's copy, 11.8 KiB per rank" in recorded.output
+    )
+
+
 def test_rank_zero_alone_writes_the_logs(recorded):
     files = sorted((recorded.out / "probed").rglob("events.out.tfevents.*"))
     assert len(files) == 1
@@ -106,7 +115,7 @@ def test_probe_rf_rf_table_and_effective_rf_on_a_fully_sharded_model_equal_the_w
     for rank in run.direct:
         refused = rank.pop("refused")
         fsdp1 = rank.pop("fsdp1")
-        assert fsdp1 == dict.fromkeys(fsdp1, True) and len(fsdp1) == 12
+        assert fsdp1 == dict.fromkeys(fsdp1, True) and len(fsdp1) == 14
         same = dict.fromkeys(("theoretical", "weights", "table", "effective"), True)
         assert rank == {"same": same, "untouched": True, "forward": True}
         assert "gathering them takes" in refused and "more than some rank has free" in refused

@@ -43,7 +43,7 @@ from rf_callback.callback.schedule import (
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import MODES, fsdp1_parameters_whole
+from rf_callback.core.model_copy import MODES, fsdp1_parameters_whole, gather_note
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
 
@@ -409,6 +409,7 @@ class RFCallback(Callback):
             warning = None if target is None else self._target_warning(field, target)
             if warning is not None:
                 rank_zero_warn(warning)
+        self._say_what_is_gathered(trainer, pl_module)
         self._describe_dashboard(trainer, theoretical, target)
         self._reporter.fields(
             trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical", target_for=self._target_for
@@ -491,6 +492,16 @@ class RFCallback(Callback):
                 "fields": [f.to_dict(geometry=False) for f in fields],
             }
         )
+
+    def _say_what_is_gathered(self, trainer, pl_module) -> None:
+        """Says, once, what each probe gathers where the probed module is sharded (its memory beside training)."""
+        root = trainer.strategy.model if type(trainer.strategy).__name__ == "FSDPStrategy" else None
+        try:
+            note = gather_note(self._prober.target(pl_module), root)
+        except Exception:  # noqa: BLE001 - a note only: the probe itself says what fails
+            return
+        if note is not None:
+            rank_zero_info(f"RFCallback: {note}")
 
     # -- small decisions
 

@@ -765,30 +765,14 @@ def fsdp1_parameters_whole(model: nn.Module, root: nn.Module | None = None) -> I
         ProbeError: ``model`` holds parameters of a unit around it and no ``root`` is given; or the whole
             parameters would not fit in some rank's memory.
     """
-    wrapper = _fsdp1_class()
-    if wrapper is None:
+    gathered, _, need = _fsdp1_gathered(model, root)
+    if gathered is None:
         yield
         return
-    units = [m for m in model.modules() if isinstance(m, wrapper)]
-    gathering = _FSDP1_WHOLE.get() or any("SUMMON" in str(unit.training_state) for unit in units)
-    inside = {id(p) for unit in units for p in unit.parameters()}
-    outside = [p for p in model.parameters() if id(p) not in inside and getattr(p, "_fsdp_flattened", False)]
-    if gathering or not (units or outside):
-        yield
-        return
-    if outside and root is None:
-        raise ProbeError(
-            f"{type(model).__name__} holds parameters of an FSDP1 unit around it (FullyShardedDataParallel), "
-            f"sharded flat: their shapes and values are not its own; pass the FullyShardedDataParallel module "
-            f"itself, or call inside FullyShardedDataParallel.summon_full_params(root, writeback=False)"
-        )
-    gathered = root if outside and root is not None else model
-    flat: list[Any] = [getattr(unit, "_flat_param", None) for unit in gathered.modules()]
-    flat = [f for f in flat if f is not None]
-    if flat:  # the whole unsharded flat parameters, on their device, beside the shards
-        need = sum(f._unpadded_unsharded_size.numel() * f.element_size() for f in flat)
+    if need:
+        device = next(f.device for unit in gathered.modules() if (f := getattr(unit, "_flat_param", None)) is not None)
         _agree_it_fits(
-            need, flat[0].device, flat[0].device,
+            need, device, device,
             f"the parameters of {type(gathered).__name__} are FSDP1 flat shards, and the probe's copy needs them "
             f"whole in every mode (the shards hide even their shapes)",
             "name a module= that is an FSDP1 unit of its own (wrapped by the auto-wrap policy), or shard the model "
@@ -796,7 +780,7 @@ def fsdp1_parameters_whole(model: nn.Module, root: nn.Module | None = None) -> I
         )  # fmt: skip
     token = _FSDP1_WHOLE.set(True)
     try:
-        with wrapper.summon_full_params(gathered, writeback=False, recurse=True):
+        with _fsdp1_class().summon_full_params(gathered, writeback=False, recurse=True):
             yield
     finally:
         _FSDP1_WHOLE.reset(token)
@@ -830,8 +814,7 @@ def check_gathered_fits(model: nn.Module, dtype: torch.dtype, device: torch.devi
     sharded = [p for p in model.parameters() if is_sharded(p)]
     if not sharded:
         return
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    need = sum(p.numel() for p in model.parameters()) * itemsize + max(p.numel() * p.element_size() for p in sharded)
+    need = _dtensor_gather_bytes(model, dtype)
     where = torch.device(device) if device is not None else sharded[0].device
     name = (_sharded_class_origin(type(model)) or type(model)).__name__
     _agree_it_fits(
@@ -840,6 +823,75 @@ def check_gathered_fits(model: nn.Module, dtype: torch.dtype, device: torch.devi
         "name a smaller module= (a submodule whose parameters fit), probe on another device (device=, "
         "RFCallback(probe_device=)), or use mode='theoretical', which reads the shapes alone",
     )  # fmt: skip
+
+
+def _dtensor_gather_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The peak bytes of a copy of ``model`` gathered from ``DTensor`` shards (0 where none is sharded).
+
+    Every parameter whole in ``dtype``, plus the largest sharded one whole in its own dtype while it is gathered.
+    """
+    sharded = [p.numel() * p.element_size() for p in model.parameters() if is_sharded(p)]
+    if not sharded:
+        return 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * itemsize + max(sharded)
+
+
+def _fsdp1_gathered(model: nn.Module, root: nn.Module | None) -> tuple[nn.Module | None, bool, int]:
+    """What gathering ``model``'s FSDP1 parameters takes.
+
+    Returns the module to gather (None: nothing to gather), whether it is ``model`` itself, and the bytes of its flat
+    parameters whole.
+
+    Raises:
+        ProbeError: ``model`` holds parameters of an ungathered unit around it and no ``root`` is given.
+    """
+    wrapper = _fsdp1_class()
+    if wrapper is None:
+        return None, True, 0
+    units = [m for m in model.modules() if isinstance(m, wrapper)]
+    if _FSDP1_WHOLE.get() or any("SUMMON" in str(unit.training_state) for unit in units):
+        return None, True, 0  # gathered already (by the caller, or around this call)
+    inside = {id(p) for unit in units for p in unit.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in inside and getattr(p, "_fsdp_flattened", False)]
+    if not (units or outside):
+        return None, True, 0
+    if outside and root is None:
+        raise ProbeError(
+            f"{type(model).__name__} holds parameters of an FSDP1 unit around it (FullyShardedDataParallel), "
+            f"sharded flat: their shapes and values are not its own; pass the FullyShardedDataParallel module "
+            f"itself, or call inside FullyShardedDataParallel.summon_full_params(root, writeback=False)"
+        )
+    gathered = root if outside and root is not None else model
+    flat = [f for unit in gathered.modules() if (f := getattr(unit, "_flat_param", None)) is not None]
+    return gathered, gathered is model, sum(f._unpadded_unsharded_size.numel() * f.element_size() for f in flat)
+
+
+def gather_note(model: nn.Module, root: nn.Module | None = None) -> str | None:
+    """What a probe of sharded ``model`` gathers per rank, in words; None where its parameters are whole.
+
+    Args:
+        model: the module the probe copies.
+        root: the outermost FSDP1 unit, for a module whose parameters belong to one around it.
+
+    Returns:
+        A sentence for the user, or None.
+    """
+    name = (_sharded_class_origin(type(model)) or type(model)).__name__
+    dtensors = _dtensor_gather_bytes(model, torch.float32)
+    if dtensors:
+        return (
+            f"the parameters of {name} are sharded (FSDP2): each weights-mode probe and effective field gathers them "
+            f"whole into the probe's copy, {_in_mib(dtensors)} per rank; the theoretical probe gathers nothing"
+        )
+    gathered, itself, flat = _fsdp1_gathered(model, root)
+    if gathered is None:
+        return None
+    whose = "its" if itself else f"the whole model's ({type(gathered).__name__}, as {name} is not an FSDP1 unit)"
+    return (
+        f"the parameters of {name} are FSDP1 flat shards: each probe gathers {whose} parameters whole, "
+        f"{_in_mib(flat)} per rank, for as long as it copies them"
+    )
 
 
 def _agree_it_fits(need: float, where: torch.device, collective_device: torch.device, why: str, fix: str) -> None:
