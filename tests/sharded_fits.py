@@ -160,6 +160,9 @@ def _fsdp1_probes(whole: torch.nn.Module, inputs: torch.Tensor) -> dict:
         for mode in ("theoretical", "weights"):
             a, b = probe_rf(whole, (1, 1, 16, 16), (2, 5), mode=mode), probe_rf(flat, (1, 1, 16, 16), (2, 5), mode=mode)
             same[f"{mode} use_orig_params={orig}"] = a == b and torch.equal(a.heatmap, b.heatmap)
+        # A layer inside a wrapped block, by the name in the user's code (the live name has _fsdp_wrapped_module).
+        a, b = (probe_rf(m, (1, 1, 16, 16), (2, 5), layer="1.conv1", mode="weights") for m in (whole, flat))
+        same[f"layer use_orig_params={orig}"] = a == b and torch.equal(a.heatmap, b.heatmap)
         a, b = effective_rf(whole, inputs, (2, 5)), effective_rf(flat, inputs, (2, 5))
         same[f"effective use_orig_params={orig}"] = torch.equal(a.heatmap, b.heatmap)
         same[f"untouched use_orig_params={orig}"] = all(map(torch.equal, local, flat.parameters()))

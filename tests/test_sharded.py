@@ -115,7 +115,7 @@ def test_probe_rf_rf_table_and_effective_rf_on_a_fully_sharded_model_equal_the_w
     for rank in run.direct:
         refused = rank.pop("refused")
         fsdp1 = rank.pop("fsdp1")
-        assert fsdp1 == dict.fromkeys(fsdp1, True) and len(fsdp1) == 14
+        assert fsdp1 == dict.fromkeys(fsdp1, True) and len(fsdp1) == 16
         same = dict.fromkeys(("theoretical", "weights", "table", "effective"), True)
         assert rank == {"same": same, "untouched": True, "forward": True}
         assert "gathering them takes" in refused and "more than some rank has free" in refused

@@ -77,10 +77,19 @@ def submodule(model: nn.Module, layer: str | None) -> nn.Module | None:
     if layer is None:
         return None
     names = [name for name, _ in model.named_modules() if name]
-    if not isinstance(layer, str) or layer not in names:
-        close = difflib.get_close_matches(str(layer), names, n=5, cutoff=0.3) or names[-5:]
-        raise ValueError(f"layer={layer!r} is not a submodule of the model; nearest names: {close}")
-    return model.get_submodule(layer)
+    if isinstance(layer, str) and layer in names:
+        return model.get_submodule(layer)
+    # FSDP1 wraps modules in place (`features.1` holds `features.1._fsdp_wrapped_module`): the names of the user's
+    # code name them too, the wrapper first, as Lightning's state dicts do.
+    plain: dict[str, str] = {}
+    for name in names:
+        plain.setdefault(".".join(part for part in name.split(".") if part != "_fsdp_wrapped_module"), name)
+    plain.pop("", None)
+    if isinstance(layer, str) and layer in plain:
+        return model.get_submodule(plain[layer])
+    known = list(plain) if len(plain) < len(names) else names
+    close = difflib.get_close_matches(str(layer), known, n=5, cutoff=0.3) or known[-5:]
+    raise ValueError(f"layer={layer!r} is not a submodule of the model; nearest names: {close}")
 
 
 class GraphShapes:
