@@ -13,6 +13,7 @@ from torch import nn
 from rf_callback import probe_rf, rf_table
 from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import chain_geometry
+from rf_callback.core.geometry_probe import NO_FIT
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
@@ -308,6 +309,41 @@ def test_a_field_that_spans_any_input_gets_none_at_once_with_the_reason(model, s
     # Per axis the centre field on the two shortest thin inputs decides (it grew 32 times before, then read the
     # whole table on inputs enlarged along every axis).
     assert len(passes) <= 1 + 2 * len(shape[2:])
+
+
+class OneSize(nn.Module):
+    """Runs on one input size only (as timm's Swin and CoAtNet at their image size), around ``inner``."""
+
+    def __init__(self, inner: nn.Module, size: tuple[int, ...]):
+        super().__init__()
+        self.inner, self.size = inner, size
+
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"input size {tuple(x.shape[2:])} does not match the model ({self.size})")
+        return self.inner(x)
+
+
+def test_a_global_field_of_a_model_that_runs_on_one_input_size_is_none_at_once_with_the_reason(monkeypatch):
+    # Every field spans the input, and no other input runs: no reading can tell a global field from r beyond the
+    # input. It took an axis table of every index (12 backward passes on timm's CoAtNet) to say "no fit".
+    passes = []
+    gradient_map = ProbeGraph.gradient_map
+    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    field = probe_rf(OneSize(gated(1), (24, 24)), (1, 3, 24, 24))
+    assert field.size == (24, 24) and list(field.geometry) == [None, None]
+    assert all("the model runs on no input twice as long" in reason for reason in field.geometry.reasons)
+    assert len(passes) <= 3  # the centre, then the fields of the first and the last output
+
+
+def test_a_finite_field_of_a_model_that_runs_on_one_input_size_is_not_called_global():
+    # r = 11 on an 11-pixel input: the centre field spans it, the end fields do not, so the fields are finite: the
+    # table of the user's input is read (too clipped to fit here), and nothing says the field spans any input.
+    chain = nn.Sequential(*[nn.Conv1d(1, 1, 3, padding=1) for _ in range(5)])
+    field = probe_rf(OneSize(chain, (11,)), (1, 1, 11))
+    assert field.bounds == ((0, 10),) and list(field.geometry) == [None]
+    assert field.geometry.reasons == (NO_FIT,)
+    assert geometry_triples(probe_rf(OneSize(chain, (20,)), (1, 1, 20))) == [(11, 1, 5)]  # where fields fit inside
 
 
 def test_a_reduction_over_channels_alone_does_not_make_a_field_global():

@@ -128,6 +128,10 @@ FIXED_SIZE = (
     "(r, S, P) holds across lengths"
 )
 NO_FIT = "the fields fit no single (r, S, P) along this axis (an upsampling path, windows, or fields that are no box)"
+ONE_SIZE = (
+    "every field spans the whole input probed, and the model runs on no input twice as long (nor on a thin one): a "
+    "global field cannot be told from one larger than the input"
+)
 OVER_BUDGET = (
     f"not measured: the fields did not settle within {BUDGET_PASSES} passes' worth of inputs (the exact reading would "
     f"cost more)"
@@ -238,6 +242,8 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
             try:
                 start = _first_growth(known[center], axis)
                 user = None if user_couplings is None else _Reading(user_couplings, _support_spans(known[center], axis))
+                if user is not None and user.spans:
+                    start = 1  # a coupling shows between two lengths: a thin input as long as the user's is the first
                 found = _thin_read(theory, axis, graph_on, measured[axis], start_growth=start, user_reading=user)
             except OverBudget:
                 found = OVER_BUDGET
@@ -428,12 +434,16 @@ def _thin_read(
     undecided, width, previous, windows_seen = False, None, None, False
     for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
         if width is None:
-            thin = _thinnest_graph(theory, axis, graph_on, length * growth)
+            # As long as the user's input, and no thinner: that is the user's input, whose reading is known.
+            known_full = growth == 1 and user_reading is not None
+            thin = _thinnest_graph(theory, axis, graph_on, length * growth, below_full=known_full)
             if thin is None:
                 return _FALLBACK
             width, graph = thin
             if width >= max(_other_lengths(theory, axis), default=0) and user_reading is not None:
                 previous = user_reading  # no thinner input runs: the user's input differs from this one along the axis
+                if graph is None and known_full:
+                    continue
         else:
             shape = _thin_shape(theory.input_shape, axis, width, length * growth)
             elements, budget = math.prod(shape[1:]), max(math.prod(theory.input_shape[1:]), _SMALL_THIN_INPUT)
@@ -568,11 +578,12 @@ def _confirmed(theory, graph: ProbeGraph, axis: int, graph_on: GraphOn, width: i
     return hull(marginal(other.support([other.center]), axis)) == found.span(index)
 
 
-def _thinnest_graph(theory: ProbeGraph, axis: int, graph_on: GraphOn, length: int):
+def _thinnest_graph(theory: ProbeGraph, axis: int, graph_on: GraphOn, length: int, *, below_full: bool = False):
     """The graph on the thinnest input ``length`` long along ``axis`` that suits a thin read, with its width.
 
     The other axes are 1, 2, 4, ... long (at most the user's lengths; 0 in 1D): the first width on which the model
     runs and no convolution window along those axes covers only padding. None if the input grows too large.
+    ``below_full``: where only the full width is left, return it without its graph (the caller has its reading).
     """
     longest = max(_other_lengths(theory, axis), default=0)
     width = 1 if longest else 0
@@ -580,6 +591,8 @@ def _thinnest_graph(theory: ProbeGraph, axis: int, graph_on: GraphOn, length: in
         shape = _thin_shape(theory.input_shape, axis, width, length)
         if math.prod(shape[1:]) > _MAX_ELEMENTS:
             return None
+        if below_full and width >= longest:
+            return width, None
         graph = graph_on(shape, _thin_axes(theory, axis, width))
         if (graph is not None and len(graph.output_shape) == len(theory.output_shape)) or width >= longest:
             return width, graph
@@ -611,6 +624,10 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
     and the couplings on the user's input, where known, to find a coupling of every undecided axis at once.
     """
     lengths = theory.spatial_input_shape
+    graphs: dict[tuple[int, ...], ProbeGraph | None] = {}  # by shape: the spanning check's graph serves the loop
+    spanning = _spanning_axes(theory, graph_on, known, user_reading, graphs)
+    if spanning is not None:
+        return spanning
     axes = _conclusive_axis_table(theory, known)
     if axes is None:
         return ["the fields on the input probed are no boxes"] * len(lengths)
@@ -624,7 +641,7 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
             larger[2 + a] *= growth
         if math.prod(larger[1:]) > _MAX_ELEMENTS:
             break
-        graph = graph_on(tuple(larger))
+        graph = graphs[tuple(larger)] if tuple(larger) in graphs else graph_on(tuple(larger))
         if graph is None or len(graph.output_shape) != len(lengths):
             break
         if name := _couples_every_axis(user_reading, graph, sorted(undecided), growth):
@@ -640,6 +657,33 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
             if found is not None or larger_axes.conclusive(a, larger[2 + a]):
                 undecided.discard(a)
     return geometry
+
+
+def _spanning_axes(theory: ProbeGraph, graph_on: GraphOn, known, user_reading, graphs: dict) -> list | None:
+    """The exact reading's answer where every field spans the user's input along every axis, before any table.
+
+    Such fields are clipped at both ends on the user's input: its axis tables cannot tell r. One input twice as long
+    along every axis decides: a coupling of every axis (:func:`_couples_every_axis`) makes every field span any
+    input; a model that runs on no other input size leaves a global field and one larger than the input apart, and
+    says so. Both at the cost of one forward pass, and two backward passes for the end fields. None: read on.
+    ``graphs`` keeps the longer input's graph, by shape, for the reading that goes on.
+    """
+    lengths = theory.spatial_input_shape
+    center = theory.center
+    if user_reading is None or not all(_support_spans(known[center], a) for a in range(len(lengths))):
+        return None
+    ends = [tuple(0 for _ in lengths), tuple(n - 1 for n in theory.output_shape)]
+    if not all(_support_spans(theory.support([end]), a) for end in ends for a in range(len(lengths))):
+        return None  # an end field inside the input: the tables can tell r
+    larger = (*theory.input_shape[:2], *(2 * n for n in lengths))
+    if math.prod(larger[1:]) > _MAX_ELEMENTS:
+        return None
+    graph = graphs[larger] = graph_on(larger)
+    if graph is None or len(graph.output_shape) != len(lengths):
+        return [ONE_SIZE] * len(lengths)
+    if name := _couples_every_axis(user_reading, graph, list(range(len(lengths))), 2):
+        return [_reason(_Global(name), 0)] * len(lengths)
+    return None
 
 
 def _conclusive_axis_table(graph: ProbeGraph, known) -> AxisTable | None:
