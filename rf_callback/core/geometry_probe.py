@@ -225,6 +225,14 @@ def _measured(theory, graph_on: GraphOn, known, table, reasons: dict[int, str], 
         if support.any():
             for axis in range(len(lengths)):
                 measured[axis][position[axis]] = hull(marginal(support, axis))
+    whole = (
+        None
+        if one_shape or user_couplings is None
+        else _global_on_a_smaller_input(theory, graph_on, known, user_couplings)
+    )
+    if whole is not None:
+        reasons.update(dict.fromkeys(range(len(lengths)), whole))
+        return (None,) * len(lengths)
     geometry: list[AxisGeometry | None] = []
     fallback = []
     for axis, length in enumerate(lengths):
@@ -329,22 +337,25 @@ def _whole_axis_coupling(before: _Reading, after: _Reading) -> str | None:
     return _first_grown(before.couplings, after.couplings, lambda lengths, grown: lengths != grown)
 
 
-def _couples_every_axis(before, after: ProbeGraph, axes: list[int], growth: int) -> str | None:
+def _couples_every_axis(before, after, axes: list[int], growth: int) -> str | None:
     """As :func:`_whole_axis_coupling`, for inputs ``growth`` times longer along every one of ``axes`` at once.
 
-    ``before`` is the user input's centre support and couplings (None where unknown: no coupling is found).
+    ``before`` and ``after`` are the centre support and the couplings on the shorter and the longer input (None
+    where unknown: no coupling is found); ``after`` may be the longer input's graph.
 
     A call counts where the dims it reduces along grew by ``growth`` per axis together (a mean over H and W, a softmax
     over flattened tokens): it couples every one of them, and each centre field spans its axis on both inputs.
     """
     if before is None:
         return None
-    support, couplings = before
-    if not all(_support_spans(support, a) and _spans(after, a) for a in axes):
+    if isinstance(after, ProbeGraph):
+        after = (after.support([after.center]), after.couplings)
+    (support, couplings), (longer_support, longer_couplings) = before, after
+    if not all(_support_spans(support, a) and _support_spans(longer_support, a) for a in axes):
         return None
     factor = growth ** len(axes)
     return _first_grown(
-        couplings, after.couplings, lambda lengths, grown: math.prod(grown) == math.prod(lengths) * factor
+        couplings, longer_couplings, lambda lengths, grown: math.prod(grown) == math.prod(lengths) * factor
     )
 
 
@@ -657,6 +668,26 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
             if found is not None or larger_axes.conclusive(a, larger[2 + a]):
                 undecided.discard(a)
     return geometry
+
+
+def _global_on_a_smaller_input(theory: ProbeGraph, graph_on: GraphOn, known, user_couplings: list) -> str | None:
+    """Why no axis has a geometry, where one input half as long on every axis shows a coupling of them all; or None.
+
+    Where the centre field spans the user's input on every axis, the same forward on an input half as long on every
+    axis (a quarter of the pixels in 2D) gives the couplings of two sizes: a reduction, softmax or contraction whose
+    dims grew as the input did on every axis, with the centre field spanning both inputs, makes every field span any
+    input (:func:`_couples_every_axis`). One small pass for all axes, where thin inputs take two per axis.
+    """
+    lengths = theory.spatial_input_shape
+    center = theory.center
+    if any(n % 2 or n < 4 for n in lengths) or not all(_support_spans(known[center], a) for a in range(len(lengths))):
+        return None
+    smaller = graph_on((*theory.input_shape[:2], *(n // 2 for n in lengths)))
+    if smaller is None or len(smaller.output_shape) != len(lengths):
+        return None
+    before = (smaller.support([smaller.center]), list(smaller.couplings))
+    name = _couples_every_axis(before, (known[center], user_couplings), list(range(len(lengths))), 2)
+    return None if name is None else _reason(_Global(name), 0)
 
 
 def _spanning_axes(theory: ProbeGraph, graph_on: GraphOn, known, user_reading, graphs: dict) -> list | None:
