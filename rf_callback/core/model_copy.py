@@ -225,7 +225,7 @@ class _ProbeFunctions(TorchFunctionMode):
             return _attention_twin(*args, **kwargs)
         if self.linearise and name == "multi_head_attention_forward":
             _check_self_attention(func, args, kwargs)
-        if self.linearise and (twin := _sign_free_twin(name, args, kwargs)) is not None:
+        if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
@@ -461,6 +461,7 @@ _NEGATIONS = frozenset({"neg", "negative", "__neg__", "neg_", "negative_", "reci
 _DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "divide_", "true_divide_",
                         "__itruediv__"})  # fmt: skip
 _POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
+_SIGNED = _SUBTRACTIONS | _REVERSED_SUBTRACTIONS | _NEGATIONS | _DIVISIONS | _POWERS | {"__rtruediv__", "var", "std"}
 
 
 def _depends_on_input(value) -> bool:
@@ -476,7 +477,7 @@ def _sign_free_twin(name: str, args, kwargs):
     cancels another (weights mode keeps the real calls). A call whose negative operand does not depend on the input
     (a buffer's mean, a mask subtracted) stays the real one: its values may matter.
     """
-    dependent = _depends_on_input
+    dependent = _depends_on_input  # of an operand
     in_place = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
     first = args[0] if args else kwargs.get("input")
     second = args[1] if len(args) > 1 else kwargs.get("other")
