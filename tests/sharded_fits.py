@@ -94,7 +94,7 @@ def _direct_rank(rank: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from rf_callback import ProbeError, effective_rf, probe_rf, rf_table
-    from rf_callback.core import model_copy
+    from rf_callback.core import sharding
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["RF_TEST_PORT"])
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -120,7 +120,7 @@ def _direct_rank(rank: int, out: Path) -> None:
     record["fsdp1"] = _fsdp1_probes(whole, inputs)
     # Rank 1 alone has no memory to gather into: every rank refuses, none waits in a gather.
     if rank == 1:
-        model_copy.free_memory = lambda device: 0.0
+        sharding.free_memory = lambda device: 0.0
     try:
         probe_rf(sharded, (1, 1, 16, 16), (2, 5), mode="weights")
         record["refused"] = ""
@@ -143,7 +143,7 @@ def _fsdp1_probes(whole: torch.nn.Module, inputs: torch.Tensor) -> dict:
 
     from rf_callback import ProbeError, effective_rf, probe_rf
     from rf_callback.callback.fields import FieldProber
-    from rf_callback.core.model_copy import fsdp1_parameters_whole, gather_note
+    from rf_callback.core.sharding import fsdp1_parameters_whole, gather_note
     from tests.lightning_models import ResidualBlock
 
     def wrapped(module: torch.nn.Module, orig: bool) -> FullyShardedDataParallel:

@@ -43,8 +43,9 @@ from rf_callback.callback.schedule import (
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import MODES, fsdp1_parameters_whole, gather_note
+from rf_callback.core.model_copy import MODES
 from rf_callback.core.result import EffectiveField, ReceptiveField
+from rf_callback.core.sharding import fsdp1_parameters_whole, gather_note
 
 
 class RFCallback(Callback):
