@@ -127,6 +127,54 @@ def test_branches_flow_to_the_measured_geometry(left, right, concatenate, length
     assert flowed == measured
 
 
+class Fusion(nn.Module):
+    """HRNet's fusion: a branch at the input's resolution plus a strided one upsampled back (nearest), then a tail."""
+
+    def __init__(self, high: list[nn.Module], low: list[nn.Module], factor: int, tail: list[nn.Module]):
+        super().__init__()
+        self.high, self.low, self.tail = nn.Sequential(*high), nn.Sequential(*low), nn.Sequential(*tail)
+        self.up = nn.Upsample(scale_factor=factor, mode="nearest")
+
+    def forward(self, x):
+        high, low = self.high(x), self.up(self.low(x))
+        n = min(high.shape[-1], low.shape[-1])
+        return self.tail(high[..., :n] + low[..., :n])
+
+
+def test_an_upsampling_fusion_flows_to_its_closed_form(monkeypatch):
+    # high: conv 3 (fields [i-1, i+1]); low: conv 3 stride 2, upsampled by 2: output i sees input i // 2's field
+    # [2(i//2) - 1, 2(i//2) + 1], so [i-1, i+1] at even i and [i-2, i] at odd i; their sum [i-1, i+1] and
+    # [i-2, i+1]. The tail, conv 3 stride 2 padding 1, reads i = 2o-1, 2o, 2o+1: [2o-3, 2o+2], r = 6, S = 2, P = 3.
+    conv = lambda s: nn.Conv1d(2, 2, 3, s, 1)  # noqa: E731
+    model = Fusion([conv(1)], [conv(2)], 2, [conv(2)])
+    measured, flowed, shapes = measured_and_flowed(monkeypatch, model, (1, 2, 40))
+    assert flowed == measured and flowed[0] == [(6, 2, 3)]
+    assert shapes == [(1, 2, 40)]  # the probe's own forward carried it
+
+
+@st.composite
+def fusion(draw):
+    factor = draw(st.sampled_from([2, 4]))
+    high = draw(branch())[0]
+    low = draw(branch())[0] + [nn.Conv1d(2, 2, 3, factor, 1)]
+    tail = draw(branch())[0]
+    return Fusion(high, low, factor, tail)
+
+
+@settings(max_examples=30, deadline=None)
+@given(model=fusion(), length=st.integers(24, 64))
+def test_upsampling_fusions_flow_to_the_measured_geometry(model, length):
+    # Fields of several classes (an upsampling no later stride merges) have no (r, S, P): the flow offers none, and
+    # the measurement says so; where the classes merge, the flow equals the measurement.
+    try:
+        model(torch.zeros(1, 2, length))
+    except RuntimeError:
+        return  # too short for a branch
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        measured, flowed, _ = measured_and_flowed(monkeypatch, model, (1, 2, length))
+    assert flowed[0] == measured[0]
+
+
 def test_rf_table_rows_read_the_flow(monkeypatch):
     monkeypatch.setattr(geometry_flow, "ENABLED", False)
     measured = [(row.name, row.full_size, row.stride, row.offset) for row in rf_table(TinyResNet(), (1, 3, 32, 32))]

@@ -14,8 +14,10 @@ against the fields it measured before it reports it.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +26,44 @@ from rf_callback.core.geometry import AxisGeometry, consistent
 
 AxisFlow = AxisGeometry | str  # an AxisGeometry, or the name of the call that made the axis whole
 Flow = tuple[AxisFlow, ...]  # per spatial axis of a channels-first tensor (N, C, *spatial)
+
+
+@dataclass(frozen=True)
+class _Periodic:
+    """Fields that follow one (r, S, P) per residue class of the index: ``[i*S - P_c, i*S - P_c + r_c - 1]``.
+
+    ``c = i % period``. A nearest-neighbour upsampling by ``k`` gives ``k`` classes (outputs ``k*m .. k*m + k - 1``
+    all see input ``m``'s field); a later strided layer can merge them back into one, as HRNet's fusions do. With
+    one class it is an :class:`AxisGeometry`.
+    """
+
+    stride: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def field(self, index: int) -> tuple[int, int]:
+        """The unclipped first and last input index of output ``index``'s field."""
+        c = index % len(self.offsets)
+        first = index * self.stride - self.offsets[c]
+        return first, first + self.sizes[c] - 1
+
+    def simplified(self) -> _Periodic:
+        """The same fields with as few classes as they need (one, where every class is alike)."""
+        period = len(self.offsets)
+        for divisor in range(1, period):
+            if period % divisor == 0 and all(
+                (self.offsets[c], self.sizes[c]) == (self.offsets[c % divisor], self.sizes[c % divisor])
+                for c in range(period)
+            ):
+                return _Periodic(self.stride, self.offsets[:divisor], self.sizes[:divisor])
+        return self
+
+    def geometry(self) -> AxisGeometry | None:
+        """The (r, S, P) of these fields where one class describes them all, else None."""
+        return AxisGeometry(self.sizes[0], self.stride, self.offsets[0]) if len(self.offsets) == 1 else None
+
+
+_Axis = _Periodic | str  # what the flow carries per axis: fields, or the name of the call that made the axis whole
 
 # Whether probes read the flow (tests of the measured geometry turn it off).
 ENABLED = True
@@ -74,7 +114,7 @@ class GeometryFlow:
             inputs: the input leaf.
         """
         n_axes = inputs.dim() - 2
-        self._set(inputs, ((AxisGeometry(1, 1, 0),) * n_axes, tuple(range(2, 2 + n_axes))))
+        self._set(inputs, ((_Periodic(1, (0,), (1,)),) * n_axes, tuple(range(2, 2 + n_axes))))
 
     def of(self, tensor) -> Flow | None:
         """The flow of a channels-first ``tensor``, or ``None`` where the flow ended before it.
@@ -87,7 +127,15 @@ class GeometryFlow:
             ``None`` if unknown, if ``tensor`` does not depend on the input, or if its axes are laid out otherwise.
         """
         tag = self._tag(tensor)
-        return tag[0] if tag is not None and tag[1] == tuple(range(2, tensor.dim())) else None
+        if tag is None or tag[1] != tuple(range(2, tensor.dim())):
+            return None
+        flow: list[AxisFlow] = []
+        for axis in tag[0]:
+            geometry = axis if isinstance(axis, str) else axis.simplified().geometry()
+            if geometry is None:
+                return None  # fields of several classes: no (r, S, P) to offer
+            flow.append(geometry)
+        return tuple(flow)
 
     def _tag(self, tensor) -> _Tag | None:
         if not isinstance(tensor, torch.Tensor):
@@ -167,10 +215,12 @@ class GeometryFlow:
             return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=False)), dims)]
         if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
             return [((name,) * n_axes, dims)]
+        if name == "interpolate" and _argument(args, kwargs, 3, "mode", "nearest") in ("nearest", "nearest-exact"):
+            return _upsampled(flow, dims, first, result)
         return None
 
 
-_Tag = tuple[Flow, tuple[int, ...]]  # a tensor's flow, and the dims its spatial axes lie at
+_Tag = tuple[tuple[_Axis, ...], tuple[int, ...]]  # a tensor's fields per axis, and the dims its spatial axes lie at
 
 
 def _base(name: str) -> str:
@@ -232,7 +282,7 @@ def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tenso
                 for a, d in zip(own, layout)
             )
         )
-    axes: list[AxisFlow] = []
+    axes: list[_Axis] = []
     for per_operand in zip(*flows):
         if None in per_operand:
             return None
@@ -240,29 +290,63 @@ def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tenso
         if whole:
             axes.append(whole[0])
             continue
-        if len({g.stride for g in per_operand}) > 1:
+        fields: list[_Periodic] = list(per_operand)
+        if len({g.stride for g in fields}) > 1:
             return None  # fields that move at different rates: no (r, S, P)
-        offset = max(g.offset for g in per_operand)
-        end = max(g.size - 1 - g.offset for g in per_operand)
-        axes.append(AxisGeometry(size=end + offset + 1, stride=per_operand[0].stride, offset=offset))
+        period = math.lcm(*(len(g.offsets) for g in fields))
+        ends = [[g.field(c) for c in range(period)] for g in fields]
+        firsts = [min(e[c][0] for e in ends) for c in range(period)]
+        lasts = [max(e[c][1] for e in ends) for c in range(period)]
+        stride = fields[0].stride
+        offsets = tuple(c * stride - first for c, first in enumerate(firsts))
+        axes.append(_Periodic(stride, offsets, tuple(last - first + 1 for first, last in zip(firsts, lasts))))
     return (tuple(axes), layout) if layout is not None else None
 
 
-def _composed(source: Flow, layers: list[tuple[int, int, int, int]]) -> Flow:
-    """The flow after a layer of ``(kernel, stride, padding, dilation)`` per axis (distill.pub's recurrence)."""
-    out: list[AxisFlow] = []
+def _composed(source: tuple[_Axis, ...], layers: list[tuple[int, int, int, int]]) -> tuple[_Axis, ...]:
+    """The flow after a layer of ``(kernel, stride, padding, dilation)`` per axis.
+
+    Output ``o`` reads inputs ``o*stride - padding + t*dilation``: its field is the hull of theirs (with one class,
+    distill.pub's recurrence). The classes of the output follow the period of the input's over the stride.
+    """
+    out: list[_Axis] = []
     for axis, (kernel, stride, padding, dilation) in zip(source, layers):
         if isinstance(axis, str):
             out.append(axis)
             continue
-        out.append(
-            AxisGeometry(
-                size=axis.size + (kernel - 1) * dilation * axis.stride,
-                stride=axis.stride * stride,
-                offset=axis.offset + padding * axis.stride,
-            )
-        )
+        period = len(axis.offsets) // math.gcd(len(axis.offsets), stride)
+        new_stride, offsets, sizes = axis.stride * stride, [], []
+        for o in range(period):
+            ends = [axis.field(o * stride - padding + t * dilation) for t in range(kernel)]
+            first, last = min(e[0] for e in ends), max(e[1] for e in ends)
+            offsets.append(o * new_stride - first)
+            sizes.append(last - first + 1)
+        out.append(_Periodic(new_stride, tuple(offsets), tuple(sizes)).simplified())
     return tuple(out)
+
+
+def _upsampled(flow: tuple[_Axis, ...], dims: tuple[int, ...], first: torch.Tensor, result: torch.Tensor):
+    """The flow after a nearest-neighbour upsampling by whole factors: output ``i`` sees input ``i // k``'s field.
+
+    Where the input's stride is a multiple of ``k``, the output's is ``S / k``, with ``k`` times as many classes;
+    else (or a factor that is no whole number) the flow ends.
+    """
+    out: list[_Axis] = []
+    for axis, d in zip(flow, dims):
+        length, grown = first.shape[d], result.shape[d]
+        if grown % length:
+            return None
+        k = grown // length
+        if isinstance(axis, str) or k == 1:
+            out.append(axis)
+            continue
+        if axis.stride % k:
+            return None
+        stride, period = axis.stride // k, len(axis.offsets) * k
+        offsets = tuple(axis.offsets[c // k] + (c % k) * stride for c in range(period))
+        sizes = tuple(axis.sizes[c // k] for c in range(period))
+        out.append(_Periodic(stride, offsets, sizes).simplified())
+    return [(tuple(out), dims)]
 
 
 def _per_axis(value, n_axes: int) -> tuple[int, ...]:
