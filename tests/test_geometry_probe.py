@@ -364,6 +364,13 @@ def test_a_coupling_of_one_axis_does_not_make_the_other_global_where_both_fields
     assert "a mean() along the whole axis" in field.geometry.reasons[0]
 
 
+def test_a_u_net_says_its_upsampling_gives_neighbours_the_same_field():
+    # Its reason said "attention inside windows", for a network without attention.
+    field = probe_rf(TinyUNet(), (1, 1, 32, 32))
+    assert list(field.geometry) == [None, None]
+    assert all("(an upsampling, or attention in windows)" in reason for reason in field.geometry.reasons)
+
+
 def test_a_reduction_over_channels_alone_does_not_make_a_field_global():
     class ChannelContext(nn.Module):  # a map plus its mean over the channels: statistics of one pixel's channels
         def __init__(self):

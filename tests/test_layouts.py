@@ -984,7 +984,7 @@ def test_windowed_attention_has_no_geometry_and_says_why_at_once(shifted, monkey
     torch.manual_seed(0)
     field = probe_rf(TinySwin(window=2, shifted=shifted), (1, 3, 64, 64), (3, 4), layout="channels_last")
     assert list(field.geometry) == [None, None]
-    assert all("attention inside windows" in reason for reason in field.geometry.reasons)
+    assert all("attention in windows" in reason for reason in field.geometry.reasons)
     # Two neighbours with the same whole field on two lengths decide it (28 and 57 passes before: it grew 32 times,
     # then read full tables on larger inputs).
     assert len(passes) <= 24

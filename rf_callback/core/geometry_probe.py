@@ -288,7 +288,7 @@ def _reason(found, length: int) -> str:
     if found is _FIXED:
         return FIXED_SIZE
     if found is _WINDOWS:
-        return "neighbouring outputs see the same input (attention inside windows): no single (r, S, P)"
+        return "neighbouring outputs see the same input (an upsampling, or attention in windows): no single (r, S, P)"
     if found is _CLIPPED:
         return (
             f"the field spans every input read, the longest at least {GROWTH[-1]} times as long as {length}: a global "
@@ -417,7 +417,7 @@ _FALLBACK = _Fallback()
 
 
 class _Windows:
-    """Neighbouring outputs see the same whole field (attention inside windows): no (r, S, P) along the axis."""
+    """Neighbouring outputs see the same whole field (an upsampling, windows): no (r, S, P) along the axis."""
 
 
 _WINDOWS = _Windows()
