@@ -87,6 +87,12 @@ def test_plot_2d_highlights_chosen_output_cell():
     assert grid.get_array().shape == (6, 8)
     assert np.argwhere(np.asarray(grid.get_array()) == 1).tolist() == [[4, 1]]
     assert ax_out.get_xlim() == (-0.5, 7.5) and ax_out.get_ylim() == (5.5, -0.5)
+    (borders,) = ax_out.collections  # white lines between cells: 5 across a 6-row grid, 7 down an 8-column one
+    lines = sorted(tuple(map(tuple, segment.tolist())) for segment in borders.get_segments())
+    across = [((-0.5, y - 0.5), (7.5, y - 0.5)) for y in range(1, 6)]
+    down = [((x - 0.5, -0.5), (x - 0.5, 5.5)) for x in range(1, 8)]
+    assert lines == sorted(across + down)
+    assert borders.get_zorder() < cell.get_zorder()  # the chosen cell's outline stays on top
 
 
 def test_plot_2d_shows_heatmap_normalised_to_its_maximum():
