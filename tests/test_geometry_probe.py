@@ -120,7 +120,9 @@ def test_bounds_and_heatmaps_cost_one_forward_on_the_given_shape_and_one_backwar
 ):
     passes = []
     gradient_map = ProbeGraph.gradient_map
-    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    monkeypatch.setattr(
+        ProbeGraph, "gradient_map", lambda self, p, *rest: passes.append(len(p)) or gradient_map(self, p, *rest)
+    )
     model = recorded(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3))
     fields = probe_rf(model, (1, 3, 40, 40), [(1, 1), (4, 4), (6, 2)], mode=mode)
     assert SEEN_SHAPES == [(batch, 3, 40, 40)]
@@ -301,7 +303,9 @@ class TokenAttention(nn.Module):
 def test_a_field_that_spans_any_input_gets_none_at_once_with_the_reason(model, shape, call, monkeypatch):
     passes = []
     gradient_map = ProbeGraph.gradient_map
-    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    monkeypatch.setattr(
+        ProbeGraph, "gradient_map", lambda self, p, *rest: passes.append(len(p)) or gradient_map(self, p, *rest)
+    )
     field = probe_rf(model, shape)
     assert field.size == shape[2:]
     assert list(field.geometry) == [None] * len(shape[2:])
@@ -329,7 +333,9 @@ def test_a_global_field_of_a_model_that_runs_on_one_input_size_is_none_at_once_w
     # input. It took an axis table of every index (12 backward passes on timm's CoAtNet) to say "no fit".
     passes = []
     gradient_map = ProbeGraph.gradient_map
-    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    monkeypatch.setattr(
+        ProbeGraph, "gradient_map", lambda self, p, *rest: passes.append(len(p)) or gradient_map(self, p, *rest)
+    )
     field = probe_rf(OneSize(gated(1), (24, 24)), (1, 3, 24, 24))
     assert field.size == (24, 24) and list(field.geometry) == [None, None]
     assert all("the model runs on no input twice as long" in reason for reason in field.geometry.reasons)

@@ -980,7 +980,9 @@ def test_windowed_attention_has_no_geometry_and_says_why_at_once(shifted, monkey
 
     passes = []
     gradient_map = ProbeGraph.gradient_map
-    monkeypatch.setattr(ProbeGraph, "gradient_map", lambda self, p: passes.append(len(p)) or gradient_map(self, p))
+    monkeypatch.setattr(
+        ProbeGraph, "gradient_map", lambda self, p, *rest: passes.append(len(p)) or gradient_map(self, p, *rest)
+    )
     torch.manual_seed(0)
     field = probe_rf(TinySwin(window=2, shifted=shifted), (1, 3, 64, 64), (3, 4), layout="channels_last")
     assert list(field.geometry) == [None, None]

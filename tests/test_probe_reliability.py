@@ -3,7 +3,9 @@ and every bad argument is refused at the door with its name, its value and the f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import threading
 
 import numpy as np
@@ -441,3 +443,82 @@ def test_a_forward_that_writes_into_its_weights_is_probed_on_constants_held_in_f
     assert verify_rf(model, field).passed
     assert rf_table(model, (1, 1, 5, 5))[-1].full_size == (5, 5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- maps of every position: fields that do not move along the axis as the index does -------------------------------
+
+
+class Along(nn.Module):
+    """A forward given as a function of the input and a list of convolutions."""
+
+    def __init__(self, forward, *convs: nn.Module):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.function = forward
+
+    def forward(self, x):
+        return self.function(x, self.convs)
+
+
+def _permutation(n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1))
+
+
+UNORDERED = {  # name: (model, input shape)
+    # two branches concatenated along the length: output 8 reads inputs 8..10, output 16 reads 4..6
+    "cat along the axis": (
+        lambda: Along(lambda x, c: torch.cat([c[0](x), c[1](x)], dim=2), nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3, 2)),
+        (1, 1, 16),
+    ),
+    "cat along width, 2D": (
+        lambda: Along(
+            lambda x, c: c[2](torch.cat([c[0](x), c[1](x)], dim=3)),
+            nn.Conv2d(1, 1, 3),
+            nn.Conv2d(1, 1, (3, 5), stride=(1, 2)),
+            nn.Conv2d(1, 1, 3),
+        ),  # fmt: skip
+        (1, 1, 17, 17),
+    ),
+    "flip": (lambda: Along(lambda x, c: torch.flip(c[0](x), dims=(2,)), nn.Conv1d(1, 1, 3)), (1, 1, 12)),
+    "roll": (lambda: Along(lambda x, c: torch.roll(c[0](x), 3, dims=2), nn.Conv1d(1, 1, 3)), (1, 1, 24)),
+    "permutation": (lambda: Along(lambda x, c: c[0](x)[..., _permutation(19)], nn.Conv1d(1, 1, 3)), (1, 1, 21)),
+    "circular padding, 2D": (
+        lambda: Along(lambda x, c: c[0](F.pad(x, (2, 1, 1, 2), mode="circular")), nn.Conv2d(1, 1, 3)),
+        (1, 1, 13, 13),
+    ),
+}
+
+
+def perturbation_field(model: nn.Module, shape, position) -> tuple[tuple[int, int], ...]:
+    """The box of the inputs whose change changes the output at ``position``: positive weights, no biases, float64."""
+    model = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.copy_(torch.zeros_like(parameter) if "bias" in name else torch.rand_like(parameter) + 0.5)
+        x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+        base = model(x)[(0, 0, *position)]
+        changed = torch.zeros(shape[2:], dtype=torch.bool)
+        for index in itertools.product(*(range(n) for n in shape[2:])):
+            moved = x.clone()
+            moved[(0, 0, *index)] += 1.0
+            changed[index] = bool((model(moved)[(0, 0, *position)] - base).abs() > 1e-9 * base.abs())
+    found = changed.nonzero()
+    return tuple((int(found[:, a].min()), int(found[:, a].max())) for a in range(found.shape[1]))
+
+
+@pytest.mark.parametrize("name", list(UNORDERED))
+def test_a_map_pairs_each_field_with_its_own_position_where_fields_do_not_move_with_the_index(name):
+    """A map's lattice passes pair runs with indices in sorted order; a swapped pair fills the same support, so a
+    coded pass checks the pairing (before, the cat's positions 8 and 16 swapped their bounds)."""
+    build, shape = UNORDERED[name]
+    torch.manual_seed(0)
+    model = build()
+    fields = probe_rf(model, shape, "all")
+    for position in itertools.product(*(range(n) for n in fields.output_shape)):
+        truth = perturbation_field(model, shape, position)
+        assert fields[position].bounds == truth, position
+        for axis, geometry in enumerate(fields[position].geometry):
+            if geometry is not None:  # a geometry the map reports holds at every position of the map
+                first, last = geometry.span(position[axis])
+                (low, high), length = truth[axis], shape[2 + axis]
+                assert max(first, 0) <= low and high <= min(last, length - 1), (position, axis, geometry)

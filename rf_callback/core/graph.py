@@ -177,8 +177,8 @@ class ProbeGraph(GraphShapes):
             self.channel_weights = weights.to(device)
         self.passes = 0
 
-    def gradient_map(self, positions: Sequence[Position]) -> torch.Tensor:
-        """One backward pass from all ``positions`` at once.
+    def gradient_map(self, positions: Sequence[Position], scale: Sequence[float] | None = None) -> torch.Tensor:
+        """One backward pass from all ``positions`` at once, each weighted by its ``scale`` (default 1).
 
         Returns |d output / d input| summed over the batch and channels, on the CPU, shaped like the input's spatial
         axes.
@@ -188,7 +188,10 @@ class ProbeGraph(GraphShapes):
         cotangent = torch.zeros_like(self.output)
         index = tuple(torch.tensor(axis, device=self.device) for axis in zip(*positions))
         at: tuple[slice | torch.Tensor, ...] = (slice(None), slice(None), *index)
-        cotangent[at] = self.channel_weights[:, :, None]
+        weights = self.channel_weights[:, :, None]
+        if scale is not None:
+            weights = weights * torch.tensor(scale, dtype=weights.dtype, device=weights.device)
+        cotangent[at] = weights
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)

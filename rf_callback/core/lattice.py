@@ -18,6 +18,8 @@ from rf_callback.core.geometry import MIN_WHOLE_FIELDS, Bounds, is_whole, whole_
 from rf_callback.core.graph import ProbeGraph
 from rf_callback.core.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
 
+_MAX_CODED_MEMBERS = 4096  # members of one lattice pass whose pairing one coded pass can check in float32
+
 
 @dataclass
 class AxisTable:
@@ -152,7 +154,10 @@ def measure_axis_table(
 
 def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]) -> list[dict] | None:
     members = list(itertools.product(*indices))
-    support = graph.support(members)
+    if len(members) > _MAX_CODED_MEMBERS:
+        return None  # the caller retries with a sparser lattice
+    values = graph.gradient_map(members)
+    support = values > 0
     if not support.any():
         return None
     decoded = []
@@ -172,7 +177,41 @@ def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]
             return None
         if box_of(support[box_slices(box)]) != tuple((0, last - first) for first, last in box):
             return None
+    if len(members) > 1 and not _pairing_holds(graph, indices, decoded, values):
+        return None
     return decoded
+
+
+def _pairing_holds(graph: ProbeGraph, indices: list[list[int]], decoded: list[dict], values: torch.Tensor) -> bool:
+    """Whether each run decoded along an axis belongs to the lattice index it was paired with.
+
+    Runs are paired with indices in sorted order, which assumes the fields move along the axis as the index does; a
+    concatenation along a spatial axis, a flip or a permutation breaks that, and a swapped pair fills the same
+    support. A second pass weights each member by its own code ``1 + Σ_a rank_a · radix_a``: gradients are linear
+    in the cotangent and the members' fields are disjoint, so inside each decoded box the weighted map must be the
+    unweighted one times the code of the member paired with it.
+    """
+    radix = [math.prod(len(axis_indices) for axis_indices in indices[:axis]) for axis in range(len(indices))]
+    ranks = [{index: rank for rank, index in enumerate(axis_indices)} for axis_indices in indices]
+    members = list(itertools.product(*indices))
+    codes = [1 + sum(ranks[a][i] * radix[a] for a, i in enumerate(member)) for member in members]
+    weighted = graph.gradient_map(members, scale=codes)
+    expected = torch.ones_like(values)
+    for axis, bounds in enumerate(decoded):
+        along = torch.zeros(values.shape[axis], dtype=values.dtype)
+        for index, run in bounds.items():
+            if run is not None:
+                along[run[0] : run[1] + 1] = ranks[axis][index] * radix[axis]
+        view = [1] * values.dim()
+        view[axis] = -1
+        expected = expected + along.view(view)
+    support = values > 0
+    if not torch.equal(weighted > 0, support):
+        return False
+    # Codes are integers at most _MAX_CODED_MEMBERS: a quarter of a unit is far above rounding, far below a swap.
+    tolerance = 0.25 / (1 + len(members))
+    scaled = expected[support] * values[support]
+    return bool(((weighted[support] - scaled).abs() <= tolerance * scaled).all())
 
 
 def _agrees_with_exact_passes(graph: ProbeGraph, axes: AxisTable, known: dict[Position, torch.Tensor]) -> bool:

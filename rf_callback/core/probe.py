@@ -18,7 +18,7 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.geometry import LazyGeometry
+from rf_callback.core.geometry import LazyGeometry, consistent
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
@@ -227,6 +227,19 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
     return True
 
 
+def _follows(geometry, axis: int, fields: Sequence[tuple[Position, Box]], table: AxisTable | None, shape) -> bool:
+    """Whether the probed fields, and every index of the axis table where one was measured, follow the geometry.
+
+    The measured geometry is read near the centre; the table (a map, or a long list of positions) also holds the
+    ends of the axis, where a roll, a circular padding or a concatenation along the axis shows.
+    """
+    if geometry is None:
+        return True
+    if table is not None and not consistent(geometry, table.table[axis], shape[2 + axis]):
+        return False
+    return _within_spans(geometry, axis, fields, shape)
+
+
 def _rows_of(table: AxisTable | None) -> list[dict] | None:
     return None if table is None else table.table
 
@@ -327,7 +340,7 @@ class _Prober:
                         )  # fmt: skip
                     except Underflow:
                         continue
-                    outside = [a for a, g in enumerate(geometry) if not _within_spans(g, a, fields, shape)]
+                    outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape)]
                     reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
                     return tuple(None if a in outside else g for a, g in enumerate(geometry))
             raise AssertionError("float64 does not underflow")
