@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import types
 import warnings
 
 import lightning.pytorch as pl
@@ -189,6 +188,44 @@ def test_resume_continues_history_without_logging_initial_field_twice(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [None, 0, 1]
 
 
+class WideFirstLayer(ConvClassifier):
+    """ConvClassifier with a 5 x 5 first convolution: r = 1 + 4 + 1 + 2*2 = 10 at ``features``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.features[0] = torch.nn.Conv2d(1, 8, 5, padding=2)
+
+
+def test_a_callback_reused_for_another_model_starts_afresh(tmp_path):
+    """A sweep that builds its callbacks once: the second fit's fields are its own model's (they were the first's:
+    its theoretical size logged beside the second model's weights, no initial probe, the first fit's inputs)."""
+    callback = RFCallback(layer="features", pos=(4, 4))
+    first, _ = fit(tmp_path / "a", [callback], model=WideFirstLayer(), logger=CSVLogger(tmp_path / "a"), max_epochs=1)
+    assert [h["epoch"] for h in callback.history] == [None, 0]
+    assert first.callback_metrics["rf/features/pos0/size_h/theoretical"] == 10
+    generator = torch.Generator().manual_seed(2)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 24, 24, generator=generator), torch.zeros(16).long())
+    model = ConvClassifier(example=False)  # a 3 x 3 first layer, on 24 x 24 inputs found in the batches
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", max_epochs=1, logger=CSVLogger(tmp_path / "b")),
+                         callbacks=[callback])  # fmt: skip
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    trainer.fit(model, loader, loader)
+    assert [h["epoch"] for h in callback.history] == [None, 0]
+    assert callback.input_shape == (1, 1, 24, 24) and callback.erf_inputs.shape[-2:] == (24, 24)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 8
+    assert probe_rf(model, (1, 1, 24, 24), (4, 4), layer="features").size == (8, 8)
+
+
+def test_fit_called_again_on_the_same_trainer_and_model_continues_the_history(tmp_path):
+    callback = RFCallback(layer="features")
+    model, (train, val) = ConvClassifier(), loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=False), callbacks=[callback])
+    trainer.fit(model, train, val)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, train, val)
+    assert [h["epoch"] for h in callback.history] == [None, 0, 1]
+
+
 def test_a_resumed_fit_logs_the_charts_and_note_but_not_the_initial_field_again(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     board = TensorBoardLogger(tmp_path, name="run")
@@ -293,20 +330,27 @@ def test_missing_input_shape_is_explained(tmp_path):
             trainer.fit(Unshaped(example=False), torch.utils.data.DataLoader(data, batch_size=None))
 
 
+class TrainerStandIn:
+    """What ``RFCallback.setup`` reads of a Trainer: its strategy."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+
 def test_deepspeed_stage_3_alone_is_refused_with_the_strategy_to_use():
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     # FSDP needs GPUs to build a Trainer; setup reads only the strategy, so it gets a real one directly.
-    RFCallback().setup(types.SimpleNamespace(strategy=FSDPStrategy()), ConvClassifier(), "fit")
+    RFCallback().setup(TrainerStandIn(strategy=FSDPStrategy()), ConvClassifier(), "fit")
     # DeepSpeed is not installed here: a strategy of its name and stage stands in (the check reads no more).
     for stage_3, refused in ((True, True), (False, False)):
         deepspeed = type("DeepSpeedStrategy", (), {"zero_stage_3": stage_3})()
         if refused:
             with pytest.raises(MisconfigurationException, match="ZeRO stage 3.*stage 1 or 2"):
-                RFCallback().setup(types.SimpleNamespace(strategy=deepspeed), ConvClassifier(), "fit")
+                RFCallback().setup(TrainerStandIn(strategy=deepspeed), ConvClassifier(), "fit")
         else:
-            RFCallback().setup(types.SimpleNamespace(strategy=deepspeed), ConvClassifier(), "fit")
-    RFCallback().setup(types.SimpleNamespace(strategy=ModelParallelStrategy()), ConvClassifier(), "fit")
+            RFCallback().setup(TrainerStandIn(strategy=deepspeed), ConvClassifier(), "fit")
+    RFCallback().setup(TrainerStandIn(strategy=ModelParallelStrategy()), ConvClassifier(), "fit")
 
 
 def test_pytorch_lightning_trainer_accepts_the_same_class(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -212,11 +213,26 @@ class RFCallback(Callback):
         if on_alert is not None and not callable(on_alert):
             raise refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
         self.on_alert = on_alert
+        self._given_input_shape = self.input_shape
+        self._said_no_validation = False
+        self._failures = Failures(self.strict)
+        self._reporter = Reporter(
+            self.layer_name, log_images=self.log_images, coverage_mass=self.coverage_mass, failures=self._failures
+        )
+        self._run: tuple[weakref.ref, weakref.ref] | None = None  # the (Trainer, LightningModule) of the last setup
+        self._start_run()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The callback's attributes for pickling (``ddp_spawn``), without the weak references to the last run."""
+        return {**self.__dict__, "_run": None}
+
+    def _start_run(self) -> None:
+        """Forgets what a run measured: its history, fields, input shape and inputs (a new Trainer or model)."""
+        self.input_shape = self._given_input_shape
         self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
         self._initial_logged = False
-        self._said_no_validation = False
         # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
         self._schedule = ProbeSchedule(self.every_n_epochs)
         self._prober = FieldProber(
@@ -225,10 +241,6 @@ class RFCallback(Callback):
         )  # fmt: skip
         self._coverage = CoverageWatch(self.patience, self.coverage_mass)
         self.trackers = self._coverage.trackers
-        self._failures = Failures(self.strict)
-        self._reporter = Reporter(
-            self.layer_name, log_images=self.log_images, coverage_mass=self.coverage_mass, failures=self._failures
-        )
         self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
         self._last_effective: dict[str, EffectiveField] = {}  # by position label, in the order of pos
@@ -261,10 +273,19 @@ class RFCallback(Callback):
     # -- Trainer hooks: a table of contents of what the callback does
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuses DeepSpeed stage 3, whose parameters the probe cannot copy; under FSDP1 gathers around each probe."""
+        """Starts afresh for a new Trainer or model; refuses DeepSpeed stage 3; under FSDP1 gathers around each probe.
+
+        A callback reused for another run (a sweep that builds its callbacks once) forgets the last run's history,
+        fields, input shape and inputs, which described another model; ``trainer.fit`` called again on the same
+        Trainer and model continues the run, and a checkpoint restores its state after this hook.
+        """
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise MisconfigurationException(refusal)
+        last = self._run
+        if last is not None and (last[0]() is not trainer or last[1]() is not pl_module):
+            self._start_run()
+        self._run = (weakref.ref(trainer), weakref.ref(pl_module))
         if type(trainer.strategy).__name__ == "FSDPStrategy":  # each probe copies inside a gathering
             self._prober.whole_parameters = lambda module: fsdp1_parameters_whole(module, trainer.strategy.model)
 
