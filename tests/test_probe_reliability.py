@@ -522,3 +522,52 @@ def test_a_map_pairs_each_field_with_its_own_position_where_fields_do_not_move_w
                 first, last = geometry.span(position[axis])
                 (low, high), length = truth[axis], shape[2 + axis]
                 assert max(first, 0) <= low and high <= min(last, length - 1), (position, axis, geometry)
+
+
+# --- a layer that runs more than once ----------------------------------------------------------------------------
+
+
+class SharedReLU(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU after conv1 (field 3 x 3) and after the residual sum (5 x 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.conv1(x))))
+        out += x  # in place, after the output of bn2: the probe's look further must not change what it captured
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_layer_that_runs_twice_is_refused_not_read_at_its_first_call(mode):
+    """Before, layer="relu" silently gave its first call's 3 x 3; its last output has a 5 x 5 field."""
+    model = SharedReLU().eval()
+    with pytest.raises(ValueError, match=r"layer='relu' runs more than once.*layer that the call you mean follows"):
+        probe_rf(model, (1, 1, 16, 16), (8, 8), layer="relu", mode=mode)
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8), layer="bn2", mode=mode).size == (5, 5)
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8), layer="conv1", mode=mode).size == (3, 3)
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8), mode=mode).size == (5, 5)
+
+
+def test_effective_rf_and_rf_table_refuse_or_leave_out_a_layer_that_runs_twice():
+    model = nn.Sequential(SharedReLU(), nn.Conv2d(1, 1, 3)).eval()
+    with pytest.raises(ValueError, match="runs more than once"):
+        effective_rf(model, torch.randn(2, 1, 16, 16), (8, 8), layer="0.relu")
+    with pytest.warns(UserWarning, match=r"1 rows are left out, of modules that run more than once.*0\.relu"):
+        rows = rf_table(model, (1, 1, 16, 16))
+    assert [(row.name, row.size) for row in rows] == [
+        ("0.conv1", (3, 3)), ("0.conv2", (5, 5)), ("0.bn2", (5, 5)), ("0", (5, 5)), ("1", (7, 7)),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"layers=\['0.relu'\]: layer='0.relu' runs more than once"):
+        rf_table(model, (1, 1, 16, 16), layers=["0.relu"])
+
+
+def test_looking_past_the_layer_records_nothing_of_the_rest_of_the_forward():
+    """The head's global mean and its size-fixed linear run after the layer: the geometry is the features' own."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, stride=2), nn.Flatten(), nn.Linear(2 * 7 * 7, 3))
+    field = probe_rf(model, (1, 1, 17, 17), (3, 3), layer="1")
+    assert (field.size, field.stride, field.offset) == ((5, 5), (2, 2), (0, 0))

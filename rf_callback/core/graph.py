@@ -8,6 +8,7 @@ import difflib
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,45 @@ _UNDERFLOW_GUARD = 1e-30
 
 class _Captured(Exception):
     """Stops the forward pass once the probed layer has produced its output."""
+
+
+class _CalledAgain(Exception):
+    """The probed layer runs a second time in the forward pass: its output names no single field."""
+
+
+# Per theoretical or measured copy, the layers whose forward was run to its end and that ran once.
+_runs_once: weakref.WeakKeyDictionary[nn.Module, set[str | None]] = weakref.WeakKeyDictionary()
+
+
+def called_again_message(layer: str | None) -> str:
+    """Why a layer that runs more than once names no field, and what to name instead.
+
+    Args:
+        layer: the layer's dotted name.
+
+    Returns:
+        The message.
+    """
+    parent = layer.rpartition(".")[0] if layer else ""
+    enclosing = f" or the module that encloses its calls (e.g. layer={parent!r}, after its last call)" if parent else ""
+    return (
+        f"layer={layer!r} runs more than once in the model's forward (one module applied at several places, e.g. a "
+        f"ReLU shared by a block's convolutions): each call has a field of its own, and its name does not say which; "
+        f"name a module that runs once: the layer that the call you mean follows (an activation keeps its field)"
+        f"{enclosing}"
+    )
+
+
+def _detached(output):
+    """A copy of a layer's output (tensors detached and cloned, in the same containers) for the rest of the forward."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, (tuple, list)):
+        items = [_detached(item) for item in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if isinstance(output, dict):
+        return {key: _detached(value) for key, value in output.items()}
+    return output
 
 
 @contextlib.contextmanager
@@ -314,27 +354,49 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
     mode, input_shape, layer, element = request.mode, request.input_shape, request.layer, request.element
     target = submodule(copy, layer)
     captured: list = []
+    functions = functions or probe_functions(mode)
+    # Once per copy and layer, the forward goes on past the layer's output, to find a second call of it.
+    checked = _runs_once.setdefault(copy, set())
+    look_further = target is not None and layer not in checked
 
     def capture(_module, _args, output):
+        if captured:
+            raise _CalledAgain
         captured.append(output)
-        raise _Captured
+        if not look_further:
+            raise _Captured
+        # The rest of the forward only looks for a second call: it records nothing, builds no graph, and runs on
+        # copies, so that no in-place op changes the captured output or what its backward saved.
+        functions.recording = False
+        torch.set_grad_enabled(False)
+        return _detached(output)
 
     handles = batched_only_hooks(copy)
     if target is not None:
         handles.append(target.register_forward_hook(capture))
-    functions = functions or probe_functions(mode)
+    grad_enabled = torch.is_grad_enabled()
     try:
         with functions:
             output = copy(inputs)
     except _Captured:
-        output = captured[0]
+        pass
+    except _CalledAgain:
+        raise ValueError(called_again_message(layer)) from None
     except _Unbatched as error:
-        raise _rank_error(copy, error.module, input_shape) from None
+        if not captured:
+            raise _rank_error(copy, error.module, input_shape) from None
     except Exception as error:
-        raise forward_error(copy, input_shape, error) from error
+        if not captured:  # past the layer's output (a head that needs another input size), nothing is measured
+            raise forward_error(copy, input_shape, error) from error
     finally:
+        torch.set_grad_enabled(grad_enabled)
+        functions.recording = True
         for handle in handles:
             handle.remove()
+    if captured:
+        output = captured[0]
+        if look_further:
+            checked.add(layer)
     if target is not None and not captured:
         raise ValueError(
             f"layer={layer!r} never runs in the model's forward on an input of shape {tuple(input_shape)} (a spare "

@@ -152,6 +152,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
+        # False past the probed layer's output, where the forward only looks for a second call of that layer.
+        self.recording = True
 
     def cut_reason(self, tensor) -> str | None:
         """Why ``tensor`` depends on the input without a gradient to it, or None."""
@@ -162,6 +164,8 @@ class _ProbeFunctions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if not self.recording:
+            return self._call(func, name, args, kwargs)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
         if from_input and torch.is_grad_enabled():

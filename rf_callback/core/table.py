@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from rf_callback.core.graph import (
     ProbeGraph,
     Underflow,
     as_channels_first,
+    called_again_message,
     dead_windows_watched,
     exact_kernels,
     forward_error,
@@ -109,6 +111,7 @@ class _Output:
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
     flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
+    calls: int = 1  # how often the module runs in the forward (a ReLU shared by a block's convolutions: 2)
 
     @property
     def assumed(self) -> bool:
@@ -277,6 +280,15 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
                 stacklevel=3,
             )
             chosen = [o for o in chosen if o.after_cut is None]
+        reused = [o.name for o in chosen if o.calls > 1]
+        if reused:
+            warnings.warn(
+                f"rf_table: {len(reused)} rows are left out, of modules that run more than once in the forward, each "
+                f"call with a field of its own (a ReLU shared by a block's convolutions has the field of the layer "
+                f"each call follows): {_some(reused)}",
+                stacklevel=3,
+            )
+            chosen = [o for o in chosen if o.calls == 1]
         misfits = [o for o in chosen if o.misfit]
         chosen = [o for o in chosen if not o.misfit]
         contradicted = _contradicted(chosen, outputs)
@@ -312,6 +324,8 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             )
         chosen = [o for o in outputs if o.name in wanted]
         for o in chosen:
+            if o.calls > 1:
+                raise ValueError(f"layers={list(wanted)!r}: {called_again_message(o.name)}")
             if o.container:
                 raise ValueError(
                     f"layers={list(wanted)!r}: {o.name!r} returns a {o.container} of feature maps; probe one of them "
@@ -467,6 +481,7 @@ def _forward_outputs(
     def recorder(name: str):
         def record(module, args, output):
             if name in outputs:
+                outputs[name] = dataclasses.replace(outputs[name], calls=outputs[name].calls + 1)
                 return
             if isinstance(output, (tuple, list, dict)):
                 outputs[name] = _Output(name, type(module).__name__, (), False, container=type(output).__name__)
