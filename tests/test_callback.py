@@ -160,6 +160,25 @@ def test_without_validation_falls_back_to_train_epoch_end(tmp_path, caplog):
     assert sum("no validation loop" in r.message for r in caplog.records) == 1
 
 
+def test_a_validation_step_without_validation_data_probes_at_training_epoch_ends(tmp_path):
+    """Before, a module with a validation_step fitted without val data was never probed after fit start, silently."""
+    callback = RFCallback(layer="features")
+    train, _ = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[callback])
+    trainer.fit(ConvClassifier(), train)
+    assert [h["epoch"] for h in callback.history] == [None, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("check_val", "every", "probed"), [(2, 2, [3, 7]), (3, 3, [8]), (2, 3, [5]), (1, 3, [2, 5, 8])]
+)
+def test_probes_come_every_check_val_times_every_n_epochs_training_epochs(tmp_path, check_val, every, probed):
+    """As documented: every n-th validation epoch (before, (2, 2) probed after epochs 1, 3, 5, 7)."""
+    callback = RFCallback(layer="features", every_n_epochs=every, log_images=False, effective=False)
+    fit(tmp_path, [callback], logger=False, max_epochs=9, check_val_every_n_epoch=check_val, num_sanity_val_steps=0)
+    assert [h["epoch"] for h in callback.history] == [None, *probed]
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

@@ -54,8 +54,9 @@ class RFCallback(Callback):
 
     At fit start it logs the theoretical field of the architecture and the probe of the initial weights at step
     0; after every ``every_n_epochs``-th validation epoch it logs the probe of
-    the current weights at the current global step. Without a validation loop it probes at the end of each
-    training epoch instead, and says so once.
+    the current weights at the current global step. Without a validation loop (no ``validation_step``, no
+    validation data, or ``limit_val_batches=0``) it probes at the end of each training epoch instead, and says so
+    once.
 
     Each probe runs on a deep copy of the live module (made outside inference mode, in eval mode, float32
     whatever the Trainer's precision, biases zeroed, parameters not requiring grad), so the training run is
@@ -334,7 +335,9 @@ class RFCallback(Callback):
                 self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
         if trainer.sanity_checking or self.input_shape is None:
             return
-        if trainer.state.fn == "fit" and not self._schedule.due(trainer.current_epoch):
+        if trainer.state.fn == "fit" and not self._schedule.due(
+            trainer.current_epoch, trainer.check_val_every_n_epoch or 1
+        ):
             return
         self._probe_and_log(trainer, pl_module)
 

@@ -16,16 +16,19 @@ class ProbeSchedule:
         self.every_n_epochs = every_n_epochs
         self.last_probed_epoch: int | None = None
 
-    def due(self, epoch: int) -> bool:
+    def due(self, epoch: int, validation_every: int = 1) -> bool:
         """Whether a probe is due at the end of ``epoch`` (0-based) and has not run in it yet.
 
         Args:
             epoch: the Trainer's ``current_epoch``.
+            validation_every: the Trainer's ``check_val_every_n_epoch`` where the probes follow validation epochs
+                (1 where they follow training epochs): every ``every_n_epochs``-th validation epoch is then every
+                ``validation_every * every_n_epochs``-th training epoch.
 
         Returns:
             True at every ``every_n_epochs``-th epoch not probed yet.
         """
-        return self.last_probed_epoch != epoch and (epoch + 1) % self.every_n_epochs == 0
+        return self.last_probed_epoch != epoch and (epoch + 1) % (self.every_n_epochs * validation_every) == 0
 
     def probed(self, epoch: int) -> None:
         """Records that ``epoch`` was probed, so a second hook in the same epoch does not probe again.
@@ -76,7 +79,7 @@ def ranks_agree(trainer, succeeded: bool) -> bool:
 
 
 def has_validation(trainer, pl_module) -> bool:
-    """Whether the run validates: the user's module defines ``validation_step`` and validation is not switched off.
+    """Whether the run validates: a ``validation_step``, validation data, and validation not switched off.
 
     Args:
         trainer: the Lightning ``Trainer``.
@@ -85,7 +88,13 @@ def has_validation(trainer, pl_module) -> bool:
     Returns:
         True when validation epochs will run.
     """
-    return _overrides(pl_module, "validation_step") and trainer.limit_val_batches != 0
+    if not _overrides(pl_module, "validation_step") or trainer.limit_val_batches == 0:
+        return False
+    # Where the validation data comes from: val_dataloaders, a datamodule or the module's val_dataloader hook.
+    fit_loop = getattr(trainer, "fit_loop", None)
+    source = getattr(getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+    is_defined = getattr(source, "is_defined", None)
+    return bool(is_defined()) if callable(is_defined) else True
 
 
 def _overrides(module, name: str) -> bool:
