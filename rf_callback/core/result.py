@@ -227,8 +227,9 @@ class EffectiveField:
 
     Attributes:
         position: the probed output index.
-        heatmap: |d output / d input| summed over channels and averaged over the inputs (float64, CPU), over the
-            input's spatial axes.
+        heatmap: |d output / d input| (a gradient of 1 from every output channel at the position, so channels of
+            opposite sign cancel), summed over the input's channels and averaged over the inputs (float64, CPU),
+            over the input's spatial axes.
         theoretical: the theoretical field of the same position, for reference.
         samples: how many inputs the map is averaged over.
         biases: ``"trained"`` (the network as it computes) or ``"zero"``.
