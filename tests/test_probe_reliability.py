@@ -571,3 +571,22 @@ def test_looking_past_the_layer_records_nothing_of_the_rest_of_the_forward():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, stride=2), nn.Flatten(), nn.Linear(2 * 7 * 7, 3))
     field = probe_rf(model, (1, 1, 17, 17), (3, 3), layer="1")
     assert (field.size, field.stride, field.offset) == ((5, 5), (2, 2), (0, 0))
+
+
+@pytest.mark.parametrize("name", ["flip", "roll", "circular padding, 2D", "cat along width, 2D"])
+def test_a_single_probe_offers_no_geometry_that_the_ends_of_the_map_do_not_follow(name):
+    """The geometry read near the centre is the architecture's only if the first and last positions follow it too
+    (before, a roll by 2 gave row 0 the span -2..0 while its field is 5..7)."""
+    build, shape = UNORDERED[name]
+    torch.manual_seed(0)
+    model = build()
+    field = probe_rf(model, shape, "center")
+    output_shape = field.output_shape
+    for axis, geometry in enumerate(field.geometry):
+        if geometry is None:
+            continue
+        for index in range(output_shape[axis]):  # every index of the axis follows it, at the centre of the others
+            position = tuple(index if a == axis else n // 2 for a, n in enumerate(output_shape))
+            first, last = geometry.span(index)
+            low, high = perturbation_field(model, shape, position)[axis]
+            assert max(first, 0) <= low and high <= min(last, shape[2 + axis] - 1), (axis, index, geometry)

@@ -227,17 +227,42 @@ def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], s
     return True
 
 
-def _follows(geometry, axis: int, fields: Sequence[tuple[Position, Box]], table: AxisTable | None, shape) -> bool:
+def _follows(
+    geometry, axis: int, fields: Sequence[tuple[Position, Box]], table: AxisTable | None, shape, *, exact=False
+) -> bool:
     """Whether the probed fields, and every index of the axis table where one was measured, follow the geometry.
 
     The measured geometry is read near the centre; the table (a map, or a long list of positions) also holds the
-    ends of the axis, where a roll, a circular padding or a concatenation along the axis shows.
+    ends of the axis, where a roll, a circular padding or a concatenation along the axis shows. ``exact``: each
+    field must equal its span where the span lies inside the input (:func:`consistent`), not only lie inside it.
     """
     if geometry is None:
         return True
-    if table is not None and not consistent(geometry, table.table[axis], shape[2 + axis]):
+    length = shape[2 + axis]
+    if table is not None and not consistent(geometry, table.table[axis], length):
         return False
+    if exact:
+        return all(consistent(geometry, {position[axis]: box[axis]}, length) for position, box in fields)
     return _within_spans(geometry, axis, fields, shape)
+
+
+_STRAYED = "the field at an end of the axis lies elsewhere than the span (r, S, P) gives it (a roll, a flip, a wrap)"
+
+
+def _end_fields(theory, output_shape: tuple[int, ...], known: dict) -> list[tuple[Position, Box]]:
+    """The theoretical fields of the first and the last output position (one pass each where not known yet).
+
+    A geometry read near the centre must hold there too: a roll, a flip or a concatenation along an axis moves the
+    fields at the ends of the map, which the centre does not see.
+    """
+    ends = {tuple(0 for _ in output_shape), tuple(n - 1 for n in output_shape)}
+    fields = []
+    for position in sorted(ends):
+        support = known[position] if position in known else theory.support([position])
+        box = box_of(support)
+        if box is not None:
+            fields.append((position, box))
+    return fields
 
 
 def _rows_of(table: AxisTable | None) -> list[dict] | None:
@@ -342,7 +367,15 @@ class _Prober:
                         continue
                     outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape)]
                     reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
-                    return tuple(None if a in outside else g for a, g in enumerate(geometry))
+                    geometry = tuple(None if a in outside else g for a, g in enumerate(geometry))
+                    if table is None and any(g is not None for g in geometry):
+                        ends = _end_fields(theory, output_shape, known)
+                        strayed = [
+                            a for a, g in enumerate(geometry) if not _follows(g, a, ends, None, shape, exact=True)
+                        ]
+                        reasons.update(dict.fromkeys(strayed, _STRAYED))
+                        geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
+                    return geometry
             raise AssertionError("float64 does not underflow")
 
         return LazyGeometry(len(self.shape) - 2, measure, reasons)
