@@ -695,9 +695,7 @@ def tiny_convnext() -> nn.Module:
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
     model, shape = tiny_convnext(), (1, 3, 64, 32)
-    with pytest.warns(
-        UserWarning, match="only because it says so while another row of the same output shape"
-    ) as record:
+    with pytest.warns(UserWarning, match="only because it says so, while their shapes say otherwise") as record:
         rows = rf_table(model, shape, layout=layout)
     if layout == "channels_first":  # the rows kept on layout='s word alone are named beside the misfits
         (misfits,) = [str(w.message) for w in record if "do not fit the layout" in str(w.message)]
@@ -710,6 +708,33 @@ def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
         assert blocks <= {r.name for r in rows} and {r.layout for r in rows} == {"channels_first"}
     else:  # the MLP inside is read channels last; the blocks, shaped like the stem, are left out
         assert not blocks & {r.name for r in rows} and "1.0.block.3" in {r.name for r in rows}
+
+
+class TwoBranches(nn.Module):
+    """A custom module, channels first: a concatenation of a 3 x 3 and a 5 x 5 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 5, padding=2)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_rf_table_leaves_out_a_row_whose_channels_follow_the_input_in_the_layout_it_would_be_read_in():
+    """Read channels last on layout='s word alone, the (1, 12, 10, 10) output was a 12 x 10 map of 10 channels: a
+    20 x 40 row with no stride. Its true field is 20 x 20 (stem k4 s4, then k5 p2: r = 4 + 4 * 4, S = 4, P = 8)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 4, stride=4), TwoBranches(), nn.Conv2d(12, 8, 2, stride=2), Permute(0, 2, 3, 1)
+    )
+    with pytest.warns(
+        UserWarning, match=r"1 rows are left out.*1 \(1, 12, 10, 10\) \(the axis read as its channels follows"
+    ):
+        rows = rf_table(model, (1, 3, 40, 40), layout="channels_last")
+    assert "1" not in {r.name for r in rows}
+    assert probe_rf(model, (1, 3, 40, 40), "center", layer="1").span == ((12, 31), (12, 31))
+    (row,) = rf_table(model, (1, 3, 40, 40), layers="1")  # channels first, as it is: the same field
+    assert (row.size, row.stride, row.offset) == ((20, 20), (4, 4), (8, 8))
 
 
 def test_rf_table_reads_token_rows_on_the_grid():

@@ -417,7 +417,7 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
 
 def _merged_back(copy: nn.Module, inputs, mode: str, layer: str | None) -> list[str]:
     """The first module after ``layer`` whose output holds one map per sample, an enclosing one first (a courtesy)."""
-    outputs = _outputs_by_module(copy, inputs, mode)
+    outputs = outputs_by_module(copy, inputs, mode)
     names = list(outputs)
     later = names[names.index(layer) + 1 :] if layer in names else []
     whole = [n for n in later if isinstance(t := outputs[n], torch.Tensor) and t.dim() >= 3 and len(t) == len(inputs)]
@@ -586,20 +586,32 @@ def _describe(value) -> str:
 
 def _run_modules(copy: nn.Module, inputs, mode: str) -> list[str]:
     """The names of the submodules that run in a forward pass, the last five (a courtesy for messages)."""
-    return list(_outputs_by_module(copy, inputs, mode))[-5:]
+    return list(outputs_by_module(copy, inputs, mode))[-5:]
 
 
-def _outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = None) -> dict[str, object]:
+def outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = None) -> dict[str, object]:
     """Each submodule that runs in a forward pass (but ``skip``), with its first output, in the order they run.
 
-    A courtesy for messages: a forward that raises ends the record, nothing more.
+    A forward that raises ends the record, nothing more (a courtesy for messages, and evidence from shapes).
+
+    Args:
+        copy: the probe's copy of the model.
+        inputs: the input to run it on.
+        mode: the copy's mode, for its function mode.
+        skip: a submodule name to leave out.
+
+    Returns:
+        The outputs by submodule name.
     """
     outputs: dict[str, object] = {}
-    handles = [
-        m.register_forward_hook(lambda _m, _a, out, n=n: outputs.setdefault(n, out))
-        for n, m in copy.named_modules()
-        if n and n != skip
-    ]
+
+    def recorder(name: str):
+        def record(_module, _args, output) -> None:  # returns None: a hook's value would replace the output
+            outputs.setdefault(name, output)
+
+        return record
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in copy.named_modules() if n and n != skip]
     try:
         with torch.no_grad(), probe_functions(mode):
             copy(inputs)
@@ -712,7 +724,7 @@ def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
 
 
 def _no_spatial_axes_message(copy: nn.Module, inputs, mode: str, output, layer) -> str:
-    outputs = _outputs_by_module(copy, inputs, mode, skip=layer)
+    outputs = outputs_by_module(copy, inputs, mode, skip=layer)
     shapes = {n: tuple(o.shape) for n, o in outputs.items() if isinstance(o, torch.Tensor) and o.dim() >= 3}
     candidates = [f"{name} {shape}" for name, shape in list(shapes.items())[-5:]]
     return (

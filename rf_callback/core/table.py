@@ -23,6 +23,7 @@ from rf_callback.core.graph import (
     dead_windows_watched,
     exact_kernels,
     forward_error,
+    outputs_by_module,
     probe_inputs,
     submodule,
 )
@@ -291,12 +292,13 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             chosen = [o for o in chosen if o.calls == 1]
         misfits = [o for o in chosen if o.misfit]
         chosen = [o for o in chosen if not o.misfit]
-        contradicted = _contradicted(chosen, outputs)
+        contradicted = _contradicted(chosen, outputs, _channels_that_follow_the_input(model, request, chosen))
         if contradicted:
             chosen = [o for o in chosen if o.name not in contradicted]
             warnings.warn(
                 f"rf_table: {len(contradicted)} rows are left out, read in layout={layout!r} only because it says "
-                f"so while another row of the same output shape is laid out otherwise: {_some(contradicted.values())}"
+                f"so, while their shapes say otherwise (another row of the same shape laid out otherwise, or channels "
+                f"that follow the input): {_some(contradicted.values())}"
                 f"; list them in layers= to read them in layout={layout!r}",
                 stacklevel=3,
             )
@@ -372,7 +374,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     return rows
 
 
-def _contradicted(chosen: list[_Output], outputs: list[_Output]) -> dict[str, str]:
+def _contradicted(chosen: list[_Output], outputs: list[_Output], grown: dict[str, str]) -> dict[str, str]:
     """The rows read in ``layout=`` alone whose output shape is that of a row whose module type says otherwise.
 
     A 4-axis output reads the same channels first or last: a ConvNeXt block that permutes back to channels first,
@@ -383,7 +385,7 @@ def _contradicted(chosen: list[_Output], outputs: list[_Output]) -> dict[str, st
     for o in outputs:
         if o.known is not None:
             shapes[o.known].setdefault(o.shape, o.name)
-    found = {}
+    found = dict(grown)  # rows whose channels follow the input (:func:`_channels_that_follow_the_input`)
     for o in chosen:
         if not o.assumed:
             continue
@@ -395,6 +397,35 @@ def _contradicted(chosen: list[_Output], outputs: list[_Output]) -> dict[str, st
     for o in chosen:  # a row returning a left-out row's tensor is read as that row: left out too
         if o.same_as in found:
             found[o.name] = f"{o.name} (the output of {o.same_as})"
+    return found
+
+
+def _channels_that_follow_the_input(model: nn.Module, request: ProbeRequest, chosen: list[_Output]) -> dict[str, str]:
+    """The rows read in ``layout=`` alone whose axis read as the channels follows the input's length.
+
+    A row that no module type fixes (a custom module, a container) is read in the table's layout; read in the wrong
+    one, its channels and a spatial axis swap places and the row is silently wrong. One forward pass without
+    gradient on an input half as long on every axis decides: the channels keep their length, a spatial axis
+    follows the input. A model that refuses that input leaves the rows as they are. By name: the reason.
+    """
+    assumed = [o for o in chosen if o.assumed]
+    if not assumed:
+        return {}
+    shape = request.input_shape
+    half = (1, shape[1], *(max(1, n // 2) for n in shape[2:]))
+    copy = prepared_copy(model, "theoretical", request.dtype)
+    outputs = outputs_by_module(copy, probe_inputs(request.theoretical().on(half)).detach(), "theoretical")
+    found = {}
+    for o in assumed:
+        other = outputs.get(o.name)
+        if not isinstance(other, torch.Tensor) or other.dim() != len(o.shape):
+            continue
+        axis = 1 if checked_layout(o.layout) == CHANNELS_FIRST else -1
+        if other.shape[axis] != o.shape[axis]:
+            found[o.name] = (
+                f"{o.name} {o.shape} (the axis read as its channels follows the input: {o.shape[axis]} -> "
+                f"{other.shape[axis]} on an input of {half})"
+            )
     return found
 
 
