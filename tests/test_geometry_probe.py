@@ -13,7 +13,7 @@ from torch import nn
 from rf_callback import probe_rf, rf_table
 from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import chain_geometry
-from rf_callback.core.geometry_probe import NO_FIT
+from rf_callback.core.geometry_probe import TOO_FEW_WHOLE
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
@@ -348,7 +348,7 @@ def test_a_finite_field_of_a_model_that_runs_on_one_input_size_is_not_called_glo
     chain = nn.Sequential(*[nn.Conv1d(1, 1, 3, padding=1) for _ in range(5)])
     field = probe_rf(OneSize(chain, (11,)), (1, 1, 11))
     assert field.bounds == ((0, 10),) and list(field.geometry) == [None]
-    assert field.geometry.reasons == (NO_FIT,)
+    assert field.geometry.reasons == (TOO_FEW_WHOLE,)
     assert geometry_triples(probe_rf(OneSize(chain, (20,)), (1, 1, 20))) == [(11, 1, 5)]  # where fields fit inside
 
 

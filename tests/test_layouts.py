@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback import ProbeError, RFCallback, Tokens, effective_rf, probe_rf, rf_table, verify_rf
+from rf_callback import AxisGeometry, ProbeError, RFCallback, Tokens, effective_rf, probe_rf, rf_table, verify_rf
 from rf_callback.cli import main
 from tests.lightning_models import loaders, trainer_kwargs
 
@@ -1015,3 +1015,25 @@ def test_windowed_attention_has_no_geometry_and_says_why_at_once(shifted, monkey
     # Two neighbours with the same whole field on two lengths decide it (28 and 57 passes before: it grew 32 times,
     # then read full tables on larger inputs).
     assert len(passes) <= 24
+
+
+class FixedGridTokens(nn.Module):
+    """A ViT's patch embedding (4 x 4 patches) after a class token, on a fixed 4 x 6 grid (a position embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, 8)), nn.Parameter(torch.zeros(1, 24, 8))
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1)
+
+
+def test_a_short_token_axis_says_it_has_too_few_fields_not_that_they_fit_no_geometry():
+    """4 tokens along h: fields 4i..4i+3 fit r = 4, S = 4, P = 0, but too few lie certainly inside the input to tell,
+    and the grid is fixed (before, the reason said they fit no single (r, S, P))."""
+    field = probe_rf(FixedGridTokens(), (1, 3, 16, 24), (1, 2), layout="tokens:4x6+1")
+    assert field.bounds == ((4, 7), (8, 11))
+    assert tuple(field.geometry) == (None, AxisGeometry(size=4, stride=4, offset=0))
+    assert "too few to tell r, S and P" in field.geometry.reasons[0]

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from rf_callback.core.geometry import AxisGeometry, Bounds, consistent, fit_axis, is_whole
+from rf_callback.core.geometry import MIN_WHOLE_FIELDS, AxisGeometry, Bounds, consistent, fit_axis, is_whole
 from rf_callback.core.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.core.lattice import AxisTable, measure_axis_table
 from rf_callback.core.layouts import Tokens
@@ -128,6 +128,10 @@ FIXED_SIZE = (
     "(r, S, P) holds across lengths"
 )
 NO_FIT = "the fields fit no single (r, S, P) along this axis (an upsampling path, windows, or fields that are no box)"
+TOO_FEW_WHOLE = (
+    f"fewer than {MIN_WHOLE_FIELDS} fields of the largest size lie inside the input along this axis, on the input "
+    f"probed and on every longer one the model ran on: too few to tell r, S and P (a short token grid, a fixed size)"
+)
 ONE_SIZE = (
     "every field spans the whole input probed, and the model runs on no input twice as long (nor on a thin one): a "
     "global field cannot be told from one larger than the input"
@@ -667,6 +671,8 @@ def _enlarged_geometry(theory: ProbeGraph, graph_on: GraphOn, known, reasons: di
                 geometry[a] = found
             if found is not None or larger_axes.conclusive(a, larger[2 + a]):
                 undecided.discard(a)
+    for axis in undecided:  # no input ran on which enough fields lie inside: the fields may well fit one
+        reasons.setdefault(axis, TOO_FEW_WHOLE)
     return geometry
 
 
