@@ -284,6 +284,8 @@ class RFCallback(Callback):
         if refusal is not None:
             raise MisconfigurationException(refusal)
         last = self._run
+        if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
+            return
         if last is not None and (last[0]() is not trainer or last[1]() is not pl_module):
             self._start_run()
         self._run = (weakref.ref(trainer), weakref.ref(pl_module))

@@ -375,9 +375,11 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
     if target is not None:
         handles.append(target.register_forward_hook(capture))
     grad_enabled = torch.is_grad_enabled()
+    ran_to_the_end = False
     try:
         with functions:
             output = copy(inputs)
+        ran_to_the_end = True
     except _Captured:
         pass
     except _CalledAgain:
@@ -395,7 +397,7 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             handle.remove()
     if captured:
         output = captured[0]
-        if look_further:
+        if look_further and ran_to_the_end:  # a forward that raised past the layer proved nothing: look again
             checked.add(layer)
     if target is not None and not captured:
         raise ValueError(
