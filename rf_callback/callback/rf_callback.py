@@ -283,9 +283,9 @@ class RFCallback(Callback):
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise MisconfigurationException(refusal)
-        last = self._run
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
+        last = self._run
         if last is not None and (last[0]() is not trainer or last[1]() is not pl_module):
             self._start_run()
         self._run = (weakref.ref(trainer), weakref.ref(pl_module))

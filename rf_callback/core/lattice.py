@@ -177,12 +177,14 @@ def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]
             return None
         if box_of(support[box_slices(box)]) != tuple((0, last - first) for first, last in box):
             return None
-    if len(members) > 1 and not _pairing_holds(graph, indices, decoded, values):
+    if len(members) > 1 and not _pairing_holds(graph, members, indices, decoded, values):
         return None
     return decoded
 
 
-def _pairing_holds(graph: ProbeGraph, indices: list[list[int]], decoded: list[dict], values: torch.Tensor) -> bool:
+def _pairing_holds(
+    graph: ProbeGraph, members: list[Position], indices: list[list[int]], decoded: list[dict], values: torch.Tensor
+) -> bool:
     """Whether each run decoded along an axis belongs to the lattice index it was paired with.
 
     Runs are paired with indices in sorted order, which assumes the fields move along the axis as the index does; a
@@ -193,7 +195,6 @@ def _pairing_holds(graph: ProbeGraph, indices: list[list[int]], decoded: list[di
     """
     radix = [math.prod(len(axis_indices) for axis_indices in indices[:axis]) for axis in range(len(indices))]
     ranks = [{index: rank for rank, index in enumerate(axis_indices)} for axis_indices in indices]
-    members = list(itertools.product(*indices))
     codes = [1 + sum(ranks[a][i] * radix[a] for a, i in enumerate(member)) for member in members]
     weighted = graph.gradient_map(members, scale=codes)
     expected = torch.ones_like(values)

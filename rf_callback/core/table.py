@@ -209,8 +209,9 @@ def rf_table(
     One forward pass of a private copy (the probe's: deep-copied, eval mode, user hooks dropped) records, with
     forward hooks, the order in which submodules first produce their outputs. Every submodule whose output is a
     feature map of the input in its layout (below) and depends on the input is listed, containers included (a
-    ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once counts
-    at its first call, as :func:`~rf_callback.core.probe.probe_rf` probes it. Each row equals
+    ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once is left
+    out with a warning (each call has a field of its own, which :func:`~rf_callback.core.probe.probe_rf` refuses to
+    choose). Each row equals
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
     pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
     geometry of every row is read on thin inputs whose forward passes the rows share too. A row whose output is
