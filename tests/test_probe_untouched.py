@@ -80,6 +80,28 @@ def test_global_generator_is_not_advanced_by_weights_mode():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_runs_reduced_matmul_precision_is_off_inside_the_probe_and_restored_after():
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3)
+
+        def forward(self, x):
+            seen.append(torch.get_float32_matmul_precision())
+            return self.conv(x)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # what Lightning suggests on GPUs with tensor cores
+    try:
+        probe_rf(Recording(), (1, 1, 30), "all")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest"}
+
+
 def test_functional_dropout_in_training_mode_is_not_applied_in_the_copy():
     class RandomForward(nn.Module):
         def __init__(self):

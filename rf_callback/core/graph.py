@@ -86,7 +86,8 @@ def _detached(output):
 
 @contextlib.contextmanager
 def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
-    """Runs the probe with autocast off, global module hooks hidden, and on CUDA without Winograd or FFT kernels.
+    """Runs the probe with autocast off, full float32 matmul precision, global module hooks hidden, and on CUDA
+    without Winograd or FFT kernels.
 
     Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field; a
     global hook would see (and could change) the probe's copy. ``exact_zeros=False`` keeps cuDNN (several times
@@ -94,6 +95,11 @@ def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
     """
     # Mixed precision (a Trainer's bf16-mixed or 16-mixed) must not recast the probe's copy.
     with torch.autocast("cpu", enabled=False), global_hooks_suspended(), contextlib.ExitStack() as stack:
+        if exact_zeros:
+            # A run's `set_float32_matmul_precision("high")` (TF32 on CUDA, bf16 passes on some CPUs) rounds the
+            # linear layers' maps to 10 bits: the lattice's coded check would fail and fall back to slow passes.
+            stack.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+            torch.set_float32_matmul_precision("highest")
         if device.type == "cuda":
             stack.enter_context(torch.autocast("cuda", enabled=False))
             cudnn = torch.backends.cudnn
