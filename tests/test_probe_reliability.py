@@ -573,6 +573,24 @@ def test_looking_past_the_layer_records_nothing_of_the_rest_of_the_forward():
     assert (field.size, field.stride, field.offset) == ((5, 5), (2, 2), (0, 0))
 
 
+def test_an_end_field_whose_tail_underflows_float32_is_read_again_in_float64():
+    """The first output also sees input 5, through a factor of 1e-35 (below float32's guard): the end check is
+    retried in float64, as the probe is, instead of raising the retry's internal signal."""
+
+    class EndReachesFar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            far = nn.functional.pad(x[..., 5:6] * 1e-35, (0, x.shape[-1] - 1))
+            return self.conv(x) + far
+
+    field = probe_rf(EndReachesFar(), (1, 1, 32), "center")
+    assert field.bounds == ((15, 17),)
+    assert field.geometry == (None,) and "end of the axis" in field.geometry.reasons[0]
+
+
 @pytest.mark.parametrize("name", ["flip", "roll", "circular padding, 2D", "cat along width, 2D"])
 def test_a_single_probe_offers_no_geometry_that_the_ends_of_the_map_do_not_follow(name):
     """The geometry read near the centre is the architecture's only if the first and last positions follow it too

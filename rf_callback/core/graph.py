@@ -86,8 +86,7 @@ def _detached(output):
 
 @contextlib.contextmanager
 def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
-    """Runs the probe with autocast off, full float32 matmul precision, global module hooks hidden, and on CUDA
-    without Winograd or FFT kernels.
+    """Runs the probe with autocast off, full float32 matmul precision, no global hooks, no Winograd or FFT kernels.
 
     Their rounding noise would turn exact zeros of the gradient into tiny non-zero values and widen the field; a
     global hook would see (and could change) the probe's copy. ``exact_zeros=False`` keeps cuDNN (several times

@@ -265,6 +265,22 @@ def _end_fields(theory, output_shape: tuple[int, ...], known: dict) -> list[tupl
     return fields
 
 
+def _followed(geometry: tuple, fields, table: AxisTable | None, shape, theory, output_shape, known, reasons) -> tuple:
+    """The geometry without the axes that the fields, the table or the end fields (without a table) do not follow.
+
+    Each dropped axis gets its reason in ``reasons``.
+    """
+    outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape)]
+    reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
+    geometry = tuple(None if a in outside else g for a, g in enumerate(geometry))
+    if table is None and any(g is not None for g in geometry):
+        ends = _end_fields(theory, output_shape, known)
+        strayed = [a for a, g in enumerate(geometry) if not _follows(g, a, ends, None, shape, exact=True)]
+        reasons.update(dict.fromkeys(strayed, _STRAYED))
+        geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
+    return geometry
+
+
 def _rows_of(table: AxisTable | None) -> list[dict] | None:
     return None if table is None else table.table
 
@@ -363,18 +379,9 @@ class _Prober:
                             theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
                             one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
                         )  # fmt: skip
-                    except Underflow:
+                        geometry = _followed(geometry, fields, table, shape, theory, output_shape, known, reasons)
+                    except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
-                    outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape)]
-                    reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
-                    geometry = tuple(None if a in outside else g for a, g in enumerate(geometry))
-                    if table is None and any(g is not None for g in geometry):
-                        ends = _end_fields(theory, output_shape, known)
-                        strayed = [
-                            a for a, g in enumerate(geometry) if not _follows(g, a, ends, None, shape, exact=True)
-                        ]
-                        reasons.update(dict.fromkeys(strayed, _STRAYED))
-                        geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
                     return geometry
             raise AssertionError("float64 does not underflow")
 
