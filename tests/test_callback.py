@@ -179,6 +179,15 @@ def test_probes_come_every_check_val_times_every_n_epochs_training_epochs(tmp_pa
     assert [h["epoch"] for h in callback.history] == [None, *probed]
 
 
+def test_probes_under_validation_by_steps_come_every_n_th_epoch_that_validated(tmp_path):
+    """4 batches per epoch, validation every 6 steps across epochs: validations end epochs 1, 2, 4, 5, 7; every
+    second of them is 2 and 5 (before, the training epoch's number decided: 1, 5 and 7)."""
+    callback = RFCallback(layer="features", every_n_epochs=2, log_images=False, effective=False)
+    fit(tmp_path, [callback], logger=False, max_epochs=8, check_val_every_n_epoch=None, val_check_interval=6,
+        num_sanity_val_steps=0)  # fmt: skip
+    assert [h["epoch"] for h in callback.history] == [None, 2, 5]
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

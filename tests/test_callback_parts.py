@@ -20,6 +20,15 @@ def test_schedule_probes_every_nth_epoch_once():
     assert not schedule.due(1) and schedule.due(3)
 
 
+def test_schedule_under_validation_by_steps_counts_each_epoch_that_validated_once_and_keeps_the_count():
+    schedule = ProbeSchedule(every_n_epochs=2)
+    # Validations in epochs 1, 1 (twice in one epoch), 2, 4, 5: the 2nd and 4th epochs that validated are due.
+    assert [schedule.due(epoch, None) for epoch in (1, 1, 2, 4)] == [False, False, True, False]
+    resumed = ProbeSchedule(every_n_epochs=2)
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.due(5, None) and resumed.validated_epochs == 4  # the count went on: epoch 5 is the 4th
+
+
 def test_the_input_is_the_first_tensor_of_a_batch_with_a_batch_of_one():
     image = torch.zeros(4, 3, 8, 6)
     assert first_tensor({"image": image, "label": torch.zeros(4)}) is image

@@ -114,7 +114,9 @@ class RFCallback(Callback):
             backbone), which bounds the memory a probe takes; also the way out for a LightningModule that cannot
             be deep-copied (one holding a lock, an open file or a process handle).
         every_n_epochs: probe after every n-th validation epoch (or training epoch without validation). With the
-            Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs.
+            Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs; with validation
+            every so many steps (``check_val_every_n_epoch=None``), every n-th epoch that held a validation (once
+            per epoch).
         log_images: log the heatmaps and figures to the loggers that take images.
         effective_scalars: ``"summary"`` (default: the effective extent beside the sizes, and its ratio to the
             theoretical size, centre offset and spread) or ``"all"`` (also every other metric of
@@ -337,9 +339,7 @@ class RFCallback(Callback):
                 self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
         if trainer.sanity_checking or self.input_shape is None:
             return
-        if trainer.state.fn == "fit" and not self._schedule.due(
-            trainer.current_epoch, trainer.check_val_every_n_epoch or 1
-        ):
+        if trainer.state.fn == "fit" and not self._schedule.due(trainer.current_epoch, trainer.check_val_every_n_epoch):
             return
         self._probe_and_log(trainer, pl_module)
 
@@ -363,6 +363,7 @@ class RFCallback(Callback):
             "history": copy.deepcopy(self.history),
             "initial_logged": self._initial_logged,
             "trackers": self._coverage.state_dict(),
+            "schedule": self._schedule.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -370,6 +371,7 @@ class RFCallback(Callback):
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
         self._coverage.load_state_dict(state_dict.get("trackers", {}))
+        self._schedule.load_state_dict(state_dict.get("schedule", {}))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""

@@ -15,20 +15,33 @@ class ProbeSchedule:
     def __init__(self, every_n_epochs: int):
         self.every_n_epochs = every_n_epochs
         self.last_probed_epoch: int | None = None
+        # Validation by steps (check_val_every_n_epoch=None) does not follow epochs: its epochs are counted.
+        self.validated_epochs = 0
+        self.last_validated_epoch: int | None = None
 
-    def due(self, epoch: int, validation_every: int = 1) -> bool:
+    def due(self, epoch: int, validation_every: int | None = 1) -> bool:
         """Whether a probe is due at the end of ``epoch`` (0-based) and has not run in it yet.
 
         Args:
             epoch: the Trainer's ``current_epoch``.
             validation_every: the Trainer's ``check_val_every_n_epoch`` where the probes follow validation epochs
                 (1 where they follow training epochs): every ``every_n_epochs``-th validation epoch is then every
-                ``validation_every * every_n_epochs``-th training epoch.
+                ``validation_every * every_n_epochs``-th training epoch. ``None`` (validation every so many steps,
+                across epochs): each call counts its epoch as a validation epoch, once.
 
         Returns:
             True at every ``every_n_epochs``-th epoch not probed yet.
         """
-        return self.last_probed_epoch != epoch and (epoch + 1) % (self.every_n_epochs * validation_every) == 0
+        if validation_every is None:
+            if self.last_validated_epoch != epoch:
+                self.last_validated_epoch = epoch
+                self.validated_epochs += 1
+            nth = self.validated_epochs
+        else:
+            nth, remainder = divmod(epoch + 1, validation_every)
+            if remainder:
+                return False
+        return self.last_probed_epoch != epoch and nth % self.every_n_epochs == 0
 
     def probed(self, epoch: int) -> None:
         """Records that ``epoch`` was probed, so a second hook in the same epoch does not probe again.
@@ -37,6 +50,23 @@ class ProbeSchedule:
             epoch: the Trainer's ``current_epoch``.
         """
         self.last_probed_epoch = epoch
+
+    def state_dict(self) -> dict[str, int | None]:
+        """The count of validation epochs under validation by steps, for checkpoints.
+
+        Returns:
+            A dict that :meth:`load_state_dict` takes.
+        """
+        return {"validated_epochs": self.validated_epochs, "last_validated_epoch": self.last_validated_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the count (0 from checkpoints written before it was kept).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
+        self.validated_epochs = int(state.get("validated_epochs", 0))
+        self.last_validated_epoch = state.get("last_validated_epoch")
 
 
 def strategy_refusal(strategy) -> str | None:
