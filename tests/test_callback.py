@@ -158,6 +158,11 @@ def test_without_validation_falls_back_to_train_epoch_end(tmp_path, caplog):
         trainer.fit(model, train)
     assert [h["epoch"] for h in callback.history] == [None, 0, 1]
     assert sum("no validation loop" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, limit_val_batches=0), callbacks=[callback])
+    with caplog.at_level("INFO"):  # reused for another run: what it says, it says again once
+        trainer.fit(NoValidation(), train)
+    assert sum("no validation loop" in r.message for r in caplog.records) == 1
 
 
 def test_a_validation_step_without_validation_data_probes_at_training_epoch_ends(tmp_path):

@@ -217,7 +217,6 @@ class RFCallback(Callback):
             raise refused("on_alert", on_alert, "callable or None", "e.g. on_alert=events.append, events being a list")
         self.on_alert = on_alert
         self._given_input_shape = self.input_shape
-        self._said_no_validation = False
         self._failures = Failures(self.strict)
         self._reporter = Reporter(
             self.layer_name, log_images=self.log_images, coverage_mass=self.coverage_mass, failures=self._failures
@@ -230,8 +229,10 @@ class RFCallback(Callback):
         return {**self.__dict__, "_run": None}
 
     def _start_run(self) -> None:
-        """Forgets what a run measured: its history, fields, input shape and inputs (a new Trainer or model)."""
+        """Forgets what a run measured and said: its history, fields, input shape, inputs and warnings."""
         self.input_shape = self._given_input_shape
+        self._said_no_validation = False
+        self._failures.said.clear()
         self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
