@@ -3,6 +3,7 @@ and every bad argument is refused at the door with its name, its value and the f
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -551,6 +552,41 @@ def test_a_layer_that_runs_twice_is_refused_not_read_at_its_first_call(mode):
     assert probe_rf(model, (1, 1, 16, 16), (8, 8), layer="bn2", mode=mode).size == (5, 5)
     assert probe_rf(model, (1, 1, 16, 16), (8, 8), layer="conv1", mode=mode).size == (3, 3)
     assert probe_rf(model, (1, 1, 16, 16), (8, 8), mode=mode).size == (5, 5)
+
+
+class Features(collections.OrderedDict):
+    """A mapping output read by attribute, as transformers' ``ModelOutput``."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def test_a_layer_with_a_mapping_output_read_by_attribute_that_runs_twice_is_refused():
+    """The rest of the forward reads the layer's output by attribute: looking past the layer must keep its type
+    (it became a plain dict, the forward raised, and the probe read the first call: 3 where the last call sees 5)."""
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return Features(features=self.conv(x))
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+
+        def forward(self, x):
+            return self.body(self.body(x).features).features
+
+    with pytest.raises(ValueError, match="layer='body' runs more than once"):
+        probe_rf(Twice(), (1, 1, 20), 10, layer="body", element="features")
+    assert probe_rf(Twice(), (1, 1, 20), 10).bounds == ((8, 12),)
 
 
 def test_effective_rf_and_rf_table_refuse_or_leave_out_a_layer_that_runs_twice():

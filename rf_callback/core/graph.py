@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -80,7 +81,15 @@ def _detached(output):
         items = [_detached(item) for item in output]
         return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
     if isinstance(output, dict):
-        return {key: _detached(value) for key, value in output.items()}
+        # The same mapping type: the rest of the forward may read it by attribute (an OrderedDict subclass such as
+        # transformers' ModelOutput), and a forward that raised would hide a second call of the layer.
+        try:
+            detached = copy.copy(output)
+        except Exception:  # noqa: BLE001 - a mapping that does not copy: its items, in a plain dict
+            detached = {}
+        for key, value in output.items():
+            detached[key] = _detached(value)
+        return detached
     return output
 
 
