@@ -14,7 +14,7 @@ import torch.distributed
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rf_callback import RFCallback, probe_rf
+from rf_callback import RFCallback, effective_rf, probe_rf
 from tests.lightning_models import ConvClassifier, ShrinkingField, loaders, trainer_kwargs
 from tests.processes import run_isolated
 
@@ -35,6 +35,7 @@ IMAGE_TAGS = {
     "rf/features/pos0/growth": EXPECTED_STEPS[-1:],  # at fit end
 }
 PREFIXES = ("rf/", "rf-span/", "rf-effective/")
+VALIDATION_SAMPLES = 31
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -57,6 +58,7 @@ class _RecordRank(pl.Callback):
             "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(PREFIXES)},
         }
         (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        torch.save(rf.erf_inputs, Path(self.out) / f"erf_inputs{trainer.global_rank}.pt")
 
 
 def fit_ddp(out_dir: str) -> None:
@@ -69,7 +71,10 @@ def fit_ddp(out_dir: str) -> None:
         logger=TensorBoardLogger(out),
         **trainer_kwargs(out, devices=WORLD_SIZE, strategy="ddp_spawn"),
     )
-    trainer.fit(model, *loaders())
+    train, val = loaders()
+    # 31 validation samples: the distributed sampler gives each rank 16, padding one rank's share with sample 0.
+    val = torch.utils.data.DataLoader(torch.utils.data.Subset(val.dataset, range(VALIDATION_SAMPLES)), batch_size=8)
+    trainer.fit(model, train, val)
     torch.save(model.state_dict(), out / "final.pt")  # ddp_spawn brings rank 0's trained weights back here
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(PREFIXES)}
     (out / "main.json").write_text(json.dumps({"callback_metrics": metrics}))
@@ -235,3 +240,15 @@ def test_logged_values_are_the_probe_of_the_final_weights(ddp_run):
         logged = {k: v for k, v in rank["callback_metrics"].items() if k in SCALAR_NAMES.values()}
         assert logged == {SCALAR_NAMES[k]: float(v) for k, v in expected.items()}
         assert rank["history"][-1]["fields"][0]["bounds"] == [list(b) for b in field.bounds]
+
+
+def test_the_effective_fields_inputs_are_the_distinct_validation_samples_despite_the_samplers_padding(ddp_run):
+    """Before, the padded copy of sample 0 was chosen twice (32 inputs of 31 samples) and weighed double."""
+    dataset = loaders()[1].dataset.tensors[0][:VALIDATION_SAMPLES]
+    chosen = [torch.load(ddp_run.out / f"erf_inputs{r}.pt") for r in range(WORLD_SIZE)]
+    assert all(torch.equal(chosen[0], other) for other in chosen[1:])
+    matches = [(dataset == x).flatten(1).all(dim=1).nonzero().flatten().tolist() for x in chosen[0]]
+    assert sorted(m[0] for m in matches if len(m) == 1) == list(range(VALIDATION_SAMPLES))
+    expected = effective_rf(_final_model(ddp_run), chosen[0], "center", layer="features").metrics()
+    spread = ddp_run.ranks[0]["callback_metrics"]["rf-effective/features/pos0/spread_w"]
+    assert spread == pytest.approx(expected["std_w"], rel=1e-5)

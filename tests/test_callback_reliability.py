@@ -123,6 +123,19 @@ def test_input_choice_is_uniform_private_and_independent_of_the_batch_size():
     assert counts.sum() == 5000 and np.all(np.abs(counts - 250) < 60)  # 250 each, binomial sd 14
 
 
+def test_a_sample_offered_again_is_kept_once():
+    """A distributed sampler pads each rank's share with copies of the first samples; a copy must not weigh twice."""
+    samples = torch.arange(10.0).reshape(10, 1, 1, 1).expand(10, 1, 2, 2)
+    reservoir = InputReservoir(32, seed=0)
+    for batch in (samples[:6], samples[6:], samples[:2]):
+        reservoir.add(batch)
+    assert sorted(int(x) for x in reservoir.chosen(None, world_size=1)[:, 0, 0, 0]) == list(range(10))
+    small = InputReservoir(3, seed=0)  # full: a copy competes with its first key kept, never takes a second place
+    for _ in range(4):
+        small.add(samples)
+    assert len({int(x) for x in small.chosen(None, world_size=1)[:, 0, 0, 0]}) == 3
+
+
 # -- failures warn once, with the reason and the fix; strict raises
 
 

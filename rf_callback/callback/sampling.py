@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import torch
 
 
 class InputReservoir:
-    """Keeps ``count`` of the samples handed to it, each equally likely, with a private generator.
+    """Keeps ``count`` of the distinct samples handed to it, each equally likely, with a private generator.
 
     Every sample gets a random key from a generator seeded by ``(seed, rank)``, and the samples with the ``count``
     smallest keys are kept (reservoir sampling with random keys): one pass over a stream of unknown length chooses
     uniformly, only samples that enter the reservoir are copied (to CPU, float32), and the reservoirs of several
     ranks merge by the same rule into one choice over all their samples. No global random state is drawn from.
-    Samples shaped unlike the first kept one are passed over.
+    Samples shaped unlike the first kept one are passed over. A sample met again (a distributed sampler pads the
+    ranks' shares with copies of the first samples; ranks that each read the whole set hold the same samples) is
+    kept once, with its smallest key: the effective field's mean map weighs each input once.
     """
 
     _MAX_SAMPLE_DIMS = 4  # (C, D, H, W)
@@ -41,7 +46,7 @@ class InputReservoir:
             new = inputs.detach()[chosen.to(inputs.device)].to("cpu", torch.float32, copy=True)
         keys = torch.cat([self.keys, keys[chosen]])
         samples = new if self.samples is None else torch.cat([self.samples, new])
-        order = keys.argsort(stable=True)[: self.count]
+        order = _smallest_distinct(keys, samples, self.count)
         self.keys, self.samples = keys[order], samples[order]
 
     def chosen(self, strategy, world_size: int) -> torch.Tensor | None:
@@ -66,5 +71,18 @@ class InputReservoir:
             keys[: len(self.keys)], samples[: len(self.keys)] = self.keys, self.samples
         all_keys = strategy.all_gather(keys.to(device)).cpu().flatten()
         all_samples = strategy.all_gather(samples.to(device)).cpu().flatten(0, 1)
-        order = all_keys.argsort(stable=True)[: self.count]
-        return all_samples[order[torch.isfinite(all_keys[order])]]
+        return all_samples[_smallest_distinct(all_keys, all_samples, self.count)]
+
+
+def _smallest_distinct(keys: torch.Tensor, samples: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the ``count`` smallest finite keys whose samples differ, each sample at its smallest key."""
+    seen: set[bytes] = set()
+    kept: list[int] = []
+    for index in keys.argsort(stable=True).tolist():
+        if len(kept) == count or not math.isfinite(keys[index]):
+            break
+        digest = hashlib.blake2b(samples[index].numpy().tobytes(), digest_size=16).digest()
+        if digest not in seen:
+            seen.add(digest)
+            kept.append(index)
+    return torch.tensor(kept, dtype=torch.int64)
