@@ -98,6 +98,21 @@ def test_high_contribution_area_ratio():
     assert high_contribution(heatmap, 0.99) == (3, 9 / 81)
 
 
+def test_squares_of_an_even_field_are_centred_alike_at_every_position():
+    """A 4-tap field's centre lies between two cells: every position takes the upper one, as the map's n // 2
+    does (round() took 2.5 down and 3.5 up, so side0.3 alternated 3, 1, 3, 1 along a uniform input)."""
+    conv = nn.Conv1d(1, 1, 4, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[1.0, 2.0, 8.0, 1.0]]]))
+    inputs = torch.ones(2, 1, 20)
+    sides = {
+        tuple(v for k, v in effective_rf(conv, inputs, (p,)).metrics().items() if k.startswith("side"))
+        for p in range(1, 8)
+    }
+    # log10(A + 1) / max: the upper centre cell (8) holds log10(9) / (log10(2) * 2 + log10(3) + log10(9)) = 0.47
+    assert sides == {(1.0, 1.0, 3.0, 5.0)}
+
+
 def test_degenerate_maps_are_refused_clearly():
     with pytest.raises(ValueError, match="zero everywhere"):
         mass_extent(torch.zeros(5))

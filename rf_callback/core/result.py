@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -268,7 +269,11 @@ class EffectiveField:
             names, center_of_mass(self.heatmap), self.theoretical.center, spread(self.heatmap)
         ):
             result[f"com_{name}"], result[f"com_offset_{name}"], result[f"std_{name}"] = com, com - center, std
-        cell = tuple(min(max(round(c), 0), n - 1) for c, n in zip(self.theoretical.center, self.heatmap.shape))
+        # A centre between two cells (an even size) goes to the upper one everywhere, as the map's own n // 2 does:
+        # round() would send 2.5 down and 3.5 up, and one field shifted by a cell would change its squares.
+        cell = tuple(
+            min(max(math.floor(c + 0.5), 0), n - 1) for c, n in zip(self.theoretical.center, self.heatmap.shape)
+        )
         for t in HIGH_CONTRIBUTION_THRESHOLDS:
             found = high_contribution(self.heatmap, t, cell)
             result[f"side{t:g}"], result[f"area{t:g}"] = (None, None) if found is None else (float(found[0]), found[1])
