@@ -18,7 +18,7 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.geometry import LazyGeometry, consistent
+from rf_callback.core.geometry import AxisGeometry, LazyGeometry, consistent
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
@@ -246,36 +246,62 @@ def _follows(
     return _within_spans(geometry, axis, fields, shape)
 
 
-_STRAYED = "the field at an end of the axis lies elsewhere than the span (r, S, P) gives it (a roll, a flip, a wrap)"
+_STRAYED = (
+    "the fields at an end of the axis lie elsewhere than the span (r, S, P) gives them (a roll, a flip, a wrap, a crop)"
+)
 
 
-def _end_fields(theory, output_shape: tuple[int, ...], known: dict) -> list[tuple[Position, Box]]:
-    """The theoretical fields of the first and the last output position (one pass each where not known yet).
+def _border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known) -> bool:
+    """Whether the fields at both ends of ``axis`` follow ``geometry`` (at the centre of the other axes).
 
-    A geometry read near the centre must hold there too: a roll, a flip or a concatenation along an axis moves the
-    fields at the ends of the map, which the centre does not see.
+    A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
+    fields of the border, which the centre does not see. The first and last index must be :func:`consistent` with
+    it (one pass each); the other indices whose span leaves the input on that side (a band as wide as the padding)
+    must together lie inside their clipped spans (one pass for the band), which a wrap to the far end breaks.
     """
-    ends = {tuple(0 for _ in output_shape), tuple(n - 1 for n in output_shape)}
-    fields = []
-    for position in sorted(ends):
-        support = known[position] if position in known else theory.support([position])
+    length, count = shape[2 + axis], output_shape[axis]
+    centre = [n // 2 for n in output_shape]
+
+    def at(index: int) -> Position:
+        return tuple(index if a == axis else c for a, c in enumerate(centre))
+
+    for end in sorted({0, count - 1}):
+        support = known[at(end)] if at(end) in known else theory.support([at(end)])
         box = box_of(support)
-        if box is not None:
-            fields.append((position, box))
-    return fields
+        if not consistent(geometry, {end: None if box is None else box[axis]}, length):
+            return False
+        leaves = (lambda x: geometry.span(x)[0] < 0) if end == 0 else (lambda x: geometry.span(x)[1] > length - 1)
+        band = [x for x in range(count) if x != end and leaves(x)]
+        if not band:
+            continue
+        low = max(min(geometry.span(x)[0] for x in band), 0)
+        high = min(max(geometry.span(x)[1] for x in band), length - 1)
+        if (low, high) == (0, length - 1):  # the band's spans cover the input: nothing could lie outside them
+            continue
+        box = box_of(theory.support([at(x) for x in band]))
+        if box is not None and (box[axis][0] < low or box[axis][1] > high):
+            return False
+    return True
 
 
-def _followed(geometry: tuple, fields, table: AxisTable | None, shape, theory, output_shape, known, reasons) -> tuple:
-    """The geometry without the axes that the fields, the table or the end fields (without a table) do not follow.
+def _followed(
+    geometry: tuple, fields, table: AxisTable | None, shape, theory, output_shape, known, reasons, *, exact=False
+) -> tuple:
+    """The geometry without the axes that the fields, the table or the border fields (without a table) do not follow.
 
+    ``exact``: each field must be :func:`consistent` with it (theoretical fields), not only lie inside its span.
     Each dropped axis gets its reason in ``reasons``.
     """
-    outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape)]
-    reasons.update(dict.fromkeys(outside, "a probed field lies outside the span (r, S, P) gives it"))
+    outside = [a for a, g in enumerate(geometry) if not _follows(g, a, fields, table, shape, exact=exact)]
+    relation = "is not" if exact else "lies outside"
+    reasons.update(dict.fromkeys(outside, f"a probed field {relation} the span (r, S, P) gives it"))
     geometry = tuple(None if a in outside else g for a, g in enumerate(geometry))
-    if table is None and any(g is not None for g in geometry):
-        ends = _end_fields(theory, output_shape, known)
-        strayed = [a for a, g in enumerate(geometry) if not _follows(g, a, ends, None, shape, exact=True)]
+    if table is None:
+        strayed = [
+            a
+            for a, g in enumerate(geometry)
+            if g is not None and not _border_follows(theory, g, a, output_shape, shape, known)
+        ]
         reasons.update(dict.fromkeys(strayed, _STRAYED))
         geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
     return geometry
@@ -336,14 +362,15 @@ class _Prober:
             self._theory = self.graph_on(self.shape) or ProbeGraph(self.skeleton, request, copy=self.skeleton)
         return self._theory
 
-    def geometry(self, fields: Sequence[tuple[Position, Box]] = ()) -> LazyGeometry:
+    def geometry(self, fields: Sequence[tuple[Position, Box]] = (), *, exact: bool = False) -> LazyGeometry:
         """The per-axis geometry, measured on first use (in the context a probe runs in).
 
         The measurement keeps the theoretical copy made at probe time (its weights are constants, so it holds
         little more than the model's buffers), the arguments and the small supports already read, never the live
         model, which training moves, changes and frees: what it measures later is the model as it was probed. It
         keeps none of this probe's graphs. An axis on which one of ``fields`` (position, bounds) lies outside its
-        clipped span has no geometry: the fields do not follow it.
+        clipped span has no geometry: the fields do not follow it. ``exact`` (theoretical fields of a whole map): each
+        field must be :func:`consistent` with the geometry, equal to its span where that lies inside the input.
         """
         skeleton, request, shape, output_shape = self.skeleton, self.request, self.shape, self.measured.output_shape
         known, table = dict(self.known), self.table
@@ -379,7 +406,9 @@ class _Prober:
                             theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
                             one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
                         )  # fmt: skip
-                        geometry = _followed(geometry, fields, table, shape, theory, output_shape, known, reasons)
+                        geometry = _followed(
+                            geometry, fields, table, shape, theory, output_shape, known, reasons, exact=exact
+                        )
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     return geometry
@@ -476,13 +505,17 @@ class _Prober:
         shape = (*graph.output_shape, len(graph.output_shape))
         first = torch.zeros(shape, dtype=torch.int64)
         last = torch.full(shape, -1, dtype=torch.int64)
+        fields = []
         for p, box in self._map_boxes(axes):
             if box is not None:
                 first[p] = torch.tensor([b[0] for b in box])
                 last[p] = torch.tensor([b[1] for b in box])
+                fields.append((p, box))
+        # Without an axis table, the map's own fields are what its geometry must hold at every index.
+        geometry = self.geometry(fields if axes is None else (), exact=self.mode == "theoretical")
         return ReceptiveFieldMap(
             first=first, last=last, input_shape=self.shape, output_shape=graph.output_shape,
-            geometry=self.geometry(), mode=self.mode, layer=self.layer, element=self.element, layout=self.layout,
+            geometry=geometry, mode=self.mode, layer=self.layer, element=self.element, layout=self.layout,
         )  # fmt: skip
 
     def _map_boxes(self, axes: AxisTable | None):
