@@ -290,3 +290,25 @@ def test_rows_that_share_a_field_equal_their_own_probe():
         geometry = [(g.size, g.stride, g.offset) if g else None for g in field.geometry]
         assert (row.bounds, row.size) == (field.bounds, field.size), row.name
         assert [(r, s, p) if s else None for r, s, p in zip(row.full_size, row.stride, row.offset)] == geometry
+
+
+class RolledRows(nn.Module):
+    """A roll by 3 rows between two convolutions: output row 0 of ``d`` sees input rows 16..22, which no (r, S, P)
+    read near the centre (7, 2, 6: rows -6..0) gives it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.d(torch.roll(self.c(x), 3, dims=2))
+
+
+def test_a_row_measured_near_the_centre_offers_no_geometry_that_the_border_does_not_follow():
+    """As probe_rf does (before, the row said stride 2, offset 6 along H where probe_rf said None)."""
+    model, shape = RolledRows(), (1, 1, 24, 21)
+    row = next(r for r in rf_table(model, shape) if r.name == "d")
+    field = probe_rf(model, shape, "center", layer="d")
+    assert (row.full_size, row.stride, row.offset) == ((None, 7), (None, 2), (None, 0))
+    assert (field.geometry[0], field.stride[1]) == (None, 2)
+    assert probe_rf(model, shape, (0, 0), layer="d").bounds[0] == (16, 22)

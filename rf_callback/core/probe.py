@@ -251,7 +251,7 @@ _STRAYED = (
 )
 
 
-def _border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known) -> bool:
+def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known) -> bool:
     """Whether the fields at both ends of ``axis`` follow ``geometry`` (at the centre of the other axes).
 
     A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
@@ -300,7 +300,7 @@ def _followed(
         strayed = [
             a
             for a, g in enumerate(geometry)
-            if g is not None and not _border_follows(theory, g, a, output_shape, shape, known)
+            if g is not None and not border_follows(theory, g, a, output_shape, shape, known)
         ]
         reasons.update(dict.fromkeys(strayed, _STRAYED))
         geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
