@@ -113,6 +113,14 @@ def test_python_file_path_as_module(capsys):
     assert (record["size"], record["stride"], record["offset"]) == ([7], [2], [2])
 
 
+def test_a_centre_past_six_digits_prints_in_full(capsys):
+    """small_net_1d: r = 7, S = 2, P = 2, so output 600000 spans 1199998..1200004, centred at 1200001 (printed as
+    1.2e+06 before: six significant digits)."""
+    assert main(["tests.cli_models:small_net_1d", "--input-shape", "2,1300000", "--pos", "600000"]) == 0
+    shown = fields(capsys.readouterr().out)
+    assert shown["span"] == "1199998..1200004" and shown["center"] == "1200001"
+
+
 def test_pos_all_prints_the_map(capsys):
     assert main(["tests.cli_models:unet", "--input-shape", "1,16,16", "--pos", "all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == probe_rf(unet(), (1, 1, 16, 16), "all").to_dict()

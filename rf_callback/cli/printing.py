@@ -34,7 +34,7 @@ def field_text(spec: str, field: ReceptiveField, target: tuple[int, ...] | None)
         ("stride", _axes(field.stride)),
         ("offset", _axes(field.offset)),
         ("span", ", ".join(f"{first}..{last}" for first, last in field.span)),
-        ("center", ", ".join(f"{c:g}" for c in field.center)),
+        ("center", ", ".join(f"{c:.15g}" for c in field.center)),  # :g keeps 6 digits: 1.2e+06
     ]
     if target is not None:
         verdict = "covered" if _covers(field.size, target) else f"not covered by this {_axes(field.size)} field"
