@@ -949,8 +949,29 @@ def nhwc_stage(channels: int) -> nn.Module:
     ],
 )
 def test_a_channels_last_output_read_channels_first_is_refused_with_the_fix(model, shape, evidence):
-    with pytest.raises(ValueError, match=rf"it is channels last .*\({evidence}\).*pass layout='channels_last'"):
+    # the theoretical forward follows the spatial axes through the permute; weights mode grows the input to tell
+    with pytest.raises(ValueError, match=r"the forward moved its spatial axes.*pass layout='channels_last'|"
+                       rf"it is channels last .*\({evidence}\).*pass layout='channels_last'"):  # fmt: skip
         probe_rf(model, shape)
+    with pytest.raises(ValueError, match=rf"it is channels last .*\({evidence}\).*pass layout='channels_last'"):
+        probe_rf(model, shape, mode="weights")
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_convolutions_output_permuted_to_few_channels_last_is_refused_without_any_hint_in_its_shape(mode):
+    """(1, 9, 9, 4): no axis longer than the input, no linear layer; read channels first it was a 9 x 4 map of 9
+    channels, and the probe answered for the wrong cells without a word."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, stride=2), Permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"\(1, 9, 9, 4\).*pass layout='channels_last'"):
+        probe_rf(model, (1, 3, 40, 40), mode=mode)
+    field = probe_rf(model, (1, 3, 40, 40), (4, 4), layout="channels_last", mode=mode)
+    assert field.output_shape == (9, 9) and field.bounds == ((16, 22), (16, 22))
+
+
+def test_spatial_axes_swapped_among_themselves_stay_channels_first():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Permute(0, 1, 3, 2))
+    field = probe_rf(model, (1, 3, 12, 20), (3, 5))
+    assert field.output_shape == (18, 10) and field.bounds == ((5, 7), (3, 5))
 
 
 @pytest.mark.parametrize(
@@ -972,6 +993,8 @@ def test_a_channels_first_output_longer_than_its_input_is_measured_without_a_wor
 def test_a_channels_last_hint_the_model_cannot_decide_is_a_warning_at_once():
     model = FixedInput(nhwc_stage(64), (3, 32, 32))  # it refuses the doubled input that would decide
     with pytest.warns(UserWarning, match=r"\(64\) is longer than the input's \(32\).*pass layout='channels_last'"):
+        probe_rf(model, (1, 3, 32, 32), (3, 3), mode="weights")
+    with pytest.raises(ValueError, match="the forward moved its spatial axes"):  # the theoretical forward saw it
         probe_rf(model, (1, 3, 32, 32), (3, 3))
     assert probe_rf(model, (1, 3, 32, 32), (3, 3), layout="channels_last").bounds == ((6, 7), (6, 7))
 

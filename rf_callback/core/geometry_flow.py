@@ -137,6 +137,18 @@ class GeometryFlow:
             flow.append(geometry)
         return tuple(flow)
 
+    def channels_first(self, tensor) -> bool | None:
+        """Whether ``tensor``'s dim 1 holds no spatial axis, as the flow followed them (through permutes).
+
+        Args:
+            tensor: a tensor of the forward pass.
+
+        Returns:
+            True or False where the flow reached ``tensor``; ``None`` where it ended before.
+        """
+        tag = self._tag(tensor)
+        return None if tag is None else 1 not in tag[1]
+
     def _tag(self, tensor) -> _Tag | None:
         if not isinstance(tensor, torch.Tensor):
             return None

@@ -213,7 +213,8 @@ class ProbeGraph(GraphShapes):
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
-                check_channels_first(copy, self.output, functions.last_axis_sizes, request)
+                laid_out = None if functions.flow is None else functions.flow.channels_first(self.output)
+                check_channels_first(copy, self.output, functions.last_axis_sizes, request, laid_out)
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
@@ -274,37 +275,48 @@ class ProbeGraph(GraphShapes):
 
 
 def check_channels_first(
-    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], request: ProbeRequest
+    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], request: ProbeRequest, laid_out: bool | None
 ) -> None:
-    """Refuses a channels-first reading of ``output`` where the shapes show it is channels last; warns where they hint.
+    """Refuses a channels-first reading of ``output`` where the forward shows it is laid out otherwise.
 
     A channels-last ``(N, H, W, C)`` output read channels first puts a spatial axis where the channels are and the
-    channels where a spatial axis is: the probe would answer for the wrong cell, often after minutes on an axis as
-    long as the channels. Two hints, from shapes alone: its last axis is longer than the input's (768 channels of a
-    Swin on a 224 input), or as long as the features of a linear layer or layer norm in the forward (which act on
-    the last axis). Either hint is then decided by one forward pass without gradient on an input twice as long on
-    every axis: a channel axis keeps its length, a spatial one follows the input.
+    channels where a spatial axis is: the probe would answer for the wrong cell. ``laid_out`` is what the theoretical
+    forward saw (the geometry flow follows the spatial axes through permutes): True settles it, False refuses.
+    Where it is unknown (``None``), one forward pass without gradient on another input decides: a channel axis
+    keeps its length, a spatial one follows the input. The input is twice as long on every axis where the shapes
+    hint at channels last (a last axis longer than the input's, or as long as the features of a linear layer or
+    layer norm in the forward), else half as long (cheaper; a model that does not run on it is not checked).
 
     Raises:
-        ValueError: the axis read as the channels follows the input's length: the output is channels last.
+        ValueError: the output is not channels first (the message says what to pass).
     """
+    if laid_out:
+        return
     input_shape, layer = request.input_shape, request.layer
     channels, spatial, lengths = output.shape[1], tuple(output.shape[2:]), tuple(input_shape[2:])
+    shape, letters = (input_shape[0], *output.shape[1:]), axis_letters(len(lengths))  # weights mode: draws
+    last = f"(N, {', '.join(letters)}, C)"
+    if laid_out is False:
+        raise ValueError(
+            f"the output of {where(layer)} is {shape}, which layout='channels_first' reads as {channels} channels of "
+            f"a {' x '.join(map(str, spatial))} map, but the forward moved its spatial axes (a permute or transpose "
+            f"after the last convolution): pass layout='channels_last' if it is {last}"
+        )
     longer = spatial[-1] > lengths[-1]
     features = spatial[-1] in last_axis_sizes
-    if not (longer or features):
-        return
-    larger = (1, input_shape[1], *(2 * n for n in lengths))
-    other = _output_on(copy, request.on(larger))
-    shape, letters = tuple(output.shape), axis_letters(len(lengths))
-    last = f"(N, {', '.join(letters)}, C)"
+    other_lengths = tuple(2 * n for n in lengths) if longer or features else tuple(max(n // 2, 1) for n in lengths)
+    other_shape = (1, input_shape[1], *other_lengths)
+    other = _output_on(copy, request.on(other_shape))
     if other is not None and other.dim() == output.dim() and other.shape[1] != channels:
+        grown = "twice" if longer or features else "half"
         raise ValueError(
             f"the output of {where(layer)} is {shape}, which layout='channels_first' reads as {channels} channels "
-            f"of a {' x '.join(map(str, spatial))} map, but it is channels last {last}: on an input twice as long "
-            f"({larger}) the axis read as the channels follows the input ({channels} -> {other.shape[1]}) and the "
-            f"last axis keeps its length ({spatial[-1]}); pass layout='channels_last'"
+            f"of a {' x '.join(map(str, spatial))} map, but it is channels last {last}: on an input {grown} as long "
+            f"({other_shape}) the axis read as the channels follows the input ({channels} -> {other.shape[1]}) and "
+            f"the last axis keeps its length ({spatial[-1]}); pass layout='channels_last'"
         )
+    if not (longer or features):
+        return
     if other is not None and other.dim() == output.dim() and tuple(other.shape[2:]) != spatial:
         return  # the channels keep their length, the spatial axes follow the input: channels first
     why = (
