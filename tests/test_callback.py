@@ -193,6 +193,18 @@ def test_probes_under_validation_by_steps_come_every_n_th_epoch_that_validated(t
     assert [h["epoch"] for h in callback.history] == [None, 2, 5]
 
 
+def test_fit_end_figures_are_drawn_over_inputs_of_any_number_of_channels(tmp_path):
+    """Two channels (a stereo spectrogram): the overlay is drawn over their mean (before, every fit-end image failed,
+    the growth curve too, which needs no input)."""
+    model, logger = ConvClassifier(channels=2), TensorBoardLogger(tmp_path, name="run")
+    train, val = loaders(channels=2)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger),
+                         callbacks=[RFCallback(layer="features", strict=True)])  # fmt: skip
+    trainer.fit(model, train, val)
+    images = set(read_events(logger.log_dir).Tags()["images"])
+    assert {"rf/features/pos0/overlay", "rf/features/pos0/growth", "rf/features/pos0/figure"} <= images
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

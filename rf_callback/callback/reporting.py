@@ -244,6 +244,20 @@ class Reporter:
             image_array = figure_to_array(plot_growth(rows, title=title, target=target))
             self.image(trainer, dashboard.image_tag(layer, index, "growth"), image_array, step, title)
 
+    @staticmethod
+    def drawable(sample: torch.Tensor | None) -> torch.Tensor | None:
+        """An input sample ``(C, *spatial)`` as the figures draw it: grey or RGB as it is, else its channels' mean.
+
+        Args:
+            sample: one input (2 channels of a stereo spectrogram, 12 of an ECG, ...), or ``None``.
+
+        Returns:
+            ``sample`` where C is 1 or 3, else ``(1, *spatial)``; ``None`` for ``None``.
+        """
+        if sample is None or sample.shape[0] in (1, 3):
+            return sample
+        return sample.mean(dim=0, keepdim=True)
+
     def caption(self, field: ReceptiveField | EffectiveField) -> str:
         """What an image of ``field`` shows, in words.
 

@@ -386,7 +386,8 @@ class RFCallback(Callback):
             self._reporter.final_figures(
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
                 fields=self._last_fields, effective=list(self._last_effective.values()),
-                image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
+                image=self._reporter.drawable(None if self._erf_inputs is None else self._erf_inputs[0]),
+                history=self.history,
                 target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
 
