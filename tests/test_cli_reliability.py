@@ -385,3 +385,12 @@ def test_element_picks_a_feature_map_from_a_dict_output(capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--element", "fine", "--table"])
     assert "--element applies to one probe" in capsys.readouterr().err
+
+
+def test_gif_sweeps_the_feature_map_element_names(tmp_path, capsys):
+    """Before, --gif probed without --element and failed after printing the field."""
+    gif = tmp_path / "coarse.gif"
+    assert (
+        main(["tests.cli_models:two_maps", "--input-shape", "3,16,16", "--element", "coarse", "--gif", str(gif)]) == 0
+    )
+    assert gif.read_bytes()[:6] == b"GIF89a" and capsys.readouterr().err == ""

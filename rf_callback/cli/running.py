@@ -110,7 +110,7 @@ def _probe_and_print(
         with writing("--gif", args.gif, checked.pictures["--gif"]):
             from rf_callback.plotting import animate_rf
 
-            animate_rf(model, shape, args.gif, layer=layer, mode=args.mode)
+            animate_rf(model, shape, args.gif, layer=layer, mode=args.mode, element=checked.element, layout=args.layout)
 
 
 def _say_warnings(caught, args: argparse.Namespace, model: nn.Module, shape: tuple[int, ...], pos) -> None:

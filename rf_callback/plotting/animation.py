@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from rf_callback.core.layouts import Tokens
 from rf_callback.core.result import ReceptiveField
 from rf_callback.plotting.drawing import (
     _checked_field,
@@ -42,6 +43,8 @@ def animate_rf(
     mode: str = "theoretical",
     fps: float = 4,
     image: ImageLike | None = None,
+    element: int | str | None = None,
+    layout: str | Tokens = "channels_first",
 ) -> Path:
     """Writes a GIF of the receptive field moving over the input as the position sweeps the output map.
 
@@ -60,6 +63,9 @@ def animate_rf(
         mode: ``"theoretical"`` or ``"weights"``, as for :func:`~rf_callback.core.probe.probe_rf`.
         fps: frames per second of the GIF.
         image: the input to draw underneath every frame, as for :func:`plot_rf`.
+        element: the index or key of the feature map in a tuple, list or dict output, as for
+            :func:`~rf_callback.core.probe.probe_rf`.
+        layout: how the swept output lays out its axes, as for :func:`~rf_callback.core.probe.probe_rf`.
 
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
@@ -90,9 +96,10 @@ def animate_rf(
 
     from rf_callback.core.probe import probe_rf
 
+    where = dict(layer=layer, mode=mode, element=element, layout=layout)
     if chosen is None:
-        chosen = _raster_positions(probe_rf(model, shape, "center", layer=layer, mode=mode).output_shape)
-    fields = probe_rf(model, shape, chosen, layer=layer, mode=mode)
+        chosen = _raster_positions(probe_rf(model, shape, "center", **where).output_shape)
+    fields = probe_rf(model, shape, chosen, **where)
     if isinstance(fields, ReceptiveField):
         fields = [fields]
     frames = []
