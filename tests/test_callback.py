@@ -205,6 +205,26 @@ def test_fit_end_figures_are_drawn_over_inputs_of_any_number_of_channels(tmp_pat
     assert {"rf/features/pos0/overlay", "rf/features/pos0/growth", "rf/features/pos0/figure"} <= images
 
 
+def test_effective_fields_on_validation_inputs_shaped_otherwise_say_which_cells_they_are(tmp_path, caplog):
+    """Probed on the 16 x 16 example, measured on 24 x 24 validation inputs: pos0 ("center") is cell (4, 4) of the
+    probe's 8 x 8 map but (6, 6) of the inputs' 12 x 12 one. The note and a message say so (they said nothing)."""
+    generator = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 24, 24, generator=generator), torch.zeros(16).long())
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(layer="features", log_images=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    with caplog.at_level("INFO"):
+        trainer.fit(ConvClassifier(), loader, loader)
+    said = [r.message for r in caplog.records if "validation inputs of shape (1, 24, 24)" in r.message]
+    assert len(said) == 1 and "pos0 is cell (6, 6) of a 12 x 12 map" in said[0]
+    notes = [e.tensor_proto.string_val[0].decode() for e in read_events(logger.log_dir).Tensors(
+        "rf/features/positions/text_summary")]  # fmt: skip
+    assert "output cell (4, 4) of a 8 × 8 map" in notes[0]
+    assert len(notes) == 2 and "validation inputs 1 × 24 × 24" in notes[1]
+    assert "output cell (6, 6) of a 12 × 12 map: theoretical field 8 × 8 (input indices 9..16, 9..16)" in notes[1]
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

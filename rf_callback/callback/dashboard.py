@@ -204,18 +204,27 @@ def note_tag(layer: str) -> str:
     return f"rf/{layer}/positions"
 
 
-def positions_note(layer: str, fields: Sequence[ReceptiveField], target: Sequence[int] | None) -> str:
+def positions_note(
+    layer: str, fields: Sequence[ReceptiveField], target: Sequence[int] | None, *, effective: bool = False
+) -> str:
     """A Markdown note saying which output cell each position index is, and its theoretical field.
 
     Args:
         layer: the probed layer as logged.
         fields: the theoretical fields, in the order of ``pos``.
         target: the target size per axis, or ``None``.
+        effective: the fields are the effective field's, on validation inputs shaped unlike the probed input.
 
     Returns:
         The note.
     """
-    lines = [f"Receptive field of `{layer}` (input {' × '.join(map(str, fields[0].input_shape[1:]))}):", ""]
+    shape = " × ".join(map(str, fields[0].input_shape[1:]))
+    heading = (
+        f"Effective field of `{layer}` (validation inputs {shape})"
+        if effective
+        else f"Receptive field of `{layer}` (input {shape})"
+    )
+    lines = [f"{heading}:", ""]
     for index, field in enumerate(fields):
         output = " × ".join(map(str, field.output_shape))
         size = " × ".join(map(str, field.size))

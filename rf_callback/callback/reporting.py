@@ -6,7 +6,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from rf_callback.callback import dashboard
 from rf_callback.callback.failures import IMAGES_FIX, Failures, logger_fix
@@ -188,6 +188,31 @@ class Reporter:
                 if figures:
                     figure = figure_to_array(plot_rf_figure(field))
                     self.image(trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption)
+
+    def effective_note(self, trainer, fields: list[EffectiveField], target) -> None:
+        """Says which cell each position index is on validation inputs shaped unlike the probed input.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            fields: the effective fields, one per position.
+            target: per axis, the target size, or ``None``.
+        """
+        theoretical = [field.theoretical for field in fields]
+        note = dashboard.positions_note(self.layer_name, theoretical, target, effective=True)
+        cells = ", ".join(
+            f"pos{index} is cell {field.position} of a {' x '.join(map(str, field.output_shape))} map"
+            for index, field in enumerate(theoretical)
+        )
+        rank_zero_info(
+            f"RFCallback: the effective field is measured on validation inputs of shape "
+            f"{tuple(theoretical[0].input_shape[1:])}, unlike the probed input: there {cells}, and its ratios are to "
+            f"the theoretical field there"
+        )
+        if not trainer.is_global_zero:
+            return
+        for writer in self.writers(trainer):
+            with self._writing(writer, "charts"):
+                writer.text(dashboard.note_tag(self.layer_name), note, trainer.global_step)
 
     def effective_image(self, trainer, index: int, field: EffectiveField) -> None:
         """Logs the effective field's heatmap at the current step.

@@ -231,7 +231,7 @@ class RFCallback(Callback):
     def _start_run(self) -> None:
         """Forgets what a run measured and said: its history, fields, input shape, inputs and warnings."""
         self.input_shape = self._given_input_shape
-        self._said_no_validation = False
+        self._said_no_validation = self._said_other_cells = False
         self._failures.said.clear()
         self.history: list[dict[str, Any]] = []
         self._erf_inputs: torch.Tensor | None = None
@@ -483,6 +483,9 @@ class RFCallback(Callback):
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
         fields = self._prober.effective(pl_module, self._erf_inputs, self._shape)
+        if fields and fields[0].theoretical.input_shape[1:] != tuple(self._shape[1:]) and not self._said_other_cells:
+            self._said_other_cells = True
+            self._reporter.effective_note(trainer, fields, self._target_for(len(self._shape) - 2))
         entry, events = {}, []
         for index, field in enumerate(fields):
             label = "_".join(str(i) for i in field.position)
