@@ -225,6 +225,19 @@ def test_effective_fields_on_validation_inputs_shaped_otherwise_say_which_cells_
     assert "output cell (6, 6) of a 12 × 12 map: theoretical field 8 × 8 (input indices 9..16, 9..16)" in notes[1]
 
 
+def test_a_fit_under_lightnings_model_pruning_probes_every_epoch(tmp_path):
+    """ModelPruning leaves pruning masks on the model between epochs: the theoretical copy multiplied its constant
+    weights by them, and with 95 % pruned found no field at all (or a smaller one). It is the architecture's."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    callback = RFCallback(layer="features", mode="theoretical", strict=True, log_images=False, effective=False)
+    pruning = ModelPruning("l1_unstructured", amount=0.95, make_pruning_permanent=False, verbose=0)
+    trainer, model = fit(tmp_path, [pruning, callback], logger=False, max_epochs=3)
+    assert hasattr(model.features[0], "weight_mask")  # the masks were there when the later epochs were probed
+    sizes = [entry["fields"][0]["size"] for entry in callback.history]
+    assert sizes == [[8, 8]] * 4  # fit start, then epochs 0, 1, 2
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from rf_callback import probe_rf, verify_rf
 from tests.models import TinyResNet
@@ -149,3 +150,17 @@ def test_the_fast_module_copy_keeps_sharing_and_never_shares_mutable_state_with_
     assert [n for n, _ in clone.named_modules()] == [n for n, _ in live.named_modules()]
     probe_rf(live, (1, 1, 9, 9))
     assert live.log == []  # the probe ran its copy
+
+
+def test_a_pruned_model_is_copied_and_its_masks_hide_taps_in_weights_mode_only():
+    """torch.nn.utils.prune (and Lightning's ModelPruning) keep weight_orig, a weight_mask and a computed weight that
+    no deep copy takes: the probe refused such a model. The mask keeps the centre tap of the first convolution only."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 3, padding=1))
+    mask = torch.zeros(2, 1, 3, 3)
+    mask[:, :, 1, 1] = 1
+    prune.custom_from_mask(model[0], "weight", mask)
+    model(torch.randn(1, 1, 12, 12))
+    assert probe_rf(model, (1, 1, 12, 12), (6, 6)).size == (5, 5)  # the architecture's: a pruned weight is a weight
+    assert probe_rf(model, (1, 1, 12, 12), (6, 6), mode="weights").size == (3, 3)  # what the weights connect
+    assert torch.equal(model[0].weight_mask, mask) and not model[0].weight.is_leaf  # the live model as it was
+

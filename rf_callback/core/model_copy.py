@@ -706,6 +706,10 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = copy.deepcopy(kept, memo) if kept else kept
         elif key in ("_parameters", "_buffers"):
             state[key] = type(value)((name, None if t is None else copy.deepcopy(t, memo)) for name, t in value.items())
+        elif isinstance(value, torch.Tensor) and not value.is_leaf:
+            # A weight computed from others (pruning's weight_orig * weight_mask), which no deep copy takes: its
+            # hook computes it again from the copy's own tensors at each forward.
+            state[key] = memo.setdefault(id(value), value.detach().clone())
         elif type(value) in _IMMUTABLE or (type(value) in (dict, OrderedDict, set) and not value):
             state[key] = value if type(value) in _IMMUTABLE else type(value)()
         elif type(value) is set and all(type(item) is str for item in value):
@@ -722,6 +726,7 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
     Each is made on ``device`` directly (where it is, for None): a copy for the CPU never takes GPU memory.
     """
     memo: dict[int, torch.Tensor] = {}
+    masks = _pruning_masks(model) if mode == "theoretical" else set()
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
@@ -729,8 +734,29 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
                 memo[id(param)] = nn.Parameter(value, False)
         for name, buffer in module._buffers.items():
             if buffer is not None and id(buffer) not in memo:
+                if id(buffer) in masks:  # the architecture's field: a pruned weight is a weight (see _pruning_masks)
+                    memo[id(buffer)] = _constant(buffer, dtype, 1.0, device or buffer.device)
+                    continue
                 memo[id(buffer)] = _prepared_buffer(name, buffer, mode, dtype, zero_biases, device or buffer.device)
     return memo
+
+
+def _pruning_masks(model: nn.Module) -> set[int]:
+    """The ids of the masks of ``torch.nn.utils.prune`` (and Lightning's ``ModelPruning``) in ``model``.
+
+    Pruning keeps ``weight_orig`` and a ``weight_mask`` buffer, and a hook multiplies them before each forward. The
+    theoretical copy holds every mask at one, as it holds every weight non-zero; weights mode keeps them.
+    """
+    from torch.nn.utils import prune
+
+    masks = set()
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                mask = module._buffers.get(f"{hook._tensor_name}_mask")
+                if mask is not None:
+                    masks.add(id(mask))
+    return masks
 
 
 def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
