@@ -163,4 +163,3 @@ def test_a_pruned_model_is_copied_and_its_masks_hide_taps_in_weights_mode_only()
     assert probe_rf(model, (1, 1, 12, 12), (6, 6)).size == (5, 5)  # the architecture's: a pruned weight is a weight
     assert probe_rf(model, (1, 1, 12, 12), (6, 6), mode="weights").size == (3, 3)  # what the weights connect
     assert torch.equal(model[0].weight_mask, mask) and not model[0].weight.is_leaf  # the live model as it was
-
