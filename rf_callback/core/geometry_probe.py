@@ -129,8 +129,9 @@ FIXED_SIZE = (
 )
 NO_FIT = "the fields fit no single (r, S, P) along this axis (an upsampling path, windows, or fields that are no box)"
 TOO_FEW_WHOLE = (
-    f"fewer than {MIN_WHOLE_FIELDS} fields of the largest size lie inside the input along this axis, on the input "
-    f"probed and on every longer one the model ran on: too few to tell r, S and P (a short token grid, a fixed size)"
+    f"fewer than {MIN_WHOLE_FIELDS} fields of the largest size lie inside the input along this axis clear of its ends "
+    f"(a field that reaches an end may be clipped there), on the input probed and on every longer one the model ran "
+    f"on: too few to tell r, S and P (a short token grid, a fixed size)"
 )
 ONE_SIZE = (
     "every field spans the whole input probed, and the model runs on no input twice as long (nor on a thin one): a "
