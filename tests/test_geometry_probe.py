@@ -13,7 +13,7 @@ from torch import nn
 from rf_callback import probe_rf, rf_table
 from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import chain_geometry
-from rf_callback.core.geometry_probe import TOO_FEW_WHOLE
+from rf_callback.core.geometry_probe import ELSEWHERE, TOO_FEW_WHOLE
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
@@ -476,3 +476,21 @@ def test_a_hook_on_a_layer_runs_under_the_flow(monkeypatch):
     shapes = count_graphs(monkeypatch)
     assert geometry_triples(probe_rf(model, (1, 1, 32), "center")) == [(5, 1, 0)]
     assert shapes == [(1, 1, 32)]  # the hook's product is a call the flow follows
+
+
+def test_swapped_spatial_axes_have_no_geometry_and_say_why():
+    """Output axis 1 follows input H and axis 0 input W: the reasons said a global operation or an exhausted budget
+    (every field is 4 x 5)."""
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, (3, 2), stride=(2, 1))
+
+        def forward(self, x):
+            return self.d(self.c(x).transpose(2, 3))
+
+    field = probe_rf(Swapped(), (1, 1, 26, 23), "center")
+    assert field.size == (4, 5) and field.output_shape == (10, 23)
+    assert field.geometry == (None, None) and field.geometry.reasons == (ELSEWHERE, ELSEWHERE)
+

@@ -437,6 +437,11 @@ class _FixedSize:
 
 _FIXED = _FixedSize()
 
+ELSEWHERE = (
+    "an input longer along this axis lengthened another output axis and not this one (the spatial axes were "
+    "transposed or permuted): no (r, S, P) maps this input axis to this output axis"
+)
+
 
 def _thin_read(
     theory: ProbeGraph, axis: int, graph_on: GraphOn, user_table: dict[int, Bounds | None], *, start_growth,
@@ -448,6 +453,7 @@ def _thin_read(
     """
     length = theory.spatial_input_shape[axis]
     undecided, width, previous, windows_seen = False, None, None, False
+    shapes: list[tuple[int, ...]] = []  # the output shapes of the thin inputs read, which differ in this axis only
     for growth in (1 << k for k in range(32) if 1 << k >= start_growth):
         if width is None:
             # As long as the user's input, and no thinner: that is the user's input, whose reading is known.
@@ -472,6 +478,9 @@ def _thin_read(
             # Adaptive pooling or an interpolation to a size on the way: the fields change with the input's
             # length, and no (r, S, P) holds across lengths.
             return _FIXED
+        shapes.append(graph.output_shape)
+        if len(shapes) > 1 and shapes[-1][axis] == shapes[-2][axis] and shapes[-1] != shapes[-2]:
+            return ELSEWHERE
         current = _reading(graph, axis)
         if previous is not None and (name := _whole_axis_coupling(previous, current)):
             return _Global(name)
