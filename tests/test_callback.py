@@ -238,6 +238,40 @@ def test_a_fit_under_lightnings_model_pruning_probes_every_epoch(tmp_path):
     assert sizes == [[8, 8]] * 4  # fit start, then epochs 0, 1, 2
 
 
+class GrowsItsFirstKernel(ConvClassifier):
+    """A network grown during the fit: from epoch 1 its first convolution is 7 x 7 (r = 1 + 6 + 1 + 4 = 12)."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.features[0] = torch.nn.Conv2d(1, 8, 7, padding=3)
+
+
+def test_a_network_whose_layers_change_during_the_fit_gets_its_theoretical_field_probed_again(tmp_path, caplog):
+    """The theoretical field was probed once per fit: after the change it logged 8 beside a weights field of up to
+    12, and the effective field's ratios were to 8."""
+    callback = RFCallback(layer="features", log_images=False)
+    with caplog.at_level("INFO"):
+        trainer, _ = fit(tmp_path, [callback], model=GrowsItsFirstKernel(), logger=False)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 12
+    assert (
+        sum("layers changed; now RF of layer 'features' at (4, 4): 12 x 12" in r.message for r in caplog.records) == 1
+    )
+    effective = callback.history[-1]["effective"]["4_4"]
+    assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 12
+
+
+def test_a_fit_resumed_from_a_checkpoint_without_the_callback_logs_its_first_probe_at_the_restored_step(tmp_path):
+    """The first probe sees the restored weights of step 4: it was logged as the initial weights of step 0."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path, [checkpoint], max_epochs=1, logger=False, enable_checkpointing=True)
+    callback, logger = RFCallback(layer="features", log_images=False), TensorBoardLogger(tmp_path, name="run")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    trainer.fit(ConvClassifier(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [(h["epoch"], h["step"]) for h in callback.history] == [(None, STEPS_PER_EPOCH), (1, 2 * STEPS_PER_EPOCH)]
+    steps = [e.step for e in read_events(logger.log_dir).Scalars("rf/features/pos0/size_h/weights")]
+    assert steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+
 def test_input_shape_from_first_batch_without_example_input_array(tmp_path):
     callback = RFCallback(layer="features")
     fit(tmp_path, [callback], model=ConvClassifier(example=False), logger=False, max_epochs=1)

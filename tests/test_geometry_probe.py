@@ -493,4 +493,3 @@ def test_swapped_spatial_axes_have_no_geometry_and_say_why():
     field = probe_rf(Swapped(), (1, 1, 26, 23), "center")
     assert field.size == (4, 5) and field.output_shape == (10, 23)
     assert field.geometry == (None, None) and field.geometry.reasons == (ELSEWHERE, ELSEWHERE)
-

@@ -22,7 +22,7 @@ class FieldProber:
     """Probes the live LightningModule the way the callback's arguments say, always on a copy.
 
     The theoretical fields depend on the architecture and the input shape, not on the weights: they are probed
-    once per input shape and kept.
+    once per input shape and kept while the probed module's architecture stays (see :meth:`architecture_changed`).
 
     Args:
         positions: the output positions to probe (indices, or ``"center"``).
@@ -54,6 +54,31 @@ class FieldProber:
         # Around every probe of a module: where its parameters are whole (FSDP1's gathering, see RFCallback.setup).
         self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
         self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
+        self._architecture: tuple | None = None  # of the module the kept theoretical fields were probed on
+
+    def keep_theoretical(self, pl_module: nn.Module, fields: list[ReceptiveField] | None) -> None:
+        """Keeps ``fields`` as the theoretical fields of the module as it is now (``None`` forgets them).
+
+        Args:
+            pl_module: the live LightningModule.
+            fields: its theoretical fields on the callback's input shape, or ``None``.
+        """
+        self.theoretical, self._other_theoretical = fields, None
+        self._architecture = None if fields is None else _architecture(self.target(pl_module))
+
+    def architecture_changed(self, pl_module: nn.Module) -> bool:
+        """Whether the probed module's architecture changed since its theoretical fields were kept.
+
+        A layer replaced, added or removed, or one whose kernel, stride, padding or dilation changed (a fit that
+        grows its network): the kept fields describe another network.
+
+        Args:
+            pl_module: the live LightningModule.
+
+        Returns:
+            True where fields are kept and the module's architecture is no longer theirs.
+        """
+        return self._architecture is not None and _architecture(self.target(pl_module)) != self._architecture
 
     def target(self, pl_module: nn.Module) -> nn.Module:
         """The module that is copied and probed: ``module`` inside the LightningModule (unwrapped if compiled).
@@ -114,13 +139,16 @@ class FieldProber:
         Returns:
             One field per position.
         """
+        if self.architecture_changed(pl_module):
+            self.keep_theoretical(pl_module, None)
         if inputs_shape is None or tuple(inputs_shape[1:]) == tuple(input_shape[1:]):
             if self.theoretical is None:
-                self.theoretical = self.probe(pl_module, "theoretical", input_shape)
-            return self.theoretical
+                self.keep_theoretical(pl_module, self.probe(pl_module, "theoretical", input_shape))
+            return cast("list[ReceptiveField]", self.theoretical)
         shape = (1, *inputs_shape[1:])
         if self._other_theoretical is None or self._other_theoretical[0].input_shape != shape:
             self._other_theoretical = self.probe(pl_module, "theoretical", shape)
+            self._architecture = self._architecture or _architecture(self.target(pl_module))
         return self._other_theoretical
 
     def effective(
@@ -152,6 +180,17 @@ class FieldProber:
                 theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
             )  # fmt: skip
         return cast("list[EffectiveField]", fields)  # a list of theoretical fields gives a list of effective ones
+
+
+def _architecture(module: nn.Module) -> tuple:
+    """What a theoretical field depends on in ``module``: each submodule's name, type, settings and parameter shapes.
+
+    Not the weights' values, nor buffers (a pruning mask is a buffer; its weight keeps its shape as ``weight_orig``).
+    """
+    return tuple(
+        (name, type(m).__qualname__, m.extra_repr(), tuple(sorted(tuple(p.shape) for p in m.parameters(recurse=False))))
+        for name, m in module.named_modules()
+    )
 
 
 def _as_it_is(module: nn.Module) -> contextlib.AbstractContextManager:

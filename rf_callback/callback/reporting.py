@@ -107,7 +107,9 @@ class Reporter:
 
     # -- what a probe event logs
 
-    def dashboard(self, trainer, theoretical: list[ReceptiveField], target, *, n_axes: int, effective: bool) -> None:
+    def dashboard(
+        self, trainer, theoretical: list[ReceptiveField], target, *, n_axes: int, effective: bool, step: int = 0
+    ) -> None:
         """Declares the charts overlaying the sizes, and says which cell each position index is.
 
         Args:
@@ -116,6 +118,7 @@ class Reporter:
             target: per axis, the target size, or ``None``.
             n_axes: the number of spatial axes.
             effective: whether the effective field will be logged.
+            step: the step of the note (the fields' first probe, or a probe again after the layers changed).
         """
         if not trainer.is_global_zero:
             return
@@ -126,7 +129,7 @@ class Reporter:
         for writer in self.writers(trainer):
             with self._writing(writer, "charts"):
                 writer.charts(charts)
-                writer.text(dashboard.note_tag(self.layer_name), note, 0)
+                writer.text(dashboard.note_tag(self.layer_name), note, step)
 
     def fields(
         self,

@@ -434,7 +434,7 @@ class RFCallback(Callback):
                 f"RFCallback(pos={self.pos!r}): positions {cells} name the same output cell more than once (negative "
                 f"indices count from the end of the {theoretical[0].output_shape} map); list each cell once"
             )
-        self._prober.theoretical = theoretical
+        self._prober.keep_theoretical(pl_module, theoretical)
         for field in theoretical:
             rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
             warning = None if target is None else self._target_warning(field, target)
@@ -442,20 +442,28 @@ class RFCallback(Callback):
                 rank_zero_warn(warning)
         self._say_what_is_gathered(trainer, pl_module)
         self._describe_dashboard(trainer, theoretical, target)
+        step = _fit_start_step(trainer)
         self._reporter.fields(
-            trainer, "theoretical", theoretical, step=0, figures=self.mode == "theoretical", target_for=self._target_for
+            trainer,
+            "theoretical",
+            theoretical,
+            step=step,
+            figures=self.mode == "theoretical",
+            target_for=self._target_for,
         )
         current = theoretical if self.mode == "theoretical" else self._safe_probe(pl_module)
         if self.mode != "theoretical" and not self._ranks_agree(trainer, current is not None, "the probe at fit start"):
             current = None  # every rank records the same history
         if current is not None:
             if current is not theoretical:
-                self._reporter.fields(trainer, "weights", current, step=0, figures=True, target_for=self._target_for)
+                self._reporter.fields(trainer, "weights", current, step=step, figures=True, target_for=self._target_for)
             self._record(trainer, current, initial=True)
         self._initial_logged = True
 
     def _probe_and_log(self, trainer, pl_module) -> None:
         self._schedule.probed(trainer.current_epoch)
+        if self._prober.architecture_changed(pl_module):
+            self._probe_theoretical_again(trainer, pl_module)
         probed = self._safe_probe(pl_module)
         # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
         # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
@@ -518,11 +526,25 @@ class RFCallback(Callback):
         if self.on_miss == "raise" and events:
             raise CoverageError(events[0])
 
+    def _probe_theoretical_again(self, trainer, pl_module) -> None:
+        """Probes the theoretical fields again where the architecture changed during the fit (a grown network)."""
+        theoretical: list[ReceptiveField] | None = None
+        with self._failures.guard("probe", "the theoretical probe of the changed architecture", self._probe_fix):
+            theoretical = self._prober.probe(pl_module, "theoretical", self._shape)
+        if not self._ranks_agree(trainer, theoretical is not None, "the theoretical probe of the changed architecture"):
+            theoretical = None
+        self._prober.keep_theoretical(pl_module, theoretical)  # none kept, none logged beside: never the old ones
+        if theoretical is None:
+            return
+        for field in theoretical:
+            rank_zero_info(f"RFCallback: the probed model's layers changed; now {field.describe(stride=False)}")
+        self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
+
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(
             {
                 "epoch": None if initial else trainer.current_epoch,
-                "step": 0 if initial else trainer.global_step,
+                "step": _fit_start_step(trainer) if initial else trainer.global_step,
                 "fields": [f.to_dict(geometry=False) for f in fields],
             }
         )
@@ -579,13 +601,26 @@ class RFCallback(Callback):
             self.layer_name, field.position, field.size, target, input_size=input_size, unclipped=unclipped
         )
 
-    def _describe_dashboard(self, trainer, theoretical: list[ReceptiveField], target) -> None:
+    def _describe_dashboard(self, trainer, theoretical: list[ReceptiveField], target, *, step: int = 0) -> None:
         effective = self.effective is not False and has_validation(trainer, trainer.lightning_module)
         n_axes = len(self._shape) - 2
-        self._reporter.dashboard(trainer, theoretical, target, n_axes=n_axes, effective=effective)
+        self._reporter.dashboard(trainer, theoretical, target, n_axes=n_axes, effective=effective, step=step)
 
     def _probe_fix(self, error: Exception) -> str:
         return probe_fix(error, self.input_shape, self._shape_source)
 
     def _effective_fix(self, error: Exception) -> str:
         return effective_fix(error, self._erf_inputs)
+
+
+def _fit_start_step(trainer) -> int:
+    """The step of the weights at fit start: 0, or the step of the checkpoint the fit resumes from.
+
+    At ``on_fit_start`` Lightning has restored the weights of ``ckpt_path`` but not yet its loops, whose
+    ``global_step`` is still 0: a checkpoint written without this callback's state would have its weights logged
+    as the initial ones.
+    """
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+    if isinstance(loaded, dict) and isinstance(loaded.get("global_step"), int):
+        return max(loaded["global_step"], trainer.global_step)
+    return trainer.global_step
