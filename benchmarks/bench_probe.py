@@ -91,9 +91,9 @@ def _passes_of(model: nn.Module, shape) -> int:
     counted = []
     original = ProbeGraph.gradient_map
 
-    def counting(self, positions):
+    def counting(self, positions, scale=None):
         counted.append(len(positions))
-        return original(self, positions)
+        return original(self, positions, scale)
 
     ProbeGraph.gradient_map = counting
     try:

@@ -495,6 +495,23 @@ UNORDERED = {  # name: (model, input shape)
         ),
         (1, 1, 20),
     ),
+    # fields that depend on the other axis's index: a nearest resize plus a transposed convolution that feeds
+    # only even rows of column 0 (row 18 of column 0 sees rows 9..10, of column 1 row 9 only)
+    "resize plus transposed convolution, 2D": (
+        lambda: Along(
+            lambda x, c: F.interpolate(x, size=(34, 2), mode="nearest") + c[0](x)[:, :, :34, :2],
+            nn.ConvTranspose2d(1, 1, 1, stride=2, output_padding=1),
+        ),
+        (1, 1, 19, 1),
+    ),
+    # a roll along W of the top rows only
+    "roll of some rows, 2D": (
+        lambda: Along(
+            lambda x, c: c[0](torch.cat([torch.roll(x[:, :, :6], 1, 3), x[:, :, 6:]], 2)),
+            nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"),
+        ),
+        (1, 1, 12, 10),
+    ),
     # a zero row where the cropped row 1 was: row 0 sees rows 2..5, not its span's 1..5; the corners see nothing
     "crop beside padding, 2D": (
         lambda: Along(lambda x, c: c[1](c[0](x)[:, :, 2:-1]), nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, (3, 1), padding=1)),

@@ -519,12 +519,15 @@ class _Prober:
         )  # fmt: skip
 
     def _map_boxes(self, axes: AxisTable | None):
-        """Yields (position, box) for every position: from the table in theoretical mode, else from shared passes."""
+        """Yields (position, box) for every position, each read off a shared pass (or a pass of its own).
+
+        The table predicts every box from the fields along each axis, read on lattices that meet each index once:
+        where a field depends on the other axes' indices too (a concatenation of branches of different strides
+        along another axis, a roll of some rows), it predicts wrong. Every position is therefore read in a pass
+        whose members' predicted boxes are disjoint; where the pass leaves them, its members get passes of their own.
+        """
         graph = self.measured
         positions = itertools.product(*(range(n) for n in graph.output_shape))
-        if axes is not None and self.mode == "theoretical":
-            yield from ((p, axes.box(p)) for p in positions)
-            return
         if axes is None:
             yield from ((p, box_of(graph.support([p]))) for p in positions)
             return
