@@ -504,6 +504,19 @@ UNORDERED = {  # name: (model, input shape)
         ),
         (1, 1, 19, 1),
     ),
+    # the H stride differs between the two halves of W: row 3 sees rows 5..7 in the right half, row 3 in the left
+    "cat along width of branches of other strides along H": (
+        lambda: Along(
+            lambda x, c: torch.cat([x[:, :, : x.shape[2] // 2], c[0](x)], dim=3),
+            nn.Conv2d(1, 1, (3, 1), stride=(2, 1), padding=(1, 0)),
+        ),
+        (1, 1, 16, 4),
+    ),
+    # a transpose that keeps the shape (a square map): the fields of (0, 4) lie along W where H's would
+    "transpose of a square map": (
+        lambda: Along(lambda x, c: c[0](x).transpose(2, 3), nn.Conv2d(1, 1, 3, stride=2, padding=1)),
+        (1, 1, 17, 17),
+    ),
     # a roll along W of the top rows only
     "roll of some rows, 2D": (
         lambda: Along(
@@ -664,7 +677,7 @@ def test_an_end_field_whose_tail_underflows_float32_is_read_again_in_float64():
 @pytest.mark.parametrize(
     "name",
     ["flip", "roll", "circular padding, 2D", "cat along width, 2D", "circular padding, then dilation",
-     "crop beside padding, 2D"],
+     "crop beside padding, 2D", "cat along width of branches of other strides along H", "transpose of a square map"],
 )  # fmt: skip
 def test_a_single_probe_offers_no_geometry_that_the_border_of_the_map_does_not_follow(name):
     """The geometry read near the centre is the architecture's only if the border follows it too (before, a roll by
@@ -678,8 +691,9 @@ def test_a_single_probe_offers_no_geometry_that_the_border_of_the_map_does_not_f
     for axis, geometry in enumerate(field.geometry):
         if geometry is None:
             continue
-        for index in range(output_shape[axis]):  # every index of the axis follows it, at the centre of the others
-            position = tuple(index if a == axis else n // 2 for a, n in enumerate(output_shape))
+        # every index of the axis follows it, at the centre and the ends of the others
+        lines = [range(n) if a == axis else sorted({0, n // 2, n - 1}) for a, n in enumerate(output_shape)]
+        for position in itertools.product(*lines):
             truth = perturbation_field(model, shape, position)
             bounds = None if truth is None else truth[axis]
-            assert consistent(geometry, {index: bounds}, shape[2 + axis]), (axis, index, geometry)
+            assert consistent(geometry, {position[axis]: bounds}, shape[2 + axis]), (axis, position, geometry)

@@ -93,7 +93,8 @@ _ELEMENTWISE = frozenset(
 )  # fmt: skip
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
-_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose"})
+# Calls that keep every element in place where the shape stays (a permute or transpose of equal dims does not).
+_RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"})
 
 
 class GeometryFlow:

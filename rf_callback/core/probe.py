@@ -252,18 +252,29 @@ _STRAYED = (
 
 
 def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known) -> bool:
-    """Whether the fields at both ends of ``axis`` follow ``geometry`` (at the centre of the other axes).
+    """Whether the fields at the border follow ``geometry`` along ``axis``.
 
     A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
-    fields of the border, which the centre does not see. The first and last index must be :func:`consistent` with
-    it (one pass each); the other indices whose span leaves the input on that side (a band as wide as the padding)
-    must together lie inside their clipped spans (one pass for the band), which a wrap to the far end breaks.
+    fields of the border, which the centre does not see. At the centre of the other axes, the first and last index
+    must be :func:`consistent` with it (one pass each), and the other indices whose span leaves the input on that
+    side (a band as wide as the padding) must together lie inside their clipped spans (one pass for the band), which
+    a wrap to the far end breaks. At the ends of the other axes, the centre index's fields must together be its
+    span (one pass).
     """
     length, count = shape[2 + axis], output_shape[axis]
     centre = [n // 2 for n in output_shape]
 
     def at(index: int) -> Position:
         return tuple(index if a == axis else c for a, c in enumerate(centre))
+
+    # The centre index at the ends of the other axes (one pass for all): a field that depends on another axis's
+    # index (branches of other strides concatenated along it, a roll of some rows) differs there.
+    seams = set(itertools.product(*({centre[a]} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
+    seams.discard(tuple(centre))
+    if seams:
+        box = box_of(theory.support(sorted(seams)))
+        if not consistent(geometry, {centre[axis]: None if box is None else box[axis]}, length):
+            return False
 
     for end in sorted({0, count - 1}):
         support = known[at(end)] if at(end) in known else theory.support([at(end)])
