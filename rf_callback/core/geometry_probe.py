@@ -169,7 +169,8 @@ def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest) -> GraphO
                 graph = ProbeGraph(copy, request.on(shape), copy=copy, carry_flow=on_input)
         except (ValueError, ProbeError):
             return None
-        return None if dead else graph
+        # A crop to a fraction of the input (x[:, :, : H // 2]) can leave no output position on a thin input.
+        return None if dead or 0 in graph.output_shape else graph
 
     return graph_on
 
