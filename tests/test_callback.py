@@ -115,6 +115,13 @@ def test_reduced_precision_is_probed_in_float32(tmp_path, precision):
     assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 8
 
 
+def test_the_fit_start_message_names_the_layer_as_the_logs_do(tmp_path, caplog):
+    callback = RFCallback(layer="0", module="features", pos=(3, 3), log_images=False, effective=False)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, [callback], max_epochs=1, logger=False)
+    assert any("RFCallback: RF of layer 'features.0' at (3, 3): 3 x 3" in r.message for r in caplog.records)
+
+
 def test_compiled_submodule_probe_sees_weights_changed_after_compiling(tmp_path):
     model = ConvClassifier()
     model.features = torch.compile(model.features, backend="eager")

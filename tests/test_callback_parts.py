@@ -27,6 +27,10 @@ def test_schedule_under_validation_by_steps_counts_each_epoch_that_validated_onc
     resumed = ProbeSchedule(every_n_epochs=2)
     resumed.load_state_dict(schedule.state_dict())
     assert resumed.due(5, None) and resumed.validated_epochs == 4  # the count went on: epoch 5 is the 4th
+    resumed.probed(5)
+    again = ProbeSchedule(every_n_epochs=1)
+    again.load_state_dict(resumed.state_dict())  # resumed in the middle of epoch 5: it was probed already
+    assert not again.due(5) and again.due(6)
 
 
 def test_the_input_is_the_first_tensor_of_a_batch_with_a_batch_of_one():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -436,7 +437,7 @@ class RFCallback(Callback):
             )
         self._prober.keep_theoretical(pl_module, theoretical)
         for field in theoretical:
-            rank_zero_info(f"RFCallback: {field.describe(stride=False)}")
+            rank_zero_info(f"RFCallback: {self._described(field)}")
             warning = None if target is None else self._target_warning(field, target)
             if warning is not None:
                 rank_zero_warn(warning)
@@ -537,8 +538,13 @@ class RFCallback(Callback):
         if theoretical is None:
             return
         for field in theoretical:
-            rank_zero_info(f"RFCallback: the probed model's layers changed; now {field.describe(stride=False)}")
+            rank_zero_info(f"RFCallback: the probed model's layers changed; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
+
+    def _described(self, field: ReceptiveField) -> str:
+        """The field in words, its layer named as the logs name it (``module.layer``, from the LightningModule)."""
+        full_name = ".".join(n for n in (self.module, self.layer) if n) or None
+        return dataclasses.replace(field, layer=full_name).describe(stride=False)
 
     def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
         self.history.append(

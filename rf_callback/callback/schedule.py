@@ -52,19 +52,27 @@ class ProbeSchedule:
         self.last_probed_epoch = epoch
 
     def state_dict(self) -> dict[str, int | None]:
-        """The count of validation epochs under validation by steps, for checkpoints.
+        """The epoch probed last and the count of validation epochs under validation by steps, for checkpoints.
+
+        A fit resumed from a checkpoint written in the middle of an epoch already probed (validation twice an epoch)
+        does not probe that epoch again.
 
         Returns:
             A dict that :meth:`load_state_dict` takes.
         """
-        return {"validated_epochs": self.validated_epochs, "last_validated_epoch": self.last_validated_epoch}
+        return {
+            "last_probed_epoch": self.last_probed_epoch,
+            "validated_epochs": self.validated_epochs,
+            "last_validated_epoch": self.last_validated_epoch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores the count (0 from checkpoints written before it was kept).
+        """Restores what :meth:`state_dict` kept (none of it from checkpoints written before it was kept).
 
         Args:
             state: what :meth:`state_dict` returned.
         """
+        self.last_probed_epoch = state.get("last_probed_epoch")
         self.validated_epochs = int(state.get("validated_epochs", 0))
         self.last_validated_epoch = state.get("last_validated_epoch")
 
