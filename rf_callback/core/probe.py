@@ -256,10 +256,10 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
 
     A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
     fields of the border, which the centre does not see. At the centre of the other axes, the first and last index
-    must be :func:`consistent` with it (one pass each), and the other indices whose span leaves the input on that
-    side (a band as wide as the padding) must together lie inside their clipped spans (one pass for the band), which
-    a wrap to the far end breaks. At the ends of the other axes, the centre index's fields must together be its
-    span (one pass).
+    and the first index on each side whose span lies inside the input must be :func:`consistent` with it (one pass
+    each), and the other indices whose span leaves the input on that side (a band as wide as the padding) must
+    together lie inside their clipped spans (one pass for the band), which a wrap to the far end breaks. At the
+    ends of the other axes, the centre index's fields must together be its span (one pass).
     """
     length, count = shape[2 + axis], output_shape[axis]
     centre = [n // 2 for n in output_shape]
@@ -277,11 +277,14 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
             return False
 
     for end in sorted({0, count - 1}):
-        support = known[at(end)] if at(end) in known else theory.support([at(end)])
-        box = box_of(support)
-        if not consistent(geometry, {end: None if box is None else box[axis]}, length):
-            return False
         leaves = (lambda x: geometry.span(x)[0] < 0) if end == 0 else (lambda x: geometry.span(x)[1] > length - 1)
+        # The end itself, and the first index inside the band (a crop or a roll shows there and nowhere nearer).
+        inside = next((x for x in (range(count) if end == 0 else reversed(range(count))) if not leaves(x)), end)
+        for index in sorted({end, inside}):
+            support = known[at(index)] if at(index) in known else theory.support([at(index)])
+            box = box_of(support)
+            if not consistent(geometry, {index: None if box is None else box[axis]}, length):
+                return False
         band = [x for x in range(count) if x != end and leaves(x)]
         if not band:
             continue
