@@ -968,6 +968,28 @@ def test_a_convolutions_output_permuted_to_few_channels_last_is_refused_without_
     assert field.output_shape == (9, 9) and field.bounds == ((16, 22), (16, 22))
 
 
+class Moved(nn.Module):
+    """A convolution, then its channels moved by ``move`` (a function of the output)."""
+
+    def __init__(self, move):
+        super().__init__()
+        self.conv, self.move = nn.Conv2d(3, 4, 3, stride=4), move
+
+    def forward(self, x):
+        return self.move(self.conv(x))
+
+
+@pytest.mark.parametrize(
+    "move",
+    [lambda y: y.movedim(1, -1), lambda y: torch.transpose(y, 1, 3).transpose(1, 2), lambda y: y.permute(0, 2, 3, 1)],
+    ids=["movedim", "two transposes", "permute"],
+)
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_channels_moved_last_by_any_permute_like_call_are_refused(move, mode):
+    with pytest.raises(ValueError, match=r"\(1, 10, 10, 4\).*pass layout='channels_last'"):
+        probe_rf(Moved(move), (1, 3, 40, 40), mode=mode)
+
+
 def test_spatial_axes_swapped_among_themselves_stay_channels_first():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Permute(0, 1, 3, 2))
     field = probe_rf(model, (1, 3, 12, 20), (3, 5))

@@ -214,6 +214,8 @@ class ProbeGraph(GraphShapes):
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
                 laid_out = None if functions.flow is None else functions.flow.channels_first(self.output)
+                if laid_out is None and not functions.moved_channels:
+                    laid_out = True  # no call moved a tensor's dim 1: the output's dim 1 holds no spatial axis
                 check_channels_first(copy, self.output, functions.last_axis_sizes, request, laid_out)
         else:
             self.inputs, self.output = captured

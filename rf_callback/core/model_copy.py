@@ -146,6 +146,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # The feature sizes of linear layers and layer norms (the length of the last axis they act on): an output
         # whose last axis has one of them may be channels last (see graph.check_channels_first).
         self.last_axis_sizes: set[int] = set()
+        # Whether a permute-like call moved dim 1 (the channels of a convolution's output) of a tensor of 3 or more
+        # dims: only then can an output read channels first hold a spatial axis at dim 1 (see check_channels_first).
+        self.moved_channels = False
         # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
         # one over a dim that follows the input's length couples a whole axis (see geometry_probe).
         self.couplings: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
@@ -191,6 +194,8 @@ class _ProbeFunctions(TorchFunctionMode):
             self.fixed_size.append(f"{name}()")
         if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
             self.last_axis_sizes.add(args[0].shape[-1])
+        if not self.moved_channels and name in _PERMUTES:
+            self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._call(func, name, args, kwargs)
         if self.flow is not None:
             self.flow.after(name, args, kwargs, result)
@@ -659,6 +664,32 @@ def prepared_copy(
         _strip_user_hooks(clone)
         clone.eval()
     return clone
+
+
+_PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "einsum"})
+
+
+def _moves_dim_one(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the permute-like call ``name`` moves dim 1 of a tensor of 3 or more dims (True where unsure)."""
+    tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if name == "einsum" or tensor is None:
+        return name == "einsum"
+    n = tensor.dim()
+    if n < 3:
+        return False
+    try:
+        if name == "permute":
+            dims = args[1:] if len(args) > 1 else (kwargs.get("dims"),)
+            order = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+            return order[1] % n != 1
+        if name in ("movedim", "moveaxis"):
+            source, destination = (list(args[1:3]) + [kwargs.get("source"), kwargs.get("destination")])[:2]
+            ends = [source, destination] if not isinstance(source, (tuple, list)) else [*source, *destination]
+            return any(d % n == 1 for d in ends)
+        first, second = (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+        return first % n != second % n and 1 in (first % n, second % n)
+    except (TypeError, IndexError, ZeroDivisionError):
+        return True
 
 
 # Attribute values a copy can share with the live module: they cannot change.
