@@ -251,7 +251,7 @@ class Reporter:
             step: the step of the last probe.
             fields: the last probe's fields.
             effective: the last effective fields, one per position.
-            image: the input the effective field is drawn over.
+            image: the input the effective field is drawn over (its channels' mean where they are not 1 or 3).
             history: the callback's history (the growth curve's epochs and metrics).
             target: per axis, the target size, or ``None``.
         """
@@ -262,7 +262,7 @@ class Reporter:
             figure = figure_to_array(plot_rf_figure(field))
             self.image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self.caption(field))
         for index, effective_field in enumerate(effective):
-            overlay = plot_effective(effective_field, image=image, q=self.coverage_mass, target=target)
+            overlay = plot_effective(effective_field, image=_drawable(image), q=self.coverage_mass, target=target)
             tag = dashboard.image_tag(layer, index, "overlay")
             self.image(trainer, tag, figure_to_array(overlay), step, self.caption(effective_field))
         entries = [entry for entry in history if entry.get("effective")]
@@ -271,20 +271,6 @@ class Reporter:
             title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
             image_array = figure_to_array(plot_growth(rows, title=title, target=target))
             self.image(trainer, dashboard.image_tag(layer, index, "growth"), image_array, step, title)
-
-    @staticmethod
-    def drawable(sample: torch.Tensor | None) -> torch.Tensor | None:
-        """An input sample ``(C, *spatial)`` as the figures draw it: grey or RGB as it is, else its channels' mean.
-
-        Args:
-            sample: one input (2 channels of a stereo spectrogram, 12 of an ECG, ...), or ``None``.
-
-        Returns:
-            ``sample`` where C is 1 or 3, else ``(1, *spatial)``; ``None`` for ``None``.
-        """
-        if sample is None or sample.shape[0] in (1, 3):
-            return sample
-        return sample.mean(dim=0, keepdim=True)
 
     def caption(self, field: ReceptiveField | EffectiveField) -> str:
         """What an image of ``field`` shows, in words.
@@ -314,3 +300,10 @@ def plot_rf_figure(field: ReceptiveField):
     from rf_callback.plotting import plot_rf
 
     return plot_rf(field)
+
+
+def _drawable(sample: torch.Tensor | None) -> torch.Tensor | None:
+    """An input ``(C, *spatial)`` as the figures draw it: grey or RGB as it is, else the mean of its channels."""
+    if sample is None or sample.shape[0] in (1, 3):
+        return sample
+    return sample.mean(dim=0, keepdim=True)

@@ -387,8 +387,7 @@ class RFCallback(Callback):
             self._reporter.final_figures(
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
                 fields=self._last_fields, effective=list(self._last_effective.values()),
-                image=self._reporter.drawable(None if self._erf_inputs is None else self._erf_inputs[0]),
-                history=self.history,
+                image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
                 target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
 
@@ -458,7 +457,7 @@ class RFCallback(Callback):
         if current is not None:
             if current is not theoretical:
                 self._reporter.fields(trainer, "weights", current, step=step, figures=True, target_for=self._target_for)
-            self._record(trainer, current, initial=True)
+            self._record(current, epoch=None, step=step)
         self._initial_logged = True
 
     def _probe_and_log(self, trainer, pl_module) -> None:
@@ -476,7 +475,7 @@ class RFCallback(Callback):
                 beside=self._prober.theoretical or [], pl_module=pl_module,
             )  # fmt: skip
             self._last_fields = fields
-        self._record(trainer, fields, initial=False)
+        self._record(fields, epoch=trainer.current_epoch, step=trainer.global_step)
         if succeeded and self._effective_on(trainer, pl_module):
             events: list[CoverageEvent] = []
             with self._failures.guard("effective", "the effective field", self._effective_fix):
@@ -546,14 +545,9 @@ class RFCallback(Callback):
         full_name = ".".join(n for n in (self.module, self.layer) if n) or None
         return dataclasses.replace(field, layer=full_name).describe(stride=False)
 
-    def _record(self, trainer, fields: list[ReceptiveField], *, initial: bool) -> None:
-        self.history.append(
-            {
-                "epoch": None if initial else trainer.current_epoch,
-                "step": _fit_start_step(trainer) if initial else trainer.global_step,
-                "fields": [f.to_dict(geometry=False) for f in fields],
-            }
-        )
+    def _record(self, fields: list[ReceptiveField], *, epoch: int | None, step: int) -> None:
+        """Appends a probe to the history (``epoch`` None: the probe at fit start)."""
+        self.history.append({"epoch": epoch, "step": step, "fields": [f.to_dict(geometry=False) for f in fields]})
 
     def _say_what_is_gathered(self, trainer, pl_module) -> None:
         """Says, once, what each probe gathers where the probed module is sharded (its memory beside training)."""

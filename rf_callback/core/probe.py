@@ -525,8 +525,8 @@ class _Prober:
                 first[p] = torch.tensor([b[0] for b in box])
                 last[p] = torch.tensor([b[1] for b in box])
                 fields.append((p, box))
-        # Without an axis table, the map's own fields are what its geometry must hold at every index.
-        geometry = self.geometry(fields if axes is None else (), exact=self.mode == "theoretical")
+        # The fields read, not the table's predictions, are what the map's geometry must hold at every index.
+        geometry = self.geometry(fields, exact=self.mode == "theoretical")
         return ReceptiveFieldMap(
             first=first, last=last, input_shape=self.shape, output_shape=graph.output_shape,
             geometry=geometry, mode=self.mode, layer=self.layer, element=self.element, layout=self.layout,
