@@ -516,3 +516,13 @@ def test_probe_device_cpu_logs_the_same_fields(tmp_path):
         trainer.fit(model, train, val)
         logged.append([entry["fields"] for entry in callback.history])
     assert logged[0] == logged[1] and logged[0]
+
+
+def test_a_validation_before_fit_leaves_every_epoch_of_the_fit_probed(tmp_path):
+    model = ConvClassifier()
+    callback = RFCallback(layer="features", log_images=False, effective=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, max_epochs=2), callbacks=[callback])
+    trainer.validate(model, loaders()[1])  # a baseline validation at epoch 0, step 0
+    trainer.fit(model, *loaders())
+    fit_probes = [entry["epoch"] for entry in callback.history[1:] if entry["epoch"] is not None]
+    assert fit_probes == [0, 1]

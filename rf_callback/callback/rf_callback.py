@@ -461,7 +461,8 @@ class RFCallback(Callback):
         self._initial_logged = True
 
     def _probe_and_log(self, trainer, pl_module) -> None:
-        self._schedule.probed(trainer.current_epoch)
+        if trainer.state.fn == "fit":  # a trainer.validate() between fits leaves the fit's epochs to probe
+            self._schedule.probed(trainer.current_epoch)
         if self._prober.architecture_changed(pl_module):
             self._probe_theoretical_again(trainer, pl_module)
         probed = self._safe_probe(pl_module)
