@@ -526,3 +526,9 @@ def test_a_validation_before_fit_leaves_every_epoch_of_the_fit_probed(tmp_path):
     trainer.fit(model, *loaders())
     fit_probes = [entry["epoch"] for entry in callback.history[1:] if entry["epoch"] is not None]
     assert fit_probes == [0, 1]
+
+
+def test_two_callbacks_on_one_layer_are_refused_since_their_names_would_mix(tmp_path):
+    a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features", pos=(4, 4), mode="theoretical")
+    with pytest.raises(MisconfigurationException, match=r"two RFCallbacks probe layer 'features'.*pos=\[\.\.\.\]"):
+        fit(tmp_path, [a, b], logger=False, max_epochs=1)

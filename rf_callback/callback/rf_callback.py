@@ -278,7 +278,9 @@ class RFCallback(Callback):
     # -- Trainer hooks: a table of contents of what the callback does
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Starts afresh for a new Trainer or model; refuses DeepSpeed stage 3; under FSDP1 gathers around each probe.
+        """Starts afresh for a new Trainer or model; refuses DeepSpeed stage 3 and a second callback on the same layer.
+
+        Under FSDP1 it gathers the parameters around each probe.
 
         A callback reused for another run (a sweep that builds its callbacks once) forgets the last run's history,
         fields, input shape and inputs, which described another model; ``trainer.fit`` called again on the same
@@ -287,6 +289,14 @@ class RFCallback(Callback):
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise MisconfigurationException(refusal)
+        for other in trainer.callbacks:
+            if isinstance(other, RFCallback) and other is not self and other.layer_name == self.layer_name:
+                raise MisconfigurationException(
+                    f"two RFCallbacks probe layer {self.layer_name!r} (pos={other.pos!r} and pos={self.pos!r}): "
+                    f"both would log under the names rf/{self.layer_name}/pos0/..., so each chart, and what "
+                    f"EarlyStopping or ModelCheckpoint monitor, would mix their values. Pass every position to one "
+                    f"callback, RFCallback(layer={self.layer!r}, pos=[...]), which names them pos0, pos1, ..."
+                )
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
         last = self._run
