@@ -161,3 +161,14 @@ def test_a_list_of_theoretical_fields_is_reused_and_must_match():
 def test_all_positions_are_refused_with_what_to_pass():
     with pytest.raises(ValueError, match=r"pos='all' is not allowed here.*pass a list, e.g. pos=\[\(2, 2\)"):
         effective_rf(constant_chain(nn.Conv2d, 1), torch.rand(2, 1, 8, 8), "all")
+
+
+def test_extent_ties_in_mass_go_to_the_window_nearest_the_centre_of_mass_whatever_the_rounding():
+    # Weights a, b, a, b at cells 4..7: (4, 5), (5, 6) and (6, 7) each hold a + b, half the mass, exactly; their
+    # prefix-sum differences round apart (by one ulp for this pair). The centre of mass is 5.29: (5, 6) is nearest.
+    a, b = 0.6183689966753316, 0.25050634136244054
+    model = torch.nn.Conv1d(1, 1, 4, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[[a, b, a, b]]], dtype=torch.float64))
+    field = effective_rf(model, torch.randn(3, 1, 12, dtype=torch.float64), 4, dtype=torch.float64)
+    assert field.extent(0.5) == ((5, 6),)

@@ -81,8 +81,9 @@ def mass_extent(heatmap: torch.Tensor, q: float = 0.95) -> tuple[Bounds, ...]:
 
 def _shortest_interval(weights: torch.Tensor, q: float, center: float) -> Bounds:
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), weights.cumsum(0)]).tolist()
-    need = q * prefix[-1] * (1 - _MASS_TOLERANCE)
-    best: tuple[int, float, float, int, int] | None = None
+    total = prefix[-1]
+    need = q * total * (1 - _MASS_TOLERANCE)
+    candidates: list[tuple[int, float, int, int]] = []  # (width, mass, first, last) of each shortest window
     last = 0
     for first in range(len(weights)):
         last = max(last, first)
@@ -90,12 +91,15 @@ def _shortest_interval(weights: torch.Tensor, q: float, center: float) -> Bounds
             last += 1
         if last == len(weights):
             break
-        mass = prefix[last + 1] - prefix[first]
-        key = (last - first, -mass, abs((first + last) / 2 - center), first, last)
-        if best is None or key < best:
-            best = key
-    assert best is not None  # q <= 1 and the total mass is positive: the whole axis always qualifies
-    return best[3], best[4]
+        candidates.append((last - first, prefix[last + 1] - prefix[first], first, last))
+    assert candidates  # q <= 1 and the total mass is positive: the whole axis always qualifies
+    width = min(c[0] for c in candidates)
+    shortest = [c for c in candidates if c[0] == width]
+    # Masses differ by prefix-sum rounding where they are equal (a periodic map): within the tolerance they tie.
+    heaviest = max(c[1] for c in shortest) - _MASS_TOLERANCE * total
+    tied = [c for c in shortest if c[1] >= heaviest]
+    _, _, first, last = min(tied, key=lambda c: (abs((c[2] + c[3]) / 2 - center), c[2]))
+    return first, last
 
 
 def high_contribution(heatmap: torch.Tensor, t: float, center: Sequence[int] | None = None) -> tuple[int, float] | None:
