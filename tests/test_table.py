@@ -312,3 +312,13 @@ def test_a_row_measured_near_the_centre_offers_no_geometry_that_the_border_does_
     assert (row.full_size, row.stride, row.offset) == ((None, 7), (None, 2), (None, 0))
     assert (field.geometry[0], field.stride[1]) == (None, 2)
     assert probe_rf(model, shape, (0, 0), layer="d").bounds[0] == (16, 22)
+
+
+def test_a_crop_to_fixed_indices_that_empties_thin_inputs_gets_its_row():
+    class Crop(nn.Module):
+        def forward(self, x):
+            return x[:, :, 2:12, 2:12]
+
+    rows = rf_table(nn.Sequential(nn.Conv2d(1, 2, 3), Crop()), (1, 1, 20, 20))
+    crop = rows[-1]
+    assert (crop.full_size, crop.stride, crop.offset, crop.bounds) == ((3, 3), (1, 1), (-2, -2), ((7, 9), (7, 9)))

@@ -468,6 +468,8 @@ class _SharedForwards:
             inputs, outputs, captured = self._runs[shape, thin_axes]
             if name not in captured or captured[name].dim() != len(shape) or not captured[name].requires_grad:
                 return None
+            if 0 in captured[name].shape:  # a crop to fixed indices can leave no output position on a thin input
+                return None
             if isinstance(checked_layout(outputs[name].layout), Tokens) and shape != self.request.input_shape:
                 return None  # a token grid fits the user's input alone (see graph_factory)
             graph = ProbeGraph(self.model, row_request.on(shape), captured=(inputs, captured[name]))
