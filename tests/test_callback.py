@@ -530,5 +530,8 @@ def test_a_validation_before_fit_leaves_every_epoch_of_the_fit_probed(tmp_path):
 
 def test_two_callbacks_on_one_layer_are_refused_since_their_names_would_mix(tmp_path):
     a, b = RFCallback(layer="features", pos=(1, 1)), RFCallback(layer="features", pos=(4, 4), mode="theoretical")
-    with pytest.raises(MisconfigurationException, match=r"two RFCallbacks probe layer 'features'.*pos=\[\.\.\.\]"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"two RFCallbacks probe layer 'features' with pos=\(4, 4\) and pos=\(1, 1\).*pos=\[\.\.\.\]",
+    ):
         fit(tmp_path, [a, b], logger=False, max_epochs=1)

@@ -530,6 +530,15 @@ UNORDERED = {  # name: (model, input shape)
         lambda: Along(lambda x, c: c[0](F.pad(x, (0, -1))), nn.Conv1d(1, 1, 4, padding=2)),
         (1, 1, 16),
     ),
+    # reflect padding folds output 1's field back inside: it sees inputs 0..2, its span -3..1 (one of a band of two)
+    "reflection inside a band": (
+        lambda: nn.Sequential(
+            nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect"),
+            nn.AvgPool1d(3, 1, 1),
+            nn.Conv1d(1, 1, 1, stride=2, padding=2),
+        ),
+        (1, 1, 22),
+    ),
     # a zero row where the cropped row 1 was: row 0 sees rows 2..5, not its span's 1..5; the corners see nothing
     "crop beside padding, 2D": (
         lambda: Along(lambda x, c: c[1](c[0](x)[:, :, 2:-1]), nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, (3, 1), padding=1)),
@@ -683,7 +692,7 @@ def test_an_end_field_whose_tail_underflows_float32_is_read_again_in_float64():
     "name",
     ["flip", "roll", "circular padding, 2D", "cat along width, 2D", "circular padding, then dilation",
      "crop beside padding, 2D", "cat along width of branches of other strides along H", "transpose of a square map",
-     "crop of the last input"],
+     "crop of the last input", "reflection inside a band"],
 )  # fmt: skip
 def test_a_single_probe_offers_no_geometry_that_the_border_of_the_map_does_not_follow(name):
     """The geometry read near the centre is the architecture's only if the border follows it too (before, a roll by

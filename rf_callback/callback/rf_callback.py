@@ -289,14 +289,18 @@ class RFCallback(Callback):
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise MisconfigurationException(refusal)
-        for other in trainer.callbacks:
+        for other in getattr(trainer, "callbacks", ()):
             if isinstance(other, RFCallback) and other is not self and other.layer_name == self.layer_name:
-                raise MisconfigurationException(
-                    f"two RFCallbacks probe layer {self.layer_name!r} (pos={other.pos!r} and pos={self.pos!r}): "
-                    f"both would log under the names rf/{self.layer_name}/pos0/..., so each chart, and what "
-                    f"EarlyStopping or ModelCheckpoint monitor, would mix their values. Pass every position to one "
-                    f"callback, RFCallback(layer={self.layer!r}, pos=[...]), which names them pos0, pos1, ..."
-                )
+                differing = [name for name in _NAMED_VALUES if getattr(other, name) != getattr(self, name)]
+                if differing:
+                    name = differing[0]
+                    raise MisconfigurationException(
+                        f"two RFCallbacks probe layer {self.layer_name!r} with {name}={getattr(other, name)!r} and "
+                        f"{name}={getattr(self, name)!r}: both log under the names rf/{self.layer_name}/pos0/..., so "
+                        f"each chart, and what EarlyStopping or ModelCheckpoint monitor, would mix their values. Give "
+                        f"them the same {name}, or pass every position to one callback, RFCallback(layer="
+                        f"{self.layer!r}, pos=[...]), which names them pos0, pos1, ..."
+                    )
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
         last = self._run
@@ -622,6 +626,11 @@ class RFCallback(Callback):
 
     def _effective_fix(self, error: Exception) -> str:
         return effective_fix(error, self._erf_inputs)
+
+
+# Arguments that change what a logged name holds: two callbacks on one layer must agree on them (mode need not: each
+# logs its own mode's sizes, and the theoretical ones are the same).
+_NAMED_VALUES = ("pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size")
 
 
 def _fit_start_step(trainer) -> int:

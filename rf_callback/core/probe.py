@@ -247,7 +247,8 @@ def _follows(
 
 
 _STRAYED = (
-    "the fields at an end of the axis lie elsewhere than the span (r, S, P) gives them (a roll, a flip, a wrap, a crop)"
+    "the fields at an end of the axis lie elsewhere than the span (r, S, P) gives them (a roll, a flip, a wrap, a "
+    + "crop, a reflection)"
 )
 
 
@@ -257,8 +258,9 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
     fields of the border, which the centre does not see. At the centre of the other axes, the first and last index
     and the first index on each side whose span lies inside the input must be :func:`consistent` with it (one pass
-    each), and the other indices whose span leaves the input on that side (a band as wide as the padding) must
-    together lie inside their clipped spans (one pass for the band), which a wrap to the far end breaks. At the
+    each), and so must the other indices whose span leaves the input on that side (a band as wide as the padding),
+    one pass each where the band holds a few (a reflection folds a field back inside there); a wider band must
+    together lie inside its clipped spans (one pass), which a wrap to the far end breaks. At the
     ends of the other axes, the centre index's fields must together be its span (one pass).
     """
     length, count = shape[2 + axis], output_shape[axis]
@@ -292,10 +294,20 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
         high = min(max(geometry.span(x)[1] for x in band), length - 1)
         if (low, high) == (0, length - 1):  # the band's spans cover the input: nothing could lie outside them
             continue
+        if len(band) <= _BAND_READ_ONE_BY_ONE:  # a fold back inside (reflect padding) hides in the band's union
+            for index in band:
+                box = box_of(known[at(index)] if at(index) in known else theory.support([at(index)]))
+                if not consistent(geometry, {index: None if box is None else box[axis]}, length):
+                    return False
+            continue
         box = box_of(theory.support([at(x) for x in band]))
         if box is not None and (box[axis][0] < low or box[axis][1] > high):
             return False
     return True
+
+
+# Up to this many indices whose spans leave the input on one side are checked one pass each; a wider band together.
+_BAND_READ_ONE_BY_ONE = 4
 
 
 def _followed(
