@@ -172,3 +172,16 @@ def test_extent_ties_in_mass_go_to_the_window_nearest_the_centre_of_mass_whateve
         model.weight.copy_(torch.tensor([[[a, b, a, b]]], dtype=torch.float64))
     field = effective_rf(model, torch.randn(3, 1, 12, dtype=torch.float64), 4, dtype=torch.float64)
     assert field.extent(0.5) == ((5, 6),)
+
+
+def test_a_batchnorm_without_running_statistics_gives_the_same_map_at_any_chunk_size():
+    # In eval mode it normalises over the batch: one backward pass over a chunk would mix the inputs' gradients.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(), nn.Conv2d(3, 2, 3)
+    ).double()
+    inputs = torch.randn(6, 2, 14, 14, dtype=torch.float64)
+    alone = torch.stack([effective_rf(model, x[None], (5, 5), dtype=torch.float64).heatmap for x in inputs]).mean(0)
+    for chunk_size in (1, 2, 6):
+        field = effective_rf(model, inputs, (5, 5), chunk_size=chunk_size, dtype=torch.float64)
+        assert torch.allclose(field.heatmap, alone, rtol=1e-12, atol=0)

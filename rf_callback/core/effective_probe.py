@@ -51,7 +51,8 @@ def effective_rf(
             positions you need as a list.
         layer: dotted name of the submodule whose output is probed.
         biases: ``"trained"`` (default) or ``"zero"`` (as the theoretical and weights-mode probes).
-        chunk_size: inputs per backward pass.
+        chunk_size: inputs per backward pass (1 where the model normalises over the batch in eval mode, a
+            BatchNorm without running statistics, so that no input's gradient depends on the others).
         dtype: floating type the copy runs in.
         theoretical: the theoretical field of the same position, layer and input shape (a list of them for a list
             of positions), if already probed (it does not depend on the weights, so a caller that measures every
@@ -109,6 +110,8 @@ def effective_rf(
     kernels = exact_kernels(device, exact_zeros=False)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels:
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
+        if _mixes_samples(copy):  # its gradients would carry cross-sample terms: each input is read alone
+            chunk_size = 1
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
@@ -179,3 +182,11 @@ def _check_inputs(inputs) -> None:
             f"inputs hold NaN or inf values ({bad} of {inputs.shape[0]} samples): the model's output, and so the map, "
             f"would not be finite; drop or clean those samples"
         )
+
+
+def _mixes_samples(model: nn.Module) -> bool:
+    """Whether ``model`` in eval mode normalises over the batch (a BatchNorm without running statistics)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (not m.track_running_stats or m.running_mean is None)
+        for m in model.modules()
+    )
