@@ -269,6 +269,11 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     def at(index: int) -> Position:
         return tuple(index if a == axis else c for a, c in enumerate(centre))
 
+    def follows_at(index: int) -> bool:
+        support = known[at(index)] if at(index) in known else theory.support([at(index)])
+        box = box_of(support)
+        return consistent(geometry, {index: None if box is None else box[axis]}, length)
+
     # The centre index at the ends of the other axes (one pass for all): a field that depends on another axis's
     # index (branches of other strides concatenated along it, a roll of some rows) differs there.
     seams = set(itertools.product(*({centre[a]} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
@@ -282,23 +287,16 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
         leaves = (lambda x: geometry.span(x)[0] < 0) if end == 0 else (lambda x: geometry.span(x)[1] > length - 1)
         # The end itself, and the first index inside the band (a crop or a roll shows there and nowhere nearer).
         inside = next((x for x in (range(count) if end == 0 else reversed(range(count))) if not leaves(x)), end)
-        for index in sorted({end, inside}):
-            support = known[at(index)] if at(index) in known else theory.support([at(index)])
-            box = box_of(support)
-            if not consistent(geometry, {index: None if box is None else box[axis]}, length):
-                return False
         band = [x for x in range(count) if x != end and leaves(x)]
-        if not band:
+        # A fold back inside (reflect padding) hides in the band's union: a narrow band is read index by index.
+        one_by_one = band if len(band) <= _BAND_READ_ONE_BY_ONE else []
+        if not all(follows_at(index) for index in sorted({end, inside, *one_by_one})):
+            return False
+        if not band or one_by_one:
             continue
         low = max(min(geometry.span(x)[0] for x in band), 0)
         high = min(max(geometry.span(x)[1] for x in band), length - 1)
         if (low, high) == (0, length - 1):  # the band's spans cover the input: nothing could lie outside them
-            continue
-        if len(band) <= _BAND_READ_ONE_BY_ONE:  # a fold back inside (reflect padding) hides in the band's union
-            for index in band:
-                box = box_of(known[at(index)] if at(index) in known else theory.support([at(index)]))
-                if not consistent(geometry, {index: None if box is None else box[axis]}, length):
-                    return False
             continue
         box = box_of(theory.support([at(x) for x in band]))
         if box is not None and (box[axis][0] < low or box[axis][1] > high):
