@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from rf_callback.core import geometry_flow
 from rf_callback.core.errors import CopyError, ProbeError
 from rf_callback.core.geometry_flow import GeometryFlow
+from rf_callback.core.resize import exact_resize
 from rf_callback.core.sharding import (
     Unwrapped,
     check_gathered_fits,
@@ -237,6 +238,8 @@ class _ProbeFunctions(TorchFunctionMode):
             _check_self_attention(func, args, kwargs)
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
+        if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
+            return resized
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)

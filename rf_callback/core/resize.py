@@ -1,0 +1,142 @@
+"""Linear and cubic resizing with exact weights, for the probe's copy.
+
+PyTorch computes a resize's source coordinate in the tensor's floating type: by a factor such as 7 → 13, a source
+that is exactly an input index comes out a few ulps off it, and the neighbour gets a weight of about 1e-8 where the
+true weight is 0. The gradient then reaches inputs the network does not look at, and the field comes out wider.
+Here the same formulas (ATen's ``area_pixel_compute_source_index`` and cubic convolution with A = -0.75) run in
+rational arithmetic, so the weights that are 0 are exactly 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+_SPATIAL_AXES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
+_CUBIC_A = Fraction(-3, 4)
+_INTERPOLATE = inspect.signature(F.interpolate)
+
+
+def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
+    """``F.interpolate(*args, **kwargs)`` with exact weights, or ``None`` where the call is not a plain linear one.
+
+    Args:
+        args: the positional arguments of the ``interpolate`` call.
+        kwargs: its keyword arguments.
+        unsigned: use the weights' magnitudes (the theoretical copy: a cubic kernel's negative lobes must not
+            cancel a path).
+
+    Returns:
+        The resized tensor, or ``None`` for a mode other than linear, bilinear, trilinear or bicubic, an antialiased
+        resize, or arguments that the call itself would refuse (it then runs, and raises, as it is).
+    """
+    try:
+        call = _INTERPOLATE.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    call.apply_defaults()
+    x, mode = call.arguments["input"], call.arguments["mode"]
+    if not isinstance(x, torch.Tensor) or call.arguments["antialias"] or _SPATIAL_AXES.get(mode) != x.dim() - 2:
+        return None
+    if not x.is_floating_point():
+        return None
+    plans = _axis_plans(x.shape[2:], call.arguments)
+    if plans is None:
+        return None
+    for axis, (sources, weights) in enumerate(plans):
+        x = _resized_along(x, 2 + axis, sources, weights, unsigned)
+    return x
+
+
+def _axis_plans(lengths, arguments) -> list[tuple[list[list[int]], list[list[Fraction]]]] | None:
+    size, factor = arguments["size"], arguments["scale_factor"]
+    if (size is None) == (factor is None):
+        return None
+    cubic = arguments["mode"] == "bicubic"
+    corners = bool(arguments["align_corners"])
+    n = len(lengths)
+    sizes = _per_axis(size, n)
+    factors = _per_axis(factor, n)
+    if (size is not None and sizes is None) or (factor is not None and factors is None):
+        return None
+    plans = []
+    for axis, length in enumerate(lengths):
+        if sizes is not None:
+            out, scale = sizes[axis], None
+        else:
+            assert factors is not None
+            out = math.floor(length * factors[axis])
+            scale = None if arguments["recompute_scale_factor"] else factors[axis]
+        if not isinstance(out, int) or out <= 0 or (scale is not None and scale <= 0):
+            return None
+        plans.append(_axis_plan(length, out, scale, corners, cubic))
+    return plans
+
+
+def _per_axis(value, n: int) -> list | None:
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple, torch.Size)) else [value] * n
+    if len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return values
+
+
+def _rational(value: float) -> Fraction:
+    """The simple fraction a float spells (1/3 for 0.333...), or its exact binary value where none is that close."""
+    exact = Fraction(value)
+    simple = exact.limit_denominator(1 << 20)
+    return simple if abs(simple - exact) <= abs(exact) * Fraction(1, 10**12) else exact
+
+
+def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool):
+    """Per output index, the input indices it reads and their weights, as ATen's kernels define them."""
+    if corners:
+        scale = Fraction(length - 1, out - 1) if out > 1 else Fraction(0)
+    elif factor is not None:
+        scale = 1 / _rational(factor)
+    else:
+        scale = Fraction(length, out)
+    sources, weights = [], []
+    for index in range(out):
+        source = scale * index if corners else scale * (index + Fraction(1, 2)) - Fraction(1, 2)
+        if not cubic and source < 0:
+            source = Fraction(0)
+        first = math.floor(source)
+        t = source - first
+        if cubic:
+            taps = [first - 1, first, first + 1, first + 2]
+            kernel = [_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t)]
+        else:
+            taps, kernel = [first, first + 1], [1 - t, t]
+        taps = [min(max(tap, 0), length - 1) for tap in taps]
+        # A zero weight reads an index the output already reads: its product adds nothing, value or gradient.
+        live = next(tap for tap, w in zip(taps, kernel) if w != 0)
+        sources.append([tap if w != 0 else live for tap, w in zip(taps, kernel)])
+        weights.append(kernel)
+    return sources, weights
+
+
+def _cubic_near(x: Fraction) -> Fraction:
+    return ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1
+
+
+def _cubic_far(x: Fraction) -> Fraction:
+    return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
+
+
+def _resized_along(x: torch.Tensor, dim: int, sources, weights, unsigned: bool) -> torch.Tensor:
+    taps = len(sources[0])
+    index = torch.tensor(sources, dtype=torch.long, device=x.device)
+    values = [[abs(w) if unsigned else w for w in row] for row in weights]
+    weight = torch.tensor([[float(w) for w in row] for row in values], dtype=x.dtype, device=x.device)
+    shape = [1] * x.dim()
+    shape[dim] = len(sources)
+    result = x.index_select(dim, index[:, 0]) * weight[:, 0].reshape(shape)
+    for tap in range(1, taps):
+        result = result + x.index_select(dim, index[:, tap]) * weight[:, tap].reshape(shape)
+    return result

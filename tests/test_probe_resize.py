@@ -1,0 +1,137 @@
+"""Linear and cubic resizes: the field is what the resize's formula reads, not what float32 rounding adds to it."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rf_callback import probe_rf
+from rf_callback.core.resize import exact_resize
+
+
+class Resize(nn.Module):
+    """A 1 × 1 convolution, then ``F.interpolate`` with the given arguments."""
+
+    def __init__(self, n_axes: int, **arguments):
+        super().__init__()
+        self.conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n_axes - 1](1, 1, 1)
+        self.arguments = arguments
+
+    def forward(self, x):
+        return F.interpolate(self.conv(x), **self.arguments)
+
+
+def source(index: int, scale: Fraction, corners: bool) -> Fraction:
+    """ATen's source coordinate of an output index, in exact arithmetic."""
+    return scale * index if corners else scale * (index + Fraction(1, 2)) - Fraction(1, 2)
+
+
+def aten_scale(length: int, out: int, corners: bool) -> Fraction:
+    """Input indices per output index, as ATen defines it for a resize to a size."""
+    if corners:
+        return Fraction(length - 1, out - 1) if out > 1 else Fraction(0)
+    return Fraction(length, out)
+
+
+def linear_bounds(index: int, length: int, scale: Fraction, corners: bool) -> tuple[int, int]:
+    """The inputs a linear resize reads for one output index: one where the source is an input index, else two."""
+    where = max(source(index, scale, corners), Fraction(0))
+    first = math.floor(where)
+    return first, (min(first + 1, length - 1) if where != first else first)
+
+
+def cubic_bounds(index: int, length: int, scale: Fraction, corners: bool) -> tuple[int, int]:
+    """A cubic resize reads four inputs (clamped to the input), or one where the source is an input index."""
+    where = source(index, scale, corners)
+    first = math.floor(where)
+    if where == first:
+        return min(max(first, 0), length - 1), min(max(first, 0), length - 1)
+    return max(first - 1, 0), min(max(first + 2, 0), length - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(2, 24),
+    out=st.integers(1, 60),
+    corners=st.booleans(),
+    mode=st.sampled_from(["theoretical", "weights"]),
+)
+def test_linear_resize_to_a_size_reads_exactly_its_two_neighbours(length, out, corners, mode):
+    model = Resize(1, size=out, mode="linear", align_corners=corners)
+    field_map = probe_rf(model, (1, 1, length), "all", mode=mode)
+    scale = aten_scale(length, out, corners)
+    for index in range(out):
+        assert field_map[(index,)].bounds == (linear_bounds(index, length, scale, corners),)
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.5, 0.75, 1 / 3, 13 / 7, 3.0])
+def test_bilinear_resize_by_a_factor_reads_exactly_its_neighbours(factor):
+    length = 7
+    model = Resize(2, scale_factor=factor, mode="bilinear")
+    field_map = probe_rf(model, (1, 1, length, length), "all")
+    out = math.floor(length * factor)
+    scale = 1 / Fraction(factor).limit_denominator(1000)
+    for index in range(out):
+        expected = linear_bounds(index, length, scale, corners=False)
+        assert field_map[(index, index)].bounds == (expected, expected)
+
+
+def test_seven_to_thirteen_reads_one_input_where_the_source_is_an_input_index():
+    # Output 6 of 7 -> 13 has its source at 6.5 * 7 / 13 - 0.5 = 3 exactly; float32 makes it 3 + 1e-7.
+    model = Resize(1, size=13, mode="linear")
+    assert probe_rf(model, (1, 1, 7), 6).bounds == ((3, 3),)
+    assert probe_rf(model, (1, 1, 7), 6, dtype=torch.float32).bounds == ((3, 3),)
+
+
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(4, 16), out=st.integers(2, 40), corners=st.booleans())
+def test_bicubic_resize_reads_four_inputs_or_one(length, out, corners):
+    model = Resize(2, size=(out, length), mode="bicubic", align_corners=corners)
+    field_map = probe_rf(model, (1, 1, length, length), "all")
+    scale = aten_scale(length, out, corners)
+    for index in range(out):
+        rows = cubic_bounds(index, length, scale, corners)
+        assert field_map[(index, 0)].bounds[0] == rows
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(size=11, mode="linear"),
+        dict(size=5, mode="linear", align_corners=True),
+        dict(scale_factor=1.7, mode="linear"),
+        dict(scale_factor=1.7, mode="linear", recompute_scale_factor=True),
+        dict(size=(9, 4), mode="bilinear"),
+        dict(scale_factor=(0.5, 2.25), mode="bilinear", align_corners=True),
+        dict(size=(13, 6), mode="bicubic"),
+        dict(scale_factor=2, mode="bicubic", align_corners=True),
+        dict(size=(5, 9, 3), mode="trilinear"),
+    ],
+)
+def test_exact_resize_computes_what_interpolate_computes(arguments):
+    n_axes = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}[arguments["mode"]]
+    x = torch.randn(2, 3, *(7, 6, 5)[:n_axes], dtype=torch.float64)
+    expected = F.interpolate(x, **arguments)
+    resized = exact_resize((x,), arguments, unsigned=False)
+    assert resized is not None and resized.shape == expected.shape
+    torch.testing.assert_close(resized, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(size=11, mode="nearest"),
+        dict(size=(4, 4), mode="bilinear", antialias=True),
+        dict(size=(4, 4), mode="area"),
+        dict(size=(4, 4), mode="linear"),  # linear needs a 3D input: the call raises as it is
+    ],
+)
+def test_other_resizes_run_as_they_are(arguments):
+    assert exact_resize((torch.randn(1, 1, 8, 8),), arguments, unsigned=False) is None
