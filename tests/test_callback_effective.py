@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -90,6 +91,23 @@ def test_not_reached_within_patience(tmp_path):
     with pytest.warns(UserWarning, match="theoretical receptive field .* 7 x 7, smaller than the target size 9 x 9"):
         fit(tmp_path, callback, ShrinkingField(shrink_epoch=None), max_epochs=3, logger=False)
     assert [(e.epoch, e.reason) for e in received] == [(1, "not_reached")]
+
+
+def test_two_positions_on_one_cell_of_the_validation_inputs_share_one_check_per_epoch(tmp_path):
+    """(8, 8) and (-1, -1) are two cells of the 16 x 16 training map but one of the 9 x 9 validation map: one
+    tracker, checked once per validation (twice before, so a patience of 2 alerted after the first epoch)."""
+    received: list[CoverageEvent] = []
+    callback = RFCallback(pos=[(8, 8), (-1, -1)], target_size=9, patience=2, on_alert=received.append,
+                          log_images=False)  # fmt: skip
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 9, 9), torch.zeros(16).long())
+    train, _ = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=False), callbacks=[callback])
+    with pytest.warns(UserWarning, match="smaller than the target size 9 x 9"):
+        trainer.fit(ShrinkingField(shrink_epoch=None), train, torch.utils.data.DataLoader(data, batch_size=8))
+    assert [(e.epoch, e.reason) for e in received] == [(1, "not_reached")]
+    assert list(callback.trackers) == ["8_8"] and callback.trackers["8_8"].checks == 3
+    margins = [trainer.callback_metrics[f"rf/output/pos{i}/target/margin"] for i in (0, 1)]
+    assert margins[0] == margins[1] < 0
 
 
 def test_on_miss_stop_stops_training_at_that_epoch(tmp_path):

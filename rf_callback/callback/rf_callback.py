@@ -510,6 +510,8 @@ class RFCallback(Callback):
             self._said_other_cells = True
             self._reporter.effective_note(trainer, fields, self._target_for(len(self._shape) - 2))
         entry, events = {}, []
+        # Two position indices may name one cell of inputs shaped otherwise: that cell is checked once per probe.
+        checked: dict[str, tuple[bool, int]] = {}
         for index, field in enumerate(fields):
             label = "_".join(str(i) for i in field.position)
             metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
@@ -518,11 +520,13 @@ class RFCallback(Callback):
             logged = dashboard.effective_scalars(self.layer_name, index, field, metrics, self.coverage_mass, full=full)
             target = self._target_for(len(field.theoretical.bounds))
             if target is not None:
-                covered, margin, event = self._coverage.check(
-                    label, field, target, epoch=trainer.current_epoch, layer=self.layer_name
-                )
-                logged.update(dashboard.coverage_scalars(self.layer_name, index, covered, margin))
-                events += [event] if event is not None else []
+                if label not in checked:
+                    covered, margin, event = self._coverage.check(
+                        label, field, target, epoch=trainer.current_epoch, layer=self.layer_name
+                    )
+                    checked[label] = (covered, margin)
+                    events += [event] if event is not None else []
+                logged.update(dashboard.coverage_scalars(self.layer_name, index, *checked[label]))
             self._reporter.metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
             self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
             self._reporter.effective_image(trainer, index, field)
