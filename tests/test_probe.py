@@ -219,6 +219,13 @@ def test_str_is_a_one_line_summary():
     assert str(field) == "RF of the output at (4, 8): 41 x 23 (input 18..58, 28..50), stride 6 x 4 [theoretical]"
 
 
+def test_a_map_position_that_sees_only_padding_says_so_in_words():
+    fmap = probe_rf(nn.Conv1d(1, 1, 1, padding=2), (1, 1, 5), "all")
+    assert fmap[0].bounds == ((0, -1),) and fmap[2].bounds == ((0, 0),)
+    assert str(fmap[0]) == "RF of the output at (0,): empty (its window covers only padding) [theoretical]"
+    assert str(fmap[2]) == "RF of the output at (2,): 1 (input 0..0), stride 1 [theoretical]"
+
+
 def test_center_is_middle_of_the_map_and_negative_indices_count_from_the_end():
     model = nn.Conv2d(1, 1, 3)
     assert probe_rf(model, (1, 1, 10, 11)).position == (4, 4)

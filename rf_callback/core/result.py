@@ -129,6 +129,8 @@ class ReceptiveField:
             The summary, e.g. ``RF of the output at (4, 8): 41 x 23 (input 18..58, 28..50), stride 6 x 4``.
         """
         where = f"layer {self.layer!r}" if self.layer else "the output"
+        if 0 in self.size:  # a position of a map whose window covers only padding: bounds (0, -1)
+            return f"RF of {where} at {self.position}: empty (its window covers only padding) [{self.mode}]"
         size = " x ".join(str(s) for s in self.size)
         bounds = ", ".join(f"{first}..{last}" for first, last in self.bounds)
         text = f"RF of {where} at {self.position}: {size} (input {bounds})"
