@@ -200,6 +200,8 @@ def test_geometry_maps_output_to_input_and_back():
     assert field.center == (38.0, 39.0)
     assert h.index_of(38.0) == 4 and w.index_of(39.0) == 8
     assert [h.index_of(h.center(i)) for i in range(6)] == list(range(6))
+    # Halfway between the centres of outputs i and i + 1 (stride 6): always i + 1, whatever the parity of i.
+    assert [h.index_of(h.center(i) + 3) for i in range(6)] == list(range(1, 7))
 
 
 def test_to_dict_is_json_serialisable_and_complete():

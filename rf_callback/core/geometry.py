@@ -7,6 +7,7 @@ inputs that no window reaches). This module fits (r, S, P) to measured bounds an
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,8 +45,12 @@ class AxisGeometry:
         return index * self.stride - self.offset + (self.size - 1) / 2
 
     def index_of(self, coordinate: float) -> int:
-        """Returns the output index whose field is centred nearest to input ``coordinate`` (may be out of range)."""
-        return round((coordinate + self.offset - (self.size - 1) / 2) / self.stride)
+        """Returns the output index whose field is centred nearest to input ``coordinate`` (may be out of range).
+
+        A coordinate halfway between two centres goes to the higher index, as ``"center"`` takes the upper of two
+        middle cells (Python's ``round`` would alternate between the lower and the higher, by parity).
+        """
+        return math.floor((coordinate + self.offset - (self.size - 1) / 2) / self.stride + 0.5)
 
     def to_dict(self) -> dict[str, int]:
         """Returns ``{"size": r, "stride": S, "offset": P}``."""
