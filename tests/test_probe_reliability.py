@@ -539,6 +539,24 @@ UNORDERED = {  # name: (model, input shape)
         ),
         (1, 1, 22),
     ),
+    # a band of 12 indices per side: output 4's span (-16..-6) lies outside the input, yet it reads input 0 (the
+    # replication of its border), inside the band's union; likewise a reflection 2 layers deep folds output 2 back
+    "replication inside a wide band": (
+        lambda: nn.Sequential(
+            nn.Conv1d(1, 1, 1, stride=2, dilation=2),
+            nn.Conv1d(1, 1, 3, padding=5, padding_mode="replicate"),
+            nn.Conv1d(1, 1, 4, padding=7),
+        ),
+        (1, 1, 33),
+    ),
+    "reflection inside a wide band, 2D": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 1, 1, stride=(1, 3), padding=(0, 1)),
+            nn.Conv2d(1, 1, (1, 5), dilation=(1, 2), padding=(0, 7), padding_mode="reflect"),
+            nn.Conv2d(1, 1, (1, 1), padding=(0, 8)),
+        ),
+        (1, 1, 3, 36),
+    ),
     # a zero row where the cropped row 1 was: row 0 sees rows 2..5, not its span's 1..5; the corners see nothing
     "crop beside padding, 2D": (
         lambda: Along(lambda x, c: c[1](c[0](x)[:, :, 2:-1]), nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, (3, 1), padding=1)),
@@ -692,7 +710,8 @@ def test_an_end_field_whose_tail_underflows_float32_is_read_again_in_float64():
     "name",
     ["flip", "roll", "circular padding, 2D", "cat along width, 2D", "circular padding, then dilation",
      "crop beside padding, 2D", "cat along width of branches of other strides along H", "transpose of a square map",
-     "crop of the last input", "reflection inside a band"],
+     "crop of the last input", "reflection inside a band", "replication inside a wide band",
+     "reflection inside a wide band, 2D"],
 )  # fmt: skip
 def test_a_single_probe_offers_no_geometry_that_the_border_of_the_map_does_not_follow(name):
     """The geometry read near the centre is the architecture's only if the border follows it too (before, a roll by

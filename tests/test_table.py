@@ -314,6 +314,21 @@ def test_a_row_measured_near_the_centre_offers_no_geometry_that_the_border_does_
     assert probe_rf(model, shape, (0, 0), layer="d").bounds[0] == (16, 22)
 
 
+def test_rows_after_a_replicate_padding_offer_no_geometry_that_the_border_does_not_follow():
+    """Output 4 of the last row has its span at -16..-6, outside the 33 inputs, yet reads input 0: the replicate
+    padding before it copies that input into the band. Its row, and the padding's own, said r = 11, S = 2, P = 24."""
+    model = nn.Sequential(
+        nn.Conv1d(1, 1, 1, stride=2, dilation=2),
+        nn.Conv1d(1, 1, 3, padding=5, padding_mode="replicate"),
+        nn.Conv1d(1, 1, 4, padding=7),
+    )
+    rows = {row.name: row for row in rf_table(model, (1, 1, 33))}
+    assert (rows["0"].full_size, rows["0"].stride, rows["0"].offset) == ((1,), (2,), (0,))
+    assert probe_rf(model, (1, 1, 33), (4,)).bounds == ((0, 0),)
+    assert (rows["2"].full_size, rows["2"].stride) == ((None,), (None,))
+    assert (rows["1"].full_size, rows["1"].stride) == ((None,), (None,))
+
+
 def test_a_crop_to_fixed_indices_that_empties_thin_inputs_gets_its_row():
     class Crop(nn.Module):
         def forward(self, x):

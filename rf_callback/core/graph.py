@@ -196,6 +196,7 @@ class ProbeGraph(GraphShapes):
         self.dtype, self.device, self.guard = request.dtype, request.device, request.guard
         self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
+        self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self._supports: dict[tuple, torch.Tensor] = {}
         # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
@@ -210,6 +211,7 @@ class ProbeGraph(GraphShapes):
             self.output = forward_to(copy, self.inputs, request, functions)
             self.flow = None if functions.flow is None else functions.flow.of(self.output)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
+            self.border_modes = functions.border_modes
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:

@@ -156,6 +156,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
+        # Paddings that read the input's own values past its border (reflect, replicate, circular), as
+        # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
+        self.border_modes: list[str] = []
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
 
@@ -195,6 +198,9 @@ class _ProbeFunctions(TorchFunctionMode):
             self.fixed_size.append(f"{name}()")
         if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
             self.last_axis_sizes.add(args[0].shape[-1])
+        if name == "pad" and from_input and (mode := kwargs.get("mode", args[2] if len(args) > 2 else None)):
+            if mode != "constant":
+                self.border_modes.append(f"pad(mode={mode!r})")
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._call(func, name, args, kwargs)

@@ -259,8 +259,9 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     fields of the border, which the centre does not see. At the centre of the other axes, the first and last index
     and the first index on each side whose span lies inside the input must be :func:`consistent` with it (one pass
     each), and so must the other indices whose span leaves the input on that side (a band as wide as the padding),
-    one pass each where the band holds a few (a reflection folds a field back inside there); a wider band must
-    together lie inside its clipped spans (one pass), which a wrap to the far end breaks. At the
+    one pass each, outermost first, where the band holds a few or the forward pads with the input's own values (a
+    reflection or a replication folds a field back inside there, where the band's union hides it); otherwise the
+    band must together lie inside its clipped spans (one pass), which a wrap to the far end breaks. At the
     ends of the other axes, the centre index's fields must together be its span (one pass).
     """
     length, count = shape[2 + axis], output_shape[axis]
@@ -288,9 +289,10 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
         # The end itself, and the first index inside the band (a crop or a roll shows there and nowhere nearer).
         inside = next((x for x in (range(count) if end == 0 else reversed(range(count))) if not leaves(x)), end)
         band = [x for x in range(count) if x != end and leaves(x)]
-        # A fold back inside (reflect padding) hides in the band's union: a narrow band is read index by index.
-        one_by_one = band if len(band) <= _BAND_READ_ONE_BY_ONE else []
-        if not all(follows_at(index) for index in sorted({end, inside, *one_by_one})):
+        # A fold back inside (reflect or replicate padding) hides in the band's union: read it index by index.
+        one_by_one = band if len(band) <= _BAND_READ_ONE_BY_ONE or theory.border_modes else []
+        outermost_first = sorted({end, inside, *one_by_one}, key=lambda x: abs(x - end))
+        if not all(follows_at(index) for index in outermost_first):
             return False
         if not band or one_by_one:
             continue

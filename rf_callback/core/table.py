@@ -106,6 +106,7 @@ class _Output:
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
     after_cut: str | None = None  # a gradient cut the forward made before this output
     fixed_size: tuple[str, ...] = ()  # calls with a fixed output size before this output
+    border_modes: tuple[str, ...] = ()  # paddings that read the input past its border, before this output
     layout: str | Tokens = CHANNELS_FIRST  # how the row's output is read
     misfit: str | None = None  # why the output does not fit that layout
     grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
@@ -356,6 +357,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         else:
             row_request = request.theoretical().replaced(layer=output.name, layout=CHANNELS_FIRST)
             theory = ProbeGraph(model, row_request, captured=(inputs, captured[output.name]))
+            theory.border_modes = list(output.border_modes)
             support = theory.support([center])
             box = box_of(support)
             flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
@@ -548,7 +550,8 @@ def _forward_outputs(
                     misfit = str(error)
             outputs[name] = _Output(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
-                fixed_size=tuple(functions.fixed_size), layout=row_layout, misfit=misfit, grid=grid,
+                fixed_size=tuple(functions.fixed_size), border_modes=tuple(functions.border_modes),
+                layout=row_layout, misfit=misfit, grid=grid,
                 feature_map=spatial and output.shape[0] == 1,
                 known=_known_reading(module),
                 flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
