@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
+
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rf_callback import CoverageError, CoverageEvent, RFCallback, effective_rf
+from rf_callback.plotting import figure_to_array, plot_growth
 from tests.lightning_models import ConvClassifier, NoValidation, ShrinkingField, loaders, trainer_kwargs
 from tests.recording import recorded_warnings
 
@@ -108,6 +113,30 @@ def test_two_positions_on_one_cell_of_the_validation_inputs_share_one_check_per_
     assert list(callback.trackers) == ["8_8"] and callback.trackers["8_8"].checks == 3
     margins = [trainer.callback_metrics[f"rf/output/pos{i}/target/margin"] for i in (0, 1)]
     assert margins[0] == margins[1] < 0
+
+
+def test_fit_end_pictures_of_two_positions_on_one_cell_keep_their_own_tags(tmp_path):
+    """pos1 (-1, -1) and pos0 (8, 8) are one cell of the 9 x 9 validation map, pos2 (0, 0) another: each index
+    gets its overlay and growth curve (before, pos1 got pos2's pictures and pos2 none)."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(pos=[(8, 8), (-1, -1), (0, 0)], erf_samples=8)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 9, 9), torch.zeros(16).long())
+    train, _ = loaders()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger), callbacks=[callback])
+    trainer.fit(ShrinkingField(shrink_epoch=None), train, torch.utils.data.DataLoader(data, batch_size=8))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+
+    def logged(index: int, kind: str) -> np.ndarray:
+        encoded = events.Images(f"rf/output/pos{index}/{kind}")[-1].encoded_image_string
+        return np.array(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+    assert np.array_equal(logged(0, "overlay"), logged(1, "overlay"))
+    assert not np.array_equal(logged(1, "overlay"), logged(2, "overlay"))
+    for index, label in ((1, "8_8"), (2, "0_0")):
+        rows = [(0, callback.history[-1]["effective"][label])]
+        title = f"effective field of output at pos{index} ({label.replace('_', ', ')})"
+        assert np.array_equal(logged(index, "growth"), figure_to_array(plot_growth(rows, title=title)))
 
 
 def test_on_miss_stop_stops_training_at_that_epoch(tmp_path):

@@ -78,6 +78,21 @@ def test_gaussian_of_known_sigma():
     assert center_of_mass(gaussian)[0] == pytest.approx(100)
 
 
+def test_spread_of_a_long_map_is_exact_to_float64():
+    # Masses 1 and 2 at 77777 and 77778: std sqrt(2/9) exactly (float32 indices gave 0.4714117, off by 1.5e-5).
+    heatmap = torch.zeros(100_000, dtype=torch.float64)
+    heatmap[77777], heatmap[77778] = 1.0, 2.0
+    assert spread(heatmap)[0] == pytest.approx(math.sqrt(2 / 9), rel=1e-12)
+    assert center_of_mass(heatmap)[0] == pytest.approx(77777 + 2 / 3, rel=1e-15)
+
+
+def test_fractions_that_print_alike_in_the_metrics_keys_are_refused():
+    field = effective_rf(nn.Conv1d(1, 1, 3), torch.randn(2, 1, 9), "center")
+    with pytest.raises(ValueError, match=r"qs=\(0.6, 0.6000001\) holds fractions that print alike"):
+        field.metrics((0.6, 0.6000001))
+    assert set(field.metrics((0.6, 0.95))) >= {"extent0.6_l", "extent0.95_l"}
+
+
 def test_off_centre_blob_and_ties_go_to_the_centre_of_mass():
     heatmap = torch.zeros(10, 10, dtype=torch.float64)
     heatmap[7, 2] = 4

@@ -380,6 +380,8 @@ def test_heatmap_image_is_magma_enlarged_block_for_block():
 def test_heatmap_image_of_1d_and_3d_fields():
     from rf_callback.plotting import heatmap_image
 
+    for length in (7, 9, 10, 11, 13, 300):
+        assert heatmap_image(torch.rand(length) + 0.1).shape[0] == 24
     strip = heatmap_image(torch.arange(100.0))
     assert strip.shape == (24, 200, 3)  # 2 times along the axis, a strip 24 rows high
     volume = torch.zeros(5, 8, 8)
@@ -416,3 +418,13 @@ def test_growth_curve_draws_the_target_line():
     assert not any("target" in line.get_label() for line in plot_growth(rows).axes[0].get_lines())
     labels = [line.get_label() for line in plot_growth(rows, target=(4, 6)).axes[0].get_lines()]
     assert {"target h 4", "target w 6"} <= set(labels)
+
+
+def test_growth_curve_of_one_epoch_ticks_whole_epochs():
+    from rf_callback.plotting import plot_growth
+
+    figure = plot_growth([(3, {"extent0.95_h": 5.0, "std_h": 1.0})])
+    figure.canvas.draw()
+    for ax in figure.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert 3 in ticks and all(float(t).is_integer() for t in ticks)

@@ -234,3 +234,15 @@ def positions_note(
     if target is not None:
         lines += ["", f"Target object size: {' × '.join(map(str, target))}."]
     return "\n".join(lines)
+
+
+def position_label(position: tuple[int, ...]) -> str:
+    """A cell's key in the history's effective metrics and the coverage trackers, e.g. ``"8_8"``.
+
+    Args:
+        position: the output cell.
+
+    Returns:
+        Its indices joined by underscores.
+    """
+    return "_".join(str(i) for i in position)

@@ -266,7 +266,10 @@ class Reporter:
             tag = dashboard.image_tag(layer, index, "overlay")
             self.image(trainer, tag, figure_to_array(overlay), step, self.caption(effective_field))
         entries = [entry for entry in history if entry.get("effective")]
-        for index, label in enumerate(entries[-1]["effective"] if entries else []):
+        # The history keys each epoch's metrics by cell; position indices that name one cell share its curve.
+        labels = [dashboard.position_label(f.position) for f in effective]
+        labels = labels or list(entries[-1]["effective"] if entries else [])
+        for index, label in enumerate(labels):
             rows = [(entry["epoch"], entry["effective"][label]) for entry in entries if label in entry["effective"]]
             title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
             image_array = figure_to_array(plot_growth(rows, title=title, target=target))

@@ -248,7 +248,8 @@ class RFCallback(Callback):
         self.trackers = self._coverage.trackers
         self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
-        self._last_effective: dict[str, EffectiveField] = {}  # by position label, in the order of pos
+        # By index in pos: two indices can name one cell of validation inputs shaped otherwise.
+        self._last_effective: dict[int, EffectiveField] = {}
 
     @property
     def state_key(self) -> str:
@@ -400,7 +401,7 @@ class RFCallback(Callback):
         ):
             self._reporter.final_figures(
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
-                fields=self._last_fields, effective=list(self._last_effective.values()),
+                fields=self._last_fields, effective=[self._last_effective[i] for i in sorted(self._last_effective)],
                 image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
                 target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
@@ -513,7 +514,7 @@ class RFCallback(Callback):
         # Two position indices may name one cell of inputs shaped otherwise: that cell is checked once per probe.
         checked: dict[str, tuple[bool, int]] = {}
         for index, field in enumerate(fields):
-            label = "_".join(str(i) for i in field.position)
+            label = dashboard.position_label(field.position)
             metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
             entry[label] = metrics
             full = self.effective_scalars == "all"
@@ -528,7 +529,7 @@ class RFCallback(Callback):
                     events += [event] if event is not None else []
                 logged.update(dashboard.coverage_scalars(self.layer_name, index, *checked[label]))
             self._reporter.metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
-            self._last_effective[label] = field  # its overlay on a validation input is drawn at fit end
+            self._last_effective[index] = field  # its overlay on a validation input is drawn at fit end
             self._reporter.effective_image(trainer, index, field)
         self.history[-1]["effective"] = entry
         return events

@@ -260,7 +260,23 @@ class EffectiveField:
         theoretical size), ``com_<axis>`` and ``com_offset_<axis>`` (centre of mass, and its offset from the
         theoretical field's centre), ``std_<axis>`` (from second moments) and ``area<t>`` / ``side<t>`` (RepLKNet's
         high-contribution area ratio and square side at t = 0.2, 0.3, 0.5, 0.99; ``None`` where no square fits).
+
+        Args:
+            qs: the mass fractions of the extents, each in (0, 1].
+
+        Returns:
+            The metrics by key.
+
+        Raises:
+            ValueError: two fractions of ``qs`` print alike in a key (``<q>`` keeps 6 significant digits), where
+                one's values would overwrite the other's.
         """
+        keys = [f"{q:g}" for q in qs]
+        if len(set(keys)) < len(keys):
+            raise ValueError(
+                f"qs={tuple(qs)!r} holds fractions that print alike in the metrics' keys ({keys}: 6 significant "
+                f"digits), so one's extent would overwrite the other's; pass fractions that differ within 6 digits"
+            )
         names = AXIS_NAMES[self.heatmap.dim()]
         result: dict[str, float | None] = {}
         for q in qs:

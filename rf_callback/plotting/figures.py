@@ -188,6 +188,8 @@ def plot_growth(
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(set(epochs)) == 1:  # one epoch: a span of 0.1 would get ticks at -0.04, 0.00, 0.04
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)

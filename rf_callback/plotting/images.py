@@ -43,8 +43,8 @@ def heatmap_image(heatmap: torch.Tensor, *, depth: int | None = None, min_side: 
         pixels = pixels[None, :]
     scale = max(1, min_side // max(pixels.shape))
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-    if strip:
-        pixels = pixels.repeat(-(-_STRIP_HEIGHT // pixels.shape[0]), axis=0)
+    if strip:  # as high as the doc says whatever the length (a whole multiple of the scale was 25 to 46 rows)
+        pixels = pixels[:1].repeat(_STRIP_HEIGHT, axis=0)
     colours = matplotlib.colormaps[_HEATMAP_CMAP](pixels)[..., :3]
     return (colours * 255).round().astype(np.uint8)
 
