@@ -3,8 +3,9 @@
 PyTorch computes a resize's source coordinate in the tensor's floating type: by a factor such as 7 → 13, a source
 that is exactly an input index comes out a few ulps off it, and the neighbour gets a weight of about 1e-8 where the
 true weight is 0. The gradient then reaches inputs the network does not look at, and the field comes out wider.
-Here the same formulas (ATen's ``area_pixel_compute_source_index`` and cubic convolution with A = -0.75) run in
-rational arithmetic, so the weights that are 0 are exactly 0.
+Here the same formulas (ATen's ``area_pixel_compute_source_index`` and cubic convolution with A = -0.75; for an
+antialiased resize, ``_compute_indices_min_size_weights_aa``'s scaled triangle or cubic filter with A = -0.5,
+normalised) run in rational arithmetic, so the weights that are 0 are exactly 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 _SPATIAL_AXES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
 _CUBIC_A = Fraction(-3, 4)
+_ANTIALIASED_CUBIC_A = Fraction(-1, 2)
 _INTERPOLATE = inspect.signature(F.interpolate)
 
 
@@ -31,8 +33,8 @@ def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
             cancel a path).
 
     Returns:
-        The resized tensor, or ``None`` for a mode other than linear, bilinear, trilinear or bicubic, an antialiased
-        resize, or arguments that the call itself would refuse (it then runs, and raises, as it is).
+        The resized tensor, or ``None`` for a mode other than linear, bilinear, trilinear or bicubic, or arguments
+        that the call itself would refuse (it then runs, and raises, as it is).
     """
     try:
         call = _INTERPOLATE.bind(*args, **kwargs)
@@ -40,7 +42,9 @@ def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
         return None
     call.apply_defaults()
     x, mode = call.arguments["input"], call.arguments["mode"]
-    if not isinstance(x, torch.Tensor) or call.arguments["antialias"] or _SPATIAL_AXES.get(mode) != x.dim() - 2:
+    if not isinstance(x, torch.Tensor) or _SPATIAL_AXES.get(mode) != x.dim() - 2:
+        return None
+    if call.arguments["antialias"] and mode not in ("bilinear", "bicubic"):
         return None
     if not x.is_floating_point():
         return None
@@ -58,6 +62,7 @@ def _axis_plans(lengths, arguments) -> list[tuple[list[list[int]], list[list[Fra
         return None
     cubic = arguments["mode"] == "bicubic"
     corners = bool(arguments["align_corners"])
+    antialias = bool(arguments["antialias"])
     n = len(lengths)
     sizes = _per_axis(size, n)
     factors = _per_axis(factor, n)
@@ -73,7 +78,8 @@ def _axis_plans(lengths, arguments) -> list[tuple[list[list[int]], list[list[Fra
             scale = None if arguments["recompute_scale_factor"] else factors[axis]
         if not isinstance(out, int) or out <= 0 or (scale is not None and scale <= 0):
             return None
-        plans.append(_axis_plan(length, out, scale, corners, cubic))
+        plan = _antialiased_plan if antialias else _axis_plan
+        plans.append(plan(length, out, scale, corners, cubic))
     return plans
 
 
@@ -93,14 +99,18 @@ def _rational(value: float) -> Fraction:
     return simple if abs(simple - exact) <= abs(exact) * Fraction(1, 10**12) else exact
 
 
+def _scale(length: int, out: int, factor: float | None, corners: bool) -> Fraction:
+    """Input indices per output index (ATen's ``area_pixel_compute_scale``)."""
+    if corners:
+        return Fraction(length - 1, out - 1) if out > 1 else Fraction(0)
+    if factor is not None:
+        return 1 / _rational(factor)
+    return Fraction(length, out)
+
+
 def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool):
     """Per output index, the input indices it reads and their weights, as ATen's kernels define them."""
-    if corners:
-        scale = Fraction(length - 1, out - 1) if out > 1 else Fraction(0)
-    elif factor is not None:
-        scale = 1 / _rational(factor)
-    else:
-        scale = Fraction(length, out)
+    scale = _scale(length, out, factor, corners)
     sources, weights = [], []
     for index in range(out):
         source = scale * index if corners else scale * (index + Fraction(1, 2)) - Fraction(1, 2)
@@ -113,12 +123,40 @@ def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic
             kernel = [_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t)]
         else:
             taps, kernel = [first, first + 1], [1 - t, t]
-        taps = [min(max(tap, 0), length - 1) for tap in taps]
-        # A zero weight reads an index the output already reads: its product adds nothing, value or gradient.
-        live = next(tap for tap, w in zip(taps, kernel) if w != 0)
-        sources.append([tap if w != 0 else live for tap, w in zip(taps, kernel)])
+        sources.append([min(max(tap, 0), length - 1) for tap in taps])
         weights.append(kernel)
     return sources, weights
+
+
+def _antialiased_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool):
+    """The same for an antialiased resize: a filter stretched by the scale where it shrinks, its weights normalised."""
+    scale = _scale(length, out, factor, corners)
+    half_width = 2 if cubic else 1  # ATen's interp_size / 2
+    support = half_width * scale if scale >= 1 else Fraction(half_width)
+    stretch = 1 / scale if scale >= 1 else Fraction(1)
+    sources, weights = [], []
+    for index in range(out):
+        center = scale * (index + Fraction(1, 2))
+        first = max(math.trunc(center - support + Fraction(1, 2)), 0)
+        end = min(math.trunc(center + support + Fraction(1, 2)), length)
+        taps = list(range(first, max(end, first + 1)))
+        kernel = [_antialiasing_filter((tap - center + Fraction(1, 2)) * stretch, cubic) for tap in taps]
+        total = sum(kernel)
+        sources.append([min(tap, length - 1) for tap in taps])
+        weights.append([w / total for w in kernel] if total != 0 else kernel)
+    return sources, weights
+
+
+def _antialiasing_filter(x: Fraction, cubic: bool) -> Fraction:
+    x = abs(x)
+    if not cubic:
+        return 1 - x if x < 1 else Fraction(0)
+    a = _ANTIALIASED_CUBIC_A
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return Fraction(0)
 
 
 def _cubic_near(x: Fraction) -> Fraction:
@@ -130,10 +168,16 @@ def _cubic_far(x: Fraction) -> Fraction:
 
 
 def _resized_along(x: torch.Tensor, dim: int, sources, weights, unsigned: bool) -> torch.Tensor:
-    taps = len(sources[0])
-    index = torch.tensor(sources, dtype=torch.long, device=x.device)
-    values = [[abs(w) if unsigned else w for w in row] for row in weights]
-    weight = torch.tensor([[float(w) for w in row] for row in values], dtype=x.dtype, device=x.device)
+    taps = max(len(row) for row in sources)
+    rows = []
+    for row_sources, row_weights in zip(sources, weights):
+        # A zero weight reads an index the output already reads: its product adds nothing, value or gradient.
+        live = next((tap for tap, w in zip(row_sources, row_weights) if w != 0), row_sources[0])
+        padding = taps - len(row_sources)
+        rows.append(([tap if w != 0 else live for tap, w in zip(row_sources, row_weights)] + [live] * padding,
+                     [float(abs(w) if unsigned else w) for w in row_weights] + [0.0] * padding))  # fmt: skip
+    index = torch.tensor([r[0] for r in rows], dtype=torch.long, device=x.device)
+    weight = torch.tensor([r[1] for r in rows], dtype=x.dtype, device=x.device)
     shape = [1] * x.dim()
     shape[dim] = len(sources)
     result = x.index_select(dim, index[:, 0]) * weight[:, 0].reshape(shape)
