@@ -335,6 +335,129 @@ def test_max_along_a_dim_does_not_hide_pixels_in_theoretical_mode():
     assert probe_rf(GlobalMax(), (1, 1, 16, 16), (3, 3)).bounds == ((0, 15), (0, 15))
 
 
+class PickOfBranches(nn.Module):
+    """Two branches of one input, a 3-tap one (i-1..i+1) and a dilated one (i-4, i, i+4), joined by a pick."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 3, padding=4, dilation=4)
+        self.pick = pick
+
+    def forward(self, x):
+        return self.pick(self.a(x), self.b(x))
+
+
+PICKS = {
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "fmax": torch.fmax,
+    "max of two": torch.max,
+    "amax": lambda a, b: torch.stack([a, b]).amax(0),
+    "amin": lambda a, b: torch.stack([a, b]).amin(dim=0),
+    "where by value": lambda a, b: torch.where(a > b, a, b),
+    "topk": lambda a, b: torch.stack([a, b], -1).topk(1, -1).values[..., 0],
+    "sort": lambda a, b: torch.stack([a, b], -1).sort(-1).values[..., 1],
+    "median": lambda a, b: torch.stack([a, b, a], -1).median(-1).values,
+    "clamp to a branch": lambda a, b: a.clamp(min=b),
+}
+
+
+@pytest.mark.parametrize("name", list(PICKS))
+def test_a_pick_between_branches_keeps_every_branch_in_theoretical_mode(name):
+    """Before, on the copy's equal values a pick followed ties and dropped a branch: position 1 of a maximum read
+    0..2, not 0..5, and the weights field (0..5) lay outside the theoretical one."""
+    model = PickOfBranches(PICKS[name])
+    field_map = probe_rf(model, (1, 1, 12), "all")
+    for i in range(12):
+        read = [j for j in (i - 4, i - 1, i, i + 1, i + 4) if 0 <= j < 12]
+        assert field_map[(i,)].bounds == ((min(read), max(read)),), i
+    weights = probe_rf(model, (1, 1, 12), "all", mode="weights")
+    for i in range(12):
+        (low, high), (first, last) = field_map[(i,)].bounds[0], weights[(i,)].bounds[0]
+        assert low <= first and last <= high, i
+
+
+def test_a_weights_map_of_a_maximum_equals_its_single_probes():
+    """The map reads many positions per pass and attributes each support by the theoretical boxes: with a pick that
+    dropped a branch there, positions 0, 1, 9, 10 and 11 got wrong fields (single probes were right)."""
+    torch.manual_seed(0)
+    model = PickOfBranches(torch.maximum)
+    field_map = probe_rf(model, (1, 1, 12), "all", mode="weights")
+    assert [field_map[(i,)].bounds for i in range(12)] == [
+        probe_rf(model, (1, 1, 12), i, mode="weights").bounds for i in range(12)
+    ]
+
+
+class PoolAndUnpool(nn.Module):
+    """SegNet's decoder step: a max-pool that keeps its arg-max indices, then the unpooling that puts values back."""
+
+    def __init__(self, n_axes: int, kernel: int, stride: int):
+        super().__init__()
+        self.pool = (nn.MaxPool1d, nn.MaxPool2d)[n_axes - 1](kernel, stride, return_indices=True)
+        self.unpool = (nn.MaxUnpool1d, nn.MaxUnpool2d)[n_axes - 1](kernel, stride)
+        self.conv = (nn.Conv1d, nn.Conv2d)[n_axes - 1](1, 1, 1)
+
+    def forward(self, x):
+        return self.conv(self.unpool(*self.pool(x)))
+
+
+def test_an_unpooling_reaches_every_position_of_its_window_in_theoretical_mode():
+    """Any element of a window may be its maximum: unpooled position p sees the windows that hold it. Before, the
+    copy's equal values sent every window's value to its first element, and 12 of 16 positions of a 2 x 2 unpooling
+    got an empty field (a single probe said "its window covers only padding")."""
+    field_map = probe_rf(PoolAndUnpool(2, 2, 2), (1, 1, 4, 4), "all")
+    for p in field_map.positions():
+        assert field_map[p].bounds == tuple((i // 2 * 2, i // 2 * 2 + 1) for i in p), p
+    # Overlapping windows (3, stride 2) on 9 inputs: 4 windows, at 0..2, 2..4, 4..6, 6..8.
+    field_map = probe_rf(PoolAndUnpool(1, 3, 2), (1, 1, 9), "all")
+    for (p,) in field_map.positions():
+        windows = [j for j in range(4) if 2 * j <= p <= 2 * j + 2]
+        assert field_map[(p,)].bounds == ((2 * min(windows), 2 * max(windows) + 2),), p
+    torch.manual_seed(0)
+    weights = probe_rf(PoolAndUnpool(2, 2, 2), (1, 1, 4, 4), (1, 1), mode="weights")
+    assert weights.bounds == ((1, 1), (1, 1))  # the real unpooling: only where (1, 1) was its window's maximum
+
+
+class StandardisedConv2d(nn.Conv2d):
+    """Weight standardisation (Qiao et al.) written by hand: the copy's equal constants standardise to zeros."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_weight_standardised_from_the_copys_constants_does_not_cut_every_path():
+    """Before, every field of the map was empty without a word, and a single probe said "its window covers only
+    padding"."""
+    model = nn.Sequential(StandardisedConv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1))
+    field_map = probe_rf(model, (1, 2, 8, 7), "all")
+    assert field_map[(4, 3)].bounds == ((2, 6), (1, 5)) and field_map[(0, 0)].bounds == ((0, 2), (0, 2))
+    assert probe_rf(model, (1, 2, 8, 7), (4, 3)).bounds == ((2, 6), (1, 5))
+    assert [row.size for row in rf_table(model, (1, 2, 8, 7))] == [(3, 3), (5, 5)]
+
+
+class MaskedConv2d(nn.Conv2d):
+    """PixelCNN's mask A: the kernel's centre and everything after it are zero, so a pixel never sees itself."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mask = torch.ones_like(self.weight)
+        k = self.kernel_size[0]
+        mask[:, :, k // 2, k // 2 :] = 0
+        mask[:, :, k // 2 + 1 :] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+def test_a_kernel_masked_by_the_architecture_keeps_its_zeros():
+    field = probe_rf(MaskedConv2d(1, 1, 5, padding=2), (1, 1, 9, 9), (4, 4))
+    assert field.bounds == ((2, 4), (2, 6))  # the rows above and the left half of the centre row
+    assert field.heatmap[4, 4] == 0 and field.heatmap[4, 3] > 0
+
+
 def _layer_norm_by_hand(y):
     mean = y.mean(1, keepdim=True)
     return (y - mean) / torch.sqrt(((y - mean) ** 2).mean(1, keepdim=True) + 1e-6)

@@ -88,6 +88,32 @@ def pooled_length(length: int, kernel: int, stride: int, padding: int, dilation:
     return out
 
 
+_MAX_UNPOOLS = {"max_unpool1d": 1, "max_unpool2d": 2, "max_unpool3d": 3}
+
+
+def max_unpool_twin(n_axes: int, input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """The linear twin of ``max_unpoolNd``: each value spread over its whole window, not its arg-max alone.
+
+    Any element of a pooling window may be its maximum, so every output position of the window is reachable from
+    that window's value (a transposed convolution with a kernel of ones). ``indices`` only tell which one the real
+    values chose. Positions that no window reaches (an ``output_size`` larger than the windows cover) stay zero.
+    """
+    kernel = _tuple(kernel_size, n_axes)
+    strides = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, n_axes)
+    unbatched = input.dim() == n_axes + 1
+    x = input.unsqueeze(0) if unbatched else input
+    weight = x.new_ones((x.shape[1], 1, *kernel))
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n_axes - 1]
+    y = conv(x, weight, stride=strides, padding=_tuple(padding, n_axes), groups=x.shape[1])
+    if output_size is not None:
+        target = tuple(output_size)[-n_axes:]
+        pads: list[int] = []
+        for have, want in reversed(list(zip(y.shape[2:], target))):
+            pads += [0, want - have]
+        y = F.pad(y, pads)
+    return y.squeeze(0) if unbatched else y
+
+
 def max_pool_twin(n_axes: int, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """The linear twin of ``max_poolNd``: the mean over exactly the same windows.
 
@@ -159,6 +185,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Paddings that read the input's own values past its border (reflect, replicate, circular), as
         # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
         self.border_modes: list[str] = []
+        # Boolean masks computed from input-dependent tensors (x > y), by id (kept alive: ids stay unique): a
+        # selection by such a mask (torch.where) picks between paths by value, as a max does.
+        self._input_masks: dict[int, torch.Tensor] = {}
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
 
@@ -210,6 +239,8 @@ class _ProbeFunctions(TorchFunctionMode):
             self.last_axis_sizes.add(result.shape[-1])
         # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
+        if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
+            self._input_masks[id(result)] = result
         if (
             from_input
             and isinstance(result, torch.Tensor)
@@ -223,15 +254,29 @@ class _ProbeFunctions(TorchFunctionMode):
 
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
+        if self.linearise and (twin := self._selection_twin(func, name, args, kwargs)) is not None:
+            return twin
         clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input"))
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
         # With return_indices the indices feed an unpooling layer, so the real max-pool must stay.
-        if self.linearise and name in _MAX_POOLS and not _returns_indices(args, kwargs, position=6):
+        if self.linearise and _pools_with_indices(name, args, kwargs):
+            # The indices feed an unpooling, whose twin spreads each value over its whole window: keep them real.
+            indices = func(*args, **kwargs)[1]
+            pool = name.removesuffix("_with_indices")
+            kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+            if pool in _MAX_POOLS:
+                return max_pool_twin(_MAX_POOLS[pool], *args[:6], **kwargs), indices
+            return _ADAPTIVE_MAX_POOLS[pool](*args[:2], **kwargs), indices
+        if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
+            args, kwargs = (args[0], weight, *args[2:]), kwargs
+        if self.linearise and name in _MAX_POOLS:  # return_indices=False, or not given
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return max_pool_twin(_MAX_POOLS[name], *args[:6], **kwargs)
-        if self.linearise and name in _ADAPTIVE_MAX_POOLS and not _returns_indices(args, kwargs, position=2):
+        if self.linearise and name in _MAX_UNPOOLS:
+            return max_unpool_twin(_MAX_UNPOOLS[name], *args, **kwargs)
+        if self.linearise and name in _ADAPTIVE_MAX_POOLS:
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
@@ -249,6 +294,80 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
+
+    def _selection_twin(self, func, name: str, args, kwargs):
+        """The theoretical copy's twin of a call that picks some operands' values by their size, or None.
+
+        On the copy's equal values a pick would follow ties, not the architecture, and drop the other paths: a
+        ``maximum`` of two branches keeps one, an ``amax`` or a ``sort`` along a dim one element's. The twin reads
+        them all: elementwise (``maximum``, ``minimum``, ``fmax``, ``fmin``, ``max``/``min`` of two tensors, a
+        ``clamp`` to input-dependent bounds, ``where`` on a mask computed from the input) the mean of the
+        input-dependent operands, and along a dim (``amax``, ``amin``, ``sort``, ``topk``, ``median``, ``kthvalue``,
+        ``mode``) the mean over it, with the real indices where the call returns them.
+        """
+        base = name.rstrip("_")
+        if base in _ELEMENTWISE_PICKS or (
+            base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)
+        ):
+            return _mean_of_dependent(args[:2])
+        if base in _CLAMPS and len(args) + len(kwargs) > 1:
+            bounds = [
+                kwargs.get("min", args[1] if len(args) > 1 else None),
+                kwargs.get("max", args[2] if len(args) > 2 else None),
+            ]
+            x = args[0] if args else kwargs.get("input")
+            if any(_depends_on_input(b) for b in bounds):
+                return _mean_of_dependent([x, *(b for b in bounds if isinstance(b, torch.Tensor))])
+            return None
+        if base == "where" and len(args) >= 3:
+            condition, operands = (args[0], args[1:3]) if args[0].dtype == torch.bool else (args[1], (args[0], args[2]))
+            if id(condition) in self._input_masks:
+                return _mean_of_dependent([condition, *operands])
+            return None
+        if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks and args[0].requires_grad:
+            return args[0] if name.endswith("_") else args[0].clone()  # x.masked_fill(x < 0, 0): a ReLU
+        if base in _PICKS_ALONG_A_DIM and args and _depends_on_input(args[0]):
+            return _picks_twin(func, base, args, kwargs)
+        return None
+
+
+# Elementwise picks of one operand's value by its size.
+_ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
+# Picks along a dim: values of some elements (and, for most, their indices).
+_PICKS_ALONG_A_DIM = frozenset({"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode"})
+
+
+def _mean_of_dependent(operands) -> torch.Tensor | None:
+    """The mean of the input-dependent tensors of ``operands`` (the others shape it only), or None if none is."""
+    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+    dependent = [t for t in tensors if t.requires_grad]
+    if not dependent:
+        return None
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return sum(t.expand(shape) for t in dependent) / len(dependent)
+
+
+def _picks_twin(func, base: str, args, kwargs):
+    """A pick along a dim with the mean's values over that dim (and the real indices, where it returns them)."""
+    x = args[0]
+    real = func(*args, **kwargs)
+    if base == "msort":
+        dim = 0
+    elif base in ("amax", "amin"):
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else ())
+    elif base in ("topk", "kthvalue"):
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
+    else:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else (None if base in ("median", "nanmedian") else -1))
+    values = real if isinstance(real, torch.Tensor) else real[0]
+    if dim is None or dim == () or dim == []:
+        mean = x.mean()
+    else:
+        mean = x.mean(dim=dim, keepdim=True)
+    mean = mean.expand(values.shape) if mean.dim() == values.dim() or mean.dim() == 0 else mean.reshape(values.shape)
+    if isinstance(real, torch.Tensor):
+        return mean
+    return type(real)((mean, real[1]))
 
 
 # Functions that reduce a tensor along dims (or weigh it along one, or contract it along its last dim, as attention's
@@ -519,6 +638,40 @@ def _sign_free_twin(name: str, args, kwargs):
     if name in _POWERS and dependent(first) and isinstance(second, (int, float)) and second < 0:
         return first.pow_(-second) if in_place else torch.pow(first, -second)
     return None
+
+
+# Calls whose second argument is a weight the theoretical copy holds at a positive constant.
+_WEIGHED = frozenset(
+    {"linear", "bilinear", *(f"conv{n}d" for n in (1, 2, 3)), *(f"conv_transpose{n}d" for n in (1, 2, 3))}
+)
+
+
+def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
+    """The positive constant weight to use where a weight computed from the copy's constants is all zeros, or None.
+
+    The copy's own weights are positive constants, but a forward may compute the weight it uses from them: weight
+    standardisation (``(w - w.mean()) / w.std()``) turns equal constants into zeros, and the layer would cut every
+    path. Such a layer gets ``1 / fan_in`` everywhere, as a weight of the copy does. A weight with some zeros (a
+    mask that shapes the kernel, as a PixelCNN's) stays as computed.
+    """
+    if len(args) < 2 or "weight" in kwargs:
+        return None
+    weight = args[1]
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.Parameter) or weight.requires_grad:
+        return None
+    if weight.numel() == 0 or weight.dim() < 2 or bool(weight.any()):
+        return None
+    return torch.full_like(weight, 1.0 / math.prod(weight.shape[1:]))
+
+
+def _pools_with_indices(name: str, args, kwargs) -> bool:
+    """A max-pool (adaptive or not) that returns the arg-max indices beside its values."""
+    if name.endswith("_with_indices"):
+        pool = name.removesuffix("_with_indices")
+        return pool in _MAX_POOLS or pool in _ADAPTIVE_MAX_POOLS
+    if name in _MAX_POOLS:
+        return _returns_indices(args, kwargs, position=6)
+    return name in _ADAPTIVE_MAX_POOLS and _returns_indices(args, kwargs, position=2)
 
 
 def _returns_indices(args, kwargs, position: int) -> bool:
