@@ -344,7 +344,7 @@ def _mean_of_dependent(operands) -> torch.Tensor | None:
     if not dependent:
         return None
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    return sum(t.expand(shape) for t in dependent) / len(dependent)
+    return torch.stack([t.expand(shape) for t in dependent]).mean(dim=0)
 
 
 def _picks_twin(func, base: str, args, kwargs):
