@@ -106,3 +106,24 @@ def test_a_device_that_is_no_device_is_refused_naming_the_argument():
 def test_a_probe_on_the_device_asked_for_gives_the_same_field():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, stride=2))
     assert probe_rf(model, (1, 1, 12, 12), device="cpu") == probe_rf(model, (1, 1, 12, 12))
+
+
+class TimesZero(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) * 0
+
+
+@pytest.mark.parametrize("pos", ["all", (2, 2)])
+def test_an_output_that_no_input_reaches_is_refused_as_such_not_as_padding(pos):
+    """Before, the map came back with every field empty, and a single position was said to see only padding."""
+    with pytest.raises(ProbeError, match=r"at any position of its \(6, 6\) map: the gradient from the whole output"):
+        probe_rf(TimesZero(), (1, 1, 6, 6), pos)
+
+
+def test_a_position_that_sees_only_padding_is_still_said_so():
+    with pytest.raises(ProbeError, match="at \\(0,\\): its window covers only padding"):
+        probe_rf(nn.Conv1d(1, 1, 1, padding=2), (1, 1, 5), (0,))

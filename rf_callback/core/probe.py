@@ -470,7 +470,7 @@ class _Prober:
             layout=self.layout,
         )  # fmt: skip
 
-    def _empty_field_error(self, position: Position) -> ProbeError:
+    def _empty_field_error(self, position: Position | str) -> ProbeError:
         if self.mode == "weights":
             return ProbeError(
                 f"no input position influences {where(self.layer)} at {position} with the current weights "
@@ -478,8 +478,22 @@ class _Prober:
                 f"never fire without biases) or the weights on every path are zero; mode='theoretical' gives the "
                 f"field of the architecture"
             )
+        every = list(itertools.product(*(range(n) for n in self.measured.output_shape)))
+        if not bool(self.measured.support(every).any()):
+            return self._no_field_error()
         return ProbeError(
             f"no input position influences {where(self.layer)} at {position}: its window covers only padding"
+        )
+
+    def _no_field_error(self) -> ProbeError:
+        """No position of the output has a field: the output does not depend on the input on the probe's copy."""
+        if self.mode == "weights":
+            return self._empty_field_error("any position")
+        return ProbeError(
+            f"no input position influences {where(self.layer)} at any position of its "
+            f"{tuple(self.measured.output_shape)} map: the gradient from the whole output is zero on the theoretical "
+            f"copy (a multiplication by zero, a constant output, or a weight that the forward computes to zero); "
+            f"probe a layer whose output depends on the input, or use mode='weights'"
         )
 
     # -- one or several positions, with heatmaps
@@ -537,6 +551,8 @@ class _Prober:
                 first[p] = torch.tensor([b[0] for b in box])
                 last[p] = torch.tensor([b[1] for b in box])
                 fields.append((p, box))
+        if not fields:  # every window covering only padding cannot be: nothing reaches the input
+            raise self._no_field_error()
         # The fields read, not the table's predictions, are what the map's geometry must hold at every index.
         geometry = self.geometry(fields, exact=self.mode == "theoretical")
         return ReceptiveFieldMap(
