@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rf_callback import probe_rf
-from rf_callback.core.resize import exact_resize
+from rf_callback.core.resize import exact_grid_sample, exact_resize
 
 
 class Resize(nn.Module):
@@ -153,3 +153,48 @@ def test_exact_resize_computes_what_interpolate_computes(arguments):
 )
 def test_other_resizes_run_as_they_are(arguments):
     assert exact_resize((torch.randn(1, 1, 8, 8),), arguments, unsigned=False) is None
+
+
+class Warp(nn.Module):
+    """A spatial transformer's sampling with a fixed affine ``theta`` (the identity: no warp)."""
+
+    def __init__(self, theta, **arguments):
+        super().__init__()
+        self.theta, self.arguments = theta, arguments
+
+    def forward(self, x):
+        theta = torch.tensor(self.theta, dtype=x.dtype).expand(x.shape[0], 2, 3)
+        corners = self.arguments.get("align_corners", False)
+        return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=corners), **self.arguments)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize("corners", [False, True])
+def test_an_identity_warp_reads_each_pixel_alone(mode, corners):
+    """float32's grid puts pixel i at i + 1e-7, and bilinear sampling gave i + 1 a weight of 6e-8: each field was
+    one row and one column too wide (288 of 1344 warped positions)."""
+    model = Warp([[1.0, 0, 0], [0, 1.0, 0]], align_corners=corners)
+    field_map = probe_rf(model, (1, 2, 6, 7), "all", mode=mode)
+    for i, j in field_map.positions():
+        assert field_map[(i, j)].bounds == ((i, i), (j, j)), (i, j)
+
+
+def test_a_warp_by_a_fraction_of_a_pixel_reads_both_neighbours():
+    # A shift of 0.25 in [-1, 1] on 7 columns is 0.875 of a column: column j reads j and j + 1 (none past the edge).
+    field_map = probe_rf(Warp([[1.0, 0, 0.25], [0, 1.0, 0]]), (1, 1, 6, 7), "all")
+    for i, j in field_map.positions():
+        assert field_map[(i, j)].bounds == ((i, i), (j, min(j + 1, 6))), (i, j)
+
+
+@pytest.mark.parametrize("n_axes", [2, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("corners", [False, True])
+def test_exact_grid_sample_computes_what_grid_sample_computes(n_axes, padding, corners):
+    generator = torch.Generator().manual_seed(n_axes)
+    x = torch.randn(2, 3, *(5, 6, 7)[:n_axes], dtype=torch.float64, generator=generator)
+    grid = torch.rand(2, *(4, 3, 5)[:n_axes], n_axes, dtype=torch.float64, generator=generator) * 3 - 1.5
+    arguments = dict(mode="bilinear", padding_mode=padding, align_corners=corners)
+    torch.testing.assert_close(
+        exact_grid_sample((x, grid), arguments), F.grid_sample(x, grid, **arguments), rtol=1e-12, atol=1e-12
+    )
+    assert exact_grid_sample((x, grid), dict(arguments, mode="nearest")) is None

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from rf_callback.core import geometry_flow
 from rf_callback.core.errors import CopyError, ProbeError
 from rf_callback.core.geometry_flow import GeometryFlow
-from rf_callback.core.resize import exact_resize
+from rf_callback.core.resize import exact_grid_sample, exact_resize
 from rf_callback.core.sharding import (
     Unwrapped,
     check_gathered_fits,
@@ -291,6 +291,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return twin
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
             return resized
+        if name == "grid_sample" and (sampled := exact_grid_sample(args, kwargs)) is not None:
+            return sampled
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)

@@ -492,8 +492,9 @@ class _Prober:
         return ProbeError(
             f"no input position influences {where(self.layer)} at any position of its "
             f"{tuple(self.measured.output_shape)} map: the gradient from the whole output is zero on the theoretical "
-            f"copy (a multiplication by zero, a constant output, or a weight that the forward computes to zero); "
-            f"probe a layer whose output depends on the input, or use mode='weights'"
+            f"copy, because every window covers only padding (an input too small for the layers) or the forward "
+            f"zeroes it (a multiplication by zero, a constant output, a weight that it computes to zero); probe a "
+            f"larger input or a layer whose output depends on the input, or use mode='weights'"
         )
 
     # -- one or several positions, with heatmaps

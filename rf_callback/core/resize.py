@@ -1,4 +1,4 @@
-"""Linear and cubic resizing with exact weights, for the probe's copy.
+"""Linear and cubic resizing, and bilinear grid sampling, with exact weights, for the probe's copy.
 
 PyTorch computes a resize's source coordinate in the tensor's floating type: by a factor such as 7 → 13, a source
 that is exactly an input index comes out a few ulps off it, and the neighbour gets a weight of about 1e-8 where the
@@ -11,6 +11,7 @@ normalised) run in rational arithmetic, so the weights that are 0 are exactly 0.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from fractions import Fraction
 
@@ -21,6 +22,10 @@ _SPATIAL_AXES = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}
 _CUBIC_A = Fraction(-3, 4)
 _ANTIALIASED_CUBIC_A = Fraction(-1, 2)
 _INTERPOLATE = inspect.signature(F.interpolate)
+_GRID_SAMPLE = inspect.signature(F.grid_sample)
+# A sampling coordinate within this many ulps (of the grid's type, times the axis length) of an input index is that
+# index: the grid holds it no more precisely, and the neighbour's weight would be rounding noise.
+_GRID_ULPS = 8
 
 
 def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
@@ -184,3 +189,87 @@ def _resized_along(x: torch.Tensor, dim: int, sources, weights, unsigned: bool) 
     for tap in range(1, taps):
         result = result + x.index_select(dim, index[:, tap]) * weight[:, tap].reshape(shape)
     return result
+
+
+def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
+    """``F.grid_sample(*args, **kwargs)`` in bilinear mode without the neighbour weights that rounding makes.
+
+    An identity warp's grid (``F.affine_grid``) puts output pixel i at input coordinate i up to float32 rounding,
+    and bilinear sampling then gives input i + 1 a weight of about 6e-8: the field grows by one row and column. Here
+    the coordinates are unnormalised in float64, a coordinate within a few ulps of an input index is that index
+    (the grid holds it no more precisely), and the two taps per axis are weighted as ATen does, with zero, border or
+    reflection padding.
+
+    Args:
+        args: the positional arguments of the ``grid_sample`` call.
+        kwargs: its keyword arguments.
+
+    Returns:
+        The sampled tensor, or ``None`` for another mode or arguments the call itself would refuse.
+    """
+    try:
+        call = _GRID_SAMPLE.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    call.apply_defaults()
+    x, grid = call.arguments["input"], call.arguments["grid"]
+    mode, padding = call.arguments["mode"], call.arguments["padding_mode"]
+    if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor)) or mode != "bilinear":
+        return None
+    n_axes = x.dim() - 2
+    if n_axes not in (2, 3) or grid.dim() != x.dim() or grid.shape[-1] != n_axes or grid.shape[0] != x.shape[0]:
+        return None
+    if padding not in ("zeros", "border", "reflection") or not grid.is_floating_point():
+        return None
+    corners = bool(call.arguments["align_corners"])
+    # grid[..., 0] indexes the last axis (x, the width), grid[..., 1] the one before, as in ATen.
+    lengths = x.shape[2:][::-1]
+    taps = []
+    for axis, length in enumerate(lengths):
+        coordinate = _unnormalised(grid[..., axis].double(), length, corners, padding)
+        tolerance = _GRID_ULPS * torch.finfo(grid.dtype).eps * max(length, 1)
+        nearest = coordinate.round()
+        coordinate = torch.where((coordinate - nearest).abs() <= tolerance, nearest, coordinate)
+        low = coordinate.floor()
+        high_weight = coordinate - low
+        taps.append([(low, 1 - high_weight), (low + 1, high_weight)])
+    out = None
+    for corner in itertools.product(*taps):
+        weight = torch.ones_like(corner[0][1])
+        inside = torch.ones_like(weight, dtype=torch.bool)
+        indices = []
+        for (index, axis_weight), length in zip(corner, lengths):
+            weight = weight * axis_weight
+            inside = inside & (index >= 0) & (index <= length - 1) & (axis_weight != 0)
+            indices.append(index.clamp(0, length - 1).long())
+        term = _gathered(x, indices[::-1]) * (weight * inside).to(x.dtype).unsqueeze(1)
+        out = term if out is None else out + term
+    return out
+
+
+def _unnormalised(coordinate: torch.Tensor, length: int, corners: bool, padding: str) -> torch.Tensor:
+    """ATen's ``grid_sampler_compute_source_index``: from [-1, 1] to input indices, with the padding's folding."""
+    coordinate = (coordinate + 1) / 2 * (length - 1) if corners else ((coordinate + 1) * length - 1) / 2
+    if padding == "border":
+        return coordinate.clamp(0, length - 1)
+    if padding == "reflection":
+        low, high = (0.0, 2.0 * (length - 1)) if corners else (-1.0, 2.0 * length - 1)
+        coordinate = _reflected(coordinate, low, high)
+        return coordinate.clamp(0, length - 1)
+    return coordinate
+
+
+def _reflected(coordinate: torch.Tensor, twice_low: float, twice_high: float) -> torch.Tensor:
+    if twice_low == twice_high:
+        return torch.zeros_like(coordinate)
+    low, span = twice_low / 2, (twice_high - twice_low) / 2
+    distance = (coordinate - low).abs()
+    extra, flips = torch.fmod(distance, span), torch.floor(distance / span)
+    return torch.where(flips % 2 == 0, extra + low, span - extra + low)
+
+
+def _gathered(x: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """``x[n, :, i, j]`` (or ``[n, :, d, i, j]``) for every grid point, channels at dim 1: ``(N, C, *grid)``."""
+    batch = torch.arange(x.shape[0], device=x.device).reshape(-1, *([1] * (indices[0].dim() - 1)))
+    picked = x.movedim(1, -1)[tuple([batch, *indices])]  # (N, *grid, C)
+    return picked.movedim(-1, 1)
