@@ -9,6 +9,7 @@ import inspect
 import math
 import random
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, cast
@@ -185,9 +186,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # Paddings that read the input's own values past its border (reflect, replicate, circular), as
         # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
         self.border_modes: list[str] = []
-        # Boolean masks computed from input-dependent tensors (x > y), by id (kept alive: ids stay unique): a
-        # selection by such a mask (torch.where) picks between paths by value, as a max does.
-        self._input_masks: dict[int, torch.Tensor] = {}
+        # Boolean masks computed from input-dependent tensors (x > y), by id (weakly: a mask freed leaves, so a
+        # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
+        # between paths by value, as a max does.
+        self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
 
