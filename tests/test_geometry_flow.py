@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rf_callback import probe_rf, rf_table
+from rf_callback import ProbeError, probe_rf, rf_table
 from rf_callback.core import geometry_flow
 from tests.models import TinyResNet, gated
 from tests.test_geometry_probe import count_graphs
@@ -171,7 +171,11 @@ def test_upsampling_fusions_flow_to_the_measured_geometry(model, length):
     except RuntimeError:
         return  # too short for a branch
     with pytest.MonkeyPatch.context() as monkeypatch:
-        measured, flowed, _ = measured_and_flowed(monkeypatch, model, (1, 2, length))
+        try:
+            measured, flowed, _ = measured_and_flowed(monkeypatch, model, (1, 2, length))
+        except ProbeError as error:  # a centre whose window reads only padding (an output of length 1) is refused
+            assert "padding" in str(error)
+            return
     assert flowed[0] == measured[0]
 
 
@@ -211,3 +215,36 @@ def test_a_channels_last_stretch_inside_a_block_keeps_the_flow(monkeypatch):
     # stem k4 s4 (r 4), 7 x 7 at jump 4 (+24, P 12), k2 s2 (+4, S 8), 7 x 7 at jump 8 (+48, P +24)
     assert flowed == measured and flowed[0] == [(80, 8, 36)] * 2
     assert shapes == [(1, 3, 64, 48)]
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow's "SAME" padding, as timm's tf_* models pad: amounts computed from the input's length, the
+    smaller half first, then an unpadded convolution."""
+
+    def forward(self, x):
+        pads = []
+        for axis in (1, 0):
+            length, k, s, d = x.shape[2 + axis], self.kernel_size[axis], self.stride[axis], self.dilation[axis]
+            total = max((-(-length // s) - 1) * s + (k - 1) * d + 1 - length, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation)
+
+
+@pytest.mark.parametrize(("side", "offset"), [(31, 9), (32, 8)])
+def test_a_padding_computed_from_the_inputs_length_flows_to_its_closed_form(side, offset):
+    """By hand on 31: the three layers pad 1, 0, 2 before (of 2, 1, 4), so P = 1 + 0 * 2 + 2 * 4 = 9; on 32 they pad
+    0, 0, 2 (of 1, 1, 4), P = 8. r = 3 + 2 * 2 + 4 * 4 = 23, S = 4. Measured on inputs of other lengths, whose
+    paddings differ, the fields fit no single (r, S, P), and the geometry was None."""
+    model = nn.Sequential(Conv2dSame(1, 2, 3, stride=2), Conv2dSame(2, 2, 3, stride=2), Conv2dSame(2, 1, 5))
+    field = probe_rf(model, (1, 1, side, side))
+    assert triples(field.geometry) == [(23, 4, offset)] * 2
+    rows = rf_table(model, (1, 1, side, side))
+    assert [(row.full_size[0], row.stride[0], row.offset[0]) for row in rows][-1] == (23, 4, offset)
+
+
+def test_an_upsampling_fusion_whose_only_output_reads_padding_is_refused():
+    conv = lambda k=1, s=1, p=0, d=1: nn.Conv1d(2, 2, k, s, p, d)  # noqa: E731
+    model = Fusion([conv(1, 2)] * 3, [conv(1), conv(3, 2, 1)], 2, [conv(2, 1, 0, 2), conv(2, 1, 1, 2)])
+    assert model(torch.zeros(1, 2, 24)).shape[-1] == 1
+    with pytest.raises(ProbeError, match="every window covers only padding"):
+        probe_rf(model, (1, 2, 24))

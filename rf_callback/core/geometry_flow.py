@@ -222,6 +222,9 @@ class GeometryFlow:
             return None  # the layers below read (N, C, *spatial)
         if _CONVS.get(name) == n_axes:
             return [(_composed(flow, _conv_layers(args, kwargs, n_axes)), dims)]
+        if name == "pad":
+            layers = _pad_layers(args, kwargs, n_axes)
+            return None if layers is None else [(_composed(flow, layers), dims)]
         if _MAX_POOLS.get(name.removesuffix("_with_indices")) == n_axes:
             return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=True)), dims)]
         if _AVG_POOLS.get(name) == n_axes:
@@ -385,6 +388,25 @@ def _conv_layers(args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]]:
     if isinstance(padding, str):  # "valid", or "same": PyTorch pads the smaller half first
         padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     return list(zip(kernel, stride, _per_axis(padding, n_axes), dilation))
+
+
+def _pad_layers(args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]] | None:
+    """``F.pad(input, pad, mode="constant")`` per axis, as a layer of kernel 1 padded by the leading amount.
+
+    ``pad`` lists (before, after) per dim from the last: output ``o`` reads input ``o - before``. Only spatial dims
+    may be padded. A negative amount crops, and the cropped inputs no field reaches lie inside the input, where no
+    span clipped to it can leave them out; a padding that reads the input's own values (reflect, replicate,
+    circular) folds the border's fields: neither has a rule.
+    """
+    pad = _argument(args, kwargs, 1, "pad", None)
+    if _argument(args, kwargs, 2, "mode", "constant") not in (None, "constant"):
+        return None
+    if not isinstance(pad, (list, tuple)) or len(pad) % 2 or len(pad) // 2 > n_axes or min(pad, default=0) < 0:
+        return None
+    before = [0] * n_axes
+    for i in range(len(pad) // 2):
+        before[n_axes - 1 - i] = int(pad[2 * i])
+    return [(1, 1, b, 1) for b in before]
 
 
 def _pool_layers(args, kwargs, n_axes: int, *, dilated: bool) -> list[tuple[int, int, int, int]]:

@@ -552,8 +552,6 @@ class _Prober:
                 first[p] = torch.tensor([b[0] for b in box])
                 last[p] = torch.tensor([b[1] for b in box])
                 fields.append((p, box))
-        if not fields:  # every window covering only padding cannot be: nothing reaches the input
-            raise self._no_field_error()
         # The fields read, not the table's predictions, are what the map's geometry must hold at every index.
         geometry = self.geometry(fields, exact=self.mode == "theoretical")
         return ReceptiveFieldMap(
