@@ -127,3 +127,12 @@ def test_an_output_that_no_input_reaches_is_refused_as_such_not_as_padding_alone
 def test_a_position_that_sees_only_padding_is_still_said_so():
     with pytest.raises(ProbeError, match="at \\(0,\\): its window covers only padding"):
         probe_rf(nn.Conv1d(1, 1, 1, padding=2), (1, 1, 5), (0,))
+
+
+def test_a_forward_undefined_on_the_random_inputs_is_named_as_the_cause():
+    """LPPool with an odd p takes x ** 3 of negative values and a cube root of their sum: NaN in the forward itself,
+    where the message said to check the weights."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LPPool2d(3, 2))
+    with pytest.raises(ProbeError, match="output of the model is not finite .* on the probe's random inputs"):
+        probe_rf(model, (1, 1, 12, 12), mode="weights")
+    assert probe_rf(model, (1, 1, 12, 12)).bounds == ((4, 7), (4, 7))

@@ -259,11 +259,22 @@ class ProbeGraph(GraphShapes):
             if positive.numel() and float(positive.min()) < _UNDERFLOW_GUARD:
                 raise Underflow
         if not torch.isfinite(magnitude).all():
-            raise ProbeError(
-                f"the gradient of {where(self.layer)} is not finite (inf or NaN): check the model's weights and "
-                f"buffers for non-finite values"
-            )
+            raise self._not_finite_error()
         return magnitude
+
+    def _not_finite_error(self) -> ProbeError:
+        """Why the gradient is not finite: the forward's own output, or the weights and buffers."""
+        if self.mode == "weights" and not bool(torch.isfinite(self.output.detach()).all()):
+            return ProbeError(
+                f"the output of {where(self.layer)} is not finite (inf or NaN) on the probe's random inputs, so its "
+                f"gradient is not either: a function undefined on some inputs (a power p of a negative value, as "
+                f"LPPool with an odd p computes, a log or a square root of a negative one) or non-finite weights or "
+                f"buffers; mode='theoretical' runs on positive values"
+            )
+        return ProbeError(
+            f"the gradient of {where(self.layer)} is not finite (inf or NaN): check the model's weights and "
+            f"buffers for non-finite values"
+        )
 
     def support(self, positions: Sequence[Position]) -> torch.Tensor:
         """The inputs that influence any of ``positions``: where :meth:`gradient_map` is non-zero.
