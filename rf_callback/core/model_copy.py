@@ -262,7 +262,6 @@ class _ProbeFunctions(TorchFunctionMode):
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
-        # With return_indices the indices feed an unpooling layer, so the real max-pool must stay.
         if self.linearise and _pools_with_indices(name, args, kwargs):
             # The indices feed an unpooling, whose twin spreads each value over its whole window: keep them real.
             indices = func(*args, **kwargs)[1]
@@ -281,8 +280,6 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _ADAPTIVE_MAX_POOLS:
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
-        if self.linearise and name in ("max", "min") and _reduces_along_a_dim(args, kwargs):
-            return _mean_twin(func, args, kwargs)
         if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
             return (_softmax_twin if self.linearise else _masked_softmax)(func, name, args, kwargs)
         if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(_qkv(args, kwargs)):
@@ -306,8 +303,8 @@ class _ProbeFunctions(TorchFunctionMode):
         ``maximum`` of two branches keeps one, an ``amax`` or a ``sort`` along a dim one element's. The twin reads
         them all: elementwise (``maximum``, ``minimum``, ``fmax``, ``fmin``, ``max``/``min`` of two tensors, a
         ``clamp`` to input-dependent bounds, ``where`` on a mask computed from the input) the mean of the
-        input-dependent operands, and along a dim (``amax``, ``amin``, ``sort``, ``topk``, ``median``, ``kthvalue``,
-        ``mode``) the mean over it, with the real indices where the call returns them.
+        input-dependent operands, and along a dim (``max``, ``min``, ``amax``, ``amin``, ``sort``, ``topk``,
+        ``median``, ``kthvalue``, ``mode``) the mean over it, with the real indices where the call returns them.
         """
         base = name.rstrip("_")
         if base in _ELEMENTWISE_PICKS or (
@@ -330,7 +327,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return None
         if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks and args[0].requires_grad:
             return args[0] if name.endswith("_") else args[0].clone()  # x.masked_fill(x < 0, 0): a ReLU
-        if base in _PICKS_ALONG_A_DIM and args and _depends_on_input(args[0]):
+        along_a_dim = base in _PICKS_ALONG_A_DIM or (base in ("max", "min") and _reduces_along_a_dim(args, kwargs))
+        if along_a_dim and args and _depends_on_input(args[0]):
             return _picks_twin(func, base, args, kwargs)
         return None
 
@@ -439,18 +437,6 @@ def _reduces_along_a_dim(args, kwargs) -> bool:
     """``max(x, dim)`` or ``min(x, dim)`` (values and indices), not the elementwise ``max(x, y)`` nor ``max(x)``."""
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     return isinstance(dim, int) and not isinstance(dim, bool)
-
-
-def _mean_twin(func, args, kwargs):
-    """``max``/``min`` along a dim, with the values of the mean over it (the indices stay the real ones).
-
-    Every element gets a share of the gradient, not the arg-max alone.
-    """
-    x = args[0]
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-    real = func(*args, **kwargs)
-    return type(real)((x.mean(dim=dim, keepdim=keepdim), real.indices))
 
 
 def _softmax_twin(func, name: str, args, kwargs):
