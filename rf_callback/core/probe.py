@@ -470,7 +470,7 @@ class _Prober:
             layout=self.layout,
         )  # fmt: skip
 
-    def _empty_field_error(self, position: Position | str) -> ProbeError:
+    def _empty_field_error(self, position: Position) -> ProbeError:
         if self.mode == "weights":
             return ProbeError(
                 f"no input position influences {where(self.layer)} at {position} with the current weights "
@@ -479,16 +479,10 @@ class _Prober:
                 f"field of the architecture"
             )
         every = list(itertools.product(*(range(n) for n in self.measured.output_shape)))
-        if not bool(self.measured.support(every).any()):
-            return self._no_field_error()
-        return ProbeError(
-            f"no input position influences {where(self.layer)} at {position}: its window covers only padding"
-        )
-
-    def _no_field_error(self) -> ProbeError:
-        """No position of the output has a field: the output does not depend on the input on the probe's copy."""
-        if self.mode == "weights":
-            return self._empty_field_error("any position")
+        if bool(self.measured.support(every).any()):
+            return ProbeError(
+                f"no input position influences {where(self.layer)} at {position}: its window covers only padding"
+            )
         return ProbeError(
             f"no input position influences {where(self.layer)} at any position of its "
             f"{tuple(self.measured.output_shape)} map: the gradient from the whole output is zero on the theoretical "
