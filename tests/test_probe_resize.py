@@ -121,7 +121,7 @@ def test_antialiased_shrink_reads_the_inputs_under_its_stretched_triangle(length
     [
         dict(size=11, mode="linear"),
         dict(size=5, mode="linear", align_corners=True),
-        dict(scale_factor=1.7, mode="linear"),
+        dict(scale_factor=13 / 7, mode="linear"),
         dict(scale_factor=1.7, mode="linear", recompute_scale_factor=True),
         dict(size=(9, 4), mode="bilinear"),
         dict(scale_factor=(0.5, 2.25), mode="bilinear", align_corners=True),
@@ -141,6 +141,18 @@ def test_exact_resize_computes_what_interpolate_computes(arguments):
     resized = exact_resize((x,), arguments, unsigned=False)
     assert resized is not None and resized.shape == expected.shape
     torch.testing.assert_close(resized, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [dict(scale_factor=2, mode="bilinear"), dict(size=(14, 9), mode="bilinear"), dict(scale_factor=1.7, mode="linear")],
+)
+def test_a_resize_whose_sources_miss_every_input_index_runs_pytorchs_own_kernel(arguments):
+    """No weight is exactly 0 there (output i of a doubling reads i/2 - 1/4), so PyTorch's support is exact: the
+    exact resize, several passes, is skipped. In theoretical mode a cubic one still runs, for its weights' signs."""
+    x = torch.randn(1, 2, *(7, 6)[: 1 if arguments["mode"] == "linear" else 2])
+    assert exact_resize((x,), arguments, unsigned=True) is None
+    assert exact_resize((torch.randn(1, 2, 7, 6),), dict(scale_factor=2, mode="bicubic"), unsigned=True) is not None
 
 
 @pytest.mark.parametrize(
@@ -193,8 +205,15 @@ def test_exact_grid_sample_computes_what_grid_sample_computes(n_axes, padding, c
     generator = torch.Generator().manual_seed(n_axes)
     x = torch.randn(2, 3, *(5, 6, 7)[:n_axes], dtype=torch.float64, generator=generator)
     grid = torch.rand(2, *(4, 3, 5)[:n_axes], n_axes, dtype=torch.float64, generator=generator) * 3 - 1.5
+    grid[0, 0, 0] = 0.0  # the centre, (n - 1) / 2: an input index on the odd axes, whose sampling is read exactly
     arguments = dict(mode="bilinear", padding_mode=padding, align_corners=corners)
     torch.testing.assert_close(
         exact_grid_sample((x, grid), arguments), F.grid_sample(x, grid, **arguments), rtol=1e-12, atol=1e-12
     )
     assert exact_grid_sample((x, grid), dict(arguments, mode="nearest")) is None
+
+
+def test_a_grid_with_no_coordinate_on_an_input_index_runs_pytorchs_own_kernel():
+    """A learned flow rarely lands on an index: there the kernel's weights have the exact support."""
+    grid = torch.full((1, 3, 3, 2), 0.3)  # column and row 0.3 * 3.5 + 3 = 4.05 of 8 (not aligned): no index
+    assert exact_grid_sample((torch.randn(1, 1, 8, 8), grid), dict(align_corners=False)) is None

@@ -5,15 +5,19 @@ that is exactly an input index comes out a few ulps off it, and the neighbour ge
 true weight is 0. The gradient then reaches inputs the network does not look at, and the field comes out wider.
 Here the same formulas (ATen's ``area_pixel_compute_source_index`` and cubic convolution with A = -0.75; for an
 antialiased resize, ``_compute_indices_min_size_weights_aa``'s scaled triangle or cubic filter with A = -0.5,
-normalised) run in rational arithmetic, so the weights that are 0 are exactly 0.
+normalised) run in rational arithmetic, so the weights that are 0 are exactly 0. Where no source falls exactly on an
+input index (a factor of 2 without aligned corners, the common upsampling), PyTorch's own kernel has the exact
+support and runs as it is: the exact resize costs several of its passes.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +58,25 @@ def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
     if not x.is_floating_point():
         return None
     plans = _axis_plans(x.shape[2:], call.arguments)
-    if plans is None:
+    cubic_signs = unsigned and mode == "bicubic"  # a negative lobe could cancel a path on the theoretical copy
+    if plans is None or not (cubic_signs or any(plan.rounded for plan in plans)):
         return None
-    for axis, (sources, weights) in enumerate(plans):
+    for axis, (sources, weights, _) in enumerate(plans):
         x = _resized_along(x, 2 + axis, sources, weights, unsigned)
     return x
 
 
-def _axis_plans(lengths, arguments) -> list[tuple[list[list[int]], list[list[Fraction]]]] | None:
+class _Plan(NamedTuple):
+    """One axis of a resize: per output index, the input indices it reads and their exact weights."""
+
+    sources: list[list[int]]
+    weights: list[list[Fraction]]
+    # Whether PyTorch's kernel rounds a weight of exactly 0 to a tiny non-zero one here (a source on an input index,
+    # or a filter's edge on one): only then is the exact resize needed.
+    rounded: bool
+
+
+def _axis_plans(lengths, arguments) -> list[_Plan] | None:
     size, factor = arguments["size"], arguments["scale_factor"]
     if (size is None) == (factor is None):
         return None
@@ -113,16 +128,19 @@ def _scale(length: int, out: int, factor: float | None, corners: bool) -> Fracti
     return Fraction(length, out)
 
 
-def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool):
+@functools.lru_cache(maxsize=256)
+def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool) -> _Plan:
     """Per output index, the input indices it reads and their weights, as ATen's kernels define them."""
     scale = _scale(length, out, factor, corners)
-    sources, weights = [], []
+    sources, weights, rounded = [], [], False
     for index in range(out):
         source = scale * index if corners else scale * (index + Fraction(1, 2)) - Fraction(1, 2)
         if not cubic and source < 0:
             source = Fraction(0)
         first = math.floor(source)
         t = source - first
+        # A source of exactly 0 is computed exactly (0 * scale, or a clamp); a larger one on an index may not be.
+        rounded = rounded or (t == 0 and source > 0)
         if cubic:
             taps = [first - 1, first, first + 1, first + 2]
             kernel = [_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t)]
@@ -130,10 +148,11 @@ def _axis_plan(length: int, out: int, factor: float | None, corners: bool, cubic
             taps, kernel = [first, first + 1], [1 - t, t]
         sources.append([min(max(tap, 0), length - 1) for tap in taps])
         weights.append(kernel)
-    return sources, weights
+    return _Plan(sources, weights, rounded)
 
 
-def _antialiased_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool):
+@functools.lru_cache(maxsize=256)
+def _antialiased_plan(length: int, out: int, factor: float | None, corners: bool, cubic: bool) -> _Plan:
     """The same for an antialiased resize: a filter stretched by the scale where it shrinks, its weights normalised."""
     scale = _scale(length, out, factor, corners)
     half_width = 2 if cubic else 1  # ATen's interp_size / 2
@@ -149,7 +168,9 @@ def _antialiased_plan(length: int, out: int, factor: float | None, corners: bool
         total = sum(kernel)
         sources.append([min(tap, length - 1) for tap in taps])
         weights.append([w / total for w in kernel] if total != 0 else kernel)
-    return sources, weights
+    # The filter's edges fall on input indices for many scales, and the range ATen reads is cut from float bounds:
+    # always exact (an antialiased resize inside a network is rare; in preprocessing, it is not probed).
+    return _Plan(sources, weights, rounded=True)
 
 
 def _antialiasing_filter(x: Fraction, cubic: bool) -> Fraction:
@@ -198,14 +219,15 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
     and bilinear sampling then gives input i + 1 a weight of about 6e-8: the field grows by one row and column. Here
     the coordinates are unnormalised in float64, a coordinate within a few ulps of an input index is that index
     (the grid holds it no more precisely), and the two taps per axis are weighted as ATen does, with zero, border or
-    reflection padding.
+    reflection padding. Where no coordinate lies on an input index (a learned flow), PyTorch's kernel runs.
 
     Args:
         args: the positional arguments of the ``grid_sample`` call.
         kwargs: its keyword arguments.
 
     Returns:
-        The sampled tensor, or ``None`` for another mode or arguments the call itself would refuse.
+        The sampled tensor, or ``None`` where PyTorch's kernel is exact, for another mode, or for arguments the call
+        itself would refuse.
     """
     try:
         call = _GRID_SAMPLE.bind(*args, **kwargs)
@@ -224,15 +246,19 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
     corners = bool(call.arguments["align_corners"])
     # grid[..., 0] indexes the last axis (x, the width), grid[..., 1] the one before, as in ATen.
     lengths = x.shape[2:][::-1]
-    taps = []
+    taps, snapped = [], False
     for axis, length in enumerate(lengths):
         coordinate = _unnormalised(grid[..., axis].double(), length, corners, padding)
         tolerance = _GRID_ULPS * torch.finfo(grid.dtype).eps * max(length, 1)
         nearest = coordinate.round()
-        coordinate = torch.where((coordinate - nearest).abs() <= tolerance, nearest, coordinate)
+        on_an_index = (coordinate - nearest).abs() <= tolerance
+        snapped = snapped or bool(on_an_index.any())
+        coordinate = torch.where(on_an_index, nearest, coordinate)
         low = coordinate.floor()
         high_weight = coordinate - low
         taps.append([(low, 1 - high_weight), (low + 1, high_weight)])
+    if not snapped:  # no coordinate on an input index: PyTorch's kernel has the exact support (a learned flow)
+        return None
     out = None
     for corner in itertools.product(*taps):
         weight = torch.ones_like(corner[0][1])
