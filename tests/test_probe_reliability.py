@@ -458,6 +458,34 @@ def test_a_kernel_masked_by_the_architecture_keeps_its_zeros():
     assert field.heatmap[4, 4] == 0 and field.heatmap[4, 3] > 0
 
 
+class FlowWarp(nn.Module):
+    """A flow predicted from the features warps them (RAFT's and a spatial transformer's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.flow = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        f = self.features(x)
+        n, _, h, w = f.shape
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        grid = torch.stack([xs, ys], -1)[None].to(f.dtype) + 0.1 * self.flow(f).permute(0, 2, 3, 1)
+        return F.grid_sample(f, grid, align_corners=True)
+
+
+def test_a_warp_by_a_predicted_flow_may_read_any_input_in_theoretical_mode():
+    """The flow decides where each output samples: the architecture lets it sample anywhere. Before, the copy's
+    constant features gave the flow no gradient, and at 29 of 72 positions the weights field lay outside the
+    theoretical one."""
+    torch.manual_seed(0)
+    model = FlowWarp()
+    theoretical = probe_rf(model, (1, 2, 9, 8), "all")
+    weights = probe_rf(model, (1, 2, 9, 8), "all", mode="weights")
+    for p in theoretical.positions():
+        assert theoretical[p].bounds == ((0, 8), (0, 7)), p
+        assert weights[p].bounds == probe_rf(model, (1, 2, 9, 8), p, mode="weights").bounds, p
+
+
 def _layer_norm_by_hand(y):
     mean = y.mean(1, keepdim=True)
     return (y - mean) / torch.sqrt(((y - mean) ** 2).mean(1, keepdim=True) + 1e-6)

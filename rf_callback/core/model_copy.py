@@ -290,8 +290,10 @@ class _ProbeFunctions(TorchFunctionMode):
             return twin
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
             return resized
-        if name == "grid_sample" and (sampled := exact_grid_sample(args, kwargs)) is not None:
-            return sampled
+        if name == "grid_sample":
+            sampled = exact_grid_sample(args, kwargs)
+            sampled = func(*args, **kwargs) if sampled is None else sampled
+            return _anywhere_twin(sampled, args, kwargs) if self.linearise else sampled
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -337,6 +339,23 @@ class _ProbeFunctions(TorchFunctionMode):
 _ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
 # Picks along a dim: values of some elements (and, for most, their indices).
 _PICKS_ALONG_A_DIM = frozenset({"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode"})
+
+
+def _anywhere_twin(sampled: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """A ``grid_sample`` whose grid the forward computes from the input, as the theoretical copy reads it.
+
+    Where the grid depends on the input (a spatial transformer, a predicted flow), the architecture lets each output
+    sample any input position, and read the grid's own field: on the copy's equal values neither shows (the gradient
+    through a grid over a constant image is zero). Each output gets the mean of the whole input and of its grid
+    point beside its sample. A fixed grid (a warp by constants) keeps its sample alone.
+    """
+    x = args[0] if args else kwargs["input"]
+    grid = args[1] if len(args) > 1 else kwargs["grid"]
+    if not _depends_on_input(grid):
+        return sampled
+    spatial = tuple(range(2, x.dim()))
+    whole = x.mean(dim=spatial, keepdim=True) if _depends_on_input(x) else torch.zeros_like(sampled)
+    return (sampled + whole.expand_as(sampled) + grid.mean(dim=-1).unsqueeze(1).expand_as(sampled)) / 3
 
 
 def _mean_of_dependent(operands) -> torch.Tensor | None:
