@@ -486,6 +486,61 @@ def test_a_warp_by_a_predicted_flow_may_read_any_input_in_theoretical_mode():
         assert weights[p].bounds == probe_rf(model, (1, 2, 9, 8), p, mode="weights").bounds, p
 
 
+class ConvThen(nn.Module):
+    """A 3-tap convolution over 3 channels, then a function of its output."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.conv, self.then = nn.Conv1d(3, 3, 3, padding=1, bias=False), then
+
+    def forward(self, x):
+        return self.then(self.conv(x))
+
+
+CANCELLING = {  # name: (function, the inputs output i reads on 12)
+    "normalize over channels": (lambda y: F.normalize(y, dim=1), lambda i: (max(i - 1, 0), min(i + 1, 11))),
+    "cosine similarity": (
+        lambda y: F.cosine_similarity(y, y.flip(1), dim=1).unsqueeze(1),
+        lambda i: (max(i - 1, 0), min(i + 1, 11)),
+    ),
+    "cummax": (lambda y: torch.cummax(y, 2).values, lambda i: (0, min(i + 1, 11))),
+    "cummin": (lambda y: torch.cummin(y, 2).values, lambda i: (0, min(i + 1, 11))),
+    "diff": (lambda y: torch.diff(y, dim=2), lambda i: (max(i - 1, 0), min(i + 2, 11))),
+}
+
+
+@pytest.mark.parametrize("name", list(CANCELLING))
+def test_a_call_whose_gradient_cancels_on_equal_values_keeps_its_paths_in_theoretical_mode(name):
+    """Before, normalize and cosine similarity left every field empty ("its window covers only padding"), cummax
+    kept one element, and diff (a subtraction inside one call) one neighbour: smaller than the weights field."""
+    function, reads = CANCELLING[name]
+    torch.manual_seed(0)
+    model = ConvThen(function)
+    theoretical = probe_rf(model, (1, 3, 12), "all")
+    weights = probe_rf(model, (1, 3, 12), "all", mode="weights")
+    for (i,) in theoretical.positions():
+        assert theoretical[(i,)].bounds == (reads(i),), i
+        (low, high), (first, last) = theoretical[(i,)].bounds[0], weights[(i,)].bounds[0]
+        assert low <= first and last <= high, i
+
+
+class ResizeThenUnpool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool, self.unpool = nn.MaxPool2d(3, 2, return_indices=True), nn.MaxUnpool2d(3, 2)
+
+    def forward(self, x):
+        return self.unpool(*self.pool(F.interpolate(x, scale_factor=3, mode="bilinear")))
+
+
+def test_weights_mode_runs_the_networks_own_values_through_an_exact_resize():
+    """The exact resize differs from PyTorch's by rounding; a max-pool with indices after it broke near ties the other
+    way, and 11 of 225 unpooled positions got another position's field (output (0, 14) is 0 on every draw, and was
+    given input (0, 4))."""
+    with pytest.raises(ProbeError, match="with the current weights"):
+        probe_rf(ResizeThenUnpool(), (1, 1, 5, 5), (0, 14), mode="weights")
+
+
 def _layer_norm_by_hand(y):
     mean = y.mean(1, keepdim=True)
     return (y - mean) / torch.sqrt(((y - mean) ** 2).mean(1, keepdim=True) + 1e-6)

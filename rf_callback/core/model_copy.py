@@ -289,10 +289,10 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
-            return resized
+            return _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
             sampled = exact_grid_sample(args, kwargs)
-            sampled = func(*args, **kwargs) if sampled is None else sampled
+            sampled = func(*args, **kwargs) if sampled is None else _real_values(func(*args, **kwargs), sampled)
             return _anywhere_twin(sampled, args, kwargs) if self.linearise else sampled
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
@@ -305,8 +305,9 @@ class _ProbeFunctions(TorchFunctionMode):
         ``maximum`` of two branches keeps one, an ``amax`` or a ``sort`` along a dim one element's. The twin reads
         them all: elementwise (``maximum``, ``minimum``, ``fmax``, ``fmin``, ``max``/``min`` of two tensors, a
         ``clamp`` to input-dependent bounds, ``where`` on a mask computed from the input) the mean of the
-        input-dependent operands, and along a dim (``max``, ``min``, ``amax``, ``amin``, ``sort``, ``topk``,
-        ``median``, ``kthvalue``, ``mode``) the mean over it, with the real indices where the call returns them.
+        input-dependent operands, along a dim (``max``, ``min``, ``amax``, ``amin``, ``sort``, ``topk``, ``median``,
+        ``kthvalue``, ``mode``) the mean over it, and a running pick (``cummax``, ``cummin``) the running mean, with
+        the real indices where the call returns them.
         """
         base = name.rstrip("_")
         if base in _ELEMENTWISE_PICKS or (
@@ -338,7 +339,18 @@ class _ProbeFunctions(TorchFunctionMode):
 # Elementwise picks of one operand's value by its size.
 _ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
 # Picks along a dim: values of some elements (and, for most, their indices).
-_PICKS_ALONG_A_DIM = frozenset({"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode"})
+_PICKS_ALONG_A_DIM = frozenset(
+    {"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin"}
+)
+
+
+def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``real``'s values with ``exact``'s gradient.
+
+    The exact resize differs from PyTorch's kernel by rounding only, but a later arg-max (a max-pool with indices) can
+    break a near tie the other way: the forward must stay the network's own, and only the gradient exact.
+    """
+    return real.detach() + (exact - exact.detach())
 
 
 def _anywhere_twin(sampled: torch.Tensor, args, kwargs) -> torch.Tensor:
@@ -372,6 +384,12 @@ def _picks_twin(func, base: str, args, kwargs):
     """A pick along a dim with the mean's values over that dim (and the real indices, where it returns them)."""
     x = args[0]
     real = func(*args, **kwargs)
+    if base in ("cummax", "cummin"):  # the running pick: the running mean over the elements so far
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        counts = torch.arange(1, x.shape[dim] + 1, dtype=x.dtype, device=x.device)
+        shape = [1] * x.dim()
+        shape[dim] = x.shape[dim]
+        return type(real)((x.cumsum(dim) / counts.reshape(shape), real[1]))
     if base == "msort":
         dim = 0
     elif base in ("amax", "amin"):
@@ -608,7 +626,14 @@ _NEGATIONS = frozenset({"neg", "negative", "__neg__", "neg_", "negative_", "reci
 _DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "divide_", "true_divide_",
                         "__itruediv__"})  # fmt: skip
 _POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
-_SIGNED = _SUBTRACTIONS | _REVERSED_SUBTRACTIONS | _NEGATIONS | _DIVISIONS | _POWERS | {"__rtruediv__", "var", "std"}
+_SIGNED = (
+    _SUBTRACTIONS
+    | _REVERSED_SUBTRACTIONS
+    | _NEGATIONS
+    | _DIVISIONS
+    | _POWERS
+    | {"__rtruediv__", "var", "std", "normalize", "cosine_similarity", "diff"}
+)
 
 
 def _depends_on_input(value) -> bool:
@@ -646,7 +671,24 @@ def _sign_free_twin(name: str, args, kwargs):
         return first.mean(dim=dims, keepdim=keepdim)
     if name in _POWERS and dependent(first) and isinstance(second, (int, float)) and second < 0:
         return first.pow_(-second) if in_place else torch.pow(first, -second)
+    if name == "normalize" and dependent(first):  # x / |x|: on equal values the gradient along dim cancels
+        p, dim = kwargs.get("p", args[1] if len(args) > 1 else 2.0), kwargs.get("dim", args[2] if len(args) > 2 else 1)
+        return _bounded(first * first.norm(p=p, dim=dim, keepdim=True), in_place=False)
+    if name == "cosine_similarity" and (dependent(first) or dependent(second)):
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+        return _bounded((first * second).sum(dim) * first.norm(dim=dim) * second.norm(dim=dim), in_place=False)
+    if name == "diff" and dependent(first):
+        return _diff_twin(first, *args[1:], **kwargs)
     return None
+
+
+def _diff_twin(x: torch.Tensor, n: int = 1, dim: int = -1, prepend=None, append=None) -> torch.Tensor:
+    """``torch.diff`` with sums in place of differences: each output reads the same neighbours, every path positive."""
+    x = torch.cat([t for t in (prepend, x, append) if t is not None], dim=dim)
+    for _ in range(n):
+        length = x.shape[dim]
+        x = x.narrow(dim, 1, length - 1) + x.narrow(dim, 0, length - 1)
+    return x
 
 
 # Calls whose second argument is a weight the theoretical copy holds at a positive constant.
