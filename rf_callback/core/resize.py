@@ -45,19 +45,17 @@ def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
         The resized tensor, or ``None`` for a mode other than linear, bilinear, trilinear or bicubic, or arguments
         that the call itself would refuse (it then runs, and raises, as it is).
     """
-    try:
-        call = _INTERPOLATE.bind(*args, **kwargs)
-    except TypeError:
+    arguments = _bound(_INTERPOLATE, args, kwargs)
+    if arguments is None:
         return None
-    call.apply_defaults()
-    x, mode = call.arguments["input"], call.arguments["mode"]
+    x, mode = arguments["input"], arguments["mode"]
     if not isinstance(x, torch.Tensor) or _SPATIAL_AXES.get(mode) != x.dim() - 2:
         return None
-    if call.arguments["antialias"] and mode not in ("bilinear", "bicubic"):
+    if arguments["antialias"] and mode not in ("bilinear", "bicubic"):
         return None
     if not x.is_floating_point():
         return None
-    plans = _axis_plans(x.shape[2:], call.arguments)
+    plans = _axis_plans(x.shape[2:], arguments)
     cubic_signs = unsigned and mode == "bicubic"  # a negative lobe could cancel a path on the theoretical copy
     if plans is None or not (cubic_signs or any(plan.rounded for plan in plans)):
         return None
@@ -74,6 +72,16 @@ class _Plan(NamedTuple):
     # Whether PyTorch's kernel rounds a weight of exactly 0 to a tiny non-zero one here (a source on an input index,
     # or a filter's edge on one): only then is the exact resize needed.
     rounded: bool
+
+
+def _bound(signature: inspect.Signature, args, kwargs) -> dict | None:
+    """The call's arguments by name, defaults filled in, or None where they do not fit the signature."""
+    try:
+        call = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    call.apply_defaults()
+    return call.arguments
 
 
 def _axis_plans(lengths, arguments) -> list[_Plan] | None:
@@ -229,13 +237,11 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
         The sampled tensor, or ``None`` where PyTorch's kernel is exact, for another mode, or for arguments the call
         itself would refuse.
     """
-    try:
-        call = _GRID_SAMPLE.bind(*args, **kwargs)
-    except TypeError:
+    arguments = _bound(_GRID_SAMPLE, args, kwargs)
+    if arguments is None:
         return None
-    call.apply_defaults()
-    x, grid = call.arguments["input"], call.arguments["grid"]
-    mode, padding = call.arguments["mode"], call.arguments["padding_mode"]
+    x, grid = arguments["input"], arguments["grid"]
+    mode, padding = arguments["mode"], arguments["padding_mode"]
     if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor)) or mode != "bilinear":
         return None
     n_axes = x.dim() - 2
@@ -243,7 +249,7 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
         return None
     if padding not in ("zeros", "border", "reflection") or not grid.is_floating_point():
         return None
-    corners = bool(call.arguments["align_corners"])
+    corners = bool(arguments["align_corners"])
     # grid[..., 0] indexes the last axis (x, the width), grid[..., 1] the one before, as in ATen.
     lengths = x.shape[2:][::-1]
     taps, snapped = [], False
