@@ -359,6 +359,7 @@ PICKS = {
     "sort": lambda a, b: torch.stack([a, b], -1).sort(-1).values[..., 1],
     "median": lambda a, b: torch.stack([a, b, a], -1).median(-1).values,
     "clamp to a branch": lambda a, b: a.clamp(min=b),
+    "clamp in place, read through its target": lambda a, b: (a.clamp_(min=b), a)[1],
 }
 
 

@@ -321,7 +321,8 @@ class _ProbeFunctions(TorchFunctionMode):
             ]
             x = args[0] if args else kwargs.get("input")
             if any(_depends_on_input(b) for b in bounds):
-                return _mean_of_dependent([x, *(b for b in bounds if isinstance(b, torch.Tensor))])
+                twin = _mean_of_dependent([x, *(b for b in bounds if isinstance(b, torch.Tensor))])
+                return x.copy_(twin) if name.endswith("_") else twin  # clamp_ is read through x, not its result
             return None
         if base == "where" and len(args) >= 3:
             condition, operands = (args[0], args[1:3]) if args[0].dtype == torch.bool else (args[1], (args[0], args[2]))
