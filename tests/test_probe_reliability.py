@@ -358,6 +358,8 @@ PICKS = {
     "topk": lambda a, b: torch.stack([a, b], -1).topk(1, -1).values[..., 0],
     "sort": lambda a, b: torch.stack([a, b], -1).sort(-1).values[..., 1],
     "median": lambda a, b: torch.stack([a, b, a], -1).median(-1).values,
+    "nanquantile": lambda a, b: torch.stack([a, b], -1).nanquantile(0.0, -1),
+    "quantiles": lambda a, b: torch.stack([a, b], -1).quantile(torch.tensor([0.0, 1.0]), -1, keepdim=True)[0, ..., 0],
     "clamp to a branch": lambda a, b: a.clamp(min=b),
     "clamp in place, read through its target": lambda a, b: (a.clamp_(min=b), a)[1],
 }

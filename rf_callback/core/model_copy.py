@@ -306,8 +306,8 @@ class _ProbeFunctions(TorchFunctionMode):
         them all: elementwise (``maximum``, ``minimum``, ``fmax``, ``fmin``, ``max``/``min`` of two tensors, a
         ``clamp`` to input-dependent bounds, ``where`` on a mask computed from the input) the mean of the
         input-dependent operands, along a dim (``max``, ``min``, ``amax``, ``amin``, ``sort``, ``topk``, ``median``,
-        ``kthvalue``, ``mode``) the mean over it, and a running pick (``cummax``, ``cummin``) the running mean, with
-        the real indices where the call returns them.
+        ``kthvalue``, ``mode``, ``quantile``) the mean over it, and a running pick (``cummax``, ``cummin``) the running
+        mean, with the real indices where the call returns them.
         """
         base = name.rstrip("_")
         if base in _ELEMENTWISE_PICKS or (
@@ -341,8 +341,9 @@ class _ProbeFunctions(TorchFunctionMode):
 _ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
 # Picks along a dim: values of some elements (and, for most, their indices).
 _PICKS_ALONG_A_DIM = frozenset(
-    {"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin"}
-)
+    {"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin",
+     "quantile", "nanquantile"}
+)  # fmt: skip
 
 
 def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -397,6 +398,10 @@ def _picks_twin(func, base: str, args, kwargs):
         dim = kwargs.get("dim", args[1] if len(args) > 1 else ())
     elif base in ("topk", "kthvalue"):
         dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
+    elif base in ("quantile", "nanquantile"):  # (x, q, dim=None, keepdim=False): a tensor q adds a leading dim
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+        keepdim = kwargs.get("keepdim", len(args) > 3 and args[3])
+        return (x.mean() if dim is None else x.mean(dim=dim, keepdim=keepdim)).expand(real.shape)
     else:
         dim = kwargs.get("dim", args[1] if len(args) > 1 else (None if base in ("median", "nanmedian") else -1))
     values = real if isinstance(real, torch.Tensor) else real[0]
