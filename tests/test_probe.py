@@ -228,6 +228,25 @@ def test_a_map_position_that_sees_only_padding_says_so_in_words():
     assert str(fmap[2]) == "RF of the output at (2,): 1 (input 0..0), stride 1 [theoretical]"
 
 
+def test_an_empty_position_of_a_weights_map_does_not_blame_the_padding_alone():
+    """Before, an interior position whose units were dead on every random draw read "its window covers only padding"."""
+
+    class DeadInTheMiddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("threshold", torch.tensor([0.0, 0.0, 100.0, 0.0, 0.0]))
+
+        def forward(self, x):
+            return torch.relu(x - self.threshold)  # no random input passes 100 at position 2
+
+    fmap = probe_rf(DeadInTheMiddle(), (1, 1, 5), "all", mode="weights")
+    assert fmap[1].bounds == ((1, 1),) and fmap[2].bounds == ((0, -1),)
+    assert str(fmap[2]) == (
+        "RF of the output at (2,): empty (the gradient is zero on every random input: its window covers only "
+        "padding, or its units are dead there) [weights]"
+    )
+
+
 def test_center_is_middle_of_the_map_and_negative_indices_count_from_the_end():
     model = nn.Conv2d(1, 1, 3)
     assert probe_rf(model, (1, 1, 10, 11)).position == (4, 4)

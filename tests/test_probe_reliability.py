@@ -940,3 +940,70 @@ def test_a_single_probe_offers_no_geometry_that_the_border_of_the_map_does_not_f
             truth = perturbation_field(model, shape, position)
             bounds = None if truth is None else truth[axis]
             assert consistent(geometry, {position[axis]: bounds}, shape[2 + axis]), (axis, position, geometry)
+
+
+class FakeQuantizedChain(nn.Module):
+    """Six residual 3-convolutions, each sum fake-quantized as quantization-aware training does it."""
+
+    def __init__(self, quantize):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(4, 4, 3, padding=1) for _ in range(6))
+        self.quantize = quantize
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.quantize(x + conv(x))
+        return x
+
+
+FAKE_QUANTIZERS = {
+    "per tensor": lambda x: torch.fake_quantize_per_tensor_affine(x, 0.05, 0, -128, 127),
+    "per channel": lambda x: torch.fake_quantize_per_channel_affine(
+        x, torch.full((4,), 0.05), torch.zeros(4, dtype=torch.int32), 1, -128, 127
+    ),
+    "learnable": lambda x: torch._fake_quantize_learnable_per_tensor_affine(
+        x, torch.tensor([0.05]), torch.tensor([0.0]), -128, 127
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FAKE_QUANTIZERS))
+def test_fake_quantization_hides_no_path_in_theoretical_mode(name):
+    """Fake quantization clamps to its range, and its gradient is zero past it: on the copy's growing values the
+    interior fields of the map came out empty (0, -1), and the single probes refused, while the weights fields were
+    13 inputs wide. It runs as an identity in theoretical mode, as a clamp does."""
+    field_map = probe_rf(FakeQuantizedChain(FAKE_QUANTIZERS[name]), (1, 4, 40), "all")
+    for i in range(40):
+        assert field_map[(i,)].bounds == ((max(i - 6, 0), min(i + 6, 39)),), i
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+def test_a_quantization_aware_model_is_probed_with_its_observed_ranges():
+    """``prepare_qat``'s observers read the activations' ranges through ``detach()``: the probe refused every such
+    model as cutting the gradient. The copy quantizes with the ranges observed in training, observers off, as a
+    BatchNorm in eval mode uses its running statistics; the live model's observers stay as they were."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(6)))
+    model.qconfig = quantization.QConfig(
+        activation=quantization.FakeQuantize.with_args(
+            observer=quantization.MovingAverageMinMaxObserver, quant_min=0, quant_max=255
+        ),
+        weight=quantization.default_weight_fake_quant,
+    )
+    model = quantization.prepare_qat(model.train())
+    for _ in range(3):
+        model(torch.randn(8, 4, 40))
+    before = copy.deepcopy(model.state_dict())
+    field_map = probe_rf(model, (1, 4, 40), "all")
+    for i in range(40):
+        assert field_map[(i,)].bounds == ((max(i - 6, 0), min(i + 6, 39)),), i
+    ((first, last),) = probe_rf(model, (1, 4, 40), 20, mode="weights").bounds  # the real fake quantization's
+    assert 14 <= first <= 20 <= last <= 26 and last - first >= 6
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fused = nn.Sequential(*(nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(6)))
+    fused.qconfig = quantization.get_default_qat_qconfig("x86")  # observing and fake-quantizing in one call
+    fused = quantization.prepare_qat(fused.train())
+    fused(torch.randn(8, 4, 40))
+    assert probe_rf(fused, (1, 4, 40), 39).bounds == ((33, 39),)

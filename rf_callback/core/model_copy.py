@@ -48,6 +48,13 @@ _ACTIVATIONS = frozenset(
 # is zero, and the theoretical copy's values grow block after block (x + f(x) doubles them). Integer clamps of
 # indices do not depend on the input and stay real.
 _CLAMPS = frozenset({"clamp", "clip", "clamp_min", "clamp_max"})
+# Fake quantization (quantization-aware training) rounds and clamps to the quantized range: past it, the gradient is
+# zero, as a clamp's.
+_FAKE_QUANTIZERS = frozenset(
+    {"fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine",
+     "_fake_quantize_learnable_per_tensor_affine", "_fake_quantize_learnable_per_channel_affine",
+     "fused_moving_avg_obs_fake_quant"}
+)  # fmt: skip
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
 _NORMALISATIONS = frozenset(
     {"batch_norm", "instance_norm", "group_norm", "layer_norm", "local_response_norm", "rms_norm"}
@@ -258,7 +265,9 @@ class _ProbeFunctions(TorchFunctionMode):
         base = name.rstrip("_")
         if self.linearise and (twin := self._selection_twin(func, name, args, kwargs)) is not None:
             return twin
-        clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input"))
+        clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
+            args[0] if args else kwargs.get("input", kwargs.get("self"))
+        )
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -1078,6 +1087,10 @@ def _constant(like: torch.Tensor, dtype, value: float, device) -> torch.Tensor:
 
 
 def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
+    if name == "observer_enabled":
+        # Quantization-aware training's observers: the copy quantizes with the ranges observed in training, as a
+        # BatchNorm in eval mode normalises with its running statistics (the probe's own inputs update nothing).
+        return torch.zeros_like(buffer, device=device)
     if not buffer.is_floating_point():
         return buffer.detach().to(device, copy=True)
     if mode == "theoretical" and name in ("running_mean", "running_var"):

@@ -129,8 +129,11 @@ class ReceptiveField:
             The summary, e.g. ``RF of the output at (4, 8): 41 x 23 (input 18..58, 28..50), stride 6 x 4``.
         """
         where = f"layer {self.layer!r}" if self.layer else "the output"
-        if 0 in self.size:  # a position of a map whose window covers only padding: bounds (0, -1)
-            return f"RF of {where} at {self.position}: empty (its window covers only padding) [{self.mode}]"
+        if 0 in self.size:  # a position of a map that no input moves: bounds (0, -1)
+            why = "its window covers only padding"
+            if self.mode == "weights":  # the real network's units can be dead (or saturated) on every random input
+                why = f"the gradient is zero on every random input: {why}, or its units are dead there"
+            return f"RF of {where} at {self.position}: empty ({why}) [{self.mode}]"
         size = " x ".join(str(s) for s in self.size)
         bounds = ", ".join(f"{first}..{last}" for first, last in self.bounds)
         text = f"RF of {where} at {self.position}: {size} (input {bounds})"
