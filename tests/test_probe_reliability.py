@@ -1007,3 +1007,39 @@ def test_a_quantization_aware_model_is_probed_with_its_observed_ranges():
     fused = quantization.prepare_qat(fused.train())
     fused(torch.randn(8, 4, 40))
     assert probe_rf(fused, (1, 4, 40), 39).bounds == ((33, 39),)
+
+
+class CheckpointedPicks(nn.Module):
+    """A maximum of two branches, a ReLU and a max-pool, run under ``torch.utils.checkpoint``."""
+
+    def __init__(self, use_reentrant: bool | None):
+        super().__init__()
+        self.picks = PickOfBranches(torch.maximum)
+        self.pool = nn.MaxPool1d(3, 1, 1)
+        self.use_reentrant = use_reentrant
+
+    def block(self, x):
+        return self.pool(torch.relu(self.picks(x)))
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            return self.block(x)
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_checkpointed_forward_is_probed_as_the_plain_one(use_reentrant):
+    """Gradient checkpointing recomputes the forward in the backward pass, outside the probe's function mode: the
+    probe failed ("Recomputed values ... have different metadata", or reentrant checkpoints refusing
+    ``torch.autograd.grad``). The checkpointed functions now run as plain calls in the probe's copy."""
+    plain, checkpointed = CheckpointedPicks(None), CheckpointedPicks(use_reentrant)
+    checkpointed.load_state_dict(plain.state_dict())
+    for mode in ("theoretical", "weights"):
+        torch.manual_seed(0)
+        expected = probe_rf(plain, (1, 1, 12), "all", mode=mode)
+        torch.manual_seed(0)
+        got = probe_rf(checkpointed, (1, 1, 12), "all", mode=mode)
+        assert [got[(i,)].bounds for i in range(12)] == [expected[(i,)].bounds for i in range(12)], mode
+    field = probe_rf(checkpointed, (1, 1, 12), 6)
+    assert field.bounds == ((1, 11),) and field.geometry == probe_rf(plain, (1, 1, 12), 6).geometry
+    assert torch.utils.checkpoint.CheckpointFunction.__module__ == "torch.utils.checkpoint"  # put back

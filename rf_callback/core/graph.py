@@ -22,6 +22,7 @@ from rf_callback.core.geometry_flow import Flow
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
     ProbeError,
+    checkpoints_run_through,
     global_hooks_suspended,
     pooled_length,
     prepared_copy,
@@ -102,7 +103,12 @@ def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
     faster on a batch): for a gradient's mass (the effective field), not its support.
     """
     # Mixed precision (a Trainer's bf16-mixed or 16-mixed) must not recast the probe's copy.
-    with torch.autocast("cpu", enabled=False), global_hooks_suspended(), contextlib.ExitStack() as stack:
+    with (
+        torch.autocast("cpu", enabled=False),
+        global_hooks_suspended(),
+        checkpoints_run_through(),
+        contextlib.ExitStack() as stack,
+    ):
         if exact_zeros:
             # A run's `set_float32_matmul_precision("high")` (TF32 on CUDA, bf16 passes on some CPUs) rounds the
             # linear layers' maps to 10 bits: the lattice's coded check would fail and fall back to slow passes.

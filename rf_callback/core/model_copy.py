@@ -1127,6 +1127,43 @@ def global_hooks_suspended() -> Iterator[None]:
             getattr(module_module, name).update(hooks)
 
 
+class _CheckpointRunThrough:
+    """``torch.utils.checkpoint``'s reentrant checkpoint, run as a plain call."""
+
+    @staticmethod
+    def apply(function, _preserve_random_state, *args):
+        return function(*args)
+
+
+def _checkpoint_run_through(*_args, **_kwargs) -> Iterator[None]:
+    """``torch.utils.checkpoint``'s non-reentrant checkpoint, run as a plain call: no hooks, nothing to recompute."""
+    yield
+
+
+@contextlib.contextmanager
+def checkpoints_run_through() -> Iterator[None]:
+    """Runs the functions a forward checkpoints (``torch.utils.checkpoint.checkpoint``, either kind) as plain calls.
+
+    A checkpoint recomputes its function in the backward pass, outside the probe's function mode: the recomputed
+    activations would not be the theoretical copy's (a non-reentrant checkpoint refuses them), and a reentrant one
+    refuses ``torch.autograd.grad``. The probe's copy keeps its activations instead, as a plain forward does.
+    """
+    from torch.utils import checkpoint as checkpointing
+
+    replacements = {
+        "CheckpointFunction": _CheckpointRunThrough,
+        "_checkpoint_without_reentrant_generator": _checkpoint_run_through,
+    }
+    saved = {name: getattr(checkpointing, name) for name in replacements if hasattr(checkpointing, name)}
+    for name in saved:
+        setattr(checkpointing, name, replacements[name])
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(checkpointing, name, original)
+
+
 @contextlib.contextmanager
 def preserved_random_state(device: torch.device) -> Iterator[None]:
     """Restores the global torch (CPU and ``device``), numpy and Python random states on exit."""
