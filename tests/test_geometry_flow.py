@@ -248,3 +248,54 @@ def test_an_upsampling_fusion_whose_only_output_reads_padding_is_refused():
     assert model(torch.zeros(1, 2, 24)).shape[-1] == 1
     with pytest.raises(ProbeError, match="every window covers only padding"):
         probe_rf(model, (1, 2, 24))
+
+
+class SliceOfAConcatenation(nn.Module):
+    """A 1-wide and a 9-wide branch concatenated along the channels, then (after a layer) the first branch's slice."""
+
+    def __init__(self, between: str, select: str):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 3, 1), nn.Conv1d(2, 3, 9, padding=4)
+        self.between = {
+            "nothing": nn.Identity(),
+            "a depthwise convolution": nn.Conv1d(6, 6, 3, padding=1, groups=6),
+            "a pooling": nn.AvgPool1d(3, 1, 1),
+            "a dense convolution": nn.Conv1d(6, 6, 1),
+        }[between]
+        self.select = select
+
+    def forward(self, x):
+        y = self.between(torch.cat([self.a(x), self.b(x)], 1))
+        if self.select == "slice across both":
+            return y[:, 2:4]
+        return y[:, :3] if self.select == "slice" else y.chunk(2, dim=1)[0]
+
+
+@pytest.mark.parametrize("select", ["slice", "chunk"])
+@pytest.mark.parametrize(
+    ("between", "size"),
+    [("nothing", 1), ("a depthwise convolution", 3), ("a pooling", 3), ("a dense convolution", 9)],
+)
+def test_a_slice_of_the_channels_of_a_concatenation_keeps_the_fields_of_its_branches(between, size, select):
+    """The flow carries one geometry per tensor: across a concatenation, the hull of its branches. A slice of its
+    channels kept the hull: on 6 inputs, a field of 1 input got r = 9, P = 4 (span -1..7, bounds 3..3), in
+    `probe_rf`, `rf_table` and `rf-probe`; a random network's row gave (67, 12, 27) for (43, 12, 15). Channels that
+    a layer keeps apart stay apart; a dense convolution mixes them all again."""
+    model = nn.Sequential(SliceOfAConcatenation(between, select))
+    for length in (6, 40):
+        field = probe_rf(model, (1, 2, length), "center")
+        middle = length // 2
+        assert triples(field.geometry) == [(size, 1, size // 2)], length
+        assert field.span == ((middle - size // 2, middle + size // 2),)
+    rows = {row.name: row for row in rf_table(model, (1, 2, 6))}
+    assert (rows["0"].full_size, rows["0"].offset) == ((size,), (size // 2,))
+
+
+def test_a_slice_straight_out_of_a_concatenation_reads_its_segments_off_the_flow(monkeypatch):
+    """GhostNet's modules concatenate two branches and slice the channels they keep: the flow keeps the segments,
+    and the slice's fields are the hull of those it keeps, without another pass."""
+    for select, size in (("slice", 1), ("chunk", 1), ("slice across both", 9)):
+        model = SliceOfAConcatenation("nothing", select)
+        measured, flowed, shapes = measured_and_flowed(monkeypatch, model, (1, 2, 40), pos="center")
+        assert flowed == measured and flowed[0] == [(size, 1, size // 2)], select
+        assert shapes == [(1, 2, 40)], select  # the probe's own forward carried it

@@ -4,7 +4,7 @@ The probe's theoretical forward already runs every function of the model under t
 module lets the mode carry, beside each tensor that depends on the input, the algebra of its fields along each
 spatial axis (:class:`~rf_callback.core.geometry.AxisGeometry`): a convolution or pooling composes it with its
 kernel, stride, padding and dilation; an activation, a normalisation of the linearised copy, a slice of channels
-keep it; a sum, a product or a concatenation of channels takes the hull of its operands' fields where their strides
+keep it (of a concatenation's channels: the hull of the branches it keeps); a sum, a product or a concatenation of channels takes the hull of its operands' fields where their strides
 agree; a reduction along a whole spatial axis (a global pooling, a squeeze-and-excitation gate) makes every later
 field span that axis, whatever its length (the axis then carries that call's name). Any other function that takes
 such a tensor ends the flow: its output carries nothing, and the geometry is left to the measurement on other
@@ -14,6 +14,7 @@ against the fields it measured before it reports it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -107,6 +108,11 @@ class GeometryFlow:
 
     def __init__(self):
         self._tags: dict[int, tuple[weakref.ref, _Tag]] = {}
+        # Tensors whose channels hold different fields (a concatenation of branches of other fields, and what keeps
+        # its channels apart after it), by id: their tag is the hull over the channels, which a slice of channels
+        # need not keep. Straight out of the concatenation they keep its segments (dim, then channels and tag per
+        # operand), from which a slice's fields are the hull of the segments it keeps.
+        self._mixed: dict[int, tuple[weakref.ref, _Segments | None]] = {}
 
     def start(self, inputs: torch.Tensor) -> None:
         """Gives the probe's input ``(N, C, *spatial)`` the identity geometry on every axis.
@@ -177,14 +183,73 @@ class GeometryFlow:
         dependent = [t for t in operands if isinstance(t, torch.Tensor) and (t.requires_grad or self._tag(t))]
         if not dependent:
             return
+        results = result if isinstance(result, (tuple, list)) else (result,)
         try:
             tags = self._tags_of(name, args, kwargs, result, dependent)
+            mixed = self._mixed_results(name, args, kwargs, dependent, results)
         except (TypeError, ValueError, IndexError, AttributeError):  # arguments spelled in a way the rules do not read
-            tags = None
-        results = result if isinstance(result, (tuple, list)) else (result,)
+            tags, mixed = None, [None] * len(results)
+        if tags is not None and _selects_channels(name, args, kwargs) and self._segments(args[0]) is not None:
+            # which channels it keeps, and so which fields: the segments it keeps tell, where they are known
+            tags = self._selected(name, args, kwargs, results)
         for index, item in enumerate(results):
             if isinstance(item, torch.Tensor):
                 self._set(item, None if tags is None else tags[index] if index < len(tags) else None)
+                segments = mixed[index] if index < len(mixed) else None
+                if segments is None:
+                    self._mixed.pop(id(item), None)
+                else:
+                    self._mixed[id(item)] = (weakref.ref(item), segments if isinstance(segments, tuple) else None)
+
+    def _segments(self, tensor) -> _Segments | bool | None:
+        """A mixed tensor's segments (``False`` where unknown); ``None`` if its channels hold one field."""
+        entry = self._mixed.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1] or False
+
+    def _mixed_results(self, name: str, args, kwargs, dependent, results) -> list[_Segments | bool | None]:
+        """Per result, its segments, ``False`` where its channels may hold different fields unknown, else None."""
+        if name in ("cat", "concat", "concatenate"):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            operands = [t for t in args[0] if isinstance(t, torch.Tensor)]
+            tags = [self._tag(t) for t in operands]
+            if any(self._segments(t) is not None for t in operands):
+                return [False]
+            if len(set(tags)) == 1:
+                return [None]
+            if None in tags or not isinstance(dim, int):
+                return [False]
+            return [(dim % results[0].dim(), tuple((t.shape[dim], tag) for t, tag in zip(operands, tags)))]
+        if any(self._segments(t) is not None for t in dependent) and not _mixes_all_channels(name, args, kwargs):
+            return [False] * len(results)
+        return [None] * len(results)
+
+    def _selected(self, name: str, args, kwargs, results) -> list[_Tag | None] | None:
+        """The tags of the pieces a slice or split keeps of a concatenation's channels: the hull of their segments."""
+        segments = self._segments(args[0])
+        if not isinstance(segments, tuple):
+            return None
+        dim, parts = segments
+        if name in _SPLITS:
+            split_dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+            if not isinstance(split_dim, int) or split_dim % args[0].dim() != dim:
+                return None
+            starts = itertools.accumulate((r.shape[dim] for r in results), initial=0)
+            ranges = [(start, start + r.shape[dim]) for start, r in zip(starts, results)]
+        else:
+            kept = _channel_range(args[1], args[0], dim)
+            if kept is None:
+                return None
+            ranges = [kept]
+        ends = list(itertools.accumulate(count for count, _ in parts))
+        pieces: list[_Tag | None] = []
+        for (first, stop), result in zip(ranges, results):
+            overlapping = [
+                (tag, result.shape) for (count, tag), end in zip(parts, ends) if end - count < stop and first < end
+            ]
+            pieces.append(_hull_of(overlapping, result.shape) if overlapping else None)
+        return pieces
 
     def _tags_of(self, name: str, args, kwargs, result, dependent: list[torch.Tensor]) -> list[_Tag | None] | None:
         first = args[0] if args else kwargs.get("input")
@@ -237,11 +302,50 @@ class GeometryFlow:
 
 
 _Tag = tuple[tuple[_Axis, ...], tuple[int, ...]]  # a tensor's fields per axis, and the dims its spatial axes lie at
+_Segments = tuple[int, tuple[tuple[int, "_Tag | None"], ...]]  # a concatenation's dim, and each operand's size and tag
 
 
 def _base(name: str) -> str:
     """The name without the trailing underscore of an in-place variant (``add_`` is ``add``; ``__iadd__`` stays)."""
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _selects_channels(name: str, args, kwargs) -> bool:
+    """Whether the call keeps only some channels of its input (``x[:, :3]``, a split): unsure is yes."""
+    if name in _SPLITS:
+        return True
+    if name != "__getitem__" or len(args) < 2 or not isinstance(args[0], torch.Tensor):
+        return False
+    tensor, index = args[0], list(args[1]) if isinstance(args[1], tuple) else [args[1]]
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at : at + 1] = [slice(None)] * (tensor.dim() - len(index) + 1)
+    return any(
+        not (isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) and (i.stop or n) >= n)
+        for d, (i, n) in enumerate(zip(index, tensor.shape))
+        if d > 0  # a slice along a spatial dim is the tag's business; along a channel dim it picks fields
+    )
+
+
+def _channel_range(index, tensor: torch.Tensor, dim: int) -> tuple[int, int] | None:
+    """The channels ``tensor[index]`` keeps along ``dim``, ``(first, stop)``, where it slices them by step 1."""
+    index = list(index) if isinstance(index, tuple) else [index]
+    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at : at + 1] = [slice(None)] * (tensor.dim() - len(index) + 1)
+    if dim >= len(index):
+        return 0, tensor.shape[dim]
+    first, stop, step = index[dim].indices(tensor.shape[dim])
+    return (first, stop) if step == 1 and stop > first else None
+
+
+def _mixes_all_channels(name: str, args, kwargs) -> bool:
+    """Whether each channel of the call's output reads every channel of its input: a dense convolution or linear."""
+    if name == "linear":
+        return True
+    return name in _CONVS and _argument(args, kwargs, 6, "groups", 1) == 1
 
 
 def _is_feature_dim(dim, tensor: torch.Tensor, spatial: tuple[int, ...]) -> bool:
@@ -285,16 +389,20 @@ def _keeps_positions(index, n_dims: int, spatial: tuple[int, ...]) -> bool:
 
 def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> _Tag | None:
     """The tag of an elementwise function of ``dependent`` (broadcast to ``result``): the hull of their fields."""
+    return _hull_of([(flow._tag(t), t.shape) for t in dependent], result.shape)
+
+
+def _hull_of(tagged: list[tuple[_Tag | None, torch.Size]], shape: torch.Size) -> _Tag | None:
+    """The hull of the fields of tensors (their tags and shapes) broadcast to ``shape``."""
     flows, layout = [], None
-    for tensor in dependent:
-        tag = flow._tag(tensor)
-        if tag is None or tensor.dim() != result.dim() or (layout is not None and tag[1] != layout):
+    for tag, own_shape in tagged:
+        if tag is None or len(own_shape) != len(shape) or (layout is not None and tag[1] != layout):
             return None
         own, layout = tag
         # An operand of length 1 broadcast along a longer axis gives every position the same field: whole, or none.
         flows.append(
             tuple(
-                a if isinstance(a, str) else None if tensor.shape[d] == 1 and result.shape[d] > 1 else a
+                a if isinstance(a, str) else None if own_shape[d] == 1 and shape[d] > 1 else a
                 for a, d in zip(own, layout)
             )
         )
