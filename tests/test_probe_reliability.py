@@ -1043,3 +1043,76 @@ def test_a_checkpointed_forward_is_probed_as_the_plain_one(use_reentrant):
     field = probe_rf(checkpointed, (1, 1, 12), 6)
     assert field.bounds == ((1, 11),) and field.geometry == probe_rf(plain, (1, 1, 12), 6).geometry
     assert torch.utils.checkpoint.CheckpointFunction.__module__ == "torch.utils.checkpoint"  # put back
+
+
+class WideAndNarrow(nn.Module):
+    """Two 5-wide branches of one architecture and a 1-wide one, combined by ``combine(wide, twin, narrow)``."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.wide, self.twin = nn.Conv1d(1, 1, 5, padding=2), nn.Conv1d(1, 1, 5, padding=2)
+        self.narrow = nn.Conv1d(1, 1, 1)
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(self.wide(x), self.twin(x), self.narrow(x))
+
+
+def _assigned_through_a_mask(wide, _twin, narrow):
+    wide[narrow > 0] = narrow[narrow > 0]
+    return wide
+
+
+CANCELLING_OR_GATING = {
+    "add with alpha=-1": lambda w, t, n: torch.add(w, t, alpha=-1) + n,
+    "add_ with alpha=-1": lambda w, t, n: w.add_(t, alpha=-1) + n,
+    "times -1, then a sum": lambda w, t, n: w + t * -1 + n,
+    "times -1 in place": lambda w, t, n: (t.mul_(-1), w + t + n)[1],
+    "divided by -1": lambda w, t, n: w + t / -1 + n,
+    "addcmul with value=-1": lambda w, t, n: w.addcmul(t, torch.ones_like(t), value=-1) + n,
+    "lerp by a gate": lambda w, t, n: w.lerp(n, torch.sigmoid(n)),
+    "lerp_ by a gate": lambda w, t, n: w.lerp_(n, torch.sigmoid(n)),
+    "where on combined masks": lambda w, t, n: torch.where((n > 0) & (n < 10), n, w),
+    "masked_fill by a negated mask": lambda w, t, n: w.masked_fill(~(n < 0), 0.0) + n,
+    "a mask as a float factor": lambda w, t, n: w * (n < 0).float() + n,
+    "a mask as a factor": lambda w, t, n: w * (n < 0) + n,
+    "one minus a mask": lambda w, t, n: w * (1 - (n > 0).float()) + n,
+    "assignment through a mask": _assigned_through_a_mask,
+}
+
+
+@pytest.mark.parametrize("name", list(CANCELLING_OR_GATING))
+def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
+    """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, ``value=-1``)
+    cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed from the input (all True or all
+    False there) picked one branch where it was combined (``&``, ``~``), turned into numbers or used as an index:
+    position 6 read 6..6, not 4..8 as in weights mode."""
+    model = WideAndNarrow(CANCELLING_OR_GATING[name])
+    field_map = probe_rf(model, (1, 1, 12), "all")
+    torch.manual_seed(0)
+    weights = probe_rf(model, (1, 1, 12), "all", mode="weights")
+    for i in range(12):
+        assert field_map[(i,)].bounds == ((max(i - 2, 0), min(i + 2, 11)),), i
+        (low, high), (first, last) = field_map[(i,)].bounds[0], weights[(i,)].bounds[0]
+        assert low <= first and last <= high, i
+
+
+def test_a_masked_fill_with_a_value_from_the_input_reads_that_value():
+    """``w.masked_fill(w < 0, n.mean())`` kept only ``w`` in theoretical mode: the mean reads the whole input."""
+    model = WideAndNarrow(lambda w, t, n: w.masked_fill_(w < 0, n.mean()))
+    assert probe_rf(model, (1, 1, 12), 6).bounds == ((0, 11),)
+
+
+def test_out_arguments_are_refused_in_both_modes():
+    """``torch.maximum(a, b, out=c)`` returned its twin in theoretical mode but never wrote ``c``: read through ``c``,
+    a branch was lost (6..6 for 4..8). Autograd refuses ``out=`` on tensors that need a gradient, and so does the
+    probe now, in both modes, as the forward's own error."""
+
+    def into(w, t, n):
+        c = torch.zeros_like(w)
+        torch.maximum(w, n, out=c)
+        return c + n
+
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match="out="):
+            probe_rf(WideAndNarrow(into), (1, 1, 12), 6, mode=mode)

@@ -4,12 +4,12 @@ The probe's theoretical forward already runs every function of the model under t
 module lets the mode carry, beside each tensor that depends on the input, the algebra of its fields along each
 spatial axis (:class:`~rf_callback.core.geometry.AxisGeometry`): a convolution or pooling composes it with its
 kernel, stride, padding and dilation; an activation, a normalisation of the linearised copy, a slice of channels
-keep it (of a concatenation's channels: the hull of the branches it keeps); a sum, a product or a concatenation of channels takes the hull of its operands' fields where their strides
-agree; a reduction along a whole spatial axis (a global pooling, a squeeze-and-excitation gate) makes every later
-field span that axis, whatever its length (the axis then carries that call's name). Any other function that takes
-such a tensor ends the flow: its output carries nothing, and the geometry is left to the measurement on other
-inputs (:mod:`~rf_callback.core.geometry_probe`). What the flow gives is only a candidate: the probe checks it
-against the fields it measured before it reports it.
+keep it (of a concatenation's channels: the hull of the branches it keeps); a sum, a product or a concatenation of
+channels takes the hull of its operands' fields where their strides agree; a reduction along a whole spatial axis (a
+global pooling, a squeeze-and-excitation gate) makes every later field span that axis, whatever its length (the axis
+then carries that call's name). Any other function that takes such a tensor ends the flow: its output carries
+nothing, and the geometry is left to the measurement on other inputs (:mod:`~rf_callback.core.geometry_probe`). What
+the flow gives is only a candidate: the probe checks it against the fields it measured before it reports it.
 """
 
 from __future__ import annotations

@@ -213,6 +213,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return self._call(func, name, args, kwargs)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
+        if self.linearise and not from_input and any(id(t) in self._input_masks for t in tensors):
+            return self._of_masks(func, args, kwargs)
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
             if name in _COUPLINGS and args and isinstance(args[0], torch.Tensor) and args[0].dim():
@@ -261,10 +263,34 @@ class _ProbeFunctions(TorchFunctionMode):
             self._cut_from_input[id(result)] = (result, reason)
         return result
 
+    def _of_masks(self, func, args, kwargs):
+        """A function of masks computed from the input alone (``~m``, ``m & n``, ``m.float()``): a mask again.
+
+        On the copy's values a mask is all True or all False, and which, the architecture does not say: in numbers
+        it is 0.5, so a gate by it (``a * m + b * (1 - m)``) keeps both paths.
+        """
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.is_floating_point():
+            result = torch.full_like(result, 0.5)
+        if isinstance(result, torch.Tensor) and (result.dtype == torch.bool or result.is_floating_point()):
+            self._input_masks[id(result)] = result
+        return result
+
+    def _mask_as_number(self, operand, args):
+        """A boolean mask computed from the input, as the factor of a product: 0.5 (see :meth:`_of_masks`)."""
+        if not (isinstance(operand, torch.Tensor) and operand.dtype == torch.bool and id(operand) in self._input_masks):
+            return operand
+        dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
+
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
+        if self.linearise and kwargs.get("out") is not None:
+            return func(*args, **kwargs)  # as in weights mode: autograd refuses out= on input-dependent tensors
         if self.linearise and (twin := self._selection_twin(func, name, args, kwargs)) is not None:
             return twin
+        if self.linearise and name in _MULTIPLICATIONS:
+            args = tuple(self._mask_as_number(a, args) for a in args)
         clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
             args[0] if args else kwargs.get("input", kwargs.get("self"))
         )
@@ -338,14 +364,24 @@ class _ProbeFunctions(TorchFunctionMode):
             if id(condition) in self._input_masks:
                 return _mean_of_dependent([condition, *operands])
             return None
-        if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks and args[0].requires_grad:
-            return args[0] if name.endswith("_") else args[0].clone()  # x.masked_fill(x < 0, 0): a ReLU
+        if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks:
+            value = args[2] if len(args) > 2 else kwargs.get("value")
+            return _written(args[0], value, in_place=name.endswith("_"))  # x.masked_fill(x < 0, 0): a ReLU
+        if name in ("__setitem__", "index_put", "index_put_") and len(args) >= 3:
+            indices = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
+            if len(indices) == 1 and id(indices[0]) in self._input_masks and indices[0].shape == args[0].shape:
+                value = args[2]  # x[x > t] = y[x > t]: on the copy, the mask picks everything or nothing
+                if isinstance(value, torch.Tensor) and value.numel() == args[0].numel() and value.dim() == 1:
+                    value = value.reshape(args[0].shape)
+                return _written(args[0], value, in_place=True)  # __setitem__'s result is not read
         along_a_dim = base in _PICKS_ALONG_A_DIM or (base in ("max", "min") and _reduces_along_a_dim(args, kwargs))
         if along_a_dim and args and _depends_on_input(args[0]):
             return _picks_twin(func, base, args, kwargs)
         return None
 
 
+# Products, where a boolean mask computed from the input may gate a path (x * (y > 0)).
+_MULTIPLICATIONS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "multiply_"})
 # Elementwise picks of one operand's value by its size.
 _ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
 # Picks along a dim: values of some elements (and, for most, their indices).
@@ -379,6 +415,19 @@ def _anywhere_twin(sampled: torch.Tensor, args, kwargs) -> torch.Tensor:
     spatial = tuple(range(2, x.dim()))
     whole = x.mean(dim=spatial, keepdim=True) if _depends_on_input(x) else torch.zeros_like(sampled)
     return (sampled + whole.expand_as(sampled) + grid.mean(dim=-1).unsqueeze(1).expand_as(sampled)) / 3
+
+
+def _written(target, value, *, in_place: bool):
+    """``target`` where a mask computed from the input writes ``value``, or None where neither depends on the input.
+
+    The mean of both where ``value`` depends on the input, else ``target`` itself.
+    """
+    if not _depends_on_input(value):
+        if not _depends_on_input(target):
+            return None
+        return target if in_place else target.clone()
+    mean = _mean_of_dependent([target, value])
+    return target.copy_(mean) if in_place else mean
 
 
 def _mean_of_dependent(operands) -> torch.Tensor | None:
@@ -641,14 +690,25 @@ _NEGATIONS = frozenset({"neg", "negative", "__neg__", "neg_", "negative_", "reci
 _DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "divide_", "true_divide_",
                         "__itruediv__"})  # fmt: skip
 _POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
+_ADDITIONS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})  # with alpha=-1, a subtraction
 _SIGNED = (
     _SUBTRACTIONS
     | _REVERSED_SUBTRACTIONS
     | _NEGATIONS
     | _DIVISIONS
     | _POWERS
-    | {"__rtruediv__", "var", "std", "normalize", "cosine_similarity", "diff"}
-)
+    | _ADDITIONS
+    | _MULTIPLICATIONS
+    | {"__rtruediv__", "var", "std", "normalize", "cosine_similarity", "diff", "addcmul", "addcmul_", "addcdiv",
+       "addcdiv_", "lerp", "lerp_"}
+)  # fmt: skip
+
+
+def _negative(value) -> bool:
+    """A negative Python number (or 0-dim tensor that does not depend on the input)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.requires_grad and value.is_floating_point() and bool(value < 0)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
 
 def _depends_on_input(value) -> bool:
@@ -671,6 +731,33 @@ def _sign_free_twin(name: str, args, kwargs):
     if name in _SUBTRACTIONS and dependent(second):
         alpha = abs(kwargs.get("alpha", 1))
         return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
+    if name in _ADDITIONS and dependent(second) and _negative(kwargs.get("alpha", 1)):
+        alpha = -kwargs["alpha"]
+        return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
+    if name in _MULTIPLICATIONS | _DIVISIONS and kwargs.get("rounding_mode") is None:
+        # a sign flip by a negative number: -0.5 * x, x / -2
+        flipped = None
+        if dependent(first) and _negative(second):
+            flipped = first, -second
+        elif dependent(second) and _negative(first) and name in _MULTIPLICATIONS:
+            flipped = second, -first
+        if flipped is not None:
+            target, factor = flipped
+            if name in _DIVISIONS:
+                return target.div_(factor) if in_place else torch.div(target, factor)
+            return target.mul_(factor) if in_place else torch.mul(target, factor)
+    if name.rstrip("_") in ("addcmul", "addcdiv") and (dependent(args[1]) or dependent(args[2])):
+        # input + value * t1 * t2 (or t1 / t2): every factor positive, a divisor's as a factor
+        value = abs(kwargs.get("value", 1))
+        product = _bounded(args[1] * args[2], in_place=False) if name.startswith("addcdiv") else args[1] * args[2]
+        return first.add_(product, alpha=value) if in_place else torch.add(first, product, alpha=value)
+    if name.rstrip("_") == "lerp" and len(args) + len(kwargs) >= 3:
+        # start + weight * (end - start): on the copy's equal values end - start is 0, and a weight of 1 cuts start
+        end, weight = second, kwargs.get("weight", args[2] if len(args) > 2 else None)
+        twin = first + end
+        if dependent(weight):
+            twin = twin + _bounded(weight * twin, in_place=False)
+        return first.copy_(twin) if in_place else twin
     if name in _REVERSED_SUBTRACTIONS and dependent(first):
         alpha = abs(kwargs.get("alpha", 1))
         return torch.add(second, first, alpha=alpha)
