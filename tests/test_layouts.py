@@ -340,6 +340,25 @@ def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():
     assert "(1, 8, 8, 8)" in str(info.value) and "pass layout='channels_last'" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("model", "shape", "layout"),
+    [
+        (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)), (1, 2, 8, 10), "channels_last"),
+        (nn.Sequential(nn.Conv1d(2, 6, 3, padding=1)), (1, 2, 20), "tokens:6"),
+    ],
+    ids=["channels last", "tokens"],
+)
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_channels_first_output_read_with_its_channels_last_is_refused(model, shape, layout, mode):
+    """Before, a (1, 4, 8, 10) convolution output read channels last gave a 4 x 8 map whose "rows" were channels
+    (bounds 2..6 x 0..9 at (3, 4)), and a (1, 6, 20) one read as 6 tokens the whole signal; the mirror case (channels
+    last read channels first) was already refused."""
+    with pytest.raises(ValueError) as info:
+        probe_rf(model, shape, 3 if len(shape) == 3 else (3, 4), layout=layout, mode=mode)
+    assert f"layout={layout!r} reads the output of the model with its channels on the last axis" in str(info.value)
+    assert "pass layout='channels_first'" in str(info.value)
+
+
 @pytest.mark.parametrize("layout", ["tokens:14x14+", "tokens:0x14", "NHWC", "tokens:1x2x3x4", 3, None])
 def test_a_value_that_is_no_layout_is_refused_naming_the_forms_allowed(layout):
     with pytest.raises(ValueError) as info:

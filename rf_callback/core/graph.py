@@ -221,10 +221,10 @@ class ProbeGraph(GraphShapes):
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
-                laid_out = None if functions.flow is None else functions.flow.channels_first(self.output)
-                if laid_out is None and not functions.moved_channels:
-                    laid_out = True  # no call moved a tensor's dim 1: the output's dim 1 holds no spatial axis
+                laid_out = functions.output_channels_first
                 check_channels_first(copy, self.output, functions.last_axis_sizes, request, laid_out)
+            elif check_layout and functions.output_channels_first:
+                raise ValueError(_channels_first_read_otherwise(self.output, request))
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
@@ -293,6 +293,16 @@ class ProbeGraph(GraphShapes):
         if key not in self._supports:
             self._supports[key] = self.gradient_map(positions) > 0
         return self._supports[key]
+
+
+def _channels_first_read_otherwise(output: torch.Tensor, request: ProbeRequest) -> str:
+    """The refusal of a channels-last or token reading of an output whose dim 1 holds its channels."""
+    return (
+        f"layout={request.layout!r} reads the output of {where(request.layer)} with its channels on the last axis, "
+        f"but the forward leaves them on dim 1, channels first (no call after its convolutions moved dim 1); the "
+        f"reading would put the channels on a spatial axis and answer for the wrong cell: pass "
+        f"layout='channels_first' (the default)"
+    )
 
 
 def check_channels_first(
@@ -460,6 +470,10 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
         )
     output = selected_element(output, element, layer)
+    # Whether the output's dim 1 holds its channels, as the forward laid it out (read before any layout moves it).
+    functions.output_channels_first = None if functions.flow is None else functions.flow.channels_first(output)
+    if functions.output_channels_first is None and not functions.moved_channels:
+        functions.output_channels_first = True  # no call moved a tensor's dim 1: it holds no spatial axis
     merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
     return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
 

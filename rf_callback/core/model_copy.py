@@ -184,6 +184,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # Whether a permute-like call moved dim 1 (the channels of a convolution's output) of a tensor of 3 or more
         # dims: only then can an output read channels first hold a spatial axis at dim 1 (see check_channels_first).
         self.moved_channels = False
+        # Whether the probed output's dim 1 holds its channels (True), a spatial axis (False), or unknown (None).
+        self.output_channels_first: bool | None = None
         # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
         # one over a dim that follows the input's length couples a whole axis (see geometry_probe).
         self.couplings: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
