@@ -1068,6 +1068,7 @@ CANCELLING_OR_GATING = {
     "add_ with alpha=-1": lambda w, t, n: w.add_(t, alpha=-1) + n,
     "times -1, then a sum": lambda w, t, n: w + t * -1 + n,
     "times -1 in place": lambda w, t, n: (t.mul_(-1), w + t + n)[1],
+    "times a tensor of -1": lambda w, t, n: w + t * -torch.ones_like(t) + n,
     "divided by -1": lambda w, t, n: w + t / -1 + n,
     "addcmul with value=-1": lambda w, t, n: w.addcmul(t, torch.ones_like(t), value=-1) + n,
     "lerp by a gate": lambda w, t, n: w.lerp(n, torch.sigmoid(n)),

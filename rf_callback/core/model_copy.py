@@ -707,9 +707,10 @@ _SIGNED = (
 
 
 def _negative(value) -> bool:
-    """A negative Python number (or 0-dim tensor that does not depend on the input)."""
+    """A negative Python number, or a tensor of negative numbers that does not depend on the input (``-ones``)."""
     if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not value.requires_grad and value.is_floating_point() and bool(value < 0)
+        constant = not value.requires_grad and value.is_floating_point() and value.numel() > 0
+        return constant and bool((value < 0).all())
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
 
