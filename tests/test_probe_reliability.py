@@ -1117,3 +1117,55 @@ def test_out_arguments_are_refused_in_both_modes():
     for mode in ("theoretical", "weights"):
         with pytest.raises(ProbeError, match="out="):
             probe_rf(WideAndNarrow(into), (1, 1, 12), 6, mode=mode)
+
+
+class _ClipWithStraightThrough(torch.autograd.Function):
+    """A clip to [-3, 3] whose hand-written backward passes the gradient inside the range only (quantizers' STE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(-3, 3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 3)
+
+
+class _SwishByHand(torch.autograd.Function):
+    """x * sigmoid(x) with its derivative written by hand (timm's memory-efficient activations)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s))
+
+
+class ResidualsThrough(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(2, 2, 3, padding=1) for _ in range(3))
+        self.function = function
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = self.function.apply(x + conv(x))
+        return x
+
+
+def test_a_custom_function_whose_backward_cuts_on_the_copy_is_refused_in_theoretical_mode():
+    """Theoretical mode cannot linearise a backward written by hand: on the copy's growing values a straight-through
+    clip gave no gradient, and the map read (0, -1) at every position without a word. It is refused, naming the
+    Function; one whose backward passes everywhere (a swish written by hand) is probed as the native one."""
+    with pytest.raises(ProbeError, match="custom autograd Function _ClipWithStraightThrough"):
+        probe_rf(ResidualsThrough(_ClipWithStraightThrough), (1, 2, 16), "all")
+    field_map = probe_rf(ResidualsThrough(_SwishByHand), (1, 2, 16), "all")
+    assert [field_map[(i,)].bounds for i in range(16)] == [((max(i - 3, 0), min(i + 3, 15)),) for i in range(16)]
+    assert probe_rf(ResidualsThrough(_ClipWithStraightThrough), (1, 2, 16), 8, mode="weights").bounds == ((5, 11),)

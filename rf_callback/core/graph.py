@@ -232,8 +232,11 @@ class ProbeGraph(GraphShapes):
             raise ProbeError(f"the output of {where_} does not depend on the input: nothing to backpropagate")
         self.output_shape = tuple(self.output.shape[2:])
         dtype, device = self.dtype, self.device
+        # Custom autograd Functions whose hand-written backward gave no gradient where their output's was not zero.
+        self._blocked: list[str] = []
         if self.mode == "theoretical":
             self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
+            _watch_custom_functions(self.output, self._blocked)
         else:
             # Random positive weights per (draw, channel): signed gradients of different output channels cannot
             # cancel except on a set of measure zero, and one pass serves every channel.
@@ -259,6 +262,14 @@ class ProbeGraph(GraphShapes):
         cotangent[at] = weights
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
+        if self._blocked:
+            raise ProbeError(
+                f"the backward of the custom autograd Function {self._blocked[0]} on the path to {where(self.layer)} "
+                f"gives no gradient to inputs whose output has one, on the theoretical copy's values (a "
+                f"straight-through estimator past its range, a saturating function written by hand): theoretical "
+                f"mode runs such a backward as written and cannot linearise it, so the field would miss paths; use "
+                f"mode='weights' (what the current weights connect), or probe a layer before it with layer="
+            )
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
         if self.guard and gradient.dtype == torch.float32:
             positive = gradient.abs()[gradient != 0]
@@ -293,6 +304,33 @@ class ProbeGraph(GraphShapes):
         if key not in self._supports:
             self._supports[key] = self.gradient_map(positions) > 0
         return self._supports[key]
+
+
+def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
+    """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note in ``blocked`` a backward that cuts.
+
+    A backward that zeroes an input's gradient where its output's (of the same shape) is not zero cuts a path on
+    the theoretical copy's values.
+    """
+
+    def hook(grad_inputs, grad_outputs, name):
+        for into, out in zip(grad_inputs, grad_outputs):
+            if into is None or out is None or into.shape != out.shape:
+                continue
+            if bool(((out != 0) & (into == 0)).any()):
+                blocked.append(name)
+
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            name = getattr(getattr(node, "_forward_cls", None), "__name__", type(node).__name__)
+            node.register_hook(functools.partial(hook, name=name))
+        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _channels_first_read_otherwise(output: torch.Tensor, request: ProbeRequest) -> str:
