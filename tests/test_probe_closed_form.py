@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -41,11 +43,16 @@ def check_chain(layers: list[Layer], input_spatial: tuple[int, ...], data) -> No
     model, shape, out = runnable(layers, input_spatial)
     out_spatial = out.shape[2:]
     sizes = [lengths(layers, input_spatial[a], a, model, shape) for a in range(len(input_spatial))]
-    field_map = probe_rf(model, shape, "all")
-    for pos in field_map.positions():
-        expected = tuple(exact_hull(layers, sizes[a], a, pos[a]) for a in range(len(pos)))
-        # An empty field (one that sees only padding) is (0, -1) on every axis.
-        assert field_map[pos].bounds == (((0, -1),) * len(pos) if None in expected else expected)
+    every = list(itertools.product(*(range(n) for n in out_spatial)))
+    expected_map = {pos: tuple(exact_hull(layers, sizes[a], a, pos[a]) for a in range(len(pos))) for pos in every}
+    if all(None in expected for expected in expected_map.values()):  # refused, as a single probe is
+        with pytest.raises(ProbeError, match="every window covers only padding"):
+            probe_rf(model, shape, "all")
+    else:
+        field_map = probe_rf(model, shape, "all")
+        for pos, expected in expected_map.items():
+            # An empty field (one that sees only padding) is (0, -1) on every axis.
+            assert field_map[pos].bounds == (((0, -1),) * len(pos) if None in expected else expected)
     positions = [tuple(0 for _ in out_spatial), tuple(n - 1 for n in out_spatial)]
     positions.append(tuple(data.draw(st.integers(0, n - 1)) for n in out_spatial))
     for pos in positions:

@@ -118,10 +118,13 @@ class TimesZero(nn.Module):
 
 
 def test_an_output_that_no_input_reaches_is_refused_as_such_not_as_padding_alone():
-    """Before, a single position was said to see only padding; a map gives every position its empty field."""
-    with pytest.raises(ProbeError, match=r"at any position of its \(6, 6\) map: the gradient from the whole output"):
-        probe_rf(TimesZero(), (1, 1, 6, 6), (2, 2))
-    assert probe_rf(TimesZero(), (1, 1, 6, 6), "all")[(2, 2)].bounds == ((0, -1), (0, -1))
+    """Before, a single position was said to see only padding, and a map gave every position an empty field that
+    said "its window covers only padding"; the map is refused as the single probe is, in both modes."""
+    for pos in ((2, 2), "all"):
+        with pytest.raises(ProbeError, match=r"at any position of its \(6, 6\) map: the gradient from the whole"):
+            probe_rf(TimesZero(), (1, 1, 6, 6), pos)
+    with pytest.raises(ProbeError, match=r"at any position of its \(6, 6\) map with the current weights"):
+        probe_rf(TimesZero(), (1, 1, 6, 6), "all", mode="weights")
 
 
 def test_a_position_that_sees_only_padding_is_still_said_so():

@@ -470,16 +470,20 @@ class _Prober:
             layout=self.layout,
         )  # fmt: skip
 
-    def _empty_field_error(self, position: Position) -> ProbeError:
+    def _empty_field_error(self, position: Position | None) -> ProbeError:
+        """Why no input influences ``position`` (``None``: any position of the map, which is then all empty)."""
         if self.mode == "weights":
+            at = (
+                f"at {position}" if position is not None else f"at any position of its {self.measured.output_shape} map"
+            )
             return ProbeError(
-                f"no input position influences {where(self.layer)} at {position} with the current weights "
+                f"no input position influences {where(self.layer)} {at} with the current weights "
                 f"(the gradient is zero on all {self.draws} random inputs): its units are dead (e.g. ReLUs that "
                 f"never fire without biases) or the weights on every path are zero; mode='theoretical' gives the "
                 f"field of the architecture"
             )
         every = list(itertools.product(*(range(n) for n in self.measured.output_shape)))
-        if bool(self.measured.support(every).any()):
+        if position is not None and bool(self.measured.support(every).any()):
             return ProbeError(
                 f"no input position influences {where(self.layer)} at {position}: its window covers only padding"
             )
@@ -546,6 +550,8 @@ class _Prober:
                 first[p] = torch.tensor([b[0] for b in box])
                 last[p] = torch.tensor([b[1] for b in box])
                 fields.append((p, box))
+        if not fields:  # as a single probe of any of its positions says
+            raise self._empty_field_error(None)
         # The fields read, not the table's predictions, are what the map's geometry must hold at every index.
         geometry = self.geometry(fields, exact=self.mode == "theoretical")
         return ReceptiveFieldMap(
