@@ -1114,9 +1114,18 @@ def test_out_arguments_are_refused_in_both_modes():
         torch.maximum(w, n, out=c)
         return c + n
 
+    def into_without_gradient(w, t, n):
+        c = torch.zeros_like(w)
+        with torch.no_grad():
+            torch.maximum(w, n, out=c)
+        return c + n
+
     for mode in ("theoretical", "weights"):
         with pytest.raises(ProbeError, match="out="):
             probe_rf(WideAndNarrow(into), (1, 1, 12), 6, mode=mode)
+        # without gradient, the tensor written into keeps no trace of the input: a cut
+        with pytest.raises(ProbeError, match=r"cuts the gradient .*maximum\(\) inside torch.no_grad\(\)"):
+            probe_rf(WideAndNarrow(into_without_gradient), (1, 1, 12), 6, mode=mode)
 
 
 class _ClipWithStraightThrough(torch.autograd.Function):

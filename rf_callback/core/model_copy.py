@@ -708,8 +708,9 @@ _SIGNED = (
 
 def _negative(value) -> bool:
     """A negative Python number, or a tensor of negative numbers that does not depend on the input (``-ones``)."""
-    if isinstance(value, torch.Tensor):
-        constant = not value.requires_grad and value.is_floating_point() and value.numel() > 0
+    if isinstance(value, torch.Tensor):  # the copy's parameters are positive constants: not read
+        constant = not isinstance(value, nn.Parameter) and not value.requires_grad and value.is_floating_point()
+        constant = constant and value.numel() > 0
         return constant and bool((value < 0).all())
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
