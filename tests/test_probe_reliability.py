@@ -1178,3 +1178,57 @@ def test_a_custom_function_whose_backward_cuts_on_the_copy_is_refused_in_theoret
     field_map = probe_rf(ResidualsThrough(_SwishByHand), (1, 2, 16), "all")
     assert [field_map[(i,)].bounds for i in range(16)] == [((max(i - 3, 0), min(i + 3, 15)),) for i in range(16)]
     assert probe_rf(ResidualsThrough(_ClipWithStraightThrough), (1, 2, 16), 8, mode="weights").bounds == ((5, 11),)
+
+
+def _replaced_where_negative(wide, twin, _narrow):
+    wide = wide.clone()
+    negative = wide < 0  # all False on the copy's positive values: twin[negative] is empty there
+    wide[negative] = twin[negative]
+    return wide
+
+
+def _gated_by_a_cast_mask(wide, _twin, narrow):
+    return wide * (narrow > 0).type_as(wide) + narrow
+
+
+def test_a_pick_by_a_mask_that_is_empty_on_the_copy_reads_every_element():
+    """``x[m] = y[m]`` with a mask all False on the copy's values: ``y[m]`` was empty and the probe failed (the
+    forward raised: "Attempting to broadcast a dimension of length 0"), in theoretical mode and in weights-mode
+    maps. Any element may be picked: the pick reads them all."""
+    model = WideAndNarrow(_replaced_where_negative)
+    assert probe_rf(model, (1, 1, 12), 6).bounds == ((4, 8),)
+    torch.manual_seed(0)
+    assert probe_rf(model, (1, 1, 12), "all", mode="weights")[(6,)].bounds == ((4, 8),)
+
+
+def test_a_mask_cast_like_another_tensor_is_no_cut():
+    """``(b > 0).type_as(a)`` was refused as a gradient cut ("type_as()"): ``a`` lends its dtype, not its values;
+    ``torch.arange(n).expand_as(a)`` likewise."""
+    model = WideAndNarrow(_gated_by_a_cast_mask)
+    for mode in ("theoretical", "weights"):
+        torch.manual_seed(0)
+        assert probe_rf(model, (1, 1, 12), 6, mode=mode).bounds == ((4, 8),), mode
+
+    def scattered(wide, _twin, _narrow):
+        index = torch.arange(wide.shape[-1]).expand_as(wide)
+        return torch.zeros_like(wide).scatter_(2, index, wide)
+
+    assert probe_rf(WideAndNarrow(scattered), (1, 1, 12), 6).bounds == ((4, 8),)
+
+
+def test_a_weights_map_of_a_model_theoretical_mode_refuses_is_read_position_by_position():
+    """A weights-mode map plans its shared passes on the theoretical copy; where that copy refuses (TorchScript, a
+    custom Function whose backward cuts on its values), the map raised the theoretical refusal, which told the user
+    to use mode='weights'. Each position now gets a pass of its own, and the geometry is None with that reason."""
+    scripted = torch.jit.script(nn.Sequential(nn.Conv1d(1, 1, 3, padding=1), nn.ReLU(), nn.Conv1d(1, 1, 3, padding=1)))
+    through_a_clip = ResidualsThrough(_ClipWithStraightThrough)
+    for model, shape in ((scripted, (1, 1, 12)), (through_a_clip, (1, 2, 16))):
+        torch.manual_seed(0)
+        field_map = probe_rf(model, shape, "all", mode="weights")
+        for i in range(shape[-1]):
+            torch.manual_seed(0)
+            assert field_map[(i,)].bounds == probe_rf(model, shape, i, mode="weights").bounds, (model, i)
+        assert field_map.geometry == (None,)
+        assert field_map.geometry.reasons[0].startswith("the geometry is measured on a theoretical copy, and ")
+    field = probe_rf(scripted, (1, 1, 12), 6, mode="weights")
+    assert str(field) == "RF of the output at (6,): 5 (input 4..8) [weights]"  # it raised, asking for the geometry

@@ -214,6 +214,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if not self.recording:
             return self._call(func, name, args, kwargs)
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
+            tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
         if self.linearise and not from_input and any(id(t) in self._input_masks for t in tensors):
             return self._of_masks(func, args, kwargs)
@@ -369,6 +371,9 @@ class _ProbeFunctions(TorchFunctionMode):
         if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks:
             value = args[2] if len(args) > 2 else kwargs.get("value")
             return _written(args[0], value, in_place=name.endswith("_"))  # x.masked_fill(x < 0, 0): a ReLU
+        if name in ("__getitem__", "masked_select") and len(args) >= 2 and id(args[1]) in self._input_masks:
+            # x[m]: on the copy the mask picks everything or nothing; any element may be picked, so all are
+            return func(args[0], torch.ones_like(args[1]))
         if name in ("__setitem__", "index_put", "index_put_") and len(args) >= 3:
             indices = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
             if len(indices) == 1 and id(indices[0]) in self._input_masks and indices[0].shape == args[0].shape:
@@ -382,6 +387,8 @@ class _ProbeFunctions(TorchFunctionMode):
         return None
 
 
+# Calls that make a tensor like another, in dtype or shape: x.type_as(y) holds x's values only.
+_LIKE_ANOTHER = frozenset({"type_as", "view_as", "expand_as", "reshape_as", "to"})
 # Products, where a boolean mask computed from the input may gate a path (x * (y > 0)).
 _MULTIPLICATIONS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "multiply_"})
 # Elementwise picks of one operand's value by its size.

@@ -407,27 +407,31 @@ class _Prober:
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
 
+        def _no_theory(reason: str) -> tuple[None, ...]:
+            reasons.update(dict.fromkeys(range(len(shape) - 2), reason))
+            return (None,) * (len(shape) - 2)
+
         def measure():
             if flowed is not None:
                 geometry, why = flowed
                 reasons.update(why)
                 return geometry
             if isinstance(skeleton, ValueError):
-                raise ValueError(f"the geometry of a field is measured on a theoretical copy, and {skeleton}")
+                return _no_theory(f"the geometry is measured on a theoretical copy, and {skeleton}")
             with _probe_context(request.device), materialised_constants(materialised):
                 for attempt in (request, request.in_dtype(torch.float64)):
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
                     graph_on = graph_factory(copy, attempt)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
-                    if weights_positions and attempt is request:
-                        on_theory = _flow_on_theory(theory, weights_positions, table, shape)
-                        if on_theory is not None:
-                            geometry, why = on_theory
-                            reasons.update(why)
-                            return geometry
                     reasons.clear()
                     try:
+                        if weights_positions and attempt is request:
+                            on_theory = _flow_on_theory(theory, weights_positions, table, shape)
+                            if on_theory is not None:
+                                geometry, why = on_theory
+                                reasons.update(why)
+                                return geometry
                         geometry = measure_geometry(
                             theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
                             one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
@@ -437,6 +441,8 @@ class _Prober:
                         )
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
+                    except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)
+                        return _no_theory(f"the geometry is measured on a theoretical copy, and {error}")
                     return geometry
             raise AssertionError("float64 does not underflow")
 
@@ -459,6 +465,15 @@ class _Prober:
         def centre_is_whole(axis: int, support: torch.Tensor) -> bool:
             return centre_field_is_whole(self.theory, self.graph_on, axis, support)
 
+        if self.mode == "weights":
+            try:
+                theory = self.theory
+                return measure_axis_table(theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
+            except (ValueError, ProbeError):
+                # No theoretical copy to plan shared passes with (TorchScript, a custom Function's backward that
+                # cuts on its values): each position gets a pass of its own, as the theoretical reason does not
+                # concern what the current weights connect.
+                return None
         return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
 
     def _field(self, position: Position, bounds: Box | None, heatmap: torch.Tensor, geometry) -> ReceptiveField:
