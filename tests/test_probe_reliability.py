@@ -1232,3 +1232,47 @@ def test_a_weights_map_of_a_model_theoretical_mode_refuses_is_read_position_by_p
         assert field_map.geometry.reasons[0].startswith("the geometry is measured on a theoretical copy, and ")
     field = probe_rf(scripted, (1, 1, 12), 6, mode="weights")
     assert str(field) == "RF of the output at (6,): 5 (input 4..8) [weights]"  # it raised, asking for the geometry
+
+
+class GlobalFilter(nn.Module):
+    """Global Filter Networks' layer: a learned filter multiplies the 2D spectrum (stored as real pairs)."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.mix = nn.Conv2d(1, 2, 1)
+        self.filter = nn.Parameter(torch.randn(side, side // 2 + 1, 2) * 0.02)
+
+    def forward(self, x):
+        x = self.mix(x)
+        spectrum = torch.fft.rfft2(x, norm="ortho") * torch.view_as_complex(self.filter)
+        return torch.fft.irfft2(spectrum, s=x.shape[-2:], norm="ortho")
+
+
+class FourierLayer1d(nn.Module):
+    """A Fourier neural operator's layer: the lowest `modes` frequencies mixed by learned weights, plus a 1 x 1 path."""
+
+    def __init__(self, channels: int = 2, modes: int = 4):
+        super().__init__()
+        self.modes = modes
+        self.weights = nn.Parameter(torch.randn(channels, channels, modes, dtype=torch.cfloat) * 0.1)
+        self.local = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        spectrum = torch.fft.rfft(x)
+        mixed = torch.zeros_like(spectrum)
+        mixed[:, :, : self.modes] = torch.einsum("bim,iom->bom", spectrum[:, :, : self.modes], self.weights)
+        return torch.fft.irfft(mixed, n=x.shape[-1]) + self.local(x)
+
+
+def test_a_filter_in_the_frequency_domain_reads_the_whole_axis_in_theoretical_mode():
+    """A learned spectral filter may be any kernel along the transformed axes; the copy's equal weights made it a
+    constant, whose kernel is a single tap: a global filter's field read row 8 alone, ((8, 8), (1, 15)), where the
+    weights field is the whole input (and before, the copy's one-element filter could not be viewed as complex)."""
+    for model, shape, pos in ((GlobalFilter(16), (1, 1, 16, 16), (8, 8)), (FourierLayer1d(), (1, 2, 32), 5)):
+        field = probe_rf(model, shape, pos)
+        assert field.bounds == tuple((0, n - 1) for n in shape[2:])
+        assert field.geometry == (None,) * (len(shape) - 2)
+        if isinstance(model, FourierLayer1d):  # (the global filter runs on its own size only, which says so)
+            assert "fft_rfft() along the whole axis" in field.geometry.reasons[0]
+        torch.manual_seed(0)
+        assert probe_rf(model, shape, pos, mode="weights").bounds == field.bounds

@@ -295,6 +295,10 @@ class _ProbeFunctions(TorchFunctionMode):
             return twin
         if self.linearise and name in _MULTIPLICATIONS:
             args = tuple(self._mask_as_number(a, args) for a in args)
+        if self.linearise and name in _FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
+            # A filter in the frequency domain may be any kernel along the transformed dims, but the copy's equal
+            # weights make it a constant, whose kernel is a single tap: every frequency reads every input instead.
+            return func(*args, **kwargs) + args[0].mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
         clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
             args[0] if args else kwargs.get("input", kwargs.get("self"))
         )
@@ -385,6 +389,28 @@ class _ProbeFunctions(TorchFunctionMode):
         if along_a_dim and args and _depends_on_input(args[0]):
             return _picks_twin(func, base, args, kwargs)
         return None
+
+
+# Fourier transforms into the frequency domain, where spectral layers (FNO, GFNet, FFC) filter; by dims transformed
+# by default: the last one, the last two, or all.
+_FOURIER_TRANSFORMS = {
+    **dict.fromkeys(("fft_fft", "fft_rfft", "fft_ihfft"), 1),
+    **dict.fromkeys(("fft_fft2", "fft_rfft2", "fft_ihfft2"), 2),
+    **dict.fromkeys(("fft_fftn", "fft_rfftn", "fft_ihfftn"), None),
+}
+
+
+def _fourier_dims(name: str, args, kwargs) -> tuple[int, ...]:
+    """The dims a forward Fourier transform runs along: ``fft(x, n, dim)``, ``fft2(x, s, dim)``, ``fftn(x, s, dim)``."""
+    x = args[0]
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    if dim is None:
+        count = _FOURIER_TRANSFORMS[name]
+        sizes = kwargs.get("s", args[1] if len(args) > 1 else None)
+        if count is None:
+            count = x.dim() if sizes is None else len(sizes)
+        dim = tuple(range(-count, 0))
+    return tuple(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
 
 
 # Calls that make a tensor like another, in dtype or shape: x.type_as(y) holds x's values only.
@@ -488,12 +514,14 @@ _CONTRACTIONS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm"})
 _COUPLINGS = frozenset(
     {"mean", "sum", "amax", "amin", "std", "var", "std_mean", "var_mean", "logsumexp", "nansum", "nanmean", "prod",
      "max", "min", "norm", "normalize", "linalg_vector_norm", "vector_norm"}
-) | _SOFTMAXES | _CONTRACTIONS  # fmt: skip
+) | _SOFTMAXES | _CONTRACTIONS | frozenset(_FOURIER_TRANSFORMS)  # fmt: skip
 
 
 def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
     """The dims a reduction or softmax call runs along, non-negative; all of them where it reduces to one value."""
     x = args[0]
+    if name in _FOURIER_TRANSFORMS:
+        return tuple(sorted(_fourier_dims(name, args, kwargs)))
     if name in _CONTRACTIONS:
         other = args[1] if len(args) > 1 else None
         both = isinstance(other, torch.Tensor) and other.requires_grad and x.dim() >= 2
@@ -1150,24 +1178,30 @@ def constants_materialised() -> bool:
 
 
 def with_materialised_fallback(call):
-    """Returns ``call()``, or, where its forward wrote into one of the copy's one-element constants, ``call()`` again.
+    """Returns ``call()``, or ``call()`` again where its forward needed one of the copy's constants in full.
 
-    The second time the copies hold their constants in full (:func:`materialised_constants`).
+    The copy holds each constant in one element of memory; the second time, in full (:func:`materialised_constants`).
+    A forward needs them so where it writes into one (a clamp of its own weight in place) or reads its memory as
+    laid out (``torch.view_as_complex`` of a spectral filter, as Global Filter Networks store it).
     """
     try:
         return call()
-    except Exception as error:  # noqa: BLE001 - only the write into a constant is retried; the rest is raised
-        if _MATERIALISED.get() or not _writes_into_a_constant(error):
+    except Exception as error:  # noqa: BLE001 - only what needs a constant in full is retried; the rest is raised
+        if _MATERIALISED.get() or not _needs_constants_in_full(error):
             raise
     with materialised_constants():
         return call()
 
 
-def _writes_into_a_constant(error: BaseException | None) -> bool:
+# What torch says where a call needs an expanded scalar's elements in memory of their own.
+_NEEDS_MEMORY = ("refers to a single memory location", "must have a last dimension with stride 1")
+
+
+def _needs_constants_in_full(error: BaseException | None) -> bool:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if "refers to a single memory location" in str(error):
+        if any(message in str(error) for message in _NEEDS_MEMORY):
             return True
         error = error.__cause__ or error.__context__
     return False
