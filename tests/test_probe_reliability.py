@@ -1276,3 +1276,57 @@ def test_a_filter_in_the_frequency_domain_reads_the_whole_axis_in_theoretical_mo
             assert "fft_rfft() along the whole axis" in field.geometry.reasons[0]
         torch.manual_seed(0)
         assert probe_rf(model, shape, pos, mode="weights").bounds == field.bounds
+
+
+def _deformable_op():
+    """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
+    reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""
+    if hasattr(torch.ops.rf_tests, "deform_conv2d"):
+        return torch.ops.rf_tests.deform_conv2d
+
+    def sampled(x, offset):
+        _, _, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+        grid = torch.stack([(xs + offset[:, 0]) / (w - 1) * 2 - 1, (ys + offset[:, 1]) / (h - 1) * 2 - 1], -1)
+        return F.grid_sample(x, grid, align_corners=True)
+
+    def reference(x, weight, offset, mask):
+        return F.conv2d(sampled(x, offset), weight) * mask
+
+    @torch.library.custom_op("rf_tests::deform_conv2d", mutates_args=())
+    def deform_conv2d(
+        input: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return reference(input, weight, offset, mask)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        return torch.func.vjp(reference, *ctx.saved_tensors)[1](grad)
+
+    deform_conv2d.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.rf_tests.deform_conv2d
+
+
+class Deformable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offsets = nn.Conv2d(1, 2, 3, padding=1)
+        nn.init.normal_(self.offsets.weight, std=3.0)
+        self.weight = nn.Parameter(torch.ones(1, 1, 1, 1))
+
+    def forward(self, x):
+        return _deformable_op()(x, self.weight, self.offsets(x), torch.ones(1, 1, 1, 1))
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch 2.4")
+def test_a_deformable_convolution_may_read_anywhere_in_theoretical_mode():
+    """Its offsets, computed from the input, move each tap anywhere; on the copy they are constants, and the field
+    read one shifted pixel, ((9, 9), (9, 9)), where the weights field spans (0..10, 7..15). Like a grid_sample by
+    a grid computed from the input, it reads the whole input and its offsets' fields."""
+    torch.manual_seed(0)
+    model = Deformable()
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8)).bounds == ((0, 15), (0, 15))
+    weights = probe_rf(model, (1, 1, 16, 16), (8, 8), mode="weights").bounds
+    assert weights != ((8, 8), (8, 8)) and all(0 <= a <= b <= 15 for a, b in weights)

@@ -309,15 +309,17 @@ class ProbeGraph(GraphShapes):
 def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
     """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note in ``blocked`` a backward that cuts.
 
-    A backward that zeroes an input's gradient where its output's (of the same shape) is not zero cuts a path on
-    the theoretical copy's values.
+    An elementwise backward (its input's gradient non-zero only where its output's is, of the same shape) that
+    zeroes the gradient where its output's is not zero cuts a path on the theoretical copy's values. A backward that
+    moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way.
     """
 
     def hook(grad_inputs, grad_outputs, name):
         for into, out in zip(grad_inputs, grad_outputs):
             if into is None or out is None or into.shape != out.shape:
                 continue
-            if bool(((out != 0) & (into == 0)).any()):
+            reached, given = into != 0, out != 0
+            if bool((given & ~reached).any()) and not bool((reached & ~given).any()):
                 blocked.append(name)
 
     seen: set[int] = set()

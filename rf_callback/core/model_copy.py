@@ -336,7 +336,14 @@ class _ProbeFunctions(TorchFunctionMode):
         if name == "grid_sample":
             sampled = exact_grid_sample(args, kwargs)
             sampled = func(*args, **kwargs) if sampled is None else _real_values(func(*args, **kwargs), sampled)
-            return _anywhere_twin(sampled, args, kwargs) if self.linearise else sampled
+            if not self.linearise:
+                return sampled
+            grid = args[1] if len(args) > 1 else kwargs["grid"]
+            return _anywhere_twin(sampled, args[0] if args else kwargs["input"], [grid.mean(dim=-1).unsqueeze(1)])
+        if self.linearise and name == "deform_conv2d" and len(args) >= 4:
+            # torchvision's deformable convolution (input, weight, offset, mask, ...): the offsets move its taps
+            offset_and_mask = [t.mean(dim=1, keepdim=True) for t in args[2:4] if _depends_on_input(t)]
+            return _anywhere_twin(func(*args, **kwargs), args[0], offset_and_mask)
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -435,21 +442,22 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return real.detach() + (exact - exact.detach())
 
 
-def _anywhere_twin(sampled: torch.Tensor, args, kwargs) -> torch.Tensor:
-    """A ``grid_sample`` whose grid the forward computes from the input, as the theoretical copy reads it.
+def _anywhere_twin(sampled: torch.Tensor, x: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
+    """A sampling of ``x`` at places the forward computes from the input, as the theoretical copy reads it.
 
-    Where the grid depends on the input (a spatial transformer, a predicted flow), the architecture lets each output
-    sample any input position, and read the grid's own field: on the copy's equal values neither shows (the gradient
-    through a grid over a constant image is zero). Each output gets the mean of the whole input and of its grid
-    point beside its sample. A fixed grid (a warp by constants) keeps its sample alone.
+    Where a ``grid_sample``'s grid or a deformable convolution's offsets (and mask) depend on the input (a spatial
+    transformer, a predicted flow, DCN), the architecture lets each output sample any input position, and read the
+    ``guides``' own fields (each one value per output position, broadcast over its channels): on the copy's equal
+    values neither shows (the gradient through a sampling position over a constant image is zero). Each output gets
+    the mean of the whole input and of its guides beside its sample. Fixed places (a warp by constants) keep their
+    sample alone.
     """
-    x = args[0] if args else kwargs["input"]
-    grid = args[1] if len(args) > 1 else kwargs["grid"]
-    if not _depends_on_input(grid):
+    guides = [g for g in guides if _depends_on_input(g)]
+    if not guides:
         return sampled
     spatial = tuple(range(2, x.dim()))
     whole = x.mean(dim=spatial, keepdim=True) if _depends_on_input(x) else torch.zeros_like(sampled)
-    return (sampled + whole.expand_as(sampled) + grid.mean(dim=-1).unsqueeze(1).expand_as(sampled)) / 3
+    return (sampled + whole.expand_as(sampled) + sum(g.expand_as(sampled) for g in guides)) / (2 + len(guides))
 
 
 def _written(target, value, *, in_place: bool):
