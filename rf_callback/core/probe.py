@@ -465,16 +465,15 @@ class _Prober:
         def centre_is_whole(axis: int, support: torch.Tensor) -> bool:
             return centre_field_is_whole(self.theory, self.graph_on, axis, support)
 
-        if self.mode == "weights":
-            try:
-                theory = self.theory
-                return measure_axis_table(theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
-            except (ValueError, ProbeError):
-                # No theoretical copy to plan shared passes with (TorchScript, a custom Function's backward that
-                # cuts on its values): each position gets a pass of its own, as the theoretical reason does not
-                # concern what the current weights connect.
-                return None
-        return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
+        try:
+            return measure_axis_table(self.theory, full=True, known=self.known, centre_is_whole=centre_is_whole)
+        except (ValueError, ProbeError):
+            if self.mode != "weights":
+                raise
+            # No theoretical copy to plan shared passes with (TorchScript, a custom Function's backward that cuts on
+            # its values): each position gets a pass of its own, as the theoretical reason does not concern what
+            # the current weights connect.
+            return None
 
     def _field(self, position: Position, bounds: Box | None, heatmap: torch.Tensor, geometry) -> ReceptiveField:
         if bounds is None:
