@@ -96,6 +96,46 @@ def test_training_trajectory_is_bitwise_unchanged(tmp_path):
     assert len(base_rows) == 3 * STEPS_PER_EPOCH + 3 and rows == base_rows  # every logged loss, to the last digit
 
 
+class CheckpointedClassifier(ConvClassifier):
+    """The same network, its features under gradient checkpointing (recomputed in the backward pass)."""
+
+    def __init__(self, use_reentrant: bool):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.checkpointed_steps = 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.checkpointed_steps += 1
+            features = torch.utils.checkpoint.checkpoint(self.features, x, use_reentrant=self.use_reentrant)
+        else:
+            features = self.features(x)
+        return self.head(features.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_fit_under_gradient_checkpointing_is_probed_and_keeps_its_checkpoints(tmp_path, use_reentrant):
+    """Every probe of such a model failed (the backward recomputed the forward outside the probe's function mode),
+    so the callback only warned. The probe's copy runs the checkpointed function as a plain call; the training run
+    keeps its checkpoints, and its losses are the same as without the callback."""
+
+    def run(callbacks):
+        pl.seed_everything(7, workers=True)
+        model = CheckpointedClassifier(use_reentrant)
+        fit(tmp_path, callbacks, model=model, logger=False, max_epochs=2)
+        return model
+
+    callback = RFCallback(layer="features", effective=False, log_images=False, strict=True)
+    model = run([callback])
+    assert [h["fields"][0]["size"] for h in callback.history] == [[8, 8]] * 3
+    base_model = run([])
+    assert all(torch.equal(a, b) for a, b in zip(base_model.state_dict().values(), model.state_dict().values()))
+    assert model.checkpointed_steps == base_model.checkpointed_steps == 2 * STEPS_PER_EPOCH
+    checkpointing = torch.utils.checkpoint  # put back after each probe
+    assert checkpointing.CheckpointFunction.__name__ == "CheckpointFunction"
+    assert checkpointing._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
+
+
 def test_validate_under_inference_mode_probes(tmp_path):
     model = ConvClassifier()
     _, val = loaders()
