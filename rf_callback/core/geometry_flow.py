@@ -310,16 +310,22 @@ def _base(name: str) -> str:
     return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
+def _expanded(index, n_dims: int) -> list:
+    """``index`` as a list, its ``...`` replaced by the whole slices it stands for."""
+    index = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at : at + 1] = [slice(None)] * (n_dims - len(index) + 1)
+    return index
+
+
 def _selects_channels(name: str, args, kwargs) -> bool:
     """Whether the call keeps only some channels of its input (``x[:, :3]``, a split): unsure is yes."""
     if name in _SPLITS:
         return True
     if name != "__getitem__" or len(args) < 2 or not isinstance(args[0], torch.Tensor):
         return False
-    tensor, index = args[0], list(args[1]) if isinstance(args[1], tuple) else [args[1]]
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index[at : at + 1] = [slice(None)] * (tensor.dim() - len(index) + 1)
+    tensor, index = args[0], _expanded(args[1], args[0].dim())
     return any(
         not (isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) and (i.stop or n) >= n)
         for d, (i, n) in enumerate(zip(index, tensor.shape))
@@ -329,12 +335,10 @@ def _selects_channels(name: str, args, kwargs) -> bool:
 
 def _channel_range(index, tensor: torch.Tensor, dim: int) -> tuple[int, int] | None:
     """The channels ``tensor[index]`` keeps along ``dim``, ``(first, stop)``, where it slices them by step 1."""
-    index = list(index) if isinstance(index, tuple) else [index]
-    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+    listed = list(index) if isinstance(index, tuple) else [index]
+    if listed.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in listed):
         return None
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index[at : at + 1] = [slice(None)] * (tensor.dim() - len(index) + 1)
+    index = _expanded(index, tensor.dim())
     if dim >= len(index):
         return 0, tensor.shape[dim]
     first, stop, step = index[dim].indices(tensor.shape[dim])
