@@ -1098,6 +1098,33 @@ def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
         assert low <= first and last <= high, i
 
 
+ZERO_ON_THE_COPY = {
+    "times (x - 1)": lambda w, t, n: w * (n - 1) + n,
+    "times (x - a constant tensor)": lambda w, t, n: w * (n - torch.ones(1)) + n,
+    "times (x - 1) in place": lambda w, t, n: w * n.sub_(1) + n,
+    "times x - 1, multiplied in place": lambda w, t, n: (n - 1).mul_(w) + n,
+    "times log|x|": lambda w, t, n: w * torch.log(n.abs()) + n,
+    "divided by a sum, times log|x|": lambda w, t, n: torch.log(n.abs()) / (w + 2),
+    "(x - 1) squared": lambda w, t, n: n + (w - 1) ** 2,
+    "|x - 1|": lambda w, t, n: n + (w - 1).abs(),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_ON_THE_COPY))
+def test_values_that_are_zero_on_the_copy_hide_no_branch_in_theoretical_mode(name):
+    """The copy's values are exactly 1, so ``n - 1`` and ``log|n|`` are exactly 0 there: as the factor of a product
+    they cut the other factor's path, and a square or an absolute value of them has a zero gradient. Position 6 read
+    6..6, not 4..8 as in weights mode."""
+    model = WideAndNarrow(ZERO_ON_THE_COPY[name])
+    field_map = probe_rf(model, (1, 1, 12), "all")
+    torch.manual_seed(0)
+    weights = probe_rf(model, (1, 1, 12), "all", mode="weights")
+    for i in range(12):
+        assert field_map[(i,)].bounds == ((max(i - 2, 0), min(i + 2, 11)),), i
+        (low, high), (first, last) = field_map[(i,)].bounds[0], weights[(i,)].bounds[0]
+        assert low <= first and last <= high, i
+
+
 def test_a_masked_fill_with_a_value_from_the_input_reads_that_value():
     """``w.masked_fill(w < 0, n.mean())`` kept only ``w`` in theoretical mode: the mean reads the whole input."""
     model = WideAndNarrow(lambda w, t, n: w.masked_fill_(w < 0, n.mean()))

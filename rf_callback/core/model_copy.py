@@ -344,6 +344,8 @@ class _ProbeFunctions(TorchFunctionMode):
             # torchvision's deformable convolution (input, weight, offset, mask, ...): the offsets move its taps
             offset_and_mask = [t.mean(dim=1, keepdim=True) for t in args[2:4] if _depends_on_input(t)]
             return _anywhere_twin(func(*args, **kwargs), args[0], offset_and_mask)
+        if self.linearise and name in _MULTIPLICATIONS and _input_dependent_factors(args) >= 2 and len(args) == 2:
+            return _lifted_product(*args, in_place=name.endswith("_") or name == "__imul__")
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -762,14 +764,39 @@ def _depends_on_input(value) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
+def _is_constant(value) -> bool:
+    """A Python number, or a floating-point tensor that does not depend on the input."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not value.requires_grad
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Tensor:
+    """The theoretical copy's product of two input-dependent tensors: the bounded product's values, no zero factor.
+
+    The real gradient to one factor is the other's value, which the copy's constants can make exactly 0 (``log`` of
+    its ones, ``sin`` of 0) although other weights would not: that path would vanish from the field. Here each
+    factor's gradient is the other's magnitude, 1 where it is 0.
+    """
+
+    def magnitude(factor: torch.Tensor) -> torch.Tensor:
+        size = factor.detach().abs()
+        return torch.where(size == 0, torch.ones_like(size), size)
+
+    lifted = first * magnitude(second) + magnitude(first) * second
+    product = _bounded(_real_values(first.detach() * second.detach(), lifted), in_place=False)
+    return first.copy_(product) if in_place else product
+
+
 def _sign_free_twin(name: str, args, kwargs):
     """The theoretical copy's twin of a call with a negative gradient to an input-dependent operand, or None.
 
     ``a - b`` becomes ``a + b``; ``-x``, ``1 / x`` and ``rsqrt(x)`` become ``x``; ``a / b`` becomes the bounded
     product ``a * b``; ``x ** -p`` becomes ``x ** p``; ``var`` and ``std`` (zero on equal values, with a zero
     gradient) become the mean along the same dims. The same operands, every gradient positive: no path through them
-    cancels another (weights mode keeps the real calls). A call whose negative operand does not depend on the input
-    (a buffer's mean, a mask subtracted) stays the real one: its values may matter.
+    cancels another (weights mode keeps the real calls). A constant subtracted from an input-dependent value (``y -
+    1``, a buffer's mean) is added as its magnitude: exactly 0 on the copy's ones, ``y - 1`` would cut any factor
+    it multiplies. Other calls whose negative operand does not depend on the input stay the real ones.
     """
     dependent = _depends_on_input  # of an operand
     in_place = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
@@ -778,6 +805,11 @@ def _sign_free_twin(name: str, args, kwargs):
     if name in _SUBTRACTIONS and dependent(second):
         alpha = abs(kwargs.get("alpha", 1))
         return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
+    if name in _SUBTRACTIONS and dependent(first) and _is_constant(second):
+        # x - 1 is exactly 0 on the copy's values of 1: a factor that cuts whatever it multiplies, a square or an
+        # absolute value whose gradient is 0. x + |c| has the same support and positive values.
+        shift = abs(second) if isinstance(second, (int, float)) else second.abs()
+        return first.add_(shift) if in_place else torch.add(first, shift)
     if name in _ADDITIONS and dependent(second) and _negative(kwargs.get("alpha", 1)):
         alpha = -kwargs["alpha"]
         return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
@@ -811,6 +843,8 @@ def _sign_free_twin(name: str, args, kwargs):
     if name in _NEGATIONS and dependent(first):
         return first if in_place else first.clone()
     if name in _DIVISIONS and dependent(second) and kwargs.get("rounding_mode") is None:
+        if dependent(first):
+            return _lifted_product(first, second, in_place=in_place)
         return _bounded(first.mul_(second) if in_place else torch.mul(first, second), in_place=in_place)
     if name == "__rtruediv__" and dependent(first):
         return _bounded(torch.mul(second, first), in_place=False)
