@@ -1357,3 +1357,91 @@ def test_a_deformable_convolution_may_read_anywhere_in_theoretical_mode():
     assert probe_rf(model, (1, 1, 16, 16), (8, 8)).bounds == ((0, 15), (0, 15))
     weights = probe_rf(model, (1, 1, 16, 16), (8, 8), mode="weights").bounds
     assert weights != ((8, 8), (8, 8)) and all(0 <= a <= b <= 15 for a, b in weights)
+
+
+def _haar_filters(channels: int) -> torch.Tensor:
+    """The 2 x 2 Haar analysis filters (LL, LH, HL, HH), +1 and -1, once per channel: shape (4 * channels, 1, 2, 2)."""
+    low, high = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
+    bands = [torch.outer(a, b) for a in (low, high) for b in (low, high)]
+    return torch.stack(bands).unsqueeze(1).repeat(channels, 1, 1, 1)
+
+
+class HaarDownsampling(nn.Module):
+    """Wavelet downsampling (HWD, WaveCNet): a fixed Haar transform held in a buffer, then a learned 1 x 1 mix."""
+
+    def __init__(self, channels: int = 2):
+        super().__init__()
+        self.register_buffer("haar", _haar_filters(channels))
+        self.mix = nn.Conv2d(4 * channels, 3, 1)
+
+    def forward(self, x):
+        return self.mix(F.conv2d(x, self.haar, stride=2, groups=x.shape[1]))
+
+
+class HaarUpsampling(nn.Module):
+    """A learned 3 x 3 convolution into four subbands, then the inverse Haar transform by a transposed convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.bands = nn.Conv2d(1, 4, 3, padding=1)
+        self.register_buffer("haar", _haar_filters(1).reshape(4, 1, 2, 2))
+
+    def forward(self, x):
+        return F.conv_transpose2d(self.bands(x), self.haar, stride=2)
+
+
+class DctFilter(nn.Module):
+    """A learned filter along the last axis in the orthonormal DCT-II basis, a fixed matrix held in a buffer."""
+
+    def __init__(self, length: int = 8):
+        super().__init__()
+        k, n = torch.arange(length).unsqueeze(1), torch.arange(length).unsqueeze(0)
+        basis = torch.cos(torch.pi * (n + 0.5) * k / length) * (2 / length) ** 0.5
+        basis[0] /= 2**0.5
+        self.register_buffer("dct", basis)
+        self.gain = nn.Parameter(torch.randn(length))
+
+    def forward(self, x):
+        spectrum = torch.einsum("nchw,kw->nchk", x, self.dct) * self.gain
+        return torch.einsum("nchk,kw->nchw", spectrum, self.dct)
+
+
+def test_a_fixed_signed_filter_in_a_buffer_hides_no_pixel_in_theoretical_mode():
+    """A fixed Haar transform's +1 and -1 cancelled on the copy's equal values once a later layer summed its bands:
+    a 2 x 2 field came out ((2, 2), (2, 2)) with r = 1; the inverse transform's odd outputs came out empty, or were
+    refused as "covers only padding"; a learned filter in a DCT basis read a few columns of its row, by float32 noise.
+    A constant operand of a linear call now enters the copy by its magnitude."""
+    downsampled = probe_rf(HaarDownsampling(), (1, 2, 8, 8), "all")
+    for i, j in itertools.product(range(4), range(4)):
+        assert downsampled[(i, j)].bounds == ((2 * i, 2 * i + 1), (2 * j, 2 * j + 1)), (i, j)
+    field = probe_rf(HaarDownsampling(), (1, 2, 8, 8), (1, 1))
+    assert bool((field.heatmap[2:4, 2:4] > 0).all())
+    assert [(g.size, g.stride, g.offset) for g in field.geometry] == [(2, 2, 0)] * 2
+    upsampled = probe_rf(HaarUpsampling(), (1, 1, 6, 7), "all")
+    for i, j in itertools.product(range(12), range(14)):
+        rows, cols = (max(i // 2 - 1, 0), min(i // 2 + 1, 5)), (max(j // 2 - 1, 0), min(j // 2 + 1, 6))
+        assert upsampled[(i, j)].bounds == (rows, cols), (i, j)
+    assert probe_rf(HaarUpsampling(), (1, 1, 6, 7), (5, 5)).bounds == ((1, 3), (1, 3))
+    filtered = probe_rf(DctFilter(), (1, 1, 4, 8), "all")
+    for i, j in itertools.product(range(4), range(8)):
+        assert filtered[(i, j)].bounds == ((i, i), (0, 7)), (i, j)
+    assert bool((probe_rf(DctFilter(), (1, 1, 4, 8), (1, 3)).heatmap[1] > 1e-3).all())
+
+
+@pytest.mark.parametrize("statistics", [torch.var_mean, torch.std_mean])
+def test_var_mean_and_std_mean_gates_read_the_whole_input_in_theoretical_mode(statistics):
+    """``x * sqrt(var_mean(y, dim=(2, 3))[0])`` kept only ``x``'s 3 x 3 window: on the copy's equal values the variance
+    is 0 with a zero gradient. ``var``/``std`` had their twin (the mean); the fused calls now have it too."""
+
+    class VarianceGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.local, self.statistics = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            spread, _mean = statistics(self.statistics(x), dim=(2, 3), keepdim=True)
+            return self.local(x) * torch.sqrt(spread + 1e-5)
+
+    assert probe_rf(VarianceGate(), (1, 2, 8, 9), (4, 4)).bounds == ((0, 7), (0, 8))
+    torch.manual_seed(0)
+    assert probe_rf(VarianceGate(), (1, 2, 8, 9), (4, 4), mode="weights").bounds == ((0, 7), (0, 8))

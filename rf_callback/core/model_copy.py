@@ -295,6 +295,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return twin
         if self.linearise and name in _MULTIPLICATIONS:
             args = tuple(self._mask_as_number(a, args) for a in args)
+        if self.linearise and name in _LINEAR_IN_EACH_OPERAND:
+            args, kwargs = _unsigned_constants(args, kwargs)
         if self.linearise and name in _FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
             # A filter in the frequency domain may be any kernel along the transformed dims, but the copy's equal
             # weights make it a constant, whose kernel is a single tap: every frequency reads every input instead.
@@ -746,8 +748,8 @@ _SIGNED = (
     | _POWERS
     | _ADDITIONS
     | _MULTIPLICATIONS
-    | {"__rtruediv__", "var", "std", "normalize", "cosine_similarity", "diff", "addcmul", "addcmul_", "addcdiv",
-       "addcdiv_", "lerp", "lerp_"}
+    | {"__rtruediv__", "var", "std", "var_mean", "std_mean", "normalize", "cosine_similarity", "diff", "addcmul",
+       "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"}
 )  # fmt: skip
 
 
@@ -848,10 +850,12 @@ def _sign_free_twin(name: str, args, kwargs):
         return _bounded(first.mul_(second) if in_place else torch.mul(first, second), in_place=in_place)
     if name == "__rtruediv__" and dependent(first):
         return _bounded(torch.mul(second, first), in_place=False)
-    if name in ("var", "std") and dependent(first) and (dims := _reduced_dims(name, args, kwargs)):
+    statistics = ("var", "std", "var_mean", "std_mean")
+    if name in statistics and dependent(first) and (dims := _reduced_dims(name, args, kwargs)):
         # Zero on equal values, with a zero gradient: the mean has the same support and a positive gradient.
         keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 and isinstance(args[2], bool) else False)
-        return first.mean(dim=dims, keepdim=keepdim)
+        mean = first.mean(dim=dims, keepdim=keepdim)
+        return (mean, mean.clone()) if name.endswith("_mean") else mean
     if name in _POWERS and dependent(first) and isinstance(second, (int, float)) and second < 0:
         return first.pow_(-second) if in_place else torch.pow(first, -second)
     if name == "normalize" and dependent(first):  # x / |x|: on equal values the gradient along dim cancels
@@ -878,6 +882,42 @@ def _diff_twin(x: torch.Tensor, n: int = 1, dim: int = -1, prepend=None, append=
 _WEIGHED = frozenset(
     {"linear", "bilinear", *(f"conv{n}d" for n in (1, 2, 3)), *(f"conv_transpose{n}d" for n in (1, 2, 3))}
 )
+
+
+# Calls linear in each tensor operand: a constant operand with signed values (a fixed Haar, Sobel or DCT filter held
+# in a buffer) makes paths to one input cancel on the copy's equal values.
+_LINEAR_IN_EACH_OPERAND = (
+    _WEIGHED
+    | _MULTIPLICATIONS
+    | _DIVISIONS
+    | {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "tensordot", "mv", "inner", "outer", "kron"}
+)
+
+
+def _unsigned_constants(args, kwargs):
+    """``args`` and ``kwargs`` with each constant operand of signed values replaced by its magnitude.
+
+    The theoretical copy's own weights are positive constants; a constant the forward holds itself (a buffer, a
+    tensor it builds) is not, and a fixed Haar filter (+1 and -1 over a 2 x 2 window) summed by a later layer reads
+    its window's pixels through paths that cancel exactly on the copy's equal values: a 2 x 2 field came out 1 x 1.
+    Its magnitude keeps every path (and every zero: a fixed mask's shape stays). Applied only where another operand
+    depends on the input.
+    """
+
+    def unsigned(value):
+        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
+            return value
+        if not value.is_floating_point() or value.numel() == 0 or not bool((value < 0).any()):
+            return value
+        return value.abs()
+
+    operands = [a for a in args if isinstance(a, torch.Tensor)]
+    operands += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+    operands += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    if not any(t.requires_grad for t in operands):
+        return args, kwargs
+    args = tuple(type(a)(unsigned(t) for t in a) if isinstance(a, (list, tuple)) else unsigned(a) for a in args)
+    return args, {k: unsigned(v) for k, v in kwargs.items()}
 
 
 def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
