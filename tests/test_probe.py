@@ -281,7 +281,8 @@ def test_deep_field_tails_do_not_underflow():
     # 100 three-tap layers: the extreme taps carry (1/3)^100 ~ 2e-48 of the centre's weight, below float32's range.
     model = nn.Sequential(*[nn.Conv1d(1, 1, 3, bias=False) for _ in range(100)])
     assert probe_rf(model, (1, 1, 260), pos=10).bounds == ((10, 210),)
-    assert probe_rf(model, (1, 1, 260), pos=10, dtype=torch.float32).bounds != ((10, 210),)  # the guard is needed
+    with pytest.raises(ProbeError, match="float32's range"):  # float32 alone would cut the tails: refused
+        probe_rf(model, (1, 1, 260), pos=10, dtype=torch.float32)
 
 
 def test_importing_the_probe_does_not_import_lightning():

@@ -1445,3 +1445,87 @@ def test_var_mean_and_std_mean_gates_read_the_whole_input_in_theoretical_mode(st
     assert probe_rf(VarianceGate(), (1, 2, 8, 9), (4, 4)).bounds == ((0, 7), (0, 8))
     torch.manual_seed(0)
     assert probe_rf(VarianceGate(), (1, 2, 8, 9), (4, 4), mode="weights").bounds == ((0, 7), (0, 8))
+
+
+class ConvThenRecurrence(nn.Module):
+    """A 3-wide convolution, then a recurrent layer over the time axis (batch first), channels back to dim 1."""
+
+    def __init__(self, kind: str, bidirectional: bool = False, layers: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.recurrence = getattr(nn, kind)(4, 3, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+
+    def forward(self, x):
+        output, _state = self.recurrence(self.conv(x).transpose(1, 2))
+        return output.transpose(1, 2)
+
+
+class ConvThenCellLoop(nn.Module):
+    """A 3-wide convolution, then an ``LSTMCell`` stepped over time in Python, the hidden states stacked."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cell = nn.Conv1d(2, 4, 3, padding=1), nn.LSTMCell(4, 3)
+
+    def forward(self, x):
+        features, state, outputs = self.conv(x), None, []
+        for t in range(features.shape[-1]):
+            state = self.cell(features[..., t], state)
+            outputs.append(state[0])
+        return torch.stack(outputs, dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_recurrence_reads_its_whole_past_in_theoretical_mode(kind):
+    """On the copy's constants a recurrence's gates saturate and its gradient fades step after step: an LSTM's last
+    output over 400 steps read its last 185 (((215, 399),), in float64 too; nn.RNN 113), and its geometry claimed
+    r = 186, S = 1, where output t reads 0..t + 1; a GRU's geometry, measured on ever longer inputs, killed the
+    interpreter (SIGSEGV). Recurrences now run as a running mean (both ways where bidirectional)."""
+    assert probe_rf(ConvThenRecurrence(kind), (1, 2, 400), 399).bounds == ((0, 399),)
+    one_way = probe_rf(ConvThenRecurrence(kind), (1, 2, 12), "all")
+    assert [one_way[(t,)].bounds for t in range(12)] == [((0, min(t + 1, 11)),) for t in range(12)]
+    field = probe_rf(ConvThenRecurrence(kind), (1, 2, 12), 5)
+    assert field.geometry == (None,) and field.bounds == ((0, 6),) and "RF of the output at (5,): 7" in str(field)
+    both_ways = probe_rf(ConvThenRecurrence(kind, bidirectional=True, layers=2), (1, 2, 12), "all")
+    assert {both_ways[(t,)].bounds for t in range(12)} == {((0, 11),)}
+    torch.manual_seed(0)
+    weights = probe_rf(ConvThenRecurrence(kind), (1, 2, 12), "all", mode="weights")
+    for t in range(12):
+        (low, high), (first, last) = one_way[(t,)].bounds[0], weights[(t,)].bounds[0]
+        assert low <= first and last <= high, t
+
+
+def test_a_recurrent_cell_stepped_in_python_reads_its_whole_past_in_theoretical_mode():
+    """The same fade through ``nn.LSTMCell`` stepped over time (300 steps: 115..299 of 0..299): each step now reads its
+    input and its states."""
+    assert probe_rf(ConvThenCellLoop(), (1, 2, 300), 299).bounds == ((0, 299),)
+    field_map = probe_rf(ConvThenCellLoop(), (1, 2, 12), "all")
+    assert [field_map[(t,)].bounds for t in range(12)] == [((0, min(t + 1, 11)),) for t in range(12)]
+
+
+def _fading_chain(layers: int, edge: float) -> nn.Sequential:
+    """``layers`` bias-free 3-wide convolutions whose outer taps are ``edge`` and centre taps 1."""
+    chain = nn.Sequential(*[nn.Conv1d(2, 2, 3, bias=False) for _ in range(layers)])
+    with torch.no_grad():
+        for conv in chain:
+            conv.weight.fill_(edge)
+            conv.weight[..., 1] = 1.0
+    return chain
+
+
+def test_a_gradient_at_the_edge_of_the_dtype_s_range_is_refused():
+    """With ``dtype`` given, no float64 retry guarded the edge of its range: a 30-layer chain's weights field in
+    float32 read 14..54 (bfloat16: 16..52) of the 4..64 that every input in it influences, and a theoretical
+    120-layer chain 13..235 of 4..244, as if measured. A gradient that fades to the edge of the dtype's range is now
+    refused with the fix, and in float64 (a long recurrence in weights mode) it says so too."""
+    chain = _fading_chain(30, 1e-3)
+    assert probe_rf(chain, (1, 2, 69), "center", mode="weights").bounds == ((4, 64),)
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ProbeError, match="fades to the edge of .*pass dtype=None"):
+            probe_rf(chain, (1, 2, 69), "center", mode="weights", dtype=dtype)
+    deep = nn.Sequential(*[nn.Conv1d(4, 4, 3, bias=False) for _ in range(120)])
+    assert probe_rf(deep, (1, 4, 249), "center").bounds == ((4, 244),)
+    with pytest.raises(ProbeError, match="float32's range"):
+        probe_rf(deep, (1, 4, 249), "center", dtype=torch.float32)
+    with pytest.raises(ProbeError, match="float64's range .*use mode='theoretical'"):
+        probe_rf(_fading_chain(120, 1e-3), (1, 2, 249), "center", mode="weights")

@@ -39,8 +39,13 @@ class Underflow(Exception):
     """A float32 gradient came close enough to underflow that the probe is redone in float64."""
 
 
-# Float32's smallest normal number is 1.2e-38; a non-zero gradient below this may have neighbours that underflowed.
-_UNDERFLOW_GUARD = 1e-30
+def underflow_guard(dtype: torch.dtype) -> float:
+    """A gradient magnitude below which neighbours of a non-zero value may have underflowed to zero in ``dtype``.
+
+    The smallest normal number over the machine epsilon: 1e-31 in float32, 1e-292 in float64, 0.06 in float16.
+    """
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps
 
 
 class _Captured(Exception):
@@ -271,13 +276,28 @@ class ProbeGraph(GraphShapes):
                 f"mode='weights' (what the current weights connect), or probe a layer before it with layer="
             )
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
-        if self.guard and gradient.dtype == torch.float32:
-            positive = gradient.abs()[gradient != 0]
-            if positive.numel() and float(positive.min()) < _UNDERFLOW_GUARD:
+        positive = gradient.abs()[gradient != 0]
+        if positive.numel() and float(positive.min()) < underflow_guard(gradient.dtype):
+            if self.guard and gradient.dtype == torch.float32:
                 raise Underflow
+            raise self._underflow_error(gradient.dtype)
         if not torch.isfinite(magnitude).all():
             raise self._not_finite_error()
         return magnitude
+
+    def _underflow_error(self, dtype: torch.dtype) -> ProbeError:
+        """Why a gradient that fades to the edge of ``dtype``'s range gives no field."""
+        fix = (
+            "a long recurrence or a deep chain of small weights fades below any number format: use "
+            "mode='theoretical' (the architecture's field), or probe a layer closer to the input with layer="
+            if self.mode == "weights" and dtype == torch.float64
+            else "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+        )
+        return ProbeError(
+            f"the gradient of {where(self.layer)} fades to the edge of {str(dtype).removeprefix('torch.')}'s range "
+            f"(below {underflow_guard(dtype):.1e}): its neighbours may have underflowed to zero, so the field's "
+            f"edge would be set by the number format, not by the model; {fix}"
+        )
 
     def _not_finite_error(self) -> ProbeError:
         """Why the gradient is not finite: the forward's own output, or the weights and buffers."""

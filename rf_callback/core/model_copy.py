@@ -297,6 +297,11 @@ class _ProbeFunctions(TorchFunctionMode):
             args = tuple(self._mask_as_number(a, args) for a in args)
         if self.linearise and name in _LINEAR_IN_EACH_OPERAND:
             args, kwargs = _unsigned_constants(args, kwargs)
+        if self.linearise and name in _RECURRENCES and len(args) >= 9 and isinstance(args[3], bool):
+            return _recurrence_twin(name, *args[:9])
+        if self.linearise and name in _RECURRENT_CELLS and len(args) >= 2:
+            if (twin := _recurrent_cell_twin(name, args[0], args[1])) is not None:
+                return twin
         if self.linearise and name in _FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
             # A filter in the frequency domain may be any kernel along the transformed dims, but the copy's equal
             # weights make it a constant, whose kernel is a single tap: every frequency reads every input instead.
@@ -435,6 +440,57 @@ _PICKS_ALONG_A_DIM = frozenset(
     {"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin",
      "quantile", "nanquantile"}
 )  # fmt: skip
+
+
+# Recurrent layers (nn.RNN, nn.LSTM, nn.GRU and their cells) as the functions their modules call. Packed sequences
+# (the batch sizes after the data, the parameters fourth, not the bias flag) run as they are.
+_RECURRENCES = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+_RECURRENT_CELLS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
+
+
+def _recurrence_twin(name: str, x, hx, _params, _biases, layers, _dropout, _train, bidirectional, batch_first):
+    """The theoretical copy's twin of a recurrent layer: every output reads its whole past (and future, both ways).
+
+    On the copy's constants the gates saturate and the gradient through the real recurrence fades step after step:
+    an LSTM's last output read its last 185 steps of 400, in float64 too. Each step of a forward direction is the
+    running mean of the inputs up to it, of a backward direction the mean from it on; past the first layer of a
+    bidirectional stack, every output reads every input. The initial states, where they depend on the input, are
+    read by every output.
+    """
+    states = hx if isinstance(hx, (list, tuple)) else (hx,)
+    time = 1 if batch_first else 0
+    steps = x.shape[time]
+    per_step = x.mean(dim=-1, keepdim=True)
+    counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).reshape((-1, 1) if time == 0 else (1, -1, 1))
+    forward = per_step.cumsum(time) / counts
+    backward = per_step.flip(time).cumsum(time).flip(time) / counts.flip(time)
+    whole = per_step.mean(dim=time, keepdim=True)
+    initial = [s.mean(dim=(0, -1)).unsqueeze(time).unsqueeze(-1) for s in states if _depends_on_input(s)]
+    if initial:  # (batch,) per state: every step reads them
+        forward, backward, whole = (t + sum(initial) for t in (forward, backward, whole))
+    hidden = states[0].shape[-1]
+    if bidirectional and layers > 1:
+        output = whole.expand(*forward.shape[:-1], 2 * hidden)
+    elif bidirectional:
+        output = torch.cat(
+            [forward.expand(*forward.shape[:-1], hidden), backward.expand(*forward.shape[:-1], hidden)], -1
+        )
+    else:
+        output = forward.expand(*forward.shape[:-1], hidden)
+    last = whole.squeeze(-1).transpose(0, time) if batch_first else whole.squeeze(-1)  # (1, batch)
+    finals = tuple(last.unsqueeze(-1).expand_as(s).clone() for s in states)
+    return (output.clone(), *finals)
+
+
+def _recurrent_cell_twin(name: str, x, hx):
+    """One step of a recurrent cell on the theoretical copy: every output reads the input and the states."""
+    states = hx if isinstance(hx, (list, tuple)) else (hx,)
+    read = [t.mean(dim=-1, keepdim=True) for t in (x, *states) if isinstance(t, torch.Tensor) and _depends_on_input(t)]
+    if not read:
+        return None
+    mean = sum(read) / len(read)
+    outputs = tuple(mean.expand_as(s).clone() for s in states)
+    return outputs if name == "lstm_cell" else outputs[0]
 
 
 def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
