@@ -488,7 +488,7 @@ def _recurrent_cell_twin(name: str, x, hx):
     read = [t.mean(dim=-1, keepdim=True) for t in (x, *states) if isinstance(t, torch.Tensor) and _depends_on_input(t)]
     if not read:
         return None
-    mean = sum(read) / len(read)
+    mean = torch.stack(read).mean(dim=0)
     outputs = tuple(mean.expand_as(s).clone() for s in states)
     return outputs if name == "lstm_cell" else outputs[0]
 
