@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rf_callback import probe_rf, verify_rf
+from rf_callback import effective_rf, probe_rf, verify_rf
 from tests.models import TinyResNet
 
 
@@ -70,6 +70,32 @@ def test_model_created_under_inference_mode_can_be_probed():
         model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
         field = probe_rf(model, (1, 1, 9, 9), mode="weights")
     assert field.size == (3, 3)
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_effective_rf_runs_inside_no_grad_and_inference_mode(context):
+    """Inside ``torch.inference_mode()`` the effective field's sums were made as inference tensors, then written in
+    place outside it: a raw RuntimeError. Inputs made inside the context work too."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    torch.manual_seed(0)
+    inputs = torch.randn(4, 3, 16, 16)
+    expected = effective_rf(model, inputs, "center").heatmap
+    with {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]():
+        assert torch.equal(effective_rf(model, inputs, "center").heatmap, expected)
+        assert torch.equal(effective_rf(model, inputs.clone(), "center").heatmap, expected)
+
+
+def test_a_position_asked_for_twice_gets_fields_that_share_nothing():
+    """``probe_rf(m, shape, [(2, 2), (2, 2)])`` returned two fields holding one heatmap tensor: a write into one
+    showed in the other (and in ``effective_rf``'s theoretical fields)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    for first, second in (
+        probe_rf(model, (1, 3, 16, 16), [(2, 2), (2, 2)]),
+        [e.theoretical for e in effective_rf(model, torch.randn(2, 3, 16, 16), [(2, 2), (2, 2)])],
+    ):
+        assert torch.equal(first.heatmap, second.heatmap)
+        first.heatmap.zero_()
+        assert second.heatmap.sum() > 0 and second.bounds == ((2, 6), (2, 6))
 
 
 def test_global_generator_is_not_advanced_by_weights_mode():

@@ -105,10 +105,10 @@ def effective_rf(
     else:
         _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout)
     fields = theoretical if isinstance(theoretical, list) else [theoretical]
-    totals = [torch.zeros(inputs.shape[2:], dtype=torch.float64) for _ in fields]
     # The map's mass is what counts, not its exact zeros: cuDNN's fast kernels stay on.
     kernels = exact_kernels(device, exact_zeros=False)
     with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels:
+        totals = [torch.zeros(inputs.shape[2:], dtype=torch.float64) for _ in fields]  # outside inference tensors
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
         if _mixes_samples(copy):  # its gradients would carry cross-sample terms: each input is read alone
             chunk_size = 1

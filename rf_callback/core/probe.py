@@ -523,7 +523,11 @@ class _Prober:
             heatmaps = self._grouped_heatmaps(unique, self.table)
         bounds = {p: box_of(h > 0) for p, h in heatmaps.items()}
         geometry = self.geometry([(p, b) for p, b in bounds.items() if b is not None])
-        return [self._field(p, bounds[p], heatmaps[p], geometry) for p in positions]
+        fields = [self._field(p, bounds[p], heatmaps[p], geometry) for p in unique]
+        by_position = dict(zip(unique, fields))
+        # A position asked for twice gets a field of its own: no heatmap shared, no write into one seen through another.
+        return [by_position.pop(p) if p in by_position else self._field(p, bounds[p], heatmaps[p].clone(), geometry)
+                for p in positions]  # fmt: skip
 
     def _grouped_heatmaps(self, positions: list[Position], axes: AxisTable | None) -> dict:
         """Heatmaps of many positions, in as few passes as their disjoint fields allow.
