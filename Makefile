@@ -72,7 +72,7 @@ bench: $(VENV)/.installed
 # with torchvision (on this project's machines pip takes both from local disk); without it, on real_models.py's
 # re-implementations of their layer shapes. `make bench-env` creates it; `make bench-real` uses it when present.
 BENCH_VENV ?= .venv-bench
-BENCH_TORCH ?= torch==2.14.1 torchvision==0.29.1
+BENCH_TORCH ?= torch==2.14.1 torchvision==0.29.1 timm==1.0.29
 
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)

@@ -5,7 +5,7 @@ run, best of N interleaved repeats: one forward + backward pass of one sample (l
 probe of the centre (bounds and heatmap); the same probe, then its geometry; and on a GPU each call's peak memory
 beside the model's parameters. Where a geometry is None, its reason is printed.
 
-Runs in the bench environment (``make bench-env``, then ``pip install timm==1.0.29``, both from local disk):
+Runs in the bench environment (``make bench-env``, which installs timm 1.0.29 beside torchvision, from local disk):
 python benchmarks/bench_zoo.py [--device cuda] [--repeats N] [--only convnext,vit]
 """
 

@@ -2,7 +2,7 @@
 time against one forward + backward pass, or the refusal's first line. No model may take minutes or pass silently
 with a wrong layout.
 
-Runs in the bench environment (``make bench-env``; ``pip install timm==1.0.29`` from local disk): fresh weights, no
+Runs in the bench environment (``make bench-env``, timm 1.0.29 included, from local disk): fresh weights, no
 downloads. ``--device cuda`` runs on a GPU; ``--geometry`` also reads each field's (r, S, P) (slow on global fields).
 """
 
