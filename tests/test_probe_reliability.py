@@ -1125,6 +1125,27 @@ def test_values_that_are_zero_on_the_copy_hide_no_branch_in_theoretical_mode(nam
         assert low <= first and last <= high, i
 
 
+def test_a_mask_subtracted_from_attention_scores_keeps_its_meaning_in_theoretical_mode():
+    """``scores - 1e9 * future`` masks the future keys by subtracting a constant: its values matter, so the copy keeps
+    the real subtraction (an earlier twin of "a constant subtracted" added its magnitude, and position 5 read 5..15,
+    its future, instead of 0..5)."""
+
+    class MaskedBySubtraction(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.qkv = nn.Conv1d(1, 4, 1), nn.Linear(4, 12)
+
+        def forward(self, x):
+            tokens = self.embed(x).transpose(1, 2)
+            q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+            future = torch.ones(tokens.shape[1], tokens.shape[1]).triu(1)
+            scores = q @ k.transpose(-1, -2) - 1e9 * future
+            return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(MaskedBySubtraction(), (1, 1, 16), 5, mode=mode).bounds == ((0, 5),), mode
+
+
 def test_a_masked_fill_with_a_value_from_the_input_reads_that_value():
     """``w.masked_fill(w < 0, n.mean())`` kept only ``w`` in theoretical mode: the mean reads the whole input."""
     model = WideAndNarrow(lambda w, t, n: w.masked_fill_(w < 0, n.mean()))

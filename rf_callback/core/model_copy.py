@@ -351,6 +351,8 @@ class _ProbeFunctions(TorchFunctionMode):
             # torchvision's deformable convolution (input, weight, offset, mask, ...): the offsets move its taps
             offset_and_mask = [t.mean(dim=1, keepdim=True) for t in args[2:4] if _depends_on_input(t)]
             return _anywhere_twin(func(*args, **kwargs), args[0], offset_and_mask)
+        if self.linearise and name in _FLAT_AT_ZERO and (twin := _unflattened(func, name, args, kwargs)) is not None:
+            return twin
         if self.linearise and name in _MULTIPLICATIONS and _input_dependent_factors(args) >= 2 and len(args) == 2:
             return _lifted_product(*args, in_place=name.endswith("_") or name == "__imul__")
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
@@ -822,11 +824,23 @@ def _depends_on_input(value) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def _is_constant(value) -> bool:
-    """A Python number, or a floating-point tensor that does not depend on the input."""
-    if isinstance(value, torch.Tensor):
-        return value.is_floating_point() and not value.requires_grad
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# Elementwise functions whose gradient is 0 where their input is (|x|, x ** 2): on the copy, y - 1 is exactly 0.
+_FLAT_AT_ZERO = frozenset({"abs", "absolute", "square", "pow", "__pow__", "float_power"})
+
+
+def _unflattened(func, name: str, args, kwargs):
+    """``abs``, ``square`` or a positive power of an input-dependent value: its real values, the identity's gradient.
+
+    The same support, and never 0 where the value is (``(y - 1) ** 2`` on the copy's ones). None for other calls.
+    """
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not _depends_on_input(x) or name.endswith("_") or kwargs.get("out") is not None:
+        return None
+    if name in _POWERS | {"float_power"}:
+        exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+        if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or exponent <= 0:
+            return None
+    return _real_values(func(*args, **kwargs), x)
 
 
 def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Tensor:
@@ -852,9 +866,10 @@ def _sign_free_twin(name: str, args, kwargs):
     ``a - b`` becomes ``a + b``; ``-x``, ``1 / x`` and ``rsqrt(x)`` become ``x``; ``a / b`` becomes the bounded
     product ``a * b``; ``x ** -p`` becomes ``x ** p``; ``var`` and ``std`` (zero on equal values, with a zero
     gradient) become the mean along the same dims. The same operands, every gradient positive: no path through them
-    cancels another (weights mode keeps the real calls). A constant subtracted from an input-dependent value (``y -
-    1``, a buffer's mean) is added as its magnitude: exactly 0 on the copy's ones, ``y - 1`` would cut any factor
-    it multiplies. Other calls whose negative operand does not depend on the input stay the real ones.
+    cancels another (weights mode keeps the real calls). A call whose negative operand does not depend on the input
+    (a buffer's mean, a mask subtracted from attention scores) stays the real one: its values may matter. Where
+    such a value is exactly 0 on the copy (``y - 1``), a product keeps its other factor (see
+    :func:`_lifted_product`), and a power or an absolute value of it its gradient (see :func:`_unflattened`).
     """
     dependent = _depends_on_input  # of an operand
     in_place = (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
@@ -863,11 +878,6 @@ def _sign_free_twin(name: str, args, kwargs):
     if name in _SUBTRACTIONS and dependent(second):
         alpha = abs(kwargs.get("alpha", 1))
         return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
-    if name in _SUBTRACTIONS and dependent(first) and _is_constant(second):
-        # x - 1 is exactly 0 on the copy's values of 1: a factor that cuts whatever it multiplies, a square or an
-        # absolute value whose gradient is 0. x + |c| has the same support and positive values.
-        shift = abs(second) if isinstance(second, (int, float)) else second.abs()
-        return first.add_(shift) if in_place else torch.add(first, shift)
     if name in _ADDITIONS and dependent(second) and _negative(kwargs.get("alpha", 1)):
         alpha = -kwargs["alpha"]
         return first.add_(second, alpha=alpha) if in_place else torch.add(first, second, alpha=alpha)
