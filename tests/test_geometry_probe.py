@@ -492,3 +492,39 @@ def test_swapped_spatial_axes_have_no_geometry_and_say_why():
     field = probe_rf(Swapped(), (1, 1, 26, 23), "center")
     assert field.size == (4, 5) and field.output_shape == (10, 23)
     assert field.geometry == (None, None) and field.geometry.reasons == (ELSEWHERE, ELSEWHERE)
+
+
+class CausalAttention(nn.Module):
+    """A strided 1D embedding, then one causal self-attention (two heads): output t reads every input up to it."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.embed, self.qkv = nn.Conv1d(1, width, 4, stride=2, padding=1), nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        n, length, width = tokens.shape
+        q, k, v = self.qkv(tokens).view(n, length, 3, 2, width // 2).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attended.transpose(1, 2).reshape(n, length, width).transpose(1, 2)
+
+
+@pytest.mark.parametrize("pos", [8, "all"])
+def test_the_geometry_of_a_causal_attention_costs_a_bounded_multiple_of_the_probe(pos, monkeypatch):
+    """Output t reads 0..t, so the fields never settle, and the thin reading grew a 32-sample input to 65,536
+    samples: an attention matrix of 10^9 elements per head, killed for memory (28 s and 5 GB where memory was
+    limited). Each pass's cost, counted in the elements its calls return (the attention scores included), now stays
+    under 64 of the probe's own, foreseen as growing with the square of the input."""
+    shapes = []
+    init = ProbeGraph.__init__
+    monkeypatch.setattr(
+        ProbeGraph,
+        "__init__",
+        lambda self, m, request, *a, **k: shapes.append(request.input_shape) or init(self, m, request, *a, **k),
+    )
+    field = probe_rf(CausalAttention(), (1, 1, 32), pos)
+    assert list(field.geometry) == [None]
+    assert "more than 64 of the user's passes" in field.geometry.reasons[0]
+    assert max(shape[-1] for shape in shapes) <= 4096
+    if pos == 8:
+        assert field.bounds == ((0, 18),)

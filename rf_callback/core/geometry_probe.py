@@ -57,6 +57,14 @@ BUDGET_PASSES = 96
 # On a small input, the thin reading's inputs may be longer than the budget's passes (see _SMALL_THIN_INPUT).
 _SMALL_BUDGET = 1 << 22
 
+# No pass on another input may cost (in elements its calls return, see ProbeGraph.work) more than this many of the
+# user's, or than _SMALL_WORK: the input elements that the budget counts grow linearly, but attention's cost grows
+# with their square. A causal attention on 32 samples grew its thin input to 65,536 samples (an attention matrix of
+# 10^9 elements per head) and was killed for memory. A thin input of a convolutional network costs a few of the
+# user's passes; the next pass's cost is foreseen as if it grew with the square of its input.
+WORK_PASSES = 64
+_SMALL_WORK = 1 << 24
+
 
 class OverBudget(Exception):
     """Measuring the geometry would cost more than its :class:`Budget`."""
@@ -70,9 +78,13 @@ class Budget:
         spent: the elements spent so far.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], passes: int | None = None):
+    def __init__(self, input_shape: tuple[int, ...], passes: int | None = None, work: int | None = None):
         passes = BUDGET_PASSES if passes is None else passes
         self.limit, self.spent = max(passes * math.prod(input_shape[1:]), _SMALL_BUDGET), 0
+        self.input_elements = math.prod(input_shape[1:])
+        # The cost of the user's pass (ProbeGraph.work), where known: no pass on another input may cost WORK_PASSES
+        # times more (see _charged).
+        self.work = work
         self._progress = _Progress()
 
     def charge(self, shape: tuple[int, ...]) -> None:
@@ -139,7 +151,8 @@ ONE_SIZE = (
 )
 OVER_BUDGET = (
     f"not measured: the fields did not settle within {BUDGET_PASSES} passes' worth of inputs (the exact reading would "
-    f"cost more)"
+    f"cost more), or the next input would cost more than {WORK_PASSES} of the user's passes (attention's cost grows "
+    f"with the square of the input)"
 )
 
 
@@ -304,12 +317,28 @@ def _reason(found, length: int) -> str:
 
 
 def _charged(graph_on: GraphOn, budget: Budget) -> GraphOn:
-    """``graph_on`` whose forward passes, and the graphs' backward passes, are charged to ``budget``."""
+    """``graph_on`` whose forward passes, and the graphs' backward passes, are charged to ``budget``.
+
+    Raises:
+        OverBudget: past the budget, or where the pass would cost more than ``WORK_PASSES`` of the user's (foreseen
+            from the last pass as growing with the square of the input's elements; where the budget does not know
+            the user's, the first pass's, in proportion to its input).
+    """
+    most: list[float] = [] if budget.work is None else [max(WORK_PASSES * budget.work, _SMALL_WORK)]
+    last: list[float] = []  # the input elements and the work of the last pass
 
     def charged(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+        elements = math.prod(shape[1:])
+        if last and most and last[1] * (elements / last[0]) ** 2 > most[0]:
+            raise OverBudget
         budget.charge(shape)
         graph = graph_on(shape, thin_axes)
-        if graph is not None:
+        if graph is not None and graph.work:
+            graph.budget = budget
+            last[:] = [elements, graph.work]
+            if not most:
+                most.append(max(WORK_PASSES * graph.work * budget.input_elements / elements, _SMALL_WORK))
+        elif graph is not None:
             graph.budget = budget
         return graph
 

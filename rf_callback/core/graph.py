@@ -209,6 +209,7 @@ class ProbeGraph(GraphShapes):
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
+        self.work = 0  # elements the forward's calls returned: its cost (see probe_functions)
         self._supports: dict[tuple, torch.Tensor] = {}
         # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
         self.flow: Flow | None = None
@@ -222,6 +223,7 @@ class ProbeGraph(GraphShapes):
             self.output = forward_to(copy, self.inputs, request, functions)
             self.flow = None if functions.flow is None else functions.flow.of(self.output)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
+            self.work = functions.work
             self.border_modes = functions.border_modes
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))

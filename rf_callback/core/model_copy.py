@@ -201,6 +201,9 @@ class _ProbeFunctions(TorchFunctionMode):
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
+        # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
+        # input (see geometry_probe.Budget).
+        self.work = 0
 
     def cut_reason(self, tensor) -> str | None:
         """Why ``tensor`` depends on the input without a gradient to it, or None."""
@@ -211,8 +214,10 @@ class _ProbeFunctions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name in ("scaled_dot_product_attention", "multi_head_attention_forward"):
+            self.work += _attention_scores(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
-            return self._call(func, name, args, kwargs)
+            return self._counted(self._call(func, name, args, kwargs))
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
@@ -265,6 +270,14 @@ class _ProbeFunctions(TorchFunctionMode):
         ):
             reason = f"{name}() inside torch.no_grad()" if not torch.is_grad_enabled() else f"{name}()"
             self._cut_from_input[id(result)] = (result, reason)
+        return self._counted(result)
+
+    def _counted(self, result):
+        """``result``, its tensors' elements added to :attr:`work`."""
+        if isinstance(result, torch.Tensor):
+            self.work += result.numel()
+        elif isinstance(result, (tuple, list)):
+            self.work += sum(t.numel() for t in result if isinstance(t, torch.Tensor))
         return result
 
     def _of_masks(self, func, args, kwargs):
@@ -716,6 +729,18 @@ def _attention_twin(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
     return _bounded(_softmax_twin(torch.softmax, "softmax", (scores, -1), {}) @ value, in_place=False)
+
+
+def _attention_scores(name: str, args, kwargs) -> int:
+    """The elements of the attention scores that a fused attention call computes: one per query, key and head."""
+    query = args[0] if args else kwargs.get("query")
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or key.dim() < 2:
+        return 0
+    if name == "scaled_dot_product_attention":  # (..., L, E) and (..., S, E)
+        return math.prod(query.shape[:-1]) * key.shape[-2]
+    heads = args[4] if len(args) > 4 else kwargs.get("num_heads", 1)  # (L, N, E) and (S, N, E), or unbatched
+    return math.prod(query.shape[:-1]) * key.shape[0] * (heads if isinstance(heads, int) else 1)
 
 
 def _qkv(args, kwargs) -> list:

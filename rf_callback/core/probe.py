@@ -406,6 +406,7 @@ class _Prober:
         weights_positions = [position for position, _ in fields][:1] if self.mode == "weights" else []
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
+        user_work = self.measured.work or None  # the cost of the probe's own forward (see geometry_probe.Budget)
 
         def _no_theory(reason: str) -> tuple[None, ...]:
             reasons.update(dict.fromkeys(range(len(shape) - 2), reason))
@@ -424,6 +425,7 @@ class _Prober:
                     graph_on = graph_factory(copy, attempt)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
+                    budget = Budget(shape, work=user_work)
                     reasons.clear()
                     try:
                         if weights_positions and attempt is request:
@@ -433,7 +435,7 @@ class _Prober:
                                 reasons.update(why)
                                 return geometry
                         geometry = measure_geometry(
-                            theory, graph_on, known=known, table=table, reasons=reasons, budget=Budget(shape),
+                            theory, graph_on, known=known, table=table, reasons=reasons, budget=budget,
                             one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
                         )  # fmt: skip
                         geometry = _followed(
