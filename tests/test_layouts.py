@@ -1101,3 +1101,28 @@ def test_a_short_token_axis_says_it_has_too_few_fields_not_that_they_fit_no_geom
     assert field.bounds == ((4, 7), (8, 11))
     assert tuple(field.geometry) == (None, AxisGeometry(size=4, stride=4, offset=0))
     assert "too few to tell r, S and P" in field.geometry.reasons[0]
+
+
+class AlibiAttention(nn.Module):
+    """Causal self-attention over a 1D sequence with ALiBi: a bias of -slope per step back added to the scores."""
+
+    def __init__(self, width: int = 8, slope: float = 0.5):
+        super().__init__()
+        self.embed, self.qkv, self.slope = nn.Conv1d(1, width, 1), nn.Linear(width, 3 * width), slope
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        steps = torch.arange(tokens.shape[1], dtype=tokens.dtype)
+        scores = q @ k.transpose(-1, -2) / tokens.shape[-1] ** 0.5 - self.slope * (steps[:, None] - steps[None, :])
+        future = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)
+        return (scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v).transpose(1, 2)
+
+
+def test_a_graded_attention_bias_is_no_mask():
+    """ALiBi puts a key 200 steps back 100 below the nearest: the rule "50 or more below the largest is masked" (for
+    -inf, -1e9 or Swin's -100) dropped every key more than 100 steps back, in both modes: position 200 read 101..200
+    (weights mode 100..200), where its float64 gradient reaches input 0 (2e-44). A mask leaves a gap of 50 or more
+    below every live score; a graded bias leaves none, and its keys stay live."""
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(AlibiAttention(), (1, 1, 256), 200, mode=mode).bounds == ((0, 200),), mode

@@ -68,8 +68,9 @@ _PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul
 # Functions that couple every element along a dim: on the theoretical copy's equal values their real gradient cancels.
 _SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin", "special_softmax", "special_log_softmax", "_softmax",
                         "_log_softmax"})  # fmt: skip
-# A softmax input this far below its dim's largest is masked: a mask added to attention scores (-inf, finfo.min, -1e9,
-# -1e4, or Swin's -100) puts it there, and its share of the output is below exp(-50) = 2e-22 of the largest. On the
+# A softmax input this far below every live one of its dim (a gap this wide under the lowest) is masked: a mask added
+# to attention scores (-inf, finfo.min, -1e9, -1e4, or Swin's -100) puts it there, and its share of the output is
+# below exp(-50) = 2e-22 of the largest. A graded bias (ALiBi) leaves no such gap (see _above_every_gap). On the
 # theoretical copy the live scores are bounded products (at most 1 in magnitude, times a scale) plus position biases
 # (Swin V2's at most 16 either way), so a smaller gap comes from the copy's values, not the architecture.
 _MASKED_GAP = 50.0
@@ -681,13 +682,31 @@ def _softmax_twin(func, name: str, args, kwargs):
 
 
 def _live(func, name: str, args, kwargs):
-    """The softmax's input, its dim, and where along the dim it is live (under ``_MASKED_GAP`` below the largest)."""
+    """The softmax's input, its dim, and where along the dim it is live (see :func:`_above_every_gap`)."""
     x = args[0] if args else kwargs["input"]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None:  # F.softmax's implicit dim
         dim = 0 if x.dim() in (0, 1, 3) else 1
     scores = -x.detach() if name == "softmin" else x.detach()  # softmin is the softmax of -x
-    return x, dim, scores - scores.amax(dim, keepdim=True) > -_MASKED_GAP  # NaN (a row of -inf) is not live
+    return x, dim, _above_every_gap(scores, dim)
+
+
+def _above_every_gap(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Where ``scores`` are live along ``dim``: reached from the largest down through gaps under ``_MASKED_GAP``.
+
+    A mask puts its inputs far below every live score at once; a graded bias (ALiBi: -0.5 per step back, 100 below
+    the largest after 200 steps) leaves no such gap, and every input it reaches stays live, however far below the
+    largest. Each round lowers the floor to ``_MASKED_GAP`` below the lowest live score, until no score joins (a row
+    of -inf has none).
+    """
+    floor = scores.amax(dim, keepdim=True) - _MASKED_GAP
+    while True:
+        live = scores > floor
+        lowest = torch.where(live, scores, torch.full_like(scores, math.inf)).amin(dim, keepdim=True)
+        lower = torch.minimum(floor, lowest - _MASKED_GAP)
+        if not bool(((scores > lower) & ~live).any()):
+            return live
+        floor = lower
 
 
 def _masked_softmax(func, name: str, args, kwargs):
