@@ -700,6 +700,9 @@ def _above_every_gap(scores: torch.Tensor, dim: int) -> torch.Tensor:
     of -inf has none).
     """
     floor = scores.amax(dim, keepdim=True) - _MASKED_GAP
+    live = scores > floor
+    if bool(live.all()):  # nothing far below (no mask): one pass, the common case
+        return live
     while True:
         live = scores > floor
         lowest = torch.where(live, scores, torch.full_like(scores, math.inf)).amin(dim, keepdim=True)
@@ -1014,18 +1017,18 @@ def _unsigned_constants(args, kwargs):
     depends on the input.
     """
 
-    def unsigned(value):
+    def signed(value) -> bool:  # a constant (no Parameter of the copy, which are positive) with a negative value
         if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
-            return value
-        if not value.is_floating_point() or value.numel() == 0 or not bool((value < 0).any()):
-            return value
-        return value.abs()
+            return False
+        return value.is_floating_point() and value.numel() > 0 and bool((value < 0).any())
 
-    operands = [a for a in args if isinstance(a, torch.Tensor)]
-    operands += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-    operands += [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-    if not any(t.requires_grad for t in operands):
-        return args, kwargs
+    def unsigned(value):
+        return value.abs() if signed(value) else value
+
+    flat = [*args, *kwargs.values()]
+    flat += [t for a in args if isinstance(a, (list, tuple)) for t in a]  # einsum's operands, as a list
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat) or not any(map(signed, flat)):
+        return args, kwargs  # the common case: a layer's own weights, or no input-dependent operand
     args = tuple(type(a)(unsigned(t) for t in a) if isinstance(a, (list, tuple)) else unsigned(a) for a in args)
     return args, {k: unsigned(v) for k, v in kwargs.items()}
 
