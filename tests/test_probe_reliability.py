@@ -1534,6 +1534,19 @@ def _fading_chain(layers: int, edge: float) -> nn.Sequential:
     return chain
 
 
+class DecayingLongConvolution(nn.Module):
+    """A causal convolution as long as the input, its kernel exp(-exp(w) * j) (an S4- or RWKV-like decay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_rate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        steps = torch.arange(x.shape[-1], dtype=x.dtype).flip(0)
+        kernel = torch.exp(-torch.exp(self.log_rate) * steps).view(1, 1, -1)
+        return F.conv1d(F.pad(x, (x.shape[-1] - 1, 0)), kernel)
+
+
 def test_a_gradient_at_the_edge_of_the_dtype_s_range_is_refused():
     """With ``dtype`` given, no float64 retry guarded the edge of its range: a 30-layer chain's weights field in
     float32 read 14..54 (bfloat16: 16..52) of the 4..64 that every input in it influences, and a theoretical
@@ -1548,5 +1561,7 @@ def test_a_gradient_at_the_edge_of_the_dtype_s_range_is_refused():
     assert probe_rf(deep, (1, 4, 249), "center").bounds == ((4, 244),)
     with pytest.raises(ProbeError, match="float32's range"):
         probe_rf(deep, (1, 4, 249), "center", dtype=torch.float32)
+    with pytest.raises(ProbeError, match="float64's range .*use mode='weights'"):
+        probe_rf(DecayingLongConvolution(), (1, 1, 400), 399)  # theoretical: the copy's own decay
     with pytest.raises(ProbeError, match="float64's range .*use mode='theoretical'"):
         probe_rf(_fading_chain(120, 1e-3), (1, 2, 249), "center", mode="weights")

@@ -289,12 +289,18 @@ class ProbeGraph(GraphShapes):
 
     def _underflow_error(self, dtype: torch.dtype) -> ProbeError:
         """Why a gradient that fades to the edge of ``dtype``'s range gives no field."""
-        fix = (
-            "a long recurrence or a deep chain of small weights fades below any number format: use "
-            "mode='theoretical' (the architecture's field), or probe a layer closer to the input with layer="
-            if self.mode == "weights" and dtype == torch.float64
-            else "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
-        )
+        if dtype != torch.float64:
+            fix = "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+        elif self.mode == "weights":
+            fix = (
+                "a long recurrence or a deep chain of small weights fades below any number format: use "
+                "mode='theoretical' (the architecture's field), or probe a layer closer to the input with layer="
+            )
+        else:  # the copy's constants decay (an exponential decay along a long sequence, as RWKV's or S4's)
+            fix = (
+                "the theoretical copy's constants make it decay below any number format: use mode='weights', or "
+                "probe a layer closer to the input with layer="
+            )
         return ProbeError(
             f"the gradient of {where(self.layer)} fades to the edge of {str(dtype).removeprefix('torch.')}'s range "
             f"(below {underflow_guard(dtype):.1e}): its neighbours may have underflowed to zero, so the field's "
