@@ -71,6 +71,24 @@ def test_non_finite_weights_are_reported():
         probe_rf(model, (1, 1, 8, 8), mode="weights")
 
 
+def test_a_theoretical_copy_that_overflows_is_refused_with_the_other_mode_as_the_fix():
+    """``exp(cumsum(x))`` over 128 steps overflows float32 on the copy's ones, although the real weights' values stay
+    finite: the refusal said "check the model's weights and buffers", which are finite. It names the copy now."""
+
+    class ExponentialOfARunningSum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return torch.exp(torch.cumsum(self.conv(x), dim=-1) * 0.01)
+
+    model = ExponentialOfARunningSum()
+    with pytest.raises(ProbeError, match="on the theoretical copy: its constants overflow .* use mode='weights'"):
+        probe_rf(model, (1, 1, 12000), 10)
+    assert probe_rf(model, (1, 1, 12000), 10, mode="weights").bounds == ((0, 11),)
+
+
 def test_output_that_does_not_depend_on_the_input():
     class Constant(nn.Module):
         def __init__(self):

@@ -316,6 +316,13 @@ class ProbeGraph(GraphShapes):
                 f"LPPool with an odd p computes, a log or a square root of a negative one) or non-finite weights or "
                 f"buffers; mode='theoretical' runs on positive values"
             )
+        if self.mode == "theoretical":
+            return ProbeError(
+                f"the gradient of {where(self.layer)} is not finite (inf or NaN) on the theoretical copy: its "
+                f"constants overflow on the way (an exponential of a running sum along a long axis, as a selective "
+                f"scan's parallel form computes) or the model's buffers hold non-finite values; use mode='weights' "
+                f"(the real weights' field), or probe a layer before it with layer="
+            )
         return ProbeError(
             f"the gradient of {where(self.layer)} is not finite (inf or NaN): check the model's weights and "
             f"buffers for non-finite values"
