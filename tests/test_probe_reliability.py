@@ -1098,6 +1098,11 @@ def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
         assert low <= first and last <= high, i
 
 
+def _multiplied_in_place(target, factor):
+    target.mul_(factor)  # the return value unused: the target itself must carry the product
+    return target
+
+
 ZERO_ON_THE_COPY = {
     "times (x - 1)": lambda w, t, n: w * (n - 1) + n,
     "times (x - a constant tensor)": lambda w, t, n: w * (n - torch.ones(1)) + n,
@@ -1107,6 +1112,9 @@ ZERO_ON_THE_COPY = {
     "divided by a sum, times log|x|": lambda w, t, n: torch.log(n.abs()) / (w + 2),
     "(x - 1) squared": lambda w, t, n: n + (w - 1) ** 2,
     "|x - 1|": lambda w, t, n: n + (w - 1).abs(),
+    "torch.mul with other=": lambda w, t, n: torch.mul(w, other=n - 1) + n,
+    "addcmul by (x - 1)": lambda w, t, n: torch.addcmul(n, w, n - 1),
+    "in place into a signed constant": lambda w, t, n: _multiplied_in_place(torch.full_like(w, -2.0) * 1.0, w) + n,
 }
 
 
@@ -1482,17 +1490,17 @@ class ConvThenRecurrence(nn.Module):
 
 
 class ConvThenCellLoop(nn.Module):
-    """A 3-wide convolution, then an ``LSTMCell`` stepped over time in Python, the hidden states stacked."""
+    """A 3-wide convolution, then a recurrent cell stepped over time in Python, the hidden states stacked."""
 
-    def __init__(self):
+    def __init__(self, kind: str = "LSTMCell"):
         super().__init__()
-        self.conv, self.cell = nn.Conv1d(2, 4, 3, padding=1), nn.LSTMCell(4, 3)
+        self.conv, self.cell = nn.Conv1d(2, 4, 3, padding=1), getattr(nn, kind)(4, 3)
 
     def forward(self, x):
         features, state, outputs = self.conv(x), None, []
         for t in range(features.shape[-1]):
             state = self.cell(features[..., t], state)
-            outputs.append(state[0])
+            outputs.append(state[0] if isinstance(state, tuple) else state)
         return torch.stack(outputs, dim=-1)
 
 
@@ -1516,10 +1524,52 @@ def test_a_recurrence_reads_its_whole_past_in_theoretical_mode(kind):
         assert low <= first and last <= high, t
 
 
+def test_a_time_first_recurrence_over_a_batch_reads_its_whole_past_or_all():
+    """Time first (``batch_first=False``, the default) the running mean's step counts broadcast over the batch axis:
+    the output came out (40, 16, 40) and was refused as folding something into the batch."""
+
+    class TimeFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 4, 3, padding=1)
+            self.recurrence = nn.LSTM(4, 3, num_layers=2, bidirectional=True)
+
+        def forward(self, x):
+            output, _state = self.recurrence(self.conv(x).permute(2, 0, 1))
+            return output.permute(1, 2, 0)
+
+    assert probe_rf(TimeFirst(), (2, 2, 40), 5).bounds == ((0, 39),)
+
+
+def test_the_magnitude_of_a_complex_spectrum_stays_real():
+    """``torch.fft.fft2(x).abs()`` fed to a convolution: the identity's gradient of ``abs`` made its output complex,
+    and the convolution raised in theoretical mode."""
+
+    class Spectrum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.fft.fft2(x).abs())
+
+    assert probe_rf(Spectrum(), (1, 1, 16, 16), (8, 8)).bounds == ((0, 15), (0, 15))
+
+
+def test_half_precision_probes_a_shallow_network():
+    """The underflow guard refused ``dtype=torch.float16`` on any model (its float32 rule, the smallest normal over
+    the epsilon, is 0.06 in float16); a gradient in the subnormal range is refused, not a shallow network's."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3))
+    for dtype in (torch.float16, torch.bfloat16):
+        assert probe_rf(model, (1, 1, 14, 14), (5, 5), dtype=dtype).bounds == ((5, 9), (5, 9)), dtype
+
+
 def test_a_recurrent_cell_stepped_in_python_reads_its_whole_past_in_theoretical_mode():
     """The same fade through ``nn.LSTMCell`` stepped over time (300 steps: 115..299 of 0..299): each step now reads its
-    input and its states."""
+    input and its states, the states with a gradient of 1 in all (a mean of input and states halved the first step's
+    at every step: a GRUCell's refused as an underflow of float64 after 1,100)."""
     assert probe_rf(ConvThenCellLoop(), (1, 2, 300), 299).bounds == ((0, 299),)
+    assert probe_rf(ConvThenCellLoop("GRUCell"), (1, 2, 1100), 1099).bounds == ((0, 1099),)
     field_map = probe_rf(ConvThenCellLoop(), (1, 2, 12), "all")
     assert [field_map[(t,)].bounds for t in range(12)] == [((0, min(t + 1, 11)),) for t in range(12)]
 
@@ -1561,6 +1611,8 @@ def test_a_gradient_at_the_edge_of_the_dtype_s_range_is_refused():
     assert probe_rf(deep, (1, 4, 249), "center").bounds == ((4, 244),)
     with pytest.raises(ProbeError, match="float32's range"):
         probe_rf(deep, (1, 4, 249), "center", dtype=torch.float32)
+    with pytest.raises(ProbeError, match="zero or subnormal in float16"):  # read 7..9 of 4..12: flushed weights
+        probe_rf(_fading_chain(4, 1e-5), (1, 2, 17), "center", mode="weights", dtype=torch.float16)
     with pytest.raises(ProbeError, match="float64's range .*use mode='weights'"):
         probe_rf(DecayingLongConvolution(), (1, 1, 400), 399)  # theoretical: the copy's own decay
     with pytest.raises(ProbeError, match="float64's range .*use mode='theoretical'"):

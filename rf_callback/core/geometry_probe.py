@@ -80,8 +80,8 @@ class Budget:
 
     def __init__(self, input_shape: tuple[int, ...], passes: int | None = None, work: int | None = None):
         passes = BUDGET_PASSES if passes is None else passes
-        self.limit, self.spent = max(passes * math.prod(input_shape[1:]), _SMALL_BUDGET), 0
         self.input_elements = math.prod(input_shape[1:])
+        self.limit, self.spent = max(passes * self.input_elements, _SMALL_BUDGET), 0
         # The cost of the user's pass (ProbeGraph.work), where known: no pass on another input may cost WORK_PASSES
         # times more (see _charged).
         self.work = work
@@ -324,22 +324,23 @@ def _charged(graph_on: GraphOn, budget: Budget) -> GraphOn:
             from the last pass as growing with the square of the input's elements; where the budget does not know
             the user's, the first pass's, in proportion to its input).
     """
-    most: list[float] = [] if budget.work is None else [max(WORK_PASSES * budget.work, _SMALL_WORK)]
-    last: list[float] = []  # the input elements and the work of the last pass
+    most: float | None = None if budget.work is None else max(WORK_PASSES * budget.work, _SMALL_WORK)
+    last: tuple[int, int] | None = None  # the input elements and the work of the last pass
 
     def charged(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
+        nonlocal most, last
         elements = math.prod(shape[1:])
-        if last and most and last[1] * (elements / last[0]) ** 2 > most[0]:
+        if last is not None and most is not None and last[1] * (elements / last[0]) ** 2 > most:
             raise OverBudget
         budget.charge(shape)
         graph = graph_on(shape, thin_axes)
-        if graph is not None and graph.work:
-            graph.budget = budget
-            last[:] = [elements, graph.work]
-            if not most:
-                most.append(max(WORK_PASSES * graph.work * budget.input_elements / elements, _SMALL_WORK))
-        elif graph is not None:
-            graph.budget = budget
+        if graph is None:
+            return None
+        graph.budget = budget
+        if graph.work:
+            last = elements, graph.work
+            if most is None:
+                most = max(WORK_PASSES * graph.work * budget.input_elements / elements, _SMALL_WORK)
         return graph
 
     return charged

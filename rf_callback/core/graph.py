@@ -42,10 +42,13 @@ class Underflow(Exception):
 def underflow_guard(dtype: torch.dtype) -> float:
     """A gradient magnitude below which neighbours of a non-zero value may have underflowed to zero in ``dtype``.
 
-    The smallest normal number over the machine epsilon: 1e-31 in float32, 1e-292 in float64, 0.06 in float16.
+    The smallest normal number over the machine epsilon (1e-31 in float32 and bfloat16, 1e-292 in float64): a value
+    decaying smoothly into that range has neighbours below the smallest subnormal. In float16, whose whole range a
+    shallow network's gradient can span (0.06 by that rule), the smallest normal number itself: a gradient in the
+    subnormal range (below 6e-5).
     """
     info = torch.finfo(dtype)
-    return info.tiny / info.eps
+    return info.tiny if dtype == torch.float16 else info.tiny / info.eps
 
 
 class _Captured(Exception):

@@ -216,7 +216,7 @@ class _ProbeFunctions(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in ("scaled_dot_product_attention", "multi_head_attention_forward"):
-            self.work += _attention_scores(name, args, kwargs)  # made inside the call, unseen here
+            self.work += _attention_score_count(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
             return self._counted(self._call(func, name, args, kwargs))
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -310,9 +310,9 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _MULTIPLICATIONS:
             args = tuple(self._mask_as_number(a, args) for a in args)
         if self.linearise and name in _LINEAR_IN_EACH_OPERAND:
-            args, kwargs = _unsigned_constants(args, kwargs)
+            args, kwargs = _unsigned_constants(name, args, kwargs)
         if self.linearise and name in _RECURRENCES and len(args) >= 9 and isinstance(args[3], bool):
-            return _recurrence_twin(name, *args[:9])
+            return _recurrence_twin(args[0], args[1], layers=args[4], bidirectional=args[7], batch_first=args[8])
         if self.linearise and name in _RECURRENT_CELLS and len(args) >= 2:
             if (twin := _recurrent_cell_twin(name, args[0], args[1])) is not None:
                 return twin
@@ -367,8 +367,9 @@ class _ProbeFunctions(TorchFunctionMode):
             return _anywhere_twin(func(*args, **kwargs), args[0], offset_and_mask)
         if self.linearise and name in _FLAT_AT_ZERO and (twin := _unflattened(func, name, args, kwargs)) is not None:
             return twin
-        if self.linearise and name in _MULTIPLICATIONS and _input_dependent_factors(args) >= 2 and len(args) == 2:
-            return _lifted_product(*args, in_place=name.endswith("_") or name == "__imul__")
+        if self.linearise and name in _MULTIPLICATIONS and len(factors := _factors(args, kwargs)) == 2:
+            if _input_dependent_factors(factors) == 2:
+                return _lifted_product(*factors, in_place=name.endswith("_") or name == "__imul__")
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -464,7 +465,7 @@ _RECURRENCES = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 _RECURRENT_CELLS = frozenset({"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"})
 
 
-def _recurrence_twin(name: str, x, hx, _params, _biases, layers, _dropout, _train, bidirectional, batch_first):
+def _recurrence_twin(x: torch.Tensor, hx, *, layers: int, bidirectional: bool, batch_first: bool):
     """The theoretical copy's twin of a recurrent layer: every output reads its whole past (and future, both ways).
 
     On the copy's constants the gates saturate and the gradient through the real recurrence fades step after step:
@@ -477,7 +478,7 @@ def _recurrence_twin(name: str, x, hx, _params, _biases, layers, _dropout, _trai
     time = 1 if batch_first else 0
     steps = x.shape[time]
     per_step = x.mean(dim=-1, keepdim=True)
-    counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).reshape((-1, 1) if time == 0 else (1, -1, 1))
+    counts = torch.arange(1, steps + 1, dtype=x.dtype, device=x.device).reshape((-1, 1, 1) if time == 0 else (1, -1, 1))
     forward = per_step.cumsum(time) / counts
     backward = per_step.flip(time).cumsum(time).flip(time) / counts.flip(time)
     whole = per_step.mean(dim=time, keepdim=True)
@@ -499,13 +500,20 @@ def _recurrence_twin(name: str, x, hx, _params, _biases, layers, _dropout, _trai
 
 
 def _recurrent_cell_twin(name: str, x, hx):
-    """One step of a recurrent cell on the theoretical copy: every output reads the input and the states."""
+    """One step of a recurrent cell on the theoretical copy: every output reads the input and the states.
+
+    The input's mean plus the states' mean: the gradient to the states is 1 in all, step after step, so the first step
+    of a long loop is read as the last (a mean of input and states would halve it at every step).
+    """
     states = hx if isinstance(hx, (list, tuple)) else (hx,)
-    read = [t.mean(dim=-1, keepdim=True) for t in (x, *states) if isinstance(t, torch.Tensor) and _depends_on_input(t)]
-    if not read:
+    parts = [x.mean(dim=-1, keepdim=True)] if isinstance(x, torch.Tensor) and _depends_on_input(x) else []
+    carried = [s.mean(dim=-1, keepdim=True) for s in states if isinstance(s, torch.Tensor) and _depends_on_input(s)]
+    if carried:
+        parts.append(torch.stack(carried).mean(dim=0))
+    if not parts:
         return None
-    mean = torch.stack(read).mean(dim=0)
-    outputs = tuple(mean.expand_as(s).clone() for s in states)
+    step = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    outputs = tuple(step.expand_as(s).clone() for s in states)
     return outputs if name == "lstm_cell" else outputs[0]
 
 
@@ -753,7 +761,7 @@ def _attention_twin(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return _bounded(_softmax_twin(torch.softmax, "softmax", (scores, -1), {}) @ value, in_place=False)
 
 
-def _attention_scores(name: str, args, kwargs) -> int:
+def _attention_score_count(name: str, args, kwargs) -> int:
     """The elements of the attention scores that a fused attention call computes: one per query, key and head."""
     query = args[0] if args else kwargs.get("query")
     key = args[1] if len(args) > 1 else kwargs.get("key")
@@ -844,6 +852,7 @@ _NEGATIONS = frozenset({"neg", "negative", "__neg__", "neg_", "negative_", "reci
 _DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "divide_", "true_divide_",
                         "__itruediv__"})  # fmt: skip
 _POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
+_STATISTICS = frozenset({"var", "std", "var_mean", "std_mean"})  # zero on equal values, with a zero gradient
 _ADDITIONS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})  # with alpha=-1, a subtraction
 _SIGNED = (
     _SUBTRACTIONS
@@ -853,7 +862,8 @@ _SIGNED = (
     | _POWERS
     | _ADDITIONS
     | _MULTIPLICATIONS
-    | {"__rtruediv__", "var", "std", "var_mean", "std_mean", "normalize", "cosine_similarity", "diff", "addcmul",
+    | _STATISTICS
+    | {"__rtruediv__", "normalize", "cosine_similarity", "diff", "addcmul",
        "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"}
 )  # fmt: skip
 
@@ -881,13 +891,21 @@ def _unflattened(func, name: str, args, kwargs):
     The same support, and never 0 where the value is (``(y - 1) ** 2`` on the copy's ones). None for other calls.
     """
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    if not _depends_on_input(x) or name.endswith("_") or kwargs.get("out") is not None:
-        return None
+    if not _depends_on_input(x) or not x.is_floating_point() or name.endswith("_") or kwargs.get("out") is not None:
+        return None  # a complex value's magnitude is real: its gradient stays the real one
     if name in _POWERS | {"float_power"}:
         exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
         if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or exponent <= 0:
             return None
     return _real_values(func(*args, **kwargs), x)
+
+
+def _factors(args, kwargs) -> list:
+    """The two operands of a ``mul`` call, positional or named (``input``, ``other``), or fewer where not both."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    rest = len(args) + len(kwargs) - 2
+    return [first, second] if first is not None and second is not None and rest == 0 else []
 
 
 def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Tensor:
@@ -934,6 +952,8 @@ def _sign_free_twin(name: str, args, kwargs):
         if dependent(first) and _negative(second):
             flipped = first, -second
         elif dependent(second) and _negative(first) and name in _MULTIPLICATIONS:
+            if in_place:  # the negative constant is the target: it must hold the product itself
+                return first.neg_().mul_(second)
             flipped = second, -first
         if flipped is not None:
             target, factor = flipped
@@ -943,7 +963,10 @@ def _sign_free_twin(name: str, args, kwargs):
     if name.rstrip("_") in ("addcmul", "addcdiv") and (dependent(args[1]) or dependent(args[2])):
         # input + value * t1 * t2 (or t1 / t2): every factor positive, a divisor's as a factor
         value = abs(kwargs.get("value", 1))
-        product = _bounded(args[1] * args[2], in_place=False) if name.startswith("addcdiv") else args[1] * args[2]
+        if dependent(args[1]) and dependent(args[2]):
+            product = _lifted_product(args[1], args[2], in_place=False)
+        else:
+            product = _bounded(args[1] * args[2], in_place=False) if name.startswith("addcdiv") else args[1] * args[2]
         return first.add_(product, alpha=value) if in_place else torch.add(first, product, alpha=value)
     if name.rstrip("_") == "lerp" and len(args) + len(kwargs) >= 3:
         # start + weight * (end - start): on the copy's equal values end - start is 0, and a weight of 1 cuts start
@@ -963,8 +986,7 @@ def _sign_free_twin(name: str, args, kwargs):
         return _bounded(first.mul_(second) if in_place else torch.mul(first, second), in_place=in_place)
     if name == "__rtruediv__" and dependent(first):
         return _bounded(torch.mul(second, first), in_place=False)
-    statistics = ("var", "std", "var_mean", "std_mean")
-    if name in statistics and dependent(first) and (dims := _reduced_dims(name, args, kwargs)):
+    if name in _STATISTICS and dependent(first) and (dims := _reduced_dims(name, args, kwargs)):
         # Zero on equal values, with a zero gradient: the mean has the same support and a positive gradient.
         keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 and isinstance(args[2], bool) else False)
         mean = first.mean(dim=dims, keepdim=keepdim)
@@ -1007,18 +1029,21 @@ _LINEAR_IN_EACH_OPERAND = (
 )
 
 
-def _unsigned_constants(args, kwargs):
+def _unsigned_constants(name: str, args, kwargs):
     """``args`` and ``kwargs`` with each constant operand of signed values replaced by its magnitude.
 
     The theoretical copy's own weights are positive constants; a constant the forward holds itself (a buffer, a
     tensor it builds) is not, and a fixed Haar filter (+1 and -1 over a 2 x 2 window) summed by a later layer reads
     its window's pixels through paths that cancel exactly on the copy's equal values: a 2 x 2 field came out 1 x 1.
     Its magnitude keeps every path (and every zero: a fixed mask's shape stays). Applied only where another operand
-    depends on the input.
+    depends on the input, and never to the target of an in-place call (``y.mul_(x)`` must write ``y`` itself).
     """
+    target = args[0] if args and _in_place(name) else None
 
-    def signed(value) -> bool:  # a constant (no Parameter of the copy, which are positive) with a negative value
+    def signed(value) -> bool:  # a constant (no Parameter of the copy, nor a view of one: positive) with a value < 0
         if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
+            return False
+        if isinstance(value._base, nn.Parameter) or value is target:
             return False
         return value.is_floating_point() and value.numel() > 0 and bool((value < 0).any())
 
@@ -1349,7 +1374,30 @@ def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_b
         # All-gathered: a collective on the parameter's mesh, so every rank prepares the same copy at the same time.
         param = param.detach().full_tensor()  # type: ignore[attr-defined]  # a DTensor's
     value = param.detach().to(device, dtype, copy=True)
-    return value.zero_() if _is_bias(name) and zero_biases else value
+    if _is_bias(name) and zero_biases:
+        return value.zero_()
+    if value.is_floating_point() and (value.dtype != param.dtype or value.dtype == torch.float16):
+        _check_representable(name, param, value)
+    return value
+
+
+def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
+    """Refuses weights that the probe's narrower ``dtype`` turns to zero or to subnormal numbers.
+
+    Subnormal float16 weights (below 6e-5) may be flushed to zero by the kernels: their paths would leave the field
+    without a word (an edge tap of 1e-5 read 7..9 of 4..12).
+
+    Raises:
+        ProbeError: some non-zero weight is zero or subnormal in ``value``'s dtype.
+    """
+    lost = (param.detach().to(value.device) != 0) & (value.abs() < torch.finfo(value.dtype).tiny)
+    if bool(lost.any()):
+        kind = str(value.dtype).removeprefix("torch.")
+        raise ProbeError(
+            f"{int(lost.sum())} non-zero values of the parameter {name!r} are zero or subnormal in {kind} (below "
+            f"{torch.finfo(value.dtype).tiny:.1e}), where the kernels may flush them to zero and cut their paths; "
+            f"pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+        )
 
 
 # Inside materialised_constants(), the theoretical copy's constants are whole tensors: for a forward that writes into
