@@ -707,17 +707,14 @@ def _above_every_gap(scores: torch.Tensor, dim: int) -> torch.Tensor:
     largest. Each round lowers the floor to ``_MASKED_GAP`` below the lowest live score, until no score joins (a row
     of -inf has none).
     """
-    floor = scores.amax(dim, keepdim=True) - _MASKED_GAP
-    live = scores > floor
-    if bool(live.all()):  # nothing far below (no mask): one pass, the common case
-        return live
-    while True:
-        live = scores > floor
+    live = scores > scores.amax(dim, keepdim=True) - _MASKED_GAP
+    while not bool(live.all()):  # nothing far below (no mask): one pass, the common case
         lowest = torch.where(live, scores, torch.full_like(scores, math.inf)).amin(dim, keepdim=True)
-        lower = torch.minimum(floor, lowest - _MASKED_GAP)
-        if not bool(((scores > lower) & ~live).any()):
-            return live
-        floor = lower
+        joined = (scores > lowest - _MASKED_GAP) & ~live
+        if not bool(joined.any()):
+            break
+        live |= joined
+    return live
 
 
 def _masked_softmax(func, name: str, args, kwargs):
