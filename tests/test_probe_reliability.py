@@ -1088,7 +1088,11 @@ def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
     cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed from the input (all True or all
     False there) picked one branch where it was combined (``&``, ``~``), turned into numbers or used as an index:
     position 6 read 6..6, not 4..8 as in weights mode."""
-    model = WideAndNarrow(CANCELLING_OR_GATING[name])
+    _assert_reads_the_wide_branch(WideAndNarrow(CANCELLING_OR_GATING[name]))
+
+
+def _assert_reads_the_wide_branch(model: WideAndNarrow) -> None:
+    """Every position of a 12-long input reads the 5-wide branch in theoretical mode, and contains the weights field."""
     field_map = probe_rf(model, (1, 1, 12), "all")
     torch.manual_seed(0)
     weights = probe_rf(model, (1, 1, 12), "all", mode="weights")
@@ -1123,14 +1127,7 @@ def test_values_that_are_zero_on_the_copy_hide_no_branch_in_theoretical_mode(nam
     """The copy's values are exactly 1, so ``n - 1`` and ``log|n|`` are exactly 0 there: as the factor of a product
     they cut the other factor's path, and a square or an absolute value of them has a zero gradient. Position 6 read
     6..6, not 4..8 as in weights mode."""
-    model = WideAndNarrow(ZERO_ON_THE_COPY[name])
-    field_map = probe_rf(model, (1, 1, 12), "all")
-    torch.manual_seed(0)
-    weights = probe_rf(model, (1, 1, 12), "all", mode="weights")
-    for i in range(12):
-        assert field_map[(i,)].bounds == ((max(i - 2, 0), min(i + 2, 11)),), i
-        (low, high), (first, last) = field_map[(i,)].bounds[0], weights[(i,)].bounds[0]
-        assert low <= first and last <= high, i
+    _assert_reads_the_wide_branch(WideAndNarrow(ZERO_ON_THE_COPY[name]))
 
 
 def test_a_mask_subtracted_from_attention_scores_keeps_its_meaning_in_theoretical_mode():

@@ -425,7 +425,6 @@ class _Prober:
                     graph_on = graph_factory(copy, attempt)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
-                    budget = Budget(shape, work=user_work)
                     reasons.clear()
                     try:
                         if weights_positions and attempt is request:
@@ -435,8 +434,9 @@ class _Prober:
                                 reasons.update(why)
                                 return geometry
                         geometry = measure_geometry(
-                            theory, graph_on, known=known, table=table, reasons=reasons, budget=budget,
-                            one_shape=isinstance(request.parsed_layout, Tokens), user_couplings=couplings,
+                            theory, graph_on, known=known, table=table, reasons=reasons,
+                            budget=Budget(shape, work=user_work), one_shape=isinstance(request.parsed_layout, Tokens),
+                            user_couplings=couplings,
                         )  # fmt: skip
                         geometry = _followed(
                             geometry, fields, table, shape, theory, output_shape, known, reasons, exact=exact
