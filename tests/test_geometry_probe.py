@@ -15,7 +15,7 @@ from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import chain_geometry
 from rf_callback.core.geometry_probe import ELSEWHERE, TOO_FEW_WHOLE
 from rf_callback.core.graph import ProbeGraph
-from tests.chains import closed_form, runnable
+from tests.chains import Layer, closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
 from tests.test_probe_closed_form import chains
 
@@ -71,6 +71,18 @@ def test_geometry_of_clipped_chains_equals_closed_form(layers, data):
         assume("padding" not in str(error))
         raise
     assert geometry_triples(field) == expected
+
+
+def test_a_trivial_axis_keeps_its_geometry_where_the_other_axis_leaves_its_ends_empty():
+    """A draw of the test above: rows 0 and 3 read input rows -8, -2 and 4 (dilation 3 after a stride of 2), none of
+    them inside the 4 rows, so the fields at the ends of H are empty. The W axis's border check reads the centre
+    column there; before, it took that emptiness for a field that strays from (1, 1, 0) and offered no W geometry."""
+    model, shape, _ = runnable(
+        [Layer("max", (1, 1), (2, 1), (0, 0), (1, 1)), Layer("conv", (3, 1), (1, 1), (4, 0), (3, 1))], (4, 4)
+    )
+    field = probe_rf(model, shape, "center")
+    assert geometry_triples(field) == [(13, 2, 8), (1, 1, 0)]
+    assert field.geometry.reasons == (None, None)
 
 
 @pytest.mark.parametrize("n_axes", [1, 2, 3])

@@ -252,7 +252,25 @@ _STRAYED = (
 )
 
 
-def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known) -> bool:
+def border_followed(theory, geometry: tuple, output_shape: tuple[int, ...], shape, known) -> tuple:
+    """``geometry`` without the axes whose border fields do not follow it (:func:`border_follows`).
+
+    An axis may explain another's empty seams; where it is dropped, the others are checked again without it.
+    """
+    while True:
+        strayed = [
+            a
+            for a, g in enumerate(geometry)
+            if g is not None and not border_follows(theory, g, a, output_shape, shape, known, others=geometry)
+        ]
+        if not strayed:
+            return geometry
+        geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
+
+
+def border_follows(
+    theory, geometry: AxisGeometry, axis: int, output_shape: tuple[int, ...], shape, known, others: tuple = ()
+) -> bool:
     """Whether the fields at the border follow ``geometry`` along ``axis``.
 
     A geometry read near the centre must hold there too: a roll, a flip, a wrap or a crop along the axis moves the
@@ -262,7 +280,9 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     one pass each, outermost first, where the band holds a few or the forward pads with the input's own values (a
     reflection or a replication folds a field back inside there, where the band's union hides it); otherwise the
     band must together lie inside its clipped spans (one pass), which a wrap to the far end breaks. At the
-    ends of the other axes, the centre index's fields must together be its span (one pass).
+    ends of the other axes, the centre index's fields must together be its span (one pass), or all be empty where
+    ``others`` (the geometry of every axis) puts each of them beyond the input along another axis: a dilated field
+    at the end of that axis can fall between the input's rows.
     """
     length, count = shape[2 + axis], output_shape[axis]
     centre = [n // 2 for n in output_shape]
@@ -281,7 +301,12 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     seams.discard(tuple(centre))
     if seams:
         box = box_of(theory.support(sorted(seams)))
-        if not consistent(geometry, {centre[axis]: None if box is None else box[axis]}, length):
+        if box is not None:
+            if not consistent(geometry, {centre[axis]: box[axis]}, length):
+                return False
+        elif not consistent(geometry, {centre[axis]: None}, length) and not all(
+            _empty_along_another_axis(seam, axis, others, shape) for seam in seams
+        ):
             return False
 
     for end in sorted({0, count - 1}):
@@ -306,6 +331,15 @@ def border_follows(theory, geometry: AxisGeometry, axis: int, output_shape: tupl
     return True
 
 
+def _empty_along_another_axis(position: Position, axis: int, others: tuple, shape) -> bool:
+    """Whether another axis's geometry allows an empty field at ``position``: its span there leaves the input."""
+    return any(
+        g is not None and not (g.span(position[b])[0] >= 0 and g.span(position[b])[1] <= shape[2 + b] - 1)
+        for b, g in enumerate(others)
+        if b != axis
+    )
+
+
 # Up to this many indices whose spans leave the input on one side are checked one pass each; a wider band together.
 _BAND_READ_ONE_BY_ONE = 4
 
@@ -323,13 +357,11 @@ def _followed(
     reasons.update(dict.fromkeys(outside, f"a probed field {relation} the span (r, S, P) gives it"))
     geometry = tuple(None if a in outside else g for a, g in enumerate(geometry))
     if table is None:
-        strayed = [
-            a
-            for a, g in enumerate(geometry)
-            if g is not None and not border_follows(theory, g, a, output_shape, shape, known)
-        ]
-        reasons.update(dict.fromkeys(strayed, _STRAYED))
-        geometry = tuple(None if a in strayed else g for a, g in enumerate(geometry))
+        followed = border_followed(theory, geometry, output_shape, shape, known)
+        reasons.update(
+            dict.fromkeys((a for a, g in enumerate(geometry) if g is not None and followed[a] is None), _STRAYED)
+        )
+        geometry = followed
     return geometry
 
 

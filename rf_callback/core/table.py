@@ -34,7 +34,7 @@ from rf_callback.core.model_copy import (
     probe_functions,
     with_materialised_fallback,
 )
-from rf_callback.core.probe import border_follows, probe_rf
+from rf_callback.core.probe import border_followed, probe_rf
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import Bounds
 from rf_callback.core.support import box_of
@@ -367,10 +367,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
                 graph_on = forwards.graph_on(output.name)
                 geometry = measure_geometry(theory, graph_on, known={center: support}, budget=Budget(shape))
                 # As for probe_rf: a geometry read near the centre must hold at the border (a roll, a wrap, a crop).
-                geometry = tuple(
-                    g if g is None or border_follows(theory, g, a, output.grid, shape, {center: support}) else None
-                    for a, g in enumerate(geometry)
-                )
+                geometry = border_followed(theory, geometry, output.grid, shape, {center: support})
         theoretical[output.name] = support, geometry
         if mode == "weights":
             row_request = request.replaced(layer=output.name, layout=output.layout)
