@@ -1119,14 +1119,18 @@ ZERO_ON_THE_COPY = {
     "torch.mul with other=": lambda w, t, n: torch.mul(w, other=n - 1) + n,
     "addcmul by (x - 1)": lambda w, t, n: torch.addcmul(n, w, n - 1),
     "in place into a signed constant": lambda w, t, n: _multiplied_in_place(torch.full_like(w, -2.0) * 1.0, w) + n,
+    "einsum with (x - 1)": lambda w, t, n: torch.einsum("bct,bct->bct", w, n - 1) + n,
+    "einsum of a list, with (x - 1)": lambda w, t, n: torch.einsum("bct,bct->bct", [n - 1, w]) + n,
+    "matmul by (x - 1)": lambda w, t, n: (w.unsqueeze(-1) @ (n - 1).unsqueeze(-2)).diagonal(0, -2, -1) + n,
+    "bmm by (x - 1)": lambda w, t, n: torch.bmm(w.reshape(-1, 1, 1), (n - 1).reshape(-1, 1, 1)).reshape(n.shape) + n,
 }
 
 
 @pytest.mark.parametrize("name", list(ZERO_ON_THE_COPY))
 def test_values_that_are_zero_on_the_copy_hide_no_branch_in_theoretical_mode(name):
     """The copy's values are exactly 1, so ``n - 1`` and ``log|n|`` are exactly 0 there: as the factor of a product
-    they cut the other factor's path, and a square or an absolute value of them has a zero gradient. Position 6 read
-    6..6, not 4..8 as in weights mode."""
+    they cut the other factor's path (elementwise, or in a ``matmul``/``einsum``), and a square or an absolute value
+    of them has a zero gradient. Position 6 read 6..6, not 4..8 as in weights mode."""
     _assert_reads_the_wide_branch(WideAndNarrow(ZERO_ON_THE_COPY[name]))
 
 

@@ -63,8 +63,9 @@ _MAX_POOLS = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 # Products of two input-dependent tensors (a squeeze-and-excitation gate, attention): with activations as
 # identities, their magnitudes square block after block until they overflow or underflow. The theoretical copy divides
 # such a product by its largest magnitude (a positive constant: the gradient's support does not change).
-_PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm",
-                       "einsum", "multiply"})  # fmt: skip
+# Products of whole tensors, linear in each operand: a zero operand on the copy cuts the other's paths.
+_BILINEAR = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "dot", "einsum"})
+_PRODUCTS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", *_BILINEAR})  # fmt: skip
 # Functions that couple every element along a dim: on the theoretical copy's equal values their real gradient cancels.
 _SOFTMAXES = frozenset({"softmax", "log_softmax", "softmin", "special_softmax", "special_log_softmax", "_softmax",
                         "_log_softmax"})  # fmt: skip
@@ -370,6 +371,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _MULTIPLICATIONS and len(factors := _factors(args, kwargs)) == 2:
             if _input_dependent_factors(factors) == 2:
                 return _lifted_product(*factors, in_place=name.endswith("_") or name == "__imul__")
+        if self.linearise and name in _BILINEAR and (lifted := _lifted_bilinear(func, name, args, kwargs)) is not None:
+            return lifted
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
         return func(*args, **kwargs)
@@ -920,6 +923,68 @@ def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Ten
     lifted = first * magnitude(second) + magnitude(first) * second
     product = _bounded(_real_values(first.detach() * second.detach(), lifted), in_place=False)
     return first.copy_(product) if in_place else product
+
+
+def _lifted_bilinear(func, name: str, args, kwargs) -> torch.Tensor | None:
+    """A ``matmul`` or ``einsum`` of two input-dependent tensors where one is 0 along a whole contraction, or None.
+
+    As for :func:`_lifted_product`: the real gradient to one operand is the other's values, and the copy's constants
+    can make them exactly 0 (``b - 1`` of its ones), which would cut that operand's paths. Here the product keeps its
+    real values, and each operand's gradient is the product with the other's magnitude, 1 where the other is 0 along
+    the whole contraction. A zero beside live values there stays 0: attention probabilities that a mask zeroed have
+    live keys in their row, and must not open the masked keys' paths.
+    """
+    equation = args[0] if name == "einsum" and args and isinstance(args[0], str) else None
+    listed = equation is not None and len(args) == 2 and isinstance(args[1], (list, tuple))
+    operands = list(args[1]) if listed else list(args[1:]) if equation is not None else list(args)
+    slots = [i for i, t in enumerate(operands) if _depends_on_input(t)]
+    if len(slots) != 2 or not all(operands[i].is_floating_point() and operands[i].dim() > 0 for i in slots):
+        return None
+    contracted = _contracted_dims(name, equation, operands, slots)
+    if contracted is None:
+        return None
+    dead = [
+        (operands[i] == 0).all(dim=dims, keepdim=True) if dims else operands[i] == 0
+        for i, dims in zip(slots, contracted)
+    ]
+    if not bool(dead[0].any() | dead[1].any()):
+        return None
+
+    def called(values) -> torch.Tensor:
+        replaced = list(operands)
+        for slot, value in zip(slots, values):
+            replaced[slot] = value
+        if equation is not None:
+            return func(equation, replaced, **kwargs) if listed else func(equation, *replaced, **kwargs)
+        return func(*replaced, **kwargs)
+
+    first, second = (operands[i] for i in slots)
+    lifted_first, lifted_second = (torch.where(d, 1.0, t.detach().abs()) for d, t in zip(dead, (first, second)))
+    lifted = called([first, lifted_second]) + called([lifted_first, second])
+    return _bounded(_real_values(called([first.detach(), second.detach()]), lifted), in_place=False)
+
+
+def _contracted_dims(name: str, equation, operands: list, slots: list[int]) -> list[tuple[int, ...]] | None:
+    """The dims each of the two operands at ``slots`` is summed along, or None where that is not read here."""
+    if name != "einsum":
+        left, right = (operands[i] for i in slots)
+        if name == "__rmatmul__":  # self @ other reversed: other @ self
+            return [(-2,) if left.dim() >= 2 else (-1,), (-1,)]
+        return [(-1,), (-2,) if right.dim() >= 2 else (-1,)]
+    if not isinstance(equation, str) or "->" not in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != len(operands):
+        return None
+    dims = []
+    for slot in slots:
+        before, _, after = terms[slot].partition("...")
+        ends = [-(len(after) - j) for j in range(len(after))] if "..." in terms[slot] else []
+        positions = list(range(len(before))) + ends if "..." in terms[slot] else list(range(len(before)))
+        letters = before + after if "..." in terms[slot] else before
+        dims.append(tuple(p for p, letter in zip(positions, letters) if letter not in output))
+    return dims
 
 
 def _sign_free_twin(name: str, args, kwargs):
