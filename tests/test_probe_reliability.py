@@ -89,6 +89,56 @@ def test_scripted_model_is_refused_in_theoretical_mode_and_measured_in_weights_m
     assert probe_rf(scripted, SHAPE, "center", mode="weights").size == (8, 8)
 
 
+@pytest.mark.parametrize("script", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 16, 16))])
+def test_a_scripted_model_is_probed_bias_free_in_weights_mode_as_its_python_module(script):
+    """TorchScript clones itself without the deep copy's memo: the copy kept the real biases (of -0.36, which keep
+    some ReLUs shut), and (5, 5) read 7 x 5 pixels where the bias-free network reads 7 x 7; float64 was refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-0.36), model[2].bias.fill_(-0.36)
+    python = probe_rf(model, (1, 3, 16, 16), (5, 5), mode="weights")
+    assert python.bounds == ((5, 11), (5, 11))
+    for dtype in (None, torch.float64):
+        scripted = probe_rf(script(model), (1, 3, 16, 16), (5, 5), mode="weights", dtype=dtype)
+        assert scripted.bounds == python.bounds and torch.equal(scripted.heatmap > 0, python.heatmap > 0)
+    assert model[0].bias.eq(-0.36).all()  # the live model keeps its biases
+
+
+class Autocast(nn.Module):
+    """``net`` run under ``torch.autocast`` on the CPU, its output cast to the input's dtype or not."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype, cast_back: bool = True):
+        super().__init__()
+        self.net, self.dtype, self.cast_back = net, dtype, cast_back
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=self.dtype):
+            y = self.net(x)
+        return y.to(x.dtype) if self.cast_back else y
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_float16_autocast_inside_the_forward_does_not_cut_the_fields_tails(mode):
+    """The backward of 20 convolutions under a float16 autocast flushes the field's tails to zero below 6e-8, while
+    the input's float32 gradient stays above float32's guard: position 12 read 14..50 (weights mode 17..47) where
+    the closed form reads 12..52. A float16 result inside the forward now brings float16's guard: redone in
+    float64, where the autocast leaves the convolutions alone."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(*[nn.Conv1d(4, 4, 3) for _ in range(20)]).eval()
+    assert probe_rf(Autocast(chain, torch.float16), (1, 4, 64), 12, mode=mode).bounds == ((12, 52),)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_an_output_of_another_dtype_than_the_probes_is_probed(mode):
+    """A bfloat16 output (an autocast that does not cast back), or a float32 one under dtype=torch.float64, raised
+    "Index put requires the source and destination dtypes match" from the probe's own backward."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    bfloat16 = probe_rf(Autocast(net, torch.bfloat16, cast_back=False), (1, 3, 16, 16), mode=mode)
+    float32 = probe_rf(Autocast(net, torch.float32), (1, 3, 16, 16), mode=mode, dtype=torch.float64)
+    assert bfloat16.bounds == float32.bounds == ((6, 10), (6, 10))
+
+
 class CutPath(nn.Module):
     """A 3x3 path and a 5x5 path; ``cut`` hides the 5x5 one from gradients in one of several ways."""
 

@@ -213,6 +213,7 @@ class ProbeGraph(GraphShapes):
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self.work = 0  # elements the forward's calls returned: its cost (see probe_functions)
+        self.float16_inside = False  # a call on the way returned float16 (see probe_functions)
         self._supports: dict[tuple, torch.Tensor] = {}
         # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
         self.flow: Flow | None = None
@@ -226,7 +227,7 @@ class ProbeGraph(GraphShapes):
             self.output = forward_to(copy, self.inputs, request, functions)
             self.flow = None if functions.flow is None else functions.flow.of(self.output)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
-            self.work = functions.work
+            self.work, self.float16_inside = functions.work, functions.float16_inside
             self.border_modes = functions.border_modes
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
@@ -269,7 +270,7 @@ class ProbeGraph(GraphShapes):
         weights = self.channel_weights[:, :, None]
         if scale is not None:
             weights = weights * torch.tensor(scale, dtype=weights.dtype, device=weights.device)
-        cotangent[at] = weights
+        cotangent[at] = weights.to(cotangent.dtype)  # an output of another dtype (autocast, a cast at the end)
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
         if self._blocked:
@@ -282,17 +283,27 @@ class ProbeGraph(GraphShapes):
             )
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
         positive = gradient.abs()[gradient != 0]
-        if positive.numel() and float(positive.min()) < underflow_guard(gradient.dtype):
+        # A float16 part of the forward flushes its gradient at float16's edge, however wide the input's dtype.
+        narrowest = torch.float16 if self.float16_inside else gradient.dtype
+        if positive.numel() and float(positive.min()) < max(
+            underflow_guard(gradient.dtype), underflow_guard(narrowest)
+        ):
             if self.guard and gradient.dtype == torch.float32:
                 raise Underflow
-            raise self._underflow_error(gradient.dtype)
+            raise self._underflow_error(narrowest)
         if not torch.isfinite(magnitude).all():
             raise self._not_finite_error()
         return magnitude
 
     def _underflow_error(self, dtype: torch.dtype) -> ProbeError:
         """Why a gradient that fades to the edge of ``dtype``'s range gives no field."""
-        if dtype != torch.float64:
+        if self.float16_inside:
+            fix = (
+                "a part of the forward computes in float16 (torch.autocast with dtype=torch.float16, or .half()), "
+                "whose gradient flushes to zero there: probe without that autocast (or with dtype=torch.bfloat16), or "
+                "with that part in float32"
+            )
+        elif dtype != torch.float64:
             fix = "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
         elif self.mode == "weights":
             fix = (

@@ -206,6 +206,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
         # input (see geometry_probe.Budget).
         self.work = 0
+        # Whether some call returned float16 (autocast, a half-precision part): its gradient flushes to zero far
+        # above float32's range, where the input's own gradient does not show it (see graph.underflow_guard).
+        self.float16_inside = False
 
     def cut_reason(self, tensor) -> str | None:
         """Why ``tensor`` depends on the input without a gradient to it, or None."""
@@ -278,6 +281,7 @@ class _ProbeFunctions(TorchFunctionMode):
         """``result``, its tensors' elements added to :attr:`work`."""
         if isinstance(result, torch.Tensor):
             self.work += result.numel()
+            self.float16_inside |= result.dtype == torch.float16
         elif isinstance(result, (tuple, list)):
             self.work += sum(t.numel() for t in result if isinstance(t, torch.Tensor))
         return result
@@ -1288,6 +1292,8 @@ def prepared_copy(
             with fsdp1_parameters_whole(source):
                 memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
                 clone = module_copy(source, memo)
+                if scripted:
+                    _write_prepared(source, clone, memo)
         except ProbeError:
             raise
         except Exception as error:
@@ -1300,6 +1306,19 @@ def prepared_copy(
         _strip_user_hooks(clone)
         clone.eval()
     return clone
+
+
+def _write_prepared(source: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> None:
+    """Puts the prepared tensors into a copy's TorchScript parts, which clone themselves without the deep-copy memo.
+
+    Without it a scripted or traced model kept its real biases in weights mode (a field 35 pixels wide where the
+    bias-free one is 49), and its float32 weights under ``dtype=torch.float64``.
+    """
+    copied = {**dict(clone.named_parameters()), **dict(clone.named_buffers())}
+    for name, tensor in [*source.named_parameters(), *source.named_buffers()]:
+        prepared = memo.get(id(tensor))
+        if prepared is not None and name in copied and copied[name] is not prepared:
+            copied[name].data = prepared.data
 
 
 _PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "einsum"})
