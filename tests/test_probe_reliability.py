@@ -139,6 +139,35 @@ def test_an_output_of_another_dtype_than_the_probes_is_probed(mode):
     assert bfloat16.bounds == float32.bounds == ((6, 10), (6, 10))
 
 
+class AlwaysDroppedPath(nn.Module):
+    """A 3 x 3 convolution and a residual 5 x 5 one behind a drop-path written without ``if self.training``."""
+
+    def __init__(self, drop: float, draw):
+        super().__init__()
+        self.first, self.branch, self.drop, self.draw = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 5, padding=2),
+            drop,
+            draw,
+        )
+
+    def forward(self, x):
+        x = self.first(x)
+        keep = self.draw(x.new_empty(x.shape[0], 1, 1, 1), 1.0 - self.drop)  # timm's and torchvision's draw
+        return x + self.branch(x) * keep / (1.0 - self.drop)
+
+
+@pytest.mark.parametrize("draw", [lambda t, p: t.bernoulli_(p), lambda t, p: torch.bernoulli(torch.full_like(t, p))])
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_drop_path_that_is_always_on_keeps_its_branch_whatever_the_random_state(mode, draw):
+    """Each of the probe's draws dropped the 5 x 5 branch at random (9 of 20 global seeds in weights mode at a drop
+    rate of 0.9, and half the seeds in theoretical mode): (8, 8) read 3 x 3 where the branch reads 7 x 7."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        field = probe_rf(AlwaysDroppedPath(0.9, draw).eval(), (1, 3, 16, 16), (8, 8), mode=mode)
+        assert field.bounds == ((5, 11), (5, 11)), seed
+
+
 class CutPath(nn.Module):
     """A 3x3 path and a 5x5 path; ``cut`` hides the 5x5 one from gradients in one of several ways."""
 

@@ -328,6 +328,8 @@ class _ProbeFunctions(TorchFunctionMode):
         clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
             args[0] if args else kwargs.get("input", kwargs.get("self"))
         )
+        if base == "bernoulli" and args and isinstance(args[0], torch.Tensor):
+            return _kept_draw(args[0], args[1] if len(args) > 1 else kwargs.get("p"), in_place=name.endswith("_"))
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -910,6 +912,22 @@ def _factors(args, kwargs) -> list:
     second = args[1] if len(args) > 1 else kwargs.get("other")
     rest = len(args) + len(kwargs) - 2
     return [first, second] if first is not None and second is not None and rest == 0 else []
+
+
+def _kept_draw(target: torch.Tensor, p, *, in_place: bool) -> torch.Tensor:
+    """A ``bernoulli`` draw in the copy's forward: 1 wherever the draw could give 1, in both modes.
+
+    A stochastic depth or a drop-path written without ``if self.training`` (``torch.empty(...).bernoulli_(keep)``,
+    as timm's ``drop_path`` and torchvision's ``stochastic_depth`` draw their masks) drops a residual branch at
+    random: the field would be one draw's, and follow the global random state. The field is every path a draw can
+    open, as a dropout's is (its twin is the identity).
+    """
+    probability = target if p is None else p
+    if isinstance(probability, torch.Tensor):
+        kept = (probability > 0).to(target.dtype).expand_as(target)
+    else:
+        kept = torch.full_like(target, 1.0 if probability > 0 else 0.0)
+    return target.copy_(kept) if in_place else kept.clone()
 
 
 def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Tensor:
