@@ -168,6 +168,42 @@ def test_a_drop_path_that_is_always_on_keeps_its_branch_whatever_the_random_stat
         assert field.bounds == ((5, 11), (5, 11)), seed
 
 
+class GatheredByScore(nn.Module):
+    """Features gathered at the positions a score picks (token selection), by ``pick(score)``'s indices."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.features, self.score, self.pick = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(4, 1, 1), pick
+
+    def forward(self, x):
+        features = self.features(x)
+        indices = self.pick(self.score(features))
+        return torch.gather(features, 2, indices.expand(-1, features.shape[1], -1))
+
+
+@pytest.mark.parametrize(
+    "pick",
+    {
+        "topk": lambda score: score.topk(12, dim=2).indices,
+        "max": lambda score: score.max(dim=2, keepdim=True).indices,
+        "sort": lambda score: torch.sort(score, dim=2, descending=True)[1][:, :, :12],
+    }.items(),
+    ids=lambda item: item[0],
+)
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_gather_at_the_positions_a_pick_chose_is_refused_as_argmax_is(mode, pick):
+    """Any position can be picked, but the theoretical copy's ties picked a fixed few: position 0 read 11..18 after a
+    topk (0..2 after a max) where any input can reach it. The indices of ``topk``, ``max``, ``sort`` now cut the
+    gradient as ``argmax``'s do, and the probe says so."""
+    with pytest.raises(ProbeError, match=rf"cuts the gradient.*the indices of {pick[0]}\(\)"):
+        probe_rf(GatheredByScore(pick[1]), (1, 2, 24), 0, mode=mode)
+
+
+def test_the_values_of_a_pick_are_probed_where_its_indices_are_not_used():
+    model = WideAndNarrow(lambda w, t, n: torch.stack([w, n]).max(dim=0).values)
+    assert probe_rf(model, (1, 1, 12), 6).bounds == ((4, 8),)
+
+
 class CutPath(nn.Module):
     """A 3x3 path and a 5x5 path; ``cut`` hides the 5x5 one from gradients in one of several ways."""
 

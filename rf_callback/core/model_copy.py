@@ -266,6 +266,16 @@ class _ProbeFunctions(TorchFunctionMode):
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
         if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
             self._input_masks[id(result)] = result
+        if from_input and name.rstrip("_") in _INDEXED_PICKS and isinstance(result, (tuple, list)):
+            # The positions a pick chose, as argmax's: a gather by them reads what the input's values chose, which
+            # no gradient follows (and the theoretical copy's ties would choose a fixed few).
+            for indices in result[1:]:
+                if (
+                    isinstance(indices, torch.Tensor)
+                    and not indices.is_floating_point()
+                    and indices.dtype != torch.bool
+                ):
+                    self._cut_from_input[id(indices)] = (indices, f"the indices of {name}()")
         if (
             from_input
             and isinstance(result, torch.Tensor)
@@ -649,6 +659,12 @@ def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
     if not all(isinstance(d, int) and -x.dim() <= d < x.dim() for d in dims):
         return ()
     return tuple(sorted(d % x.dim() for d in dims))
+
+
+# Picks along a dim that return the positions they chose beside the values.
+_INDEXED_PICKS = frozenset(
+    {"max", "min", "sort", "topk", "kthvalue", "median", "nanmedian", "mode", "cummax", "cummin"}
+)
 
 
 def _from_shape_alone(name: str) -> bool:
