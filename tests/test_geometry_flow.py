@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from torch import nn
 
 from rf_callback import ProbeError, probe_rf, rf_table
 from rf_callback.core import geometry_flow
+from rf_callback.core.geometry import AxisGeometry, consistent
 from tests.models import TinyResNet, gated
 from tests.test_geometry_probe import count_graphs
 
@@ -299,3 +302,67 @@ def test_a_slice_straight_out_of_a_concatenation_reads_its_segments_off_the_flow
         measured, flowed, shapes = measured_and_flowed(monkeypatch, model, (1, 2, 40), pos="center")
         assert flowed == measured and flowed[0] == [(size, 1, size // 2)], select
         assert shapes == [(1, 2, 40)], select  # the probe's own forward carried it
+
+
+class NearestByScale(nn.Module):
+    """A stride-4 convolution, a nearest upsampling by ``scale_factor`` (4 -> 8 for 2.2), a stride-2 convolution."""
+
+    def __init__(self, scale: float, mode: str = "nearest-exact"):
+        super().__init__()
+        self.down, self.merge, self.scale, self.mode = (
+            nn.Conv1d(1, 1, 4, stride=4),
+            nn.Conv1d(1, 1, 2, stride=2),
+            scale,
+            mode,
+        )
+
+    def forward(self, x):
+        return self.merge(nn.functional.interpolate(self.down(x), scale_factor=self.scale, mode=self.mode))
+
+
+class WrittenThroughAView(nn.Module):
+    """Two 3 x 3 convolutions, the first one's last columns zeroed (``y[..., -3:] = 0``) or wrapped (``copy_``)."""
+
+    def __init__(self, write: str):
+        super().__init__()
+        self.first, self.second, self.write = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), write
+
+    def forward(self, x):
+        y = self.first(x)
+        if self.write == "zeroed":
+            y[..., -3:] = 0
+        else:
+            y[..., -2:].copy_(y[..., :2])
+        return self.second(y)
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (NearestByScale(2.2), (1, 1, 16)),
+        (NearestByScale(2.2, "nearest"), (1, 1, 16)),
+        (WrittenThroughAView("zeroed"), (1, 1, 8, 12)),
+        (WrittenThroughAView("copied"), (1, 1, 8, 12)),
+    ],
+    ids=["nearest-exact by 2.2", "nearest by 2.2", "columns zeroed through a view", "columns copied through a view"],
+)
+def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model, shape):
+    """A nearest upsampling by 2.2 reads input floor(i / 2.2), not i // 2 (indices 0 0 1 1 2 2 2 3), and a write
+    through a view changes the written columns' fields: the flow kept (4, 4, 0) and (5, 1, 2), which position 3 (of
+    the upsampling: 8..15, not 12..15) and column 9 (7..9, not 7..11) break. Every offered geometry, of the probe and
+    of the table's row, now holds at every position."""
+    torch.manual_seed(0)
+    fields = probe_rf(model, shape, "all")
+    row = [r for r in rf_table(model, shape) if r.name == list(dict(model.named_children()))[-1]][0]
+    from_row = [
+        None if r is None or s is None else AxisGeometry(size=r, stride=s, offset=p)
+        for r, s, p in zip(row.full_size, row.stride, row.offset)
+    ]
+    for geometry in (probe_rf(model, shape, "center").geometry, from_row):
+        for axis, g in enumerate(geometry):
+            if g is None:
+                continue
+            for position in itertools.product(*(range(n) for n in fields.output_shape)):
+                bounds = fields[position].bounds[axis]
+                if bounds[0] <= bounds[1]:  # an empty field (zeroed columns) says nothing about the other axis
+                    assert consistent(g, {position[axis]: bounds}, shape[2 + axis]), (axis, position)

@@ -177,6 +177,14 @@ class GeometryFlow:
             kwargs: its keyword arguments.
             result: what it returned.
         """
+        if _written_in_place(name) and args and isinstance(args[0], torch.Tensor):
+            # A write into part of a tensor (y[..., -3:] = 0, a view's copy_) changes the fields there, which no
+            # rule here follows: the tensor, and the one a view looks into, carry no flow from now on.
+            target = args[0]
+            if name in ("__setitem__", "index_put_", "index_fill_", "index_copy_", "masked_fill_", "scatter_"):
+                self._set(target, None)
+            if target._base is not None:
+                self._set(target._base, None)
         operands = [*args, *kwargs.values()]
         if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)):
             operands = [*args[0], *args[1:], *kwargs.values()]
@@ -297,6 +305,11 @@ class GeometryFlow:
         if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
             return [((name,) * n_axes, dims)]
         if name == "interpolate" and _argument(args, kwargs, 3, "mode", "nearest") in ("nearest", "nearest-exact"):
+            scale = _argument(args, kwargs, 2, "scale_factor", None)
+            if scale is not None and not _argument(args, kwargs, 5, "recompute_scale_factor", None):
+                # output i reads input floor(i / scale): i // k only where the factor is the whole k
+                if any(float(f) != int(f) for f in (scale if isinstance(scale, (tuple, list)) else (scale,))):
+                    return None
             return _upsampled(flow, dims, first, result)
         return None
 
@@ -475,6 +488,10 @@ def _upsampled(flow: tuple[_Axis, ...], dims: tuple[int, ...], first: torch.Tens
         sizes = tuple(axis.sizes[c // k] for c in range(period))
         out.append(_Periodic(stride, offsets, sizes).simplified())
     return [(tuple(out), dims)]
+
+
+def _written_in_place(name: str) -> bool:
+    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or name.startswith("__i")
 
 
 def _per_axis(value, n_axes: int) -> tuple[int, ...]:
