@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rf_callback import ProbeError, ReceptiveField, ReceptiveFieldMap, probe_rf, verify_rf
+from rf_callback import ProbeError, ReceptiveField, ReceptiveFieldMap, effective_rf, probe_rf, verify_rf
 from tests.models import TinyResNet, TinyUNet, seed_readme_convs, vgg_style
 
 
@@ -146,6 +146,18 @@ def test_position_list_heatmaps_equal_single_probes(mode):
         single = probe_rf(model, (1, 3, 32, 32), field.position, mode=mode)
         assert field.bounds == single.bounds
         assert torch.equal(field.heatmap, single.heatmap)
+
+
+def test_a_flat_list_of_ints_on_a_1d_map_is_a_list_of_positions():
+    """The docstrings say "an int for 1D ... or a list of them": ``[1, 6]`` was refused as one position of 2
+    indices. A single int in a list stays one position."""
+    model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3))
+    fields = probe_rf(model, (1, 1, 12), [1, 6])
+    assert [f.position for f in fields] == [(1,), (6,)] and [f.bounds for f in fields] == [((1, 5),), ((6, 10),)]
+    assert probe_rf(model, (1, 1, 12), [3]).bounds == ((3, 7),)
+    with pytest.raises(ValueError, match="must have 1 int index"):  # a tuple is one position's indices
+        probe_rf(model, (1, 1, 12), (1, 6))
+    assert [f.theoretical.bounds for f in effective_rf(model, torch.rand(2, 1, 12), [1, 6])] == [((1, 5),), ((6, 10),)]
 
 
 def test_weights_mode_all_equals_per_position_loop():

@@ -159,6 +159,8 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
         raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
     if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
         pos = pos.tolist()
+    if isinstance(pos, list) and len(pos) > 1 and len(output_shape) == 1 and all(_scalar(i) for i in pos):
+        return [checked_position(p, output_shape, place) for p in pos], "list"  # [1, 6] on a 1D map: two positions
     if as_index(pos) is not None or (isinstance(pos, Sequence) and pos and all(_scalar(i) for i in pos)):
         return [checked_position(pos, output_shape, place)], "single"
     if isinstance(pos, Sequence) and pos and all(isinstance(p, Sequence) and not isinstance(p, str) for p in pos):
