@@ -331,6 +331,10 @@ class WrittenThroughAView(nn.Module):
         y = self.first(x)
         if self.write == "zeroed":
             y[..., -3:] = 0
+        elif self.write == "zeroed under a view":  # a view taken before the write sees it too
+            view = y.view(y.shape)
+            y[..., -3:] = 0
+            return self.second(view)
         else:
             y[..., -2:].copy_(y[..., :2])
         return self.second(y)
@@ -343,8 +347,15 @@ class WrittenThroughAView(nn.Module):
         (NearestByScale(2.2, "nearest"), (1, 1, 16)),
         (WrittenThroughAView("zeroed"), (1, 1, 8, 12)),
         (WrittenThroughAView("copied"), (1, 1, 8, 12)),
+        (WrittenThroughAView("zeroed under a view"), (1, 1, 8, 12)),
     ],
-    ids=["nearest-exact by 2.2", "nearest by 2.2", "columns zeroed through a view", "columns copied through a view"],
+    ids=[
+        "nearest-exact by 2.2",
+        "nearest by 2.2",
+        "columns zeroed through a view",
+        "columns copied through a view",
+        "a view taken before the write",
+    ],
 )
 def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model, shape):
     """A nearest upsampling by 2.2 reads input floor(i / 2.2), not i // 2 (indices 0 0 1 1 2 2 2 3), and a write

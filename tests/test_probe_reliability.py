@@ -17,6 +17,7 @@ from torch import nn
 
 from rf_callback import ProbeError, effective_rf, probe_rf, rf_table, verify_rf
 from rf_callback.core.geometry import consistent
+from rf_callback.core.model_copy import _contracted_dims
 from tests.models import gated
 
 SHAPE = (1, 1, 20, 20)
@@ -129,6 +130,41 @@ def test_a_float16_autocast_inside_the_forward_does_not_cut_the_fields_tails(mod
     assert probe_rf(Autocast(chain, torch.float16), (1, 4, 64), 12, mode=mode).bounds == ((12, 52),)
 
 
+class AvgPooledBackbone(nn.Module):
+    """Three 3 x 3 convolutions, each followed by a 4 x 4 average pooling (a gradient of 1e-6 per input), and a head
+    that ``head`` runs (in float16, or beside a float16 constant)."""
+
+    def __init__(self, head):
+        super().__init__()
+        layers = [m for _ in range(3) for m in (nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(4))]
+        self.backbone, self.head = nn.Sequential(nn.Conv2d(3, 4, 1), *layers), head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [lambda y: y.half().float(), lambda y: y * torch.ones(1, dtype=torch.float16).float()],
+    ids=["a float16 round trip after the probed layer", "a float16 constant"],
+)
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_float16_off_the_probed_path_keeps_float32s_guard(mode, head):
+    """Only an input-dependent float16 tensor on the way to the probed output brings float16's guard: a small but
+    exact gradient (1e-6) was refused as fading to the edge of float16's range."""
+    model = AvgPooledBackbone(head)
+    assert probe_rf(model, (1, 3, 128, 128), (1, 1), mode=mode, layer="backbone").bounds == ((43, 127), (43, 127))
+
+
+def test_an_einsum_sums_the_dims_its_ellipsis_stands_for_where_the_output_has_none():
+    """``"...t,...t->t"`` sums the ellipsis dims: a zero beside live values along them is no dead contraction (it
+    was searched elementwise, and a masked probability opened its path)."""
+    operands = [torch.ones(2, 3, 4), torch.ones(2, 3, 4)]
+    assert _contracted_dims("einsum", "...t,...t->t", operands, [0, 1]) == [(0, 1), (0, 1)]
+    assert _contracted_dims("einsum", "b...t,b...t->b...", operands, [0, 1]) == [(2,), (2,)]
+    assert _contracted_dims("einsum", "bct,bct", operands, [0, 1]) is None  # an implicit output: not read here
+
+
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 def test_an_output_of_another_dtype_than_the_probes_is_probed(mode):
     """A bfloat16 output (an autocast that does not cast back), or a float32 one under dtype=torch.float64, raised
@@ -157,7 +193,16 @@ class AlwaysDroppedPath(nn.Module):
         return x + self.branch(x) * keep / (1.0 - self.drop)
 
 
-@pytest.mark.parametrize("draw", [lambda t, p: t.bernoulli_(p), lambda t, p: torch.bernoulli(torch.full_like(t, p))])
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda t, p: t.bernoulli_(p),
+        lambda t, p: t.bernoulli_(),  # p=0.5 by default, not the target's values
+        lambda t, p: torch.bernoulli(torch.full_like(t, p)),
+        lambda t, p: (torch.bernoulli(torch.full_like(t, p), out=t), t)[1],  # the out= tensor is what is read
+    ],
+    ids=["bernoulli_(p)", "bernoulli_()", "bernoulli(probabilities)", "bernoulli(out=)"],
+)
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 def test_a_drop_path_that_is_always_on_keeps_its_branch_whatever_the_random_state(mode, draw):
     """Each of the probe's draws dropped the 5 x 5 branch at random (9 of 20 global seeds in weights mode at a drop
@@ -202,6 +247,10 @@ def test_a_gather_at_the_positions_a_pick_chose_is_refused_as_argmax_is(mode, pi
 def test_the_values_of_a_pick_are_probed_where_its_indices_are_not_used():
     model = WideAndNarrow(lambda w, t, n: torch.stack([w, n]).max(dim=0).values)
     assert probe_rf(model, (1, 1, 12), 6).bounds == ((4, 8),)
+    # returned beside the probed element, as torch.max(x, dim) returns them, they cut nothing that is probed
+    returned = WideAndNarrow(lambda w, t, n: torch.cat([w, n], dim=1).max(dim=1, keepdim=True))
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(returned, (1, 1, 12), 6, mode=mode, element=0).bounds == ((4, 8),)
 
 
 class CutPath(nn.Module):

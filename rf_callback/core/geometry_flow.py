@@ -177,14 +177,10 @@ class GeometryFlow:
             kwargs: its keyword arguments.
             result: what it returned.
         """
-        if _written_in_place(name) and args and isinstance(args[0], torch.Tensor):
-            # A write into part of a tensor (y[..., -3:] = 0, a view's copy_) changes the fields there, which no
-            # rule here follows: the tensor, and the one a view looks into, carry no flow from now on.
+        if writes_in_place(name) and args and isinstance(args[0], torch.Tensor):
             target = args[0]
-            if name in ("__setitem__", "index_put_", "index_fill_", "index_copy_", "masked_fill_", "scatter_"):
-                self._set(target, None)
-            if target._base is not None:
-                self._set(target._base, None)
+            if name in _PARTIAL_WRITES or target._base is not None:
+                self._forget_storage(target)
         operands = [*args, *kwargs.values()]
         if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)):
             operands = [*args[0], *args[1:], *kwargs.values()]
@@ -208,6 +204,18 @@ class GeometryFlow:
                     self._mixed.pop(id(item), None)
                 else:
                     self._mixed[id(item)] = (weakref.ref(item), segments if isinstance(segments, tuple) else None)
+
+    def _forget_storage(self, target: torch.Tensor) -> None:
+        """Ends the flow of every tensor that shares ``target``'s memory, after a write into part of it.
+
+        A write into part of a tensor (``y[..., -3:] = 0``, a view's ``copy_``) changes the fields there, which no
+        rule here follows, and so does every view of that memory, taken before the write or after.
+        """
+        memory = target.untyped_storage().data_ptr()
+        for key, (reference, _) in list(self._tags.items()):
+            tensor = reference()
+            if tensor is None or tensor.untyped_storage().data_ptr() == memory:
+                self._tags.pop(key, None)
 
     def _segments(self, tensor) -> _Segments | bool | None:
         """A mixed tensor's segments (``False`` where unknown); ``None`` if its channels hold one field."""
@@ -490,8 +498,21 @@ def _upsampled(flow: tuple[_Axis, ...], dims: tuple[int, ...], first: torch.Tens
     return [(tuple(out), dims)]
 
 
-def _written_in_place(name: str) -> bool:
-    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or name.startswith("__i")
+# Python's in-place operators, as __torch_function__ names them.
+_IN_PLACE_OPERATORS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+     "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+)  # fmt: skip
+# In-place calls that write into part of their target only.
+_PARTIAL_WRITES = frozenset(
+    {"__setitem__", "index_put_", "index_fill_", "index_copy_", "index_add_", "masked_fill_", "masked_scatter_",
+     "scatter_", "scatter_add_", "scatter_reduce_", "put_"}
+)  # fmt: skip
+
+
+def writes_in_place(name: str) -> bool:
+    """Whether the call ``name`` (as ``__torch_function__`` names it) writes into its first argument."""
+    return (name.endswith("_") and not name.startswith("_") and name != "requires_grad_") or name in _IN_PLACE_OPERATORS
 
 
 def _per_axis(value, n_axes: int) -> tuple[int, ...]:

@@ -299,9 +299,9 @@ class ProbeGraph(GraphShapes):
         """Why a gradient that fades to the edge of ``dtype``'s range gives no field."""
         if self.float16_inside:
             fix = (
-                "a part of the forward computes in float16 (torch.autocast with dtype=torch.float16, or .half()), "
-                "whose gradient flushes to zero there: probe without that autocast (or with dtype=torch.bfloat16), or "
-                "with that part in float32"
+                "a part of the forward computes in float16 (torch.autocast with dtype=torch.float16, or a .half() "
+                "cast), whose gradient flushes to zero there: probe with that part in float32 or bfloat16 (an "
+                "autocast to torch.bfloat16, no cast to float16)"
             )
         elif dtype != torch.float64:
             fix = "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
@@ -551,14 +551,15 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             f"head, or a ModuleList/ModuleDict container whose children run instead), so it has no field; name a "
             f"submodule that runs, e.g. one of {_run_modules(copy, inputs, mode)}"
         )
-    cuts = [*functions.cuts, *filter(None, [functions.cut_reason(t) for t in _tensors_in(output)])]
+    output = selected_element(output, element, layer)
+    # Only the probed element's cut matters: a model may return a pick's indices beside its feature map.
+    cuts = [*functions.cuts, *filter(None, [functions.cut_reason(output)])]
     if cuts:
         raise ProbeError(
             f"the forward up to the output of {where(layer)} cuts the gradient on a path from the input "
             f"({', '.join(dict.fromkeys(cuts))}): the probe reads fields from gradients and would miss the "
             f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
         )
-    output = selected_element(output, element, layer)
     # Whether the output's dim 1 holds its channels, as the forward laid it out (read before any layout moves it).
     functions.output_channels_first = None if functions.flow is None else functions.flow.channels_first(output)
     if functions.output_channels_first is None and not functions.moved_channels:
@@ -575,12 +576,6 @@ def _merged_back(copy: nn.Module, inputs, mode: str, layer: str | None) -> list[
     whole = [n for n in later if isinstance(t := outputs[n], torch.Tensor) and t.dim() >= 3 and len(t) == len(inputs)]
     enclosing = [n for n in whole if layer and layer.startswith(n + ".")]
     return (enclosing or whole)[:1]
-
-
-def _tensors_in(output) -> list:
-    if isinstance(output, dict):
-        output = list(output.values())
-    return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
 def selected_element(output, element, layer: str | None) -> torch.Tensor:

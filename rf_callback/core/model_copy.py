@@ -201,12 +201,15 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
+        self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
         # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
         # input (see geometry_probe.Budget).
         self.work = 0
-        # Whether some call returned float16 (autocast, a half-precision part): its gradient flushes to zero far
+        # Whether some call on the path to the probed output returned an input-dependent float16 tensor (autocast,
+        # a half-precision part): its gradient flushes to zero far
         # above float32's range, where the input's own gradient does not show it (see graph.underflow_guard).
         self.float16_inside = False
 
@@ -222,7 +225,7 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in ("scaled_dot_product_attention", "multi_head_attention_forward"):
             self.work += _attention_score_count(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
-            return self._counted(self._call(func, name, args, kwargs))
+            return self._counted(self._called(func, name, args, kwargs))
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
@@ -257,7 +260,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.border_modes.append(f"pad(mode={mode!r})")
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
-        result = self._call(func, name, args, kwargs)
+        result = self._called(func, name, args, kwargs)
         if self.flow is not None:
             self.flow.after(name, args, kwargs, result)
         if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
@@ -287,13 +290,23 @@ class _ProbeFunctions(TorchFunctionMode):
             self._cut_from_input[id(result)] = (result, reason)
         return self._counted(result)
 
+    def _called(self, func, name: str, args, kwargs):
+        """:meth:`_call`'s result, a softmax's output noted as probabilities (see :func:`_lifted_bilinear`)."""
+        result = self._call(func, name, args, kwargs)
+        if self.linearise and isinstance(result, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            if (name in _SOFTMAXES and "log" not in name) or (
+                name.rstrip("_") in _DROPOUTS and id(args[0]) in self._probabilities
+            ):
+                self._probabilities[id(result)] = result
+        return result
+
     def _counted(self, result):
         """``result``, its tensors' elements added to :attr:`work`."""
-        if isinstance(result, torch.Tensor):
-            self.work += result.numel()
-            self.float16_inside |= result.dtype == torch.float16
-        elif isinstance(result, (tuple, list)):
-            self.work += sum(t.numel() for t in result if isinstance(t, torch.Tensor))
+        tensors = [result] if isinstance(result, torch.Tensor) else result if isinstance(result, (tuple, list)) else []
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.work += sum(t.numel() for t in tensors)
+        if self.recording and not self.float16_inside:
+            self.float16_inside = any(t.dtype == torch.float16 and t.requires_grad for t in tensors)
         return result
 
     def _of_masks(self, func, args, kwargs):
@@ -318,6 +331,10 @@ class _ProbeFunctions(TorchFunctionMode):
 
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
+        if base == "bernoulli" and args and isinstance(args[0], torch.Tensor):
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5 if name.endswith("_") else None)
+            kept = _kept_draw(args[0], p, in_place=name.endswith("_"))
+            return kept if kwargs.get("out") is None else kwargs["out"].copy_(kept)
         if self.linearise and kwargs.get("out") is not None:
             return func(*args, **kwargs)  # as in weights mode: autograd refuses out= on input-dependent tensors
         if self.linearise and (twin := self._selection_twin(func, name, args, kwargs)) is not None:
@@ -338,8 +355,6 @@ class _ProbeFunctions(TorchFunctionMode):
         clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
             args[0] if args else kwargs.get("input", kwargs.get("self"))
         )
-        if base == "bernoulli" and args and isinstance(args[0], torch.Tensor):
-            return _kept_draw(args[0], args[1] if len(args) > 1 else kwargs.get("p"), in_place=name.endswith("_"))
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -387,7 +402,11 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _MULTIPLICATIONS and len(factors := _factors(args, kwargs)) == 2:
             if _input_dependent_factors(factors) == 2:
                 return _lifted_product(*factors, in_place=name.endswith("_") or name == "__imul__")
-        if self.linearise and name in _BILINEAR and (lifted := _lifted_bilinear(func, name, args, kwargs)) is not None:
+        if (
+            self.linearise
+            and name in _BILINEAR
+            and (lifted := _lifted_bilinear(func, name, args, kwargs, self._probabilities)) is not None
+        ):
             return lifted
         if self.linearise and name in _PRODUCTS and _input_dependent_factors(args) >= 2:
             return _bounded(func(*args, **kwargs), in_place=name.endswith("_") or name == "__imul__")
@@ -662,9 +681,7 @@ def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
 
 
 # Picks along a dim that return the positions they chose beside the values.
-_INDEXED_PICKS = frozenset(
-    {"max", "min", "sort", "topk", "kthvalue", "median", "nanmedian", "mode", "cummax", "cummin"}
-)
+_INDEXED_PICKS = frozenset({"max", "min"}) | _PICKS_ALONG_A_DIM - {"amax", "amin", "msort", "quantile", "nanquantile"}
 
 
 def _from_shape_alone(name: str) -> bool:
@@ -676,8 +693,7 @@ _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bo
 
 
 def _in_place(name: str) -> bool:
-    return (name.endswith("_") and not name.startswith("_")) or name in ("__setitem__", "__iadd__", "__isub__",
-                                                                      "__imul__", "__itruediv__")  # fmt: skip
+    return geometry_flow.writes_in_place(name)
 
 
 def _sized(args, kwargs) -> bool:
@@ -963,14 +979,15 @@ def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Ten
     return first.copy_(product) if in_place else product
 
 
-def _lifted_bilinear(func, name: str, args, kwargs) -> torch.Tensor | None:
+def _lifted_bilinear(func, name: str, args, kwargs, probabilities) -> torch.Tensor | None:
     """A ``matmul`` or ``einsum`` of two input-dependent tensors where one is 0 along a whole contraction, or None.
 
     As for :func:`_lifted_product`: the real gradient to one operand is the other's values, and the copy's constants
     can make them exactly 0 (``b - 1`` of its ones), which would cut that operand's paths. Here the product keeps its
     real values, and each operand's gradient is the product with the other's magnitude, 1 where the other is 0 along
     the whole contraction. A zero beside live values there stays 0: attention probabilities that a mask zeroed have
-    live keys in their row, and must not open the masked keys' paths.
+    live keys in their row, and must not open the masked keys' paths. An operand whose id is in ``probabilities``
+    (a softmax's output: every row has a live value) is not searched for zeros, which would cost a pass over it.
     """
     equation = args[0] if name == "einsum" and args and isinstance(args[0], str) else None
     listed = equation is not None and len(args) == 2 and isinstance(args[1], (list, tuple))
@@ -982,7 +999,11 @@ def _lifted_bilinear(func, name: str, args, kwargs) -> torch.Tensor | None:
     if contracted is None:
         return None
     dead = [
-        (operands[i] == 0).all(dim=dims, keepdim=True) if dims else operands[i] == 0
+        torch.zeros((), dtype=torch.bool, device=operands[i].device)
+        if id(operands[i]) in probabilities
+        else (operands[i] == 0).all(dim=dims, keepdim=True)
+        if dims
+        else operands[i] == 0
         for i, dims in zip(slots, contracted)
     ]
     if not bool(dead[0].any() | dead[1].any()):
@@ -1017,11 +1038,13 @@ def _contracted_dims(name: str, equation, operands: list, slots: list[int]) -> l
         return None
     dims = []
     for slot in slots:
-        before, _, after = terms[slot].partition("...")
-        ends = [-(len(after) - j) for j in range(len(after))] if "..." in terms[slot] else []
-        positions = list(range(len(before))) + ends if "..." in terms[slot] else list(range(len(before)))
-        letters = before + after if "..." in terms[slot] else before
-        dims.append(tuple(p for p, letter in zip(positions, letters) if letter not in output))
+        term, rank = terms[slot], operands[slot].dim()
+        before, ellipsis, after = term.partition("...")
+        positions = list(range(len(before))) + [rank - len(after) + j for j in range(len(after))]
+        summed = [p for p, letter in zip(positions, before + after) if letter not in output]
+        if ellipsis and "..." not in output:  # the dims the ellipsis stands for are summed too
+            summed += range(len(before), rank - len(after))
+        dims.append(tuple(sorted(summed)))
     return dims
 
 
