@@ -1256,12 +1256,19 @@ def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
     ``torch.compile``d LightningModule): a probe of the copy would silently run the live model. ``live`` is the
     module ``model`` was copied from, to find the copy of the module a compiled forward belongs to.
     """
-    counterpart = {id(m): c for m, c in zip(live.modules(), model.modules())}
+    copied = list(model.modules())
+    compiled = [
+        (module, name, original)
+        for module in copied
+        for name, child in module.named_children()
+        if isinstance(original := getattr(child, "_orig_mod", None), nn.Module)
+    ]
+    if not compiled and not hasattr(model, "_orig_mod") and not any("forward" in m.__dict__ for m in copied):
+        return model  # the common case: nothing compiled, no forward attribute to rebind
+    counterpart = {id(m): c for m, c in zip(live.modules(), copied)}
     model = getattr(model, "_orig_mod", model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if hasattr(child, "_orig_mod") and isinstance(child._orig_mod, nn.Module):
-                setattr(module, name, child._orig_mod)
+    for module, name, original in compiled:
+        setattr(module, name, original)
     for module in model.modules():
         _own_forward(module, counterpart)
     return model
@@ -1304,7 +1311,8 @@ def scripted_modules(model: nn.Module) -> list[str]:
 
 
 def _checked_device(model: nn.Module) -> None:
-    for tensor in [*model.parameters(), *model.buffers()]:
+    tensors = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+    for tensor in tensors:
         if tensor.is_meta:
             raise ValueError(
                 "the model's parameters are on the meta device (shapes without values), so the probe cannot run it; "
