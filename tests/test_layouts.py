@@ -313,6 +313,38 @@ def test_a_token_output_without_layout_is_refused_with_the_fix():
         probe_rf(TinyViT(), VIT_INPUT, layout="channels_last")
 
 
+class SeriesPatches(nn.Module):
+    """PatchTST's patching of a univariate series: patches of 8 every 4 samples, each embedded by a linear layer."""
+
+    def __init__(self, cut):
+        super().__init__()
+        self.embed, self.cut = nn.Linear(8, 8), cut
+
+    def forward(self, x):
+        return self.embed(self.cut(F.pad(x, (0, 4), mode="replicate")))
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda x: x.unfold(-1, 8, 4).squeeze(1),
+        lambda x: x.unfold(-1, 8, 4)[:, 0],
+        lambda x: x.unfold(-1, 8, 4).flatten(0, 1),
+    ],
+    ids=["unfold, squeeze", "unfold, index", "unfold, flatten"],
+)
+def test_patches_cut_by_a_reshape_are_read_as_tokens_not_as_channels(cut):
+    """(1, 1, 64) -> 16 patches of 8 features, (1, 16, 8): read channels first, the patches were taken for channels
+    and position 3 read the whole input (0..63) with no warning, while channels_last and tokens were refused as "no
+    call moved dim 1". The reshape that makes dim 1 the patches now sends the output to the layout check."""
+    model = SeriesPatches(cut)
+    with pytest.raises(ValueError, match=r"\(1, 16, 8\).*channels last \(N, L, C\).*pass layout='channels_last'"):
+        probe_rf(model, (1, 1, 64), 3)
+    for layout in ("channels_last", "tokens:16"):
+        for mode in ("theoretical", "weights"):
+            assert probe_rf(model, (1, 1, 64), 3, layout=layout, mode=mode).bounds == ((12, 19),)
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [

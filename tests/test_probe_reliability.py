@@ -253,6 +253,69 @@ def test_the_values_of_a_pick_are_probed_where_its_indices_are_not_used():
         assert probe_rf(returned, (1, 1, 12), 6, mode=mode, element=0).bounds == ((4, 8),)
 
 
+CUTS_INSIDE_A_LIST = {
+    "a detached branch in cat's list": lambda w, t, n: torch.cat([w.detach(), n], dim=1).sum(1, keepdim=True),
+    "an argsort in an index tuple": lambda w, t, n: w[..., n.sum(1)[0].argsort()],
+    "an argmax-chosen phase in an index tuple": lambda w, t, n: torch.stack([w, n])[
+        torch.stack([w.norm(), n.norm()]).argmax(), ...
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CUTS_INSIDE_A_LIST))
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_cut_inside_a_list_or_an_index_tuple_is_refused(mode, name):
+    """Only a call's direct arguments were searched for cuts: ``cat([wide.detach(), narrow])`` read 6..6 (the narrow
+    branch alone), and a phase chosen by an argmax of norms (adaptive polyphase downsampling) read one phase."""
+    with pytest.raises(ProbeError, match="cuts the gradient"):
+        probe_rf(WideAndNarrow(CUTS_INSIDE_A_LIST[name]), (1, 1, 12), 6, mode=mode)
+
+
+class MixedBranch(nn.Module):
+    """A 3-tap and a 9-tap branch, of which ``choose(x)`` picks positions or a branch."""
+
+    def __init__(self, choose):
+        super().__init__()
+        self.narrow, self.wide, self.choose = nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 9, padding=4), choose
+        self.logits = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.choose(self, self.narrow(x), self.wide(x))
+
+
+RANDOM_CHOICES = {
+    "a random permutation of positions": lambda m, a, b: (a + b)[..., torch.randperm(a.shape[-1])],
+    "random positions": lambda m, a, b: (a + b)[..., torch.randint(0, a.shape[-1], (a.shape[-1],))],
+    "positions shuffled by the argsort of noise (masked autoencoders)": lambda m, a, b: (a + b)[
+        ..., torch.argsort(torch.rand(a.shape[-1]))
+    ],
+    "a branch picked by a hard Gumbel softmax": lambda m, a, b: (
+        torch.stack([a, b], -1) * nn.functional.gumbel_softmax(m.logits, hard=True)
+    ).sum(-1),
+    "a branch picked by multinomial sampling": lambda m, a, b: (a, b)[int(torch.multinomial(m.logits.softmax(0), 1))],
+    "a drop-path by a threshold on torch.rand": lambda m, a, b: a + b * (torch.rand(a.shape[0], 1, 1) < 0.5) / 0.5,
+    "a drop-path by the floor of keep + rand": lambda m, a, b: a + b * (0.5 + torch.rand(a.shape[0], 1, 1)).floor_(),
+}
+
+
+@pytest.mark.parametrize("name", list(RANDOM_CHOICES))
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_positions_or_branches_chosen_at_random_are_refused(mode, name):
+    """The field of such a forward is one draw's: output 5 of a shuffled map read 1..3, 6..8 or 10..12 by the global
+    random seed, and a branch picked by a hard Gumbel softmax gave 12..20 or 15..17 at output 16."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with pytest.raises(ProbeError, match=r"a random draw: the field would be one draw's"):
+            probe_rf(MixedBranch(RANDOM_CHOICES[name]).eval(), (1, 1, 32), 16, mode=mode)
+
+
+def test_noise_added_to_a_map_changes_no_field():
+    """Random values that choose nothing (noise injection) are no cut: the field is the branches' union."""
+    model = MixedBranch(lambda m, a, b: a + b + 0.1 * torch.randn_like(a))
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(model.eval(), (1, 1, 32), 16, mode=mode).bounds == ((12, 20),)
+
+
 class CutPath(nn.Module):
     """A 3x3 path and a 5x5 path; ``cut`` hides the 5x5 one from gradients in one of several ways."""
 

@@ -472,7 +472,8 @@ class _ShapesOnly(contextlib.nullcontext):
     the check it serves undecided, as any forward on another input may.
     """
 
-    recording, flow, moved_channels, output_channels_first = True, None, False, None
+    recording, flow, moved_channels, reshaped_channels, output_channels_first = True, None, False, False, None
+    last_axis_sizes: set[int] = set()
     cuts: list[str] = []
 
     def cut_reason(self, tensor) -> None:
@@ -577,7 +578,13 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
     # Whether the output's dim 1 holds its channels, as the forward laid it out (read before any layout moves it).
     functions.output_channels_first = None if functions.flow is None else functions.flow.channels_first(output)
     if functions.output_channels_first is None and not functions.moved_channels:
-        functions.output_channels_first = True  # no call moved a tensor's dim 1: it holds no spatial axis
+        # No call moved a tensor's dim 1: it holds no spatial axis, unless a reshape made it (x.unfold(-1, 8, 4)
+        # .squeeze(1): patches on dim 1) and the last axis looks like features (a linear layer's, or longer than
+        # the input's), which the layout check then decides on another input.
+        last = output.shape[-1] if output.dim() >= 3 else None
+        features = last in functions.last_axis_sizes or (last is not None and last > input_shape[-1])
+        if not (functions.reshaped_channels and features):
+            functions.output_channels_first = True
     merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
     return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
 

@@ -186,6 +186,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # Whether a permute-like call moved dim 1 (the channels of a convolution's output) of a tensor of 3 or more
         # dims: only then can an output read channels first hold a spatial axis at dim 1 (see check_channels_first).
         self.moved_channels = False
+        # Whether a reshape gave a tensor's dim 1 another length (patches cut from a series): see graph.forward_to.
+        self.reshaped_channels = False
         # Whether the probed output's dim 1 holds its channels (True), a spatial axis (False), or unknown (None).
         self.output_channels_first: bool | None = None
         # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
@@ -201,6 +203,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Values drawn at random inside the forward (torch.rand, randn_like), and what is computed from them alone, by
+        # id (weakly): see _note_random_draws.
+        self._random_values: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
@@ -226,7 +231,7 @@ class _ProbeFunctions(TorchFunctionMode):
             self.work += _attention_score_count(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
             return self._counted(self._called(func, name, args, kwargs))
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = _tensors_among((*args, *kwargs.values()))  # a list's too: cat([a.detach(), b]), y[..., order]
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
@@ -261,6 +266,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._called(func, name, args, kwargs)
+        if not self.reshaped_channels and from_input and name in _RESHAPES:
+            self.reshaped_channels = _reshapes_dim_one(name, args, result)
         if self.flow is not None:
             self.flow.after(name, args, kwargs, result)
         if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
@@ -288,7 +295,40 @@ class _ProbeFunctions(TorchFunctionMode):
         ):
             reason = f"{name}() inside torch.no_grad()" if not torch.is_grad_enabled() else f"{name}()"
             self._cut_from_input[id(result)] = (result, reason)
+        self._note_random_draws(name, args, kwargs, tensors, result)
         return self._counted(result)
+
+    def _note_random_draws(self, name: str, args, kwargs, operands: list[torch.Tensor], result) -> None:
+        """Marks what a random draw chose (a permutation, sampled indices, a hard Gumbel one-hot) as a cut.
+
+        The field of a forward that gathers at random positions or picks a branch at random is one draw's, and would
+        follow the global random state: the probe refuses it, naming the draw. Random values themselves (noise added
+        to a map) are noted, and become a cut only where they choose positions (``argsort(rand(...))``, as masked
+        autoencoders shuffle their tokens) or a mask (``rand(...) < keep``, ``(keep + rand(...)).floor()``, a
+        drop-path left on in eval mode; a ``bernoulli`` draw keeps everything instead, see :func:`_kept_draw`). A
+        draw from a ``generator=`` the forward passes is left alone: seeded there, it is a fixed choice.
+        """
+        if not self._random_values and name not in _RANDOM_CHOICES | _RANDOM_VALUES and name != "gumbel_softmax":
+            return  # the common case: no random draw so far
+        if kwargs.get("generator") is not None:
+            return  # a generator of the forward's own (seeded there: a fixed permutation) is the model's to fix
+        results = _tensors_among(result if isinstance(result, (tuple, list)) else (result,))
+        hard = name == "gumbel_softmax" and bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
+        from_random = any(id(t) in self._random_values for t in operands)
+        if name in _RANDOM_VALUES or (from_random and not hard):
+            self._random_values.update({id(t): t for t in results if not t.requires_grad and t.is_floating_point()})
+        if name in _RANDOM_CHOICES or hard:
+            chosen = [t for t in results if not t.requires_grad]
+        elif from_random and name in _RANDOM_CHOICES_OF_VALUES:
+            chosen = [t for t in results if not t.requires_grad and not t.is_floating_point()]  # the positions
+        elif from_random and name.rstrip("_") in _RANDOM_MASKINGS:
+            chosen = [
+                t for t in results if not t.requires_grad
+            ]  # a random mask: rand(...) < keep, (keep + rand).floor()
+        else:
+            return
+        reason = f"{name}(), a random draw: the field would be one draw's (draw only when self.training)"
+        self._cut_from_input.update({id(t): (t, reason) for t in chosen})
 
     def _called(self, func, name: str, args, kwargs):
         """:meth:`_call`'s result, a softmax's output noted as probabilities (see :func:`_lifted_bilinear`)."""
@@ -680,8 +720,32 @@ def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
     return tuple(sorted(d % x.dim() for d in dims))
 
 
+# Random draws of positions or choices, and random values (see _ProbeFunctions._note_random_draws).
+_RANDOM_CHOICES = frozenset({"randperm", "randint", "randint_like", "multinomial"})
+_RANDOM_VALUES = frozenset(
+    {"rand", "rand_like", "randn", "randn_like", "normal", "uniform_", "normal_", "exponential_", "cauchy_",
+     "log_normal_", "geometric_", "random_", "poisson"}
+)  # fmt: skip
+# Calls that turn values into 0 or 1 (or into steps): of random values, a random mask (a drop-path's).
+_RANDOM_MASKINGS = frozenset(
+    {"floor", "ceil", "round", "trunc", "sign", "heaviside", "lt", "le", "gt", "ge", "eq", "ne", "less", "greater",
+     "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
+)  # fmt: skip
+# Calls that choose positions by values: of random values, a random choice.
+_RANDOM_CHOICES_OF_VALUES = frozenset({"argsort", "argmax", "argmin", "sort", "topk", "max", "min", "kthvalue"})
 # Picks along a dim that return the positions they chose beside the values.
 _INDEXED_PICKS = frozenset({"max", "min"}) | _PICKS_ALONG_A_DIM - {"amax", "amin", "msort", "quantile", "nanquantile"}
+
+
+def _tensors_among(values) -> list[torch.Tensor]:
+    """The tensors among ``values`` and inside the lists and tuples among them (an index tuple, ``cat``'s list)."""
+    found: list[torch.Tensor] = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors_among(value)
+    return found
 
 
 def _from_shape_alone(name: str) -> bool:
@@ -1410,6 +1474,28 @@ def _moves_dim_one(name: str, args: tuple, kwargs: dict) -> bool:
         return first % n != second % n and 1 in (first % n, second % n)
     except (TypeError, IndexError, ZeroDivisionError):
         return True
+
+
+# Calls that may fold, split or drop dim 1 (see _reshapes_dim_one).
+_RESHAPES = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "unfold", "view_as", "reshape_as", "select",
+     "__getitem__"}
+)  # fmt: skip
+
+
+def _reshapes_dim_one(name: str, args: tuple, result) -> bool:
+    """Whether the reshape-like call ``name`` gives its result a dim 1 of another length or meaning.
+
+    ``x.unfold(-1, 8, 4).squeeze(1)`` makes a (N, 1, L) series a (N, patches, 8) token map: dim 1 now holds the
+    patches, which a channels-first reading takes for channels. A view that keeps dim 1 (``x.view(N, C, H * W)``)
+    and an index that keeps the rank (``x[:, :c]``, a slice of the channels) leave it alone.
+    """
+    tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if tensor is None or not isinstance(result, torch.Tensor) or result.dim() < 3:
+        return False
+    if name in ("__getitem__", "select"):
+        return result.dim() != tensor.dim()
+    return tensor.dim() < 2 or result.shape[1] != tensor.shape[1]
 
 
 # Attribute values a copy can share with the live module: they cannot change.
