@@ -309,6 +309,22 @@ def test_positions_or_branches_chosen_at_random_are_refused(mode, name):
             probe_rf(MixedBranch(RANDOM_CHOICES[name]).eval(), (1, 1, 32), 16, mode=mode)
 
 
+def test_a_fractional_max_pool_is_refused_where_its_regions_are_random_or_unread():
+    """Its pooling regions are drawn on every forward: the field followed the global random state (output (0, 1)
+    read columns 2..4 or 3..5 by the draw). With fixed regions, theoretical mode has no mean-pool twin over them and
+    read one element of a 2 x 2 region (3 x 3 where the architecture reads 4 x 4); weights mode reads the real max."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.FractionalMaxPool2d(2, output_ratio=0.5))
+    with pytest.raises(ProbeError, match=r"drawn at random on every forward.*_random_samples="):
+        probe_rf(model, (1, 1, 17, 19), "center", mode="weights")
+    samples = torch.full((8, 2, 2), 0.5)  # one per draw of weights mode
+    fixed = nn.Sequential(nn.Conv2d(1, 2, 3), nn.FractionalMaxPool2d(2, output_ratio=0.5, _random_samples=samples))
+    for pooled in (model, fixed):
+        with pytest.raises(ProbeError, match=r"theoretical mode cannot read as a mean \(use mode='weights'\)"):
+            probe_rf(pooled, (1, 1, 17, 19), "center")
+    low, high = probe_rf(fixed, (1, 1, 17, 19), "center", mode="weights").bounds[0]
+    assert high - low + 1 in (3, 4)  # a max over a 2 x 2 region of 3 x 3 convolutions
+
+
 def test_noise_added_to_a_map_changes_no_field():
     """Random values that choose nothing (noise injection) are no cut: the field is the branches' union."""
     model = MixedBranch(lambda m, a, b: a + b + 0.1 * torch.randn_like(a))

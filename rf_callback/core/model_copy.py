@@ -247,6 +247,8 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
                 self.cuts.append(f"{name}(), a Python value made from the input")
+            if name.startswith("fractional_max_pool"):
+                self.cuts += _fractional_pool_cut(name, args, kwargs, self.linearise)
         if from_input and not torch.is_grad_enabled() and _in_place(name) and args:
             # Written in place without gradient: the target keeps no trace of what flowed into it.
             target = args[0]
@@ -735,6 +737,16 @@ _RANDOM_MASKINGS = frozenset(
 _RANDOM_CHOICES_OF_VALUES = frozenset({"argsort", "argmax", "argmin", "sort", "topk", "max", "min", "kthvalue"})
 # Picks along a dim that return the positions they chose beside the values.
 _INDEXED_PICKS = frozenset({"max", "min"}) | _PICKS_ALONG_A_DIM - {"amax", "amin", "msort", "quantile", "nanquantile"}
+
+
+def _fractional_pool_cut(name: str, args, kwargs, linearise: bool) -> list[str]:
+    """Why a fractional max-pooling cannot be probed: regions drawn at random, or a max the copy cannot read."""
+    if linearise:  # its regions are not exposed: no mean-pool twin over them, and ties would pick one element
+        return [f"{name}(), a max over regions theoretical mode cannot read as a mean (use mode='weights')"]
+    if kwargs.get("_random_samples", args[5] if len(args) > 5 else None) is None:
+        return [f"{name}(), whose pooling regions are drawn at random on every forward: the field would be one draw's "
+                f"(fix them with _random_samples=)"]  # fmt: skip
+    return []
 
 
 def _tensors_among(values) -> list[torch.Tensor]:
