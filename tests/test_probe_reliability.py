@@ -305,7 +305,7 @@ def test_positions_or_branches_chosen_at_random_are_refused(mode, name):
     random seed, and a branch picked by a hard Gumbel softmax gave 12..20 or 15..17 at output 16."""
     for seed in range(3):
         torch.manual_seed(seed)
-        with pytest.raises(ProbeError, match=r"a random draw: the field would be one draw's"):
+        with pytest.raises(ProbeError, match=r"depends on a random draw in its forward.*self.training"):
             probe_rf(MixedBranch(RANDOM_CHOICES[name]).eval(), (1, 1, 32), 16, mode=mode)
 
 
@@ -325,11 +325,36 @@ def test_a_fractional_max_pool_is_refused_where_its_regions_are_random_or_unread
     assert high - low + 1 in (3, 4)  # a max over a 2 x 2 region of 3 x 3 convolutions
 
 
-def test_noise_added_to_a_map_changes_no_field():
-    """Random values that choose nothing (noise injection) are no cut: the field is the branches' union."""
-    model = MixedBranch(lambda m, a, b: a + b + 0.1 * torch.randn_like(a))
+DRAWS_THAT_DECIDE_NOTHING = {
+    "noise added to a map": lambda m, a, b: a + b + 0.1 * torch.randn_like(a),
+    "noise masked at random": lambda m, a, b: a + b + torch.randn_like(a) * (torch.rand_like(a) < 0.1),
+    "a coefficient a random timestep picks (diffusion)": lambda m, a, b: (
+        torch.linspace(0.1, 1.0, 10)[torch.randint(0, 10, (1,))] * (a + b)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWS_THAT_DECIDE_NOTHING))
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_random_draws_that_decide_no_position_or_mask_change_no_field(mode, name):
+    """Noise, a mask on the noise alone and a positive coefficient picked by a random timestep read what the
+    branches read, for every seed (the reviewer's diffusion forward was refused as a cut)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = MixedBranch(DRAWS_THAT_DECIDE_NOTHING[name]).eval()
+        assert probe_rf(model, (1, 1, 32), 16, mode=mode).bounds == ((12, 20),)
+
+
+def test_a_mask_inside_a_list_keeps_the_constants_beside_it_in_theoretical_mode():
+    """``cat([mask.float(), zeros])`` as a gate: the zeros switch a branch off, but the mask in the list made the
+    whole result 0.5 (both halves a mask) and the branch came back, 12..20 where it reads 15..17."""
+
+    def gated(m, a, b):
+        gate = torch.cat([(a > 0).float(), torch.zeros_like(b)], dim=1)
+        return a + (torch.cat([a, b], dim=1) * gate)[:, 1:]
+
     for mode in ("theoretical", "weights"):
-        assert probe_rf(model.eval(), (1, 1, 32), 16, mode=mode).bounds == ((12, 20),)
+        assert probe_rf(MixedBranch(gated), (1, 1, 32), 16, mode=mode).bounds == ((15, 17),)
 
 
 class CutPath(nn.Module):

@@ -475,6 +475,7 @@ class _ShapesOnly(contextlib.nullcontext):
     recording, flow, moved_channels, reshaped_channels, output_channels_first = True, None, False, False, None
     last_axis_sizes: set[int] = set()
     cuts: list[str] = []
+    random_draws: list[str] = []
 
     def cut_reason(self, tensor) -> None:
         return None
@@ -566,6 +567,13 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             f"head, or a ModuleList/ModuleDict container whose children run instead), so it has no field; name a "
             f"submodule that runs, e.g. one of {_run_modules(copy, inputs, mode)}"
         )
+    if functions.random_draws:
+        raise ProbeError(
+            f"the field of {where(layer)} depends on a random draw in its forward "
+            f"({', '.join(dict.fromkeys(functions.random_draws))}): it would be one draw's, and follow the global "
+            f"random state; draw only when self.training (as dropout does), or from a generator= seeded in the "
+            f"forward, or probe a layer before the draw with layer="
+        )
     output = selected_element(output, element, layer)
     # Only the probed element's cut matters: a model may return a pick's indices beside its feature map.
     cuts = [*functions.cuts, *filter(None, [functions.cut_reason(output)])]
@@ -579,10 +587,9 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
     functions.output_channels_first = None if functions.flow is None else functions.flow.channels_first(output)
     if functions.output_channels_first is None and not functions.moved_channels:
         # No call moved a tensor's dim 1: it holds no spatial axis, unless a reshape made it (x.unfold(-1, 8, 4)
-        # .squeeze(1): patches on dim 1) and the last axis looks like features (a linear layer's, or longer than
-        # the input's), which the layout check then decides on another input.
-        last = output.shape[-1] if output.dim() >= 3 else None
-        features = last in functions.last_axis_sizes or (last is not None and last > input_shape[-1])
+        # .squeeze(1): patches on dim 1) and the last axis is as long as a linear layer's features, which the
+        # layout check then decides on another input.
+        features = output.dim() >= 3 and output.shape[-1] in functions.last_axis_sizes
         if not (functions.reshaped_channels and features):
             functions.output_channels_first = True
     merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []

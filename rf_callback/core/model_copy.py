@@ -203,9 +203,11 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        # Values drawn at random inside the forward (torch.rand, randn_like), and what is computed from them alone, by
-        # id (weakly): see _note_random_draws.
-        self._random_values: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
+        # "choice" (positions) or "mask", the draw's name); and where a draw decides the field (see
+        # _note_random_draws).
+        self._drawn: dict[int, tuple[weakref.ref, str, str]] = {}
+        self.random_draws: list[str] = []
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
@@ -235,7 +237,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
-        if self.linearise and not from_input and any(id(t) in self._input_masks for t in tensors):
+        direct = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a list's mask: see _of_masks
+        if self.linearise and not from_input and any(id(t) in self._input_masks for t in direct):
             return self._of_masks(func, args, kwargs)
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
@@ -269,7 +272,7 @@ class _ProbeFunctions(TorchFunctionMode):
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._called(func, name, args, kwargs)
         if not self.reshaped_channels and from_input and name in _RESHAPES:
-            self.reshaped_channels = _reshapes_dim_one(name, args, result)
+            self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
             self.flow.after(name, args, kwargs, result)
         if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
@@ -301,36 +304,59 @@ class _ProbeFunctions(TorchFunctionMode):
         return self._counted(result)
 
     def _note_random_draws(self, name: str, args, kwargs, operands: list[torch.Tensor], result) -> None:
-        """Marks what a random draw chose (a permutation, sampled indices, a hard Gumbel one-hot) as a cut.
+        """Follows what the forward draws at random, and notes in :attr:`random_draws` where a draw decides the field.
 
-        The field of a forward that gathers at random positions or picks a branch at random is one draw's, and would
-        follow the global random state: the probe refuses it, naming the draw. Random values themselves (noise added
-        to a map) are noted, and become a cut only where they choose positions (``argsort(rand(...))``, as masked
-        autoencoders shuffle their tokens) or a mask (``rand(...) < keep``, ``(keep + rand(...)).floor()``, a
-        drop-path left on in eval mode; a ``bernoulli`` draw keeps everything instead, see :func:`_kept_draw`). A
-        draw from a ``generator=`` the forward passes is left alone: seeded there, it is a fixed choice.
+        A forward that reads an input-dependent tensor at random positions (``y[..., randperm(L)]``, the ``argsort``
+        of ``rand`` as masked autoencoders shuffle their tokens), multiplies it by a random mask (``rand(...) < keep``,
+        ``(keep + rand(...)).floor()``, a hard Gumbel one-hot: a drop-path or a branch left random in eval mode) or
+        branches in Python on a draw has one draw's field, which would follow the global random state: the probe
+        refuses it. Draws that decide nothing are probed: noise added to a map, a random timestep that picks a
+        positive coefficient from a table. A ``bernoulli`` draw keeps everything instead (see :func:`_kept_draw`),
+        and a draw from a ``generator=`` the forward passes is its own to fix.
         """
-        if not self._random_values and name not in _RANDOM_CHOICES | _RANDOM_VALUES and name != "gumbel_softmax":
-            return  # the common case: no random draw so far
+        if not self._drawn and name not in _RANDOM_DRAWS:
+            return  # the common case: nothing drawn so far
+        kinds = [(kind, origin) for t in operands if (entry := self._drawn_entry(t)) for kind, origin in [entry]]
+        if kinds and any(t.requires_grad for t in operands):
+            for kind, origin in kinds:
+                if (kind == "choice" and (name in _INDEXINGS or name.rstrip("_") in _INDEXINGS)) or (
+                    kind == "mask" and name in _MASK_USES
+                ):
+                    self.random_draws.append(f"{origin}() {_DECIDES[kind]}")
+        if kinds and name in _TO_PYTHON and any(kind != "value" for kind, _ in kinds):
+            self.random_draws.append(f"{kinds[0][1]}() {_DECIDES['python']}")
         if kwargs.get("generator") is not None:
-            return  # a generator of the forward's own (seeded there: a fixed permutation) is the model's to fix
-        results = _tensors_among(result if isinstance(result, (tuple, list)) else (result,))
-        hard = name == "gumbel_softmax" and bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
-        from_random = any(id(t) in self._random_values for t in operands)
-        if name in _RANDOM_VALUES or (from_random and not hard):
-            self._random_values.update({id(t): t for t in results if not t.requires_grad and t.is_floating_point()})
-        if name in _RANDOM_CHOICES or hard:
-            chosen = [t for t in results if not t.requires_grad]
-        elif from_random and name in _RANDOM_CHOICES_OF_VALUES:
-            chosen = [t for t in results if not t.requires_grad and not t.is_floating_point()]  # the positions
-        elif from_random and name.rstrip("_") in _RANDOM_MASKINGS:
-            chosen = [
-                t for t in results if not t.requires_grad
-            ]  # a random mask: rand(...) < keep, (keep + rand).floor()
+            return
+        results = [t for t in _tensors_among(result if isinstance(result, (tuple, list)) else (result,))]
+        results = [t for t in results if not t.requires_grad]
+        if name in _RANDOM_CHOICES:
+            kind, origin = "choice", name
+        elif name == "gumbel_softmax" and kwargs.get("hard", args[2] if len(args) > 2 else False):
+            kind, origin = "mask", name
+        elif name in _RANDOM_VALUES or name == "gumbel_softmax":  # integer values (random_) are positions
+            kind, origin = "value", name
+            if any(not t.is_floating_point() for t in results):
+                kind = "choice"
+        elif kinds:
+            origin = kinds[0][1]
+            if name.rstrip("_") in _RANDOM_MASKINGS:
+                kind = "mask"
+            elif name in _CHOICES_BY_VALUE or any(kind == "choice" for kind, _ in kinds):
+                kind = "choice"
+            else:
+                kind = "mask" if any(kind == "mask" for kind, _ in kinds) else "value"
         else:
             return
-        reason = f"{name}(), a random draw: the field would be one draw's (draw only when self.training)"
-        self._cut_from_input.update({id(t): (t, reason) for t in chosen})
+        for t in results:  # a float computed from positions (a coefficient a random timestep picks) is a value
+            self._drawn[id(t)] = (
+                weakref.ref(t),
+                "value" if kind == "choice" and t.is_floating_point() else kind,
+                origin,
+            )
+
+    def _drawn_entry(self, tensor: torch.Tensor) -> tuple[str, str] | None:
+        entry = self._drawn.get(id(tensor))
+        return None if entry is None or entry[0]() is not tensor else entry[1:]
 
     def _called(self, func, name: str, args, kwargs):
         """:meth:`_call`'s result, a softmax's output noted as probabilities (see :func:`_lifted_bilinear`)."""
@@ -722,6 +748,18 @@ def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
     return tuple(sorted(d % x.dim() for d in dims))
 
 
+# Calls that read a tensor at positions another gives, and calls where a mask gates a tensor.
+_INDEXINGS = frozenset(
+    {"__getitem__", "__setitem__", "gather", "index_select", "take_along_dim", "take", "index_put", "scatter",
+     "scatter_add", "index_add", "index_copy", "index_fill", "masked_select", "embedding", "narrow"}
+)  # fmt: skip
+_MASK_USES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "where", "masked_fill",
+                        "masked_fill_", "div", "__truediv__", "einsum", "matmul", "__matmul__"})  # fmt: skip
+_DECIDES = {
+    "choice": "chooses the positions the output reads",
+    "mask": "masks what the output reads",
+    "python": "decides a branch of the forward in Python",
+}
 # Random draws of positions or choices, and random values (see _ProbeFunctions._note_random_draws).
 _RANDOM_CHOICES = frozenset({"randperm", "randint", "randint_like", "multinomial"})
 _RANDOM_VALUES = frozenset(
@@ -734,7 +772,8 @@ _RANDOM_MASKINGS = frozenset(
      "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"}
 )  # fmt: skip
 # Calls that choose positions by values: of random values, a random choice.
-_RANDOM_CHOICES_OF_VALUES = frozenset({"argsort", "argmax", "argmin", "sort", "topk", "max", "min", "kthvalue"})
+_CHOICES_BY_VALUE = frozenset({"argsort", "argmax", "argmin", "sort", "topk", "max", "min", "kthvalue"})
+_RANDOM_DRAWS = _RANDOM_CHOICES | _RANDOM_VALUES | {"gumbel_softmax"}
 # Picks along a dim that return the positions they chose beside the values.
 _INDEXED_PICKS = frozenset({"max", "min"}) | _PICKS_ALONG_A_DIM - {"amax", "amin", "msort", "quantile", "nanquantile"}
 
@@ -1495,19 +1534,18 @@ _RESHAPES = frozenset(
 )  # fmt: skip
 
 
-def _reshapes_dim_one(name: str, args: tuple, result) -> bool:
+def _reshapes_dim_one(args: tuple, result) -> bool:
     """Whether the reshape-like call ``name`` gives its result a dim 1 of another length or meaning.
 
     ``x.unfold(-1, 8, 4).squeeze(1)`` makes a (N, 1, L) series a (N, patches, 8) token map: dim 1 now holds the
-    patches, which a channels-first reading takes for channels. A view that keeps dim 1 (``x.view(N, C, H * W)``)
-    and an index that keeps the rank (``x[:, :c]``, a slice of the channels) leave it alone.
+    patches, which a channels-first reading takes for channels. Only a dim 1 of one channel counts: a reshape of
+    many channels (a GroupNorm's ``view(N, G, -1)``, a pixel or channel shuffle) keeps them apart from the spatial
+    axes, and is undone later.
     """
     tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if tensor is None or not isinstance(result, torch.Tensor) or result.dim() < 3:
+    if tensor is None or not isinstance(result, torch.Tensor) or result.dim() < 3 or tensor.dim() < 2:
         return False
-    if name in ("__getitem__", "select"):
-        return result.dim() != tensor.dim()
-    return tensor.dim() < 2 or result.shape[1] != tensor.shape[1]
+    return tensor.shape[1] == 1 and result.shape[1] != 1  # one series' channel folded away, another axis in its place
 
 
 # Attribute values a copy can share with the live module: they cannot change.
