@@ -177,10 +177,13 @@ class GeometryFlow:
             kwargs: its keyword arguments.
             result: what it returned.
         """
-        if writes_in_place(name) and args and isinstance(args[0], torch.Tensor):
-            target = args[0]
-            if name in _PARTIAL_WRITES or target._base is not None:
-                self._forget_storage(target)
+        target = args[0] if writes_in_place(name) and args and isinstance(args[0], torch.Tensor) else None
+        if target is not None and name in _PARTIAL_WRITES:
+            self._forget_storage(target)
+        elif target is not None and target._base is not None:
+            # A whole view written in place (x += shortcut, x a channel slice): the view gets its flow from the
+            # call's rule below; the tensor it looks into, and its other views, have changed in part.
+            self._forget_storage(target, keep=target)
         operands = [*args, *kwargs.values()]
         if name in ("cat", "concat", "concatenate") and args and isinstance(args[0], (list, tuple)):
             operands = [*args[0], *args[1:], *kwargs.values()]
@@ -205,16 +208,17 @@ class GeometryFlow:
                 else:
                     self._mixed[id(item)] = (weakref.ref(item), segments if isinstance(segments, tuple) else None)
 
-    def _forget_storage(self, target: torch.Tensor) -> None:
+    def _forget_storage(self, target: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Ends the flow of every tensor that shares ``target``'s memory, after a write into part of it.
 
         A write into part of a tensor (``y[..., -3:] = 0``, a view's ``copy_``) changes the fields there, which no
-        rule here follows, and so does every view of that memory, taken before the write or after.
+        rule here follows, and so does every view of that memory, taken before the write or after; ``keep`` (a view
+        written whole, whose own flow the call's rule gives) keeps its flow.
         """
         memory = target.untyped_storage().data_ptr()
         for key, (reference, _) in list(self._tags.items()):
             tensor = reference()
-            if tensor is None or tensor.untyped_storage().data_ptr() == memory:
+            if tensor is None or (tensor is not keep and tensor.untyped_storage().data_ptr() == memory):
                 self._tags.pop(key, None)
 
     def _segments(self, tensor) -> _Segments | bool | None:
