@@ -216,8 +216,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # input (see geometry_probe.Budget).
         self.work = 0
         # Whether some call on the path to the probed output returned an input-dependent float16 tensor (autocast,
-        # a half-precision part): its gradient flushes to zero far
-        # above float32's range, where the input's own gradient does not show it (see graph.underflow_guard).
+        # a half-precision part): its gradient flushes to zero far above float32's range, where the input's own
+        # gradient does not show it (see graph.underflow_guard).
         self.float16_inside = False
 
     def cut_reason(self, tensor) -> str | None:
@@ -316,7 +316,7 @@ class _ProbeFunctions(TorchFunctionMode):
         """
         if not self._drawn and name not in _RANDOM_DRAWS:
             return  # the common case: nothing drawn so far
-        kinds = [(kind, origin) for t in operands if (entry := self._drawn_entry(t)) for kind, origin in [entry]]
+        kinds = [entry for t in operands if (entry := self._drawn_entry(t)) is not None]
         if kinds and any(t.requires_grad for t in operands):
             for kind, origin in kinds:
                 if (kind == "choice" and (name in _INDEXINGS or name.rstrip("_") in _INDEXINGS)) or (
@@ -327,8 +327,7 @@ class _ProbeFunctions(TorchFunctionMode):
             self.random_draws.append(f"{kinds[0][1]}() {_DECIDES['python']}")
         if kwargs.get("generator") is not None:
             return
-        results = [t for t in _tensors_among(result if isinstance(result, (tuple, list)) else (result,))]
-        results = [t for t in results if not t.requires_grad]
+        results = [t for t in _tensors_among((result,)) if not t.requires_grad]
         if name in _RANDOM_CHOICES:
             kind, origin = "choice", name
         elif name == "gumbel_softmax" and kwargs.get("hard", args[2] if len(args) > 2 else False):
@@ -753,8 +752,8 @@ _INDEXINGS = frozenset(
     {"__getitem__", "__setitem__", "gather", "index_select", "take_along_dim", "take", "index_put", "scatter",
      "scatter_add", "index_add", "index_copy", "index_fill", "masked_select", "embedding", "narrow"}
 )  # fmt: skip
-_MASK_USES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply", "where", "masked_fill",
-                        "masked_fill_", "div", "__truediv__", "einsum", "matmul", "__matmul__"})  # fmt: skip
+_MASK_USES = _MULTIPLICATIONS | {"where", "masked_fill", "masked_fill_", "div", "__truediv__", "einsum", "matmul",
+                                  "__matmul__"}  # fmt: skip
 _DECIDES = {
     "choice": "chooses the positions the output reads",
     "mask": "masks what the output reads",
