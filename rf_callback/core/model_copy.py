@@ -237,9 +237,10 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
-        direct = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a list's mask: see _of_masks
-        if self.linearise and not from_input and any(id(t) in self._input_masks for t in direct):
-            return self._of_masks(func, args, kwargs)
+        if self.linearise and not from_input and self._input_masks:
+            direct = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))  # a list's mask: _of_masks
+            if any(id(t) in self._input_masks for t in direct):
+                return self._of_masks(func, args, kwargs)
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
             if name in _COUPLINGS and args and isinstance(args[0], torch.Tensor) and args[0].dim():
@@ -252,7 +253,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.cuts.append(f"{name}(), a Python value made from the input")
             if name.startswith("fractional_max_pool"):
                 self.cuts += _fractional_pool_cut(name, args, kwargs, self.linearise)
-        if from_input and not torch.is_grad_enabled() and _in_place(name) and args:
+        if from_input and not torch.is_grad_enabled() and geometry_flow.writes_in_place(name) and args:
             # Written in place without gradient: the target keeps no trace of what flowed into it.
             target = args[0]
             if isinstance(target, torch.Tensor) and target.requires_grad:
@@ -806,10 +807,6 @@ def _from_shape_alone(name: str) -> bool:
 _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
 
 
-def _in_place(name: str) -> bool:
-    return geometry_flow.writes_in_place(name)
-
-
 def _sized(args, kwargs) -> bool:
     return kwargs.get("size", args[1] if len(args) > 1 else None) is not None
 
@@ -1275,7 +1272,7 @@ def _unsigned_constants(name: str, args, kwargs):
     Its magnitude keeps every path (and every zero: a fixed mask's shape stays). Applied only where another operand
     depends on the input, and never to the target of an in-place call (``y.mul_(x)`` must write ``y`` itself).
     """
-    target = args[0] if args and _in_place(name) else None
+    target = args[0] if args and geometry_flow.writes_in_place(name) else None
 
     def signed(value) -> bool:  # a constant (no Parameter of the copy, nor a view of one: positive) with a value < 0
         if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
@@ -1534,7 +1531,7 @@ _RESHAPES = frozenset(
 
 
 def _reshapes_dim_one(args: tuple, result) -> bool:
-    """Whether the reshape-like call ``name`` gives its result a dim 1 of another length or meaning.
+    """Whether a reshape-like call (``view``, ``squeeze``, ``unfold``, an index) gives its result a new dim 1.
 
     ``x.unfold(-1, 8, 4).squeeze(1)`` makes a (N, 1, L) series a (N, patches, 8) token map: dim 1 now holds the
     patches, which a channels-first reading takes for channels. Only a dim 1 of one channel counts: a reshape of

@@ -336,9 +336,7 @@ def border_follows(
 def _empty_along_another_axis(position: Position, axis: int, others: tuple, shape) -> bool:
     """Whether another axis's geometry allows an empty field at ``position``: its span there leaves the input."""
     return any(
-        g is not None and not (g.span(position[b])[0] >= 0 and g.span(position[b])[1] <= shape[2 + b] - 1)
-        for b, g in enumerate(others)
-        if b != axis
+        g is not None and consistent(g, {position[b]: None}, shape[2 + b]) for b, g in enumerate(others) if b != axis
     )
 
 
