@@ -12,7 +12,7 @@ from torch import nn
 
 from rf_callback import probe_rf, rf_table
 from rf_callback.core import geometry_flow
-from rf_callback.core.geometry import chain_geometry
+from rf_callback.core.geometry import AxisGeometry, chain_geometry
 from rf_callback.core.geometry_probe import ELSEWHERE, TOO_FEW_WHOLE
 from rf_callback.core.graph import ProbeGraph
 from tests.chains import Layer, closed_form, runnable
@@ -174,6 +174,29 @@ def test_fixed_size_output_has_no_geometry_and_is_not_read_on_enlarged_inputs(mo
     field = probe_rf(nn.Sequential(*model, nn.AdaptiveAvgPool2d((8, 8))), (1, 1, 16, 16), "center")
     assert field.bounds == ((5, 12), (5, 12)) and field.geometry == (None, None)
     assert max(s[2] * s[3] for s in shapes) <= 16 * 64  # thin inputs only, never 32 x 32 or larger in both axes
+
+
+@pytest.mark.parametrize(
+    ("pool", "input_shape", "fixed"),
+    [
+        (nn.AdaptiveAvgPool2d((1, None)), (1, 1, 16, 40), (True, False)),  # a text line's height (CRNN)
+        (nn.AdaptiveMaxPool2d((None, 3)), (1, 1, 16, 40), (False, True)),
+        (nn.AdaptiveAvgPool3d((2, None, None)), (1, 1, 8, 12, 12), (True, False, False)),  # a clip's time
+    ],
+)
+def test_adaptive_pooling_that_keeps_an_axis_keeps_that_axis_geometry(pool, input_shape, fixed):
+    # None in output_size leaves the axis's length free: its fields keep the convolutions' (r, S, P), while an axis
+    # pooled to a fixed size has none.
+    n = len(input_shape) - 2
+    conv, max_pool = (nn.Conv2d, nn.MaxPool2d) if n == 2 else (nn.Conv3d, nn.MaxPool3d)
+    model = nn.Sequential(conv(1, 2, 3, padding=1), nn.ReLU(), max_pool(2), conv(2, 2, 3, padding=1), pool)
+    for pos in ("center", "all"):
+        field = probe_rf(model, input_shape, pos)
+        for axis, is_fixed in enumerate(fixed):
+            if is_fixed:
+                assert field.geometry[axis] is None and "adaptive pooling" in field.geometry.reasons[axis]
+            else:
+                assert field.geometry[axis] == AxisGeometry(8, 2, 3)  # 3 + 1 + 2 * 2; S = 2; P = 1 + 2 * 1
 
 
 def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():

@@ -355,10 +355,26 @@ class _Reading(NamedTuple):
 
     couplings: list
     spans: bool
+    fixed_size: list | None = None  # the calls with a fixed output size (unknown: None)
 
 
 def _reading(graph: ProbeGraph, axis: int) -> _Reading:
-    return _Reading(list(graph.couplings), _spans(graph, axis))
+    return _Reading(list(graph.couplings), _spans(graph, axis), list(graph.fixed_size))
+
+
+def _fixes_every_axis(fixed_size: list) -> bool:
+    """Whether a call fixes the length of every spatial dim it acts on (``None`` in an adaptive pooling keeps one)."""
+    return any(len(dims) == len(shape) - 2 for _, shape, dims in fixed_size)
+
+
+def _fixed_along(before: list, after: list) -> bool:
+    """Whether a call of ``after`` fixes a dim that grew since ``before`` (the same forward on a shorter input).
+
+    Also where the two forwards made other calls: no telling which dims follow the input then.
+    """
+    if [name for name, *_ in before] != [name for name, *_ in after]:
+        return True
+    return any(shape[d] != grown[d] for (_, shape, dims), (_, grown, _) in zip(before, after) for d in dims)
 
 
 def _whole_axis_coupling(before: _Reading, after: _Reading) -> str | None:
@@ -505,7 +521,7 @@ def _thin_read(
             graph = graph_on(shape, _thin_axes(theory, axis, width))
         if graph is None or len(graph.output_shape) != len(theory.output_shape):
             return _FALLBACK
-        if graph.fixed_size:
+        if _fixes_every_axis(graph.fixed_size):
             # Adaptive pooling or an interpolation to a size on the way: the fields change with the input's
             # length, and no (r, S, P) holds across lengths.
             return _FIXED
@@ -515,7 +531,14 @@ def _thin_read(
         current = _reading(graph, axis)
         if previous is not None and (name := _whole_axis_coupling(previous, current)):
             return _Global(name)
-        previous = current
+        known_before, previous = previous, current
+        if current.fixed_size:
+            # Some dims of a fixed length: whether one follows this axis shows on a longer input.
+            if known_before is None or known_before.fixed_size is None:
+                undecided = True
+                continue
+            if _fixed_along(known_before.fixed_size, current.fixed_size):
+                return _FIXED
         found = read_axis(graph, axis)
         if isinstance(found, _Clipped):
             continue

@@ -208,7 +208,7 @@ class ProbeGraph(GraphShapes):
         self.model, self.request, self.copy = model, request, copy
         self.input_shape, self.layer, self.mode = request.input_shape, request.layer, request.mode
         self.dtype, self.device, self.guard = request.dtype, request.device, request.guard
-        self.fixed_size: list[str] = []  # calls with a fixed output size on the way (see probe_functions)
+        self.fixed_size: list = []  # calls with a fixed output size on the way, and their dims (see probe_functions)
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)

@@ -8,6 +8,7 @@ import copy
 import inspect
 import math
 import random
+import re
 import types
 import weakref
 from collections import OrderedDict
@@ -178,8 +179,10 @@ class _ProbeFunctions(TorchFunctionMode):
         self.flow = flow
         self.cuts: list[str] = []
         # Calls whose output size is fixed rather than following the input's (adaptive pooling, an interpolation
-        # to a size): the fields then change with the input's length, and no (r, S, P) describes them.
-        self.fixed_size: list[str] = []
+        # to a size), as (name, input shape, dims whose length is fixed): along an axis that reaches such a dim the
+        # fields change with the input's length, and no (r, S, P) describes them. An adaptive pooling's ``None``
+        # leaves its dim free (``AdaptiveAvgPool2d((1, None))`` of a text line).
+        self.fixed_size: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
         # The feature sizes of linear layers and layer norms (the length of the last axis they act on): an output
         # whose last axis has one of them may be channels last (see graph.check_channels_first).
         self.last_axis_sizes: set[int] = set()
@@ -260,10 +263,8 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.cuts.append(f"{name}() inside torch.no_grad()")
             elif isinstance(target, torch.Tensor):
                 self._cut_from_input[id(target)] = (target, f"{name}() inside torch.no_grad()")
-        if name.startswith(("adaptive_", "_adaptive_")) or (
-            name in ("interpolate", "upsample") and _sized(args, kwargs)
-        ):
-            self.fixed_size.append(f"{name}()")
+        if args and isinstance(args[0], torch.Tensor) and (dims := _fixed_dims(name, args, kwargs)):
+            self.fixed_size.append((f"{name}()", tuple(args[0].shape), dims))
         if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
             self.last_axis_sizes.add(args[0].shape[-1])
         if name == "pad" and from_input and (mode := kwargs.get("mode", args[2] if len(args) > 2 else None)):
@@ -807,8 +808,17 @@ def _from_shape_alone(name: str) -> bool:
 _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
 
 
-def _sized(args, kwargs) -> bool:
-    return kwargs.get("size", args[1] if len(args) > 1 else None) is not None
+def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
+    """The dims of ``args[0]`` whose length a call fixes: adaptive pooling's but ``None``'s, a resize to a size's."""
+    n_dims = args[0].dim()
+    if name.startswith(("adaptive_", "_adaptive_")):
+        size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+        n_axes = int(re.search(r"pool(\d)d", name).group(1))  # type: ignore[union-attr]  # adaptive_*_pool{n}d*
+        sizes = list(size) if isinstance(size, (tuple, list)) else [size] * n_axes
+        return tuple(n_dims - len(sizes) + i for i, n in enumerate(sizes) if n is not None)
+    if name in ("interpolate", "upsample") and kwargs.get("size", args[1] if len(args) > 1 else None) is not None:
+        return tuple(range(2, n_dims))
+    return ()
 
 
 # Functions whose output depends on their input but whose gradient is zero.

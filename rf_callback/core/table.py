@@ -105,7 +105,7 @@ class _Output:
     same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
     after_cut: str | None = None  # a gradient cut the forward made before this output
-    fixed_size: tuple[str, ...] = ()  # calls with a fixed output size before this output
+    fixed_size: tuple = ()  # calls with a fixed output size before this output, and the dims fixed
     border_modes: tuple[str, ...] = ()  # paddings that read the input past its border, before this output
     layout: str | Tokens = CHANNELS_FIRST  # how the row's output is read
     misfit: str | None = None  # why the output does not fit that layout
