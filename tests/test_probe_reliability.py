@@ -162,7 +162,9 @@ def test_an_einsum_sums_the_dims_its_ellipsis_stands_for_where_the_output_has_no
     operands = [torch.ones(2, 3, 4), torch.ones(2, 3, 4)]
     assert _contracted_dims("einsum", "...t,...t->t", operands, [0, 1]) == [(0, 1), (0, 1)]
     assert _contracted_dims("einsum", "b...t,b...t->b...", operands, [0, 1]) == [(2,), (2,)]
-    assert _contracted_dims("einsum", "bct,bct", operands, [0, 1]) is None  # an implicit output: not read here
+    assert _contracted_dims("einsum", "bct,bct", operands, [0, 1]) == [(0, 1, 2), (0, 1, 2)]  # implicit: ""
+    assert _contracted_dims("einsum", "bct,bcs", operands, [0, 1]) == [(0, 1), (0, 1)]  # implicit: "st"
+    assert _contracted_dims("einsum", "...ct,...cs", operands, [0, 1]) == [(1,), (1,)]  # implicit: "...st"
 
 
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
@@ -1389,6 +1391,9 @@ ZERO_ON_THE_COPY = {
     "in place into a signed constant": lambda w, t, n: _multiplied_in_place(torch.full_like(w, -2.0) * 1.0, w) + n,
     "einsum with (x - 1)": lambda w, t, n: torch.einsum("bct,bct->bct", w, n - 1) + n,
     "einsum of a list, with (x - 1)": lambda w, t, n: torch.einsum("bct,bct->bct", [n - 1, w]) + n,
+    "einsum with an implicit output, with (x - 1)": lambda w, t, n: (
+        torch.einsum("tc,cs", w.reshape(-1, 1), (n - 1).reshape(1, -1)).diagonal().reshape(n.shape) + n
+    ),
     "matmul by (x - 1)": lambda w, t, n: (w.unsqueeze(-1) @ (n - 1).unsqueeze(-2)).diagonal(0, -2, -1) + n,
     "bmm by (x - 1)": lambda w, t, n: torch.bmm(w.reshape(-1, 1, 1), (n - 1).reshape(-1, 1, 1)).reshape(n.shape) + n,
 }

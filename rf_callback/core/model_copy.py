@@ -1151,9 +1151,12 @@ def _contracted_dims(name: str, equation, operands: list, slots: list[int]) -> l
         if name == "__rmatmul__":  # self @ other reversed: other @ self
             return [(-2,) if left.dim() >= 2 else (-1,), (-1,)]
         return [(-1,), (-2,) if right.dim() >= 2 else (-1,)]
-    if not isinstance(equation, str) or "->" not in equation:
+    if not isinstance(equation, str):
         return None
-    inputs, output = equation.replace(" ", "").split("->")
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    if not arrow:  # an implicit output: the letters that occur once (their order does not matter here)
+        letters = inputs.replace("...", "").replace(",", "")
+        output = "".join(letter for letter in letters if letters.count(letter) == 1) + "..." * ("..." in inputs)
     terms = inputs.split(",")
     if len(terms) != len(operands):
         return None
