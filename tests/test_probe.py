@@ -160,6 +160,41 @@ def test_a_flat_list_of_ints_on_a_1d_map_is_a_list_of_positions():
     assert [f.theoretical.bounds for f in effective_rf(model, torch.rand(2, 1, 12), [1, 6])] == [((1, 5),), ((6, 10),)]
 
 
+class _ParityBranches(nn.Module):
+    """Output (i, j) reads input (i // 2, j // 2), and where i and j differ in parity the taps 2 away too.
+
+    A pixel shuffle interleaves a 1 x 1 branch and a dilated 3 x 3 one by the parity of both indices at once; the
+    crop to an odd size leaves the corners and the centre on 1 x 1 fields.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.point, self.dilated = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 3, dilation=2, padding=2)
+
+    def forward(self, x):
+        point, dilated = self.point(x), self.dilated(x)
+        shuffled = F.pixel_shuffle(torch.cat([point, dilated, dilated, point], 1), 2)
+        return shuffled[:, :, :-1, :-1]
+
+
+def _parity_branch_bounds(i: int, j: int, n: int) -> tuple:
+    taps = (-2, 0, 2) if i % 2 != j % 2 else (0,)
+    return tuple((min(t), max(t)) for t in ([c // 2 + d for d in taps if 0 <= c // 2 + d < n] for c in (i, j)))
+
+
+def test_a_field_that_depends_on_both_indices_is_read_whole_in_shared_passes():
+    """Positions that share a backward pass each read their predicted box: the fields of mixed parity reach exactly
+    into their neighbours' 1 x 1 boxes, which no support check sees, and 36 of 121 positions read 1 x 1 where they
+    read 3 x 3. A pass weighted by the members' codes tells."""
+    model, shape = _ParityBranches(), (1, 1, 6, 6)
+    fmap = probe_rf(model, shape, "all")
+    assert {p: fmap[p].bounds for p in fmap.positions()} == {p: _parity_branch_bounds(*p, 6) for p in fmap.positions()}
+    mixed = [p for p in fmap.positions() if p[0] % 2 != p[1] % 2]
+    fields = probe_rf(model, shape, mixed)  # more than 8: shared passes
+    assert [f.bounds for f in fields] == [_parity_branch_bounds(*p, 6) for p in mixed]
+    assert all(torch.equal(f.heatmap, probe_rf(model, shape, f.position).heatmap) for f in fields[:12])
+
+
 def test_weights_mode_all_equals_per_position_loop():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 3, 3, padding=1))
     fmap = probe_rf(model, (1, 1, 20, 20), "all", mode="weights")

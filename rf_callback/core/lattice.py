@@ -189,14 +189,11 @@ def _pairing_holds(
 
     Runs are paired with indices in sorted order, which assumes the fields move along the axis as the index does; a
     concatenation along a spatial axis, a flip or a permutation breaks that, and a swapped pair fills the same
-    support. A second pass weights each member by its own code ``1 + Σ_a rank_a · radix_a``: gradients are linear
-    in the cotangent and the members' fields are disjoint, so inside each decoded box the weighted map must be the
-    unweighted one times the code of the member paired with it.
+    support. Each member's code is ``1 + Σ_a rank_a · radix_a``, laid out per axis (see :func:`_codes_hold`).
     """
     radix = [math.prod(len(axis_indices) for axis_indices in indices[:axis]) for axis in range(len(indices))]
     ranks = [{index: rank for rank, index in enumerate(axis_indices)} for axis_indices in indices]
     codes = [1 + sum(ranks[a][i] * radix[a] for a, i in enumerate(member)) for member in members]
-    weighted = graph.gradient_map(members, scale=codes)
     expected = torch.ones_like(values)
     for axis, bounds in enumerate(decoded):
         along = torch.zeros(values.shape[axis], dtype=values.dtype)
@@ -206,6 +203,40 @@ def _pairing_holds(
         view = [1] * values.dim()
         view[axis] = -1
         expected = expected + along.view(view)
+    return _codes_hold(graph, members, codes, expected, values)
+
+
+def boxes_hold(graph: ProbeGraph, members: list[Position], boxes: list[Box | None], values: torch.Tensor) -> bool:
+    """Whether each member's gradient in a shared pass lies in its own box, not in another member's.
+
+    ``values`` is the gradient map of the pass from all ``members`` at once, whose support lies inside the boxes
+    (the caller checked; ``None``: a field predicted empty). A field that leaks into another member's box (a
+    prediction that missed how the field depends on the other axes' indices) mixes two members' codes there (see
+    :func:`_codes_hold`).
+    """
+    if len(members) == 1:
+        return True  # a pass of its own
+    if len(members) > _MAX_CODED_MEMBERS:
+        return False
+    codes = list(range(1, len(members) + 1))
+    expected = torch.zeros_like(values)
+    for box, code in zip(boxes, codes):
+        if box is not None:  # a field predicted empty: its gradient would show in another's box, or outside all
+            expected[box_slices(box)] = code
+    return _codes_hold(graph, members, codes, expected, values)
+
+
+def _codes_hold(
+    graph: ProbeGraph, members: list[Position], codes: list[int], expected: torch.Tensor, values: torch.Tensor
+) -> bool:
+    """Whether a pass that weights each member by its code gives ``expected`` (the codes laid out) times ``values``.
+
+    Gradients are linear in the cotangent and the members' fields should be disjoint, so inside each member's box
+    the weighted map must be the unweighted one times that member's code; a field that reaches into another's box
+    mixes two codes there. A leak whose gradient is far below the owner's own there (under a quarter of it, over
+    the number of members) goes unseen: it takes passes of one position each to tell.
+    """
+    weighted = graph.gradient_map(members, scale=codes)
     support = values > 0
     if not torch.equal(weighted > 0, support):
         return False

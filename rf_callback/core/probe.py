@@ -29,7 +29,7 @@ from rf_callback.core.graph import (
     exact_kernels,
     where,
 )
-from rf_callback.core.lattice import AxisTable, groups, lattice, measure_axis_table, spacing_for_gap
+from rf_callback.core.lattice import AxisTable, boxes_hold, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import (
     constants_materialised,
@@ -581,7 +581,7 @@ class _Prober:
                 continue
             gradient = graph.gradient_map(members)
             boxes = [axes.box(p) for p in members]
-            if inside_boxes(gradient > 0, boxes) and all(b is not None for b in boxes):
+            if all(b is not None for b in boxes) and _own_boxes_hold(graph, members, boxes, gradient):
                 heatmaps.update({p: restricted(gradient, box) for p, box in zip(members, boxes)})
             else:
                 heatmaps.update({p: graph.gradient_map([p]) for p in members})
@@ -629,10 +629,22 @@ class _Prober:
             members = list(itertools.product(*lattice(residue, spacing, graph.output_shape)))
             if not members:
                 continue
-            support = graph.support(members)
+            gradient = graph.gradient_map(members)
             boxes = [axes.box(p) for p in members]
-            if not inside_boxes(support, boxes):
+            if not _own_boxes_hold(graph, members, boxes, gradient):
                 yield from ((p, box_of(graph.support([p]))) for p in members)
                 continue
             for p, box in zip(members, boxes):
-                yield p, None if box is None else box_of(restricted(support, box))
+                yield p, None if box is None else box_of(restricted(gradient > 0, box))
+
+
+def _own_boxes_hold(
+    graph: ProbeGraph, members: list[Position], boxes: list[Box | None], gradient: torch.Tensor
+) -> bool:
+    """Whether a pass shared by ``members`` gives each of them its predicted box and nothing of another's.
+
+    The support must lie inside the boxes, and a pass weighted by the members' codes must find each box holding its
+    own member's gradient alone (see :func:`~rf_callback.core.lattice.boxes_hold`): a field that depends on the
+    other axes' indices (branches interleaved by a pixel shuffle) can reach exactly into a neighbour's box.
+    """
+    return inside_boxes(gradient > 0, boxes) and boxes_hold(graph, members, boxes, gradient)
