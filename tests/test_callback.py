@@ -347,6 +347,31 @@ def test_resume_continues_history_without_logging_initial_field_twice(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [None, 0, 1]
 
 
+class Tested(ConvClassifier):
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+
+def test_testing_or_validating_a_checkpoint_after_fit_keeps_the_fits_history(tmp_path):
+    """Lightning restores every callback's state for ``test`` and ``validate`` with a ``ckpt_path`` too: the
+    checkpoint's history (of its epoch) replaced the fit's, and the alert state went back with it. The fit's history
+    stays; a validation of a checkpoint adds its own probe."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    callback = RFCallback(layer="features", target_size=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=False, enable_checkpointing=True),
+                         callbacks=[callback, checkpoint])  # fmt: skip
+    train, val = loaders()
+    trainer.fit(Tested(), train, val)
+    fitted = [(h["epoch"], h["step"]) for h in callback.history]
+    assert fitted == [(None, 0), (0, 4), (1, 8), (2, 12)]
+    checks = {name: tracker.checks for name, tracker in callback.trackers.items()}
+    trainer.test(dataloaders=val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert [(h["epoch"], h["step"]) for h in callback.history] == fitted
+    assert {name: tracker.checks for name, tracker in callback.trackers.items()} == checks
+    trainer.validate(dataloaders=val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert [(h["epoch"], h["step"]) for h in callback.history] == [*fitted, (3, 12)]
+
+
 class WideFirstLayer(ConvClassifier):
     """ConvClassifier with a 5 x 5 first convolution: r = 1 + 4 + 1 + 2*2 = 10 at ``features``."""
 

@@ -223,6 +223,7 @@ class RFCallback(Callback):
             self.layer_name, log_images=self.log_images, coverage_mass=self.coverage_mass, failures=self._failures
         )
         self._run: tuple[weakref.ref, weakref.ref] | None = None  # the (Trainer, LightningModule) of the last setup
+        self._stage: str | None = None  # the Trainer's stage at the last setup: "fit", "validate", "test", ...
         self._start_run()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -302,6 +303,7 @@ class RFCallback(Callback):
                         f"them the same {name}, or pass every position to one callback, RFCallback(layer="
                         f"{self.layer!r}, pos=[...]), which names them pos0, pos1, ..."
                     )
+        self._stage = stage
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
         last = self._run
@@ -384,7 +386,13 @@ class RFCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the history, so a resumed run continues it without logging the initial field twice."""
+        """Restores the history, so a resumed run continues it without logging the initial field twice.
+
+        Only a fit resumes: Lightning restores callbacks for ``validate``, ``test`` and ``predict`` with a
+        ``ckpt_path`` too, and there the checkpoint's history would replace the fit's.
+        """
+        if self._stage not in (None, "fit"):
+            return
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
         self._coverage.load_state_dict(state_dict.get("trackers", {}))
