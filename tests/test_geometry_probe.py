@@ -199,6 +199,63 @@ def test_adaptive_pooling_that_keeps_an_axis_keeps_that_axis_geometry(pool, inpu
                 assert field.geometry[axis] == AxisGeometry(8, 2, 3)  # 3 + 1 + 2 * 2; S = 2; P = 1 + 2 * 1
 
 
+class _StackedViews(nn.Module):
+    """The top half of the map is a 3 x 3 conv of the top half of the input, the bottom half a 5 x 5 conv's."""
+
+    def __init__(self):
+        super().__init__()
+        self.top, self.bottom = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 4, 5, padding=2)
+
+    def forward(self, x):
+        half = x.shape[-2] // 2
+        return torch.cat([self.top(x[..., :half, :]), self.bottom(x[..., half:, :])], -2)
+
+
+class _Stripes(nn.Module):
+    """Even rows from a 3 x 3 conv, odd rows from a 5 x 5 one: ``torch.where`` with a fixed mask of rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 4, 5, padding=2)
+
+    def forward(self, x):
+        even = (torch.arange(x.shape[-2]) % 2 == 0).view(1, 1, -1, 1)
+        return torch.where(even, self.a(x), self.b(x))
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize(
+    "pos", ["center", (3, 5), (3, 6), (4, 6), [(3, 5), (10, 5)], [(10, 5), (3, 5)], "all"], ids=str
+)
+@pytest.mark.parametrize("make", [_StackedViews, _Stripes])
+def test_fields_that_depend_on_another_axis_index_have_no_geometry(make, pos, mode):
+    """No (r, S, P) holds along either axis: the fields are 3 or 5 wide by the row. Each was reported by some
+    choice of positions: (5, 1, 2) read at the centre (the flow took where()'s hull), at (3, 6) (the centre's field
+    of column 6 stood for the probed one's), in weights mode (checked on the first position's theoretical field
+    alone), or by a list's order, while its span disagreed with a field inside the input."""
+    torch.manual_seed(0)
+    result = probe_rf(make(), (1, 2, 14, 12), pos, mode=mode)
+    assert tuple((result[0] if isinstance(result, list) else result).geometry) == (None, None)
+
+
+def test_where_with_a_fixed_condition_reads_the_branch_it_picks():
+    """A condition that picks one branch everywhere gives that branch's field (the flow took the hull of both); a
+    condition made from the input may pick either, so the field is the hull."""
+
+    class Picked(_Stripes):
+        def __init__(self, condition):
+            super().__init__()
+            self.condition = condition
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            mask = torch.ones(a.shape, dtype=torch.bool) if self.condition == "fixed" else a > 0
+            return torch.where(mask, a, b)
+
+    assert probe_rf(Picked("fixed"), (1, 2, 14, 12)).geometry == (AxisGeometry(3, 1, 1),) * 2
+    assert probe_rf(Picked("input"), (1, 2, 14, 12)).geometry == (AxisGeometry(5, 1, 2),) * 2
+
+
 def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():
     # Output o reads inputs 3(o - 4), 3(o - 2) and 3o (a 1x1 stride-3 conv, then a 3-tap conv dilated by 2): on a
     # 7-long input the centre field is one pixel that looks whole; lattice passes spaced by it would interleave

@@ -90,6 +90,10 @@ _ELEMENTWISE = frozenset(
         "add", "sub", "mul", "div", "true_divide", "multiply", "subtract", "maximum", "minimum", "where", "addcmul",
         "addcdiv", "pow", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
         "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__pow__",
+        # comparisons and logic: a mask made from the input (its where() is the hull, see _where_tags)
+        "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "not_equal",
+        "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "logical_and", "logical_or", "logical_xor",
+        "logical_not", "__and__", "__or__", "__xor__", "__invert__", "isnan", "isinf", "isfinite", "signbit",
     }
 )  # fmt: skip
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
@@ -286,6 +290,8 @@ class GeometryFlow:
             hull = _hull(self, dependent, result)
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             return [hull] if hull is not None and _is_feature_dim(dim, result, hull[1]) else None
+        if name == "where":
+            return _where_tags(self, args, kwargs, result, dependent)
         if _base(name) in _ELEMENTWISE:
             return [_hull(self, dependent, result)]
         if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
@@ -414,6 +420,29 @@ def _keeps_positions(index, n_dims: int, spatial: tuple[int, ...]) -> bool:
     if len(index) > n_dims or (index and index[0] != slice(None)):
         return False
     return all(i.start in (None, 0) and i.step in (None, 1) for d, i in enumerate(index) if d in spatial)
+
+
+def _where_tags(flow: GeometryFlow, args, kwargs, result, dependent: list[torch.Tensor]) -> list[_Tag | None] | None:
+    """The tag of ``torch.where(condition, input, other)`` (``input.where(condition, other)``).
+
+    A condition made from the input (a mask, ``x > 0``) may pick either operand at any position: the hull of their
+    fields, as the theoretical copy reads both. A condition that no input decides picks one operand per position:
+    where it picks the same one everywhere, that operand's field; where it picks by position (even rows from one
+    branch, odd rows from another), the field depends on the position, which no single (r, S, P) may describe.
+    """
+    first = args[0] if args else kwargs.get("condition")
+    if isinstance(first, torch.Tensor) and first.dtype == torch.bool:
+        condition = first
+        picks = [args[1] if len(args) > 1 else kwargs.get("input"), args[2] if len(args) > 2 else kwargs.get("other")]
+    else:
+        condition = args[1] if len(args) > 1 else kwargs.get("condition")
+        picks = [first, args[2] if len(args) > 2 else kwargs.get("other")]
+    if not isinstance(condition, torch.Tensor) or flow._tag(condition) is not None or condition.requires_grad:
+        return [_hull(flow, dependent, result)]
+    chosen = picks[0] if bool(condition.all()) else picks[1] if not bool(condition.any()) else None
+    if not isinstance(chosen, torch.Tensor) or not any(chosen is t for t in dependent):
+        return None  # picked by position, or a constant picked everywhere
+    return [_hull(flow, [chosen], result)]
 
 
 def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> _Tag | None:
@@ -612,8 +641,8 @@ def checked_flow(
     reasons: dict[int, str] = {}
     for axis, axis_flow in enumerate(candidate):
         length = shape[2 + axis]
-        measured = {position[axis]: bounds[axis] for position, bounds in fields}
-        tables = [measured] + ([table[axis]] if table is not None else [])
+        # One table per field: fields at one index of this axis and others of the other axes must all agree.
+        tables = [{position[axis]: bounds[axis]} for position, bounds in fields] + ([table[axis]] if table else [])
         if isinstance(axis_flow, str):
             if any(bounds != (0, length - 1) for t in tables for bounds in t.values()):
                 return None

@@ -18,7 +18,7 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.geometry import AxisGeometry, LazyGeometry, consistent
+from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consistent
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
@@ -40,7 +40,7 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.core.support import Box, Position, box_of, inside_boxes, restricted
+from rf_callback.core.support import Box, Position, box_of, hull, inside_boxes, marginal, restricted, runs
 
 __all__ = ["ProbeError", "probe_rf"]
 
@@ -297,17 +297,17 @@ def border_follows(
         box = box_of(support)
         return consistent(geometry, {index: None if box is None else box[axis]}, length)
 
-    # The centre index at the ends of the other axes (one pass for all): a field that depends on another axis's
-    # index (branches of other strides concatenated along it, a roll of some rows) differs there.
+    # The centre index at the ends of the other axes: a field that depends on another axis's index (branches of
+    # other strides concatenated along it, a roll of some rows) differs there. Each must follow on its own (a
+    # union would hide a smaller one): one pass for all where their fields lie apart, else one pass each.
     seams = set(itertools.product(*({centre[a]} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
     seams.discard(tuple(centre))
-    if seams:
-        box = box_of(theory.support(sorted(seams)))
-        if box is not None:
-            if not consistent(geometry, {centre[axis]: box[axis]}, length):
+    for seam, seam_bounds in _seam_fields(theory, sorted(seams), axis).items():
+        if seam_bounds is not None:
+            if not consistent(geometry, {centre[axis]: seam_bounds}, length):
                 return False
-        elif not consistent(geometry, {centre[axis]: None}, length) and not all(
-            _empty_along_another_axis(seam, axis, others, shape) for seam in seams
+        elif not consistent(geometry, {centre[axis]: None}, length) and not _empty_along_another_axis(
+            seam, axis, others, shape
         ):
             return False
 
@@ -331,6 +331,33 @@ def border_follows(
         if box is not None and (box[axis][0] < low or box[axis][1] > high):
             return False
     return True
+
+
+def _seam_fields(theory, seams: list[Position], axis: int) -> dict[Position, Bounds | None]:
+    """Per position of ``seams`` (which differ along the axes other than ``axis`` only), its bounds along ``axis``.
+
+    One pass from all of them, split along each other axis into one run per index, where their fields lie apart
+    there; else one pass each.
+    """
+    if not seams:
+        return {}
+    support = theory.support(seams)
+    slabs: dict[int, dict[int, Bounds]] = {}
+    for other in range(support.dim()):
+        if other == axis:
+            continue
+        indices = sorted({seam[other] for seam in seams})
+        found = runs(marginal(support, other), 1)
+        if len(found) != len(indices):  # fields that touch along this axis, or an empty one
+            return {seam: hull(marginal(theory.support([seam]), axis)) for seam in seams}
+        slabs[other] = dict(zip(indices, found))
+    fields = {}
+    for seam in seams:
+        slab = tuple(
+            slice(None) if b == axis else slice(slabs[b][i][0], slabs[b][i][1] + 1) for b, i in enumerate(seam)
+        )
+        fields[seam] = hull(marginal(support[slab], axis))
+    return fields
 
 
 def _empty_along_another_axis(position: Position, axis: int, others: tuple, shape) -> bool:
@@ -369,13 +396,31 @@ def _rows_of(table: AxisTable | None) -> list[dict] | None:
     return None if table is None else table.table
 
 
-def _flow_on_theory(theory, positions: list[Position], table: AxisTable | None, shape) -> tuple | None:
-    """Weights mode: the flow of the theoretical forward on the user's input, checked on its fields at ``positions``."""
+def _flow_on_theory(theory, fields: list[tuple[Position, Box]], table: AxisTable | None, shape) -> tuple | None:
+    """Weights mode: the flow of the theoretical forward on the user's input, checked on its theoretical ``fields``."""
     flow = theory.flow
     if flow is None:
         return None
-    fields = [(p, box) for p in positions if (box := box_of(theory.support([p]))) is not None]
-    return checked_flow(flow, fields, shape, _rows_of(table)) if fields else None
+    return checked_flow(flow, fields, shape, _rows_of(table))
+
+
+# Weights mode checks the theoretical geometry on the theoretical fields of at most this many probed positions.
+_THEORY_CHECKS = 8
+
+
+def _checked_positions(positions: list[Position], output_shape: tuple[int, ...]) -> list[Position]:
+    """The probed positions whose theoretical fields a weights-mode geometry must follow: all of a short list.
+
+    Of a longer list or a map, the first, the centre and the ends of each axis among them: a field that depends on
+    another axis's index (branches stacked along it) differs there.
+    """
+    if len(positions) <= _THEORY_CHECKS:
+        return positions
+    centre = tuple(n // 2 for n in output_shape)
+    chosen = [positions[0], min(positions, key=lambda p: sum(abs(i - c) for i, c in zip(p, centre)))]
+    for axis in range(len(output_shape)):
+        chosen += [min(positions, key=lambda p: p[axis]), max(positions, key=lambda p: p[axis])]
+    return list(dict.fromkeys(chosen))[:_THEORY_CHECKS]
 
 
 def _theoretical_copy_or_reason(model: nn.Module, request: ProbeRequest) -> nn.Module | ValueError:
@@ -435,7 +480,7 @@ class _Prober:
         reasons: dict[int, str] = {}
         materialised = constants_materialised()
         flowed = self._flowed(fields)
-        weights_positions = [position for position, _ in fields][:1] if self.mode == "weights" else []
+        weights_positions = _checked_positions([p for p, _ in fields], output_shape) if self.mode == "weights" else []
         # The theoretical forward on the user's input is the measured one in theoretical mode: its couplings are known.
         couplings = list(self.measured.couplings) if self.mode == "theoretical" else None
         user_work = self.measured.work or None  # the cost of the probe's own forward (see geometry_probe.Budget)
@@ -459,8 +504,11 @@ class _Prober:
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     reasons.clear()
                     try:
-                        if weights_positions and attempt is request:
-                            on_theory = _flow_on_theory(theory, weights_positions, table, shape)
+                        # Weights mode: the geometry is the theoretical one, which the theoretical fields at the
+                        # probed positions must follow exactly (the weights' fields only lie inside their spans).
+                        theoretical = [(p, box) for p in weights_positions if (box := box_of(theory.support([p])))]
+                        if theoretical and attempt is request:
+                            on_theory = _flow_on_theory(theory, theoretical, table, shape)
                             if on_theory is not None:
                                 geometry, why = on_theory
                                 reasons.update(why)
@@ -473,6 +521,9 @@ class _Prober:
                         geometry = _followed(
                             geometry, fields, table, shape, theory, output_shape, known, reasons, exact=exact
                         )
+                        if theoretical:
+                            geometry = _followed(geometry, theoretical, table, shape, theory, output_shape, known,
+                                                 reasons, exact=True)  # fmt: skip
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)
@@ -556,7 +607,7 @@ class _Prober:
             self.table = self._full_table()
             heatmaps = self._grouped_heatmaps(unique, self.table)
         bounds = {p: box_of(h > 0) for p, h in heatmaps.items()}
-        geometry = self.geometry([(p, b) for p, b in bounds.items() if b is not None])
+        geometry = self.geometry([(p, b) for p, b in bounds.items() if b is not None], exact=self.mode == "theoretical")
         fields = [self._field(p, bounds[p], heatmaps[p], geometry) for p in unique]
         by_position = dict(zip(unique, fields))
         # A position asked for twice gets a field of its own: no heatmap shared, no write into one seen through another.
