@@ -1891,3 +1891,29 @@ def test_a_gradient_at_the_edge_of_the_dtype_s_range_is_refused():
         probe_rf(DecayingLongConvolution(), (1, 1, 400), 399)  # theoretical: the copy's own decay
     with pytest.raises(ProbeError, match="float64's range .*use mode='theoretical'"):
         probe_rf(_fading_chain(120, 1e-3), (1, 2, 249), "center", mode="weights")
+
+
+class _WritesItsInput(nn.Module):
+    """Scales its input in place and blanks its first row, as preprocessing inside a forward may."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+
+    def forward(self, x):
+        x /= 255.0
+        x[:, :, 0, :] = 0
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_forward_that_writes_its_input_in_place_is_probed(mode):
+    """The probe fed its input leaf itself, and autograd refuses an in-place write into a leaf that needs a gradient:
+    the probe said the model's forward raised. Output row 0 reads input rows 0..2, of which row 0 is blanked."""
+    model = _WritesItsInput()
+    assert probe_rf(model, (1, 2, 10, 10), (3, 3), mode=mode).bounds == ((3, 5), (3, 5))
+    assert probe_rf(model, (1, 2, 10, 10), (0, 3), mode=mode).bounds == ((1, 2), (3, 5))
+    assert rf_table(model, (1, 2, 10, 10))[-1].bounds == ((4, 6), (4, 6))  # the centre of the 8 x 8 map
+    support = effective_rf(model, torch.rand(2, 2, 10, 10), (0, 3)).heatmap > 0
+    rows, columns = support.any(1).nonzero(), support.any(0).nonzero()
+    assert [(int(i.min()), int(i.max())) for i in (rows, columns)] == [(1, 2), (3, 5)]

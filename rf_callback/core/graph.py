@@ -540,7 +540,7 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
     ran_to_the_end = False
     try:
         with functions:
-            output = copy(inputs)
+            output = copy(inputs.clone())  # a forward may scale its input in place (x /= 255): not the leaf itself
         ran_to_the_end = True
     except _Captured:
         pass
@@ -789,7 +789,7 @@ def outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = Non
     handles = [m.register_forward_hook(recorder(n)) for n, m in copy.named_modules() if n and n != skip]
     try:
         with torch.no_grad(), probe_functions(mode):
-            copy(inputs)
+            copy(inputs.clone())
     except Exception:  # noqa: BLE001 - a courtesy; the caller's error is raised either way
         pass
     finally:

@@ -568,7 +568,7 @@ def _forward_outputs(
     dead: list[str] = []
     try:
         with functions, dead_windows_watched(copy, thin_axes, dead):
-            copy(inputs)
+            copy(inputs.clone())  # a forward may scale its input in place: not the leaf itself
     except Exception as error:
         if not tolerant:
             raise forward_error(copy, shape, error) from error
