@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 
 import pytest
@@ -360,3 +362,42 @@ def test_drop_path_residual_block_is_the_union_over_paths():
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Block()).train()
     assert probe_rf(model, (1, 1, 16, 16), (8, 8)).bounds == ((5, 11), (5, 11))  # 1 + 2 + 4 = 7, via the conv path
+
+
+@dataclasses.dataclass
+class _Record:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+_Pair = collections.namedtuple("_Pair", "features pooled")
+
+
+class _Returns(nn.Module):
+    """A 3 x 3 conv whose output comes in a record; ``alias`` names the conv a second time."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.conv, self.kind = nn.Conv2d(1, 2, 3), kind
+        self.alias = self.conv
+
+    def forward(self, x):
+        features = self.conv(x)
+        if self.kind == "dataclass":
+            return _Record(features.mean((2, 3)), features)
+        if self.kind == "namedtuple":
+            return _Pair(features, features.mean((2, 3)))
+        return features.mean((2, 3)), features
+
+
+@pytest.mark.parametrize(("kind", "element"), [("dataclass", "features"), ("namedtuple", "features"), ("tuple", -1)])
+def test_element_picks_a_dataclass_field_a_namedtuple_field_or_an_index_from_the_end(kind, element):
+    """They were refused ("is a _Record, not a tensor"; "is not a index")."""
+    assert probe_rf(_Returns(kind), (1, 1, 8, 8), element=element).bounds == ((3, 5), (3, 5))
+
+
+def test_a_module_registered_under_two_names_answers_to_both():
+    """``layer="alias"`` was refused as "not a submodule of the model"."""
+    assert probe_rf(_Returns("tuple"), (1, 1, 8, 8), layer="alias").bounds == ((3, 5), (3, 5))
+    with pytest.raises(ValueError, match="is not an index of the output"):
+        probe_rf(_Returns("tuple"), (1, 1, 8, 8), element=2)

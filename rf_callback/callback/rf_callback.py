@@ -98,8 +98,9 @@ class RFCallback(Callback):
             accepted), a list of tuples, or ``"center"``.
         layer: dotted name of the submodule whose output is probed (within ``module`` if given), a str as listed
             by ``named_modules()``; ``None`` probes the output. A classifier must name its last feature map here.
-        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
-            probe (the probe never guesses: without it, such an output is refused before the first step).
+        element: where the probed output is a tuple, list, dict or dataclass of feature maps, the index (negative
+            from the end) or key (field name) of the one to probe (the probe never guesses: without it, such an
+            output is refused before the first step).
         layout: how the probed output lays out its axes: ``"channels_first"`` (default, ``(N, C, *spatial)``),
             ``"channels_last"`` (``(N, *spatial, C)``, a Swin stage), or tokens on a grid, ``Tokens(grid=(H, W),
             prefix=P)`` or its string form ``"tokens:HxW+P"`` (a ViT's ``(N, P + H*W, C)``; in a YAML file, the

@@ -57,8 +57,8 @@ def effective_rf(
         theoretical: the theoretical field of the same position, layer and input shape (a list of them for a list
             of positions), if already probed (it does not depend on the weights, so a caller that measures every
             epoch probes it once).
-        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
-            probe.
+        element: where the probed output is a tuple, list, dict or dataclass of feature maps, the index (negative
+            from the end) or key (field name) of the one to probe.
         layout: how the probed output lays out its axes (``"channels_first"``, ``"channels_last"`` or tokens on a
             grid), as for :func:`~rf_callback.core.probe.probe_rf`; ``pos`` is on its spatial grid.
         device: where the copy runs (the inputs are moved there chunk by chunk); ``None``: the model's device.

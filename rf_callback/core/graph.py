@@ -144,7 +144,8 @@ def submodule(model: nn.Module, layer: str | None) -> nn.Module | None:
     """
     if layer is None:
         return None
-    names = [name for name, _ in model.named_modules() if name]
+    # A module registered under two names (self.alias = self.conv) answers to both.
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
     if isinstance(layer, str) and layer in names:
         return model.get_submodule(layer)
     # FSDP1 wraps modules in place (`features.1` holds `features.1._fsdp_wrapped_module`): the names of the user's
@@ -620,6 +621,8 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
                 f"tensor; leave element=None"
             )
         return output
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):  # a model's output record
+        output = {field.name: getattr(output, field.name) for field in dataclasses.fields(output)}
     if isinstance(output, (tuple, list, dict)):
         keys = list(output.keys()) if isinstance(output, dict) else list(range(len(output)))
         choices = ", ".join(f"{k!r}: {_describe(output[k])}" for k in keys)
@@ -629,8 +632,11 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
                 f"the output of {where(layer)} is a {type(output).__name__} of {len(keys)} ({choices}); pass "
                 f"element= with the {what} of the feature map to probe"
             )
-        if isinstance(element, bool) or element not in keys:
-            raise ValueError(f"element={element!r} is not a {what} of the output of {where(layer)}: {choices}")
+        if isinstance(element, str) and hasattr(output, "_fields") and element in output._fields:  # a namedtuple's
+            element = output._fields.index(element)
+        allowed = keys if isinstance(output, dict) else range(-len(keys), len(keys))  # -1: the last
+        if isinstance(element, bool) or element not in allowed:
+            raise ValueError(f"element={element!r} is not {_article(what)} of the output of {where(layer)}: {choices}")
         output = output[element]
         if isinstance(output, torch.Tensor):
             return output
@@ -638,6 +644,10 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
         f"the output of {where(layer)} is a {type(output).__name__}, not a tensor; pass layer= naming a "
         f"submodule that returns a feature map"
     )
+
+
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def as_channels_first(

@@ -85,8 +85,8 @@ def probe_rf(
         dtype: floating type the copy runs in. ``None`` (default): float32, redone in float64 when the smallest
             non-zero gradient comes within 8 orders of magnitude of float32's range, where the far tails of a very
             deep field could underflow to zero.
-        element: where the probed output is a tuple, list or dict of feature maps, the index or key of the one to
-            probe (required there: the probe never guesses).
+        element: where the probed output is a tuple, list, dict or dataclass of feature maps, the index (negative
+            from the end) or key (field name) of the one to probe (required there: the probe never guesses).
         layout: how the probed output lays out its axes: ``"channels_first"`` (default, ``(N, C, *spatial)``),
             ``"channels_last"`` (``(N, *spatial, C)``, as a Swin stage or a ConvNeXt MLP returns it), or tokens on a
             grid, ``Tokens(grid=(H, W), prefix=P)`` or ``"tokens:HxW+P"`` (a ViT's ``(N, P + H*W, C)``, whose ``P``
