@@ -157,3 +157,11 @@ def test_a_forward_undefined_on_the_random_inputs_is_named_as_the_cause():
     with pytest.raises(ProbeError, match="output of the model is not finite .* on the probe's random inputs"):
         probe_rf(model, (1, 1, 12, 12), mode="weights")
     assert probe_rf(model, (1, 1, 12, 12)).bounds == ((4, 7), (4, 7))
+
+
+def test_an_output_with_an_axis_squeezed_away_says_which_layer_keeps_it():
+    """A CRNN's (N, C, W) sequence of a 2D input was told only of tokens and channels last."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d((1, None)), nn.Flatten(1, 2))
+    with pytest.raises(ValueError, match="pass layer= naming the module before the squeeze"):
+        probe_rf(model, (1, 1, 8, 20))
+    assert probe_rf(model, (1, 1, 8, 20), layer="1").bounds == ((0, 7), (9, 11))

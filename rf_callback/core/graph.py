@@ -744,6 +744,11 @@ def _rank_mismatch(output: torch.Tensor, parsed: str, layout, input_shape, layer
     )
     if parsed == CHANNELS_FIRST:
         fix += f"; if it is channels last (N, {letters}, C), pass layout='channels_last'"
+    if 0 < seen < axes:
+        fix += (
+            "; if an axis was pooled or squeezed away (a text line's height in a CRNN), pass layer= naming the "
+            "module before the squeeze, whose output keeps it with length 1"
+        )
     return text + fix
 
 
