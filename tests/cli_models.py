@@ -98,6 +98,14 @@ def exiting_forward() -> nn.Module:
     return _FailingForward(exit_code=4)
 
 
+def dead_net() -> nn.Module:
+    """small_net with its first convolution's weights zero: no input reaches the output in weights mode."""
+    model = small_net()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    return model
+
+
 def nan_net() -> nn.Module:
     """small_net with NaN weights: the probe's gradient in weights mode is not finite."""
     model = small_net()

@@ -283,6 +283,12 @@ def test_probe_error_names_the_options(capsys):
     assert "--input-shape 3,16,16 --mode weights failed" in err and "not finite" in err
 
 
+def test_a_fix_the_message_suggests_is_named_as_an_option(capsys):
+    """The weights-mode refusal of dead units ended with "mode='theoretical' gives the field", the library's words."""
+    err, _ = failure(capsys, "tests.cli_models:dead_net", "--input-shape", "3,16,16", "--mode", "weights")
+    assert "--mode theoretical gives the field" in err and "mode='" not in err
+
+
 @pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), ProbeError("no input position influences")])
 def test_any_probe_failure_is_one_line(capsys, monkeypatch, error):
     def fails(*args, **kwargs):

@@ -336,6 +336,21 @@ def test_animate_sweeps_whole_small_output_map_into_gif(tmp_path):
         assert gif.size[0] > gif.size[1] > 100
 
 
+def test_animate_draws_each_frame_afresh(tmp_path, monkeypatch):
+    """The output grid's cell borders were kept from frame to frame and drawn again: one more set per frame."""
+    from matplotlib.animation import PillowWriter
+
+    drawn, grab = [], PillowWriter.grab_frame
+
+    def counted(writer, **kwargs):
+        drawn.append(sum(len(ax.collections) for ax in writer.fig.axes))
+        return grab(writer, **kwargs)
+
+    monkeypatch.setattr(PillowWriter, "grab_frame", counted)
+    animate_rf(small_cnn(), (1, 1, 16, 16), str(tmp_path / "rf.gif"), positions=[(0, 0), (2, 3), (5, 5)])
+    assert len(drawn) == 3 and drawn[0] > 0 and len(set(drawn)) == 1
+
+
 def test_animate_draws_one_frame_per_given_position_over_image(tmp_path):
     pytest.importorskip("rf_callback.core.probe")
     image_module = pytest.importorskip("PIL.Image")

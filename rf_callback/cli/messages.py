@@ -85,10 +85,9 @@ def probe_message(
         (f"pos={pos!r}", f"--pos {args.pos}"),
         (f"layers={list(layers)!r}", " ".join(f"--layer {name}" for name in layers)),
         *((f"layer={name!r}", f"--layer {name}") for name in layers),
-        (f"mode={args.mode!r}", f"--mode {args.mode}"),
     ):
         message = message.replace(name, option, 1)
-    message = re.sub(r"(?<![\w-])layout='([^']*)'", r"--layout \1", message)
+    message = re.sub(r"(?<![\w-])(layout|mode)='([^']*)'", r"--\1 \2", message)  # mode='theoretical' as a fix too
     hints = {"layer": "--layer NAME", "layers": "--layer NAME (once per layer)", "pos": "--pos I,J",
              "input_shape": "--input-shape C,H,W", "mode": "--mode M", "layout": "--layout LAYOUT"}  # fmt: skip
     message = re.sub(

@@ -117,7 +117,7 @@ def animate_rf(
             # Frames differ only in their data artists: the axes, ticks and labels stay, and so does the layout,
             # computed once on the first frame (recomputing and re-rendering it per frame doubles the time).
             for ax in panels:
-                for artist in [*ax.images, *ax.patches, *ax.texts]:
+                for artist in [*ax.images, *ax.patches, *ax.texts, *ax.collections]:  # collections: the cell grid
                     artist.remove()
             _draw_panels(inputs, output, field, heat, picture, annotate=True)
             _set_title(fig, field, None)
