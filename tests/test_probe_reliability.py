@@ -1917,3 +1917,55 @@ def test_a_forward_that_writes_its_input_in_place_is_probed(mode):
     support = effective_rf(model, torch.rand(2, 2, 10, 10), (0, 3)).heatmap > 0
     rows, columns = support.any(1).nonzero(), support.any(0).nonzero()
     assert [(int(i.min()), int(i.max())) for i in (rows, columns)] == [(1, 2), (3, 5)]
+
+
+class _LearnedWarp(nn.Module):
+    """A learned affine warp (identity at first), or a sampling grid held in a frozen parameter, then a 3 x 3 conv."""
+
+    def __init__(self, held: str):
+        super().__init__()
+        self.held = held
+        identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        self.theta = nn.Parameter(identity)
+        self.grid = nn.Parameter(F.affine_grid(identity, [1, 1, 9, 11], align_corners=False), requires_grad=False)
+        self.register_buffer("fixed", F.affine_grid(identity, [1, 1, 9, 11], align_corners=False))
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        grid = {"theta": lambda: F.affine_grid(self.theta.expand(len(x), 2, 3), list(x.shape), align_corners=False),
+                "parameter": lambda: self.grid.expand(len(x), -1, -1, -1),
+                "buffer": lambda: self.fixed.expand(len(x), -1, -1, -1)}[self.held]()  # fmt: skip
+        return self.conv(F.grid_sample(x, grid, align_corners=False))
+
+
+@pytest.mark.parametrize("held", ["theta", "parameter", "buffer"])
+def test_a_sampling_grid_the_weights_compute_may_sample_anywhere_in_theoretical_mode(held):
+    """The theoretical copy set the learned affine (or a grid parameter) to a constant, so every output sampled one
+    fixed spot: (0, 0) read 3..4, 4..5, where the current weights read 0..1, 0..1 and others read anything. A grid
+    in a buffer is the architecture's own: it keeps its samples."""
+    model = _LearnedWarp(held)
+    for pos in [(0, 0), (4, 5), (8, 10)]:
+        weights = probe_rf(model, (1, 1, 9, 11), pos, mode="weights").bounds
+        assert weights == tuple((max(i - 1, 0), min(i + 1, n - 1)) for i, n in zip(pos, (9, 11)))
+        theoretical = probe_rf(model, (1, 1, 9, 11), pos).bounds
+        assert theoretical == (((0, 8), (0, 10)) if held != "buffer" else weights)
+
+
+def test_a_choice_by_a_learned_score_keeps_both_branches_in_theoretical_mode():
+    """``where(self.score > 0, conv3(x), conv7(x))`` with a score learned per position: the copy's constant score
+    picked the 3 x 3 branch everywhere, and (6, 9) read 5..7, 8..10 where its current weights read 7 x 7."""
+
+    class Chooser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.narrow, self.wide = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 7, padding=3)
+            self.score = nn.Parameter(torch.ones(1, 1, 12, 12))
+            with torch.no_grad():
+                self.score[..., 6:] = -1.0
+
+        def forward(self, x):
+            return torch.where(self.score > 0, self.narrow(x), self.wide(x))
+
+    assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 9), mode="weights").bounds == ((3, 9), (6, 11))
+    assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 9)).bounds == ((3, 9), (6, 11))
+    assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 2)).bounds == ((3, 9), (0, 5))

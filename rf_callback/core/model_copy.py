@@ -211,6 +211,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # _note_random_draws).
         self._drawn: dict[int, tuple[weakref.ref, str, str]] = {}
         self.random_draws: list[str] = []
+        # Tensors computed from the model's parameters without the input, by id (weakly, as the masks): on the
+        # theoretical copy their values are constants that stand for any weights, so a choice they make (a mask from
+        # a learned score, a sampling grid from a learned affine) is no fixed choice of the architecture.
+        self._from_weights: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
@@ -273,6 +277,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._called(func, name, args, kwargs)
+        if self.linearise and not from_input and any(_is_weight(t, self._from_weights) for t in tensors):
+            self._note_from_weights(result)
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
@@ -378,6 +384,14 @@ class _ProbeFunctions(TorchFunctionMode):
             self.float16_inside = any(t.dtype == torch.float16 and t.requires_grad for t in tensors)
         return result
 
+    def _note_from_weights(self, result) -> None:
+        """Notes the tensors of ``result`` as computed from the weights; a boolean one is a mask no weight fixes."""
+        for item in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(item, torch.Tensor):
+                self._from_weights[id(item)] = item
+                if item.dtype == torch.bool:
+                    self._input_masks[id(item)] = item
+
     def _of_masks(self, func, args, kwargs):
         """A function of masks computed from the input alone (``~m``, ``m & n``, ``m.float()``): a mask again.
 
@@ -461,7 +475,10 @@ class _ProbeFunctions(TorchFunctionMode):
             if not self.linearise:
                 return sampled
             grid = args[1] if len(args) > 1 else kwargs["grid"]
-            return _anywhere_twin(sampled, args[0] if args else kwargs["input"], [grid.mean(dim=-1).unsqueeze(1)])
+            return _anywhere_twin(
+                sampled, args[0] if args else kwargs["input"], [grid.mean(dim=-1).unsqueeze(1)],
+                steered=_is_weight(grid, self._from_weights),
+            )  # fmt: skip
         if self.linearise and name == "deform_conv2d" and len(args) >= 4:
             # torchvision's deformable convolution (input, weight, offset, mask, ...): the offsets move its taps
             offset_and_mask = [t.mean(dim=1, keepdim=True) for t in args[2:4] if _depends_on_input(t)]
@@ -633,7 +650,14 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return real.detach() + (exact - exact.detach())
 
 
-def _anywhere_twin(sampled: torch.Tensor, x: torch.Tensor, guides: list[torch.Tensor]) -> torch.Tensor:
+def _is_weight(tensor, from_weights) -> bool:
+    """Whether ``tensor`` is a parameter of the copy, or was computed from them without the input."""
+    return isinstance(tensor, nn.Parameter) or (isinstance(tensor, torch.Tensor) and id(tensor) in from_weights)
+
+
+def _anywhere_twin(
+    sampled: torch.Tensor, x: torch.Tensor, guides: list[torch.Tensor], *, steered: bool = False
+) -> torch.Tensor:
     """A sampling of ``x`` at places the forward computes from the input, as the theoretical copy reads it.
 
     Where a ``grid_sample``'s grid or a deformable convolution's offsets (and mask) depend on the input (a spatial
@@ -641,10 +665,11 @@ def _anywhere_twin(sampled: torch.Tensor, x: torch.Tensor, guides: list[torch.Te
     ``guides``' own fields (each one value per output position, broadcast over its channels): on the copy's equal
     values neither shows (the gradient through a sampling position over a constant image is zero). Each output gets
     the mean of the whole input and of its guides beside its sample. Fixed places (a warp by constants) keep their
-    sample alone.
+    sample alone; places the weights compute (``steered``: a learned affine, a grid held in a parameter) may be any
+    for some weights, so each output reads the whole input.
     """
     guides = [g for g in guides if _depends_on_input(g)]
-    if not guides:
+    if not guides and not steered:
         return sampled
     spatial = tuple(range(2, x.dim()))
     whole = x.mean(dim=spatial, keepdim=True) if _depends_on_input(x) else torch.zeros_like(sampled)
