@@ -370,6 +370,9 @@ def test_testing_or_validating_a_checkpoint_after_fit_keeps_the_fits_history(tmp
     assert {name: tracker.checks for name, tracker in callback.trackers.items()} == checks
     trainer.validate(dataloaders=val, ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
     assert [(h["epoch"], h["step"]) for h in callback.history] == [*fitted, (3, 12)]
+    # Another model starts the callback afresh: it takes the checkpoint's history, and adds its probe.
+    trainer.validate(Tested(), val, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    assert [(h["epoch"], h["step"]) for h in callback.history][:-1] == fitted[:3]
 
 
 class WideFirstLayer(ConvClassifier):

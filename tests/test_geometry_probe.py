@@ -256,6 +256,36 @@ def test_where_with_a_fixed_condition_reads_the_branch_it_picks():
     assert probe_rf(Picked("input"), (1, 2, 14, 12)).geometry == (AxisGeometry(5, 1, 2),) * 2
 
 
+class _HardGate(nn.Module):
+    """Three 3 x 3 convs gated by a hard mask, from a dilated context path (r = 63) or from their own mean."""
+
+    def __init__(self, gate: str):
+        super().__init__()
+        self.gate = gate
+        self.local = nn.Sequential(*[nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(3)])
+        self.context = nn.Sequential(
+            *[nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=2**i, dilation=2**i) for i in range(5)]
+        )
+
+    def forward(self, x):
+        y = self.local(x)
+        mask = self.context(x) > 0 if self.gate == "context" else y > y.mean(dim=(2, 3), keepdim=True)
+        return y * mask if self.gate != "where" else torch.where(condition=self.context(x) > 0, input=y, other=y * 2)
+
+
+@pytest.mark.parametrize("flow", [True, False])
+@pytest.mark.parametrize("gate", ["context", "mean", "where"])
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_hard_mask_adds_no_field_to_what_it_gates(gate, mode, flow, monkeypatch):
+    """A mask passes no gradient: the field is the gated convs' (7, 1, 3). A flow that gave comparisons their
+    operand's field reported the context's (63, 1, 31), or a global field for a gate by the mean; the measured
+    reading took a mean that only a comparison reads for a coupling of the whole axis, on an input the field spans."""
+    monkeypatch.setattr(geometry_flow, "ENABLED", flow)
+    for shape in [(1, 1, 6, 6), (1, 1, 32, 32)]:
+        field = probe_rf(_HardGate(gate), shape, mode=mode)
+        assert field.geometry == (AxisGeometry(7, 1, 3),) * 2
+
+
 def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():
     # Output o reads inputs 3(o - 4), 3(o - 2) and 3o (a 1x1 stride-3 conv, then a 3-tap conv dilated by 2): on a
     # 7-long input the centre field is one pixel that looks whole; lattice passes spaced by it would interleave

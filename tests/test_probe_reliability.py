@@ -1969,3 +1969,19 @@ def test_a_choice_by_a_learned_score_keeps_both_branches_in_theoretical_mode():
     assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 9), mode="weights").bounds == ((3, 9), (6, 11))
     assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 9)).bounds == ((3, 9), (6, 11))
     assert probe_rf(Chooser(), (1, 1, 12, 12), (6, 2)).bounds == ((3, 9), (0, 5))
+
+
+def test_a_where_by_keywords_keeps_both_branches_in_theoretical_mode():
+    """``torch.where(condition=..., input=..., other=...)``: only positional calls were read, and the copy's mask
+    (all True) kept the 3 x 3 branch alone."""
+
+    class ByKeywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.narrow, self.wide = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2)
+
+        def forward(self, x):
+            narrow = self.narrow(x)
+            return torch.where(condition=narrow > 0, input=narrow, other=self.wide(x))
+
+    assert probe_rf(ByKeywords(), (1, 1, 12, 12), (6, 6)).bounds == ((4, 8), (4, 8))

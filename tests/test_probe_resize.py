@@ -198,6 +198,32 @@ def test_a_warp_by_a_fraction_of_a_pixel_reads_both_neighbours():
         assert field_map[(i, j)].bounds == ((i, i), (j, min(j + 1, 6))), (i, j)
 
 
+class HalfPrecisionWarp(nn.Module):
+    """A warp by a fixed grid (a buffer) that the forward samples in 16-bit floats, shifted by ``shift`` pixels."""
+
+    def __init__(self, dtype: torch.dtype, shift: float, size=(9, 40)):
+        super().__init__()
+        theta = torch.tensor([[[1.0, 0, 2 * shift / size[1]], [0, 1.0, 0]]])
+        self.register_buffer("grid", F.affine_grid(theta, [1, 1, *size], align_corners=False))
+        self.dtype = dtype
+
+    def forward(self, x):
+        grid = self.grid.to(self.dtype).expand(len(x), -1, -1, -1)
+        return F.grid_sample(x.to(self.dtype), grid, align_corners=False).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_sub_pixel_warp_in_half_precision_reads_both_neighbours(dtype, mode):
+    """A coordinate within 8 units of 1's last place (times the length) of an index was taken for it: in float16
+    that is 0.31 of a pixel on 40 pixels, and a 0.3-pixel shift read column 20 alone where it reads 20..21. An
+    identity warp in 16 bits still reads each pixel alone."""
+    assert probe_rf(HalfPrecisionWarp(dtype, 0.3), (1, 1, 9, 40), (4, 20), mode=mode).bounds == ((4, 4), (20, 21))
+    for width in (16, 40, 224):
+        field = probe_rf(HalfPrecisionWarp(dtype, 0.0, (5, width)), (1, 1, 5, width), (2, width // 3), mode=mode)
+        assert field.bounds == ((2, 2), (width // 3, width // 3))
+
+
 @pytest.mark.parametrize("n_axes", [2, 3])
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("corners", [False, True])

@@ -389,10 +389,11 @@ class RFCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the history, so a resumed run continues it without logging the initial field twice.
 
-        Only a fit resumes: Lightning restores callbacks for ``validate``, ``test`` and ``predict`` with a
-        ``ckpt_path`` too, and there the checkpoint's history would replace the fit's.
+        Lightning restores callbacks for ``validate``, ``test`` and ``predict`` with a ``ckpt_path`` too: after a fit
+        the callback keeps that fit's history (the checkpoint's would replace it); a callback with no history yet (a
+        new one, or a new model's) takes the checkpoint's.
         """
-        if self._stage not in (None, "fit"):
+        if self._stage not in (None, "fit") and self.history:
             return
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +90,6 @@ _ELEMENTWISE = frozenset(
         "add", "sub", "mul", "div", "true_divide", "multiply", "subtract", "maximum", "minimum", "where", "addcmul",
         "addcdiv", "pow", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__",
         "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__pow__",
-        # comparisons and logic: a mask made from the input (its where() is the hull, see _where_tags)
-        "gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "not_equal",
-        "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "logical_and", "logical_or", "logical_xor",
-        "logical_not", "__and__", "__or__", "__xor__", "__invert__", "isnan", "isinf", "isfinite", "signbit",
     }
 )  # fmt: skip
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
@@ -117,6 +113,8 @@ class GeometryFlow:
         # need not keep. Straight out of the concatenation they keep its segments (dim, then channels and tag per
         # operand), from which a slice's fields are the hull of the segments it keeps.
         self._mixed: dict[int, tuple[weakref.ref, _Segments | None]] = {}
+        # Boolean masks computed from the input or the weights, by id: the probe's function mode shares its own.
+        self.masks: Mapping[int, torch.Tensor] = {}
 
     def start(self, inputs: torch.Tensor) -> None:
         """Gives the probe's input ``(N, C, *spatial)`` the identity geometry on every axis.
@@ -425,24 +423,32 @@ def _keeps_positions(index, n_dims: int, spatial: tuple[int, ...]) -> bool:
 def _where_tags(flow: GeometryFlow, args, kwargs, result, dependent: list[torch.Tensor]) -> list[_Tag | None] | None:
     """The tag of ``torch.where(condition, input, other)`` (``input.where(condition, other)``).
 
-    A condition made from the input (a mask, ``x > 0``) may pick either operand at any position: the hull of their
-    fields, as the theoretical copy reads both. A condition that no input decides picks one operand per position:
-    where it picks the same one everywhere, that operand's field; where it picks by position (even rows from one
-    branch, odd rows from another), the field depends on the position, which no single (r, S, P) may describe.
+    A condition made from the input or the weights (a mask, ``x > 0``; ``flow.masks`` holds them) may pick either
+    operand at any position: the hull of their fields, as the theoretical copy reads both (the condition's own
+    values pass no gradient). A condition that nothing decides picks one operand per position: where it picks the
+    same one everywhere, that operand's field; where it picks by position (even rows from one branch, odd rows from
+    another), the field depends on the position, which no single (r, S, P) may describe.
     """
-    first = args[0] if args else kwargs.get("condition")
-    if isinstance(first, torch.Tensor) and first.dtype == torch.bool:
-        condition = first
-        picks = [args[1] if len(args) > 1 else kwargs.get("input"), args[2] if len(args) > 2 else kwargs.get("other")]
-    else:
-        condition = args[1] if len(args) > 1 else kwargs.get("condition")
-        picks = [first, args[2] if len(args) > 2 else kwargs.get("other")]
-    if not isinstance(condition, torch.Tensor) or flow._tag(condition) is not None or condition.requires_grad:
-        return [_hull(flow, dependent, result)]
+    condition, picks = where_operands(args, kwargs)
+    if not isinstance(condition, torch.Tensor) or id(condition) in flow.masks:
+        return [_hull(flow, [t for t in dependent if any(t is p for p in picks)], result)]
     chosen = picks[0] if bool(condition.all()) else picks[1] if not bool(condition.any()) else None
     if not isinstance(chosen, torch.Tensor) or not any(chosen is t for t in dependent):
         return None  # picked by position, or a constant picked everywhere
     return [_hull(flow, [chosen], result)]
+
+
+def where_operands(args, kwargs) -> tuple:
+    """The condition and the two operands of a ``where`` call, however they are passed.
+
+    ``torch.where(condition, input, other)`` or ``input.where(condition, other)``, positionally or by name.
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bool:
+        names: tuple[str, ...] = ("condition", "input", "other")
+    else:
+        names = ("input", "condition", "other")
+    named = {**kwargs, **dict(zip(names, args))}
+    return named.get("condition"), [named.get("input"), named.get("other")]
 
 
 def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> _Tag | None:

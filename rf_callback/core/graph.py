@@ -576,6 +576,8 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             f"forward, or probe a layer before the draw with layer="
         )
     output = selected_element(output, element, layer)
+    if hasattr(functions, "read_output"):
+        functions.read_output(output)
     # Only the probed element's cut matters: a model may return a pick's indices beside its feature map.
     cuts = [*functions.cuts, *filter(None, [functions.cut_reason(output)])]
     if cuts:

@@ -196,6 +196,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Reductions and softmaxes of input-dependent tensors, as (name, input shape, dims reduced), in call order:
         # one over a dim that follows the input's length couples a whole axis (see geometry_probe).
         self.couplings: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+        # Those whose result no call has read with a gradient yet, by the result's id: a mean that only a comparison
+        # reads (a hard gate, y > y.mean()) couples nothing, and joins the couplings only once a gradient reads it.
+        self._unread_couplings: dict[int, tuple[weakref.ref, tuple]] = {}
         # Tensors made without gradient from input-dependent ones, by id, with the reason (kept alive: ids stay
         # unique).
         self._cut_from_input: dict[int, tuple[torch.Tensor, str]] = {}
@@ -206,6 +209,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        if flow is not None:
+            flow.masks = self._input_masks  # a where() by such a mask may pick either operand (see geometry_flow)
         # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
         # "choice" (positions) or "mask", the draw's name); and where a draw decides the field (see
         # _note_random_draws).
@@ -248,12 +253,13 @@ class _ProbeFunctions(TorchFunctionMode):
             direct = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))  # a list's mask: _of_masks
             if any(id(t) in self._input_masks for t in direct):
                 return self._of_masks(func, args, kwargs)
+        coupling = None
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
             if name in _COUPLINGS and args and isinstance(args[0], torch.Tensor) and args[0].dim():
                 dims = _reduced_dims(name, args, kwargs)
                 if dims:
-                    self.couplings.append((name, tuple(args[0].shape), dims))
+                    coupling = (name, tuple(args[0].shape), dims)
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
@@ -277,6 +283,13 @@ class _ProbeFunctions(TorchFunctionMode):
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._called(func, name, args, kwargs)
+        if self._unread_couplings and from_input:
+            self._read_couplings(tensors, result)
+        if coupling is not None:
+            if isinstance(result, torch.Tensor):
+                self._unread_couplings[id(result)] = (weakref.ref(result), coupling)
+            else:
+                self.couplings.append(coupling)
         if self.linearise and not from_input and any(_is_weight(t, self._from_weights) for t in tensors):
             self._note_from_weights(result)
         if not self.reshaped_channels and from_input and name in _RESHAPES:
@@ -383,6 +396,22 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.recording and not self.float16_inside:
             self.float16_inside = any(t.dtype == torch.float16 and t.requires_grad for t in tensors)
         return result
+
+    def _read_couplings(self, tensors: list[torch.Tensor], result) -> None:
+        """Moves the couplings whose results a call read into a result that carries a gradient to the couplings."""
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        if not any(isinstance(r, torch.Tensor) and r.requires_grad for r in results):
+            return  # a comparison, a shape: no gradient goes through
+        for tensor in tensors:
+            entry = self._unread_couplings.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                self.couplings.append(entry[1])
+                del self._unread_couplings[id(tensor)]
+
+    def read_output(self, output) -> None:
+        """Counts the couplings whose result is the probed output itself (a global pooling with ``keepdim``)."""
+        if isinstance(output, torch.Tensor) and self._unread_couplings:
+            self._read_couplings([output], output)
 
     def _note_from_weights(self, result) -> None:
         """Notes the tensors of ``result`` as computed from the weights; a boolean one is a mask no weight fixes."""
@@ -524,9 +553,9 @@ class _ProbeFunctions(TorchFunctionMode):
                 twin = _mean_of_dependent([x, *(b for b in bounds if isinstance(b, torch.Tensor))])
                 return x.copy_(twin) if name.endswith("_") else twin  # clamp_ is read through x, not its result
             return None
-        if base == "where" and len(args) >= 3:
-            condition, operands = (args[0], args[1:3]) if args[0].dtype == torch.bool else (args[1], (args[0], args[2]))
-            if id(condition) in self._input_masks:
+        if base == "where":
+            condition, operands = geometry_flow.where_operands(args, kwargs)
+            if isinstance(condition, torch.Tensor) and id(condition) in self._input_masks:
                 return _mean_of_dependent([condition, *operands])
             return None
         if base == "masked_fill" and len(args) >= 2 and id(args[1]) in self._input_masks:

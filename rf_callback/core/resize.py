@@ -32,6 +32,16 @@ _GRID_SAMPLE = inspect.signature(F.grid_sample)
 _GRID_ULPS = 8
 
 
+def _grid_ulps(dtype: torch.dtype) -> float:
+    """How many units of 1's last place a grid coordinate may be off an input index and still be taken for it.
+
+    In float32 8 such units are a ten-thousandth of a pixel on a thousand pixels, far below any warp's own offset.
+    In a 16-bit grid one unit is already a good part of a pixel (a 0.3-pixel shift of a 40-pixel axis is 8 of
+    float16's), so only half of one counts: the rounding of an identity grid, not a real sub-pixel offset.
+    """
+    return _GRID_ULPS if torch.finfo(dtype).bits > 16 else 0.5
+
+
 def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
     """``F.interpolate(*args, **kwargs)`` with exact weights, or ``None`` where the call is not a plain linear one.
 
@@ -255,7 +265,7 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
     taps, snapped = [], False
     for axis, length in enumerate(lengths):
         coordinate = _unnormalised(grid[..., axis].double(), length, corners, padding)
-        tolerance = _GRID_ULPS * torch.finfo(grid.dtype).eps * max(length, 1)
+        tolerance = _grid_ulps(grid.dtype) * torch.finfo(grid.dtype).eps * max(length, 1)
         nearest = coordinate.round()
         on_an_index = (coordinate - nearest).abs() <= tolerance
         snapped = snapped or bool(on_an_index.any())
