@@ -165,3 +165,21 @@ def test_an_output_with_an_axis_squeezed_away_says_which_layer_keeps_it():
     with pytest.raises(ValueError, match="pass layer= naming the module before the squeeze"):
         probe_rf(model, (1, 1, 8, 20))
     assert probe_rf(model, (1, 1, 8, 20), layer="1").bounds == ((0, 7), (9, 11))
+
+
+def test_a_weights_probe_that_fails_on_its_batch_of_draws_says_so():
+    """Weights mode runs its draws as one batch: a model with a buffer of batch 1 failed with a message that named
+    an input of batch 1, and no way out."""
+
+    class BatchOfOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.register_buffer("offset", torch.zeros(1, 1, 9, 11))
+
+        def forward(self, x):
+            return self.conv(torch.cat([x, self.offset], dim=1).sum(dim=1, keepdim=True))
+
+    with pytest.raises(ProbeError, match=r"a batch of 8 random inputs of shape \(1, 9, 11\).*pass draws=1"):
+        probe_rf(BatchOfOne(), (1, 1, 9, 11), (4, 5), mode="weights")
+    assert probe_rf(BatchOfOne(), (1, 1, 9, 11), (4, 5), mode="weights", draws=1).bounds == ((3, 5), (4, 6))

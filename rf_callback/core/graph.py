@@ -552,7 +552,7 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
             raise _rank_error(copy, error.module, input_shape) from None
     except Exception as error:
         if not captured:  # past the layer's output (a head that needs another input size), nothing is measured
-            raise forward_error(copy, input_shape, error) from error
+            raise forward_error(copy, input_shape, error, draws=len(inputs) if mode == "weights" else None) from error
     finally:
         torch.set_grad_enabled(grad_enabled)
         functions.recording = True
@@ -897,8 +897,11 @@ def _rank_error(copy: nn.Module, module: _ConvNd, input_shape) -> ValueError:
     )
 
 
-def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
-    """The error to raise for a forward that raised: a rank mismatch with the first convolution, or a ProbeError."""
+def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int | None = None) -> Exception:
+    """The error to raise for a forward that raised: a rank mismatch with the first convolution, or a ProbeError.
+
+    ``draws``: weights mode's random inputs, which the forward ran on as one batch.
+    """
     if isinstance(error, ProbeError):  # the probe's copy refused something (see probe_functions): its own words
         return ProbeError(str(error))
     spatial = len(input_shape) - 2
@@ -912,6 +915,12 @@ def forward_error(copy: nn.Module, input_shape, error: Exception) -> Exception:
             )
         if isinstance(module, _ConvNd):
             break
+    if draws is not None and draws > 1:
+        return ProbeError(
+            f"the model's forward raised on a batch of {draws} random inputs of shape {tuple(input_shape[1:])} "
+            f"(weights mode runs its draws={draws} as one batch): {error}; if the model runs on one sample at a time "
+            f"(a buffer of batch 1), pass draws=1"
+        )
     return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}")
 
 
