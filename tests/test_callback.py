@@ -373,6 +373,12 @@ def test_testing_or_validating_a_checkpoint_after_fit_keeps_the_fits_history(tmp
     # Another model starts the callback afresh: it takes the checkpoint's history, and adds its probe.
     trainer.validate(Tested(), val, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
     assert [(h["epoch"], h["step"]) for h in callback.history][:-1] == fitted[:3]
+    # A callback that fitted nothing shows the history of the checkpoint it last tested.
+    fresh = RFCallback(layer="features", target_size=4)
+    tester = pl.Trainer(**trainer_kwargs(tmp_path, logger=False), callbacks=[fresh])
+    for epoch in (0, 2):
+        tester.test(Tested(), val, ckpt_path=str(tmp_path / "ckpt" / f"epoch={epoch}.ckpt"))
+    assert [(h["epoch"], h["step"]) for h in fresh.history] == fitted
 
 
 class WideFirstLayer(ConvClassifier):

@@ -286,6 +286,26 @@ def test_a_hard_mask_adds_no_field_to_what_it_gates(gate, mode, flow, monkeypatc
         assert field.geometry == (AxisGeometry(7, 1, 3),) * 2
 
 
+def test_a_reduction_written_in_place_couples_the_whole_axis():
+    """``z[:] = y.amax(...)`` returns nothing: the coupling it carries was never counted, and the axis was grown to
+    32 times its length before it read "the field spans every input read"."""
+
+    class WrittenMax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = torch.zeros_like(y)
+            z[:, :, :, :] = y.amax((2, 3), keepdim=True)
+            return z + y
+
+    geometry = probe_rf(WrittenMax(), (1, 1, 12, 12)).geometry
+    assert tuple(geometry) == (None, None)
+    assert all(reason.startswith("a amax() along the whole axis") for reason in geometry.reasons), geometry.reasons
+
+
 def test_map_of_fields_whose_holes_the_input_hides_equals_the_exact_fields():
     # Output o reads inputs 3(o - 4), 3(o - 2) and 3o (a 1x1 stride-3 conv, then a 3-tap conv dilated by 2): on a
     # 7-long input the centre field is one pixel that looks whole; lattice passes spaced by it would interleave

@@ -1985,3 +1985,28 @@ def test_a_where_by_keywords_keeps_both_branches_in_theoretical_mode():
             return torch.where(condition=narrow > 0, input=narrow, other=self.wide(x))
 
     assert probe_rf(ByKeywords(), (1, 1, 12, 12), (6, 6)).bounds == ((4, 8), (4, 8))
+
+
+@pytest.mark.parametrize("held", ["bool", "int", "ones_like"])
+def test_a_mask_held_in_a_parameter_of_booleans_or_integers_is_the_architectures(held):
+    """The copy keeps such a parameter as it is: a causal mask, not a choice any weights could make (it was taken
+    for one, and output 4 read its future: 0..15 where it reads 0..4)."""
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.qkv = nn.Conv1d(1, 4, 1), nn.Linear(4, 12)
+            lower = torch.ones(16, 16).tril()
+            self.mask = nn.Parameter(lower.bool() if held != "int" else lower.long(), requires_grad=False)
+            self.scale = nn.Parameter(torch.ones(16, 16))
+
+        def forward(self, x):
+            tokens = self.embed(x).transpose(1, 2)
+            q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+            future = ~self.mask if held != "int" else self.mask == 0
+            if held == "ones_like":  # made from a weight's shape alone
+                future = ~torch.ones_like(self.scale, dtype=torch.bool).tril()
+            scores = (q @ k.transpose(-1, -2)).masked_fill(future, float("-inf"))
+            return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+    assert probe_rf(Causal(), (1, 1, 16), 4).bounds == ((0, 4),)

@@ -216,9 +216,11 @@ class HalfPrecisionWarp(nn.Module):
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 def test_a_sub_pixel_warp_in_half_precision_reads_both_neighbours(dtype, mode):
     """A coordinate within 8 units of 1's last place (times the length) of an index was taken for it: in float16
-    that is 0.31 of a pixel on 40 pixels, and a 0.3-pixel shift read column 20 alone where it reads 20..21. An
-    identity warp in 16 bits still reads each pixel alone."""
-    assert probe_rf(HalfPrecisionWarp(dtype, 0.3), (1, 1, 9, 40), (4, 20), mode=mode).bounds == ((4, 4), (20, 21))
+    that is 0.31 of a pixel on 40 pixels, and a 0.3-pixel shift read one column where it reads two (bfloat16 on 96
+    pixels too, with half a unit). An identity warp in 16 bits still reads each pixel alone."""
+    for width in (40, 96, 160):  # bfloat16's unit of 1 is 0.375 of a pixel on 96 pixels
+        field = probe_rf(HalfPrecisionWarp(dtype, 0.3, (5, width)), (1, 1, 5, width), (2, width // 2), mode=mode)
+        assert field.bounds == ((2, 2), (width // 2, width // 2 + 1))
     for width in (16, 40, 224):
         field = probe_rf(HalfPrecisionWarp(dtype, 0.0, (5, width)), (1, 1, 5, width), (2, width // 3), mode=mode)
         assert field.bounds == ((2, 2), (width // 3, width // 3))

@@ -237,6 +237,7 @@ class RFCallback(Callback):
         self._said_no_validation = self._said_other_cells = False
         self._failures.said.clear()
         self.history: list[dict[str, Any]] = []
+        self._fitted = False  # whether this run's history comes from a fit (not only from a checkpoint)
         self._erf_inputs: torch.Tensor | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
         self._initial_logged = False
@@ -316,6 +317,7 @@ class RFCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Probes the initial weights when the input shape is already known; else waits for the first batch."""
+        self._fitted = True
         if self.effective and not has_validation(trainer, pl_module):
             raise MisconfigurationException(
                 "RFCallback(effective=True) needs validation data to measure the effective field on: add a "
@@ -390,10 +392,10 @@ class RFCallback(Callback):
         """Restores the history, so a resumed run continues it without logging the initial field twice.
 
         Lightning restores callbacks for ``validate``, ``test`` and ``predict`` with a ``ckpt_path`` too: after a fit
-        the callback keeps that fit's history (the checkpoint's would replace it); a callback with no history yet (a
-        new one, or a new model's) takes the checkpoint's.
+        the callback keeps that fit's history (the checkpoint's would replace it); a callback that has not fitted
+        this model (a new one, or a new model's) takes the checkpoint's.
         """
-        if self._stage not in (None, "fit") and self.history:
+        if self._stage not in (None, "fit") and self._fitted:
             return
         self.history = list(state_dict.get("history", []))
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))

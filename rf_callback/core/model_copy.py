@@ -284,13 +284,21 @@ class _ProbeFunctions(TorchFunctionMode):
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         result = self._called(func, name, args, kwargs)
         if self._unread_couplings and from_input:
-            self._read_couplings(tensors, result)
+            # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
+            written = args[0] if result is None and args and geometry_flow.writes_in_place(name) else result
+            self._read_couplings(tensors, written)
         if coupling is not None:
             if isinstance(result, torch.Tensor):
                 self._unread_couplings[id(result)] = (weakref.ref(result), coupling)
             else:
                 self.couplings.append(coupling)
-        if self.linearise and not from_input and any(_is_weight(t, self._from_weights) for t in tensors):
+        if (
+            self.linearise
+            and not from_input
+            and not _from_shape_alone(name)
+            and name != "new_tensor"
+            and any(_is_weight(t, self._from_weights) for t in tensors)
+        ):
             self._note_from_weights(result)
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
@@ -680,8 +688,14 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 
 def _is_weight(tensor, from_weights) -> bool:
-    """Whether ``tensor`` is a parameter of the copy, or was computed from them without the input."""
-    return isinstance(tensor, nn.Parameter) or (isinstance(tensor, torch.Tensor) and id(tensor) in from_weights)
+    """Whether ``tensor`` is a floating parameter of the copy, or was computed from them without the input.
+
+    The copy keeps a parameter of booleans or integers as it is (a mask, a table of indices): its values are the
+    architecture's, not a constant standing for any weights.
+    """
+    if isinstance(tensor, nn.Parameter):
+        return tensor.is_floating_point()
+    return isinstance(tensor, torch.Tensor) and id(tensor) in from_weights
 
 
 def _anywhere_twin(

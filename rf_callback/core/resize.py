@@ -32,14 +32,19 @@ _GRID_SAMPLE = inspect.signature(F.grid_sample)
 _GRID_ULPS = 8
 
 
-def _grid_ulps(dtype: torch.dtype) -> float:
-    """How many units of 1's last place a grid coordinate may be off an input index and still be taken for it.
+def _snap_tolerance(values: torch.Tensor, length: int) -> torch.Tensor | float:
+    """How far (in input pixels) a grid coordinate may lie off an input index and still be taken for it.
 
-    In float32 8 such units are a ten-thousandth of a pixel on a thousand pixels, far below any warp's own offset.
-    In a 16-bit grid one unit is already a good part of a pixel (a 0.3-pixel shift of a 40-pixel axis is 8 of
-    float16's), so only half of one counts: the rounding of an identity grid, not a real sub-pixel offset.
+    In float32, 8 units of 1's last place: a ten-thousandth of a pixel on a thousand pixels, far below any warp's own
+    offset. In a 16-bit grid one such unit is a good part of a pixel (a 0.3-pixel shift on 96 pixels is 4 of
+    bfloat16's), so a coordinate counts as the index only where the grid value is the index's position rounded to
+    the grid's type (half a unit of the value's own last place), plus a float32 computation's rounding.
     """
-    return _GRID_ULPS if torch.finfo(dtype).bits > 16 else 0.5
+    scale = max(length, 1)
+    if torch.finfo(values.dtype).bits > 16:
+        return _GRID_ULPS * torch.finfo(values.dtype).eps * scale
+    spacing = (torch.nextafter(values, torch.full_like(values, 2.0)) - values).abs().double()
+    return (spacing / 2 + _GRID_ULPS * torch.finfo(torch.float32).eps) * scale / 2
 
 
 def exact_resize(args, kwargs, *, unsigned: bool) -> torch.Tensor | None:
@@ -265,7 +270,7 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
     taps, snapped = [], False
     for axis, length in enumerate(lengths):
         coordinate = _unnormalised(grid[..., axis].double(), length, corners, padding)
-        tolerance = _grid_ulps(grid.dtype) * torch.finfo(grid.dtype).eps * max(length, 1)
+        tolerance = _snap_tolerance(grid[..., axis], length)
         nearest = coordinate.round()
         on_an_index = (coordinate - nearest).abs() <= tolerance
         snapped = snapped or bool(on_an_index.any())
