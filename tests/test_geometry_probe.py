@@ -3,6 +3,8 @@ field on the given input is clipped; where the thin reading's assumption fails, 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,6 +238,27 @@ def test_fields_that_depend_on_another_axis_index_have_no_geometry(make, pos, mo
     torch.manual_seed(0)
     result = probe_rf(make(), (1, 2, 14, 12), pos, mode=mode)
     assert tuple((result[0] if isinstance(result, list) else result).geometry) == (None, None)
+
+
+@pytest.mark.parametrize("flow", [True, False])
+def test_a_single_position_that_picks_another_branch_leaves_no_geometry(flow, monkeypatch):
+    """Index 3 alone reads a 5-wide conv, the others a 3-wide one: the centre probe read (3, 1, 1) off the thin
+    input's lattice, which holds every 11th index and missed index 3, whose field 1..5 its span (2, 4) contradicts."""
+
+    class OneIndex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.narrow, self.wide = nn.Conv1d(2, 2, 3, padding=1), nn.Conv1d(2, 2, 5, padding=2)
+
+        def forward(self, x):
+            picked = (torch.arange(x.shape[2]) == 3).view(1, 1, -1)
+            return torch.where(picked, self.wide(x), self.narrow(x))
+
+    monkeypatch.setattr(geometry_flow, "ENABLED", flow)
+    for pos, mode in itertools.product(("center", 3, "all"), ("theoretical", "weights")):
+        result = probe_rf(OneIndex(), (1, 2, 13), pos, mode=mode)
+        assert tuple(result.geometry) == (None,)
+        assert "by position" in result.geometry.reasons[0]
 
 
 def test_where_with_a_fixed_condition_reads_the_branch_it_picks():

@@ -212,6 +212,7 @@ class ProbeGraph(GraphShapes):
         self.fixed_size: list = []  # calls with a fixed output size on the way, and their dims (see probe_functions)
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
+        self.position_picks: list[str] = []  # selections by a fixed condition that picks by position (the same)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         self.work = 0  # elements the forward's calls returned: its cost (see probe_functions)
         self.float16_inside = False  # a call on the way returned float16 (see probe_functions)
@@ -230,6 +231,7 @@ class ProbeGraph(GraphShapes):
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             self.work, self.float16_inside = functions.work, functions.float16_inside
             self.border_modes = functions.border_modes
+            self.position_picks = functions.position_picks
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:

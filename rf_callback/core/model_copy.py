@@ -205,6 +205,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Paddings that read the input's own values past its border (reflect, replicate, circular), as
         # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
         self.border_modes: list[str] = []
+        # Selections between two input-dependent operands by a fixed condition that picks one or the other by
+        # position (torch.where with a mask of rows): the fields may differ from one position to the next.
+        self.position_picks: list[str] = []
         # Boolean masks computed from input-dependent tensors (x > y), by id (weakly: a mask freed leaves, so a
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
@@ -282,6 +285,8 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.border_modes.append(f"pad(mode={mode!r})")
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
+        if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
+            self.position_picks.append("where()")
         result = self._called(func, name, args, kwargs)
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
@@ -685,6 +690,20 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     break a near tie the other way: the forward must stay the network's own, and only the gradient exact.
     """
     return real.detach() + (exact - exact.detach())
+
+
+def _picks_by_position(args, kwargs, masks) -> bool:
+    """Whether a ``where`` picks between two input-dependent operands by a fixed condition, neither all one side.
+
+    A condition made from the input or the weights (``masks``) may pick either side anywhere; a fixed one picks
+    each position's operand, and a position that picks the other branch has another field.
+    """
+    condition, operands = geometry_flow.where_operands(args, kwargs)
+    if not isinstance(condition, torch.Tensor) or id(condition) in masks or condition.requires_grad:
+        return False
+    if sum(_depends_on_input(operand) for operand in operands) < 2:
+        return False
+    return bool(condition.any()) and not bool(condition.all())
 
 
 def _is_weight(tensor, from_weights) -> bool:

@@ -489,7 +489,18 @@ class _Prober:
             reasons.update(dict.fromkeys(range(len(shape) - 2), reason))
             return (None,) * (len(shape) - 2)
 
+        # The theoretical forward's selections by position (weights mode reads them off its theoretical graph).
+        picks = list(self.measured.position_picks) if self.mode == "theoretical" else None
+
+        def _picked_by_position(found: list[str]) -> tuple[None, ...]:
+            return _no_theory(
+                f"a {found[0]} on the path picks one branch or the other by a fixed condition, by position: the "
+                f"fields may differ from one position to another, which no single (r, S, P) describes"
+            )
+
         def measure():
+            if picks:
+                return _picked_by_position(picks)
             if flowed is not None:
                 geometry, why = flowed
                 reasons.update(why)
@@ -504,6 +515,8 @@ class _Prober:
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     reasons.clear()
                     try:
+                        if picks is None and theory.position_picks:
+                            return _picked_by_position(theory.position_picks)
                         # Weights mode: the geometry is the theoretical one, which the theoretical fields at the
                         # probed positions must follow exactly (the weights' fields only lie inside their spans).
                         theoretical = [(p, box) for p in weights_positions if (box := box_of(theory.support([p])))]
