@@ -16,7 +16,17 @@ import torch
 
 from rf_callback.core.geometry import MIN_WHOLE_FIELDS, Bounds, is_whole, whole_fields
 from rf_callback.core.graph import ProbeGraph
-from rf_callback.core.support import Box, Position, box_of, box_slices, hull, largest_hole, marginal, runs
+from rf_callback.core.support import (
+    Box,
+    Position,
+    box_of,
+    box_slices,
+    hull,
+    inside_boxes,
+    largest_hole,
+    marginal,
+    runs,
+)
 
 _MAX_CODED_MEMBERS = 4096  # members of one lattice pass whose pairing one coded pass can check in float32
 
@@ -209,11 +219,13 @@ def _pairing_holds(
 def boxes_hold(graph: ProbeGraph, members: list[Position], boxes: list[Box | None], values: torch.Tensor) -> bool:
     """Whether each member's gradient in a shared pass lies in its own box, not in another member's.
 
-    ``values`` is the gradient map of the pass from all ``members`` at once, whose support lies inside the boxes
-    (the caller checked; ``None``: a field predicted empty). A field that leaks into another member's box (a
-    prediction that missed how the field depends on the other axes' indices) mixes two members' codes there (see
-    :func:`_codes_hold`).
+    ``values`` is the gradient map of the pass from all ``members`` at once; ``boxes`` their predicted boxes
+    (``None``: a field predicted empty). The support must lie inside the boxes, and a field that leaks into another
+    member's box (a prediction that missed how the field depends on the other axes' indices, as branches
+    interleaved by a pixel shuffle) mixes two members' codes there (see :func:`_codes_hold`).
     """
+    if not inside_boxes(values > 0, boxes):
+        return False
     if len(members) == 1:
         return True  # a pass of its own
     if len(members) > _MAX_CODED_MEMBERS:

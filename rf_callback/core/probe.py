@@ -40,7 +40,7 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.core.support import Box, Position, box_of, hull, inside_boxes, marginal, restricted, runs
+from rf_callback.core.support import Box, Position, box_of, hull, marginal, restricted, runs
 
 __all__ = ["ProbeError", "probe_rf"]
 
@@ -645,7 +645,7 @@ class _Prober:
                 continue
             gradient = graph.gradient_map(members)
             boxes = [axes.box(p) for p in members]
-            if all(b is not None for b in boxes) and _own_boxes_hold(graph, members, boxes, gradient):
+            if all(b is not None for b in boxes) and boxes_hold(graph, members, boxes, gradient):
                 heatmaps.update({p: restricted(gradient, box) for p, box in zip(members, boxes)})
             else:
                 heatmaps.update({p: graph.gradient_map([p]) for p in members})
@@ -695,20 +695,8 @@ class _Prober:
                 continue
             gradient = graph.gradient_map(members)
             boxes = [axes.box(p) for p in members]
-            if not _own_boxes_hold(graph, members, boxes, gradient):
+            if not boxes_hold(graph, members, boxes, gradient):
                 yield from ((p, box_of(graph.support([p]))) for p in members)
                 continue
             for p, box in zip(members, boxes):
                 yield p, None if box is None else box_of(restricted(gradient > 0, box))
-
-
-def _own_boxes_hold(
-    graph: ProbeGraph, members: list[Position], boxes: list[Box | None], gradient: torch.Tensor
-) -> bool:
-    """Whether a pass shared by ``members`` gives each of them its predicted box and nothing of another's.
-
-    The support must lie inside the boxes, and a pass weighted by the members' codes must find each box holding its
-    own member's gradient alone (see :func:`~rf_callback.core.lattice.boxes_hold`): a field that depends on the
-    other axes' indices (branches interleaved by a pixel shuffle) can reach exactly into a neighbour's box.
-    """
-    return inside_boxes(gradient > 0, boxes) and boxes_hold(graph, members, boxes, gradient)
