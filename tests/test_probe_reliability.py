@@ -2010,3 +2010,47 @@ def test_a_mask_held_in_a_parameter_of_booleans_or_integers_is_the_architectures
             return (scores.softmax(dim=-1) @ v).transpose(1, 2)
 
     assert probe_rf(Causal(), (1, 1, 16), 4).bounds == ((0, 4),)
+
+
+@pytest.mark.parametrize("mask", ["multiplied", "compared", "additive"])
+def test_a_mask_held_in_a_frozen_floating_parameter_is_the_architectures(mask):
+    """A frozen two-valued parameter with a zero (a 0/1 or 0/-inf mask) stays as it is on the theoretical copy, as a
+    buffer does: a masked kernel read 6..10 where it reads 6..8, a causal attention its future (0..15 for 0..4)."""
+
+    class MaskedKernel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 5, padding=2)
+            self.mask = nn.Parameter(torch.tensor([[[1.0, 1.0, 1.0, 0.0, 0.0]]]), requires_grad=False)
+
+        def forward(self, x):
+            return F.conv1d(x, self.conv.weight * self.mask, padding=2)
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.qkv = nn.Conv1d(1, 4, 1), nn.Linear(4, 12)
+            lower = torch.ones(16, 16).tril()
+            held = lower if mask == "compared" else torch.zeros(16, 16).masked_fill(lower == 0, float("-inf"))
+            self.mask = nn.Parameter(held, requires_grad=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.embed(x).transpose(1, 2)).chunk(3, dim=-1)
+            scores = q @ k.transpose(-1, -2)
+            scores = scores.masked_fill(self.mask == 0, float("-inf")) if mask == "compared" else scores + self.mask
+            return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+    model, position, bounds = (MaskedKernel(), 8, ((6, 8),)) if mask == "multiplied" else (Causal(), 4, ((0, 4),))
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(model, (1, 1, 16), position, mode=mode).bounds == bounds
+
+
+def test_a_frozen_backbone_still_stands_for_any_weights():
+    """Freezing (as a fine-tuning schedule does) keeps weights weights: a frozen kernel whose current taps are 0 and
+    a sign apart still reads its whole window in theoretical mode."""
+    conv = nn.Conv1d(1, 1, 5, padding=2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[0.0, 0.5, 0.0, -0.25, 0.0]]]))
+    conv.requires_grad_(False)
+    assert probe_rf(conv, (1, 1, 16), 8).bounds == ((6, 10),)
+    assert probe_rf(conv, (1, 1, 16), 8, mode="weights").bounds == ((7, 9),)

@@ -713,8 +713,20 @@ def _is_weight(tensor, from_weights) -> bool:
     architecture's, not a constant standing for any weights.
     """
     if isinstance(tensor, nn.Parameter):
-        return tensor.is_floating_point()
+        return _stands_for_weights(tensor)
     return isinstance(tensor, torch.Tensor) and id(tensor) in from_weights
+
+
+def _stands_for_weights(value) -> bool:
+    """Whether ``value`` is a floating parameter of the copy (or a view of one) other than a fixed mask.
+
+    On the theoretical copy those are positive constants that stand for any weights; a fixed mask
+    (:func:`is_fixed_mask`) keeps its real values, as a buffer does.
+    """
+    param = value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
+    if not isinstance(param, nn.Parameter) or not param.is_floating_point():
+        return False
+    return not getattr(param, "_rf_fixed_mask", False)
 
 
 def _anywhere_twin(
@@ -1117,7 +1129,7 @@ _SIGNED = (
 def _negative(value) -> bool:
     """A negative Python number, or a tensor of negative numbers that does not depend on the input (``-ones``)."""
     if isinstance(value, torch.Tensor):  # the copy's parameters are positive constants: not read
-        constant = not isinstance(value, nn.Parameter) and not value.requires_grad and value.is_floating_point()
+        constant = not _stands_for_weights(value) and not value.requires_grad and value.is_floating_point()
         constant = constant and value.numel() > 0
         return constant and bool((value < 0).all())
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
@@ -1375,9 +1387,9 @@ def _unsigned_constants(name: str, args, kwargs):
     target = args[0] if args and geometry_flow.writes_in_place(name) else None
 
     def signed(value) -> bool:  # a constant (no Parameter of the copy, nor a view of one: positive) with a value < 0
-        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
+        if not isinstance(value, torch.Tensor) or _stands_for_weights(value) or value.requires_grad:
             return False
-        if isinstance(value._base, nn.Parameter) or value is target:
+        if value is target:
             return False
         return value.is_floating_point() and value.numel() > 0 and bool((value < 0).any())
 
@@ -1403,7 +1415,7 @@ def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
     if len(args) < 2 or "weight" in kwargs:
         return None
     weight = args[1]
-    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.Parameter) or weight.requires_grad:
+    if not isinstance(weight, torch.Tensor) or _stands_for_weights(weight) or weight.requires_grad:
         return None
     if weight.numel() == 0 or weight.dim() < 2 or bool(weight.any()):
         return None
@@ -1715,6 +1727,8 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
             if param is not None and id(param) not in memo:
                 value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device)
                 memo[id(param)] = nn.Parameter(value, False)
+                if mode == "theoretical" and is_fixed_mask(param):
+                    memo[id(param)]._rf_fixed_mask = True  # type: ignore[attr-defined]  # not a weight: _is_weight
         for name, buffer in module._buffers.items():
             if buffer is not None and id(buffer) not in memo:
                 if id(buffer) in masks:  # the architecture's field: a pruned weight is a weight (see _pruning_masks)
@@ -1745,6 +1759,8 @@ def _pruning_masks(model: nn.Module) -> set[int]:
 def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
     if not param.is_floating_point():
         return param.detach().to(device, copy=True)
+    if mode == "theoretical" and is_fixed_mask(param):
+        return param.detach().to(device, dtype, copy=True)
     if mode == "theoretical":  # from the shape alone: a sharded parameter is never gathered
         fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else 1
         return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in, device)
@@ -1757,6 +1773,22 @@ def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_b
     if value.is_floating_point() and (value.dtype != param.dtype or value.dtype == torch.float16):
         _check_representable(name, param, value)
     return value
+
+
+def is_fixed_mask(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a frozen floating parameter that holds a mask: two values, one of them 0.
+
+    A causal mask held as ``nn.Parameter(torch.tril(ones), requires_grad=False)`` (0 and 1), or an additive one (0
+    and -inf), is a constant of the architecture, as it would be in a buffer: the theoretical copy keeps it, and
+    with it the positions it hides. A frozen backbone's weights (which a fine-tuning schedule may unfreeze) are
+    never two-valued and stay weights. A sharded parameter is never read (its values would need a gather).
+    """
+    if param.requires_grad or not param.is_floating_point() or param.numel() < 2 or is_sharded(param):
+        return False
+    if param.device.type == "meta" or not bool((param == 0).any()):
+        return False
+    nonzero = param[param != 0]
+    return nonzero.numel() > 0 and bool((nonzero == nonzero[0]).all())
 
 
 def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
