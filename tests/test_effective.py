@@ -200,3 +200,14 @@ def test_a_batchnorm_without_running_statistics_gives_the_same_map_at_any_chunk_
     for chunk_size in (1, 2, 6):
         field = effective_rf(model, inputs, (5, 5), chunk_size=chunk_size, dtype=torch.float64)
         assert torch.allclose(field.heatmap, alone, rtol=1e-12, atol=0)
+
+
+def test_the_whole_mass_extent_keeps_cells_of_the_least_mass():
+    """q = 1 is every cell with mass: edge cells under 1e-12 of the total fell to the rounding tolerance."""
+    assert mass_extent(torch.tensor([0.0, 1e-13, 1.0, 1.0, 1e-13, 0.0]), 1.0) == ((1, 4),)
+    # 28 stacked 3-tap box filters spread a one-hot over 57 cells, the outermost with 1 / 3**28 of the mass (4e-14).
+    spread = torch.zeros(1, 1, 77, dtype=torch.float64)
+    spread[..., 38] = 1.0
+    for _ in range(28):
+        spread = torch.nn.functional.conv1d(spread, torch.ones(1, 1, 3, dtype=torch.float64), padding=1)
+    assert mass_extent(spread[0, 0], 1.0) == ((10, 66),)

@@ -69,7 +69,7 @@ def mass_extent(heatmap: torch.Tensor, q: float = 0.95) -> tuple[Bounds, ...]:
 
     Args:
         heatmap: non-negative map over the input's spatial axes.
-        q: the mass fraction, in (0, 1].
+        q: the mass fraction, in (0, 1]; 1 spans every cell with mass, however little.
 
     Returns:
         Per axis, the inclusive ``(first, last)`` input indices.
@@ -85,6 +85,9 @@ def mass_extent(heatmap: torch.Tensor, q: float = 0.95) -> tuple[Bounds, ...]:
 
 
 def _shortest_interval(weights: torch.Tensor, q: float, center: float) -> Bounds:
+    if q == 1:  # every cell with mass, however little: the tolerance below is for prefix-sum rounding only
+        nonzero = torch.nonzero(weights).flatten()
+        return int(nonzero[0]), int(nonzero[-1])
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), weights.cumsum(0)]).tolist()
     total = prefix[-1]
     need = q * total * (1 - _MASS_TOLERANCE)
