@@ -307,6 +307,23 @@ def test_a_network_whose_layers_change_during_the_fit_gets_its_theoretical_field
     assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 12
 
 
+def test_a_network_whose_layers_change_during_the_fit_logs_its_new_theoretical_spans_and_heatmap(tmp_path):
+    """The spans and heatmap of the theoretical field were logged at fit start only: after the change, the latest
+    span (8 wide) contradicted the latest size (12)."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(layer="features", effective=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    model = GrowsItsFirstKernel()
+    trainer.fit(model, *loaders())
+    (first, last), _ = probe_rf(model, (1, 1, 16, 16), (4, 4), layer="features").bounds
+    assert last - first + 1 == 12
+    events = read_events(logger.log_dir)
+    spans = [(e.step, e.value) for e in events.Scalars("rf-span/features/pos0/theoretical/first_h")]
+    assert spans[-1] == (2 * STEPS_PER_EPOCH, first) and len(spans) == 2
+    assert [(e.step, e.value) for e in events.Scalars("rf-span/features/pos0/theoretical/last_h")][-1][1] == last
+    assert [e.step for e in events.Images("rf/features/pos0/heatmap/theoretical")] == [0, 2 * STEPS_PER_EPOCH]
+
+
 def test_a_fit_resumed_from_a_checkpoint_without_the_callback_logs_its_first_probe_at_the_restored_step(tmp_path):
     """The first probe sees the restored weights of step 4: it was logged as the initial weights of step 0."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

@@ -571,6 +571,11 @@ class RFCallback(Callback):
         for field in theoretical:
             rank_zero_info(f"RFCallback: the probed model's layers changed; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
+        if self.mode != "theoretical":  # the spans and heatmaps the fit-start probe logged are the old layers'
+            # (theoretical mode logs them with every probe); the sizes and target come beside the probe that follows
+            self._reporter.fields(
+                trainer, "theoretical", theoretical, step=trainer.global_step, figures=False, target_for=lambda _: None
+            )
 
     def _described(self, field: ReceptiveField) -> str:
         """The field in words, its layer named as the logs name it (``module.layer``, from the LightningModule)."""
