@@ -191,3 +191,28 @@ def test_effective_true_without_validation_is_refused(tmp_path):
 def test_bad_effective_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         RFCallback(**kwargs)
+
+
+class GoesDead(ConvClassifier):
+    """From epoch 1 the last BatchNorm's bias silences every ReLU: the output no longer depends on the input."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                self.features[5].bias.fill_(-1e4)
+
+
+def test_a_position_whose_output_stops_depending_on_the_input_covers_nothing(tmp_path):
+    """Its gradient map is zero: the effective field failed as an error (warned once), no alert came, and the
+    monitored ``covered`` kept the 1 of the epoch before."""
+    received: list[CoverageEvent] = []
+    callback = RFCallback(layer="features", target_size=2, on_alert=received.append, log_images=False, erf_samples=8)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, callback, GoesDead(lr=0.0), max_epochs=3, logger=False)
+    assert [(e.epoch, e.reason, e.extent) for e in received] == [(1, "lost", (0, 0))]
+    assert "no longer depends on the input" in alerts(record)[0]
+    said = [str(w.message) for w in record if "does not depend on the effective field's inputs" in str(w.message)]
+    assert len(said) == 1 and not any("failed" in str(w.message) for w in record)
+    assert trainer.callback_metrics["rf/features/pos0/target/covered"] == 0
+    assert trainer.callback_metrics["rf/features/pos0/target/margin"] == -2
+    assert [bool(h["effective"]) for h in callback.history[1:]] == [True, False, False]

@@ -80,12 +80,12 @@ def test_coverage_watch_alerts_once_when_coverage_is_lost():
     field = effective_rf(model, torch.randn(4, 1, 9, 9), (4, 4), theoretical=theoretical)
     extent = tuple(last - first + 1 for first, last in field.extent(0.95))
     watch = CoverageWatch(patience=1, coverage_mass=0.95)
-    covered, margin, event = watch.check("4_4", field, extent, epoch=0, layer="output")
+    covered, margin, event = watch.check("4_4", theoretical, field, extent, epoch=0, layer="output")
     assert (covered, margin, event) == (True, 0, None)
     larger = tuple(e + 1 for e in extent)
-    covered, margin, event = watch.check("4_4", field, larger, epoch=1, layer="output")
+    covered, margin, event = watch.check("4_4", theoretical, field, larger, epoch=1, layer="output")
     assert (covered, margin, event.reason, event.epoch) == (False, -1, "lost", 1)
-    assert watch.check("4_4", field, larger, epoch=2, layer="output")[2] is None  # once per loss
+    assert watch.check("4_4", theoretical, field, larger, epoch=2, layer="output")[2] is None  # once per loss
     restored = CoverageWatch(patience=1, coverage_mass=0.95)
     restored.load_state_dict(watch.state_dict())
     assert restored.trackers["4_4"].events == watch.trackers["4_4"].events

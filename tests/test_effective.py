@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rf_callback import effective_rf, probe_rf
+from rf_callback import NoGradientError, effective_rf, probe_rf
 from rf_callback.core.effective import center_of_mass, high_contribution, mass_extent, spread
 
 TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
@@ -47,7 +47,7 @@ def test_trained_biases_change_which_relus_are_active():
     with torch.no_grad():
         model[0].weight.fill_(1.0), model[0].bias.fill_(-100.0), model[2].weight.fill_(1.0)
     inputs = torch.rand(4, 1, 16)
-    with pytest.raises(ValueError, match="degenerate: it is zero everywhere"):
+    with pytest.raises(NoGradientError, match="the output position is zero everywhere"):
         effective_rf(model, inputs, 5)  # as trained, the bias silences every unit
     assert effective_rf(model, inputs, 5, biases="zero").extent(1.0) == ((5, 9),)
 
@@ -211,3 +211,16 @@ def test_the_whole_mass_extent_keeps_cells_of_the_least_mass():
     for _ in range(28):
         spread = torch.nn.functional.conv1d(spread, torch.ones(1, 1, 3, dtype=torch.float64), padding=1)
     assert mass_extent(spread[0, 0], 1.0) == ((10, 66),)
+
+
+def test_a_position_whose_map_is_zero_is_named_and_the_others_measure_alone():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-0.5), model[0].weight.abs_()
+    inputs = torch.rand(4, 1, 12, 12) + 1
+    inputs[..., :6] = 0  # the left half is blank: the outputs there never fire
+    with pytest.raises(NoGradientError, match=r"position \(5, 1\) is zero everywhere on these 4 inputs") as raised:
+        effective_rf(model, inputs, [(5, 8), (5, 1), (2, 7)])
+    assert raised.value.positions == [(5, 1)] and "measure them alone" in str(raised.value)
+    fields = effective_rf(model, inputs, [(5, 8), (2, 7)])
+    assert [field.extent(1.0) for field in fields] == [((5, 7), (8, 10)), ((2, 4), (7, 9))]

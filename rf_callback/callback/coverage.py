@@ -50,10 +50,16 @@ class CoverageEvent:
     def message(self) -> str:
         """A one-paragraph explanation with the numbers."""
         what = "stopped covering" if self.reason == "lost" else "has not covered"
+        extent = (
+            f"its extent holding {self.coverage_mass:g} of the gradient mass is {_sizes(self.extent)}"
+            if any(self.extent)
+            else "the output there no longer depends on the input (its gradient map is zero everywhere: dead units "
+            "or zero weights)"
+        )
         return (
             f"RFCallback: at epoch {self.epoch}, the effective receptive field of {self.layer} at {self.position} "
-            f"{what} the target size: its extent holding {self.coverage_mass:g} of the gradient mass is "
-            f"{_sizes(self.extent)}, the target {_sizes(self.target)}, the theoretical field {_sizes(self.theoretical)}"
+            f"{what} the target size: {extent}, the target {_sizes(self.target)}, the theoretical field "
+            f"{_sizes(self.theoretical)}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,13 +210,15 @@ class CoverageWatch:
         return self.trackers[label]
 
     def check(
-        self, label: str, field, target: tuple[int, ...], *, epoch: int, layer: str
+        self, label: str, theoretical, field, target: tuple[int, ...], *, epoch: int, layer: str
     ) -> tuple[bool, int, CoverageEvent | None]:
         """Checks one effective field against the target.
 
         Args:
             label: the position's label.
-            field: the :class:`~rf_callback.EffectiveField` of that position.
+            theoretical: the :class:`~rf_callback.ReceptiveField` of that position (theoretical).
+            field: its :class:`~rf_callback.EffectiveField`, or ``None`` where its output does not depend on the
+                inputs (a gradient map zero everywhere): an extent of 0, which covers nothing.
             target: per axis, the target size.
             epoch: the epoch of the check, for the alert.
             layer: the probed layer's name, for the alert.
@@ -221,13 +229,16 @@ class CoverageWatch:
         """
         tracker = self.tracker(label)
         tracker.target = target
-        extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
+        if field is None:
+            extent = (0,) * len(target)
+        else:
+            extent = tuple(last - first + 1 for first, last in field.extent(self.coverage_mass))
         reason = tracker.update(extent)
         event = None
         if reason is not None:
             event = CoverageEvent(
-                reason=reason, epoch=epoch, layer=layer, position=field.position, extent=extent, target=target,
-                theoretical=field.theoretical.size, coverage_mass=self.coverage_mass,
+                reason=reason, epoch=epoch, layer=layer, position=theoretical.position, extent=extent, target=target,
+                theoretical=theoretical.size, coverage_mass=self.coverage_mass,
             )  # fmt: skip
             tracker.events.append(event.to_dict())
         return bool(tracker.covered), tracker.margin(extent), event

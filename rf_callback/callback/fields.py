@@ -12,6 +12,7 @@ from torch import nn
 
 from rf_callback.callback.failures import NoInputsError, copy_fix, inputs_fix, memory_fix
 from rf_callback.core.effective_probe import effective_rf
+from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError
 from rf_callback.core.layouts import Tokens
 from rf_callback.core.probe import probe_rf
@@ -153,7 +154,7 @@ class FieldProber:
 
     def effective(
         self, pl_module: nn.Module, inputs: torch.Tensor | None, input_shape: Sequence[int]
-    ) -> list[EffectiveField]:
+    ) -> list[tuple[ReceptiveField, EffectiveField | None]]:
         """The effective field of every position on ``inputs``, in one forward pass per chunk of inputs.
 
         Args:
@@ -162,7 +163,8 @@ class FieldProber:
             input_shape: the input shape the callback probes on.
 
         Returns:
-            One effective field per position.
+            Per position, its theoretical field on the inputs and its effective field, or ``None`` where its output
+            does not depend on the inputs (its gradient map is zero everywhere).
 
         Raises:
             NoInputsError: ``inputs`` is ``None``.
@@ -172,14 +174,24 @@ class FieldProber:
                 "no validation batch handed to the callback had an input tensor (N, C, *spatial) as its first "
                 "element, so there is nothing to measure the effective field on"
             )
-        theoretical = self.theoretical_fields(pl_module, input_shape, inputs.shape)
+        theoretical = list(self.theoretical_fields(pl_module, input_shape, inputs.shape))
         target = self.target(pl_module)
+        live, measured = theoretical, cast("list[EffectiveField]", [])
         with self.whole_parameters(target):
-            fields = effective_rf(
-                target, inputs, [field.position for field in theoretical], layer=self.layer,
-                theoretical=list(theoretical), element=self.element, layout=self.layout, device=self.device,
-            )  # fmt: skip
-        return cast("list[EffectiveField]", fields)  # a list of theoretical fields gives a list of effective ones
+            while live:
+                try:
+                    measured = cast("list[EffectiveField]", effective_rf(
+                        target, inputs, [field.position for field in live], layer=self.layer, theoretical=live,
+                        element=self.element, layout=self.layout, device=self.device,
+                    ))  # fmt: skip
+                    break
+                except NoGradientError as error:  # measured again without them: one pass more, only then
+                    still = [field for field in live if field.position not in error.positions]
+                    if len(still) == len(live):
+                        raise
+                    live = still
+        by_position = {field.position: field for field in measured}
+        return [(field, by_position.get(field.position)) for field in theoretical]
 
 
 def _architecture(module: nn.Module) -> tuple:

@@ -235,6 +235,7 @@ class RFCallback(Callback):
         """Forgets what a run measured and said: its history, fields, input shape, inputs and warnings."""
         self.input_shape = self._given_input_shape
         self._said_no_validation = self._said_other_cells = False
+        self._said_no_gradient: set[str] = set()  # position labels whose output stopped depending on the inputs
         self._failures.said.clear()
         self.history: list[dict[str, Any]] = []
         self._fitted = False  # whether this run's history comes from a fit (not only from a checkpoint)
@@ -518,31 +519,46 @@ class RFCallback(Callback):
             return None
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
-        fields = self._prober.effective(pl_module, self._erf_inputs, self._shape)
+        measured = self._prober.effective(pl_module, self._erf_inputs, self._shape)
+        fields = [field for _, field in measured if field is not None]
         if fields and fields[0].theoretical.input_shape[1:] != tuple(self._shape[1:]) and not self._said_other_cells:
             self._said_other_cells = True
             self._reporter.effective_note(trainer, fields, self._target_for(len(self._shape) - 2))
         entry, events = {}, []
         # Two position indices may name one cell of inputs shaped otherwise: that cell is checked once per probe.
         checked: dict[str, tuple[bool, int]] = {}
-        for index, field in enumerate(fields):
-            label = dashboard.position_label(field.position)
-            metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
-            entry[label] = metrics
-            full = self.effective_scalars == "all"
-            logged = dashboard.effective_scalars(self.layer_name, index, field, metrics, self.coverage_mass, full=full)
-            target = self._target_for(len(field.theoretical.bounds))
+        for index, (cell, field) in enumerate(measured):
+            label = dashboard.position_label(cell.position)
+            logged = {}
+            if field is not None:
+                metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
+                entry[label] = metrics
+                full = self.effective_scalars == "all"
+                logged = dashboard.effective_scalars(
+                    self.layer_name, index, field, metrics, self.coverage_mass, full=full
+                )
+            target = self._target_for(len(cell.bounds))
             if target is not None:
                 if label not in checked:
+                    # A position whose output no longer depends on the inputs covers nothing: extent 0.
                     covered, margin, event = self._coverage.check(
-                        label, field, target, epoch=trainer.current_epoch, layer=self.layer_name
+                        label, cell, field, target, epoch=trainer.current_epoch, layer=self.layer_name
                     )
                     checked[label] = (covered, margin)
                     events += [event] if event is not None else []
                 logged.update(dashboard.coverage_scalars(self.layer_name, index, *checked[label]))
             self._reporter.metrics(trainer, logged, step=trainer.global_step, pl_module=pl_module)
-            self._last_effective[index] = field  # its overlay on a validation input is drawn at fit end
-            self._reporter.effective_image(trainer, index, field)
+            if field is not None:
+                self._last_effective[index] = field  # its overlay on a validation input is drawn at fit end
+                self._reporter.effective_image(trainer, index, field)
+            elif label not in self._said_no_gradient:
+                self._said_no_gradient.add(label)
+                rank_zero_warn(
+                    f"RFCallback: at epoch {trainer.current_epoch}, the output of {self.layer_name} at "
+                    f"{cell.position} does not depend on the effective field's inputs (its gradient map is zero "
+                    f"everywhere: dead units or zero weights), so it has no effective field"
+                    + ("" if target is None else "; it covers nothing of the target size")
+                )
         self.history[-1]["effective"] = entry
         return events
 

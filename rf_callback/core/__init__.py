@@ -14,6 +14,7 @@ Modules, from the bottom up:
 """
 
 from rf_callback.core.effective_probe import effective_rf
+from rf_callback.core.errors import NoGradientError
 from rf_callback.core.geometry import AxisGeometry
 from rf_callback.core.graph import ProbeError
 from rf_callback.core.layouts import Tokens
@@ -26,6 +27,7 @@ __all__ = [
     "AxisGeometry",
     "EffectiveField",
     "LayerField",
+    "NoGradientError",
     "ProbeError",
     "RFVerification",
     "ReceptiveField",

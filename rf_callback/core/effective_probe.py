@@ -14,6 +14,7 @@ from rf_callback.core.arguments import (
     checked_layout,
 )
 from rf_callback.core.effective import checked_map
+from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, where
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import prepared_copy, preserved_random_state
@@ -68,8 +69,10 @@ def effective_rf(
         list of them, in order, for a list of positions.
 
     Raises:
+        NoGradientError: the map of some position is zero everywhere (a ``ValueError``; its ``positions`` say
+            which).
         ValueError: an argument is wrong (inputs that are not a batch, hold no sample or hold NaN or inf among
-            them), or the map is degenerate (all zero or not finite).
+            them), or the map is not finite.
         ProbeError: the forward raised, cuts the gradient, or gives a non-finite output.
     """
     if biases not in ("trained", "zero"):
@@ -126,6 +129,14 @@ def effective_rf(
                 cotangent[at] = 1
                 (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(fields) - 1)
                 totals[index] += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
+    dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
+    if dead:
+        raise NoGradientError(
+            f"the gradient map of {_positions_named(dead, len(fields))} is zero everywhere on these "
+            f"{inputs.shape[0]} inputs: the output there does not depend on them (dead units, zero weights)"
+            + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
+            dead,
+        )
     effective = [
         EffectiveField(
             position=field.position,
@@ -138,6 +149,13 @@ def effective_rf(
         for field, total in zip(fields, totals)
     ]
     return effective if isinstance(theoretical, list) else effective[0]
+
+
+def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:
+    if asked == 1:
+        return "the output position"
+    named = ", ".join(str(p[0] if len(p) == 1 else p) for p in positions)
+    return f"position{'s' if len(positions) > 1 else ''} {named}"
 
 
 def _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout) -> None:

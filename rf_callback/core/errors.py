@@ -9,3 +9,15 @@ class ProbeError(RuntimeError):
 
 class CopyError(ProbeError):
     """The model cannot be deep-copied, and the probe only ever runs on a copy."""
+
+
+class NoGradientError(ValueError):
+    """The output at some probed positions does not depend on the inputs: their gradient maps are zero everywhere.
+
+    Attributes:
+        positions: the positions whose maps are zero, in the order they were asked for.
+    """
+
+    def __init__(self, message: str, positions: list[tuple[int, ...]]):
+        super().__init__(message)
+        self.positions = positions
