@@ -337,3 +337,25 @@ def test_a_crop_to_fixed_indices_that_empties_thin_inputs_gets_its_row():
     rows = rf_table(nn.Sequential(nn.Conv2d(1, 2, 3), Crop()), (1, 1, 20, 20))
     crop = rows[-1]
     assert (crop.full_size, crop.stride, crop.offset, crop.bounds) == ((3, 3), (1, 1), (-2, -2), ((7, 9), (7, 9)))
+
+
+def test_a_layer_asked_for_by_its_second_name_gets_its_row():
+    """``self.alias = self.b``: the table hooked each module under its first name only, and refused ``layers=
+    ["alias"]`` as a layer that never runs, where ``probe_rf(layer="alias")`` measures it."""
+
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 5, stride=2)
+            self.alias = self.b
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model, shape = TwoNames(), (1, 1, 31, 31)
+    assert [row.name for row in rf_table(model, shape)] == ["a", "b"]  # listed once, under its first name
+    rows = rf_table(model, shape, layers=["alias", "b"])
+    assert [row.name for row in rows] == ["b", "alias"]  # in the order of the forward, the first name first
+    assert probe_rf(model, shape, "center", layer="alias").bounds == ((12, 18), (12, 18))
+    for row in rows:
+        assert (row.bounds, row.stride, row.full_size) == (((12, 18), (12, 18)), (2, 2), (7, 7))

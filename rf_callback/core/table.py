@@ -559,9 +559,12 @@ def _forward_outputs(
         return record
 
     copy = prepared_copy(model, "theoretical", request.dtype)
-    for name, module in copy.named_modules():
-        if name:
-            module.register_forward_hook(recorder(name))
+    named = {name: module for name, module in copy.named_modules() if name}
+    # A module registered under a second name (self.alias = self.conv) is listed once, under its first; a layer
+    # asked for by its second name is recorded under that one too.
+    named.update({name: submodule(copy, name) for name in wanted or () if name not in named})
+    for name, module in named.items():
+        module.register_forward_hook(recorder(name))
     inputs = probe_inputs(request)
     if functions.flow is not None:
         functions.flow.start(inputs)
