@@ -224,3 +224,47 @@ def test_a_position_whose_map_is_zero_is_named_and_the_others_measure_alone():
     assert raised.value.positions == [(5, 1)] and "measure them alone" in str(raised.value)
     fields = effective_rf(model, inputs, [(5, 8), (2, 7)])
     assert [field.extent(1.0) for field in fields] == [((5, 7), (8, 10)), ((2, 4), (7, 9))]
+
+
+class MinibatchStd(nn.Module):
+    """StyleGAN's minibatch standard deviation: one feature from the spread of every sample, beside the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        spread = (y.var(dim=0, keepdim=True, correction=0) + 1e-8).sqrt().mean(dim=(1, 2, 3), keepdim=True)
+        return self.out(torch.cat([y, spread.expand(y.shape[0], 1, *y.shape[2:])], dim=1))
+
+
+class ReadsItsNeighbour(nn.Module):
+    """Each sample's output also reads the sample before it, six columns to the right."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + y.roll(1, dims=0).roll(6, dims=-1)
+
+
+@pytest.mark.parametrize("model", [MinibatchStd(), ReadsItsNeighbour()], ids=lambda m: type(m).__name__)
+def test_a_forward_that_mixes_samples_reads_each_sample_alone(model):
+    """Each input's gradient is read from its own output only (Luo et al.), as with a BatchNorm of batch statistics:
+    the gradients of the other samples' outputs (a minibatch statistic, a shifted neighbour) were summed in."""
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 1, 16, 16)
+    x = inputs.clone().requires_grad_(True)
+    output, expected = model.eval()(x), torch.zeros(16, 16, dtype=torch.float64)
+    for n in range(len(inputs)):
+        cotangent = torch.zeros_like(output)
+        cotangent[n, :, 8, 8] = 1
+        (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=True)
+        expected += gradient[n].abs().sum(dim=0).double() / len(inputs)
+    field = effective_rf(model, inputs, (8, 8), biases="trained")
+    assert torch.allclose(field.heatmap, expected, rtol=1e-5, atol=1e-12)
+    if isinstance(model, ReadsItsNeighbour):
+        assert field.extent(1.0) == ((7, 9), (7, 9))  # the neighbour's columns 1..3 are another sample's

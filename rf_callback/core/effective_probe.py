@@ -53,7 +53,9 @@ def effective_rf(
         layer: dotted name of the submodule whose output is probed.
         biases: ``"trained"`` (default) or ``"zero"`` (as the theoretical and weights-mode probes).
         chunk_size: inputs per backward pass (1 where the model normalises over the batch in eval mode, a
-            BatchNorm without running statistics, so that no input's gradient depends on the others).
+            BatchNorm without running statistics, so that no input's gradient depends on the others). Where the
+            forward mixes samples otherwise (a minibatch standard deviation), one forward of two inputs finds out,
+            and each input's gradient is then read from its own output alone, one backward pass per input.
         dtype: floating type the copy runs in.
         theoretical: the theoretical field of the same position, layer and input shape (a list of them for a list
             of positions), if already probed (it does not depend on the weights, so a caller that measures every
@@ -115,6 +117,9 @@ def effective_rf(
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
         if _mixes_samples(copy):  # its gradients would carry cross-sample terms: each input is read alone
             chunk_size = 1
+        # Any other forward that mixes samples (a minibatch standard deviation, a functional batch norm in training
+        # mode) gets one cotangent per sample, read on that sample alone: the map holds no cross-sample terms.
+        mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request, fields)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
@@ -123,12 +128,15 @@ def effective_rf(
                     f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "
                     f"and buffers for non-finite values"
                 )
+            samples: list[slice] = [slice(n, n + 1) for n in range(len(chunk))] if mixing else [slice(None)]
             for index, field in enumerate(fields):
-                cotangent = torch.zeros_like(output)
-                at: tuple[slice | int, ...] = (slice(None), slice(None), *field.position)
-                cotangent[at] = 1
-                (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(fields) - 1)
-                totals[index] += gradient.abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
+                for sample in samples:
+                    cotangent = torch.zeros_like(output)
+                    at: tuple[slice | int, ...] = (sample, slice(None), *field.position)
+                    cotangent[at] = 1
+                    last = index == len(fields) - 1 and sample is samples[-1]
+                    (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=not last)
+                    totals[index] += gradient[sample].abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
     dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
     if dead:
         raise NoGradientError(
@@ -200,6 +208,20 @@ def _check_inputs(inputs) -> None:
             f"inputs hold NaN or inf values ({bad} of {inputs.shape[0]} samples): the model's output, and so the map, "
             f"would not be finite; drop or clean those samples"
         )
+
+
+def _reads_across_samples(copy: nn.Module, pair: torch.Tensor, request: ProbeRequest, fields) -> bool:
+    """Whether the first sample's output at the first position depends on the second sample's input.
+
+    A forward of two inputs, as cheap as a sample's share of the measurement, decides it.
+    """
+    x = pair.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
+    output = forward_to(copy, x, request)
+    cotangent = torch.zeros_like(output)
+    at: tuple[slice | int, ...] = (0, slice(None), *fields[0].position)
+    cotangent[at] = 1
+    (gradient,) = torch.autograd.grad(output, x, cotangent)
+    return bool(gradient[1].any())
 
 
 def _mixes_samples(model: nn.Module) -> bool:
