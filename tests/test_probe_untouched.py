@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -189,3 +190,46 @@ def test_a_pruned_model_is_copied_and_its_masks_hide_taps_in_weights_mode_only()
     assert probe_rf(model, (1, 1, 12, 12), (6, 6)).size == (5, 5)  # the architecture's: a pruned weight is a weight
     assert probe_rf(model, (1, 1, 12, 12), (6, 6), mode="weights").size == (3, 3)  # what the weights connect
     assert torch.equal(model[0].weight_mask, mask) and not model[0].weight.is_leaf  # the live model as it was
+
+
+class _Collects:
+    """A feature extractor's hook object, as timm's ``FeatureHooks``: the forward returns what it collected."""
+
+    def __init__(self):
+        self.outputs: list[torch.Tensor] = []
+
+    def collect(self, module, args, output):
+        self.outputs.append(output)
+
+
+class _Shifts:
+    def __call__(self, module, args, output):
+        return output + torch.roll(output, 8, dims=-1)
+
+
+def test_hooks_the_copy_copies_with_their_state_are_part_of_the_function_probed():
+    """Every user hook was dropped: a forward returning what a hook collected failed, and a hook object that changes
+    an output was measured without it (columns 14..18 where they are 6..18). A lambda is still left out."""
+
+    class HookNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1))
+            self.hooks = _Collects()
+            self.body[1].register_forward_hook(self.hooks.collect)
+
+        def forward(self, x):
+            self.hooks.outputs.clear()
+            self.body(x)
+            return self.hooks.outputs[-1]
+
+    model = HookNet()
+    assert probe_rf(model, (1, 1, 32, 32), (16, 16)).bounds == ((14, 18), (14, 18))
+    assert model.hooks.outputs == []  # the copy's hook collected into the copy's list
+    shifted = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1))
+    handle = shifted[0].register_forward_hook(functools.partial(_Shifts()))
+    assert probe_rf(shifted, (1, 1, 32, 32), (16, 16)).bounds == ((14, 18), (6, 18))
+    handle.remove()
+    calls = []
+    shifted[0].register_forward_hook(lambda *args: calls.append("hook"))
+    assert probe_rf(shifted, (1, 1, 32, 32), (16, 16)).bounds == ((14, 18), (14, 18)) and calls == []

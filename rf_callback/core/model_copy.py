@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import inspect
 import math
 import random
@@ -1459,16 +1460,30 @@ _HOOK_DICTS = (
 
 
 def _strip_user_hooks(model: nn.Module) -> None:
-    """Drops the user's hooks from the copy, which would see the probe's tensors.
+    """Drops the user's hooks from the copy that would act on the user's objects with the probe's tensors.
 
-    Keeps torch's own (weight norm, pruning, spectral norm), which are part of how the module computes.
+    Keeps torch's own (weight norm, pruning, spectral norm), which are part of how the module computes, and hooks
+    the deep copy copied with their state (:func:`_acts_on_the_copy`): timm's ``FeatureHookNet`` returns what its
+    hooks collect, and a hook that changes an output is part of the function probed.
     """
     for module in model.modules():
         for attribute in _HOOK_DICTS:
             hooks = getattr(module, attribute, None)
             if hooks:
-                for key in [k for k, hook in hooks.items() if not _is_torch_hook(hook)]:
+                for key in [k for k, hook in hooks.items() if not _is_torch_hook(hook) and not _acts_on_the_copy(hook)]:
                     del hooks[key]
+
+
+def _acts_on_the_copy(hook) -> bool:
+    """Whether a hook of the copy is the deep copy's own, copied with its state: what it writes stays in the copy.
+
+    A bound method or a callable object is copied with its owner, and so is a ``functools.partial`` of one. A
+    plain function (a lambda, a closure) is shared with the live model, not copied: it would append the probe's
+    tensors to the user's lists.
+    """
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    return not isinstance(hook, (types.FunctionType, types.BuiltinFunctionType))
 
 
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
