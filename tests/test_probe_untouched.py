@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -233,3 +234,22 @@ def test_hooks_the_copy_copies_with_their_state_are_part_of_the_function_probed(
     calls = []
     shifted[0].register_forward_hook(lambda *args: calls.append("hook"))
     assert probe_rf(shifted, (1, 1, 32, 32), (16, 16)).bounds == ((14, 18), (14, 18)) and calls == []
+
+
+class _LocksItsCounter:
+    def __init__(self):
+        self.lock, self.calls = threading.Lock(), 0
+
+    def count(self, module, args, output):
+        with self.lock:
+            self.calls += 1
+
+
+def test_a_hook_whose_owner_cannot_be_copied_is_left_out_not_the_probe():
+    """The copy deep-copied every hook before dropping the user's: a hook object holding a lock refused the whole
+    probe ("the model cannot be deep-copied")."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1))
+    counter = _LocksItsCounter()
+    model[0].register_forward_hook(counter.count)
+    assert probe_rf(model, (1, 1, 8, 8), (4, 4)).bounds == ((3, 5), (3, 5))
+    assert counter.calls == 0 and len(model[0]._forward_hooks) == 1

@@ -1474,6 +1474,23 @@ def _strip_user_hooks(model: nn.Module) -> None:
                     del hooks[key]
 
 
+def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
+    """A module's hooks, each deep-copied.
+
+    A user's hook that cannot be copied (its owner holds a lock, a file, a logger's writer) is left out, as a
+    plain function is (:func:`_strip_user_hooks`): it could only act on the user's objects. It made the whole copy
+    fail, blaming the model.
+    """
+    copied = type(hooks)()
+    for key, hook in hooks.items():
+        try:
+            copied[key] = copy.deepcopy(hook, memo)
+        except Exception:
+            if _is_torch_hook(hook):  # part of how the module computes (pruning, weight norm): the copy needs it
+                raise
+    return copied
+
+
 def _acts_on_the_copy(hook) -> bool:
     """Whether a hook of the copy is the deep copy's own, copied with its state: what it writes stays in the copy.
 
@@ -1716,6 +1733,8 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = copy.deepcopy(kept, memo) if kept else kept
         elif key in ("_parameters", "_buffers"):
             state[key] = type(value)((name, None if t is None else copy.deepcopy(t, memo)) for name, t in value.items())
+        elif key in _HOOK_DICTS and isinstance(value, dict):
+            state[key] = _copied_hooks(value, memo)
         elif isinstance(value, torch.Tensor) and not value.is_leaf:
             # A weight computed from others (pruning's weight_orig * weight_mask), which no deep copy takes: its
             # hook computes it again from the copy's own tensors at each forward.
