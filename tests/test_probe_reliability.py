@@ -1608,6 +1608,24 @@ def test_a_filter_in_the_frequency_domain_reads_the_whole_axis_in_theoretical_mo
         assert probe_rf(model, shape, pos, mode="weights").bounds == field.bounds
 
 
+def test_every_output_of_a_spectral_filter_reads_the_whole_axis():
+    """Only output column 0 read the whole axis: the term that makes every frequency read every input comes back
+    from the inverse transform as an impulse at index 0, and the round trip's paths to the other columns were
+    rounding noise on the copy's constants (column 1 read 1..7, column 9 5..11, of 0..11)."""
+
+    class FilterAlongTheRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.response = nn.Conv2d(2, 2, 3), nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.fft.irfft(torch.fft.rfft(y, dim=-1) * self.response, n=y.shape[-1], dim=-1)
+
+    fields = probe_rf(FilterAlongTheRows(), (1, 2, 10, 12), [(1, column) for column in range(10)])
+    assert [field.bounds for field in fields] == [((1, 3), (0, 11))] * 10
+
+
 def _deformable_op():
     """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
     reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""

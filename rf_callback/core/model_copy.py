@@ -478,6 +478,12 @@ class _ProbeFunctions(TorchFunctionMode):
             # A filter in the frequency domain may be any kernel along the transformed dims, but the copy's equal
             # weights make it a constant, whose kernel is a single tap: every frequency reads every input instead.
             return func(*args, **kwargs) + args[0].mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
+        if self.linearise and name in _INVERSE_FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
+            # And every output of the way back reads every frequency: a term added to every frequency comes back
+            # as a single tap (the inverse transform of a constant is an impulse at index 0), and the round trip's
+            # own paths to the other outputs are rounding noise on the copy's constants.
+            spectrum = args[0].real if args[0].is_complex() else args[0]
+            return func(*args, **kwargs) + spectrum.mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
         clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
             args[0] if args else kwargs.get("input", kwargs.get("self"))
         )
@@ -600,12 +606,19 @@ _FOURIER_TRANSFORMS = {
 }
 
 
+_INVERSE_FOURIER_TRANSFORMS = {
+    **dict.fromkeys(("fft_ifft", "fft_irfft", "fft_hfft"), 1),
+    **dict.fromkeys(("fft_ifft2", "fft_irfft2", "fft_hfft2"), 2),
+    **dict.fromkeys(("fft_ifftn", "fft_irfftn", "fft_hfftn"), None),
+}
+
+
 def _fourier_dims(name: str, args, kwargs) -> tuple[int, ...]:
-    """The dims a forward Fourier transform runs along: ``fft(x, n, dim)``, ``fft2(x, s, dim)``, ``fftn(x, s, dim)``."""
+    """The dims a Fourier transform runs along: ``fft(x, n, dim)``, ``fft2(x, s, dim)``, ``fftn(x, s, dim)``."""
     x = args[0]
     dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
     if dim is None:
-        count = _FOURIER_TRANSFORMS[name]
+        count = {**_FOURIER_TRANSFORMS, **_INVERSE_FOURIER_TRANSFORMS}[name]
         sizes = kwargs.get("s", args[1] if len(args) > 1 else None)
         if count is None:
             count = x.dim() if sizes is None else len(sizes)
