@@ -401,3 +401,32 @@ def test_a_module_registered_under_two_names_answers_to_both():
     assert probe_rf(_Returns("tuple"), (1, 1, 8, 8), layer="alias").bounds == ((3, 5), (3, 5))
     with pytest.raises(ValueError, match="is not an index of the output"):
         probe_rf(_Returns("tuple"), (1, 1, 8, 8), element=2)
+
+
+class SelectsPerPixel(nn.Module):
+    """A soft choice between two 3-wide branches per position, by logits from a 9-wide context (ASFF, SKNet)."""
+
+    def __init__(self, gumbel: bool = False):
+        super().__init__()
+        self.narrow, self.other = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(2, 4, 3, padding=1)
+        self.gate = nn.Conv1d(2, 2, 9, padding=4)
+        self.gumbel = gumbel
+
+    def forward(self, x):
+        logits = self.gate(x)
+        weights = F.gumbel_softmax(logits, tau=1.0, dim=1) if self.gumbel else logits.softmax(dim=1)
+        return self.narrow(x) * weights[:, :1] + self.other(x) * weights[:, 1:]
+
+
+@pytest.mark.parametrize("gumbel", [False, True], ids=["softmax", "gumbel_softmax"])
+def test_verify_rf_sees_the_paths_through_a_softmax_over_branches(gumbel):
+    """On the copy's equal values the softmax is uniform whatever the input: verify_rf failed the right field and
+    passed a field without the gate's context. A soft gumbel_softmax gate's field followed the random state (3 wide
+    under some seeds), as the noise fell on the copy's equal values."""
+    model = SelectsPerPixel(gumbel)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        field = probe_rf(model, (1, 2, 32), 16)
+        assert field.bounds == ((12, 20),)
+        assert verify_rf(model, field)
+    assert not verify_rf(model, dataclasses.replace(field, bounds=((15, 17),)))

@@ -510,6 +510,10 @@ class _ProbeFunctions(TorchFunctionMode):
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
             return (_softmax_twin if self.linearise else _masked_softmax)(func, name, args, kwargs)
+        if self.linearise and name == "gumbel_softmax" and (soft := _soft_gumbel_logits(args, kwargs)) is not None:
+            # A softmax of the logits plus noise: its twin without the noise, which no field depends on (on the
+            # copy's equal values the real one cancels as a softmax does, or not, as the noise falls).
+            return _softmax_twin(torch.softmax, "softmax", soft, {})
         if self.linearise and name == "scaled_dot_product_attention" and _input_dependent_factors(_qkv(args, kwargs)):
             return _attention_twin(*args, **kwargs)
         if self.linearise and name == "multi_head_attention_forward":
@@ -959,9 +963,20 @@ def _softmax_twin(func, name: str, args, kwargs):
     real = func(*args, **kwargs)
     x, dim, live = _live(func, name, args, kwargs)
     count = live.sum(dim, keepdim=True)
-    step = torch.where(live, x - x.detach(), torch.zeros_like(x))  # zero, with the identity as its gradient
+    # Zero, with the identity as its gradient; inside shares_in_values(), the input's own value.
+    step = torch.where(live, x if _SHARES_IN_VALUES.get() else x - x.detach(), torch.zeros_like(x))
     share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
     return _masked_out(real.detach(), live, name) + share.to(real.dtype)
+
+
+def _soft_gumbel_logits(args, kwargs) -> tuple[torch.Tensor, int] | None:
+    """``(logits / tau, dim)`` of a soft ``F.gumbel_softmax(logits, tau, hard, eps, dim)`` of input-dependent logits."""
+    logits = args[0] if args else kwargs.get("logits")
+    hard = kwargs.get("hard", args[2] if len(args) > 2 else False)
+    if hard or not _depends_on_input(logits):
+        return None
+    tau = kwargs.get("tau", args[1] if len(args) > 1 else 1.0)
+    return logits / tau, kwargs.get("dim", args[4] if len(args) > 4 else -1)
 
 
 def _live(func, name: str, args, kwargs):
@@ -1855,6 +1870,26 @@ def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) ->
             f"{torch.finfo(value.dtype).tiny:.1e}), where the kernels may flush them to zero and cut their paths; "
             f"pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
         )
+
+
+# Inside shares_in_values(), a softmax twin's share of the gradient is in its values too (see verify_rf).
+_SHARES_IN_VALUES = contextvars.ContextVar("rf_callback_shares_in_values", default=False)
+
+
+@contextlib.contextmanager
+def shares_in_values() -> Iterator[None]:
+    """Makes the softmax twins' values follow their inputs, as their gradients do (:func:`_softmax_twin`).
+
+    On the theoretical copy's equal values a softmax gives equal probabilities whatever its input: a check by
+    forward passes alone (:func:`~rf_callback.core.verify.verify_rf`) would never see a path through its scores (a
+    gate over branches, attention). Its twin's gradient gives every live input the mean of the cotangents; here
+    its value adds the mean of the live inputs, so the same paths change the output.
+    """
+    token = _SHARES_IN_VALUES.set(True)
+    try:
+        yield
+    finally:
+        _SHARES_IN_VALUES.reset(token)
 
 
 # Inside materialised_constants(), the theoretical copy's constants are whole tensors: for a forward that writes into

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from rf_callback.core.graph import exact_kernels, forward_to
-from rf_callback.core.model_copy import model_device, prepared_copy, preserved_random_state, with_materialised_fallback
+from rf_callback.core.model_copy import (
+    model_device,
+    prepared_copy,
+    preserved_random_state,
+    shares_in_values,
+    with_materialised_fallback,
+)
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField
 from rf_callback.core.support import box_slices
@@ -73,7 +79,9 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
     device = model_device(model)
     # Gradients on, though nothing is backpropagated: the copy recognises the products of two input-dependent
     # tensors (gates, attention) by their gradient, and rescales them so that they neither overflow nor underflow.
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+    # A softmax's twin passes its gradient's share in its values too (a gate over branches, attention).
+    kernels = exact_kernels(device)
+    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels, shares_in_values():
         copy = prepared_copy(model, "theoretical", dtype)
         n, channels, *spatial = field.input_shape
         box = (slice(None), *box_slices(field.bounds))
