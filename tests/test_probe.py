@@ -430,3 +430,25 @@ def test_verify_rf_sees_the_paths_through_a_softmax_over_branches(gumbel):
         assert field.bounds == ((12, 20),)
         assert verify_rf(model, field)
     assert not verify_rf(model, dataclasses.replace(field, bounds=((15, 17),)))
+
+
+def test_a_map_indexed_by_numpy_or_torch_integers_gives_a_field_of_plain_ints():
+    """``fmap[np.int64(2), np.int64(3)]`` (an index from ``np.argmax``) kept the numpy integers: the field printed
+    ``(np.int64(2), np.int64(3))``, its ``to_dict()`` was no JSON, and a 1D map refused ``np.int64(3)``."""
+    import numpy as np
+
+    field_map = probe_rf(nn.Sequential(nn.Conv2d(2, 2, 3, 2), nn.Conv2d(2, 2, 3)), (1, 2, 20, 20), "all")
+    expected = field_map[2, 3]
+    for index in [
+        (np.int64(2), np.int64(3)),
+        (torch.tensor(2), torch.tensor(3)),
+        np.array([2, 3]),
+        torch.tensor([2, 3]),
+    ]:
+        field = field_map[index]
+        assert field == expected and type(field.position[0]) is int and type(field.center[0]) is float
+        assert json.loads(json.dumps(field.to_dict())) == expected.to_dict()
+    line = probe_rf(nn.Conv1d(2, 2, 3), (1, 2, 10), "all")
+    assert line[np.int64(3)] == line[3]
+    with pytest.raises(IndexError, match="integer indices"):
+        field_map[2.0, 3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -190,7 +191,16 @@ class ReceptiveFieldMap:
         return (self[p] for p in self.positions())
 
     def __getitem__(self, position: int | Sequence[int]) -> ReceptiveField:
-        index = (position,) if isinstance(position, int) else tuple(position)
+        if getattr(position, "ndim", 0) == 1:  # an array or tensor of indices
+            position = position.tolist()  # type: ignore[union-attr]
+        try:  # numpy and torch integers too (np.argmax's), as plain ints: a field prints and serialises them
+            index = (
+                tuple(map(operator.index, position)) if isinstance(position, Sequence) else (operator.index(position),)
+            )
+        except TypeError:
+            raise IndexError(
+                f"position {position!r} must be integer indices, one per axis of {self.output_shape}"
+            ) from None
         if len(index) != len(self.output_shape) or not all(-n <= i < n for i, n in zip(index, self.output_shape)):
             raise IndexError(f"position {position!r} is outside the output map of shape {self.output_shape}")
         index = tuple(i % n for i, n in zip(index, self.output_shape))
