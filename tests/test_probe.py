@@ -452,3 +452,25 @@ def test_a_map_indexed_by_numpy_or_torch_integers_gives_a_field_of_plain_ints():
     assert line[np.int64(3)] == line[3]
     with pytest.raises(IndexError, match="integer indices"):
         field_map[2.0, 3]
+
+
+def test_verify_rf_passes_a_forward_that_adds_noise():
+    """Each input of verify_rf's batch drew its own noise, so every input seemed to change the output: the right
+    field failed with an influence from outside."""
+
+    class AddsNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            y = self.first(x)
+            return self.second(y + 0.1 * torch.randn_like(y))
+
+    model = AddsNoise()
+    field = probe_rf(model, (1, 2, 16, 16), (6, 6))
+    assert field.bounds == ((6, 10), (6, 10))
+    state = torch.get_rng_state()
+    assert verify_rf(model, field)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not verify_rf(model, dataclasses.replace(field, bounds=((6, 9), (6, 10))))

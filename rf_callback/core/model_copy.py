@@ -388,6 +388,11 @@ class _ProbeFunctions(TorchFunctionMode):
                 origin,
             )
 
+    @property
+    def drew_at_random(self) -> bool:
+        """Whether the forward drew anything at random (noise, a mask) from the global random state."""
+        return bool(self._drawn)
+
     def _drawn_entry(self, tensor: torch.Tensor) -> tuple[str, str] | None:
         entry = self._drawn.get(id(tensor))
         return None if entry is None or entry[0]() is not tensor else entry[1:]

@@ -12,6 +12,7 @@ from rf_callback.core.model_copy import (
     model_device,
     prepared_copy,
     preserved_random_state,
+    probe_functions,
     shares_in_values,
     with_materialised_fallback,
 )
@@ -126,8 +127,19 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
 
 
 def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, position) -> torch.Tensor:
-    """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward)."""
+    """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward).
+
+    A forward that draws at random (noise added to a map) would draw other values for each input, which would all
+    seem to change the output: each input then runs alone, on the same draws.
+    """
+    functions = probe_functions("theoretical")
     inputs = batch.to(request.device).requires_grad_(True)
-    output = forward_to(copy, inputs, request)
+    output = forward_to(copy, inputs, request, functions)
     at: tuple[slice | int, ...] = (slice(None), slice(None), *position)
+    if functions.drew_at_random and len(batch) > 1:
+        alone = []
+        for one in batch:
+            torch.manual_seed(0)  # inside preserved_random_state: the user's random state is restored
+            alone.append(_influence(copy, request, one.unsqueeze(0), position))
+        return torch.cat(alone)
     return output[at].detach().cpu()
