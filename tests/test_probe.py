@@ -474,3 +474,29 @@ def test_verify_rf_passes_a_forward_that_adds_noise():
     assert verify_rf(model, field)
     assert torch.equal(torch.get_rng_state(), state)
     assert not verify_rf(model, dataclasses.replace(field, bounds=((6, 9), (6, 10))))
+
+
+class OnePositionReadsFurther(nn.Module):
+    """Output 21 alone adds a weak dilated branch (taps 19, 21, 23); every other output is a 1 x 1 conv."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.point, self.dilated = nn.Conv1d(1, 1, 1), nn.Conv1d(1, 1, 3, padding=2, dilation=2)
+        self.scale = scale
+
+    def forward(self, x):
+        point = self.point(x)
+        return torch.where(torch.arange(x.shape[-1]) != 21, point, point + self.scale * self.dilated(x))
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize("scale", [0.05, 0.5])
+def test_a_weak_far_tap_of_one_position_is_seen_in_shared_passes(scale, mode):
+    """The taps at 19 and 23 land in the neighbours' one-pixel boxes, and the coded check of the shared pass let a
+    leak of up to a quarter of the owner's gradient (times the owner's code over the member count) pass:
+    pos='all' and a list of 32 read 21..21 where the single probe reads 19..23."""
+    model = OnePositionReadsFurther(scale)
+    assert probe_rf(model, (1, 1, 32), 21, mode=mode).bounds == ((19, 23),)
+    assert probe_rf(model, (1, 1, 32), "all", mode=mode)[21].bounds == ((19, 23),)
+    listed = probe_rf(model, (1, 1, 32), list(range(32)), mode=mode)
+    assert [field.bounds for field in listed] == [((i, i),) if i != 21 else ((19, 23),) for i in range(32)]

@@ -29,6 +29,10 @@ from rf_callback.core.support import (
 )
 
 _MAX_CODED_MEMBERS = 4096  # members of one lattice pass whose pairing one coded pass can check in float32
+# How far a coded pass may stray from the codes times the plain one, relative: far above the rounding of two
+# backward passes that differ by integer factors, far below a leak of a few percent of the owner's gradient (a
+# quarter of a unit over the member count let a weak far tap of one position hide in its neighbours' boxes).
+_CODED_TOLERANCE = 2e-4
 
 
 @dataclass
@@ -245,17 +249,16 @@ def _codes_hold(
 
     Gradients are linear in the cotangent and the members' fields should be disjoint, so inside each member's box
     the weighted map must be the unweighted one times that member's code; a field that reaches into another's box
-    mixes two codes there. A leak whose gradient is far below the owner's own there (under a quarter of it, over
-    the number of members) goes unseen: it takes passes of one position each to tell.
+    mixes two codes there, off by the leak times the codes' difference (at least 1). The tolerance is rounding's
+    alone: a leak under ``_CODED_TOLERANCE`` times the owner's code of the owner's own gradient there goes unseen
+    (it takes passes of one position each to tell).
     """
     weighted = graph.gradient_map(members, scale=codes)
     support = values > 0
     if not torch.equal(weighted > 0, support):
         return False
-    # Codes are integers at most _MAX_CODED_MEMBERS: a quarter of a unit is far above rounding, far below a swap.
-    tolerance = 0.25 / (1 + len(members))
     scaled = expected[support] * values[support]
-    return bool(((weighted[support] - scaled).abs() <= tolerance * scaled).all())
+    return bool(((weighted[support] - scaled).abs() <= _CODED_TOLERANCE * scaled).all())
 
 
 def _agrees_with_exact_passes(graph: ProbeGraph, axes: AxisTable, known: dict[Position, torch.Tensor]) -> bool:
