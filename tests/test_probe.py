@@ -500,3 +500,23 @@ def test_a_weak_far_tap_of_one_position_is_seen_in_shared_passes(scale, mode):
     assert probe_rf(model, (1, 1, 32), "all", mode=mode)[21].bounds == ((19, 23),)
     listed = probe_rf(model, (1, 1, 32), list(range(32)), mode=mode)
     assert [field.bounds for field in listed] == [((i, i),) if i != 21 else ((19, 23),) for i in range(32)]
+
+
+def test_verify_rf_passes_causal_attention():
+    """With the softmax twin's values following its inputs, the masked future got a share too and seemed to change
+    the output: every causal field failed."""
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Conv1d(2, 12, 1)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).transpose(1, 2).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    model = Causal()
+    for position in (1, 6, 10):
+        field = probe_rf(model, (1, 2, 12), position)
+        assert field.bounds == ((0, position),) and verify_rf(model, field)
+    assert not verify_rf(model, dataclasses.replace(field, bounds=((0, 9),)))

@@ -21,6 +21,7 @@ from rf_callback.core.arguments import checked_layout
 from rf_callback.core.geometry_flow import Flow
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
+    DROPPED_HOOKS,
     ProbeError,
     checkpoints_run_through,
     global_hooks_suspended,
@@ -923,7 +924,17 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
             f"(weights mode runs its draws={draws} as one batch): {error}; if the model runs on one sample at a time "
             f"(a buffer of batch 1), pass draws=1"
         )
-    return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}")
+    hooked = copy.__dict__.get(DROPPED_HOOKS)
+    named = ", ".join(repr(name or "the model") for name in (hooked or [])[:3])
+    hooks = (
+        f" (the probe's copy runs without your forward hooks, here on {named}: a forward that reads what a hook "
+        f"collected, as timm's FeatureHookNet of features_only=True does, cannot run on it; probe a model that "
+        f"returns the feature map itself, e.g. one whose forward calls forward_features, or pass layer= naming "
+        f"the hooked module)"
+        if hooked
+        else ""
+    )
+    return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}{hooks}")
 
 
 def _no_spatial_axes_message(copy: nn.Module, inputs, mode: str, output, layer) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import functools
 import inspect
 import math
 import random
@@ -971,6 +970,8 @@ def _softmax_twin(func, name: str, args, kwargs):
     # Zero, with the identity as its gradient; inside shares_in_values(), the input's own value.
     step = torch.where(live, x if _SHARES_IN_VALUES.get() else x - x.detach(), torch.zeros_like(x))
     share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
+    if _SHARES_IN_VALUES.get():  # a value at a masked input would weigh a value it never reads (a causal future)
+        share = torch.where(live, share, 0.0)
     return _masked_out(real.detach(), live, name) + share.to(real.dtype)
 
 
@@ -1493,26 +1494,33 @@ _HOOK_DICTS = (
 
 
 def _strip_user_hooks(model: nn.Module) -> None:
-    """Drops the user's hooks from the copy that would act on the user's objects with the probe's tensors.
+    """Drops the user's hooks from the copy, which would see the probe's tensors.
 
-    Keeps torch's own (weight norm, pruning, spectral norm), which are part of how the module computes, and hooks
-    the deep copy copied with their state (:func:`_acts_on_the_copy`): timm's ``FeatureHookNet`` returns what its
-    hooks collect, and a hook that changes an output is part of the function probed.
+    Keeps torch's own (weight norm, pruning, spectral norm), which are part of how the module computes. A user's
+    hook, even a bound method copied with its owner, may act on the user's world (a file, a logger, the
+    ``Trainer`` its LightningModule is attached to) and fail or write there with the probe's tensors.
     """
-    for module in model.modules():
+    dropped = []
+    for name, module in model.named_modules():
         for attribute in _HOOK_DICTS:
             hooks = getattr(module, attribute, None)
             if hooks:
-                for key in [k for k, hook in hooks.items() if not _is_torch_hook(hook) and not _acts_on_the_copy(hook)]:
+                for key in [k for k, hook in hooks.items() if not _is_torch_hook(hook)]:
                     del hooks[key]
+                    if attribute.startswith("_forward") and name not in dropped:
+                        dropped.append(name)
+    model.__dict__[DROPPED_HOOKS] = dropped  # for the error of a forward that needed them (graph.forward_error)
+
+
+# The attribute of a copy naming the modules whose forward hooks it dropped.
+DROPPED_HOOKS = "_rf_callback_dropped_forward_hooks"
 
 
 def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
     """A module's hooks, each deep-copied.
 
-    A user's hook that cannot be copied (its owner holds a lock, a file, a logger's writer) is left out, as a
-    plain function is (:func:`_strip_user_hooks`): it could only act on the user's objects. It made the whole copy
-    fail, blaming the model.
+    A user's hook that cannot be copied (its owner holds a lock, a file, a logger's writer) is left out here, as
+    :func:`_strip_user_hooks` leaves every user's hook out: it made the whole copy fail, blaming the model.
     """
     copied = type(hooks)()
     for key, hook in hooks.items():
@@ -1522,18 +1530,6 @@ def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
             if _is_torch_hook(hook):  # part of how the module computes (pruning, weight norm): the copy needs it
                 raise
     return copied
-
-
-def _acts_on_the_copy(hook) -> bool:
-    """Whether a hook of the copy is the deep copy's own, copied with its state: what it writes stays in the copy.
-
-    A bound method or a callable object is copied with its owner, and so is a ``functools.partial`` of one. A
-    plain function (a lambda, a closure) is shared with the live model, not copied: it would append the probe's
-    tensors to the user's lists.
-    """
-    while isinstance(hook, functools.partial):
-        hook = hook.func
-    return not isinstance(hook, (types.FunctionType, types.BuiltinFunctionType))
 
 
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
