@@ -2072,3 +2072,17 @@ def test_a_frozen_backbone_still_stands_for_any_weights():
     conv.requires_grad_(False)
     assert probe_rf(conv, (1, 1, 16), 8).bounds == ((6, 10),)
     assert probe_rf(conv, (1, 1, 16), 8, mode="weights").bounds == ((7, 9),)
+
+
+def test_a_frozen_weight_of_two_values_is_still_a_weight():
+    """A frozen Dirac or identity initialisation holds 0 and 1 as a mask does, but it is a layer's weight, which a
+    fine-tuning schedule unfreezes later: it was kept as a mask, and a 5 x 5 field came out 3 x 3 (a token mixer
+    read 1 token of 16)."""
+    stack = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))
+    nn.init.dirac_(stack[0].weight)
+    stack[0].weight.requires_grad_(False)
+    assert probe_rf(stack, (1, 3, 16, 16)).size == (5, 5)
+    mixer = nn.Linear(16, 16)
+    nn.init.eye_(mixer.weight)
+    mixer.weight.requires_grad_(False)
+    assert probe_rf(mixer, (1, 3, 16), 8).bounds == ((0, 15),)

@@ -739,6 +739,12 @@ def _is_weight(tensor, from_weights) -> bool:
     return isinstance(tensor, torch.Tensor) and id(tensor) in from_weights
 
 
+def _kept_as_mask(value) -> bool:
+    """Whether ``value`` is a parameter of the copy (or a view of one) kept as a fixed mask (:func:`is_fixed_mask`)."""
+    param = value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
+    return isinstance(param, nn.Parameter) and getattr(param, "_rf_fixed_mask", False)
+
+
 def _stands_for_weights(value) -> bool:
     """Whether ``value`` is a floating parameter of the copy (or a view of one) other than a fixed mask.
 
@@ -746,9 +752,7 @@ def _stands_for_weights(value) -> bool:
     (:func:`is_fixed_mask`) keeps its real values, as a buffer does.
     """
     param = value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
-    if not isinstance(param, nn.Parameter) or not param.is_floating_point():
-        return False
-    return not getattr(param, "_rf_fixed_mask", False)
+    return isinstance(param, nn.Parameter) and param.is_floating_point() and not _kept_as_mask(param)
 
 
 def _anywhere_twin(
@@ -1445,11 +1449,15 @@ def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
     The copy's own weights are positive constants, but a forward may compute the weight it uses from them: weight
     standardisation (``(w - w.mean()) / w.std()``) turns equal constants into zeros, and the layer would cut every
     path. Such a layer gets ``1 / fan_in`` everywhere, as a weight of the copy does. A weight with some zeros (a
-    mask that shapes the kernel, as a PixelCNN's) stays as computed.
+    mask that shapes the kernel, as a PixelCNN's) stays as computed. A frozen parameter of two values that the
+    copy kept as a mask (:func:`is_fixed_mask`) but that is a layer's weight itself (a frozen Dirac or identity
+    initialisation, which a fine-tuning schedule unfreezes later) is a weight: ``1 / fan_in`` too.
     """
     if len(args) < 2 or "weight" in kwargs:
         return None
     weight = args[1]
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and _kept_as_mask(weight):
+        return torch.full_like(weight, 1.0 / math.prod(weight.shape[1:]))
     if not isinstance(weight, torch.Tensor) or _stands_for_weights(weight) or weight.requires_grad:
         return None
     if weight.numel() == 0 or weight.dim() < 2 or bool(weight.any()):
@@ -1788,9 +1796,10 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
-                value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device)
+                mask = mode == "theoretical" and is_fixed_mask(param)
+                value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device, mask=mask)
                 memo[id(param)] = nn.Parameter(value, False)
-                if mode == "theoretical" and is_fixed_mask(param):
+                if mask:
                     memo[id(param)]._rf_fixed_mask = True  # type: ignore[attr-defined]  # not a weight: _is_weight
         for name, buffer in module._buffers.items():
             if buffer is not None and id(buffer) not in memo:
@@ -1819,10 +1828,12 @@ def _pruning_masks(model: nn.Module) -> set[int]:
     return masks
 
 
-def _prepared_parameter(name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device) -> torch.Tensor:
+def _prepared_parameter(
+    name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device, *, mask: bool = False
+) -> torch.Tensor:
     if not param.is_floating_point():
         return param.detach().to(device, copy=True)
-    if mode == "theoretical" and is_fixed_mask(param):
+    if mask:  # a fixed mask (is_fixed_mask): the architecture's own values
         return param.detach().to(device, dtype, copy=True)
     if mode == "theoretical":  # from the shape alone: a sharded parameter is never gathered
         fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else 1
@@ -1848,10 +1859,15 @@ def is_fixed_mask(param: torch.Tensor) -> bool:
     """
     if param.requires_grad or not param.is_floating_point() or param.numel() < 2 or is_sharded(param):
         return False
-    if param.device.type == "meta" or not bool((param == 0).any()):
+    if param.device.type == "meta":
         return False
-    nonzero = param[param != 0]
-    return nonzero.numel() > 0 and bool((nonzero == nonzero[0]).all())
+    low, high = torch.aminmax(param.detach())
+    if bool(low != 0) and bool(high != 0):  # no zero: most frozen weights stop here, after one reduction
+        return False
+    value = high if bool(low == 0) else low
+    if bool(value == 0):  # all zeros
+        return False
+    return int(torch.count_nonzero(param)) == int(torch.count_nonzero(param.detach() == value))
 
 
 def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
