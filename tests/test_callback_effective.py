@@ -215,4 +215,5 @@ def test_a_position_whose_output_stops_depending_on_the_input_covers_nothing(tmp
     assert len(said) == 1 and not any("failed" in str(w.message) for w in record)
     assert trainer.callback_metrics["rf/features/pos0/target/covered"] == 0
     assert trainer.callback_metrics["rf/features/pos0/target/margin"] == -2
+    assert trainer.callback_metrics["rf/features/pos0/size_h/effective"] == 0  # not epoch 0's extent
     assert [bool(h["effective"]) for h in callback.history[1:]] == [True, False, False]

@@ -127,6 +127,23 @@ def effective_scalars(
     return logged
 
 
+def no_effective_scalars(layer: str, index: int, n_axes: int) -> dict[str, float]:
+    """The extent of a position whose output no longer depends on the inputs (a zero gradient map): 0 on each axis.
+
+    Logged in place of :func:`effective_scalars`, so a monitor of the extent reads 0, not the last live value;
+    the summary (ratio, offset, spread) has no value to log.
+
+    Args:
+        layer: the probed layer as logged.
+        index: the position's index in ``pos``.
+        n_axes: the number of spatial axes.
+
+    Returns:
+        ``rf/L/posI/size_a/effective`` = 0 for every axis.
+    """
+    return {f"{_base('rf', layer, index)}/size_{axis}/effective": 0.0 for axis in AXIS_NAMES[n_axes]}
+
+
 def coverage_scalars(layer: str, index: int, covered: bool, margin: float) -> dict[str, float]:
     """Whether the effective extent covers the target (1 or 0), and the smallest extent minus target over the axes.
 

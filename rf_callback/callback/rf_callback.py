@@ -529,7 +529,7 @@ class RFCallback(Callback):
         checked: dict[str, tuple[bool, int]] = {}
         for index, (cell, field) in enumerate(measured):
             label = dashboard.position_label(cell.position)
-            logged = {}
+            logged = dashboard.no_effective_scalars(self.layer_name, index, len(cell.bounds))
             if field is not None:
                 metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}
                 entry[label] = metrics
