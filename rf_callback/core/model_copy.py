@@ -971,10 +971,11 @@ def _softmax_twin(func, name: str, args, kwargs):
     real = func(*args, **kwargs)
     x, dim, live = _live(func, name, args, kwargs)
     count = live.sum(dim, keepdim=True)
+    valued = _SHARES_IN_VALUES.get()
     # Zero, with the identity as its gradient; inside shares_in_values(), the input's own value.
-    step = torch.where(live, x if _SHARES_IN_VALUES.get() else x - x.detach(), torch.zeros_like(x))
+    step = torch.where(live, x if valued else x - x.detach(), torch.zeros_like(x))
     share = torch.where(count > 1, step.sum(dim, keepdim=True) / count.clamp(min=1), 0.0)
-    if _SHARES_IN_VALUES.get():  # a value at a masked input would weigh a value it never reads (a causal future)
+    if valued:  # a value at a masked input would weigh a value it never reads (a causal future)
         share = torch.where(live, share, 0.0)
     return _masked_out(real.detach(), live, name) + share.to(real.dtype)
 
@@ -1854,8 +1855,9 @@ def is_fixed_mask(param: torch.Tensor) -> bool:
 
     A causal mask held as ``nn.Parameter(torch.tril(ones), requires_grad=False)`` (0 and 1), or an additive one (0
     and -inf), is a constant of the architecture, as it would be in a buffer: the theoretical copy keeps it, and
-    with it the positions it hides. A frozen backbone's weights (which a fine-tuning schedule may unfreeze) are
-    never two-valued and stay weights. A sharded parameter is never read (its values would need a gather).
+    with it the positions it hides. A frozen backbone's weights (which a fine-tuning schedule may unfreeze) are not
+    two-valued and stay weights; one that is (a Dirac or identity initialisation) is a weight again where a layer
+    uses it as its weight (:func:`_collapsed_weight`). A sharded parameter is never read (it would need a gather).
     """
     if param.requires_grad or not param.is_floating_point() or param.numel() < 2 or is_sharded(param):
         return False
