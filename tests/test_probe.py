@@ -489,6 +489,18 @@ class OnePositionReadsFurther(nn.Module):
         return torch.where(torch.arange(x.shape[-1]) != 21, point, point + self.scale * self.dilated(x))
 
 
+class ReadsFurtherIn16Bits(OnePositionReadsFurther):
+    def forward(self, x):
+        return super().forward(x).to(torch.bfloat16)
+
+
+def test_a_weak_far_tap_is_seen_in_shared_passes_of_a_16_bit_output():
+    """A tolerance of twice bfloat16's unit let a 3 % leak pass where the output alone was cast: 21..21 again."""
+    model = ReadsFurtherIn16Bits(0.03)
+    assert probe_rf(model, (1, 1, 32), 21).bounds == ((19, 23),)
+    assert probe_rf(model, (1, 1, 32), "all")[21].bounds == ((19, 23),)
+
+
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 @pytest.mark.parametrize("scale", [0.05, 0.5])
 def test_a_weak_far_tap_of_one_position_is_seen_in_shared_passes(scale, mode):

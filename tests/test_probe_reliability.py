@@ -2086,3 +2086,17 @@ def test_a_frozen_weight_of_two_values_is_still_a_weight():
     nn.init.eye_(mixer.weight)
     mixer.weight.requires_grad_(False)
     assert probe_rf(mixer, (1, 3, 16), 8).bounds == ((0, 15),)
+
+
+def test_a_frozen_float8_parameter_is_a_weight_not_a_refusal():
+    """The mask test ran ``aminmax``, which float8 lacks on the CPU: the whole probe failed as a copy error."""
+
+    class Float8Kernel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.rand(1, 1, 5).to(torch.float8_e4m3fn), requires_grad=False)
+
+        def forward(self, x):
+            return F.conv1d(x, self.kernel.float(), padding=2)
+
+    assert probe_rf(Float8Kernel(), (1, 1, 16), 8).bounds == ((6, 10),)

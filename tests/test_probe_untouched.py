@@ -221,8 +221,8 @@ def test_a_forward_that_reads_what_a_hook_collected_is_refused_with_the_way_out(
     model = HookNet()
     with pytest.raises(
         ProbeError,
-        match=r"list index out of range \(the probe's copy runs without your forward hooks, "
-        r"here on 'body.1': .* pass layer= naming the hooked module\)",
+        match=r"list index out of range \(note: the probe's copy runs without your forward hooks, "
+        r"here on 'body.1'; if the forward reads what a hook collected, .* pass layer= naming the hooked module\)",
     ):
         probe_rf(model, (1, 1, 32, 32), (16, 16))
     assert probe_rf(model, (1, 1, 32, 32), (16, 16), layer="body.1").bounds == ((14, 18), (14, 18))
@@ -246,3 +246,22 @@ def test_a_hook_whose_owner_cannot_be_copied_is_left_out_not_the_probe():
     model[0].register_forward_hook(counter.count)
     assert probe_rf(model, (1, 1, 8, 8), (4, 4)).bounds == ((3, 5), (3, 5))
     assert counter.calls == 0 and len(model[0]._forward_hooks) == 1
+
+
+def test_a_hook_object_the_forward_also_reads_is_copied_whole():
+    """A hook object holding a lock, registered as a hook and kept as an attribute the forward reads: its failed
+    deep copy (as a hook) left a half-built object in the copy's memo, and the forward read an empty one."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.counter = _LocksItsCounter()
+            self.counter.scale = 2.0
+            self.conv.register_forward_hook(self.counter.count)
+
+        def forward(self, x):
+            return self.conv(x) * self.counter.scale
+
+    with pytest.raises(ProbeError, match="cannot be deep-copied"):  # the attribute itself holds a lock
+        probe_rf(Scaled(), (1, 1, 8, 8), (4, 4))

@@ -927,10 +927,10 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
     hooked = copy.__dict__.get(DROPPED_HOOKS)
     named = ", ".join(repr(name or "the model") for name in (hooked or [])[:3])
     hooks = (
-        f" (the probe's copy runs without your forward hooks, here on {named}: a forward that reads what a hook "
-        f"collected, as timm's FeatureHookNet of features_only=True does, cannot run on it; probe a model that "
-        f"returns the feature map itself, e.g. one whose forward calls forward_features, or pass layer= naming "
-        f"the hooked module)"
+        f" (note: the probe's copy runs without your forward hooks, here on {named}; if the forward reads what "
+        f"a hook collected, as timm's FeatureHookNet of features_only=True does, it cannot run on the copy: probe "
+        f"a model that returns the feature map itself, e.g. one whose forward calls forward_features, or pass "
+        f"layer= naming the hooked module)"
         if hooked
         else ""
     )

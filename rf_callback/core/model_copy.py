@@ -1526,19 +1526,15 @@ DROPPED_HOOKS = "_rf_callback_dropped_forward_hooks"
 
 
 def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
-    """A module's hooks, each deep-copied.
+    """A module's hooks: torch's own deep-copied, the user's as they are, for :func:`_strip_user_hooks` to drop.
 
-    A user's hook that cannot be copied (its owner holds a lock, a file, a logger's writer) is left out here, as
-    :func:`_strip_user_hooks` leaves every user's hook out: it made the whole copy fail, blaming the model.
+    A user's hook is never run on the copy, so it is not copied either: a hook object holding a lock or a writer
+    made the whole copy fail, blaming the model (and, shared with the model, left a half-built copy of itself in
+    the memo), and one bound to a callback copied the callback and its ``Trainer``.
     """
-    copied = type(hooks)()
-    for key, hook in hooks.items():
-        try:
-            copied[key] = copy.deepcopy(hook, memo)
-        except Exception:
-            if _is_torch_hook(hook):  # part of how the module computes (pruning, weight norm): the copy needs it
-                raise
-    return copied
+    return type(hooks)(
+        (key, copy.deepcopy(hook, memo) if _is_torch_hook(hook) else hook) for key, hook in hooks.items()
+    )
 
 
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
@@ -1850,6 +1846,9 @@ def _prepared_parameter(
     return value
 
 
+_MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def is_fixed_mask(param: torch.Tensor) -> bool:
     """Whether ``param`` is a frozen floating parameter that holds a mask: two values, one of them 0.
 
@@ -1859,8 +1858,8 @@ def is_fixed_mask(param: torch.Tensor) -> bool:
     two-valued and stay weights; one that is (a Dirac or identity initialisation) is a weight again where a layer
     uses it as its weight (:func:`_collapsed_weight`). A sharded parameter is never read (it would need a gather).
     """
-    if param.requires_grad or not param.is_floating_point() or param.numel() < 2 or is_sharded(param):
-        return False
+    if param.requires_grad or param.dtype not in _MASK_DTYPES or param.numel() < 2 or is_sharded(param):
+        return False  # float8 has no reductions on the CPU: such a parameter is a weight
     if param.device.type == "meta":
         return False
     low, high = torch.aminmax(param.detach())
