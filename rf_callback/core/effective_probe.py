@@ -119,7 +119,8 @@ def effective_rf(
             chunk_size = 1
         # Any other forward that mixes samples (a minibatch standard deviation, a functional batch norm in training
         # mode) gets one cotangent per sample, read on that sample alone: the map holds no cross-sample terms.
-        mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request, fields)
+        first = fields[0].position
+        mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request, first)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
@@ -210,15 +211,15 @@ def _check_inputs(inputs) -> None:
         )
 
 
-def _reads_across_samples(copy: nn.Module, pair: torch.Tensor, request: ProbeRequest, fields) -> bool:
-    """Whether the first sample's output at the first position depends on the second sample's input.
+def _reads_across_samples(copy: nn.Module, pair: torch.Tensor, request: ProbeRequest, position) -> bool:
+    """Whether the first sample's output at ``position`` depends on the second sample's input.
 
     A forward of two inputs, as cheap as a sample's share of the measurement, decides it.
     """
     x = pair.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
     output = forward_to(copy, x, request)
     cotangent = torch.zeros_like(output)
-    at: tuple[slice | int, ...] = (0, slice(None), *fields[0].position)
+    at: tuple[slice | int, ...] = (0, slice(None), *position)
     cotangent[at] = 1
     (gradient,) = torch.autograd.grad(output, x, cotangent)
     return bool(gradient[1].any())

@@ -739,9 +739,14 @@ def _is_weight(tensor, from_weights) -> bool:
     return isinstance(tensor, torch.Tensor) and id(tensor) in from_weights
 
 
+def _parameter_of(value):
+    """The parameter ``value`` is, or is a view of; else ``value`` itself."""
+    return value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
+
+
 def _kept_as_mask(value) -> bool:
     """Whether ``value`` is a parameter of the copy (or a view of one) kept as a fixed mask (:func:`is_fixed_mask`)."""
-    param = value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
+    param = _parameter_of(value)
     return isinstance(param, nn.Parameter) and getattr(param, "_rf_fixed_mask", False)
 
 
@@ -751,7 +756,7 @@ def _stands_for_weights(value) -> bool:
     On the theoretical copy those are positive constants that stand for any weights; a fixed mask
     (:func:`is_fixed_mask`) keeps its real values, as a buffer does.
     """
-    param = value._base if isinstance(value, torch.Tensor) and isinstance(value._base, nn.Parameter) else value
+    param = _parameter_of(value)
     return isinstance(param, nn.Parameter) and param.is_floating_point() and not _kept_as_mask(param)
 
 
