@@ -731,6 +731,78 @@ def test_a_kernel_masked_by_the_architecture_keeps_its_zeros():
     assert field.heatmap[4, 4] == 0 and field.heatmap[4, 3] > 0
 
 
+class ComputedKernel(nn.Module):
+    """A convolution whose kernel the forward computes from its parameters (and a fixed buffer)."""
+
+    def __init__(self, kernel, channels: int = 1, size: int = 3, stride: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, size, size))
+        self.alpha = nn.Parameter(torch.randn(channels, channels, 4))
+        h = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+        self.register_buffer("haar", torch.einsum("am,bn->abmn", h, h).reshape(4, 2, 2))
+        mask = torch.ones(size, size)
+        mask[size // 2 + 1 :] = 0
+        mask[size // 2, size // 2 + 1 :] = 0
+        self.register_buffer("mask", mask)  # PixelCNN's mask B: the rows above, the centre row up to the centre
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x):
+        w = self.kernel(self)
+        return F.conv2d(x, w, stride=self.stride, padding=(w.shape[-1] // 2) * (self.stride == 1))
+
+
+def _standardised(w):
+    w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    return w / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+
+
+COMPUTED_KERNELS = {
+    # standardised then masked: all zeros on the copy's constants, and the mask was lost with them
+    "standardised, masked": (lambda m: _standardised(m.weight) * m.mask, {}, (8, 8), ((6, 8), (6, 10))),
+    # a combination of fixed Haar bases: on equal alphas every tap but one cancels
+    "haar bases": (lambda m: torch.einsum("oib,bhw->oihw", m.alpha, m.haar), {"stride": 2}, (3, 3), ((6, 7), (6, 7))),
+    # a standardised kernel plus a fixed identity: the identity's tap alone was left
+    "standardised + dirac": (
+        lambda m: _standardised(m.weight) + nn.init.dirac_(torch.empty_like(m.weight)),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
+    # increments of a kernel: zero but the first on equal values
+    "increments": (
+        lambda m: torch.diff(m.weight, dim=-1, prepend=torch.zeros_like(m.weight[..., :1])),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(COMPUTED_KERNELS))
+def test_a_kernel_computed_from_the_weights_keeps_every_tap_that_trained_weights_have(name):
+    """The copy's equal constants made a computed kernel lose taps that any trained weights have: the probe read a
+    single tap of a Haar combination (6..6 for 6..7), the standardised-plus-identity kernel's centre alone, and,
+    where standardisation made it all zeros, every tap of the window, the mask's hidden rows too (7..9 for 7..8).
+    Beside each kernel the copy computes it on generic weights, whose zeros are the architecture's (the mask's)."""
+    kernel, settings, pos, expected = COMPUTED_KERNELS[name]
+    channels = 2 if name == "standardised, masked" else 1
+    model = nn.Sequential(ComputedKernel(kernel, channels, **settings), nn.Conv2d(channels, 1, 1))
+    if name == "standardised, masked":
+        model.append(ComputedKernel(kernel, 1))  # two masked layers: rows 6..8, columns 6..10
+    theoretical = probe_rf(model, (1, channels, 16, 16), pos)
+    assert theoretical.bounds == expected
+    assert probe_rf(model, (1, channels, 16, 16), pos, mode="weights").bounds == expected  # trained weights agree
+    assert probe_rf(model, (1, channels, 16, 16), "all")[pos].bounds == expected
+
+
+def test_a_kernel_of_zeros_that_the_architecture_makes_stays_zero():
+    """A tap that every weight makes zero (an antisymmetric kernel's centre, w - w.flip) stays out of the field."""
+    field = probe_rf(ComputedKernel(lambda m: m.weight - m.weight.flip(-1), size=3), (1, 1, 9, 9), (4, 4))
+    assert field.bounds == ((3, 5), (3, 5))
+    heatmap = field.heatmap[3:6]
+    assert (heatmap[:, 4] == 0).all() and (heatmap[:, 3] > 0).all() and (heatmap[:, 5] > 0).all()
+
+
 class FlowWarp(nn.Module):
     """A flow predicted from the features warps them (RAFT's and a spatial transformer's pattern)."""
 
@@ -1277,6 +1349,73 @@ def test_a_quantization_aware_model_is_probed_with_its_observed_ranges():
     fused = quantization.prepare_qat(fused.train())
     fused(torch.randn(8, 4, 40))
     assert probe_rf(fused, (1, 4, 40), 39).bounds == ((33, 39),)
+
+
+class QuantizedWeightBranches(nn.Module):
+    """A 3 x 3 convolution whose weight is fake-quantized per channel, then a 7 x 7 branch on its channel 0."""
+
+    def __init__(self, scales):
+        super().__init__()
+        self.conv, self.big = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(1, 1, 7, padding=3)
+        self.small = nn.Conv2d(1, 1, 1)
+        self.register_buffer("scales", torch.tensor(scales))
+
+    def forward(self, x):
+        zero = torch.zeros(2, dtype=torch.int32)
+        weight = torch.fake_quantize_per_channel_affine(self.conv.weight, self.scales, zero, 0, -128, 127)
+        y = F.conv2d(x, weight, padding=1)
+        return self.big(y[:, :1]) + self.small(y[:, 1:])
+
+
+def test_a_weights_fake_quantization_cuts_no_branch_in_theoretical_mode():
+    """The copy fake-quantized its constant weights (1/18) with the live scales: a channel of a large scale rounded
+    to zero and the 7 x 7 branch it feeds was cut (11..13 where the architecture reads 8..16)."""
+    model = QuantizedWeightBranches([1.0, 0.01])
+    assert probe_rf(model, (1, 2, 24, 24), (12, 12)).bounds == ((8, 16), (8, 16))
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+def test_a_quantization_aware_model_is_probed_in_float64():
+    """The fused observer and fake quantization takes float32 alone: ``dtype=torch.float64``, ``verify_rf`` (and the
+    retry near underflow) failed with "expected scalar type Float but found Double"."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+    layers = [nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()) for _ in range(3)]
+    model = nn.Sequential(quantization.QuantStub(), *layers, quantization.DeQuantStub())
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    model = quantization.prepare_qat(model.train())
+    model(torch.randn(8, 2, 12, 12))
+    field = probe_rf(model, (1, 2, 12, 12), (6, 6), dtype=torch.float64)
+    assert field.bounds == ((3, 9), (3, 9)) and verify_rf(model, field)
+    weights = probe_rf(model, (1, 2, 12, 12), (6, 6), mode="weights", dtype=torch.float64)
+    assert all(3 <= first <= 6 <= last <= 9 for first, last in weights.bounds)
+
+
+def _pruned_bias(model):
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model[0], "bias", amount=0.0)  # as Lightning's ModelPruning prunes biases by default
+
+
+def _parametrized_bias(model):
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(model[0], "bias", nn.Identity())
+
+
+@pytest.mark.parametrize("computed", [_pruned_bias, _parametrized_bias], ids=["pruned", "parametrized"])
+def test_a_bias_that_torch_computes_from_another_parameter_is_zeroed_in_weights_mode(computed):
+    """Pruning keeps ``bias_orig`` and a parametrization ``parametrizations.bias.original``: the copy took neither for
+    a bias and kept it in weights mode, where a negative one killed the ReLU channel of the 5 x 5 path (8..8 for
+    6..10)."""
+    conv = nn.Conv2d(1, 2, 5, padding=2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 2, 2] = 1.0
+        conv.weight[1, 0] = 1.0
+        conv.bias.copy_(torch.tensor([0.0, -1000.0]))  # channel 1 dead with its bias only
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(2, 1, 1))
+    computed(model)
+    assert probe_rf(model, (1, 1, 16, 16), (8, 8), mode="weights").bounds == ((6, 10), (6, 10))
 
 
 class CheckpointedPicks(nn.Module):

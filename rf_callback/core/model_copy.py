@@ -223,6 +223,11 @@ class _ProbeFunctions(TorchFunctionMode):
         # theoretical copy their values are constants that stand for any weights, so a choice they make (a mask from
         # a learned score, a sampling grid from a learned affine) is no fixed choice of the architecture.
         self._from_weights: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Beside each of those (by id, with a weak reference), its value on generic weights (see _on_generic_weights),
+        # and the generic values of the copy's parameters they read, drawn from a generator of their own.
+        self._generic: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._jitters: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._jitter_generator = torch.Generator().manual_seed(0)
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
@@ -287,6 +292,14 @@ class _ProbeFunctions(TorchFunctionMode):
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
             self.position_picks.append("where()")
+        of_weights = (
+            self.linearise
+            and not from_input
+            and not _from_shape_alone(name)
+            and name != "new_tensor"
+            and any(_is_weight(t, self._from_weights) for t in tensors)
+        )
+        generic = self._on_generic_weights(func, name, args, kwargs) if of_weights else None
         result = self._called(func, name, args, kwargs)
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
@@ -297,14 +310,10 @@ class _ProbeFunctions(TorchFunctionMode):
                 self._unread_couplings[id(result)] = (weakref.ref(result), coupling)
             else:
                 self.couplings.append(coupling)
-        if (
-            self.linearise
-            and not from_input
-            and not _from_shape_alone(name)
-            and name != "new_tensor"
-            and any(_is_weight(t, self._from_weights) for t in tensors)
-        ):
+        if of_weights:
             self._note_from_weights(result)
+            if generic is not None:
+                self._note_generic(result, generic)
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
@@ -439,6 +448,85 @@ class _ProbeFunctions(TorchFunctionMode):
                 if item.dtype == torch.bool:
                     self._input_masks[id(item)] = item
 
+    def _on_generic_weights(self, func, name: str, args, kwargs):
+        """The result of a call on the weights alone, on generic weights; None where it reads none.
+
+        The copy's weights are equal constants, and a weight computed from them may lose taps that any trained
+        weights have: standardisation (``(w - w.mean()) / w.std()``) makes them all zero, a combination of fixed
+        bases (``einsum(alpha, haar)``) or increments (``diff(w)``) cancels all but a few. Beside each such tensor the
+        copy computes the same on generic positive weights (each constant times a fixed draw in [1, 2)), whose zeros
+        are the architecture's own (a mask's), and a layer that uses it fills the others in (see
+        :meth:`_generic_zeros_filled`).
+        """
+        read = False
+
+        def generic(value):
+            nonlocal read
+            if not isinstance(value, torch.Tensor):
+                return value
+            entry = self._generic.get(id(value))
+            if entry is not None and entry[0]() is value:
+                read = True
+                return entry[1]
+            if isinstance(value, nn.Parameter) and _stands_for_weights(value):
+                read = True
+                return self._jittered(value)
+            return value
+
+        try:
+            generic_args = tuple(type(a)(map(generic, a)) if type(a) in (list, tuple) else generic(a) for a in args)
+            generic_kwargs = {k: generic(v) for k, v in kwargs.items()}
+            if not read:
+                return None
+            if generic_args and geometry_flow.writes_in_place(name) and generic_args[0] is args[0]:
+                generic_args = (args[0].clone(), *generic_args[1:])  # never written into the copy's own tensor
+            with torch.no_grad():
+                return self._call(func, name, generic_args, generic_kwargs)
+        except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
+            return None
+
+    def _jittered(self, param: nn.Parameter) -> torch.Tensor:
+        entry = self._jitters.get(id(param))
+        if entry is None or entry[0]() is not param:
+            draw = torch.rand(param.shape, generator=self._jitter_generator, dtype=param.dtype)
+            entry = self._jitters[id(param)] = (weakref.ref(param), param.detach() * (1 + draw.to(param.device)))
+        return entry[1]
+
+    def _note_generic(self, result, generic) -> None:
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        generics = generic if isinstance(generic, (tuple, list)) else (generic,)
+        for item, value in zip(results, generics):
+            if isinstance(item, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == item.shape:
+                self._generic[id(item)] = (weakref.ref(item), value)
+
+    def _generic_zeros_filled(self, name: str, args, kwargs):
+        """``args`` and ``kwargs`` with each weight computed in the forward filled where generic weights are not zero.
+
+        A layer's weight (a convolution's, a linear layer's) gets ``1 / fan_in`` there, as the copy's own weights
+        are; another operand (a product's, a matmul's) the generic value's magnitude. Only where an operand depends
+        on the input (see :meth:`_on_generic_weights`).
+        """
+        flat = [*args, *kwargs.values()]
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+            return args, kwargs
+
+        def filled(value, weight: bool):
+            if not isinstance(value, torch.Tensor):
+                return value
+            entry = self._generic.get(id(value))
+            if entry is None or id(entry[0]()) != id(value):
+                return value
+            missing = (value == 0) & (entry[1] != 0)
+            if not bool(missing.any()):
+                return value
+            if weight and value.dim() >= 2:
+                return torch.where(missing, 1.0 / math.prod(value.shape[1:]), value)
+            return torch.where(missing, entry[1].abs().to(value.dtype), value)
+
+        weighed = name in _WEIGHED
+        args = tuple(filled(a, weighed and i == 1) for i, a in enumerate(args))
+        return args, {k: filled(v, weighed and k == "weight") for k, v in kwargs.items()}
+
     def _of_masks(self, func, args, kwargs):
         """A function of masks computed from the input alone (``~m``, ``m & n``, ``m.float()``): a mask again.
 
@@ -472,6 +560,8 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _MULTIPLICATIONS:
             args = tuple(self._mask_as_number(a, args) for a in args)
         if self.linearise and name in _LINEAR_IN_EACH_OPERAND:
+            if self._generic:
+                args, kwargs = self._generic_zeros_filled(name, args, kwargs)
             args, kwargs = _unsigned_constants(name, args, kwargs)
         if self.linearise and name in _RECURRENCES and len(args) >= 9 and isinstance(args[3], bool):
             return _recurrence_twin(args[0], args[1], layers=args[4], bidirectional=args[7], batch_first=args[8])
@@ -488,9 +578,12 @@ class _ProbeFunctions(TorchFunctionMode):
             # own paths to the other outputs are rounding noise on the copy's constants.
             spectrum = args[0].real if args[0].is_complex() else args[0]
             return func(*args, **kwargs) + spectrum.mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
-        clamped = (base in _CLAMPS or name in _FAKE_QUANTIZERS) and _depends_on_input(
-            args[0] if args else kwargs.get("input", kwargs.get("self"))
-        )
+        clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input", kwargs.get("self")))
+        # A fake quantization is an identity of the theoretical copy, of a weight too: on the copy's constants with
+        # the live scales, a weight's would round a whole channel to zero and cut what it feeds.
+        clamped = clamped or name in _FAKE_QUANTIZERS
+        if not self.linearise and name in _FAKE_QUANTIZERS:
+            return _fake_quantized(func, args, kwargs)
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
@@ -1449,6 +1542,22 @@ def _unsigned_constants(name: str, args, kwargs):
     return args, {k: unsigned(v) for k, v in kwargs.items()}
 
 
+def _fake_quantized(func, args, kwargs):
+    """A fake quantization's result, computed in float32 where the copy runs in another type (as it runs in training).
+
+    Its kernels take float32 alone: a float64 probe (``dtype=``, the retry near underflow, ``verify_rf``) failed.
+    """
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not tensors or all(t.dtype == torch.float32 for t in tensors):
+        return func(*args, **kwargs)
+
+    def single(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    result = func(*map(single, args), **{k: single(v) for k, v in kwargs.items()})
+    return result.to(tensors[0].dtype)
+
+
 def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
     """The positive constant weight to use where a weight computed from the copy's constants is all zeros, or None.
 
@@ -1795,10 +1904,12 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
     """
     memo: dict[int, torch.Tensor] = {}
     masks = _pruning_masks(model) if mode == "theoretical" else set()
+    computes = _tensors_computed_from(model)
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
                 mask = mode == "theoretical" and is_fixed_mask(param)
+                name = computes.get(id(param), name)  # pruning's bias_orig is a bias
                 value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device, mask=mask)
                 memo[id(param)] = nn.Parameter(value, False)
                 if mask:
@@ -1810,6 +1921,33 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
                     continue
                 memo[id(buffer)] = _prepared_buffer(name, buffer, mode, dtype, zero_biases, device or buffer.device)
     return memo
+
+
+def _tensors_computed_from(model: nn.Module) -> dict[int, str]:
+    """The name of the tensor each parameter of ``model`` computes, by the parameter's id, where torch computes one.
+
+    Pruning keeps ``bias_orig`` and computes ``bias`` from it (as spectral norm keeps ``weight_orig``, the old weight
+    norm ``weight_g`` and ``weight_v``), and a parametrization keeps ``parametrizations.bias.original``: each stands
+    for the tensor it computes. Without this a pruned bias (Lightning's ``ModelPruning`` prunes biases by default)
+    was kept in weights mode, where a negative one hid a path the bias-free network has.
+    """
+    from torch.nn.utils import parametrize
+
+    computes: dict[int, str] = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            # pruning's methods name it _tensor_name, weight and spectral norm's hooks name
+            tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
+            if _is_torch_hook(hook) and isinstance(tensor, str):
+                for name, param in module._parameters.items():
+                    if param is not None and name in (f"{tensor}_orig", f"{tensor}_g", f"{tensor}_v"):
+                        computes[id(param)] = tensor
+        if parametrize.is_parametrized(module):
+            for tensor, parametrizations in cast(nn.ModuleDict, module.parametrizations).items():
+                for param in parametrizations._parameters.values():
+                    if param is not None:
+                        computes[id(param)] = tensor
+    return computes
 
 
 def _pruning_masks(model: nn.Module) -> set[int]:
