@@ -324,6 +324,80 @@ def test_a_network_whose_layers_change_during_the_fit_logs_its_new_theoretical_s
     assert [e.step for e in events.Images("rf/features/pos0/heatmap/theoretical")] == [0, 2 * STEPS_PER_EPOCH]
 
 
+class Grows(torch.nn.Module):
+    """``features``, then from when ``active`` is set a third 3 x 3 convolution (r = 8 + 2 * 2 = 12)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features, self.extra, self.active = features, torch.nn.Conv2d(8, 8, 3, padding=1), False
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.extra(y) if self.active else y
+
+
+class ActivatesBlocks(ConvClassifier):
+    """A network grown by an attribute its forward reads, from epoch 1: no layer is added, replaced or changed."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = Grows(self.features)
+
+    def on_train_epoch_start(self):
+        self.features.active = self.current_epoch >= 1
+
+
+def test_a_network_grown_by_an_attribute_its_forward_reads_gets_its_theoretical_field_probed_again(tmp_path, caplog):
+    """Only a change of the layers set off a new theoretical probe: the field logged 8 beside a weights field of 12,
+    and the effective field's ratios were to 8 (above 1). The weights field reaching past the theoretical one,
+    where it lay inside, shows the change; each size is logged once per step."""
+    logger = CSVLogger(tmp_path, name="run")
+    callback = RFCallback(layer="features", mode="weights", log_images=False)
+    with caplog.at_level("INFO"):
+        trainer, _ = fit(tmp_path, [callback], model=ActivatesBlocks(), logger=logger, max_epochs=3)
+    sizes = [entry["fields"][0]["size"] for entry in callback.history]
+    assert sizes == [[8, 8], [8, 8], [12, 12], [12, 12]]  # fit start, then epochs 0, 1, 2
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 12
+    assert sum("forward (no layer changed) changed; now" in r.message and "12 x 12" in r.message for r in caplog.records) == 1
+    effective = callback.history[-1]["effective"]
+    assert all(metrics["extent0.95_ratio_h"] <= 1 for metrics in effective.values())
+    with open(logger.log_dir + "/metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("rf/features/pos0/size_h/theoretical")]
+    steps = [int(row["step"]) for row in rows]
+    assert len(steps) == len(set(steps))
+
+
+def test_under_weight_averaging_the_probe_measures_the_weights_validation_ran_on(tmp_path):
+    """``EMAWeightAveraging`` swaps the average in for validation and back out in its own
+    ``on_validation_epoch_end``: placed before RFCallback (the natural order) the probe measured the live weights,
+    which validation never ran and ``fit`` does not return, and what it logged depended on the callbacks' order."""
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, "EMAWeightAveraging"):
+        pytest.skip("EMAWeightAveraging is Lightning 2.6's")
+
+    class Validated(pl.Callback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 0 and not trainer.sanity_checking:
+                self.weights[trainer.current_epoch] = copy.deepcopy(pl_module.features)
+
+    logged = {}
+    for order in ("averaging first", "probe first"):
+        averaging, validated = callbacks.EMAWeightAveraging(decay=0.5), Validated()
+        callback = RFCallback(layer="features", mode="weights", log_images=False, erf_samples=8)
+        order_of = [averaging, callback] if order == "averaging first" else [callback, averaging]
+        pl.seed_everything(0, verbose=False)
+        fit(tmp_path, [*order_of, validated], model=ConvClassifier(lr=0.5), logger=False, max_epochs=2)
+        for entry in callback.history[1:]:
+            ran_on = validated.weights[entry["epoch"]]
+            weights = probe_rf(ran_on, SHAPE, (4, 4), mode="weights").bounds
+            assert [list(b) for b in weights] == entry["fields"][0]["bounds"], order
+        logged[order] = [entry["effective"] for entry in callback.history[1:]]
+    assert logged["averaging first"] == logged["probe first"]
+
+
 def test_a_fit_resumed_from_a_checkpoint_without_the_callback_logs_its_first_probe_at_the_restored_step(tmp_path):
     """The first probe sees the restored weights of step 4: it was logged as the initial weights of step 0."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

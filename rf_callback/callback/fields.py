@@ -56,6 +56,7 @@ class FieldProber:
         self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
         self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
         self._architecture: tuple | None = None  # of the module the kept theoretical fields were probed on
+        self._inside: bool | None = None  # whether the last weights fields lay inside the kept theoretical ones
 
     def keep_theoretical(self, pl_module: nn.Module, fields: list[ReceptiveField] | None) -> None:
         """Keeps ``fields`` as the theoretical fields of the module as it is now (``None`` forgets them).
@@ -64,7 +65,7 @@ class FieldProber:
             pl_module: the live LightningModule.
             fields: its theoretical fields on the callback's input shape, or ``None``.
         """
-        self.theoretical, self._other_theoretical = fields, None
+        self.theoretical, self._other_theoretical, self._inside = fields, None, None
         self._architecture = None if fields is None else _architecture(self.target(pl_module))
 
     def architecture_changed(self, pl_module: nn.Module) -> bool:
@@ -80,6 +81,33 @@ class FieldProber:
             True where fields are kept and the module's architecture is no longer theirs.
         """
         return self._architecture is not None and _architecture(self.target(pl_module)) != self._architecture
+
+    def forward_changed(self, fields: Sequence[ReceptiveField]) -> bool:
+        """Whether ``fields``, probed now, show a forward that changed where the layers did not.
+
+        A network grown by an attribute its forward reads (how many blocks it runs) keeps its layers, so
+        :meth:`architecture_changed` cannot see it; its fields can. Theoretical fields other than the kept ones, or
+        weights fields that lay inside the kept theoretical fields and now reach past them, show it. (A weights
+        field may lie outside from the start: the statistics of a GroupNorm join every position of the real
+        network, which the theoretical copy holds constant. Only a change from inside to outside counts.)
+
+        Args:
+            fields: the fields probed now on the callback's input shape, one per position.
+
+        Returns:
+            True where the kept theoretical fields no longer describe the forward.
+        """
+        if self.theoretical is None or not fields:
+            return False
+        if fields[0].mode == "theoretical":
+            return [field.bounds for field in fields] != [field.bounds for field in self.theoretical]
+        inside = all(
+            first >= kept_first and last <= kept_last
+            for field, kept in zip(fields, self.theoretical)
+            for (first, last), (kept_first, kept_last) in zip(field.bounds, kept.bounds)
+        )
+        was, self._inside = self._inside, inside
+        return was is True and not inside
 
     def target(self, pl_module: nn.Module) -> nn.Module:
         """The module that is copied and probed: ``module`` inside the LightningModule (unwrapped if compiled).

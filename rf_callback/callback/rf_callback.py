@@ -309,6 +309,7 @@ class RFCallback(Callback):
         self._stage = stage
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
+        _probe_before_weight_averaging(trainer, self)
         last = self._run
         if last is not None and (last[0]() is not trainer or last[1]() is not pl_module):
             self._start_run()
@@ -485,6 +486,7 @@ class RFCallback(Callback):
         if current is not None:
             if current is not theoretical:
                 self._reporter.fields(trainer, "weights", current, step=step, figures=True, target_for=self._target_for)
+                self._prober.forward_changed(current)  # where the weights fields lie now, against the theoretical
             self._record(current, epoch=None, step=step)
         self._initial_logged = True
 
@@ -498,6 +500,9 @@ class RFCallback(Callback):
         # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
         succeeded = self._ranks_agree(trainer, probed is not None, "the probe")
         fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
+        if self._prober.forward_changed(fields):  # the same on every rank: their weights and fields are the same
+            self._probe_theoretical_again(trainer, pl_module, changed="forward (no layer changed)")
+            self._prober.forward_changed(fields)
         if succeeded:
             self._reporter.fields(
                 trainer, self.mode, fields, step=trainer.global_step, figures=False, target_for=self._target_for,
@@ -574,7 +579,7 @@ class RFCallback(Callback):
         if self.on_miss == "raise" and events:
             raise CoverageError(events[0])
 
-    def _probe_theoretical_again(self, trainer, pl_module) -> None:
+    def _probe_theoretical_again(self, trainer, pl_module, changed: str = "layers") -> None:
         """Probes the theoretical fields again where the architecture changed during the fit (a grown network)."""
         theoretical: list[ReceptiveField] | None = None
         with self._failures.guard("probe", "the theoretical probe of the changed architecture", self._probe_fix):
@@ -585,13 +590,14 @@ class RFCallback(Callback):
         if theoretical is None:
             return
         for field in theoretical:
-            rank_zero_info(f"RFCallback: the probed model's layers changed; now {self._described(field)}")
+            rank_zero_info(f"RFCallback: the probed model's {changed} changed; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
         if self.mode != "theoretical":  # the spans and heatmaps the fit-start probe logged are the old layers'
             # (theoretical mode logs them with every probe); the sizes and target come beside the probe that follows
             self._reporter.fields(
-                trainer, "theoretical", theoretical, step=trainer.global_step, figures=False, target_for=lambda _: None
-            )
+                trainer, "theoretical", theoretical, step=trainer.global_step, figures=False, target_for=lambda _: None,
+                spans_only=True,
+            )  # fmt: skip
 
     def _described(self, field: ReceptiveField) -> str:
         """The field in words, its layer named as the logs name it (``module.layer``, from the LightningModule)."""
@@ -669,6 +675,22 @@ class RFCallback(Callback):
 # Arguments that change what a logged name holds: two callbacks on one layer must agree on them (mode need not: each
 # logs its own mode's sizes, and the theoretical ones are the same).
 _NAMED_VALUES = ("pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size")
+
+
+def _probe_before_weight_averaging(trainer, callback: Callback) -> None:
+    """Moves ``callback`` before Lightning's weight averaging callbacks (EMA) that come before it in the Trainer's.
+
+    ``WeightAveraging`` swaps the averaged weights in for validation, and back out in its own
+    ``on_validation_epoch_end``: a probe after it measured the live weights, not the ones validation ran on (and
+    ``fit`` leaves in the model), and what it logged depended on the order of the callbacks list.
+    """
+    callbacks = getattr(trainer, "callbacks", None)
+    if not isinstance(callbacks, list) or not any(c is callback for c in callbacks):
+        return
+    mine = next(i for i, c in enumerate(callbacks) if c is callback)
+    averaging = [i for i, c in enumerate(callbacks[:mine]) if any(k.__name__ == "WeightAveraging" for k in type(c).__mro__)]
+    if averaging:
+        callbacks.insert(averaging[0], callbacks.pop(mine))
 
 
 def _fit_start_step(trainer) -> int:
