@@ -501,7 +501,7 @@ class RFCallback(Callback):
         succeeded = self._ranks_agree(trainer, probed is not None, "the probe")
         fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
         if self._prober.forward_changed(fields):  # the same on every rank: their weights and fields are the same
-            self._probe_theoretical_again(trainer, pl_module, changed="forward (no layer changed)")
+            self._probe_theoretical_again(trainer, pl_module, changed="forward changed (no layer did)")
             self._prober.forward_changed(fields)
         if succeeded:
             self._reporter.fields(
@@ -579,7 +579,7 @@ class RFCallback(Callback):
         if self.on_miss == "raise" and events:
             raise CoverageError(events[0])
 
-    def _probe_theoretical_again(self, trainer, pl_module, changed: str = "layers") -> None:
+    def _probe_theoretical_again(self, trainer, pl_module, changed: str = "layers changed") -> None:
         """Probes the theoretical fields again where the architecture changed during the fit (a grown network)."""
         theoretical: list[ReceptiveField] | None = None
         with self._failures.guard("probe", "the theoretical probe of the changed architecture", self._probe_fix):
@@ -590,7 +590,7 @@ class RFCallback(Callback):
         if theoretical is None:
             return
         for field in theoretical:
-            rank_zero_info(f"RFCallback: the probed model's {changed} changed; now {self._described(field)}")
+            rank_zero_info(f"RFCallback: the probed model's {changed}; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
         if self.mode != "theoretical":  # the spans and heatmaps the fit-start probe logged are the old layers'
             # (theoretical mode logs them with every probe); the sizes and target come beside the probe that follows
@@ -688,7 +688,9 @@ def _probe_before_weight_averaging(trainer, callback: Callback) -> None:
     if not isinstance(callbacks, list) or not any(c is callback for c in callbacks):
         return
     mine = next(i for i, c in enumerate(callbacks) if c is callback)
-    averaging = [i for i, c in enumerate(callbacks[:mine]) if any(k.__name__ == "WeightAveraging" for k in type(c).__mro__)]
+    averaging = [
+        i for i, c in enumerate(callbacks[:mine]) if any(k.__name__ == "WeightAveraging" for k in type(c).__mro__)
+    ]
     if averaging:
         callbacks.insert(averaging[0], callbacks.pop(mine))
 
