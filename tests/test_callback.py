@@ -368,6 +368,41 @@ def test_a_network_grown_by_an_attribute_its_forward_reads_gets_its_theoretical_
     assert len(steps) == len(set(steps))
 
 
+class Residual(torch.nn.Module):
+    """A residual 3 x 3 convolution whose GroupNorm starts at zero (``zero_init_last``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GroupNorm(2, 8)
+        torch.nn.init.zeros_(self.norm.weight)
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x))
+
+
+class ZeroInitialisedResidual(ConvClassifier):
+    """Its weights field is the first convolution's until the branch wakes, then the whole input (the GroupNorm's
+    statistics join every position, which the theoretical copy holds constant)."""
+
+    def __init__(self):
+        super().__init__(lr=0.5)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), Residual())
+
+
+def test_a_weights_field_that_reaches_past_the_theoretical_one_by_a_groupnorm_says_no_change(tmp_path, caplog):
+    """The branch woke and the weights field went from inside the theoretical one to the whole input: the callback
+    said "the forward changed" and wrote a new positions note, although the theoretical field probed again was the
+    same. It probes again, says nothing where nothing changed, and does not ask again."""
+    pl.seed_everything(0, verbose=False)
+    callback = RFCallback(layer="features", mode="weights", log_images=False, effective=False)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, [callback], model=ZeroInitialisedResidual(), logger=False, max_epochs=3)
+    bounds = [entry["fields"][0]["bounds"] for entry in callback.history]
+    assert bounds[0] == [[7, 9], [7, 9]] and bounds[-1] == [[0, 15], [0, 15]]  # inside, then past it
+    assert not [r.message for r in caplog.records if "the probed model's" in r.message]
+    assert callback._prober.theoretical[0].bounds == ((6, 10), (6, 10))
+
+
 def test_under_weight_averaging_the_probe_measures_the_weights_validation_ran_on(tmp_path):
     """``EMAWeightAveraging`` swaps the average in for validation and back out in its own
     ``on_validation_epoch_end``: placed before RFCallback (the natural order) the probe measured the live weights,

@@ -774,7 +774,22 @@ COMPUTED_KERNELS = {
         {},
         (8, 8),
         ((7, 9), (7, 9)),
-    ),  # fmt: skip
+    ),
+    # zero at the tap of the least weight, which any tap may be: all zeros on the copy, and one draw of generic
+    # weights left its least tap out
+    "shifted by its least": (
+        lambda m: m.weight - m.weight.amin(dim=(2, 3), keepdim=True),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
+    # standardised, then kept where above its mean (a mask the weights pick)
+    "standardised, thresholded": (
+        lambda m: _standardised(m.weight) * (m.weight > m.weight.mean()),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
 }
 
 
@@ -791,8 +806,14 @@ def test_a_kernel_computed_from_the_weights_keeps_every_tap_that_trained_weights
         model.append(ComputedKernel(kernel, 1))  # two masked layers: rows 6..8, columns 6..10
     theoretical = probe_rf(model, (1, channels, 16, 16), pos)
     assert theoretical.bounds == expected
-    assert probe_rf(model, (1, channels, 16, 16), pos, mode="weights").bounds == expected  # trained weights agree
+    if name != "standardised, masked":  # every tap of the box
+        assert (theoretical.heatmap[tuple(slice(a, b + 1) for a, b in expected)] > 0).all()
     assert probe_rf(model, (1, channels, 16, 16), "all")[pos].bounds == expected
+    for weights in [model[0].weight.detach().clone(), torch.rand_like(model[0].weight), -model[0].weight.detach()]:
+        with torch.no_grad():
+            model[0].weight.copy_(weights)
+        field = probe_rf(model, (1, channels, 16, 16), pos, mode="weights")  # trained weights: inside
+        assert all(a <= first <= last <= b for (first, last), (a, b) in zip(field.bounds, expected))
 
 
 def test_a_kernel_of_zeros_that_the_architecture_makes_stays_zero():

@@ -142,7 +142,6 @@ class Reporter:
         target_for,
         beside: list[ReceptiveField] | None = None,
         pl_module=None,
-        spans_only: bool = False,
     ) -> None:
         """Logs probed fields (``kind`` is ``theoretical`` or ``weights``), their images and the target's sizes.
 
@@ -157,7 +156,6 @@ class Reporter:
                 their sizes are logged beside (a flat line in the charts). The target's sizes come once per probe:
                 with ``beside`` or the theoretical ones.
             pl_module: the LightningModule, for ``pl_module.log``.
-            spans_only: log the spans (and images) alone, not the sizes: the probe that follows logs them beside.
         """
         metrics = {}
         for index, field in enumerate(fields):
@@ -167,8 +165,6 @@ class Reporter:
             target = target_for(len(field.bounds))
             if target is not None and (beside is not None or kind == "theoretical"):  # once per probe
                 metrics.update(dashboard.target_scalars(self.layer_name, index, target))
-        if spans_only:
-            metrics = {name: value for name, value in metrics.items() if name.startswith("rf-span/")}
         self.metrics(trainer, metrics, step=step, pl_module=pl_module)
         if self.log_images:
             self._field_images(trainer, kind, fields, step, figures=figures)

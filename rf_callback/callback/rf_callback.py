@@ -252,6 +252,7 @@ class RFCallback(Callback):
         self.trackers = self._coverage.trackers
         self._reservoir: InputReservoir | None = None
         self._last_fields: list[ReceptiveField] = []
+        self._theoretical_logged_at: int | None = None  # the step the theoretical fields were last probed again at
         # By index in pos: two indices can name one cell of validation inputs shaped otherwise.
         self._last_effective: dict[int, EffectiveField] = {}
 
@@ -309,7 +310,11 @@ class RFCallback(Callback):
         self._stage = stage
         if stage in ("test", "predict"):  # they probe nothing: the fit's history stays
             return
-        _probe_before_weight_averaging(trainer, self)
+        averaging = _weight_averaging_before(trainer, self)
+        if averaging is not None and (stage != "fit" or has_validation(trainer, pl_module)):
+            # It swaps the average in for validation and out in its own on_validation_epoch_end: probe before that
+            trainer.callbacks.remove(self)
+            trainer.callbacks.insert(averaging, self)
         last = self._run
         if last is not None and (last[0]() is not trainer or last[1]() is not pl_module):
             self._start_run()
@@ -502,11 +507,13 @@ class RFCallback(Callback):
         fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
         if self._prober.forward_changed(fields):  # the same on every rank: their weights and fields are the same
             self._probe_theoretical_again(trainer, pl_module, changed="forward changed (no layer did)")
-            self._prober.forward_changed(fields)
+            self._prober.forward_changed(fields)  # where the fields lie against the theoretical ones probed now
         if succeeded:
+            # Theoretical sizes probed again at this step are logged already: once per step
+            beside = [] if self._theoretical_logged_at == trainer.global_step else self._prober.theoretical or []
             self._reporter.fields(
                 trainer, self.mode, fields, step=trainer.global_step, figures=False, target_for=self._target_for,
-                beside=self._prober.theoretical or [], pl_module=pl_module,
+                beside=beside, pl_module=pl_module,
             )  # fmt: skip
             self._last_fields = fields
         self._record(fields, epoch=trainer.current_epoch, step=trainer.global_step)
@@ -582,6 +589,7 @@ class RFCallback(Callback):
     def _probe_theoretical_again(self, trainer, pl_module, changed: str = "layers changed") -> None:
         """Probes the theoretical fields again where the architecture changed during the fit (a grown network)."""
         theoretical: list[ReceptiveField] | None = None
+        kept = [field.bounds for field in self._prober.theoretical or []]
         with self._failures.guard("probe", "the theoretical probe of the changed architecture", self._probe_fix):
             theoretical = self._prober.probe(pl_module, "theoretical", self._shape)
         if not self._ranks_agree(trainer, theoretical is not None, "the theoretical probe of the changed architecture"):
@@ -589,6 +597,8 @@ class RFCallback(Callback):
         self._prober.keep_theoretical(pl_module, theoretical)  # none kept, none logged beside: never the old ones
         if theoretical is None:
             return
+        if changed != "layers changed" and [field.bounds for field in theoretical] == kept:
+            return  # a weights field past the theoretical one by the statistics of a GroupNorm: nothing changed
         for field in theoretical:
             rank_zero_info(f"RFCallback: the probed model's {changed}; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)
@@ -596,8 +606,9 @@ class RFCallback(Callback):
             # (theoretical mode logs them with every probe); the sizes and target come beside the probe that follows
             self._reporter.fields(
                 trainer, "theoretical", theoretical, step=trainer.global_step, figures=False, target_for=lambda _: None,
-                spans_only=True,
+                pl_module=pl_module,
             )  # fmt: skip
+            self._theoretical_logged_at = trainer.global_step
 
     def _described(self, field: ReceptiveField) -> str:
         """The field in words, its layer named as the logs name it (``module.layer``, from the LightningModule)."""
@@ -677,22 +688,22 @@ class RFCallback(Callback):
 _NAMED_VALUES = ("pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size")
 
 
-def _probe_before_weight_averaging(trainer, callback: Callback) -> None:
-    """Moves ``callback`` before Lightning's weight averaging callbacks (EMA) that come before it in the Trainer's.
+def _weight_averaging_before(trainer, callback: Callback) -> int | None:
+    """The index of the first of Lightning's weight averaging callbacks (EMA) before ``callback``, or None.
 
     ``WeightAveraging`` swaps the averaged weights in for validation, and back out in its own
     ``on_validation_epoch_end``: a probe after it measured the live weights, not the ones validation ran on (and
     ``fit`` leaves in the model), and what it logged depended on the order of the callbacks list.
     """
     callbacks = getattr(trainer, "callbacks", None)
-    if not isinstance(callbacks, list) or not any(c is callback for c in callbacks):
-        return
-    mine = next(i for i, c in enumerate(callbacks) if c is callback)
-    averaging = [
-        i for i, c in enumerate(callbacks[:mine]) if any(k.__name__ == "WeightAveraging" for k in type(c).__mro__)
-    ]
-    if averaging:
-        callbacks.insert(averaging[0], callbacks.pop(mine))
+    if not isinstance(callbacks, list):
+        return None
+    for index, other in enumerate(callbacks):
+        if other is callback:
+            return None
+        if any(cls.__name__ == "WeightAveraging" for cls in type(other).__mro__):
+            return index
+    return None
 
 
 def _fit_start_step(trainer) -> int:

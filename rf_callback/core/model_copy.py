@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import inspect
 import math
 import random
@@ -223,10 +224,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # theoretical copy their values are constants that stand for any weights, so a choice they make (a mask from
         # a learned score, a sampling grid from a learned affine) is no fixed choice of the architecture.
         self._from_weights: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        # Beside each of those (by id, with a weak reference), its value on generic weights (see _on_generic_weights),
-        # and the generic values of the copy's parameters they read, drawn from a generator of their own.
-        self._generic: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-        self._jitters: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        # Beside each of those (by id, with a weak reference), its values on two draws of generic weights (see
+        # _on_generic_weights), and those draws of the copy's parameters, from a generator of their own.
+        self._generic: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._jitters: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._jitter_generator = torch.Generator().manual_seed(0)
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
@@ -299,7 +300,8 @@ class _ProbeFunctions(TorchFunctionMode):
             and name != "new_tensor"
             and any(_is_weight(t, self._from_weights) for t in tensors)
         )
-        generic = self._on_generic_weights(func, name, args, kwargs) if of_weights else None
+        # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
+        unwritten = self._unwritten(name, args) if of_weights else None
         result = self._called(func, name, args, kwargs)
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
@@ -312,8 +314,8 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.couplings.append(coupling)
         if of_weights:
             self._note_from_weights(result)
-            if generic is not None:
-                self._note_generic(result, generic)
+            if _tensors_among((result,)):  # not a shape, a dtype, a number read off a weight
+                self._note_generic(result, self._on_generic_weights(func, name, args, kwargs, unwritten))
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
@@ -448,56 +450,82 @@ class _ProbeFunctions(TorchFunctionMode):
                 if item.dtype == torch.bool:
                     self._input_masks[id(item)] = item
 
-    def _on_generic_weights(self, func, name: str, args, kwargs):
-        """The result of a call on the weights alone, on generic weights; None where it reads none.
+    def _unwritten(self, name: str, args) -> torch.Tensor | None:
+        """A clone of the target of an in-place call that has no generic twins, or None."""
+        if not (args and isinstance(args[0], torch.Tensor) and geometry_flow.writes_in_place(name)):
+            return None
+        return None if self._generic_of(args[0]) is not None else args[0].clone()
+
+    def _generic_of(self, value) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self._generic.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
+
+    def _on_generic_weights(self, func, name: str, args, kwargs, unwritten: torch.Tensor | None):
+        """The result of a call on the weights alone, on two draws of generic weights; None where it reads none.
 
         The copy's weights are equal constants, and a weight computed from them may lose taps that any trained
         weights have: standardisation (``(w - w.mean()) / w.std()``) makes them all zero, a combination of fixed
         bases (``einsum(alpha, haar)``) or increments (``diff(w)``) cancels all but a few. Beside each such tensor the
-        copy computes the same on generic positive weights (each constant times a fixed draw in [1, 2)), whose zeros
-        are the architecture's own (a mask's), and a layer that uses it fills the others in (see
-        :meth:`_generic_zeros_filled`).
+        copy computes the same on two draws of generic positive weights, each constant times ``1 + u`` and ``2 - u``
+        for one fixed uniform draw ``u``: values in the opposite order, so a zero that follows them (``w - w.amin()``,
+        a threshold, a top-k) falls on different taps. Where both are zero, the zero is the architecture's (a mask's);
+        a layer that uses the tensor fills in the others (see :meth:`_generic_zeros_filled`). A mask computed from
+        them is 0.5 as a number, as the copy's own is (any weights may pick either side).
         """
         read = False
 
-        def generic(value):
+        def generic(value, draw: int):
             nonlocal read
             if not isinstance(value, torch.Tensor):
                 return value
-            entry = self._generic.get(id(value))
-            if entry is not None and entry[0]() is value:
+            twins = self._generic_of(value)
+            if twins is not None:
                 read = True
-                return entry[1]
+                return twins[draw]
             if isinstance(value, nn.Parameter) and _stands_for_weights(value):
                 read = True
-                return self._jittered(value)
+                return self._jittered(value)[draw]
             return value
 
+        results = []
         try:
-            generic_args = tuple(type(a)(map(generic, a)) if type(a) in (list, tuple) else generic(a) for a in args)
-            generic_kwargs = {k: generic(v) for k, v in kwargs.items()}
-            if not read:
-                return None
-            if generic_args and geometry_flow.writes_in_place(name) and generic_args[0] is args[0]:
-                generic_args = (args[0].clone(), *generic_args[1:])  # never written into the copy's own tensor
-            with torch.no_grad():
-                return self._call(func, name, generic_args, generic_kwargs)
+            for draw in (0, 1):
+                generic_args = tuple(
+                    type(a)(generic(t, draw) for t in a) if type(a) in (list, tuple) else generic(a, draw) for a in args
+                )
+                generic_kwargs = {k: generic(v, draw) for k, v in kwargs.items()}
+                if not read:
+                    return None
+                if unwritten is not None:
+                    generic_args = (unwritten.clone(), *generic_args[1:])  # never written into the copy's own tensor
+                with torch.no_grad():
+                    results.append(self._call(func, name, generic_args, generic_kwargs))
         except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
             return None
+        return results
 
-    def _jittered(self, param: nn.Parameter) -> torch.Tensor:
+    def _jittered(self, param: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self._jitters.get(id(param))
         if entry is None or entry[0]() is not param:
-            draw = torch.rand(param.shape, generator=self._jitter_generator, dtype=param.dtype)
-            entry = self._jitters[id(param)] = (weakref.ref(param), param.detach() * (1 + draw.to(param.device)))
+            draw = torch.rand(param.shape, generator=self._jitter_generator, dtype=param.dtype).to(param.device)
+            value = param.detach()
+            entry = self._jitters[id(param)] = (weakref.ref(param), (value * (1 + draw), value * (2 - draw)))
         return entry[1]
 
-    def _note_generic(self, result, generic) -> None:
+    def _note_generic(self, result, generics: list | None) -> None:
+        if generics is None:
+            return
         results = result if isinstance(result, (tuple, list)) else (result,)
-        generics = generic if isinstance(generic, (tuple, list)) else (generic,)
-        for item, value in zip(results, generics):
-            if isinstance(item, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == item.shape:
-                self._generic[id(item)] = (weakref.ref(item), value)
+        per_draw = [g if isinstance(g, (tuple, list)) else (g,) for g in generics]
+        for item, first, second in zip(results, *per_draw):
+            if not all(isinstance(t, torch.Tensor) and t.shape == item.shape for t in (item, first, second)):
+                continue
+            key = id(item)
+            # Forgotten with the tensor: a twin never outlives what it stands beside (a bias table per block).
+            forget = weakref.ref(item, functools.partial(_forget, self._generic, key))
+            self._generic[key] = (forget, (first, second))
+            if item.dtype == torch.bool:
+                self._input_masks[id(first)], self._input_masks[id(second)] = first, second
 
     def _generic_zeros_filled(self, name: str, args, kwargs):
         """``args`` and ``kwargs`` with each weight computed in the forward filled where generic weights are not zero.
@@ -511,17 +539,16 @@ class _ProbeFunctions(TorchFunctionMode):
             return args, kwargs
 
         def filled(value, weight: bool):
-            if not isinstance(value, torch.Tensor):
+            twins = self._generic_of(value) if isinstance(value, torch.Tensor) else None
+            if twins is None:
                 return value
-            entry = self._generic.get(id(value))
-            if entry is None or id(entry[0]()) != id(value):
-                return value
-            missing = (value == 0) & (entry[1] != 0)
+            first, second = twins
+            missing = (value == 0) & ((first != 0) | (second != 0))
             if not bool(missing.any()):
                 return value
             if weight and value.dim() >= 2:
                 return torch.where(missing, 1.0 / math.prod(value.shape[1:]), value)
-            return torch.where(missing, entry[1].abs().to(value.dtype), value)
+            return torch.where(missing, torch.maximum(first.abs(), second.abs()).to(value.dtype), value)
 
         weighed = name in _WEIGHED
         args = tuple(filled(a, weighed and i == 1) for i, a in enumerate(args))
@@ -1540,6 +1567,10 @@ def _unsigned_constants(name: str, args, kwargs):
         return args, kwargs  # the common case: a layer's own weights, or no input-dependent operand
     args = tuple(type(a)(unsigned(t) for t in a) if isinstance(a, (list, tuple)) else unsigned(a) for a in args)
     return args, {k: unsigned(v) for k, v in kwargs.items()}
+
+
+def _forget(entries: dict, key: int, _dead: weakref.ref) -> None:
+    entries.pop(key, None)
 
 
 def _fake_quantized(func, args, kwargs):
