@@ -783,6 +783,13 @@ COMPUTED_KERNELS = {
         (8, 8),
         ((7, 9), (7, 9)),
     ),
+    # standardised, then zero at the median tap: all zeros on the copy, and the same tap in both generic orders
+    "standardised, shifted by its median": (
+        lambda m: _standardised(m.weight) - _standardised(m.weight).flatten(1).median(dim=1).values.view(-1, 1, 1, 1),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),  # fmt: skip
     # standardised, then kept where above its mean (a mask the weights pick)
     "standardised, thresholded": (
         lambda m: _standardised(m.weight) * (m.weight > m.weight.mean()),

@@ -467,8 +467,9 @@ class _ProbeFunctions(TorchFunctionMode):
         weights have: standardisation (``(w - w.mean()) / w.std()``) makes them all zero, a combination of fixed
         bases (``einsum(alpha, haar)``) or increments (``diff(w)``) cancels all but a few. Beside each such tensor the
         copy computes the same on two draws of generic positive weights, each constant times ``1 + u`` and ``2 - u``
-        for one fixed uniform draw ``u``: values in the opposite order, so a zero that follows them (``w - w.amin()``,
-        a threshold, a top-k) falls on different taps. Where both are zero, the zero is the architecture's (a mask's);
+        for one fixed uniform draw ``u``: values in the opposite order, so a zero that follows them (a threshold, a
+        top-k) falls on different taps, and a pick along a dim (``amin``, ``median``) is the mean, as the copy's
+        twin of a pick of the input is. Where both are zero, the zero is the architecture's (a mask's);
         a layer that uses the tensor fills in the others (see :meth:`_generic_zeros_filled`). A mask computed from
         them is 0.5 as a number, as the copy's own is (any weights may pick either side).
         """
@@ -498,8 +499,14 @@ class _ProbeFunctions(TorchFunctionMode):
                     return None
                 if unwritten is not None:
                     generic_args = (unwritten.clone(), *generic_args[1:])  # never written into the copy's own tensor
+                base = name.rstrip("_")
                 with torch.no_grad():
-                    results.append(self._call(func, name, generic_args, generic_kwargs))
+                    if base in _PICKS_ALONG_A_DIM or (
+                        base in ("max", "min") and _reduces_along_a_dim(generic_args, generic_kwargs)
+                    ):  # any weights may pick any element: a zero at the pick (w - w.median()) is none of theirs
+                        results.append(_picks_twin(func, base, generic_args, generic_kwargs))
+                    else:
+                        results.append(self._call(func, name, generic_args, generic_kwargs))
         except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
             return None
         return results
