@@ -756,6 +756,12 @@ def _standardised(w):
     return w / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
 
 
+def _masked_by_assignment(m):
+    kernel = _standardised(m.weight)
+    kernel[:, :, 2:] = 0  # the mask of the kernel's centre row and below, written in place
+    return kernel
+
+
 COMPUTED_KERNELS = {
     # standardised then masked: all zeros on the copy's constants, and the mask was lost with them
     "standardised, masked": (lambda m: _standardised(m.weight) * m.mask, {}, (8, 8), ((6, 8), (6, 10))),
@@ -790,6 +796,15 @@ COMPUTED_KERNELS = {
         (8, 8),
         ((7, 9), (7, 9)),
     ),  # fmt: skip
+    # standardised, then its lower rows zeroed by an assignment (which returns nothing)
+    "standardised, masked by assignment": (_masked_by_assignment, {}, (8, 8), ((7, 8), (7, 9))),
+    # standardised and clamped into a tensor given as out=
+    "standardised, clamped into out=": (
+        lambda m: torch.clamp(_standardised(m.weight), min=0, out=torch.empty_like(m.weight)),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
     # standardised, then kept where above its mean (a mask the weights pick)
     "standardised, thresholded": (
         lambda m: _standardised(m.weight) * (m.weight > m.weight.mean()),
@@ -813,7 +828,7 @@ def test_a_kernel_computed_from_the_weights_keeps_every_tap_that_trained_weights
         model.append(ComputedKernel(kernel, 1))  # two masked layers: rows 6..8, columns 6..10
     theoretical = probe_rf(model, (1, channels, 16, 16), pos)
     assert theoretical.bounds == expected
-    if name != "standardised, masked":  # every tap of the box
+    if "masked" not in name:  # every tap of the box
         assert (theoretical.heatmap[tuple(slice(a, b + 1) for a, b in expected)] > 0).all()
     assert probe_rf(model, (1, channels, 16, 16), "all")[pos].bounds == expected
     for weights in [model[0].weight.detach().clone(), torch.rand_like(model[0].weight), -model[0].weight.detach()]:

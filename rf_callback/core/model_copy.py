@@ -241,6 +241,12 @@ class _ProbeFunctions(TorchFunctionMode):
         # gradient does not show it (see graph.underflow_guard).
         self.float16_inside = False
 
+    def __exit__(self, exc_type, exc_value, traceback):
+        # The twins serve the forward alone; dropped now, not when a garbage collection finds their cycle
+        self._generic.clear()
+        self._jitters.clear()
+        return super().__exit__(exc_type, exc_value, traceback)
+
     def cut_reason(self, tensor) -> str | None:
         """Why ``tensor`` depends on the input without a gradient to it, or None."""
         if isinstance(tensor, torch.Tensor) and not tensor.requires_grad and id(tensor) in self._cut_from_input:
@@ -314,8 +320,11 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.couplings.append(coupling)
         if of_weights:
             self._note_from_weights(result)
-            if _tensors_among((result,)):  # not a shape, a dtype, a number read off a weight
-                self._note_generic(result, self._on_generic_weights(func, name, args, kwargs, unwritten))
+            written = result
+            if result is None and args and geometry_flow.writes_in_place(name):
+                written = args[0]  # a write in place returns nothing (k[:, :, 3:] = 0): what it wrote into
+            if _tensors_among((written,)):  # not a shape, a dtype, a number read off a weight
+                self._note_generic(written, self._on_generic_weights(func, name, args, kwargs, unwritten))
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
@@ -497,8 +506,11 @@ class _ProbeFunctions(TorchFunctionMode):
                 generic_kwargs = {k: generic(v, draw) for k, v in kwargs.items()}
                 if not read:
                     return None
+                # Never written into the copy's own tensors: an in-place target without twins, an out=
                 if unwritten is not None:
-                    generic_args = (unwritten.clone(), *generic_args[1:])  # never written into the copy's own tensor
+                    generic_args = (unwritten.clone(), *generic_args[1:])
+                if isinstance(kwargs.get("out"), torch.Tensor):
+                    generic_kwargs["out"] = torch.empty_like(kwargs["out"])
                 base = name.rstrip("_")
                 with torch.no_grad():
                     if base in _PICKS_ALONG_A_DIM or (
@@ -506,7 +518,9 @@ class _ProbeFunctions(TorchFunctionMode):
                     ):  # any weights may pick any element: a zero at the pick (w - w.median()) is none of theirs
                         results.append(_picks_twin(func, base, generic_args, generic_kwargs))
                     else:
-                        results.append(self._call(func, name, generic_args, generic_kwargs))
+                        result = self._call(func, name, generic_args, generic_kwargs)
+                        in_place = generic_args and geometry_flow.writes_in_place(name)
+                        results.append(generic_args[0] if in_place else result)  # __setitem__ returns None
         except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
             return None
         return results
@@ -527,6 +541,8 @@ class _ProbeFunctions(TorchFunctionMode):
         for item, first, second in zip(results, *per_draw):
             if not all(isinstance(t, torch.Tensor) and t.shape == item.shape for t in (item, first, second)):
                 continue
+            if _shares_memory(first, item) or _shares_memory(second, item):  # buf.to(w) returns buf itself
+                first, second = first.clone(), second.clone()  # a later write into it must not reach the copy's
             key = id(item)
             # Forgotten with the tensor: a twin never outlives what it stands beside (a bias table per block).
             forget = weakref.ref(item, functools.partial(_forget, self._generic, key))
@@ -1574,6 +1590,10 @@ def _unsigned_constants(name: str, args, kwargs):
         return args, kwargs  # the common case: a layer's own weights, or no input-dependent operand
     args = tuple(type(a)(unsigned(t) for t in a) if isinstance(a, (list, tuple)) else unsigned(a) for a in args)
     return args, {k: unsigned(v) for k, v in kwargs.items()}
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _forget(entries: dict, key: int, _dead: weakref.ref) -> None:
