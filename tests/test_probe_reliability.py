@@ -762,6 +762,12 @@ def _masked_by_assignment(m):
     return kernel
 
 
+def _largest_tap_kept(m):
+    centred = (m.weight - m.weight.mean()).flatten(1)
+    largest = centred.topk(1, dim=1).indices  # the tap any weights may make the largest
+    return torch.zeros_like(centred).scatter(1, largest, centred.gather(1, largest)).view_as(m.weight)
+
+
 COMPUTED_KERNELS = {
     # standardised then masked: all zeros on the copy's constants, and the mask was lost with them
     "standardised, masked": (lambda m: _standardised(m.weight) * m.mask, {}, (8, 8), ((6, 8), (6, 10))),
@@ -801,6 +807,29 @@ COMPUTED_KERNELS = {
     # standardised and clamped into a tensor given as out=
     "standardised, clamped into out=": (
         lambda m: torch.clamp(_standardised(m.weight), min=0, out=torch.empty_like(m.weight)),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
+    # the largest tap of a centred kernel kept: all zeros on the copy, and a generic draw picks one tap
+    "largest tap kept": (_largest_tap_kept, {}, (8, 8), ((7, 9), (7, 9))),
+    # a sigmoid of a kernel padded with zeros: sigmoid(0) is not zero
+    "sigmoid of a padded tap": (
+        lambda m: torch.sigmoid(F.pad(m.weight[..., 1:2, 1:2], (1, 1, 1, 1))),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),  # fmt: skip
+    # rectified increments of negated weights: zero on the copy and on any positive weights
+    "rectified increments": (
+        lambda m: torch.diff(-m.weight, dim=-1, prepend=torch.zeros_like(m.weight[..., :1])).clamp(min=0),
+        {},
+        (8, 8),
+        ((7, 9), (7, 9)),
+    ),
+    # standardised without an epsilon: 0 / 0 on the copy's constants
+    "standardised without an epsilon": (
+        lambda m: (m.weight - m.weight.mean()) / m.weight.std(),
         {},
         (8, 8),
         ((7, 9), (7, 9)),

@@ -224,10 +224,11 @@ class _ProbeFunctions(TorchFunctionMode):
         # theoretical copy their values are constants that stand for any weights, so a choice they make (a mask from
         # a learned score, a sampling grid from a learned affine) is no fixed choice of the architecture.
         self._from_weights: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        # Beside each of those (by id, with a weak reference), its values on two draws of generic weights (see
-        # _on_generic_weights), and those draws of the copy's parameters, from a generator of their own.
-        self._generic: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._jitters: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Beside each of those (by id, with a weak reference), its values on three draws of generic weights (see
+        # _on_generic_weights) and whether they follow positions the weights picked, and those draws of the copy's
+        # parameters, from a generator of their own.
+        self._generic: dict[int, tuple[weakref.ref, tuple[torch.Tensor, ...], bool]] = {}
+        self._jitters: dict[int, tuple[weakref.ref, tuple[torch.Tensor, ...]]] = {}
         self._jitter_generator = torch.Generator().manual_seed(0)
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
@@ -465,41 +466,53 @@ class _ProbeFunctions(TorchFunctionMode):
             return None
         return None if self._generic_of(args[0]) is not None else args[0].clone()
 
-    def _generic_of(self, value) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _generic_of(self, value) -> tuple[torch.Tensor, ...] | None:
         entry = self._generic.get(id(value))
         return entry[1] if entry is not None and entry[0]() is value else None
 
+    def _picked_by_weights(self, value) -> bool:
+        """Whether ``value``'s twins come from positions the weights picked (their zeros are any weights')."""
+        entry = self._generic.get(id(value))
+        return entry is not None and entry[0]() is value and entry[2]
+
     def _on_generic_weights(self, func, name: str, args, kwargs, unwritten: torch.Tensor | None):
-        """The result of a call on the weights alone, on two draws of generic weights; None where it reads none.
+        """The call on three draws of generic weights: its results, and where they follow picked positions.
+
+        Returns None where the call reads no weights; else the results per draw, whether an operand follows
+        positions the weights picked, and whether the call picks positions itself.
 
         The copy's weights are equal constants, and a weight computed from them may lose taps that any trained
         weights have: standardisation (``(w - w.mean()) / w.std()``) makes them all zero, a combination of fixed
         bases (``einsum(alpha, haar)``) or increments (``diff(w)``) cancels all but a few. Beside each such tensor the
-        copy computes the same on two draws of generic positive weights, each constant times ``1 + u`` and ``2 - u``
-        for one fixed uniform draw ``u``: values in the opposite order, so a zero that follows them (a threshold, a
-        top-k) falls on different taps, and a pick along a dim (``amin``, ``median``) is the mean, as the copy's
-        twin of a pick of the input is. Where both are zero, the zero is the architecture's (a mask's);
-        a layer that uses the tensor fills in the others (see :meth:`_generic_zeros_filled`). A mask computed from
-        them is 0.5 as a number, as the copy's own is (any weights may pick either side).
+        copy computes the same on three draws of generic weights, each constant times ``1 + u`` (positive),
+        ``2 - 4u`` and ``4u - 2`` (signed) for one fixed uniform draw ``u``: values in opposite orders and of both
+        signs on every tap, so a zero that follows their order or sign (a threshold, ``relu``) falls on other taps.
+        Activations and normalisations run as they are (``sigmoid`` of a zero is not zero), a pick along a dim
+        (``amin``, ``median``) is the mean there, as the copy's twin of a pick of the input is, and a mask computed
+        from them is 0.5 as a number, as the copy's own is. Where every draw is zero, the zero is the
+        architecture's (a mask's); a layer that uses the tensor fills in the others (see
+        :meth:`_generic_zeros_filled`). Positions the weights pick (the indices of a ``topk``, an ``argmax``) could be
+        any: what is computed from them has no zero of the architecture's, and is filled wherever it is zero.
         """
-        read = False
+        read, picked = False, False
 
         def generic(value, draw: int):
-            nonlocal read
+            nonlocal read, picked
             if not isinstance(value, torch.Tensor):
                 return value
             twins = self._generic_of(value)
             if twins is not None:
-                read = True
+                read, picked = True, picked or self._picked_by_weights(value)
                 return twins[draw]
             if isinstance(value, nn.Parameter) and _stands_for_weights(value):
                 read = True
                 return self._jittered(value)[draw]
             return value
 
+        base = name.rstrip("_")
         results = []
         try:
-            for draw in (0, 1):
+            for draw in range(_GENERIC_DRAWS):
                 generic_args = tuple(
                     type(a)(generic(t, draw) for t in a) if type(a) in (list, tuple) else generic(a, draw) for a in args
                 )
@@ -511,51 +524,57 @@ class _ProbeFunctions(TorchFunctionMode):
                     generic_args = (unwritten.clone(), *generic_args[1:])
                 if isinstance(kwargs.get("out"), torch.Tensor):
                     generic_kwargs["out"] = torch.empty_like(kwargs["out"])
-                base = name.rstrip("_")
                 with torch.no_grad():
                     if base in _PICKS_ALONG_A_DIM or (
                         base in ("max", "min") and _reduces_along_a_dim(generic_args, generic_kwargs)
                     ):  # any weights may pick any element: a zero at the pick (w - w.median()) is none of theirs
                         results.append(_picks_twin(func, base, generic_args, generic_kwargs))
+                    elif base in _ACTIVATIONS or base in _NORMALISATIONS:
+                        results.append(func(*generic_args, **generic_kwargs))
                     else:
                         result = self._call(func, name, generic_args, generic_kwargs)
                         in_place = generic_args and geometry_flow.writes_in_place(name)
                         results.append(generic_args[0] if in_place else result)  # __setitem__ returns None
         except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
             return None
-        return results
+        return results, picked, base in _CHOICES_BY_VALUE or base in _INDEXED_PICKS or base in ("nonzero", "argwhere")
 
-    def _jittered(self, param: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+    def _jittered(self, param: nn.Parameter) -> tuple[torch.Tensor, ...]:
         entry = self._jitters.get(id(param))
         if entry is None or entry[0]() is not param:
             draw = torch.rand(param.shape, generator=self._jitter_generator, dtype=param.dtype).to(param.device)
             value = param.detach()
-            entry = self._jitters[id(param)] = (weakref.ref(param), (value * (1 + draw), value * (2 - draw)))
+            draws = (value * (1 + draw), value * (2 - 4 * draw), value * (4 * draw - 2))
+            entry = self._jitters[id(param)] = (weakref.ref(param), draws)
         return entry[1]
 
-    def _note_generic(self, result, generics: list | None) -> None:
-        if generics is None:
+    def _note_generic(self, result, generic: tuple[list, bool, bool] | None) -> None:
+        if generic is None:
             return
+        generics, reads_picked, picks = generic
         results = result if isinstance(result, (tuple, list)) else (result,)
         per_draw = [g if isinstance(g, (tuple, list)) else (g,) for g in generics]
-        for item, first, second in zip(results, *per_draw):
-            if not all(isinstance(t, torch.Tensor) and t.shape == item.shape for t in (item, first, second)):
+        for item, *twins in zip(results, *per_draw):
+            if not all(isinstance(t, torch.Tensor) and t.shape == item.shape for t in (item, *twins)):
                 continue
-            if _shares_memory(first, item) or _shares_memory(second, item):  # buf.to(w) returns buf itself
-                first, second = first.clone(), second.clone()  # a later write into it must not reach the copy's
+            if any(_shares_memory(twin, item) for twin in twins):  # buf.to(w) returns buf itself
+                twins = [twin.clone() for twin in twins]  # a later write into it must not reach the copy's
             key = id(item)
             # Forgotten with the tensor: a twin never outlives what it stands beside (a bias table per block).
             forget = weakref.ref(item, functools.partial(_forget, self._generic, key))
-            self._generic[key] = (forget, (first, second))
+            # The positions a pick returns, and all computed from them, could be any (its values are its mean)
+            picked = reads_picked or (picks and not item.is_floating_point() and item.dtype != torch.bool)
+            self._generic[key] = (forget, tuple(twins), picked)
             if item.dtype == torch.bool:
-                self._input_masks[id(first)], self._input_masks[id(second)] = first, second
+                self._input_masks.update((id(twin), twin) for twin in twins)
 
     def _generic_zeros_filled(self, name: str, args, kwargs):
         """``args`` and ``kwargs`` with each weight computed in the forward filled where generic weights are not zero.
 
         A layer's weight (a convolution's, a linear layer's) gets ``1 / fan_in`` there, as the copy's own weights
-        are; another operand (a product's, a matmul's) the generic value's magnitude. Only where an operand depends
-        on the input (see :meth:`_on_generic_weights`).
+        are; another operand (a product's, a matmul's) the generic value's magnitude. A value the copy's constants
+        make undefined (``0 / 0``: a standardisation without an epsilon) is filled the same way, or 0 where generic
+        weights give 0. Only where an operand depends on the input (see :meth:`_on_generic_weights`).
         """
         flat = [*args, *kwargs.values()]
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
@@ -563,15 +582,20 @@ class _ProbeFunctions(TorchFunctionMode):
 
         def filled(value, weight: bool):
             twins = self._generic_of(value) if isinstance(value, torch.Tensor) else None
-            if twins is None:
+            if twins is None or not value.is_floating_point():
                 return value
-            first, second = twins
-            missing = (value == 0) & ((first != 0) | (second != 0))
-            if not bool(missing.any()):
+            undefined = ~torch.isfinite(value)
+            generic = functools.reduce(torch.logical_or, [twin != 0 for twin in twins])
+            anything = self._picked_by_weights(value)  # positions the weights picked: any tap
+            missing = ((value == 0) | undefined) & (generic | anything)
+            if not bool(missing.any()) and not bool(undefined.any()):
                 return value
+            value = torch.where(undefined, torch.zeros_like(value), value)
             if weight and value.dim() >= 2:
                 return torch.where(missing, 1.0 / math.prod(value.shape[1:]), value)
-            return torch.where(missing, torch.maximum(first.abs(), second.abs()).to(value.dtype), value)
+            magnitude = functools.reduce(torch.maximum, [twin.abs() for twin in twins]).to(value.dtype)
+            magnitude = torch.where(torch.isfinite(magnitude) & (magnitude > 0), magnitude, 1.0)
+            return torch.where(missing, magnitude, value)
 
         weighed = name in _WEIGHED
         args = tuple(filled(a, weighed and i == 1) for i, a in enumerate(args))
@@ -1590,6 +1614,10 @@ def _unsigned_constants(name: str, args, kwargs):
         return args, kwargs  # the common case: a layer's own weights, or no input-dependent operand
     args = tuple(type(a)(unsigned(t) for t in a) if isinstance(a, (list, tuple)) else unsigned(a) for a in args)
     return args, {k: unsigned(v) for k, v in kwargs.items()}
+
+
+# How many draws of generic weights stand beside a weight the forward computes (see _ProbeFunctions._on_generic_weights)
+_GENERIC_DRAWS = 3
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
