@@ -842,6 +842,52 @@ def test_rf_probe_refuses_a_layout_that_does_not_fit_in_one_line(capsys, argv, m
         assert "pass --layout tokens:HxW+P" in err
 
 
+class ConvNeXtStyleBlock(nn.Module):
+    """A stem, then a block that permutes to channels last for its LayerNorm and MLP and back: (N, C, H, W), C = H."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.stem, self.depthwise = nn.Conv2d(3, dim, 2, stride=2), nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm, self.mlp = (
+            nn.LayerNorm(dim),
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+        )
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.mlp(self.norm(self.depthwise(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+class SeriesAttention(nn.Module):
+    """Patches of 4 samples, an attention block on (N, L, C), transposed back to channels first (N, C, L), C = L."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.patch, self.block = nn.Conv1d(1, dim, 4, stride=4), ViTBlock(dim)
+
+    def forward(self, x):
+        return self.block(self.patch(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_channels_first_output_read_channels_last_or_as_tokens_is_refused_where_the_forward_cannot_tell():
+    """Weights mode (which carries no flow), and a theoretical forward whose flow ends at attention, let a
+    channels-first output be read channels last or as tokens after a permute anywhere: weights mode gave the bounds
+    of another cell ((8, 13), (0, 15) where cell (1, 5) reads (0, 5), (8, 13)), and the effective field of a series
+    the map of channel 3 for position 3. An input half as long shows the channels on dim 1."""
+    model = ConvNeXtStyleBlock()
+    assert probe_rf(model, (1, 3, 16, 16), (1, 5)).bounds == ((0, 5), (8, 13))
+    with pytest.raises(ValueError, match=r"its last axis follows the input, 8 -> 4, and dim 1 keeps its length"):
+        probe_rf(model, (1, 3, 16, 16), (1, 5), layout="channels_last", mode="weights")
+    with pytest.raises(ValueError, match=r"answer for the wrong cell"):  # the theoretical flow follows the permutes
+        probe_rf(model, (1, 3, 16, 16), (1, 5), layout="channels_last")
+    series = SeriesAttention()
+    for call in (lambda: probe_rf(series, (1, 1, 64), 3, layout="tokens:16", mode="weights"),
+                 lambda: effective_rf(series, torch.randn(4, 1, 64), 3, layout="tokens:16")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"reads the output of the model with its channels on the last axis"):
+            call()
+    assert probe_rf(ChannelsLast(conv_stack()), (1, 2, 16, 16), (1, 1), layout="channels_last", mode="weights")
+
+
 # --- RFCallback -------------------------------------------------------------------------------------------------
 
 
@@ -881,6 +927,42 @@ def test_callback_probes_a_channels_last_layer_in_a_real_fit(tmp_path):
     trainer.fit(ChannelsLastClassifier(), train, val)
     assert [h["fields"][0]["bounds"] for h in callback.history] == [[[7, 9], [7, 9]]] * 2
     assert callback.history[-1]["effective"]["4_4"]["extent0.95_h"] <= 3
+
+
+class TokenClassifier(pl.LightningModule):
+    """A TinyViT (4 x 4 patches after a class token) and a head on the class token, for RGB images."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit, self.head = TinyViT(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.vit(x)[:, 0])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_callback_reads_no_token_grid_on_validation_inputs_shaped_otherwise(tmp_path):
+    """Probed on 16 x 24 inputs (a 4 x 6 grid) and validated on 24 x 16 ones (6 x 4, as many tokens): the effective
+    field read the 4 x 6 grid there, and logged token 1 + 5 (cell (1, 1) of the real grid) as cell (0, 5)."""
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 24, 16, generator=generator), int(i % 3)) for i in range(8)]
+    train = torch.utils.data.DataLoader(data, batch_size=4)
+    callback = RFCallback(
+        (0, 5), layer="vit.embed", layout="tokens:4x6+1", input_shape=(1, 3, 16, 24), log_images=False
+    )
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=False), callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"names the token grid of the probed input only"):
+        trainer.fit(TokenClassifier(), train, torch.utils.data.DataLoader(data, batch_size=4))
+    assert callback.history[-1]["fields"][0]["bounds"] == [[0, 3], [20, 23]]
+    assert not callback.history[-1].get("effective")
 
 
 def test_callback_checks_layout_at_construction_and_keys_its_state_by_it():

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from rf_callback.callback.failures import NoInputsError, copy_fix, inputs_fix, memory_fix
+from rf_callback.core.arguments import checked_layout
 from rf_callback.core.effective_probe import effective_rf
 from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError
@@ -175,6 +176,13 @@ class FieldProber:
                 self.keep_theoretical(pl_module, self.probe(pl_module, "theoretical", input_shape))
             return cast("list[ReceptiveField]", self.theoretical)
         shape = (1, *inputs_shape[1:])
+        if isinstance(checked_layout(self.layout), Tokens):
+            raise ValueError(
+                f"the validation inputs are {tuple(inputs_shape[1:])} where the fields are probed on "
+                f"{tuple(input_shape[1:])}, and layout={self.layout!r} names the token grid of the probed input "
+                f"only (on other inputs the same number of tokens may lie on another grid, and another cell would be "
+                f"read): pass input_shape= the validation inputs' shape, or validation inputs of the probed shape"
+            )
         if self._other_theoretical is None or self._other_theoretical[0].input_shape != shape:
             self._other_theoretical = self.probe(pl_module, "theoretical", shape)
             self._architecture = self._architecture or _architecture(self.target(pl_module))

@@ -240,6 +240,8 @@ class ProbeGraph(GraphShapes):
                 check_channels_first(copy, self.output, functions.last_axis_sizes, request, laid_out)
             elif check_layout and functions.output_channels_first:
                 raise ValueError(_channels_first_read_otherwise(self.output, request))
+            elif check_layout and functions.output_channels_first is None:
+                check_channels_last(copy, self.output, request)
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
@@ -396,6 +398,39 @@ def _channels_first_read_otherwise(output: torch.Tensor, request: ProbeRequest) 
         f"reading would put the channels on a spatial axis and answer for the wrong cell: pass "
         f"layout='channels_first' (the default)"
     )
+
+
+def check_channels_last(copy: nn.Module, output: torch.Tensor, request: ProbeRequest) -> None:
+    """Refuses a channels-last or token reading of ``output`` where another input shows its channels on dim 1.
+
+    Where the forward cannot tell (weights mode carries no flow; a theoretical flow that ended before the output,
+    after a permute somewhere), one forward pass without gradient on an input half as long on every axis decides:
+    read as laid out, the last axis holds the channels and keeps its length, and dim 1 (a spatial axis or the
+    tokens) follows the input. A last axis that follows the input beside a dim 1 that keeps its length is a
+    channels-first output. A model that does not run on that input is not checked.
+
+    Raises:
+        ValueError: the output is channels first (the message says what to pass).
+    """
+    input_shape = request.input_shape
+    other_shape = (1, input_shape[1], *(max(n // 2, 1) for n in input_shape[2:]))
+    if other_shape == (1, *input_shape[1:]):
+        return
+    other = _output_on(copy, request.on(other_shape))  # read channels first: as the forward returns it
+    if other is None or other.dim() < 3:
+        return
+    layout = request.parsed_layout
+    tokens = isinstance(layout, Tokens)
+    first = layout.prefix + math.prod(output.shape[2:]) if isinstance(layout, Tokens) else output.shape[2]
+    raw = (first, output.shape[1]) if tokens or other.dim() == output.dim() else None  # the output as returned
+    if raw is not None and other.shape[1] == raw[0] and other.shape[-1] != raw[1]:
+        raise ValueError(
+            _channels_first_read_otherwise(output, request).replace(
+                "(no call after its convolutions moved dim 1)",
+                f"(on an input half as long, {other_shape}, its last axis follows the input, {raw[1]} -> "
+                f"{other.shape[-1]}, and dim 1 keeps its length, {raw[0]})",
+            )
+        )
 
 
 def check_channels_first(
