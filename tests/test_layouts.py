@@ -869,6 +869,39 @@ class SeriesAttention(nn.Module):
         return self.block(self.patch(x).transpose(1, 2)).transpose(1, 2)
 
 
+class FlattenedBlock(ConvNeXtStyleBlock):
+    """The block's (N, C, H, W) output flattened to (N, C, H*W): channels first, C = H*W = 16 on an 8 x 8 input."""
+
+    def __init__(self):
+        super().__init__(dim=16)
+
+    def forward(self, x):
+        return super().forward(x).flatten(2)
+
+
+class CountsItsCalls(nn.Module):
+    """A convolution permuted channels last, scaled by a buffer its forward increments (a step counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8)
+        self.register_buffer("steps", torch.ones(1))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.linear(self.conv(x).permute(0, 2, 3, 1)) * self.steps
+
+
+def test_the_layout_check_reads_2d_token_outputs_and_writes_no_buffer_the_graph_saved():
+    """The check read the other input's output channels first, which a token output of a 2D input does not fit: it
+    never ran there (a flattened (N, C, H*W) map read as tokens:4x4 gave the bounds of channel rows). And its forward
+    wrote into the copy's step counter, which the probe's graph had saved: weights mode failed in its backward."""
+    with pytest.raises(ValueError, match=r"its last axis follows the input, 16 -> 4, and dim 1 keeps its length"):
+        probe_rf(FlattenedBlock(), (1, 3, 8, 8), (0, 3), layout="tokens:4x4", mode="weights")
+    field = probe_rf(CountsItsCalls(), (1, 3, 16, 16), (3, 3), layout="channels_last", mode="weights")
+    assert field.bounds == ((2, 4), (2, 4))
+
+
 def test_a_channels_first_output_read_channels_last_or_as_tokens_is_refused_where_the_forward_cannot_tell():
     """Weights mode (which carries no flow), and a theoretical forward whose flow ends at attention, let a
     channels-first output be read channels last or as tokens after a permute anywhere: weights mode gave the bounds

@@ -813,6 +813,8 @@ COMPUTED_KERNELS = {
     ),
     # the largest tap of a centred kernel kept: all zeros on the copy, and a generic draw picks one tap
     "largest tap kept": (_largest_tap_kept, {}, (8, 8), ((7, 9), (7, 9))),
+    # the largest tap kept, then PixelCNN's mask B: the positions a pick chose keep the mask's zeros
+    "largest tap kept, masked": (lambda m: _largest_tap_kept(m) * m.mask, {}, (8, 8), ((7, 8), (7, 9))),
     # a sigmoid of a kernel padded with zeros: sigmoid(0) is not zero
     "sigmoid of a padded tap": (
         lambda m: torch.sigmoid(F.pad(m.weight[..., 1:2, 1:2], (1, 1, 1, 1))),
@@ -863,8 +865,17 @@ def test_a_kernel_computed_from_the_weights_keeps_every_tap_that_trained_weights
     for weights in [model[0].weight.detach().clone(), torch.rand_like(model[0].weight), -model[0].weight.detach()]:
         with torch.no_grad():
             model[0].weight.copy_(weights)
-        field = probe_rf(model, (1, channels, 16, 16), pos, mode="weights")  # trained weights: inside
+        try:
+            field = probe_rf(model, (1, channels, 16, 16), pos, mode="weights")  # trained weights: inside
+        except ProbeError:  # weights that hide every tap (the largest one under the mask)
+            continue
         assert all(a <= first <= last <= b for (first, last), (a, b) in zip(field.bounds, expected))
+
+
+def test_a_kernel_undefined_for_every_weight_is_refused_as_not_finite():
+    """``w / (w - w)`` is 0 / 0 on the copy and on every generic draw: filling it hid the refusal."""
+    with pytest.raises(ProbeError, match="not finite"):
+        probe_rf(ComputedKernel(lambda m: m.weight / (m.weight - m.weight)), (1, 1, 9, 9), (4, 4))
 
 
 def test_a_kernel_of_zeros_that_the_architecture_makes_stays_zero():

@@ -416,14 +416,14 @@ def check_channels_last(copy: nn.Module, output: torch.Tensor, request: ProbeReq
     other_shape = (1, input_shape[1], *(max(n // 2, 1) for n in input_shape[2:]))
     if other_shape == (1, *input_shape[1:]):
         return
-    other = _output_on(copy, request.on(other_shape))  # read channels first: as the forward returns it
-    if other is None or other.dim() < 3:
-        return
+    other = _output_on(copy, request.on(other_shape), raw=True)
     layout = request.parsed_layout
     tokens = isinstance(layout, Tokens)
+    if not isinstance(other, torch.Tensor) or other.dim() != (3 if tokens else output.dim()):
+        return
     first = layout.prefix + math.prod(output.shape[2:]) if isinstance(layout, Tokens) else output.shape[2]
-    raw = (first, output.shape[1]) if tokens or other.dim() == output.dim() else None  # the output as returned
-    if raw is not None and other.shape[1] == raw[0] and other.shape[-1] != raw[1]:
+    raw = (first, output.shape[1])  # dim 1 and the last axis of the output as the forward returned it
+    if other.shape[1] == raw[0] and other.shape[-1] != raw[1]:
         raise ValueError(
             _channels_first_read_otherwise(output, request).replace(
                 "(no call after its convolutions moved dim 1)",
@@ -491,17 +491,29 @@ def check_channels_first(
     )
 
 
-def _output_on(copy: nn.Module, request: ProbeRequest) -> torch.Tensor | None:
+def _output_on(copy: nn.Module, request: ProbeRequest, *, raw: bool = False) -> torch.Tensor | None:
     """The probed output on the request's input, channels first, by a forward pass without gradient; None if it fails.
 
-    It is read channels first whatever the request's layout: the check compares a channels-first reading.
+    It is read channels first whatever the request's layout (the check compares a channels-first reading), or as
+    the forward returns it (``raw``). The copy's buffers are swapped for clones during the pass: a forward that
+    writes into one (a step counter) must not change what the probe's own graph saved for its backward passes.
     """
     request = dataclasses.replace(request, layout=CHANNELS_FIRST, draws=1)
+    buffers = {name: buffer.clone() for name, buffer in copy.named_buffers()}
     try:
-        with torch.no_grad():
-            return forward_to(copy, probe_inputs(request).detach(), request, _ShapesOnly())
+        with torch.no_grad(), _reparametrized(copy, buffers):
+            return forward_to(copy, probe_inputs(request).detach(), request, _ShapesOnly(), raw=raw)
     except (ValueError, ProbeError, RuntimeError):
         return None
+
+
+def _reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """``module`` with some of its tensors swapped for others, as ``torch.func.functional_call`` runs it."""
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module
+    except ImportError:  # a torch without it: the copy's own buffers
+        return contextlib.nullcontext()
+    return _reparametrize_module(module, tensors)
 
 
 class _ShapesOnly(contextlib.nullcontext):
@@ -539,13 +551,16 @@ def probe_inputs(request: ProbeRequest) -> torch.Tensor:
     return inputs.to(request.device).requires_grad_(True)
 
 
-def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, functions=None) -> torch.Tensor:
+def forward_to(
+    copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, functions=None, *, raw: bool = False
+) -> torch.Tensor:
     """Runs the copy's forward under the probe's function mode and returns the requested layer's output.
 
     The forward stops once the request's layer (the model's output if ``None``) has produced its output; the
     request's ``element`` picks one feature map from an output that is a tuple, list or dict, which is returned
     channels first, read in the request's ``layout`` (:func:`as_channels_first`). ``functions`` is the function
-    mode to run under (:func:`probe_functions`), to read what it saw afterwards.
+    mode to run under (:func:`probe_functions`), to read what it saw afterwards. ``raw``: the output as the forward
+    returns it, not read in any layout.
 
     Raises:
         ValueError: the input's rank does not fit the model's convolutions, ``target`` never runs, the output is
@@ -633,6 +648,8 @@ def forward_to(copy: nn.Module, inputs: torch.Tensor, request: ProbeRequest, fun
         features = output.dim() >= 3 and output.shape[-1] in functions.last_axis_sizes
         if not (functions.reshaped_channels and features):
             functions.output_channels_first = True
+    if raw:
+        return output
     merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
     return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
 

@@ -225,9 +225,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # a learned score, a sampling grid from a learned affine) is no fixed choice of the architecture.
         self._from_weights: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Beside each of those (by id, with a weak reference), its values on three draws of generic weights (see
-        # _on_generic_weights) and whether they follow positions the weights picked, and those draws of the copy's
-        # parameters, from a generator of their own.
-        self._generic: dict[int, tuple[weakref.ref, tuple[torch.Tensor, ...], bool]] = {}
+        # _on_generic_weights) and where they may be non-zero whatever the draws show (they follow positions the
+        # weights picked), and those draws of the copy's parameters, from a generator of their own.
+        self._generic: dict[int, tuple[weakref.ref, tuple[torch.Tensor, ...], torch.Tensor | None]] = {}
         self._jitters: dict[int, tuple[weakref.ref, tuple[torch.Tensor, ...]]] = {}
         self._jitter_generator = torch.Generator().manual_seed(0)
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
@@ -325,7 +325,7 @@ class _ProbeFunctions(TorchFunctionMode):
             if result is None and args and geometry_flow.writes_in_place(name):
                 written = args[0]  # a write in place returns nothing (k[:, :, 3:] = 0): what it wrote into
             if _tensors_among((written,)):  # not a shape, a dtype, a number read off a weight
-                self._note_generic(written, self._on_generic_weights(func, name, args, kwargs, unwritten))
+                self._note_generic(written, self._on_generic_weights(func, name, args, kwargs, unwritten, written))
         if not self.reshaped_channels and from_input and name in _RESHAPES:
             self.reshaped_channels = _reshapes_dim_one(args, result)
         if self.flow is not None:
@@ -470,16 +470,17 @@ class _ProbeFunctions(TorchFunctionMode):
         entry = self._generic.get(id(value))
         return entry[1] if entry is not None and entry[0]() is value else None
 
-    def _picked_by_weights(self, value) -> bool:
-        """Whether ``value``'s twins come from positions the weights picked (their zeros are any weights')."""
-        entry = self._generic.get(id(value))
-        return entry is not None and entry[0]() is value and entry[2]
+    def _possible_of(self, value) -> torch.Tensor | None:
+        """Where ``value`` may be non-zero whatever its draws show (after positions the weights picked), or None."""
+        entry = self._generic.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return entry[2] if entry is not None and entry[0]() is value else None
 
-    def _on_generic_weights(self, func, name: str, args, kwargs, unwritten: torch.Tensor | None):
+    def _on_generic_weights(self, func, name: str, args, kwargs, unwritten: torch.Tensor | None, written):
         """The call on three draws of generic weights: its results, and where they follow picked positions.
 
-        Returns None where the call reads no weights; else the results per draw, whether an operand follows
-        positions the weights picked, and whether the call picks positions itself.
+        Returns None where the call reads no weights; else the results per draw, and per result where it may be
+        non-zero whatever the draws show (:meth:`_possible`). ``written`` is the call's own result (the tensor it
+        wrote into, for a write in place).
 
         The copy's weights are equal constants, and a weight computed from them may lose taps that any trained
         weights have: standardisation (``(w - w.mean()) / w.std()``) makes them all zero, a combination of fixed
@@ -491,18 +492,18 @@ class _ProbeFunctions(TorchFunctionMode):
         (``amin``, ``median``) is the mean there, as the copy's twin of a pick of the input is, and a mask computed
         from them is 0.5 as a number, as the copy's own is. Where every draw is zero, the zero is the
         architecture's (a mask's); a layer that uses the tensor fills in the others (see
-        :meth:`_generic_zeros_filled`). Positions the weights pick (the indices of a ``topk``, an ``argmax``) could be
-        any: what is computed from them has no zero of the architecture's, and is filled wherever it is zero.
+        :meth:`_generic_zeros_filled`), and wherever positions the weights pick (the indices of a ``topk``, an
+        ``argmax``) may put a value (:meth:`_possible`).
         """
-        read, picked = False, False
+        read = False
 
         def generic(value, draw: int):
-            nonlocal read, picked
+            nonlocal read
             if not isinstance(value, torch.Tensor):
                 return value
             twins = self._generic_of(value)
             if twins is not None:
-                read, picked = True, picked or self._picked_by_weights(value)
+                read = True
                 return twins[draw]
             if isinstance(value, nn.Parameter) and _stands_for_weights(value):
                 read = True
@@ -535,9 +536,60 @@ class _ProbeFunctions(TorchFunctionMode):
                         result = self._call(func, name, generic_args, generic_kwargs)
                         in_place = generic_args and geometry_flow.writes_in_place(name)
                         results.append(generic_args[0] if in_place else result)  # __setitem__ returns None
+            possible = self._possible(func, name, args, kwargs, unwritten, written)
         except Exception:  # a call that refuses the generic values: the layer keeps the copy's own
             return None
-        return results, picked, base in _CHOICES_BY_VALUE or base in _INDEXED_PICKS or base in ("nonzero", "argwhere")
+        return results, possible
+
+    def _possible(self, func, name: str, args, kwargs, unwritten, written) -> list | None:
+        """Per result of a call on the weights alone, where it may be non-zero whatever its draws show, or None.
+
+        The positions a pick returns (a ``topk``'s, an ``argmax``'s) could be any, and what they index, scatter or
+        gather may be non-zero anywhere: the draws say nothing of it. Through products, sums, selections and
+        reshapes that follow, the same call on "may be non-zero" (1 or 0; a fixed operand's magnitude) says where:
+        a causal mask multiplied in keeps its zeros. After any other call, everywhere.
+        """
+        base = name.rstrip("_")
+        operands = _tensors_among((*args, *kwargs.values()))
+        marked = [t for t in operands if self._possible_of(t) is not None]
+        picks = base in _CHOICES_BY_VALUE or base in _INDEXED_PICKS or base in ("nonzero", "argwhere")
+        if not marked and not picks:
+            return None
+        items = written if isinstance(written, (tuple, list)) else (written,)
+        anywhere = [torch.ones(t.shape, dtype=torch.bool, device=t.device) if isinstance(t, torch.Tensor) else None
+                    for t in items]  # fmt: skip
+        if picks:  # its positions could be any; its values are their mean (see _on_generic_weights)
+            return [p if _is_position(t) else None for p, t in zip(anywhere, items)]
+        subtraction = name in _SUBTRACTIONS or name in _REVERSED_SUBTRACTIONS
+        if any(_is_position(t) for t in marked) or (base not in _KEEPING_ZEROS and not subtraction):
+            return anywhere
+
+        def indicator(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            possible, twins = self._possible_of(value), self._generic_of(value)
+            if possible is None and twins is None:
+                if isinstance(value, nn.Parameter) and _stands_for_weights(value):
+                    return torch.ones_like(value)
+                return value.abs() if value.is_floating_point() else value
+            nonzero = torch.zeros_like(value, dtype=torch.bool) if possible is None else possible
+            for twin in twins or ():
+                nonzero = nonzero | ((twin != 0) & torch.isfinite(twin))
+            return nonzero.to(value.dtype) if value.is_floating_point() else value
+
+        call = func
+        if subtraction:  # 1 - 1 is no zero of theirs
+            call = torch.Tensor.add_ if geometry_flow.writes_in_place(name) else torch.add
+        indicators = tuple(type(a)(map(indicator, a)) if type(a) in (list, tuple) else indicator(a) for a in args)
+        if unwritten is not None or (indicators and geometry_flow.writes_in_place(name)):
+            indicators = (indicator(unwritten if unwritten is not None else args[0]).clone(), *indicators[1:])
+        with torch.no_grad():
+            result = call(*indicators, **{k: indicator(v) for k, v in kwargs.items()})
+        if geometry_flow.writes_in_place(name):
+            result = indicators[0]
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        return [r != 0 if isinstance(r, torch.Tensor) and r.shape == t.shape else p
+                for r, t, p in zip(results, items, anywhere)]  # fmt: skip
 
     def _jittered(self, param: nn.Parameter) -> tuple[torch.Tensor, ...]:
         entry = self._jitters.get(id(param))
@@ -548,13 +600,13 @@ class _ProbeFunctions(TorchFunctionMode):
             entry = self._jitters[id(param)] = (weakref.ref(param), draws)
         return entry[1]
 
-    def _note_generic(self, result, generic: tuple[list, bool, bool] | None) -> None:
+    def _note_generic(self, result, generic: tuple[list, list | None] | None) -> None:
         if generic is None:
             return
-        generics, reads_picked, picks = generic
+        generics, possible = generic
         results = result if isinstance(result, (tuple, list)) else (result,)
         per_draw = [g if isinstance(g, (tuple, list)) else (g,) for g in generics]
-        for item, *twins in zip(results, *per_draw):
+        for index, (item, *twins) in enumerate(zip(results, *per_draw)):
             if not all(isinstance(t, torch.Tensor) and t.shape == item.shape for t in (item, *twins)):
                 continue
             if any(_shares_memory(twin, item) for twin in twins):  # buf.to(w) returns buf itself
@@ -562,9 +614,8 @@ class _ProbeFunctions(TorchFunctionMode):
             key = id(item)
             # Forgotten with the tensor: a twin never outlives what it stands beside (a bias table per block).
             forget = weakref.ref(item, functools.partial(_forget, self._generic, key))
-            # The positions a pick returns, and all computed from them, could be any (its values are its mean)
-            picked = reads_picked or (picks and not item.is_floating_point() and item.dtype != torch.bool)
-            self._generic[key] = (forget, tuple(twins), picked)
+            anywhere = possible[index] if possible is not None and index < len(possible) else None
+            self._generic[key] = (forget, tuple(twins), anywhere)
             if item.dtype == torch.bool:
                 self._input_masks.update((id(twin), twin) for twin in twins)
 
@@ -585,12 +636,14 @@ class _ProbeFunctions(TorchFunctionMode):
             if twins is None or not value.is_floating_point():
                 return value
             undefined = ~torch.isfinite(value)
-            generic = functools.reduce(torch.logical_or, [twin != 0 for twin in twins])
-            anything = self._picked_by_weights(value)  # positions the weights picked: any tap
-            missing = ((value == 0) | undefined) & (generic | anything)
-            if not bool(missing.any()) and not bool(undefined.any()):
-                return value
-            value = torch.where(undefined, torch.zeros_like(value), value)
+            generic = functools.reduce(torch.logical_or, [(twin != 0) & torch.isfinite(twin) for twin in twins])
+            possible = self._possible_of(value)  # where positions the weights picked may put a value
+            if possible is not None:
+                generic = generic | possible
+            missing = ((value == 0) | undefined) & generic
+            if not bool(missing.any()):
+                return value  # undefined on every draw too (w / (w - w)): refused as not finite
+            value = torch.where(undefined & generic, torch.zeros_like(value), value)
             if weight and value.dim() >= 2:
                 return torch.where(missing, 1.0 / math.prod(value.shape[1:]), value)
             magnitude = functools.reduce(torch.maximum, [twin.abs() for twin in twins]).to(value.dtype)
@@ -1618,6 +1671,20 @@ def _unsigned_constants(name: str, args, kwargs):
 
 # How many draws of generic weights stand beside a weight the forward computes (see _ProbeFunctions._on_generic_weights)
 _GENERIC_DRAWS = 3
+# Calls whose result is zero where their operands are (see _ProbeFunctions._possible); subtractions, as sums, too.
+_KEEPING_ZEROS = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "t", "expand",
+     "expand_as", "repeat", "repeat_interleave", "tile", "contiguous", "clone", "detach", "to", "float", "double",
+     "half", "type_as", "view_as", "reshape_as", "__getitem__", "__setitem__", "cat", "concat", "concatenate",
+     "stack", "pad", "flip", "roll", "rot90", "narrow", "select", "index_select", "gather", "chunk", "split",
+     "unbind", "movedim", "where", "mul", "multiply", "__mul__", "__rmul__", "__imul__", "add", "__add__",
+     "__radd__", "__iadd__", "neg", "__neg__", "abs", "masked_fill"}
+)  # fmt: skip
+
+
+def _is_position(tensor) -> bool:
+    """Whether ``tensor`` holds positions (integers, as a pick's indices), not values or a mask."""
+    return isinstance(tensor, torch.Tensor) and not tensor.is_floating_point() and tensor.dtype != torch.bool
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
