@@ -506,7 +506,7 @@ class RFCallback(Callback):
         succeeded = self._ranks_agree(trainer, probed is not None, "the probe")
         fields = probed if succeeded and probed is not None else []  # an epoch whose probe failed has none
         if self._prober.forward_changed(fields):  # the same on every rank: their weights and fields are the same
-            self._probe_theoretical_again(trainer, pl_module, changed="forward changed (no layer did)")
+            self._probe_theoretical_again(trainer, pl_module, layers_changed=False)
             self._prober.forward_changed(fields)  # where the fields lie against the theoretical ones probed now
         if succeeded:
             # Theoretical sizes probed again at this step are logged already: once per step
@@ -586,8 +586,12 @@ class RFCallback(Callback):
         if self.on_miss == "raise" and events:
             raise CoverageError(events[0])
 
-    def _probe_theoretical_again(self, trainer, pl_module, changed: str = "layers changed") -> None:
-        """Probes the theoretical fields again where the architecture changed during the fit (a grown network)."""
+    def _probe_theoretical_again(self, trainer, pl_module, *, layers_changed: bool = True) -> None:
+        """Probes the theoretical fields again where the architecture changed during the fit (a grown network).
+
+        ``layers_changed=False``: the fields showed a forward that changed without its layers; where the theoretical
+        fields come out the same (a GroupNorm's statistics took the weights field past them), nothing is said.
+        """
         theoretical: list[ReceptiveField] | None = None
         kept = [field.bounds for field in self._prober.theoretical or []]
         with self._failures.guard("probe", "the theoretical probe of the changed architecture", self._probe_fix):
@@ -597,8 +601,9 @@ class RFCallback(Callback):
         self._prober.keep_theoretical(pl_module, theoretical)  # none kept, none logged beside: never the old ones
         if theoretical is None:
             return
-        if changed != "layers changed" and [field.bounds for field in theoretical] == kept:
-            return  # a weights field past the theoretical one by the statistics of a GroupNorm: nothing changed
+        if not layers_changed and [field.bounds for field in theoretical] == kept:
+            return
+        changed = "layers changed" if layers_changed else "forward changed (no layer did)"
         for field in theoretical:
             rank_zero_info(f"RFCallback: the probed model's {changed}; now {self._described(field)}")
         self._describe_dashboard(trainer, theoretical, self._target_for(len(self._shape) - 2), step=trainer.global_step)

@@ -390,13 +390,14 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def _channels_first_read_otherwise(output: torch.Tensor, request: ProbeRequest) -> str:
-    """The refusal of a channels-last or token reading of an output whose dim 1 holds its channels."""
+def _channels_first_read_otherwise(
+    output: torch.Tensor, request: ProbeRequest, why: str = "no call after its convolutions moved dim 1"
+) -> str:
+    """The refusal of a channels-last or token reading of an output whose dim 1 holds its channels (``why``)."""
     return (
         f"layout={request.layout!r} reads the output of {where(request.layer)} with its channels on the last axis, "
-        f"but the forward leaves them on dim 1, channels first (no call after its convolutions moved dim 1); the "
-        f"reading would put the channels on a spatial axis and answer for the wrong cell: pass "
-        f"layout='channels_first' (the default)"
+        f"but the forward leaves them on dim 1, channels first ({why}); the reading would put the channels on a "
+        f"spatial axis and answer for the wrong cell: pass layout='channels_first' (the default)"
     )
 
 
@@ -418,19 +419,16 @@ def check_channels_last(copy: nn.Module, output: torch.Tensor, request: ProbeReq
         return
     other = _output_on(copy, request.on(other_shape), raw=True)
     layout = request.parsed_layout
-    tokens = isinstance(layout, Tokens)
-    if not isinstance(other, torch.Tensor) or other.dim() != (3 if tokens else output.dim()):
+    if not isinstance(other, torch.Tensor) or other.dim() != (3 if isinstance(layout, Tokens) else output.dim()):
         return
     first = layout.prefix + math.prod(output.shape[2:]) if isinstance(layout, Tokens) else output.shape[2]
     raw = (first, output.shape[1])  # dim 1 and the last axis of the output as the forward returned it
     if other.shape[1] == raw[0] and other.shape[-1] != raw[1]:
-        raise ValueError(
-            _channels_first_read_otherwise(output, request).replace(
-                "(no call after its convolutions moved dim 1)",
-                f"(on an input half as long, {other_shape}, its last axis follows the input, {raw[1]} -> "
-                f"{other.shape[-1]}, and dim 1 keeps its length, {raw[0]})",
-            )
+        why = (
+            f"on an input half as long, {other_shape}, its last axis follows the input, {raw[1]} -> "
+            f"{other.shape[-1]}, and dim 1 keeps its length, {raw[0]}"
         )
+        raise ValueError(_channels_first_read_otherwise(output, request, why))
 
 
 def check_channels_first(

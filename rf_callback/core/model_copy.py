@@ -514,9 +514,7 @@ class _ProbeFunctions(TorchFunctionMode):
         results = []
         try:
             for draw in range(_GENERIC_DRAWS):
-                generic_args = tuple(
-                    type(a)(generic(t, draw) for t in a) if type(a) in (list, tuple) else generic(a, draw) for a in args
-                )
+                generic_args = _each_operand(functools.partial(generic, draw=draw), args)
                 generic_kwargs = {k: generic(v, draw) for k, v in kwargs.items()}
                 if not read:
                     return None
@@ -580,7 +578,7 @@ class _ProbeFunctions(TorchFunctionMode):
         call = func
         if subtraction:  # 1 - 1 is no zero of theirs
             call = torch.Tensor.add_ if geometry_flow.writes_in_place(name) else torch.add
-        indicators = tuple(type(a)(map(indicator, a)) if type(a) in (list, tuple) else indicator(a) for a in args)
+        indicators = _each_operand(indicator, args)
         if unwritten is not None or (indicators and geometry_flow.writes_in_place(name)):
             indicators = (indicator(unwritten if unwritten is not None else args[0]).clone(), *indicators[1:])
         with torch.no_grad():
@@ -1685,6 +1683,11 @@ _KEEPING_ZEROS = frozenset(
 def _is_position(tensor) -> bool:
     """Whether ``tensor`` holds positions (integers, as a pick's indices), not values or a mask."""
     return isinstance(tensor, torch.Tensor) and not tensor.is_floating_point() and tensor.dtype != torch.bool
+
+
+def _each_operand(function, args: tuple) -> tuple:
+    """``args`` with ``function`` applied to each, and to each item of a plain list or tuple (einsum's operands)."""
+    return tuple(type(a)(map(function, a)) if type(a) in (list, tuple) else function(a) for a in args)
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
