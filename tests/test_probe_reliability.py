@@ -311,6 +311,36 @@ def test_positions_or_branches_chosen_at_random_are_refused(mode, name):
             probe_rf(MixedBranch(RANDOM_CHOICES[name]).eval(), (1, 1, 32), 16, mode=mode)
 
 
+PYTHON_BRANCHES = {
+    "if on any() of a comparison": lambda m, a, b: b if (a < 0).any() else a,
+    "if on a mean against a threshold": lambda m, a, b: a if (a + b).mean() > 0 else b,
+    "an early exit on a confidence": lambda m, a, b: a if (a.sigmoid() > 0.9).all() else a + b,
+    "torch.equal of two maps": lambda m, a, b: a if torch.equal(a, b) else b,
+    "a mask made of a comparison and a NaN check": lambda m, a, b: a if (torch.isnan(a) | (a > 0)).all() else b,
+}
+
+
+@pytest.mark.parametrize("name", list(PYTHON_BRANCHES))
+def test_a_branch_taken_in_python_on_the_input_is_refused_in_theoretical_mode(name):
+    """The copy's constant input takes one side: ``b if (a < 0).any() else a`` read the 3-tap side's 15..17 at
+    output 16 where the 9-tap side reads 12..20. Weights mode takes the union over its random inputs' sides."""
+    model = MixedBranch(PYTHON_BRANCHES[name]).eval()
+    with pytest.raises(ProbeError, match=r"depends on a branch the forward takes in Python.*mode='weights'"):
+        probe_rf(model, (1, 1, 32), 16)
+    assert probe_rf(model, (1, 1, 32), 16, mode="weights", draws=16).bounds[0][0] >= 12
+
+
+def test_a_check_that_the_input_holds_numbers_is_no_branch():
+    """``if isnan(x).any(): raise`` takes the side every finite input takes: probed as the model without it."""
+
+    def checked(m, a, b):
+        if torch.isnan(a).any() or not torch.isfinite(b).all():
+            raise ValueError("not a number")
+        return a + b
+
+    assert probe_rf(MixedBranch(checked).eval(), (1, 1, 32), 16).bounds == ((12, 20),)
+
+
 def test_a_fractional_max_pool_is_refused_where_its_regions_are_random_or_unread():
     """Its pooling regions are drawn on every forward: the field followed the global random state (output (0, 1)
     read columns 2..4 or 3..5 by the draw). With fixed regions, theoretical mode has no mean-pool twin over them and

@@ -525,6 +525,7 @@ class _ShapesOnly(contextlib.nullcontext):
     last_axis_sizes: set[int] = set()
     cuts: list[str] = []
     random_draws: list[str] = []
+    branches: list[str] = []
 
     def cut_reason(self, tensor) -> None:
         return None
@@ -625,6 +626,14 @@ def forward_to(
             f"({', '.join(dict.fromkeys(functions.random_draws))}): it would be one draw's, and follow the global "
             f"random state; draw only when self.training (as dropout does), or from a generator= seeded in the "
             f"forward, or probe a layer before the draw with layer="
+        )
+    if functions.branches:
+        raise ProbeError(
+            f"the field of {where(layer)} depends on a branch the forward takes in Python on values computed from "
+            f"the input ({', '.join(dict.fromkeys(functions.branches))}): on the theoretical copy's constant input "
+            f"it takes one side, whose field need not hold the other's; probe mode='weights' (the union over random "
+            f"inputs, which take either side), or a layer before the branch with layer= (a check that only raises, "
+            f"assert (x >= 0).all(), can move out of the forward)"
         )
     output = selected_element(output, element, layer)
     if hasattr(functions, "read_output"):

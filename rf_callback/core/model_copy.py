@@ -213,6 +213,12 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Those that only check the input's values are numbers (isnan, isfinite, and masks made of them alone): a
+        # branch on one in Python (if isnan(x).any(): raise) takes the side any finite input takes.
+        self._validity_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
+        # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
+        self.branches: list[str] = []
         if flow is not None:
             flow.masks = self._input_masks  # a where() by such a mask may pick either operand (see geometry_flow)
         # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
@@ -336,6 +342,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
         if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
             self._input_masks[id(result)] = result
+            if name in _VALIDITY_CHECKS:
+                self._validity_masks[id(result)] = result
+        if self.linearise and from_input and name in _PYTHON_COMPARISONS:
+            self.branches.append(f"{name}() of input-dependent values")
         if from_input and name.rstrip("_") in _INDEXED_PICKS and isinstance(result, (tuple, list)):
             # The positions a pick chose, as argmax's: a gather by them reads what the input's values chose, which
             # no gradient follows (and the theoretical copy's ties would choose a fixed few).
@@ -658,11 +668,18 @@ class _ProbeFunctions(TorchFunctionMode):
         On the copy's values a mask is all True or all False, and which, the architecture does not say: in numbers
         it is 0.5, so a gate by it (``a * m + b * (1 - m)``) keeps both paths.
         """
+        masks = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self._input_masks]
+        checks_only = all(id(mask) in self._validity_masks for mask in masks)
+        name = getattr(func, "__name__", "")
         result = func(*args, **kwargs)
+        if name in _TO_PYTHON and not checks_only:
+            self.branches.append(f"{name}() of a mask computed from the input")
         if isinstance(result, torch.Tensor) and result.is_floating_point():
             result = torch.full_like(result, 0.5)
-        if isinstance(result, torch.Tensor) and (result.dtype == torch.bool or result.is_floating_point()):
+        if isinstance(result, torch.Tensor) and not result.is_complex():  # a count too: int((y > 0).sum())
             self._input_masks[id(result)] = result
+            if checks_only and result.dtype == torch.bool:
+                self._validity_masks[id(result)] = result
         return result
 
     def _mask_as_number(self, operand, args):
@@ -1154,6 +1171,11 @@ def _from_shape_alone(name: str) -> bool:
 
 # Calls that turn an input-dependent tensor into Python values, out of the gradient's reach.
 _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
+
+# Calls that compare input-dependent tensors into one Python bool (a branch the forward takes in Python), and those
+# whose masks only check that values are numbers (see _ProbeFunctions._of_masks).
+_PYTHON_COMPARISONS = frozenset({"equal", "allclose", "is_nonzero"})
+_VALIDITY_CHECKS = frozenset({"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal"})
 
 
 def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
