@@ -90,6 +90,55 @@ def test_scripted_model_is_refused_in_theoretical_mode_and_measured_in_weights_m
     assert probe_rf(scripted, SHAPE, "center", mode="weights").size == (8, 8)
 
 
+class AtenPooled(nn.Module):
+    """conv 3, a max-pool 2 called as the aten overload an exported graph calls, conv 3: r = 8, S = 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return self.second(torch.ops.aten.max_pool2d.default(self.first(x), [2, 2], [2, 2]))
+
+
+OPERATOR_GRAPHS = {
+    "torch.export": lambda m: torch.export.export(
+        m, (torch.randn(2, *SHAPE[1:]),), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+    ).module(),
+    "make_fx": lambda m: torch.fx.experimental.proxy_tensor.make_fx(m)(torch.randn(SHAPE)),
+    "a forward calling aten overloads": lambda m: AtenPooled().eval(),
+}
+
+
+@pytest.mark.parametrize("name", list(OPERATOR_GRAPHS))
+def test_a_graph_of_aten_overloads_is_refused_in_theoretical_mode_and_measured_in_weights_mode(name):
+    """The copy's twins are keyed on torch's functions: an exported max-pool ran as a max on equal constants, and its
+    ties sent every window's gradient to one element (7 x 7 where the architecture reads 8 x 8)."""
+    import torch.fx.experimental.proxy_tensor  # noqa: F401  (make_fx)
+
+    graph = OPERATOR_GRAPHS[name](small().eval())
+    with pytest.raises(ProbeError, match=r"calls operator overloads.*aten\.max_pool2d.*eager module.*mode='weights'"):
+        probe_rf(graph, SHAPE, "center")
+    assert probe_rf(graph, SHAPE, "center", mode="weights").size == (8, 8)
+
+
+def test_an_integer_quantized_model_is_refused_with_the_reason_where_its_forward_reaches_one():
+    """It raised torch's internal assertion (``cannot call qscheme on UnknownQuantizer``) or a cut on
+    ``quantize_per_tensor``; a layer before a dynamically quantized head is probed as before."""
+    import torch.ao.quantization as quantization
+
+    model = nn.Sequential(quantization.QuantStub(), nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), quantization.DeQuantStub())
+    model.eval().qconfig = quantization.get_default_qconfig("fbgemm")
+    prepared = quantization.prepare(model)
+    prepared(torch.randn(4, *SHAPE[1:]))
+    converted = quantization.convert(prepared)
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ValueError, match=r"runs Quantize .* integer quantization.*float model before convert"):
+            probe_rf(converted, SHAPE, "center", mode=mode)
+    head = quantization.quantize_dynamic(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6, 4)))
+    assert probe_rf(head, (1, 1, 8), 3, layer="0").bounds == ((3, 5),)
+
+
 @pytest.mark.parametrize("script", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 16, 16))])
 def test_a_scripted_model_is_probed_bias_free_in_weights_mode_as_its_python_module(script):
     """TorchScript clones itself without the deep copy's memo: the copy kept the real biases (of -0.36, which keep

@@ -25,6 +25,7 @@ from rf_callback.core.model_copy import (
     ProbeError,
     checkpoints_run_through,
     global_hooks_suspended,
+    integer_quantized,
     pooled_length,
     prepared_copy,
     probe_functions,
@@ -526,6 +527,7 @@ class _ShapesOnly(contextlib.nullcontext):
     cuts: list[str] = []
     random_draws: list[str] = []
     branches: list[str] = []
+    operator_calls: list[str] = []
 
     def cut_reason(self, tensor) -> None:
         return None
@@ -586,7 +588,12 @@ def forward_to(
         torch.set_grad_enabled(False)
         return _detached(output)
 
+    def integer_quantized_reached(module, _args):
+        if not captured:
+            raise _IntegerQuantized(module)
+
     handles = batched_only_hooks(copy)
+    handles += [m.register_forward_pre_hook(integer_quantized_reached) for m in copy.modules() if integer_quantized(m)]
     if target is not None:
         handles.append(target.register_forward_hook(capture))
     grad_enabled = torch.is_grad_enabled()
@@ -599,6 +606,14 @@ def forward_to(
         pass
     except _CalledAgain:
         raise ValueError(called_again_message(layer)) from None
+    except _IntegerQuantized as error:
+        raise ValueError(
+            f"the forward up to the output of {where(layer)} runs {type(error.module).__name__} of "
+            f"{type(error.module).__module__}, converted to integer quantization (torch.ao.quantization's convert): "
+            f"integers carry no gradient, so no probe can read the fields past it; probe the float model before "
+            f"convert (a quantization-aware model, its fake quantizers on, is probed as it is), or a layer before it "
+            f"with layer="
+        ) from None
     except _Unbatched as error:
         if not captured:
             raise _rank_error(copy, error.module, input_shape) from None
@@ -626,6 +641,15 @@ def forward_to(
             f"({', '.join(dict.fromkeys(functions.random_draws))}): it would be one draw's, and follow the global "
             f"random state; draw only when self.training (as dropout does), or from a generator= seeded in the "
             f"forward, or probe a layer before the draw with layer="
+        )
+    if functions.operator_calls:
+        calls = list(dict.fromkeys(functions.operator_calls))
+        raise ProbeError(
+            f"the forward up to the output of {where(layer)} calls operator overloads on values of the input "
+            f"({', '.join(calls[:4])}{', ...' if len(calls) > 4 else ''}: a torch.export or make_fx graph, or a "
+            f"custom op), below the functions (F.max_pool2d, F.relu, torch.sub) that the theoretical copy replaces "
+            f"by twins that hide no pixel, so a tie or an activation could hide some; probe the eager module it was "
+            f"made from, or use mode='weights' (what the current weights connect)"
         )
     if functions.branches:
         raise ProbeError(
@@ -940,6 +964,12 @@ def _has_dead_window(length: int, kernel: int, stride: int, padding: int, dilati
         if first_inside > kernel - 1 or start + first_inside * dilation > length - 1:
             return True
     return False
+
+
+class _IntegerQuantized(Exception):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
 
 
 class _Unbatched(Exception):

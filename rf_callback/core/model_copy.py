@@ -219,6 +219,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
         # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
         self.branches: list[str] = []
+        # Operator overloads called on input-dependent tensors in theoretical mode (aten.max_pool2d.default, what a
+        # torch.export or make_fx graph calls): they come below the functions whose twins the copy runs.
+        self.operator_calls: list[str] = []
         if flow is not None:
             flow.masks = self._input_masks  # a where() by such a mask may pick either operand (see geometry_flow)
         # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
@@ -344,6 +347,8 @@ class _ProbeFunctions(TorchFunctionMode):
             self._input_masks[id(result)] = result
             if name in _VALIDITY_CHECKS:
                 self._validity_masks[id(result)] = result
+        if self.linearise and from_input and isinstance(func, torch._ops.OpOverload):
+            self.operator_calls.append(str(func))
         if self.linearise and from_input and name in _PYTHON_COMPARISONS:
             self.branches.append(f"{name}() of input-dependent values")
         if from_input and name.rstrip("_") in _INDEXED_PICKS and isinstance(result, (tuple, list)):
@@ -1889,6 +1894,14 @@ def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
 def scripted_modules(model: nn.Module) -> list[str]:
     """Names of the TorchScript modules in ``model`` (``""`` for the model itself)."""
     return [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+
+
+def integer_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` was converted to integer quantization (``torch.ao.quantization.convert``)."""
+    return type(module).__module__.startswith(_INTEGER_QUANTIZED)
+
+
+_INTEGER_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 
 def _checked_device(model: nn.Module) -> None:
