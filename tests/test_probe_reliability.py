@@ -122,6 +122,18 @@ def test_a_graph_of_aten_overloads_is_refused_in_theoretical_mode_and_measured_i
     assert probe_rf(graph, SHAPE, "center", mode="weights").size == (8, 8)
 
 
+def test_weights_mode_reads_an_exported_graphs_operators_by_their_torch_names():
+    """``aten.randperm.default`` then ``aten.index.Tensor``: the field followed the global random state (23..25 at
+    output 5) where the eager module is refused."""
+    shuffled = MixedBranch(RANDOM_CHOICES["a random permutation of positions"]).eval()
+    graph = torch.export.export(
+        shuffled, (torch.randn(2, 1, 32),), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+    ).module()
+    for model in (shuffled, graph):
+        with pytest.raises(ProbeError, match=r"depends on a random draw in its forward \(randperm\(\) chooses"):
+            probe_rf(model, (1, 1, 32), 5, mode="weights")
+
+
 def test_an_integer_quantized_model_is_refused_with_the_reason_where_its_forward_reaches_one():
     """It raised torch's internal assertion (``cannot call qscheme on UnknownQuantizer``) or a cut on
     ``quantize_per_tensor``; a layer before a dynamically quantized head is probed as before."""

@@ -265,11 +265,15 @@ class _ProbeFunctions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
+        name = called = getattr(func, "__name__", "")
+        if isinstance(func, torch._ops.OpOverload):
+            # aten.topk.default is read as topk (its cuts, picks and draws), and runs as it is: the twins take torch's
+            # signatures, not aten's (theoretical mode refuses such calls, see graph.forward_to)
+            name = func.overloadpacket.__name__
         if name in ("scaled_dot_product_attention", "multi_head_attention_forward"):
             self.work += _attention_score_count(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
-            return self._counted(self._called(func, name, args, kwargs))
+            return self._counted(self._called(func, called, args, kwargs))
         tensors = _tensors_among((*args, *kwargs.values()))  # a list's too: cat([a.detach(), b]), y[..., order]
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
@@ -318,7 +322,7 @@ class _ProbeFunctions(TorchFunctionMode):
         )
         # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
         unwritten = self._unwritten(name, args) if of_weights else None
-        result = self._called(func, name, args, kwargs)
+        result = self._called(func, called, args, kwargs)
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
             written = args[0] if result is None and args and geometry_flow.writes_in_place(name) else result
@@ -1121,7 +1125,7 @@ def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
 
 # Calls that read a tensor at positions another gives, and calls where a mask gates a tensor.
 _INDEXINGS = frozenset(
-    {"__getitem__", "__setitem__", "gather", "index_select", "take_along_dim", "take", "index_put", "scatter",
+    {"__getitem__", "__setitem__", "index", "gather", "index_select", "take_along_dim", "take", "index_put", "scatter",
      "scatter_add", "index_add", "index_copy", "index_fill", "masked_select", "embedding", "narrow"}
 )  # fmt: skip
 _MASK_USES = _MULTIPLICATIONS | {"where", "masked_fill", "masked_fill_", "div", "__truediv__", "einsum", "matmul",
