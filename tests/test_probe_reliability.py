@@ -191,6 +191,39 @@ def test_a_float16_autocast_inside_the_forward_does_not_cut_the_fields_tails(mod
     assert probe_rf(Autocast(chain, torch.float16), (1, 4, 64), 12, mode=mode).bounds == ((12, 52),)
 
 
+class BandAttention(nn.Module):
+    """``depth`` 3-tap convolutions, then attention within 2 positions, its float mask made at the default dtype."""
+
+    def __init__(self, depth: int, length: int, mask_in_forward: bool):
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Conv1d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(depth)])
+        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.mask_in_forward = mask_in_forward
+        self.mask = self.band(length)  # a plain attribute: the copy's dtype does not reach it
+
+    @staticmethod
+    def band(length: int) -> torch.Tensor:
+        rows, columns = torch.arange(length)[:, None], torch.arange(length)[None]
+        return torch.zeros(length, length).masked_fill((rows - columns).abs() > 2, float("-inf"))
+
+    def forward(self, x):
+        h = self.convs(x).transpose(1, 2)
+        mask = self.band(h.shape[1]) if self.mask_in_forward else self.mask
+        return (h + self.attention(h, h, h, attn_mask=mask, need_weights=False)[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_in_forward", [True, False])
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_float64_probe_reads_a_float32_attention_mask_as_the_model_does(mode, mask_in_forward):
+    """torch misreads a float32 mask beside float64 queries: a float64 probe of a band of +-2 behind 3 convolutions
+    read 5..31 at position 16 for 11..21, and a 90-deep stack, redone in float64 where float32 underflows, the whole
+    input 0..255 for the closed form's 128 +- 92 = 36..220."""
+    shallow = BandAttention(3, 32, mask_in_forward)
+    assert probe_rf(shallow, (1, 1, 32), 16, mode=mode, dtype=torch.float64).bounds == ((11, 21),)
+    if mode == "theoretical":
+        assert probe_rf(BandAttention(90, 256, mask_in_forward), (1, 1, 256), 128).bounds == ((36, 220),)
+
+
 class AvgPooledBackbone(nn.Module):
     """Three 3 x 3 convolutions, each followed by a 4 x 4 average pooling (a gradient of 1e-6 per input), and a head
     that ``head`` runs (in float16, or beside a float16 constant)."""

@@ -588,16 +588,13 @@ def forward_to(
         torch.set_grad_enabled(False)
         return _detached(output)
 
-    def integer_quantized_reached(module, _args):
-        if not captured:
-            raise _IntegerQuantized(module)
-
-    handles = batched_only_hooks(copy)
-    handles += [m.register_forward_pre_hook(integer_quantized_reached) for m in copy.modules() if integer_quantized(m)]
+    handles = forward_checks(copy, captured)
     if target is not None:
         handles.append(target.register_forward_hook(capture))
     grad_enabled = torch.is_grad_enabled()
     ran_to_the_end = False
+    if inputs.dtype != torch.get_default_dtype() and hasattr(functions, "factory_dtype"):
+        functions.factory_dtype = inputs.dtype
     try:
         with functions:
             output = copy(inputs.clone())  # a forward may scale its input in place (x /= 255): not the leaf itself
@@ -901,14 +898,28 @@ def outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = Non
     return outputs
 
 
-def batched_only_hooks(copy: nn.Module) -> list:
-    """Pre-hooks that refuse a convolution input without a batch axis: (1, C, L) would reach a Conv2d as (C, H, W)."""
+def forward_checks(copy: nn.Module, captured: list) -> list:
+    """Pre-hooks that refuse what no probe can read, until the probed output is ``captured``.
+
+    A convolution input without a batch axis ((1, C, L) would reach a Conv2d as (C, H, W)), and a module converted to
+    integer quantization (integers carry no gradient).
+    """
 
     def batched_only(module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() != len(module.kernel_size) + 2:
             raise _Unbatched(module)
 
-    return [m.register_forward_pre_hook(batched_only) for m in copy.modules() if isinstance(m, _ConvNd)]
+    def float_only(module, _args):
+        if not captured:
+            raise _IntegerQuantized(module)
+
+    handles = []
+    for module in copy.modules():  # one walk: ViT-sized trees make each walk cost
+        if integer_quantized(module):
+            handles.append(module.register_forward_pre_hook(float_only))
+        elif isinstance(module, _ConvNd):
+            handles.append(module.register_forward_pre_hook(batched_only))
+    return handles
 
 
 @contextlib.contextmanager

@@ -250,6 +250,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # a half-precision part): its gradient flushes to zero far above float32's range, where the input's own
         # gradient does not show it (see graph.underflow_guard).
         self.float16_inside = False
+        # The copy's dtype where it is not the default one (a float64 probe): tensors the forward makes at the
+        # default dtype (a mask built with torch.zeros(T, T)) are made in it, as they are beside the user's model.
+        self.factory_dtype: torch.dtype | None = None
 
     def __exit__(self, exc_type, exc_value, traceback):
         # The twins serve the forward alone; dropped now, not when a garbage collection finds their cycle
@@ -700,6 +703,13 @@ class _ProbeFunctions(TorchFunctionMode):
 
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
+        if self.factory_dtype is not None and name in _FACTORIES and kwargs.get("dtype") is None:
+            made = func(*args, **kwargs)
+            if isinstance(made, torch.Tensor) and made.dtype == torch.get_default_dtype():
+                return made.to(self.factory_dtype)
+            return made
+        if name in _ATTENTIONS:
+            args, kwargs = _masks_in_query_dtype(name, args, kwargs)
         if base == "bernoulli" and args and isinstance(args[0], torch.Tensor):
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5 if name.endswith("_") else None)
             kept = _kept_draw(args[0], p, in_place=name.endswith("_"))
@@ -1180,6 +1190,32 @@ def _from_shape_alone(name: str) -> bool:
 
 # Calls that turn an input-dependent tensor into Python values, out of the gradient's reach.
 _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
+
+# Calls that make a tensor from nothing but numbers, at the default dtype where none is given.
+_FACTORIES = frozenset(
+    {"zeros", "ones", "full", "empty", "empty_strided", "rand", "randn", "normal", "linspace", "logspace", "arange",
+     "range", "eye", "tensor", "as_tensor", "scalar_tensor", "hann_window", "hamming_window", "blackman_window",
+     "bartlett_window", "kaiser_window"}
+)  # fmt: skip
+_ATTENTIONS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+
+
+def _masks_in_query_dtype(name: str, args, kwargs):
+    """An attention's float masks in its query's dtype: torch misreads a float32 mask beside float64 queries."""
+    query = args[0] if args else kwargs.get("query")
+    if not isinstance(query, torch.Tensor):
+        return args, kwargs
+
+    def cast(mask):
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dtype != query.dtype:
+            return mask.to(query.dtype)
+        return mask
+
+    kwargs = {key: cast(value) if key in ("attn_mask", "key_padding_mask") else value for key, value in kwargs.items()}
+    if name == "scaled_dot_product_attention" and len(args) > 3:
+        args = (*args[:3], cast(args[3]), *args[4:])
+    return args, kwargs
+
 
 # Calls that compare input-dependent tensors into one Python bool (a branch the forward takes in Python), and those
 # whose masks only check that values are numbers (see _ProbeFunctions._of_masks).
