@@ -126,3 +126,17 @@ class _TwoMaps(nn.Module):
 def two_maps() -> nn.Module:
     """A dict of two feature maps: 'fine' (3 x 3 field) and 'coarse' (5 x 5)."""
     return _TwoMaps()
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(self.conv(x))
+
+
+def twice() -> nn.Module:
+    """One convolution called twice: its calls have fields of their own, so the table has no row."""
+    return _Twice()

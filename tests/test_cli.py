@@ -159,6 +159,15 @@ def test_table_marks_fields_that_span_the_input(capsys):
     assert [row.endswith("*") for row in rows.values()] == [False, False, True, True, True]
 
 
+def test_a_table_without_rows_says_so_instead_of_a_verdict_on_the_target(capsys):
+    """It printed "target 5 x 5: no layer covers it" where every layer was left out (a convolution called twice)."""
+    assert main(["tests.cli_models:twice", "--input-shape", "3,20,20", "--table", "--target-size", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "rf-probe: warning: rf_table: 1 rows are left out, of modules that run more than once" in err
+    assert "(no rows: every layer was left out" in out and "target 5 x 5: no row to compare it with" in out
+    assert "no layer covers it" not in out
+
+
 def test_layer_selects_the_probed_submodule(capsys):
     assert main(["tests.cli_models:resnet", "--input-shape", "3,32,32", "--layer", "layer1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == probe_rf(resnet(), (1, 3, 32, 32), layer="layer1").to_dict()

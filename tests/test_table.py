@@ -359,3 +359,26 @@ def test_a_layer_asked_for_by_its_second_name_gets_its_row():
     assert probe_rf(model, shape, "center", layer="alias").bounds == ((12, 18), (12, 18))
     for row in rows:
         assert (row.bounds, row.stride, row.full_size) == (((12, 18), (12, 18)), (2, 2), (7, 7))
+
+
+class MelNormalised(nn.Module):
+    """PANNs' front: a batch norm over the mel bins, which a transpose puts on dim 1, then a 3 x 3 convolution."""
+
+    def __init__(self, mels: int = 8):
+        super().__init__()
+        self.bn0, self.conv = nn.BatchNorm2d(mels), nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):  # (N, 1, T, mels)
+        return self.conv(self.bn0(x.transpose(1, 3)).transpose(1, 3))
+
+
+def test_a_batch_norm_over_a_transposed_map_gets_no_row_read_channels_first():
+    """Its output (1, mels, T, 1) read channels first gave a row (bounds ((32, 32), (0, 7)), stride (1, None)) where
+    probe_rf(layer='bn0') refuses: its dim 1 is the input's mel axis, not channels."""
+    with pytest.warns(UserWarning, match=r"1 rows are left out.*bn0 \(1, 8, 64, 1\).*moved a spatial axis"):
+        rows = rf_table(MelNormalised(), (1, 1, 64, 8))
+    assert [row.name for row in rows] == ["conv"] and rows[0].bounds == ((31, 33), (3, 5))
+    with pytest.raises(ValueError, match=r"moved a spatial axis of the input there"):
+        rf_table(MelNormalised(), (1, 1, 64, 8), layers=["bn0"])
+    with pytest.raises(ValueError, match=r"moved its spatial axes"):
+        probe_rf(MelNormalised(), (1, 1, 64, 8), "center", layer="bn0")

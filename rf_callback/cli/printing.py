@@ -138,14 +138,18 @@ def table_text(
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
     if any(r.covers_input for r in rows):
         lines.append(
-            "* the field spans the whole input (size: the inputs it sees; full size: its unclipped size r): later "
-            "layers on this path cannot see more of this input"
+            "* the field spans the whole input (size: its bounds' extent, clipped to the input; full size: its "
+            "unclipped size r): later layers on this path cannot see more of this input"
         )
     if any(s is None for r in rows for s in r.stride):
         lines.append("- no single stride describes the fields on this axis (e.g. an upsampling path)")
+    if not rows:
+        lines.append("(no rows: every layer was left out, for the reasons the warnings above give)")
     if target is not None:
         first = next((r for r in rows if _covers(r.size, target)), None)
-        if first is None:
+        if not rows:
+            lines.append(f"target {_axes(target)}: no row to compare it with")
+        elif first is None:
             largest = max(rows, key=lambda r: math.prod(r.size), default=None)
             where = f" (largest: {_axes(largest.size)} at {largest.name})" if largest else ""
             lines.append(f"target {_axes(target)}: no layer covers it{where}{_input_note(shape, target)}")

@@ -537,6 +537,13 @@ def _forward_outputs(
                 name, module, output, None if same_as is None else outputs.get(same_as), layout
             )
             spatial = output.dim() >= 3
+            if misfit is None and spatial and row_layout == CHANNELS_FIRST and functions.flow is not None:
+                if functions.flow.channels_first(output) is False:  # a batch norm over a transposed map (PANNs)
+                    misfit = (
+                        f"the output of layer {name!r} is {tuple(output.shape)}, whose dim 1 channels first would "
+                        f"read as channels, but the forward moved a spatial axis of the input there (a permute or "
+                        f"transpose before it), as probe_rf(..., layer={name!r}) says"
+                    )
             feature_map = None
             grid: tuple[int, ...] = ()
             if spatial and misfit is None:
