@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from rf_callback import CoverageError, CoverageEvent, RFCallback, effective_rf
 from rf_callback.plotting import figure_to_array, plot_growth
@@ -217,3 +218,57 @@ def test_a_position_whose_output_stops_depending_on_the_input_covers_nothing(tmp
     assert trainer.callback_metrics["rf/features/pos0/target/margin"] == -2
     assert trainer.callback_metrics["rf/features/pos0/size_h/effective"] == 0  # not epoch 0's extent
     assert [bool(h["effective"]) for h in callback.history[1:]] == [True, False, False]
+
+
+class CornerDead(ConvClassifier):
+    """One 3 x 3 mean with bias -0.7, then a ReLU, on inputs in 0.75..1: live inside, dead at the corners (four of
+    the nine taps are zero padding there). lr 0 keeps it so."""
+
+    def __init__(self):
+        super().__init__(lr=0.0, example=False)
+        self.features = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.fill_(1 / 9)
+            self.features[0].bias.fill_(-0.7)
+        self.head = nn.Linear(1, 3)
+
+
+def corner_data(side: int) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = 0.75 + 0.25 * torch.rand(8, 1, side, side, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(8).long()), batch_size=4)
+
+
+def test_a_position_without_effective_field_moves_no_other_positions_note_or_pictures(tmp_path):
+    """pos0 (0, 0) is dead, pos1 (5, 5) alive, on 12 x 12 validation inputs: the note said "pos0 is cell (5, 5)" and
+    pos0's overlay and growth curve were pos1's (titled "pos0 (5, 5)"), pos1 had none."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(pos=[(0, 0), (5, 5)], layer="features", erf_samples=8)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger), callbacks=[callback])
+    with recorded_warnings():
+        trainer.fit(CornerDead(), corner_data(8), corner_data(12))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    note = events.Tensors("rf/features/positions/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "**pos0**: output cell (0, 0) of a 12 × 12 map" in note and "**pos1**: output cell (5, 5)" in note
+    images = set(events.Tags()["images"])
+    assert {"rf/features/pos1/overlay", "rf/features/pos1/growth"} <= images
+    assert not {"rf/features/pos0/overlay", "rf/features/pos0/growth"} & images
+    rows = [(0, callback.history[-1]["effective"]["5_5"])]
+    encoded = events.Images("rf/features/pos1/growth")[-1].encoded_image_string
+    growth = figure_to_array(plot_growth(rows, title="effective field of features at pos1 (5, 5)"))
+    assert np.array_equal(np.array(Image.open(io.BytesIO(encoded)).convert("RGB")), growth)
+
+
+def test_a_position_that_loses_its_effective_field_gets_no_overlay_of_an_earlier_epoch(tmp_path):
+    """Dead from epoch 1: the fit-end overlay drew epoch 0's field ("0.95 of the mass in 3 x 3") beside an
+    effective size of 0 at the same step."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(layer="features", erf_samples=8)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    with recorded_warnings():
+        trainer.fit(GoesDead(lr=0.0), *loaders())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("rf/features/pos0/heatmap/effective")] == [4]  # epoch 0's, at its step
+    assert "rf/features/pos0/overlay" not in events.Tags()["images"]

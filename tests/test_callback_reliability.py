@@ -136,6 +136,31 @@ def test_a_sample_offered_again_is_kept_once():
     assert len({int(x) for x in small.chosen(None, world_size=1)[:, 0, 0, 0]}) == 3
 
 
+def test_samples_passed_over_for_their_shape_are_counted_and_said(tmp_path):
+    """Variable-length series padded per batch: the effective field was measured on the first batch's 4 samples of
+    32, silently (its extent 15 where every other batch gives 13-14)."""
+    reservoir = InputReservoir(32, seed=0)
+    for length in (49, 61, 60, 49):
+        reservoir.add(torch.randn(4, 1, length))
+    assert reservoir.chosen(None, world_size=1).shape == (8, 1, 49)
+    assert reservoir.passed_over_note().startswith("8 of the 16 validation samples were shaped unlike the first")
+    same = InputReservoir(32, seed=0)
+    same.add(torch.randn(4, 1, 49))
+    assert same.passed_over_note() is None
+    rf = RFCallback(layer="features", log_images=False)
+    train, _ = loaders()
+    sizes = [torch.randn(8, 1, side, side) for side in (16, 20)]
+    validation = torch.utils.data.DataLoader([(x, torch.zeros(8).long()) for x in sizes], batch_size=None)
+    with recorded_warnings() as record:
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=False), callbacks=[rf]).fit(
+            ConvClassifier(), train, validation
+        )
+    said = [str(w.message) for w in record if "passed over" in str(w.message)]
+    assert (
+        len(said) == 1 and "8 of the 16 validation samples were shaped unlike the first batch's (1, 16, 16)" in said[0]
+    )
+
+
 # -- failures warn once, with the reason and the fix; strict raises
 
 

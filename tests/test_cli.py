@@ -163,7 +163,7 @@ def test_a_table_without_rows_says_so_instead_of_a_verdict_on_the_target(capsys)
     """It printed "target 5 x 5: no layer covers it" where every layer was left out (a convolution called twice)."""
     assert main(["tests.cli_models:twice", "--input-shape", "3,20,20", "--table", "--target-size", "5"]) == 0
     out, err = capsys.readouterr()
-    assert "rf-probe: warning: rf_table: 1 rows are left out, of modules that run more than once" in err
+    assert "rf-probe: warning: rf_table: 1 row is left out, of modules that run more than once" in err
     assert "(no rows: every layer was left out" in out and "target 5 x 5: no row to compare it with" in out
     assert "no layer covers it" not in out
 

@@ -705,10 +705,12 @@ def test_rf_table_by_default_leaves_out_last_axis_rows_and_the_rows_shaped_like_
     with pytest.warns(UserWarning) as record:
         rows = rf_table(TinySwin(dim=12), SWIN_INPUT)
     contradicted, misfits = [str(w.message) for w in record]
-    assert "made by a LayerNorm, which acts on its last axis" in misfits and "pass layout='channels_last'" in misfits
+    assert "blocks.0.norm1 (1, 8, 8, 12)" in misfits and "pass layout='channels_last'" in misfits
+    # a permute's output, whose dim 1 the flow follows to a spatial axis, is no row either
+    assert "the output of layer 'permute' is (1, 8, 8, 12), whose dim 1 channels first would read" in misfits
     # channels-last rows that no module type gives away, but shaped like the LayerNorm's output: not read at all
     assert "read in layout='channels_first' only because it says so" in contradicted
-    assert "permute (1, 8, 8, 12) (like blocks.0.norm1, acting on its last axis)" in contradicted
+    assert "blocks.0.attn (1, 8, 8, 12) (like blocks.0.norm1, acting on its last axis)" in contradicted
     assert [r.name for r in rows] == ["patch"]
     with pytest.raises(ValueError, match="layers=\\['blocks.0.mlp.1'\\]: layer 'blocks.0.mlp.1' returns the output"):
         rf_table(TinySwin(), SWIN_INPUT, layers=["blocks.0.mlp.1"])
@@ -746,11 +748,15 @@ def tiny_convnext() -> nn.Module:
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_rf_table_on_a_convnext_prints_every_row_right_in_either_layout(layout):
     model, shape = tiny_convnext(), (1, 3, 64, 32)
-    with pytest.warns(UserWarning, match="only because it says so, while their shapes say otherwise") as record:
+    with pytest.warns(UserWarning) as record:
         rows = rf_table(model, shape, layout=layout)
+    messages = [str(w.message) for w in record]
     if layout == "channels_first":  # the rows kept on layout='s word alone are named beside the misfits
-        (misfits,) = [str(w.message) for w in record if "do not fit the layout" in str(w.message)]
+        (misfits,) = [message for message in messages if "do not fit the layout" in message]
         assert misfits.endswith("may be laid out as those left out are: 1.0.block.6, 1.0, 1.1.block.6, 1.1")
+        assert "the forward moved a spatial axis of the input there" in misfits  # the permuted MLP, by the flow
+    else:
+        assert any("only because it says so, while their shapes say otherwise" in message for message in messages)
     for row in rows:  # each row as probed alone, in the layout the table read it in
         field = probe_rf(model, shape, "center", layer=row.name, layout=row.layout)
         assert (field.bounds, field.position) == (row.bounds, row.position), row.name
@@ -779,7 +785,7 @@ def test_rf_table_leaves_out_a_row_whose_channels_follow_the_input_in_the_layout
         nn.Conv2d(3, 6, 4, stride=4), TwoBranches(), nn.Conv2d(12, 8, 2, stride=2), Permute(0, 2, 3, 1)
     )
     with pytest.warns(
-        UserWarning, match=r"1 rows are left out.*1 \(1, 12, 10, 10\) \(the axis read as its channels follows"
+        UserWarning, match=r"1 row is left out.*1 \(1, 12, 10, 10\) \(the axis read as its channels follows"
     ):
         rows = rf_table(model, (1, 3, 40, 40), layout="channels_last")
     assert "1" not in {r.name for r in rows}

@@ -117,7 +117,9 @@ def test_a_graph_of_aten_overloads_is_refused_in_theoretical_mode_and_measured_i
     import torch.fx.experimental.proxy_tensor  # noqa: F401  (make_fx)
 
     graph = OPERATOR_GRAPHS[name](small().eval())
-    with pytest.raises(ProbeError, match=r"calls operator overloads.*aten\.max_pool2d.*eager module.*mode='weights'"):
+    with pytest.raises(
+        ProbeError, match=r"calls aten's operator overloads.*aten\.max_pool2d.*eager module.*mode='weights'"
+    ):
         probe_rf(graph, SHAPE, "center")
     assert probe_rf(graph, SHAPE, "center", mode="weights").size == (8, 8)
 
@@ -132,6 +134,24 @@ def test_weights_mode_reads_an_exported_graphs_operators_by_their_torch_names():
     for model in (shuffled, graph):
         with pytest.raises(ProbeError, match=r"depends on a random draw in its forward \(randperm\(\) chooses"):
             probe_rf(model, (1, 1, 32), 5, mode="weights")
+
+
+def test_a_custom_op_is_refused_in_theoretical_mode_with_its_name():
+    """A custom op is one call the copy cannot see inside (a ReLU in it would hide pixels): refused by name, and
+    measured in weights mode."""
+
+    @torch.library.custom_op("rf_callback_tests::shifted", mutates_args=())
+    def shifted(x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 1, -1)
+
+    shifted.register_fake(lambda x: torch.empty_like(x))
+    shifted.register_autograd(lambda ctx, grad: torch.roll(grad, -1, -1))
+    model = MixedBranch(lambda m, a, b: shifted(a)).eval()
+    with pytest.raises(
+        ProbeError, match=r"calls custom ops on values of the input \(rf_callback_tests.shifted.default\)"
+    ):
+        probe_rf(model, (1, 1, 32), 16)
+    assert probe_rf(model, (1, 1, 32), 16, mode="weights").bounds == ((14, 16),)
 
 
 def test_an_integer_quantized_model_is_refused_with_the_reason_where_its_forward_reaches_one():
@@ -149,6 +169,16 @@ def test_an_integer_quantized_model_is_refused_with_the_reason_where_its_forward
             probe_rf(converted, SHAPE, "center", mode=mode)
     head = quantization.quantize_dynamic(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6, 4)))
     assert probe_rf(head, (1, 1, 8), 3, layer="0").bounds == ((3, 5),)
+    # reference modules (convert_to_reference_fx) compute in floats, with a gradient: probed
+    import torch.ao.nn.quantized.reference as reference
+
+    floats = nn.Sequential(
+        reference.Conv2d.from_float(
+            nn.Conv2d(1, 2, 3),
+            {"qscheme": torch.per_tensor_affine, "dtype": torch.quint8, "scale": 1.0, "zero_point": 0},
+        )
+    )
+    assert probe_rf(floats, SHAPE, (4, 4)).bounds == ((4, 6), (4, 6))
 
 
 @pytest.mark.parametrize("script", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 16, 16))])
@@ -210,6 +240,20 @@ class BandAttention(nn.Module):
         h = self.convs(x).transpose(1, 2)
         mask = self.band(h.shape[1]) if self.mask_in_forward else self.mask
         return (h + self.attention(h, h, h, attn_mask=mask, need_weights=False)[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_narrower_probe_makes_the_forwards_masks_at_the_default_dtype(dtype):
+    """A -1e9 mask made with torch.zeros in the forward overflowed float16 once factories followed the probe's dtype
+    (only a wider one, float64, needs them to)."""
+
+    class MinusBillion(BandAttention):
+        @staticmethod
+        def band(length: int) -> torch.Tensor:
+            rows, columns = torch.arange(length)[:, None], torch.arange(length)[None]
+            return torch.zeros(length, length).masked_fill((rows - columns).abs() > 2, -1e9)
+
+    assert probe_rf(MinusBillion(3, 32, True), (1, 1, 32), 16, dtype=dtype).bounds == ((11, 21),)
 
 
 @pytest.mark.parametrize("mask_in_forward", [True, False])
@@ -411,7 +455,18 @@ PYTHON_BRANCHES = {
     "an early exit on a confidence": lambda m, a, b: a if (a.sigmoid() > 0.9).all() else a + b,
     "torch.equal of two maps": lambda m, a, b: a if torch.equal(a, b) else b,
     "a mask made of a comparison and a NaN check": lambda m, a, b: a if (torch.isnan(a) | (a > 0)).all() else b,
+    "the length of what a mask selects": lambda m, a, b: b if len(a[a < 0]) else a,
+    "the shape of a mask's nonzero()": lambda m, a, b: b if (a < 0).nonzero().shape[0] > 0 else a,
+    "a count of a mask against 0": lambda m, a, b: b if torch.count_nonzero(a < 0) > 0 else a,
+    "a mask iterated in Python": lambda m, a, b: b if any(bool(v) for v in (a < 0).any(-1).any(-1)) else a,
+    "torch.equal of two masks": lambda m, a, b: b if not torch.equal(a < 0, a < -1) else a,
+    "an item read inside torch.no_grad()": lambda m, a, b: b if _lowest_without_gradient(a) < 0 else a,
 }
+
+
+def _lowest_without_gradient(y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return y.min().item()
 
 
 @pytest.mark.parametrize("name", list(PYTHON_BRANCHES))
@@ -428,11 +483,30 @@ def test_a_check_that_the_input_holds_numbers_is_no_branch():
     """``if isnan(x).any(): raise`` takes the side every finite input takes: probed as the model without it."""
 
     def checked(m, a, b):
-        if torch.isnan(a).any() or not torch.isfinite(b).all():
+        if torch.isnan(a).any() or not torch.isfinite(b).all() or (a != a).any():
             raise ValueError("not a number")
         return a + b
 
     assert probe_rf(MixedBranch(checked).eval(), (1, 1, 32), 16).bounds == ((12, 20),)
+
+
+def test_a_branch_on_the_weights_alone_is_no_branch_of_the_input():
+    """``if (self.logits != 0).any():`` reads the weights: the copy's constants take a side as they do anywhere."""
+    model = MixedBranch(lambda m, a, b: a + b if (m.logits != 0).any() else a).eval()
+    with torch.no_grad():
+        model.logits.fill_(1.0)
+    assert probe_rf(model, (1, 1, 32), 16).bounds == ((12, 20),)
+
+
+def test_positions_counted_from_a_mask_of_the_input_index_as_they_do():
+    """An integer index made from a mask (``m.long().cumsum(-1) - 1``) is no mask: it was read as one (every
+    position 1, 0..2 at output 16 where the index reads 14..18)."""
+
+    def counted(m, a, b):
+        positions = (a > -1e9).long().cumsum(-1) - 1  # 0, 1, 2, ... on any finite input
+        return b[0, 0][positions[0, 0]].view(1, 1, -1)
+
+    assert probe_rf(MixedBranch(counted).eval(), (1, 1, 32), 16).bounds == ((12, 20),)
 
 
 def test_a_fractional_max_pool_is_refused_where_its_regions_are_random_or_unread():
@@ -1430,7 +1504,7 @@ def test_effective_rf_and_rf_table_refuse_or_leave_out_a_layer_that_runs_twice()
     model = nn.Sequential(SharedReLU(), nn.Conv2d(1, 1, 3)).eval()
     with pytest.raises(ValueError, match="runs more than once"):
         effective_rf(model, torch.randn(2, 1, 16, 16), (8, 8), layer="0.relu")
-    with pytest.warns(UserWarning, match=r"1 rows are left out, of modules that run more than once.*0\.relu"):
+    with pytest.warns(UserWarning, match=r"1 row is left out, of modules that run more than once.*0\.relu"):
         rows = rf_table(model, (1, 1, 16, 16))
     assert [(row.name, row.size) for row in rows] == [
         ("0.conv1", (3, 3)), ("0.conv2", (5, 5)), ("0.bn2", (5, 5)), ("0", (5, 5)), ("1", (7, 7)),

@@ -375,7 +375,7 @@ class MelNormalised(nn.Module):
 def test_a_batch_norm_over_a_transposed_map_gets_no_row_read_channels_first():
     """Its output (1, mels, T, 1) read channels first gave a row (bounds ((32, 32), (0, 7)), stride (1, None)) where
     probe_rf(layer='bn0') refuses: its dim 1 is the input's mel axis, not channels."""
-    with pytest.warns(UserWarning, match=r"1 rows are left out.*bn0 \(1, 8, 64, 1\).*moved a spatial axis"):
+    with pytest.warns(UserWarning, match=r"1 row is left out.*bn0 \(1, 8, 64, 1\).*moved a spatial axis"):
         rows = rf_table(MelNormalised(), (1, 1, 64, 8))
     assert [row.name for row in rows] == ["conv"] and rows[0].bounds == ((31, 33), (3, 5))
     with pytest.raises(ValueError, match=r"moved a spatial axis of the input there"):

@@ -192,15 +192,14 @@ class Reporter:
                     figure = figure_to_array(plot_rf_figure(field))
                     self.image(trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption)
 
-    def effective_note(self, trainer, fields: list[EffectiveField], target) -> None:
+    def effective_note(self, trainer, theoretical: list[ReceptiveField], target) -> None:
         """Says which cell each position index is on validation inputs shaped unlike the probed input.
 
         Args:
             trainer: the Lightning ``Trainer``.
-            fields: the effective fields, one per position.
+            theoretical: the theoretical field of every position on those inputs, in the order of ``pos``.
             target: per axis, the target size, or ``None``.
         """
-        theoretical = [field.theoretical for field in fields]
         note = dashboard.positions_note(self.layer_name, theoretical, target, effective=True)
         cells = ", ".join(
             f"pos{index} is cell {field.position} of a {' x '.join(map(str, field.output_shape))} map"
@@ -239,7 +238,7 @@ class Reporter:
         *,
         step: int,
         fields: list[ReceptiveField],
-        effective: list[EffectiveField],
+        effective: dict[int, EffectiveField],
         image,
         history: list[dict[str, Any]],
         target: tuple[int, ...] | None,
@@ -250,7 +249,7 @@ class Reporter:
             trainer: the Lightning ``Trainer``.
             step: the step of the last probe.
             fields: the last probe's fields.
-            effective: the last effective fields, one per position.
+            effective: the last effective field of each position that has one, by its index in ``pos``.
             image: the input the effective field is drawn over (its channels' mean where they are not 1 or 3).
             history: the callback's history (the growth curve's epochs and metrics).
             target: per axis, the target size, or ``None``.
@@ -261,15 +260,15 @@ class Reporter:
         for index, field in enumerate(fields):
             figure = figure_to_array(plot_rf_figure(field))
             self.image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self.caption(field))
-        for index, effective_field in enumerate(effective):
+        for index, effective_field in effective.items():
             overlay = plot_effective(effective_field, image=_drawable(image), q=self.coverage_mass, target=target)
             tag = dashboard.image_tag(layer, index, "overlay")
             self.image(trainer, tag, figure_to_array(overlay), step, self.caption(effective_field))
         entries = [entry for entry in history if entry.get("effective")]
         # The history keys each epoch's metrics by cell; position indices that name one cell share its curve.
-        labels = [dashboard.position_label(f.position) for f in effective]
-        labels = labels or list(entries[-1]["effective"] if entries else [])
-        for index, label in enumerate(labels):
+        labels = {index: dashboard.position_label(f.position) for index, f in effective.items()}
+        labels = labels or dict(enumerate(entries[-1]["effective"] if entries else []))
+        for index, label in labels.items():
             rows = [(entry["epoch"], entry["effective"][label]) for entry in entries if label in entry["effective"]]
             title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
             image_array = figure_to_array(plot_growth(rows, title=title, target=target))

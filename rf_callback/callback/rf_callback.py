@@ -366,6 +366,8 @@ class RFCallback(Callback):
             reservoir, self._reservoir = self._reservoir, None
             with self._failures.guard("inputs", "choosing the effective field's inputs", inputs_fix):
                 self._erf_inputs = reservoir.chosen(trainer.strategy, trainer.world_size)
+            if (note := reservoir.passed_over_note()) is not None:
+                rank_zero_warn(f"RFCallback: {note}")
         if trainer.sanity_checking or self.input_shape is None:
             return
         if trainer.state.fn == "fit" and not self._schedule.due(trainer.current_epoch, trainer.check_val_every_n_epoch):
@@ -420,7 +422,7 @@ class RFCallback(Callback):
         ):
             self._reporter.final_figures(
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
-                fields=self._last_fields, effective=[self._last_effective[i] for i in sorted(self._last_effective)],
+                fields=self._last_fields, effective=dict(sorted(self._last_effective.items())),
                 image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
                 target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
@@ -532,10 +534,10 @@ class RFCallback(Callback):
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
         measured = self._prober.effective(pl_module, self._erf_inputs, self._shape)
-        fields = [field for _, field in measured if field is not None]
-        if fields and fields[0].theoretical.input_shape[1:] != tuple(self._shape[1:]) and not self._said_other_cells:
+        cells = [cell for cell, _ in measured]  # every position's, by its index in pos
+        if cells and cells[0].input_shape[1:] != tuple(self._shape[1:]) and not self._said_other_cells:
             self._said_other_cells = True
-            self._reporter.effective_note(trainer, fields, self._target_for(len(self._shape) - 2))
+            self._reporter.effective_note(trainer, cells, self._target_for(len(self._shape) - 2))
         entry, events = {}, []
         # Two position indices may name one cell of inputs shaped otherwise: that cell is checked once per probe.
         checked: dict[str, tuple[bool, int]] = {}
@@ -563,7 +565,9 @@ class RFCallback(Callback):
             if field is not None:
                 self._last_effective[index] = field  # its overlay on a validation input is drawn at fit end
                 self._reporter.effective_image(trainer, index, field)
-            elif label not in self._said_no_gradient:
+                continue
+            self._last_effective.pop(index, None)  # an earlier epoch's field is not this one's
+            if label not in self._said_no_gradient:
                 self._said_no_gradient.add(label)
                 rank_zero_warn(
                     f"RFCallback: at epoch {trainer.current_epoch}, the output of {self.layer_name} at "

@@ -28,13 +28,18 @@ class InputReservoir:
         self._generator = np.random.default_rng(np.random.SeedSequence([seed % 2**64, rank]))
         self.keys = torch.empty(0, dtype=torch.float64)
         self.samples: torch.Tensor | None = None
+        # Samples offered, and those of them passed over for a shape unlike the first kept one's (see passed_over).
+        self.offered = 0
+        self.passed_over = 0
 
     def add(self, inputs: torch.Tensor | None) -> None:
         """Offers the samples of one batch ``(N, C, *spatial)``; anything else is passed over."""
         if not isinstance(inputs, torch.Tensor) or not 3 <= inputs.dim() <= 5 or len(inputs) == 0:
             return
         keys = torch.from_numpy(self._generator.random(len(inputs)))
+        self.offered += len(inputs)
         if self.samples is not None and inputs.shape[1:] != self.samples.shape[1:]:
+            self.passed_over += len(inputs)
             return
         if len(self.keys) < self.count:
             chosen = torch.arange(len(inputs))
@@ -48,6 +53,17 @@ class InputReservoir:
         samples = new if self.samples is None else torch.cat([self.samples, new])
         order = _smallest_distinct(keys, samples, self.count)
         self.keys, self.samples = keys[order], samples[order]
+
+    def passed_over_note(self) -> str | None:
+        """What was passed over for its shape, in words, or ``None`` where every sample offered could be chosen."""
+        if not self.passed_over or self.samples is None:
+            return None
+        return (
+            f"{self.passed_over} of the {self.offered} validation samples were shaped unlike the first batch's "
+            f"{tuple(self.samples.shape[1:])} and passed over (batches padded to their longest sample, validation at "
+            f"several sizes): the effective field is measured on inputs of that one shape; pad the validation batches "
+            f"to one size where it should describe them all"
+        )
 
     def chosen(self, strategy, world_size: int) -> torch.Tensor | None:
         """The chosen inputs, the same on every rank (pooled over the ranks under DDP); ``None`` if none was seen."""

@@ -593,8 +593,8 @@ def forward_to(
         handles.append(target.register_forward_hook(capture))
     grad_enabled = torch.is_grad_enabled()
     ran_to_the_end = False
-    if inputs.dtype != torch.get_default_dtype() and hasattr(functions, "factory_dtype"):
-        functions.factory_dtype = inputs.dtype
+    if _wider(inputs.dtype, torch.get_default_dtype()) and hasattr(functions, "factory_dtype"):
+        functions.factory_dtype = inputs.dtype  # float64: not float16, where a -1e9 mask made in it would overflow
     try:
         with functions:
             output = copy(inputs.clone())  # a forward may scale its input in place (x /= 255): not the leaf itself
@@ -641,12 +641,18 @@ def forward_to(
         )
     if functions.operator_calls:
         calls = list(dict.fromkeys(functions.operator_calls))
+        named = f"{', '.join(calls[:4])}{', ...' if len(calls) > 4 else ''}"
+        if any(not call.startswith(("aten.", "prims.")) for call in calls):
+            raise ProbeError(
+                f"the forward up to the output of {where(layer)} calls custom ops on values of the input ({named}): "
+                f"the theoretical copy cannot see inside them, where an activation or a tie could hide pixels; write "
+                f"the op with torch functions in the forward, or use mode='weights' (what the current weights connect)"
+            )
         raise ProbeError(
-            f"the forward up to the output of {where(layer)} calls operator overloads on values of the input "
-            f"({', '.join(calls[:4])}{', ...' if len(calls) > 4 else ''}: a torch.export or make_fx graph, or a "
-            f"custom op), below the functions (F.max_pool2d, F.relu, torch.sub) that the theoretical copy replaces "
-            f"by twins that hide no pixel, so a tie or an activation could hide some; probe the eager module it was "
-            f"made from, or use mode='weights' (what the current weights connect)"
+            f"the forward up to the output of {where(layer)} calls aten's operator overloads on values of the input "
+            f"({named}: a torch.export or make_fx graph), below the functions (F.max_pool2d, F.relu, torch.sub) that "
+            f"the theoretical copy replaces by twins that hide no pixel, so a tie or an activation could hide some; "
+            f"probe the eager module it was made from, or use mode='weights' (what the current weights connect)"
         )
     if functions.branches:
         raise ProbeError(
@@ -975,6 +981,10 @@ def _has_dead_window(length: int, kernel: int, stride: int, padding: int, dilati
         if first_inside > kernel - 1 or start + first_inside * dilation > length - 1:
             return True
     return False
+
+
+def _wider(dtype: torch.dtype, than: torch.dtype) -> bool:
+    return dtype.is_floating_point and than.is_floating_point and torch.finfo(dtype).bits > torch.finfo(than).bits
 
 
 class _IntegerQuantized(Exception):

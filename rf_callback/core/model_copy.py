@@ -213,9 +213,14 @@ class _ProbeFunctions(TorchFunctionMode):
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
         self._input_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        # Those that only check the input's values are numbers (isnan, isfinite, and masks made of them alone): a
-        # branch on one in Python (if isnan(x).any(): raise) takes the side any finite input takes.
-        self._validity_masks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Those whose Python value is no branch of the input's: checks that its values are numbers (isnan, x != x,
+        # and masks made of them alone: if isnan(x).any(): raise takes the side any finite input takes), and masks
+        # computed from the weights alone (the copy's constants stand for any weights, as they do without a branch).
+        self._unbranching: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Integers computed from those masks alone (a count, a cumsum, the positions nonzero() gives): no mask to
+        # twin, and a branch where Python reads them; and the tensors whose length a mask chose (x[m], m.nonzero()).
+        self._mask_numbers: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._mask_sized: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
         # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
         self.branches: list[str] = []
@@ -273,7 +278,7 @@ class _ProbeFunctions(TorchFunctionMode):
             # aten.topk.default is read as topk (its cuts, picks and draws), and runs as it is: the twins take torch's
             # signatures, not aten's (theoretical mode refuses such calls, see graph.forward_to)
             name = func.overloadpacket.__name__
-        if name in ("scaled_dot_product_attention", "multi_head_attention_forward"):
+        if name in _ATTENTIONS:
             self.work += _attention_score_count(name, args, kwargs)  # made inside the call, unseen here
         if not self.recording:
             return self._counted(self._called(func, called, args, kwargs))
@@ -281,10 +286,16 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
-        if self.linearise and not from_input and self._input_masks:
-            direct = (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))  # a list's mask: _of_masks
+        if self.linearise and _reads_a_length(func, name) and any(id(t) in self._mask_sized for t in tensors):
+            self.branches.append(f"{_length_read(func, name)} of what a mask computed from the input selects")
+        if self.linearise and not from_input and (self._input_masks or self._mask_numbers):
+            direct = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a list's mask: _of_masks
             if any(id(t) in self._input_masks for t in direct):
                 return self._of_masks(func, args, kwargs)
+            if any(id(t) in self._mask_numbers for t in direct):
+                return self._of_mask_numbers(func, name, args, kwargs, direct)
+        if self.linearise and from_input and name in _TO_PYTHON and not torch.is_grad_enabled():
+            self.branches.append(f"{name}() of the input inside torch.no_grad()")
         coupling = None
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
@@ -352,8 +363,13 @@ class _ProbeFunctions(TorchFunctionMode):
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
         if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
             self._input_masks[id(result)] = result
-            if name in _VALIDITY_CHECKS:
-                self._validity_masks[id(result)] = result
+            if name in _VALIDITY_CHECKS or (name in _SELF_COMPARISONS and len(args) > 1 and args[0] is args[1]):
+                self._unbranching[id(result)] = result
+        if self.linearise and not _reads_a_length(func, name):
+            self._note_mask_sized(tensors, result)
+        if self.linearise and name in ("__getitem__", "masked_select") and isinstance(result, torch.Tensor):
+            if len(args) > 1 and isinstance(args[1], torch.Tensor) and id(args[1]) in self._input_masks:
+                self._mask_sized[id(result)] = result
         if self.linearise and from_input and isinstance(func, torch._ops.OpOverload):
             self.operator_calls.append(str(func))
         if self.linearise and from_input and name in _PYTHON_COMPARISONS:
@@ -481,6 +497,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 self._from_weights[id(item)] = item
                 if item.dtype == torch.bool:
                     self._input_masks[id(item)] = item
+                    self._unbranching[id(item)] = item
 
     def _unwritten(self, name: str, args) -> torch.Tensor | None:
         """A clone of the target of an in-place call that has no generic twins, or None."""
@@ -681,18 +698,43 @@ class _ProbeFunctions(TorchFunctionMode):
         it is 0.5, so a gate by it (``a * m + b * (1 - m)``) keeps both paths.
         """
         masks = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self._input_masks]
-        checks_only = all(id(mask) in self._validity_masks for mask in masks)
+        unbranching = all(id(mask) in self._unbranching for mask in masks)
         name = getattr(func, "__name__", "")
         result = func(*args, **kwargs)
-        if name in _TO_PYTHON and not checks_only:
+        if (name in _TO_PYTHON or name in _PYTHON_COMPARISONS) and not unbranching:
             self.branches.append(f"{name}() of a mask computed from the input")
         if isinstance(result, torch.Tensor) and result.is_floating_point():
             result = torch.full_like(result, 0.5)
-        if isinstance(result, torch.Tensor) and not result.is_complex():  # a count too: int((y > 0).sum())
-            self._input_masks[id(result)] = result
-            if checks_only and result.dtype == torch.bool:
-                self._validity_masks[id(result)] = result
+        for item in result if isinstance(result, (tuple, list)) else (result,):  # unbind(): for m in masks
+            if not isinstance(item, torch.Tensor) or item.is_complex():
+                continue
+            if item.dtype == torch.bool or item.is_floating_point():
+                self._input_masks[id(item)] = item
+                if unbranching:
+                    self._unbranching[id(item)] = item
+            elif not unbranching:  # a count or positions, int((y > 0).sum()), m.nonzero(): no mask to twin
+                self._mask_numbers[id(item)] = item
+                if name in _MASK_SIZED:
+                    self._mask_sized[id(item)] = item
         return result
+
+    def _of_mask_numbers(self, func, name: str, args, kwargs, operands: list[torch.Tensor]):
+        """A call on integers computed from masks of the input alone: a branch where it makes a Python value."""
+        if name in _TO_PYTHON or name in _PYTHON_COMPARISONS:
+            self.branches.append(f"{name}() of a number computed from a mask of the input")
+        result = func(*args, **kwargs)
+        if _reads_a_length(func, name):
+            return result
+        for item in _tensors_among((result,)):  # (y > 0).sum() > 0 is a mask of the input again
+            (self._input_masks if item.dtype == torch.bool else self._mask_numbers)[id(item)] = item
+        self._note_mask_sized(operands, result)
+        return result
+
+    def _note_mask_sized(self, operands: list[torch.Tensor], result) -> None:
+        """Notes ``result``'s tensors as sized by a mask where an operand was (``x[m] * 2``, ``m.nonzero()[:, 0]``)."""
+        if self._mask_sized and any(id(t) in self._mask_sized for t in operands):
+            for item in _tensors_among((result,)):
+                self._mask_sized[id(item)] = item
 
     def _mask_as_number(self, operand, args):
         """A boolean mask computed from the input, as the factor of a product: 0.5 (see :meth:`_of_masks`)."""
@@ -1221,6 +1263,21 @@ def _masks_in_query_dtype(name: str, args, kwargs):
 # whose masks only check that values are numbers (see _ProbeFunctions._of_masks).
 _PYTHON_COMPARISONS = frozenset({"equal", "allclose", "is_nonzero"})
 _VALIDITY_CHECKS = frozenset({"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal"})
+_SELF_COMPARISONS = frozenset({"ne", "__ne__", "eq", "__eq__"})  # x != x: the NaN check of old
+# Calls on a mask whose result's length the mask chose, and the calls that read a tensor's length.
+_MASK_SIZED = frozenset({"nonzero", "argwhere", "nonzero_static", "where"})
+_LENGTH_READS = frozenset({"__len__", "numel", "nelement", "size"})
+
+
+def _reads_a_length(func, name: str) -> bool:
+    """Whether the call reads a tensor's length: ``len(t)``, ``t.numel()``, ``t.size()``, ``t.shape``."""
+    return name in _LENGTH_READS or (
+        name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "shape"
+    )
+
+
+def _length_read(func, name: str) -> str:
+    return "shape" if name == "__get__" else f"{name}()"
 
 
 def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
@@ -1937,8 +1994,12 @@ def scripted_modules(model: nn.Module) -> list[str]:
 
 
 def integer_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` was converted to integer quantization (``torch.ao.quantization.convert``)."""
-    return type(module).__module__.startswith(_INTEGER_QUANTIZED)
+    """Whether ``module`` was converted to integer quantization (``torch.ao.quantization.convert``).
+
+    Reference modules (``convert_to_reference_fx``) compute in floats, with a gradient: not those.
+    """
+    kind = type(module).__module__
+    return kind.startswith(_INTEGER_QUANTIZED) and not kind.startswith("torch.ao.nn.quantized.reference")
 
 
 _INTEGER_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")

@@ -286,7 +286,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         reused = [o.name for o in chosen if o.calls > 1]
         if reused:
             warnings.warn(
-                f"rf_table: {len(reused)} rows are left out, of modules that run more than once in the forward, each "
+                f"rf_table: {_left_out(len(reused))}, of modules that run more than once in the forward, each "
                 f"call with a field of its own (a ReLU shared by a block's convolutions has the field of the layer "
                 f"each call follows): {_some(reused)}",
                 stacklevel=3,
@@ -298,7 +298,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         if contradicted:
             chosen = [o for o in chosen if o.name not in contradicted]
             warnings.warn(
-                f"rf_table: {len(contradicted)} rows are left out, read in layout={layout!r} only because it says "
+                f"rf_table: {_left_out(len(contradicted))}, read in layout={layout!r} only because it says "
                 f"so, while their shapes say otherwise (another row of the same shape laid out otherwise, or channels "
                 f"that follow the input): {_some(contradicted.values())}"
                 f"; list them in layers= to read them in layout={layout!r}",
@@ -308,7 +308,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             # A 4-axis output reads the same channels first or last: say which listed rows only layout= decided.
             assumed = [o.name for o in chosen if o.assumed]
             warnings.warn(
-                f"rf_table: {len(misfits)} rows are left out, whose outputs do not fit the layout they are read in "
+                f"rf_table: {_left_out(len(misfits))}, whose outputs do not fit the layout they are read in "
                 f"({_some(f'{o.name} {o.shape}' for o in misfits)}); the first: {misfits[0].misfit}"
                 + (
                     f". These rows are read in layout={layout!r} only because it says so, and may be laid out as "
@@ -377,6 +377,10 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
         rows.append(_row(output, center, bounds, geometry, shape))
     return rows
+
+
+def _left_out(count: int) -> str:
+    return "1 row is left out" if count == 1 else f"{count} rows are left out"
 
 
 def _contradicted(chosen: list[_Output], outputs: list[_Output], grown: dict[str, str]) -> dict[str, str]:
@@ -542,7 +546,8 @@ def _forward_outputs(
                     misfit = (
                         f"the output of layer {name!r} is {tuple(output.shape)}, whose dim 1 channels first would "
                         f"read as channels, but the forward moved a spatial axis of the input there (a permute or "
-                        f"transpose before it), as probe_rf(..., layer={name!r}) says"
+                        f"transpose before it), as probe_rf(..., layer={name!r}) says; pass layout='channels_last' if "
+                        f"it is laid out (N, *spatial, C)"
                     )
             feature_map = None
             grid: tuple[int, ...] = ()
