@@ -392,6 +392,26 @@ def test_heatmap_image_is_magma_enlarged_block_for_block():
         assert (blocks[row, 0, col, 0] == expected).all()
 
 
+def test_an_exact_fields_faint_border_is_drawn_apart_from_the_background():
+    """A 20-layer stack's field (41 x 41 at the centre of 48 x 48) showed as 23 x 23: 1236 of its 1681 pixels, below
+    1/256 of the peak (the corner 1e-18 of it), were drawn as the background's colour."""
+    from rf_callback import probe_rf
+    from rf_callback.plotting import heatmap_image
+
+    stack = torch.nn.Sequential(*[torch.nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(20)])
+    field = probe_rf(stack, (1, 1, 48, 48), (24, 24))
+    assert field.bounds == ((4, 44), (4, 44))
+    for support, drawn in ((True, 41), (False, None)):
+        image = heatmap_image(field.heatmap, support=support, min_side=48)
+        background = (image == image[0, 0]).all(-1)
+        rows = np.flatnonzero(~background.all(1))
+        if drawn is None:
+            assert rows[-1] - rows[0] + 1 < 41  # drawn by mass: the faint border fades into the background
+        else:
+            assert (rows[0], rows[-1] - rows[0] + 1) == (4, drawn)
+            assert (~background).sum() == 41 * 41
+
+
 def test_heatmap_image_of_1d_and_3d_fields():
     from rf_callback.plotting import heatmap_image
 

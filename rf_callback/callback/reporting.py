@@ -187,7 +187,8 @@ class Reporter:
                 caption = self.caption(field)
                 tag = dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}")
                 # probe_rf at named positions draws every field's heatmap: only a ReceptiveFieldMap's lack one.
-                self.image(trainer, tag, heatmap_image(cast(torch.Tensor, field.heatmap)), step, caption)
+                heatmap = heatmap_image(cast(torch.Tensor, field.heatmap), support=True)
+                self.image(trainer, tag, heatmap, step, caption)
                 if figures:
                     figure = figure_to_array(plot_rf_figure(field))
                     self.image(trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption)
