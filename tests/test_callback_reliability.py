@@ -161,6 +161,25 @@ def test_samples_passed_over_for_their_shape_are_counted_and_said(tmp_path):
     )
 
 
+class LazyClassifier(ConvClassifier):
+    """ConvClassifier's layers as lazy modules: no parameters before the first forward pass."""
+
+    def __init__(self):
+        super().__init__(example=False)
+        self.features = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), nn.LazyConv2d(8, 3, padding=1))
+        self.head = nn.LazyLinear(3)
+
+
+def test_lazy_modules_are_probed_after_the_first_step_instead_of_failing_at_fit_start(tmp_path):
+    """The fit-start probe failed ("have no parameters yet"), and the theoretical field was never logged."""
+    rf = RFCallback(layer="features", log_images=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], LazyClassifier(), *loaders(), logger=False, max_epochs=1)
+    assert not [str(w.message) for w in record if "RFCallback" in str(w.message)]
+    assert (rf.history[0]["epoch"], rf.history[0]["step"]) == (None, 1)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 5
+
+
 # -- failures warn once, with the reason and the fix; strict raises
 
 

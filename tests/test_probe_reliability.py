@@ -83,6 +83,16 @@ def test_tuple_or_dict_output_needs_an_explicit_element():
     assert field.to_dict()["element"] == 1 and verify_rf(TwoMaps(), field).passed
 
 
+def test_a_model_with_lazy_modules_not_yet_run_is_refused_with_the_fix():
+    """It was refused as a model that "cannot be deep-copied" (make that attribute copyable)."""
+    lazy = nn.Sequential(nn.LazyConv2d(2, 3), nn.LazyConv2d(2, 3))
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ValueError, match=r"lazy modules \['0', '1'\] have no parameters yet.*run one forward"):
+            probe_rf(lazy, SHAPE, "center", mode=mode)
+    lazy(torch.randn(SHAPE))
+    assert probe_rf(lazy, SHAPE, "center").size == (5, 5)
+
+
 def test_scripted_model_is_refused_in_theoretical_mode_and_measured_in_weights_mode():
     scripted = torch.jit.script(small().eval())
     with pytest.raises(ValueError, match="TorchScript.*Python module it was scripted from.*mode='weights'"):

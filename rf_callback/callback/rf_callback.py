@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from rf_callback.callback import dashboard
 from rf_callback.callback.arguments import (
@@ -242,6 +244,9 @@ class RFCallback(Callback):
         self._erf_inputs: torch.Tensor | None = None
         self._shape_source = "input_shape=" if self.input_shape is not None else None
         self._initial_logged = False
+        # Lazy modules without parameters at fit start: the fit-start probe waits for the first training step
+        # (True while it waits; False once it waited, so a module no step materialises fails as it would).
+        self._initial_waits: bool | None = None
         # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
         self._schedule = ProbeSchedule(self.every_n_epochs)
         self._prober = FieldProber(
@@ -357,6 +362,12 @@ class RFCallback(Callback):
         """Takes the input shape from the first training batch when it is still unknown: before any step."""
         self._from_first_batch(trainer, pl_module, batch)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Runs the fit-start probe after the first step where lazy modules had no parameters before it."""
+        if self._initial_waits:
+            self._initial_waits = False
+            self._probe_initial(trainer, pl_module)
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         """Probes the current weights after every ``every_n_epochs``-th validation epoch (not the sanity check).
 
@@ -452,6 +463,13 @@ class RFCallback(Callback):
                 self._describe_dashboard(trainer, kept, self._target_for(n_axes))
             return
         target = self._target_for(n_axes)  # refused now if it does not fit the input's axes
+        if self._initial_waits is None and trainer.state.fn == "fit" and _has_lazy_parameters(pl_module):
+            self._initial_waits = True
+            rank_zero_info(
+                "RFCallback: the model's lazy modules have no parameters before its first forward pass: the "
+                "fit-start probe runs after the first training step"
+            )
+            return
         theoretical: list[ReceptiveField] | None = None
         try:
             theoretical = self._prober.probe(pl_module, "theoretical", self._shape)
@@ -713,6 +731,10 @@ def _weight_averaging_before(trainer, callback: Callback) -> int | None:
         if any(cls.__name__ == "WeightAveraging" for cls in type(other).__mro__):
             return index
     return None
+
+
+def _has_lazy_parameters(module: nn.Module) -> bool:
+    return any(isinstance(p, UninitializedParameter) for p in module.parameters())
 
 
 def _fit_start_step(trainer) -> int:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from torch.overrides import TorchFunctionMode
 
 from rf_callback.core import geometry_flow
@@ -2008,6 +2010,13 @@ _INTEGER_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.n
 def _checked_device(model: nn.Module) -> None:
     tensors = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
     for tensor in tensors:
+        if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
+            lazy = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, LazyModuleMixin)]
+            raise ValueError(
+                f"the model's lazy modules {lazy[:3]} have no parameters yet (they take their shapes from the first "
+                f"input they see), so the probe cannot copy them; run one forward pass first (model(example_input)), "
+                f"as the Trainer's first step does"
+            )
         if tensor.is_meta:
             raise ValueError(
                 "the model's parameters are on the meta device (shapes without values), so the probe cannot run it; "
