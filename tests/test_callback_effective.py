@@ -272,3 +272,27 @@ def test_a_position_that_loses_its_effective_field_gets_no_overlay_of_an_earlier
     events.Reload()
     assert [e.step for e in events.Images("rf/features/pos0/heatmap/effective")] == [4]  # epoch 0's, at its step
     assert "rf/features/pos0/overlay" not in events.Tags()["images"]
+
+
+class CornerDeadThenAll(CornerDead):
+    """CornerDead, then every unit dead from epoch 1 (a bias of -1e4)."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                self.features[0].bias.fill_(-1e4)
+
+
+def test_a_growth_curve_keeps_its_index_when_no_position_has_a_field_at_fit_end(tmp_path):
+    """pos1 (5, 5) had a field at epoch 0 only, pos0 (0, 0) never: pos1's curve went under pos0 ("pos0 (5, 5)")."""
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(pos=[(0, 0), (5, 5)], layer="features", erf_samples=8)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger), callbacks=[callback])
+    with recorded_warnings():
+        trainer.fit(CornerDeadThenAll(), corner_data(8), corner_data(8))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [tag for tag in events.Tags()["images"] if tag.endswith(("growth", "overlay"))] == [
+        "rf/features/pos1/growth"
+    ]
+    assert callback.state_dict()["effective_cells"] == {0: "0_0", 1: "5_5"}

@@ -7,6 +7,7 @@ import collections
 import copy
 import dataclasses
 import itertools
+import re
 import threading
 
 import numpy as np
@@ -81,6 +82,72 @@ def test_tuple_or_dict_output_needs_an_explicit_element():
         probe_rf(small(), SHAPE, "center", element=0)
     field = probe_rf(TwoMaps(), SHAPE, "center", element=1)
     assert field.to_dict()["element"] == 1 and verify_rf(TwoMaps(), field).passed
+
+
+class Permuted(nn.Module):
+    """``layers`` after ``permute(order)`` of the raw input (``None``: no permute)."""
+
+    def __init__(self, order, *layers):
+        super().__init__()
+        self.order, self.layers = order, nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x if self.order is None else x.permute(*self.order))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.lstm = nn.LSTM(features, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+INPUTS_READ_OTHERWISE = {
+    # (N, L, C) series, 321 variables: the field came out along the variables, 0..320 for 30..34 along L
+    "a series (N, L, C) permuted before its Conv1d": (
+        lambda: Permuted((0, 2, 1), nn.Conv1d(321, 4, 3), nn.Conv1d(4, 4, 3)), (1, 96, 321), 30, "conv1d()"),
+    "a series (N, L, C) into an LSTM": (lambda: Recurrent(64), (1, 48, 64), 10, "lstm()"),
+    # (N, T, C, H, W) video: T read as the RGB axis, size 3 for 5
+    "a video (N, T, C, H, W) permuted before its Conv3d": (
+        lambda: Permuted((0, 2, 1, 3, 4), nn.Conv3d(3, 4, 5, padding=2)), (1, 16, 3, 24, 24), (5, 8, 8), "conv3d()"),
+    "an image (N, H, W, C) permuted before its Conv2d": (
+        lambda: Permuted((0, 3, 1, 2), nn.Conv2d(3, 4, 5, padding=2)), (1, 24, 24, 3), (5, 8), "conv2d()"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(INPUTS_READ_OTHERWISE))
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_an_input_laid_out_otherwise_than_channels_first_is_refused(mode, name):
+    build, shape, pos, reader = INPUTS_READ_OTHERWISE[name]
+    with pytest.raises(ValueError, match=rf"input_shape={re.escape(str(shape))} is read channels first.*{reader}"):
+        probe_rf(build(), shape, pos, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_an_input_channels_first_that_the_model_permutes_to_its_features_is_probed(mode):
+    """(N, C, L) moved to (N, L, C) before a per-step Linear reads its channels there: probed, one step wide; and a
+    Linear over the positions of an (N, C, L) input (a token mixer, DLinear) is no layout the probe can tell apart."""
+    model = Permuted((0, 2, 1), nn.Linear(7, 4), Transposed())
+    assert probe_rf(model, (1, 7, 32), 10, mode=mode).bounds == ((10, 10),)
+    scaled = Permuted(None, nn.Identity(), nn.Conv1d(7, 4, 3))  # pointwise on the raw input: still channels first
+    assert probe_rf(Permuted(None, nn.Linear(32, 32)), (1, 7, 32), 10, mode=mode).bounds == ((0, 31),)
+    assert probe_rf(Scaled(scaled), (1, 7, 32), 10, mode=mode).bounds == ((10, 12),)
+
+
+class Transposed(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+class Scaled(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model((x / 255 - 0.5).float())
 
 
 def test_a_model_with_lazy_modules_not_yet_run_is_refused_with_the_fix():
@@ -465,8 +532,6 @@ PYTHON_BRANCHES = {
     "an early exit on a confidence": lambda m, a, b: a if (a.sigmoid() > 0.9).all() else a + b,
     "torch.equal of two maps": lambda m, a, b: a if torch.equal(a, b) else b,
     "a mask made of a comparison and a NaN check": lambda m, a, b: a if (torch.isnan(a) | (a > 0)).all() else b,
-    "the length of what a mask selects": lambda m, a, b: b if len(a[a < 0]) else a,
-    "the shape of a mask's nonzero()": lambda m, a, b: b if (a < 0).nonzero().shape[0] > 0 else a,
     "a count of a mask against 0": lambda m, a, b: b if torch.count_nonzero(a < 0) > 0 else a,
     "a mask iterated in Python": lambda m, a, b: b if any(bool(v) for v in (a < 0).any(-1).any(-1)) else a,
     "torch.equal of two masks": lambda m, a, b: b if not torch.equal(a < 0, a < -1) else a,
@@ -505,6 +570,21 @@ def test_a_branch_on_the_weights_alone_is_no_branch_of_the_input():
     model = MixedBranch(lambda m, a, b: a + b if (m.logits != 0).any() else a).eval()
     with torch.no_grad():
         model.logits.fill_(1.0)
+    assert probe_rf(model, (1, 1, 32), 16).bounds == ((12, 20),)
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        lambda a: (a > 0).sum(-1, keepdim=True) / a.shape[-1],  # a share of a count
+        lambda a: torch.count_nonzero(a > 0, dim=-1).unsqueeze(-1) / a.shape[-1],
+        lambda a: (a > 0).long(),  # an integer mask
+    ],
+)
+def test_a_gate_made_of_a_count_or_an_integer_mask_keeps_both_paths(gate):
+    """On the copy's constant input a count is all or nothing: the gate was exactly 0 or 1, and cut the 9-tap
+    path (15..17 at output 16 for 12..20)."""
+    model = MixedBranch(lambda m, a, b: a * gate(a) + b * (1 - gate(a))).eval()
     assert probe_rf(model, (1, 1, 32), 16).bounds == ((12, 20),)
 
 

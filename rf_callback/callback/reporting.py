@@ -240,6 +240,7 @@ class Reporter:
         step: int,
         fields: list[ReceptiveField],
         effective: dict[int, EffectiveField],
+        cells: dict[int, str],
         image,
         history: list[dict[str, Any]],
         target: tuple[int, ...] | None,
@@ -251,6 +252,7 @@ class Reporter:
             step: the step of the last probe.
             fields: the last probe's fields.
             effective: the last effective field of each position that has one, by its index in ``pos``.
+            cells: the cell each index was measured at last (its label in the history), by its index in ``pos``.
             image: the input the effective field is drawn over (its channels' mean where they are not 1 or 3).
             history: the callback's history (the growth curve's epochs and metrics).
             target: per axis, the target size, or ``None``.
@@ -267,10 +269,10 @@ class Reporter:
             self.image(trainer, tag, figure_to_array(overlay), step, self.caption(effective_field))
         entries = [entry for entry in history if entry.get("effective")]
         # The history keys each epoch's metrics by cell; position indices that name one cell share its curve.
-        labels = {index: dashboard.position_label(f.position) for index, f in effective.items()}
-        labels = labels or dict(enumerate(entries[-1]["effective"] if entries else []))
-        for index, label in labels.items():
+        for index, label in sorted(cells.items()):
             rows = [(entry["epoch"], entry["effective"][label]) for entry in entries if label in entry["effective"]]
+            if not rows:  # never measured: no curve
+                continue
             title = f"effective field of {layer} at pos{index} ({label.replace('_', ', ')})"
             image_array = figure_to_array(plot_growth(rows, title=title, target=target))
             self.image(trainer, dashboard.image_tag(layer, index, "growth"), image_array, step, title)

@@ -260,6 +260,8 @@ class RFCallback(Callback):
         self._theoretical_logged_at: int | None = None  # the step the theoretical fields were last probed again at
         # By index in pos: two indices can name one cell of validation inputs shaped otherwise.
         self._last_effective: dict[int, EffectiveField] = {}
+        # The cell each position index was last measured at (its label in the history), for the growth curves.
+        self._effective_cells: dict[int, str] = {}
 
     @property
     def state_key(self) -> str:
@@ -406,6 +408,7 @@ class RFCallback(Callback):
             "initial_logged": self._initial_logged,
             "trackers": self._coverage.state_dict(),
             "schedule": self._schedule.state_dict(),
+            "effective_cells": dict(self._effective_cells),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -418,6 +421,7 @@ class RFCallback(Callback):
         if self._stage not in (None, "fit") and self._fitted:
             return
         self.history = list(state_dict.get("history", []))
+        self._effective_cells = {int(i): str(cell) for i, cell in state_dict.get("effective_cells", {}).items()}
         self._initial_logged = bool(state_dict.get("initial_logged", bool(self.history)))
         self._coverage.load_state_dict(state_dict.get("trackers", {}))
         self._schedule.load_state_dict(state_dict.get("schedule", {}))
@@ -434,6 +438,7 @@ class RFCallback(Callback):
             self._reporter.final_figures(
                 trainer, step=self.history[-1]["step"] if self.history else trainer.global_step,
                 fields=self._last_fields, effective=dict(sorted(self._last_effective.items())),
+                cells=self._effective_cells,
                 image=None if self._erf_inputs is None else self._erf_inputs[0], history=self.history,
                 target=self._target_for(len(self._shape) - 2),
             )  # fmt: skip
@@ -561,6 +566,7 @@ class RFCallback(Callback):
         checked: dict[str, tuple[bool, int]] = {}
         for index, (cell, field) in enumerate(measured):
             label = dashboard.position_label(cell.position)
+            self._effective_cells[index] = label
             logged = dashboard.no_effective_scalars(self.layer_name, index, len(cell.bounds))
             if field is not None:
                 metrics = {k: v for k, v in field.metrics((self.coverage_mass,)).items() if v is not None}

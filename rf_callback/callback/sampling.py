@@ -31,6 +31,7 @@ class InputReservoir:
         # Samples offered, and those of them passed over for a shape unlike the first kept one's (see passed_over).
         self.offered = 0
         self.passed_over = 0
+        self._common: tuple[int, ...] | None = None  # the shape the ranks' pooled choice keeps (see _pooled)
 
     def add(self, inputs: torch.Tensor | None) -> None:
         """Offers the samples of one batch ``(N, C, *spatial)``; anything else is passed over."""
@@ -56,11 +57,12 @@ class InputReservoir:
 
     def passed_over_note(self) -> str | None:
         """What was passed over for its shape, in words, or ``None`` where every sample offered could be chosen."""
-        if not self.passed_over or self.samples is None:
+        shape = self._common if self._common is not None else None if self.samples is None else self.samples.shape[1:]
+        if not self.passed_over or shape is None:
             return None
         return (
             f"{self.passed_over} of the {self.offered} validation samples were shaped unlike the first batch's "
-            f"{tuple(self.samples.shape[1:])} and passed over (batches padded to their longest sample, validation at "
+            f"{tuple(shape)} and passed over (batches padded to their longest sample, validation at "
             f"several sizes): the effective field is measured on inputs of that one shape; pad the validation batches "
             f"to one size where it should describe them all"
         )
@@ -75,12 +77,17 @@ class InputReservoir:
         """The ``count`` samples of smallest key over every rank's reservoir: two all-gathers, the same on all ranks."""
         device = strategy.root_device
         shape = tuple(self.samples.shape[1:]) if self.samples is not None else ()
-        meta = [len(self.keys), len(shape), *shape, *[0] * (self._MAX_SAMPLE_DIMS - len(shape))]
+        counts = [self.offered, self.passed_over]
+        meta = [len(self.keys), len(shape), *shape, *[0] * (self._MAX_SAMPLE_DIMS - len(shape)), *counts]
         metas = strategy.all_gather(torch.tensor(meta, dtype=torch.int64, device=device)).cpu().tolist()
         reference = next((m for m in metas if m[0] > 0), None)
         if reference is None:
             return None
         common = tuple(reference[2 : 2 + reference[1]])  # ranks whose inputs are shaped otherwise offer none
+        # Every rank's counts, and the samples a rank kept of another shape than the common one: passed over too.
+        self.offered = sum(m[-2] for m in metas)
+        self.passed_over = sum(m[-1] + (m[0] if tuple(m[2 : 2 + m[1]]) != common else 0) for m in metas)
+        self._common = common
         keys = torch.full((self.count,), float("inf"), dtype=torch.float64)
         samples = torch.zeros((self.count, *common), dtype=torch.float32)
         if self.samples is not None and shape == common:

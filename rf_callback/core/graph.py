@@ -528,6 +528,7 @@ class _ShapesOnly(contextlib.nullcontext):
     random_draws: list[str] = []
     branches: list[str] = []
     operator_calls: list[str] = []
+    input_read_otherwise: list[str] = []
 
     def cut_reason(self, tensor) -> None:
         return None
@@ -593,6 +594,8 @@ def forward_to(
         handles.append(target.register_forward_hook(capture))
     grad_enabled = torch.is_grad_enabled()
     ran_to_the_end = False
+    if hasattr(functions, "start_input"):
+        functions.start_input(inputs)
     if _wider(inputs.dtype, torch.get_default_dtype()) and hasattr(functions, "factory_dtype"):
         functions.factory_dtype = inputs.dtype  # float64: not float16, where a -1e9 mask made in it would overflow
     try:
@@ -638,6 +641,15 @@ def forward_to(
             f"({', '.join(dict.fromkeys(functions.random_draws))}): it would be one draw's, and follow the global "
             f"random state; draw only when self.training (as dropout does), or from a generator= seeded in the "
             f"forward, or probe a layer before the draw with layer="
+        )
+    if functions.input_read_otherwise:
+        raise ValueError(
+            f"input_shape={tuple(input_shape)} is read channels first, (N, C, *spatial): dim 1 ({input_shape[1]} "
+            f"long) as the channels, the rest as positions; but the model's first layer on its input reads another "
+            f"dim as its channels ({functions.input_read_otherwise[0]}): its input is laid out otherwise, (N, L, C) "
+            f"or (N, *spatial, C), and a field would be read across its channels; probe a module that takes the "
+            f"input channels first (forward(x) returns model(x.permute(...)) in the model's layout, on an "
+            f"input_shape whose dim 1 is the channels)"
         )
     if functions.operator_calls:
         calls = list(dict.fromkeys(functions.operator_calls))

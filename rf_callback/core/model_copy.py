@@ -219,16 +219,20 @@ class _ProbeFunctions(TorchFunctionMode):
         # and masks made of them alone: if isnan(x).any(): raise takes the side any finite input takes), and masks
         # computed from the weights alone (the copy's constants stand for any weights, as they do without a branch).
         self._unbranching: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        # Integers computed from those masks alone (a count, a cumsum, the positions nonzero() gives): no mask to
-        # twin, and a branch where Python reads them; and the tensors whose length a mask chose (x[m], m.nonzero()).
+        # Integers computed from those masks alone (a count, a cumsum, the positions nonzero() gives): indices keep
+        # their values, a factor of a product is 0.5 as a mask is, and a Python value read from one is a branch.
         self._mask_numbers: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
-        self._mask_sized: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
         # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
         self.branches: list[str] = []
         # Operator overloads called on input-dependent tensors in theoretical mode (aten.max_pool2d.default, what a
         # torch.export or make_fx graph calls): they come below the functions whose twins the copy runs.
         self.operator_calls: list[str] = []
+        # The probe's input and what the forward made of it by layout and pointwise calls alone, by id: (a weak
+        # reference, the dim its channels lie at); and the first layers that read another dim of it as channels or
+        # features (an (N, L, C) series permuted before its Conv1d): the input is not channels first.
+        self._raw: dict[int, tuple[weakref.ref, int]] = {}
+        self.input_read_otherwise: list[str] = []
         if flow is not None:
             flow.masks = self._input_masks  # a where() by such a mask may pick either operand (see geometry_flow)
         # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
@@ -267,6 +271,42 @@ class _ProbeFunctions(TorchFunctionMode):
         self._jitters.clear()
         return super().__exit__(exc_type, exc_value, traceback)
 
+    def start_input(self, inputs: torch.Tensor) -> None:
+        """Follows the probe's input ``(N, C, *spatial)``, its channels at dim 1, to the first layers that read it.
+
+        Args:
+            inputs: the input leaf.
+        """
+        self._raw = {id(inputs): (weakref.ref(inputs), 1)}
+
+    def _follow_input(self, name: str, args, kwargs, result) -> None:
+        """Moves the input's channel dim through a layout or pointwise call, or checks the layer that reads it."""
+        operand = args[0] if args else kwargs.get("input")
+        if not isinstance(operand, torch.Tensor):
+            return
+        first: torch.Tensor = operand
+        entry = self._raw.get(id(first))
+        if entry is None or entry[0]() is not first:
+            return
+        channels: int | None = entry[1]
+        rank = first.dim()
+        if name in _INPUT_LAYERS:
+            features = 1 if name.startswith("conv") else rank - 1
+            if channels != features:
+                self.input_read_otherwise.append(
+                    f"{name}() reads dim {features} of the input as its {'channels' if features == 1 else 'features'},"
+                    f" where the input's dim 1 lies at dim {channels}"
+                )
+            return
+        if not isinstance(result, torch.Tensor) or result.dim() != rank:
+            return
+        if name in _LAYOUT_MOVES:
+            channels = _moved_dim(name, args[1:], kwargs, rank, entry[1])
+        elif not (name.rstrip("_") in _POINTWISE_ON_INPUT and result.shape == first.shape):
+            return
+        if channels is not None:
+            self._raw[id(result)] = (weakref.ref(result), channels)
+
     def cut_reason(self, tensor) -> str | None:
         """Why ``tensor`` depends on the input without a gradient to it, or None."""
         if isinstance(tensor, torch.Tensor) and not tensor.requires_grad and id(tensor) in self._cut_from_input:
@@ -288,14 +328,12 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in _LIKE_ANOTHER and tensors:  # the other tensor lends its dtype or shape, none of its values
             tensors = tensors[:1]
         from_input = any(t.requires_grad or id(t) in self._cut_from_input for t in tensors)
-        if self.linearise and _reads_a_length(func, name) and any(id(t) in self._mask_sized for t in tensors):
-            self.branches.append(f"{_length_read(func, name)} of what a mask computed from the input selects")
         if self.linearise and not from_input and (self._input_masks or self._mask_numbers):
             direct = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a list's mask: _of_masks
             if any(id(t) in self._input_masks for t in direct):
                 return self._of_masks(func, args, kwargs)
             if any(id(t) in self._mask_numbers for t in direct):
-                return self._of_mask_numbers(func, name, args, kwargs, direct)
+                return self._of_mask_numbers(func, name, args, kwargs)
         if self.linearise and from_input and name in _TO_PYTHON and not torch.is_grad_enabled():
             self.branches.append(f"{name}() of the input inside torch.no_grad()")
         coupling = None
@@ -367,11 +405,8 @@ class _ProbeFunctions(TorchFunctionMode):
             self._input_masks[id(result)] = result
             if name in _VALIDITY_CHECKS or (name in _SELF_COMPARISONS and len(args) > 1 and args[0] is args[1]):
                 self._unbranching[id(result)] = result
-        if self.linearise and not _reads_a_length(func, name):
-            self._note_mask_sized(tensors, result)
-        if self.linearise and name in ("__getitem__", "masked_select") and isinstance(result, torch.Tensor):
-            if len(args) > 1 and isinstance(args[1], torch.Tensor) and id(args[1]) in self._input_masks:
-                self._mask_sized[id(result)] = result
+        if self._raw:
+            self._follow_input(name, args, kwargs, result)
         if self.linearise and from_input and isinstance(func, torch._ops.OpOverload):
             self.operator_calls.append(str(func))
         if self.linearise and from_input and name in _PYTHON_COMPARISONS:
@@ -716,31 +751,33 @@ class _ProbeFunctions(TorchFunctionMode):
                     self._unbranching[id(item)] = item
             elif not unbranching:  # a count or positions, int((y > 0).sum()), m.nonzero(): no mask to twin
                 self._mask_numbers[id(item)] = item
-                if name in _MASK_SIZED:
-                    self._mask_sized[id(item)] = item
         return result
 
-    def _of_mask_numbers(self, func, name: str, args, kwargs, operands: list[torch.Tensor]):
+    def _of_mask_numbers(self, func, name: str, args, kwargs):
         """A call on integers computed from masks of the input alone: a branch where it makes a Python value."""
         if name in _TO_PYTHON or name in _PYTHON_COMPARISONS:
             self.branches.append(f"{name}() of a number computed from a mask of the input")
         result = func(*args, **kwargs)
-        if _reads_a_length(func, name):
-            return result
+        if isinstance(result, torch.Tensor) and result.is_floating_point():
+            result = torch.full_like(result, 0.5)  # a share of a count, (y > 0).sum() / n: a mask's number
         for item in _tensors_among((result,)):  # (y > 0).sum() > 0 is a mask of the input again
-            (self._input_masks if item.dtype == torch.bool else self._mask_numbers)[id(item)] = item
-        self._note_mask_sized(operands, result)
+            if item.dtype == torch.bool or item.is_floating_point():
+                self._input_masks[id(item)] = item
+            else:
+                self._mask_numbers[id(item)] = item
         return result
 
-    def _note_mask_sized(self, operands: list[torch.Tensor], result) -> None:
-        """Notes ``result``'s tensors as sized by a mask where an operand was (``x[m] * 2``, ``m.nonzero()[:, 0]``)."""
-        if self._mask_sized and any(id(t) in self._mask_sized for t in operands):
-            for item in _tensors_among((result,)):
-                self._mask_sized[id(item)] = item
-
     def _mask_as_number(self, operand, args):
-        """A boolean mask computed from the input, as the factor of a product: 0.5 (see :meth:`_of_masks`)."""
-        if not (isinstance(operand, torch.Tensor) and operand.dtype == torch.bool and id(operand) in self._input_masks):
+        """A mask computed from the input, or an integer made of one, as the factor of a product: 0.5.
+
+        See :meth:`_of_masks`: ``a * (y > 0).long() + b * (1 - ...)`` keeps both paths.
+        """
+        if not isinstance(operand, torch.Tensor):
+            return operand
+        if (
+            not (operand.dtype == torch.bool and id(operand) in self._input_masks)
+            and id(operand) not in self._mask_numbers
+        ):
             return operand
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
@@ -1235,6 +1272,46 @@ def _from_shape_alone(name: str) -> bool:
 # Calls that turn an input-dependent tensor into Python values, out of the gradient's reach.
 _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"})
 
+# The layers that read the input's channels (dim 1 of a convolution's input) or features (a recurrence's last dim:
+# the steps lie before it), the calls that move its dims, and the pointwise ones that keep them (x / 255,
+# (x - mean) / std, a cast, a slice, a pad). Not a linear layer or a layer norm: on an (N, C, L) input one may mix
+# or normalise the positions (a token mixer, DLinear's Linear(L, horizon)) as well as an (N, L, C) input's channels.
+_INPUT_LAYERS = frozenset(
+    {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "lstm", "gru",
+     "rnn_tanh", "rnn_relu"}
+)  # fmt: skip
+_LAYOUT_MOVES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
+_POINTWISE_ON_INPUT = frozenset(
+    {"clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "__getitem__", "pad",
+     "add", "sub", "mul", "div", "true_divide", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+     "__truediv__", "__rtruediv__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "neg", "__neg__", "clamp",
+     "clip", "nan_to_num", "log1p", "abs", "sqrt", "pow", "__pow__", "exp", "log"}
+)  # fmt: skip
+
+
+def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
+    """Where ``dim`` of a tensor of ``rank`` dims lies after a permute, transpose or movedim; None if unread."""
+    try:
+        if name == "permute":
+            order = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args or kwargs.get("dims")
+            order = [int(d) % rank for d in order]
+            return order.index(dim)
+        if name in ("transpose", "swapaxes", "swapdims"):
+            a, b = (int(d) % rank for d in (args[0], args[1]))
+            return b if dim == a else a if dim == b else dim
+        source, destination = (args[0], args[1]) if len(args) >= 2 else (kwargs["source"], kwargs["destination"])
+        sources = [int(d) % rank for d in (source if isinstance(source, (tuple, list)) else (source,))]
+        destinations = [
+            int(d) % rank for d in (destination if isinstance(destination, (tuple, list)) else (destination,))
+        ]
+        order = [d for d in range(rank) if d not in sources]
+        for target, moved in sorted(zip(destinations, sources)):
+            order.insert(target, moved)
+        return order.index(dim)
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+
+
 # Calls that make a tensor from nothing but numbers, at the default dtype where none is given.
 _FACTORIES = frozenset(
     {"zeros", "ones", "full", "empty", "empty_strided", "rand", "randn", "normal", "linspace", "logspace", "arange",
@@ -1266,20 +1343,6 @@ def _masks_in_query_dtype(name: str, args, kwargs):
 _PYTHON_COMPARISONS = frozenset({"equal", "allclose", "is_nonzero"})
 _VALIDITY_CHECKS = frozenset({"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal"})
 _SELF_COMPARISONS = frozenset({"ne", "__ne__", "eq", "__eq__"})  # x != x: the NaN check of old
-# Calls on a mask whose result's length the mask chose, and the calls that read a tensor's length.
-_MASK_SIZED = frozenset({"nonzero", "argwhere", "nonzero_static", "where"})
-_LENGTH_READS = frozenset({"__len__", "numel", "nelement", "size"})
-
-
-def _reads_a_length(func, name: str) -> bool:
-    """Whether the call reads a tensor's length: ``len(t)``, ``t.numel()``, ``t.size()``, ``t.shape``."""
-    return name in _LENGTH_READS or (
-        name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "shape"
-    )
-
-
-def _length_read(func, name: str) -> str:
-    return "shape" if name == "__get__" else f"{name}()"
 
 
 def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
