@@ -150,37 +150,6 @@ class Scaled(nn.Module):
         return self.model((x / 255 - 0.5).float())
 
 
-class FusedOnFirstCall(nn.Module):
-    """A 3 x 3 and a 1 x 1 branch (zero-initialised 3 x 3, as a residual branch's last layer), fused into one kernel
-    on the first eval call and cached in a plain attribute."""
-
-    def __init__(self):
-        super().__init__()
-        self.wide, self.narrow = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 1)
-        nn.init.zeros_(self.wide.weight)
-        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, x):
-        if self.training:
-            return self.wide(x) + self.narrow(x)
-        if self.fused is None:
-            with torch.no_grad():
-                kernel = self.wide.weight + F.pad(self.narrow.weight, (1, 1, 1, 1))
-                self.fused = (kernel.clone(), (self.wide.bias + self.narrow.bias).clone())
-        return F.conv2d(x, self.fused[0], self.fused[1], padding=1)
-
-
-def test_a_kernel_cached_in_a_plain_attribute_is_refused_as_what_the_probe_cannot_tell():
-    """Once run, two fused blocks read 5 x 5 (the cached kernel's zeros) where the architecture reads 9 x 9; a cached
-    folded bias was kept in weights mode (a -50 shift killed a branch)."""
-    blocks = nn.Sequential(FusedOnFirstCall(), FusedOnFirstCall()).eval()
-    assert probe_rf(blocks, (1, 2, 12, 12), (6, 6)).bounds == ((4, 8), (4, 8))  # before any call: the 3 x 3 reads
-    blocks(torch.randn(1, 2, 12, 12))  # the caches are filled
-    for mode in ("theoretical", "weights"):
-        with pytest.raises(ProbeError, match=r"reads the (weight|bias) of conv2d\(\) from a tensor a module holds"):
-            probe_rf(blocks, (1, 2, 12, 12), (6, 6), mode=mode)
-
-
 def test_a_model_with_lazy_modules_not_yet_run_is_refused_with_the_fix():
     """It was refused as a model that "cannot be deep-copied" (make that attribute copyable)."""
     lazy = nn.Sequential(nn.LazyConv2d(2, 3), nn.LazyConv2d(2, 3))

@@ -25,7 +25,6 @@ from rf_callback.core.model_copy import (
     ProbeError,
     checkpoints_run_through,
     global_hooks_suspended,
-    held_tensors,
     integer_quantized,
     pooled_length,
     prepared_copy,
@@ -530,7 +529,6 @@ class _ShapesOnly(contextlib.nullcontext):
     branches: list[str] = []
     operator_calls: list[str] = []
     input_read_otherwise: list[str] = []
-    held_operands: list[str] = []
 
     def cut_reason(self, tensor) -> None:
         return None
@@ -598,7 +596,6 @@ def forward_to(
     ran_to_the_end = False
     if hasattr(functions, "start_input"):
         functions.start_input(inputs)
-        functions.held = held_tensors(copy)
     if _wider(inputs.dtype, torch.get_default_dtype()) and hasattr(functions, "factory_dtype"):
         functions.factory_dtype = inputs.dtype  # float64: not float16, where a -1e9 mask made in it would overflow
     try:
@@ -653,14 +650,6 @@ def forward_to(
             f"or (N, *spatial, C), and a field would be read across its channels; probe a module that takes the "
             f"input channels first (forward(x) returns model(x.permute(...)) in the model's layout, on an "
             f"input_shape whose dim 1 is the channels)"
-        )
-    if functions.held_operands:
-        raise ProbeError(
-            f"the forward up to the output of {where(layer)} reads {functions.held_operands[0]} from a tensor a "
-            f"module holds in a plain attribute (not a parameter or a buffer): the probe cannot tell a kernel or bias "
-            f"cached from the weights in an earlier forward (a fused RepVGG kernel, a folded batch norm), which "
-            f"stands for those weights' values and keeps their bias, from a fixed filter; clear the cache (set it to "
-            f"None) before probing, or register a fixed filter with register_buffer"
         )
     if functions.operator_calls:
         calls = list(dict.fromkeys(functions.operator_calls))

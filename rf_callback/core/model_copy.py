@@ -233,10 +233,6 @@ class _ProbeFunctions(TorchFunctionMode):
         # features (an (N, L, C) series permuted before its Conv1d): the input is not channels first.
         self._raw: dict[int, tuple[weakref.ref, int]] = {}
         self.input_read_otherwise: list[str] = []
-        # The tensors the copy holds in plain attributes (see model_copy.held_tensors), and the layers that read
-        # one as their weight (theoretical mode) or bias (weights mode): a cache made from the weights earlier.
-        self.held: dict[int, torch.Tensor] = {}
-        self.held_operands: list[str] = []
         if flow is not None:
             flow.masks = self._input_masks  # a where() by such a mask may pick either operand (see geometry_flow)
         # What the forward drew at random and what it computed from the draws alone, by id: (a weak reference, "value",
@@ -411,11 +407,6 @@ class _ProbeFunctions(TorchFunctionMode):
                 self._unbranching[id(result)] = result
         if self._raw:
             self._follow_input(name, args, kwargs, result)
-        if self.held and from_input and name in _HELD_READERS:
-            operand, role = (1, "weight") if self.linearise else (2, "bias")
-            held = args[operand] if len(args) > operand else kwargs.get(role)
-            if isinstance(held, torch.Tensor) and self.held.get(id(held)) is held:
-                self.held_operands.append(f"the {role} of {name}()")
         if self.linearise and from_input and isinstance(func, torch._ops.OpOverload):
             self.operator_calls.append(str(func))
         if self.linearise and from_input and name in _PYTHON_COMPARISONS:
@@ -1321,12 +1312,6 @@ def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
         return None
 
 
-# Layers whose weight (second operand) and bias (third) a plain attribute may hold (see _ProbeFunctions.held).
-_HELD_READERS = frozenset(
-    {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"}
-)
-
-
 # Calls that make a tensor from nothing but numbers, at the default dtype where none is given.
 _FACTORIES = frozenset(
     {"zeros", "ones", "full", "empty", "empty_strided", "rand", "randn", "normal", "linspace", "logspace", "arange",
@@ -2152,29 +2137,7 @@ def prepared_copy(
         clone = _uncompiled(clone, source)
         _strip_user_hooks(clone)
         clone.eval()
-        _HELD_TENSORS[clone] = _held_tensors(clone)
     return clone
-
-
-# The floating tensors each copy's modules hold in plain attributes (neither parameters nor buffers), by id.
-_HELD_TENSORS: weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def held_tensors(copy: nn.Module) -> dict[int, torch.Tensor]:
-    """The floating tensors ``copy``'s modules hold in plain attributes (a cache, a filter), by id."""
-    return _HELD_TENSORS.get(copy, {})
-
-
-def _held_tensors(copy: nn.Module) -> dict[int, torch.Tensor]:
-    held: dict[int, torch.Tensor] = {}
-    for module in copy.modules():
-        for key, value in vars(module).items():
-            if key.startswith("_") and key in ("_parameters", "_buffers", "_modules"):
-                continue
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(item, torch.Tensor) and item.is_floating_point() and not isinstance(item, nn.Parameter):
-                    held[id(item)] = item
-    return held
 
 
 def _write_prepared(source: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> None:
