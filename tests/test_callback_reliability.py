@@ -8,6 +8,8 @@ as often as without the callback; every argument is checked at construction.
 
 from __future__ import annotations
 
+import threading
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -178,6 +180,52 @@ def test_lazy_modules_are_probed_after_the_first_step_instead_of_failing_at_fit_
     assert not [str(w.message) for w in record if "RFCallback" in str(w.message)]
     assert (rf.history[0]["epoch"], rf.history[0]["step"]) == (None, 1)
     assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 5
+
+
+class _ThreadedRanks:
+    """``all_gather`` across threads standing for ranks: each call stacks what every rank handed over."""
+
+    def __init__(self, ranks: int):
+        self.ranks, self.barrier, self.slots = ranks, threading.Barrier(ranks), {}
+
+    def strategy(self, rank: int):
+        ranks, calls = self, [0]
+
+        class Strategy:
+            root_device = torch.device("cpu")
+
+            @staticmethod
+            def all_gather(tensor):
+                calls[0] += 1
+                ranks.slots[calls[0], rank] = tensor.clone()
+                ranks.barrier.wait()
+                gathered = torch.stack([ranks.slots[calls[0], r] for r in range(ranks.ranks)])
+                ranks.barrier.wait()
+                return gathered
+
+        return Strategy()
+
+
+def test_samples_passed_over_are_counted_over_every_rank():
+    """Rank 1 saw only 20 x 20 inputs, rank 0 only 16 x 16: its 100 samples were passed over, and the warning said
+    nothing (each rank's own count) or 8 (what it had kept)."""
+    reservoirs = [InputReservoir(8, seed=0, rank=rank) for rank in range(2)]
+    for _ in range(10):
+        reservoirs[0].add(torch.randn(10, 1, 16, 16))
+        reservoirs[1].add(torch.randn(10, 1, 20, 20))
+    ranks, chosen = _ThreadedRanks(2), [None, None]
+
+    def choose(rank):
+        chosen[rank] = reservoirs[rank].chosen(ranks.strategy(rank), world_size=2)
+
+    threads = [threading.Thread(target=choose, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert chosen[0].shape == chosen[1].shape == (8, 1, 16, 16)
+    for reservoir in reservoirs:
+        assert reservoir.passed_over_note().startswith("100 of the 200 validation samples were shaped unlike")
 
 
 # -- failures warn once, with the reason and the fix; strict raises

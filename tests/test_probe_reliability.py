@@ -109,6 +109,10 @@ INPUTS_READ_OTHERWISE = {
     "a series (N, L, C) permuted before its Conv1d": (
         lambda: Permuted((0, 2, 1), nn.Conv1d(321, 4, 3), nn.Conv1d(4, 4, 3)), (1, 96, 321), 30, "conv1d()"),
     "a series (N, L, C) into an LSTM": (lambda: Recurrent(64), (1, 48, 64), 10, "lstm()"),
+    # Informer's TokenEmbedding: a circular padding (a pad that changes the shape) before the Conv1d
+    "a series (N, L, C) permuted before a circular Conv1d": (
+        lambda: Permuted((0, 2, 1), nn.Conv1d(7, 4, 3, padding=1, padding_mode="circular")), (1, 96, 7), 30,
+        "conv1d()"),
     # (N, T, C, H, W) video: T read as the RGB axis, size 3 for 5
     "a video (N, T, C, H, W) permuted before its Conv3d": (
         lambda: Permuted((0, 2, 1, 3, 4), nn.Conv3d(3, 4, 5, padding=2)), (1, 16, 3, 24, 24), (5, 8, 8), "conv3d()"),
@@ -586,6 +590,18 @@ def test_a_gate_made_of_a_count_or_an_integer_mask_keeps_both_paths(gate):
     path (15..17 at output 16 for 12..20)."""
     model = MixedBranch(lambda m, a, b: a * gate(a) + b * (1 - gate(a))).eval()
     assert probe_rf(model, (1, 1, 32), 16).bounds == ((12, 20),)
+
+
+def test_a_one_hot_of_positions_counted_from_a_mask_selects_as_an_index_does():
+    """A one-hot of those positions became 0.5 everywhere once numbers made of masks did: the whole input (0..31)
+    where the index reads 12..20."""
+
+    def selected(m, a, b):
+        positions = (a > -1e9).long().cumsum(-1) - 1
+        one_hot = F.one_hot(positions[0, 0], 32).to(b.dtype)  # (32, 32): row i picks position i
+        return (one_hot @ b[0, 0]).view(1, 1, -1)
+
+    assert probe_rf(MixedBranch(selected).eval(), (1, 1, 32), 16).bounds == ((12, 20),)
 
 
 def test_positions_counted_from_a_mask_of_the_input_index_as_they_do():

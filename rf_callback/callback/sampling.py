@@ -86,7 +86,7 @@ class InputReservoir:
         common = tuple(reference[2 : 2 + reference[1]])  # ranks whose inputs are shaped otherwise offer none
         # Every rank's counts, and the samples a rank kept of another shape than the common one: passed over too.
         self.offered = sum(m[-2] for m in metas)
-        self.passed_over = sum(m[-1] + (m[0] if tuple(m[2 : 2 + m[1]]) != common else 0) for m in metas)
+        self.passed_over = sum(m[-2] if m[0] and tuple(m[2 : 2 + m[1]]) != common else m[-1] for m in metas)
         self._common = common
         keys = torch.full((self.count,), float("inf"), dtype=torch.float64)
         samples = torch.zeros((self.count, *common), dtype=torch.float32)

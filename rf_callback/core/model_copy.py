@@ -302,6 +302,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return
         if name in _LAYOUT_MOVES:
             channels = _moved_dim(name, args[1:], kwargs, rank, entry[1])
+        elif name in _KEEPING_DIMS:  # a pad, a slice (x[:, 1:]): the dims stay where they were
+            pass
         elif not (name.rstrip("_") in _POINTWISE_ON_INPUT and result.shape == first.shape):
             return
         if channels is not None:
@@ -758,12 +760,12 @@ class _ProbeFunctions(TorchFunctionMode):
         if name in _TO_PYTHON or name in _PYTHON_COMPARISONS:
             self.branches.append(f"{name}() of a number computed from a mask of the input")
         result = func(*args, **kwargs)
-        if isinstance(result, torch.Tensor) and result.is_floating_point():
+        if isinstance(result, torch.Tensor) and result.is_floating_point() and _all_equal(result):
             result = torch.full_like(result, 0.5)  # a share of a count, (y > 0).sum() / n: a mask's number
         for item in _tensors_among((result,)):  # (y > 0).sum() > 0 is a mask of the input again
-            if item.dtype == torch.bool or item.is_floating_point():
+            if item.dtype == torch.bool or (item.is_floating_point() and _all_equal(item)):
                 self._input_masks[id(item)] = item
-            else:
+            else:  # a count, positions, a one-hot of positions: its values, a branch where Python reads them
                 self._mask_numbers[id(item)] = item
         return result
 
@@ -774,10 +776,8 @@ class _ProbeFunctions(TorchFunctionMode):
         """
         if not isinstance(operand, torch.Tensor):
             return operand
-        if (
-            not (operand.dtype == torch.bool and id(operand) in self._input_masks)
-            and id(operand) not in self._mask_numbers
-        ):
+        counted = id(operand) in self._mask_numbers and _all_equal(operand)  # a gate; positions keep their values
+        if not (operand.dtype == torch.bool and id(operand) in self._input_masks) and not counted:
             return operand
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
@@ -1282,11 +1282,15 @@ _INPUT_LAYERS = frozenset(
 )  # fmt: skip
 _LAYOUT_MOVES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"})
 _POINTWISE_ON_INPUT = frozenset(
-    {"clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "__getitem__", "pad",
-     "add", "sub", "mul", "div", "true_divide", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-     "__truediv__", "__rtruediv__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "neg", "__neg__", "clamp",
-     "clip", "nan_to_num", "log1p", "abs", "sqrt", "pow", "__pow__", "exp", "log"}
+    {"clone", "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "add", "sub", "rsub",
+     "mul", "div", "true_divide", "neg", "clamp", "clip", "nan_to_num", "log1p", "abs", "sqrt", "pow", "exp", "log"}
 )  # fmt: skip
+_KEEPING_DIMS = frozenset({"pad", "__getitem__", "narrow"})  # of the same rank: the channels' dim stays
+
+
+def _all_equal(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is equal: a number made of a mask is, on the copy's constant input."""
+    return tensor.numel() > 0 and bool((tensor == tensor.flatten()[0]).all())
 
 
 def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
@@ -1297,7 +1301,8 @@ def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
             order = [int(d) % rank for d in order]
             return order.index(dim)
         if name in ("transpose", "swapaxes", "swapdims"):
-            a, b = (int(d) % rank for d in (args[0], args[1]))
+            pair = args[:2] if len(args) >= 2 else (kwargs.get("dim0"), kwargs.get("dim1"))
+            a, b = (int(d) % rank for d in pair)
             return b if dim == a else a if dim == b else dim
         source, destination = (args[0], args[1]) if len(args) >= 2 else (kwargs["source"], kwargs["destination"])
         sources = [int(d) % rank for d in (source if isinstance(source, (tuple, list)) else (source,))]
