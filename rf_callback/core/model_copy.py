@@ -734,7 +734,10 @@ class _ProbeFunctions(TorchFunctionMode):
         """A function of masks computed from the input alone (``~m``, ``m & n``, ``m.float()``): a mask again.
 
         On the copy's values a mask is all True or all False, and which, the architecture does not say: in numbers
-        it is 0.5, so a gate by it (``a * m + b * (1 - m)``) keeps both paths.
+        it is 0.5, so a gate by it (``a * m + b * (1 - m)``) keeps both paths. A Python value read from it
+        (``if m.any():``) is a branch the copy's input decides (:attr:`branches`), unless the mask only checks that
+        the input holds numbers or comes from the weights alone; an integer made of it (a count, positions) is
+        followed as such (:meth:`_of_mask_numbers`).
         """
         masks = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self._input_masks]
         unbranching = all(id(mask) in self._unbranching for mask in masks)
@@ -756,7 +759,11 @@ class _ProbeFunctions(TorchFunctionMode):
         return result
 
     def _of_mask_numbers(self, func, name: str, args, kwargs):
-        """A call on integers computed from masks of the input alone: a branch where it makes a Python value."""
+        """A call on integers computed from masks of the input alone (a count, positions).
+
+        A Python value made of them is a branch (:attr:`branches`); a result whose elements are all equal (a share
+        of a count, ``(y > 0).sum() / n``) is a mask's number, 0.5; positions keep their values (an index, a one-hot).
+        """
         if name in _TO_PYTHON or name in _PYTHON_COMPARISONS:
             self.branches.append(f"{name}() of a number computed from a mask of the input")
         result = func(*args, **kwargs)
