@@ -95,6 +95,17 @@ class Permuted(nn.Module):
         return self.layers(x if self.order is None else x.permute(*self.order))
 
 
+class Moved(nn.Module):
+    """``move(x)``, then a Conv1d of 7 channels."""
+
+    def __init__(self, move):
+        super().__init__()
+        self.move, self.conv = move, nn.Conv1d(7, 4, 3)
+
+    def forward(self, x):
+        return self.conv(self.move(x))
+
+
 class Recurrent(nn.Module):
     def __init__(self, features: int):
         super().__init__()
@@ -109,6 +120,9 @@ INPUTS_READ_OTHERWISE = {
     "a series (N, L, C) permuted before its Conv1d": (
         lambda: Permuted((0, 2, 1), nn.Conv1d(321, 4, 3), nn.Conv1d(4, 4, 3)), (1, 96, 321), 30, "conv1d()"),
     "a series (N, L, C) into an LSTM": (lambda: Recurrent(64), (1, 48, 64), 10, "lstm()"),
+    "a series (N, L, C) moved by .mT before its Conv1d": (lambda: Moved(lambda x: x.mT), (1, 96, 7), 30, "conv1d()"),
+    "a series (N, L, C) moved by an einsum before its Conv1d": (
+        lambda: Moved(lambda x: torch.einsum("nlc->ncl", x)), (1, 96, 7), 30, "conv1d()"),
     # Informer's TokenEmbedding: a circular padding (a pad that changes the shape) before the Conv1d
     "a series (N, L, C) permuted before a circular Conv1d": (
         lambda: Permuted((0, 2, 1), nn.Conv1d(7, 4, 3, padding=1, padding_mode="circular")), (1, 96, 7), 30,

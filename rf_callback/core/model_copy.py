@@ -279,8 +279,10 @@ class _ProbeFunctions(TorchFunctionMode):
         """
         self._raw = {id(inputs): (weakref.ref(inputs), 1)}
 
-    def _follow_input(self, name: str, args, kwargs, result) -> None:
+    def _follow_input(self, func, name: str, args, kwargs, result) -> None:
         """Moves the input's channel dim through a layout or pointwise call, or checks the layer that reads it."""
+        if name == "einsum" and len(args) == 2 and isinstance(args[0], str):  # einsum("nlc->ncl", x)
+            name, args = "permute", (args[1], *_einsum_order(args[0]))
         operand = args[0] if args else kwargs.get("input")
         if not isinstance(operand, torch.Tensor):
             return
@@ -302,6 +304,8 @@ class _ProbeFunctions(TorchFunctionMode):
             return
         if name in _LAYOUT_MOVES:
             channels = _moved_dim(name, args[1:], kwargs, rank, entry[1])
+        elif name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") in ("mT", "mH"):
+            channels = _moved_dim("transpose", (-2, -1), {}, rank, entry[1])  # x.mT
         elif name in _KEEPING_DIMS:  # a pad, a slice (x[:, 1:]): the dims stay where they were
             pass
         elif not (name.rstrip("_") in _POINTWISE_ON_INPUT and result.shape == first.shape):
@@ -408,7 +412,7 @@ class _ProbeFunctions(TorchFunctionMode):
             if name in _VALIDITY_CHECKS or (name in _SELF_COMPARISONS and len(args) > 1 and args[0] is args[1]):
                 self._unbranching[id(result)] = result
         if self._raw:
-            self._follow_input(name, args, kwargs, result)
+            self._follow_input(func, name, args, kwargs, result)
         if self.linearise and from_input and isinstance(func, torch._ops.OpOverload):
             self.operator_calls.append(str(func))
         if self.linearise and from_input and name in _PYTHON_COMPARISONS:
@@ -1298,6 +1302,14 @@ _KEEPING_DIMS = frozenset({"pad", "__getitem__", "narrow"})  # of the same rank:
 def _all_equal(tensor: torch.Tensor) -> bool:
     """Whether every element of ``tensor`` is equal: a number made of a mask is, on the copy's constant input."""
     return tensor.numel() > 0 and bool((tensor == tensor.flatten()[0]).all())
+
+
+def _einsum_order(equation: str) -> tuple[int, ...]:
+    """The permutation a one-operand einsum that only reorders dims makes (``"nlc->ncl"``: 0, 2, 1), else ``()``."""
+    source, _, target = equation.replace(" ", "").partition("->")
+    if "." in equation or sorted(source) != sorted(target) or len(set(source)) != len(source):
+        return ()
+    return tuple(source.index(letter) for letter in target)
 
 
 def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
