@@ -300,7 +300,7 @@ class GeometryFlow:
         if name == "__getitem__":
             return [source] if _keeps_positions(args[1], first.dim(), dims) else None
         if name in ("permute", "transpose", "swapaxes", "swapdims"):
-            order = _order(name, args[1:], kwargs, first.dim())
+            order = permutation(name, args[1:], kwargs, first.dim())
             return [(flow, tuple(order.index(d) for d in dims))] if order[0] == 0 else None
         if name == "linear":  # acts on the last dim
             return [source] if first.dim() - 1 not in dims else None
@@ -389,8 +389,21 @@ def _is_feature_dim(dim, tensor: torch.Tensor, spatial: tuple[int, ...]) -> bool
     return dim != 0 and dim not in spatial
 
 
-def _order(name: str, dims, kwargs, n_dims: int) -> list[int]:
-    """The permutation of ``permute(*dims)`` or ``transpose(d0, d1)``: new dim ``i`` is old dim ``order[i]``."""
+def permutation(name: str, dims, kwargs, n_dims: int) -> list[int]:
+    """The permutation of ``permute(*dims)`` or ``transpose(d0, d1)``: new dim ``i`` is old dim ``order[i]``.
+
+    Args:
+        name: ``"permute"``, or ``"transpose"`` (``swapaxes``, ``swapdims``).
+        dims: the call's arguments after the tensor.
+        kwargs: its keyword arguments (a permute's ``dims=``).
+        n_dims: the tensor's number of dims.
+
+    Returns:
+        The order: new dim ``i`` is old dim ``order[i]``.
+
+    Raises:
+        ValueError: the dims are no permutation.
+    """
     if name == "permute":
         dims = kwargs.get("dims", dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims)
         order = [int(d) % n_dims for d in dims]

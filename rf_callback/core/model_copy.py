@@ -1315,14 +1315,10 @@ def _einsum_order(equation: str) -> tuple[int, ...]:
 def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
     """Where ``dim`` of a tensor of ``rank`` dims lies after a permute, transpose or movedim; None if unread."""
     try:
-        if name == "permute":
-            order = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args or kwargs.get("dims")
-            order = [int(d) % rank for d in order]
-            return order.index(dim)
-        if name in ("transpose", "swapaxes", "swapdims"):
-            pair = args[:2] if len(args) >= 2 else (kwargs.get("dim0"), kwargs.get("dim1"))
-            a, b = (int(d) % rank for d in pair)
-            return b if dim == a else a if dim == b else dim
+        if name in ("permute", "transpose", "swapaxes", "swapdims"):
+            if name != "permute" and len(args) < 2:  # torch.transpose(x, dim0=1, dim1=2)
+                args = (kwargs["dim0"], kwargs["dim1"])
+            return geometry_flow.permutation(name, args, kwargs, rank).index(dim)
         source, destination = (args[0], args[1]) if len(args) >= 2 else (kwargs["source"], kwargs["destination"])
         sources = [int(d) % rank for d in (source if isinstance(source, (tuple, list)) else (source,))]
         destinations = [
