@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -251,12 +252,46 @@ class ReadsItsNeighbour(nn.Module):
         return y + y.roll(1, dims=0).roll(6, dims=-1)
 
 
-@pytest.mark.parametrize("model", [MinibatchStd(), ReadsItsNeighbour()], ids=lambda m: type(m).__name__)
-def test_a_forward_that_mixes_samples_reads_each_sample_alone(model):
+class ReadsTheSampleBefore(nn.Module):
+    """Each sample's output also reads the sample before it, six columns to the right; the first reads no other."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + torch.cat([torch.zeros_like(y[:1]), y[:-1]]).roll(6, dims=-1)
+
+
+def _first_sample_dead(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` reordered so that the first one's output at (8, 8) is zero (dead after the model's ReLU)."""
+    with torch.no_grad():
+        alive = model.eval()(inputs)[:, :, 8, 8].abs().sum(dim=1) > 0
+    assert (~alive).any() and alive.sum() >= 2
+    return torch.cat([inputs[~alive][:1], inputs[alive]])
+
+
+@pytest.mark.parametrize(
+    "model, dead_first",
+    [
+        (MinibatchStd, False),
+        (ReadsItsNeighbour, False),
+        (ReadsTheSampleBefore, False),
+        (lambda: nn.Sequential(MinibatchStd(), nn.Conv2d(2, 1, 1, bias=False), nn.ReLU()), True),
+    ],
+    ids=["minibatch_std", "neighbour", "sample_before", "minibatch_std_first_dead"],
+)
+def test_a_forward_that_mixes_samples_reads_each_sample_alone(model: Callable[[], nn.Module], dead_first: bool):
     """Each input's gradient is read from its own output only (Luo et al.), as with a BatchNorm of batch statistics:
-    the gradients of the other samples' outputs (a minibatch statistic, a shifted neighbour) were summed in."""
+    the gradients of the other samples' outputs (a minibatch statistic, a shifted neighbour) were summed in, and
+    still were where the first sample's output was dead at the position, or where only later samples read earlier
+    ones."""
     torch.manual_seed(0)
-    inputs = torch.randn(6, 1, 16, 16)
+    model = model()
+    inputs = torch.randn(12 if dead_first else 6, 1, 16, 16)
+    if dead_first:
+        inputs = _first_sample_dead(model, inputs)
     x = inputs.clone().requires_grad_(True)
     output, expected = model.eval()(x), torch.zeros(16, 16, dtype=torch.float64)
     for n in range(len(inputs)):

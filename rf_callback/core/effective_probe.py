@@ -54,8 +54,9 @@ def effective_rf(
         biases: ``"trained"`` (default) or ``"zero"`` (as the theoretical and weights-mode probes).
         chunk_size: inputs per backward pass (1 where the model normalises over the batch in eval mode, a
             BatchNorm without running statistics, so that no input's gradient depends on the others). Where the
-            forward mixes samples otherwise (a minibatch standard deviation), one forward of two inputs finds out,
-            and each input's gradient is then read from its own output alone, one backward pass per input.
+            forward mixes samples otherwise (a minibatch standard deviation), one forward of two inputs finds out
+            (their whole outputs, both ways), and each input's gradient is then read from its own output alone, one
+            backward pass per input.
         dtype: floating type the copy runs in.
         theoretical: the theoretical field of the same position, layer and input shape (a list of them for a list
             of positions), if already probed (it does not depend on the weights, so a caller that measures every
@@ -119,8 +120,7 @@ def effective_rf(
             chunk_size = 1
         # Any other forward that mixes samples (a minibatch standard deviation, a functional batch norm in training
         # mode) gets one cotangent per sample, read on that sample alone: the map holds no cross-sample terms.
-        first = fields[0].position
-        mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request, first)
+        mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request)
         for chunk in inputs.detach().split(chunk_size):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
@@ -211,18 +211,22 @@ def _check_inputs(inputs) -> None:
         )
 
 
-def _reads_across_samples(copy: nn.Module, pair: torch.Tensor, request: ProbeRequest, position) -> bool:
-    """Whether the first sample's output at ``position`` depends on the second sample's input.
+def _reads_across_samples(copy: nn.Module, pair: torch.Tensor, request: ProbeRequest) -> bool:
+    """Whether either sample's output, anywhere, depends on the other sample's input.
 
-    A forward of two inputs, as cheap as a sample's share of the measurement, decides it.
+    A forward of two inputs and two backward passes, as cheap as a sample's share of the measurement, decide it.
+    The whole output is read, both ways: a unit dead at one position (a ReLU) does not hide the mixing, and
+    neither does a forward where later samples read earlier ones only (``y + y.cumsum(0)``).
     """
     x = pair.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
     output = forward_to(copy, x, request)
-    cotangent = torch.zeros_like(output)
-    at: tuple[slice | int, ...] = (0, slice(None), *position)
-    cotangent[at] = 1
-    (gradient,) = torch.autograd.grad(output, x, cotangent)
-    return bool(gradient[1].any())
+    for sample, other in ((0, 1), (1, 0)):
+        cotangent = torch.zeros_like(output)
+        cotangent[sample] = 1
+        (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=sample == 0)
+        if bool(gradient[other].any()):
+            return True
+    return False
 
 
 def _mixes_samples(model: nn.Module) -> bool:
