@@ -307,6 +307,43 @@ def test_a_network_whose_layers_change_during_the_fit_gets_its_theoretical_field
     assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 12
 
 
+class MaskedConv(torch.nn.Conv2d):
+    """A convolution pruned by a mask of its own, held in a buffer (not ``torch.nn.utils.prune``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones_like(self.weight))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+class CutsItsSecondKernel(ConvClassifier):
+    """From epoch 1 the second 3 x 3 convolution keeps its centre tap only: r = 1 + 2 + 1 = 4 instead of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.features[4] = MaskedConv(8, 8, 3, padding=1)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                self.features[4].mask.zero_()
+                self.features[4].mask[..., 1, 1] = 1
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_mask_held_in_a_buffer_and_cut_during_the_fit_gets_the_theoretical_field_probed_again(tmp_path, mode):
+    """The theoretical copy reads a buffer as it is, so a mask cut in place changes the architecture's field; the
+    callback kept the field of the uncut mask (logged 8 for 4, and the effective field's ratios were to 8)."""
+    callback = RFCallback(layer="features", mode=mode, log_images=False)
+    trainer, model = fit(tmp_path, [callback], model=CutsItsSecondKernel(), logger=False)
+    assert probe_rf(model, (1, 1, 16, 16), (4, 4), layer="features").size == (4, 4)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 4
+    effective = callback.history[-1]["effective"]["4_4"]
+    assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 4
+
+
 def test_a_network_whose_layers_change_during_the_fit_logs_its_new_theoretical_spans_and_heatmap(tmp_path):
     """The spans and heatmap of the theoretical field were logged at fit start only: after the change, the latest
     span (8 wide) contradicted the latest size (12)."""

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from rf_callback import ProbeError, effective_rf, probe_rf, verify_rf
+from rf_callback.core.geometry import AxisGeometry
 from tests.models import TinyResNet
 
 
@@ -265,3 +266,37 @@ def test_a_hook_object_the_forward_also_reads_is_copied_whole():
 
     with pytest.raises(ProbeError, match="cannot be deep-copied"):  # the attribute itself holds a lock
         probe_rf(Scaled(), (1, 1, 8, 8), (4, 4))
+
+
+_PATCHED_MODEL: nn.Module | None = None  # read by a forward through a global name, as in a notebook
+
+
+def _patched(reads: str) -> nn.Sequential:
+    """A stack whose forward is a lambda that reads the model through a closure or a global name (train mode)."""
+    global _PATCHED_MODEL
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 3, padding=1))
+    if reads == "closure":
+        model.forward = lambda x: model[2](model[1](model[0](x)))
+    else:
+        _PATCHED_MODEL = model
+        model.forward = lambda x: _PATCHED_MODEL[2](_PATCHED_MODEL[1](_PATCHED_MODEL[0](x)))
+    with torch.no_grad():  # the live weights that the theoretical field must not follow: a 1 x 1 middle tap only
+        model[2].weight.zero_()
+        model[2].weight[..., 1, 1] = 1
+    return model.train()
+
+
+@pytest.mark.parametrize("reads", ["closure", "global"])
+def test_a_forward_held_in_a_function_attribute_runs_on_the_copy(reads):
+    """A ``forward`` replaced by a function that reads the model (``model.forward = lambda x: model[1](model[0](x))``)
+    ran the live model's modules on the probe: the theoretical field followed the live weights (3 x 3 for 5 x 5), and
+    the probe updated the live batch norm's statistics."""
+    model = _patched(reads)
+    before = snapshot(model)
+    field = probe_rf(model, (1, 1, 9, 9))
+    assert field.bounds == ((2, 6), (2, 6))
+    assert tuple(field.geometry) == (AxisGeometry(5, 1, 2),) * 2
+    assert probe_rf(model, (1, 1, 9, 9), mode="weights").bounds == ((3, 5), (3, 5))
+    assert_same(before, snapshot(model))
+    assert model[1].num_batches_tracked == 0

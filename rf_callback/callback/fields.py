@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -231,14 +232,50 @@ class FieldProber:
 
 
 def _architecture(module: nn.Module) -> tuple:
-    """What a theoretical field depends on in ``module``: each submodule's name, type, settings and parameter shapes.
+    """What a theoretical field depends on in ``module``.
 
-    Not the weights' values, nor buffers (a pruning mask is a buffer; its weight keeps its shape as ``weight_orig``).
+    Each submodule's name, type, settings and parameter shapes, and the tensors it reads as they are
+    (:class:`_Constants`); not the trained weights' values (the copy's constants stand for any), nor a
+    normalisation's statistics.
     """
-    return tuple(
+    layers = tuple(
         (name, type(m).__qualname__, m.extra_repr(), tuple(sorted(tuple(p.shape) for p in m.parameters(recurse=False))))
         for name, m in module.named_modules()
     )
+    return layers, _Constants(module)
+
+
+class _Constants:
+    """The tensors a theoretical field reads as they are, by identity and version: changed when one is written.
+
+    Buffers (a mask held in one, a fixed filter, a grid, a relative position index) and frozen parameters (a mask
+    held in one) keep their values on the theoretical copy, so a field kept from before a custom pruning step
+    described the old mask: a 5 x 5 kernel cut to its 3 x 3 centre by a buffer kept the field of the 5 x 5. Each
+    tensor's version counter tells an in-place write; no value is compared, so the check costs nothing on a GPU. A
+    normalisation's statistics change at every step and the copy never reads them: they are left out.
+
+    Args:
+        module: the probed live module.
+    """
+
+    def __init__(self, module: nn.Module):
+        self._held = [
+            (f"{name}.{key}", weakref.ref(tensor), tensor._version)
+            for name, m in module.named_modules()
+            if not isinstance(m, nn.modules.batchnorm._NormBase)
+            for key, tensor in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
+            if tensor is not None and not (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
+        ]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Constants) or len(self._held) != len(other._held):
+            return False
+        return all(
+            name == other_name and held() is not None and held() is other_held() and version == other_version
+            for (name, held, version), (other_name, other_held, other_version) in zip(self._held, other._held)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # compared, never hashed
 
 
 def _as_it_is(module: nn.Module) -> contextlib.AbstractContextManager:

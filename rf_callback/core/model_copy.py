@@ -2016,6 +2016,60 @@ def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
     )
 
 
+def _functions_on_the_copy(clone: nn.Module, memo: dict[int, Any]) -> None:
+    """Makes the functions a copied module holds in attributes read the copy, not the live model.
+
+    A deep copy shares functions as they are: a ``forward`` replaced by a closure (``model.forward = lambda x:
+    model[1](model[0](x))``, ``self.head = lambda x: self.fc(x)``) kept calling the live model's modules, with their
+    trained weights and their training mode, so the copy's field followed the live model (and updated its batch
+    norm statistics). Each such function is rebuilt with the closure cells and global names that hold a part of the
+    model holding that part's copy (the memo has it) instead.
+    """
+    for module in clone.modules():
+        for key, value in list(module.__dict__.items()):
+            if isinstance(value, types.FunctionType):
+                module.__dict__[key] = _reading_the_copy(value, memo)
+
+
+def _in_model(value: object, memo: dict[int, Any]) -> bool:
+    """Whether ``value`` is a module or tensor of the copied model (the memo holds its copy)."""
+    return isinstance(value, (nn.Module, torch.Tensor)) and memo.get(id(value), value) is not value
+
+
+def _global_names(code: types.CodeType) -> Iterator[str]:
+    """The global names a function's code (and the code nested in it) may read."""
+    yield from code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _global_names(constant)
+
+
+def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
+    """``function`` with its closure cells and global names that hold a part of the model holding its copy."""
+    cells = []
+    for cell in function.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            cells.append(cell)
+            continue
+        cells.append(types.CellType(memo[id(value)]) if _in_model(value, memo) else cell)
+    names = {name: memo[id(value)] for name in _global_names(function.__code__)
+             if _in_model(value := function.__globals__.get(name), memo)}  # fmt: skip
+    if not names and all(new is old for new, old in zip(cells, function.__closure__ or ())):
+        return function
+    rebuilt = types.FunctionType(
+        function.__code__,
+        {**function.__globals__, **names} if names else function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        tuple(cells),
+    )
+    rebuilt.__kwdefaults__, rebuilt.__qualname__ = function.__kwdefaults__, function.__qualname__
+    rebuilt.__dict__.update(function.__dict__)
+    return rebuilt
+
+
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
     """Makes the copy run its own forward: compiled wrappers replaced, compiled ``forward`` attributes rebound.
 
@@ -2154,6 +2208,7 @@ def prepared_copy(
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
                 f"submodule without it"
             ) from error
+        _functions_on_the_copy(clone, memo)
         clone = _uncompiled(clone, source)
         _strip_user_hooks(clone)
         clone.eval()
