@@ -300,3 +300,25 @@ def test_a_forward_held_in_a_function_attribute_runs_on_the_copy(reads):
     assert probe_rf(model, (1, 1, 9, 9), mode="weights").bounds == ((3, 5), (3, 5))
     assert_same(before, snapshot(model))
     assert model[1].num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_probe_and_its_lazy_geometry_under_another_default_device_run_on_the_models(mode):
+    """Inside ``with torch.device("meta"):`` (a next model built with empty weights) the probe made its inputs on the
+    meta device and raised torch's "Cannot copy out of meta tensor", and so did a field's first ``str``."""
+    from rf_callback import rf_table
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1))
+    shape = (1, 1, 12, 12)
+    expected = probe_rf(model, shape, mode=mode)
+    expected_text = str(expected)
+    read_later = probe_rf(model, shape, mode=mode)
+    rows = [row.bounds for row in rf_table(model, shape, mode=mode)]
+    with torch.device("meta"):
+        field = probe_rf(model, shape, mode=mode)
+        assert str(read_later) == expected_text
+        assert field.bounds == expected.bounds and str(field) == expected_text
+        assert [row.bounds for row in rf_table(model, shape, mode=mode)] == rows
+        effective = effective_rf(model, torch.ones(2, 1, 12, 12, device="cpu"), "center")
+        assert effective.heatmap.device.type == "cpu" and effective.heatmap.sum() > 0

@@ -17,7 +17,7 @@ from rf_callback.core.effective import checked_map
 from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, where
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import prepared_copy, preserved_random_state
+from rf_callback.core.model_copy import prepared_copy, probe_scope
 from rf_callback.core.probe import normalised_positions, probe_rf
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import EffectiveField, ReceptiveField
@@ -113,7 +113,7 @@ def effective_rf(
     fields = theoretical if isinstance(theoretical, list) else [theoretical]
     # The map's mass is what counts, not its exact zeros: cuDNN's fast kernels stay on.
     kernels = exact_kernels(device, exact_zeros=False)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels:
+    with probe_scope(device), kernels:
         totals = [torch.zeros(inputs.shape[2:], dtype=torch.float64) for _ in fields]  # outside inference tensors
         copy = prepared_copy(model, "weights", dtype, zero_biases=biases == "zero", device=device)
         if _mixes_samples(copy):  # its gradients would carry cross-sample terms: each input is read alone

@@ -2632,13 +2632,19 @@ def checkpoints_run_through() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_random_state(device: torch.device) -> Iterator[None]:
-    """Restores the global torch (CPU and ``device``), numpy and Python random states on exit."""
+def probe_scope(device: torch.device) -> Iterator[None]:
+    """Where every probe runs: gradients on, inference mode off, tensors made on ``device``, random states kept.
+
+    The global torch (CPU and ``device``), numpy and Python random states are restored on exit. The default device
+    is the probe's: a field read inside ``with torch.device("meta"):`` (a model built with empty weights), or after
+    ``torch.set_default_device``, made its inputs and its forward's tensors elsewhere.
+    """
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     devices = [device] if device.type == "cuda" else []
+    default = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), default:
             yield
     finally:
         random.setstate(python_state)

@@ -35,7 +35,7 @@ from rf_callback.core.model_copy import (
     constants_materialised,
     materialised_constants,
     prepared_copy,
-    preserved_random_state,
+    probe_scope,
     with_materialised_fallback,
 )
 from rf_callback.core.request import ProbeRequest
@@ -125,8 +125,8 @@ def probe_rf(
 
 @contextlib.contextmanager
 def _probe_context(device: torch.device):
-    """Gradients on, inference mode off, exact kernels, and the global random states restored afterwards."""
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+    """Gradients on, inference mode off, tensors made on `device`, exact kernels, random states restored after."""
+    with probe_scope(device), exact_kernels(device):
         yield
 
 

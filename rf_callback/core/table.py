@@ -30,8 +30,8 @@ from rf_callback.core.graph import (
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
     prepared_copy,
-    preserved_random_state,
     probe_functions,
+    probe_scope,
     with_materialised_fallback,
 )
 from rf_callback.core.probe import border_followed, probe_rf
@@ -263,7 +263,7 @@ def rf_table(
         except Underflow:
             return _rows(model, request.in_dtype(torch.float64), wanted, progress)
 
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), exact_kernels(device):
+    with probe_scope(device), exact_kernels(device):
         return with_materialised_fallback(attempts)
 
 

@@ -11,8 +11,8 @@ from rf_callback.core.graph import exact_kernels, forward_to
 from rf_callback.core.model_copy import (
     model_device,
     prepared_copy,
-    preserved_random_state,
     probe_functions,
+    probe_scope,
     shares_in_values,
     with_materialised_fallback,
 )
@@ -82,7 +82,7 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
     # tensors (gates, attention) by their gradient, and rescales them so that they neither overflow nor underflow.
     # A softmax's twin passes its gradient's share in its values too (a gate over branches, attention).
     kernels = exact_kernels(device)
-    with preserved_random_state(device), torch.inference_mode(False), torch.enable_grad(), kernels, shares_in_values():
+    with probe_scope(device), kernels, shares_in_values():
         copy = prepared_copy(model, "theoretical", dtype)
         n, channels, *spatial = field.input_shape
         box = (slice(None), *box_slices(field.bounds))
@@ -139,7 +139,7 @@ def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, posi
     if functions.drew_at_random and len(batch) > 1:
         alone = []
         for one in batch:
-            torch.manual_seed(0)  # inside preserved_random_state: the user's random state is restored
+            torch.manual_seed(0)  # inside probe_scope: the user's random state is restored
             alone.append(_influence(copy, request, one.unsqueeze(0), position))
         return torch.cat(alone)
     return output[at].detach().cpu()
