@@ -405,6 +405,26 @@ def test_a_network_grown_by_an_attribute_its_forward_reads_gets_its_theoretical_
     assert len(steps) == len(set(steps))
 
 
+class DeactivatesBlocks(ActivatesBlocks):
+    """A network shrunk by an attribute its forward reads: the third convolution runs in epoch 0 only."""
+
+    def on_train_epoch_start(self):
+        self.features.active = self.current_epoch == 0
+
+
+def test_a_network_shrunk_by_an_attribute_its_forward_reads_gets_its_theoretical_field_probed_again(tmp_path):
+    """A weights field that shrinks stays inside the kept theoretical field, which showed no change: the callback
+    logged the theoretical size 12 of the forward before (8 now), and the effective ratios were to 12."""
+    callback = RFCallback(layer="features", mode="weights", log_images=False)
+    model = DeactivatesBlocks()
+    model.features.active = True
+    trainer, _ = fit(tmp_path, [callback], model=model, logger=False, max_epochs=2)
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 8
+    assert [entry["fields"][0]["size"] for entry in callback.history] == [[12, 12], [12, 12], [8, 8]]
+    effective = callback.history[-1]["effective"]["4_4"]
+    assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 8
+
+
 class Residual(torch.nn.Module):
     """A residual 3 x 3 convolution whose GroupNorm starts at zero (``zero_init_last``)."""
 
@@ -773,3 +793,12 @@ def test_two_callbacks_on_one_layer_are_refused_since_their_names_would_mix(tmp_
         match=r"two RFCallbacks probe layer 'features' with pos=\(4, 4\) and pos=\(1, 1\).*pos=\[\.\.\.\]",
     ):
         fit(tmp_path, [a, b], logger=False, max_epochs=1)
+
+
+def test_two_callbacks_on_one_layer_that_read_the_effective_extent_at_other_masses_are_refused(tmp_path):
+    """Both logged size_h/effective, covered and margin under the same names: the logger got 3 and 7 at one step, and
+    callback_metrics held neither callback's value."""
+    a = RFCallback(layer="features", coverage_mass=0.5, log_images=False)
+    b = RFCallback(layer="features", coverage_mass=0.99, mode="theoretical", log_images=False)
+    with pytest.raises(MisconfigurationException, match=r"with coverage_mass=0.5 and coverage_mass=0.99"):
+        fit(tmp_path, [b, a], logger=False, max_epochs=1)

@@ -58,6 +58,7 @@ class FieldProber:
         self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
         self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
         self._architecture: tuple | None = None  # of the module the kept theoretical fields were probed on
+        self._values: tuple | None = None  # the plain values and constant tensors of that module
         self._inside: bool | None = None  # whether the last weights fields lay inside the kept theoretical ones
 
     def keep_theoretical(self, pl_module: nn.Module, fields: list[ReceptiveField] | None) -> None:
@@ -68,7 +69,14 @@ class FieldProber:
             fields: its theoretical fields on the callback's input shape, or ``None``.
         """
         self.theoretical, self._other_theoretical, self._inside = fields, None, None
-        self._architecture = None if fields is None else _architecture(self.target(pl_module))
+        self._architecture = self._values = None
+        if fields is not None:
+            self._remember(pl_module)
+
+    def _remember(self, pl_module: nn.Module) -> None:
+        """Keeps what the kept theoretical fields depend on in the probed module as it is now."""
+        target = self.target(pl_module)
+        self._architecture, self._values = _architecture(target), (_settings(target), _Constants(target))
 
     def architecture_changed(self, pl_module: nn.Module) -> bool:
         """Whether the probed module's architecture changed since its theoretical fields were kept.
@@ -83,6 +91,24 @@ class FieldProber:
             True where fields are kept and the module's architecture is no longer theirs.
         """
         return self._architecture is not None and _architecture(self.target(pl_module)) != self._architecture
+
+    def values_changed(self, pl_module: nn.Module) -> bool:
+        """Whether a value the theoretical copy reads as it is changed since the theoretical fields were kept.
+
+        A plain value a module holds (how many blocks its forward runs), or a buffer or frozen parameter written in
+        place or replaced (a mask of the user's own cut by a pruning step): the forward may have changed without
+        its layers, and grown or shrunk (a weights field shows only a forward that grew past the kept field).
+
+        Args:
+            pl_module: the live LightningModule.
+
+        Returns:
+            True where fields are kept and such a value changed.
+        """
+        if self._values is None:
+            return False
+        target = self.target(pl_module)
+        return (_settings(target), _Constants(target)) != self._values
 
     def forward_changed(self, fields: Sequence[ReceptiveField]) -> bool:
         """Whether ``fields``, probed now, show a forward that changed where the layers did not.
@@ -170,7 +196,7 @@ class FieldProber:
         Returns:
             One field per position.
         """
-        if self.architecture_changed(pl_module):
+        if self.architecture_changed(pl_module) or self.values_changed(pl_module):
             self.keep_theoretical(pl_module, None)
         if inputs_shape is None or tuple(inputs_shape[1:]) == tuple(input_shape[1:]):
             if self.theoretical is None:
@@ -186,7 +212,8 @@ class FieldProber:
             )
         if self._other_theoretical is None or self._other_theoretical[0].input_shape != shape:
             self._other_theoretical = self.probe(pl_module, "theoretical", shape)
-            self._architecture = self._architecture or _architecture(self.target(pl_module))
+            if self._architecture is None:
+                self._remember(pl_module)
         return self._other_theoretical
 
     def effective(
@@ -232,17 +259,35 @@ class FieldProber:
 
 
 def _architecture(module: nn.Module) -> tuple:
-    """What a theoretical field depends on in ``module``.
+    """What a theoretical field depends on in ``module``: each submodule's name, type, settings and parameter shapes.
 
-    Each submodule's name, type, settings and parameter shapes, and the tensors it reads as they are
-    (:class:`_Constants`); not the trained weights' values (the copy's constants stand for any), nor a
-    normalisation's statistics.
+    Not the weights' values (the copy's constants stand for any); the values it reads as they are, see
+    :func:`_settings` and :class:`_Constants`.
     """
-    layers = tuple(
+    return tuple(
         (name, type(m).__qualname__, m.extra_repr(), tuple(sorted(tuple(p.shape) for p in m.parameters(recurse=False))))
         for name, m in module.named_modules()
     )
-    return layers, _Constants(module)
+
+
+_SCALARS = (bool, int, float, str, type(None))
+# Lightning's own, which change between hooks, and the train/eval mode (the copy runs in eval mode)
+_HOOK_STATE = frozenset({"training", "_current_fx_name"})
+
+
+def _settings(module: nn.Module) -> tuple:
+    """The plain values each submodule holds (numbers, strings, tuples of them), which its forward may read.
+
+    How many blocks the forward runs (``self.depth``), a fade-in weight that is 0 until a stage grows (ProGAN's
+    ``alpha``): a field kept from before such a value changed described another forward.
+    """
+    return tuple(
+        (name, key, value)
+        for name, m in module.named_modules()
+        for key, value in vars(m).items()
+        if key not in _HOOK_STATE
+        and (isinstance(value, _SCALARS) or (type(value) is tuple and all(isinstance(v, _SCALARS) for v in value)))
+    )
 
 
 class _Constants:

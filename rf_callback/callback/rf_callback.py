@@ -525,6 +525,9 @@ class RFCallback(Callback):
             self._schedule.probed(trainer.current_epoch)
         if self._prober.architecture_changed(pl_module):
             self._probe_theoretical_again(trainer, pl_module)
+        elif self.mode != "theoretical" and self._prober.values_changed(pl_module):
+            # (theoretical mode probes the theoretical fields anyway, and compares them with the kept ones)
+            self._probe_theoretical_again(trainer, pl_module, layers_changed=False)
         probed = self._safe_probe(pl_module)
         # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field
         # that some ranks skip, would wait forever): a probe that failed on one rank skips the epoch on all.
@@ -718,7 +721,9 @@ class RFCallback(Callback):
 
 # Arguments that change what a logged name holds: two callbacks on one layer must agree on them (mode need not: each
 # logs its own mode's sizes, and the theoretical ones are the same).
-_NAMED_VALUES = ("pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size")
+_NAMED_VALUES = (
+    "pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size", "coverage_mass"
+)  # fmt: skip
 
 
 def _weight_averaging_before(trainer, callback: Callback) -> int | None:
