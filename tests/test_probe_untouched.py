@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -129,6 +130,32 @@ def test_a_runs_reduced_matmul_precision_is_off_inside_the_probe_and_restored_af
     finally:
         torch.set_float32_matmul_precision(before)
     assert seen and set(seen) == {"highest"}
+
+
+def test_a_runs_per_backend_matmul_precision_is_full_inside_the_probe_and_restored_after():
+    """torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision = "tf32"``) made the legacy getter the
+    probe saved the setting with raise: every probe failed."""
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3)
+
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+            return self.conv(x)
+
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [backend.fp32_precision for backend in backends]
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        assert probe_rf(Recording(), (1, 1, 30), 5).bounds == ((5, 7),)
+        assert [backend.fp32_precision for backend in backends] == ["tf32", before[1]]
+    finally:
+        for backend, precision in zip(backends, before):
+            backend.fp32_precision = precision
+    assert seen and set(seen) == {("ieee", "ieee")}
 
 
 def test_functional_dropout_in_training_mode_is_not_applied_in_the_copy():
@@ -322,3 +349,47 @@ def test_a_probe_and_its_lazy_geometry_under_another_default_device_run_on_the_m
         assert [row.bounds for row in rf_table(model, shape, mode=mode)] == rows
         effective = effective_rf(model, torch.ones(2, 1, 12, 12, device="cpu"), "center")
         assert effective.heatmap.device.type == "cpu" and effective.heatmap.sum() > 0
+
+
+class SharesItself(nn.Sequential):
+    """A block that copies share (its ``__deepcopy__`` returns itself), as one way to make an attribute copyable."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ReadsItsNormByWeakReference(nn.Module):
+    """A convolution whose norm, registered on the parent, is reached through a weak reference."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self._norm = weakref.ref(norm)
+
+    def forward(self, x):
+        return self._norm()(self.conv(x))
+
+
+def _shared(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    if how == "deepcopy":
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), SharesItself(nn.BatchNorm2d(2), nn.Dropout(0.5)))
+        model[1].register_forward_hook(lambda module, args, output: None)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2))
+        model.append(ReadsItsNormByWeakReference(model[1]))
+        model.forward = lambda x: model[2](model[0](x))
+    return model.train()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "weakref"])
+def test_a_module_the_deep_copy_would_share_with_the_live_model_is_copied(how):
+    """A ``__deepcopy__`` that returns the module itself, or a weak reference to a module, left the live module in the
+    probe's copy: the probe ran it in training mode (updating its statistics), set it to eval mode and dropped the
+    user's hooks from it."""
+    model = _shared(how)
+    before = snapshot(model)
+    assert probe_rf(model, (1, 1, 9, 9), mode="weights").bounds == ((2, 6) if how == "weakref" else (3, 5),) * 2
+    assert_same(before, snapshot(model))
+    norm = model[1][0] if how == "deepcopy" else model[1]
+    assert norm.num_batches_tracked == 0

@@ -122,8 +122,7 @@ def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
         if exact_zeros:
             # A run's `set_float32_matmul_precision("high")` (TF32 on CUDA, bf16 passes on some CPUs) rounds the
             # linear layers' maps to 10 bits: the lattice's coded check would fail and fall back to slow passes.
-            stack.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
-            torch.set_float32_matmul_precision("highest")
+            _full_matmul_precision(stack)
         if device.type == "cuda":
             stack.enter_context(torch.autocast("cuda", enabled=False))
             cudnn = torch.backends.cudnn
@@ -131,6 +130,23 @@ def exact_kernels(device: torch.device, *, exact_zeros: bool = True):
             settings = dict(benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
             stack.enter_context(cudnn.flags(enabled=not exact_zeros, **settings))
         yield
+
+
+def _full_matmul_precision(stack: contextlib.ExitStack) -> None:
+    """Full float32 matmul precision until ``stack`` closes, set and restored through the API the run uses.
+
+    torch's per-backend settings (``torch.backends.cuda.matmul.fp32_precision = "tf32"``) make the legacy getter
+    raise once they differ: every probe failed.
+    """
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-backend API is in use
+        for backend in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):  # type: ignore[attr-defined]
+            stack.callback(setattr, backend, "fp32_precision", backend.fp32_precision)
+            backend.fp32_precision = "ieee"
+        return
+    stack.callback(torch.set_float32_matmul_precision, legacy)
+    torch.set_float32_matmul_precision("highest")
 
 
 def where(layer: str | None) -> str:

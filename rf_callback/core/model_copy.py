@@ -2016,19 +2016,32 @@ def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
     )
 
 
-def _functions_on_the_copy(clone: nn.Module, memo: dict[int, Any]) -> None:
-    """Makes the functions a copied module holds in attributes read the copy, not the live model.
+def _references_on_the_copy(clone: nn.Module, memo: dict[int, Any], live: nn.Module) -> None:
+    """Makes the functions and weak references a copied module holds in attributes point at the copy.
 
-    A deep copy shares functions as they are: a ``forward`` replaced by a closure (``model.forward = lambda x:
-    model[1](model[0](x))``, ``self.head = lambda x: self.fc(x)``) kept calling the live model's modules, with their
+    A deep copy shares functions and weak references as they are: a ``forward`` replaced by a closure
+    (``model.forward = lambda x: model[1](model[0](x))``, ``self.head = lambda x: self.fc(x)``) or a weak reference
+    to a module of the model (``self._norm = weakref.ref(norm)``) kept calling the live model's modules, with their
     trained weights and their training mode, so the copy's field followed the live model (and updated its batch
-    norm statistics). Each such function is rebuilt with the closure cells and global names that hold a part of the
-    model holding that part's copy (the memo has it) instead.
+    norm statistics). Each function is rebuilt with the closure cells and global names that hold a part of the
+    model holding that part's copy (the memo has it) instead, and each weak reference refers to the copy.
+
+    Raises:
+        ProbeError: a module of the copy is the live model's own (a class that copies itself by sharing).
     """
-    for module in clone.modules():
+    live_modules = {id(module) for module in live.modules()}
+    for name, module in clone.named_modules():
+        if id(module) in live_modules:
+            raise ProbeError(
+                f"the copy of the model shares its module {name!r} ({type(module).__name__}) with the live model (its "
+                f"class's __reduce_ex__ or __deepcopy__ returns the same module), so the probe would run and change "
+                f"the live module; let that class be deep-copied, or probe a submodule without it"
+            )
         for key, value in list(module.__dict__.items()):
             if isinstance(value, types.FunctionType):
                 module.__dict__[key] = _reading_the_copy(value, memo)
+            elif type(value) is weakref.ref and _in_model(referent := value(), memo):
+                module.__dict__[key] = weakref.ref(memo[id(referent)])
 
 
 def _in_model(value: object, memo: dict[int, Any]) -> bool:
@@ -2208,7 +2221,7 @@ def prepared_copy(
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
                 f"submodule without it"
             ) from error
-        _functions_on_the_copy(clone, memo)
+        _references_on_the_copy(clone, memo, source)
         clone = _uncompiled(clone, source)
         _strip_user_hooks(clone)
         clone.eval()
@@ -2303,7 +2316,11 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         or cls.__reduce__ is not object.__reduce__
         or isinstance(module, torch.jit.ScriptModule)
     ):
-        return copy.deepcopy(module, memo)
+        copied = copy.deepcopy(module, memo)
+        if copied is not module or isinstance(module, torch.jit.ScriptModule):
+            return copied
+        # A __deepcopy__ that returns the module itself, to share it between copies: the probe's copy would run
+        # the live module (its weights, its training mode) and set it to eval mode. It is copied as any other.
     original = module.__getstate__()
     if not isinstance(original, dict):  # a state of its own making: the deep copy's way
         return copy.deepcopy(module, memo)
