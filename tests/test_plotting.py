@@ -442,6 +442,27 @@ def test_effective_overlay_draws_the_target_centred_on_the_field():
         plot_effective(field, target=(6,))
 
 
+def test_effective_overlay_of_a_3d_field_boxes_only_the_depth_slices_its_extent_and_target_hold():
+    """The extent box (1 deep, at depth 4) and the target box went on every depth slice the figure shows (2..6)."""
+    from rf_callback import effective_rf
+    from rf_callback.plotting import plot_effective
+    from rf_callback.plotting.style import _EXTENT_GID, _TARGET_GID
+
+    conv = torch.nn.Conv3d(1, 1, (5, 3, 3), bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(0.001)
+        conv.weight[0, 0, 2] = 1.0  # nearly all the mass at the centre depth tap
+    field = effective_rf(conv, torch.randn(2, 1, 9, 7, 7), (2, 1, 1))
+    assert field.theoretical.bounds[0] == (2, 6) and field.extent(0.95)[0] == (4, 4)
+    fig = plot_effective(field, q=0.95, target=(3, 3, 3))  # target depth 3..5 around the centre 4
+
+    def boxed(gid: str) -> list[int]:
+        return [int(ax.get_title().split("=")[1]) for ax in fig.axes if any(p.get_gid() == gid for p in ax.patches)]
+
+    assert boxed(_EXTENT_GID) == [4]
+    assert boxed(_TARGET_GID) == [3, 4, 5]
+
+
 def test_growth_curve_draws_the_target_line():
     from rf_callback.plotting import plot_growth
 

@@ -15,6 +15,7 @@ from rf_callback.core.layouts import AXIS_NAMES
 from rf_callback.core.result import EffectiveField, ReceptiveField
 from rf_callback.plotting.drawing import (
     _checked_field,
+    _depth_slices,
     _draw_panels,
     _figure_size,
     _layout,
@@ -125,17 +126,21 @@ def plot_effective(
         text += f", target {' x '.join(map(str, target))} (white)"
     fig = plot_rf(shown, image=image, title=text if title is None else title)
     box = ((0, 0), *extent) if len(extent) == 1 else extent[-2:]
-    for ax in fig.axes:
-        if any(patch.get_gid() == _BOX_GID for patch in ax.patches):
-            (top, bottom), (left, right) = box
+    panels = [ax for ax in fig.axes if any(patch.get_gid() == _BOX_GID for patch in ax.patches)]
+    # A 3D field is drawn as depth slices: each box goes on the slices its depth range holds (pixel d covers d +- 0.5)
+    depths: list[int | None] = [*_depth_slices(shown.bounds[0])] if len(extent) == 3 else [None] * len(panels)
+    for ax, depth in zip(panels, depths, strict=True):
+        (top, bottom), (left, right) = box
+        if depth is None or extent[0][0] <= depth <= extent[0][1]:
             ax.add_patch(
                 Rectangle(
                     (left - 0.5, top - 0.5), right - left + 1, bottom - top + 1, facecolor="none",
                     edgecolor=_EXTENT_COLOR, linewidth=2, linestyle="--", gid=_EXTENT_GID,
                 )
             )  # fmt: skip
-            if target is not None:
-                ax.add_patch(_target_box(field.theoretical.center, target))
+        center = field.theoretical.center
+        if target is not None and (depth is None or abs(depth - center[0]) < (target[0] + 1) / 2):
+            ax.add_patch(_target_box(center, target))
     return fig
 
 
