@@ -425,6 +425,45 @@ def test_a_network_shrunk_by_an_attribute_its_forward_reads_gets_its_theoretical
     assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 8
 
 
+class KeepsItsBooks(ConvClassifier):
+    """A LightningModule's own bookkeeping, a metric's counts and a buffer made under inference mode: none of them
+    changes what the theoretical copy reads."""
+
+    def __init__(self):
+        super().__init__()
+        import torchmetrics
+
+        self.best_val_loss, self.seen = float("inf"), 0
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
+        with torch.inference_mode():  # as a grid built lazily during a trainer.validate()
+            self.features[0].register_buffer("grid", torch.zeros(3))
+
+    def training_step(self, batch, batch_idx):
+        self.seen += len(batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.val_acc(self(batch[0]), batch[1])
+        return super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self.best_val_loss = min(self.best_val_loss, float(self.trainer.callback_metrics.get("val_loss", 0.0)))
+
+
+def test_bookkeeping_that_the_forward_does_not_read_sets_off_no_theoretical_probe(tmp_path, monkeypatch):
+    """A best validation loss, a sample count and a torchmetrics metric's counts changed every epoch, and each change
+    cost a theoretical probe; reading a buffer made under inference mode's version raised."""
+    from rf_callback.callback.fields import FieldProber
+
+    modes: list[str] = []
+    probe = FieldProber.probe
+    monkeypatch.setattr(FieldProber, "probe", lambda self, module, mode, shape: modes.append(mode) or probe(
+        self, module, mode, shape))  # fmt: skip
+    callback = RFCallback(layer="features", log_images=False, strict=True)
+    fit(tmp_path, [callback], model=KeepsItsBooks(), logger=False, max_epochs=3)
+    assert modes.count("theoretical") == 1 and modes.count("weights") == 4
+
+
 class Residual(torch.nn.Module):
     """A residual 3 x 3 convolution whose GroupNorm starts at zero (``zero_init_last``)."""
 

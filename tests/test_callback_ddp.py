@@ -161,6 +161,34 @@ def test_a_fit_start_probe_that_fails_on_one_rank_skips_it_on_all(tmp_path):
     assert [h["epoch"] for h in rank0["history"]] == [h["epoch"] for h in rank1["history"]] == [0, 1]
 
 
+class _CountsOnRankOne(ConvClassifier):
+    """A submodule value that changes on rank 1 only (a count of its own validation batches)."""
+
+    def validation_step(self, batch, batch_idx):
+        if self.global_rank == 1:
+            self.features.seen = getattr(self.features, "seen", 0) + 1
+        return super().validation_step(batch, batch_idx)
+
+
+def fit_ddp_value_changed_on_one_rank(out_dir: str) -> None:
+    """A run where the theoretical fields' values change on rank 1 only: both ranks must probe them again."""
+    trainer = pl.Trainer(
+        callbacks=[RFCallback(layer="features", log_images=False, effective=False), _RecordRank(out_dir)],
+        logger=False,
+        **trainer_kwargs(out_dir, devices=WORLD_SIZE, strategy="ddp_spawn"),
+    )
+    trainer.fit(_CountsOnRankOne(), *loaders())
+
+
+def test_a_value_changed_on_one_rank_probes_the_theoretical_field_again_on_all(tmp_path):
+    """Each rank decided alone whether a value had changed, and the theoretical probe that followed on rank 1 only
+    ran a collective that rank 0 never joined (gloo aborted: collective mismatch; NCCL hangs)."""
+    _spawn("fit_ddp_value_changed_on_one_rank", tmp_path)
+    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert rank0["callback_metrics"] == rank1["callback_metrics"]
+    assert [h["epoch"] for h in rank0["history"]] == [h["epoch"] for h in rank1["history"]] == [None, 0, 1]
+
+
 def _final_model(ddp_run) -> ConvClassifier:
     model = ConvClassifier()
     model.load_state_dict(torch.load(ddp_run.out / "final.pt"))

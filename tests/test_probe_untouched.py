@@ -305,16 +305,33 @@ def _patched(reads: str) -> nn.Sequential:
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 3, padding=1))
     if reads == "closure":
         model.forward = lambda x: model[2](model[1](model[0](x)))
-    else:
+    elif reads == "global":
         _PATCHED_MODEL = model
         model.forward = lambda x: _PATCHED_MODEL[2](_PATCHED_MODEL[1](_PATCHED_MODEL[0](x)))
+    elif reads == "helper":
+        _PATCHED_MODEL = model
+        model.forward = lambda x: _PATCHED_MODEL[2](_stem(x))
+    else:  # the layers in a list, held by a default argument of a function the forward calls
+
+        def run(x, layers=list(model)):  # noqa: B006 - the default holds the model's layers, as the case is
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        model.forward = lambda x: run(x)
     with torch.no_grad():  # the live weights that the theoretical field must not follow: a 1 x 1 middle tap only
         model[2].weight.zero_()
         model[2].weight[..., 1, 1] = 1
     return model.train()
 
 
-@pytest.mark.parametrize("reads", ["closure", "global"])
+def _stem(x: torch.Tensor) -> torch.Tensor:
+    """A notebook's helper that reads the model through a global name."""
+    assert _PATCHED_MODEL is not None
+    return _PATCHED_MODEL[1](_PATCHED_MODEL[0](x))
+
+
+@pytest.mark.parametrize("reads", ["closure", "global", "helper", "list"])
 def test_a_forward_held_in_a_function_attribute_runs_on_the_copy(reads):
     """A ``forward`` replaced by a function that reads the model (``model.forward = lambda x: model[1](model[0](x))``)
     ran the live model's modules on the probe: the theoretical field followed the live weights (3 x 3 for 5 x 5), and

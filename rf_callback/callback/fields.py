@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import cast
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -95,9 +96,10 @@ class FieldProber:
     def values_changed(self, pl_module: nn.Module) -> bool:
         """Whether a value the theoretical copy reads as it is changed since the theoretical fields were kept.
 
-        A plain value a module holds (how many blocks its forward runs), or a buffer or frozen parameter written in
-        place or replaced (a mask of the user's own cut by a pruning step): the forward may have changed without
-        its layers, and grown or shrunk (a weights field shows only a forward that grew past the kept field).
+        A plain value a submodule holds (how many blocks its forward runs), or a buffer written in place or replaced
+        (a mask of the user's own cut by a pruning step): the forward may have changed without its layers, and grown
+        or shrunk (a weights field shows only a forward that grew past the kept field). The caller probes again
+        where one did; a value the forward does not read (a step counter) costs a theoretical probe and says nothing.
 
         Args:
             pl_module: the live LightningModule.
@@ -196,7 +198,7 @@ class FieldProber:
         Returns:
             One field per position.
         """
-        if self.architecture_changed(pl_module) or self.values_changed(pl_module):
+        if self.architecture_changed(pl_module):
             self.keep_theoretical(pl_module, None)
         if inputs_shape is None or tuple(inputs_shape[1:]) == tuple(input_shape[1:]):
             if self.theoretical is None:
@@ -279,11 +281,14 @@ def _settings(module: nn.Module) -> tuple:
     """The plain values each submodule holds (numbers, strings, tuples of them), which its forward may read.
 
     How many blocks the forward runs (``self.depth``), a fade-in weight that is 0 until a stage grows (ProGAN's
-    ``alpha``): a field kept from before such a value changed described another forward.
+    ``alpha``): a field kept from before such a value changed described another forward. A LightningModule's own
+    values are its bookkeeping (a best validation loss, a counter), and a torchmetrics metric's its counts, not
+    the forward's: they are left out.
     """
     return tuple(
         (name, key, value)
         for name, m in module.named_modules()
+        if not (name == "" and isinstance(m, pl.LightningModule)) and not type(m).__module__.startswith("torchmetrics")
         for key, value in vars(m).items()
         if key not in _HOOK_STATE
         and (isinstance(value, _SCALARS) or (type(value) is tuple and all(isinstance(v, _SCALARS) for v in value)))
@@ -291,13 +296,14 @@ def _settings(module: nn.Module) -> tuple:
 
 
 class _Constants:
-    """The tensors a theoretical field reads as they are, by identity and version: changed when one is written.
+    """The buffers a theoretical field reads as they are, by identity and version: changed when one is written.
 
-    Buffers (a mask held in one, a fixed filter, a grid, a relative position index) and frozen parameters (a mask
-    held in one) keep their values on the theoretical copy, so a field kept from before a custom pruning step
-    described the old mask: a 5 x 5 kernel cut to its 3 x 3 centre by a buffer kept the field of the 5 x 5. Each
-    tensor's version counter tells an in-place write; no value is compared, so the check costs nothing on a GPU. A
-    normalisation's statistics change at every step and the copy never reads them: they are left out.
+    Buffers (a mask held in one, a fixed filter, a grid, a relative position index) keep their values on the
+    theoretical copy, so a field kept from before a custom pruning step described the old mask: a 5 x 5 kernel cut
+    to its 3 x 3 centre by a buffer kept the field of the 5 x 5. Each buffer's version counter tells an in-place
+    write; no value is compared, so the check costs nothing on a GPU. Left out: a normalisation's statistics (they
+    change at every step, and the copy's normalisations are identities) and ``torch.nn.utils.prune``'s masks (the
+    copy holds them at one). A buffer made under inference mode has no version: its identity stands for it.
 
     Args:
         module: the probed live module.
@@ -305,11 +311,11 @@ class _Constants:
 
     def __init__(self, module: nn.Module):
         self._held = [
-            (f"{name}.{key}", weakref.ref(tensor), tensor._version)
+            (f"{name}.{key}", weakref.ref(buffer), None if buffer.is_inference() else buffer._version)
             for name, m in module.named_modules()
             if not isinstance(m, nn.modules.batchnorm._NormBase)
-            for key, tensor in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
-            if tensor is not None and not (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
+            for key, buffer in m.named_buffers(recurse=False)
+            if buffer is not None and not (key.endswith("_mask") and f"{key[:-5]}_orig" in m._parameters)
         ]
 
     def __eq__(self, other: object) -> bool:

@@ -523,10 +523,12 @@ class RFCallback(Callback):
     def _probe_and_log(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit":  # a trainer.validate() between fits leaves the fit's epochs to probe
             self._schedule.probed(trainer.current_epoch)
-        if self._prober.architecture_changed(pl_module):
+        # Decided on every rank at once: a theoretical probe again is a collective (a rank's own value, its best
+        # validation loss, may differ from the others')
+        if not ranks_agree(trainer, not self._prober.architecture_changed(pl_module)):
             self._probe_theoretical_again(trainer, pl_module)
-        elif self.mode != "theoretical" and self._prober.values_changed(pl_module):
-            # (theoretical mode probes the theoretical fields anyway, and compares them with the kept ones)
+        # (theoretical mode probes the theoretical fields anyway, and compares them with the kept ones)
+        elif self.mode != "theoretical" and not ranks_agree(trainer, not self._prober.values_changed(pl_module)):
             self._probe_theoretical_again(trainer, pl_module, layers_changed=False)
         probed = self._safe_probe(pl_module)
         # The ranks agree whether to go on (a key synced on some ranks only, or a collective of the effective field

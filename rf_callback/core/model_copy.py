@@ -2057,8 +2057,18 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
             yield from _global_names(constant)
 
 
-def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
-    """``function`` with its closure cells and global names that hold a part of the model holding its copy."""
+def _reading_the_copy(
+    function: types.FunctionType, memo: dict[int, Any], seen: dict[int, types.FunctionType] | None = None
+) -> types.FunctionType:
+    """``function`` rebuilt to read the copy, where it reaches a part of the model.
+
+    Its closure cells, global names and defaults that hold a part of the model hold its copy, and so do the
+    functions and the lists, tuples and dicts they lead to (a helper reading a global ``model``, a list of layers).
+    """
+    seen = {} if seen is None else seen
+    if id(function) in seen:  # a function that reaches itself: the one being rebuilt
+        return seen[id(function)]
+    seen[id(function)] = function
     cells = []
     for cell in function.__closure__ or ():
         try:
@@ -2066,21 +2076,54 @@ def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any]) -> typ
         except ValueError:  # a cell not yet filled
             cells.append(cell)
             continue
-        cells.append(types.CellType(memo[id(value)]) if _in_model(value, memo) else cell)
-    names = {name: memo[id(value)] for name in _global_names(function.__code__)
-             if _in_model(value := function.__globals__.get(name), memo)}  # fmt: skip
-    if not names and all(new is old for new, old in zip(cells, function.__closure__ or ())):
+        copied = _on_the_copy(value, memo, seen)
+        cells.append(cell if copied is value else types.CellType(copied))
+    names = {
+        name: copied
+        for name in _global_names(function.__code__)
+        if name in function.__globals__
+        and (copied := _on_the_copy(value := function.__globals__[name], memo, seen)) is not value
+    }
+    defaults = _on_the_copy(function.__defaults__, memo, seen)
+    keywords = _on_the_copy(function.__kwdefaults__, memo, seen)
+    unchanged = all(new is old for new, old in zip(cells, function.__closure__ or ()))
+    if unchanged and not names and defaults is function.__defaults__ and keywords is function.__kwdefaults__:
         return function
     rebuilt = types.FunctionType(
         function.__code__,
         {**function.__globals__, **names} if names else function.__globals__,
         function.__name__,
-        function.__defaults__,
+        defaults,
         tuple(cells),
     )
-    rebuilt.__kwdefaults__, rebuilt.__qualname__ = function.__kwdefaults__, function.__qualname__
+    rebuilt.__kwdefaults__, rebuilt.__qualname__ = keywords, function.__qualname__
     rebuilt.__dict__.update(function.__dict__)
+    seen[id(function)] = rebuilt
     return rebuilt
+
+
+_CONTAINER_ITEMS = 1024
+
+
+def _on_the_copy(value: Any, memo: dict[int, Any], seen: dict[int, types.FunctionType]) -> Any:
+    """What stands for ``value`` on the copy.
+
+    A part of the model's copy, a function or container rebuilt to hold such copies, or ``value`` itself where it
+    leads to no part of the model.
+    """
+    if _in_model(value, memo):
+        return memo[id(value)]
+    if isinstance(value, types.FunctionType):
+        return _reading_the_copy(value, memo, seen)
+    if type(value) in (list, tuple, dict) and len(value) > _CONTAINER_ITEMS:
+        return value  # data, not a model's parts (a dataset's list that a helper reads)
+    if type(value) in (list, tuple):
+        items = [_on_the_copy(item, memo, seen) for item in value]
+        return value if all(new is old for new, old in zip(items, value)) else type(value)(items)
+    if type(value) is dict:
+        entries = {key: _on_the_copy(item, memo, seen) for key, item in value.items()}
+        return value if all(entries[key] is item for key, item in value.items()) else entries
+    return value
 
 
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
@@ -2321,6 +2364,22 @@ def module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             return copied
         # A __deepcopy__ that returns the module itself, to share it between copies: the probe's copy would run
         # the live module (its weights, its training mode) and set it to eval mode. It is copied as any other.
+        try:
+            return _rebuilt(module, cls, sharded, memo)
+        except ProbeError:
+            raise
+        except Exception as error:
+            raise CopyError(
+                f"{cls.__name__}.__deepcopy__ returns the module itself, so that copies share it, and copying it "
+                f"otherwise failed ({type(error).__name__}: {error}); the probe runs on a copy and never on the live "
+                f"model: let {cls.__name__}.__deepcopy__ return a new module (sharing only what cannot be copied), or "
+                f"probe a submodule without it"
+            ) from error
+    return _rebuilt(module, cls, sharded, memo)
+
+
+def _rebuilt(module: nn.Module, cls: type[nn.Module], sharded: type | None, memo: dict[int, Any]) -> nn.Module:
+    """:func:`module_copy`'s own way: the module rebuilt from its ``__getstate__``, each attribute copied."""
     original = module.__getstate__()
     if not isinstance(original, dict):  # a state of its own making: the deep copy's way
         return copy.deepcopy(module, memo)
@@ -2650,16 +2709,19 @@ def checkpoints_run_through() -> Iterator[None]:
 
 @contextlib.contextmanager
 def probe_scope(device: torch.device) -> Iterator[None]:
-    """Where every probe runs: gradients on, inference mode off, tensors made on ``device``, random states kept.
+    """Where every probe runs: gradients on, inference mode off, random states kept, tensors made on the CPU.
 
-    The global torch (CPU and ``device``), numpy and Python random states are restored on exit. The default device
-    is the probe's: a field read inside ``with torch.device("meta"):`` (a model built with empty weights), or after
-    ``torch.set_default_device``, made its inputs and its forward's tensors elsewhere.
+    The global torch (CPU and ``device``), numpy and Python random states are restored on exit. Tensors made without
+    a device go to the CPU, as the probe's own code expects (it moves them where they belong), unless the default
+    device is the probe's: a field read inside ``with torch.device("meta"):`` (a model built with empty weights), or
+    after ``torch.set_default_device("cuda")`` on a CPU model, made its inputs elsewhere.
     """
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     devices = [device] if device.type == "cuda" else []
-    default = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
+    default_device = torch.empty(()).device  # set_default_device's or a `with torch.device(...)` block's
+    kept = default_device.type in ("cpu", device.type)
+    default = contextlib.nullcontext() if kept else torch.device("cpu")
     try:
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), default:
             yield
