@@ -693,3 +693,27 @@ def test_the_geometry_of_a_causal_attention_costs_a_bounded_multiple_of_the_prob
     assert max(shape[-1] for shape in shapes) <= 4096
     if pos == 8:
         assert field.bounds == ((0, 18),)
+
+
+@pytest.mark.parametrize(
+    "transposed, last, centre",
+    [
+        (nn.ConvTranspose1d(1, 1, 1, stride=2), 3, ((30, 32),)),  # odd outputs of the transposed conv are empty
+        (nn.ConvTranspose1d(1, 1, 3, stride=2, dilation=2), 5, ((26, 36),)),  # its odd outputs read one tap fewer
+    ],
+    ids=["kernel_1", "dilation_2"],
+)
+def test_fields_that_alternate_by_parity_after_a_transposed_conv_have_no_geometry(transposed, last, centre):
+    """A lattice through the centre spaced by an even number read one parity of outputs only: the geometry fitted to
+    it (r = 3, S = 1, P = 0; r = 11, S = 1, P = 6) was wrong for every other output (the field of output 31 is
+    30..34, its span 31..33), in the field's geometry and in rf_table's rows alike."""
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, stride=2), transposed, nn.Conv1d(1, 1, last, padding=last // 2))
+    shape = (1, 1, 63)
+    field = probe_rf(model, shape)
+    assert field.bounds == centre
+    fields = probe_rf(model, shape, "all")
+    odd, even = fields[31].bounds[0], fields[32].bounds[0]
+    assert odd[1] - odd[0] != even[1] - even[0] or fields[31].bounds == ((0, -1),)  # no single r fits both
+    assert tuple(field.geometry) == (None,) and tuple(fields.geometry) == (None,)
+    rows = [row for row in rf_table(model, shape) if row.name in ("1", "2")]
+    assert [row.full_size for row in rows] == [(None,), (None,)]

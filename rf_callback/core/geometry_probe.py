@@ -25,7 +25,7 @@ from torch import nn
 
 from rf_callback.core.geometry import MIN_WHOLE_FIELDS, AxisGeometry, Bounds, consistent, fit_axis, is_whole
 from rf_callback.core.graph import ProbeError, ProbeGraph, dead_windows_watched
-from rf_callback.core.lattice import AxisTable, measure_axis_table
+from rf_callback.core.lattice import AxisTable, coprime_to_small_periods, measure_axis_table
 from rf_callback.core.layouts import Tokens
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.support import Position, hull, largest_hole, marginal
@@ -582,7 +582,9 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Window
         return _CLIPPED
     neighbour = center[axis] + 1 if center[axis] + 1 < n else center[axis] - 1
     second = hull(marginal(graph.support([_moved(center, axis, neighbour)]), axis))
-    if second is None or not is_whole(second, length, gap):
+    if second is None:  # a whole field beside an empty one (a transposed convolution's empty phase): no box fits
+        return None
+    if not is_whole(second, length, gap):
         return _CLIPPED
     stride = (second[0] - first[0]) * (neighbour - center[axis])
     if first == second and n >= _WINDOWS_FROM:
@@ -592,7 +594,7 @@ def read_axis(graph: ProbeGraph, axis: int) -> AxisGeometry | _Clipped | _Window
     if stride < 1 or second[1] - second[0] != first[1] - first[0]:
         return _other_neighbour_windows(graph, axis, first, neighbour, gap)
     geometry = AxisGeometry(size=first[1] - first[0] + 1, stride=stride, offset=center[axis] * stride - first[0])
-    spacing = _coprime_to_small_periods(math.ceil((geometry.size + gap) / stride))
+    spacing = coprime_to_small_periods(math.ceil((geometry.size + gap) / stride))
     indices = list(range(center[axis] % spacing, n, spacing))
     lattice_mask = marginal(graph.support([_moved(center, axis, i) for i in indices]), axis)
     if _lattice_agrees(lattice_mask, indices, geometry, gap):
@@ -612,16 +614,6 @@ def _other_neighbour_windows(graph: ProbeGraph, axis: int, first: Bounds, neighb
         return None
     field = hull(marginal(graph.support([_moved(center, axis, other)]), axis))
     return _WINDOWS if field == first and is_whole(field, graph.spatial_input_shape[axis], gap) else None
-
-
-def _coprime_to_small_periods(spacing: int) -> int:
-    """The smallest spacing at least ``spacing`` that shares no factor with 2, 3, 5 or 7.
-
-    Fields that repeat with such a period (an upsampling path, a strided slice) then show every phase in the lattice.
-    """
-    while any(spacing % p == 0 for p in (2, 3, 5, 7)) and spacing > 1:
-        spacing += 1
-    return spacing
 
 
 def _lattice_agrees(mask: torch.Tensor, indices: list[int], geometry: AxisGeometry, gap: int) -> bool:

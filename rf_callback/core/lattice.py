@@ -144,7 +144,7 @@ def measure_axis_table(
             # interleave unseen: one index per pass along this axis.
             spacing.append(n)
             continue
-        spacing.append(min(n, max(1, math.ceil((size + gaps[-1]) / stride))))
+        spacing.append(min(n, _spaced(math.ceil((size + gaps[-1]) / stride), full)))
     todo = [set(range(n)) if full else {anchor[a]} for a, n in enumerate(shape)]
     lattice_done = False
     while any(todo[a] - table[a].keys() for a in range(len(shape))) or not lattice_done:
@@ -153,7 +153,7 @@ def measure_axis_table(
         if decoded is None:
             if all(g >= n for g, n in zip(spacing, shape)):
                 return None
-            spacing = [min(n, 2 * g) for g, n in zip(spacing, shape)]
+            spacing = [min(n, _spaced(2 * g, full)) for g, n in zip(spacing, shape)]
             continue
         for axis, bounds in enumerate(decoded):
             for index, b in bounds.items():
@@ -164,6 +164,28 @@ def measure_axis_table(
     if full and not _agrees_with_exact_passes(graph, result, known):
         return None
     return result
+
+
+def _spaced(spacing: int, full: bool) -> int:
+    """A lattice's spacing along an axis: ``spacing``, or coprime to small periods for one lattice alone.
+
+    A full table's lattices go through every index, whatever their spacing (a coprime one would take more passes:
+    11 x 11 lattices for 4 x 4); one lattice through the centre must see every phase of fields that repeat.
+    """
+    return max(1, spacing) if full else coprime_to_small_periods(spacing)
+
+
+def coprime_to_small_periods(spacing: int) -> int:
+    """The smallest spacing at least ``spacing`` (and 1) that shares no factor with 2, 3, 5 or 7.
+
+    Fields that repeat with such a period (an upsampling path, a transposed convolution whose odd outputs are empty,
+    a strided slice) then show every phase in a lattice through the centre; an even spacing read one parity only,
+    and a geometry fitted to it was wrong for the other.
+    """
+    spacing = max(1, spacing)
+    while any(spacing % p == 0 for p in (2, 3, 5, 7)) and spacing > 1:
+        spacing += 1
+    return spacing
 
 
 def _decode_lattice(graph: ProbeGraph, indices: list[list[int]], gaps: list[int]) -> list[dict] | None:
