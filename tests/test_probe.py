@@ -334,6 +334,28 @@ def test_deep_field_tails_do_not_underflow():
         probe_rf(model, (1, 1, 260), pos=10, dtype=torch.float32)
 
 
+class Doubles(nn.Module):
+    """A residual 1 x 1 convolution: on the theoretical copy's constants each block doubles what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 1, bias=False)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_a_theoretical_copy_that_overflows_float32_is_read_again_in_float64():
+    """A deep residual stack doubles the copy's constants at every block, past float32's range (2^128) after 130
+    blocks (torchvision's ViT-B/16 at its last encoder layer): the probe refused it as an overflow of the model's
+    own, where float64 holds it. Read again in float64, as a gradient near underflow is; refused where a dtype is
+    asked for."""
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, bias=False), *[Doubles() for _ in range(130)])
+    assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((8, 10),)
+    with pytest.raises(ProbeError, match="not finite"):
+        probe_rf(model, (1, 1, 20), pos=8, dtype=torch.float32)
+
+
 def test_importing_the_probe_does_not_import_lightning():
     import subprocess
     import sys

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # geometry_probe imports this module
 
 
 class Underflow(Exception):
-    """A float32 gradient came close enough to underflow that the probe is redone in float64."""
+    """A float32 gradient came close to underflow, or overflowed, so that the probe is redone in float64."""
 
 
 def underflow_guard(dtype: torch.dtype) -> float:
@@ -315,6 +315,8 @@ class ProbeGraph(GraphShapes):
                 raise Underflow
             raise self._underflow_error(narrowest)
         if not torch.isfinite(magnitude).all():
+            if self.guard and gradient.dtype == torch.float32:
+                raise Underflow  # float32's range overflows (the copy's constants grow through a deep residual stack)
             raise self._not_finite_error()
         return magnitude
 
