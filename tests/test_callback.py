@@ -318,12 +318,21 @@ class MaskedConv(torch.nn.Conv2d):
         return torch.nn.functional.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
 
 
+class ParameterMaskedConv(MaskedConv):
+    """The same, its mask held in a frozen parameter (which the theoretical copy keeps, as a buffer)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.mask
+        self.mask = torch.nn.Parameter(torch.ones_like(self.weight), requires_grad=False)
+
+
 class CutsItsSecondKernel(ConvClassifier):
     """From epoch 1 the second 3 x 3 convolution keeps its centre tap only: r = 1 + 2 + 1 = 4 instead of 8."""
 
-    def __init__(self):
+    def __init__(self, conv: type[MaskedConv] = MaskedConv):
         super().__init__()
-        self.features[4] = MaskedConv(8, 8, 3, padding=1)
+        self.features[4] = conv(8, 8, 3, padding=1)
 
     def on_train_epoch_start(self):
         if self.current_epoch == 1:
@@ -332,12 +341,14 @@ class CutsItsSecondKernel(ConvClassifier):
                 self.features[4].mask[..., 1, 1] = 1
 
 
+@pytest.mark.parametrize("conv", [MaskedConv, ParameterMaskedConv], ids=["buffer", "frozen_parameter"])
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
-def test_a_mask_held_in_a_buffer_and_cut_during_the_fit_gets_the_theoretical_field_probed_again(tmp_path, mode):
-    """The theoretical copy reads a buffer as it is, so a mask cut in place changes the architecture's field; the
-    callback kept the field of the uncut mask (logged 8 for 4, and the effective field's ratios were to 8)."""
+def test_a_mask_held_in_a_buffer_and_cut_during_the_fit_gets_the_theoretical_field_probed_again(tmp_path, mode, conv):
+    """The theoretical copy reads a buffer (or a mask in a frozen parameter) as it is, so a mask cut in place changes
+    the architecture's field; the callback kept the field of the uncut mask (logged 8 for 4, and the effective
+    field's ratios were to 8)."""
     callback = RFCallback(layer="features", mode=mode, log_images=False)
-    trainer, model = fit(tmp_path, [callback], model=CutsItsSecondKernel(), logger=False)
+    trainer, model = fit(tmp_path, [callback], model=CutsItsSecondKernel(conv), logger=False)
     assert probe_rf(model, (1, 1, 16, 16), (4, 4), layer="features").size == (4, 4)
     assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 4
     effective = callback.history[-1]["effective"]["4_4"]
@@ -423,6 +434,36 @@ def test_a_network_shrunk_by_an_attribute_its_forward_reads_gets_its_theoretical
     assert [entry["fields"][0]["size"] for entry in callback.history] == [[12, 12], [12, 12], [8, 8]]
     effective = callback.history[-1]["effective"]["4_4"]
     assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 8
+
+
+class ReadsItsOwnFlag(ConvClassifier):
+    """The LightningModule's own forward reads a flag of its own: a third 3 x 3 convolution runs in epoch 0 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra, self.active = torch.nn.Conv2d(8, 8, 3, padding=1), True
+        self.example_input_array = None
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.extra(y) if self.active else y
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.head(self(batch[0]).mean(dim=(2, 3))), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.head(self(batch[0]).mean(dim=(2, 3))), batch[1]))
+
+    def on_train_epoch_start(self):
+        self.active = self.current_epoch == 0
+
+
+def test_a_flag_the_lightning_modules_own_forward_reads_gets_the_theoretical_field_probed_again(tmp_path):
+    """A LightningModule's own values are left out as bookkeeping, except those its forward reads."""
+    callback = RFCallback(mode="weights", log_images=False)
+    trainer, model = fit(tmp_path, [callback], model=ReadsItsOwnFlag(), logger=False, max_epochs=2)
+    assert probe_rf(model, (1, 1, 16, 16), (4, 4)).size == (8, 8)
+    assert trainer.callback_metrics["rf/output/pos0/size_h/theoretical"] == 8
 
 
 class KeepsItsBooks(ConvClassifier):

@@ -72,8 +72,9 @@ def test_non_finite_weights_are_reported():
 
 
 def test_a_theoretical_copy_that_overflows_is_refused_with_the_other_mode_as_the_fix():
-    """``exp(cumsum(x))`` over 128 steps overflows float32 on the copy's ones, although the real weights' values stay
-    finite: the refusal said "check the model's weights and buffers", which are finite. It names the copy now."""
+    """``exp(cumsum(x))`` over a long axis overflows on the copy's ones, although the real weights' values stay
+    finite: the refusal said "check the model's weights and buffers", which are finite. It names the copy now.
+    Where float64 holds it (12,000 steps), the probe is read again in float64; past float64 too, refused."""
 
     class ExponentialOfARunningSum(nn.Module):
         def __init__(self):
@@ -84,9 +85,12 @@ def test_a_theoretical_copy_that_overflows_is_refused_with_the_other_mode_as_the
             return torch.exp(torch.cumsum(self.conv(x), dim=-1) * 0.01)
 
     model = ExponentialOfARunningSum()
+    assert probe_rf(model, (1, 1, 12000), 10).bounds == ((0, 11),)
     with pytest.raises(ProbeError, match="on the theoretical copy: its constants overflow .* use mode='weights'"):
-        probe_rf(model, (1, 1, 12000), 10)
-    assert probe_rf(model, (1, 1, 12000), 10, mode="weights").bounds == ((0, 11),)
+        probe_rf(model, (1, 1, 12000), 10, dtype=torch.float32)
+    with pytest.raises(ProbeError, match="on the theoretical copy: its constants overflow .* use mode='weights'"):
+        probe_rf(model, (1, 1, 240000), 10)
+    assert probe_rf(model, (1, 1, 240000), 10, mode="weights").bounds == ((0, 11),)
 
 
 def test_output_that_does_not_depend_on_the_input():

@@ -311,6 +311,12 @@ def _patched(reads: str) -> nn.Sequential:
     elif reads == "helper":
         _PATCHED_MODEL = model
         model.forward = lambda x: _PATCHED_MODEL[2](_stem(x))
+    elif reads == "recursive":
+        _PATCHED_MODEL = model
+        model.forward = lambda x: _through(x, 0)
+    elif reads == "cyclic":
+        _CYCLIC.update(self=_CYCLIC, model=model)
+        model.forward = lambda x: _CYCLIC["model"][2](_CYCLIC["model"][1](_CYCLIC["model"][0](x)))
     else:  # the layers in a list, held by a default argument of a function the forward calls
 
         def run(x, layers=list(model)):  # noqa: B006 - the default holds the model's layers, as the case is
@@ -325,13 +331,22 @@ def _patched(reads: str) -> nn.Sequential:
     return model.train()
 
 
+_CYCLIC: dict = {}  # a global dict that holds itself beside the model
+
+
+def _through(x: torch.Tensor, index: int) -> torch.Tensor:
+    """A recursive helper: the model's layers from ``index`` on, read through a global name."""
+    assert _PATCHED_MODEL is not None
+    return x if index == len(_PATCHED_MODEL) else _through(_PATCHED_MODEL[index](x), index + 1)
+
+
 def _stem(x: torch.Tensor) -> torch.Tensor:
     """A notebook's helper that reads the model through a global name."""
     assert _PATCHED_MODEL is not None
     return _PATCHED_MODEL[1](_PATCHED_MODEL[0](x))
 
 
-@pytest.mark.parametrize("reads", ["closure", "global", "helper", "list"])
+@pytest.mark.parametrize("reads", ["closure", "global", "helper", "list", "recursive", "cyclic"])
 def test_a_forward_held_in_a_function_attribute_runs_on_the_copy(reads):
     """A ``forward`` replaced by a function that reads the model (``model.forward = lambda x: model[1](model[0](x))``)
     ran the live model's modules on the probe: the theoretical field followed the live weights (3 x 3 for 5 x 5), and

@@ -7,7 +7,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import cast
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -18,6 +17,7 @@ from rf_callback.core.effective_probe import effective_rf
 from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError
 from rf_callback.core.layouts import Tokens
+from rf_callback.core.model_copy import is_fixed_mask
 from rf_callback.core.probe import probe_rf
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
@@ -59,7 +59,7 @@ class FieldProber:
         self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
         self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
         self._architecture: tuple | None = None  # of the module the kept theoretical fields were probed on
-        self._values: tuple | None = None  # the plain values and constant tensors of that module
+        self._values: tuple[tuple, _Constants] | None = None  # the plain values and constant tensors of that module
         self._inside: bool | None = None  # whether the last weights fields lay inside the kept theoretical ones
 
     def keep_theoretical(self, pl_module: nn.Module, fields: list[ReceptiveField] | None) -> None:
@@ -110,7 +110,8 @@ class FieldProber:
         if self._values is None:
             return False
         target = self.target(pl_module)
-        return (_settings(target), _Constants(target)) != self._values
+        settings, constants = self._values
+        return _settings(target) != settings or _Constants(target).changed_since(constants)
 
     def forward_changed(self, fields: Sequence[ReceptiveField]) -> bool:
         """Whether ``fields``, probed now, show a forward that changed where the layers did not.
@@ -282,28 +283,54 @@ def _settings(module: nn.Module) -> tuple:
 
     How many blocks the forward runs (``self.depth``), a fade-in weight that is 0 until a stage grows (ProGAN's
     ``alpha``): a field kept from before such a value changed described another forward. A LightningModule's own
-    values are its bookkeeping (a best validation loss, a counter), and a torchmetrics metric's its counts, not
-    the forward's: they are left out.
+    values are mostly its bookkeeping (a best validation loss, a counter): only those its ``forward`` names are
+    kept; a torchmetrics metric's counts are left out.
     """
-    return tuple(
-        (name, key, value)
-        for name, m in module.named_modules()
-        if not (name == "" and isinstance(m, pl.LightningModule)) and not type(m).__module__.startswith("torchmetrics")
-        for key, value in vars(m).items()
-        if key not in _HOOK_STATE
-        and (isinstance(value, _SCALARS) or (type(value) is tuple and all(isinstance(v, _SCALARS) for v in value)))
+    settings = []
+    for name, m in module.named_modules():
+        if type(m).__module__.startswith("torchmetrics"):
+            continue
+        read = _names_read(type(m).forward) if name == "" and _is_lightning_module(m) else None
+        settings += [
+            (name, key, value)
+            for key, value in vars(m).items()
+            if key not in _HOOK_STATE
+            and (read is None or key in read)
+            and (isinstance(value, _SCALARS) or (type(value) is tuple and all(isinstance(v, _SCALARS) for v in value)))
+        ]
+    return tuple(settings)
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a LightningModule of ``lightning`` or of ``pytorch_lightning`` (its twin)."""
+    return any(
+        cls.__name__ == "LightningModule" and cls.__module__.endswith("core.module") for cls in type(module).__mro__
     )
 
 
-class _Constants:
-    """The buffers a theoretical field reads as they are, by identity and version: changed when one is written.
+def _names_read(function) -> frozenset[str]:
+    """The attribute and global names a function's code (and the code nested in it) reads."""
+    code = getattr(function, "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack += [c for c in current.co_consts if isinstance(c, type(current))]
+    return frozenset(names)
 
-    Buffers (a mask held in one, a fixed filter, a grid, a relative position index) keep their values on the
-    theoretical copy, so a field kept from before a custom pruning step described the old mask: a 5 x 5 kernel cut
-    to its 3 x 3 centre by a buffer kept the field of the 5 x 5. Each buffer's version counter tells an in-place
-    write; no value is compared, so the check costs nothing on a GPU. Left out: a normalisation's statistics (they
-    change at every step, and the copy's normalisations are identities) and ``torch.nn.utils.prune``'s masks (the
-    copy holds them at one). A buffer made under inference mode has no version: its identity stands for it.
+
+class _Constants:
+    """The tensors a theoretical field reads as they are, by identity and version: changed when one is written.
+
+    Buffers (a mask held in one, a fixed filter, a grid, a relative position index) and masks held in frozen
+    parameters keep their values on the theoretical copy, so a field kept from before a custom pruning step
+    described the old mask: a 5 x 5 kernel cut to its 3 x 3 centre by a buffer kept the field of the 5 x 5. Each
+    tensor's version counter tells an in-place write; no value is compared, so the check costs nothing on a GPU
+    (a frozen parameter written in place counts where it holds a mask, which is read then: the copy replaces the
+    others by its constants). Left out: a normalisation's statistics (they change at every step, and the copy's
+    normalisations are identities) and ``torch.nn.utils.prune``'s masks (the copy holds them at one). A tensor made
+    under inference mode has no version: its identity stands for it.
 
     Args:
         module: the probed live module.
@@ -311,22 +338,41 @@ class _Constants:
 
     def __init__(self, module: nn.Module):
         self._held = [
-            (f"{name}.{key}", weakref.ref(buffer), None if buffer.is_inference() else buffer._version)
+            (f"{name}.{key}", weakref.ref(tensor), _version(tensor))
             for name, m in module.named_modules()
             if not isinstance(m, nn.modules.batchnorm._NormBase)
-            for key, buffer in m.named_buffers(recurse=False)
-            if buffer is not None and not (key.endswith("_mask") and f"{key[:-5]}_orig" in m._parameters)
+            for key, tensor in (*m.named_buffers(recurse=False), *m.named_parameters(recurse=False))
+            if tensor is not None
+            and not (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
+            and not (key.endswith("_mask") and f"{key[:-5]}_orig" in m._parameters)
         ]
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Constants) or len(self._held) != len(other._held):
-            return False
-        return all(
-            name == other_name and held() is not None and held() is other_held() and version == other_version
-            for (name, held, version), (other_name, other_held, other_version) in zip(self._held, other._held)
-        )
+    def changed_since(self, before: _Constants) -> bool:
+        """Whether a tensor was written in place or replaced since ``before`` was taken.
 
-    __hash__ = None  # type: ignore[assignment]  # compared, never hashed
+        Args:
+            before: the tensors as they were.
+
+        Returns:
+            True where one changed in a way the theoretical copy reads.
+        """
+        if [name for name, _, _ in self._held] != [name for name, _, _ in before._held]:
+            return True
+        for (_, held, version), (_, held_before, version_before) in zip(self._held, before._held):
+            tensor = held()
+            if tensor is None or tensor is not held_before():
+                return True
+            if version != version_before and not (isinstance(tensor, nn.Parameter) and not is_fixed_mask(tensor)):
+                return True
+        return False
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """A tensor's version counter, or None for one that has none (made under inference mode, not yet made)."""
+    try:
+        return None if tensor.is_inference() else tensor._version
+    except (RuntimeError, ValueError):  # a lazy module's uninitialised buffer
+        return None
 
 
 def _as_it_is(module: nn.Module) -> contextlib.AbstractContextManager:

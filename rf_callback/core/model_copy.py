@@ -2057,73 +2057,84 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
             yield from _global_names(constant)
 
 
-def _reading_the_copy(
-    function: types.FunctionType, memo: dict[int, Any], seen: dict[int, types.FunctionType] | None = None
-) -> types.FunctionType:
+def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any], walk: _Walk | None = None) -> Any:
     """``function`` rebuilt to read the copy, where it reaches a part of the model.
 
     Its closure cells, global names and defaults that hold a part of the model hold its copy, and so do the
     functions and the lists, tuples and dicts they lead to (a helper reading a global ``model``, a list of layers).
+    A function that reaches itself (a recursive helper) reaches its rebuilt self.
     """
-    seen = {} if seen is None else seen
-    if id(function) in seen:  # a function that reaches itself: the one being rebuilt
-        return seen[id(function)]
-    seen[id(function)] = function
-    cells = []
-    for cell in function.__closure__ or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # a cell not yet filled
-            cells.append(cell)
-            continue
-        copied = _on_the_copy(value, memo, seen)
-        cells.append(cell if copied is value else types.CellType(copied))
-    names = {
-        name: copied
-        for name in _global_names(function.__code__)
-        if name in function.__globals__
-        and (copied := _on_the_copy(value := function.__globals__[name], memo, seen)) is not value
-    }
-    defaults = _on_the_copy(function.__defaults__, memo, seen)
-    keywords = _on_the_copy(function.__kwdefaults__, memo, seen)
-    unchanged = all(new is old for new, old in zip(cells, function.__closure__ or ()))
-    if unchanged and not names and defaults is function.__defaults__ and keywords is function.__kwdefaults__:
-        return function
-    rebuilt = types.FunctionType(
-        function.__code__,
-        {**function.__globals__, **names} if names else function.__globals__,
-        function.__name__,
-        defaults,
-        tuple(cells),
-    )
-    rebuilt.__kwdefaults__, rebuilt.__qualname__ = keywords, function.__qualname__
+    walk = _Walk(function.__module__) if walk is None else walk
+    if id(function) in walk.seen:
+        return walk.seen[id(function)]
+    if function.__module__ != walk.module or function.__module__.split(".")[0] in _LIBRARIES:
+        return function  # a library's function (a compiled forward's wrapper, a torch function) reads no model
+    cells = tuple(types.CellType() for _ in function.__closure__ or ())
+    globals_ = dict(function.__globals__)
+    rebuilt = types.FunctionType(function.__code__, globals_, function.__name__, None, cells)
+    rebuilt.__qualname__ = function.__qualname__
     rebuilt.__dict__.update(function.__dict__)
-    seen[id(function)] = rebuilt
+    walk.seen[id(function)] = rebuilt  # what a call of itself, met on the way, reaches
+    changed = False
+    for cell, old in zip(cells, function.__closure__ or ()):
+        try:
+            value = old.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        cell.cell_contents = copied = _on_the_copy(value, memo, walk)
+        changed = changed or copied is not value
+    for name in _global_names(function.__code__):
+        if name in globals_ and (copied := _on_the_copy(value := globals_[name], memo, walk)) is not value:
+            globals_[name], changed = copied, True
+    rebuilt.__defaults__ = _on_the_copy(function.__defaults__, memo, walk)
+    rebuilt.__kwdefaults__ = _on_the_copy(function.__kwdefaults__, memo, walk)
+    changed = changed or rebuilt.__defaults__ is not function.__defaults__
+    changed = changed or rebuilt.__kwdefaults__ is not function.__kwdefaults__
+    if not changed:
+        walk.seen[id(function)] = function
+        return function
     return rebuilt
 
 
-_CONTAINER_ITEMS = 1024
+_LIBRARIES = frozenset({"torch", "lightning", "pytorch_lightning", "functools", "timm", "torchvision", "rf_callback"})
 
 
-def _on_the_copy(value: Any, memo: dict[int, Any], seen: dict[int, types.FunctionType]) -> Any:
+class _Walk:
+    """What :func:`_reading_the_copy` met so far, and how many items it may still look at.
+
+    Each function and container by ``id`` (cycles end there); a helper may read a large global (data, not the
+    model's parts), whose items are not looked at. Only the functions of the first one's module are walked (a
+    notebook's, a script's): a library's calls reach no model of the user's, and their graphs run deep.
+    """
+
+    def __init__(self, module: str):
+        self.module = module  # the functions walked are those of the module that the first one is defined in
+        self.seen: dict[int, Any] = {}
+        self.items_left = 4096
+
+
+def _on_the_copy(value: Any, memo: dict[int, Any], walk: _Walk) -> Any:
     """What stands for ``value`` on the copy.
 
     A part of the model's copy, a function or container rebuilt to hold such copies, or ``value`` itself where it
-    leads to no part of the model.
+    leads to no part of the model (or the walk has looked at enough items).
     """
     if _in_model(value, memo):
         return memo[id(value)]
     if isinstance(value, types.FunctionType):
-        return _reading_the_copy(value, memo, seen)
-    if type(value) in (list, tuple, dict) and len(value) > _CONTAINER_ITEMS:
-        return value  # data, not a model's parts (a dataset's list that a helper reads)
-    if type(value) in (list, tuple):
-        items = [_on_the_copy(item, memo, seen) for item in value]
-        return value if all(new is old for new, old in zip(items, value)) else type(value)(items)
+        return _reading_the_copy(value, memo, walk)
+    if type(value) not in (list, tuple, dict) or id(value) in walk.seen or len(value) > walk.items_left:
+        return walk.seen.get(id(value), value)
+    walk.items_left -= len(value)
+    walk.seen[id(value)] = value  # a container that holds itself stays as it is
     if type(value) is dict:
-        entries = {key: _on_the_copy(item, memo, seen) for key, item in value.items()}
-        return value if all(entries[key] is item for key, item in value.items()) else entries
-    return value
+        entries = {key: _on_the_copy(item, memo, walk) for key, item in value.items()}
+        copied: Any = value if all(entries[key] is item for key, item in value.items()) else entries
+    else:
+        items = [_on_the_copy(item, memo, walk) for item in value]
+        copied = value if all(new is old for new, old in zip(items, value)) else type(value)(items)
+    walk.seen[id(value)] = copied
+    return copied
 
 
 def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
