@@ -356,6 +356,65 @@ def test_a_theoretical_copy_that_overflows_float32_is_read_again_in_float64():
         probe_rf(model, (1, 1, 20), pos=8, dtype=torch.float32)
 
 
+class StarReLUBlock(nn.Module):
+    """MetaFormer's MLP block: norm, 1 x 1 expansion, StarReLU (``s * relu(x) ** 2 + b``), 1 x 1 projection."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = (
+            nn.GroupNorm(1, channels),
+            nn.Conv1d(channels, 4 * channels, 1),
+            nn.Conv1d(4 * channels, channels, 1),
+        )
+        self.scale, self.bias = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x + self.fc2(self.scale * nn.functional.relu(self.fc1(self.norm(x))) ** 2 + self.bias)
+
+
+class SelfAttention(nn.Module):
+    """Residual single-head attention over the positions of a (N, C, L) map."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        return x + nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
+
+
+def test_squares_compounded_through_a_deep_stack_do_not_overflow_the_theoretical_copy():
+    """The copy kept a power's real values with the identity's gradient: squares compounded block after block, and
+    attention scores of those values overflowed float64 (timm's CAFormer-S18 was refused as an overflow)."""
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), *[StarReLUBlock() for _ in range(12)], SelfAttention(), StarReLUBlock())
+    assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((0, 19),)
+
+
+class CachesAComputedWeight(nn.Module):
+    """A convolution whose eval-mode forward caches a weight computed with gradient in a dict, as timm's attention
+    bias cache does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, bias=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if "weight" not in self.cache:
+            self.cache["weight"] = self.conv.weight * 2
+        return nn.functional.conv1d(x, self.cache["weight"])
+
+
+def test_a_cache_of_tensors_computed_with_gradient_is_copied_without_its_graph():
+    """After a forward with gradient in eval mode, the deep copy refused the cache's non-leaf tensor and the probe
+    failed with "the model cannot be deep-copied" (timm's EfficientFormer, LeViT, EfficientViT-M, TinyViT)."""
+    model = CachesAComputedWeight().eval()
+    model(torch.randn(1, 1, 20)).sum().backward()
+    assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((8, 10),)
+    assert not model.cache["weight"].is_leaf  # the live cache is left as it was
+
+
 def test_importing_the_probe_does_not_import_lightning():
     import subprocess
     import sys

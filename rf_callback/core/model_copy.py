@@ -1623,10 +1623,15 @@ def _unflattened(func, name: str, args, kwargs):
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
     if not _depends_on_input(x) or not x.is_floating_point() or name.endswith("_") or kwargs.get("out") is not None:
         return None  # a complex value's magnitude is real: its gradient stays the real one
+    exponent = 2 if name == "square" else 1
     if name in _POWERS | {"float_power"}:
         exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
         if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or exponent <= 0:
             return None
+    if exponent > 1:
+        # The identity's values too: a power above 1 compounds through a deep stack (MetaFormer's StarReLU squares
+        # in every block) past any number format, where its support is the identity's.
+        return x.clone()
     return _real_values(func(*args, **kwargs), x)
 
 
@@ -2418,6 +2423,13 @@ def _rebuilt(module: nn.Module, cls: type[nn.Module], sharded: type | None, memo
         elif type(value) is set and all(type(item) is str for item in value):
             state[key] = set(value)
         else:
+            if type(value) in (dict, list, tuple):
+                # A cache of tensors computed with gradient (timm's attention_bias_cache after a forward in eval
+                # mode), which no deep copy takes: their values, without the graph.
+                items = value.values() if type(value) is dict else value
+                for item in items:
+                    if isinstance(item, torch.Tensor) and not item.is_leaf:
+                        memo.setdefault(id(item), item.detach().clone())
             state[key] = copy.deepcopy(value, memo)
     clone.__setstate__(state)
     return clone
