@@ -408,10 +408,15 @@ class CachesAComputedWeight(nn.Module):
 
 def test_a_cache_of_tensors_computed_with_gradient_is_copied_without_its_graph():
     """After a forward with gradient in eval mode, the deep copy refused the cache's non-leaf tensor and the probe
-    failed with "the model cannot be deep-copied" (timm's EfficientFormer, LeViT, EfficientViT-M, TinyViT)."""
+    failed with "the model cannot be deep-copied" (timm's EfficientFormer, LeViT, EfficientViT-M, TinyViT). The copy
+    leaves such entries out of its dict, and its forward computes them again (a cache of the live values would be
+    read as a fixed filter: 9..9 for 8..10)."""
     model = CachesAComputedWeight().eval()
+    with torch.no_grad():  # live weights with a centre tap only: the cache computed from them must not be read
+        model.conv.weight[..., 0] = model.conv.weight[..., 2] = 0
     model(torch.randn(1, 1, 20)).sum().backward()
-    assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((8, 10),)
+    assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((8, 10),)  # computed again from the copy's constants
+    assert probe_rf(model, (1, 1, 20), pos=8, mode="weights").bounds == ((9, 9),)
     assert not model.cache["weight"].is_leaf  # the live cache is left as it was
 
 

@@ -2423,16 +2423,22 @@ def _rebuilt(module: nn.Module, cls: type[nn.Module], sharded: type | None, memo
         elif type(value) is set and all(type(item) is str for item in value):
             state[key] = set(value)
         else:
-            if type(value) in (dict, list, tuple):
+            if type(value) is dict and any(_computed(item) for item in value.values()):
                 # A cache of tensors computed with gradient (timm's attention_bias_cache after a forward in eval
-                # mode), which no deep copy takes: their values, without the graph.
-                items = value.values() if type(value) is dict else value
-                for item in items:
-                    if isinstance(item, torch.Tensor) and not item.is_leaf:
+                # mode), which no deep copy takes: the copy's forward computes them again, from its own tensors.
+                value = {k: item for k, item in value.items() if not _computed(item)}
+            elif type(value) in (list, tuple):
+                for item in value:  # in order, so kept as values without their graph
+                    if _computed(item):
                         memo.setdefault(id(item), item.detach().clone())
             state[key] = copy.deepcopy(value, memo)
     clone.__setstate__(state)
     return clone
+
+
+def _computed(value: object) -> bool:
+    """Whether ``value`` is a tensor computed with gradient (it holds a graph, which no deep copy takes)."""
+    return isinstance(value, torch.Tensor) and not value.is_leaf
 
 
 def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, device) -> dict[int, torch.Tensor]:
