@@ -391,6 +391,27 @@ def test_squares_compounded_through_a_deep_stack_do_not_overflow_the_theoretical
     assert probe_rf(model, (1, 1, 20), pos=8).bounds == ((0, 19),)
 
 
+class LogDistancePooling(nn.Module):
+    """Attention pooling over all positions by the log distance of each to a fixed point: ``log((y - 3) ** 2)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 4, 3, padding=1, bias=False)
+        self.b = nn.Conv1d(4, 4, 5, padding=2, bias=False)
+        self.a = nn.Conv1d(4, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.b(self.stem(x))
+        attention = torch.softmax(torch.log(((y - 3.0) ** 2).mean(1) + 1e-3), dim=-1)
+        return self.a(y) + torch.einsum("ncl,nl->nc", y, attention)[..., None]
+
+
+def test_a_square_of_a_negative_value_stays_positive_on_the_copy():
+    """A square run as the identity in its values too left ``y - 3`` negative on the copy: the log of it was NaN, the
+    softmax over NaN scores found no live input, and the pooled path vanished (8..16 for 0..23)."""
+    assert probe_rf(LogDistancePooling(), (1, 1, 24), pos=12).bounds == ((0, 23),)
+
+
 class CachesAComputedWeight(nn.Module):
     """A convolution whose eval-mode forward caches a weight computed with gradient in a dict, as timm's attention
     bias cache does."""

@@ -1629,9 +1629,10 @@ def _unflattened(func, name: str, args, kwargs):
         if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or exponent <= 0:
             return None
     if exponent > 1:
-        # The identity's values too: a power above 1 compounds through a deep stack (MetaFormer's StarReLU squares
-        # in every block) past any number format, where its support is the identity's.
-        return x.clone()
+        # The magnitude's values: a power above 1 compounds through a deep stack (MetaFormer's StarReLU squares in
+        # every block) past any number format, where its support is the identity's; its sign stays the power's
+        # (a log or square root of a negative value is NaN, and a softmax would read no live input).
+        return _real_values(x.detach().abs(), x)
     return _real_values(func(*args, **kwargs), x)
 
 
@@ -2427,10 +2428,6 @@ def _rebuilt(module: nn.Module, cls: type[nn.Module], sharded: type | None, memo
                 # A cache of tensors computed with gradient (timm's attention_bias_cache after a forward in eval
                 # mode), which no deep copy takes: the copy's forward computes them again, from its own tensors.
                 value = {k: item for k, item in value.items() if not _computed(item)}
-            elif type(value) in (list, tuple):
-                for item in value:  # in order, so kept as values without their graph
-                    if _computed(item):
-                        memo.setdefault(id(item), item.detach().clone())
             state[key] = copy.deepcopy(value, memo)
     clone.__setstate__(state)
     return clone
