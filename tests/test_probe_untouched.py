@@ -110,22 +110,25 @@ def test_global_generator_is_not_advanced_by_weights_mode():
     assert torch.equal(torch.rand(3), expected)
 
 
+class Recording(nn.Module):
+    """A convolution whose forward calls ``record`` (which notes a global setting where the test reads it)."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.conv, self.record = nn.Conv1d(1, 1, 3), record
+
+    def forward(self, x):
+        self.record()
+        return self.conv(x)
+
+
 def test_a_runs_reduced_matmul_precision_is_off_inside_the_probe_and_restored_after():
-    seen = []
-
-    class Recording(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv1d(1, 1, 3)
-
-        def forward(self, x):
-            seen.append(torch.get_float32_matmul_precision())
-            return self.conv(x)
-
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")  # what Lightning suggests on GPUs with tensor cores
+    seen: list = []
+    model = Recording(lambda: seen.append(torch.get_float32_matmul_precision()))
     try:
-        probe_rf(Recording(), (1, 1, 30), "all")
+        probe_rf(model, (1, 1, 30), "all")
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
@@ -135,22 +138,15 @@ def test_a_runs_reduced_matmul_precision_is_off_inside_the_probe_and_restored_af
 def test_a_runs_per_backend_matmul_precision_is_full_inside_the_probe_and_restored_after():
     """torch's per-backend API (``torch.backends.cuda.matmul.fp32_precision = "tf32"``) made the legacy getter the
     probe saved the setting with raise: every probe failed."""
-    seen = []
-
-    class Recording(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv1d(1, 1, 3)
-
-        def forward(self, x):
-            seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
-            return self.conv(x)
-
+    seen: list = []
+    model = Recording(
+        lambda: seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+    )
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     before = [backend.fp32_precision for backend in backends]
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
-        assert probe_rf(Recording(), (1, 1, 30), 5).bounds == ((5, 7),)
+        assert probe_rf(model, (1, 1, 30), 5).bounds == ((5, 7),)
         assert [backend.fp32_precision for backend in backends] == ["tf32", before[1]]
     finally:
         for backend, precision in zip(backends, before):
