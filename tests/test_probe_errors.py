@@ -93,6 +93,28 @@ def test_a_theoretical_copy_that_overflows_is_refused_with_the_other_mode_as_the
     assert probe_rf(model, (1, 1, 240000), 10, mode="weights").bounds == ((0, 11),)
 
 
+class LogPooling(nn.Module):
+    """Attention pooling over all positions by ``log(y - 3)``: NaN on the theoretical copy's values, which are below 3
+    (some weights make them all positive, and then the pooling reads every position)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Conv1d(1, 4, 5, padding=2, bias=False)
+        self.a = nn.Conv1d(4, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.b(x)
+        attention = torch.softmax(torch.log(y.mean(1) - 3.0), dim=-1)
+        return self.a(y) + torch.einsum("ncl,nl->nc", y, attention)[..., None]
+
+
+def test_a_softmax_of_nan_scores_on_the_theoretical_copy_is_refused_not_cut():
+    """A softmax whose scores were NaN on the copy found no live input and dropped the pooling path: 9..15 for the
+    architecture's 0..23, without a word. NaN scores are live now, and the NaN field is refused with the reason."""
+    with pytest.raises(ProbeError, match="reaches a log or a square root"):
+        probe_rf(LogPooling(), (1, 1, 24), pos=12)
+
+
 def test_output_that_does_not_depend_on_the_input():
     class Constant(nn.Module):
         def __init__(self):

@@ -359,8 +359,9 @@ class ProbeGraph(GraphShapes):
             return ProbeError(
                 f"the gradient of {where(self.layer)} is not finite (inf or NaN) on the theoretical copy: its "
                 f"constants overflow on the way (an exponential of a running sum along a long axis, as a selective "
-                f"scan's parallel form computes) or the model's buffers hold non-finite values; use mode='weights' "
-                f"(the real weights' field), or probe a layer before it with layer="
+                f"scan's parallel form computes), a value the copy makes negative reaches a log or a square root "
+                f"(log(y - 3): the copy keeps a constant's sign), or the model's buffers hold non-finite values; use "
+                f"mode='weights' (the real weights' field), or probe a layer before it with layer="
             )
         return ProbeError(
             f"the gradient of {where(self.layer)} is not finite (inf or NaN): check the model's weights and "

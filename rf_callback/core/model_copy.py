@@ -1438,11 +1438,14 @@ def _above_every_gap(scores: torch.Tensor, dim: int) -> torch.Tensor:
     A mask puts its inputs far below every live score at once; a graded bias (ALiBi: -0.5 per step back, 100 below
     the largest after 200 steps) leaves no such gap, and every input it reaches stays live, however far below the
     largest. Each round lowers the floor to ``_MASKED_GAP`` below the lowest live score, until no score joins (a row
-    of -inf has none).
+    of -inf has none). A NaN score (a log or square root of a negative value on the theoretical copy's constants,
+    which some weights make positive) is live: its row's other scores are read without it, and no path is cut.
     """
-    live = scores > scores.amax(dim, keepdim=True) - _MASKED_GAP
+    not_a_number = scores.isnan()
+    scores = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    live = (scores > scores.amax(dim, keepdim=True) - _MASKED_GAP) | not_a_number
     while not bool(live.all()):  # nothing far below (no mask): one pass, the common case
-        lowest = torch.where(live, scores, torch.full_like(scores, math.inf)).amin(dim, keepdim=True)
+        lowest = torch.where(live & ~not_a_number, scores, torch.full_like(scores, math.inf)).amin(dim, keepdim=True)
         joined = (scores > lowest - _MASKED_GAP) & ~live
         if not bool(joined.any()):
             break
