@@ -310,6 +310,10 @@ def _patched(reads: str) -> nn.Sequential:
     elif reads == "recursive":
         _PATCHED_MODEL = model
         model.forward = lambda x: _through(x, 0)
+    elif reads == "exec":  # a function made by exec() has no module name
+        namespace = {"model": model}
+        exec("forward = lambda x: model[2](model[1](model[0](x)))", namespace)
+        model.forward = namespace["forward"]
     elif reads == "cyclic":
         _CYCLIC.update(self=_CYCLIC, model=model)
         model.forward = lambda x: _CYCLIC["model"][2](_CYCLIC["model"][1](_CYCLIC["model"][0](x)))
@@ -342,7 +346,7 @@ def _stem(x: torch.Tensor) -> torch.Tensor:
     return _PATCHED_MODEL[1](_PATCHED_MODEL[0](x))
 
 
-@pytest.mark.parametrize("reads", ["closure", "global", "helper", "list", "recursive", "cyclic"])
+@pytest.mark.parametrize("reads", ["closure", "global", "helper", "list", "recursive", "cyclic", "exec"])
 def test_a_forward_held_in_a_function_attribute_runs_on_the_copy(reads):
     """A ``forward`` replaced by a function that reads the model (``model.forward = lambda x: model[1](model[0](x))``)
     ran the live model's modules on the probe: the theoretical field followed the live weights (3 x 3 for 5 x 5), and

@@ -17,7 +17,7 @@ from rf_callback.core.effective_probe import effective_rf
 from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError
 from rf_callback.core.layouts import Tokens
-from rf_callback.core.model_copy import is_fixed_mask
+from rf_callback.core.model_copy import is_fixed_mask, names_read
 from rf_callback.core.probe import probe_rf
 from rf_callback.core.result import EffectiveField, ReceptiveField
 
@@ -290,7 +290,10 @@ def _settings(module: nn.Module) -> tuple:
     for name, m in module.named_modules():
         if type(m).__module__.startswith("torchmetrics"):
             continue
-        read = _names_read(type(m).forward) if name == "" and _is_lightning_module(m) else None
+        read = None  # every value, but of the LightningModule itself, those its forward names
+        if name == "" and _is_lightning_module(m):
+            code = getattr(type(m).forward, "__code__", None)
+            read = frozenset() if code is None else frozenset(names_read(code))
         settings += [
             (name, key, value)
             for key, value in vars(m).items()
@@ -306,18 +309,6 @@ def _is_lightning_module(module: nn.Module) -> bool:
     return any(
         cls.__name__ == "LightningModule" and cls.__module__.endswith("core.module") for cls in type(module).__mro__
     )
-
-
-def _names_read(function) -> frozenset[str]:
-    """The attribute and global names a function's code (and the code nested in it) reads."""
-    code = getattr(function, "__code__", None)
-    names: set[str] = set()
-    stack = [code] if code is not None else []
-    while stack:
-        current = stack.pop()
-        names.update(current.co_names)
-        stack += [c for c in current.co_consts if isinstance(c, type(current))]
-    return frozenset(names)
 
 
 class _Constants:

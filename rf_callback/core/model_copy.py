@@ -2058,12 +2058,19 @@ def _in_model(value: object, memo: dict[int, Any]) -> bool:
     return isinstance(value, (nn.Module, torch.Tensor)) and memo.get(id(value), value) is not value
 
 
-def _global_names(code: types.CodeType) -> Iterator[str]:
-    """The global names a function's code (and the code nested in it) may read."""
+def names_read(code: types.CodeType) -> Iterator[str]:
+    """The global and attribute names a function's code (and the code nested in it) may read.
+
+    Args:
+        code: the function's ``__code__``.
+
+    Yields:
+        Each name, as often as the code objects hold it.
+    """
     yield from code.co_names
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
-            yield from _global_names(constant)
+            yield from names_read(constant)
 
 
 def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any], walk: _Walk | None = None) -> Any:
@@ -2073,10 +2080,11 @@ def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any], walk: 
     functions and the lists, tuples and dicts they lead to (a helper reading a global ``model``, a list of layers).
     A function that reaches itself (a recursive helper) reaches its rebuilt self.
     """
-    walk = _Walk(function.__module__) if walk is None else walk
+    module = function.__module__ or ""  # None for a function made by exec() without a module name
+    walk = _Walk(module) if walk is None else walk
     if id(function) in walk.seen:
         return walk.seen[id(function)]
-    if function.__module__ != walk.module or function.__module__.split(".")[0] in _LIBRARIES:
+    if module != walk.module or module.split(".")[0] in _LIBRARIES:
         return function  # a library's function (a compiled forward's wrapper, a torch function) reads no model
     cells = tuple(types.CellType() for _ in function.__closure__ or ())
     globals_ = dict(function.__globals__)
@@ -2092,7 +2100,7 @@ def _reading_the_copy(function: types.FunctionType, memo: dict[int, Any], walk: 
             continue
         cell.cell_contents = copied = _on_the_copy(value, memo, walk)
         changed = changed or copied is not value
-    for name in _global_names(function.__code__):
+    for name in names_read(function.__code__):
         if name in globals_ and (copied := _on_the_copy(value := globals_[name], memo, walk)) is not value:
             globals_[name], changed = copied, True
     rebuilt.__defaults__ = _on_the_copy(function.__defaults__, memo, walk)

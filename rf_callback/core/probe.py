@@ -125,7 +125,7 @@ def probe_rf(
 
 @contextlib.contextmanager
 def _probe_context(device: torch.device):
-    """Gradients on, inference mode off, tensors made on `device`, exact kernels, random states restored after."""
+    """:func:`probe_scope` (gradients on, inference mode off, random states restored after), with exact kernels."""
     with probe_scope(device), exact_kernels(device):
         yield
 
