@@ -568,6 +568,27 @@ def test_a_geometry_past_its_budget_is_none_and_says_so(monkeypatch):
     assert geometry_triples(probe_rf(TinyResNet(), (1, 3, 12, 10), layer="layer2")) == [(25, 4, 12)] * 2
 
 
+def test_a_long_field_that_fades_in_float32_on_a_thin_input_redoes_only_the_longer_inputs_in_float64(monkeypatch):
+    """37 averaging convolutions: the field's edge (7^-37 of its centre) fades past float32 only on inputs long enough
+    to hold it (256), not on the user's 64. The geometry's reading used to start over in float64 (the user's input
+    and every thin input again, costing MambaOut 2-3 times its geometry); now the inputs already read in float32
+    stay read."""
+    seen: list[tuple[int, torch.dtype]] = []
+    init = ProbeGraph.__init__
+
+    def recording(self, model, request, **kwargs):
+        seen.append((request.input_shape[2], request.dtype))
+        init(self, model, request, **kwargs)
+
+    depth = 37
+    field = probe_rf(nn.Sequential(*[nn.Conv1d(1, 1, 7, padding=3) for _ in range(depth)]), (1, 1, 64))
+    monkeypatch.setattr(ProbeGraph, "__init__", recording)
+    assert geometry_triples(field) == [(6 * depth + 1, 1, 3 * depth)]
+    wide = {length for length, dtype in seen if dtype == torch.float64}
+    assert wide and (64, torch.float32) in seen
+    assert wide == {length for length, _ in seen if length >= min(wide)}  # float64 from the first that faded on
+
+
 def test_neighbours_that_look_alike_on_a_short_input_are_not_taken_for_windows():
     # On a 4-pixel axis a dilated convolution's inner map is 2 long, and its borders give both outputs the field
     # 1..2, whole by its margins: read as windows, the axis lost its geometry (hypothesis found it).

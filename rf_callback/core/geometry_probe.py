@@ -14,6 +14,7 @@ undecided axis.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -27,6 +28,7 @@ from rf_callback.core.geometry import MIN_WHOLE_FIELDS, AxisGeometry, Bounds, co
 from rf_callback.core.graph import ProbeError, ProbeGraph, dead_windows_watched
 from rf_callback.core.lattice import AxisTable, coprime_to_small_periods, measure_axis_table
 from rf_callback.core.layouts import Tokens
+from rf_callback.core.model_copy import prepared_copy
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.support import Position, hull, largest_hole, marginal
 
@@ -156,7 +158,7 @@ OVER_BUDGET = (
 )
 
 
-def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest) -> GraphOn:
+def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest, *, widen: bool = False) -> GraphOn:
     """Returns ``graph_on(shape, thin_axes=())``: a theoretical graph of the requested layer on another input shape.
 
     It returns ``None`` where the model refuses the shape, or where a convolution has an output whose window along
@@ -166,24 +168,48 @@ def graph_factory(copy: nn.Module | ValueError, request: ProbeRequest) -> GraphO
     the live model changes later. The output is read as the request reads it. A token grid fits the user's input
     (the request's) alone: on another input the same number of tokens can lie on another grid, so with
     :class:`Tokens` it returns ``None`` on any other shape. Where there is no copy (``copy`` is why), it raises that.
+
+    ``widen`` (float32 with the underflow retry): a graph whose pass comes near underflow redoes it, and its later
+    ones, on a float64 twin of the same input (a field long enough to fade in float32 on a long thin input), and
+    inputs at least as long are built in float64 at once; the readings already made in float32 stay, as exact.
     """
     request = request.theoretical()
     fixed = request.input_shape if isinstance(request.parsed_layout, Tokens) else None
+    widen = widen and request.guard and request.dtype == torch.float32
+    wide_request = request.in_dtype(torch.float64)
+    wide_copy: list[nn.Module] = []  # the float64 twin of the copy, made on the first underflow
+    faded_at = math.inf  # the shortest longest axis of an input whose pass came near underflow
+
+    def built(on: nn.Module, asked: ProbeRequest, shape: tuple[int, ...], thin_axes) -> ProbeGraph | None:
+        dead: list[str] = []
+        try:
+            with dead_windows_watched(on, thin_axes, dead):
+                on_input = tuple(shape) == tuple(request.input_shape)  # only there is the flow read
+                graph = ProbeGraph(on, asked.on(shape), copy=on, carry_flow=on_input)
+        except (ValueError, ProbeError):
+            return None
+        # A crop to a fraction of the input (x[:, :, : H // 2]) can leave no output position on a thin input.
+        return None if dead or 0 in graph.output_shape else graph
+
+    def in_float64(shape: tuple[int, ...], thin_axes) -> ProbeGraph | None:
+        nonlocal faded_at
+        faded_at = min(faded_at, max(shape[2:]))
+        if not wide_copy:
+            assert not isinstance(copy, ValueError)
+            wide_copy.append(prepared_copy(copy, "theoretical", torch.float64))
+        return built(wide_copy[0], wide_request, shape, thin_axes)
 
     def graph_on(shape: tuple[int, ...], thin_axes: tuple[int, ...] = ()) -> ProbeGraph | None:
         if isinstance(copy, ValueError):
             raise copy
         if fixed is not None and tuple(shape) != tuple(fixed):
             return None
-        dead: list[str] = []
-        try:
-            with dead_windows_watched(copy, thin_axes, dead):
-                on_input = tuple(shape) == tuple(request.input_shape)  # only there is the flow read
-                graph = ProbeGraph(copy, request.on(shape), copy=copy, carry_flow=on_input)
-        except (ValueError, ProbeError):
-            return None
-        # A crop to a fraction of the input (x[:, :, : H // 2]) can leave no output position on a thin input.
-        return None if dead or 0 in graph.output_shape else graph
+        if widen and max(shape[2:]) >= faded_at:
+            return in_float64(shape, thin_axes)
+        graph = built(copy, request, shape, thin_axes)
+        if graph is not None and widen:
+            graph.wider = functools.partial(in_float64, tuple(shape), thin_axes)
+        return graph
 
     return graph_on
 

@@ -10,7 +10,7 @@ import functools
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -232,6 +232,10 @@ class ProbeGraph(GraphShapes):
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.position_picks: list[str] = []  # selections by a fixed condition that picks by position (the same)
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
+        # Builds this graph's float64 twin, where a float32 pass near underflow may be redone in it alone (the
+        # geometry's graphs on other inputs): the passes already read in float32 were exact and stay.
+        self.wider: Callable[[], ProbeGraph | None] | None = None
+        self._wide: ProbeGraph | None = None
         self.work = 0  # elements the forward's calls returned: its cost (see probe_functions)
         self.float16_inside = False  # a call on the way returned float16 (see probe_functions)
         self._supports: dict[tuple, torch.Tensor] = {}
@@ -285,6 +289,8 @@ class ProbeGraph(GraphShapes):
         Returns |d output / d input| summed over the batch and channels, on the CPU, shaped like the input's spatial
         axes.
         """
+        if self._wide is not None:
+            return self._wide.gradient_map(positions, scale)
         if self.budget is not None:
             self.budget.charge(self.input_shape)
         cotangent = torch.zeros_like(self.output)
@@ -312,13 +318,26 @@ class ProbeGraph(GraphShapes):
             underflow_guard(gradient.dtype), underflow_guard(narrowest)
         ):
             if self.guard and gradient.dtype == torch.float32:
-                raise Underflow
+                return self._in_float64(positions, scale)
             raise self._underflow_error(narrowest)
         if not torch.isfinite(magnitude).all():
             if self.guard and gradient.dtype == torch.float32:
-                raise Underflow  # float32's range overflows (the copy's constants grow through a deep residual stack)
+                # float32's range overflows (the copy's constants grow through a deep residual stack)
+                return self._in_float64(positions, scale)
             raise self._not_finite_error()
         return magnitude
+
+    def _in_float64(self, positions: Sequence[Position], scale: Sequence[float] | None) -> torch.Tensor:
+        """The map of :meth:`gradient_map` from this graph's float64 twin, which answers every later pass too.
+
+        Raises:
+            Underflow: no twin can be built here: the caller redoes its whole reading in float64.
+        """
+        wide = None if self.wider is None else self.wider()
+        if wide is None:
+            raise Underflow
+        wide.budget, self._wide = self.budget, wide
+        return wide.gradient_map(positions, scale)
 
     def _underflow_error(self, dtype: torch.dtype) -> ProbeError:
         """Why a gradient that fades to the edge of ``dtype``'s range gives no field."""

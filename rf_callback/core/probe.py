@@ -510,7 +510,7 @@ class _Prober:
             with _probe_context(request.device), materialised_constants(materialised):
                 for attempt in (request, request.in_dtype(torch.float64)):
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
-                    graph_on = graph_factory(copy, attempt)
+                    graph_on = graph_factory(copy, attempt, widen=True)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     reasons.clear()
