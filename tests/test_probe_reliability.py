@@ -1868,6 +1868,11 @@ class WideAndNarrow(nn.Module):
         return self.combine(self.wide(x), self.twin(x), self.narrow(x))
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A column of ``x``'s values, as fused linear code feeds them to ``addmm``."""
+    return x.view(-1, 1)
+
+
 def _assigned_through_a_mask(wide, _twin, narrow):
     wide[narrow > 0] = narrow[narrow > 0]
     return wide
@@ -1881,6 +1886,14 @@ CANCELLING_OR_GATING = {
     "times a tensor of -1": lambda w, t, n: w + t * -torch.ones_like(t) + n,
     "divided by -1": lambda w, t, n: w + t / -1 + n,
     "addcmul with value=-1": lambda w, t, n: w.addcmul(t, torch.ones_like(t), value=-1) + n,
+    "addmm with alpha=-1": lambda w, t, n: torch.addmm(_rows(w), _rows(t), torch.ones(1, 1), alpha=-1).view_as(w) + n,
+    "addmm with beta=-1": lambda w, t, n: torch.addmm(_rows(t), _rows(w), torch.ones(1, 1), beta=-1).view_as(w) + n,
+    "addmm_ with alpha=-1": lambda w, t, n: _rows(w).addmm_(_rows(t), torch.ones(1, 1), alpha=-1).view_as(w) + n,
+    "baddbmm with alpha=-1": lambda w, t, n: (
+        torch.baddbmm(_rows(w)[None], _rows(t)[None], torch.ones(1, 1, 1), alpha=-1).view_as(w) + n
+    ),
+    "addmv with alpha=-1": lambda w, t, n: torch.addmv(w.flatten(), _rows(t), torch.ones(1), alpha=-1).view_as(w) + n,
+    "addr with alpha=-1": lambda w, t, n: torch.addr(_rows(w), t.flatten(), torch.ones(1), alpha=-1).view_as(w) + n,
     "lerp by a gate": lambda w, t, n: w.lerp(n, torch.sigmoid(n)),
     "lerp_ by a gate": lambda w, t, n: w.lerp_(n, torch.sigmoid(n)),
     "where on combined masks": lambda w, t, n: torch.where((n > 0) & (n < 10), n, w),
@@ -1894,10 +1907,10 @@ CANCELLING_OR_GATING = {
 
 @pytest.mark.parametrize("name", list(CANCELLING_OR_GATING))
 def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
-    """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, ``value=-1``)
-    cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed from the input (all True or all
-    False there) picked one branch where it was combined (``&``, ``~``), turned into numbers or used as an index:
-    position 6 read 6..6, not 4..8 as in weights mode."""
+    """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, ``value=-1``,
+    the fused ``addmm`` family's ``alpha=-1`` or ``beta=-1``) cancelled exactly, a ``lerp`` by a gate of 1 cut its
+    start, and a mask computed from the input (all True or all False there) picked one branch where it was combined
+    (``&``, ``~``), turned into numbers or used as an index: position 6 read 6..6, not 4..8 as in weights mode."""
     _assert_reads_the_wide_branch(WideAndNarrow(CANCELLING_OR_GATING[name]))
 
 

@@ -1587,6 +1587,10 @@ _DIVISIONS = frozenset({"div", "divide", "true_divide", "__truediv__", "div_", "
 _POWERS = frozenset({"pow", "__pow__", "pow_", "__ipow__"})
 _STATISTICS = frozenset({"var", "std", "var_mean", "std_mean"})  # zero on equal values, with a zero gradient
 _ADDITIONS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})  # with alpha=-1, a subtraction
+# beta * input + alpha * (a product of two operands): with a negative alpha or beta, a subtraction
+_PRODUCT_ADDITIONS = frozenset(
+    {"addmm", "addmm_", "baddbmm", "baddbmm_", "addbmm", "addbmm_", "addmv", "addmv_", "addr", "addr_"}
+)
 _SIGNED = (
     _SUBTRACTIONS
     | _REVERSED_SUBTRACTIONS
@@ -1596,6 +1600,7 @@ _SIGNED = (
     | _ADDITIONS
     | _MULTIPLICATIONS
     | _STATISTICS
+    | _PRODUCT_ADDITIONS
     | {"__rtruediv__", "normalize", "cosine_similarity", "diff", "addcmul",
        "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"}
 )  # fmt: skip
@@ -1787,6 +1792,17 @@ def _sign_free_twin(name: str, args, kwargs):
             if name in _DIVISIONS:
                 return target.div_(factor) if in_place else torch.div(target, factor)
             return target.mul_(factor) if in_place else torch.mul(target, factor)
+    if name in _PRODUCT_ADDITIONS and len(args) >= 3:
+        # addmm(input, m1, m2, beta=-1) or alpha=-1: the same call with both scales positive where they scale a
+        # dependent term (a constant term's value may matter: its scale stays)
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        flip_beta = dependent(first) and _negative(beta)
+        flip_alpha = (dependent(args[1]) or dependent(args[2])) and _negative(alpha)
+        if flip_beta or flip_alpha:
+            scales = {"beta": -beta if flip_beta else beta, "alpha": -alpha if flip_alpha else alpha}
+            rest = {k: v for k, v in kwargs.items() if k not in scales}
+            call = getattr(first, name) if in_place else getattr(torch, name)
+            return call(*args[1:3], **scales, **rest) if in_place else call(*args[:3], **scales, **rest)
     if name.rstrip("_") in ("addcmul", "addcdiv") and (dependent(args[1]) or dependent(args[2])):
         # input + value * t1 * t2 (or t1 / t2): every factor positive, a divisor's as a factor
         value = abs(kwargs.get("value", 1))
