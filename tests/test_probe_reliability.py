@@ -1868,6 +1868,30 @@ class WideAndNarrow(nn.Module):
         return self.combine(self.wide(x), self.twin(x), self.narrow(x))
 
 
+class HandWrittenSubtraction(torch.autograd.Function):
+    """``a - b`` with its backward written by hand, as a fused op's Python fallback is."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, -grad
+
+
+class GradientReversal(torch.autograd.Function):
+    """DANN's gradient reversal layer: the identity forward, the negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """A column of ``x``'s values, as fused linear code feeds them to ``addmm``."""
     return x.view(-1, 1)
@@ -1894,6 +1918,8 @@ CANCELLING_OR_GATING = {
     ),
     "addmv with alpha=-1": lambda w, t, n: torch.addmv(w.flatten(), _rows(t), torch.ones(1), alpha=-1).view_as(w) + n,
     "addr with alpha=-1": lambda w, t, n: torch.addr(_rows(w), t.flatten(), torch.ones(1), alpha=-1).view_as(w) + n,
+    "a custom Function's negative backward": lambda w, t, n: HandWrittenSubtraction.apply(w, t) + n,
+    "a gradient reversal layer": lambda w, t, n: w + GradientReversal.apply(t) + n,
     "lerp by a gate": lambda w, t, n: w.lerp(n, torch.sigmoid(n)),
     "lerp_ by a gate": lambda w, t, n: w.lerp_(n, torch.sigmoid(n)),
     "where on combined masks": lambda w, t, n: torch.where((n > 0) & (n < 10), n, w),
@@ -1908,9 +1934,10 @@ CANCELLING_OR_GATING = {
 @pytest.mark.parametrize("name", list(CANCELLING_OR_GATING))
 def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
     """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, ``value=-1``,
-    the fused ``addmm`` family's ``alpha=-1`` or ``beta=-1``) cancelled exactly, a ``lerp`` by a gate of 1 cut its
-    start, and a mask computed from the input (all True or all False there) picked one branch where it was combined
-    (``&``, ``~``), turned into numbers or used as an index: position 6 read 6..6, not 4..8 as in weights mode."""
+    the fused ``addmm`` family's ``alpha=-1`` or ``beta=-1``, a custom Function's hand-written negative backward)
+    cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed from the input (all True or all
+    False there) picked one branch where it was combined (``&``, ``~``), turned into numbers or used as an index:
+    position 6 read 6..6, not 4..8 as in weights mode."""
     _assert_reads_the_wide_branch(WideAndNarrow(CANCELLING_OR_GATING[name]))
 
 

@@ -405,7 +405,9 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
 
     An elementwise backward (its input's gradient non-zero only where its output's is, of the same shape) that
     zeroes the gradient where its output's is not zero cuts a path on the theoretical copy's values. A backward that
-    moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way.
+    moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way. A backward's
+    negative gradients (a fused ``a - b`` written by hand, a gradient reversal layer) pass on as their magnitudes,
+    as every other call's on the copy: they would cancel another branch's on its equal constants.
     """
 
     def hook(grad_inputs, grad_outputs, name):
@@ -415,6 +417,7 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
             reached, given = into != 0, out != 0
             if bool((given & ~reached).any()) and not bool((reached & ~given).any()):
                 blocked.append(name)
+        return tuple(None if into is None else into.abs() for into in grad_inputs)
 
     seen: set[int] = set()
     stack = [output.grad_fn]
