@@ -180,12 +180,14 @@ class Warp(nn.Module):
         return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=corners), **self.arguments)
 
 
+@pytest.mark.parametrize("sampling", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 @pytest.mark.parametrize("corners", [False, True])
-def test_an_identity_warp_reads_each_pixel_alone(mode, corners):
+def test_an_identity_warp_reads_each_pixel_alone(mode, corners, sampling):
     """float32's grid puts pixel i at i + 1e-7, and bilinear sampling gave i + 1 a weight of 6e-8: each field was
-    one row and one column too wide (288 of 1344 warped positions)."""
-    model = Warp([[1.0, 0, 0], [0, 1.0, 0]], align_corners=corners)
+    one row and one column too wide (288 of 1344 warped positions); bicubic sampling's rows i - 1 .. i + 2 (a
+    bicubic warp before a 3 x 3 convolution: 147 of 196 fields too wide)."""
+    model = Warp([[1.0, 0, 0], [0, 1.0, 0]], align_corners=corners, mode=sampling)
     field_map = probe_rf(model, (1, 2, 6, 7), "all", mode=mode)
     for i, j in field_map.positions():
         assert field_map[(i, j)].bounds == ((i, i), (j, j)), (i, j)
@@ -226,19 +228,35 @@ def test_a_sub_pixel_warp_in_half_precision_reads_both_neighbours(dtype, mode):
         assert field.bounds == ((2, 2), (width // 3, width // 3))
 
 
-@pytest.mark.parametrize("n_axes", [2, 3])
+@pytest.mark.parametrize(("n_axes", "sampling"), [(2, "bilinear"), (3, "bilinear"), (2, "bicubic")])
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("corners", [False, True])
-def test_exact_grid_sample_computes_what_grid_sample_computes(n_axes, padding, corners):
+def test_exact_grid_sample_computes_what_grid_sample_computes(n_axes, sampling, padding, corners):
     generator = torch.Generator().manual_seed(n_axes)
     x = torch.randn(2, 3, *(5, 6, 7)[:n_axes], dtype=torch.float64, generator=generator)
     grid = torch.rand(2, *(4, 3, 5)[:n_axes], n_axes, dtype=torch.float64, generator=generator) * 3 - 1.5
     grid[0, 0, 0] = 0.0  # the centre, (n - 1) / 2: an input index on the odd axes, whose sampling is read exactly
-    arguments = dict(mode="bilinear", padding_mode=padding, align_corners=corners)
+    arguments = dict(mode=sampling, padding_mode=padding, align_corners=corners)
     torch.testing.assert_close(
         exact_grid_sample((x, grid), arguments), F.grid_sample(x, grid, **arguments), rtol=1e-12, atol=1e-12
     )
     assert exact_grid_sample((x, grid), dict(arguments, mode="nearest")) is None
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_the_theoretical_bicubic_sampling_reads_the_same_inputs_with_positive_weights(padding):
+    """The cubic kernel's outer lobes are negative: on the theoretical copy they could cancel another path to the
+    same input. Its twin weighs the same taps by their magnitudes, on any grid (a learned flow too)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 6, 7, dtype=torch.float64, generator=generator)
+    grid = torch.rand(1, 3, 4, 2, dtype=torch.float64, generator=generator) * 2.4 - 1.2  # no coordinate on an index
+    arguments = dict(mode="bicubic", padding_mode=padding, align_corners=False)
+    for row, column in [(0, 0), (1, 2), (2, 3)]:
+        real, twin = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        F.grid_sample(real, grid, **arguments)[0, 0, row, column].backward()
+        exact_grid_sample((twin, grid), arguments, unsigned=True)[0, 0, row, column].backward()
+        assert torch.equal(real.grad != 0, twin.grad != 0) and bool((real.grad < 0).any())
+        assert bool((twin.grad >= 0).all())
 
 
 def test_a_grid_with_no_coordinate_on_an_input_index_runs_pytorchs_own_kernel():

@@ -873,7 +873,7 @@ class _ProbeFunctions(TorchFunctionMode):
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
             return _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
-            sampled = exact_grid_sample(args, kwargs)
+            sampled = exact_grid_sample(args, kwargs, unsigned=self.linearise)
             sampled = func(*args, **kwargs) if sampled is None else _real_values(func(*args, **kwargs), sampled)
             if not self.linearise:
                 return sampled

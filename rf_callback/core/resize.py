@@ -235,18 +235,21 @@ def _resized_along(x: torch.Tensor, dim: int, sources, weights, unsigned: bool) 
     return result
 
 
-def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
-    """``F.grid_sample(*args, **kwargs)`` in bilinear mode without the neighbour weights that rounding makes.
+def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor | None:
+    """``F.grid_sample(*args, **kwargs)`` in bilinear or bicubic mode without the neighbour weights rounding makes.
 
     An identity warp's grid (``F.affine_grid``) puts output pixel i at input coordinate i up to float32 rounding,
-    and bilinear sampling then gives input i + 1 a weight of about 6e-8: the field grows by one row and column. Here
-    the coordinates are unnormalised in float64, a coordinate within a few ulps of an input index is that index
-    (the grid holds it no more precisely), and the two taps per axis are weighted as ATen does, with zero, border or
-    reflection padding. Where no coordinate lies on an input index (a learned flow), PyTorch's kernel runs.
+    and bilinear sampling then gives input i + 1 a weight of about 6e-8 (bicubic: inputs i - 1 .. i + 2): the field
+    grows by a row and a column or more. Here the coordinates are unnormalised in float64, a coordinate within a
+    few ulps of an input index is that index (the grid holds it no more precisely), and the taps per axis (two, or
+    four for bicubic) are weighted as ATen does, with zero, border or reflection padding. Where no coordinate lies on
+    an input index (a learned flow), PyTorch's kernel runs.
 
     Args:
         args: the positional arguments of the ``grid_sample`` call.
         kwargs: its keyword arguments.
+        unsigned: the theoretical copy's twin: the bicubic kernel's negative lobes as their magnitudes (they could
+            cancel another path to the same input), wherever the coordinates lie.
 
     Returns:
         The sampled tensor, or ``None`` where PyTorch's kernel is exact, for another mode, or for arguments the call
@@ -257,28 +260,34 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
         return None
     x, grid = arguments["input"], arguments["grid"]
     mode, padding = arguments["mode"], arguments["padding_mode"]
-    if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor)) or mode != "bilinear":
+    if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor)) or mode not in ("bilinear", "bicubic"):
         return None
+    cubic = mode == "bicubic"
     n_axes = x.dim() - 2
-    if n_axes not in (2, 3) or grid.dim() != x.dim() or grid.shape[-1] != n_axes or grid.shape[0] != x.shape[0]:
+    if n_axes not in ((2,) if cubic else (2, 3)) or grid.dim() != x.dim() or grid.shape[-1] != n_axes:
         return None
-    if padding not in ("zeros", "border", "reflection") or not grid.is_floating_point():
+    if grid.shape[0] != x.shape[0] or padding not in ("zeros", "border", "reflection") or not grid.is_floating_point():
         return None
     corners = bool(arguments["align_corners"])
     # grid[..., 0] indexes the last axis (x, the width), grid[..., 1] the one before, as in ATen.
     lengths = x.shape[2:][::-1]
     taps, snapped = [], False
     for axis, length in enumerate(lengths):
-        coordinate = _unnormalised(grid[..., axis].double(), length, corners, padding)
+        # Bicubic sampling folds each tap's index by the padding, not the coordinate (ATen's get_value_bounded).
+        coordinate = _unnormalised(grid[..., axis].double(), length, corners, "zeros" if cubic else padding)
         tolerance = _snap_tolerance(grid[..., axis], length)
         nearest = coordinate.round()
         on_an_index = (coordinate - nearest).abs() <= tolerance
         snapped = snapped or bool(on_an_index.any())
         coordinate = torch.where(on_an_index, nearest, coordinate)
         low = coordinate.floor()
-        high_weight = coordinate - low
-        taps.append([(low, 1 - high_weight), (low + 1, high_weight)])
-    if not snapped:  # no coordinate on an input index: PyTorch's kernel has the exact support (a learned flow)
+        t = coordinate - low
+        if cubic:
+            weights = (_cubic_far_of(t + 1), _cubic_near_of(t), _cubic_near_of(1 - t), _cubic_far_of(2 - t))
+            taps.append([(_folded(low + k - 1, length, corners, padding), w) for k, w in enumerate(weights)])
+        else:
+            taps.append([(low, 1 - t), (low + 1, t)])
+    if not snapped and not (cubic and unsigned):  # no coordinate on an input index: PyTorch's kernel is exact
         return None
     out = None
     for corner in itertools.product(*taps):
@@ -286,7 +295,7 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
         inside = torch.ones_like(weight, dtype=torch.bool)
         indices = []
         for (index, axis_weight), length in zip(corner, lengths):
-            weight = weight * axis_weight
+            weight = weight * (axis_weight.abs() if unsigned else axis_weight)
             inside = inside & (index >= 0) & (index <= length - 1) & (axis_weight != 0)
             indices.append(index.clamp(0, length - 1).long())
         term = _gathered(x, indices[::-1]) * (weight * inside).to(x.dtype).unsqueeze(1)
@@ -294,9 +303,24 @@ def exact_grid_sample(args, kwargs) -> torch.Tensor | None:
     return out
 
 
+def _cubic_near_of(t: torch.Tensor) -> torch.Tensor:
+    a = float(_CUBIC_A)
+    return ((a + 2) * t - (a + 3)) * t * t + 1
+
+
+def _cubic_far_of(t: torch.Tensor) -> torch.Tensor:
+    a = float(_CUBIC_A)
+    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+
 def _unnormalised(coordinate: torch.Tensor, length: int, corners: bool, padding: str) -> torch.Tensor:
     """ATen's ``grid_sampler_compute_source_index``: from [-1, 1] to input indices, with the padding's folding."""
     coordinate = (coordinate + 1) / 2 * (length - 1) if corners else ((coordinate + 1) * length - 1) / 2
+    return _folded(coordinate, length, corners, padding)
+
+
+def _folded(coordinate: torch.Tensor, length: int, corners: bool, padding: str) -> torch.Tensor:
+    """ATen's ``compute_coordinates``: an input coordinate folded into the input by the padding (zeros: as it is)."""
     if padding == "border":
         return coordinate.clamp(0, length - 1)
     if padding == "reflection":
