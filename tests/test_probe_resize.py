@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rf_callback import probe_rf
+from rf_callback import probe_rf, verify_rf
 from rf_callback.core.resize import exact_grid_sample, exact_resize
 
 
@@ -191,6 +191,25 @@ def test_an_identity_warp_reads_each_pixel_alone(mode, corners, sampling):
     field_map = probe_rf(model, (1, 2, 6, 7), "all", mode=mode)
     for i, j in field_map.positions():
         assert field_map[(i, j)].bounds == ((i, i), (j, j)), (i, j)
+
+
+@pytest.mark.parametrize("sampling", ["bilinear", "bicubic"])
+@pytest.mark.parametrize(
+    ("theta", "padding"),
+    [
+        ([[1.0, 0, 0], [0, 1.0, 0]], "zeros"),  # the identity
+        ([[-1.0, 0, 0], [0, 1.0, 0]], "zeros"),  # a horizontal flip
+        ([[1.0, 0, 0.3], [0, 1.0, 0]], "border"),  # a shift by a fraction of a pixel
+        ([[1.0, 0, 0.3], [0, 1.0, 0]], "zeros"),
+    ],
+)
+def test_verify_rf_passes_the_fields_of_a_fixed_warp(theta, padding, sampling):
+    """verify_rf ran PyTorch's sampling kernel, whose rounding gives inputs the exact sampling does not read weights
+    of 1e-16: it failed right fields (15 of 64 positions of an identity warp before a 3 x 3 convolution)."""
+    model = nn.Sequential(Warp(theta, padding_mode=padding, mode=sampling), nn.Conv2d(1, 1, 3))
+    field_map = probe_rf(model, (1, 1, 10, 10), "all")
+    failed = [p for p in field_map.positions() if not verify_rf(model, field_map[p]).passed]
+    assert not failed
 
 
 def test_a_warp_by_a_fraction_of_a_pixel_reads_both_neighbours():

@@ -175,9 +175,12 @@ class _ProbeFunctions(TorchFunctionMode):
     its forward without gradient too, but its output carries one, so it is no cut.
     """
 
-    def __init__(self, linearise: bool, flow: GeometryFlow | None = None):
+    def __init__(self, linearise: bool, flow: GeometryFlow | None = None, exact_values: bool = False):
         super().__init__()
         self.linearise = linearise
+        # Resizes and samplings give their exact values too, not PyTorch's kernel's (see _real_values): a check by
+        # forward passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output.
+        self.exact_values = exact_values
         # The geometry carried beside each input-dependent tensor (see geometry_flow), where it is asked for.
         self.flow = flow
         self.cuts: list[str] = []
@@ -871,10 +874,13 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
-            return _real_values(func(*args, **kwargs), resized)
+            return resized if self.exact_values else _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
             sampled = exact_grid_sample(args, kwargs, unsigned=self.linearise)
-            sampled = func(*args, **kwargs) if sampled is None else _real_values(func(*args, **kwargs), sampled)
+            if sampled is None:
+                sampled = func(*args, **kwargs)
+            elif not self.exact_values:
+                sampled = _real_values(func(*args, **kwargs), sampled)
             if not self.linearise:
                 return sampled
             grid = args[1] if len(args) > 1 else kwargs["grid"]
@@ -1984,13 +1990,15 @@ def _returns_indices(args, kwargs, position: int) -> bool:
     return bool(kwargs.get("return_indices", args[position] if len(args) > position else False))
 
 
-def probe_functions(mode: str, *, flow: bool = False) -> _ProbeFunctions:
+def probe_functions(mode: str, *, flow: bool = False, exact_values: bool = False) -> _ProbeFunctions:
     """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen.
 
-    With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`).
+    With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`). With
+    ``exact_values``, resizes and samplings give their exact values, not PyTorch's kernels' (a check that reads
+    values, not gradients).
     """
     carried = GeometryFlow() if flow and geometry_flow.ENABLED else None
-    return _ProbeFunctions(linearise=mode == "theoretical", flow=carried)
+    return _ProbeFunctions(linearise=mode == "theoretical", flow=carried, exact_values=exact_values)
 
 
 def _is_torch_hook(hook) -> bool:

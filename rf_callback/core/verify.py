@@ -132,7 +132,7 @@ def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, posi
     A forward that draws at random (noise added to a map) would draw other values for each input, which would all
     seem to change the output: each input then runs alone, on the same draws.
     """
-    functions = probe_functions("theoretical")
+    functions = probe_functions("theoretical", exact_values=True)
     inputs = batch.to(request.device).requires_grad_(True)
     output = forward_to(copy, inputs, request, functions)
     at: tuple[slice | int, ...] = (slice(None), slice(None), *position)
