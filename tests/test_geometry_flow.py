@@ -340,9 +340,24 @@ class WrittenThroughAView(nn.Module):
         return self.second(y)
 
 
+class Windowed(nn.Module):
+    """A Hann window multiplied into the signal (periodic: its first value is 0), held or made in the forward."""
+
+    def __init__(self, length: int | None = None):
+        super().__init__()
+        self.register_buffer("window", None if length is None else torch.hann_window(length))
+        self.conv1, self.conv2 = nn.Conv1d(1, 4, 3), nn.Conv1d(4, 1, 3)
+
+    def forward(self, x):
+        window = torch.hann_window(x.shape[-1]) if self.window is None else self.window
+        return self.conv2(self.conv1(x * window))
+
+
 @pytest.mark.parametrize(
     "model, shape",
     [
+        (Windowed(32), (1, 1, 32)),
+        (Windowed(), (1, 1, 32)),
         (NearestByScale(2.2), (1, 1, 16)),
         (NearestByScale(2.2, "nearest"), (1, 1, 16)),
         (WrittenThroughAView("zeroed"), (1, 1, 8, 12)),
@@ -350,6 +365,8 @@ class WrittenThroughAView(nn.Module):
         (WrittenThroughAView("zeroed under a view"), (1, 1, 8, 12)),
     ],
     ids=[
+        "a window's zeros",
+        "a window made in the forward",
         "nearest-exact by 2.2",
         "nearest by 2.2",
         "columns zeroed through a view",
@@ -360,8 +377,9 @@ class WrittenThroughAView(nn.Module):
 def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model, shape):
     """A nearest upsampling by 2.2 reads input floor(i / 2.2), not i // 2 (indices 0 0 1 1 2 2 2 3), and a write
     through a view changes the written columns' fields: the flow kept (4, 4, 0) and (5, 1, 2), which position 3 (of
-    the upsampling: 8..15, not 12..15) and column 9 (7..9, not 7..11) break. Every offered geometry, of the probe and
-    of the table's row, now holds at every position."""
+    the upsampling: 8..15, not 12..15) and column 9 (7..9, not 7..11) break; a window's 0 hides input 0 from output
+    0 (1..4, where (5, 1, 0) said 0..4). Every offered geometry, of the probe and of the table's row, now holds at
+    every position."""
     torch.manual_seed(0)
     fields = probe_rf(model, shape, "all")
     row = [r for r in rf_table(model, shape) if r.name == list(dict(model.named_children()))[-1]][0]
@@ -377,6 +395,15 @@ def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model,
                 bounds = fields[position].bounds[axis]
                 if bounds[0] <= bounds[1]:  # an empty field (zeroed columns) says nothing about the other axis
                     assert consistent(g, {position[axis]: bounds}, shape[2 + axis]), (axis, position)
+
+
+def test_a_window_without_zeros_keeps_the_flow(monkeypatch):
+    """A window without zeros cuts no field: the geometry is read off the forward, with no other pass."""
+    model = Windowed(32)
+    model.window = torch.hann_window(32) + 0.5
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(model, (1, 1, 32))
+    assert triples(field.geometry) == [(5, 1, 0)] and len(shapes) == 1
 
 
 class GhostSlice(nn.Module):

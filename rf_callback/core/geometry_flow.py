@@ -92,6 +92,14 @@ _ELEMENTWISE = frozenset(
         "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__pow__",
     }
 )  # fmt: skip
+# Elementwise calls that a constant operand's zeros cut (``x * window``, ``c / x``, ``x ** 0``): where the zeros move
+# along an axis, the fields there are no translates of each other (a Hann window's 0 hides input 0 from output 0).
+_CUT_BY_ZEROS = frozenset(
+    {
+        "mul", "multiply", "__mul__", "__rmul__", "__imul__", "div", "true_divide", "__truediv__", "__rtruediv__",
+        "__itruediv__", "addcmul", "addcdiv", "pow", "__pow__",
+    }
+)  # fmt: skip
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
 # Calls that keep every element in place where the shape stays (a permute or transpose of equal dims does not).
@@ -291,7 +299,14 @@ class GeometryFlow:
         if name == "where":
             return _where_tags(self, args, kwargs, result, dependent)
         if _base(name) in _ELEMENTWISE:
-            return [_hull(self, dependent, result)]
+            hull = _hull(self, dependent, result)
+            if (
+                hull is not None
+                and _base(name) in _CUT_BY_ZEROS
+                and _zeros_move(args, kwargs, dependent, hull[1], result)
+            ):
+                return None
+            return [hull]
         if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
             return None
         flow, dims = source
@@ -462,6 +477,22 @@ def where_operands(args, kwargs) -> tuple:
         names = ("input", "condition", "other")
     named = {**kwargs, **dict(zip(names, args))}
     return named.get("condition"), [named.get("input"), named.get("other")]
+
+
+def _zeros_move(args, kwargs, dependent: list[torch.Tensor], dims: tuple[int, ...], result: torch.Tensor) -> bool:
+    """Whether a constant operand's zeros lie at some positions along a spatial dim and not at others.
+
+    Such zeros (a window, a validity mask) cut some fields and not their translates. ``dims``: the result's spatial
+    dims.
+    """
+    for value in (*args, *kwargs.values()):
+        if not isinstance(value, torch.Tensor) or any(value is d for d in dependent) or value.dim() == 0:
+            continue
+        zeros, offset = value == 0, result.dim() - value.dim()  # broadcasting aligns the trailing dims
+        for dim in (d - offset for d in dims if d - offset >= 0 and value.shape[d - offset] > 1):
+            if not torch.equal(zeros, zeros.narrow(dim, 0, 1).expand_as(zeros)):
+                return True
+    return False
 
 
 def _hull(flow: GeometryFlow, dependent: list[torch.Tensor], result: torch.Tensor) -> _Tag | None:

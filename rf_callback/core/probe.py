@@ -250,7 +250,7 @@ def _follows(
 
 _STRAYED = (
     "the fields at an end of the axis lie elsewhere than the span (r, S, P) gives them (a roll, a flip, a wrap, a "
-    + "crop, a reflection)"
+    + "crop, a reflection, a window's zeros)"
 )
 
 
