@@ -32,7 +32,9 @@ class ReceptiveField:
 
     Attributes:
         position: the probed output index, one entry per output spatial axis.
-        bounds: per input spatial axis, the inclusive ``(first, last)`` input indices that influence the position.
+        bounds: per input spatial axis, the inclusive ``(first, last)`` input indices that influence the position:
+            the hull of those inputs (a field that wraps around the border through circular padding holds inputs at
+            both ends, and its bounds everything between; the heatmap tells them apart).
         input_shape: the full input shape probed, ``(N, C, *spatial)``.
         output_shape: the spatial shape of the probed output map.
         geometry: per axis, the :class:`AxisGeometry` of the architecture, or ``None`` on an axis where it is not a
