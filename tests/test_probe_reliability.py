@@ -183,6 +183,14 @@ def test_scripted_model_is_refused_in_theoretical_mode_and_measured_in_weights_m
     with pytest.raises(ValueError, match="TorchScript.*Python module it was scripted from.*mode='weights'"):
         probe_rf(scripted, SHAPE, "center")
     assert probe_rf(scripted, SHAPE, "center", mode="weights").size == (8, 8)
+    for mode in ("theoretical", "weights"):  # its rows are read on the theoretical copy in either mode
+        with pytest.raises(ValueError, match="rf_table.*TorchScript.*scripted from") as refused:
+            rf_table(scripted, SHAPE, mode=mode)
+        assert "mode='weights'" not in str(refused.value)
+    with pytest.raises(ValueError, match="effective_rf.*TorchScript.*pass theoretical=probe_rf"):
+        effective_rf(scripted, torch.rand(SHAPE))
+    eager = probe_rf(small().eval(), SHAPE, "center")
+    assert effective_rf(scripted, torch.rand(SHAPE), theoretical=eager).theoretical is eager
 
 
 class AtenPooled(nn.Module):
@@ -217,6 +225,10 @@ def test_a_graph_of_aten_overloads_is_refused_in_theoretical_mode_and_measured_i
     ):
         probe_rf(graph, SHAPE, "center")
     assert probe_rf(graph, SHAPE, "center", mode="weights").size == (8, 8)
+    # rf_table's rows are submodules' outputs, which an exported graph never calls: it returned [] without a word.
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match=r"rf_table: the forward calls aten's operator overloads.*eager module"):
+            rf_table(graph, SHAPE, mode=mode)
 
 
 def test_weights_mode_reads_an_exported_graphs_operators_by_their_torch_names():

@@ -102,6 +102,12 @@ def effective_rf(
             # pos is not 'all' (refused above): no ReceptiveFieldMap
             theoretical = cast("ReceptiveField | list[ReceptiveField]", probed)
         except ValueError as error:
+            if "TorchScript" in str(error):
+                raise ValueError(
+                    "effective_rf reports the effective field beside the theoretical one, which a TorchScript model "
+                    "cannot give (its compiled functions hide pixels from the theoretical probe): pass theoretical="
+                    "probe_rf(...) of the Python module it was scripted from, at the same positions"
+                ) from error
             if not str(error).startswith("input_shape="):
                 raise
             raise ValueError(

@@ -32,6 +32,7 @@ from rf_callback.core.model_copy import (
     prepared_copy,
     probe_functions,
     probe_scope,
+    scripted_modules,
     with_materialised_fallback,
 )
 from rf_callback.core.probe import border_followed, probe_rf
@@ -570,6 +571,12 @@ def _forward_outputs(
 
         return record
 
+    if scripted_modules(model):
+        raise ValueError(
+            "rf_table reads every row on the theoretical copy, and the model is (or holds) TorchScript (torch.jit."
+            "script or trace), whose compiled functions it cannot replace by twins that hide no pixel: build the "
+            "table on the Python module it was scripted from"
+        )
     copy = prepared_copy(model, "theoretical", request.dtype)
     named = {name: module for name, module in copy.named_modules() if name}
     # A module registered under a second name (self.alias = self.conv) is listed once, under its first; a layer
@@ -587,6 +594,14 @@ def _forward_outputs(
     except Exception as error:
         if not tolerant:
             raise forward_error(copy, shape, error) from error
+    calls = list(dict.fromkeys(functions.operator_calls))
+    if calls and all(call.startswith(("aten.", "prims.")) for call in calls):
+        raise ProbeError(
+            f"rf_table: the forward calls aten's operator overloads on values of the input ({', '.join(calls[:4])}"
+            f"{', ...' if len(calls) > 4 else ''}: a torch.export or make_fx graph), not its submodules' forwards, "
+            f"so no row can be read off them, and the theoretical copy cannot replace the activations and pools "
+            f"below the functions it knows; build the table on the eager module the graph was made from"
+        )
     return inputs, list(outputs.values()), {} if dead else captured
 
 
