@@ -357,6 +357,12 @@ def test_patches_cut_by_a_reshape_are_read_as_tokens_not_as_channels(cut):
         ("tokens:8x12+5", "97 tokens, not 5 + 8*12 = 101"),
         ("tokens:96+1", "layout='tokens:96+1' lays the tokens on a grid of 1 axis (96,), but the input (1, 3, 32, 48) "
                         "has 2 spatial axes"),
+        # Written W x H, as image sizes often are: as many tokens, and every position would have read another token.
+        ("tokens:12x8+1", "12 x 8 grid, which does not divide the input 32 x 48 into patches, while the same lengths "
+                          "in another order do (8 x 12, patches of 4 x 4): the grid is given in the input's axis "
+                          "order (rows first, H x W), and read otherwise every token would be another's; pass "
+                          "layout='tokens:8x12+1'"),
+        (Tokens(grid=(12, 8), prefix=1), "pass layout=Tokens(grid=(8, 12), prefix=1)"),
     ],
 )  # fmt: skip
 def test_tokens_that_do_not_fit_the_grid_are_refused_in_the_users_words(layout, message):

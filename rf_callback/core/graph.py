@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 import warnings
 import weakref
@@ -855,7 +856,29 @@ def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, l
         raise ValueError(
             f"the output of {where(layer)} is {shape}: {count} tokens, not {said} as layout={layout!r} says{fix}"
         )
+    if (order := _grid_in_input_order(grid, input_shape[2:])) is not None:
+        patch = " x ".join(str(n // g) for n, g in zip(input_shape[2:], order))
+        raise ValueError(
+            f"layout={layout!r} lays the tokens on a {' x '.join(map(str, grid))} grid, which does not divide the "
+            f"input {' x '.join(map(str, input_shape[2:]))} into patches, while the same lengths in another order "
+            f"do ({' x '.join(map(str, order))}, patches of {patch}): "
+            f"the grid is given in the input's axis order (rows first, H x W), and read otherwise every token would "
+            f"be another's; pass layout={_spelled(layout, Tokens(order, tokens.prefix))}"
+        )
     return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
+
+
+def _grid_in_input_order(grid: tuple[int, ...], lengths: Sequence[int]) -> tuple[int, ...] | None:
+    """The grid's lengths in another order, where they divide ``lengths`` into equal patches and the grid does not.
+
+    A grid written W x H (as image sizes often are) holds as many tokens as H x W: only the input tells them apart.
+    """
+    if all(n % g == 0 for n, g in zip(lengths, grid)):
+        return None
+    for order in itertools.permutations(grid):
+        if all(n % g == 0 for n, g in zip(lengths, order)) and len({n // g for n, g in zip(lengths, order)}) == 1:
+            return tuple(order)
+    return None
 
 
 def _folded_batch(output: torch.Tensor, batch: int, layer: str | None, merged: Sequence[str]) -> str:
