@@ -704,6 +704,37 @@ def test_positions_naming_one_cell_twice_are_refused_before_training(tmp_path):
         fit(tmp_path, [RFCallback(layer="features", pos=[(7, 7), (-1, -1)])], logger=False)
 
 
+class Series(pl.LightningModule):
+    """Two 1D convolutions on 32-step series (the second of stride 2): output i reads inputs 2i .. 2i + 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 5, padding=2), torch.nn.Conv1d(4, 4, 3, stride=2))
+        self.example_input_array = torch.zeros(1, 1, 32)
+
+    def forward(self, x):
+        return self.features(x)
+
+    def training_step(self, batch, _index):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_list_of_ints_on_a_1d_map_probes_as_many_positions_as_probe_rf_does(tmp_path):
+    """``pos=[3, 4]`` is two positions on a 1D map in probe_rf; the callback read it as one position of two indices
+    and stopped the fit. On a 2D map it stays one position."""
+    series = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 32)), batch_size=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[RFCallback(pos=[3, 4], layer="features")])
+    trainer.fit(Series(), series)
+    for index, position in enumerate((3, 4)):
+        assert trainer.callback_metrics[f"rf/features/pos{index}/size_l/theoretical"] == 7
+        assert trainer.callback_metrics[f"rf-span/features/pos{index}/weights/first_l"] >= 2 * position - 2
+    trainer, _ = fit(tmp_path, [RFCallback(layer="features", pos=[4, 4])], logger=False, max_epochs=1)
+    assert "rf/features/pos1/size_h/theoretical" not in trainer.callback_metrics
+
+
 def test_fit_end_pictures_are_logged_at_the_step_of_the_probe_they_show(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run")
     fit(tmp_path, [RFCallback(layer="features", every_n_epochs=2)], max_epochs=3, logger=logger)

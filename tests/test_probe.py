@@ -152,11 +152,13 @@ def test_position_list_heatmaps_equal_single_probes(mode):
 
 def test_a_flat_list_of_ints_on_a_1d_map_is_a_list_of_positions():
     """The docstrings say "an int for 1D ... or a list of them": ``[1, 6]`` was refused as one position of 2
-    indices. A single int in a list stays one position."""
+    indices. A list of one int is a list of one field too (it returned a bare field, and a loop over the positions a
+    user picked failed when there was one); an int or a tuple is one position."""
     model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3))
     fields = probe_rf(model, (1, 1, 12), [1, 6])
     assert [f.position for f in fields] == [(1,), (6,)] and [f.bounds for f in fields] == [((1, 5),), ((6, 10),)]
-    assert probe_rf(model, (1, 1, 12), [3]).bounds == ((3, 7),)
+    assert [f.bounds for f in probe_rf(model, (1, 1, 12), [3])] == [((3, 7),)]
+    assert probe_rf(model, (1, 1, 12), (3,)).bounds == probe_rf(model, (1, 1, 12), 3).bounds == ((3, 7),)
     with pytest.raises(ValueError, match="must have 1 int index"):  # a tuple is one position's indices
         probe_rf(model, (1, 1, 12), (1, 6))
     assert [f.theoretical.bounds for f in effective_rf(model, torch.rand(2, 1, 12), [1, 6])] == [((1, 5),), ((6, 10),)]
@@ -324,6 +326,11 @@ def test_verify_rejects_wrong_bounds():
     assert not too_large and too_large.faces[0] == (False, True)
     with pytest.raises(ValueError, match="theoretical"):
         verify_rf(model, probe_rf(model, [1, 3, 60, 90], pos=(4, 8), mode="weights"))
+    # A list or a map of fields was refused as if it were a weights-mode field.
+    for many in (probe_rf(model, [1, 3, 60, 90], pos=[(0, 0), (1, 1)]), probe_rf(model, [1, 3, 60, 90], "all")):
+        with pytest.raises(ValueError, match=r"verify_rf checks one ReceptiveField: verify each") as refused:
+            verify_rf(model, many)
+        assert "weights-mode" not in str(refused.value)
 
 
 def test_deep_field_tails_do_not_underflow():

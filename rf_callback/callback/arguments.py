@@ -162,7 +162,10 @@ def checked_positions(pos) -> tuple[list, Any]:
         nested = [isinstance(p, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(p, str) for p in pos]
         if not any(nested):
             indices = _indices(pos, pos)
-            return [indices], indices if isinstance(pos, tuple) else list(indices)
+            if isinstance(pos, tuple):
+                return [indices], indices
+            # A list of ints is one position, or, on a 1D map, as many positions (as probe_rf reads it).
+            return [list(indices)], list(indices)
         if all(nested):
             fields = [_indices(list(p) if not isinstance(p, Sequence) else p, pos) for p in pos]
             same = [f if isinstance(p, tuple) else list(f) for p, f in zip(pos, fields)]

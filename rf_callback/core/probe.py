@@ -157,9 +157,12 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
         if pos == "all":
             return [], "all"
         raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
+    listed = isinstance(pos, list)  # a list of ints names positions on a 1D map; a tensor's values one position
     if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
         pos = pos.tolist()
-    if isinstance(pos, list) and len(pos) > 1 and len(output_shape) == 1 and all(_scalar(i) for i in pos):
+    if isinstance(pos, (list, tuple)):  # rows of torch.nonzero(mask) or numpy arrays, one position each
+        pos = type(pos)(p.tolist() if isinstance(p, torch.Tensor) or type(p).__module__ == "numpy" else p for p in pos)
+    if isinstance(pos, list) and len(output_shape) == 1 and all(_scalar(i) for i in pos) and (listed or len(pos) > 1):
         return [checked_position(p, output_shape, place) for p in pos], "list"  # [1, 6] on a 1D map: two positions
     if as_index(pos) is not None or (isinstance(pos, Sequence) and pos and all(_scalar(i) for i in pos)):
         return [checked_position(pos, output_shape, place)], "single"

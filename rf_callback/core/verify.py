@@ -66,9 +66,15 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
         An :class:`RFVerification`, truthy when the field passed.
 
     Raises:
-        ValueError: ``field`` is not a theoretical field.
+        ValueError: ``field`` is not one field (a list, a map), or not a theoretical one.
     """
-    if not isinstance(field, ReceptiveField) or field.mode != "theoretical":
+    if not isinstance(field, ReceptiveField):
+        kind = "a list of fields" if isinstance(field, list) else f"a {type(field).__name__}"
+        raise ValueError(
+            f"field= is {kind}, but verify_rf checks one ReceptiveField: verify each, e.g. all(verify_rf(model, f) "
+            f"for f in fields) (for a ReceptiveFieldMap, its fields: field_map[position])"
+        )
+    if field.mode != "theoretical":
         raise ValueError(
             f"field={field!r} cannot be verified: verify_rf checks theoretical fields (probe_rf(..., "
             f"mode='theoretical')); a weights-mode field depends on random draws"
