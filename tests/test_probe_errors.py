@@ -209,3 +209,20 @@ def test_a_weights_probe_that_fails_on_its_batch_of_draws_says_so():
     with pytest.raises(ProbeError, match=r"a batch of 8 random inputs of shape \(1, 9, 11\).*pass draws=1"):
         probe_rf(BatchOfOne(), (1, 1, 9, 11), (4, 5), mode="weights")
     assert probe_rf(BatchOfOne(), (1, 1, 9, 11), (4, 5), mode="weights", draws=1).bounds == ((3, 5), (4, 6))
+
+
+def test_a_distributed_data_parallel_wrapper_names_the_module_to_probe(tmp_path):
+    """A DistributedDataParallel wrapper's reducer cannot be deep-copied (torch raises an internal assertion that
+    asks to report a bug to PyTorch); the message said to make an attribute copyable. It names ``model.module``."""
+    import torch.distributed as dist
+
+    from rf_callback.core.model_copy import CopyError
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
+        with pytest.raises(CopyError, match=r"DistributedDataParallel wrapper.*probe the module it wraps, model\.mod"):
+            probe_rf(model, (1, 3, 16, 16))
+        assert probe_rf(model.module, (1, 3, 16, 16)).bounds == ((6, 10), (6, 10))
+    finally:
+        dist.destroy_process_group()

@@ -2311,6 +2311,14 @@ def prepared_copy(
         except ProbeError:
             raise
         except Exception as error:
+            wrapped = [name for name, m in source.named_modules() if isinstance(m, nn.parallel.DistributedDataParallel)]
+            if wrapped:  # its reducer cannot be copied (an internal assertion): the module it wraps can
+                inner = f"{wrapped[0]}.module" if wrapped[0] else "model.module"
+                raise CopyError(
+                    f"the model cannot be deep-copied ({type(error).__name__}: {error}): it holds a "
+                    f"DistributedDataParallel wrapper, whose gradient reducer cannot be copied, and the probe runs on "
+                    f"a copy so the model is never changed; probe the module it wraps, {inner} (the same parameters)"
+                ) from error
             raise CopyError(
                 f"the model cannot be deep-copied ({type(error).__name__}: {error}), and the probe runs on a copy so "
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
