@@ -457,12 +457,30 @@ class TokenAttention(nn.Module):
         return ((tokens @ tokens.transpose(1, 2)).softmax(-1) @ tokens).transpose(1, 2)
 
 
+class FusedTokenAttention(TokenAttention):
+    """The same attention in one fused call: ``F.scaled_dot_product_attention``, or ``nn.MultiheadAttention``."""
+
+    def __init__(self, module: bool = False):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True) if module else None
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        if self.attention is not None:
+            return self.attention(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2)
+        return F.scaled_dot_product_attention(tokens, tokens, tokens).transpose(1, 2)
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "call"),
     [
         (gated(1), (1, 3, 24, 24), "mean"),
         (GlobalContext(), (1, 2, 30), "sum"),
         (TokenAttention(), (1, 2, 30), "softmax"),
+        # A fused attention's softmax is inside the call: it read thin inputs up to 32 times longer (PVT-v2: its
+        # geometry cost 32 times its forward and backward pass, for "spans every input read").
+        (FusedTokenAttention(), (1, 2, 30), "scaled_dot_product_attention"),
+        (FusedTokenAttention(module=True), (1, 2, 30), "multi_head_attention_forward"),
     ],
 )
 def test_a_field_that_spans_any_input_gets_none_at_once_with_the_reason(model, shape, call, monkeypatch):

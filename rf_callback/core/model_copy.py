@@ -13,7 +13,7 @@ import re
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -352,6 +352,9 @@ class _ProbeFunctions(TorchFunctionMode):
                 dims = _reduced_dims(name, args, kwargs)
                 if dims:
                     coupling = (name, tuple(args[0].shape), dims)
+            elif name in _KEY_DIMS and isinstance(key := _key_of(name, args, kwargs), torch.Tensor):
+                # A softmax over the keys inside one call: along their sequence dim
+                coupling = (name, tuple(key.shape), _KEY_DIMS[name](key))
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
@@ -1196,6 +1199,19 @@ _COUPLINGS = frozenset(
     {"mean", "sum", "amax", "amin", "std", "var", "std_mean", "var_mean", "logsumexp", "nansum", "nanmean", "prod",
      "max", "min", "norm", "normalize", "linalg_vector_norm", "vector_norm"}
 ) | _SOFTMAXES | _CONTRACTIONS | frozenset(_FOURIER_TRANSFORMS)  # fmt: skip
+
+
+# Attention calls, and the dim of their key tensor whose positions the hidden softmax runs over: (..., S, E) for
+# scaled_dot_product_attention, (S, N, E) or (S, E) for multi_head_attention_forward.
+_KEY_DIMS: dict[str, Callable[[torch.Tensor], tuple[int, ...]]] = {
+    "scaled_dot_product_attention": lambda key: (key.dim() - 2,) if key.dim() >= 2 else (),
+    "multi_head_attention_forward": lambda key: (0,) if key.dim() >= 2 else (),
+}
+
+
+def _key_of(name: str, args, kwargs):
+    """The key tensor of an attention call (its second argument)."""
+    return args[1] if len(args) > 1 else kwargs.get("key")
 
 
 def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
