@@ -296,3 +296,38 @@ def test_a_growth_curve_keeps_its_index_when_no_position_has_a_field_at_fit_end(
         "rf/features/pos1/growth"
     ]
     assert callback.state_dict()["effective_cells"] == {0: "0_0", 1: "5_5"}
+
+
+def test_a_position_off_the_map_of_smaller_validation_inputs_leaves_the_others_measured(tmp_path):
+    """Fields probed on 32 x 32 crops (a 16 x 16 map), validated on 16 x 16 images (an 8 x 8 map): pos0 (12, 12) lies
+    off the validation map. The effective field failed for every position ("pos=(12, 12) is outside the output
+    map ... (8, 8)"), so (2, 2) had no effective field, no coverage check and no alert either."""
+    generator = torch.Generator().manual_seed(5)
+
+    def images(side: int):
+        data = torch.utils.data.TensorDataset(
+            torch.randn(16, 1, side, side, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        )
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = RFCallback(pos=[(12, 12), (2, 2)], layer="features", target_size=6, input_shape=(1, 1, 32, 32))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, logger=logger), callbacks=[callback])
+    model = ConvClassifier(example=False)
+    with recorded_warnings() as record:
+        trainer.fit(model, images(32), images(16))
+    off = [str(w.message) for w in record if "lies off the output map" in str(w.message)]
+    assert len(off) == 1 and "position 0 of pos=[(12, 12), (2, 2)]" in off[0] and "input_shape=" in off[0]
+    direct = effective_rf(model, callback.erf_inputs, (2, 2), layer="features")
+    assert (
+        callback.history[-1]["effective"]["2_2"]["extent0.95_h"]
+        == direct.extent(0.95)[0][1] - direct.extent(0.95)[0][0] + 1
+    )
+    assert "rf/features/pos1/target/covered" in trainer.callback_metrics
+    assert not [k for k in trainer.callback_metrics if "/pos0/" in k and ("effective" in k or "covered" in k)]
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    notes = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("rf/features/positions/text_summary")]
+    assert any(
+        "**pos0**: off the output map" in n and "**pos1**: output cell (2, 2) of a 8 × 8 map" in n for n in notes
+    )

@@ -357,18 +357,38 @@ def test_patches_cut_by_a_reshape_are_read_as_tokens_not_as_channels(cut):
         ("tokens:8x12+5", "97 tokens, not 5 + 8*12 = 101"),
         ("tokens:96+1", "layout='tokens:96+1' lays the tokens on a grid of 1 axis (96,), but the input (1, 3, 32, 48) "
                         "has 2 spatial axes"),
-        # Written W x H, as image sizes often are: as many tokens, and every position would have read another token.
-        ("tokens:12x8+1", "12 x 8 grid, which does not divide the input 32 x 48 into patches, while the same lengths "
-                          "in another order do (8 x 12, patches of 4 x 4): the grid is given in the input's axis "
-                          "order (rows first, H x W), and read otherwise every token would be another's; pass "
-                          "layout='tokens:8x12+1'"),
-        (Tokens(grid=(12, 8), prefix=1), "pass layout=Tokens(grid=(8, 12), prefix=1)"),
     ],
 )  # fmt: skip
 def test_tokens_that_do_not_fit_the_grid_are_refused_in_the_users_words(layout, message):
     with pytest.raises(ValueError) as info:
         probe_rf(TinyViT(), VIT_INPUT, layout=layout)
     assert message in str(info.value)
+
+
+class ResizedPatches(nn.Module):
+    """Resizes any input to 64 x 96, then 32 x 32 patches: a 2 x 3 grid that need not divide the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 4, 32, stride=32)
+
+    def forward(self, x):
+        return self.patch(F.interpolate(x, size=(64, 96), mode="nearest")).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("layout", "fix"), [("tokens:12x8+1", "'tokens:8x12+1'"), (Tokens((12, 8), 1), "Tokens(grid=(8, 12), prefix=1)")]
+)
+def test_a_grid_written_w_x_h_is_refused_where_its_fields_show_it(layout, fix):
+    """A grid written W x H (as image sizes often are) holds as many tokens: every position read another token's
+    field, (1, 0) reading token 8, on the first row. Where the grid does not divide the input into patches and its
+    lengths in the input's order do, the token a row below the first must read rows further down."""
+    with pytest.raises(ValueError, match="reads the same input rows as token") as refused:
+        probe_rf(PatchTokens(), VIT_INPUT, (1, 0), layout=layout)
+    assert f"pass layout={fix}" in str(refused.value)
+    # A grid that does not divide the input, whose fields follow it (a resize inside the model), is read as given:
+    # patch column 2 is resized columns 64..95, input columns 64 * 20 // 96 = 13 .. 95 * 20 // 96 = 19.
+    assert probe_rf(ResizedPatches(), (1, 3, 30, 20), (0, 2), layout="tokens:2x3").bounds == ((0, 14), (13, 19))
 
 
 def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():

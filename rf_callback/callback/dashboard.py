@@ -222,20 +222,21 @@ def note_tag(layer: str) -> str:
 
 
 def positions_note(
-    layer: str, fields: Sequence[ReceptiveField], target: Sequence[int] | None, *, effective: bool = False
+    layer: str, fields: Sequence[ReceptiveField | None], target: Sequence[int] | None, *, effective: bool = False
 ) -> str:
     """A Markdown note saying which output cell each position index is, and its theoretical field.
 
     Args:
         layer: the probed layer as logged.
-        fields: the theoretical fields, in the order of ``pos``.
+        fields: the theoretical fields, in the order of ``pos`` (``None`` for a position off the map of validation
+            inputs shaped otherwise).
         target: the target size per axis, or ``None``.
         effective: the fields are the effective field's, on validation inputs shaped unlike the probed input.
 
     Returns:
         The note.
     """
-    shape = " × ".join(map(str, fields[0].input_shape[1:]))
+    shape = " × ".join(map(str, next(f for f in fields if f is not None).input_shape[1:]))
     heading = (
         f"Effective field of `{layer}` (validation inputs {shape})"
         if effective
@@ -243,6 +244,9 @@ def positions_note(
     )
     lines = [f"{heading}:", ""]
     for index, field in enumerate(fields):
+        if field is None:
+            lines.append(f"- **pos{index}**: off the output map of these inputs: no effective field")
+            continue
         output = " × ".join(map(str, field.output_shape))
         size = " × ".join(map(str, field.size))
         spans = ", ".join(f"{first}..{last}" for first, last in field.bounds)

@@ -57,7 +57,8 @@ class FieldProber:
         self.theoretical: list[ReceptiveField] | None = None  # on the input shape the fields are probed on
         # Around every probe of a module: where its parameters are whole (FSDP1's gathering, see RFCallback.setup).
         self.whole_parameters: Callable[[nn.Module], contextlib.AbstractContextManager] = _as_it_is
-        self._other_theoretical: list[ReceptiveField] | None = None  # on the effective field's inputs, if shaped else
+        # On the effective field's inputs, if shaped otherwise (None for a position off their map), and their shape
+        self._other_theoretical: tuple[tuple[int, ...], list[ReceptiveField | None]] | None = None
         self._architecture: tuple | None = None  # of the module the kept theoretical fields were probed on
         self._values: tuple[tuple, _Constants] | None = None  # the plain values and constant tensors of that module
         self._inside: bool | None = None  # whether the last weights fields lay inside the kept theoretical ones
@@ -163,32 +164,38 @@ class FieldProber:
                 f"RFCallback(module={self.module!r}) is not a submodule of {type(module).__name__}; some names: {names}"
             ) from None
 
-    def probe(self, pl_module: nn.Module, mode: str, input_shape: Sequence[int]) -> list[ReceptiveField]:
-        """Probes every position in ``mode`` on ``input_shape``.
+    def probe(
+        self, pl_module: nn.Module, mode: str, input_shape: Sequence[int], positions: Sequence | None = None
+    ) -> list[ReceptiveField]:
+        """Probes every position (or ``positions``) in ``mode`` on ``input_shape``.
 
         Args:
             pl_module: the live LightningModule.
             mode: ``"theoretical"`` or ``"weights"``.
             input_shape: the input shape ``(N, C, *spatial)``.
+            positions: some of the positions, or ``None`` for all.
 
         Returns:
             One field per position, in the order of ``positions``.
         """
-        positions = self.positions if len(self.positions) > 1 else self.positions[0]
+        asked = self.positions if positions is None else list(positions)
         target = self.target(pl_module)
         with self.whole_parameters(target):
             fields = probe_rf(
-                target, tuple(input_shape), positions,
+                target, tuple(input_shape), asked if len(asked) > 1 else asked[0],
                 layer=self.layer, mode=mode, draws=self.draws, seed=self.seed, element=self.element,
                 layout=self.layout, device=self.device,
             )  # fmt: skip
         # The positions are indices or "center", never "all": probe_rf returns fields, not a ReceptiveFieldMap.
         fields = cast("ReceptiveField | list[ReceptiveField]", fields)
-        return fields if isinstance(fields, list) else [fields]
+        fields = fields if isinstance(fields, list) else [fields]
+        if positions is None and len(fields) != len(self.positions):  # a list of ints, positions on a 1D map
+            self.positions = [field.position for field in fields]
+        return fields
 
     def theoretical_fields(
         self, pl_module: nn.Module, input_shape: Sequence[int], inputs_shape: Sequence[int] | None = None
-    ) -> list[ReceptiveField]:
+    ) -> list[ReceptiveField | None]:
         """The theoretical fields on ``input_shape`` (or on inputs shaped otherwise), probed once and kept.
 
         Args:
@@ -197,14 +204,14 @@ class FieldProber:
             inputs_shape: the shape of other inputs (the effective field's), if they are shaped otherwise.
 
         Returns:
-            One field per position.
+            One field per position (on inputs shaped otherwise, ``None`` for a position off their output map).
         """
         if self.architecture_changed(pl_module):
             self.keep_theoretical(pl_module, None)
         if inputs_shape is None or tuple(inputs_shape[1:]) == tuple(input_shape[1:]):
             if self.theoretical is None:
                 self.keep_theoretical(pl_module, self.probe(pl_module, "theoretical", input_shape))
-            return cast("list[ReceptiveField]", self.theoretical)
+            return cast("list[ReceptiveField | None]", self.theoretical)
         shape = (1, *inputs_shape[1:])
         if isinstance(checked_layout(self.layout), Tokens):
             raise ValueError(
@@ -213,15 +220,29 @@ class FieldProber:
                 f"only (on other inputs the same number of tokens may lie on another grid, and another cell would be "
                 f"read): pass input_shape= the validation inputs' shape, or validation inputs of the probed shape"
             )
-        if self._other_theoretical is None or self._other_theoretical[0].input_shape != shape:
-            self._other_theoretical = self.probe(pl_module, "theoretical", shape)
+        if self._other_theoretical is None or self._other_theoretical[0] != shape:
+            self._other_theoretical = shape, self._on_other_inputs(pl_module, shape)
             if self._architecture is None:
                 self._remember(pl_module)
-        return self._other_theoretical
+        return self._other_theoretical[1]
+
+    def _on_other_inputs(self, pl_module: nn.Module, shape: tuple[int, ...]) -> list[ReceptiveField | None]:
+        """The theoretical fields on inputs of ``shape``; ``None`` for a position off their output map.
+
+        A position is the same index on every input: on a smaller one it can lie off the map, and the others'
+        effective fields are measured all the same.
+        """
+        wanted: list = list(self.positions)
+        if any(position != "center" for position in wanted):
+            grid = self.probe(pl_module, "theoretical", shape, ["center"])[0].output_shape
+            wanted = [p if p == "center" or _on_grid(p, grid) else None for p in wanted]
+        fitting = [p for p in wanted if p is not None]
+        fields = iter(self.probe(pl_module, "theoretical", shape, fitting) if fitting else [])
+        return [None if p is None else next(fields) for p in wanted]
 
     def effective(
         self, pl_module: nn.Module, inputs: torch.Tensor | None, input_shape: Sequence[int]
-    ) -> list[tuple[ReceptiveField, EffectiveField | None]]:
+    ) -> list[tuple[ReceptiveField | None, EffectiveField | None]]:
         """The effective field of every position on ``inputs``, in one forward pass per chunk of inputs.
 
         Args:
@@ -231,7 +252,8 @@ class FieldProber:
 
         Returns:
             Per position, its theoretical field on the inputs and its effective field, or ``None`` where its output
-            does not depend on the inputs (its gradient map is zero everywhere).
+            does not depend on the inputs (its gradient map is zero everywhere); both ``None`` for a position off
+            the inputs' output map (inputs smaller than those the fields are probed on).
 
         Raises:
             NoInputsError: ``inputs`` is ``None``.
@@ -243,7 +265,8 @@ class FieldProber:
             )
         theoretical = list(self.theoretical_fields(pl_module, input_shape, inputs.shape))
         target = self.target(pl_module)
-        live, measured = theoretical, cast("list[EffectiveField]", [])
+        live = [field for field in theoretical if field is not None]
+        measured = cast("list[EffectiveField]", [])
         with self.whole_parameters(target):
             while live:
                 try:
@@ -258,7 +281,12 @@ class FieldProber:
                         raise
                     live = still
         by_position = {field.position: field for field in measured}
-        return [(field, by_position.get(field.position)) for field in theoretical]
+        return [(field, None if field is None else by_position.get(field.position)) for field in theoretical]
+
+
+def _on_grid(position: Sequence[int], grid: tuple[int, ...]) -> bool:
+    """Whether an index tuple (negative indices from the end) lies on a map of ``grid``'s shape."""
+    return len(position) == len(grid) and all(-n <= i < n for i, n in zip(position, grid))
 
 
 def _architecture(module: nn.Module) -> tuple:

@@ -193,23 +193,26 @@ class Reporter:
                     figure = figure_to_array(plot_rf_figure(field))
                     self.image(trainer, dashboard.image_tag(self.layer_name, index, "figure"), figure, step, caption)
 
-    def effective_note(self, trainer, theoretical: list[ReceptiveField], target) -> None:
+    def effective_note(self, trainer, theoretical: list[ReceptiveField | None], target) -> None:
         """Says which cell each position index is on validation inputs shaped unlike the probed input.
 
         Args:
             trainer: the Lightning ``Trainer``.
-            theoretical: the theoretical field of every position on those inputs, in the order of ``pos``.
+            theoretical: the theoretical field of every position on those inputs, in the order of ``pos`` (``None``
+                for a position off their output map).
             target: per axis, the target size, or ``None``.
         """
         note = dashboard.positions_note(self.layer_name, theoretical, target, effective=True)
         cells = ", ".join(
-            f"pos{index} is cell {field.position} of a {' x '.join(map(str, field.output_shape))} map"
+            f"pos{index} is off the map"
+            if field is None
+            else f"pos{index} is cell {field.position} of a {' x '.join(map(str, field.output_shape))} map"
             for index, field in enumerate(theoretical)
         )
+        shape = next(field for field in theoretical if field is not None).input_shape[1:]
         rank_zero_info(
-            f"RFCallback: the effective field is measured on validation inputs of shape "
-            f"{tuple(theoretical[0].input_shape[1:])}, unlike the probed input: there {cells}, and its ratios are to "
-            f"the theoretical field there"
+            f"RFCallback: the effective field is measured on validation inputs of shape {tuple(shape)}, unlike the "
+            f"probed input: there {cells}, and its ratios are to the theoretical field there"
         )
         if not trainer.is_global_zero:
             return

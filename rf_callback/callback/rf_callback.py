@@ -238,6 +238,7 @@ class RFCallback(Callback):
         self.input_shape = self._given_input_shape
         self._said_no_validation = self._said_other_cells = False
         self._said_no_gradient: set[str] = set()  # position labels whose output stopped depending on the inputs
+        self._said_off_the_map: set[int] = set()  # position indices off the map of the effective field's inputs
         self._failures.said.clear()
         self.history: list[dict[str, Any]] = []
         self._fitted = False  # whether this run's history comes from a fit (not only from a checkpoint)
@@ -464,7 +465,7 @@ class RFCallback(Callback):
         n_axes = len(self._shape) - 2
         if self._initial_logged:  # a resumed fit: its logger (maybe a new version) still gets the charts and the note
             with self._failures.guard("probe", "the theoretical probe of a resumed fit", self._probe_fix):
-                kept = self._prober.theoretical_fields(pl_module, self._shape)
+                kept = [f for f in self._prober.theoretical_fields(pl_module, self._shape) if f is not None]
                 self._describe_dashboard(trainer, kept, self._target_for(n_axes))
             return
         target = self._target_for(n_axes)  # refused now if it does not fit the input's axes
@@ -562,14 +563,18 @@ class RFCallback(Callback):
 
     def _effective(self, trainer, pl_module) -> list[CoverageEvent]:
         measured = self._prober.effective(pl_module, self._erf_inputs, self._shape)
-        cells = [cell for cell, _ in measured]  # every position's, by its index in pos
-        if cells and cells[0].input_shape[1:] != tuple(self._shape[1:]) and not self._said_other_cells:
+        cells = [cell for cell, _ in measured]  # by their index in pos (None: off the map of the inputs)
+        shapes = [cell.input_shape[1:] for cell in cells if cell is not None]
+        if shapes and shapes[0] != tuple(self._shape[1:]) and not self._said_other_cells:
             self._said_other_cells = True
             self._reporter.effective_note(trainer, cells, self._target_for(len(self._shape) - 2))
         entry, events = {}, []
         # Two position indices may name one cell of inputs shaped otherwise: that cell is checked once per probe.
         checked: dict[str, tuple[bool, int]] = {}
         for index, (cell, field) in enumerate(measured):
+            if cell is None:
+                self._off_the_map(index)
+                continue
             label = dashboard.position_label(cell.position)
             self._effective_cells[index] = label
             logged = dashboard.no_effective_scalars(self.layer_name, index, len(cell.bounds))
@@ -606,6 +611,20 @@ class RFCallback(Callback):
                 )
         self.history[-1]["effective"] = entry
         return events
+
+    def _off_the_map(self, index: int) -> None:
+        """Says once that position ``index`` lies off the output map of the effective field's inputs."""
+        if index in self._said_off_the_map:
+            return
+        self._said_off_the_map.add(index)
+        shape = None if self._erf_inputs is None else tuple(self._erf_inputs.shape[1:])
+        rank_zero_warn(
+            f"RFCallback: position {index} of pos={self.pos!r} lies off the output map of {self.layer_name} on the "
+            f"effective field's inputs, shaped {shape} where the fields are probed on {tuple(self._shape[1:])}: it "
+            f"has no effective field and no coverage check (the other positions do); pass input_shape= the "
+            f"validation inputs' shape, or a position on both maps (pos='center', negative indices count from the "
+            f"end of each)"
+        )
 
     def _alert(self, trainer, events: list[CoverageEvent]) -> None:
         for event in events:

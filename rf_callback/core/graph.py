@@ -32,7 +32,7 @@ from rf_callback.core.model_copy import (
     probe_functions,
 )
 from rf_callback.core.request import ProbeRequest
-from rf_callback.core.support import Position
+from rf_callback.core.support import Position, hull, marginal
 
 if TYPE_CHECKING:  # geometry_probe imports this module
     from rf_callback.core.geometry_probe import Budget
@@ -283,6 +283,40 @@ class ProbeGraph(GraphShapes):
             weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
             self.channel_weights = weights.to(device)
         self.passes = 0
+        if check_layout and isinstance(request.parsed_layout, Tokens):
+            self._check_grid_order(request.parsed_layout)
+
+    def _check_grid_order(self, tokens: Tokens) -> None:
+        """Refuses a token grid given in another order than the input's axes (W x H), where its fields show it.
+
+        A grid written W x H holds as many tokens as H x W: only where it does not divide the input into patches
+        and its lengths in another order do, two fields are read (the first token and the one a row below it). On a
+        grid in the wrong order the token "a row below" lies further along the same rows. Fields that tell nothing
+        (global attention: both span the input) leave the grid as given; so does a model that resizes its input.
+        """
+        order = _grid_in_input_order(tokens.grid, self.spatial_input_shape)
+        if order is None or self.output_shape[0] < 2:
+            return
+        first = tuple(0 for _ in self.output_shape)
+        below = (1, *first[1:])
+        here, there = self.support([first]), self.support([below])
+        rows = [hull(marginal(support, 0)) for support in (here, there)]
+        along = [[hull(marginal(support, a)) for support in (here, there)] for a in range(1, len(self.output_shape))]
+        if (
+            None in rows
+            or rows[0] != rows[1]
+            or not any(b is not None and a is not None and b[0] > a[0] for a, b in along)
+        ):
+            return
+        patch = " x ".join(str(n // g) for n, g in zip(self.spatial_input_shape, order))
+        layout = self.request.layout
+        raise ValueError(
+            f"layout={layout!r} lays the tokens on a {' x '.join(map(str, tokens.grid))} grid, but its token "
+            f"{below} reads the same input rows as token {first}, further along them: the grid is given in another "
+            f"order than the input's axes (rows first, H x W), and read so every token would be another's; the "
+            f"lengths in the input's order, {' x '.join(map(str, order))}, divide it into patches of {patch}: pass "
+            f"layout={_spelled(layout, Tokens(order, tokens.prefix))}"
+        )
 
     def gradient_map(self, positions: Sequence[Position], scale: Sequence[float] | None = None) -> torch.Tensor:
         """One backward pass from all ``positions`` at once, each weighted by its ``scale`` (default 1).
@@ -855,15 +889,6 @@ def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, l
             fix = "; pass layout= with the grid the tokens lie on (per axis, the input's length over the patch's)"
         raise ValueError(
             f"the output of {where(layer)} is {shape}: {count} tokens, not {said} as layout={layout!r} says{fix}"
-        )
-    if (order := _grid_in_input_order(grid, input_shape[2:])) is not None:
-        patch = " x ".join(str(n // g) for n, g in zip(input_shape[2:], order))
-        raise ValueError(
-            f"layout={layout!r} lays the tokens on a {' x '.join(map(str, grid))} grid, which does not divide the "
-            f"input {' x '.join(map(str, input_shape[2:]))} into patches, while the same lengths in another order "
-            f"do ({' x '.join(map(str, order))}, patches of {patch}): "
-            f"the grid is given in the input's axis order (rows first, H x W), and read otherwise every token would "
-            f"be another's; pass layout={_spelled(layout, Tokens(order, tokens.prefix))}"
         )
     return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
 
