@@ -397,13 +397,22 @@ def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model,
                     assert consistent(g, {position[axis]: bounds}, shape[2 + axis]), (axis, position)
 
 
+class AddedTerm(Windowed):
+    """A position code with zeros added through ``addcmul``: its zeros are added, not multiplied."""
+
+    def forward(self, x):
+        return self.conv2(self.conv1(torch.addcmul(self.window, x, torch.ones(32))))
+
+
 def test_a_window_without_zeros_keeps_the_flow(monkeypatch):
-    """A window without zeros cuts no field: the geometry is read off the forward, with no other pass."""
-    model = Windowed(32)
-    model.window = torch.hann_window(32) + 0.5
-    shapes = count_graphs(monkeypatch)
-    field = probe_rf(model, (1, 1, 32))
-    assert triples(field.geometry) == [(5, 1, 0)] and len(shapes) == 1
+    """A window without zeros cuts no field, nor does an added term's zeros: the geometry is read off the forward,
+    with no other pass."""
+    no_zeros = Windowed(32)
+    no_zeros.window = torch.hann_window(32) + 0.5
+    for model in (no_zeros, AddedTerm(32)):
+        shapes = count_graphs(monkeypatch)
+        field = probe_rf(model, (1, 1, 32))
+        assert triples(field.geometry) == [(5, 1, 0)] and len(shapes) == 1
 
 
 class GhostSlice(nn.Module):

@@ -164,6 +164,22 @@ def test_a_flat_list_of_ints_on_a_1d_map_is_a_list_of_positions():
     assert [f.theoretical.bounds for f in effective_rf(model, torch.rand(2, 1, 12), [1, 6])] == [((1, 5),), ((6, 10),)]
 
 
+def test_positions_as_rows_of_nonzero_and_as_named_tuples():
+    """Rows of ``torch.nonzero(mask)`` (1-D tensors) or numpy arrays were refused ("indices must be ints"), as the
+    callback accepted them; a named tuple stays one position."""
+    import collections
+
+    import numpy as np
+
+    model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3))
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[1, 2] = mask[3, 4] = True
+    for rows in (list(torch.nonzero(mask)), list(np.argwhere(mask.numpy()))):
+        assert [f.bounds for f in probe_rf(model, (1, 1, 12, 12), rows)] == [((1, 5), (2, 6)), ((3, 7), (4, 8))]
+    cell = collections.namedtuple("Cell", "row col")
+    assert probe_rf(model, (1, 1, 12, 12), cell(3, 4)).bounds == ((3, 7), (4, 8))
+
+
 class _ParityBranches(nn.Module):
     """Output (i, j) reads input (i // 2, j // 2), and where i and j differ in parity the taps 2 away too.
 

@@ -265,10 +265,11 @@ def test_exact_grid_sample_computes_what_grid_sample_computes(n_axes, sampling, 
 @pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
 def test_the_theoretical_bicubic_sampling_reads_the_same_inputs_with_positive_weights(padding):
     """The cubic kernel's outer lobes are negative: on the theoretical copy they could cancel another path to the
-    same input. Its twin weighs the same taps by their magnitudes, on any grid (a learned flow too)."""
+    same input. Its twin weighs the same taps by their magnitudes."""
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(1, 2, 6, 7, dtype=torch.float64, generator=generator)
-    grid = torch.rand(1, 3, 4, 2, dtype=torch.float64, generator=generator) * 2.4 - 1.2  # no coordinate on an index
+    grid = torch.rand(1, 3, 4, 2, dtype=torch.float64, generator=generator) * 2.4 - 1.2
+    grid[0, 2, 2] = 0.0  # one coordinate on an input index (the exact sampling runs), the others between them
     arguments = dict(mode="bicubic", padding_mode=padding, align_corners=False)
     for row, column in [(0, 0), (1, 2), (2, 3)]:
         real, twin = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -282,3 +283,26 @@ def test_a_grid_with_no_coordinate_on_an_input_index_runs_pytorchs_own_kernel():
     """A learned flow rarely lands on an index: there the kernel's weights have the exact support."""
     grid = torch.full((1, 3, 3, 2), 0.3)  # column and row 0.3 * 3.5 + 3 = 4.05 of 8 (not aligned): no index
     assert exact_grid_sample((torch.randn(1, 1, 8, 8), grid), dict(align_corners=False)) is None
+
+
+class GridInInputType(nn.Module):
+    """An identity warp whose grid ``F.affine_grid`` computes in the input's type, then a 3 x 3 convolution."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode, self.conv = mode, nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        theta = torch.eye(2, 3, dtype=x.dtype)[None].expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return self.conv(F.grid_sample(x, grid, mode=self.mode, align_corners=False))
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_bicubic_warp_probed_in_16_bits_reads_each_pixel_alone(dtype, mode):
+    """A 16-bit grid computed in 16 bits lies up to 0.013 of a pixel off the index, more than the snap allows:
+    float64 bicubic weights read the neighbours (3..7 for 4..6), where PyTorch's kernel, in the grid's type, lands
+    on the index. 16-bit bicubic grids run PyTorch's kernel."""
+    field = probe_rf(GridInInputType("bicubic"), (1, 1, 9, 11), (3, 4), mode=mode, dtype=dtype)
+    assert field.bounds == ((3, 5), (4, 6))

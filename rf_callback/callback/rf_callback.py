@@ -193,7 +193,7 @@ class RFCallback(Callback):
         probe_device: str | torch.device | None = None,
     ):
         super().__init__()
-        self.positions, self.pos = checked_positions(pos)
+        self._positions, self.pos = checked_positions(pos)
         self.layer, self.module = checked_name("layer", layer), checked_name("module", module)
         try:
             self.element = checked_element(element)
@@ -251,7 +251,7 @@ class RFCallback(Callback):
         # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
         self._schedule = ProbeSchedule(self.every_n_epochs)
         self._prober = FieldProber(
-            self.positions, layer=self.layer, module=self.module, element=self.element, layout=self.layout,
+            self._positions, layer=self.layer, module=self.module, element=self.element, layout=self.layout,
             draws=self.draws, seed=self.seed, device=self.probe_device,
         )  # fmt: skip
         self._coverage = CoverageWatch(self.patience, self.coverage_mass)
@@ -263,6 +263,14 @@ class RFCallback(Callback):
         self._last_effective: dict[int, EffectiveField] = {}
         # The cell each position index was last measured at (its label in the history), for the growth curves.
         self._effective_cells: dict[int, str] = {}
+
+    @property
+    def positions(self) -> list:
+        """The positions probed: index tuples or ``"center"``.
+
+        A list of ints is one position, or on a 1D map as many, once the first probe has seen the map.
+        """
+        return [tuple(p) if isinstance(p, list) else p for p in self._prober.positions]
 
     @property
     def state_key(self) -> str:

@@ -92,14 +92,16 @@ _ELEMENTWISE = frozenset(
         "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "__pow__",
     }
 )  # fmt: skip
-# Elementwise calls that a constant operand's zeros cut (``x * window``, ``c / x``, ``x ** 0``): where the zeros move
-# along an axis, the fields there are no translates of each other (a Hann window's 0 hides input 0 from output 0).
-_CUT_BY_ZEROS = frozenset(
-    {
-        "mul", "multiply", "__mul__", "__rmul__", "__imul__", "div", "true_divide", "__truediv__", "__rtruediv__",
-        "__itruediv__", "addcmul", "addcdiv", "pow", "__pow__",
-    }
-)  # fmt: skip
+# Elementwise calls that a constant operand's zeros cut (``x * window``, ``c / x``, ``x ** 0``), and which of their
+# operands can cut (by position; a divisor's zeros or an added term's cut nothing): where the zeros move along an
+# axis, the fields there are no translates of each other (a Hann window's 0 hides input 0 from output 0).
+_CUT_BY_ZEROS = {
+    **dict.fromkeys(("mul", "multiply", "__mul__", "__rmul__", "__imul__", "pow", "__pow__"), (0, 1)),
+    **dict.fromkeys(("div", "true_divide", "__truediv__", "__itruediv__"), (0,)),
+    "__rtruediv__": (1,),  # other / self
+    "addcmul": (1, 2),  # input + value * tensor1 * tensor2
+    "addcdiv": (1,),  # input + value * tensor1 / tensor2
+}
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
 # Calls that keep every element in place where the shape stays (a permute or transpose of equal dims does not).
@@ -300,11 +302,8 @@ class GeometryFlow:
             return _where_tags(self, args, kwargs, result, dependent)
         if _base(name) in _ELEMENTWISE:
             hull = _hull(self, dependent, result)
-            if (
-                hull is not None
-                and _base(name) in _CUT_BY_ZEROS
-                and _zeros_move(args, kwargs, dependent, hull[1], result)
-            ):
+            cutting = [args[i] for i in _CUT_BY_ZEROS.get(_base(name), ()) if i < len(args)]
+            if hull is not None and _zeros_move(cutting, dependent, hull[1], result):
                 return None
             return [hull]
         if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
@@ -479,13 +478,13 @@ def where_operands(args, kwargs) -> tuple:
     return named.get("condition"), [named.get("input"), named.get("other")]
 
 
-def _zeros_move(args, kwargs, dependent: list[torch.Tensor], dims: tuple[int, ...], result: torch.Tensor) -> bool:
+def _zeros_move(operands: list, dependent: list[torch.Tensor], dims: tuple[int, ...], result: torch.Tensor) -> bool:
     """Whether a constant operand's zeros lie at some positions along a spatial dim and not at others.
 
     Such zeros (a window, a validity mask) cut some fields and not their translates. ``dims``: the result's spatial
     dims.
     """
-    for value in (*args, *kwargs.values()):
+    for value in operands:
         if not isinstance(value, torch.Tensor) or any(value is d for d in dependent) or value.dim() == 0:
             continue
         zeros, offset = value == 0, result.dim() - value.dim()  # broadcasting aligns the trailing dims

@@ -325,6 +325,7 @@ class ProbeGraph(GraphShapes):
         axes.
         """
         if self._wide is not None:
+            self.passes += 1
             return self._wide.gradient_map(positions, scale)
         if self.budget is not None:
             self.budget.charge(self.input_shape)
@@ -368,7 +369,11 @@ class ProbeGraph(GraphShapes):
         Raises:
             Underflow: no twin can be built here: the caller redoes its whole reading in float64.
         """
-        wide = None if self.wider is None else self.wider()
+        if self.wider is None:
+            raise Underflow
+        if self.budget is not None:
+            self.budget.charge(self.input_shape)  # the twin's forward
+        wide = self.wider()
         if wide is None:
             raise Underflow
         wide.budget, self._wide = self.budget, wide

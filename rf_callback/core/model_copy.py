@@ -178,8 +178,9 @@ class _ProbeFunctions(TorchFunctionMode):
     def __init__(self, linearise: bool, flow: GeometryFlow | None = None, exact_values: bool = False):
         super().__init__()
         self.linearise = linearise
-        # Resizes and samplings give their exact values too, not PyTorch's kernel's (see _real_values): a check by
-        # forward passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output.
+        # Samplings give their exact values too, not PyTorch's kernel's (see _real_values): a check by forward
+        # passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output (a resize's
+        # float64 kernel holds its exact zeros there).
         self.exact_values = exact_values
         # The geometry carried beside each input-dependent tensor (see geometry_flow), where it is asked for.
         self.flow = flow
@@ -877,7 +878,7 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
-            return resized if self.exact_values else _real_values(func(*args, **kwargs), resized)
+            return _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
             sampled = exact_grid_sample(args, kwargs, unsigned=self.linearise)
             if sampled is None:
@@ -1637,6 +1638,25 @@ def _negative(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
 
+# The operands of the product additions by name: the added input, then the two factors.
+_PRODUCT_OPERANDS = {
+    "addmm": ("input", "mat1", "mat2"),
+    "baddbmm": ("input", "batch1", "batch2"),
+    "addbmm": ("input", "batch1", "batch2"),
+    "addmv": ("input", "mat", "vec"),
+    "addr": ("input", "vec1", "vec2"),
+}
+
+
+def _product_operands(name: str, args, kwargs) -> tuple[Any, tuple[Any, Any]] | None:
+    """The added input and the two factors of a product addition, given by position or by keyword; None if absent."""
+    names = _PRODUCT_OPERANDS[name.rstrip("_")]
+    values = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+    if any(not isinstance(v, torch.Tensor) for v in values):
+        return None
+    return values[0], (values[1], values[2])
+
+
 def _depends_on_input(value) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
@@ -1814,17 +1834,19 @@ def _sign_free_twin(name: str, args, kwargs):
             if name in _DIVISIONS:
                 return target.div_(factor) if in_place else torch.div(target, factor)
             return target.mul_(factor) if in_place else torch.mul(target, factor)
-    if name in _PRODUCT_ADDITIONS and len(args) >= 3:
+    if name in _PRODUCT_ADDITIONS and (operands := _product_operands(name, args, kwargs)) is not None:
         # addmm(input, m1, m2, beta=-1) or alpha=-1: the same call with both scales positive where they scale a
         # dependent term (a constant term's value may matter: its scale stays)
+        target, factors = operands
         beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-        flip_beta = dependent(first) and _negative(beta)
-        flip_alpha = (dependent(args[1]) or dependent(args[2])) and _negative(alpha)
+        flip_beta = dependent(target) and _negative(beta)
+        flip_alpha = any(dependent(f) for f in factors) and _negative(alpha)
         if flip_beta or flip_alpha:
             scales = {"beta": -beta if flip_beta else beta, "alpha": -alpha if flip_alpha else alpha}
-            rest = {k: v for k, v in kwargs.items() if k not in scales}
-            call = getattr(first, name) if in_place else getattr(torch, name)
-            return call(*args[1:3], **scales, **rest) if in_place else call(*args[:3], **scales, **rest)
+            rest = {k: v for k, v in kwargs.items() if k not in (*scales, *_PRODUCT_OPERANDS[name.rstrip("_")])}
+            if in_place:
+                return getattr(target, name)(*factors, **scales, **rest)
+            return getattr(torch, name)(target, *factors, **scales, **rest)
     if name.rstrip("_") in ("addcmul", "addcdiv") and (dependent(args[1]) or dependent(args[2])):
         # input + value * t1 * t2 (or t1 / t2): every factor positive, a divisor's as a factor
         value = abs(kwargs.get("value", 1))
@@ -2010,7 +2032,7 @@ def probe_functions(mode: str, *, flow: bool = False, exact_values: bool = False
     """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen.
 
     With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`). With
-    ``exact_values``, resizes and samplings give their exact values, not PyTorch's kernels' (a check that reads
+    ``exact_values``, samplings (``grid_sample``) give their exact values, not PyTorch's kernel's (a check that reads
     values, not gradients).
     """
     carried = GeometryFlow() if flow and geometry_flow.ENABLED else None

@@ -160,8 +160,10 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
     listed = isinstance(pos, list)  # a list of ints names positions on a 1D map; a tensor's values one position
     if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
         pos = pos.tolist()
-    if isinstance(pos, (list, tuple)):  # rows of torch.nonzero(mask) or numpy arrays, one position each
-        pos = type(pos)(p.tolist() if isinstance(p, torch.Tensor) or type(p).__module__ == "numpy" else p for p in pos)
+    if isinstance(pos, (list, tuple)) and any(isinstance(p, torch.Tensor) and p.dim() == 1 for p in pos):
+        pos = [p.tolist() if isinstance(p, torch.Tensor) else p for p in pos]  # rows of torch.nonzero(mask)
+    elif isinstance(pos, (list, tuple)) and any(type(p).__module__ == "numpy" and getattr(p, "ndim", 0) for p in pos):
+        pos = [p.tolist() if type(p).__module__ == "numpy" else p for p in pos]  # rows of np.argwhere(mask)
     if isinstance(pos, list) and len(output_shape) == 1 and all(_scalar(i) for i in pos) and (listed or len(pos) > 1):
         return [checked_position(p, output_shape, place) for p in pos], "list"  # [1, 6] on a 1D map: two positions
     if as_index(pos) is not None or (isinstance(pos, Sequence) and pos and all(_scalar(i) for i in pos)):

@@ -249,7 +249,7 @@ def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor |
         args: the positional arguments of the ``grid_sample`` call.
         kwargs: its keyword arguments.
         unsigned: the theoretical copy's twin: the bicubic kernel's negative lobes as their magnitudes (they could
-            cancel another path to the same input), wherever the coordinates lie.
+            cancel another path to the same input).
 
     Returns:
         The sampled tensor, or ``None`` where PyTorch's kernel is exact, for another mode, or for arguments the call
@@ -263,6 +263,10 @@ def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor |
     if not (isinstance(x, torch.Tensor) and isinstance(grid, torch.Tensor)) or mode not in ("bilinear", "bicubic"):
         return None
     cubic = mode == "bicubic"
+    if cubic and torch.finfo(grid.dtype).bits <= 16:
+        # A 16-bit grid's coordinates lie several of its units off (affine_grid computed in it): PyTorch's kernel,
+        # computing in the same type, lands them on the index where float64 weights would read the neighbours.
+        return None
     n_axes = x.dim() - 2
     if n_axes not in ((2,) if cubic else (2, 3)) or grid.dim() != x.dim() or grid.shape[-1] != n_axes:
         return None
@@ -287,7 +291,7 @@ def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor |
             taps.append([(_folded(low + k - 1, length, corners, padding), w) for k, w in enumerate(weights)])
         else:
             taps.append([(low, 1 - t), (low + 1, t)])
-    if not snapped and not (cubic and unsigned):  # no coordinate on an input index: PyTorch's kernel is exact
+    if not snapped:  # no coordinate on an input index: PyTorch's kernel has the exact support (a learned flow)
         return None
     out = None
     for corner in itertools.product(*taps):

@@ -279,8 +279,9 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         chosen = [o for o in chosen if o.depends_on_input]
         if cut is not None:
             warnings.warn(
-                f"rf_table: the rows from {cut.name!r} on are left out: the forward cuts the gradient before them "
-                f"({cut.after_cut}), and a field read from gradients would miss the inputs on that path",
+                f"rf_table: the rows from {cut.name!r} on are left out: the forward cuts the gradient before them, "
+                f"or runs a call the theoretical copy cannot replace ({cut.after_cut}), and a field read from "
+                f"gradients would miss the inputs on that path",
                 stacklevel=3,
             )
             chosen = [o for o in chosen if o.after_cut is None]
@@ -338,8 +339,9 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
                 )
             if o.after_cut:
                 raise ProbeError(
-                    f"the forward cuts the gradient before the output of {o.name!r} ({o.after_cut}): a field read "
-                    f"from gradients would miss the inputs on that path; remove the cut or list layers before it"
+                    f"the forward cuts the gradient, or runs a call the theoretical copy cannot replace, before the "
+                    f"output of {o.name!r} ({o.after_cut}): a field read from gradients would miss the inputs on that "
+                    f"path; remove the cut or list layers before it"
                 )
             if o.misfit and len(o.shape) >= 3:
                 raise ValueError(f"layers={list(wanted)!r}: {o.misfit}")
@@ -537,7 +539,11 @@ def _forward_outputs(
                 same_as = producers.get((id(args[0]), args[0]._version))
             producers.setdefault(key, same_as or name)
             alive.append(output)
-            cut = ", ".join(dict.fromkeys([*functions.cuts, *filter(None, [functions.cut_reason(output)])])) or None
+            # An operator overload (aten.max_pool2d.default) runs below the twins that hide no pixel: like a cut, the
+            # rows after it would read another field than the architecture's.
+            overloads = [f"{call}, an operator overload the copy cannot replace" for call in functions.operator_calls]
+            reasons = [*functions.cuts, *filter(None, [functions.cut_reason(output)]), *overloads]
+            cut = ", ".join(dict.fromkeys(reasons)) or None
             row_layout, misfit = _row_layout(
                 name, module, output, None if same_as is None else outputs.get(same_as), layout
             )
@@ -571,11 +577,12 @@ def _forward_outputs(
 
         return record
 
-    if scripted_modules(model):
+    if scripted := scripted_modules(model):
+        where = "the model is" if "" in scripted else f"{scripted[:3]} are"
         raise ValueError(
-            "rf_table reads every row on the theoretical copy, and the model is (or holds) TorchScript (torch.jit."
-            "script or trace), whose compiled functions it cannot replace by twins that hide no pixel: build the "
-            "table on the Python module it was scripted from"
+            f"rf_table reads every row on the theoretical copy, and {where} TorchScript (torch.jit.script or "
+            f"trace), whose compiled functions it cannot replace by twins that hide no pixel: build the table on the "
+            f"Python module it was scripted from"
         )
     copy = prepared_copy(model, "theoretical", request.dtype)
     named = {name: module for name, module in copy.named_modules() if name}
@@ -595,7 +602,7 @@ def _forward_outputs(
         if not tolerant:
             raise forward_error(copy, shape, error) from error
     calls = list(dict.fromkeys(functions.operator_calls))
-    if calls and all(call.startswith(("aten.", "prims.")) for call in calls):
+    if calls and not outputs and all(call.startswith(("aten.", "prims.")) for call in calls):
         raise ProbeError(
             f"rf_table: the forward calls aten's operator overloads on values of the input ({', '.join(calls[:4])}"
             f"{', ...' if len(calls) > 4 else ''}: a torch.export or make_fx graph), not its submodules' forwards, "
