@@ -156,6 +156,21 @@ def test_without_images_no_logger_is_warned_that_it_gets_the_scalars_only(tmp_pa
     assert not any("gets the scalars only" in str(w.message) for w in record)
 
 
+def test_fast_dev_run_is_not_told_to_add_the_logger_it_has(tmp_path):
+    """fast_dev_run swaps the user's TensorBoardLogger for a DummyLogger: the callback said the DummyLogger "gets the
+    scalars only" and to add a TensorBoardLogger, which the user had."""
+    callback = RFCallback(layer="features")
+    trainer = pl.Trainer(
+        **{**trainer_kwargs(tmp_path, logger=TensorBoardLogger(tmp_path)), "max_epochs": None}, fast_dev_run=True,
+        callbacks=[callback],
+    )  # fmt: skip
+    with recorded_warnings() as record:
+        trainer.fit(ConvClassifier(), *loaders())
+    said = [str(w.message) for w in record if "RFCallback" in str(w.message)]
+    assert not [m for m in said if "scalars only" in m or "add one of them" in m], said
+    assert callback.history  # the probes ran
+
+
 def test_writers_are_chosen_by_the_nearest_lightning_base_class(tmp_path):
     class MyBoard(TensorBoardLogger):
         pass

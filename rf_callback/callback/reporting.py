@@ -48,6 +48,8 @@ class Reporter:
         """
         writers = [writer_for(logger) for logger in trainer.loggers]
         for writer in writers:
+            if writer.name == "DummyLogger":  # fast_dev_run turns logging off by design: nothing to say
+                continue
             if self.log_images and not writer.known and writer.name not in self._said_scalars_only:
                 self._said_scalars_only.add(writer.name)
                 rank_zero_warn(
@@ -171,7 +173,7 @@ class Reporter:
 
     def _field_images(self, trainer, kind: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
         if not self.image_writers(trainer):
-            if not self._said_no_images:
+            if not self._said_no_images and not getattr(trainer, "fast_dev_run", False):
                 self._said_no_images = True
                 rank_zero_warn(
                     "RFCallback: no TensorBoardLogger, WandbLogger or MLFlowLogger among the Trainer's loggers, so no "
