@@ -726,9 +726,11 @@ def test_a_list_of_ints_on_a_1d_map_probes_as_many_positions_as_probe_rf_does(tm
     """``pos=[3, 4]`` is two positions on a 1D map in probe_rf; the callback read it as one position of two indices
     and stopped the fit. On a 2D map it stays one position."""
     series = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 32)), batch_size=4)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[RFCallback(pos=[3, 4], layer="features")])
+    callback = RFCallback(pos=[3, -4], layer="features")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1), callbacks=[callback])
     trainer.fit(Series(), series)
-    for index, position in enumerate((3, 4)):
+    assert callback.positions == [(3,), (-4,)]  # as given: -4 counts from the end of every map it is read on
+    for index, position in enumerate((3, 11)):
         assert trainer.callback_metrics[f"rf/features/pos{index}/size_l/theoretical"] == 7
         assert trainer.callback_metrics[f"rf-span/features/pos{index}/weights/first_l"] >= 2 * position - 2
     trainer, _ = fit(tmp_path, [RFCallback(layer="features", pos=[4, 4])], logger=False, max_epochs=1)

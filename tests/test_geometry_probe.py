@@ -471,6 +471,28 @@ class FusedTokenAttention(TokenAttention):
         return F.scaled_dot_product_attention(tokens, tokens, tokens).transpose(1, 2)
 
 
+class BandedAttention(nn.Module):
+    """Three fused attentions, each over the keys within 3 positions (a band mask): a local field, r = 19."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv1d(2, 4, 1)
+
+    def forward(self, x):
+        tokens = self.embed(x).transpose(1, 2)
+        index = torch.arange(tokens.shape[1])
+        band = (index[:, None] - index[None, :]).abs() <= 3
+        for _ in range(3):
+            tokens = F.scaled_dot_product_attention(tokens, tokens, tokens, attn_mask=band)
+        return tokens.transpose(1, 2)
+
+
+def test_a_masked_fused_attention_is_no_global_coupling():
+    """A fused attention counts as a softmax over every key only without a mask: a band keeps the field local."""
+    field = probe_rf(BandedAttention(), (1, 2, 16))
+    assert field.size == (16,) and geometry_triples(field) == [(19, 1, 9)]
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "call"),
     [

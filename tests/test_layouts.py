@@ -365,6 +365,17 @@ def test_tokens_that_do_not_fit_the_grid_are_refused_in_the_users_words(layout, 
     assert message in str(info.value)
 
 
+class OverlappingPatches(nn.Module):
+    """Two 9 x 9 convolutions of stride 4, padded by 4: patches whose fields reach past the left border."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 4, 9, stride=4, padding=4), nn.Conv2d(4, 4, 9, stride=4, padding=4)
+
+    def forward(self, x):
+        return self.second(self.first(x)).flatten(2).transpose(1, 2)
+
+
 class ResizedPatches(nn.Module):
     """Resizes any input to 64 x 96, then 32 x 32 patches: a 2 x 3 grid that need not divide the input."""
 
@@ -386,6 +397,9 @@ def test_a_grid_written_w_x_h_is_refused_where_its_fields_show_it(layout, fix):
     with pytest.raises(ValueError, match="reads the same input rows as token") as refused:
         probe_rf(PatchTokens(), VIT_INPUT, (1, 0), layout=layout)
     assert f"pass layout={fix}" in str(refused.value)
+    # A 1 x 3 grid read as 3 x 1: token (1, 0) is (0, 1), whose field starts at column 0 too (clipped there).
+    with pytest.raises(ValueError, match="pass layout='tokens:1x3'"):
+        probe_rf(OverlappingPatches(), (1, 3, 16, 48), (1, 0), layout="tokens:3x1")
     # A grid that does not divide the input, whose fields follow it (a resize inside the model), is read as given:
     # patch column 2 is resized columns 64..95, input columns 64 * 20 // 96 = 13 .. 95 * 20 // 96 = 19.
     assert probe_rf(ResizedPatches(), (1, 3, 30, 20), (0, 2), layout="tokens:2x3").bounds == ((0, 14), (13, 19))

@@ -166,7 +166,8 @@ def test_a_flat_list_of_ints_on_a_1d_map_is_a_list_of_positions():
 
 def test_positions_as_rows_of_nonzero_and_as_named_tuples():
     """Rows of ``torch.nonzero(mask)`` (1-D tensors) or numpy arrays were refused ("indices must be ints"), as the
-    callback accepted them; a named tuple stays one position."""
+    callback accepted them; the column form (one array per axis) was read transposed; a named tuple stays one
+    position."""
     import collections
 
     import numpy as np
@@ -176,6 +177,9 @@ def test_positions_as_rows_of_nonzero_and_as_named_tuples():
     mask[1, 2] = mask[3, 4] = True
     for rows in (list(torch.nonzero(mask)), list(np.argwhere(mask.numpy()))):
         assert [f.bounds for f in probe_rf(model, (1, 1, 12, 12), rows)] == [((1, 5), (2, 6)), ((3, 7), (4, 8))]
+    # One array of indices per axis (torch.nonzero(as_tuple=True), np.nonzero): the same cells, not transposed.
+    for columns in (torch.nonzero(mask, as_tuple=True), np.nonzero(mask.numpy())):
+        assert [f.position for f in probe_rf(model, (1, 1, 12, 12), columns)] == [(1, 2), (3, 4)]
     cell = collections.namedtuple("Cell", "row col")
     assert probe_rf(model, (1, 1, 12, 12), cell(3, 4)).bounds == ((3, 7), (4, 8))
 

@@ -190,7 +190,7 @@ class FieldProber:
         fields = cast("ReceptiveField | list[ReceptiveField]", fields)
         fields = fields if isinstance(fields, list) else [fields]
         if positions is None and len(fields) != len(self.positions):  # a list of ints, positions on a 1D map
-            self.positions = [field.position for field in fields]
+            self.positions = [(index,) for index in self.positions[0]]  # as given: -1 is the end of every map
         return fields
 
     def theoretical_fields(

@@ -291,7 +291,7 @@ class ProbeGraph(GraphShapes):
 
         A grid written W x H holds as many tokens as H x W: only where it does not divide the input into patches
         and its lengths in another order do, two fields are read (the first token and the one a row below it). On a
-        grid in the wrong order the token "a row below" lies further along the same rows. Fields that tell nothing
+        grid in the wrong order the token "a row below" lies elsewhere along the same rows. Fields that tell nothing
         (global attention: both span the input) leave the grid as given; so does a model that resizes its input.
         """
         order = _grid_in_input_order(tokens.grid, self.spatial_input_shape)
@@ -302,17 +302,14 @@ class ProbeGraph(GraphShapes):
         here, there = self.support([first]), self.support([below])
         rows = [hull(marginal(support, 0)) for support in (here, there)]
         along = [[hull(marginal(support, a)) for support in (here, there)] for a in range(1, len(self.output_shape))]
-        if (
-            None in rows
-            or rows[0] != rows[1]
-            or not any(b is not None and a is not None and b[0] > a[0] for a, b in along)
-        ):
+        # On the right grid the token a row below reads the same columns (a field clipped at the border too).
+        if None in rows or rows[0] != rows[1] or all(a == b for a, b in along):
             return
         patch = " x ".join(str(n // g) for n, g in zip(self.spatial_input_shape, order))
         layout = self.request.layout
         raise ValueError(
             f"layout={layout!r} lays the tokens on a {' x '.join(map(str, tokens.grid))} grid, but its token "
-            f"{below} reads the same input rows as token {first}, further along them: the grid is given in another "
+            f"{below} reads the same input rows as token {first}, elsewhere along them: the grid is given in another "
             f"order than the input's axes (rows first, H x W), and read so every token would be another's; the "
             f"lengths in the input's order, {' x '.join(map(str, order))}, divide it into patches of {patch}: pass "
             f"layout={_spelled(layout, Tokens(order, tokens.prefix))}"

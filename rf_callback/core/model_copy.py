@@ -353,9 +353,11 @@ class _ProbeFunctions(TorchFunctionMode):
                 dims = _reduced_dims(name, args, kwargs)
                 if dims:
                     coupling = (name, tuple(args[0].shape), dims)
-            elif name in _KEY_DIMS and isinstance(key := _key_of(name, args, kwargs), torch.Tensor):
-                # A softmax over the keys inside one call: along their sequence dim
-                coupling = (name, tuple(key.shape), _KEY_DIMS[name](key))
+            elif name in _KEY_DIMS and _unmasked(name, args, kwargs):
+                # A softmax over all the keys inside one call (no mask: a band or a causal mask keeps it local)
+                key = _key_of(name, args, kwargs)
+                if isinstance(key, torch.Tensor):
+                    coupling = (name, tuple(key.shape), _KEY_DIMS[name](key))
             if name.rstrip("_") in _ZERO_GRADIENT:
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
@@ -1213,6 +1215,16 @@ _KEY_DIMS: dict[str, Callable[[torch.Tensor], tuple[int, ...]]] = {
 def _key_of(name: str, args, kwargs):
     """The key tensor of an attention call (its second argument)."""
     return args[1] if len(args) > 1 else kwargs.get("key")
+
+
+def _unmasked(name: str, args, kwargs) -> bool:
+    """Whether an attention call attends to every key: no mask, not causal."""
+    if name == "scaled_dot_product_attention":
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+        return mask is None and not causal
+    masks = [kwargs.get(k) for k in ("attn_mask", "key_padding_mask")] + list(args[14:15]) + list(args[16:17])
+    return all(m is None for m in masks) and not kwargs.get("is_causal", False)
 
 
 def _reduced_dims(name: str, args, kwargs) -> tuple[int, ...]:
