@@ -343,14 +343,15 @@ class WrittenThroughAView(nn.Module):
 class Windowed(nn.Module):
     """A Hann window multiplied into the signal (periodic: its first value is 0), held or made in the forward."""
 
-    def __init__(self, length: int | None = None):
+    def __init__(self, length: int | None = None, keyword: bool = False):
         super().__init__()
         self.register_buffer("window", None if length is None else torch.hann_window(length))
         self.conv1, self.conv2 = nn.Conv1d(1, 4, 3), nn.Conv1d(4, 1, 3)
+        self.keyword = keyword
 
     def forward(self, x):
         window = torch.hann_window(x.shape[-1]) if self.window is None else self.window
-        return self.conv2(self.conv1(x * window))
+        return self.conv2(self.conv1(torch.mul(x, other=window) if self.keyword else x * window))
 
 
 @pytest.mark.parametrize(
@@ -358,6 +359,7 @@ class Windowed(nn.Module):
     [
         (Windowed(32), (1, 1, 32)),
         (Windowed(), (1, 1, 32)),
+        (Windowed(32, keyword=True), (1, 1, 32)),
         (NearestByScale(2.2), (1, 1, 16)),
         (NearestByScale(2.2, "nearest"), (1, 1, 16)),
         (WrittenThroughAView("zeroed"), (1, 1, 8, 12)),
@@ -367,6 +369,7 @@ class Windowed(nn.Module):
     ids=[
         "a window's zeros",
         "a window made in the forward",
+        "a window passed by keyword",
         "nearest-exact by 2.2",
         "nearest by 2.2",
         "columns zeroed through a view",

@@ -102,6 +102,12 @@ _CUT_BY_ZEROS = {
     "addcmul": (1, 2),  # input + value * tensor1 * tensor2
     "addcdiv": (1,),  # input + value * tensor1 / tensor2
 }
+# Their operands' keywords, by position, where they are not (input, other)
+_OPERAND_KEYWORDS = {
+    "pow": ("input", "exponent"),
+    "addcmul": ("input", "tensor1", "tensor2"),
+    "addcdiv": ("input", "tensor1", "tensor2"),
+}
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "norm"})
 _SPLITS = frozenset({"split", "chunk", "tensor_split", "split_with_sizes", "unbind"})
 # Calls that keep every element in place where the shape stays (a permute or transpose of equal dims does not).
@@ -302,7 +308,10 @@ class GeometryFlow:
             return _where_tags(self, args, kwargs, result, dependent)
         if _base(name) in _ELEMENTWISE:
             hull = _hull(self, dependent, result)
-            cutting = [args[i] for i in _CUT_BY_ZEROS.get(_base(name), ()) if i < len(args)]
+            keywords = _OPERAND_KEYWORDS.get(_base(name), ("input", "other"))
+            cutting = [
+                args[i] if i < len(args) else kwargs.get(keywords[i]) for i in _CUT_BY_ZEROS.get(_base(name), ())
+            ]
             if hull is not None and _zeros_move(cutting, dependent, hull[1], result):
                 return None
             return [hull]
