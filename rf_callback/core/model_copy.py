@@ -381,9 +381,7 @@ class _ProbeFunctions(TorchFunctionMode):
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
         if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
-            self.position_picks.append("where() that picks one branch or the other by a fixed condition")
-        if from_input and self.recording and not self.moved_channels and _joins_along_an_axis(name, args, kwargs):
-            self.position_picks.append(f"{name}() that joins input-dependent pieces along a spatial axis")
+            self.position_picks.append("where()")
         of_weights = (
             self.linearise
             and not from_input
@@ -1072,23 +1070,6 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     break a near tie the other way: the forward must stay the network's own, and only the gradient exact.
     """
     return real.detach() + (exact - exact.detach())
-
-
-def _joins_along_an_axis(name: str, args, kwargs) -> bool:
-    """Whether a concatenation joins two or more input-dependent pieces along a spatial dim (channels first).
-
-    Rows of one branch stitched to rows of another (``cat([a[:, :, :8], b[:, :, 8:11], a[:, :, 11:]], 2)``), tiles
-    processed apart: the fields differ from one position to another, and a geometry read at a few of them (the
-    centre, the ends) need not hold in between. Only where no permute moved the channels: dims from 2 on are then
-    the input's spatial axes.
-    """
-    if name not in ("cat", "concat", "concatenate") or not args or not isinstance(args[0], (list, tuple)):
-        return False
-    pieces = [t for t in args[0] if isinstance(t, torch.Tensor)]
-    if sum(_depends_on_input(t) for t in pieces) < 2 or pieces[0].dim() < 3:
-        return False
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    return isinstance(dim, int) and dim % pieces[0].dim() >= 2
 
 
 def _picks_by_position(args, kwargs, masks) -> bool:

@@ -509,7 +509,7 @@ class _Prober:
 
         def _picked_by_position(found: list[str]) -> tuple[None, ...]:
             return _no_theory(
-                f"a {found[0]} on the path, by position: the "
+                f"a {found[0]} on the path picks one branch or the other by a fixed condition, by position: the "
                 f"fields may differ from one position to another, which no single (r, S, P) describes"
             )
 

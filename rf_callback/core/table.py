@@ -114,7 +114,6 @@ class _Output:
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
     flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
-    picks: tuple[str, ...] = ()  # selections by position before this output: its fields follow no single geometry
     calls: int = 1  # how often the module runs in the forward (a ReLU shared by a block's convolutions: 2)
 
     @property
@@ -365,9 +364,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             support = theory.support([center])
             box = box_of(support)
             flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
-            if output.picks:  # as probe_rf: the fields may differ from one position to another
-                geometry = (None,) * (len(shape) - 2)
-            elif flowed is not None:
+            if flowed is not None:
                 geometry = flowed[0]
             else:
                 graph_on = forwards.graph_on(output.name)
@@ -574,7 +571,6 @@ def _forward_outputs(
                 feature_map=spatial and output.shape[0] == 1,
                 known=_known_reading(module),
                 flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
-                picks=tuple(functions.position_picks),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()
