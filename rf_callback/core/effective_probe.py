@@ -17,7 +17,7 @@ from rf_callback.core.effective import checked_map
 from rf_callback.core.errors import NoGradientError
 from rf_callback.core.graph import ProbeError, exact_kernels, forward_to, where
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import prepared_copy, probe_scope
+from rf_callback.core.model_copy import prepared_copy, probe_scope, scripted_modules
 from rf_callback.core.probe import normalised_positions, probe_rf
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import EffectiveField, ReceptiveField
@@ -96,18 +96,18 @@ def effective_rf(
             "input, so effective_rf measures the positions you name; pass a list, e.g. pos=[(2, 2), (4, 4)], or "
             "probe_rf(model, input_shape, 'all') for every position's theoretical bounds"
         )
+    if theoretical is None and scripted_modules(model):
+        raise ValueError(
+            "effective_rf reports the effective field beside the theoretical one, which a TorchScript model cannot "
+            "give (its compiled functions hide pixels from the theoretical probe): pass theoretical=probe_rf(...) of "
+            "the Python module it was scripted from, at the same positions"
+        )
     if theoretical is None:
         try:
             probed = probe_rf(model, shape, pos, layer=layer, element=element, layout=layout, device=device)
             # pos is not 'all' (refused above): no ReceptiveFieldMap
             theoretical = cast("ReceptiveField | list[ReceptiveField]", probed)
         except ValueError as error:
-            if "TorchScript" in str(error):
-                raise ValueError(
-                    "effective_rf reports the effective field beside the theoretical one, which a TorchScript model "
-                    "cannot give (its compiled functions hide pixels from the theoretical probe): pass theoretical="
-                    "probe_rf(...) of the Python module it was scripted from, at the same positions"
-                ) from error
             if not str(error).startswith("input_shape="):
                 raise
             raise ValueError(

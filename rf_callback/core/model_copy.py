@@ -2285,6 +2285,11 @@ def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
         del module.__dict__["forward"]
 
 
+def scripted_subject(scripted: list[str]) -> str:
+    """The subject of a sentence on the TorchScript parts :func:`scripted_modules` found: "the model is", "[..] are"."""
+    return "the model is" if "" in scripted else f"{scripted[:3]} are"
+
+
 def scripted_modules(model: nn.Module) -> list[str]:
     """Names of the TorchScript modules in ``model`` (``""`` for the model itself)."""
     return [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
@@ -2340,7 +2345,7 @@ def prepared_copy(
     _checked_device(model)
     scripted = scripted_modules(model)
     if scripted and mode == "theoretical":
-        where = "the model is" if "" in scripted else f"{scripted[:3]} are"
+        where = scripted_subject(scripted)
         raise ValueError(
             f"{where} TorchScript (torch.jit.script or trace): its functions are compiled, so the theoretical probe "
             f"cannot treat its activations as identities and its max-pools as mean-pools, and a field measured on it "

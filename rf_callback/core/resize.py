@@ -208,12 +208,14 @@ def _antialiasing_filter(x: Fraction, cubic: bool) -> Fraction:
     return Fraction(0)
 
 
-def _cubic_near(x: Fraction) -> Fraction:
-    return ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1
+def _cubic_near(x, a=_CUBIC_A):
+    """The cubic convolution kernel on [0, 1], for a Fraction (``a`` a Fraction) or a tensor (``a`` a float)."""
+    return ((a + 2) * x - (a + 3)) * x * x + 1
 
 
-def _cubic_far(x: Fraction) -> Fraction:
-    return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
+def _cubic_far(x, a=_CUBIC_A):
+    """The cubic convolution kernel on [1, 2], as :func:`_cubic_near`."""
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
 
 def _resized_along(x: torch.Tensor, dim: int, sources, weights, unsigned: bool) -> torch.Tensor:
@@ -287,7 +289,8 @@ def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor |
         low = coordinate.floor()
         t = coordinate - low
         if cubic:
-            weights = (_cubic_far_of(t + 1), _cubic_near_of(t), _cubic_near_of(1 - t), _cubic_far_of(2 - t))
+            a = float(_CUBIC_A)
+            weights = (_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a), _cubic_far(2 - t, a))
             taps.append([(_folded(low + k - 1, length, corners, padding), w) for k, w in enumerate(weights)])
         else:
             taps.append([(low, 1 - t), (low + 1, t)])
@@ -305,16 +308,6 @@ def exact_grid_sample(args, kwargs, *, unsigned: bool = False) -> torch.Tensor |
         term = _gathered(x, indices[::-1]) * (weight * inside).to(x.dtype).unsqueeze(1)
         out = term if out is None else out + term
     return out
-
-
-def _cubic_near_of(t: torch.Tensor) -> torch.Tensor:
-    a = float(_CUBIC_A)
-    return ((a + 2) * t - (a + 3)) * t * t + 1
-
-
-def _cubic_far_of(t: torch.Tensor) -> torch.Tensor:
-    a = float(_CUBIC_A)
-    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
 
 
 def _unnormalised(coordinate: torch.Tensor, length: int, corners: bool, padding: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from rf_callback.core.model_copy import (
     probe_functions,
     probe_scope,
     scripted_modules,
+    scripted_subject,
     with_materialised_fallback,
 )
 from rf_callback.core.probe import border_followed, probe_rf
@@ -578,7 +579,7 @@ def _forward_outputs(
         return record
 
     if scripted := scripted_modules(model):
-        where = "the model is" if "" in scripted else f"{scripted[:3]} are"
+        where = scripted_subject(scripted)
         raise ValueError(
             f"rf_table reads every row on the theoretical copy, and {where} TorchScript (torch.jit.script or "
             f"trace), whose compiled functions it cannot replace by twins that hide no pixel: build the table on the "
