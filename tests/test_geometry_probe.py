@@ -261,6 +261,59 @@ def test_a_single_position_that_picks_another_branch_leaves_no_geometry(flow, mo
         assert "by position" in result.geometry.reasons[0]
 
 
+class Stitched(nn.Module):
+    """Rows 8..10 from a (1, 7) convolution, the others from a 3 x 3 one (``join``: "cat" or "where"); or one
+    branch's rows joined again ("padded": a reflection made of border slices; "chunks": halves rejoined in order);
+    or a stitch in a side branch the output does not read ("aside")."""
+
+    def __init__(self, join: str):
+        super().__init__()
+        self.square, self.line = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (1, 7), padding=(0, 3))
+        self.out, self.join, self.aside = nn.Identity(), join, None
+
+    def forward(self, x):
+        square, line = self.square(x), self.line(x)
+        stitched = torch.cat([square[:, :, :8], line[:, :, 8:11], square[:, :, 11:]], 2)
+        if self.join == "cat":
+            return self.out(stitched)
+        if self.join == "where":
+            rows = torch.zeros(x.shape[-2], 1, dtype=torch.bool)
+            rows[8:11] = True
+            return self.out(torch.where(rows, line, square))
+        if self.join == "padded":
+            return self.out(torch.cat([square[:, :, 1:2], square, square[:, :, -2:-1]], 2)[:, :, 1:-1])
+        if self.join == "chunks":
+            return self.out(torch.cat(square.chunk(2, dim=3), 3))
+        self.aside = stitched.sum()  # read by no later layer
+        return self.out(square)
+
+
+@pytest.mark.parametrize("flow", [True, False])
+@pytest.mark.parametrize("join", ["cat", "where"])
+def test_rows_stitched_from_two_branches_have_no_geometry_in_probes_and_tables(join, flow, monkeypatch):
+    """Rows 8..10 read 1 x 7 fields, the others 3 x 3: the centre probe of the ``cat`` gave (3, 1, 1) on both axes
+    (its checks read the centre, the ends and the borders, none of those rows), and rf_table's row after either
+    join did too, whose span (8, 10) at row 9 its field (9, 9) contradicts."""
+    monkeypatch.setattr(geometry_flow, "ENABLED", flow)
+    for pos, mode in itertools.product(("center", (0, 0)), ("theoretical", "weights")):
+        field = probe_rf(Stitched(join), (1, 3, 24, 24), pos, mode=mode)
+        assert tuple(field.geometry) == (None, None)
+        assert "branch chosen by position" in field.geometry.reasons[0] and f"{join}()" in field.geometry.reasons[0]
+    row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
+    assert row.full_size == row.stride == row.offset == (None, None)
+    assert probe_rf(Stitched(join), (1, 3, 24, 24), (9, 12)).bounds == ((9, 9), (9, 15))
+
+
+@pytest.mark.parametrize("join", ["padded", "chunks", "aside"])
+def test_rows_of_one_branch_joined_again_keep_their_geometry(join):
+    """Slices of one tensor joined again (a reflection made of its border rows, cropped again; halves rejoined in
+    order), or a stitch the output does not read, leave every row the 3 x 3 field: the geometry stands."""
+    field = probe_rf(Stitched(join), (1, 3, 24, 24), "center")
+    assert tuple(field.geometry) == (AxisGeometry(3, 1, 1),) * 2
+    row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
+    assert row.full_size == (3, 3) and row.stride == row.offset == (1, 1)
+
+
 def test_where_with_a_fixed_condition_reads_the_branch_it_picks():
     """A condition that picks one branch everywhere gives that branch's field (the flow took the hull of both); a
     condition made from the input may pick either, so the field is the hull."""

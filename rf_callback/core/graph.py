@@ -27,6 +27,7 @@ from rf_callback.core.model_copy import (
     checkpoints_run_through,
     global_hooks_suspended,
     integer_quantized,
+    picks_on_path,
     pooled_length,
     prepared_copy,
     probe_functions,
@@ -254,7 +255,7 @@ class ProbeGraph(GraphShapes):
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             self.work, self.float16_inside = functions.work, functions.float16_inside
             self.border_modes = functions.border_modes
-            self.position_picks = functions.position_picks
+            self.position_picks = picks_on_path(functions.position_picks, self.output)
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:

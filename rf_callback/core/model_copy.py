@@ -213,8 +213,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
         self.border_modes: list[str] = []
         # Selections between two input-dependent operands by a fixed condition that picks one or the other by
-        # position (torch.where with a mask of rows): the fields may differ from one position to the next.
-        self.position_picks: list[str] = []
+        # position (torch.where with a mask of rows), and concatenations along a spatial axis of pieces from two or
+        # more branches (rows of one stitched to rows of another): the fields may differ from one position to the
+        # next. Each with its result's autograd node, which tells the outputs it reaches (see picks_on_path).
+        self.position_picks: list[tuple[str, Any]] = []
         # Boolean masks computed from input-dependent tensors (x > y), by id (weakly: a mask freed leaves, so a
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
@@ -380,8 +382,11 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.border_modes.append(f"pad(mode={mode!r})")
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
+        pick = None
         if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
-            self.position_picks.append("where()")
+            pick = "where() that picks one branch or the other by a fixed condition"
+        elif from_input and self.recording and not (self.moved_channels or self.reshaped_channels):
+            pick = _stitched(name, args, kwargs)
         of_weights = (
             self.linearise
             and not from_input
@@ -392,6 +397,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
         unwritten = self._unwritten(name, args) if of_weights else None
         result = self._called(func, called, args, kwargs)
+        if pick is not None and isinstance(result, torch.Tensor) and result.grad_fn is not None:
+            self.position_picks.append((pick, result.grad_fn))
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
             written = args[0] if result is None and args and geometry_flow.writes_in_place(name) else result
@@ -1070,6 +1077,68 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     break a near tie the other way: the forward must stay the network's own, and only the gradient exact.
     """
     return real.detach() + (exact - exact.detach())
+
+
+# Autograd nodes of calls that only move, pick or repeat their input's values: the pieces of a concatenation that
+# lead back through them alone to one tensor come from one branch (a padding made of border slices, chunks joined
+# again, a shift of a slice).
+_MOVING_NODES = frozenset(
+    {
+        "Alias", "AsStrided", "Clone", "Expand", "Flip", "Index", "Narrow", "Permute", "Repeat", "ReshapeAlias",
+        "Select", "Slice", "Split", "SplitWithSizes", "Squeeze", "T", "ToCopy", "Transpose", "Unbind",
+        "UnsafeSplit", "UnsafeView", "Unsqueeze", "View",
+    }
+)  # fmt: skip
+
+
+def _source_node(piece: torch.Tensor):
+    """The first autograd node behind ``piece`` that is not one of :data:`_MOVING_NODES`: the branch it comes from."""
+    node = piece.grad_fn
+    while node is not None and re.sub(r"Backward\d*$", "", type(node).__name__) in _MOVING_NODES:
+        following = [n for n, _ in node.next_functions if n is not None]
+        if not following:
+            break
+        node = following[0]
+    return node
+
+
+def _stitched(name: str, args, kwargs) -> str | None:
+    """Why a concatenation joins pieces of two or more branches along a spatial dim (channels first), or None.
+
+    Rows of one branch stitched to rows of another (``cat([a[:, :, :8], b[:, :, 8:11], a[:, :, 11:]], 2)``), tiles
+    processed apart, levels of a pyramid laid end to end: the fields differ from one position to another, and a
+    geometry read at a few of them (the centre, the ends) need not hold in between. Pieces that lead back to one
+    tensor through slices, flips and views alone (a padding made of border slices, chunks joined again) come from
+    one branch; the caller asks only where no permute or reshape moved the channels, so that dims from 2 on are the
+    input's spatial axes.
+    """
+    if name not in ("cat", "concat", "concatenate") or not args or not isinstance(args[0], (list, tuple)):
+        return None
+    pieces = [t for t in args[0] if _depends_on_input(t)]
+    if not pieces or pieces[0].dim() < 3:
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if not isinstance(dim, int) or dim % pieces[0].dim() < 2:
+        return None
+    branches = len({id(_source_node(piece)) for piece in pieces})
+    return None if branches < 2 else f"{name}() that joins pieces of {branches} branches along a spatial axis"
+
+
+def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:
+    """The selections by position (see ``position_picks``) whose result ``output``'s autograd graph reaches."""
+    if not picks or output.grad_fn is None:
+        return []
+    wanted = {id(node): text for text, node in picks}
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in wanted:
+            found.append(wanted[id(node)])
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(dict.fromkeys(found))
 
 
 def _picks_by_position(args, kwargs, masks) -> bool:

@@ -509,8 +509,8 @@ class _Prober:
 
         def _picked_by_position(found: list[str]) -> tuple[None, ...]:
             return _no_theory(
-                f"a {found[0]} on the path picks one branch or the other by a fixed condition, by position: the "
-                f"fields may differ from one position to another, which no single (r, S, P) describes"
+                f"a {found[0]} lies on the path, so the fields may differ from one position to another (a branch "
+                f"chosen by position), which no single (r, S, P) describes"
             )
 
         def measure():

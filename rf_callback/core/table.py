@@ -29,6 +29,7 @@ from rf_callback.core.graph import (
 )
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
+    picks_on_path,
     prepared_copy,
     probe_functions,
     probe_scope,
@@ -115,6 +116,7 @@ class _Output:
     feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
     flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
+    picks: tuple[str, ...] = ()  # selections by position on the path to this output: no single geometry follows
     calls: int = 1  # how often the module runs in the forward (a ReLU shared by a block's convolutions: 2)
 
     @property
@@ -365,7 +367,9 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             support = theory.support([center])
             box = box_of(support)
             flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
-            if flowed is not None:
+            if output.picks:  # as probe_rf: the fields may differ from one position to another
+                geometry = (None,) * (len(shape) - 2)
+            elif flowed is not None:
                 geometry = flowed[0]
             else:
                 graph_on = forwards.graph_on(output.name)
@@ -572,6 +576,7 @@ def _forward_outputs(
                 feature_map=spatial and output.shape[0] == 1,
                 known=_known_reading(module),
                 flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
+                picks=tuple(picks_on_path(functions.position_picks, output)) if output.requires_grad else (),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()
