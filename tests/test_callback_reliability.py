@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import rf_callback.callback.reporting as reporting_module
-from rf_callback import ProbeError, RFCallback, effective_rf
+from rf_callback import ProbeError, RFCallback, effective_rf, probe_rf
 from rf_callback.callback.sampling import InputReservoir
 from tests.lightning_models import (
     ConvClassifier,
@@ -279,6 +279,53 @@ def test_uncopyable_module_warns_naming_the_way_out_and_fit_completes(tmp_path):
     with recorded_warnings() as record:
         fit(tmp_path, [rf], LockedClassifier(), *loaders(), logger=False)
     assert callback_warnings(record, FAILED) == [] and len(rf.history) == 3
+
+
+class _StemmedClassifier(ConvClassifier):
+    """ConvClassifier with a layer before ``features`` in its forward: a 3 x 3 stem (``stride`` 1 or 2), or none
+    but a normalisation of the input (``stride=None``)."""
+
+    def __init__(self, stride: int | None):
+        super().__init__()
+        self.stem = None if stride is None else nn.Conv2d(1, 1, 3, stride=stride, padding=1)
+
+    def forward(self, x):
+        x = (x - 0.5) / 2 if self.stem is None else self.stem(x)
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_module_that_receives_another_tensor_than_the_input_is_refused(tmp_path, stride):
+    """``module="features"`` after a stem probed the features on the model's input shape, on their own: 3 x 3
+    fields of ``features.0`` logged under ``rf/features.0/...``, where the model's field at that layer is 5 x 5
+    (stride 1) or 7 x 7 (stride 2, on a map of 8 x 8 cells, not 16 x 16). Nothing is probed now, with the reason
+    and the fix, and the fit goes on; ``strict=True`` raises."""
+    rf = RFCallback(layer="0", module="features", mode="theoretical", log_images=False, effective=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, [rf], _StemmedClassifier(stride), *loaders(), logger=False, max_epochs=1)
+    said = callback_warnings(record, "nothing is probed, training goes on")
+    assert len(said) == 1 and "layer='features'" in said[0], said
+    assert "receives a (8, 1, 8, 8) tensor" in said[0] if stride == 2 else "ConvolutionBackward0" in said[0]
+    assert rf.history == [] and not any(name.startswith("rf") for name in trainer.callback_metrics)
+    assert trainer.current_epoch == 1
+    whole = probe_rf(_StemmedClassifier(stride), (1, 1, 16, 16), "center", layer="features.0")
+    assert whole.size == ((5, 5) if stride == 1 else (7, 7))  # what module= logged as 3 x 3
+    strict = RFCallback(layer="0", module="features", log_images=False, effective=False, strict=True)
+    with pytest.raises(ValueError, match="receives"):
+        fit(tmp_path, [strict], _StemmedClassifier(stride), *loaders(), logger=False, max_epochs=1)
+
+
+def test_module_that_receives_the_input_normalised_is_probed_at_fit_start_on_the_initial_weights(tmp_path):
+    """A normalisation before the module moves no pixel: the module is probed, its fit-start weights probe on the
+    weights before the first optimizer step (the check waits for the first forward, not for the step)."""
+    model = _StemmedClassifier(None)
+    initial = probe_rf(model, (1, 1, 16, 16), (3, 3), layer="features.0", mode="weights")
+    rf = RFCallback(pos=(3, 3), layer="0", module="features", log_images=False, effective=False)
+    with recorded_warnings() as record:
+        fit(tmp_path, [rf], model, *loaders(), logger=False, max_epochs=1)
+    assert callback_warnings(record) == []
+    assert (rf.history[0]["epoch"], rf.history[0]["step"]) == (None, 0) and len(rf.history) == 2
+    assert rf.history[0]["fields"][0]["bounds"] == [list(b) for b in initial.bounds]
 
 
 class _PickyLogger(CSVLogger):

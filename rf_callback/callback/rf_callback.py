@@ -116,7 +116,9 @@ class RFCallback(Callback):
             ``"theoretical"`` (the architecture's field, which does not change during training).
         module: dotted name of the submodule to copy and probe instead of the whole LightningModule (e.g. the
             backbone), which bounds the memory a probe takes; also the way out for a LightningModule that cannot
-            be deep-copied (one holding a lock, an open file or a process handle).
+            be deep-copied (one holding a lock, an open file or a process handle). It is probed on the input
+            shape, so it must receive the model's input: where the first training step shows a layer before it
+            (a stem, a resize), nothing is probed, with the reason.
         every_n_epochs: probe after every n-th validation epoch (or training epoch without validation). With the
             Trainer's ``check_val_every_n_epoch=k``, probes come every ``k * n`` training epochs; with validation
             every so many steps (``check_val_every_n_epoch=None``), every n-th epoch that held a validation (once
@@ -248,6 +250,13 @@ class RFCallback(Callback):
         # Lazy modules without parameters at fit start: the fit-start probe waits for the first training step
         # (True while it waits; False once it waited, so a module no step materialises fails as it would).
         self._initial_waits: bool | None = None
+        self._lazy_waits = False
+        # What the live ``module`` receives in the fit's first batches, as (shape, the autograd node that made it, or
+        # None), recorded by a forward pre-hook until the first training step ends (see _watch_module_input); and
+        # why its fields would not be the input's, where they would not (then nothing is probed).
+        self._module_inputs: list[tuple[tuple[int, ...], str | None]] = []
+        self._module_hook: Any = None
+        self._module_refused: str | None = None
         # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
         self._schedule = ProbeSchedule(self.every_n_epochs)
         self._prober = FieldProber(
@@ -375,8 +384,20 @@ class RFCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         """Runs the fit-start probe after the first step where lazy modules had no parameters before it."""
+        self._end_initial_wait(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """Runs the fit-start probe of ``module=`` once the first step's forward has shown what the module receives.
+
+        The weights are still the initial ones (lazy modules wait for the step's end, as before).
+        """
+        if self._initial_waits and not self._lazy_waits:
+            self._end_initial_wait(trainer, pl_module)
+
+    def _end_initial_wait(self, trainer, pl_module) -> None:
         if self._initial_waits:
             self._initial_waits = False
+            self._check_module_input()
             self._probe_initial(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -477,13 +498,20 @@ class RFCallback(Callback):
                 self._describe_dashboard(trainer, kept, self._target_for(n_axes))
             return
         target = self._target_for(n_axes)  # refused now if it does not fit the input's axes
-        if self._initial_waits is None and trainer.state.fn == "fit" and _has_lazy_parameters(pl_module):
-            self._initial_waits = True
-            rank_zero_info(
-                "RFCallback: the model's lazy modules have no parameters before its first forward pass: the "
-                "fit-start probe runs after the first training step"
-            )
+        if self._module_refused is not None:
             return
+        if self._initial_waits is None and trainer.state.fn == "fit":
+            lazy, watched = _has_lazy_parameters(pl_module), self._watch_module_input(pl_module)
+            self._lazy_waits = lazy
+            if lazy or watched:
+                self._initial_waits = True
+            if lazy:
+                rank_zero_info(
+                    "RFCallback: the model's lazy modules have no parameters before its first forward pass: the "
+                    "fit-start probe runs after the first training step"
+                )
+            if lazy or watched:
+                return
         theoretical: list[ReceptiveField] | None = None
         try:
             theoretical = self._prober.probe(pl_module, "theoretical", self._shape)
@@ -529,7 +557,61 @@ class RFCallback(Callback):
             self._record(current, epoch=None, step=step)
         self._initial_logged = True
 
+    def _watch_module_input(self, pl_module) -> bool:
+        """Records what the live ``module`` receives until the first training step ends; whether it watches.
+
+        ``module=`` probes that submodule on the model's input shape: a layer before it in the model's forward (a
+        stem) would leave its fields counted in another tensor's pixels. A forward pre-hook reads the shape of
+        what it receives and the autograd node that made it (a layer with parameters on the way, while gradients
+        are on), and nothing else; it is removed after the first training step. A model compiled as a whole is
+        not watched (the hook would run inside its compiled graph).
+        """
+        if self.module is None or self._module_hook is not None or hasattr(pl_module, "_orig_mod"):
+            return False
+        try:
+            target = self._prober.target(pl_module)
+        except MisconfigurationException:
+            return False  # the probe says it, with the names there are
+        seen = self._module_inputs
+
+        def record(_module, args, kwargs) -> None:
+            received = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(received, torch.Tensor) and not torch.compiler.is_compiling():
+                made_by = received.grad_fn if torch.is_grad_enabled() else None
+                seen.append((tuple(received.shape), None if made_by is None else type(made_by).__name__))
+
+        self._module_hook = target.register_forward_pre_hook(record, with_kwargs=True)
+        return True
+
+    def _check_module_input(self) -> None:
+        """Refuses to probe ``module`` where it received another tensor than the input (see _watch_module_input)."""
+        if self._module_hook is None:
+            return
+        self._module_hook.remove()
+        shape = tuple(self._shape)
+        for received, made_by in self._module_inputs:
+            if made_by is not None:
+                what = f"a {received} tensor that layers with parameters made from the input ({made_by} last)"
+            elif len(received) != len(shape) or received[2:] != shape[2:]:
+                what = f"a {received} tensor where the model's input is {shape}"
+            else:
+                continue
+            self._module_refused = (
+                f"RFCallback(module={self.module!r}) probes that submodule on the model's input, but in the model's "
+                f"forward it receives {what}: its fields would count that tensor's elements, not the input's pixels "
+                f"(a layer before it changes where they lie)"
+            )
+            fix = (
+                f"Probe the whole model at that submodule's output with layer={self.module!r} (probe_device='cpu' "
+                f"keeps its copy off the GPU), or name as module= a submodule that receives the input itself"
+            )
+            self._failures.report("module", "probing module=", ValueError(self._module_refused), fix,
+                                  goes_on="nothing is probed, training goes on")  # fmt: skip
+            return
+
     def _probe_and_log(self, trainer, pl_module) -> None:
+        if self._module_refused is not None:
+            return
         if trainer.state.fn == "fit":  # a trainer.validate() between fits leaves the fit's epochs to probe
             self._schedule.probed(trainer.current_epoch)
         # Decided on every rank at once: a theoretical probe again is a collective (a rank's own value, its best
