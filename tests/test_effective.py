@@ -299,3 +299,43 @@ def test_a_forward_that_mixes_samples_reads_each_sample_alone(model: Callable[[]
     assert torch.allclose(field.heatmap, expected, rtol=1e-5, atol=1e-12)
     if isinstance(model, ReadsItsNeighbour):
         assert field.extent(1.0) == ((7, 9), (7, 9))  # the neighbour's columns 1..3 are another sample's
+
+
+class _ConfidentHead(nn.Module):
+    """Two logits per sample: channel 0 reads one sample, channel 1 (``gap`` below it) nine; then a log of the
+    class probabilities, spelled as ``log_softmax``, ``log(softmax + eps)`` or ``log(softmax)``."""
+
+    def __init__(self, gap: float, spelling: str):
+        super().__init__()
+        self.conv, self.spelling = nn.Conv1d(1, 2, 9, padding=4), spelling
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, 4] = 1.0
+            self.conv.weight[1, 0, :] = 1.0 / 9
+            self.conv.bias.copy_(torch.tensor([0.0, -gap]))
+
+    def forward(self, x):
+        logits = self.conv(x)
+        if self.spelling == "log_softmax":
+            return torch.log_softmax(logits, dim=1)
+        probabilities = torch.softmax(logits, dim=1)
+        return torch.log(probabilities + 1e-30) if self.spelling == "eps" else probabilities.log()
+
+
+@pytest.mark.parametrize("spelling", ["log_softmax", "eps", "log"])
+@pytest.mark.parametrize("gap", [10.0, 60.0])
+def test_a_log_of_class_probabilities_keeps_the_gradient_of_a_class_far_below_the_others(gap, spelling):
+    """d log p_1 / d z_1 = 1 - p_1 is near 1, however far z_1 lies below z_0: the masked-softmax convention (no
+    gradient to an input 50 below every live one, whose probability weighs under exp(-50)) cut that path, and the
+    map held channel 0's single sample (extent 1 for 9; a log of the zeroed probability gave no gradient at all, or
+    a refusal as not finite). The map is autograd's: 8/9 at the centre, 1/9 on the 8 samples around it."""
+    torch.manual_seed(0)
+    model, inputs = _ConfidentHead(gap, spelling), torch.rand(4, 1, 32)
+    field = effective_rf(model, inputs, (16,))
+    reference = torch.zeros(32, dtype=torch.float64)
+    for sample in inputs:
+        x = sample[None].clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(model(x)[0, :, 16].sum(), x)
+        reference += gradient[0].abs().sum(0).double() / len(inputs)
+    assert torch.allclose(torch.as_tensor(field.heatmap, dtype=torch.float64), reference, atol=1e-6)
+    assert field.extent(0.95) == ((12, 20),)

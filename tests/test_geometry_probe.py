@@ -284,30 +284,60 @@ class Stitched(nn.Module):
             return self.out(torch.cat([square[:, :, 1:2], square, square[:, :, -2:-1]], 2)[:, :, 1:-1])
         if self.join == "chunks":
             return self.out(torch.cat(square.chunk(2, dim=3), 3))
-        self.aside = stitched.sum()  # read by no later layer
-        return self.out(square)
+        if self.join == "shifted":  # one branch written into zeros, a row down
+            shifted = torch.zeros_like(square)
+            shifted[:, :, 1:] = square[:, :, :-1]
+            return self.out(shifted[:, :, 1:])
+        if self.join == "aside":
+            self.aside = stitched.sum()  # read by no later layer
+            return self.out(square)
+        return self.out(_written(self.join, square, line))
+
+
+def _written(how: str, square: torch.Tensor, line: torch.Tensor) -> torch.Tensor:
+    """Rows 8..10 of ``line`` written into ``square``'s other rows, as ``how`` spells the write."""
+    rows = torch.tensor([8, 9, 10])
+    if how == "setitem":
+        joined = square.clone()
+        joined[:, :, 8:11] = line[:, :, 8:11]
+        return joined
+    if how == "copy_":
+        joined = square.clone()
+        joined[:, :, 8:11].copy_(line[:, :, 8:11])
+        return joined
+    if how == "slice_scatter":
+        return torch.slice_scatter(square, line[:, :, 8:11], dim=2, start=8, end=11)
+    if how == "index_copy":
+        return square.index_copy(2, rows, line[:, :, 8:11])
+    mask = torch.zeros(square.shape, dtype=torch.bool)
+    mask[:, :, 8:11] = True
+    return square.masked_scatter(mask, line[:, :, 8:11])
 
 
 @pytest.mark.parametrize("flow", [True, False])
-@pytest.mark.parametrize("join", ["cat", "where"])
+@pytest.mark.parametrize(
+    "join", ["cat", "where", "setitem", "copy_", "slice_scatter", "index_copy", "masked_scatter"]
+)
 def test_rows_stitched_from_two_branches_have_no_geometry_in_probes_and_tables(join, flow, monkeypatch):
-    """Rows 8..10 read 1 x 7 fields, the others 3 x 3: the centre probe of the ``cat`` gave (3, 1, 1) on both axes
-    (its checks read the centre, the ends and the borders, none of those rows), and rf_table's row after either
-    join did too, whose span (8, 10) at row 9 its field (9, 9) contradicts."""
+    """Rows 8..10 read 1 x 7 fields, the others 3 x 3: the centre probe of the ``cat`` or of a write of one
+    branch's rows into the other gave (3, 1, 1) on both axes (its checks read the centre, the ends, the borders and
+    every 11th row, none of those rows), and rf_table's row after any of the joins did too, whose span (8, 10) at
+    row 9 its field (9, 9) contradicts."""
     monkeypatch.setattr(geometry_flow, "ENABLED", flow)
     for pos, mode in itertools.product(("center", (0, 0)), ("theoretical", "weights")):
         field = probe_rf(Stitched(join), (1, 3, 24, 24), pos, mode=mode)
         assert tuple(field.geometry) == (None, None)
-        assert "branch chosen by position" in field.geometry.reasons[0] and f"{join}()" in field.geometry.reasons[0]
+        assert "branch chosen by position" in field.geometry.reasons[0]
+        assert f"{join.replace('setitem', '__setitem__')}()" in field.geometry.reasons[0]
     row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
     assert row.full_size == row.stride == row.offset == (None, None)
     assert probe_rf(Stitched(join), (1, 3, 24, 24), (9, 12)).bounds == ((9, 9), (9, 15))
 
 
-@pytest.mark.parametrize("join", ["padded", "chunks", "aside"])
+@pytest.mark.parametrize("join", ["padded", "chunks", "shifted", "aside"])
 def test_rows_of_one_branch_joined_again_keep_their_geometry(join):
     """Slices of one tensor joined again (a reflection made of its border rows, cropped again; halves rejoined in
-    order), or a stitch the output does not read, leave every row the 3 x 3 field: the geometry stands."""
+    order; its rows written a row down into zeros, cropped), or a stitch the output does not read, leave every row the 3 x 3 field: the geometry stands."""
     field = probe_rf(Stitched(join), (1, 3, 24, 24), "center")
     assert tuple(field.geometry) == (AxisGeometry(3, 1, 1),) * 2
     row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]

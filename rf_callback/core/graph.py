@@ -818,7 +818,9 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
             element = output._fields.index(element)
         allowed = keys if isinstance(output, dict) else range(-len(keys), len(keys))  # -1: the last
         if isinstance(element, bool) or element not in allowed:
-            raise ValueError(f"element={element!r} is not {_article(what)} of the output of {where(layer)}: {choices}")
+            raise ValueError(
+                f"element={element!r} is not {with_article(what)} of the output of {where(layer)}: {choices}"
+            )
         output = output[element]
         if isinstance(output, torch.Tensor):
             return output
@@ -828,7 +830,8 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
     )
 
 
-def _article(noun: str) -> str:
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an"."""
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 

@@ -59,6 +59,9 @@ _FAKE_QUANTIZERS = frozenset(
      "_fake_quantize_learnable_per_tensor_affine", "_fake_quantize_learnable_per_channel_affine",
      "fused_moving_avg_obs_fake_quant"}
 )  # fmt: skip
+# Calls that read a softmax's zeroed entries as the real probabilities they stand for (see _ProbeFunctions._zeroed).
+_LOGARITHMS = frozenset({"log", "log2", "log10"})
+_SHIFTS_AND_CLAMPS = frozenset({"add", "__add__", "__radd__", "clamp", "clamp_min", "clip"})
 _DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
 _NORMALISATIONS = frozenset(
     {"batch_norm", "instance_norm", "group_norm", "layer_norm", "local_response_norm", "rms_norm"}
@@ -258,6 +261,10 @@ class _ProbeFunctions(TorchFunctionMode):
         self._jitter_generator = torch.Generator().manual_seed(0)
         # Softmax outputs (and their dropouts' twins), by id (weakly, as the masks): see _lifted_bilinear.
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        # Weights mode: softmax outputs whose masked entries were set to exactly 0 (see _masked_out), and what a
+        # constant added or a clamp made of them, by id, with a weak reference and how to compute their real
+        # values: a log reads those (log(p) of an entry 50 below the others has a gradient near 1, not 0).
+        self._zeroed: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
         # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
@@ -386,7 +393,7 @@ class _ProbeFunctions(TorchFunctionMode):
         if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
             pick = "where() that picks one branch or the other by a fixed condition"
         elif from_input and self.recording and not (self.moved_channels or self.reshaped_channels):
-            pick = _stitched(name, args, kwargs)
+            pick = _stitched(name, args, kwargs) or _stitched_write(name, args, kwargs)
         of_weights = (
             self.linearise
             and not from_input
@@ -397,8 +404,12 @@ class _ProbeFunctions(TorchFunctionMode):
         # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
         unwritten = self._unwritten(name, args) if of_weights else None
         result = self._called(func, called, args, kwargs)
-        if pick is not None and isinstance(result, torch.Tensor) and result.grad_fn is not None:
-            self.position_picks.append((pick, result.grad_fn))
+        if pick is not None:
+            # A write in place returns nothing (y[...] = b) or a view: what it wrote into carries the pick on.
+            written = result if isinstance(result, torch.Tensor) and name in _STITCHES else args[0]
+            written = written if written._base is None or name in _STITCHES else written._base
+            if written.grad_fn is not None:
+                self.position_picks.append((pick, written.grad_fn))
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
             written = args[0] if result is None and args and geometry_flow.writes_in_place(name) else result
@@ -809,6 +820,28 @@ class _ProbeFunctions(TorchFunctionMode):
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
 
+    def _note_zeroed(self, zeroed: torch.Tensor, real: Callable[[], torch.Tensor]) -> None:
+        self._zeroed[id(zeroed)] = (weakref.ref(zeroed), real)
+
+    def _with_real_values(self, func, name: str, args, kwargs) -> tuple[torch.Tensor] | None:
+        """A log of zeroed probabilities (see :attr:`_zeroed`) computed on their real values, or None.
+
+        A constant added or a clamp (``log(p + 1e-30)``, ``p.clamp_min(eps).log()``) keeps the mark on its result.
+        """
+        entry = self._zeroed.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+        if entry is None or entry[0]() is not args[0]:
+            return None
+        real = entry[1]
+        if name in _LOGARITHMS:
+            return (func(real(), *args[1:], **kwargs),)
+        if name in _SHIFTS_AND_CLAMPS and not any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args[1:], *kwargs.values())
+        ):
+            result = func(*args, **kwargs)
+            self._note_zeroed(result, lambda: func(real(), *args[1:], **kwargs))
+            return (result,)
+        return None
+
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
         if self.factory_dtype is not None and name in _FACTORIES and kwargs.get("dtype") is None:
@@ -875,7 +908,15 @@ class _ProbeFunctions(TorchFunctionMode):
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
-            return (_softmax_twin if self.linearise else _masked_softmax)(func, name, args, kwargs)
+            if self.linearise:
+                return _softmax_twin(func, name, args, kwargs)
+            if "log" in name:  # no weights: log p_j of a masked entry has a gradient near 1, which the real one keeps
+                return func(*args, **kwargs)
+            probabilities = _masked_softmax(func, name, args, kwargs)
+            self._note_zeroed(probabilities, lambda: func(*args, **kwargs))
+            return probabilities
+        if not self.linearise and self._zeroed and (real := self._with_real_values(func, name, args, kwargs)):
+            return real[0]
         if self.linearise and name == "gumbel_softmax" and (soft := _soft_gumbel_logits(args, kwargs)) is not None:
             # A softmax of the logits plus noise: its twin without the noise, which no field depends on (on the
             # copy's equal values the real one cancels as a softmax does, or not, as the noise falls).
@@ -1091,15 +1132,45 @@ _MOVING_NODES = frozenset(
 )  # fmt: skip
 
 
-def _source_node(piece: torch.Tensor):
-    """The first autograd node behind ``piece`` that is not one of :data:`_MOVING_NODES`: the branch it comes from."""
-    node = piece.grad_fn
-    while node is not None and re.sub(r"Backward\d*$", "", type(node).__name__) in _MOVING_NODES:
+# Calls whose result (not their first argument) holds a pick by position (see _stitched).
+_STITCHES = frozenset({"cat", "concat", "concatenate", "where", "slice_scatter", "select_scatter", "index_copy",
+                       "masked_scatter"})  # fmt: skip
+# Autograd nodes of writes of one tensor into part of another: what they hold comes from both.
+_WRITING_NODES = frozenset(
+    {"CopySlices", "IndexCopy", "IndexPut", "MaskedScatter", "SelectScatter", "SliceScatter", "Scatter"}
+)
+
+
+def _sources(tensor: torch.Tensor) -> set[int]:
+    """The branches ``tensor``'s values come from, by id.
+
+    They are the first autograd nodes behind it that are not one of :data:`_MOVING_NODES`, through writes
+    (:data:`_WRITING_NODES`) to every tensor written.
+    """
+    if tensor.grad_fn is None:
+        return {id(tensor)}  # the input itself
+    found: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        kind = re.sub(r"Backward\d*$", "", type(node).__name__)
         following = [n for n, _ in node.next_functions if n is not None]
-        if not following:
-            break
-        node = following[0]
-    return node
+        if kind in _WRITING_NODES:
+            stack += following
+        elif kind in _MOVING_NODES and following:
+            stack.append(following[0])
+        else:  # a leaf's node (AccumulateGrad) stands for the leaf, as the leaf itself does above
+            found.add(id(getattr(node, "variable", node)))
+    return found
+
+
+# Calls that write one tensor into part of another, by the position of what they write among their arguments (and
+# its keyword), and of the dim they write along (None: the key or mask tells).
+_PARTIAL_COPIES = {
+    "__setitem__": (2, "value", None), "slice_scatter": (1, "src", 2), "select_scatter": (1, "src", 2),
+    "index_copy": (3, "source", 1), "index_copy_": (3, "source", 1), "masked_scatter": (2, "source", None),
+    "masked_scatter_": (2, "source", None), "copy_": (1, "src", None),
+}  # fmt: skip
 
 
 def _stitched(name: str, args, kwargs) -> str | None:
@@ -1120,8 +1191,56 @@ def _stitched(name: str, args, kwargs) -> str | None:
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
     if not isinstance(dim, int) or dim % pieces[0].dim() < 2:
         return None
-    branches = len({id(_source_node(piece)) for piece in pieces})
+    branches = len(set().union(*map(_sources, pieces)))
     return None if branches < 2 else f"{name}() that joins pieces of {branches} branches along a spatial axis"
+
+
+def _stitched_write(name: str, args, kwargs) -> str | None:
+    """Why a write of one tensor into part of another joins two or more branches along a spatial dim, or None.
+
+    ``y[:, :, 8:11] = b[:, :, 8:11]`` into a copy of ``a``, ``slice_scatter``, ``index_copy``, a ``masked_scatter``
+    by a fixed mask, a ``copy_`` into a slice: rows of one branch among another's, as :func:`_stitched` joins them.
+    """
+    copied = _PARTIAL_COPIES.get(name)
+    if copied is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
+        return None
+    target, (at, keyword, dim_at) = args[0], copied
+    value = args[at] if len(args) > at else kwargs.get(keyword)
+    if not _depends_on_input(value) or not _depends_on_input(target if name != "copy_" else target._base):
+        return None  # into a tensor that holds nothing of the input yet (zeros): one branch
+    whole = target if name != "copy_" else target._base
+    if whole is None or not _writes_part_of_a_spatial_dim(name, target, whole, args, kwargs, dim_at):
+        return None
+    branches = len(_sources(whole) | _sources(value))
+    return None if branches < 2 else f"{name}() that writes one branch into part of another along a spatial axis"
+
+
+def _writes_part_of_a_spatial_dim(name: str, target, whole, args, kwargs, dim_at) -> bool:
+    """Whether a partial copy (see :data:`_PARTIAL_COPIES`) leaves part of a spatial dim (2 on) as it was."""
+    n = whole.dim()
+    if dim_at is not None:
+        dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim % n < 2:
+            return False
+        if name == "select_scatter":
+            return whole.shape[dim] > 1
+        if name == "slice_scatter":
+            start, end, step = (args[i] if len(args) > i else kwargs.get(k, d) for i, k, d in
+                                ((3, "start", None), (4, "end", None), (5, "step", 1)))  # fmt: skip
+            return len(range(*slice(start, end, step).indices(whole.shape[dim]))) < whole.shape[dim]
+        index = args[2] if len(args) > 2 else kwargs.get("index")
+        return isinstance(index, torch.Tensor) and len(set(index.tolist())) < whole.shape[dim]
+    if name.startswith("masked_scatter"):
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        if not isinstance(mask, torch.Tensor) or mask.requires_grad:
+            return False
+        mask = mask.expand(whole.shape)
+        return any(not bool((mask.any(d) == mask.all(d)).all()) for d in range(2, n))
+    if name == "copy_":  # into a view of the whole: the dims it keeps whole
+        return target.dim() == n and any(target.shape[d] < whole.shape[d] for d in range(2, n))
+    with torch.no_grad():
+        region = whole[args[1]]
+    return region.dim() == n and any(region.shape[d] < whole.shape[d] for d in range(2, n))
 
 
 def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:

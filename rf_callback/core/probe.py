@@ -28,6 +28,7 @@ from rf_callback.core.graph import (
     Underflow,
     exact_kernels,
     where,
+    with_article,
 )
 from rf_callback.core.lattice import AxisTable, boxes_hold, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
@@ -509,8 +510,8 @@ class _Prober:
 
         def _picked_by_position(found: list[str]) -> tuple[None, ...]:
             return _no_theory(
-                f"a {found[0]} lies on the path, so the fields may differ from one position to another (a branch "
-                f"chosen by position), which no single (r, S, P) describes"
+                f"{with_article(found[0])} lies on the path, so the fields may differ from one position to another "
+                f"(a branch chosen by position), which no single (r, S, P) describes"
             )
 
         def measure():
