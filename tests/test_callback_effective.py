@@ -220,6 +220,31 @@ def test_a_position_whose_output_stops_depending_on_the_input_covers_nothing(tmp
     assert [bool(h["effective"]) for h in callback.history[1:]] == [True, False, False]
 
 
+class WeightsGoDead(ConvClassifier):
+    """From epoch 1 the second convolution's weights are zero: the weights-mode probe fails as well."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                self.features[4].weight.zero_()
+
+
+def test_a_network_that_dies_covers_nothing_even_where_the_weights_probe_fails(tmp_path):
+    """The failed weights probe skipped the effective field and the coverage check: no alert, nothing logged, and
+    the monitored ``covered`` kept the 1 of epoch 0 (``on_miss="raise"`` never raised)."""
+    received: list[CoverageEvent] = []
+    callback = RFCallback(layer="features", target_size=2, on_alert=received.append, log_images=False, erf_samples=8)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, callback, WeightsGoDead(lr=0.0), max_epochs=2, logger=False)
+    assert any("the probe failed" in str(w.message) for w in record)  # the weights probe, with its own reason
+    assert [(e.epoch, e.reason, e.extent) for e in received] == [(1, "lost", (0, 0))]
+    assert trainer.callback_metrics["rf/features/pos0/target/covered"] == 0
+    assert trainer.callback_metrics["rf/features/pos0/size_h/effective"] == 0
+    raising = RFCallback(layer="features", target_size=2, on_miss="raise", log_images=False, erf_samples=8)
+    with pytest.raises(CoverageError, match="no longer depends on the input"):
+        fit(tmp_path, raising, WeightsGoDead(lr=0.0), max_epochs=2, logger=False)
+
+
 class CornerDead(ConvClassifier):
     """One 3 x 3 mean with bias -0.7, then a ReLU, on inputs in 0.75..1: live inside, dead at the corners (four of
     the nine taps are zero padding there). lr 0 keeps it so."""

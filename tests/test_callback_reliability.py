@@ -8,6 +8,7 @@ as often as without the callback; every argument is checked at construction.
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import lightning.pytorch as pl
@@ -326,6 +327,65 @@ def test_module_that_receives_the_input_normalised_is_probed_at_fit_start_on_the
     assert callback_warnings(record) == []
     assert (rf.history[0]["epoch"], rf.history[0]["step"]) == (None, 0) and len(rf.history) == 2
     assert rf.history[0]["fields"][0]["bounds"] == [list(b) for b in initial.bounds]
+
+
+def _small_critic() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(1))
+
+
+class _CallsTheModuleOtherwise(pl.LightningModule):
+    """A module that receives the input beside other tensors: a GAN's critic on generated then real images (manual
+    optimization: the generator steps first), an adversarial step's perturbed input, a backbone's crops."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.critic = how, _small_critic()
+        self.generator = nn.Sequential(nn.Linear(8, 256), nn.Unflatten(1, (1, 16, 16)))
+        self.automatic_optimization = how != "gan"
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        if self.how == "gan":
+            generator, critic = self.optimizers()
+            fake = self.generator(torch.randn(len(x), 8))
+            generator.zero_grad()
+            self.manual_backward(self.critic(fake).mean())
+            generator.step()
+            critic.zero_grad()
+            self.manual_backward(self.critic(x).mean() - self.critic(fake.detach()).mean())
+            critic.step()
+            return None
+        if self.how == "adversarial":
+            delta = torch.zeros_like(x, requires_grad=True)
+            (gradient,) = torch.autograd.grad(self.critic(x + delta).mean(), delta)
+            return self.critic((x + 0.03 * gradient.sign()).detach()).mean()
+        return self.critic(x).mean() + self.critic(x[..., 4:12, 4:12]).mean()
+
+    def configure_optimizers(self):
+        critic = torch.optim.SGD(self.critic.parameters(), lr=0.01)
+        return [torch.optim.SGD(self.generator.parameters(), lr=0.01), critic] if self.how == "gan" else critic
+
+
+@pytest.mark.parametrize("how", ["gan", "adversarial", "crops"])
+def test_module_that_receives_the_input_beside_other_tensors_is_probed(tmp_path, how):
+    """A call on the input itself (no layer with parameters made it) is enough: the critic's call on generated
+    images, the perturbed input (x + delta, made by no parameter) and the crops were refused as a stem's output."""
+    rf = RFCallback(layer="2", module="critic", input_shape=(1, 1, 16, 16), mode="theoretical", log_images=False)
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 1, 16, 16)), batch_size=8)
+    with recorded_warnings() as record:
+        fit(tmp_path, [rf], _CallsTheModuleOtherwise(how), data, None, logger=False, max_epochs=1)
+    assert callback_warnings(record, "nothing is probed") == []
+    assert [h["fields"][0]["bounds"] for h in rf.history] == [[[6, 10], [6, 10]]] * 2
+
+
+def test_module_watched_in_a_fit_without_a_training_step_is_probed_and_left_unhooked(tmp_path):
+    """With no training batch the fit-start probe waited for a step that never came, and the live module kept the
+    callback's hook (it recorded every later call, and the module no longer pickled)."""
+    rf = RFCallback(layer="0", module="features", log_images=False, effective=False)
+    model = ConvClassifier()
+    fit(tmp_path, [rf], model, *loaders(), logger=False, max_epochs=1, limit_train_batches=0)
+    assert not model.features._forward_pre_hooks and rf.history[0]["step"] == 0
+    pickle.dumps(model.features)
 
 
 class _PickyLogger(CSVLogger):

@@ -666,3 +666,28 @@ def test_verify_rf_passes_causal_attention():
         field = probe_rf(model, (1, 2, 12), position)
         assert field.bounds == ((0, position),) and verify_rf(model, field)
     assert not verify_rf(model, dataclasses.replace(field, bounds=((0, 9),)))
+
+
+class _BandedAttention(nn.Module):
+    """Attention over a band of +-2 positions, its 0/-inf mask a frozen parameter named ``name``."""
+
+    def __init__(self, name: str, length: int = 16):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv1d(2, 4, 1, bias=False) for _ in range(3))
+        i = torch.arange(length)
+        band = torch.zeros(length, length).masked_fill((i[:, None] - i[None, :]).abs() > 2, float("-inf"))
+        self.name = name
+        setattr(self, name, nn.Parameter(band, requires_grad=False))
+
+    def forward(self, x):
+        logits = torch.einsum("ncl,ncm->nlm", self.q(x), self.k(x)) / 2 + getattr(self, self.name)
+        return torch.einsum("nlm,ncm->ncl", logits.softmax(-1), self.v(x))
+
+
+@pytest.mark.parametrize("name", ["attn_bias", "attn_mask"])
+def test_a_frozen_mask_named_as_a_bias_is_kept_in_weights_mode(name):
+    """Weights mode zeroes biases: an "attn_bias" holding the band's -inf mask was zeroed, and the field read every
+    position (0..15) where the band reads 6..10, wider than the theoretical field."""
+    model = _BandedAttention(name)
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(model, (1, 2, 16), 8, mode=mode).bounds == ((6, 10),)

@@ -2112,6 +2112,70 @@ def test_a_custom_function_whose_backward_cuts_on_the_copy_is_refused_in_theoret
     assert probe_rf(ResidualsThrough(_ClipWithStraightThrough), (1, 2, 16), 8, mode="weights").bounds == ((5, 11),)
 
 
+class _StopGradientByHand(torch.autograd.Function):
+    """A ``detach()`` written by hand: the identity, whose backward gives zeros (``none``: returns ``None``)."""
+
+    none = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None if _StopGradientByHand.none else torch.zeros_like(grad)
+
+
+class _PlusStopped(nn.Module):
+    """A 1 x 1 path plus a 5 x 5 one through the hand-written stop-gradient: the field is 5 x 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.point, self.wide = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 5, padding=2)
+
+    def forward(self, x):
+        return self.point(x) + _StopGradientByHand.apply(self.wide(x))
+
+
+@pytest.mark.parametrize("none", [False, True])
+def test_a_stop_gradient_written_by_hand_is_refused_in_both_modes(none, monkeypatch):
+    """The wide path still changes the output, but its backward gives nothing: weights mode read 1 x 1 for 5 x 5 (and
+    theoretical mode too where the backward returned None); both refuse it now, as after a detach()."""
+    monkeypatch.setattr(_StopGradientByHand, "none", none)
+    x = torch.zeros(1, 1, 9, 9)
+    moved = x.clone()
+    moved[0, 0, 2, 2] = 5.0
+    model = _PlusStopped()
+    assert model(moved)[0, 0, 4, 4] != model(x)[0, 0, 4, 4]  # the corner of the 5 x 5 moves the output
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match="_StopGradientByHand on the path .* no gradient at all"):
+            probe_rf(model, (1, 1, 9, 9), (4, 4), mode=mode)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(8), nn.AdaptiveMaxPool2d(2)])
+def test_a_max_pooling_connects_its_whole_window_in_weights_mode(pool):
+    """No weight decides which element of a window wins, and some input makes each win: weights mode read the
+    winners of its 8 draws (7 of 64 pixels, bounds 0..6 for 0..7, on one channel)."""
+    field = probe_rf(nn.Sequential(nn.Conv2d(1, 1, 1), pool), (1, 1, 16, 16), (0, 0), mode="weights")
+    assert field.bounds == ((0, 7), (0, 7)) and int((field.heatmap > 0).sum()) == 64
+
+
+def test_a_heaviside_step_is_a_cut():
+    """torch.heaviside has no derivative: the probe raised torch's RuntimeError, not the cut it is."""
+
+    class Stepped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + torch.heaviside(x, torch.zeros(()))
+
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match=r"heaviside\(\), whose gradient is zero"):
+            probe_rf(Stepped(), (1, 1, 7, 7), (3, 3), mode=mode)
+
+
 def _replaced_where_negative(wide, twin, _narrow):
     wide = wide.clone()
     negative = wide < 0  # all False on the copy's positive values: twin[negative] is empty there

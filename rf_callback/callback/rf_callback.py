@@ -250,13 +250,14 @@ class RFCallback(Callback):
         # Lazy modules without parameters at fit start: the fit-start probe waits for the first training step
         # (True while it waits; False once it waited, so a module no step materialises fails as it would).
         self._initial_waits: bool | None = None
-        self._lazy_waits = False
-        # What the live ``module`` receives in the fit's first batches, as (shape, the autograd node that made it, or
-        # None), recorded by a forward pre-hook until the first training step ends (see _watch_module_input); and
-        # why its fields would not be the input's, where they would not (then nothing is probed).
+        # What the live ``module`` receives in the fit's first batches, as (shape, the name of the autograd node that
+        # made it where layers with parameters did, None where none did, "?" without gradients), recorded by a
+        # forward pre-hook until the first optimizer step (see _watch_module_input); and why its fields would not be
+        # the input's, where they would not (then nothing is probed).
         self._module_inputs: list[tuple[tuple[int, ...], str | None]] = []
         self._module_hook: Any = None
         self._module_refused: str | None = None
+        self._lazy_waits = False  # the fit-start probe waits for lazy modules' parameters, not only for the hook
         # The parts the hooks wire together: when, what, coverage, where it goes, and what failures say.
         self._schedule = ProbeSchedule(self.every_n_epochs)
         self._prober = FieldProber(
@@ -389,9 +390,11 @@ class RFCallback(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """Runs the fit-start probe of ``module=`` once the first step's forward has shown what the module receives.
 
-        The weights are still the initial ones (lazy modules wait for the step's end, as before).
+        The weights are still the initial ones. Lazy modules, and manual optimization (whose step may call the
+        module again after an optimizer's step, as a GAN's discriminator on real images after the generator's),
+        wait for the step's end.
         """
-        if self._initial_waits and not self._lazy_waits:
+        if self._initial_waits and not self._lazy_waits and pl_module.automatic_optimization:
             self._end_initial_wait(trainer, pl_module)
 
     def _end_initial_wait(self, trainer, pl_module) -> None:
@@ -413,6 +416,7 @@ class RFCallback(Callback):
                 rank_zero_warn(f"RFCallback: {note}")
         if trainer.sanity_checking or self.input_shape is None:
             return
+        self._end_initial_wait(trainer, pl_module)  # no training step came before this validation
         if trainer.state.fn == "fit" and not self._schedule.due(trainer.current_epoch, trainer.check_val_every_n_epoch):
             return
         self._probe_and_log(trainer, pl_module)
@@ -458,6 +462,7 @@ class RFCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Logs the figures of the last probe and the growth curve of the effective-field metrics against epoch."""
+        self._end_initial_wait(trainer, pl_module)  # a fit without a training step: the live module keeps no hook
         if not self.log_images or not trainer.is_global_zero or not self._reporter.image_writers(trainer):
             return
         if self.input_shape is None:  # no batch came, so nothing was probed: there is nothing to draw
@@ -573,29 +578,40 @@ class RFCallback(Callback):
         except MisconfigurationException:
             return False  # the probe says it, with the names there are
         seen = self._module_inputs
+        parameters = {id(p) for p in pl_module.parameters()}
 
         def record(_module, args, kwargs) -> None:
             received = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(received, torch.Tensor) and not torch.compiler.is_compiling():
-                made_by = received.grad_fn if torch.is_grad_enabled() else None
-                seen.append((tuple(received.shape), None if made_by is None else type(made_by).__name__))
+                # Without gradients (a sanity check, a frozen module under no_grad) the graph tells nothing: "?"
+                made_by = _made_by_parameters(received, parameters) if torch.is_grad_enabled() else "?"
+                seen.append((tuple(received.shape), made_by))
 
         self._module_hook = target.register_forward_pre_hook(record, with_kwargs=True)
         return True
 
     def _check_module_input(self) -> None:
-        """Refuses to probe ``module`` where it received another tensor than the input (see _watch_module_input)."""
+        """Refuses to probe ``module`` where it never received the input itself (see _watch_module_input).
+
+        A call on a tensor of the input's spatial shape that no layer with parameters made is the input (or a
+        normalisation of it, a perturbation of an adversarial step); others may come beside it (a discriminator's
+        call on generated images, a backbone's on crops).
+        """
         if self._module_hook is None:
             return
         self._module_hook.remove()
+        self._module_hook = None
         shape = tuple(self._shape)
-        for received, made_by in self._module_inputs:
-            if made_by is not None:
-                what = f"a {received} tensor that layers with parameters made from the input ({made_by} last)"
-            elif len(received) != len(shape) or received[2:] != shape[2:]:
+        calls, self._module_inputs = self._module_inputs, []
+        if any(made_by is None and received[2:] == shape[2:] for received, made_by in calls):
+            return
+        for received, made_by in calls:
+            if received[2:] != shape[2:]:
                 what = f"a {received} tensor where the model's input is {shape}"
+            elif made_by not in (None, "?"):
+                what = f"a {received} tensor made by layers with parameters ({made_by} last)"
             else:
-                continue
+                continue  # no gradients: nothing tells what made it
             self._module_refused = (
                 f"RFCallback(module={self.module!r}) probes that submodule on the model's input, but in the model's "
                 f"forward it receives {what}: its fields would count that tensor's elements, not the input's pixels "
@@ -638,10 +654,20 @@ class RFCallback(Callback):
             )  # fmt: skip
             self._last_fields = fields
         self._record(fields, epoch=trainer.current_epoch, step=trainer.global_step)
-        if succeeded and self._effective_on(trainer, pl_module):
+        # Whatever the probe gave: a network whose output stopped depending on the inputs fails the weights probe,
+        # and its effective field is what says it covers nothing (every rank measures it, failed probe or not).
+        if self._effective_on(trainer, pl_module):
             events: list[CoverageEvent] = []
-            with self._failures.guard("effective", "the effective field", self._effective_fix):
-                events = self._effective(trainer, pl_module)
+            if succeeded:
+                with self._failures.guard("effective", "the effective field", self._effective_fix):
+                    events = self._effective(trainer, pl_module)
+            else:
+                try:
+                    events = self._effective(trainer, pl_module)
+                except CoverageError:
+                    raise
+                except Exception:  # noqa: BLE001, S110 - the probe's failure, said already, is why (an input the model refuses)
+                    pass
             self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
 
     def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
@@ -852,6 +878,21 @@ def _weight_averaging_before(trainer, callback: Callback) -> int | None:
             return None
         if any(cls.__name__ == "WeightAveraging" for cls in type(other).__mro__):
             return index
+    return None
+
+
+def _made_by_parameters(tensor: torch.Tensor, parameters: set[int]) -> str | None:
+    """The name of ``tensor``'s autograd node where its graph reaches one of ``parameters`` (by id), else None."""
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack:  # iterative: a deep model's graph would overflow Python's stack
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(getattr(node, "variable", None)) in parameters:
+            return type(tensor.grad_fn).__name__
+        stack += [next_node for next_node, _ in node.next_functions]
     return None
 
 

@@ -162,6 +162,11 @@ class GeometryFlow:
             flow.append(geometry)
         return tuple(flow)
 
+    def spatial_dims(self, tensor) -> tuple[int, ...] | None:
+        """The dims of ``tensor`` that hold the input's spatial axes, where the flow reached it (else ``None``)."""
+        tag = self._tag(tensor)
+        return None if tag is None else tuple(tag[1])
+
     def channels_first(self, tensor) -> bool | None:
         """Whether ``tensor``'s dim 1 holds no spatial axis, as the flow followed them (through permutes).
 
@@ -308,11 +313,7 @@ class GeometryFlow:
             return _where_tags(self, args, kwargs, result, dependent)
         if _base(name) in _ELEMENTWISE:
             hull = _hull(self, dependent, result)
-            keywords = _OPERAND_KEYWORDS.get(_base(name), ("input", "other"))
-            cutting = [
-                args[i] if i < len(args) else kwargs.get(keywords[i]) for i in _CUT_BY_ZEROS.get(_base(name), ())
-            ]
-            if hull is not None and _zeros_move(cutting, dependent, hull[1], result):
+            if hull is not None and zeros_move(name, args, kwargs, dependent, hull[1], result):
                 return None
             return [hull]
         if source is None or len(dependent) > 1 or first is not dependent[0] or result.dim() != first.dim():
@@ -487,13 +488,22 @@ def where_operands(args, kwargs) -> tuple:
     return named.get("condition"), [named.get("input"), named.get("other")]
 
 
-def _zeros_move(operands: list, dependent: list[torch.Tensor], dims: tuple[int, ...], result: torch.Tensor) -> bool:
-    """Whether a constant operand's zeros lie at some positions along a spatial dim and not at others.
+def cuts_by_zeros(name: str) -> bool:
+    """Whether the call ``name`` is one whose constant operand's zeros cut paths (a product, a quotient)."""
+    return _base(name) in _CUT_BY_ZEROS
 
-    Such zeros (a window, a validity mask) cut some fields and not their translates. ``dims``: the result's spatial
-    dims.
+
+def zeros_move(name: str, args, kwargs, dependent: list, dims: Sequence[int], result: torch.Tensor) -> bool:
+    """Whether a constant operand that cuts by its zeros (:data:`_CUT_BY_ZEROS`) has them along a spatial dim unevenly.
+
+    That is, at some positions along the dim and not at others.
+
+    Such zeros (a window, a validity mask, a blend of two branches by a fixed mask) cut some fields and not their
+    translates. ``dependent``: the input-dependent operands; ``dims``: the result's spatial dims.
     """
-    for value in operands:
+    keywords = _OPERAND_KEYWORDS.get(_base(name), ("input", "other"))
+    cutting = [args[i] if i < len(args) else kwargs.get(keywords[i]) for i in _CUT_BY_ZEROS.get(_base(name), ())]
+    for value in cutting:
         if not isinstance(value, torch.Tensor) or any(value is d for d in dependent) or value.dim() == 0:
             continue
         zeros, offset = value == 0, result.dim() - value.dim()  # broadcasting aligns the trailing dims

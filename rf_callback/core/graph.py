@@ -247,7 +247,9 @@ class ProbeGraph(GraphShapes):
             if copy is None:
                 copy = self.copy = prepared_copy(model, request.mode, request.dtype, device=request.device)
             self.inputs = probe_inputs(request)
-            functions = probe_functions(request.mode, flow=carry_flow and request.mode == "theoretical")
+            functions = probe_functions(
+                request.mode, flow=carry_flow and request.mode == "theoretical", whole_windows=True
+            )
             if functions.flow is not None:
                 functions.flow.start(self.inputs)
             self.output = forward_to(copy, self.inputs, request, functions)
@@ -274,9 +276,9 @@ class ProbeGraph(GraphShapes):
         dtype, device = self.dtype, self.device
         # Custom autograd Functions whose hand-written backward gave no gradient where their output's was not zero.
         self._blocked: list[str] = []
+        _watch_custom_functions(self.output, self._blocked, theoretical=self.mode == "theoretical")
         if self.mode == "theoretical":
             self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
-            _watch_custom_functions(self.output, self._blocked)
         else:
             # Random positive weights per (draw, channel): signed gradients of different output channels cannot
             # cancel except on a set of measure zero, and one pass serves every channel.
@@ -336,13 +338,21 @@ class ProbeGraph(GraphShapes):
         cotangent[at] = weights.to(cotangent.dtype)  # an output of another dtype (autocast, a cast at the end)
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
-        if self._blocked:
+        entirely = [name.removesuffix("!") for name in self._blocked if name.endswith("!")]
+        if self._blocked and self.mode == "theoretical" and not entirely:
             raise ProbeError(
                 f"the backward of the custom autograd Function {self._blocked[0]} on the path to {where(self.layer)} "
                 f"gives no gradient to inputs whose output has one, on the theoretical copy's values (a "
                 f"straight-through estimator past its range, a saturating function written by hand): theoretical "
                 f"mode runs such a backward as written and cannot linearise it, so the field would miss paths; use "
                 f"mode='weights' (what the current weights connect), or probe a layer before it with layer="
+            )
+        if entirely:
+            raise ProbeError(
+                f"the backward of the custom autograd Function {entirely[0]} on the path to {where(self.layer)} "
+                f"gives no gradient at all to an input whose output has one (a stop-gradient written by hand, or a "
+                f"straight-through estimator past its range on every input probed): the input still changes the "
+                f"output, so the field would miss paths, as after a detach(); probe a layer before it with layer="
             )
         magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
         positive = gradient.abs()[gradient != 0]
@@ -438,24 +448,35 @@ class ProbeGraph(GraphShapes):
         return self._supports[key]
 
 
-def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
+def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoretical: bool) -> None:
     """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note in ``blocked`` a backward that cuts.
 
-    An elementwise backward (its input's gradient non-zero only where its output's is, of the same shape) that
-    zeroes the gradient where its output's is not zero cuts a path on the theoretical copy's values. A backward that
-    moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way. A backward's
+    A backward that gives an input that needs a gradient none at all (``None``, or zeros) where its outputs have one
+    cuts every path through it: a stop-gradient written by hand, whose input still changes the output. On the
+    theoretical copy's values, so does an elementwise backward (its input's gradient non-zero only where its
+    output's is, of the same shape) that zeroes the gradient anywhere its output's is not zero; with the real
+    weights, that is a unit dead on that draw (a ReLU written by hand). A backward that moves the gradient elsewhere
+    (a sampling, a convolution written by hand) tells nothing this way. On the theoretical copy, a backward's
     negative gradients (a fused ``a - b`` written by hand, a gradient reversal layer) pass on as their magnitudes,
-    as every other call's on the copy: they would cancel another branch's on its equal constants.
+    as every other call's: they would cancel another branch's on its equal constants.
     """
 
-    def hook(grad_inputs, grad_outputs, name):
+    def hook(grad_inputs, grad_outputs, name, needed):
+        given_any = any(out is not None and bool(out.any()) for out in grad_outputs)
+        shapes = [None if out is None else out.shape for out in grad_outputs]
+        for index, (into, need) in enumerate(zip(grad_inputs, needed)):
+            # (On the theoretical copy's constants a gradient may be zero where the real one is not, as a sampling's
+            # to its offsets on a constant map: there, an input shaped otherwise than the output may get none.)
+            elementwise = index < len(shapes) and into is not None and into.shape == shapes[index]
+            if given_any and need and (into is None or ((elementwise or not theoretical) and not bool(into.any()))):
+                blocked.append(f"{name}!")  # "!": no gradient at all
         for into, out in zip(grad_inputs, grad_outputs):
-            if into is None or out is None or into.shape != out.shape:
+            if not theoretical or into is None or out is None or into.shape != out.shape:
                 continue
             reached, given = into != 0, out != 0
             if bool((given & ~reached).any()) and not bool((reached & ~given).any()):
                 blocked.append(name)
-        return tuple(None if into is None else into.abs() for into in grad_inputs)
+        return tuple(None if into is None else into.abs() for into in grad_inputs) if theoretical else None
 
     seen: set[int] = set()
     stack = [output.grad_fn]
@@ -466,7 +487,8 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str]) -> None:
         seen.add(id(node))
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             name = getattr(getattr(node, "_forward_cls", None), "__name__", type(node).__name__)
-            node.register_hook(functools.partial(hook, name=name))
+            needed = [next_node is not None for next_node, _ in node.next_functions]
+            node.register_hook(functools.partial(hook, name=name, needed=needed))
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 

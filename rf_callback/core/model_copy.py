@@ -178,9 +178,13 @@ class _ProbeFunctions(TorchFunctionMode):
     its forward without gradient too, but its output carries one, so it is no cut.
     """
 
-    def __init__(self, linearise: bool, flow: GeometryFlow | None = None, exact_values: bool = False):
+    def __init__(
+        self, linearise: bool, flow: GeometryFlow | None = None, exact_values: bool = False, whole_windows: bool = False
+    ):
         super().__init__()
         self.linearise = linearise
+        # Weights mode's fields: a max-pooling's gradient reaches its whole windows (see probe_functions).
+        self.whole_windows = whole_windows and not linearise
         # Samplings give their exact values too, not PyTorch's kernel's (see _real_values): a check by forward
         # passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output (a resize's
         # float64 kernel holds its exact zeros there).
@@ -263,7 +267,8 @@ class _ProbeFunctions(TorchFunctionMode):
         self._probabilities: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         # Weights mode: softmax outputs whose masked entries were set to exactly 0 (see _masked_out), and what a
         # constant added or a clamp made of them, by id, with a weak reference and how to compute their real
-        # values: a log reads those (log(p) of an entry 50 below the others has a gradient near 1, not 0).
+        # values: a log reads those (log(p) of an entry 50 below the others has a gradient near 1, not 0). An entry
+        # (and the softmax input it holds) goes at the tensor's first other use (see _with_real_values).
         self._zeroed: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
@@ -389,11 +394,6 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.border_modes.append(f"pad(mode={mode!r})")
         if not self.moved_channels and name in _PERMUTES:
             self.moved_channels = _moves_dim_one(name, args, kwargs)
-        pick = None
-        if from_input and self.recording and name == "where" and _picks_by_position(args, kwargs, self._input_masks):
-            pick = "where() that picks one branch or the other by a fixed condition"
-        elif from_input and self.recording and not (self.moved_channels or self.reshaped_channels):
-            pick = _stitched(name, args, kwargs) or _stitched_write(name, args, kwargs)
         of_weights = (
             self.linearise
             and not from_input
@@ -404,12 +404,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
         unwritten = self._unwritten(name, args) if of_weights else None
         result = self._called(func, called, args, kwargs)
-        if pick is not None:
-            # A write in place returns nothing (y[...] = b) or a view: what it wrote into carries the pick on.
-            written = result if isinstance(result, torch.Tensor) and name in _STITCHES else args[0]
-            written = written if written._base is None or name in _STITCHES else written._base
-            if written.grad_fn is not None:
-                self.position_picks.append((pick, written.grad_fn))
+        if from_input and self.recording:
+            self._note_pick_by_position(name, args, kwargs, result)
         if self._unread_couplings and from_input:
             # A write in place (z[:] = y.amax(...)) returns nothing: what it wrote into carries the gradient on.
             written = args[0] if result is None and args and geometry_flow.writes_in_place(name) else result
@@ -820,6 +816,44 @@ class _ProbeFunctions(TorchFunctionMode):
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
 
+    def _note_pick_by_position(self, name: str, args, kwargs, result) -> None:
+        """Notes in :attr:`position_picks` a call after which fields may differ from one position to another.
+
+        A ``where`` by a fixed condition between two branches, a concatenation or a partial write that joins two
+        branches along a spatial dim (:func:`_stitched`, :func:`_stitched_write`), a product by a constant whose
+        zeros lie at some positions along a spatial dim and not at others (a blend by a fixed mask, a window). The
+        probe then checks its geometry at every index (see probe.py). Spatial dims are those the geometry flow
+        followed, else dims 2 on where no permute or reshape moved the channels.
+        """
+        if name == "where":
+            picked = _picks_by_position(args, kwargs, self._input_masks)
+            pick = "where() that picks one branch or the other by a fixed condition" if picked else None
+        elif name in _JOINS:
+            pick = _stitched(name, args, kwargs, self._spatial_dims)
+        elif name in _PARTIAL_COPIES:
+            pick = _stitched_write(name, args, kwargs, self._spatial_dims)
+        elif geometry_flow.cuts_by_zeros(name) and isinstance(result, torch.Tensor):
+            dependent = [t for t in (*args, *kwargs.values()) if _depends_on_input(t)]
+            dims = self._spatial_dims(result)
+            moving = dims is not None and geometry_flow.zeros_move(name, args, kwargs, dependent, dims, result)
+            pick = f"{name}() by a constant whose zeros lie at some positions along a spatial axis" if moving else None
+        else:
+            return
+        if pick is None:
+            return
+        # A write in place returns nothing (y[...] = b) or a view: what it wrote into carries the pick on.
+        written = result if isinstance(result, torch.Tensor) and not geometry_flow.writes_in_place(name) else args[0]
+        written = written if written._base is None or not geometry_flow.writes_in_place(name) else written._base
+        if written.grad_fn is not None:
+            self.position_picks.append((pick, written.grad_fn))
+
+    def _spatial_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
+        """The dims of ``tensor`` that hold the input's spatial axes, where known (see _note_pick_by_position)."""
+        dims = None if self.flow is None else self.flow.spatial_dims(tensor)
+        if dims is None and tensor.dim() >= 3 and not (self.moved_channels or self.reshaped_channels):
+            dims = tuple(range(2, tensor.dim()))
+        return dims
+
     def _note_zeroed(self, zeroed: torch.Tensor, real: Callable[[], torch.Tensor]) -> None:
         self._zeroed[id(zeroed)] = (weakref.ref(zeroed), real)
 
@@ -828,22 +862,28 @@ class _ProbeFunctions(TorchFunctionMode):
 
         A constant added or a clamp (``log(p + 1e-30)``, ``p.clamp_min(eps).log()``) keeps the mark on its result.
         """
-        entry = self._zeroed.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-        if entry is None or entry[0]() is not args[0]:
-            return None
-        real = entry[1]
-        if name in _LOGARITHMS:
-            return (func(real(), *args[1:], **kwargs),)
-        if name in _SHIFTS_AND_CLAMPS and not any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args[1:], *kwargs.values())
-        ):
-            result = func(*args, **kwargs)
-            self._note_zeroed(result, lambda: func(real(), *args[1:], **kwargs))
-            return (result,)
+        zeroed = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self._zeroed]
+        entry = self._zeroed.get(id(args[0])) if zeroed and zeroed[0] is args[0] else None
+        if entry is not None and entry[0]() is args[0]:
+            real = entry[1]
+            if name in _LOGARITHMS:
+                del self._zeroed[id(args[0])]
+                return (func(real(), *args[1:], **kwargs),)
+            others = (*args[1:], *kwargs.values())
+            if name in _SHIFTS_AND_CLAMPS and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in others):
+                result = func(*args, **kwargs)
+                self._note_zeroed(result, lambda: func(real(), *args[1:], **kwargs))
+                return (result,)
+        # Any other use (attention's weights, a write in place, a sum with another branch) reads the zeros: the real
+        # values are no longer needed, nor is the softmax's input they hold.
+        for tensor in zeroed:
+            del self._zeroed[id(tensor)]
         return None
 
     def _call(self, func, name: str, args, kwargs):
         base = name.rstrip("_")
+        if self._zeroed and (real := self._with_real_values(func, name, args, kwargs)):
+            return real[0]
         if self.factory_dtype is not None and name in _FACTORIES and kwargs.get("dtype") is None:
             made = func(*args, **kwargs)
             if isinstance(made, torch.Tensor) and made.dtype == torch.get_default_dtype():
@@ -899,6 +939,15 @@ class _ProbeFunctions(TorchFunctionMode):
             return _ADAPTIVE_MAX_POOLS[pool](*args[:2], **kwargs), indices
         if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
             args, kwargs = (args[0], weight, *args[2:]), kwargs
+        if self.whole_windows and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
+            if not _pools_with_indices(name, args, kwargs):
+                kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+                twin = (
+                    max_pool_twin(_MAX_POOLS[name], *args[:6], **kwargs)
+                    if name in _MAX_POOLS
+                    else _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
+                )
+                return _real_values(func(*args, **kwargs), twin)
         if self.linearise and name in _MAX_POOLS:  # return_indices=False, or not given
             kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
             return max_pool_twin(_MAX_POOLS[name], *args[:6], **kwargs)
@@ -912,11 +961,10 @@ class _ProbeFunctions(TorchFunctionMode):
                 return _softmax_twin(func, name, args, kwargs)
             if "log" in name:  # no weights: log p_j of a masked entry has a gradient near 1, which the real one keeps
                 return func(*args, **kwargs)
-            probabilities = _masked_softmax(func, name, args, kwargs)
-            self._note_zeroed(probabilities, lambda: func(*args, **kwargs))
+            probabilities, masked = _masked_softmax(func, name, args, kwargs)
+            if masked:
+                self._note_zeroed(probabilities, lambda: func(*args, **kwargs))
             return probabilities
-        if not self.linearise and self._zeroed and (real := self._with_real_values(func, name, args, kwargs)):
-            return real[0]
         if self.linearise and name == "gumbel_softmax" and (soft := _soft_gumbel_logits(args, kwargs)) is not None:
             # A softmax of the logits plus noise: its twin without the noise, which no field depends on (on the
             # copy's equal values the real one cancels as a softmax does, or not, as the noise falls).
@@ -1132,9 +1180,6 @@ _MOVING_NODES = frozenset(
 )  # fmt: skip
 
 
-# Calls whose result (not their first argument) holds a pick by position (see _stitched).
-_STITCHES = frozenset({"cat", "concat", "concatenate", "where", "slice_scatter", "select_scatter", "index_copy",
-                       "masked_scatter"})  # fmt: skip
 # Autograd nodes of writes of one tensor into part of another: what they hold comes from both.
 _WRITING_NODES = frozenset(
     {"CopySlices", "IndexCopy", "IndexPut", "MaskedScatter", "SelectScatter", "SliceScatter", "Scatter"}
@@ -1169,59 +1214,68 @@ def _sources(tensor: torch.Tensor) -> set[int]:
 _PARTIAL_COPIES = {
     "__setitem__": (2, "value", None), "slice_scatter": (1, "src", 2), "select_scatter": (1, "src", 2),
     "index_copy": (3, "source", 1), "index_copy_": (3, "source", 1), "masked_scatter": (2, "source", None),
-    "masked_scatter_": (2, "source", None), "copy_": (1, "src", None),
+    "masked_scatter_": (2, "source", None), "copy_": (1, "src", None), "scatter": (3, "src", 1),
+    "scatter_": (3, "src", 1), "index_put": (2, "values", None), "index_put_": (2, "values", None),
 }  # fmt: skip
+_JOINS = frozenset({"cat", "concat", "concatenate"})
 
 
-def _stitched(name: str, args, kwargs) -> str | None:
+def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
     """Why a concatenation joins pieces of two or more branches along a spatial dim (channels first), or None.
 
     Rows of one branch stitched to rows of another (``cat([a[:, :, :8], b[:, :, 8:11], a[:, :, 11:]], 2)``), tiles
     processed apart, levels of a pyramid laid end to end: the fields differ from one position to another, and a
     geometry read at a few of them (the centre, the ends) need not hold in between. Pieces that lead back to one
     tensor through slices, flips and views alone (a padding made of border slices, chunks joined again) come from
-    one branch; the caller asks only where no permute or reshape moved the channels, so that dims from 2 on are the
-    input's spatial axes.
+    one branch. ``spatial_dims(tensor)``: the dims that hold the input's spatial axes, or None where unknown.
     """
-    if name not in ("cat", "concat", "concatenate") or not args or not isinstance(args[0], (list, tuple)):
+    joined = args[0] if args else kwargs.get("tensors")
+    if not isinstance(joined, (list, tuple)):
         return None
-    pieces = [t for t in args[0] if _depends_on_input(t)]
-    if not pieces or pieces[0].dim() < 3:
+    pieces = [t for t in joined if _depends_on_input(t)]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+    if not pieces or not isinstance(dim, int) or (dims := spatial_dims(pieces[0])) is None:
         return None
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    if not isinstance(dim, int) or dim % pieces[0].dim() < 2:
+    if dim % pieces[0].dim() not in dims:
         return None
     branches = len(set().union(*map(_sources, pieces)))
     return None if branches < 2 else f"{name}() that joins pieces of {branches} branches along a spatial axis"
 
 
-def _stitched_write(name: str, args, kwargs) -> str | None:
+def _stitched_write(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
     """Why a write of one tensor into part of another joins two or more branches along a spatial dim, or None.
 
     ``y[:, :, 8:11] = b[:, :, 8:11]`` into a copy of ``a``, ``slice_scatter``, ``index_copy``, a ``masked_scatter``
     by a fixed mask, a ``copy_`` into a slice: rows of one branch among another's, as :func:`_stitched` joins them.
     """
     copied = _PARTIAL_COPIES.get(name)
-    if copied is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
+    if copied is None or not args or not isinstance(args[0], torch.Tensor):
         return None
     target, (at, keyword, dim_at) = args[0], copied
     value = args[at] if len(args) > at else kwargs.get(keyword)
-    if not _depends_on_input(value) or not _depends_on_input(target if name != "copy_" else target._base):
-        return None  # into a tensor that holds nothing of the input yet (zeros): one branch
     whole = target if name != "copy_" else target._base
-    if whole is None or not _writes_part_of_a_spatial_dim(name, target, whole, args, kwargs, dim_at):
+    if whole is None or not _depends_on_input(value) or (dims := spatial_dims(whole)) is None:
+        return None
+    if not _writes_part_of(name, target, whole, args, kwargs, dim_at, dims):
         return None
     branches = len(_sources(whole) | _sources(value))
     return None if branches < 2 else f"{name}() that writes one branch into part of another along a spatial axis"
 
 
-def _writes_part_of_a_spatial_dim(name: str, target, whole, args, kwargs, dim_at) -> bool:
-    """Whether a partial copy (see :data:`_PARTIAL_COPIES`) leaves part of a spatial dim (2 on) as it was."""
+def _writes_part_of(name: str, target, whole, args, kwargs, dim_at, dims: tuple[int, ...]) -> bool:
+    """Whether a partial copy (see :data:`_PARTIAL_COPIES`) leaves part of one of the spatial ``dims`` as it was.
+
+    Where it cannot tell (an index of several dims, a mask), it says it may.
+    """
     n = whole.dim()
+    if name in ("index_put", "index_put_"):
+        return True
     if dim_at is not None:
         dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", 0)
-        if not isinstance(dim, int) or dim % n < 2:
+        if not isinstance(dim, int) or dim % n not in dims:
             return False
+        if name.startswith("scatter"):
+            return True
         if name == "select_scatter":
             return whole.shape[dim] > 1
         if name == "slice_scatter":
@@ -1235,12 +1289,12 @@ def _writes_part_of_a_spatial_dim(name: str, target, whole, args, kwargs, dim_at
         if not isinstance(mask, torch.Tensor) or mask.requires_grad:
             return False
         mask = mask.expand(whole.shape)
-        return any(not bool((mask.any(d) == mask.all(d)).all()) for d in range(2, n))
+        return any(not bool((mask.any(d) == mask.all(d)).all()) for d in dims)
     if name == "copy_":  # into a view of the whole: the dims it keeps whole
-        return target.dim() == n and any(target.shape[d] < whole.shape[d] for d in range(2, n))
+        return target.dim() != n or any(target.shape[d] < whole.shape[d] for d in dims)
     with torch.no_grad():
         region = whole[args[1]]
-    return region.dim() == n and any(region.shape[d] < whole.shape[d] for d in range(2, n))
+    return region.dim() != n or any(region.shape[d] < whole.shape[d] for d in dims)
 
 
 def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:
@@ -1602,7 +1656,7 @@ def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
 
 
 # Functions whose output depends on their input but whose gradient is zero.
-_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign"})
+_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign", "heaviside"})
 
 
 def _reduces_along_a_dim(args, kwargs) -> bool:
@@ -1676,15 +1730,17 @@ def _above_every_gap(scores: torch.Tensor, dim: int) -> torch.Tensor:
     return live
 
 
-def _masked_softmax(func, name: str, args, kwargs):
-    """The real ``softmax`` (weights mode), with no gradient to its masked inputs (see :func:`_live`).
+def _masked_softmax(func, name: str, args, kwargs) -> tuple[torch.Tensor, bool]:
+    """The real ``softmax`` (weights mode) with no gradient to its masked inputs (:func:`_live`), and whether any.
 
     A mask of -100 (Swin's) leaves its keys a weight of exp(-100) = 4e-44, and a gradient as small but not zero: the
     field would take in every pixel the mask hides. The live inputs' gradients are the real ones.
     """
     x, _, live = _live(func, name, args, kwargs)
-    gated = torch.where(live, x, x.detach())  # no test for a mask first: it would wait for the GPU at every softmax
-    return _masked_out(func(gated, *args[1:], **kwargs) if args else func(**{**kwargs, "input": gated}), live, name)
+    gated = torch.where(live, x, x.detach())
+    probabilities = func(gated, *args[1:], **kwargs) if args else func(**{**kwargs, "input": gated})
+    # (a new tensor either way, as the real softmax's output, which a later write in place would make stale)
+    return _masked_out(probabilities, live, name), not bool(live.all())  # _live waited for the GPU already
 
 
 def _masked_out(probabilities: torch.Tensor, live: torch.Tensor, name: str) -> torch.Tensor:
@@ -2228,15 +2284,21 @@ def _returns_indices(args, kwargs, position: int) -> bool:
     return bool(kwargs.get("return_indices", args[position] if len(args) > position else False))
 
 
-def probe_functions(mode: str, *, flow: bool = False, exact_values: bool = False) -> _ProbeFunctions:
+def probe_functions(
+    mode: str, *, flow: bool = False, exact_values: bool = False, whole_windows: bool = False
+) -> _ProbeFunctions:
     """Returns the function mode the probe's forward runs under for ``mode``; its ``cuts`` lists gradient cuts seen.
 
     With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`). With
     ``exact_values``, samplings (``grid_sample``) give their exact values, not PyTorch's kernel's (a check that reads
-    values, not gradients).
+    values, not gradients). With ``whole_windows`` (weights mode: a field, not the magnitudes of an effective map),
+    a max-pooling keeps its values but passes its gradient to every element of its windows, as the theoretical copy's
+    does: no weight decides which element wins, some input makes each win, and a few random draws would see a few.
     """
     carried = GeometryFlow() if flow and geometry_flow.ENABLED else None
-    return _ProbeFunctions(linearise=mode == "theoretical", flow=carried, exact_values=exact_values)
+    return _ProbeFunctions(
+        linearise=mode == "theoretical", flow=carried, exact_values=exact_values, whole_windows=whole_windows
+    )
 
 
 def _is_torch_hook(hook) -> bool:
@@ -2735,8 +2797,10 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
-                mask = mode == "theoretical" and is_fixed_mask(param)
                 name = computes.get(id(param), name)  # pruning's bias_orig is a bias
+                # Weights mode keeps the weights as they are but zeroes biases: a frozen mask named as one (an
+                # attention's 0/-inf "attn_bias") is kept, as the theoretical copy keeps every fixed mask.
+                mask = (mode == "theoretical" or (zero_biases and _is_bias(name))) and is_fixed_mask(param)
                 value = _prepared_parameter(name, param, mode, dtype, zero_biases, device or param.device, mask=mask)
                 memo[id(param)] = nn.Parameter(value, False)
                 if mask:
@@ -2856,7 +2920,11 @@ def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) ->
         raise ProbeError(
             f"{int(lost.sum())} non-zero values of the parameter {name!r} are zero or subnormal in {kind} (below "
             f"{torch.finfo(value.dtype).tiny:.1e}), where the kernels may flush them to zero and cut their paths; "
-            f"pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+            + (
+                "pass dtype=torch.float64"
+                if value.dtype == torch.float32
+                else "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+            )
         )
 
 

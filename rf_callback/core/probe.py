@@ -20,7 +20,7 @@ from rf_callback.core.arguments import (
 )
 from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consistent
 from rf_callback.core.geometry_flow import checked_flow
-from rf_callback.core.geometry_probe import Budget, centre_field_is_whole, graph_factory, measure_geometry
+from rf_callback.core.geometry_probe import NO_FIT, Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
     GraphShapes,
     ProbeError,
@@ -408,6 +408,40 @@ def _followed(
     return geometry
 
 
+def picked_by_position(found: list[str]) -> str:
+    """Why no geometry holds after the picks by position ``found`` (see ``ProbeGraph.position_picks``)."""
+    return (
+        f"{with_article(found[0])} lies on the path, and the fields differ from one position to another as it picks "
+        f"(their bounds along one axis change with the index along another), which no single (r, S, P) describes"
+    )
+
+
+def _blame_the_picks(found: list[str], geometry: tuple, reasons: dict[int, str]) -> None:
+    """Says the picks ``found``, not "no fit" nor "a probed field", are why an axis of ``geometry`` has none."""
+    for axis, axis_geometry in enumerate(geometry):
+        why = reasons.get(axis, "")
+        if axis_geometry is None and (why == NO_FIT or why.startswith("a probed field")):
+            reasons[axis] = picked_along(found)
+
+
+def picked_along(found: list[str]) -> str:
+    """Why an axis has no geometry where some index's field, after the picks ``found``, is not its span."""
+    return (
+        f"{with_article(found[0])} lies on the path, and the fields at some indices along this axis are not the span "
+        f"(r, S, P) gives them (a branch chosen by position)"
+    )
+
+
+def _is_full(table: AxisTable, output_shape: tuple[int, ...]) -> bool:
+    """Whether ``table`` holds every index of every axis of the output."""
+    return all(len(rows) == n for rows, n in zip(table.table, output_shape))
+
+
+def table_followed(geometry: tuple, table: AxisTable, shape) -> tuple:
+    """``geometry`` without the axes that some index of the full ``table`` does not follow (its fields, exactly)."""
+    return tuple(g if _follows(g, a, (), table, shape) else None for a, g in enumerate(geometry))
+
+
 def _rows_of(table: AxisTable | None) -> list[dict] | None:
     return None if table is None else table.table
 
@@ -509,15 +543,11 @@ class _Prober:
         picks = list(self.measured.position_picks) if self.mode == "theoretical" else None
 
         def _picked_by_position(found: list[str]) -> tuple[None, ...]:
-            return _no_theory(
-                f"{with_article(found[0])} lies on the path, so the fields may differ from one position to another "
-                f"(a branch chosen by position), which no single (r, S, P) describes"
-            )
+            return _no_theory(picked_by_position(found))
 
         def measure():
-            if picks:
-                return _picked_by_position(picks)
-            if flowed is not None:
+            nonlocal table
+            if flowed is not None and not picks:
                 geometry, why = flowed
                 reasons.update(why)
                 return geometry
@@ -531,8 +561,13 @@ class _Prober:
                     theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
                     reasons.clear()
                     try:
-                        if picks is None and theory.position_picks:
-                            return _picked_by_position(theory.position_picks)
+                        found = picks if picks is not None else theory.position_picks
+                        if found and (table is None or not _is_full(table, output_shape)):
+                            # The fields may differ from one position to another: every index of every axis is
+                            # measured, and a geometry must hold at each (none where they are not boxes alike).
+                            table = measure_axis_table(theory, full=True, known=known)
+                            if table is None:
+                                return _picked_by_position(found)
                         # Weights mode: the geometry is the theoretical one, which the theoretical fields at the
                         # probed positions must follow exactly (the weights' fields only lie inside their spans).
                         theoretical = [(p, box) for p in weights_positions if (box := box_of(theory.support([p])))]
@@ -553,6 +588,8 @@ class _Prober:
                         if theoretical:
                             geometry = _followed(geometry, theoretical, table, shape, theory, output_shape, known,
                                                  reasons, exact=True)  # fmt: skip
+                        if found:
+                            _blame_the_picks(found, geometry, reasons)
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)

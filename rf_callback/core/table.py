@@ -27,6 +27,7 @@ from rf_callback.core.graph import (
     probe_inputs,
     submodule,
 )
+from rf_callback.core.lattice import measure_axis_table
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
     picks_on_path,
@@ -37,7 +38,7 @@ from rf_callback.core.model_copy import (
     scripted_subject,
     with_materialised_fallback,
 )
-from rf_callback.core.probe import border_followed, probe_rf
+from rf_callback.core.probe import border_followed, probe_rf, table_followed
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import Bounds
 from rf_callback.core.support import box_of
@@ -367,8 +368,15 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             support = theory.support([center])
             box = box_of(support)
             flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
-            if output.picks:  # as probe_rf: the fields may differ from one position to another
+            if output.picks:  # as probe_rf: the fields may differ from one position to another, so every index
+                full = measure_axis_table(theory, full=True, known={center: support})
                 geometry = (None,) * (len(shape) - 2)
+                if full is not None:
+                    graph_on = forwards.graph_on(output.name)
+                    measured = measure_geometry(
+                        theory, graph_on, known={center: support}, table=full, budget=Budget(shape)
+                    )
+                    geometry = table_followed(measured, full, shape)
             elif flowed is not None:
                 geometry = flowed[0]
             else:
