@@ -368,6 +368,25 @@ def test_rows_stitched_taller_but_as_wide_keep_the_geometry_of_the_columns():
     assert "lies on the path" in field.geometry.reasons[0]
 
 
+def test_a_constant_mask_that_empties_the_first_outputs_keeps_the_geometry():
+    """A causal stack whose first three outputs a buffer masks: their fields are empty, which leaves no full table;
+    a product by a constant's zeros is then read as before (4, 1, 3), not dropped as a branch chosen by position."""
+
+    class CausalMasked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Conv1d(1, 8, 2), nn.Conv1d(8, 8, 2, dilation=2)
+            mask = torch.ones(64)
+            mask[:3] = 0
+            self.register_buffer("mask", mask)
+
+        def forward(self, x):
+            return self.second(F.pad(F.relu(self.first(F.pad(x, (1, 0)))), (2, 0))) * self.mask
+
+    for mode in ("theoretical", "weights"):
+        assert tuple(probe_rf(CausalMasked(), (1, 1, 64), mode=mode).geometry) == (AxisGeometry(4, 1, 3),)
+
+
 @pytest.mark.parametrize("join", ["padded", "chunks", "shifted", "aside", "tiles", "rolled", "scaled"])
 def test_rows_of_one_branch_joined_again_keep_their_geometry(join):
     """Slices of one tensor joined again (a reflection made of its border rows, cropped again; halves rejoined in

@@ -2152,6 +2152,39 @@ def test_a_stop_gradient_written_by_hand_is_refused_in_both_modes(none, monkeypa
             probe_rf(model, (1, 1, 9, 9), (4, 4), mode=mode)
 
 
+class _DoubledPair(torch.autograd.Function):
+    """A fused op on two streams that returns both, doubled."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a * 2, b * 2
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        return grad_a * 2, grad_b * 2
+
+
+class _MainAndSide(nn.Module):
+    """The pair's second stream feeds an auxiliary head only: its input rightly gets no gradient from the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = None
+
+    def forward(self, x):
+        main, side = _DoubledPair.apply(self.a(x), self.b(x))
+        self.side = side.sum()
+        return self.head(main)
+
+
+def test_a_custom_function_with_an_output_the_probed_one_does_not_read_is_no_stop_gradient():
+    """Its unread output gives its input no gradient, rightly: weights mode refused the model as a stop-gradient."""
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(_MainAndSide(), (1, 3, 16, 16), mode=mode).bounds == ((6, 10), (6, 10))
+
+
 @pytest.mark.parametrize("pool", [nn.MaxPool2d(8), nn.AdaptiveMaxPool2d(2)])
 def test_a_max_pooling_connects_its_whole_window_in_weights_mode(pool):
     """No weight decides which element of a window wins, and some input makes each win: weights mode read the

@@ -462,13 +462,15 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoret
     """
 
     def hook(grad_inputs, grad_outputs, name, needed):
-        given_any = any(out is not None and bool(out.any()) for out in grad_outputs)
-        shapes = [None if out is None else out.shape for out in grad_outputs]
-        for index, (into, need) in enumerate(zip(grad_inputs, needed)):
+        # Only where every output has a gradient: an output that feeds nothing (a fused pair whose second half goes
+        # to an auxiliary head) leaves the inputs only it reads none, rightly.
+        given_all = all(out is not None and bool(out.any()) for out in grad_outputs)
+        one_to_one = len(grad_inputs) == len(grad_outputs) == 1
+        for into, out, need in zip(grad_inputs, [*grad_outputs, *[None] * len(grad_inputs)], needed):
             # (On the theoretical copy's constants a gradient may be zero where the real one is not, as a sampling's
-            # to its offsets on a constant map: there, an input shaped otherwise than the output may get none.)
-            elementwise = index < len(shapes) and into is not None and into.shape == shapes[index]
-            if given_any and need and (into is None or ((elementwise or not theoretical) and not bool(into.any()))):
+            # to its offsets on a constant map: there, only an elementwise backward's zeros tell.)
+            elementwise = one_to_one and into is not None and out is not None and into.shape == out.shape
+            if given_all and need and (into is None or ((elementwise or not theoretical) and not bool(into.any()))):
                 blocked.append(f"{name}!")  # "!": no gradient at all
         for into, out in zip(grad_inputs, grad_outputs):
             if not theoretical or into is None or out is None or into.shape != out.shape:

@@ -836,7 +836,7 @@ class _ProbeFunctions(TorchFunctionMode):
             dependent = [t for t in (*args, *kwargs.values()) if _depends_on_input(t)]
             dims = self._spatial_dims(result)
             moving = dims is not None and geometry_flow.zeros_move(name, args, kwargs, dependent, dims, result)
-            pick = f"{name}() by a constant whose zeros lie at some positions along a spatial axis" if moving else None
+            pick = f"{name}() {ZEROS_PICK}" if moving else None
         else:
             return
         if pick is None:
@@ -1218,6 +1218,8 @@ _PARTIAL_COPIES = {
     "scatter_": (3, "src", 1), "index_put": (2, "values", None), "index_put_": (2, "values", None),
 }  # fmt: skip
 _JOINS = frozenset({"cat", "concat", "concatenate"})
+# How a pick by a constant's zeros (a window, a validity mask, a blend by a fixed mask) ends its description.
+ZEROS_PICK = "by a constant whose zeros lie at some positions along a spatial axis"
 
 
 def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -18,7 +19,7 @@ from torch import nn
 from rf_callback.core.arguments import (
     as_index,
 )
-from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consistent
+from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consistent, is_whole
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import NO_FIT, Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
@@ -33,6 +34,7 @@ from rf_callback.core.graph import (
 from rf_callback.core.lattice import AxisTable, boxes_hold, groups, lattice, measure_axis_table, spacing_for_gap
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import (
+    ZEROS_PICK,
     constants_materialised,
     materialised_constants,
     prepared_copy,
@@ -41,7 +43,7 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
-from rf_callback.core.support import Box, Position, box_of, hull, marginal, restricted, runs
+from rf_callback.core.support import Box, Position, box_of, hull, largest_hole, marginal, restricted, runs
 
 __all__ = ["ProbeError", "probe_rf"]
 
@@ -408,28 +410,57 @@ def _followed(
     return geometry
 
 
-def picked_by_position(found: list[str]) -> str:
-    """Why no geometry holds after the picks by position ``found`` (see ``ProbeGraph.position_picks``)."""
-    return (
-        f"{with_article(found[0])} lies on the path, and the fields differ from one position to another as it picks "
-        f"(their bounds along one axis change with the index along another), which no single (r, S, P) describes"
-    )
+# Checking every index after a pick by position may take at most this many backward passes on the user's input.
+_PICK_CHECK_PASSES = 64
 
 
-def _blame_the_picks(found: list[str], geometry: tuple, reasons: dict[int, str]) -> None:
+def _picks_say(found: list[str], detail: str) -> str:
+    subject = f"{with_article(found[0])} lies on the path"
+    return f"{subject}, so the fields may differ from one position to another (a branch chosen by position): {detail}"
+
+
+def table_for_picks(theory: ProbeGraph, found: list[str], known: dict) -> AxisTable | str | None:
+    """The full axis table that picks by position ``found`` call for, or why no geometry holds, or None.
+
+    After a pick (see ``ProbeGraph.position_picks``) a geometry read at a few positions need not hold in between:
+    every index of every axis is measured, where that takes at most ``_PICK_CHECK_PASSES`` passes. None: the picks
+    are constants' zeros alone (a window, a validity mask), whose empty fields leave no full table; the geometry is
+    then read as without a pick, its ends checked as ever.
+    """
+    centre = theory.center
+    support = known[centre] if centre in known else theory.support([centre])
+    passes = _table_passes(theory, support)
+    table = None
+    if passes is not None and passes <= _PICK_CHECK_PASSES:
+        table = measure_axis_table(theory, full=True, known=known)
+    if table is not None:
+        return table
+    if all(pick.endswith(ZEROS_PICK) for pick in found):
+        return None
+    if passes is None or passes > _PICK_CHECK_PASSES:
+        return _picks_say(found, f"checking every index would take {passes or 'more'} passes, so none is given")
+    return _picks_say(found, "they are not one box at every index, which no single (r, S, P) describes")
+
+
+def _table_passes(theory: ProbeGraph, support: torch.Tensor) -> int | None:
+    """About how many passes a full axis table takes (see lattice.measure_axis_table), None for an empty field."""
+    passes = 1
+    for axis, (n, length) in enumerate(zip(theory.output_shape, theory.spatial_input_shape)):
+        mask = marginal(support, axis)
+        bounds, gap = hull(mask), largest_hole(mask) + 1
+        if bounds is None:
+            return None
+        size, stride = bounds[1] - bounds[0] + 1, max(1, length // n)
+        passes *= min(n, math.ceil((size + gap) / stride)) if is_whole(bounds, length, gap) else n
+    return passes
+
+
+def blame_the_picks(found: list[str], geometry: tuple, reasons: dict[int, str]) -> None:
     """Says the picks ``found``, not "no fit" nor "a probed field", are why an axis of ``geometry`` has none."""
     for axis, axis_geometry in enumerate(geometry):
         why = reasons.get(axis, "")
         if axis_geometry is None and (why == NO_FIT or why.startswith("a probed field")):
-            reasons[axis] = picked_along(found)
-
-
-def picked_along(found: list[str]) -> str:
-    """Why an axis has no geometry where some index's field, after the picks ``found``, is not its span."""
-    return (
-        f"{with_article(found[0])} lies on the path, and the fields at some indices along this axis are not the span "
-        f"(r, S, P) gives them (a branch chosen by position)"
-    )
+            reasons[axis] = _picks_say(found, "at some indices along this axis they are not the span (r, S, P) gives")
 
 
 def _is_full(table: AxisTable, output_shape: tuple[int, ...]) -> bool:
@@ -542,9 +573,6 @@ class _Prober:
         # The theoretical forward's selections by position (weights mode reads them off its theoretical graph).
         picks = list(self.measured.position_picks) if self.mode == "theoretical" else None
 
-        def _picked_by_position(found: list[str]) -> tuple[None, ...]:
-            return _no_theory(picked_by_position(found))
-
         def measure():
             nonlocal table
             if flowed is not None and not picks:
@@ -563,11 +591,10 @@ class _Prober:
                     try:
                         found = picks if picks is not None else theory.position_picks
                         if found and (table is None or not _is_full(table, output_shape)):
-                            # The fields may differ from one position to another: every index of every axis is
-                            # measured, and a geometry must hold at each (none where they are not boxes alike).
-                            table = measure_axis_table(theory, full=True, known=known)
-                            if table is None:
-                                return _picked_by_position(found)
+                            checked = table_for_picks(theory, found, known)
+                            if isinstance(checked, str):
+                                return _no_theory(checked)
+                            table = checked or table
                         # Weights mode: the geometry is the theoretical one, which the theoretical fields at the
                         # probed positions must follow exactly (the weights' fields only lie inside their spans).
                         theoretical = [(p, box) for p in weights_positions if (box := box_of(theory.support([p])))]
@@ -589,7 +616,7 @@ class _Prober:
                             geometry = _followed(geometry, theoretical, table, shape, theory, output_shape, known,
                                                  reasons, exact=True)  # fmt: skip
                         if found:
-                            _blame_the_picks(found, geometry, reasons)
+                            blame_the_picks(found, geometry, reasons)
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)

@@ -27,7 +27,6 @@ from rf_callback.core.graph import (
     probe_inputs,
     submodule,
 )
-from rf_callback.core.lattice import measure_axis_table
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
     picks_on_path,
@@ -38,7 +37,7 @@ from rf_callback.core.model_copy import (
     scripted_subject,
     with_materialised_fallback,
 )
-from rf_callback.core.probe import border_followed, probe_rf, table_followed
+from rf_callback.core.probe import border_followed, probe_rf, table_followed, table_for_picks
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import Bounds
 from rf_callback.core.support import box_of
@@ -368,16 +367,16 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             support = theory.support([center])
             box = box_of(support)
             flowed = None if output.flow is None or box is None else checked_flow(output.flow, [(center, box)], shape)
-            if output.picks:  # as probe_rf: the fields may differ from one position to another, so every index
-                full = measure_axis_table(theory, full=True, known={center: support})
+            # As probe_rf: after a pick by position the fields may differ from one position to another.
+            checked = table_for_picks(theory, list(output.picks), {center: support}) if output.picks else None
+            if isinstance(checked, str):
                 geometry = (None,) * (len(shape) - 2)
-                if full is not None:
-                    graph_on = forwards.graph_on(output.name)
-                    measured = measure_geometry(
-                        theory, graph_on, known={center: support}, table=full, budget=Budget(shape)
-                    )
-                    geometry = table_followed(measured, full, shape)
-            elif flowed is not None:
+            elif checked is not None:
+                graph_on = forwards.graph_on(output.name)
+                known = {center: support}
+                measured = measure_geometry(theory, graph_on, known=known, table=checked, budget=Budget(shape))
+                geometry = table_followed(measured, checked, shape)
+            elif flowed is not None and not output.picks:
                 geometry = flowed[0]
             else:
                 graph_on = forwards.graph_on(output.name)
