@@ -658,16 +658,11 @@ class RFCallback(Callback):
         # and its effective field is what says it covers nothing (every rank measures it, failed probe or not).
         if self._effective_on(trainer, pl_module):
             events: list[CoverageEvent] = []
-            if succeeded:
-                with self._failures.guard("effective", "the effective field", self._effective_fix):
-                    events = self._effective(trainer, pl_module)
-            else:
-                try:
-                    events = self._effective(trainer, pl_module)
-                except CoverageError:
-                    raise
-                except Exception:  # noqa: BLE001, S110 - the probe's failure, said already, is why (an input the model refuses)
-                    pass
+            # After a failed probe, an error of the same type is the same failure (an input the model refuses),
+            # said once already: it is reported as the probe's.
+            kind = "effective" if succeeded else "probe"
+            with self._failures.guard(kind, "the effective field", self._effective_fix):
+                events = self._effective(trainer, pl_module)
             self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
 
     def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
