@@ -384,7 +384,7 @@ class RFCallback(Callback):
         self._from_first_batch(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        """Runs the fit-start probe after the first step where lazy modules had no parameters before it."""
+        """Runs the fit-start probe after the first step where it waited for it (lazy modules, ``module=``)."""
         self._end_initial_wait(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -563,13 +563,15 @@ class RFCallback(Callback):
         self._initial_logged = True
 
     def _watch_module_input(self, pl_module) -> bool:
-        """Records what the live ``module`` receives until the first training step ends; whether it watches.
+        """Records what the live ``module`` receives until the first optimizer step; whether it watches.
 
         ``module=`` probes that submodule on the model's input shape: a layer before it in the model's forward (a
         stem) would leave its fields counted in another tensor's pixels. A forward pre-hook reads the shape of
-        what it receives and the autograd node that made it (a layer with parameters on the way, while gradients
-        are on), and nothing else; it is removed after the first training step. A model compiled as a whole is
-        not watched (the hook would run inside its compiled graph).
+        what it receives and whether the model's parameters made it (a layer with parameters that train on the
+        way, while gradients are on; a frozen stem of the same shape goes unseen), and nothing else; it is removed
+        at the first optimizer step (the step's end under manual optimization), or at the first validation or the
+        fit's end where no step comes. A model compiled as a whole is not watched (the hook would run inside its
+        compiled graph).
         """
         if self.module is None or self._module_hook is not None or hasattr(pl_module, "_orig_mod"):
             return False

@@ -219,10 +219,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # Paddings that read the input's own values past its border (reflect, replicate, circular), as
         # "pad(mode='reflect')": the border's fields then fold back inside the input (see probe.border_follows).
         self.border_modes: list[str] = []
-        # Selections between two input-dependent operands by a fixed condition that picks one or the other by
-        # position (torch.where with a mask of rows), and concatenations along a spatial axis of pieces from two or
-        # more branches (rows of one stitched to rows of another): the fields may differ from one position to the
-        # next. Each with its result's autograd node, which tells the outputs it reaches (see picks_on_path).
+        # Calls after which the fields may differ from one position to the next (see _note_pick_by_position): a
+        # torch.where by a fixed condition, a concatenation or a partial write that joins two branches along a
+        # spatial axis, a product by a constant whose zeros lie at some positions only. Each with its result's
+        # autograd node, which tells the outputs it reaches (see picks_on_path).
         self.position_picks: list[tuple[str, Any]] = []
         # Boolean masks computed from input-dependent tensors (x > y), by id (weakly: a mask freed leaves, so a
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks

@@ -455,7 +455,7 @@ def _table_passes(theory: ProbeGraph, support: torch.Tensor) -> int | None:
     return passes
 
 
-def blame_the_picks(found: list[str], geometry: tuple, reasons: dict[int, str]) -> None:
+def _blame_the_picks(found: list[str], geometry: tuple, reasons: dict[int, str]) -> None:
     """Says the picks ``found``, not "no fit" nor "a probed field", are why an axis of ``geometry`` has none."""
     for axis, axis_geometry in enumerate(geometry):
         why = reasons.get(axis, "")
@@ -469,7 +469,7 @@ def _is_full(table: AxisTable, output_shape: tuple[int, ...]) -> bool:
 
 
 def table_followed(geometry: tuple, table: AxisTable, shape) -> tuple:
-    """``geometry`` without the axes that some index of the full ``table`` does not follow (its fields, exactly)."""
+    """``geometry`` without the axes that some index of the full ``table`` does not follow."""
     return tuple(g if _follows(g, a, (), table, shape) else None for a, g in enumerate(geometry))
 
 
@@ -616,7 +616,7 @@ class _Prober:
                             geometry = _followed(geometry, theoretical, table, shape, theory, output_shape, known,
                                                  reasons, exact=True)  # fmt: skip
                         if found:
-                            blame_the_picks(found, geometry, reasons)
+                            _blame_the_picks(found, geometry, reasons)
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)
