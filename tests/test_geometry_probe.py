@@ -368,6 +368,35 @@ def test_rows_stitched_taller_but_as_wide_keep_the_geometry_of_the_columns():
     assert "lies on the path" in field.geometry.reasons[0]
 
 
+def test_checking_every_index_after_a_pick_stops_at_its_pass_limit():
+    """The left half reads a convolution as wide as the input, the right half a 1 x 1 one: the centre's field
+    (1 wide) planned two passes, and the table took a thousand on a 1024-long input. It stops at 64 passes, and the
+    reason says so."""
+
+    class HalfWide(nn.Module):
+        def __init__(self, length: int):
+            super().__init__()
+            self.point, self.wide = nn.Conv1d(1, 1, 1), nn.Conv1d(1, 1, 2 * length - 1, padding=length - 1)
+            self.left = torch.arange(length) < length // 2
+
+        def forward(self, x):
+            return torch.where(self.left, self.wide(x), self.point(x))
+
+    model = HalfWide(512)
+    field = probe_rf(model, (1, 1, 512), "center")
+    passes = []
+    original = ProbeGraph.gradient_map
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ProbeGraph, "gradient_map", counted)
+        assert tuple(field.geometry) == (None,)
+    assert "more than 64 passes" in field.geometry.reasons[0] and len(passes) < 100
+
+
 def test_a_constant_mask_that_empties_the_first_outputs_keeps_the_geometry():
     """A causal stack whose first three outputs a buffer masks: their fields are empty, which leaves no full table;
     a product by a constant's zeros is then read as before (4, 1, 3), not dropped as a branch chosen by position."""

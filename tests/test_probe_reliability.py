@@ -2179,6 +2179,32 @@ class _MainAndSide(nn.Module):
         return self.head(main)
 
 
+class _StoppedWithIndices(torch.autograd.Function):
+    """A stop-gradient that also returns the arg-max indices (an output without gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone(), x.argmax(dim=1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_indices):
+        return torch.zeros_like(grad)
+
+
+def test_a_stop_gradient_with_a_second_output_is_refused():
+    """Its index output has no gradient: a check that asked every output for one let the cut pass (1 x 1 for 5 x 5
+    in weights mode)."""
+
+    class Stopped(_PlusStopped):
+        def forward(self, x):
+            stopped, _ = _StoppedWithIndices.apply(self.wide(x))
+            return self.point(x) + stopped
+
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match="_StoppedWithIndices on the path .* no gradient at all"):
+            probe_rf(Stopped(), (1, 1, 9, 9), (4, 4), mode=mode)
+
+
 def test_a_custom_function_with_an_output_the_probed_one_does_not_read_is_no_stop_gradient():
     """Its unread output gives its input no gradient, rightly: weights mode refused the model as a stop-gradient."""
     for mode in ("theoretical", "weights"):

@@ -462,16 +462,19 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoret
     """
 
     def hook(grad_inputs, grad_outputs, name, needed):
-        # Only where every output has a gradient: an output that feeds nothing (a fused pair whose second half goes
-        # to an auxiliary head) leaves the inputs only it reads none, rightly.
-        given_all = all(out is not None and bool(out.any()) for out in grad_outputs)
-        one_to_one = len(grad_inputs) == len(grad_outputs) == 1
-        for into, out, need in zip(grad_inputs, [*grad_outputs, *[None] * len(grad_inputs)], needed):
-            # (On the theoretical copy's constants a gradient may be zero where the real one is not, as a sampling's
-            # to its offsets on a constant map: there, only an elementwise backward's zeros tell.)
-            elementwise = one_to_one and into is not None and out is not None and into.shape == out.shape
-            if given_all and need and (into is None or ((elementwise or not theoretical) and not bool(into.any()))):
-                blocked.append(f"{name}!")  # "!": no gradient at all
+        given = [out is not None and bool(out.any()) for out in grad_outputs]
+        reached = [need and into is not None and bool(into.any()) for into, need in zip(grad_inputs, needed)]
+        if any(given) and any(needed) and not any(reached):
+            blocked.append(f"{name}!")  # "!": no gradient at all, though an output has one
+        # An input paired by index and shape with an output that has a gradient, and given none: an output that
+        # feeds nothing (a fused pair whose second half goes to an auxiliary head) leaves its own input none,
+        # rightly. (On the theoretical copy's constants a gradient may be zero where the real one is not, as a
+        # sampling's to its offsets on a constant map: there, only a one-to-one elementwise backward's tells.)
+        for into, out, need, has in zip(grad_inputs, grad_outputs, needed, given):
+            if not (need and has) or (theoretical and len(grad_inputs) != 1):
+                continue
+            if into is None or (into.shape == out.shape and not bool(into.any())):
+                blocked.append(f"{name}!")
         for into, out in zip(grad_inputs, grad_outputs):
             if not theoretical or into is None or out is None or into.shape != out.shape:
                 continue

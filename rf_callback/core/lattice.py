@@ -99,12 +99,17 @@ def groups(positions: Sequence[Position], spacing: Sequence[int]) -> list[list[P
     return list(buckets.values())
 
 
+class PassLimit(Exception):
+    """Measuring the table would take more backward passes than ``measure_axis_table``'s ``max_passes``."""
+
+
 def measure_axis_table(
     graph: ProbeGraph,
     *,
     full: bool,
     known: dict[Position, torch.Tensor] | None = None,
     centre_is_whole: Callable[[int, torch.Tensor], bool] | None = None,
+    max_passes: int | None = None,
 ) -> AxisTable | None:
     """Measures the theoretical bounds along each axis, as a function of the index along that axis alone.
 
@@ -118,11 +123,13 @@ def measure_axis_table(
     index (else one lattice through the centre); ``known`` holds exact single-position supports already computed,
     which join the table. The full table is checked against exact single-position passes at the corners, the
     centre and two random positions; on any disagreement (a field that is not a box) this returns None and callers
-    fall back to one pass per position.
+    fall back to one pass per position. ``max_passes``: past that many backward passes, it raises
+    :class:`PassLimit`.
     """
     shape = graph.output_shape
     known = dict(known or {})
     anchor = graph.center
+    limit = None if max_passes is None else graph.passes + max_passes
     if anchor not in known:
         known[anchor] = graph.support([anchor])
     pilot = known[anchor]
@@ -148,6 +155,8 @@ def measure_axis_table(
     todo = [set(range(n)) if full else {anchor[a]} for a, n in enumerate(shape)]
     lattice_done = False
     while any(todo[a] - table[a].keys() for a in range(len(shape))) or not lattice_done:
+        if limit is not None and graph.passes > limit:
+            raise PassLimit
         start = tuple(min(todo[a] - table[a].keys(), default=anchor[a]) for a in range(len(shape)))
         decoded = _decode_lattice(graph, lattice(start, spacing, shape), gaps)
         if decoded is None:

@@ -31,7 +31,15 @@ from rf_callback.core.graph import (
     where,
     with_article,
 )
-from rf_callback.core.lattice import AxisTable, boxes_hold, groups, lattice, measure_axis_table, spacing_for_gap
+from rf_callback.core.lattice import (
+    AxisTable,
+    PassLimit,
+    boxes_hold,
+    groups,
+    lattice,
+    measure_axis_table,
+    spacing_for_gap,
+)
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import (
     ZEROS_PICK,
@@ -429,16 +437,19 @@ def table_for_picks(theory: ProbeGraph, found: list[str], known: dict) -> AxisTa
     """
     centre = theory.center
     support = known[centre] if centre in known else theory.support([centre])
-    passes = _table_passes(theory, support)
-    table = None
-    if passes is not None and passes <= _PICK_CHECK_PASSES:
-        table = measure_axis_table(theory, full=True, known=known)
+    passes = _table_passes(theory, support)  # the first round's, from the centre's field: a quick refusal
+    table, over = None, passes is not None and passes > _PICK_CHECK_PASSES
+    if passes is not None and not over:
+        try:
+            table = measure_axis_table(theory, full=True, known=known, max_passes=_PICK_CHECK_PASSES)
+        except PassLimit:
+            over = True
     if table is not None:
         return table
     if all(pick.endswith(ZEROS_PICK) for pick in found):
         return None
-    if passes is None or passes > _PICK_CHECK_PASSES:
-        return _picks_say(found, f"checking every index would take {passes or 'more'} passes, so none is given")
+    if over:
+        return _picks_say(found, f"checking every index would take more than {_PICK_CHECK_PASSES} passes")
     return _picks_say(found, "they are not one box at every index, which no single (r, S, P) describes")
 
 
