@@ -724,9 +724,12 @@ def test_a_model_whose_output_holds_windows_is_refused():
 
 def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embedding():
     model = TinySwin(dim=12, window=2, shifted=True)  # 12 channels: (1, 12, 8, 8) tells the conv from the blocks
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         rows = rf_table(model, SWIN_INPUT, layout="channels_last")
+    said = [str(w.message) for w in record]  # one warning: the rows inside the windows are left out, and why
+    assert len(said) == 1 and "4 rows are left out, run on windows or heads folded into the batch axis" in said[0]
+    assert "blocks.0.attn.qkv (16, 4, 36)" in said[0]
     by_name = {r.name: r for r in rows}
     assert by_name["patch"].layout == "channels_first" and by_name["patch"].output_shape == (1, 12, 8, 8)
     assert {r.layout for r in rows if r.name != "patch"} == {"channels_last"}
@@ -744,7 +747,8 @@ def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embe
 def test_rf_table_by_default_leaves_out_last_axis_rows_and_the_rows_shaped_like_them():
     with pytest.warns(UserWarning) as record:
         rows = rf_table(TinySwin(dim=12), SWIN_INPUT)
-    contradicted, misfits = [str(w.message) for w in record]
+    folded, contradicted, misfits = [str(w.message) for w in record]
+    assert "run on windows or heads folded into the batch axis" in folded and "blocks.0.attn.qkv" in folded
     assert "blocks.0.norm1 (1, 8, 8, 12)" in misfits and "pass layout='channels_last'" in misfits
     # a permute's output, whose dim 1 the flow follows to a spatial axis, is no row either
     assert "the output of layer 'permute' is (1, 8, 8, 12), whose dim 1 channels first would read" in misfits
@@ -1074,7 +1078,7 @@ def test_rf_probe_says_the_tables_warnings_in_its_own_words(capsys):
     assert main(["tests.test_layouts:tiny_swin", "--input-shape", "3,32,32", "--table", "--quiet"]) == 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("rf-probe: warning: rf_table:")]
-    assert len(lines) == 2 and "layout=" not in err
+    assert len(lines) == 3 and "layout=" not in err  # the rows folded into windows, contradicted, misfits
     assert "pass --layout channels_last" in err and "read in --layout channels_first only because it says so" in err
     assert "list them in --layer NAME (once per layer) to read them in --layout channels_first" in err
 

@@ -2825,3 +2825,48 @@ def test_a_frozen_float8_parameter_is_a_weight_not_a_refusal():
             return F.conv1d(x, self.kernel.float(), padding=2)
 
     assert probe_rf(Float8Kernel(), (1, 1, 16), 8).bounds == ((6, 10),)
+
+
+class _Thresholded(nn.Module):
+    """A convolution, a hard threshold used as values, another convolution: the output changes with the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.second((self.first(x) > 0).float())
+
+
+def test_a_mask_used_as_values_is_said_in_probes_and_tables():
+    """``(x > 0).float()`` carries no gradient: the probe said the output "does not depend on the input" (it
+    does), and rf_table dropped the rows after it without a word."""
+    x = torch.zeros(1, 1, 12, 12)
+    model = _Thresholded()
+    assert any(bool((model(x + torch.randn_like(x))[0, :, 6, 6] != model(x)[0, :, 6, 6]).any()) for _ in range(5))
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match=r"carries no gradient from the input.*comparison \(gt\(\)\)"):
+            probe_rf(model, (1, 1, 12, 12), mode=mode)
+        with pytest.warns(UserWarning, match=r"1 row is left out: the output of layer 'second' carries no gradient"):
+            rows = rf_table(model, (1, 1, 12, 12), mode=mode)
+        assert [r.name for r in rows] == ["first"]
+
+
+def test_a_row_that_folds_windows_into_the_batch_is_left_out_with_why():
+    """A module run on windows folded into the batch axis was left out of the table without the warning the
+    docs promise."""
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.window, self.post = (nn.Conv2d(2, 2, 3, padding=1) for _ in range(3))
+
+        def forward(self, x):
+            y = self.stem(x)
+            windows = y.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(4, 2, 8, 8)
+            y = self.window(windows).reshape(1, 2, 2, 2, 8, 8).permute(0, 3, 1, 4, 2, 5).reshape(1, 2, 16, 16)
+            return self.post(y)
+
+    with pytest.warns(UserWarning, match=r"1 row is left out, run on windows or heads folded into the batch axis"):
+        rows = rf_table(Windowed(), (1, 2, 16, 16))
+    assert [r.name for r in rows] == ["stem", "post"]

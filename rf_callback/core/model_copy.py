@@ -238,6 +238,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
         # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
         self.branches: list[str] = []
+        # Comparisons of input-dependent values (x > 0), by call: a mask used as values ((x > 0).float()) carries
+        # no gradient, so an output made of it alone seems not to depend on the input (see graph.ProbeGraph).
+        self.comparisons: list[str] = []
         # Operator overloads called on input-dependent tensors in theoretical mode (aten.max_pool2d.default, what a
         # torch.export or make_fx graph calls): they come below the functions whose twins the copy runs.
         self.operator_calls: list[str] = []
@@ -430,6 +433,9 @@ class _ProbeFunctions(TorchFunctionMode):
             self.last_axis_sizes.add(result.shape[-1])
         # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
+        if from_input and self.recording and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
+            if name not in _VALIDITY_CHECKS and f"{name}()" not in self.comparisons:
+                self.comparisons.append(f"{name}()")
         if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
             self._input_masks[id(result)] = result
             if name in _VALIDITY_CHECKS or (name in _SELF_COMPARISONS and len(args) > 1 and args[0] is args[1]):

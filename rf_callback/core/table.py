@@ -26,6 +26,7 @@ from rf_callback.core.graph import (
     outputs_by_module,
     probe_inputs,
     submodule,
+    without_gradient,
 )
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens
 from rf_callback.core.model_copy import (
@@ -117,6 +118,7 @@ class _Output:
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
     flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
     picks: tuple[str, ...] = ()  # selections by position on the path to this output: no single geometry follows
+    compared: tuple[str, ...] = ()  # comparisons of input-dependent values before this output (see without_gradient)
     calls: int = 1  # how often the module runs in the forward (a ReLU shared by a block's convolutions: 2)
 
     @property
@@ -279,7 +281,15 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     if wanted is None:
         chosen = [o for o in outputs if o.feature_map]
         cut = next((o for o in chosen if o.after_cut), None)
+        through_masks = [o for o in chosen if not o.depends_on_input and o.compared]
         chosen = [o for o in chosen if o.depends_on_input]
+        if through_masks:
+            warnings.warn(
+                f"rf_table: {_left_out(len(through_masks))}: "
+                + without_gradient(f"layer {through_masks[0].name!r}", through_masks[0].compared)
+                + f" (the rows left out: {_some(o.name for o in through_masks)})",
+                stacklevel=3,
+            )
         if cut is not None:
             warnings.warn(
                 f"rf_table: the rows from {cut.name!r} on are left out: the forward cuts the gradient before them, "
@@ -297,6 +307,15 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
                 stacklevel=3,
             )
             chosen = [o for o in chosen if o.calls == 1]
+        folded = [o for o in chosen if o.shape[0] != 1]
+        if folded:
+            warnings.warn(
+                f"rf_table: {_left_out(len(folded))}, run on windows or heads folded into the batch axis "
+                f"({_some(f'{o.name} {o.shape}' for o in folded)}): a field read from one would be the union over "
+                f"them; the rows where they are merged back hold the fields",
+                stacklevel=3,
+            )
+        chosen = [o for o in chosen if o.shape[0] == 1]
         misfits = [o for o in chosen if o.misfit]
         chosen = [o for o in chosen if not o.misfit]
         contradicted = _contradicted(chosen, outputs, _channels_that_follow_the_input(model, request, chosen))
@@ -580,10 +599,12 @@ def _forward_outputs(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
                 fixed_size=tuple(functions.fixed_size), border_modes=tuple(functions.border_modes),
                 layout=row_layout, misfit=misfit, grid=grid,
-                feature_map=spatial and output.shape[0] == 1,
+                # (a module whose output folds windows or heads into the batch axis is a row left out with why)
+                feature_map=spatial and (output.shape[0] == 1 or misfit is not None),
                 known=_known_reading(module),
                 flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
                 picks=tuple(picks_on_path(functions.position_picks, output)) if output.requires_grad else (),
+                compared=tuple(functions.comparisons),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()
