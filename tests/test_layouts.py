@@ -728,7 +728,7 @@ def test_rf_table_reads_a_swin_channels_last_after_its_channels_first_patch_embe
         warnings.simplefilter("always")
         rows = rf_table(model, SWIN_INPUT, layout="channels_last")
     said = [str(w.message) for w in record]  # one warning: the rows inside the windows are left out, and why
-    assert len(said) == 1 and "4 rows are left out, run on windows or heads folded into the batch axis" in said[0]
+    assert len(said) == 1 and "4 rows are left out, whose first axis holds more than the one sample" in said[0]
     assert "blocks.0.attn.qkv (16, 4, 36)" in said[0]
     by_name = {r.name: r for r in rows}
     assert by_name["patch"].layout == "channels_first" and by_name["patch"].output_shape == (1, 12, 8, 8)
@@ -748,7 +748,7 @@ def test_rf_table_by_default_leaves_out_last_axis_rows_and_the_rows_shaped_like_
     with pytest.warns(UserWarning) as record:
         rows = rf_table(TinySwin(dim=12), SWIN_INPUT)
     folded, contradicted, misfits = [str(w.message) for w in record]
-    assert "run on windows or heads folded into the batch axis" in folded and "blocks.0.attn.qkv" in folded
+    assert "whose first axis holds more than the one sample" in folded and "blocks.0.attn.qkv" in folded
     assert "blocks.0.norm1 (1, 8, 8, 12)" in misfits and "pass layout='channels_last'" in misfits
     # a permute's output, whose dim 1 the flow follows to a spatial axis, is no row either
     assert "the output of layer 'permute' is (1, 8, 8, 12), whose dim 1 channels first would read" in misfits

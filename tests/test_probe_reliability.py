@@ -2852,6 +2852,35 @@ def test_a_mask_used_as_values_is_said_in_probes_and_tables():
         assert [r.name for r in rows] == ["first"]
 
 
+@pytest.mark.parametrize("before", ["gate", "normalised", "nan_check"])
+def test_an_output_that_does_not_depend_on_the_input_is_said_so_after_unrelated_comparisons(before):
+    """A comparison that gates values (y * (y > 0)), picks a scale or checks for NaN (y != y) before a head that
+    reads a buffer alone: the output truly does not depend on the input, and the message said it was read through
+    a comparison."""
+
+    class ConstantHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.register_buffer("constant", torch.ones(1, 2, 8, 8))
+            self.aside = None
+
+        def forward(self, x):
+            y = self.conv(x)
+            if before == "gate":
+                y = y * (y > 0)
+            elif before == "normalised":
+                y = torch.where(y.abs().amax() > 1, y / y.abs().amax(), y)
+            else:
+                y = torch.where(y != y, torch.zeros_like(y), y)
+            self.aside = y.sum()  # read by nothing the output is made of
+            return self.constant.expand(len(x), -1, -1, -1).clone()
+
+    for mode in ("theoretical", "weights"):
+        with pytest.raises(ProbeError, match="does not depend on the input"):
+            probe_rf(ConstantHead(), (1, 1, 8, 8), mode=mode)
+
+
 def test_a_row_that_folds_windows_into_the_batch_is_left_out_with_why():
     """A module run on windows folded into the batch axis was left out of the table without the warning the
     docs promise."""
@@ -2867,6 +2896,6 @@ def test_a_row_that_folds_windows_into_the_batch_is_left_out_with_why():
             y = self.window(windows).reshape(1, 2, 2, 2, 8, 8).permute(0, 3, 1, 4, 2, 5).reshape(1, 2, 16, 16)
             return self.post(y)
 
-    with pytest.warns(UserWarning, match=r"1 row is left out, run on windows or heads folded into the batch axis"):
+    with pytest.warns(UserWarning, match=r"1 row is left out, whose first axis holds more than the one sample"):
         rows = rf_table(Windowed(), (1, 2, 16, 16))
     assert [r.name for r in rows] == ["stem", "post"]

@@ -233,7 +233,7 @@ class ProbeGraph(GraphShapes):
         self.couplings: list = []  # reductions and softmaxes on the way (see probe_functions)
         self.border_modes: list[str] = []  # paddings that read the input past its border (see probe_functions)
         self.position_picks: list[str] = []  # selections by a fixed condition that picks by position (the same)
-        self.comparisons: list[str] = []  # comparisons of input-dependent values on the way (the same)
+        self.comparison: str | None = None  # the comparison whose mask, used as values, the output was made of
         self.budget: Budget | None = None  # what measuring the geometry may still spend (see geometry_probe.Budget)
         # Builds this graph's float64 twin, where a float32 pass near underflow may be redone in it alone (the
         # geometry's graphs on other inputs): the passes already read in float32 were exact and stay.
@@ -259,7 +259,7 @@ class ProbeGraph(GraphShapes):
             self.work, self.float16_inside = functions.work, functions.float16_inside
             self.border_modes = functions.border_modes
             self.position_picks = picks_on_path(functions.position_picks, self.output)
-            self.comparisons = functions.comparisons
+            self.comparison = functions.comparison_behind(self.output)
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
@@ -272,7 +272,7 @@ class ProbeGraph(GraphShapes):
         else:
             self.inputs, self.output = captured
         if not self.output.requires_grad:
-            raise ProbeError(without_gradient(where(self.layer), self.comparisons))
+            raise ProbeError(without_gradient(where(self.layer), self.comparison))
         self.output_shape = tuple(self.output.shape[2:])
         dtype, device = self.dtype, self.device
         # Custom autograd Functions whose hand-written backward gave no gradient where their output's was not zero.
@@ -858,13 +858,16 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
     )
 
 
-def without_gradient(subject: str, comparisons: Sequence[str]) -> str:
-    """Why a probe of ``subject`` has nothing to backpropagate: its output carries no gradient from the input."""
-    if not comparisons:
+def without_gradient(subject: str, comparison: str | None) -> str:
+    """Why a probe of ``subject`` has nothing to backpropagate: its output carries no gradient from the input.
+
+    ``comparison``: the comparison of input-dependent values whose mask, used as values, the output was made of.
+    """
+    if comparison is None:
         return f"the output of {subject} does not depend on the input: nothing to backpropagate"
     return (
         f"the output of {subject} carries no gradient from the input, which the forward reads through a comparison "
-        f"({', '.join(comparisons[:3])}) before it: a mask used as values ((x > 0).float()) has a zero gradient, "
+        f"({comparison}) before it: a mask used as values ((x > 0).float()) has a zero gradient, "
         f"so the probe, which reads fields from gradients, cannot see what it reads; probe a layer before the "
         f"comparison with layer=, or gate values with the mask (y * (x > 0)) rather than use it as values"
     )

@@ -238,9 +238,11 @@ class _ProbeFunctions(TorchFunctionMode):
         # Python values read from input-dependent masks in theoretical mode (if (x < 0).any(): ...), by their call:
         # the copy's constant input takes one branch, whose field need not hold the others' (see graph.forward_to).
         self.branches: list[str] = []
-        # Comparisons of input-dependent values (x > 0), by call: a mask used as values ((x > 0).float()) carries
-        # no gradient, so an output made of it alone seems not to depend on the input (see graph.ProbeGraph).
-        self.comparisons: list[str] = []
+        # Comparisons of input-dependent values (x > 0) and what was made of them without a gradient, by id (weakly),
+        # with the comparison's name: a mask used as values ((x > 0).float()) carries no gradient, so an output made
+        # of it alone seems not to depend on the input (see comparison_behind, graph.without_gradient).
+        self._compared: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self._compared_by: dict[int, str] = {}
         # Operator overloads called on input-dependent tensors in theoretical mode (aten.max_pool2d.default, what a
         # torch.export or make_fx graph calls): they come below the functions whose twins the copy runs.
         self.operator_calls: list[str] = []
@@ -431,11 +433,10 @@ class _ProbeFunctions(TorchFunctionMode):
             self.flow.after(name, args, kwargs, result)
         if name == "linear" and isinstance(result, torch.Tensor) and result.dim():
             self.last_axis_sizes.add(result.shape[-1])
+        if self.recording and (self._compared or (from_input and name in _COMPARISONS)):
+            self._follow_comparisons(name, args, kwargs, result, from_input)
         # A boolean mask (x > 0) gates values that carry their own gradient, and a tensor made from another's shape
         # alone (new_zeros, ones_like) holds none of its values: neither is a cut.
-        if from_input and self.recording and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
-            if name not in _VALIDITY_CHECKS and f"{name}()" not in self.comparisons:
-                self.comparisons.append(f"{name}()")
         if self.linearise and from_input and isinstance(result, torch.Tensor) and result.dtype == torch.bool:
             self._input_masks[id(result)] = result
             if name in _VALIDITY_CHECKS or (name in _SELF_COMPARISONS and len(args) > 1 and args[0] is args[1]):
@@ -789,6 +790,8 @@ class _ProbeFunctions(TorchFunctionMode):
                     self._unbranching[id(item)] = item
             elif not unbranching:  # a count or positions, int((y > 0).sum()), m.nonzero(): no mask to twin
                 self._mask_numbers[id(item)] = item
+        if self.recording and self._compared:
+            self._follow_comparisons(name, args, kwargs, result, False)
         return result
 
     def _of_mask_numbers(self, func, name: str, args, kwargs):
@@ -821,6 +824,36 @@ class _ProbeFunctions(TorchFunctionMode):
             return operand
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         return torch.full(operand.shape, 0.5, dtype=dtype or torch.get_default_dtype(), device=operand.device)
+
+    def _follow_comparisons(self, name: str, args, kwargs, result, from_input: bool) -> None:
+        """Notes a comparison of input-dependent values, or a tensor made of one without a gradient."""
+        by: str | None
+        if from_input and name in _COMPARISONS and not (len(args) > 1 and args[0] is args[1]):  # not x != x
+            by = f"{name}()"
+        else:
+            direct = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            found = [self.comparison_behind(a) for a in direct]
+            by = next((b for b in found if b is not None), None)
+        if by is None:
+            return
+        for item in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(item, torch.Tensor) and not item.requires_grad:
+                self._compared[id(item)] = item
+                self._compared_by[id(item)] = by
+
+    def comparison_behind(self, tensor) -> str | None:
+        """The comparison of input-dependent values that ``tensor`` was made of without a gradient, or None.
+
+        Args:
+            tensor: a tensor of the forward pass.
+
+        Returns:
+            The comparison's call (``"gt()"``), where ``tensor`` is a mask of the input or was made of one by calls
+            that carry no gradient (``(x > 0).float()``, a convolution of it); else None.
+        """
+        if isinstance(tensor, torch.Tensor) and self._compared.get(id(tensor)) is tensor:
+            return self._compared_by.get(id(tensor))
+        return None
 
     def _note_pick_by_position(self, name: str, args, kwargs, result) -> None:
         """Notes in :attr:`position_picks` a call after which fields may differ from one position to another.
@@ -1647,6 +1680,11 @@ def _masks_in_query_dtype(name: str, args, kwargs):
 # whose masks only check that values are numbers (see _ProbeFunctions._of_masks).
 _PYTHON_COMPARISONS = frozenset({"equal", "allclose", "is_nonzero"})
 _VALIDITY_CHECKS = frozenset({"isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal"})
+# Comparisons whose mask, used as values, carries no gradient (see _ProbeFunctions.comparison_behind).
+_COMPARISONS = frozenset(
+    {"gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "not_equal",
+     "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__"}
+)  # fmt: skip
 _SELF_COMPARISONS = frozenset({"ne", "__ne__", "eq", "__eq__"})  # x != x: the NaN check of old
 
 

@@ -114,11 +114,11 @@ class _Output:
     layout: str | Tokens = CHANNELS_FIRST  # how the row's output is read
     misfit: str | None = None  # why the output does not fit that layout
     grid: tuple[int, ...] = ()  # the spatial shape of the output read in its layout
-    feature_map: bool = False  # a tensor of one sample with spatial axes in some layout: a row candidate
+    feature_map: bool = False  # a tensor with spatial axes in some layout: a row candidate (one sample's, or why not)
     known: str | None = None  # what the module type says of the output's last axis: "channels_first", "last_axis"
     flow: tuple | None = None  # the geometry the theoretical forward carried to this output (see geometry_flow)
     picks: tuple[str, ...] = ()  # selections by position on the path to this output: no single geometry follows
-    compared: tuple[str, ...] = ()  # comparisons of input-dependent values before this output (see without_gradient)
+    compared: str | None = None  # the comparison whose mask, used as values, this output was made of (if any)
     calls: int = 1  # how often the module runs in the forward (a ReLU shared by a block's convolutions: 2)
 
     @property
@@ -281,7 +281,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     if wanted is None:
         chosen = [o for o in outputs if o.feature_map]
         cut = next((o for o in chosen if o.after_cut), None)
-        through_masks = [o for o in chosen if not o.depends_on_input and o.compared]
+        through_masks = [o for o in chosen if not o.depends_on_input and o.compared is not None]
         chosen = [o for o in chosen if o.depends_on_input]
         if through_masks:
             warnings.warn(
@@ -310,9 +310,10 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         folded = [o for o in chosen if o.shape[0] != 1]
         if folded:
             warnings.warn(
-                f"rf_table: {_left_out(len(folded))}, run on windows or heads folded into the batch axis "
-                f"({_some(f'{o.name} {o.shape}' for o in folded)}): a field read from one would be the union over "
-                f"them; the rows where they are merged back hold the fields",
+                f"rf_table: {_left_out(len(folded))}, whose first axis holds more than the one sample "
+                f"({_some(f'{o.name} {o.shape}' for o in folded)}): windows or heads folded into the batch axis (a "
+                f"field read from one would be the union over them), a sequence-first layout or no feature map at "
+                f"all",
                 stacklevel=3,
             )
         chosen = [o for o in chosen if o.shape[0] == 1]
@@ -599,12 +600,11 @@ def _forward_outputs(
                 name, type(module).__name__, tuple(output.shape), output.requires_grad, same_as, after_cut=cut,
                 fixed_size=tuple(functions.fixed_size), border_modes=tuple(functions.border_modes),
                 layout=row_layout, misfit=misfit, grid=grid,
-                # (a module whose output folds windows or heads into the batch axis is a row left out with why)
-                feature_map=spatial and (output.shape[0] == 1 or misfit is not None),
+                feature_map=spatial,
                 known=_known_reading(module),
                 flow=functions.flow.of(output) if functions.flow is not None and row_layout == CHANNELS_FIRST else None,
                 picks=tuple(picks_on_path(functions.position_picks, output)) if output.requires_grad else (),
-                compared=tuple(functions.comparisons),
+                compared=functions.comparison_behind(output),
             )  # fmt: skip
             if feature_map is not None and (wanted is None or name in wanted):
                 captured[name] = feature_map.clone()
