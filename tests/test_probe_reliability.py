@@ -2899,3 +2899,16 @@ def test_a_row_that_folds_windows_into_the_batch_is_left_out_with_why():
     with pytest.warns(UserWarning, match=r"1 row is left out, whose first axis holds more than the one sample"):
         rows = rf_table(Windowed(), (1, 2, 16, 16))
     assert [r.name for r in rows] == ["stem", "post"]
+
+
+def test_a_table_row_without_a_field_is_left_out_not_the_whole_table():
+    """One row whose centre reads nothing (its weights zeroed, in weights mode) stopped the whole table; it and the
+    rows it feeds are left out with the probe's reason, and a row asked for by name still raises it."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    with pytest.warns(UserWarning, match=r"2 rows are left out, whose centre has no field \(1, 2\).*no input position"):
+        rows = rf_table(model, (1, 1, 10, 10), mode="weights")
+    assert [(r.name, r.bounds) for r in rows] == [("0", ((4, 6), (4, 6)))]
+    with pytest.raises(ProbeError, match="no input position influences"):
+        rf_table(model, (1, 1, 10, 10), mode="weights", layers=["1"])

@@ -372,6 +372,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     forwards.names = [o.name for o in chosen if o.same_as not in chosen_names]
     theoretical: dict[str, tuple] = {}  # name -> (centre support, geometry)
     rows = []
+    fieldless: list[tuple[str, str]] = []  # rows whose centre reads nothing (dead units, a window over padding)
     for index, output in enumerate(chosen, start=1):
         if progress is not None:
             progress(index, len(chosen), output.name)
@@ -408,9 +409,21 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             row_request = request.replaced(layer=output.name, layout=output.layout)
             support = ProbeGraph(model, row_request).support([center])
         bounds = box_of(support)
-        if bounds is None:  # raises the probe's own error
-            probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
+        if bounds is None:  # the probe's own error: raised for a row asked for by name, else the row is left out
+            try:
+                probe_rf(model, shape, "center", layer=output.name, mode=mode, layout=output.layout)
+            except (ProbeError, ValueError) as error:
+                if wanted is not None:
+                    raise
+                fieldless.append((output.name, str(error)))
+                continue
         rows.append(_row(output, center, bounds, geometry, shape))
+    if fieldless:
+        warnings.warn(
+            f"rf_table: {_left_out(len(fieldless))}, whose centre has no field "
+            f"({_some(name for name, _ in fieldless)}); the first: {fieldless[0][1]}",
+            stacklevel=3,
+        )
     return rows
 
 
