@@ -744,7 +744,7 @@ def test_a_cut_after_the_probed_layer_does_not_matter_and_the_table_leaves_out_r
             return self.head(self.features(x).detach()).mean((2, 3)).argmax(1)
 
     assert probe_rf(Classifier(), SHAPE, "center", layer="features").size == (8, 8)
-    with pytest.warns(UserWarning, match=r"rows from 'head' on are left out.*detach\(\)"):
+    with pytest.warns(UserWarning, match=r"rows from 'head' on are left out \(head\).*detach\(\)"):
         rows = rf_table(Classifier(), SHAPE)
     assert [r.name for r in rows] == ["features.0", "features.1", "features.2", "features.3", "features"]
     with pytest.raises(

@@ -281,6 +281,7 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     if wanted is None:
         chosen = [o for o in outputs if o.feature_map]
         cut = next((o for o in chosen if o.after_cut), None)
+        after = [o.name for o in chosen if o.after_cut]  # rows off the cut's path keep their fields
         through_masks = [o for o in chosen if not o.depends_on_input and o.compared is not None]
         chosen = [o for o in chosen if o.depends_on_input]
         if through_masks:
@@ -292,9 +293,9 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
             )
         if cut is not None:
             warnings.warn(
-                f"rf_table: the rows from {cut.name!r} on are left out: the forward cuts the gradient before them, "
-                f"or runs a call the theoretical copy cannot replace ({cut.after_cut}), and a field read from "
-                f"gradients would miss the inputs on that path",
+                f"rf_table: the rows from {cut.name!r} on are left out ({_some(after)}): the forward cuts the gradient "
+                f"before them, or runs a call the theoretical copy cannot replace ({cut.after_cut}), and a field read "
+                f"from gradients would miss the inputs on that path",
                 stacklevel=3,
             )
             chosen = [o for o in chosen if o.after_cut is None]
