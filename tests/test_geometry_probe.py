@@ -354,7 +354,12 @@ def test_rows_stitched_from_two_branches_have_no_geometry_in_probes_and_tables(j
     for pos, mode in itertools.product(("center", (0, 0)), ("theoretical", "weights")):
         field = probe_rf(Stitched(join), (1, 3, 24, 24), pos, mode=mode)
         assert tuple(field.geometry) == (None, None)
-        assert "lies on the path" in field.geometry.reasons[0]
+        call = {"setitem": "__setitem__", "mask_setitem": "__setitem__", "cat_by_keyword": "cat", "blend": "mul"}
+        assert (
+            f"{call.get(join, join)}() " in field.geometry.reasons[0]
+            and "lies on the path" in field.geometry.reasons[0]
+        )
+        assert "branch chosen by position" in field.geometry.reasons[0]
     row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
     assert row.full_size == row.stride == row.offset == (None, None)
     assert probe_rf(Stitched(join), (1, 3, 24, 24), (9, 12)).bounds == ((9, 9), (9, 15))
