@@ -47,7 +47,7 @@ from rf_callback.callback.schedule import (
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import MODES
+from rf_callback.core.model_copy import MODES, autograd_nodes
 from rf_callback.core.result import EffectiveField, ReceptiveField
 from rf_callback.core.sharding import fsdp1_parameters_whole, gather_note
 
@@ -880,16 +880,8 @@ def _weight_averaging_before(trainer, callback: Callback) -> int | None:
 
 def _made_by_parameters(tensor: torch.Tensor, parameters: set[int]) -> str | None:
     """The name of ``tensor``'s autograd node where its graph reaches one of ``parameters`` (by id), else None."""
-    seen: set[int] = set()
-    stack = [tensor.grad_fn]
-    while stack:  # iterative: a deep model's graph would overflow Python's stack
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if id(getattr(node, "variable", None)) in parameters:
-            return type(tensor.grad_fn).__name__
-        stack += [next_node for next_node, _ in node.next_functions]
+    if any(id(getattr(node, "variable", None)) in parameters for node in autograd_nodes(tensor)):
+        return type(tensor.grad_fn).__name__
     return None
 
 

@@ -24,6 +24,7 @@ from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
     DROPPED_HOOKS,
     ProbeError,
+    autograd_nodes,
     checkpoints_run_through,
     global_hooks_suspended,
     integer_quantized,
@@ -275,9 +276,12 @@ class ProbeGraph(GraphShapes):
             raise ProbeError(without_gradient(where(self.layer), self.comparison))
         self.output_shape = tuple(self.output.shape[2:])
         dtype, device = self.dtype, self.device
-        # Custom autograd Functions whose hand-written backward gave no gradient where their output's was not zero.
+        # Custom autograd Functions whose hand-written elementwise backward gave no gradient where their output's was
+        # not zero, on the theoretical copy's values (see _watch_custom_functions).
         self._blocked: list[str] = []
-        _watch_custom_functions(self.output, self._blocked, theoretical=self.mode == "theoretical")
+        # And those whose backward gave an input no gradient at all where an output had one (a stop-gradient).
+        self._stopped: list[str] = []
+        _watch_custom_functions(self.output, self._blocked, self._stopped, theoretical=self.mode == "theoretical")
         if self.mode == "theoretical":
             self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
         else:
@@ -339,8 +343,7 @@ class ProbeGraph(GraphShapes):
         cotangent[at] = weights.to(cotangent.dtype)  # an output of another dtype (autocast, a cast at the end)
         (gradient,) = torch.autograd.grad(self.output, self.inputs, cotangent, retain_graph=True)
         self.passes += 1
-        entirely = [name.removesuffix("!") for name in self._blocked if name.endswith("!")]
-        if self._blocked and self.mode == "theoretical" and not entirely:
+        if self._blocked and not self._stopped:
             raise ProbeError(
                 f"the backward of the custom autograd Function {self._blocked[0]} on the path to {where(self.layer)} "
                 f"gives no gradient to inputs whose output has one, on the theoretical copy's values (a "
@@ -348,9 +351,9 @@ class ProbeGraph(GraphShapes):
                 f"mode runs such a backward as written and cannot linearise it, so the field would miss paths; use "
                 f"mode='weights' (what the current weights connect), or probe a layer before it with layer="
             )
-        if entirely:
+        if self._stopped:
             raise ProbeError(
-                f"the backward of the custom autograd Function {entirely[0]} on the path to {where(self.layer)} "
+                f"the backward of the custom autograd Function {self._stopped[0]} on the path to {where(self.layer)} "
                 f"gives no gradient at all to an input whose output has one (a stop-gradient written by hand, or a "
                 f"straight-through estimator past its range on every input probed): the input still changes the "
                 f"output, so the field would miss paths, as after a detach(); probe a layer before it with layer="
@@ -449,24 +452,25 @@ class ProbeGraph(GraphShapes):
         return self._supports[key]
 
 
-def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoretical: bool) -> None:
-    """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note in ``blocked`` a backward that cuts.
+def _watch_custom_functions(output: torch.Tensor, blocked: list[str], stopped: list[str], *, theoretical: bool) -> None:
+    """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note a backward that cuts.
 
     A backward that gives an input that needs a gradient none at all (``None``, or zeros) where its outputs have one
-    cuts every path through it: a stop-gradient written by hand, whose input still changes the output. On the
-    theoretical copy's values, so does an elementwise backward (its input's gradient non-zero only where its
-    output's is, of the same shape) that zeroes the gradient anywhere its output's is not zero; with the real
-    weights, that is a unit dead on that draw (a ReLU written by hand). A backward that moves the gradient elsewhere
-    (a sampling, a convolution written by hand) tells nothing this way. On the theoretical copy, a backward's
-    negative gradients (a fused ``a - b`` written by hand, a gradient reversal layer) pass on as their magnitudes,
-    as every other call's: they would cancel another branch's on its equal constants.
+    cuts every path through it (noted in ``stopped``): a stop-gradient written by hand, whose input still changes
+    the output. On the theoretical copy's values (noted in ``blocked``), so does an elementwise backward (its
+    input's gradient non-zero only where its output's is, of the same shape) that zeroes the gradient anywhere its
+    output's is not zero; with the real weights, that is a unit dead on that draw (a ReLU written by hand). A
+    backward that moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way.
+    On the theoretical copy, a backward's negative gradients (a fused ``a - b`` written by hand, a gradient reversal
+    layer) pass on as their magnitudes, as every other call's: they would cancel another branch's on its equal
+    constants.
     """
 
     def hook(grad_inputs, grad_outputs, name, needed):
         given = [out is not None and bool(out.any()) for out in grad_outputs]
         reached = [need and into is not None and bool(into.any()) for into, need in zip(grad_inputs, needed)]
         if any(given) and any(needed) and not any(reached):
-            blocked.append(f"{name}!")  # "!": no gradient at all, though an output has one
+            stopped.append(name)  # no gradient at all, though an output has one
         # An input paired by index and shape with an output that has a gradient, and given none: an output that
         # feeds nothing (a fused pair whose second half goes to an auxiliary head) leaves its own input none,
         # rightly. (On the theoretical copy's constants a gradient may be zero where the real one is not, as a
@@ -475,7 +479,7 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoret
             if not (need and has) or (theoretical and len(grad_inputs) != 1):
                 continue
             if into is None or (into.shape == out.shape and not bool(into.any())):
-                blocked.append(f"{name}!")
+                stopped.append(name)
         for into, out in zip(grad_inputs, grad_outputs):
             if not theoretical or into is None or out is None or into.shape != out.shape:
                 continue
@@ -484,18 +488,11 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], *, theoret
                 blocked.append(name)
         return tuple(None if into is None else into.abs() for into in grad_inputs) if theoretical else None
 
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in autograd_nodes(output):
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             name = getattr(getattr(node, "_forward_cls", None), "__name__", type(node).__name__)
             needed = [next_node is not None for next_node, _ in node.next_functions]
             node.register_hook(functools.partial(hook, name=name, needed=needed))
-        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _channels_first_read_otherwise(

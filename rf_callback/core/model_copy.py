@@ -1338,20 +1338,28 @@ def _writes_part_of(name: str, target, whole, args, kwargs, dim_at, dims: tuple[
     return region.dim() != n or any(region.shape[d] < whole.shape[d] for d in dims)
 
 
-def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:
-    """The selections by position (see ``position_picks``) whose result ``output``'s autograd graph reaches."""
-    if not picks or output.grad_fn is None:
-        return []
-    wanted = {id(node): text for text, node in picks}
-    found, seen, stack = [], set(), [output.grad_fn]
+def autograd_nodes(tensor: torch.Tensor) -> Iterator[Any]:
+    """Each node of ``tensor``'s autograd graph once, from its ``grad_fn`` back to the leaves' nodes.
+
+    Iterative: a deep model's graph would overflow Python's stack.
+    """
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if id(node) in wanted:
-            found.append(wanted[id(node)])
-        stack.extend(n for n, _ in node.next_functions if n is not None)
+        yield node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:
+    """The selections by position (see ``position_picks``) whose result ``output``'s autograd graph reaches."""
+    if not picks:
+        return []
+    wanted = {id(node): text for text, node in picks}
+    found = [wanted[id(node)] for node in autograd_nodes(output) if id(node) in wanted]
     return list(dict.fromkeys(found))
 
 
