@@ -359,7 +359,7 @@ def test_rows_stitched_from_two_branches_have_no_geometry_in_probes_and_tables(j
             f"{call.get(join, join)}() " in field.geometry.reasons[0]
             and "lies on the path" in field.geometry.reasons[0]
         )
-        assert "branch chosen by position" in field.geometry.reasons[0]
+        assert "chosen by position" in field.geometry.reasons[0]
     row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
     assert row.full_size == row.stride == row.offset == (None, None)
     assert probe_rf(Stitched(join), (1, 3, 24, 24), (9, 12)).bounds == ((9, 9), (9, 15))
@@ -431,6 +431,72 @@ def test_rows_of_one_branch_joined_again_keep_their_geometry(join):
     assert tuple(field.geometry) == (AxisGeometry(3, 1, 1),) * 2
     row = [r for r in rf_table(Stitched(join), (1, 3, 24, 24)) if r.name == "out"][0]
     assert row.full_size == (3, 3) and row.stride == row.offset == (1, 1)
+
+
+class Reordered(nn.Module):
+    """A 3 x 3 convolution, then the columns picked by a fixed index, spelt ``how``."""
+
+    def __init__(self, how: str, index: torch.Tensor):
+        super().__init__()
+        self.how, self.index, self.conv = how, index, nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        y, index = self.conv(x), self.index
+        if self.how == "getitem":
+            return y[..., index]
+        if self.how == "list":
+            return y[:, :, :, index.tolist()]
+        if self.how == "index_select":
+            return y.index_select(-1, index)
+        if self.how == "gather":
+            return y.gather(3, index.expand(*y.shape[:3], -1))
+        if self.how == "take_along_dim":
+            return torch.take_along_dim(y, index.view(1, 1, 1, -1), dim=3)
+        return y[..., torch.isin(torch.arange(y.shape[-1]), index)]  # a fixed mask
+
+
+def _swapped(length: int, first: int, second: int) -> torch.Tensor:
+    index = torch.arange(length)
+    index[first], index[second] = second, first
+    return index
+
+
+@pytest.mark.parametrize("how", ["getitem", "list", "index_select", "gather", "take_along_dim"])
+def test_columns_in_a_fixed_order_other_than_a_slice_have_no_geometry(how):
+    """Columns 5 and 10 swapped by a fixed index: column 5 reads 9..11, column 10 reads 4..6. The centre probe gave
+    (3, 1, 1) on both axes (its checks read the centre, the ends and the borders, not those columns), whose span
+    (4, 6) at column 5 its field contradicts; rf_table's row did too. The rows keep theirs."""
+    model = Reordered(how, _swapped(16, 5, 10))
+    for mode in ("theoretical", "weights"):
+        field = probe_rf(model, (1, 1, 16, 16), "center", mode=mode)
+        assert tuple(field.geometry) == (AxisGeometry(3, 1, 1), None)
+        assert "by a fixed index" in field.geometry.reasons[1] and "lies on the path" in field.geometry.reasons[1]
+    assert probe_rf(model, (1, 1, 16, 16), (8, 5)).bounds == ((7, 9), (9, 11))
+    row = [r for r in rf_table(model, (1, 1, 16, 16)) if r.name == "conv"][0]
+    assert row.full_size == (3, 3)  # before the pick
+    assert probe_rf(model, (1, 1, 16, 16), "center").stride == (1, None)
+
+
+@pytest.mark.parametrize("how", ["getitem", "index_select", "gather", "take_along_dim", "mask"])
+def test_columns_picked_in_even_steps_keep_their_geometry(how):
+    """Every other column by a fixed index or mask reads as the slice ``[..., 1::2]`` does: (3, 2, 0)."""
+    field = probe_rf(Reordered(how, torch.arange(1, 16, 2)), (1, 1, 16, 16), "center")
+    assert tuple(field.geometry) == (AxisGeometry(3, 1, 1), AxisGeometry(3, 2, 0))
+
+
+def test_a_gather_whose_columns_shift_from_row_to_row_has_no_column_geometry():
+    """A shear (row i reads columns j + i // 4): every row's index steps evenly, but not from the same first column."""
+    shear = (torch.arange(16).view(-1, 1) // 4 + torch.arange(16)).clamp(max=15)
+
+    class Sheared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).gather(3, shear.expand(1, 1, 16, 16))
+
+    assert probe_rf(Sheared(), (1, 1, 16, 16), "center").geometry[1] is None
 
 
 def test_where_with_a_fixed_condition_reads_the_branch_it_picks():

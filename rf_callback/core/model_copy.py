@@ -871,6 +871,8 @@ class _ProbeFunctions(TorchFunctionMode):
             pick = _stitched(name, args, kwargs, self._spatial_dims)
         elif name in _PARTIAL_COPIES:
             pick = _stitched_write(name, args, kwargs, self._spatial_dims)
+        elif name in _INDEXINGS:
+            pick = _reordered(name, args, kwargs, self._spatial_dims)
         elif geometry_flow.cuts_by_zeros(name) and isinstance(result, torch.Tensor):
             dependent = [t for t in (*args, *kwargs.values()) if _depends_on_input(t)]
             dims = self._spatial_dims(result)
@@ -1281,6 +1283,95 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
         return None
     branches = len(set().union(*map(_sources, pieces)))
     return None if branches < 2 else f"{name}() that joins pieces of {branches} branches along a spatial axis"
+
+
+# Calls that pick positions by an index tensor (or list, or fixed mask); how each takes its dim (see _reordered).
+_INDEXINGS = frozenset({"__getitem__", "index_select", "gather", "take_along_dim"})
+
+
+def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
+    """Why a fixed index picks positions along a spatial dim in another order than a slice would, or None.
+
+    ``y[..., perm]`` with two positions swapped, an ``index_select`` or ``gather`` by a fixed table: output ``i``
+    reads input ``index[i]``, and a geometry read at a few indices need not hold at the others. An index that
+    steps evenly forward (``torch.arange(0, n, 2)``, a mask of every other position) reads as a slice does, and is
+    no pick; an index computed from the input is another matter (a selection by value).
+    """
+    source = args[0] if args else kwargs.get("input")
+    if not isinstance(source, torch.Tensor) or (dims := spatial_dims(source)) is None:
+        return None
+    n = source.dim()
+    if name == "__getitem__":
+        along = _indexed_dims(args[1] if len(args) > 1 else None, n)
+        if along is None:
+            return None
+        reordered = [d for d, index in along.items() if d in dims and not _even_steps(index, source.shape[d], None)]
+        if len(along) > 1 and any(d in dims for d in along):
+            reordered = reordered or [next(d for d in along if d in dims)]  # indices broadcast together: unsure
+    else:
+        at_dim, at_index = (2, 1) if name == "take_along_dim" else (1, 2)  # (input, indices, dim) there
+        dim = args[at_dim] if len(args) > at_dim else kwargs.get("dim")
+        index = args[at_index] if len(args) > at_index else kwargs.get("index", kwargs.get("indices"))
+        if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or dim % n not in dims:
+            return None
+        dim %= n
+        reordered = [] if _even_steps(index, source.shape[dim], None if name == "index_select" else dim) else [dim]
+    if not reordered:
+        return None
+    return f"{name}() that picks positions along a spatial axis by a fixed index, not in even steps"
+
+
+def _indexed_dims(key, n_dims: int) -> dict[int, Any] | None:
+    """The dims ``x[key]`` indexes by a tensor, a list or a mask, each with its index (a mask as its positions).
+
+    None where nothing is indexed that way, or where an index depends on the input (a selection by value).
+    """
+    entries = list(key) if isinstance(key, tuple) else [key]
+    if not any(isinstance(e, (torch.Tensor, list)) for e in entries):
+        return None
+    taken = sum(1 if not isinstance(e, torch.Tensor) or e.dtype != torch.bool else e.dim() for e in entries
+                if e is not None and e is not Ellipsis)  # fmt: skip
+    found: dict[int, Any] = {}
+    dim = 0
+    for entry in entries:
+        if entry is Ellipsis:
+            dim += n_dims - taken
+        elif entry is None:
+            continue
+        elif isinstance(entry, (torch.Tensor, list)):
+            index = torch.as_tensor(entry) if isinstance(entry, list) else entry
+            if _depends_on_input(index):
+                return None
+            if index.dtype == torch.bool:
+                if index.dim() != 1:
+                    found.update({d: None for d in range(dim, dim + index.dim())})  # positions of several dims
+                    dim += index.dim()
+                    continue
+                index = index.nonzero().flatten()
+            found[dim] = index
+            dim += 1
+        else:
+            dim += 1
+    return found or None
+
+
+def _even_steps(index, size: int, dim: int | None) -> bool:
+    """Whether ``index`` (along ``dim`` of a ``gather``'s table, or a 1-D index) steps forward evenly: a slice.
+
+    A table whose first index or step differs from one row to another (a shear) steps unevenly.
+    """
+    if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool, torch.uint8) or index.is_floating_point():
+        return False
+    if dim is None:
+        if index.dim() != 1:
+            return False
+        dim = 0
+    index = index.remainder(size)
+    steps = index.diff(dim=dim)
+    first = index.narrow(dim, 0, 1)
+    if not bool((first == first.flatten()[0]).all()):
+        return False
+    return steps.numel() == 0 or (bool((steps == steps.flatten()[0]).all()) and int(steps.flatten()[0]) >= 1)
 
 
 def _stitched_write(name: str, args, kwargs, spatial_dims: Callable) -> str | None:

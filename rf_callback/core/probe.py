@@ -424,7 +424,8 @@ _PICK_CHECK_PASSES = 64
 
 def _picks_say(found: list[str], detail: str) -> str:
     subject = f"{with_article(found[0])} lies on the path"
-    return f"{subject}, so the fields may differ from one position to another (a branch chosen by position): {detail}"
+    differ = "so the fields may differ from one position to another (a branch or an index chosen by position)"
+    return f"{subject}, {differ}: {detail}"
 
 
 def table_for_picks(theory: ProbeGraph, found: list[str], known: dict) -> AxisTable | str | None:
