@@ -128,6 +128,24 @@ def test_output_that_does_not_depend_on_the_input():
         probe_rf(Constant(), (1, 1, 4, 4))
 
 
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_map_of_one_sample_that_does_not_depend_on_the_input_says_so_in_both_modes(mode):
+    """A buffer of one sample as the output: weights mode (8 draws) said the forward folds something into the batch
+    axis, where it depends on no input at all."""
+
+    class Buffered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.register_buffer("prior", torch.randn(1, 1, 8, 8))
+
+        def forward(self, x):
+            return self.prior
+
+    with pytest.raises(ProbeError, match="does not depend on the input: nothing to backpropagate"):
+        probe_rf(Buffered(), (1, 1, 8, 8), mode=mode)
+
+
 @pytest.mark.parametrize(("argument", "value"), [("mode", "exact"), ("draws", 0)])
 def test_bad_keyword_arguments(argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}"):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rf_callback import ProbeError, effective_rf, probe_rf, verify_rf
+from rf_callback import ProbeError, effective_rf, probe_rf, rf_table, verify_rf
 from rf_callback.core.geometry import AxisGeometry
 from tests.models import TinyResNet
 
@@ -152,6 +152,65 @@ def test_a_runs_per_backend_matmul_precision_is_full_inside_the_probe_and_restor
         for backend, precision in zip(backends, before):
             backend.fp32_precision = precision
     assert seen and set(seen) == {("ieee", "ieee")}
+
+
+class _MaskA(nn.Module):
+    """PixelCNN's mask A on a 5 x 5 kernel, as a parametrization."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.ones(5, 5)
+        mask[2, 2:], mask[3:] = 0, 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight):
+        return weight * self.mask
+
+
+def test_probes_inside_a_parametrization_cache_read_their_own_copys_weights():
+    """Inside ``parametrize.cached()`` (keyed by module id), a copy built where the previous probe's copy was freed
+    read that copy's cached weights: a weights probe after a theoretical one read the architecture's rows 5..9 for
+    6..9 (the trained kernel's top row is zero), a theoretical one after a weights one 6..9 for 5..9, and a
+    weights-mode table the theoretical rows. The user's cache is kept for after."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", _MaskA())
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[:, :, 0, :] = 0
+    shape, theory, trained = (1, 3, 16, 16), ((5, 9), (5, 11)), ((6, 9), (5, 11))
+    for order in (("theoretical", "weights"), ("weights", "theoretical")):
+        with torch.nn.utils.parametrize.cached():
+            cached = model[0].weight
+            bounds = {mode: probe_rf(model, shape, (8, 8), mode=mode).bounds for mode in order}
+            assert model[0].weight is cached
+        assert bounds == {"theoretical": theory, "weights": trained}
+    with torch.nn.utils.parametrize.cached():
+        assert [row.bounds for row in rf_table(model, shape, mode="weights")][-1] == trained
+
+
+def test_the_callers_saved_tensor_hooks_do_not_pack_the_probes_tensors():
+    """Lossy int8 packing of saved tensors (activation compression) around a weights probe lost a kernel column of
+    small weights: columns 6..11 for 5..11."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :, :, 0] *= 0.003
+    packed: list = []
+
+    def pack(tensor):
+        packed.append(1)
+        scale = tensor.abs().max() / 127
+        return torch.round(tensor / scale).to(torch.int8), scale, tensor.dtype
+
+    def unpack(saved):
+        values, scale, dtype = saved
+        return values.to(dtype) * scale
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        assert probe_rf(model, (1, 3, 16, 16), (8, 8), mode="weights").bounds == ((5, 11), (5, 11))
+        assert not packed
+        model(torch.ones(1, 3, 16, 16, requires_grad=True))
+    assert packed  # still the caller's after the probe
 
 
 def test_functional_dropout_in_training_mode_is_not_applied_in_the_copy():

@@ -216,6 +216,63 @@ def test_module_whose_output_does_not_depend_on_the_input_is_left_out():
     assert [row.name for row in rf_table(WithConstant(), (1, 1, 8, 8))] == ["conv"]
 
 
+def test_modules_that_return_several_feature_maps_are_left_out_with_a_warning():
+    """A block returning a tuple of maps and one returning a dict got no row and no word (their children do)."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y, self.b(y)
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return {"out": self.a(x)}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.named, self.head = Pair(), Named(), nn.Conv2d(2, 1, 1)
+
+        def forward(self, x):
+            first, second = self.pair(x)
+            return self.head(self.named(first + second)["out"])
+
+    with pytest.warns(UserWarning, match=r"2 rows are left out, of modules that return several outputs") as caught:
+        rows = rf_table(Model(), (1, 1, 16, 16))
+    assert [(row.name, row.full_size) for row in rows] == [
+        ("pair.a", (3, 3)), ("pair.b", (5, 5)), ("named.a", (7, 7)), ("head", (7, 7))
+    ]  # fmt: skip
+    message = str(caught[0].message)
+    assert "pair (tuple), named (dict)" in message and "layer='pair', element=...)" in message
+    assert probe_rf(Model(), (1, 1, 16, 16), layer="pair", element=1).size == (5, 5)
+
+
+def test_a_backbone_run_under_inference_mode_is_a_cut_not_a_crash():
+    """rf_table read each output's in-place count, which an inference tensor does not keep: it raised torch's
+    "Inference tensors do not track version counter" as the model's forward failing."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 1, 3)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                features = self.backbone(x)
+            return self.head(features.clone())
+
+    with pytest.warns(UserWarning, match=r"the rows from 'backbone' on are left out"):
+        assert rf_table(Frozen(), (1, 1, 12, 12)) == []
+
+
 def test_model_is_left_untouched():
     model = ResNetStyle().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -800,7 +800,11 @@ def forward_to(
             functions.output_channels_first = True
     if raw:
         return output
-    merged = _merged_back(copy, inputs, mode, layer) if output.dim() >= 3 and len(output) != len(inputs) else []
+    folded = output.dim() >= 3 and len(output) != len(inputs)
+    if folded and inputs.requires_grad and not output.requires_grad:  # a constant map, not samples folded into it
+        comparison = functions.comparison_behind(output) if hasattr(functions, "comparison_behind") else None
+        raise ProbeError(without_gradient(where(layer), comparison))
+    merged = _merged_back(copy, inputs, mode, layer) if folded else []
     return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from rf_callback.core import geometry_flow
@@ -2967,8 +2968,6 @@ def _tensors_computed_from(model: nn.Module) -> dict[int, str]:
     for the tensor it computes. Without this a pruned bias (Lightning's ``ModelPruning`` prunes biases by default)
     was kept in weights mode, where a negative one hid a path the bias-free network has.
     """
-    from torch.nn.utils import parametrize
-
     computes: dict[int, str] = {}
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
@@ -3249,10 +3248,35 @@ def probe_scope(device: torch.device) -> Iterator[None]:
     default = contextlib.nullcontext() if kept else torch.device("cpu")
     try:
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad(), default:
-            yield
+            with _outside_the_users_autograd_state():
+                yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _outside_the_users_autograd_state() -> Iterator[None]:
+    """The probe's passes without the caller's saved-tensor hooks and parametrization cache, both kept for after.
+
+    Hooks that pack saved tensors lossily (activation compression) would drop small gradients from a field; a
+    ``parametrize.cached()`` block keys its cache by module id, and a copy freed by one probe and the next copy
+    built at the same address would read the first copy's weights (the other mode's constants).
+    """
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooked = top_hooks is None or top_hooks(False) is not None
+    hooks = torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged) if hooked else contextlib.nullcontext()
+    enabled, cache = parametrize._cache_enabled, parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        with hooks:
+            yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = enabled, cache
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def model_device(model: nn.Module) -> torch.device:

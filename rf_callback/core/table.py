@@ -108,6 +108,7 @@ class _Output:
     depends_on_input: bool
     same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
+    holds_maps: bool = False  # a container holding a tensor with spatial axes that depends on the input
     after_cut: str | None = None  # a gradient cut the forward made before this output
     fixed_size: tuple = ()  # calls with a fixed output size before this output, and the dims fixed
     border_modes: tuple[str, ...] = ()  # paddings that read the input past its border, before this output
@@ -218,7 +219,8 @@ def rf_table(
     feature map of the input in its layout (below) and depends on the input is listed, containers included (a
     ``Sequential`` gets the row of its last child as well as its own). A submodule called more than once is left
     out with a warning (each call has a field of its own, which :func:`~rf_callback.core.probe.probe_rf` refuses to
-    choose). Each row equals
+    choose), and so is one that returns a tuple, list or dict of feature maps (a row reads one map:
+    ``probe_rf(..., element=...)`` probes one of them). Each row equals
     ``probe_rf(model, input_shape, "center", layer=name, mode=mode)`` with its geometry; all rows share one forward
     pass of the theoretical copy on the input (weights mode adds one of the real network per row), and the
     geometry of every row is read on thin inputs whose forward passes the rows share too. A row whose output is
@@ -280,6 +282,14 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
     inputs, outputs, captured = forwards.run(shape, record=True)
     if wanted is None:
         chosen = [o for o in outputs if o.feature_map]
+        containers = [o for o in outputs if o.holds_maps]
+        if containers:
+            warnings.warn(
+                f"rf_table: {_left_out(len(containers))}, of modules that return several outputs "
+                f"({_some(f'{o.name} ({o.container})' for o in containers)}): a row reads one feature map; probe one "
+                f"element with probe_rf(model, input_shape, layer={containers[0].name!r}, element=...)",
+                stacklevel=3,
+            )
         cut = next((o for o in chosen if o.after_cut), None)
         after = [o.name for o in chosen if o.after_cut]  # rows off the cut's path keep their fields
         through_masks = [o for o in chosen if not o.depends_on_input and o.compared is not None]
@@ -575,14 +585,18 @@ def _forward_outputs(
                 outputs[name] = dataclasses.replace(outputs[name], calls=outputs[name].calls + 1)
                 return
             if isinstance(output, (tuple, list, dict)):
-                outputs[name] = _Output(name, type(module).__name__, (), False, container=type(output).__name__)
+                elements = output.values() if isinstance(output, dict) else output
+                holds_maps = any(torch.is_tensor(e) and e.dim() >= 3 and e.requires_grad for e in elements)
+                outputs[name] = _Output(
+                    name, type(module).__name__, (), False, container=type(output).__name__, holds_maps=holds_maps
+                )
                 return
             if not isinstance(output, torch.Tensor):
                 return
-            key = (id(output), output._version)
+            key = (id(output), _version(output))
             same_as = producers.get(key)
             if same_as is None and _keeps_the_field(module) and args and torch.is_tensor(args[0]):
-                same_as = producers.get((id(args[0]), args[0]._version))
+                same_as = producers.get((id(args[0]), _version(args[0])))
             producers.setdefault(key, same_as or name)
             alive.append(output)
             # An operator overload (aten.max_pool2d.default) runs below the twins that hide no pixel: like a cut, the
@@ -658,6 +672,11 @@ def _forward_outputs(
             f"below the functions it knows; build the table on the eager module the graph was made from"
         )
     return inputs, list(outputs.values()), {} if dead else captured
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """How often ``tensor`` was changed in place; an inference-mode tensor keeps no count (and carries no field)."""
+    return 0 if tensor.is_inference() else tensor._version
 
 
 def _row(output: _Output, center, bounds, geometry, shape) -> LayerField:
