@@ -220,6 +220,33 @@ def test_a_channels_last_stretch_inside_a_block_keeps_the_flow(monkeypatch):
     assert shapes == [(1, 3, 64, 48)]
 
 
+class ChannelsLastStage(nn.Module):
+    """A stem and a depthwise 7 x 7, then channels last to the end (a Linear, a LayerNorm), as MambaOut ends."""
+
+    def __init__(self, move: str):
+        super().__init__()
+        self.move = move
+        self.stem, self.mix = nn.Conv2d(3, 8, 4, stride=4), nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.linear, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.mix(self.stem(x))
+        x = x.permute(0, 2, 3, 1) if self.move == "permute" else x.movedim(1, -1)
+        return self.norm(self.linear(x))
+
+
+@pytest.mark.parametrize("move", ["permute", "movedim"])
+def test_a_channels_last_output_keeps_the_flow_through_the_layouts_own_move(monkeypatch, move):
+    """``layout="channels_last"`` moved the output's channels back after the forward, out of the flow's sight: the
+    geometry was measured again on thin inputs (20 backward passes here, 19.6x a forward+backward pass on timm's
+    MambaOut). A ``movedim`` in the forward ended the flow too."""
+    measured, flowed, shapes = measured_and_flowed(
+        monkeypatch, ChannelsLastStage(move), (1, 3, 64, 48), layout="channels_last"
+    )
+    assert flowed == measured and flowed[0] == [(28, 4, 12)] * 2  # k4 s4, then 7 x 7 at jump 4: +24, P 12
+    assert shapes == [(1, 3, 64, 48)]
+
+
 class Conv2dSame(nn.Conv2d):
     """TensorFlow's "SAME" padding, as timm's tf_* models pad: amounts computed from the input's length, the
     smaller half first, then an unpadded convolution."""

@@ -725,6 +725,20 @@ class BandedAttention(nn.Module):
         return tokens.transpose(1, 2)
 
 
+class BiRecurrence(nn.Module):
+    """A convolution, then a bidirectional recurrence along the sequence (batch first)."""
+
+    def __init__(self, recurrence):
+        super().__init__()
+        self.conv, self.recurrence = (
+            nn.Conv1d(2, 4, 3, padding=1),
+            recurrence(4, 4, batch_first=True, bidirectional=True),
+        )
+
+    def forward(self, x):
+        return self.recurrence(self.conv(x).transpose(1, 2))[0].transpose(1, 2)
+
+
 def test_a_masked_fused_attention_is_no_global_coupling():
     """A fused attention counts as a softmax over every key only without a mask: a band keeps the field local."""
     field = probe_rf(BandedAttention(), (1, 2, 16))
@@ -741,6 +755,9 @@ def test_a_masked_fused_attention_is_no_global_coupling():
         # geometry cost 32 times its forward and backward pass, for "spans every input read").
         (FusedTokenAttention(), (1, 2, 30), "scaled_dot_product_attention"),
         (FusedTokenAttention(module=True), (1, 2, 30), "multi_head_attention_forward"),
+        # A bidirectional recurrence read thin inputs up to 32 times longer too (timm's Sequencer2D: 5.8x).
+        (BiRecurrence(nn.LSTM), (1, 2, 30), "lstm"),
+        (BiRecurrence(nn.GRU), (1, 2, 30), "gru"),
     ],
 )
 def test_a_field_that_spans_any_input_gets_none_at_once_with_the_reason(model, shape, call, monkeypatch):

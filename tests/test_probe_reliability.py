@@ -20,6 +20,7 @@ from rf_callback import ProbeError, effective_rf, probe_rf, rf_table, verify_rf
 from rf_callback.core.geometry import consistent
 from rf_callback.core.model_copy import _contracted_dims
 from tests.models import gated
+from tests.processes import run_isolated
 
 SHAPE = (1, 1, 20, 20)
 
@@ -2150,6 +2151,53 @@ def test_a_stop_gradient_written_by_hand_is_refused_in_both_modes(none, monkeypa
     for mode in ("theoretical", "weights"):
         with pytest.raises(ProbeError, match="_StopGradientByHand on the path .* no gradient at all"):
             probe_rf(model, (1, 1, 9, 9), (4, 4), mode=mode)
+
+
+class _SteppedStopped(nn.Module):
+    """The hand-written stop-gradient behind a recurrence stepped in Python, more nodes from the output than a walk
+    without cause reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.point, self.wide = nn.Conv1d(1, 1, 1), nn.Conv1d(1, 1, 5, padding=2)
+
+    def forward(self, x):
+        state = self.point(x) + _StopGradientByHand.apply(self.wide(x))
+        for _ in range(6000):
+            state = state + 1.0
+        return state
+
+
+def test_a_stop_gradient_behind_thousands_of_nodes_is_still_found():
+    """Walks of the graph stop at 5000 nodes where no custom Function may be (a deep graph walked whole crashed the
+    process when freed); a custom Function's forward reads the input with gradients off, which calls for the whole."""
+    with pytest.raises(ProbeError, match="_StopGradientByHand on the path .* no gradient at all"):
+        probe_rf(_SteppedStopped(), (1, 1, 9), 4)
+
+
+def test_the_geometry_of_a_recurrence_stepped_in_python_does_not_crash_the_process(tmp_path):
+    """A one-pole filter stepped over time in Python: the geometry's thin inputs (up to 20480 samples) built graphs
+    of some 60000 nodes, which the custom Functions' walk wrapped in Python objects; freeing them recursed in C
+    until the process died of a segmentation fault (a training run with it). It runs in a process of its own."""
+    code = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from rf_callback import probe_rf\n"
+        "class Filtered(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv1d(1, 2, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        x = self.conv(x)\n"
+        "        ys = [x[:, :, 0]]\n"
+        "        for t in range(1, x.shape[-1]):\n"
+        "            ys.append(x[:, :, t] - 0.9 * ys[-1])\n"
+        "        return torch.stack(ys, -1)\n"
+        "field = probe_rf(Filtered(), (1, 1, 10), 5)\n"
+        "print(field, list(field.geometry))\n"
+    )
+    output = run_isolated(["-c", code], tmp_path / "filtered.log", 300)
+    assert "RF of the output at (5,): 7 (input 0..6)" in output and "[None]" in output
 
 
 class _DoubledPair(torch.autograd.Function):

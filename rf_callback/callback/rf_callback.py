@@ -47,7 +47,7 @@ from rf_callback.callback.schedule import (
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
-from rf_callback.core.model_copy import MODES, autograd_nodes
+from rf_callback.core.model_copy import MODES, WALK_LIMIT, autograd_nodes
 from rf_callback.core.result import EffectiveField, ReceptiveField
 from rf_callback.core.sharding import fsdp1_parameters_whole, gather_note
 
@@ -879,8 +879,12 @@ def _weight_averaging_before(trainer, callback: Callback) -> int | None:
 
 
 def _made_by_parameters(tensor: torch.Tensor, parameters: set[int]) -> str | None:
-    """The name of ``tensor``'s autograd node where its graph reaches one of ``parameters`` (by id), else None."""
-    if any(id(getattr(node, "variable", None)) in parameters for node in autograd_nodes(tensor)):
+    """The name of ``tensor``'s autograd node where its graph reaches one of ``parameters`` (by id), else None.
+
+    The nodes nearest ``tensor`` only (a generator's last layer is among them): a walk of the whole of a training
+    graph tens of thousands of nodes deep would overflow the C stack when the graph is freed (see autograd_nodes).
+    """
+    if any(id(getattr(node, "variable", None)) in parameters for node in autograd_nodes(tensor, WALK_LIMIT)):
         return type(tensor.grad_fn).__name__
     return None
 

@@ -323,7 +323,7 @@ class GeometryFlow:
             return [source] if result.shape == first.shape else None
         if name == "__getitem__":
             return [source] if _keeps_positions(args[1], first.dim(), dims) else None
-        if name in ("permute", "transpose", "swapaxes", "swapdims"):
+        if name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"):
             order = permutation(name, args[1:], kwargs, first.dim())
             return [(flow, tuple(order.index(d) for d in dims))] if order[0] == 0 else None
         if name == "linear":  # acts on the last dim
@@ -414,10 +414,10 @@ def _is_feature_dim(dim, tensor: torch.Tensor, spatial: tuple[int, ...]) -> bool
 
 
 def permutation(name: str, dims, kwargs, n_dims: int) -> list[int]:
-    """The permutation of ``permute(*dims)`` or ``transpose(d0, d1)``: new dim ``i`` is old dim ``order[i]``.
+    """The permutation of ``permute(*dims)``, ``transpose(d0, d1)`` or ``movedim(source, destination)``.
 
     Args:
-        name: ``"permute"``, or ``"transpose"`` (``swapaxes``, ``swapdims``).
+        name: ``"permute"``, ``"movedim"`` (``moveaxis``), or ``"transpose"`` (``swapaxes``, ``swapdims``).
         dims: the call's arguments after the tensor.
         kwargs: its keyword arguments (a permute's ``dims=``).
         n_dims: the tensor's number of dims.
@@ -433,6 +433,16 @@ def permutation(name: str, dims, kwargs, n_dims: int) -> list[int]:
         order = [int(d) % n_dims for d in dims]
         if sorted(order) != list(range(n_dims)):
             raise ValueError("not a permutation")
+        return order
+    if name in ("movedim", "moveaxis"):
+        source, destination = (dims[0], dims[1]) if len(dims) >= 2 else (kwargs["source"], kwargs["destination"])
+        sources, destinations = ([int(d) % n_dims for d in (d if isinstance(d, (tuple, list)) else (d,))]
+                                 for d in (source, destination))  # fmt: skip
+        if len(set(sources)) != len(sources) or len(set(destinations)) != len(sources):
+            raise ValueError("not a permutation")
+        order = [d for d in range(n_dims) if d not in sources]
+        for target, moved in sorted(zip(destinations, sources)):
+            order.insert(target, moved)
         return order
     first, second = (int(d) % n_dims for d in dims[:2])
     order = list(range(n_dims))

@@ -20,9 +20,10 @@ from torch.nn.modules.conv import _ConvNd
 
 from rf_callback.core.arguments import checked_layout
 from rf_callback.core.geometry_flow import Flow
-from rf_callback.core.layouts import CHANNELS_FIRST, Tokens, axis_letters
+from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
     DROPPED_HOOKS,
+    WALK_LIMIT,
     ProbeError,
     autograd_nodes,
     checkpoints_run_through,
@@ -261,6 +262,7 @@ class ProbeGraph(GraphShapes):
             self.border_modes = functions.border_modes
             self.position_picks = picks_on_path(functions.position_picks, self.output)
             self.comparison = functions.comparison_behind(self.output)
+            walk = functions.read_without_grad
             if self.output.dim() < 3:
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
@@ -272,6 +274,7 @@ class ProbeGraph(GraphShapes):
                 check_channels_last(copy, self.output, request)
         else:
             self.inputs, self.output = captured
+            walk = True
         if not self.output.requires_grad:
             raise ProbeError(without_gradient(where(self.layer), self.comparison))
         self.output_shape = tuple(self.output.shape[2:])
@@ -281,7 +284,11 @@ class ProbeGraph(GraphShapes):
         self._blocked: list[str] = []
         # And those whose backward gave an input no gradient at all where an output had one (a stop-gradient).
         self._stopped: list[str] = []
-        _watch_custom_functions(self.output, self._blocked, self._stopped, theoretical=self.mode == "theoretical")
+        # Custom Functions' forwards read the input with gradients off: without such a read, a walk of the nearest
+        # nodes is enough (see autograd_nodes: a whole walk of a deep graph overflows the C stack when it is freed).
+        limit = None if walk else WALK_LIMIT
+        _watch_custom_functions(self.output, self._blocked, self._stopped, theoretical=self.mode == "theoretical",
+                                limit=limit)  # fmt: skip
         if self.mode == "theoretical":
             self.channel_weights = torch.ones(self.output.shape[:2], dtype=dtype, device=device)
         else:
@@ -452,7 +459,9 @@ class ProbeGraph(GraphShapes):
         return self._supports[key]
 
 
-def _watch_custom_functions(output: torch.Tensor, blocked: list[str], stopped: list[str], *, theoretical: bool) -> None:
+def _watch_custom_functions(
+    output: torch.Tensor, blocked: list[str], stopped: list[str], *, theoretical: bool, limit: int | None
+) -> None:
     """Hooks each custom ``autograd.Function`` on ``output``'s graph, to note a backward that cuts.
 
     A backward that gives an input that needs a gradient none at all (``None``, or zeros) where its outputs have one
@@ -463,7 +472,7 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], stopped: l
     backward that moves the gradient elsewhere (a sampling, a convolution written by hand) tells nothing this way.
     On the theoretical copy, a backward's negative gradients (a fused ``a - b`` written by hand, a gradient reversal
     layer) pass on as their magnitudes, as every other call's: they would cancel another branch's on its equal
-    constants.
+    constants. ``limit``: the nodes walked at most (see :func:`autograd_nodes`).
     """
 
     def hook(grad_inputs, grad_outputs, name, needed):
@@ -488,7 +497,7 @@ def _watch_custom_functions(output: torch.Tensor, blocked: list[str], stopped: l
                 blocked.append(name)
         return tuple(None if into is None else into.abs() for into in grad_inputs) if theoretical else None
 
-    for node in autograd_nodes(output):
+    for node in autograd_nodes(output, limit):
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             name = getattr(getattr(node, "_forward_cls", None), "__name__", type(node).__name__)
             needed = [next_node is not None for next_node, _ in node.next_functions]
@@ -805,7 +814,11 @@ def forward_to(
         comparison = functions.comparison_behind(output) if hasattr(functions, "comparison_behind") else None
         raise ProbeError(without_gradient(where(layer), comparison))
     merged = _merged_back(copy, inputs, mode, layer) if folded else []
-    return as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
+    laid_out = as_channels_first(output, request.layout, input_shape, layer, batch=len(inputs), merged=merged)
+    flow = getattr(functions, "flow", None)
+    if flow is not None and laid_out is not output and request.parsed_layout == CHANNELS_LAST:
+        flow.after("movedim", (output, -1, 1), {}, laid_out)  # the flow carries on through the layout's own move
+    return laid_out
 
 
 def _merged_back(copy: nn.Module, inputs, mode: str, layer: str | None) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import copy
@@ -225,6 +226,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # spatial axis, a product by a constant whose zeros lie at some positions only. Each with its result's
         # autograd node, which tells the outputs it reaches (see picks_on_path).
         self.position_picks: list[tuple[str, Any]] = []
+        # Whether a call read input-dependent values with gradients off: a custom autograd.Function's forward runs
+        # so (as does a torch.no_grad() block), and only then need its graph be walked for them (see graph.py).
+        self.read_without_grad = False
         # Boolean masks computed from input-dependent tensors (x > y), by id (weakly: a mask freed leaves, so a
         # later tensor reusing its id is not taken for one): a selection by such a mask (torch.where) picks
         # between paths by value, as a max does.
@@ -373,6 +377,10 @@ class _ProbeFunctions(TorchFunctionMode):
                 dims = _reduced_dims(name, args, kwargs)
                 if dims:
                     coupling = (name, tuple(args[0].shape), dims)
+            elif name in _RECURRENCES and len(args) >= 9 and isinstance(args[3], bool) and args[0].dim() == 3:
+                # A recurrence runs along its time dim: a bidirectional one couples it whole (the readings check
+                # that the centre field spans the input, which a one-way recurrence's prefix does not).
+                coupling = (name, tuple(args[0].shape), (1 if args[8] else 0,))
             elif name in _KEY_DIMS and _unmasked(name, args, kwargs):
                 # A softmax over all the keys inside one call (no mask: a band or a causal mask keeps it local)
                 key = _key_of(name, args, kwargs)
@@ -384,6 +392,8 @@ class _ProbeFunctions(TorchFunctionMode):
                 self.cuts.append(f"{name}(), a Python value made from the input")
             if name.startswith("fractional_max_pool"):
                 self.cuts += _fractional_pool_cut(name, args, kwargs, self.linearise)
+        if from_input and not torch.is_grad_enabled():
+            self.read_without_grad = True
         if from_input and not torch.is_grad_enabled() and geometry_flow.writes_in_place(name) and args:
             # Written in place without gradient: the target keeps no trace of what flowed into it.
             target = args[0]
@@ -1430,20 +1440,27 @@ def _writes_part_of(name: str, target, whole, args, kwargs, dim_at, dims: tuple[
     return region.dim() != n or any(region.shape[d] < whole.shape[d] for d in dims)
 
 
-def autograd_nodes(tensor: torch.Tensor) -> Iterator[Any]:
+# Nodes a walk visits when nothing calls for the whole graph (see autograd_nodes).
+WALK_LIMIT = 5000
+
+
+def autograd_nodes(tensor: torch.Tensor, limit: int | None = None) -> Iterator[Any]:
     """Each node of ``tensor``'s autograd graph once, from its ``grad_fn`` back to the leaves' nodes.
 
-    Iterative: a deep model's graph would overflow Python's stack.
+    Iterative: a deep model's graph would overflow Python's stack. Each node walked keeps the Python wrapper the walk
+    made, and a chain of wrapped nodes is freed recursively, in C: a graph tens of thousands of nodes deep (a
+    recurrence stepped in Python over a long input) overflows the C stack when it is freed. ``limit``: at most this
+    many nodes, nearest the output first.
     """
-    seen: set[int] = set()
-    stack = [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
+    seen: dict[int, Any] = {}  # the wrappers by id, alive while the walk runs: an id is not reused
+    queue = collections.deque([tensor.grad_fn])
+    while queue and (limit is None or len(seen) < limit):
+        node = queue.popleft()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         yield node
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        queue.extend(next_node for next_node, _ in node.next_functions)
 
 
 def picks_on_path(picks: list[tuple[str, Any]], output: torch.Tensor) -> list[str]:
@@ -1733,19 +1750,9 @@ def _einsum_order(equation: str) -> tuple[int, ...]:
 def _moved_dim(name: str, args, kwargs, rank: int, dim: int) -> int | None:
     """Where ``dim`` of a tensor of ``rank`` dims lies after a permute, transpose or movedim; None if unread."""
     try:
-        if name in ("permute", "transpose", "swapaxes", "swapdims"):
-            if name != "permute" and len(args) < 2:  # torch.transpose(x, dim0=1, dim1=2)
-                args = (kwargs["dim0"], kwargs["dim1"])
-            return geometry_flow.permutation(name, args, kwargs, rank).index(dim)
-        source, destination = (args[0], args[1]) if len(args) >= 2 else (kwargs["source"], kwargs["destination"])
-        sources = [int(d) % rank for d in (source if isinstance(source, (tuple, list)) else (source,))]
-        destinations = [
-            int(d) % rank for d in (destination if isinstance(destination, (tuple, list)) else (destination,))
-        ]
-        order = [d for d in range(rank) if d not in sources]
-        for target, moved in sorted(zip(destinations, sources)):
-            order.insert(target, moved)
-        return order.index(dim)
+        if name in ("transpose", "swapaxes", "swapdims") and len(args) < 2:  # torch.transpose(x, dim0=1, dim1=2)
+            args = (kwargs["dim0"], kwargs["dim1"])
+        return geometry_flow.permutation(name, args, kwargs, rank).index(dim)
     except (TypeError, ValueError, KeyError, IndexError):
         return None
 
