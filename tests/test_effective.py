@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from rf_callback import NoGradientError, effective_rf, probe_rf
+from rf_callback import NoGradientError, ProbeError, effective_rf, probe_rf
 from rf_callback.core.effective import center_of_mass, high_contribution, mass_extent, spread
 
 TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
@@ -51,6 +51,38 @@ def test_trained_biases_change_which_relus_are_active():
     with pytest.raises(NoGradientError, match="the output position is zero everywhere"):
         effective_rf(model, inputs, 5)  # as trained, the bias silences every unit
     assert effective_rf(model, inputs, 5, biases="zero").extent(1.0) == ((5, 9),)
+
+
+class _OverChannels(nn.Module):
+    """A LayerNorm (``"norm"``) or a softmax (``"softmax"``) over the channels of each position, channels first."""
+
+    def __init__(self, kind: str, channels: int):
+        super().__init__()
+        self.kind, self.norm = kind, nn.LayerNorm(channels)
+
+    def forward(self, x):
+        if self.kind == "softmax":
+            return x.softmax(dim=1)
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("norm", torch.float32), ("norm", torch.float64), ("softmax", torch.float32)]
+)
+def test_a_map_whose_channels_cancel_is_refused_as_rounding_noise(kind, dtype):
+    """The map adds the output's channels at the position; after a LayerNorm with equal scales, or a softmax, over
+    the channels their sum is a constant, so its gradient is zero. The rounding left over (1e-8 in float32) was read
+    as a field: extent (92, 106) of 200 samples, with metrics, where a single channel's gradient is about 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 8, 9, padding=4), nn.GELU(), nn.Conv1d(8, 8, 9, padding=4), _OverChannels(kind, 8)
+    )
+    with pytest.raises(ProbeError, match="the output position is rounding noise: .* cancel .* layer="):
+        effective_rf(model, torch.randn(4, 1, 200), 100, dtype=dtype)
+    with torch.no_grad():  # channels scaled apart: their sum is no constant, and the map a field
+        model[3].norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    if kind == "norm":
+        assert effective_rf(model, torch.randn(4, 1, 200), 100, dtype=dtype).extent(1.0) == ((92, 108),)
 
 
 def test_box_map_metrics_in_1d_2d_3d():

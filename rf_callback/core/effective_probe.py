@@ -74,6 +74,8 @@ def effective_rf(
     Raises:
         NoGradientError: the map of some position is zero everywhere (a ``ValueError``; its ``positions`` say
             which).
+        ProbeError: the map of some position is rounding noise: the output's channels, which the map adds, have
+            gradients that cancel (a normalisation or a softmax over them); probe a layer before it.
         ValueError: an argument is wrong (inputs that are not a batch, hold no sample or hold NaN or inf among
             them), or the map is not finite.
         ProbeError: the forward raised, cuts the gradient, or gives a non-finite output.
@@ -144,13 +146,28 @@ def effective_rf(
                     last = index == len(fields) - 1 and sample is samples[-1]
                     (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=not last)
                     totals[index] += gradient[sample].abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
-    dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
-    if dead:
-        raise NoGradientError(
-            f"the gradient map of {_positions_named(dead, len(fields))} is zero everywhere on these "
-            f"{inputs.shape[0]} inputs: the output there does not depend on them (dead units, zero weights)"
-            + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
-            dead,
+        dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
+        if dead:
+            raise NoGradientError(
+                f"the gradient map of {_positions_named(dead, len(fields))} is zero everywhere on these "
+                f"{inputs.shape[0]} inputs: the output there does not depend on them (dead units, zero weights)"
+                + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
+                dead,
+            )
+        scales = _signed_scales(copy, inputs[:1].detach(), request, [field.position for field in fields])
+        rounding = _ROUNDING_NOISE * torch.finfo(dtype).eps
+        noise = [
+            (field.position, float(total.max()) / inputs.shape[0] / scale)
+            for field, total, scale in zip(fields, totals, scales)
+            if float(total.max()) / inputs.shape[0] <= rounding * scale
+        ]
+    if noise:
+        positions = [position for position, _ in noise]
+        raise ProbeError(
+            f"the gradient map of {_positions_named(positions, len(fields))} is rounding noise: its largest value "
+            f"is {noise[0][1]:.1e} of the gradient with the output's channels weighed by random signs, so the "
+            f"channels' gradients, which the map adds at the position, cancel (a normalisation or a softmax over "
+            f"the channels makes their sum a constant); measure a layer before it with layer="
         )
     effective = [
         EffectiveField(
@@ -164,6 +181,31 @@ def effective_rf(
         for field, total in zip(fields, totals)
     ]
     return effective if isinstance(theoretical, list) else effective[0]
+
+
+# A map at most this many float epsilons of the signed scale (see _signed_scales) is rounding noise: the channels'
+# gradients cancel exactly, and only their rounding errors are left (a few epsilons over a deep graph).
+_ROUNDING_NOISE = 1000
+
+
+def _signed_scales(copy: nn.Module, sample: torch.Tensor, request: ProbeRequest, positions: list) -> list[float]:
+    """Per position, the largest input gradient of one sample's output there with its channels weighed by signs.
+
+    The map adds the output's channels at the position; where their gradients cancel (their sum is a constant), it
+    holds rounding noise alone, many orders of magnitude below the gradients of the channels themselves, which
+    random signs (fixed, for the same answer every time) keep from cancelling. One forward and one backward pass
+    per position, of one sample.
+    """
+    x = sample.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
+    output = forward_to(copy, x, request)
+    signs = torch.randint(0, 2, output.shape[:2], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scales = []
+    for index, position in enumerate(positions):
+        cotangent = torch.zeros_like(output)
+        cotangent[(slice(None), slice(None)) + tuple(position)] = signs.to(output)
+        (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(positions) - 1)
+        scales.append(float(gradient.abs().sum(dim=1).max()))
+    return scales
 
 
 def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:
