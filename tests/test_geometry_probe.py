@@ -17,6 +17,7 @@ from rf_callback.core import geometry_flow
 from rf_callback.core.geometry import AxisGeometry, chain_geometry
 from rf_callback.core.geometry_probe import ELSEWHERE, TOO_FEW_WHOLE
 from rf_callback.core.graph import ProbeGraph
+from rf_callback.core.request import ProbeRequest
 from tests.chains import Layer, closed_form, runnable
 from tests.models import TinyResNet, TinyUNet, gated, seed_readme_convs
 from tests.test_probe_closed_form import chains
@@ -482,6 +483,49 @@ def test_columns_picked_in_even_steps_keep_their_geometry(how):
     """Every other column by a fixed index or mask reads as the slice ``[..., 1::2]`` does: (3, 2, 0)."""
     field = probe_rf(Reordered(how, torch.arange(1, 16, 2)), (1, 1, 16, 16), "center")
     assert tuple(field.geometry) == (AxisGeometry(3, 1, 1), AxisGeometry(3, 2, 0))
+
+
+class _Rejoined(nn.Module):
+    """One tensor's slices joined again out of their order: ``how`` is ``"swap"`` (outputs 4 and 5 swapped inside a
+    border padded by 6), ``"flip"`` (row 1 flipped along the width), ``"gap"`` (row 5 left out) or ``"chunks"``
+    (halves joined again in order)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv1d(1, 1, 3) if how == "swap" else nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        if self.how == "swap":
+            y = self.conv(F.pad(x, (6, 6)))
+            return torch.cat([y[..., :4], y[..., 5:6], y[..., 4:5], y[..., 6:]], -1)
+        y = self.conv(x)
+        if self.how == "flip":
+            return torch.cat([y[:, :, :1], y[:, :, 1:2].flip(-1), y[:, :, 2:]], 2)
+        if self.how == "gap":
+            return torch.cat([y[:, :, :5], y[:, :, 6:]], 2)
+        return torch.cat(y.split([5, 7], dim=2), 2)
+
+
+@pytest.mark.parametrize(("how", "shape", "axis"), [("swap", (1, 1, 20), 0), ("flip", (1, 1, 12, 14), 1),
+                                                    ("gap", (1, 1, 12, 14), 0)])  # fmt: skip
+def test_slices_of_one_tensor_joined_out_of_order_have_no_geometry_there(how, shape, axis):
+    """Outputs 4 and 5 swapped read 1..1 and 0..1 against spans clipped to 0..0 and 0..1 of (3, 1, 6); a row flipped
+    reads columns 5..7 at column 7 for a span of 6..8; a row left out shifts the rows after it. The centre probe
+    gave the geometry of the tensor they were cut from (its border checks read the ends, not those indices; the
+    row's flip lies on another axis); every index is measured now."""
+    field = probe_rf(_Rejoined(how), shape, "center")
+    assert field.geometry[axis] is None
+    assert "out of their order" in field.geometry.reasons[axis]
+
+
+def test_slices_of_one_tensor_joined_in_order_keep_the_geometry_without_a_pick():
+    """Pieces split and joined again in order read as the tensor they were cut from."""
+    field = probe_rf(_Rejoined("chunks"), (1, 1, 12, 14), "center")
+    assert tuple(field.geometry) == (AxisGeometry(3, 1, 1),) * 2
+    assert not any(field.geometry.reasons)
+    model = _Rejoined("chunks")
+    assert not ProbeGraph(model, ProbeRequest.checked(model, (1, 1, 12, 14))).position_picks
 
 
 def test_a_gather_whose_columns_shift_from_row_to_row_has_no_column_geometry():

@@ -146,6 +146,18 @@ def test_a_map_of_one_sample_that_does_not_depend_on_the_input_says_so_in_both_m
         probe_rf(Buffered(), (1, 1, 8, 8), mode=mode)
 
 
+@pytest.mark.parametrize("pos", ["center", "all"])
+def test_an_output_axis_without_positions_is_named_for_center_and_all(pos):
+    """``x[..., 1:-1]`` on two samples leaves no position: "center" and "all" raised a bare IndexError."""
+
+    class Cropped(nn.Module):
+        def forward(self, x):
+            return x[..., 1:-1]
+
+    with pytest.raises(ValueError, match=rf"spatial shape \(0,\): an axis without positions, so pos='{pos}'"):
+        probe_rf(Cropped(), (1, 1, 2), pos)
+
+
 @pytest.mark.parametrize(("argument", "value"), [("mode", "exact"), ("draws", 0)])
 def test_bad_keyword_arguments(argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}"):

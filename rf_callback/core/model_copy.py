@@ -1293,7 +1293,64 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
     if dim % pieces[0].dim() not in dims:
         return None
     branches = len(set().union(*map(_sources, pieces)))
-    return None if branches < 2 else f"{name}() that joins pieces of {branches} branches along a spatial axis"
+    if branches >= 2:
+        return f"{name}() that joins pieces of {branches} branches along a spatial axis"
+    if not _in_order(list(joined), dim % pieces[0].dim()):
+        return f"{name}() that joins pieces of one tensor out of their order along a spatial axis"
+    return None
+
+
+def _in_order(joined: list, dim: int) -> bool:
+    """Whether a concatenation along ``dim`` puts one tensor's pieces back as they lay: ``cat(y.chunk(2, dim), dim)``.
+
+    Each piece must be a slice (step 1) or a split of one tensor along ``dim``, or that tensor whole, each starting
+    where the one before it stopped; a piece of constants may open or close the row (a padding). Pieces swapped
+    (``cat([y[..., 5:6], y[..., 4:5]])``), a row flipped or shifted along another axis, a gap or a repeat (a padding
+    made of border slices, a roll) move fields from one position to another.
+    """
+    ranges = []
+    for index, piece in enumerate(joined):
+        if not isinstance(piece, torch.Tensor):
+            return False
+        if not _depends_on_input(piece):
+            if 0 < index < len(joined) - 1:
+                return False
+            continue
+        found = _piece_range(piece, dim)
+        if found is None:
+            return False
+        ranges.append(found)
+    return all(
+        source == next_source and stop == next_start
+        for (source, _, stop), (next_source, next_start, _) in zip(ranges, ranges[1:])
+    )
+
+
+def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
+    """The tensor a piece of a concatenation was cut from (by its autograd node's id), and where along ``dim``.
+
+    A slice (step 1) or a split along ``dim``, or the tensor whole: ``(source, start, stop)``; None for any other.
+    """
+    node: Any = piece.grad_fn  # its saved arguments are read by name
+    if node is None:
+        return None
+    kind = type(node).__name__
+    if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
+        return id(node), 0, piece.shape[dim]
+    sizes = node._saved_self_sym_sizes
+    if node._saved_dim % len(sizes) != dim:
+        return None
+    if kind == "SliceBackward0":
+        if node._saved_step != 1:
+            return None
+        start = node._saved_start - (1 << 64) if node._saved_start >= 1 << 63 else node._saved_start
+        start = min(max(start + sizes[dim] if start < 0 else start, 0), sizes[dim])
+    elif kind == "SplitBackward0":
+        start = piece.output_nr * node._saved_split_size
+    else:
+        start = sum(node._saved_split_sizes[: piece.output_nr])
+    source = node.next_functions[0][0]
+    return id(source), start, start + piece.shape[dim]
 
 
 # Calls that pick positions by an index tensor (or list, or fixed mask); how each takes its dim (see _reordered).

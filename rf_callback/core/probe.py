@@ -162,6 +162,11 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
         ValueError: ``pos`` is not a position, a list of them, ``"center"`` or ``"all"``, or is outside the map.
     """
     place = where(layer)
+    if isinstance(pos, str) and pos in ("center", "all") and 0 in output_shape:
+        raise ValueError(
+            f"the output map of {place} has spatial shape {tuple(output_shape)}: an axis without positions, so "
+            f"pos={pos!r} names none; probe a larger input or a layer before the one that empties it"
+        )
     if isinstance(pos, str):
         if pos == "center":
             return [tuple(n // 2 for n in output_shape)], "single"
