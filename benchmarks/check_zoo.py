@@ -61,6 +61,8 @@ TIMM = [
     ("coatnet_0_rw_224", "channels_first", 224),
     ("poolformer_s12", "channels_first", 224),
     ("edgenext_xx_small", "channels_first", 256),
+    ("mambaout_femto", "channels_last", 224),
+    ("sequencer2d_s", "channels_last", 224),
 ]
 
 

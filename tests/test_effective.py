@@ -85,6 +85,27 @@ def test_a_map_whose_channels_cancel_is_refused_as_rounding_noise(kind, dtype):
         assert effective_rf(model, torch.randn(4, 1, 200), 100, dtype=dtype).extent(1.0) == ((92, 108),)
 
 
+def test_a_small_real_map_beside_cancelling_channels_is_kept_or_asks_for_float64():
+    """Scales 1e-4 apart leave a real map 1e-4 of the channels' own gradients, which float32 resolves (it agrees with
+    float64's to 2e-4): it is kept, where the first version of the refusal took it for noise. Scales 1e-6 apart
+    leave one near float32's rounding: float32 is refused with the fix, float64 measures it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 8, 9, padding=4), nn.GELU(), nn.Conv1d(8, 8, 9, padding=4), _OverChannels("norm", 8)
+    )
+    inputs = torch.randn(4, 1, 200)
+    with torch.no_grad():
+        model[3].norm.weight.add_(1e-4 * torch.randn(8))
+    narrow = effective_rf(model, inputs, 100)
+    wide = effective_rf(model, inputs, 100, dtype=torch.float64)
+    assert (narrow.heatmap - wide.heatmap).abs().max() < 1e-3 * wide.heatmap.max()
+    with torch.no_grad():
+        model[3].norm.weight.fill_(1.0).add_(1e-6 * torch.randn(8))
+    with pytest.raises(ProbeError, match=r"below what torch.float32 resolves: .* pass dtype=torch.float64"):
+        effective_rf(model, inputs, 100)
+    assert effective_rf(model, inputs, 100, dtype=torch.float64).heatmap.max() > 0
+
+
 def test_box_map_metrics_in_1d_2d_3d():
     for shape, box in [((11,), (slice(3, 8),)), ((9, 12), (slice(2, 5), slice(4, 10))),
                        ((6, 7, 8), (slice(1, 3), slice(2, 5), slice(0, 4)))]:  # fmt: skip

@@ -154,20 +154,28 @@ def effective_rf(
                 + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
                 dead,
             )
-        scales = _signed_scales(copy, inputs[:1].detach(), request, [field.position for field in fields])
+        first_input, positions = inputs[:1].detach(), [field.position for field in fields]
+        scales = [float(m.max()) for m in _one_sample_maps(copy, first_input, request, positions, signed=True)]
         rounding = _ROUNDING_NOISE * torch.finfo(dtype).eps
-        noise = [
+        suspects = [
             (field.position, float(total.max()) / inputs.shape[0] / scale)
             for field, total, scale in zip(fields, totals, scales)
             if float(total.max()) / inputs.shape[0] <= rounding * scale
         ]
+        noise, imprecise = _rounding_noise(model, copy, first_input, request, suspects, biases == "zero")
     if noise:
-        positions = [position for position, _ in noise]
         raise ProbeError(
-            f"the gradient map of {_positions_named(positions, len(fields))} is rounding noise: its largest value "
-            f"is {noise[0][1]:.1e} of the gradient with the output's channels weighed by random signs, so the "
-            f"channels' gradients, which the map adds at the position, cancel (a normalisation or a softmax over "
-            f"the channels makes their sum a constant); measure a layer before it with layer="
+            f"the gradient map of {_positions_named([p for p, _ in noise], len(fields))} is rounding noise: its "
+            f"largest value is {noise[0][1]:.1e} of the gradient with the output's channels weighed by random signs, "
+            f"so the channels' gradients, which the map adds at the position, cancel (a normalisation or a softmax "
+            f"over the channels makes their sum a constant); measure a layer before it with layer="
+        )
+    if imprecise:
+        raise ProbeError(
+            f"the gradient map of {_positions_named(imprecise, len(fields))} is below what {dtype} resolves: the "
+            f"output's channels, which the map adds at the position, nearly cancel (a normalisation over the "
+            f"channels with nearly equal scales), and in float64 the map of one input differs by more than 1 % from "
+            f"the {dtype} one; pass dtype=torch.float64"
         )
     effective = [
         EffectiveField(
@@ -188,24 +196,55 @@ def effective_rf(
 _ROUNDING_NOISE = 1000
 
 
-def _signed_scales(copy: nn.Module, sample: torch.Tensor, request: ProbeRequest, positions: list) -> list[float]:
-    """Per position, the largest input gradient of one sample's output there with its channels weighed by signs.
+def _one_sample_maps(
+    copy: nn.Module, sample: torch.Tensor, request: ProbeRequest, positions: list, *, signed: bool
+) -> list[torch.Tensor]:
+    """Per position, one sample's map (the input gradient's magnitude summed over the input's channels).
 
-    The map adds the output's channels at the position; where their gradients cancel (their sum is a constant), it
-    holds rounding noise alone, many orders of magnitude below the gradients of the channels themselves, which
-    random signs (fixed, for the same answer every time) keep from cancelling. One forward and one backward pass
-    per position, of one sample.
+    The output's channels at the position weigh 1 each, as in the effective field, or (``signed``) by fixed random
+    signs, which keep their gradients from cancelling: the scale of the channels' own gradients. One forward and
+    one backward pass per position, of one sample.
     """
     x = sample.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
     output = forward_to(copy, x, request)
     signs = torch.randint(0, 2, output.shape[:2], generator=torch.Generator().manual_seed(0)) * 2 - 1
-    scales = []
+    weights = signs.to(output) if signed else torch.ones_like(signs).to(output)
+    maps = []
     for index, position in enumerate(positions):
         cotangent = torch.zeros_like(output)
-        cotangent[(slice(None), slice(None)) + tuple(position)] = signs.to(output)
+        cotangent[(slice(None), slice(None)) + tuple(position)] = weights
         (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(positions) - 1)
-        scales.append(float(gradient.abs().sum(dim=1).max()))
-    return scales
+        maps.append(gradient[0].abs().sum(dim=0).to("cpu", torch.float64))
+    return maps
+
+
+def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, zero_biases: bool):
+    """Which ``suspects`` (positions, with their map's ratio to the signed scale) are noise, or beyond float32.
+
+    A map at most ``_ROUNDING_NOISE`` epsilons of the signed scale is noise where its channels cancel exactly; in
+    float32 that is decided on one sample in float64 (a LayerNorm's scales that differ by 1e-4 leave a real map of
+    that size): noise where float64's map is as small in its own epsilons, too imprecise where float32's map of
+    that sample differs from float64's by more than 1 %, else real.
+
+    Returns:
+        The positions of noise (with their ratio), and those a float32 map cannot resolve.
+    """
+    if not suspects or request.dtype == torch.float64:
+        return suspects, []
+    positions = [position for position, _ in suspects]
+    wide_request = request.in_dtype(torch.float64)
+    wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
+    wide_maps = _one_sample_maps(wide, sample, wide_request, positions, signed=False)
+    wide_scales = _one_sample_maps(wide, sample, wide_request, positions, signed=True)
+    narrow_maps = _one_sample_maps(copy, sample, request, positions, signed=False)
+    noise, imprecise = [], []
+    for (position, ratio), exact, scale, narrow in zip(suspects, wide_maps, wide_scales, narrow_maps):
+        largest = float(exact.max())
+        if largest <= _ROUNDING_NOISE * torch.finfo(torch.float64).eps * float(scale.max()):
+            noise.append((position, ratio))
+        elif float((narrow - exact).abs().max()) > 0.01 * largest:
+            imprecise.append(position)
+    return noise, imprecise
 
 
 def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:

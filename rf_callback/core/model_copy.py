@@ -1301,42 +1301,44 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
 
 
 def _in_order(joined: list, dim: int) -> bool:
-    """Whether a concatenation along ``dim`` puts one tensor's pieces back as they lay: ``cat(y.chunk(2, dim), dim)``.
+    """Whether a concatenation along ``dim`` puts one tensor's pieces back as they lay, padded at most at its ends.
 
-    Each piece must be a slice (step 1) or a split of one tensor along ``dim``, or that tensor whole, each starting
-    where the one before it stopped; a piece of constants may open or close the row (a padding). Pieces swapped
-    (``cat([y[..., 5:6], y[..., 4:5]])``), a row flipped or shifted along another axis, a gap or a repeat (a padding
-    made of border slices, a roll) move fields from one position to another.
+    Its core must be slices (step 1) or splits of one tensor along ``dim``, or that tensor whole, each starting where
+    the one before it stopped, from the tensor's first index to its last (``cat(y.chunk(2, dim), dim)``), and hold
+    at least half the result. Pieces before and after the core are a padding (constants, class tokens, border rows
+    of the same branch: a reflection, a replication, a wrap), whose fields the checks at the axis's ends read. Pieces
+    swapped (``cat([y[..., 5:6], y[..., 4:5]])``), a row flipped or shifted along another axis, a gap or a constant
+    inside the core move fields from one position to another.
     """
-    ranges = []
-    for index, piece in enumerate(joined):
-        if not isinstance(piece, torch.Tensor):
-            return False
-        if not _depends_on_input(piece):
-            if 0 < index < len(joined) - 1:
-                return False
+    ranges = [_piece_range(piece, dim) if _depends_on_input(piece) else None for piece in joined]
+    total = sum(piece.shape[dim] for piece in joined if isinstance(piece, torch.Tensor) and piece.dim() > dim)
+    for first, found in enumerate(ranges):
+        if found is None or found[1] != 0 or 2 * found[3] < total:
             continue
-        found = _piece_range(piece, dim)
-        if found is None:
-            return False
-        ranges.append(found)
-    return all(
-        source == next_source and stop == next_start
-        for (source, _, stop), (next_source, next_start, _) in zip(ranges, ranges[1:])
-    )
+        source, _, stop, length = found
+        last = first
+        while stop != length and last + 1 < len(ranges):
+            following = ranges[last + 1]
+            if following is None or following[0] != source or following[1] != stop:
+                break
+            last, stop = last + 1, following[2]
+        if stop == length:
+            return True
+    return False
 
 
-def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
-    """The tensor a piece of a concatenation was cut from (by its autograd node's id), and where along ``dim``.
+def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int, int] | None:
+    """Where a piece of a concatenation was cut from: ``(source, start, stop, length)`` along ``dim``, or None.
 
-    A slice (step 1) or a split along ``dim``, or the tensor whole: ``(source, start, stop)``; None for any other.
+    A slice (step 1) or a split along ``dim`` of a tensor (``source``: its autograd node's id; ``length``: its
+    length along ``dim``), or that tensor whole; None for any other piece.
     """
     node: Any = piece.grad_fn  # its saved arguments are read by name
     if node is None:
         return None
     kind = type(node).__name__
     if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
-        return id(node), 0, piece.shape[dim]
+        return id(node), 0, piece.shape[dim], piece.shape[dim]
     sizes = node._saved_self_sym_sizes
     if node._saved_dim % len(sizes) != dim:
         return None
@@ -1350,7 +1352,7 @@ def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int] | None:
     else:
         start = sum(node._saved_split_sizes[: piece.output_nr])
     source = node.next_functions[0][0]
-    return id(source), start, start + piece.shape[dim]
+    return id(source), start, start + piece.shape[dim], sizes[dim]
 
 
 # Calls that pick positions by an index tensor (or list, or fixed mask); how each takes its dim (see _reordered).
@@ -1373,7 +1375,10 @@ def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
         along = _indexed_dims(args[1] if len(args) > 1 else None, n)
         if along is None:
             return None
-        reordered = [d for d, index in along.items() if d in dims and not _even_steps(index, source.shape[d], None)]
+        reordered = [
+            d for d, index in along.items()
+            if d in dims and not _even_steps(index, source.shape[d], None) and not _padded(index, source.shape[d])
+        ]  # fmt: skip
         if len(along) > 1 and any(d in dims for d in along):
             reordered = reordered or [next(d for d in along if d in dims)]  # indices broadcast together: unsure
     else:
@@ -1383,7 +1388,8 @@ def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
         if not isinstance(dim, int) or not isinstance(index, torch.Tensor) or dim % n not in dims:
             return None
         dim %= n
-        reordered = [] if _even_steps(index, source.shape[dim], None if name == "index_select" else dim) else [dim]
+        even = _even_steps(index, source.shape[dim], None if name == "index_select" else dim)
+        reordered = [] if even or (name == "index_select" and _padded(index, source.shape[dim])) else [dim]
     if not reordered:
         return None
     return f"{name}() that picks positions along a spatial axis by a fixed index, not in even steps"
@@ -1421,6 +1427,23 @@ def _indexed_dims(key, n_dims: int) -> dict[int, Any] | None:
         else:
             dim += 1
     return found or None
+
+
+def _padded(index, size: int) -> bool:
+    """Whether a 1-D ``index`` holds every position in order, ``0 .. size - 1``, with others only before and after it.
+
+    A padding written as an index (a symmetric or reflecting one, ``x[..., [1, 0, 0, 1, ..., n - 1, n - 1]]``): its
+    ends' fields are read by the checks at the axis's ends, as ``F.pad``'s are.
+    """
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.numel() < size:
+        return False
+    index = index.remainder(size)
+    order = torch.arange(size, device=index.device)
+    starts = (index == 0).nonzero().flatten().tolist()
+    return any(
+        start + size <= len(index) and 2 * size >= len(index) and bool((index[start : start + size] == order).all())
+        for start in starts
+    )
 
 
 def _even_steps(index, size: int, dim: int | None) -> bool:

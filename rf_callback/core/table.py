@@ -586,7 +586,10 @@ def _forward_outputs(
                 return
             if isinstance(output, (tuple, list, dict)):
                 elements = output.values() if isinstance(output, dict) else output
-                holds_maps = any(torch.is_tensor(e) and e.dim() >= 3 and e.requires_grad for e in elements)
+                # maps of the input's rank (or tokens, under a token layout): a recurrence's (N, L, C) beside an
+                # image's rows, an attention's weights, hold none
+                rank = 3 if isinstance(checked_layout(layout), Tokens) else len(shape)
+                holds_maps = any(torch.is_tensor(e) and e.dim() == rank and e.requires_grad for e in elements)
                 outputs[name] = _Output(
                     name, type(module).__name__, (), False, container=type(output).__name__, holds_maps=holds_maps
                 )
