@@ -106,6 +106,24 @@ def test_a_small_real_map_beside_cancelling_channels_is_kept_or_asks_for_float64
     assert effective_rf(model, inputs, 100, dtype=torch.float64).heatmap.max() > 0
 
 
+def test_a_suspect_map_of_a_model_that_runs_in_float32_alone_says_float64_was_tried():
+    """The float64 check of a map near rounding noise ran the model's forward in float64, whose refusal reached the
+    user as "the model's forward raised", without a word of float64."""
+
+    class Float32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv1d(1, 8, 9, padding=4), _OverChannels("norm", 8)
+
+        def forward(self, x):
+            if x.dtype != torch.float32:
+                raise RuntimeError("float32 only")
+            return self.norm(self.conv(x))
+
+    with pytest.raises(ProbeError, match=r"the float64 copy that would tell them apart failed \(.*float32 only"):
+        effective_rf(Float32Only(), torch.randn(4, 1, 60), 30)
+
+
 def test_box_map_metrics_in_1d_2d_3d():
     for shape, box in [((11,), (slice(3, 8),)), ((9, 12), (slice(2, 5), slice(4, 10))),
                        ((6, 7, 8), (slice(1, 3), slice(2, 5), slice(0, 4)))]:  # fmt: skip

@@ -548,6 +548,52 @@ def test_slices_of_one_tensor_joined_in_order_keep_the_geometry_without_a_pick(h
     assert not ProbeGraph(model, ProbeRequest.checked(model, (1, 1, 12, 14))).position_picks
 
 
+class _PaddedByPieces(nn.Module):
+    """A convolution, a padding made of ``pad(y)``'s pieces of its output, then six 3-wide convolutions."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad, self.first = pad, nn.Conv1d(2, 4, 3, padding=1)
+        self.rest = nn.Sequential(*[nn.Conv1d(4, 4, 3, padding=1) for _ in range(6)])
+
+    def forward(self, x):
+        return self.rest(self.pad(self.first(x)))
+
+
+def _reflected(y: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([y[..., 1 : width + 1].flip(-1), y, y[..., -width - 1 : -1].flip(-1)], -1)
+
+
+@pytest.mark.parametrize(
+    "pad",
+    [
+        lambda y: F.pad(_reflected(y, 3), (12, 12)),  # a reflection by pieces, then zeros
+        lambda y: F.pad(torch.cat([y[..., :1].expand(1, 4, 2), y, y[..., -1:].expand(1, 4, 2)], -1), (6, 6)),
+        lambda y: F.pad(y[..., torch.cat([torch.tensor([2, 1]), torch.arange(64), torch.tensor([62, 61])])], (6, 6)),
+        lambda y: torch.cat([y, y[..., 52:56], torch.zeros_like(y[..., :20])], -1),  # an interior slice: no padding
+        lambda y: torch.cat([y, y], -1),  # a tiling
+    ],
+    ids=["reflected then zeros", "replicated then zeros", "symmetric index then zeros", "interior slice", "tiled"],
+)
+def test_a_geometry_after_a_padding_made_of_pieces_holds_at_every_index(pad):
+    """A padding made of the tensor's own border pieces is read at the axis's ends index by index, as F.pad's
+    reflections are: followed by zeros, the outermost index reads only zeros and the band read as a union hid the
+    folded fields (a reflection by pieces then 12 zeros gave (15, 1, 22), where index 8 reads 0..4 for a span
+    clipped to 0..0). Every geometry given must hold at every index."""
+    model = _PaddedByPieces(pad)
+    field = probe_rf(model, (1, 2, 64), "center")
+    geometry = field.geometry[0]
+    if geometry is None:
+        return
+    every = probe_rf(model, (1, 2, 64), "all")
+    for index, (first, last) in enumerate(zip(every.first[:, 0].tolist(), every.last[:, 0].tolist())):
+        clipped = max(geometry.span(index)[0], 0), min(geometry.span(index)[1], 63)
+        if clipped[0] > clipped[1]:
+            assert first > last, index  # no field where the span lies outside the input
+        else:
+            assert (first, last) == clipped, index
+
+
 def test_a_gather_whose_columns_shift_from_row_to_row_has_no_column_geometry():
     """A shear (row i reads columns j + i // 4): every row's index steps evenly, but not from the same first column."""
     shear = (torch.arange(16).view(-1, 1) // 4 + torch.arange(16)).clamp(max=15)

@@ -233,9 +233,17 @@ def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, 
         return suspects, []
     positions = [position for position, _ in suspects]
     wide_request = request.in_dtype(torch.float64)
-    wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
-    wide_maps = _one_sample_maps(wide, sample, wide_request, positions, signed=False)
-    wide_scales = _one_sample_maps(wide, sample, wide_request, positions, signed=True)
+    try:
+        wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
+        wide_maps = _one_sample_maps(wide, sample, wide_request, positions, signed=False)
+        wide_scales = _one_sample_maps(wide, sample, wide_request, positions, signed=True)
+    except (ProbeError, ValueError, RuntimeError, TypeError) as error:
+        raise ProbeError(
+            f"the gradient map of {_positions_named(positions, len(positions))} is at most {suspects[0][1]:.1e} of "
+            f"the gradient with the output's channels weighed by random signs: rounding noise where the channels "
+            f"cancel (a normalisation or a softmax over them), or a real map below float32's precision, and the "
+            f"float64 copy that would tell them apart failed ({error}); measure a layer before it with layer="
+        ) from error
     narrow_maps = _one_sample_maps(copy, sample, request, positions, signed=False)
     noise, imprecise = [], []
     for (position, ratio), exact, scale, narrow in zip(suspects, wide_maps, wide_scales, narrow_maps):

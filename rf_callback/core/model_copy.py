@@ -891,6 +891,9 @@ class _ProbeFunctions(TorchFunctionMode):
             pick = f"{name}() {ZEROS_PICK}" if moving else None
         else:
             return
+        if pick == BORDER_PIECES:
+            self.border_modes.append(f"{name}(), {BORDER_PIECES}")
+            return
         if pick is None:
             return
         # A write in place returns nothing (y[...] = b) or a view: what it wrote into carries the pick on.
@@ -1295,50 +1298,76 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
     branches = len(set().union(*map(_sources, pieces)))
     if branches >= 2:
         return f"{name}() that joins pieces of {branches} branches along a spatial axis"
-    if not _in_order(list(joined), dim % pieces[0].dim()):
+    padding = _in_order(list(joined), dim % pieces[0].dim())
+    if padding < 0:
         return f"{name}() that joins pieces of one tensor out of their order along a spatial axis"
-    return None
+    return BORDER_PIECES if padding else None
 
 
-def _in_order(joined: list, dim: int) -> bool:
+def _in_order(joined: list, dim: int) -> int:
     """Whether a concatenation along ``dim`` puts one tensor's pieces back as they lay, padded at most at its ends.
 
     Its core must be slices (step 1) or splits of one tensor along ``dim``, or that tensor whole, each starting where
-    the one before it stopped, from the tensor's first index to its last (``cat(y.chunk(2, dim), dim)``), and hold
-    at least half the result. Pieces before and after the core are a padding (constants, class tokens, border rows
-    of the same branch: a reflection, a replication, a wrap), whose fields the checks at the axis's ends read. Pieces
-    swapped (``cat([y[..., 5:6], y[..., 4:5]])``), a row flipped or shifted along another axis, a gap or a constant
-    inside the core move fields from one position to another.
+    the one before it stopped, from the tensor's first index to its last (``cat(y.chunk(2, dim), dim)``). Pieces
+    before and after it are a padding, shorter than the tensor on each side, as ``F.pad``'s reflections are:
+    constants (class tokens), or pieces of the core's tensor (flipped, or a single row repeated) that lie as near
+    its ends as the padding is wide (a reflection, a replication, a wrap); their fields are read index by index at
+    the axis's ends. Pieces swapped (``cat([y[..., 5:6], y[..., 4:5]])``), a row flipped or shifted along another
+    axis, a gap, a constant inside the core, an interior slice as a padding or a tiling move fields from one
+    position to another.
+
+    Returns:
+        -1 where the pieces are not a core and its padding, else how many positions the padding reads the core's
+        tensor at (0: constants alone).
     """
-    ranges = [_piece_range(piece, dim) if _depends_on_input(piece) else None for piece in joined]
-    total = sum(piece.shape[dim] for piece in joined if isinstance(piece, torch.Tensor) and piece.dim() > dim)
+    ranges = [_piece_range(piece.grad_fn, piece, dim) if _depends_on_input(piece) else None for piece in joined]
+    lengths = [piece.shape[dim] if isinstance(piece, torch.Tensor) and piece.dim() > dim else 0 for piece in joined]
     for first, found in enumerate(ranges):
-        if found is None or found[1] != 0 or 2 * found[3] < total:
+        if found is None or not found[4] or found[1] != 0:
             continue
-        source, _, stop, length = found
+        source, _, stop, length, _ = found
         last = first
         while stop != length and last + 1 < len(ranges):
             following = ranges[last + 1]
-            if following is None or following[0] != source or following[1] != stop:
+            if following is None or not following[4] or following[0] != source or following[1] != stop:
                 break
             last, stop = last + 1, following[2]
-        if stop == length:
-            return True
-    return False
+        if stop != length or max(sum(lengths[:first]), sum(lengths[last + 1 :])) >= length:
+            continue
+        width = sum(lengths) - length
+        padding = [i for i, piece in enumerate(joined) if not first <= i <= last and _depends_on_input(piece)]
+        near = all(
+            (piece := ranges[i]) is not None and piece[0] == source
+            and (piece[2] <= width + 1 or piece[1] >= length - width - 1)
+            for i in padding
+        )  # fmt: skip
+        return sum(lengths[i] for i in padding) if near else -1
+    return -1
 
 
-def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int, int] | None:
-    """Where a piece of a concatenation was cut from: ``(source, start, stop, length)`` along ``dim``, or None.
+def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[int, int, int, int, bool] | None:
+    """Where a piece of a concatenation was cut from: ``(source, start, stop, length, as_it_lay)`` along ``dim``.
 
-    A slice (step 1) or a split along ``dim`` of a tensor (``source``: its autograd node's id; ``length``: its
-    length along ``dim``), or that tensor whole; None for any other piece.
+    ``node`` is the piece's autograd node (its saved arguments are read by name). A slice (step 1) or a split along
+    ``dim`` of a tensor (``source``: its autograd node's id; ``length``: its length along ``dim``), or that tensor
+    whole, lies as it lay; a slice flipped along ``dim`` or a single row of it repeated (``expand``) holds the
+    same positions in another order (``as_it_lay`` False). None for any other piece.
     """
-    node: Any = piece.grad_fn  # its saved arguments are read by name
     if node is None:
         return None
-    kind = type(node).__name__
+    kind, moved, extent = type(node).__name__, False, piece.shape[dim]
+    if kind in ("FlipBackward0", "ExpandBackward0"):
+        if kind == "FlipBackward0" and [d % piece.dim() for d in node._saved_dims] != [dim]:
+            return None
+        inner = node.next_functions[0][0]
+        if kind == "ExpandBackward0":
+            extent = 1  # a single row along dim, repeated (a replication)
+        node, moved = inner, True
+        kind = type(node).__name__
+        if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
+            return None  # a whole tensor flipped or repeated: no padding of it
     if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
-        return id(node), 0, piece.shape[dim], piece.shape[dim]
+        return id(node), 0, extent, extent, True
     sizes = node._saved_self_sym_sizes
     if node._saved_dim % len(sizes) != dim:
         return None
@@ -1347,12 +1376,19 @@ def _piece_range(piece: torch.Tensor, dim: int) -> tuple[int, int, int, int] | N
             return None
         start = node._saved_start - (1 << 64) if node._saved_start >= 1 << 63 else node._saved_start
         start = min(max(start + sizes[dim] if start < 0 else start, 0), sizes[dim])
+    elif moved:
+        return None  # a flipped split: which piece it is, its own output number does not say
     elif kind == "SplitBackward0":
         start = piece.output_nr * node._saved_split_size
     else:
         start = sum(node._saved_split_sizes[: piece.output_nr])
     source = node.next_functions[0][0]
-    return id(source), start, start + piece.shape[dim], sizes[dim]
+    return id(source), start, start + extent, sizes[dim], not moved
+
+
+# How a join or an index that pads a tensor with its own border pieces is noted (see _note_pick_by_position): no
+# pick, a padding whose fields the ends' checks read index by index.
+BORDER_PIECES = "a padding made of border pieces"
 
 
 # Calls that pick positions by an index tensor (or list, or fixed mask); how each takes its dim (see _reordered).
@@ -1377,8 +1413,9 @@ def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
             return None
         reordered = [
             d for d, index in along.items()
-            if d in dims and not _even_steps(index, source.shape[d], None) and not _padded(index, source.shape[d])
+            if d in dims and not _even_steps(index, source.shape[d], None) and _padded(index, source.shape[d]) < 0
         ]  # fmt: skip
+        padded = [d for d, index in along.items() if d in dims and _padded(index, source.shape[d]) > 0]
         if len(along) > 1 and any(d in dims for d in along):
             reordered = reordered or [next(d for d in along if d in dims)]  # indices broadcast together: unsure
     else:
@@ -1389,9 +1426,11 @@ def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
             return None
         dim %= n
         even = _even_steps(index, source.shape[dim], None if name == "index_select" else dim)
-        reordered = [] if even or (name == "index_select" and _padded(index, source.shape[dim])) else [dim]
+        padding = _padded(index, source.shape[dim]) if name == "index_select" else -1
+        reordered = [] if even or padding >= 0 else [dim]
+        padded = [dim] if not even and padding > 0 else []
     if not reordered:
-        return None
+        return BORDER_PIECES if padded else None
     return f"{name}() that picks positions along a spatial axis by a fixed index, not in even steps"
 
 
@@ -1429,21 +1468,29 @@ def _indexed_dims(key, n_dims: int) -> dict[int, Any] | None:
     return found or None
 
 
-def _padded(index, size: int) -> bool:
+def _padded(index, size: int) -> int:
     """Whether a 1-D ``index`` holds every position in order, ``0 .. size - 1``, with others only before and after it.
 
     A padding written as an index (a symmetric or reflecting one, ``x[..., [1, 0, 0, 1, ..., n - 1, n - 1]]``): its
-    ends' fields are read by the checks at the axis's ends, as ``F.pad``'s are.
+    entries lie as near the ends as the padding is wide, and their fields are read index by index at the axis's
+    ends, as ``F.pad``'s reflections are.
+
+    Returns:
+        -1 where it is no such index, else how many entries pad (0: none).
     """
     if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.numel() < size:
-        return False
+        return -1
     index = index.remainder(size)
+    width = len(index) - size
+    if 2 * size < len(index):
+        return -1
     order = torch.arange(size, device=index.device)
-    starts = (index == 0).nonzero().flatten().tolist()
-    return any(
-        start + size <= len(index) and 2 * size >= len(index) and bool((index[start : start + size] == order).all())
-        for start in starts
-    )
+    for start in (index == 0).nonzero().flatten().tolist():
+        if start + size <= len(index) and bool((index[start : start + size] == order).all()):
+            padding = torch.cat([index[:start], index[start + size :]])
+            near = bool(((padding <= width) | (padding >= size - width - 1)).all())
+            return width if near else -1
+    return -1
 
 
 def _even_steps(index, size: int, dim: int | None) -> bool:
