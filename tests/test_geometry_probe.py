@@ -594,6 +594,26 @@ def test_a_geometry_after_a_padding_made_of_pieces_holds_at_every_index(pad):
             assert (first, last) == clipped, index
 
 
+def test_a_padding_cut_from_the_other_half_of_a_split_is_no_border():
+    """The halves of a split share one autograd node: a piece of the first half (its index 0, 29 positions from the
+    core's start) passed for a border piece of the second, and (7, 1, -23) was given where index 1 reads 0..29
+    against a span of 24..30. The halves are told apart now, and the pieces are a pick."""
+
+    class OtherHalf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(4, 4, 5)
+
+        def forward(self, x):
+            head, tail = self.first(x).split(32, -1)
+            pieces = [head[..., -8:-3], head[..., 0:1], head[..., -2:], tail[..., :16], tail[..., 16:]]
+            return self.last(torch.cat(pieces, -1))
+
+    field = probe_rf(OtherHalf(), (1, 2, 64), "center")
+    assert field.geometry[0] is None and "out of their order" in field.geometry.reasons[0]
+    assert probe_rf(OtherHalf(), (1, 2, 64), 1).bounds == ((0, 29),)
+
+
 def test_a_gather_whose_columns_shift_from_row_to_row_has_no_column_geometry():
     """A shear (row i reads columns j + i // 4): every row's index steps evenly, but not from the same first column."""
     shear = (torch.arange(16).view(-1, 1) // 4 + torch.arange(16)).clamp(max=15)

@@ -1345,11 +1345,12 @@ def _in_order(joined: list, dim: int) -> int:
     return -1
 
 
-def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[int, int, int, int, bool] | None:
+def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[tuple, int, int, int, bool] | None:
     """Where a piece of a concatenation was cut from: ``(source, start, stop, length, as_it_lay)`` along ``dim``.
 
     ``node`` is the piece's autograd node (its saved arguments are read by name). A slice (step 1) or a split along
-    ``dim`` of a tensor (``source``: its autograd node's id; ``length``: its length along ``dim``), or that tensor
+    ``dim`` of a tensor (``source``: its autograd node's id and which of the node's outputs it is, as the halves of
+    a split share one node; ``length``: its length along ``dim``), or that tensor
     whole, lies as it lay; a slice flipped along ``dim`` or a single row of it repeated (``expand``) holds the
     same positions in another order (``as_it_lay`` False). None for any other piece.
     """
@@ -1367,7 +1368,7 @@ def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[int, int, in
         if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
             return None  # a whole tensor flipped or repeated: no padding of it
     if kind not in ("SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0"):
-        return id(node), 0, extent, extent, True
+        return (id(node), piece.output_nr), 0, extent, extent, True
     sizes = node._saved_self_sym_sizes
     if node._saved_dim % len(sizes) != dim:
         return None
@@ -1382,8 +1383,8 @@ def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[int, int, in
         start = piece.output_nr * node._saved_split_size
     else:
         start = sum(node._saved_split_sizes[: piece.output_nr])
-    source = node.next_functions[0][0]
-    return id(source), start, start + extent, sizes[dim], not moved
+    source, output = node.next_functions[0]
+    return (id(source), output), start, start + extent, sizes[dim], not moved
 
 
 # How a join or an index that pads a tensor with its own border pieces is noted (see _note_pick_by_position): no
