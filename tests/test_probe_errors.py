@@ -158,6 +158,24 @@ def test_an_output_axis_without_positions_is_named_for_center_and_all(pos):
         probe_rf(Cropped(), (1, 1, 2), pos)
 
 
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_an_output_of_another_rank_is_shown_as_one_samples_in_both_modes(mode):
+    """A YOLO-style head (anchors, height, width, values): weights mode showed its 8 draws as the batch,
+    (8, 2, 8, 8, 5), beside an input of (1, 3, 8, 8)."""
+
+    class Anchors(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 10, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.view(y.shape[0], 2, 5, *y.shape[2:]).permute(0, 1, 3, 4, 2)
+
+    with pytest.raises(ValueError, match=r"the output of the model is \(1, 2, 8, 8, 5\), which"):
+        probe_rf(Anchors(), (1, 3, 8, 8), mode=mode)
+
+
 @pytest.mark.parametrize(("argument", "value"), [("mode", "exact"), ("draws", 0)])
 def test_bad_keyword_arguments(argument, value):
     with pytest.raises(ValueError, match=f"{argument}={value!r}"):

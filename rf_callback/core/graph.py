@@ -984,7 +984,8 @@ def _folded_batch(output: torch.Tensor, batch: int, layer: str | None, merged: S
 
 
 def _rank_mismatch(output: torch.Tensor, parsed: str, layout, input_shape, layer) -> str:
-    shape, axes, seen = tuple(output.shape), len(input_shape) - 2, output.dim() - 2
+    # one sample's output, as the input is shown (weights mode runs its draws as a batch)
+    shape, axes, seen = (input_shape[0], *output.shape[1:]), len(input_shape) - 2, output.dim() - 2
     letters = ", ".join(axis_letters(axes))
     read = f"channels first (N, C, {letters})" if parsed == CHANNELS_FIRST else f"channels last (N, {letters}, C)"
     text = (
