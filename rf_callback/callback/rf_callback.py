@@ -508,14 +508,13 @@ class RFCallback(Callback):
         if self._initial_waits is None and trainer.state.fn == "fit":
             lazy, watched = _has_lazy_parameters(pl_module), self._watch_module_input(pl_module)
             self._lazy_waits = lazy
-            if lazy or watched:
-                self._initial_waits = True
             if lazy:
                 rank_zero_info(
                     "RFCallback: the model's lazy modules have no parameters before its first forward pass: the "
                     "fit-start probe runs after the first training step"
                 )
             if lazy or watched:
+                self._initial_waits = True
                 return
         theoretical: list[ReceptiveField] | None = None
         try:

@@ -74,11 +74,11 @@ def effective_rf(
     Raises:
         NoGradientError: the map of some position is zero everywhere (a ``ValueError``; its ``positions`` say
             which).
-        ProbeError: the map of some position is rounding noise: the output's channels, which the map adds, have
-            gradients that cancel (a normalisation or a softmax over them); probe a layer before it.
         ValueError: an argument is wrong (inputs that are not a batch, hold no sample or hold NaN or inf among
             them), or the map is not finite.
-        ProbeError: the forward raised, cuts the gradient, or gives a non-finite output.
+        ProbeError: the forward raised, cuts the gradient, or gives a non-finite output; or the map of some
+            position is rounding noise (the output's channels, which the map adds, have gradients that cancel: a
+            normalisation or a softmax over them) or below what ``dtype`` resolves.
     """
     if biases not in ("trained", "zero"):
         raise ValueError(f"biases={biases!r} must be 'trained' or 'zero'")
@@ -155,7 +155,8 @@ def effective_rf(
                 dead,
             )
         first_input, positions = inputs[:1].detach(), [field.position for field in fields]
-        scales = [float(m.max()) for m in _one_sample_maps(copy, first_input, request, positions, signed=True)]
+        (signed,) = _one_sample_maps(copy, first_input, request, positions, (True,))
+        scales = [float(m.max()) for m in signed]
         rounding = _ROUNDING_NOISE * torch.finfo(dtype).eps
         suspects = [
             (field.position, float(total.max()) / inputs.shape[0] / scale)
@@ -191,31 +192,31 @@ def effective_rf(
     return effective if isinstance(theoretical, list) else effective[0]
 
 
-# A map at most this many float epsilons of the signed scale (see _signed_scales) is rounding noise: the channels'
+# A map at most this many float epsilons of the signed scale (see _one_sample_maps) is rounding noise: the channels'
 # gradients cancel exactly, and only their rounding errors are left (a few epsilons over a deep graph).
 _ROUNDING_NOISE = 1000
 
 
 def _one_sample_maps(
-    copy: nn.Module, sample: torch.Tensor, request: ProbeRequest, positions: list, *, signed: bool
-) -> list[torch.Tensor]:
-    """Per position, one sample's map (the input gradient's magnitude summed over the input's channels).
+    copy: nn.Module, sample: torch.Tensor, request: ProbeRequest, positions: list, signed: Sequence[bool]
+) -> list[list[torch.Tensor]]:
+    """Per weighing in ``signed``, per position, one sample's map: its input gradient's magnitude, summed over channels.
 
-    The output's channels at the position weigh 1 each, as in the effective field, or (``signed``) by fixed random
-    signs, which keep their gradients from cancelling: the scale of the channels' own gradients. One forward and
-    one backward pass per position, of one sample.
+    The output's channels at the position weigh 1 each, as in the effective field, or (a ``signed`` True) by fixed
+    random signs, which keep their gradients from cancelling: the scale of the channels' own gradients. One forward pass
+    of one sample, and one backward pass per weighing and position.
     """
     x = sample.clone().to(device=request.device, dtype=request.dtype).requires_grad_(True)
     output = forward_to(copy, x, request)
-    signs = torch.randint(0, 2, output.shape[:2], generator=torch.Generator().manual_seed(0)) * 2 - 1
-    weights = signs.to(output) if signed else torch.ones_like(signs).to(output)
+    signs = (torch.randint(0, 2, output.shape[:2], generator=torch.Generator().manual_seed(0)) * 2 - 1).to(output)
+    passes = [(signs if weighed else torch.ones_like(signs), position) for weighed in signed for position in positions]
     maps = []
-    for index, position in enumerate(positions):
+    for index, (weights, position) in enumerate(passes):
         cotangent = torch.zeros_like(output)
         cotangent[(slice(None), slice(None)) + tuple(position)] = weights
-        (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(positions) - 1)
+        (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(passes) - 1)
         maps.append(gradient[0].abs().sum(dim=0).to("cpu", torch.float64))
-    return maps
+    return [maps[i : i + len(positions)] for i in range(0, len(maps), len(positions))]
 
 
 def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, zero_biases: bool):
@@ -235,8 +236,7 @@ def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, 
     wide_request = request.in_dtype(torch.float64)
     try:
         wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
-        wide_maps = _one_sample_maps(wide, sample, wide_request, positions, signed=False)
-        wide_scales = _one_sample_maps(wide, sample, wide_request, positions, signed=True)
+        wide_maps, wide_scales = _one_sample_maps(wide, sample, wide_request, positions, (False, True))
     except (ProbeError, ValueError, RuntimeError, TypeError) as error:
         raise ProbeError(
             f"the gradient map of {_positions_named(positions, len(positions))} is at most {suspects[0][1]:.1e} of "
@@ -244,7 +244,7 @@ def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, 
             f"cancel (a normalisation or a softmax over them), or a real map below float32's precision, and the "
             f"float64 copy that would tell them apart failed ({error}); measure a layer before it with layer="
         ) from error
-    narrow_maps = _one_sample_maps(copy, sample, request, positions, signed=False)
+    (narrow_maps,) = _one_sample_maps(copy, sample, request, positions, (False,))
     noise, imprecise = [], []
     for (position, ratio), exact, scale, narrow in zip(suspects, wide_maps, wide_scales, narrow_maps):
         largest = float(exact.max())

@@ -987,30 +987,17 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and _pools_with_indices(name, args, kwargs):
             # The indices feed an unpooling, whose twin spreads each value over its whole window: keep them real.
             indices = func(*args, **kwargs)[1]
-            pool = name.removesuffix("_with_indices")
-            kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-            if pool in _MAX_POOLS:
-                return max_pool_twin(_MAX_POOLS[pool], *args[:6], **kwargs), indices
-            return _ADAPTIVE_MAX_POOLS[pool](*args[:2], **kwargs), indices
+            return _whole_window_pool(name.removesuffix("_with_indices"), args, kwargs), indices
         if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
             args, kwargs = (args[0], weight, *args[2:]), kwargs
-        if self.whole_windows and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
-            if not _pools_with_indices(name, args, kwargs):
-                kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-                twin = (
-                    max_pool_twin(_MAX_POOLS[name], *args[:6], **kwargs)
-                    if name in _MAX_POOLS
-                    else _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
-                )
-                return _real_values(func(*args, **kwargs), twin)
-        if self.linearise and name in _MAX_POOLS:  # return_indices=False, or not given
-            kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-            return max_pool_twin(_MAX_POOLS[name], *args[:6], **kwargs)
+        if (self.linearise or self.whole_windows) and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
+            if self.linearise:  # return_indices=False, or not given (with indices: above)
+                return _whole_window_pool(name, args, kwargs)
+            if not _pools_with_indices(name, args, kwargs):  # weights mode: the real maxima, the windows' gradient
+                real = func(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
+                return _real_values(real, _whole_window_pool(name, args, kwargs))
         if self.linearise and name in _MAX_UNPOOLS:
             return max_unpool_twin(_MAX_UNPOOLS[name], *args, **kwargs)
-        if self.linearise and name in _ADAPTIVE_MAX_POOLS:
-            kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-            return _ADAPTIVE_MAX_POOLS[name](*args[:2], **kwargs)
         if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
             if self.linearise:
                 return _softmax_twin(func, name, args, kwargs)
@@ -1214,6 +1201,14 @@ def _recurrent_cell_twin(name: str, x, hx):
     return outputs if name == "lstm_cell" else outputs[0]
 
 
+def _whole_window_pool(pool: str, args, kwargs) -> torch.Tensor:
+    """A max-pooling's twin (``max_pool2d``, ``adaptive_max_pool2d``...) whose gradient reaches its whole windows."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+    if pool in _MAX_POOLS:
+        return max_pool_twin(_MAX_POOLS[pool], *args[:6], **kwargs)
+    return _ADAPTIVE_MAX_POOLS[pool](*args[:2], **kwargs)
+
+
 def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """``real``'s values with ``exact``'s gradient.
 
@@ -1283,8 +1278,9 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
     Rows of one branch stitched to rows of another (``cat([a[:, :, :8], b[:, :, 8:11], a[:, :, 11:]], 2)``), tiles
     processed apart, levels of a pyramid laid end to end: the fields differ from one position to another, and a
     geometry read at a few of them (the centre, the ends) need not hold in between. Pieces that lead back to one
-    tensor through slices, flips and views alone (a padding made of border slices, chunks joined again) come from
-    one branch. ``spatial_dims(tensor)``: the dims that hold the input's spatial axes, or None where unknown.
+    tensor through slices, flips and views alone come from one branch, and are a pick too unless they put it back
+    in order, padded at most at its ends (:func:`_in_order`); such a padding returns :data:`BORDER_PIECES`.
+    ``spatial_dims(tensor)``: the dims that hold the input's spatial axes, or None where unknown.
     """
     joined = args[0] if args else kwargs.get("tensors")
     if not isinstance(joined, (list, tuple)):
@@ -1305,7 +1301,7 @@ def _stitched(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
 
 
 def _in_order(joined: list, dim: int) -> int:
-    """Whether a concatenation along ``dim`` puts one tensor's pieces back as they lay, padded at most at its ends.
+    """How a concatenation along ``dim`` pads one tensor's pieces put back as they lay (-1: they are not so).
 
     Its core must be slices (step 1) or splits of one tensor along ``dim``, or that tensor whole, each starting where
     the one before it stopped, from the tensor's first index to its last (``cat(y.chunk(2, dim), dim)``). Pieces
@@ -1350,9 +1346,9 @@ def _piece_range(node: Any, piece: torch.Tensor, dim: int) -> tuple[tuple, int, 
 
     ``node`` is the piece's autograd node (its saved arguments are read by name). A slice (step 1) or a split along
     ``dim`` of a tensor (``source``: its autograd node's id and which of the node's outputs it is, as the halves of
-    a split share one node; ``length``: its length along ``dim``), or that tensor
-    whole, lies as it lay; a slice flipped along ``dim`` or a single row of it repeated (``expand``) holds the
-    same positions in another order (``as_it_lay`` False). None for any other piece.
+    a split share one node; ``length``: its length along ``dim``), or that tensor whole, lies as it lay; a slice
+    flipped along ``dim`` or a single row of it repeated (``expand``) holds the same positions in another order
+    (``as_it_lay`` False). None for any other piece.
     """
     if node is None:
         return None
@@ -1412,11 +1408,15 @@ def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
         along = _indexed_dims(args[1] if len(args) > 1 else None, n)
         if along is None:
             return None
-        reordered = [
-            d for d, index in along.items()
-            if d in dims and not _even_steps(index, source.shape[d], None) and _padded(index, source.shape[d]) < 0
-        ]  # fmt: skip
-        padded = [d for d, index in along.items() if d in dims and _padded(index, source.shape[d]) > 0]
+        reordered: list[int] = []
+        padded: list[int] = []
+        for d, index in along.items():
+            if d in dims and not _even_steps(index, source.shape[d], None):
+                padding = _padded(index, source.shape[d])
+                if padding < 0:
+                    reordered.append(d)
+                elif padding > 0:
+                    padded.append(d)
         if len(along) > 1 and any(d in dims for d in along):
             reordered = reordered or [next(d for d in along if d in dims)]  # indices broadcast together: unsure
     else:
@@ -1470,7 +1470,7 @@ def _indexed_dims(key, n_dims: int) -> dict[int, Any] | None:
 
 
 def _padded(index, size: int) -> int:
-    """Whether a 1-D ``index`` holds every position in order, ``0 .. size - 1``, with others only before and after it.
+    """How many entries pad a 1-D ``index`` that holds every position ``0 .. size - 1`` in order (-1: it does not).
 
     A padding written as an index (a symmetric or reflecting one, ``x[..., [1, 0, 0, 1, ..., n - 1, n - 1]]``): its
     entries lie as near the ends as the padding is wide, and their fields are read index by index at the axis's

@@ -108,7 +108,7 @@ class _Output:
     depends_on_input: bool
     same_as: str | None = None  # an earlier submodule whose theoretical field this output's equals
     container: str | None = None  # "tuple", "list" or "dict" for an output that holds feature maps
-    holds_maps: bool = False  # a container holding a tensor with spatial axes that depends on the input
+    holds_maps: bool = False  # a container holding an input-dependent tensor of a feature map's rank
     after_cut: str | None = None  # a gradient cut the forward made before this output
     fixed_size: tuple = ()  # calls with a fixed output size before this output, and the dims fixed
     border_modes: tuple[str, ...] = ()  # paddings that read the input past its border, before this output
@@ -578,6 +578,9 @@ def _forward_outputs(
     producers: dict[tuple[int, int], str] = {}
     alive: list[torch.Tensor] = []
     functions = probe_functions("theoretical", flow=not tolerant)  # the rows read the flow on the user's input
+    # A feature map has the input's rank (tokens: 3, under a token layout): a recurrence's (N, L, C) beside an
+    # image's rows, or an attention's weights, in a tuple output is none.
+    map_rank = 3 if isinstance(checked_layout(layout), Tokens) else len(shape)
 
     def recorder(name: str):
         def record(module, args, output):
@@ -586,10 +589,7 @@ def _forward_outputs(
                 return
             if isinstance(output, (tuple, list, dict)):
                 elements = output.values() if isinstance(output, dict) else output
-                # maps of the input's rank (or tokens, under a token layout): a recurrence's (N, L, C) beside an
-                # image's rows, an attention's weights, hold none
-                rank = 3 if isinstance(checked_layout(layout), Tokens) else len(shape)
-                holds_maps = any(torch.is_tensor(e) and e.dim() == rank and e.requires_grad for e in elements)
+                holds_maps = any(torch.is_tensor(e) and e.dim() == map_rank and e.requires_grad for e in elements)
                 outputs[name] = _Output(
                     name, type(module).__name__, (), False, container=type(output).__name__, holds_maps=holds_maps
                 )
