@@ -85,6 +85,27 @@ def test_a_map_whose_channels_cancel_is_refused_as_rounding_noise(kind, dtype):
         assert effective_rf(model, torch.randn(4, 1, 200), 100, dtype=dtype).extent(1.0) == ((92, 108),)
 
 
+@pytest.mark.parametrize("first", ["blank", "confident"])
+def test_rounding_noise_is_refused_whatever_input_comes_first(first):
+    """The noise check took its scale from the first input alone: a blank first image (its ReLUs off) or a
+    confidently classified one (its softmax saturated) has channels' gradients near zero, and the same noise map was
+    returned as a field (extent, spread) with that input first and refused with it last."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, padding=1), _OverChannels("softmax", 5)
+    )
+    inputs = torch.randn(8, 3, 12, 12)
+    if first == "blank":
+        with torch.no_grad():
+            model[0].bias.fill_(-0.5)
+        odd = torch.zeros(1, 3, 12, 12)
+    else:
+        odd = inputs[:1] * 60
+    for ordered in (torch.cat([odd, inputs]), torch.cat([inputs, odd])):
+        with pytest.raises(ProbeError, match="the output position is rounding noise"):
+            effective_rf(model, ordered, (6, 6))
+
+
 def test_a_small_real_map_beside_cancelling_channels_is_kept_or_asks_for_float64():
     """Scales 1e-4 apart leave a real map 1e-4 of the channels' own gradients, which float32 resolves (it agrees with
     float64's to 2e-4): it is kept, where the first version of the refusal took it for noise. Scales 1e-6 apart
@@ -370,6 +391,27 @@ def test_a_forward_that_mixes_samples_reads_each_sample_alone(model: Callable[[]
     assert torch.allclose(field.heatmap, expected, rtol=1e-5, atol=1e-12)
     if isinstance(model, ReadsItsNeighbour):
         assert field.extent(1.0) == ((7, 9), (7, 9))  # the neighbour's columns 1..3 are another sample's
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")
+def test_a_batch_statistic_never_sees_a_chunk_of_one_sample():
+    """33 inputs in chunks of 32 left a last chunk of one, whose minibatch standard deviation is NaN: refused as
+    "check the model's weights and buffers for non-finite values", which were finite. Chunks are balanced now, and
+    a single input says what is not finite."""
+
+    class UnbiasedStd(MinibatchStd):  # std(dim=0) with Bessel's correction: NaN over one sample
+        def forward(self, x):
+            y = self.conv(x)
+            spread = y.std(dim=0, keepdim=True).mean(dim=(1, 2, 3), keepdim=True)
+            return self.out(torch.cat([y, spread.expand(y.shape[0], 1, *y.shape[2:])], dim=1))
+
+    torch.manual_seed(0)
+    model = UnbiasedStd()
+    for samples, chunk_size in ((33, 32), (9, 4)):
+        field = effective_rf(model, torch.randn(samples, 1, 16, 16), (8, 8), chunk_size=chunk_size)
+        assert field.samples == samples and field.extent(1.0) == ((0, 15), (0, 15))  # the spread reads every pixel
+    with pytest.raises(ProbeError, match=r"not finite .* on a chunk of 1 of the 1 inputs, though the model's weights"):
+        effective_rf(model, torch.randn(1, 1, 16, 16), (8, 8))
 
 
 class _ConfidentHead(nn.Module):

@@ -129,14 +129,17 @@ def effective_rf(
         # Any other forward that mixes samples (a minibatch standard deviation, a functional batch norm in training
         # mode) gets one cotangent per sample, read on that sample alone: the map holds no cross-sample terms.
         mixing = chunk_size > 1 and inputs.shape[0] > 1 and _reads_across_samples(copy, inputs[:2], request)
-        for chunk in inputs.detach().split(chunk_size):
+        # Per position, the sample whose map peaks highest: its channels' gradients are the largest (a blank or
+        # saturated input's are near zero), so it sets the scale that tells rounding noise from a map.
+        strongest = [(-1.0, 0) for _ in fields]  # (peak, index of the input)
+        start = 0
+        # Chunks of balanced sizes: a last chunk of one sample would give a batch statistic (a minibatch standard
+        # deviation) of one sample, NaN.
+        for chunk in inputs.detach().tensor_split(-(-inputs.shape[0] // chunk_size)):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
             if not torch.isfinite(output).all():
-                raise ProbeError(
-                    f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: check the model's weights "
-                    f"and buffers for non-finite values"
-                )
+                raise _not_finite_error(copy, layer, len(chunk), len(inputs))
             samples: list[slice] = [slice(n, n + 1) for n in range(len(chunk))] if mixing else [slice(None)]
             for index, field in enumerate(fields):
                 for sample in samples:
@@ -145,7 +148,12 @@ def effective_rf(
                     cotangent[at] = 1
                     last = index == len(fields) - 1 and sample is samples[-1]
                     (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=not last)
-                    totals[index] += gradient[sample].abs().sum(dim=1).sum(dim=0).to("cpu", torch.float64)
+                    maps = gradient[sample].abs().sum(dim=1).to("cpu", torch.float64)
+                    totals[index] += maps.sum(dim=0)
+                    peak, strongest_at = maps.flatten(1).amax(dim=1).max(dim=0)
+                    if float(peak) > strongest[index][0]:
+                        strongest[index] = (float(peak), start + (sample.start or 0) + int(strongest_at))
+            start += len(chunk)
         dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
         if dead:
             raise NoGradientError(
@@ -154,16 +162,22 @@ def effective_rf(
                 + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
                 dead,
             )
-        first_input, positions = inputs[:1].detach(), [field.position for field in fields]
-        (signed,) = _one_sample_maps(copy, first_input, request, positions, (True,))
-        scales = [float(m.max()) for m in signed]
         rounding = _ROUNDING_NOISE * torch.finfo(dtype).eps
-        suspects = [
-            (field.position, float(total.max()) / inputs.shape[0] / scale)
-            for field, total, scale in zip(fields, totals, scales)
-            if float(total.max()) / inputs.shape[0] <= rounding * scale
-        ]
-        noise, imprecise = _rounding_noise(model, copy, first_input, request, suspects, biases == "zero")
+        noise: list[tuple[tuple[int, ...], float]] = []
+        imprecise: list[tuple[int, ...]] = []
+        for strongest_input in dict.fromkeys(n for _, n in strongest):
+            chosen = [index for index, (_, n) in enumerate(strongest) if n == strongest_input]
+            one_input = inputs[strongest_input : strongest_input + 1].detach()
+            (signed,) = _one_sample_maps(copy, one_input, request, [fields[i].position for i in chosen], (True,))
+            peaks = [(fields[i].position, float(totals[i].max()) / inputs.shape[0]) for i in chosen]
+            suspects = [
+                (position, peak / float(scale.max()))
+                for (position, peak), scale in zip(peaks, signed)
+                if peak <= rounding * float(scale.max())
+            ]
+            found_noise, found_imprecise = _rounding_noise(model, copy, one_input, request, suspects, biases == "zero")
+            noise += found_noise
+            imprecise += found_imprecise
     if noise:
         raise ProbeError(
             f"the gradient map of {_positions_named([p for p, _ in noise], len(fields))} is rounding noise: its "
@@ -253,6 +267,22 @@ def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, 
         elif float((narrow - exact).abs().max()) > 0.01 * largest:
             imprecise.append(position)
     return noise, imprecise
+
+
+def _not_finite_error(copy: nn.Module, layer: str | None, chunk: int, samples: int) -> ProbeError:
+    """Why the map of a chunk of ``chunk`` of the ``samples`` inputs cannot be read: its output is not finite."""
+    tensors = [*copy.parameters(), *copy.buffers()]
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+        return ProbeError(
+            f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: the model's weights or buffers "
+            f"hold non-finite values; check them (a diverged training step, a buffer never initialised)"
+        )
+    return ProbeError(
+        f"the output of {where(layer)} is not finite (inf or NaN) on a chunk of {chunk} of the {samples} inputs, "
+        f"though the model's weights and buffers are finite: its forward computes a non-finite value from them (a "
+        f"statistic over the batch of a single sample, a log or a division by zero); pass more inputs or a larger "
+        f"chunk_size where the forward reads across samples, or measure a layer before that value with layer="
+    )
 
 
 def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:

@@ -3202,7 +3202,8 @@ def _check_representable(name: str, param: torch.Tensor, value: torch.Tensor) ->
             + (
                 "pass dtype=torch.float64"
                 if value.dtype == torch.float32
-                else "pass dtype=None (float32, redone in float64 near underflow) or dtype=torch.float64"
+                else "pass a wider dtype, torch.float32 or torch.float64 (probe_rf's default, dtype=None, is float32 "
+                "redone in float64 near underflow)"
             )
         )
 
