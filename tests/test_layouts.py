@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -394,7 +395,7 @@ def test_a_grid_written_w_x_h_is_refused_where_its_fields_show_it(layout, fix):
     """A grid written W x H (as image sizes often are) holds as many tokens: every position read another token's
     field, (1, 0) reading token 8, on the first row. Where the grid does not divide the input into patches and its
     lengths in the input's order do, the token a row below the first must read rows further down."""
-    with pytest.raises(ValueError, match="reads the same input rows as token") as refused:
+    with pytest.raises(ValueError, match="its token .* reads the input elsewhere along axis W than token") as refused:
         probe_rf(PatchTokens(), VIT_INPUT, (1, 0), layout=layout)
     assert f"pass layout={fix}" in str(refused.value)
     # A 1 x 3 grid read as 3 x 1: token (1, 0) is (0, 1), whose field starts at column 0 too (clipped there).
@@ -403,6 +404,48 @@ def test_a_grid_written_w_x_h_is_refused_where_its_fields_show_it(layout, fix):
     # A grid that does not divide the input, whose fields follow it (a resize inside the model), is read as given:
     # patch column 2 is resized columns 64..95, input columns 64 * 20 // 96 = 13 .. 95 * 20 // 96 = 19.
     assert probe_rf(ResizedPatches(), (1, 3, 30, 20), (0, 2), layout="tokens:2x3").bounds == ((0, 14), (13, 19))
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "fix"),
+    [
+        ((1, 3, 24, 16), "tokens:4x6+1", "tokens:6x4+1"),  # portrait: (1, 0) read rows 4..7, columns 8..11
+        ((1, 3, 16, 32), "tokens:8x4+1", "tokens:4x8+1"),  # both orders divide: (1, 0) read rows 0..3, columns 16..19
+        ((1, 3, 32, 48), "tokens:4x24+1", "tokens:8x12+1"),  # as many tokens on another grid: (2, 12) read (5, 0)
+        ((1, 3, 24, 16), "tokens:2x12+1", "tokens:6x4+1"),
+    ],
+)
+def test_a_grid_not_the_models_is_refused_wherever_its_fields_show_it(shape, layout, fix):
+    """Only a W x H grid that did not divide the input while the H x W one did, into square patches, on a landscape
+    input, was refused: on a portrait input, where both orders divide it, or on another factoring of as many tokens,
+    every position silently read another token's field. The fields of the tokens one step and all the way along each
+    axis show the grid: on the model's, they read where the first token does along every other axis."""
+    with pytest.raises(ValueError, match=f"the grid is not the model's .* pass layout={re.escape(repr(fix))}"):
+        probe_rf(PatchTokens(), shape, (1, 0), layout=layout)
+    grid = tuple(int(n) for n in fix.removeprefix("tokens:").removesuffix("+1").split("x"))
+    field = probe_rf(PatchTokens(), shape, (grid[0] - 1, grid[1] - 1), layout=fix)
+    assert field.bounds == ((4 * grid[0] - 4, 4 * grid[0] - 1), (4 * grid[1] - 4, 4 * grid[1] - 1))
+
+
+def test_a_video_tubelet_grid_in_another_order_is_refused():
+    """2 x 4 x 4 tubelets are no cubes: the order check never ran on a 3D grid of them, and (0, 1, 0) of a 2 x 3 x 2
+    grid read frames 0..1, rows 0..3, columns 8..11 (the model's token (0, 0, 2))."""
+
+    class Tubelets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv3d(1, 4, (2, 4, 4), stride=(2, 4, 4))
+            self.cls = nn.Parameter(torch.zeros(1, 1, 4))
+
+        def forward(self, x):
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+            return torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
+
+    for layout in ("tokens:2x3x2+1", "tokens:3x2x2+1"):
+        with pytest.raises(ValueError, match="pass layout='tokens:2x2x3\\+1'"):
+            probe_rf(Tubelets(), (1, 1, 4, 8, 12), (0, 1, 0), layout=layout)
+    field = probe_rf(Tubelets(), (1, 1, 4, 8, 12), (0, 1, 0), layout="tokens:2x2x3+1")
+    assert field.bounds == ((0, 1), (4, 7), (0, 3))
 
 
 def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():

@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import itertools
 import math
 import warnings
 import weakref
@@ -302,33 +301,61 @@ class ProbeGraph(GraphShapes):
             self._check_grid_order(request.parsed_layout)
 
     def _check_grid_order(self, tokens: Tokens) -> None:
-        """Refuses a token grid given in another order than the input's axes (W x H), where its fields show it.
+        """Refuses a token grid that is not the model's (written W x H, or another factoring of as many tokens).
 
-        A grid written W x H holds as many tokens as H x W: only where it does not divide the input into patches
-        and its lengths in another order do, two fields are read (the first token and the one a row below it). On a
-        grid in the wrong order the token "a row below" lies elsewhere along the same rows. Fields that tell nothing
-        (global attention: both span the input) leave the grid as given; so does a model that resizes its input.
+        On the model's grid, the tokens one step and all the way along an axis read the input elsewhere along that
+        axis only: along every other axis, where the first token reads. Where the given grid breaks that and
+        another grid of as many tokens that divides the input keeps it, every position would be read as another
+        token's field: refused, naming that grid. Fields that tell nothing (global attention: the first token's
+        spans the input) leave the grid as given, and so does a grid that keeps it (a model that resizes its input).
         """
-        order = _grid_in_input_order(tokens.grid, self.spatial_input_shape)
-        if order is None or self.output_shape[0] < 2:
+        grid, lengths = tokens.grid, self.spatial_input_shape
+        if len(grid) < 2 or len(lengths) != len(grid):
             return
-        first = tuple(0 for _ in self.output_shape)
-        below = (1, *first[1:])
-        here, there = self.support([first]), self.support([below])
-        rows = [hull(marginal(support, 0)) for support in (here, there)]
-        along = [[hull(marginal(support, a)) for support in (here, there)] for a in range(1, len(self.output_shape))]
-        # On the right grid the token a row below reads the same columns (a field clipped at the border too).
-        if None in rows or rows[0] != rows[1] or all(a == b for a, b in along):
+        read: dict[int, tuple] = {}
+
+        def hulls(flat: int) -> tuple:
+            """Where the token ``flat`` places after the prefix reads the input, per axis."""
+            if flat not in read:
+                position = tuple(flat // math.prod(grid[a + 1 :]) % n for a, n in enumerate(grid))
+                support = self.support([position])
+                read[flat] = tuple(hull(marginal(support, a)) for a in range(len(grid)))
+            return read[flat]
+
+        first = hulls(0)
+        if None in first or all(h == (0, n - 1) for h, n in zip(first, lengths)):
             return
-        patch = " x ".join(str(n // g) for n, g in zip(self.spatial_input_shape, order))
-        layout = self.request.layout
-        raise ValueError(
-            f"layout={layout!r} lays the tokens on a {' x '.join(map(str, tokens.grid))} grid, but its token "
-            f"{below} reads the same input rows as token {first}, elsewhere along them: the grid is given in another "
-            f"order than the input's axes (rows first, H x W), and read so every token would be another's; the "
-            f"lengths in the input's order, {' x '.join(map(str, order))}, divide it into patches of {patch}: pass "
-            f"layout={_spelled(layout, Tokens(order, tokens.prefix))}"
-        )
+
+        def broken(order: tuple[int, ...], moving: bool) -> tuple[int, int] | None:
+            """The first token (as a place after the prefix) and axis where ``order`` breaks the rule, or None."""
+            for axis, n in enumerate(order):
+                for steps in dict.fromkeys((1, n - 1)) if n > 1 else ():
+                    flat = steps * math.prod(order[axis + 1 :])
+                    there = hulls(flat)
+                    others = [b for b in range(len(order)) if b != axis and there[b] != first[b]]
+                    if None in there or others or (moving and there[axis] == first[axis]):
+                        return flat, (others or [axis])[0]
+            return None
+
+        wrong = broken(grid, moving=False)
+        if wrong is None:
+            return
+        for order in _grids_dividing(lengths, math.prod(grid)):
+            if order != grid and broken(order, moving=True) is None:
+                flat, axis = wrong
+                token = tuple(flat // math.prod(grid[a + 1 :]) % n for a, n in enumerate(grid))
+                origin = tuple(0 for _ in grid)
+                layout = self.request.layout
+                patch = " x ".join(str(n // g) for n, g in zip(lengths, order))
+                raise ValueError(
+                    f"layout={layout!r} lays the tokens on a {' x '.join(map(str, grid))} grid, but its token {token} "
+                    f"reads the input elsewhere along axis {axis_letters(len(grid))[axis]} than token {origin} "
+                    f"does, though on the model's grid a token reads where the first does along every axis it does not "
+                    f"step along: the grid is not the model's (written W x H, or another factoring of as many "
+                    f"tokens), and read so every position would be another token's; the tokens lie on a "
+                    f"{' x '.join(map(str, order))} grid in the input's order (rows first, H x W), patches of {patch}: "
+                    f"pass layout={_spelled(layout, Tokens(order, tokens.prefix))}"
+                )
 
     def gradient_map(self, positions: Sequence[Position], scale: Sequence[float] | None = None) -> torch.Tensor:
         """One backward pass from all ``positions`` at once, each weighted by its ``scale`` (default 1).
@@ -956,17 +983,15 @@ def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, l
     return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
 
 
-def _grid_in_input_order(grid: tuple[int, ...], lengths: Sequence[int]) -> tuple[int, ...] | None:
-    """The grid's lengths in another order, where they divide ``lengths`` into equal patches and the grid does not.
-
-    A grid written W x H (as image sizes often are) holds as many tokens as H x W: only the input tells them apart.
-    """
-    if all(n % g == 0 for n, g in zip(lengths, grid)):
-        return None
-    for order in itertools.permutations(grid):
-        if all(n % g == 0 for n, g in zip(lengths, order)) and len({n // g for n, g in zip(lengths, order)}) == 1:
-            return tuple(order)
-    return None
+def _grids_dividing(lengths: Sequence[int], tokens: int) -> list[tuple[int, ...]]:
+    """Every grid of ``tokens`` tokens whose length on each axis divides the input's there, in lexicographic order."""
+    if len(lengths) == 1:
+        return [(tokens,)] if lengths[0] % tokens == 0 else []
+    grids = []
+    for n in range(1, lengths[0] + 1):
+        if lengths[0] % n == 0 and tokens % n == 0:
+            grids += [(n, *rest) for rest in _grids_dividing(lengths[1:], tokens // n)]
+    return grids
 
 
 def _folded_batch(output: torch.Tensor, batch: int, layer: str | None, merged: Sequence[str]) -> str:
