@@ -448,6 +448,35 @@ def test_a_video_tubelet_grid_in_another_order_is_refused():
     assert field.bounds == ((0, 1), (4, 7), (0, 3))
 
 
+class FixedSizeChannelsLast(nn.Module):
+    """A patch embedding, a position embedding for 16 x 24 inputs alone, then a product by a matrix on (N, H, W, C),
+    as a ViTDet or SAM block ends: ``x @ w`` or ``einsum``."""
+
+    def __init__(self, product: str):
+        super().__init__()
+        self.embed, self.product = nn.Conv2d(3, 8, 2, stride=2), product
+        self.pos, self.w = nn.Parameter(torch.randn(1, 8, 12, 8)), nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1) + self.pos
+        return x @ self.w if self.product == "matmul" else torch.einsum("nhwc,cd->nhwd", x, self.w)
+
+
+def test_a_channels_last_output_of_a_fixed_size_model_is_never_read_channels_first_silently():
+    """(N, 8, 12, 5) read channels first gave 16 x 2 (input 0..15, 6..7) at (3, 2) without a word, where the cell
+    reads 6..7 x 4..5: the flow of the axes ended at the product by a matrix, and the model runs on no other input
+    to tell. A product by a fixed matrix acts on the last dim, as a linear layer does (refused as such); where the
+    flow ends otherwise (an einsum), a warning says the axes after dim 1 follow the input."""
+    shape = (1, 3, 16, 24)
+    with pytest.raises(ValueError, match="the forward moved its spatial axes .* pass layout='channels_last'"):
+        probe_rf(FixedSizeChannelsLast("matmul"), shape, (3, 2))
+    with pytest.warns(UserWarning, match=r"its axes after dim 1, 8 x 12, follow the input's 16 x 24 by one stride"):
+        probe_rf(FixedSizeChannelsLast("einsum"), shape, (3, 2))
+    for product in ("matmul", "einsum"):
+        field = probe_rf(FixedSizeChannelsLast(product), shape, (3, 2), layout="channels_last")
+        assert field.bounds == ((6, 7), (4, 5))
+
+
 def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():
     with pytest.raises(ValueError) as info:
         probe_rf(TinySwin(), SWIN_INPUT, layout="tokens:8x8")

@@ -326,7 +326,7 @@ class GeometryFlow:
         if name in ("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"):
             order = permutation(name, args[1:], kwargs, first.dim())
             return [(flow, tuple(order.index(d) for d in dims))] if order[0] == 0 else None
-        if name == "linear":  # acts on the last dim
+        if name == "linear" or _by_fixed_matrix(name, args):  # acts on the last dim
             return [source] if first.dim() - 1 not in dims else None
         if name in _REDUCTIONS:
             return [_reduced(name, source, args, kwargs, first)]
@@ -396,6 +396,20 @@ def _channel_range(index, tensor: torch.Tensor, dim: int) -> tuple[int, int] | N
         return 0, tensor.shape[dim]
     first, stop, step = index[dim].indices(tensor.shape[dim])
     return (first, stop) if step == 1 and stop > first else None
+
+
+def _by_fixed_matrix(name: str, args) -> bool:
+    """Whether the call is ``x @ w`` of a matrix ``w`` that does not depend on the input: a linear layer's product.
+
+    (An input-dependent ``w`` makes the flow's ``dependent`` hold two tensors, which ends it before this is asked.)
+    """
+    return (
+        name in ("matmul", "__matmul__")
+        and len(args) == 2
+        and isinstance(args[1], torch.Tensor)
+        and args[1].dim() == 2
+        and not args[1].requires_grad
+    )
 
 
 def _mixes_all_channels(name: str, args, kwargs) -> bool:

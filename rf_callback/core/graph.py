@@ -266,7 +266,9 @@ class ProbeGraph(GraphShapes):
                 raise ValueError(_no_spatial_axes_message(copy, self.inputs, request.mode, self.output, request.layer))
             if check_layout and request.parsed_layout == CHANNELS_FIRST:
                 laid_out = functions.output_channels_first
-                check_channels_first(copy, self.output, functions.last_axis_sizes, request, laid_out)
+                check_channels_first(
+                    copy, self.output, functions.last_axis_sizes, request, laid_out, moved=functions.moved_channels
+                )
             elif check_layout and functions.output_channels_first:
                 raise ValueError(_channels_first_read_otherwise(self.output, request))
             elif check_layout and functions.output_channels_first is None:
@@ -307,11 +309,14 @@ class ProbeGraph(GraphShapes):
         axis only: along every other axis, where the first token reads. Where the given grid breaks that and
         another grid of as many tokens that divides the input keeps it, every position would be read as another
         token's field: refused, naming that grid. Fields that tell nothing (global attention: the first token's
-        spans the input) leave the grid as given, and so does a grid that keeps it (a model that resizes its input).
+        spans the input) leave the grid as given, and so does a grid that keeps it (a model that resizes its input),
+        and one that cuts the input into square or cubic patches, which no other grid of as many tokens does.
         """
         grid, lengths = tokens.grid, self.spatial_input_shape
         if len(grid) < 2 or len(lengths) != len(grid):
             return
+        if all(n % g == 0 for n, g in zip(lengths, grid)) and len({n // g for n, g in zip(lengths, grid)}) == 1:
+            return  # square (cubic) patches: no other grid of as many tokens cuts the input so (a ViT's, unchecked)
         read: dict[int, tuple] = {}
 
         def hulls(flat: int) -> tuple:
@@ -573,7 +578,13 @@ def check_channels_last(copy: nn.Module, output: torch.Tensor, request: ProbeReq
 
 
 def check_channels_first(
-    copy: nn.Module, output: torch.Tensor, last_axis_sizes: set[int], request: ProbeRequest, laid_out: bool | None
+    copy: nn.Module,
+    output: torch.Tensor,
+    last_axis_sizes: set[int],
+    request: ProbeRequest,
+    laid_out: bool | None,
+    *,
+    moved: bool = False,
 ) -> None:
     """Refuses a channels-first reading of ``output`` where the forward shows it is laid out otherwise.
 
@@ -583,7 +594,8 @@ def check_channels_first(
     Where it is unknown (``None``), one forward pass without gradient on another input decides: a channel axis
     keeps its length, a spatial one follows the input. The input is twice as long on every axis where the shapes
     hint at channels last (a last axis longer than the input's, or as long as the features of a linear layer or
-    layer norm in the forward), else half as long (cheaper; a model that does not run on it is not checked).
+    layer norm in the forward), else half as long (cheaper). A model that does not run on it is not checked: a
+    warning says so where the shapes hint at channels last or the forward moved dim 1 (``moved``: a permute).
 
     Raises:
         ValueError: the output is not channels first (the message says what to pass).
@@ -613,20 +625,37 @@ def check_channels_first(
             f"({other_shape}) the axis read as the channels follows the input ({channels} -> {other.shape[1]}) and "
             f"the last axis keeps its length ({spatial[-1]}); pass layout='channels_last'"
         )
-    if not (longer or features):
+    # A forward that moved dim 1, on an output whose axes after dim 1 follow the input by one stride where the axes
+    # read as spatial do not: channels last, though no other input ran to tell.
+    follows = moved and not _one_stride(spatial, lengths) and _one_stride(tuple(output.shape[1:-1]), lengths)
+    if not (longer or features or (follows and other is None)):
         return
     if other is not None and other.dim() == output.dim() and tuple(other.shape[2:]) != spatial:
         return  # the channels keep their length, the spatial axes follow the input: channels first
-    why = (
-        f"its last axis ({spatial[-1]}) is longer than the input's ({lengths[-1]})"
-        if longer
-        else f"its last axis ({spatial[-1]}) is as long as the features of a linear layer or layer norm before it"
-    )
+    if longer:
+        why = f"its last axis ({spatial[-1]}) is longer than the input's ({lengths[-1]})"
+    elif features:
+        why = f"its last axis ({spatial[-1]}) is as long as the features of a linear layer or layer norm before it"
+    else:
+        why = (
+            f"the forward moved dim 1 (a permute or transpose), and its axes after dim 1, "
+            f"{' x '.join(map(str, output.shape[1:-1]))}, follow the input's {' x '.join(map(str, lengths))} by one "
+            f"stride where those read as its map do not"
+        )
+
     warnings.warn(
         f"the output of {where(layer)} is {shape}, read channels first (N, C, {', '.join(letters)}), but {why}: it "
         f"may be channels last {last} (the probe could not run the model on another input to tell); if it is, pass "
         f"layout='channels_last', or the tokens' grid as layout='tokens:HxW+P'",
         stacklevel=4,
+    )
+
+
+def _one_stride(spatial: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
+    """Whether ``spatial`` is ``lengths`` divided by one stride on every axis (rounded either way), as a map's is."""
+    return len(spatial) == len(lengths) and any(
+        all(n in (m // stride, -(-m // stride)) for n, m in zip(spatial, lengths))
+        for stride in range(1, max(lengths) + 1)
     )
 
 
