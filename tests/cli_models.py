@@ -128,6 +128,36 @@ def two_maps() -> nn.Module:
     return _TwoMaps()
 
 
+class _LevelMaps(nn.Module):
+    """Two levels keyed by digit strings, as torchvision's FPN and IntermediateLayerGetter key theirs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 5, stride=2, padding=2)
+
+    def forward(self, x):
+        return {"0": self.fine(x), "1": self.coarse(x)}
+
+
+def level_maps() -> nn.Module:
+    """A dict of two feature maps keyed '0' (3 x 3 field) and '1' (5 x 5, stride 2)."""
+    return _LevelMaps()
+
+
+class _EmptyMap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        return self.conv(x)[:, :, :0]
+
+
+def empty_map() -> nn.Module:
+    """A map with no rows (a slice that keeps none)."""
+    return _EmptyMap()
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

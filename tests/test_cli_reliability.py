@@ -384,13 +384,35 @@ def test_element_picks_a_feature_map_from_a_dict_output(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "pass element=" in err and "'coarse'" in err and len(err.splitlines()) == 1
+    assert exit_info.value.code == 2 and "pass --element INDEX|KEY" in err and "'coarse'" in err
+    assert len(err.splitlines()) == 1
     assert main([*argv, "--element", "coarse", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert (record["size"], record["element"]) == ([5, 5], "coarse")
     with pytest.raises(SystemExit):
         main([*argv, "--element", "fine", "--table"])
     assert "--element applies to one probe" in capsys.readouterr().err
+
+
+def test_element_names_a_key_of_digits(capsys):
+    """--element 1 was read as the index 1, which no dict keyed '0', '1' (torchvision's FPN) has: such a key could
+    never be named. A tuple's index and a missing element keep their messages, in the command's words."""
+    argv = ["tests.cli_models:level_maps", "--input-shape", "3,16,16", "--json"]
+    assert main([*argv, "--element", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["bounds"] == [[6, 10], [6, 10]]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "pass --element INDEX|KEY with the key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--element", "2"])
+    assert "--element 2 is not a key of the output" in capsys.readouterr().err
+
+
+def test_the_centre_not_given_is_named_as_the_default(capsys):
+    """Without --pos, a refusal of the centre read "--pos None names none"."""
+    with pytest.raises(SystemExit):
+        main(["tests.cli_models:empty_map", "--input-shape", "1,8,8"])
+    assert "so --pos center names none" in capsys.readouterr().err
 
 
 def test_gif_sweeps_the_feature_map_element_names(tmp_path, capsys):

@@ -197,10 +197,21 @@ def test_named_layer_without_spatial_output_is_an_error():
 
 
 def test_shape_the_model_rejects_is_a_value_error():
-    with pytest.raises(ValueError, match="has 1 spatial axes, but the model's first convolution"):
-        rf_table(ResNetStyle(), (1, 3, 24))
+    with pytest.raises(ValueError, match=r"has 1 spatial axes, but the convolution stem.0 \(Conv2d\) receives"):
+        rf_table(ResNetStyle(), (1, 3, 24))  # as probe_rf words it
     with pytest.raises(ValueError, match="mode='exact' is not a probe mode"):
         rf_table(ResNetStyle(), (1, 3, 24, 20), mode="exact")
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_shape_that_reaches_a_convolution_without_its_batch_axis_is_refused_as_probe_rf_refuses_it(channels):
+    """(1, 1, 40) reaches a Conv2d as an unbatched (C, H, W) image, which torch runs: the table printed 1D rows of a
+    2D network (one channel), or no rows with a warning of folded windows (four), where probe_rf refuses it."""
+    model = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1))
+    message = r"input_shape=\(1, 1, 40\) has 1 spatial axes, but the convolution 0 \(Conv2d\) receives an input"
+    for probe in (probe_rf, rf_table):
+        with pytest.raises(ValueError, match=message):
+            probe(model, (1, 1, 40))
 
 
 def test_module_whose_output_does_not_depend_on_the_input_is_left_out():

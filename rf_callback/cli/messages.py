@@ -82,12 +82,14 @@ def probe_message(
     layers = args.layer or []
     for name, option in (
         (f"input_shape={shape!r}", f"--input-shape {args.input_shape} (the input {shape}, with its batch axis)"),
-        (f"pos={pos!r}", f"--pos {args.pos}"),
+        (f"pos={pos!r}", f"--pos {args.pos or 'center'}"),  # not given: the centre
         (f"layers={list(layers)!r}", " ".join(f"--layer {name}" for name in layers)),
         *((f"layer={name!r}", f"--layer {name}") for name in layers),
     ):
         message = message.replace(name, option, 1)
     message = re.sub(r"(?<![\w-])(layout|mode)='([^']*)'", r"--\1 \2", message)  # mode='theoretical' as a fix too
+    message = re.sub(r"(?<![\w-])element=(?=[\s,;.)]|$)", "--element INDEX|KEY", message)
+    message = re.sub(r"(?<![\w-])element=(-?\d+|'[^']*'|None)", r"--element \1", message)
     hints = {"layer": "--layer NAME", "layers": "--layer NAME (once per layer)", "pos": "--pos I,J",
              "input_shape": "--input-shape C,H,W", "mode": "--mode M", "layout": "--layout LAYOUT"}  # fmt: skip
     message = re.sub(

@@ -783,9 +783,9 @@ def forward_to(
             f"convert (a quantization-aware model, its fake quantizers on, is probed as it is), or a layer before it "
             f"with layer="
         ) from None
-    except _Unbatched as error:
+    except Unbatched as error:
         if not captured:
-            raise _rank_error(copy, error.module, input_shape) from None
+            raise rank_error(copy, error.module, input_shape) from None
     except Exception as error:
         if not captured:  # past the layer's output (a head that needs another input size), nothing is measured
             raise forward_error(copy, input_shape, error, draws=len(inputs) if mode == "weights" else None) from error
@@ -914,6 +914,8 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
             )
         if isinstance(element, str) and hasattr(output, "_fields") and element in output._fields:  # a namedtuple's
             element = output._fields.index(element)
+        elif isinstance(element, str) and element not in keys and element.removeprefix("-").isdigit():
+            element = int(element)  # rf-probe --element 1: an index, or an int key, where no key is the string "1"
         allowed = keys if isinstance(output, dict) else range(-len(keys), len(keys))  # -1: the last
         if isinstance(element, bool) or element not in allowed:
             raise ValueError(
@@ -1132,7 +1134,7 @@ def forward_checks(copy: nn.Module, captured: list) -> list:
 
     def batched_only(module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() != len(module.kernel_size) + 2:
-            raise _Unbatched(module)
+            raise Unbatched(module)
 
     def float_only(module, _args):
         if not captured:
@@ -1212,13 +1214,16 @@ class _IntegerQuantized(Exception):
         self.module = module
 
 
-class _Unbatched(Exception):
+class Unbatched(Exception):
+    """A convolution received an input without a batch axis (see :func:`forward_checks`)."""
+
     def __init__(self, module: _ConvNd):
         super().__init__()
         self.module = module
 
 
-def _rank_error(copy: nn.Module, module: _ConvNd, input_shape) -> ValueError:
+def rank_error(copy: nn.Module, module: _ConvNd, input_shape) -> ValueError:
+    """The refusal of ``input_shape``, whose rank made ``module`` receive an input without a batch axis."""
     name = next((n for n, m in copy.named_modules() if m is module), "")
     takes = len(module.kernel_size)
     wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]

@@ -17,14 +17,17 @@ from rf_callback.core.geometry_probe import Budget, measure_geometry
 from rf_callback.core.graph import (
     ProbeError,
     ProbeGraph,
+    Unbatched,
     Underflow,
     as_channels_first,
     called_again_message,
     dead_windows_watched,
     exact_kernels,
+    forward_checks,
     forward_error,
     outputs_by_module,
     probe_inputs,
+    rank_error,
     submodule,
     without_gradient,
 )
@@ -660,12 +663,20 @@ def _forward_outputs(
     if functions.flow is not None:
         functions.flow.start(inputs)
     dead: list[str] = []
+    # A truthy capture: only the convolutions' ranks are checked ((1, 1, 40) would reach a Conv2d unbatched, and
+    # the table would show 1D rows of a 2D network on a shape probe_rf refuses).
+    handles = forward_checks(copy, [True])
     try:
         with functions, dead_windows_watched(copy, thin_axes, dead):
             copy(inputs.clone())  # a forward may scale its input in place: not the leaf itself
+    except Unbatched as error:
+        raise rank_error(copy, error.module, shape) from None
     except Exception as error:
         if not tolerant:
             raise forward_error(copy, shape, error) from error
+    finally:
+        for handle in handles:
+            handle.remove()
     calls = list(dict.fromkeys(functions.operator_calls))
     if calls and not outputs and all(call.startswith(("aten.", "prims.")) for call in calls):
         raise ProbeError(
