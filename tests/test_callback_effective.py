@@ -245,6 +245,43 @@ def test_a_network_that_dies_covers_nothing_even_where_the_weights_probe_fails(t
         fit(tmp_path, raising, WeightsGoDead(lr=0.0), max_epochs=2, logger=False)
 
 
+class _Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.ones(1, 1, 8, 8))
+
+    def forward(self, x):
+        return x * self.gate
+
+
+class OneCellGoesDead(ConvClassifier):
+    """From epoch 1 a gate after the features is zero at cell (1, 1) alone: only that position's field fails."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.features.append(_Gate())
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            with torch.no_grad():
+                self.features[-1].gate[..., 1, 1] = 0
+
+
+def test_a_position_whose_weights_field_fails_alone_leaves_the_others_logged(tmp_path):
+    """One weights probe ran every position: a cell dead alone failed it, and every position's weights sizes,
+    spans and heatmaps were missing for that epoch (the history held no field), with one warning that named the
+    dead cell only. Each position is probed alone then: the others are logged, the dead one's entry is None."""
+    callback = RFCallback(layer="features", pos=[(1, 1), (4, 4)], target_size=2, erf_samples=8, log_images=False)
+    with recorded_warnings() as record:
+        trainer = fit(tmp_path, callback, OneCellGoesDead(lr=0.0), max_epochs=2, logger=False)
+    said = [str(w.message) for w in record if "the probe of position 0 (1, 1) failed" in str(w.message)]
+    assert len(said) == 1 and "the other positions' fields are logged" in said[0]
+    last = callback.history[-1]
+    assert last["epoch"] == 1 and last["fields"][0] is None and last["fields"][1]["bounds"] == [[5, 12], [5, 12]]
+    assert trainer.callback_metrics["rf/features/pos1/size_h/weights"] == 8
+    assert trainer.callback_metrics["rf/features/pos0/size_h/theoretical"] == 7  # still logged beside
+
+
 class CornerDead(ConvClassifier):
     """One 3 x 3 mean with bias -0.7, then a ReLU, on inputs in 0.75..1: live inside, dead at the corners (four of
     the nine taps are zero padding there). lr 0 keeps it so."""

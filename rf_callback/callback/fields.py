@@ -114,7 +114,7 @@ class FieldProber:
         settings, constants = self._values
         return _settings(target) != settings or _Constants(target).changed_since(constants)
 
-    def forward_changed(self, fields: Sequence[ReceptiveField]) -> bool:
+    def forward_changed(self, fields: Sequence[ReceptiveField | None]) -> bool:
         """Whether ``fields``, probed now, show a forward that changed where the layers did not.
 
         A network grown by an attribute its forward reads (how many blocks it runs) keeps its layers, so
@@ -124,18 +124,19 @@ class FieldProber:
         network, which the theoretical copy holds constant. Only a change from inside to outside counts.)
 
         Args:
-            fields: the fields probed now on the callback's input shape, one per position.
+            fields: the fields probed now on the callback's input shape, one per position (``None``: its probe failed).
 
         Returns:
             True where the kept theoretical fields no longer describe the forward.
         """
-        if self.theoretical is None or not fields:
+        probed = [(field, kept) for field, kept in zip(fields, self.theoretical or []) if field is not None]
+        if not probed:
             return False
-        if fields[0].mode == "theoretical":
-            return [field.bounds for field in fields] != [field.bounds for field in self.theoretical]
+        if probed[0][0].mode == "theoretical":
+            return any(field.bounds != kept.bounds for field, kept in probed)
         inside = all(
             first >= kept_first and last <= kept_last
-            for field, kept in zip(fields, self.theoretical)
+            for field, kept in probed
             for (first, last), (kept_first, kept_last) in zip(field.bounds, kept.bounds)
         )
         was, self._inside = self._inside, inside
@@ -191,6 +192,30 @@ class FieldProber:
         fields = fields if isinstance(fields, list) else [fields]
         if positions is None and len(fields) != len(self.positions):  # a list of ints, positions on a 1D map
             self.positions = [(index,) for index in self.positions[0]]  # as given: -1 is the end of every map
+        return fields
+
+    def probe_each(
+        self, pl_module: nn.Module, mode: str, input_shape: Sequence[int]
+    ) -> list[ReceptiveField | ProbeError] | None:
+        """Probes each position alone, in ``mode`` on ``input_shape``.
+
+        Args:
+            pl_module: the live LightningModule.
+            mode: ``"theoretical"`` or ``"weights"``.
+            input_shape: the input shape ``(N, C, *spatial)``.
+
+        Returns:
+            Per position, its field or the ``ProbeError`` its probe raised; ``None`` where the positions are one
+            (a single position, or a list of ints not yet read as positions on a 1D map).
+        """
+        if len(self.positions) < 2 or not all(isinstance(p, tuple) or p == "center" for p in self.positions):
+            return None
+        fields: list[ReceptiveField | ProbeError] = []
+        for position in self.positions:
+            try:
+                fields.append(self.probe(pl_module, mode, input_shape, [position])[0])
+            except ProbeError as error:
+                fields.append(error)
         return fields
 
     def theoretical_fields(

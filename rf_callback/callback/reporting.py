@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -137,7 +138,7 @@ class Reporter:
         self,
         trainer,
         kind: str,
-        fields: list[ReceptiveField],
+        fields: Sequence[ReceptiveField | None],
         *,
         step: int,
         figures: bool,
@@ -150,7 +151,7 @@ class Reporter:
         Args:
             trainer: the Lightning ``Trainer``.
             kind: the probe's mode.
-            fields: one field per position.
+            fields: one field per position (``None``: its probe failed alone, said already).
             step: the step they are logged at.
             figures: also draw each field's figure (fit start and fit end only: a figure costs a few steps).
             target_for: the target per axis for a number of axes, or ``None`` (the callback's target).
@@ -161,17 +162,23 @@ class Reporter:
         """
         metrics = {}
         for index, field in enumerate(fields):
-            metrics.update(dashboard.field_scalars(self.layer_name, index, field, kind))
+            if field is not None:  # else its probe failed alone (said): the theoretical and target sizes go on
+                metrics.update(dashboard.field_scalars(self.layer_name, index, field, kind))
             if beside and kind != "theoretical":
                 metrics.update(dashboard.size_scalars(self.layer_name, index, beside[index], "theoretical"))
-            target = target_for(len(field.bounds))
+            probed = field if field is not None else beside[index] if beside else None
+            if probed is None:
+                continue
+            target = target_for(len(probed.bounds))
             if target is not None and (beside is not None or kind == "theoretical"):  # once per probe
                 metrics.update(dashboard.target_scalars(self.layer_name, index, target))
         self.metrics(trainer, metrics, step=step, pl_module=pl_module)
         if self.log_images:
             self._field_images(trainer, kind, fields, step, figures=figures)
 
-    def _field_images(self, trainer, kind: str, fields: list[ReceptiveField], step: int, *, figures: bool) -> None:
+    def _field_images(
+        self, trainer, kind: str, fields: Sequence[ReceptiveField | None], step: int, *, figures: bool
+    ) -> None:
         if not self.image_writers(trainer):
             if not self._said_no_images and not getattr(trainer, "fast_dev_run", False):
                 self._said_no_images = True
@@ -185,6 +192,8 @@ class Reporter:
         from rf_callback.plotting import figure_to_array, heatmap_image
 
         for index, field in enumerate(fields):
+            if field is None:
+                continue
             with self.failures.guard("images", "drawing the field's images", IMAGES_FIX):
                 caption = self.caption(field)
                 tag = dashboard.image_tag(self.layer_name, index, f"heatmap/{kind}")
@@ -243,7 +252,7 @@ class Reporter:
         trainer,
         *,
         step: int,
-        fields: list[ReceptiveField],
+        fields: Sequence[ReceptiveField | None],
         effective: dict[int, EffectiveField],
         cells: dict[int, str],
         image,
@@ -266,6 +275,8 @@ class Reporter:
 
         layer = self.layer_name
         for index, field in enumerate(fields):
+            if field is None:
+                continue
             figure = figure_to_array(plot_rf_figure(field))
             self.image(trainer, dashboard.image_tag(layer, index, "figure"), figure, step, self.caption(field))
         for index, effective_field in effective.items():

@@ -46,6 +46,7 @@ from rf_callback.callback.schedule import (
     strategy_refusal,
 )
 from rf_callback.core.arguments import checked_device, checked_element, checked_layout
+from rf_callback.core.errors import ProbeError
 from rf_callback.core.layouts import CHANNELS_FIRST, Tokens
 from rf_callback.core.model_copy import MODES, WALK_LIMIT, autograd_nodes
 from rf_callback.core.result import EffectiveField, ReceptiveField
@@ -267,7 +268,7 @@ class RFCallback(Callback):
         self._coverage = CoverageWatch(self.patience, self.coverage_mass)
         self.trackers = self._coverage.trackers
         self._reservoir: InputReservoir | None = None
-        self._last_fields: list[ReceptiveField] = []
+        self._last_fields: list[ReceptiveField | None] = []
         self._theoretical_logged_at: int | None = None  # the step the theoretical fields were last probed again at
         # By index in pos: two indices can name one cell of validation inputs shaped otherwise.
         self._last_effective: dict[int, EffectiveField] = {}
@@ -666,9 +667,24 @@ class RFCallback(Callback):
                 events = self._effective(trainer, pl_module)
             self._alert(trainer, events)  # on every rank, failed or not: "stop" reduces the decision over the ranks
 
-    def _safe_probe(self, pl_module) -> list[ReceptiveField] | None:
+    def _safe_probe(self, pl_module) -> list[ReceptiveField | None] | None:
+        """The probe's fields, one per position (``None`` for a position whose field alone failed), or ``None``."""
         try:
-            return self._prober.probe(pl_module, self.mode, self._shape)
+            return list(self._prober.probe(pl_module, self.mode, self._shape))
+        except ProbeError as error:
+            # A field of one position may fail where the others' do not (a unit dead there alone): each position
+            # alone keeps the others' fields, where all fail, the probe failed.
+            fields = self._prober.probe_each(pl_module, self.mode, self._shape) or []
+            failed = [(index, alone) for index, alone in enumerate(fields) if isinstance(alone, ProbeError)]
+            if len(failed) == len(fields):  # every one (or a single position): the probe failed
+                self._failures.report("probe", "the probe", error, self._probe_fix(error))
+                return None
+            named = ", ".join(f"{index} {self._prober.positions[index]}" for index, _ in failed)
+            self._failures.report(
+                "probe of a position", f"the probe of position{'s' if len(failed) > 1 else ''} {named}", failed[0][1],
+                self._probe_fix(failed[0][1]), goes_on="the other positions' fields are logged, training goes on",
+            )  # fmt: skip
+            return [None if isinstance(field, ProbeError) else field for field in fields]
         except Exception as error:  # noqa: BLE001 - the training run is the user's: warn unless strict
             self._failures.report("probe", "the probe", error, self._probe_fix(error))
             return None
@@ -784,9 +800,10 @@ class RFCallback(Callback):
         full_name = ".".join(n for n in (self.module, self.layer) if n) or None
         return dataclasses.replace(field, layer=full_name).describe(stride=False)
 
-    def _record(self, fields: list[ReceptiveField], *, epoch: int | None, step: int) -> None:
-        """Appends a probe to the history (``epoch`` None: the probe at fit start)."""
-        self.history.append({"epoch": epoch, "step": step, "fields": [f.to_dict(geometry=False) for f in fields]})
+    def _record(self, fields: Sequence[ReceptiveField | None], *, epoch: int | None, step: int) -> None:
+        """Appends a probe to the history (``epoch`` None: the probe at fit start; a field None: its probe failed)."""
+        recorded = [None if f is None else f.to_dict(geometry=False) for f in fields]
+        self.history.append({"epoch": epoch, "step": step, "fields": recorded})
 
     def _say_what_is_gathered(self, trainer, pl_module) -> None:
         """Says, once, what each probe gathers where the probed module is sharded (its memory beside training)."""
