@@ -145,6 +145,20 @@ def test_a_suspect_map_of_a_model_that_runs_in_float32_alone_says_float64_was_tr
         effective_rf(Float32Only(), torch.randn(4, 1, 60), 30)
 
 
+def test_a_window_holding_exactly_q_counts_on_a_float32_map():
+    """Two uniform 4-tap convolutions give a map proportional to [1, 2, 3, 4, 3, 2, 1]: [2, 3, 4, 3] holds exactly
+    0.75, but the float32 gradients left it 1e-8 short, past a 1e-12 tolerance, so extent(0.75) had 5 cells (4 in
+    float64). And [1, 2, 3, 2, 1]'s two halves tie in mass and in distance to the centre: the first wins, where the
+    centre of mass's last bit decided."""
+    inputs = torch.randn(3, 3, 60, generator=torch.Generator().manual_seed(0))
+    for taps, q, expected in ((4, 0.75, ((28, 31),)), (3, 0.5, ((29, 30),))):
+        model = nn.Sequential(nn.Conv1d(3, 4, taps, bias=False), nn.Conv1d(4, 4, taps, bias=False))
+        for conv in model:
+            nn.init.constant_(conv.weight, 0.1)
+        for dtype in (torch.float32, torch.float64):
+            assert effective_rf(model, inputs, "center", dtype=dtype).extent(q) == expected
+
+
 def test_box_map_metrics_in_1d_2d_3d():
     for shape, box in [((11,), (slice(3, 8),)), ((9, 12), (slice(2, 5), slice(4, 10))),
                        ((6, 7, 8), (slice(1, 3), slice(2, 5), slice(0, 4)))]:  # fmt: skip

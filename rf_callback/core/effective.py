@@ -11,8 +11,10 @@ Bounds = tuple[int, int]
 
 # RepLKNet's thresholds for the high-contribution area ratio (Ding et al., CVPR 2022).
 HIGH_CONTRIBUTION_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
-# Mass fractions compare with a relative tolerance, so that a window holding exactly q of the mass counts.
-_MASS_TOLERANCE = 1e-12
+# Mass fractions compare with a relative tolerance, so that a window holding exactly q of the mass counts: maps come
+# from float32 gradients (rounding about 1e-7 of each value), so 1e-12 let [2, 3, 4, 3] of [1, 2, 3, 4, 3, 2, 1]
+# hold "less" than its exact 0.75. Distances to the centre of mass tie within it too (of the axis's length).
+_MASS_TOLERANCE = 1e-6
 
 
 def checked_map(heatmap: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,9 @@ def _shortest_interval(weights: torch.Tensor, q: float, center: float) -> Bounds
     # Masses differ by prefix-sum rounding where they are equal (a periodic map): within the tolerance they tie.
     heaviest = max(c[1] for c in shortest) - _MASS_TOLERANCE * total
     tied = [c for c in shortest if c[1] >= heaviest]
-    _, _, first, last = min(tied, key=lambda c: (abs((c[2] + c[3]) / 2 - center), c[2]))
+    distances = [abs((c[2] + c[3]) / 2 - center) for c in tied]
+    nearest = min(distances) + _MASS_TOLERANCE * len(weights)
+    _, _, first, last = min((c for c, d in zip(tied, distances) if d <= nearest), key=lambda c: c[2])
     return first, last
 
 
