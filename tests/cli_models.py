@@ -158,6 +158,24 @@ def empty_map() -> nn.Module:
     return _EmptyMap()
 
 
+class _HeadDefinedFirst(nn.Module):
+    """A CRNN's order: a 1D head defined before the 2D body that runs first."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv1d(4 * 8, 8, 3, padding=1)
+        self.body = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.head(y.flatten(1, 2))
+
+
+def head_defined_first() -> nn.Module:
+    """On 3 x 32 x W inputs: a 2D body, then a 1D head over the width."""
+    return _HeadDefinedFirst()
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

@@ -12,8 +12,9 @@ import pytest
 import rf_callback.cli.arguments as arguments
 import rf_callback.cli.running as running
 import rf_callback.plotting as plotting
-from rf_callback import ProbeError
+from rf_callback import ProbeError, probe_rf
 from rf_callback.cli import TRACEBACK_VARIABLE, main
+from tests.cli_models import head_defined_first
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["tests.cli_models:small_net", "--input-shape", "3,16,16"]
@@ -413,6 +414,22 @@ def test_the_centre_not_given_is_named_as_the_default(capsys):
     with pytest.raises(SystemExit):
         main(["tests.cli_models:empty_map", "--input-shape", "1,8,8"])
     assert "so --pos center names none" in capsys.readouterr().err
+
+
+def test_a_rank_is_checked_against_the_convolution_that_runs_first(capsys):
+    """The hint took the first convolution defined, a CRNN's 1D head, so 4 channels into its 2D body read "has 2
+    spatial axes, but ... head (Conv1d) takes 1: pass C,L", whose advice failed too; the forward's own error says
+    what is wrong, and a real rank mismatch names the body."""
+    argv = ["tests.cli_models:head_defined_first", "--input-shape"]
+    with pytest.raises(SystemExit):
+        main([*argv, "4,32,64"])
+    err = capsys.readouterr().err
+    assert "to have 3 channels, but got 4" in err and "Conv1d" not in err
+    with pytest.raises(SystemExit):
+        main([*argv, "3,32"])
+    assert "the convolution body (Conv2d), the model's first, takes 2" in capsys.readouterr().err
+    with pytest.raises(ProbeError, match="the model's forward raised .* to have 3 channels, but got 4"):
+        probe_rf(head_defined_first(), (1, 4, 32, 64))  # not "the model's first convolution (head: Conv1d)"
 
 
 def test_gif_sweeps_the_feature_map_element_names(tmp_path, capsys):

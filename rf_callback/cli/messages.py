@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from rf_callback.cli.errors import PROG, TRACEBACK_VARIABLE, UsageError
+from rf_callback.core.graph import first_convolution_run
 from rf_callback.core.layouts import AXIS_NAMES, axis_letters
 from rf_callback.core.model_copy import CopyError
 from rf_callback.core.probe import ProbeError
@@ -114,7 +114,7 @@ def _uncopyable_message(spec: str, error: BaseException) -> str:
 
 def _rank_mismatch(model: nn.Module, text: str, shape: tuple[int, ...]) -> str | None:
     """Says how ``--input-shape`` was read, when its spatial axes do not fit the model's first convolution."""
-    first = next(((name, m) for name, m in model.named_modules() if isinstance(m, _ConvNd)), None)
+    first = first_convolution_run(model, shape)
     if first is None:
         return None
     name, conv = first

@@ -1242,16 +1242,15 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
     if isinstance(error, ProbeError):  # the probe's copy refused something (see probe_functions): its own words
         return ProbeError(str(error))
     spatial = len(input_shape) - 2
-    for name, module in copy.named_modules():
-        if isinstance(module, _ConvNd) and len(module.kernel_size) != spatial:
-            takes = len(module.kernel_size)
-            wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
-            return ValueError(
-                f"input_shape={tuple(input_shape)} has {spatial} spatial axes, but the model's first convolution "
-                f"({name or 'the model'}: {type(module).__name__}) takes {takes}; pass a shape {wanted}"
-            )
-        if isinstance(module, _ConvNd):
-            break
+    first = first_convolution_run(copy, (1, *tuple(input_shape)[1:]))
+    if first is not None and len(first[1].kernel_size) != spatial:
+        name, module = first
+        takes = len(module.kernel_size)
+        wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
+        return ValueError(
+            f"input_shape={tuple(input_shape)} has {spatial} spatial axes, but the model's first convolution "
+            f"({name or 'the model'}: {type(module).__name__}) takes {takes}; pass a shape {wanted}"
+        )
     if draws is not None and draws > 1:
         return ProbeError(
             f"the model's forward raised on a batch of {draws} random inputs of shape {tuple(input_shape[1:])} "
@@ -1269,6 +1268,38 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
         else ""
     )
     return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}{hooks}")
+
+
+class _Reached(Exception):
+    pass
+
+
+def first_convolution_run(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, _ConvNd] | None:
+    """The first convolution the forward runs on an input of ``shape`` (the first defined, where none is reached).
+
+    A model may define a 1D head before the 2D body it runs first (a CRNN): blaming the head's rank sent the user
+    to a shape that failed too. The forward stops as it reaches the first convolution (called on an error's path
+    only: a module before it may have run).
+    """
+    convolutions = [(name, m) for name, m in model.named_modules() if isinstance(m, _ConvNd)]
+    reached: list[tuple[str, _ConvNd]] = []
+
+    def stop(module, _args, *, name):
+        reached.append((name, module))
+        raise _Reached
+
+    handles = [conv.register_forward_pre_hook(functools.partial(stop, name=name)) for name, conv in convolutions]
+    weight = convolutions[0][1].weight if convolutions else None
+    like = weight if isinstance(weight, torch.Tensor) else torch.zeros(())
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape, device=like.device, dtype=like.dtype))
+    except Exception:  # noqa: BLE001, S110 - _Reached, or the forward failed before any convolution
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reached[0] if reached else next(iter(convolutions), None)
 
 
 def _no_spatial_axes_message(copy: nn.Module, inputs, mode: str, output, layer) -> str:
