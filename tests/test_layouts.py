@@ -427,6 +427,26 @@ def test_a_grid_not_the_models_is_refused_wherever_its_fields_show_it(shape, lay
     assert field.bounds == ((4 * grid[0] - 4, 4 * grid[0] - 1), (4 * grid[1] - 4, 4 * grid[1] - 1))
 
 
+class TokensMixedInTheirOrder(nn.Module):
+    """2 x 4 patches on a 16 x 8 input (an 8 x 2 grid), then a Conv1d over the flat token sequence (PEG, Conformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Conv2d(3, 4, (2, 4), stride=(2, 4)), nn.Conv1d(4, 4, 3, padding=1)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 4))
+
+    def forward(self, x):
+        tokens = self.mix(self.embed(x).flatten(2)).transpose(1, 2)
+        return torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
+
+
+def test_tokens_mixed_in_their_flat_order_keep_their_grid():
+    """Mixing along the flat order makes token (0, 1) read the next row's patch too, and the first token reads the
+    whole width: a 16 x 1 grid, whose one column checks nothing, "kept the rule" and the right 8 x 2 grid was refused
+    with layout='tokens:16x1+1', whose field is wrong. Another factoring counts only where its rule tells something."""
+    assert probe_rf(TokensMixedInTheirOrder(), (1, 3, 16, 8), (3, 0), layout="tokens:8x2+1").bounds == ((4, 7), (0, 7))
+
+
 def test_a_video_tubelet_grid_in_another_order_is_refused():
     """2 x 4 x 4 tubelets are no cubes: the order check never ran on a 3D grid of them, and (0, 1, 0) of a 2 x 3 x 2
     grid read frames 0..1, rows 0..3, columns 8..11 (the model's token (0, 0, 2))."""
@@ -475,6 +495,26 @@ def test_a_channels_last_output_of_a_fixed_size_model_is_never_read_channels_fir
     for product in ("matmul", "einsum"):
         field = probe_rf(FixedSizeChannelsLast(product), shape, (3, 2), layout="channels_last")
         assert field.bounds == ((6, 7), (4, 5))
+
+
+def test_a_channels_first_output_with_strides_per_axis_is_not_taken_for_channels_last():
+    """A spectrogram map strided (1, 2), then tokens with a position table for one input size and back to (N, C, H,
+    W): its axes follow the input by a stride each, so no warning that it may be channels last."""
+
+    class Spectrogram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 16, 3, stride=(1, 2), padding=1)
+            self.pos, self.mix = nn.Parameter(torch.zeros(1, 32 * 32, 16)), nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.conv(x)
+            tokens = self.mix(y.flatten(2).transpose(1, 2) + self.pos)
+            return tokens.transpose(1, 2).reshape(y.shape)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probe_rf(Spectrogram(), (1, 1, 32, 64), (5, 5)).bounds == ((4, 6), (9, 11))
 
 
 def test_a_feature_map_read_as_tokens_is_refused_with_the_layouts_that_fit():

@@ -203,6 +203,27 @@ def test_shape_the_model_rejects_is_a_value_error():
         rf_table(ResNetStyle(), (1, 3, 24, 20), mode="exact")
 
 
+def test_a_head_run_per_sample_is_left_out_and_its_message_says_the_forward_drops_the_batch_axis():
+    """A head run in a loop over the samples sees (C, H, W) of the input's rank: the table keeps the backbone's rows
+    (the head's row is left out, as before), and probe_rf says the forward drops the batch axis, where it said
+    "input_shape=(1, 3, 16, 16) has 2 spatial axes ... pass a shape (N, C, H, W)", the shape given."""
+
+    class PerSampleHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return torch.stack([self.head(sample) for sample in self.backbone(x)])
+
+    with pytest.warns(UserWarning, match="1 row is left out"):
+        rows = rf_table(PerSampleHead(), (1, 3, 16, 16))
+    assert [row.name for row in rows] == ["backbone.0", "backbone.1", "backbone"]
+    with pytest.raises(ValueError, match=r"head \(Conv2d\) receives an input without a batch axis, though input_"):
+        probe_rf(PerSampleHead(), (1, 3, 16, 16))
+
+
 @pytest.mark.parametrize("channels", [1, 4])
 def test_a_shape_that_reaches_a_convolution_without_its_batch_axis_is_refused_as_probe_rf_refuses_it(channels):
     """(1, 1, 40) reaches a Conv2d as an unbatched (C, H, W) image, which torch runs: the table printed 1D rows of a

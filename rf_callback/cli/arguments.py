@@ -129,7 +129,7 @@ class Checked:
         kwargs: ``--kwargs``, the keyword arguments of the factory.
         target: ``--target-size``, one size per spatial axis; ``None`` when not given.
         pos: ``--pos``: ``"center"``, ``"all"`` or the output indices.
-        element: ``--element`` as given (a dict key, or an index of a tuple or list); ``None`` when not given.
+        element: ``--element``: an index where it is an int, else a dict key; ``None`` when not given.
         pictures: for each of ``--plot`` and ``--gif`` that is given, whether its file existed before.
     """
 
@@ -137,7 +137,7 @@ class Checked:
     kwargs: dict[str, Any]
     target: tuple[int, ...] | None
     pos: str | tuple[int, ...]
-    element: str | None
+    element: int | str | None
     pictures: dict[str, bool]
 
 
@@ -215,13 +215,14 @@ def _position(text: str | None) -> str | tuple[int, ...]:
     return tuple(_ints(text, "--pos", "'center', 'all' or output indices separated by commas (I,J)"))
 
 
-def _element(value: str | None) -> str | None:
-    """``--element``: a dict key, or an index where the output is a tuple or list (or no key is those digits).
-
-    torchvision's FPN and IntermediateLayerGetter return dicts keyed ``'0'``, ``'1'``: digits read as an int could
-    never name them.
-    """
-    return value
+def _element(value: str | None) -> int | str | None:
+    """``--element``: an index where it is an int (a dict's key of those digits where it has one), else a dict key."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
 
 
 def _check_layout(text: str) -> None:

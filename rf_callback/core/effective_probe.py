@@ -135,7 +135,10 @@ def effective_rf(
         start = 0
         # Chunks of balanced sizes: a last chunk of one sample would give a batch statistic (a minibatch standard
         # deviation) of one sample, NaN.
-        for chunk in inputs.detach().tensor_split(-(-inputs.shape[0] // chunk_size)):
+        chunks = -(-inputs.shape[0] // chunk_size)
+        if chunk_size > 1 and chunks > 1 and inputs.shape[0] // chunks < 2:
+            chunks = inputs.shape[0] // 2  # chunk_size=2 of 3 inputs: one chunk of 3, not 2 and 1
+        for chunk in inputs.detach().tensor_split(chunks):
             x = chunk.clone().to(device=device, dtype=dtype).requires_grad_(True)
             output = forward_to(copy, x, request)
             if not torch.isfinite(output).all():
@@ -148,8 +151,8 @@ def effective_rf(
                     cotangent[at] = 1
                     last = index == len(fields) - 1 and sample is samples[-1]
                     (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=not last)
-                    maps = gradient[sample].abs().sum(dim=1).to("cpu", torch.float64)
-                    totals[index] += maps.sum(dim=0)
+                    maps = gradient[sample].abs().sum(dim=1)  # per sample, on the device
+                    totals[index] += maps.sum(dim=0).to("cpu", torch.float64)
                     peak, strongest_at = maps.flatten(1).amax(dim=1).max(dim=0)
                     if float(peak) > strongest[index][0]:
                         strongest[index] = (float(peak), start + (sample.start or 0) + int(strongest_at))
@@ -178,6 +181,9 @@ def effective_rf(
             found_noise, found_imprecise = _rounding_noise(model, copy, one_input, request, suspects, biases == "zero")
             noise += found_noise
             imprecise += found_imprecise
+        order = [field.position for field in fields]
+        noise.sort(key=lambda item: order.index(item[0]))  # as asked, not grouped by input
+        imprecise.sort(key=order.index)
     if noise:
         raise ProbeError(
             f"the gradient map of {_positions_named([p for p, _ in noise], len(fields))} is rounding noise: its "
@@ -277,11 +283,12 @@ def _not_finite_error(copy: nn.Module, layer: str | None, chunk: int, samples: i
             f"the output of {where(layer)} is not finite (inf or NaN) on the inputs: the model's weights or buffers "
             f"hold non-finite values; check them (a diverged training step, a buffer never initialised)"
         )
+    read = "the input" if samples == 1 else f"a chunk of {chunk} of the {samples} inputs"
     return ProbeError(
-        f"the output of {where(layer)} is not finite (inf or NaN) on a chunk of {chunk} of the {samples} inputs, "
-        f"though the model's weights and buffers are finite: its forward computes a non-finite value from them (a "
-        f"statistic over the batch of a single sample, a log or a division by zero); pass more inputs or a larger "
-        f"chunk_size where the forward reads across samples, or measure a layer before that value with layer="
+        f"the output of {where(layer)} is not finite (inf or NaN) on {read}, though the model's weights and buffers "
+        f"are finite: its forward computes a non-finite value from them (a statistic over a batch of one sample, a "
+        f"log or a division by zero); pass more inputs or a larger chunk_size where the forward reads across "
+        f"samples, or measure a layer before that value with layer="
     )
 
 

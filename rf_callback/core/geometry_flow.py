@@ -399,9 +399,10 @@ def _channel_range(index, tensor: torch.Tensor, dim: int) -> tuple[int, int] | N
 
 
 def _by_fixed_matrix(name: str, args) -> bool:
-    """Whether the call is ``x @ w`` of a matrix ``w`` that does not depend on the input: a linear layer's product.
+    """Whether the call is ``x @ w`` of a 2-D ``w`` without gradient: a linear layer's product on the last dim.
 
-    (An input-dependent ``w`` makes the flow's ``dependent`` hold two tensors, which ends it before this is asked.)
+    The copy's parameters carry no gradient, and an input-dependent ``w`` (which does) makes the flow's
+    ``dependent`` hold two tensors, which ends the flow before this is asked.
     """
     return (
         name in ("matmul", "__matmul__")

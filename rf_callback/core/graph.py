@@ -307,59 +307,64 @@ class ProbeGraph(GraphShapes):
 
         On the model's grid, the tokens one step and all the way along an axis read the input elsewhere along that
         axis only: along every other axis, where the first token reads. Where the given grid breaks that and
-        another grid of as many tokens that divides the input keeps it, every position would be read as another
-        token's field: refused, naming that grid. Fields that tell nothing (global attention: the first token's
-        spans the input) leave the grid as given, and so does a grid that keeps it (a model that resizes its input),
-        and one that cuts the input into square or cubic patches, which no other grid of as many tokens does.
+        another grid of as many tokens that divides the input keeps it (the given lengths in another order; another
+        factoring only where the first token's field spans no axis whole and no axis holds one token, where the
+        rule holds whatever the grid), every position would be read as another token's field: refused, naming
+        that grid. Fields that tell nothing
+        (global attention) leave the grid as given, and so does a grid that keeps the rule (a model that resizes
+        its input), and one that cuts the input into square or cubic patches, which no other grid of as many
+        tokens does (a ViT's: not checked).
         """
         grid, lengths = tokens.grid, self.spatial_input_shape
         if len(grid) < 2 or len(lengths) != len(grid):
             return
         if all(n % g == 0 for n, g in zip(lengths, grid)) and len({n // g for n, g in zip(lengths, grid)}) == 1:
-            return  # square (cubic) patches: no other grid of as many tokens cuts the input so (a ViT's, unchecked)
+            return
         read: dict[int, tuple] = {}
 
         def hulls(flat: int) -> tuple:
-            """Where the token ``flat`` places after the prefix reads the input, per axis."""
+            """Per axis, where the token ``flat`` (counted after the prefix, row-major) reads the input."""
             if flat not in read:
-                position = tuple(flat // math.prod(grid[a + 1 :]) % n for a, n in enumerate(grid))
-                support = self.support([position])
+                support = self.support([_grid_position(flat, grid)])
                 read[flat] = tuple(hull(marginal(support, a)) for a in range(len(grid)))
             return read[flat]
 
         first = hulls(0)
         if None in first or all(h == (0, n - 1) for h, n in zip(first, lengths)):
             return
+        # Along an axis the first token's field spans whole, or of one token, another grid's rule holds whatever the
+        # grid (tokens mixed in their flat order, as a PEG or Conformer convolution mixes them, read a whole row):
+        # only the given grid's lengths in another order (W x H) may be told from it there.
+        vague = any(h == (0, n - 1) for h, n in zip(first, lengths))
 
-        def broken(order: tuple[int, ...], moving: bool) -> tuple[int, int] | None:
-            """The first token (as a place after the prefix) and axis where ``order`` breaks the rule, or None."""
+        def broken(order: tuple[int, ...], must_move: bool) -> tuple[int, int] | None:
+            """The first token (counted after the prefix) and axis where ``order`` breaks the rule, or None."""
             for axis, n in enumerate(order):
                 for steps in dict.fromkeys((1, n - 1)) if n > 1 else ():
                     flat = steps * math.prod(order[axis + 1 :])
                     there = hulls(flat)
                     others = [b for b in range(len(order)) if b != axis and there[b] != first[b]]
-                    if None in there or others or (moving and there[axis] == first[axis]):
+                    if None in there or others or (must_move and there[axis] == first[axis]):
                         return flat, (others or [axis])[0]
             return None
 
-        wrong = broken(grid, moving=False)
+        wrong = broken(grid, must_move=False)
         if wrong is None:
             return
         for order in _grids_dividing(lengths, math.prod(grid)):
-            if order != grid and broken(order, moving=True) is None:
+            reordered = sorted(order) == sorted(grid)
+            if order == grid or (not reordered and (vague or 1 in order)):
+                continue
+            if broken(order, must_move=True) is None:
                 flat, axis = wrong
-                token = tuple(flat // math.prod(grid[a + 1 :]) % n for a, n in enumerate(grid))
-                origin = tuple(0 for _ in grid)
                 layout = self.request.layout
-                patch = " x ".join(str(n // g) for n, g in zip(lengths, order))
                 raise ValueError(
-                    f"layout={layout!r} lays the tokens on a {' x '.join(map(str, grid))} grid, but its token {token} "
-                    f"reads the input elsewhere along axis {axis_letters(len(grid))[axis]} than token {origin} "
-                    f"does, though on the model's grid a token reads where the first does along every axis it does not "
-                    f"step along: the grid is not the model's (written W x H, or another factoring of as many "
-                    f"tokens), and read so every position would be another token's; the tokens lie on a "
-                    f"{' x '.join(map(str, order))} grid in the input's order (rows first, H x W), patches of {patch}: "
-                    f"pass layout={_spelled(layout, Tokens(order, tokens.prefix))}"
+                    f"layout={layout!r} lays the tokens on a {' x '.join(map(str, grid))} grid, but its token "
+                    f"{_grid_position(flat, grid)} reads the input elsewhere along axis "
+                    f"{axis_letters(len(grid))[axis]} than token {_grid_position(0, grid)}: the grid is not the "
+                    f"model's (written W x H, or another factoring of as many tokens), and every position would read "
+                    f"another token's field; the tokens lie on a {' x '.join(map(str, order))} grid (rows first, "
+                    f"H x W): pass layout={_spelled(layout, Tokens(order, tokens.prefix))}"
                 )
 
     def gradient_map(self, positions: Sequence[Position], scale: Sequence[float] | None = None) -> torch.Tensor:
@@ -595,7 +600,8 @@ def check_channels_first(
     keeps its length, a spatial one follows the input. The input is twice as long on every axis where the shapes
     hint at channels last (a last axis longer than the input's, or as long as the features of a linear layer or
     layer norm in the forward), else half as long (cheaper). A model that does not run on it is not checked: a
-    warning says so where the shapes hint at channels last or the forward moved dim 1 (``moved``: a permute).
+    warning says so where the shapes hint at channels last, or where the forward moved dim 1 (``moved``: a
+    permute) and the axes after dim 1 follow the input by one stride while those read as the map do not.
 
     Raises:
         ValueError: the output is not channels first (the message says what to pass).
@@ -625,9 +631,13 @@ def check_channels_first(
             f"({other_shape}) the axis read as the channels follows the input ({channels} -> {other.shape[1]}) and "
             f"the last axis keeps its length ({spatial[-1]}); pass layout='channels_last'"
         )
-    # A forward that moved dim 1, on an output whose axes after dim 1 follow the input by one stride where the axes
-    # read as spatial do not: channels last, though no other input ran to tell.
-    follows = moved and not _one_stride(spatial, lengths) and _one_stride(tuple(output.shape[1:-1]), lengths)
+    # A forward that moved dim 1, on an output whose axes after dim 1 follow the input by one stride where those
+    # read as the map follow it by none (per axis, down or up): channels last, though no other input ran to tell.
+    follows = (
+        moved
+        and not all(_follows(n, m) for n, m in zip(spatial, lengths))
+        and _one_stride(tuple(output.shape[1:-1]), lengths)
+    )
     if not (longer or features or (follows and other is None)):
         return
     if other is not None and other.dim() == output.dim() and tuple(other.shape[2:]) != spatial:
@@ -642,13 +652,17 @@ def check_channels_first(
             f"{' x '.join(map(str, output.shape[1:-1]))}, follow the input's {' x '.join(map(str, lengths))} by one "
             f"stride where those read as its map do not"
         )
-
     warnings.warn(
         f"the output of {where(layer)} is {shape}, read channels first (N, C, {', '.join(letters)}), but {why}: it "
         f"may be channels last {last} (the probe could not run the model on another input to tell); if it is, pass "
         f"layout='channels_last', or the tokens' grid as layout='tokens:HxW+P'",
         stacklevel=4,
     )
+
+
+def _follows(n: int, length: int) -> bool:
+    """Whether an axis of ``n`` is one of ``length`` divided or multiplied by some stride (rounded either way)."""
+    return n % length == 0 or any(n in (length // stride, -(-length // stride)) for stride in range(1, length + 1))
 
 
 def _one_stride(spatial: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
@@ -914,8 +928,8 @@ def selected_element(output, element, layer: str | None) -> torch.Tensor:
             )
         if isinstance(element, str) and hasattr(output, "_fields") and element in output._fields:  # a namedtuple's
             element = output._fields.index(element)
-        elif isinstance(element, str) and element not in keys and element.removeprefix("-").isdigit():
-            element = int(element)  # rf-probe --element 1: an index, or an int key, where no key is the string "1"
+        elif isinstance(element, int) and isinstance(output, dict) and element not in keys and str(element) in keys:
+            element = str(element)  # rf-probe --element 1 on torchvision's FPN levels, keyed '0', '1'
         allowed = keys if isinstance(output, dict) else range(-len(keys), len(keys))  # -1: the last
         if isinstance(element, bool) or element not in allowed:
             raise ValueError(
@@ -1012,6 +1026,11 @@ def _tokens_on_grid(output: torch.Tensor, tokens: Tokens, layout, input_shape, l
             f"the output of {where(layer)} is {shape}: {count} tokens, not {said} as layout={layout!r} says{fix}"
         )
     return output[:, tokens.prefix :].transpose(1, 2).reshape(shape[0], shape[2], *grid)
+
+
+def _grid_position(flat: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """The grid position of the ``flat``-th token (counted after the prefix, row-major)."""
+    return tuple(flat // math.prod(grid[a + 1 :]) % n for a, n in enumerate(grid))
 
 
 def _grids_dividing(lengths: Sequence[int], tokens: int) -> list[tuple[int, ...]]:
@@ -1125,15 +1144,18 @@ def outputs_by_module(copy: nn.Module, inputs, mode: str, skip: str | None = Non
     return outputs
 
 
-def forward_checks(copy: nn.Module, captured: list) -> list:
+def forward_checks(copy: nn.Module, captured: list, *, quantized: bool = True, spatial: int | None = None) -> list:
     """Pre-hooks that refuse what no probe can read, until the probed output is ``captured``.
 
     A convolution input without a batch axis ((1, C, L) would reach a Conv2d as (C, H, W)), and a module converted to
-    integer quantization (integers carry no gradient).
+    integer quantization (integers carry no gradient; ``quantized=False``: not checked). ``spatial``: the input's
+    number of spatial axes, where only a convolution of another rank is refused (a forward that runs a head per
+    sample, unbatched, is not).
     """
 
     def batched_only(module, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() != len(module.kernel_size) + 2:
+        takes = len(module.kernel_size)
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() != takes + 2 and spatial != takes:
             raise Unbatched(module)
 
     def float_only(module, _args):
@@ -1142,7 +1164,7 @@ def forward_checks(copy: nn.Module, captured: list) -> list:
 
     handles = []
     for module in copy.modules():  # one walk: ViT-sized trees make each walk cost
-        if integer_quantized(module):
+        if quantized and integer_quantized(module):
             handles.append(module.register_forward_pre_hook(float_only))
         elif isinstance(module, _ConvNd):
             handles.append(module.register_forward_pre_hook(batched_only))
@@ -1227,6 +1249,13 @@ def rank_error(copy: nn.Module, module: _ConvNd, input_shape) -> ValueError:
     name = next((n for n, m in copy.named_modules() if m is module), "")
     takes = len(module.kernel_size)
     wanted = ("(N, C, L)", "(N, C, H, W)", "(N, C, D, H, W)")[takes - 1]
+    if len(input_shape) - 2 == takes:  # the input fits: the forward dropped the batch axis on its way
+        return ValueError(
+            f"the convolution {name or 'the model'} ({type(module).__name__}) receives an input without a batch "
+            f"axis, though input_shape={tuple(input_shape)} has its {takes} spatial axes: the forward drops the "
+            f"batch axis before it (a loop over the samples, a squeeze(0)), and the probe reads one batch; probe a "
+            f"layer before it with layer="
+        )
     return ValueError(
         f"input_shape={tuple(input_shape)} has {len(input_shape) - 2} spatial axes, but the convolution "
         f"{name or 'the model'} ({type(module).__name__}) receives an input without a batch axis: it takes {takes} "

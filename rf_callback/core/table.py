@@ -663,9 +663,9 @@ def _forward_outputs(
     if functions.flow is not None:
         functions.flow.start(inputs)
     dead: list[str] = []
-    # A truthy capture: only the convolutions' ranks are checked ((1, 1, 40) would reach a Conv2d unbatched, and
-    # the table would show 1D rows of a 2D network on a shape probe_rf refuses).
-    handles = forward_checks(copy, [True])
+    # (1, 1, 40) would reach a Conv2d unbatched, and the table show 1D rows of a 2D network on a shape probe_rf
+    # refuses; a head run per sample of the right rank (a loop, a squeeze(0)) is left out as before, after its rows.
+    handles = forward_checks(copy, [], quantized=False, spatial=len(shape) - 2)
     try:
         with functions, dead_windows_watched(copy, thin_axes, dead):
             copy(inputs.clone())  # a forward may scale its input in place: not the leaf itself
