@@ -2960,3 +2960,93 @@ def test_a_table_row_without_a_field_is_left_out_not_the_whole_table():
     assert [(r.name, r.bounds) for r in rows] == [("0", ((4, 6), (4, 6)))]
     with pytest.raises(ProbeError, match="no input position influences"):
         rf_table(model, (1, 1, 10, 10), mode="weights", layers=["1"])
+
+
+class _MaxOverFrequency(nn.Module):
+    """An audio network's max over the frequencies (H), spelled in several ways, then a 1 x 3 convolution in time."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, (1, 3), padding=(0, 1))
+        self.spelling = spelling
+
+    def forward(self, x):
+        y = self.a(x)
+        picked = {
+            "max_pool2d": lambda: F.max_pool2d(y, (y.shape[2], 1)),
+            "amax": lambda: y.amax(2, keepdim=True),
+            "max": lambda: y.max(2, keepdim=True).values,
+            "unfold": lambda: y.unfold(2, y.shape[2], 1).amax(-1),
+            "topk": lambda: y.topk(1, dim=2).values,
+            "sort": lambda: y.sort(dim=2, descending=True).values[:, :, :1],
+            "with_indices": lambda: F.max_pool2d(y, (y.shape[2], 1), return_indices=True)[0],
+        }[self.spelling]
+        return self.b(picked())
+
+
+@pytest.mark.parametrize("spelling", ["amax", "max", "unfold", "topk", "sort", "with_indices"])
+def test_weights_mode_connects_every_candidate_of_a_pick_by_value_as_of_a_max_pool(spelling):
+    """A max-pool connects its whole window in weights mode (the input, not a weight, decides which element wins);
+    the same max as amax, max along a dim, topk, sort or a pooling with indices ran as the real arg-max, and the field
+    held only the pixels that won on the 8 draws: rows 0..30 and 141 pixels of 0..31 and 160 (a float64 brute force
+    over 200 inputs agrees with the pooling's)."""
+    torch.manual_seed(0)
+    pooled = _MaxOverFrequency("max_pool2d")
+    model = _MaxOverFrequency(spelling)
+    model.load_state_dict(pooled.state_dict())
+    expected = probe_rf(pooled, (1, 1, 32, 16), (0, 8), mode="weights")
+    field = probe_rf(model, (1, 1, 32, 16), (0, 8), mode="weights")
+    assert expected.bounds == ((0, 31), (6, 10)) and int((expected.heatmap > 0).sum()) == 160
+    assert field.bounds == expected.bounds and torch.equal(field.heatmap > 0, expected.heatmap > 0)
+
+
+def test_weights_mode_zeroes_a_bias_held_in_a_buffer():
+    """torchvision's FrozenBatchNorm2d holds its shift in a buffer, which the bias-free copy kept: a trained -5 kept
+    the ReLU after it off on every draw, (5, 9) where BatchNorm2d's bias-free network reads (3, 9)."""
+
+    class FrozenBatchNorm2d(nn.Module):
+        def __init__(self, n: int):
+            super().__init__()
+            for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                self.register_buffer(name, torch.full((n,), value))
+
+        def forward(self, x):
+            scale = (self.weight * (self.running_var + 1e-5).rsqrt()).reshape(1, -1, 1, 1)
+            return x * scale + (self.bias - self.running_mean * scale.flatten()).reshape(1, -1, 1, 1)
+
+    conv, head = nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.Conv2d(2, 1, 5, padding=2, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0], conv.weight[1, 0, 2, 2] = 1, 1
+    frozen, norm = FrozenBatchNorm2d(2), nn.BatchNorm2d(2).eval()
+    frozen.bias.copy_(torch.tensor([-5.0, 0.0]))
+    norm.bias.data.copy_(frozen.bias)
+    fields = [probe_rf(nn.Sequential(conv, n, nn.ReLU(), head), (1, 1, 12, 12), (6, 6), mode="weights")
+              for n in (norm, frozen)]  # fmt: skip
+    assert fields[0].bounds == fields[1].bounds == ((3, 9), (3, 9))
+
+
+@pytest.mark.parametrize("call", ["mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "pairwise_distance", "atan2"])
+def test_a_call_that_takes_a_difference_inside_keeps_both_operands_fields(call):
+    """A loss, a distance or an angle of two branches reads their difference inside, which is 0 on the theoretical
+    copy's equal values: a(x) + mse_loss(a(x), b(x) shifted by 2 columns) read columns 5..7 where 3..7 is right (the
+    shifted branch's gradient vanished), atan2 of two channels of one convolution read nothing ("its window covers
+    only padding"), and a distance along the width dropped the width."""
+
+    class Compared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+            self.both = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x).roll(2, -1)
+            if call == "pairwise_distance":  # of two branches along the width, (N, 1, H, 1), added to every column
+                return a + F.pairwise_distance(a, self.b(x), keepdim=True)
+            if call == "atan2":  # of two channels of one convolution
+                y = self.both(x)
+                return torch.atan2(y[:, :1], y[:, 1:])
+            return a + getattr(F, call)(a, b, reduction="none")
+
+    expected = {"pairwise_distance": ((5, 7), (0, 11)), "atan2": ((5, 7), (5, 7))}.get(call, ((5, 7), (3, 7)))
+    assert probe_rf(Compared(), (1, 1, 12, 12), (6, 6)).bounds == expected

@@ -280,6 +280,9 @@ class _ProbeFunctions(TorchFunctionMode):
         # values: a log reads those (log(p) of an entry 50 below the others has a gradient near 1, not 0). An entry
         # (and the softmax input it holds) goes at the tensor's first other use (see _with_real_values).
         self._zeroed: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
+        # Weights mode: a max-pooling's values (whose gradient reaches the whole window) with indices, by id, and the
+        # same values gathered at the indices (whose gradient reaches the winners alone), for an unpooling of them.
+        self._pooled: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
         # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
@@ -950,6 +953,8 @@ class _ProbeFunctions(TorchFunctionMode):
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5 if name.endswith("_") else None)
             kept = _kept_draw(args[0], p, in_place=name.endswith("_"))
             return kept if kwargs.get("out") is None else kwargs["out"].copy_(kept)
+        if self.whole_windows and (picked := _whole_pick(func, name, args, kwargs)) is not None:
+            return picked
         if self.linearise and kwargs.get("out") is not None:
             return func(*args, **kwargs)  # as in weights mode: autograd refuses out= on input-dependent tensors
         if self.linearise and (twin := self._selection_twin(func, name, args, kwargs)) is not None:
@@ -984,10 +989,22 @@ class _ProbeFunctions(TorchFunctionMode):
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
-        if self.linearise and _pools_with_indices(name, args, kwargs):
+        if (self.linearise or self.whole_windows) and _pools_with_indices(name, args, kwargs):
             # The indices feed an unpooling, whose twin spreads each value over its whole window: keep them real.
-            indices = func(*args, **kwargs)[1]
-            return _whole_window_pool(name.removesuffix("_with_indices"), args, kwargs), indices
+            values, indices = func(*args, **kwargs)
+            whole = _whole_window_pool(name.removesuffix("_with_indices"), args, kwargs)
+            if self.linearise:
+                return whole, indices
+            # Weights mode: the maxima connect their whole windows (any element may win), but unpooled at once each
+            # lands where it won, and reads that element alone there (see _call's unpooling).
+            pooled = _real_values(values, whole)
+            x = args[0] if args else kwargs["input"]
+            winners = x.flatten(2).gather(2, indices.flatten(2)).view_as(values)
+            self._pooled[id(pooled)] = (weakref.ref(pooled), winners)
+            return pooled, indices
+        if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.get(id(args[0]))):
+            if entry[0]() is args[0]:
+                return func(entry[1], *args[1:], **kwargs)
         if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
             args, kwargs = (args[0], weight, *args[2:]), kwargs
         if (self.linearise or self.whole_windows) and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
@@ -1017,6 +1034,9 @@ class _ProbeFunctions(TorchFunctionMode):
             _check_self_attention(func, args, kwargs)
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
+        if self.linearise and name in _DIFFERENCES_INSIDE and len(args) >= 2 and _depends_on_input(args[0]):
+            if _depends_on_input(args[1]):
+                return func(*_apart(name, args[0], args[1]), *args[2:], **kwargs)
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
             return _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
@@ -1199,6 +1219,30 @@ def _recurrent_cell_twin(name: str, x, hx):
     step = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     outputs = tuple(step.expand_as(s).clone() for s in states)
     return outputs if name == "lstm_cell" else outputs[0]
+
+
+def _whole_pick(func, name: str, args, kwargs):
+    """Weights mode's pick by value, with its real values and a gradient to every candidate; None for other calls.
+
+    A max-pool connects its whole window: the input, not a weight, decides which element wins. So do the other picks
+    by value: ``amax`` and ``max`` along a dim, ``maximum`` of two input-dependent branches, ``sort``, ``topk``,
+    ``median``, ``cummax``... (the theoretical copy's twins, see :meth:`_ProbeFunctions._selection_twin`, give the
+    gradient). On its 8 draws, the winners of a max over the frequencies left 19 of 160 pixels out.
+    """
+    base = name.rstrip("_")
+    if base != name or kwargs.get("out") is not None:  # in place, or into a tensor given: as it is
+        return None
+    if base in _ELEMENTWISE_PICKS or (base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)):
+        if sum(_depends_on_input(a) for a in args[:2]) < 2:  # maximum(x, 0): a ReLU, read on the draws
+            return None
+        return _real_values(func(*args, **kwargs), cast(torch.Tensor, _mean_of_dependent(args[:2])))
+    along_a_dim = base in _PICKS_ALONG_A_DIM or (base in ("max", "min") and _reduces_along_a_dim(args, kwargs))
+    if not (along_a_dim and args and _depends_on_input(args[0])):
+        return None
+    real, twin = func(*args, **kwargs), _picks_twin(func, base, args, kwargs)
+    if isinstance(real, torch.Tensor):
+        return _real_values(real, twin)
+    return type(real)((_real_values(real[0], twin[0]), *real[1:]))
 
 
 def _whole_window_pool(pool: str, args, kwargs) -> torch.Tensor:
@@ -2164,6 +2208,32 @@ _SIGNED = (
     | {"__rtruediv__", "normalize", "cosine_similarity", "diff", "addcmul",
        "addcmul_", "addcdiv", "addcdiv_", "lerp", "lerp_"}
 )  # fmt: skip
+
+
+# Calls that take the difference of two operands inside (a loss, a distance, an angle, a cross product), which the
+# sign-free twins cannot reach: on the copy's equal values the difference is 0, and their gradient with it
+# (mse_loss(a, b) dropped b's shifted columns, atan2 of two channels of one convolution read nothing at all).
+_DIFFERENCES_INSIDE = frozenset(
+    {"atan2", "arctan2", "pairwise_distance", "cdist", "dist", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss",
+     "cross", "linalg_cross"}
+)  # fmt: skip
+
+
+def _apart(name: str, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two operands of a call that takes their difference inside, moved so that no path through them cancels.
+
+    A loss or a distance of ``a`` and ``b`` reads ``a - b``: it gets ``a`` and ``-b``, whose difference is the sum of
+    the copy's positive values, so both gradients are positive (as ``a - b`` becomes ``a + b``). ``atan2(y, x)``,
+    whose gradients are ``x`` and ``-y`` over ``x² + y²``, gets ``y`` moved below 0 and ``x`` above. A cross product
+    gets ``b`` plus uneven offsets, so that no offset lies along the copy's equal values (parallel vectors).
+    """
+    if name in ("atan2", "arctan2"):
+        reach = float(torch.maximum(first.detach().abs().max(), second.detach().abs().max())) + 1.0
+        return first - reach, second + reach
+    if name in ("cross", "linalg_cross"):
+        steps = torch.arange(second.numel(), dtype=second.dtype, device=second.device)
+        return first, second + (0.5 + (steps * 0.6180339887) % 1).reshape(second.shape)
+    return first, -second
 
 
 def _negative(value) -> bool:
@@ -3299,7 +3369,10 @@ def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_bia
     if mode == "theoretical" and name in ("running_mean", "running_var"):
         return _constant(buffer, dtype, 0.0 if name == "running_mean" else 1.0, device)
     value = buffer.detach().to(device, dtype, copy=True)
-    return value.zero_() if name == "running_mean" and zero_biases else value
+    # A per-channel shift held in a buffer (torchvision's FrozenBatchNorm2d, in detection backbones) is a bias: a
+    # negative one kept every ReLU after it off on every draw. (Additive masks are not 1-D, nor named bias alone.)
+    shift = name.split(".")[-1] == "bias" and value.dim() == 1
+    return value.zero_() if (name == "running_mean" or shift) and zero_biases else value
 
 
 _GLOBAL_HOOKS = (
