@@ -484,3 +484,52 @@ def test_growth_curve_of_one_epoch_ticks_whole_epochs():
     for ax in figure.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert 3 in ticks and all(float(t).is_integer() for t in ticks)
+
+
+@pytest.mark.parametrize("scale", [1e-45, 1e40])
+def test_heatmap_image_draws_a_field_beyond_float32s_range(scale):
+    """A deep field redone in float64 holds values below float32's range (or above): a cast before the
+    normalisation drew those pixels as background (413 of 1681 of a 20-layer stack), or the whole field black."""
+    from rf_callback.plotting import heatmap_image
+
+    heatmap = torch.zeros(8, 8, dtype=torch.float64)
+    heatmap[2:6, 2:6] = scale * torch.logspace(0, -10, 16, dtype=torch.float64).reshape(4, 4)
+    background = heatmap_image(torch.zeros(8, 8), min_side=8)[0, 0]
+    image = heatmap_image(heatmap, support=True, min_side=8)
+    drawn = (image != background).any(axis=-1)
+    assert torch.equal(torch.from_numpy(drawn), heatmap > 0)
+
+
+def test_a_3d_field_shows_its_heaviest_depth_among_its_slices():
+    """Six slices spread over a 7-deep field skipped its middle, the heaviest: an effective field's extent box lay on
+    no slice drawn (its title said "0.2 of the mass in 1 x 1 x 1 (green)")."""
+    from rf_callback.plotting.drawing import _depth_slices
+
+    heat = torch.zeros(11, 6, 6, dtype=torch.float64)
+    heat[2:9] = torch.tensor([1.0, 3, 6, 7, 6, 3, 1], dtype=torch.float64).reshape(7, 1, 1)
+    field = make_field((11, 6, 6), ((2, 8), (0, 5), (0, 5)), (1, 1, 1), (3, 3, 3))
+    field = dataclasses.replace(field, heatmap=heat)
+    depths = _depth_slices(field)
+    assert 5 in depths and len(depths) == 6 and depths[0] == 2 and depths[-1] == 8
+    assert len(plot_rf(field).axes) >= 6
+
+
+def test_an_empty_field_is_refused_saying_so_and_the_default_sweep_skips_such_positions(tmp_path):
+    """FCN-style padding leaves the corners of the output seeing only padding: the default sweep of animate_rf failed
+    on them ("no input position influences the model at (0, 0)"), and rf-probe --gif blamed the path; plot_rf of such
+    a position said its bounds (0, -1) must satisfy 0 <= first <= last."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=5), torch.nn.Conv2d(4, 4, 3, stride=2))
+    from rf_callback import probe_rf
+
+    field_map = probe_rf(net, (1, 3, 20, 27), "all")
+    with pytest.raises(ValueError, match=r"the field at \(0, 0\) is empty: no input position moves the output"):
+        plot_rf(field_map[0, 0])
+    assert animate_rf(net, (1, 3, 20, 27), tmp_path / "sweep.gif").exists()
+
+
+def test_plot_growth_takes_one_target_for_all_axes():
+    from rf_callback.plotting import plot_growth
+
+    rows = [(0, {"extent0.95_h": 5.0, "extent0.95_w": 6.0}), (1, {"extent0.95_h": 7.0, "extent0.95_w": 8.0})]
+    labels = [line.get_label() for line in plot_growth(rows, target=16).axes[0].lines]
+    assert "target 16" in labels

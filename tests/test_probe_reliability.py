@@ -3050,3 +3050,13 @@ def test_a_call_that_takes_a_difference_inside_keeps_both_operands_fields(call):
 
     expected = {"pairwise_distance": ((5, 7), (0, 11)), "atan2": ((5, 7), (5, 7))}.get(call, ((5, 7), (3, 7)))
     assert probe_rf(Compared(), (1, 1, 12, 12), (6, 6)).bounds == expected
+
+
+def test_a_weights_field_that_underflows_everywhere_is_redone_in_float64():
+    """20 layers of weights near 0.0005 leave every gradient below float32's range: the map was all zeros, refused
+    as "its units are dead ... or the weights on every path are zero", where float64 measures the field."""
+    model = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(20)))
+    for conv in model:
+        nn.init.constant_(conv.weight, 0.0005)
+    field = probe_rf(model, (1, 1, 48, 48), (24, 24), mode="weights")
+    assert field.bounds == ((4, 44), (4, 44)) and field.heatmap.dtype == torch.float64

@@ -412,6 +412,10 @@ class ProbeGraph(GraphShapes):
             if self.guard and gradient.dtype == torch.float32:
                 return self._in_float64(positions, scale)
             raise self._underflow_error(narrowest)
+        if not positive.numel() and self.guard and gradient.dtype == torch.float32 and self.mode == "weights":
+            # Every value flushed at once (20 layers of weights near 0.01: 1e-40 and below) reads as dead units;
+            # float64 tells (a map of zeros there too is one)
+            return self._in_float64(positions, scale)
         if not torch.isfinite(magnitude).all():
             if self.guard and gradient.dtype == torch.float32:
                 # float32's range overflows (the copy's constants grow through a deep residual stack)

@@ -7,6 +7,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib.animation import PillowWriter
@@ -15,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from rf_callback.core.layouts import Tokens
-from rf_callback.core.result import ReceptiveField
+from rf_callback.core.result import ReceptiveField, ReceptiveFieldMap
 from rf_callback.plotting.drawing import (
     _checked_field,
     _draw_panels,
@@ -94,12 +95,22 @@ def animate_rf(
     picture = _prepared_image(image, tuple(int(s) for s in shape[2:]))
     chosen = None if positions is None else _checked_positions(positions)
 
-    from rf_callback.core.probe import probe_rf
+    from rf_callback.core.probe import ProbeError, probe_rf
 
     where = dict(layer=layer, mode=mode, element=element, layout=layout)
-    if chosen is None:
+    if chosen is not None:
+        fields = probe_rf(model, shape, chosen, **where)
+    else:
         chosen = _raster_positions(probe_rf(model, shape, "center", **where).output_shape)
-    fields = probe_rf(model, shape, chosen, **where)
+        try:
+            fields = probe_rf(model, shape, chosen, **where)
+        except ProbeError:
+            # The sweep's ends may see only padding (FCN's padding of 100): the frames of the positions with a field
+            every = cast(ReceptiveFieldMap, probe_rf(model, shape, "all", **where))
+            with_field = [p for p in chosen if 0 not in every[p].size]
+            if not with_field:
+                raise
+            fields = probe_rf(model, shape, with_field, **where)
     if isinstance(fields, ReceptiveField):
         fields = [fields]
     frames = []

@@ -33,6 +33,12 @@ def _checked_field(field: ReceptiveField) -> tuple[int, ...]:
         raise ValueError(
             f"field.bounds={field.bounds} must hold one (first, last) pair per input spatial axis of {spatial}"
         )
+    if 0 in field.size:  # a map's position that no input moves: bounds (0, -1)
+        dead = ", or its units are dead there" if field.mode == "weights" else ""
+        raise ValueError(
+            f"the field at {field.position} is empty: no input position moves the output there (its window covers "
+            f"only padding{dead}), so there is nothing to draw; plot a position with a field"
+        )
     for axis, ((first, last), n) in enumerate(zip(field.bounds, spatial, strict=True)):
         if not 0 <= first <= last < n:
             raise ValueError(
@@ -94,11 +100,30 @@ def _prepared_image(image: ImageLike | None, spatial: tuple[int, ...]) -> np.nda
     return (array - low) / (high - low) if high > low else np.zeros_like(array)
 
 
-def _depth_slices(bounds: Bounds) -> list[int]:
-    """Returns up to ``_MAX_DEPTH_SLICES`` depth indices spread evenly over ``bounds``, both ends included."""
-    first, last = bounds
+def _depth_slices(field: ReceptiveField) -> list[int]:
+    """Up to ``_MAX_DEPTH_SLICES`` depth indices spread evenly over the field's depth, both ends included.
+
+    The depth holding the most of the heatmap's mass and its centre of mass along depth are among them (each in
+    place of the nearest spread one): a 7-deep field's six slices skipped its middle, the heaviest, and an
+    effective field's extent box could lie on no slice drawn.
+    """
+    first, last = field.bounds[0]
     count = min(_MAX_DEPTH_SLICES, last - first + 1)
-    return [int(d) for d in np.unique(np.rint(np.linspace(first, last, count)).astype(int))]
+    depths = [int(d) for d in np.unique(np.rint(np.linspace(first, last, count)).astype(int))]
+    if field.heatmap is None or len(depths) == last - first + 1:
+        return depths
+    mass = field.heatmap.detach().to("cpu", torch.float64).abs().flatten(1).sum(dim=1)
+    if float(mass.sum()) <= 0:
+        return depths
+    indices = torch.arange(len(mass), dtype=torch.float64)
+    kept = [int(mass.argmax()), round(float((mass * indices).sum() / mass.sum()))]
+    for depth in dict.fromkeys(d for d in kept if first <= d <= last and d not in depths):
+        movable = [i for i, d in enumerate(depths) if d not in kept and d not in (first, last)] or [
+            i for i, d in enumerate(depths) if d not in kept
+        ]
+        if movable:
+            depths[min(movable, key=lambda i: abs(depths[i] - depth))] = depth
+    return sorted(depths)
 
 
 def _figure_size(field: ReceptiveField) -> tuple[float, float]:
@@ -108,7 +133,7 @@ def _figure_size(field: ReceptiveField) -> tuple[float, float]:
         return 10.0, 3.6
     if n_axes == 2:
         return 11.0, 4.8
-    return 2.4 * len(_depth_slices(field.bounds[0])) + 1.5, 3.4
+    return 2.4 * len(_depth_slices(field)) + 1.5, 3.4
 
 
 def _layout(fig: Figure, field: ReceptiveField, *, colorbar: bool) -> tuple[list[Axes], Axes | None]:
@@ -118,7 +143,7 @@ def _layout(fig: Figure, field: ReceptiveField, *, colorbar: bool) -> tuple[list
     """
     n_axes = len(field.input_shape) - 2
     if n_axes == 3:
-        inputs, output = list(fig.subplots(1, len(_depth_slices(field.bounds[0])), squeeze=False)[0]), None
+        inputs, output = list(fig.subplots(1, len(_depth_slices(field)), squeeze=False)[0]), None
     else:
         ax_in, output = fig.subplots(2, 1) if n_axes == 1 else fig.subplots(1, 2, width_ratios=[1.25, 1])
         inputs = [ax_in]
@@ -141,7 +166,7 @@ def _draw_panels(
     """Draws ``field`` into the empty panels :func:`_layout` made: the one drawing path of plot_rf and animate_rf."""
     spatial = tuple(field.input_shape[2:])
     if len(spatial) == 3:
-        for ax, depth in zip(inputs, _depth_slices(field.bounds[0]), strict=True):
+        for ax, depth in zip(inputs, _depth_slices(field), strict=True):
             _draw_input_grid(
                 ax,
                 (spatial[1], spatial[2]),

@@ -128,7 +128,7 @@ def plot_effective(
     box = ((0, 0), *extent) if len(extent) == 1 else extent[-2:]
     panels = [ax for ax in fig.axes if any(patch.get_gid() == _BOX_GID for patch in ax.patches)]
     # A 3D field is drawn as depth slices: each box goes on the slices its depth range holds (pixel d covers d +- 0.5)
-    depths: list[int | None] = [*_depth_slices(shown.bounds[0])] if len(extent) == 3 else [None] * len(panels)
+    depths: list[int | None] = [*_depth_slices(shown)] if len(extent) == 3 else [None] * len(panels)
     for ax, depth in zip(panels, depths, strict=True):
         (top, bottom), (left, right) = box
         if depth is None or extent[0][0] <= depth <= extent[0][1]:
@@ -160,7 +160,7 @@ def plot_growth(
     rows: Sequence[tuple[int, dict[str, float]]],
     *,
     title: str = "effective field",
-    target: Sequence[int] | None = None,
+    target: Sequence[int] | int | None = None,
 ) -> Figure:
     """Plots effective-field metrics against epoch: extent sizes and standard deviations, per axis.
 
@@ -184,7 +184,9 @@ def plot_growth(
             ax_extent.plot(epochs, values, marker="o", label=name)
         elif name.startswith("std_"):
             ax_std.plot(epochs, values, marker="o", label=name)
-    target = [int(t) for t in target] if target is not None else []
+    target = (
+        [] if target is None else [int(target)] if isinstance(target, (int, np.integer)) else [int(t) for t in target]
+    )
     axes = AXIS_NAMES.get(len(target), ())
     for size in sorted(set(target)):  # one line per size; named by axis where the axes' targets differ
         named = "" if len(set(target)) == 1 else " " + ", ".join(a for a, t in zip(axes, target) if t == size)

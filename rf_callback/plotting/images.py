@@ -42,7 +42,9 @@ def heatmap_image(
     Returns:
         A ``uint8`` RGB array ``(height, width, 3)``.
     """
-    values = heatmap.detach().float().cpu()
+    # In float64 until normalised: a deep field redone in float64 holds values below float32's range (1e-48),
+    # which a cast first turned to 0 (drawn as background) or, above it, to inf (the whole field black).
+    values = heatmap.detach().to("cpu", torch.float64)
     strip = values.dim() == 1
     if values.dim() == 3:
         values = values[int(values.abs().sum(dim=(1, 2)).argmax()) if depth is None else depth]
@@ -50,6 +52,7 @@ def heatmap_image(
     pixels = (values / peak if peak > 0 else values).numpy()
     if support:
         pixels = np.where(pixels > 0, np.maximum(pixels, _SUPPORT_FLOOR), pixels)
+    pixels = pixels.astype(np.float32)
     if strip:
         pixels = pixels[None, :]
     scale = max(1, min_side // max(pixels.shape))
