@@ -447,6 +447,29 @@ def test_tokens_mixed_in_their_flat_order_keep_their_grid():
     assert probe_rf(TokensMixedInTheirOrder(), (1, 3, 16, 8), (3, 0), layout="tokens:8x2+1").bounds == ((4, 7), (0, 7))
 
 
+class RegistersAfterPatches(PatchTokens):
+    """A class token, the patch tokens, then 4 register tokens appended after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.registers = nn.Parameter(torch.randn(1, 4, 8))
+
+    def forward(self, x):
+        return torch.cat([super().forward(x), self.registers.expand(len(x), -1, -1)], dim=1)
+
+
+def test_register_tokens_after_the_patches_read_as_a_prefix_are_warned():
+    """Their count given as a prefix (tokens:4x6+5) shifts the grid by 4: token (0, 0) read patch (0, 4), input
+    0..3, 16..19, without a word. A token's field that misses its own patch says so."""
+    with pytest.warns(
+        UserWarning, match=r"the field of token \(0, 0\) does not meet its own patch \(input 0..3, 0..3\)"
+    ):
+        probe_rf(RegistersAfterPatches(), (1, 3, 16, 24), (0, 0), layout="tokens:4x6+5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probe_rf(PatchTokens(), (1, 3, 16, 24), (2, 5), layout="tokens:4x6+1").bounds == ((8, 11), (20, 23))
+
+
 def test_a_video_tubelet_grid_in_another_order_is_refused():
     """2 x 4 x 4 tubelets are no cubes: the order check never ran on a 3D grid of them, and (0, 1, 0) of a 2 x 3 x 2
     grid read frames 0..1, rows 0..3, columns 8..11 (the model's token (0, 0, 2))."""

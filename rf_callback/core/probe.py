@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import cast
 
@@ -147,7 +148,35 @@ def _probe(model: nn.Module, request: ProbeRequest, pos):
     if kind == "all":
         return prober.field_map()
     fields = prober.fields(positions)
+    if isinstance(request.parsed_layout, Tokens):
+        _warn_off_the_grid(fields, request.parsed_layout, request.layout, tuple(request.input_shape[2:]))
     return fields[0] if kind == "single" else fields
+
+
+def _warn_off_the_grid(fields: list[ReceptiveField], tokens: Tokens, layout, lengths: tuple[int, ...]) -> None:
+    """Warns where a token's field misses its own patch: the grid does not start after the prefix given.
+
+    Register tokens after the patch tokens (as some models append them), read with their count as a prefix, shift
+    the grid: token (0, 0) was patch (0, 4), and every position read another patch's field without a word. A
+    token's field meets its own patch wherever the grid is the model's (an attention spans it, a stem's overlap
+    holds it), so a field beside it shows the shift.
+    """
+    if not all(n % g == 0 for n, g in zip(lengths, tokens.grid)):
+        return
+    patch = [n // g for n, g in zip(lengths, tokens.grid)]
+    for field in fields:
+        own = [(p * s, (p + 1) * s - 1) for p, s in zip(field.position, patch)]
+        if any(last < start or first > end for (start, end), (first, last) in zip(own, field.bounds)):
+            shown = ", ".join(f"{start}..{end}" for start, end in own)
+            warnings.warn(
+                f"layout={layout!r}: the field of token {field.position} does not meet its own patch (input {shown}) "
+                f"but reads {', '.join(f'{a}..{b}' for a, b in field.bounds)}: the tokens do not lie on the grid "
+                f"after the {tokens.prefix} tokens given as the prefix (register tokens after the patch tokens, a "
+                f"prefix of another length); probe a module that returns the patch tokens alone, or give the number "
+                f"of tokens before the grid",
+                stacklevel=6,  # probe_rf's caller
+            )
+            return
 
 
 _POS_ALLOWED = "an index tuple (an int in 1D), a list of them, 'center' or 'all'"
