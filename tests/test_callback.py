@@ -908,6 +908,15 @@ def test_two_callbacks_on_one_layer_are_refused_since_their_names_would_mix(tmp_
         fit(tmp_path, [a, b], logger=False, max_epochs=1)
 
 
+def test_one_cell_spelled_as_a_list_and_as_a_tuple_is_one_position(tmp_path):
+    """A LightningCLI config gives pos=[4, 4] where Python code gives (4, 4): two callbacks on the layer in two modes
+    were refused as probing other positions."""
+    a = RFCallback(layer="features", pos=[4, 4], log_images=False, effective=False)
+    b = RFCallback(layer="features", pos=(4, 4), mode="theoretical", log_images=False, effective=False)
+    fit(tmp_path, [a, b], logger=False, max_epochs=1)
+    assert a.history[-1]["fields"][0]["position"] == b.history[-1]["fields"][0]["position"]
+
+
 def test_two_callbacks_on_one_layer_that_read_the_effective_extent_at_other_masses_are_refused(tmp_path):
     """Both logged size_h/effective, covered and margin under the same names: the logger got 3 and 7 at one step, and
     callback_metrics held neither callback's value."""

@@ -3060,3 +3060,144 @@ def test_a_weights_field_that_underflows_everywhere_is_redone_in_float64():
         nn.init.constant_(conv.weight, 0.0005)
     field = probe_rf(model, (1, 1, 48, 48), (24, 24), mode="weights")
     assert field.bounds == ((4, 44), (4, 44)) and field.heatmap.dtype == torch.float64
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_a_max_over_masked_frames_keeps_finite_values_in_weights_mode(fill):
+    """Frames masked with -inf (or finfo.min) before a max over the frequencies: the whole-window gradient's mean
+    over them was -inf, and every picked value NaN ("the output is not finite")."""
+
+    class MaskedMax(nn.Module):
+        def __init__(self, pool: bool):
+            super().__init__()
+            self.a, self.b, self.pool = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, (1, 3), padding=(0, 1)), pool
+
+        def forward(self, x):
+            y = self.a(x)
+            y = torch.cat([y[:, :, :13], torch.full_like(y[:, :, 13:], fill)], dim=2)
+            if self.pool:
+                return self.b(F.gelu(F.max_pool2d(y, (y.shape[2], 1), return_indices=True)[0]))
+            return self.b(F.gelu(y.amax(2, keepdim=True)))
+
+    for pool in (False, True):
+        assert probe_rf(MaskedMax(pool), (1, 1, 16, 16), (0, 8), mode="weights").bounds == ((0, 13), (6, 10))
+
+
+def test_pooling_with_indices_on_an_unbatched_map_and_an_unpooling_after_an_in_place_change():
+    """A max-pool with indices run per sample on (C, H, W) gathered its winners at flat indices past the width
+    (index 17 out of bounds); an in-place gate on the pooled values was ignored by the unpooling, which read the
+    winners kept before it."""
+
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return torch.stack([F.max_pool2d(s, 2, return_indices=True)[0] for s in self.a(x)])
+
+    assert probe_rf(PerSample(), (1, 1, 12, 12), (3, 3), mode="weights").bounds == ((5, 8), (5, 8))
+
+    class GatedUnpool(nn.Module):
+        def forward(self, x):
+            pooled, indices = F.max_pool2d(x, 2, return_indices=True)
+            pooled.zero_()
+            return F.max_unpool2d(pooled, indices, 2) + 0 * x.sum()
+
+    with pytest.raises(ProbeError, match="no input position influences the model at"):
+        probe_rf(GatedUnpool(), (1, 1, 8, 8), (4, 4), mode="weights")
+
+
+def test_a_mask_held_in_a_bias_buffer_is_kept_and_a_dead_float32_only_model_is_said_dead():
+    """A 1-D 0/-inf key mask in a buffer named bias was zeroed with the shifts (the masked key read); a dead model
+    whose forward runs in float32 only was redone in float64 and refused as "the model's forward raised"."""
+
+    class Masked(nn.Module):
+        def __init__(self, as_buffer: bool):
+            super().__init__()
+            self.a = nn.Conv1d(1, 4, 3, padding=1, bias=False)
+            self.b = nn.Conv1d(4, 1, 3, padding=1, bias=False)
+            mask = torch.zeros(16)
+            mask[12:] = float("-inf")  # frames 12.. are padding
+            if as_buffer:
+                self.register_buffer("bias", mask)
+            else:
+                self.bias = nn.Parameter(mask, requires_grad=False)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x) + self.bias))
+
+    torch.manual_seed(0)
+    fields = [probe_rf(Masked(as_buffer), (1, 1, 16), (11,), mode="weights").bounds for as_buffer in (False, True)]
+    assert fields == [((9, 12),), ((9, 12),)]
+
+    class Float32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1, 1, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight.float(), padding=1)
+
+    with pytest.raises(ProbeError, match="its units are dead"):
+        probe_rf(Float32Only(), (1, 1, 8, 8), (4, 4), mode="weights")
+
+
+class _TwoBranches(nn.Module):
+    """A 3 x 3 and a shifted 5 x 5 convolution in 1D, combined by ``combine``, after a fixed positional term."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.a, self.b, self.combine = nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 5, padding=2), combine
+        self.register_buffer("pe", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        return self.combine(self.a(x), self.b(x) + self.pe)
+
+
+@pytest.mark.parametrize(
+    "combine",
+    [
+        lambda a, b: a + b.max(),
+        lambda a, b: a + torch.min(b),
+        lambda a, b: a + torch.aminmax(b).max,
+        lambda a, b: a + b.norm(p=float("inf"), dim=-1, keepdim=True),
+    ],
+    ids=["max", "min", "aminmax", "inf_norm"],
+)
+def test_a_pick_of_every_element_reads_every_element_on_the_theoretical_copy(combine):
+    """max() without a dim, aminmax and norms of order inf had no twin: on the copy's values only the largest element
+    (the fixed term's) had a gradient, and the field read 4 of 16 samples."""
+    assert probe_rf(_TwoBranches(combine), (1, 1, 16), (8,)).bounds == ((0, 15),)
+
+
+def test_a_product_of_two_complex_branches_reads_both_parts():
+    """Re(z1 z2) = a1 a2 - b1 b2: the lifted product read the real parts alone, (z * z.conj()).real (a power
+    spectrum) 9 of 28 pixels."""
+
+    class Power(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.re, self.im = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 5, padding=2)
+
+        def forward(self, x):
+            z = torch.complex(self.re(x), self.im(x).roll(2, -1))
+            return (z * z.conj()).real
+
+    assert probe_rf(Power(), (1, 1, 12, 12), (6, 6)).bounds == ((4, 8), (2, 7))  # the 5 x 5 shifted by 2
+
+
+@pytest.mark.parametrize(
+    "combine",
+    [
+        lambda a, b: a + torch.div(b, 2, rounding_mode="floor"),
+        lambda a, b: a + torch.copysign(a, b),
+        lambda a, b: a + torch.sgn(b),
+        lambda a, b: a + torch.fix(b),
+    ],
+    ids=["floor_division", "copysign", "sgn", "fix"],
+)
+def test_calls_whose_gradient_is_zero_are_refused_as_cuts(combine):
+    """They silently kept a's field and dropped b's, where round, floor, trunc and sign are refused as cuts."""
+    with pytest.raises(ProbeError, match="cuts the gradient on a path from the input .* whose gradient is zero"):
+        probe_rf(_TwoBranches(combine), (1, 1, 16), (8,))

@@ -324,7 +324,11 @@ class RFCallback(Callback):
             raise MisconfigurationException(refusal)
         for other in getattr(trainer, "callbacks", ()):
             if isinstance(other, RFCallback) and other is not self and other.layer_name == self.layer_name:
-                differing = [name for name in _NAMED_VALUES if getattr(other, name) != getattr(self, name)]
+                differing = [
+                    name
+                    for name in _NAMED_VALUES
+                    if _spelled_alike(getattr(other, name)) != _spelled_alike(getattr(self, name))
+                ]
                 if differing:
                     name = differing[0]
                     raise MisconfigurationException(
@@ -874,6 +878,13 @@ class RFCallback(Callback):
 _NAMED_VALUES = (
     "pos", "element", "layout", "input_shape", "seed", "draws", "erf_samples", "target_size", "coverage_mass"
 )  # fmt: skip
+
+
+def _spelled_alike(value):
+    """``value`` with its lists as tuples: ``pos=[4, 4]`` (a LightningCLI config's) names the cell ``(4, 4)`` does."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_spelled_alike(item) for item in value)
+    return value
 
 
 def _weight_averaging_before(trainer, callback: Callback) -> int | None:

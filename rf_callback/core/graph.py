@@ -44,6 +44,10 @@ class Underflow(Exception):
     """A float32 gradient came close to underflow, or overflowed, so that the probe is redone in float64."""
 
 
+class EveryValueFlushed(Underflow):
+    """A float32 map of zeros alone, where the forward may have flushed every value (or its units are dead)."""
+
+
 def underflow_guard(dtype: torch.dtype) -> float:
     """A gradient magnitude below which neighbours of a non-zero value may have underflowed to zero in ``dtype``.
 
@@ -299,6 +303,7 @@ class ProbeGraph(GraphShapes):
             weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
             self.channel_weights = weights.to(device)
         self.passes = 0
+        self._any_gradient = False  # whether a pass gave some gradient (see gradient_map's float64 redo of zeros)
         if check_layout and isinstance(request.parsed_layout, Tokens):
             self._check_grid_order(request.parsed_layout)
 
@@ -412,10 +417,18 @@ class ProbeGraph(GraphShapes):
             if self.guard and gradient.dtype == torch.float32:
                 return self._in_float64(positions, scale)
             raise self._underflow_error(narrowest)
-        if not positive.numel() and self.guard and gradient.dtype == torch.float32 and self.mode == "weights":
-            # Every value flushed at once (20 layers of weights near 0.01: 1e-40 and below) reads as dead units;
-            # float64 tells (a map of zeros there too is one)
-            return self._in_float64(positions, scale)
+        if positive.numel():
+            self._any_gradient = True
+        elif self.guard and gradient.dtype == torch.float32 and self.mode == "weights" and not self._any_gradient:
+            # Every value flushed at once (20 layers of weights near 0.0005: 1e-47) reads as dead units; float64
+            # tells, once, before any pass gave a gradient (a padding-only position of a map is no underflow).
+            self._any_gradient = True
+            if self.wider is None:
+                raise EveryValueFlushed
+            try:
+                return self._in_float64(positions, scale)
+            except Exception:  # noqa: BLE001 - no float64 twin runs (a float32-only forward): the zeros stand
+                return magnitude
         if not torch.isfinite(magnitude).all():
             if self.guard and gradient.dtype == torch.float32:
                 # float32's range overflows (the copy's constants grow through a deep residual stack)

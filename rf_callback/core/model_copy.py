@@ -282,7 +282,7 @@ class _ProbeFunctions(TorchFunctionMode):
         self._zeroed: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor]]] = {}
         # Weights mode: a max-pooling's values (whose gradient reaches the whole window) with indices, by id, and the
         # same values gathered at the indices (whose gradient reaches the winners alone), for an unpooling of them.
-        self._pooled: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._pooled: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         # False past the probed layer's output, where the forward only looks for a second call of that layer.
         self.recording = True
         # Elements of every tensor the forward's calls returned: its cost, which attention makes grow faster than the
@@ -389,7 +389,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 key = _key_of(name, args, kwargs)
                 if isinstance(key, torch.Tensor):
                     coupling = (name, tuple(key.shape), _KEY_DIMS[name](key))
-            if name.rstrip("_") in _ZERO_GRADIENT:
+            if name.rstrip("_") in _ZERO_GRADIENT or _zero_gradient_call(name, args, kwargs):
                 self.cuts.append(f"{name}(), whose gradient is zero")
             if name in _TO_PYTHON:
                 self.cuts.append(f"{name}(), a Python value made from the input")
@@ -990,21 +990,24 @@ class _ProbeFunctions(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
         if (self.linearise or self.whole_windows) and _pools_with_indices(name, args, kwargs):
-            # The indices feed an unpooling, whose twin spreads each value over its whole window: keep them real.
+            # The indices feed an unpooling (the theoretical twin spreads each value over its whole window): real.
             values, indices = func(*args, **kwargs)
-            whole = _whole_window_pool(name.removesuffix("_with_indices"), args, kwargs)
+            whole = _whole_window_pool(name.removesuffix("_with_indices"), (_finite(args[0]), *args[1:]), kwargs)
             if self.linearise:
                 return whole, indices
-            # Weights mode: the maxima connect their whole windows (any element may win), but unpooled at once each
-            # lands where it won, and reads that element alone there (see _call's unpooling).
+            # Weights mode: the maxima connect their whole windows (any element may win), but unpooled as they are,
+            # each lands where it won, and reads that element alone there.
             pooled = _real_values(values, whole)
             x = args[0] if args else kwargs["input"]
-            winners = x.flatten(2).gather(2, indices.flatten(2)).view_as(values)
-            self._pooled[id(pooled)] = (weakref.ref(pooled), winners)
+            pool = name.removesuffix("_with_indices")
+            axes = _MAX_POOLS.get(pool) or int(pool[-2])  # the indices count along the last axes, batched or not
+            winners = x.flatten(-axes).gather(-1, indices.flatten(-axes)).view_as(values)
+            self._pooled = {k: v for k, v in self._pooled.items() if v[0]() is not None}
+            self._pooled[id(pooled)] = (weakref.ref(pooled), pooled._version, winners)  # unchanged in place till used
             return pooled, indices
-        if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.get(id(args[0]))):
-            if entry[0]() is args[0]:
-                return func(entry[1], *args[1:], **kwargs)
+        if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.pop(id(args[0]), None)):
+            if entry[0]() is args[0] and isinstance(args[0], torch.Tensor) and args[0]._version == entry[1]:
+                return func(entry[2], *args[1:], **kwargs)
         if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
             args, kwargs = (args[0], weight, *args[2:]), kwargs
         if (self.linearise or self.whole_windows) and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
@@ -1012,7 +1015,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 return _whole_window_pool(name, args, kwargs)
             if not _pools_with_indices(name, args, kwargs):  # weights mode: the real maxima, the windows' gradient
                 real = func(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
-                return _real_values(real, _whole_window_pool(name, args, kwargs))
+                return _real_values(real, _whole_window_pool(name, (_finite(args[0]), *args[1:]), kwargs))
         if self.linearise and name in _MAX_UNPOOLS:
             return max_unpool_twin(_MAX_UNPOOLS[name], *args, **kwargs)
         if name in _SOFTMAXES and _input_dependent_factors(args[:1] or [kwargs.get("input")]):
@@ -1115,8 +1118,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 if isinstance(value, torch.Tensor) and value.numel() == args[0].numel() and value.dim() == 1:
                     value = value.reshape(args[0].shape)
                 return _written(args[0], value, in_place=True)  # __setitem__'s result is not read
-        along_a_dim = base in _PICKS_ALONG_A_DIM or (base in ("max", "min") and _reduces_along_a_dim(args, kwargs))
-        if along_a_dim and args and _depends_on_input(args[0]):
+        if _picks_along_dims(base, name, args, kwargs) and args and _depends_on_input(args[0]):
             return _picks_twin(func, base, args, kwargs)
         return None
 
@@ -1158,8 +1160,8 @@ _MULTIPLICATIONS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", 
 _ELEMENTWISE_PICKS = frozenset({"maximum", "minimum", "fmax", "fmin"})
 # Picks along a dim: values of some elements (and, for most, their indices).
 _PICKS_ALONG_A_DIM = frozenset(
-    {"amax", "amin", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin",
-     "quantile", "nanquantile"}
+    {"amax", "amin", "aminmax", "sort", "msort", "topk", "median", "nanmedian", "kthvalue", "mode", "cummax",
+     "cummin", "quantile", "nanquantile"}
 )  # fmt: skip
 
 
@@ -1221,13 +1223,32 @@ def _recurrent_cell_twin(name: str, x, hx):
     return outputs if name == "lstm_cell" else outputs[0]
 
 
+def _picks_along_dims(base: str, name: str, args, kwargs) -> bool:
+    """Whether the call picks elements by value along dims: their mean is its twin (see :func:`_picks_twin`).
+
+    ``amax``, ``max(x, dim)``, ``max(x)`` of every element, ``aminmax``, a norm of order inf, ``sort``, ``topk``...
+    """
+    if base in _PICKS_ALONG_A_DIM or _infinity_norm(name, args, kwargs):
+        return True
+    return base in ("max", "min") and _reduces_along_a_dim(args, kwargs)
+
+
 def _whole_pick(func, name: str, args, kwargs):
-    """Weights mode's pick by value, with its real values and a gradient to every candidate; None for other calls.
+    """Weights mode's pick by value, with its real values and a gradient to every candidate.
 
     A max-pool connects its whole window: the input, not a weight, decides which element wins. So do the other picks
     by value: ``amax`` and ``max`` along a dim, ``maximum`` of two input-dependent branches, ``sort``, ``topk``,
     ``median``, ``cummax``... (the theoretical copy's twins, see :meth:`_ProbeFunctions._selection_twin`, give the
-    gradient). On its 8 draws, the winners of a max over the frequencies left 19 of 160 pixels out.
+    gradient; entries that are not finite, a mask's -inf, add none).
+
+    Args:
+        func: the torch function called.
+        name: its name.
+        args: its positional arguments.
+        kwargs: its keyword arguments.
+
+    Returns:
+        The pick's result with that gradient, or None for a call that is no pick by value of the input.
     """
     base = name.rstrip("_")
     if base != name or kwargs.get("out") is not None:  # in place, or into a tensor given: as it is
@@ -1235,14 +1256,26 @@ def _whole_pick(func, name: str, args, kwargs):
     if base in _ELEMENTWISE_PICKS or (base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)):
         if sum(_depends_on_input(a) for a in args[:2]) < 2:  # maximum(x, 0): a ReLU, read on the draws
             return None
-        return _real_values(func(*args, **kwargs), cast(torch.Tensor, _mean_of_dependent(args[:2])))
-    along_a_dim = base in _PICKS_ALONG_A_DIM or (base in ("max", "min") and _reduces_along_a_dim(args, kwargs))
-    if not (along_a_dim and args and _depends_on_input(args[0])):
+        twin = _mean_of_dependent([_finite(a) for a in args[:2]])
+        return _real_values(func(*args, **kwargs), cast(torch.Tensor, twin))
+    if not (_picks_along_dims(base, name, args, kwargs) and args and _depends_on_input(args[0])):
         return None
-    real, twin = func(*args, **kwargs), _picks_twin(func, base, args, kwargs)
+    real = func(*args, **kwargs)
+    twin = _picks_twin(func, base, (_finite(args[0]), *args[1:]), kwargs, real=real)
     if isinstance(real, torch.Tensor):
         return _real_values(real, twin)
     return type(real)((_real_values(real[0], twin[0]), *real[1:]))
+
+
+def _finite(value):
+    """``value`` with its entries 0 where a twin's mean of them would not be finite (a mask's -inf, or its min).
+
+    A max over frames masked with -inf or ``finfo.min`` (padded audio) averaged them: every picked value was NaN.
+    """
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    kept = torch.isfinite(value.detach()) & (value.detach().abs() < torch.finfo(value.dtype).max / 2**20)
+    return value.masked_fill(~kept, 0)
 
 
 def _whole_window_pool(pool: str, args, kwargs) -> torch.Tensor:
@@ -1734,16 +1767,28 @@ def _mean_of_dependent(operands) -> torch.Tensor | None:
     return torch.stack([t.expand(shape) for t in dependent]).mean(dim=0)
 
 
-def _picks_twin(func, base: str, args, kwargs):
-    """A pick along a dim with the mean's values over that dim (and the real indices, where it returns them)."""
+def _picks_twin(func, base: str, args, kwargs, real=None):
+    """A pick along a dim with the mean's values over that dim (and the real indices, where it returns them).
+
+    ``real``: the call's result, where the caller has it already.
+    """
     x = args[0]
-    real = func(*args, **kwargs)
+    real = func(*args, **kwargs) if real is None else real
     if base in ("cummax", "cummin"):  # the running pick: the running mean over the elements so far
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
         counts = torch.arange(1, x.shape[dim] + 1, dtype=x.dtype, device=x.device)
         shape = [1] * x.dim()
         shape[dim] = x.shape[dim]
         return type(real)((x.cumsum(dim) / counts.reshape(shape), real[1]))
+    if base in ("norm", "linalg_vector_norm", "vector_norm"):  # of order inf: the largest magnitude
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+        keepdim = kwargs.get("keepdim", len(args) > 3 and args[3])
+        size = x.abs()
+        return (size.mean() if dim is None else size.mean(dim=dim, keepdim=keepdim)).expand(real.shape)
+    if base == "aminmax":  # (min, max) along dim=, or of every element
+        dim = kwargs.get("dim")
+        mean = x.mean() if dim is None else x.mean(dim=dim, keepdim=kwargs.get("keepdim", False))
+        return type(real)((mean.expand(real[0].shape), mean.expand(real[1].shape)))
     if base == "msort":
         dim = 0
     elif base in ("amax", "amin"):
@@ -1755,7 +1800,9 @@ def _picks_twin(func, base: str, args, kwargs):
         keepdim = kwargs.get("keepdim", len(args) > 3 and args[3])
         return (x.mean() if dim is None else x.mean(dim=dim, keepdim=keepdim)).expand(real.shape)
     else:
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else (None if base in ("median", "nanmedian") else -1))
+        dim = kwargs.get(
+            "dim", args[1] if len(args) > 1 else (None if base in ("median", "nanmedian", "max", "min") else -1)
+        )
     values = real if isinstance(real, torch.Tensor) else real[0]
     if dim is None or dim == () or dim == []:
         mean = x.mean()
@@ -1981,13 +2028,38 @@ def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
 
 
 # Functions whose output depends on their input but whose gradient is zero.
-_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "sign", "heaviside"})
+_ZERO_GRADIENT = frozenset(
+    {"round", "floor", "ceil", "trunc", "fix", "special_round", "sign", "sgn", "signbit", "heaviside"}
+)
+
+
+def _zero_gradient_call(name: str, args, kwargs) -> bool:
+    """Whether the call's gradient to an input-dependent operand is zero by its arguments, not its name alone.
+
+    A division rounded to an integer (``rounding_mode="floor"`` or ``"trunc"``), the sign operand of ``copysign``
+    or the direction of ``nextafter``, the ``angle`` of a real tensor (0 or pi).
+    """
+    base = name.rstrip("_")
+    if base in ("div", "divide") and kwargs.get("rounding_mode", args[2] if len(args) > 2 else None) is not None:
+        return True
+    if base in ("copysign", "nextafter") and len(args) > 1:
+        return _depends_on_input(args[1])
+    return base == "angle" and bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_complex()
 
 
 def _reduces_along_a_dim(args, kwargs) -> bool:
-    """``max(x, dim)`` or ``min(x, dim)`` (values and indices), not the elementwise ``max(x, y)`` nor ``max(x)``."""
+    """``max(x, dim)``, ``min(x, dim)`` (values and indices) or ``max(x)`` of every element, not ``max(x, y)``."""
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    return isinstance(dim, int) and not isinstance(dim, bool)
+    whole = len(args) == 1 and "other" not in kwargs and "dim" not in kwargs
+    return whole or (isinstance(dim, int) and not isinstance(dim, bool))
+
+
+def _infinity_norm(name: str, args, kwargs) -> bool:
+    """Whether the call is a norm of order +-inf (its largest or least magnitude: a pick, not a sum)."""
+    if name not in ("norm", "linalg_vector_norm", "vector_norm"):
+        return False
+    order = kwargs.get("ord", kwargs.get("p", args[1] if len(args) > 1 else None))
+    return isinstance(order, (int, float)) and math.isinf(order)
 
 
 def _softmax_twin(func, name: str, args, kwargs):
@@ -2226,6 +2298,14 @@ def _apart(name: str, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.
     the copy's positive values, so both gradients are positive (as ``a - b`` becomes ``a + b``). ``atan2(y, x)``,
     whose gradients are ``x`` and ``-y`` over ``x² + y²``, gets ``y`` moved below 0 and ``x`` above. A cross product
     gets ``b`` plus uneven offsets, so that no offset lies along the copy's equal values (parallel vectors).
+
+    Args:
+        name: the call's name (one of ``_DIFFERENCES_INSIDE``).
+        first: its first operand, input-dependent.
+        second: its second operand, input-dependent.
+
+    Returns:
+        The two operands to call it with.
     """
     if name in ("atan2", "arctan2"):
         reach = float(torch.maximum(first.detach().abs().max(), second.detach().abs().max())) + 1.0
@@ -2329,6 +2409,14 @@ def _lifted_product(first: torch.Tensor, second, *, in_place: bool) -> torch.Ten
         size = factor.detach().abs()
         return torch.where(size == 0, torch.ones_like(size), size)
 
+    def parts(factor):  # a complex factor's real and imaginary parts in one: Re(z1 z2) = a1 a2 - b1 b2 reads both
+        return factor.real + factor.imag if isinstance(factor, torch.Tensor) and factor.is_complex() else factor
+
+    if first.is_complex() or (isinstance(second, torch.Tensor) and second.is_complex()):
+        one, other = parts(first), parts(second)
+        lifted_parts = one * magnitude(other) + magnitude(one) * other
+        product = _real_values(first.detach() * second.detach(), torch.complex(lifted_parts, lifted_parts))
+        return first.copy_(product) if in_place else product
     lifted = first * magnitude(second) + magnitude(first) * second
     product = _bounded(_real_values(first.detach() * second.detach(), lifted), in_place=False)
     return first.copy_(product) if in_place else product
@@ -2643,8 +2731,9 @@ def probe_functions(
     With ``flow``, its ``flow`` carries each tensor's geometry along the forward (:class:`GeometryFlow`). With
     ``exact_values``, samplings (``grid_sample``) give their exact values, not PyTorch's kernel's (a check that reads
     values, not gradients). With ``whole_windows`` (weights mode: a field, not the magnitudes of an effective map),
-    a max-pooling keeps its values but passes its gradient to every element of its windows, as the theoretical copy's
-    does: no weight decides which element wins, some input makes each win, and a few random draws would see a few.
+    a max-pooling and every other pick by value (``amax``, ``topk``, ``sort``, ``maximum``...) keep their values but
+    pass their gradient to every candidate, as the theoretical copy's twins do: no weight decides which element wins,
+    some input makes each win, and a few random draws would see a few (see :func:`_whole_pick`).
     """
     carried = GeometryFlow() if flow and geometry_flow.ENABLED else None
     return _ProbeFunctions(
@@ -3370,9 +3459,16 @@ def _prepared_buffer(name: str, buffer: torch.Tensor, mode: str, dtype, zero_bia
         return _constant(buffer, dtype, 0.0 if name == "running_mean" else 1.0, device)
     value = buffer.detach().to(device, dtype, copy=True)
     # A per-channel shift held in a buffer (torchvision's FrozenBatchNorm2d, in detection backbones) is a bias: a
-    # negative one kept every ReLU after it off on every draw. (Additive masks are not 1-D, nor named bias alone.)
-    shift = name.split(".")[-1] == "bias" and value.dim() == 1
+    # negative one kept every ReLU after it off on every draw. A mask held as one (0 and -inf, or 0 and 1) is kept.
+    shift = name.split(".")[-1] == "bias" and value.dim() == 1 and not _mask_values(value)
     return value.zero_() if (name == "running_mean" or shift) and zero_biases else value
+
+
+def _mask_values(values: torch.Tensor) -> bool:
+    """Whether ``values`` hold a mask: infinite entries, entries of 1e4 or more, or 0 and 1 alone."""
+    if not bool(torch.isfinite(values).all()) or bool((values.abs() >= 1e4).any()):
+        return True
+    return bool(((values == 0) | (values == 1)).all())
 
 
 _GLOBAL_HOOKS = (

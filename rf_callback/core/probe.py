@@ -8,6 +8,7 @@ when asked for (``geometry_probe``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import warnings
@@ -24,6 +25,7 @@ from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consis
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import NO_FIT, Budget, centre_field_is_whole, graph_factory, measure_geometry
 from rf_callback.core.graph import (
+    EveryValueFlushed,
     GraphShapes,
     ProbeError,
     ProbeGraph,
@@ -128,6 +130,11 @@ def probe_rf(
     def attempts():
         try:
             return _probe(model, request, pos)
+        except EveryValueFlushed:
+            try:
+                return _probe(model, request.in_dtype(torch.float64), pos)
+            except (ValueError, ProbeError):  # no float64 forward (a float32-only model): the zeros stand, and say why
+                return _probe(model, dataclasses.replace(request, guard=False), pos)
         except Underflow:
             return _probe(model, request.in_dtype(torch.float64), pos)
 
@@ -722,6 +729,22 @@ class _Prober:
             )
         every = list(itertools.product(*(range(n) for n in self.measured.output_shape)))
         if position is not None and bool(self.measured.support(every).any()):
+            inside = self._window_inside(position)
+            vanishing = (
+                "a call on the path whose derivative vanishes at the theoretical copy's equal values (a power whose "
+                "base is 1, a logit at its clamp, a loss of two equal values)"
+            )
+            if inside is True:
+                return ProbeError(
+                    f"no input position influences {where(self.layer)} at {position}, though its window lies "
+                    f"inside the input: the gradient there is zero on {vanishing}; use mode='weights' (what the "
+                    f"current weights connect)"
+                )
+            if inside is None:  # the forward's geometry does not say where the window lies
+                return ProbeError(
+                    f"no input position influences {where(self.layer)} at {position}: its window covers only "
+                    f"padding, or {vanishing}; mode='weights' (what the current weights connect) tells them apart"
+                )
             return ProbeError(
                 f"no input position influences {where(self.layer)} at {position}: its window covers only padding"
             )
@@ -732,6 +755,14 @@ class _Prober:
             f"zeroes it (a multiplication by zero, a constant output, a weight that it computes to zero); probe a "
             f"larger input or a layer whose output depends on the input, or use mode='weights'"
         )
+
+    def _window_inside(self, position: Position) -> bool | None:
+        """Whether ``position``'s window meets the input, as the forward's geometry says; None where it does not say."""
+        flow = self.measured.flow
+        if not flow or not all(isinstance(axis, AxisGeometry) for axis in flow):
+            return None
+        spans = [cast(AxisGeometry, axis).span(index) for axis, index in zip(flow, position)]
+        return all(last >= 0 and first <= n - 1 for (first, last), n in zip(spans, self.shape[2:]))
 
     # -- one or several positions, with heatmaps
 

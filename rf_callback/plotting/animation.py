@@ -104,7 +104,9 @@ def animate_rf(
         chosen = _raster_positions(probe_rf(model, shape, "center", **where).output_shape)
         try:
             fields = probe_rf(model, shape, chosen, **where)
-        except ProbeError:
+        except ProbeError as error:
+            if "only padding" not in str(error):
+                raise
             # The sweep's ends may see only padding (FCN's padding of 100): the frames of the positions with a field
             every = cast(ReceptiveFieldMap, probe_rf(model, shape, "all", **where))
             with_field = [p for p in chosen if 0 not in every[p].size]
