@@ -3201,3 +3201,38 @@ def test_calls_whose_gradient_is_zero_are_refused_as_cuts(combine):
     """They silently kept a's field and dropped b's, where round, floor, trunc and sign are refused as cuts."""
     with pytest.raises(ProbeError, match="cuts the gradient on a path from the input .* whose gradient is zero"):
         probe_rf(_TwoBranches(combine), (1, 1, 16), (8,))
+
+
+def test_a_sign_as_a_mask_and_the_sign_of_a_complex_value_are_no_cuts():
+    """signbit gives a mask (as x < 0 does) and sgn of a complex value z / |z| has a gradient: both were refused as
+    cuts by the first version of the zero-gradient rule."""
+    conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.where(torch.signbit(y), torch.zeros_like(y), y) + torch.sgn(torch.complex(y, y)).real
+
+    for mode in ("theoretical", "weights"):
+        assert probe_rf(Masked(), (1, 1, 10, 10), (5, 5), mode=mode).bounds == ((4, 6), (4, 6))
+
+
+def test_one_pooling_unpooled_twice_reads_its_winners_both_times():
+    """The first unpooling consumed the pooled values' winners: the second spread its values over whole windows."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            pooled, indices = F.max_pool2d(self.conv(x), 2, return_indices=True)
+            return F.max_unpool2d(pooled, indices, 2) + F.max_unpool2d(pooled, indices, 2)
+
+    torch.manual_seed(0)
+    field = probe_rf(Twice(), (1, 1, 12, 12), (5, 5), mode="weights")
+    assert field.bounds == ((4, 6), (4, 6))

@@ -315,10 +315,9 @@ class ProbeGraph(GraphShapes):
         another grid of as many tokens that divides the input keeps it (the given lengths in another order; another
         factoring only where the first token's field spans no axis whole and no axis holds one token, where the
         rule holds whatever the grid), every position would be read as another token's field: refused, naming
-        that grid. Fields that tell nothing
-        (global attention) leave the grid as given, and so does a grid that keeps the rule (a model that resizes
-        its input), and one that cuts the input into square or cubic patches, which no other grid of as many
-        tokens does (a ViT's: not checked).
+        that grid. Fields that tell nothing (global attention) leave the grid as given, and so does a grid that
+        keeps the rule (a model that resizes its input), and one that cuts the input into square or cubic patches,
+        which no other grid of as many tokens does (a ViT's: not checked).
         """
         grid, lengths = tokens.grid, self.spatial_input_shape
         if len(grid) < 2 or len(lengths) != len(grid):

@@ -992,20 +992,20 @@ class _ProbeFunctions(TorchFunctionMode):
         if (self.linearise or self.whole_windows) and _pools_with_indices(name, args, kwargs):
             # The indices feed an unpooling (the theoretical twin spreads each value over its whole window): real.
             values, indices = func(*args, **kwargs)
-            whole = _whole_window_pool(name.removesuffix("_with_indices"), (_finite(args[0]), *args[1:]), kwargs)
+            pool = name.removesuffix("_with_indices")
             if self.linearise:
-                return whole, indices
+                return _whole_window_pool(pool, args, kwargs), indices
+            whole = _whole_window_pool(pool, (_finite(args[0]), *args[1:]), kwargs)
             # Weights mode: the maxima connect their whole windows (any element may win), but unpooled as they are,
             # each lands where it won, and reads that element alone there.
             pooled = _real_values(values, whole)
             x = args[0] if args else kwargs["input"]
-            pool = name.removesuffix("_with_indices")
             axes = _MAX_POOLS.get(pool) or int(pool[-2])  # the indices count along the last axes, batched or not
             winners = x.flatten(-axes).gather(-1, indices.flatten(-axes)).view_as(values)
             self._pooled = {k: v for k, v in self._pooled.items() if v[0]() is not None}
             self._pooled[id(pooled)] = (weakref.ref(pooled), pooled._version, winners)  # unchanged in place till used
             return pooled, indices
-        if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.pop(id(args[0]), None)):
+        if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.get(id(args[0]))):
             if entry[0]() is args[0] and isinstance(args[0], torch.Tensor) and args[0]._version == entry[1]:
                 return func(entry[2], *args[1:], **kwargs)
         if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
@@ -1274,8 +1274,8 @@ def _finite(value):
     """
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return value
-    kept = torch.isfinite(value.detach()) & (value.detach().abs() < torch.finfo(value.dtype).max / 2**20)
-    return value.masked_fill(~kept, 0)
+    kept = torch.isfinite(value.detach()) & (value.detach().abs() < torch.finfo(value.dtype).max / 2)
+    return value.masked_fill(~kept, 0)  # a mask's -inf or finfo.min: a mean of them would overflow
 
 
 def _whole_window_pool(pool: str, args, kwargs) -> torch.Tensor:
@@ -1292,7 +1292,7 @@ def _real_values(real: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     The exact resize differs from PyTorch's kernel by rounding only, but a later arg-max (a max-pool with indices) can
     break a near tie the other way: the forward must stay the network's own, and only the gradient exact.
     """
-    return real.detach() + (exact - exact.detach())
+    return real.detach() + (exact - exact.detach()).to(real.dtype)  # a float64 twin's zero, in real's dtype
 
 
 # Autograd nodes of calls that only move, pick or repeat their input's values: the pieces of a concatenation that
@@ -2028,23 +2028,22 @@ def _fixed_dims(name: str, args, kwargs) -> tuple[int, ...]:
 
 
 # Functions whose output depends on their input but whose gradient is zero.
-_ZERO_GRADIENT = frozenset(
-    {"round", "floor", "ceil", "trunc", "fix", "special_round", "sign", "sgn", "signbit", "heaviside"}
-)
+_ZERO_GRADIENT = frozenset({"round", "floor", "ceil", "trunc", "fix", "special_round", "sign", "heaviside"})
 
 
 def _zero_gradient_call(name: str, args, kwargs) -> bool:
     """Whether the call's gradient to an input-dependent operand is zero by its arguments, not its name alone.
 
     A division rounded to an integer (``rounding_mode="floor"`` or ``"trunc"``), the sign operand of ``copysign``
-    or the direction of ``nextafter``, the ``angle`` of a real tensor (0 or pi).
+    or the direction of ``nextafter``, the ``angle`` of a real tensor (0 or pi) and its ``sgn``.
     """
     base = name.rstrip("_")
     if base in ("div", "divide") and kwargs.get("rounding_mode", args[2] if len(args) > 2 else None) is not None:
         return True
     if base in ("copysign", "nextafter") and len(args) > 1:
         return _depends_on_input(args[1])
-    return base == "angle" and bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_complex()
+    real = bool(args) and isinstance(args[0], torch.Tensor) and not args[0].is_complex()
+    return base in ("angle", "sgn") and real  # of a complex tensor, both have a gradient
 
 
 def _reduces_along_a_dim(args, kwargs) -> bool:

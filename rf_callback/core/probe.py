@@ -757,12 +757,18 @@ class _Prober:
         )
 
     def _window_inside(self, position: Position) -> bool | None:
-        """Whether ``position``'s window meets the input, as the forward's geometry says; None where it does not say."""
+        """Whether ``position``'s window lies inside the input (True) or outside it (False), by the forward's geometry.
+
+        None where the geometry does not say, or the window straddles an end (a dilated one's taps may all be padding).
+        """
         flow = self.measured.flow
         if not flow or not all(isinstance(axis, AxisGeometry) for axis in flow):
             return None
         spans = [cast(AxisGeometry, axis).span(index) for axis, index in zip(flow, position)]
-        return all(last >= 0 and first <= n - 1 for (first, last), n in zip(spans, self.shape[2:]))
+        lengths = self.shape[2:]
+        if all(first >= 0 and last <= n - 1 for (first, last), n in zip(spans, lengths)):
+            return True
+        return False if any(last < 0 or first > n - 1 for (first, last), n in zip(spans, lengths)) else None
 
     # -- one or several positions, with heatmaps
 

@@ -105,12 +105,13 @@ def animate_rf(
         try:
             fields = probe_rf(model, shape, chosen, **where)
         except ProbeError as error:
-            if "only padding" not in str(error):
-                raise
             # The sweep's ends may see only padding (FCN's padding of 100): the frames of the positions with a field
-            every = cast(ReceptiveFieldMap, probe_rf(model, shape, "all", **where))
+            try:
+                every = cast(ReceptiveFieldMap, probe_rf(model, shape, "all", **where))
+            except ProbeError:
+                raise error from None
             with_field = [p for p in chosen if 0 not in every[p].size]
-            if not with_field:
+            if not with_field or len(with_field) == len(chosen):
                 raise
             fields = probe_rf(model, shape, with_field, **where)
     if isinstance(fields, ReceptiveField):
