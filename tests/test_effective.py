@@ -466,3 +466,15 @@ def test_a_log_of_class_probabilities_keeps_the_gradient_of_a_class_far_below_th
         reference += gradient[0].abs().sum(0).double() / len(inputs)
     assert torch.allclose(torch.as_tensor(field.heatmap, dtype=torch.float64), reference, atol=1e-6)
     assert field.extent(0.95) == ((12, 20),)
+
+
+def test_a_bfloat16_map_too_coarse_is_not_said_to_cancel():
+    """Every bfloat16 map lies within 1000 of its epsilons of the signed scale, so a plain convolution stack's was
+    refused as "the output's channels nearly cancel (a normalisation over the channels ...)", which it has not."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(4)))
+        try:
+            effective_rf(model, torch.randn(4, 8, 16, 16), (8, 8), dtype=torch.bfloat16)
+        except ProbeError as error:
+            assert "torch.bfloat16 is too coarse" in str(error) and "cancel" not in str(error)

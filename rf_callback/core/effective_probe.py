@@ -192,11 +192,17 @@ def effective_rf(
             f"over the channels makes their sum a constant); measure a layer before it with layer="
         )
     if imprecise:
+        # A half-precision map is within 1000 epsilons of any scale (bfloat16's are 1/128): coarse, not cancelling.
+        why = (
+            f"{dtype} is too coarse for this network's gradients"
+            if torch.finfo(dtype).eps > 1e-4
+            else "the output's channels, which the map adds at the position, nearly cancel (a normalisation over the "
+            "channels with nearly equal scales)"
+        )
         raise ProbeError(
-            f"the gradient map of {_positions_named(imprecise, len(fields))} is below what {dtype} resolves: the "
-            f"output's channels, which the map adds at the position, nearly cancel (a normalisation over the "
-            f"channels with nearly equal scales), and in float64 the map of one input differs by more than 1 % from "
-            f"the {dtype} one; pass dtype=torch.float64"
+            f"the gradient map of {_positions_named(imprecise, len(fields))} is below what {dtype} resolves: {why}, "
+            f"and in float64 the map of one input differs by more than 1 % from the {dtype} one; pass "
+            f"dtype=torch.float64"
         )
     effective = [
         EffectiveField(
