@@ -471,3 +471,33 @@ def test_a_batch_norm_over_a_transposed_map_gets_no_row_read_channels_first():
         rf_table(MelNormalised(), (1, 1, 64, 8), layers=["bn0"])
     with pytest.raises(ValueError, match=r"moved its spatial axes"):
         probe_rf(MelNormalised(), (1, 1, 64, 8), "center", layer="bn0")
+
+
+def test_a_weights_table_leaves_out_a_head_run_per_draw_and_a_model_with_no_register_tokens_is_copied():
+    """Weights mode runs its 8 draws as one batch: a head run in a loop over the samples runs more than once there,
+    and its row's refusal refused the whole table (the theoretical one lists it). A parameter of zero tokens made
+    the theoretical constant 1 / 0 ("the model cannot be deep-copied")."""
+
+    class LoopedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.c1(x)
+            return torch.cat([self.head(y[i : i + 1]) for i in range(len(y))])
+
+    with pytest.warns(UserWarning, match="1 row is left out, whose centre has no field"):
+        rows = rf_table(LoopedHead(), (1, 1, 16, 16), mode="weights")
+    assert [(row.name, row.bounds) for row in rows] == [("c1", ((7, 9), (7, 9)))]
+
+    class NoRegisters(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.registers = nn.Conv2d(1, 4, 2, stride=2), nn.Parameter(torch.zeros(1, 0, 4))
+
+        def forward(self, x):
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+            return torch.cat([tokens, self.registers.expand(len(x), -1, -1)], dim=1)
+
+    assert probe_rf(NoRegisters(), (1, 1, 6, 10), (1, 2), layout="tokens:3x5").bounds == ((2, 3), (4, 5))

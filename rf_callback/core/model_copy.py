@@ -3304,7 +3304,7 @@ def _prepared_parameter(
     if mask:  # a fixed mask (is_fixed_mask): the architecture's own values
         return param.detach().to(device, dtype, copy=True)
     if mode == "theoretical":  # from the shape alone: a sharded parameter is never gathered
-        fan_in = math.prod(param.shape[1:]) if param.dim() >= 2 else 1
+        fan_in = max(math.prod(param.shape[1:]), 1) if param.dim() >= 2 else 1  # an empty one (no tokens): 1
         return _constant(param, dtype, 0.0 if _is_bias(name) and zero_biases else 1.0 / fan_in, device)
     if is_sharded(param):
         # All-gathered: a collective on the parameter's mesh, so every rank prepares the same copy at the same time.

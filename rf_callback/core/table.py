@@ -421,7 +421,13 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
         theoretical[output.name] = support, geometry
         if mode == "weights":
             row_request = request.replaced(layer=output.name, layout=output.layout)
-            support = ProbeGraph(model, row_request).support([center])
+            try:
+                support = ProbeGraph(model, row_request).support([center])
+            except (ProbeError, ValueError) as error:  # a head run per draw in a loop runs more than once there
+                if wanted is not None:
+                    raise
+                fieldless.append((output.name, str(error)))
+                continue
         bounds = box_of(support)
         if bounds is None:  # the probe's own error: raised for a row asked for by name, else the row is left out
             try:
