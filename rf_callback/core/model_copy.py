@@ -1086,9 +1086,7 @@ class _ProbeFunctions(TorchFunctionMode):
         mean, with the real indices where the call returns them.
         """
         base = name.rstrip("_")
-        if base in _ELEMENTWISE_PICKS or (
-            base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)
-        ):
+        if _picks_elementwise(base, args):
             return _mean_of_dependent(args[:2])
         if base in _CLAMPS and len(args) + len(kwargs) > 1:
             bounds = [
@@ -1223,6 +1221,12 @@ def _recurrent_cell_twin(name: str, x, hx):
     return outputs if name == "lstm_cell" else outputs[0]
 
 
+def _picks_elementwise(base: str, args) -> bool:
+    """Whether the call picks one of two operands' values elementwise (``maximum``, ``fmin``, ``max(x, y)``)."""
+    two_tensors = len(args) > 1 and isinstance(args[1], torch.Tensor)
+    return base in _ELEMENTWISE_PICKS or (base in ("max", "min") and two_tensors)
+
+
 def _picks_along_dims(base: str, name: str, args, kwargs) -> bool:
     """Whether the call picks elements by value along dims: their mean is its twin (see :func:`_picks_twin`).
 
@@ -1253,7 +1257,7 @@ def _whole_pick(func, name: str, args, kwargs):
     base = name.rstrip("_")
     if base != name or kwargs.get("out") is not None:  # in place, or into a tensor given: as it is
         return None
-    if base in _ELEMENTWISE_PICKS or (base in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor)):
+    if _picks_elementwise(base, args):
         if sum(_depends_on_input(a) for a in args[:2]) < 2:  # maximum(x, 0): a ReLU, read on the draws
             return None
         twin = _mean_of_dependent([_finite(a) for a in args[:2]])
