@@ -2757,15 +2757,15 @@ _HOOK_DICTS = (
 )
 
 
-def _strip_user_hooks(model: nn.Module) -> None:
-    """Drops the user's hooks from the copy, which would see the probe's tensors.
+def _strip_user_hooks(model: nn.Module, named: list[tuple[str, nn.Module]]) -> None:
+    """Drops the user's hooks from the copy, which would see the probe's tensors (``named``: its named modules).
 
     Keeps torch's own (weight norm, pruning, spectral norm), which are part of how the module computes. A user's
     hook, even a bound method copied with its owner, may act on the user's world (a file, a logger, the
     ``Trainer`` its LightningModule is attached to) and fail or write there with the probe's tensors.
     """
     dropped = []
-    for name, module in model.named_modules():
+    for name, module in named:
         for attribute in _HOOK_DICTS:
             hooks = getattr(module, attribute, None)
             if hooks:
@@ -2792,7 +2792,7 @@ def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
     )
 
 
-def _references_on_the_copy(clone: nn.Module, memo: dict[int, Any], live: nn.Module) -> None:
+def _references_on_the_copy(clone: list[tuple[str, nn.Module]], memo: dict[int, Any], live: list[nn.Module]) -> None:
     """Makes the functions and weak references a copied module holds in attributes point at the copy.
 
     A deep copy shares functions and weak references as they are: a ``forward`` replaced by a closure
@@ -2802,11 +2802,13 @@ def _references_on_the_copy(clone: nn.Module, memo: dict[int, Any], live: nn.Mod
     norm statistics). Each function is rebuilt with the closure cells and global names that hold a part of the
     model holding that part's copy (the memo has it) instead, and each weak reference refers to the copy.
 
+    ``clone`` holds the copy's named modules, ``live`` the live model's modules.
+
     Raises:
         ProbeError: a module of the copy is the live model's own (a class that copies itself by sharing).
     """
-    live_modules = {id(module) for module in live.modules()}
-    for name, module in clone.named_modules():
+    live_modules = {id(module) for module in live}
+    for name, module in clone:
         if id(module) in live_modules:
             raise ProbeError(
                 f"the copy of the model shares its module {name!r} ({type(module).__name__}) with the live model (its "
@@ -2921,15 +2923,15 @@ def _on_the_copy(value: Any, memo: dict[int, Any], walk: _Walk) -> Any:
     return copied
 
 
-def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
+def _uncompiled(model: nn.Module, live: nn.Module, copied: list[nn.Module]) -> tuple[nn.Module, bool]:
     """Makes the copy run its own forward: compiled wrappers replaced, compiled ``forward`` attributes rebound.
 
     A deep copy of a ``torch.compile`` wrapper keeps calling the compiled forward of the live module, and so does a
     copy of a module whose ``forward`` attribute was replaced by a compiled one (``trainer.fit`` of a
     ``torch.compile``d LightningModule): a probe of the copy would silently run the live model. ``live`` is the
-    module ``model`` was copied from, to find the copy of the module a compiled forward belongs to.
+    module ``model`` was copied from, to find the copy of the module a compiled forward belongs to, and ``copied``
+    holds ``model``'s modules. Returns the model to run and whether its modules changed.
     """
-    copied = list(model.modules())
     compiled = [
         (module, name, original)
         for module in copied
@@ -2937,14 +2939,14 @@ def _uncompiled(model: nn.Module, live: nn.Module) -> nn.Module:
         if isinstance(original := getattr(child, "_orig_mod", None), nn.Module)
     ]
     if not compiled and not hasattr(model, "_orig_mod") and not any("forward" in m.__dict__ for m in copied):
-        return model  # the common case: nothing compiled, no forward attribute to rebind
+        return model, False  # the common case: nothing compiled, no forward attribute to rebind
     counterpart = {id(m): c for m, c in zip(live.modules(), copied)}
     model = getattr(model, "_orig_mod", model)
     for module, name, original in compiled:
         setattr(module, name, original)
     for module in model.modules():
         _own_forward(module, counterpart)
-    return model
+    return model, True
 
 
 def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
@@ -2983,9 +2985,10 @@ def scripted_subject(scripted: list[str]) -> str:
     return "the model is" if "" in scripted else f"{scripted[:3]} are"
 
 
-def scripted_modules(model: nn.Module) -> list[str]:
-    """Names of the TorchScript modules in ``model`` (``""`` for the model itself)."""
-    return [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+def scripted_modules(model: nn.Module, named: list[tuple[str, nn.Module]] | None = None) -> list[str]:
+    """Names of the TorchScript modules in ``model`` (``""`` for the model itself); ``named``: its named modules."""
+    named = list(model.named_modules()) if named is None else named
+    return [name for name, m in named if isinstance(m, torch.jit.ScriptModule)]
 
 
 def integer_quantized(module: nn.Module) -> bool:
@@ -3000,8 +3003,8 @@ def integer_quantized(module: nn.Module) -> bool:
 _INTEGER_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 
-def _checked_device(model: nn.Module) -> None:
-    tensors = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+def _checked_device(model: nn.Module, modules: list[nn.Module]) -> None:
+    tensors = (t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
     for tensor in tensors:
         if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)):
             lazy = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, LazyModuleMixin)]
@@ -3035,8 +3038,10 @@ def prepared_copy(
     weights, 1 for per-channel scales) and BatchNorm statistics to mean 0 and variance 1, so no weight sign, dead
     unit or normalisation can hide a pixel.
     """
-    _checked_device(model)
-    scripted = scripted_modules(model)
+    named = list(model.named_modules())  # each walk of a large model's tree costs: one, shared by the checks
+    modules = [module for _, module in named]
+    _checked_device(model, modules)
+    scripted = scripted_modules(model, named)
     if scripted and mode == "theoretical":
         where = scripted_subject(scripted)
         raise ValueError(
@@ -3046,13 +3051,14 @@ def prepared_copy(
             f"mode='weights' (what the current weights connect)"
         )
     source = getattr(model, "_orig_mod", model)
+    source_modules = modules if source is model else list(source.modules())
     with torch.inference_mode(False):
         # The prepared tensors go into the deep copy's memo: the copy never holds (nor copies) the live values.
         if mode != "theoretical":
             check_gathered_fits(source, dtype, device)
         try:
             with fsdp1_parameters_whole(source):
-                memo = _prepared_tensors(source, mode, dtype, zero_biases, device)
+                memo = _prepared_tensors(source_modules, mode, dtype, zero_biases, device)
                 clone = module_copy(source, memo)
                 if scripted:
                     _write_prepared(source, clone, memo)
@@ -3072,9 +3078,10 @@ def prepared_copy(
                 f"the model is never changed; make that attribute copyable (or define __deepcopy__), or probe a "
                 f"submodule without it"
             ) from error
-        _references_on_the_copy(clone, memo, source)
-        clone = _uncompiled(clone, source)
-        _strip_user_hooks(clone)
+        copied = list(clone.named_modules())
+        _references_on_the_copy(copied, memo, source_modules)
+        clone, changed = _uncompiled(clone, source, [module for _, module in copied])
+        _strip_user_hooks(clone, list(clone.named_modules()) if changed else copied)
         clone.eval()
     return clone
 
@@ -3229,15 +3236,16 @@ def _computed(value: object) -> bool:
     return isinstance(value, torch.Tensor) and not value.is_leaf
 
 
-def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, device) -> dict[int, torch.Tensor]:
+def _prepared_tensors(modules: list[nn.Module], mode: str, dtype, zero_biases: bool, device) -> dict[int, torch.Tensor]:
     """The copy's parameters and buffers, by the ``id`` of the live tensor each replaces (a deep-copy memo).
 
-    Each is made on ``device`` directly (where it is, for None): a copy for the CPU never takes GPU memory.
+    ``modules`` are the live model's. Each is made on ``device`` directly (where it is, for None): a copy for the CPU
+    never takes GPU memory.
     """
     memo: dict[int, torch.Tensor] = {}
-    masks = _pruning_masks(model) if mode == "theoretical" else set()
-    computes = _tensors_computed_from(model)
-    for module in model.modules():
+    masks = _pruning_masks(modules) if mode == "theoretical" else set()
+    computes = _tensors_computed_from(modules)
+    for module in modules:
         for name, param in module._parameters.items():
             if param is not None and id(param) not in memo:
                 name = computes.get(id(param), name)  # pruning's bias_orig is a bias
@@ -3257,8 +3265,8 @@ def _prepared_tensors(model: nn.Module, mode: str, dtype, zero_biases: bool, dev
     return memo
 
 
-def _tensors_computed_from(model: nn.Module) -> dict[int, str]:
-    """The name of the tensor each parameter of ``model`` computes, by the parameter's id, where torch computes one.
+def _tensors_computed_from(modules: list[nn.Module]) -> dict[int, str]:
+    """The name of the tensor each parameter of ``modules`` computes, by the parameter's id, where torch computes one.
 
     Pruning keeps ``bias_orig`` and computes ``bias`` from it (as spectral norm keeps ``weight_orig``, the old weight
     norm ``weight_g`` and ``weight_v``), and a parametrization keeps ``parametrizations.bias.original``: each stands
@@ -3266,7 +3274,7 @@ def _tensors_computed_from(model: nn.Module) -> dict[int, str]:
     was kept in weights mode, where a negative one hid a path the bias-free network has.
     """
     computes: dict[int, str] = {}
-    for module in model.modules():
+    for module in modules:
         for hook in module._forward_pre_hooks.values():
             # pruning's methods name it _tensor_name, weight and spectral norm's hooks name
             tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)
@@ -3282,8 +3290,8 @@ def _tensors_computed_from(model: nn.Module) -> dict[int, str]:
     return computes
 
 
-def _pruning_masks(model: nn.Module) -> set[int]:
-    """The ids of the masks of ``torch.nn.utils.prune`` (and Lightning's ``ModelPruning``) in ``model``.
+def _pruning_masks(modules: list[nn.Module]) -> set[int]:
+    """The ids of the masks of ``torch.nn.utils.prune`` (and Lightning's ``ModelPruning``) in ``modules``.
 
     Pruning keeps ``weight_orig`` and a ``weight_mask`` buffer, and a hook multiplies them before each forward. The
     theoretical copy holds every mask at one, as it holds every weight non-zero; weights mode keeps them.
@@ -3291,7 +3299,7 @@ def _pruning_masks(model: nn.Module) -> set[int]:
     from torch.nn.utils import prune
 
     masks = set()
-    for module in model.modules():
+    for module in modules:
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, prune.BasePruningMethod):
                 mask = module._buffers.get(f"{hook._tensor_name}_mask")

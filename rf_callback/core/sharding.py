@@ -165,11 +165,17 @@ def _fsdp1_gathered(model: nn.Module, root: nn.Module | None) -> tuple[nn.Module
     wrapper = _fsdp1_class()
     if wrapper is None:
         return None, True, 0
-    units = [m for m in model.modules() if isinstance(m, wrapper)]
+    modules = list(model.modules())
+    units = [m for m in modules if isinstance(m, wrapper)]
     if _FSDP1_WHOLE.get() or any("SUMMON" in str(unit.training_state) for unit in units):
         return None, True, 0  # gathered already (by the caller, or around this call)
     inside = {id(p) for unit in units for p in unit.parameters()}
-    outside = [p for p in model.parameters() if id(p) not in inside and getattr(p, "_fsdp_flattened", False)]
+    outside = [
+        p
+        for m in modules
+        for p in m._parameters.values()
+        if p is not None and id(p) not in inside and getattr(p, "_fsdp_flattened", False)
+    ]
     if not (units or outside):
         return None, True, 0
     if outside and root is None:
