@@ -144,6 +144,20 @@ def level_maps() -> nn.Module:
     return _LevelMaps()
 
 
+class _PaddedKeys(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 9, padding=4)
+
+    def forward(self, x):
+        return {"01": self.fine(x), "1": self.coarse(x)}
+
+
+def padded_keys() -> nn.Module:
+    """A dict keyed '01' (3 x 3 field) and '1' (9 x 9): digits that name keys, not one index."""
+    return _PaddedKeys()
+
+
 class _EmptyMap(nn.Module):
     def __init__(self):
         super().__init__()

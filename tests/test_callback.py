@@ -924,3 +924,26 @@ def test_two_callbacks_on_one_layer_that_read_the_effective_extent_at_other_mass
     b = RFCallback(layer="features", coverage_mass=0.99, mode="theoretical", log_images=False)
     with pytest.raises(MisconfigurationException, match=r"with coverage_mass=0.5 and coverage_mass=0.99"):
         fit(tmp_path, [b, a], logger=False, max_epochs=1)
+
+
+def test_positions_given_as_index_arrays_are_the_cells_probe_rf_reads(tmp_path):
+    """``pos=np.nonzero(mask)`` (one array of indices per axis) was read by the callback as rows: (1, 5) and (6, 2)
+    for the cells (1, 6) and (5, 2) that probe_rf reads; 0-d tensors (torch.unravel_index) raised a TypeError;
+    arrays of unequal lengths are refused, and a count's refusal named a fix, not the refused value."""
+    import numpy as np
+
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1, 6] = mask[5, 2] = True
+    assert RFCallback(layer="features", pos=np.nonzero(mask)).positions == [(1, 6), (5, 2)]
+    assert RFCallback(layer="features", pos=torch.nonzero(torch.from_numpy(mask), as_tuple=True)).positions == [
+        (1, 6),
+        (5, 2),
+    ]
+    assert RFCallback(layer="features", pos=torch.unravel_index(torch.tensor(42), (8, 8))).positions == [(5, 2)]
+    with pytest.raises(MisconfigurationException, match=r"of lengths \[2, 1\]"):
+        RFCallback(layer="features", pos=(np.array([1, 5]), np.array([6])))
+    with pytest.raises(MisconfigurationException, match=r"erf_samples must be an int >= 1 .*; e\.g\. erf_samples=\d"):
+        RFCallback(erf_samples=0)
+    callback = RFCallback(layer="features", pos=np.nonzero(mask))
+    fit(tmp_path, [callback], logger=False, max_epochs=1)
+    assert [f["position"] for f in callback.history[-1]["fields"]] == [[1, 6], [5, 2]]

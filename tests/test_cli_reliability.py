@@ -439,3 +439,12 @@ def test_gif_sweeps_the_feature_map_element_names(tmp_path, capsys):
         main(["tests.cli_models:two_maps", "--input-shape", "3,16,16", "--element", "coarse", "--gif", str(gif)]) == 0
     )
     assert gif.read_bytes()[:6] == b"GIF89a" and capsys.readouterr().err == ""
+
+
+def test_element_digits_that_do_not_read_back_as_an_int_name_a_key(capsys):
+    """--element 01 was read as int 1, then the key '1': the field of another map, with exit status 0."""
+    argv = ["tests.cli_models:padded_keys", "--input-shape", "3,16,16", "--pos", "8,8", "--json"]
+    assert main([*argv, "--element", "01"]) == 0
+    assert json.loads(capsys.readouterr().out)["bounds"] == [[7, 9], [7, 9]]
+    assert main([*argv, "--element", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["bounds"] == [[4, 12], [4, 12]]

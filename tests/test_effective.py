@@ -478,3 +478,40 @@ def test_a_bfloat16_map_too_coarse_is_not_said_to_cancel():
             effective_rf(model, torch.randn(4, 8, 16, 16), (8, 8), dtype=torch.bfloat16)
         except ProbeError as error:
             assert "torch.bfloat16 is too coarse" in str(error) and "cancel" not in str(error)
+
+
+class _TwoHeads(nn.Module):
+    """A tuple of two maps: a 3 x 3 convolution's and a 9 x 9 field's (four 3 x 3 convolutions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.near = nn.Conv2d(2, 2, 3, padding=1)
+        self.far = nn.Sequential(*[nn.Conv2d(2, 2, 3, padding=1) for _ in range(4)])
+
+    def forward(self, x):
+        return self.near(x), self.far(x)
+
+
+def test_a_theoretical_field_of_another_element_is_refused():
+    """``effective_rf(..., element=0, theoretical=<element 1's field>)`` was accepted: the effective field of the
+    3 x 3 map was measured against the 9 x 9 field (an extent ratio of 0.33 where it is 1)."""
+    model = _TwoHeads()
+    inputs = torch.randn(4, 2, 20, 20, generator=torch.Generator().manual_seed(0))
+    far = probe_rf(model, (1, 2, 20, 20), (10, 10), element=1)
+    assert far.bounds == ((6, 14), (6, 14))
+    with pytest.raises(ValueError, match=r"element=0.*\(it was probed with element=1\); pass theoretical=None"):
+        effective_rf(model, inputs, (10, 10), element=0, theoretical=far)
+    given = effective_rf(model, inputs, (10, 10), element=1, theoretical=far)
+    assert given.theoretical is far
+
+
+def test_extent_and_metrics_under_a_meta_default_device():
+    """Inside ``with torch.device("meta")`` the probe ran (its scope sets its own device), but ``extent`` and
+    ``metrics`` of the field made their index tensors on the meta device and raised torch's device error."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    inputs = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    outside = effective_rf(model, inputs, (6, 6))
+    with torch.device("meta"):
+        inside = effective_rf(model, inputs, (6, 6))
+        assert inside.extent(0.95) == outside.extent(0.95)
+        assert inside.metrics() == outside.metrics()

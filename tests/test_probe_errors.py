@@ -274,3 +274,69 @@ def test_a_distributed_data_parallel_wrapper_names_the_module_to_probe(tmp_path)
         assert probe_rf(model.module, (1, 3, 16, 16)).bounds == ((6, 10), (6, 10))
     finally:
         dist.destroy_process_group()
+
+
+class _FrozenFeatures(nn.Module):
+    """Lightning's transfer-learning forward: a frozen backbone run inside ``torch.no_grad()``, then a head."""
+
+    def __init__(self, off=torch.no_grad):
+        super().__init__()
+        self.off = off
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).requires_grad_(False)
+        self.head = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        with self.off():
+            features = self.backbone(x)
+        return self.head(features)
+
+
+@pytest.mark.parametrize("off", [torch.no_grad, torch.inference_mode])
+def test_a_frozen_part_run_without_gradients_names_a_fix_that_works(off):
+    """Every layer inside the block was refused with "probe a layer before it", which no layer inside it is; under
+    inference_mode the reason said no_grad. The fix named works: requires_grad_(False) alone freezes it."""
+    model = _FrozenFeatures(off)
+    spelled = "inference_mode" if off is torch.inference_mode else "no_grad"
+    for layer in (None, "backbone", "backbone.0"):
+        with pytest.raises(ProbeError, match=rf"conv2d\(\) inside torch\.{spelled}\(\).*requires_grad_\(False\)"):
+            probe_rf(model, (1, 3, 16, 16), (4, 4), layer=layer)
+    model.off = torch.enable_grad
+    assert probe_rf(model, (1, 3, 16, 16), (4, 4)).bounds == ((4, 10), (4, 10))
+    assert probe_rf(model.backbone, (1, 3, 16, 16), (4, 4)).bounds == ((4, 8), (4, 8))
+
+
+def test_arguments_refused_naming_them():
+    """A seed past torch.Generator's range raised "Overflow when unpacking long long"; verify_rf's dtype was not
+    checked (a str blamed the model as uncopyable); bools indexed a field map as 0 and 1."""
+    import numpy as np
+
+    from rf_callback import verify_rf
+
+    model = nn.Conv2d(1, 1, 3)
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be an int >= .* < 18446744073709551616"):
+        probe_rf(model, (1, 1, 8, 8), mode="weights", seed=2**64)
+    assert probe_rf(model, (1, 1, 8, 8), mode="weights", seed=2**64 - 1).bounds == ((3, 5), (3, 5))
+    field = probe_rf(model, (1, 1, 8, 8))
+    for dtype in ("float64", torch.int64, 64):
+        with pytest.raises(ValueError, match=r"dtype=.* must be a floating torch dtype"):
+            verify_rf(model, field, dtype=dtype)
+    fields = probe_rf(model, (1, 1, 8, 8), "all")
+    for index in ((True, 1), torch.tensor([True, False]), np.array([False, True])):
+        with pytest.raises(IndexError, match="must be integer indices"):
+            fields[index]
+    assert fields[np.array([1, 2])].bounds == ((1, 3), (2, 4))
+
+
+def test_index_arrays_of_unequal_lengths_are_refused():
+    """``zip`` of the arrays stopped at the shortest: (array([1, 2, 5]), array([3, 4])) probed two cells and
+    dropped the third index without a word."""
+    import numpy as np
+
+    model = nn.Conv2d(1, 1, 3)
+    for columns in ((np.array([1, 2, 5]), np.array([3, 4])), (torch.tensor([1, 2, 5]), torch.tensor([3]))):
+        with pytest.raises(ValueError, match=r"index arrays, one per axis .* of lengths \[3, \d\]"):
+            probe_rf(model, (1, 1, 12, 12), columns)
+    assert [f.position for f in probe_rf(model, (1, 1, 12, 12), (np.array([1, 5]), np.array([6, 2])))] == [
+        (1, 6),
+        (5, 2),
+    ]

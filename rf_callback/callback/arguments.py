@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from rf_callback.core.arguments import as_index
+from rf_callback.core.arguments import as_index, positions_of_index_columns
 
 
 def _shown(value) -> str:
@@ -32,6 +32,8 @@ def _int_fix(name: str, value, example) -> str:
     """How to write ``value`` as the int it may have meant."""
     if isinstance(value, (bool, np.bool_)):
         return f"a bool is not a number here; pass an int, e.g. {name}={example}"
+    if as_index(value) is not None:  # an int out of range
+        return f"e.g. {name}={example}"
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return f"pass the int, not a str: {name}={int(value)}"
     if isinstance(value, numbers.Real) and float(value).is_integer():
@@ -155,11 +157,18 @@ def checked_positions(pos) -> tuple[list, Any]:
         raise refused("pos", pos, _POS_ALLOWED, fix)
     if isinstance(pos, (np.ndarray, torch.Tensor)):
         pos = pos.tolist()
+    try:  # np.nonzero(mask): one array of indices per axis, read as probe_rf reads it
+        pos = positions_of_index_columns(pos)
+    except ValueError as error:
+        raise refused("pos", pos, _POS_ALLOWED, str(error)) from None
     index = as_index(pos)
     if index is not None:
         return [(index,)], index
     if isinstance(pos, Sequence) and len(pos) > 0:
-        nested = [isinstance(p, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(p, str) for p in pos]
+        nested = [
+            isinstance(p, Sequence) and not isinstance(p, str) or getattr(p, "ndim", 0) > 0  # a 0-d tensor: an index
+            for p in pos
+        ]
         if not any(nested):
             indices = _indices(pos, pos)
             if isinstance(pos, tuple):

@@ -220,9 +220,10 @@ def _element(value: str | None) -> int | str | None:
     if value is None:
         return None
     try:
-        return int(value)
+        index = int(value)
     except ValueError:
         return value
+    return index if str(index) == value else value  # "01", "1_0", " 1" name keys, as int() would not read them back
 
 
 def _check_layout(text: str) -> None:

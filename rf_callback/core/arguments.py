@@ -28,15 +28,51 @@ def _integral(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex())
 
 
-def checked_int(name: str, value, *, minimum: int | None = None, meaning: str = "") -> int:
-    """Returns ``value`` as an int after checking it is an integer of at least ``minimum``.
+def positions_of_index_columns(pos):
+    """``pos`` as a list of positions where it is a tuple of index arrays, one per axis; else ``pos`` as it is.
+
+    ``np.nonzero(mask)``, ``np.where(mask)`` and ``torch.nonzero(mask, as_tuple=True)`` give such a tuple: the n-th
+    position takes the n-th index of every array.
+
+    Args:
+        pos: a ``pos=`` argument as the user passed it.
+
+    Returns:
+        A list of positions (lists of ints), or ``pos`` unchanged.
 
     Raises:
-        ValueError: it is not (a bool, a float, a string), or it is below ``minimum``.
+        ValueError: the arrays differ in length, so some indices would belong to no position.
+    """
+    if not (isinstance(pos, tuple) and pos and all(_index_column(p) for p in pos)):
+        return pos
+    columns = [p.tolist() for p in pos]
+    lengths = [len(column) for column in columns]
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            f"pos is a tuple of index arrays, one per axis (as np.nonzero gives), of lengths {lengths}: each position "
+            f"takes one index from every array, so they must be as long; pass arrays of equal length, or a list of "
+            f"positions, e.g. pos=[(0, 0), (4, 4)]"
+        )
+    return [list(position) for position in zip(*columns)]
+
+
+def _index_column(value) -> bool:
+    """A 1-D tensor or numpy array of integer indices (one axis of an index tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", 0) == 1 and value.dtype.kind in ("i", "u")
+
+
+def checked_int(name: str, value, *, minimum: int | None = None, below: int | None = None, meaning: str = "") -> int:
+    """Returns ``value`` as an int after checking it is an integer of at least ``minimum`` and less than ``below``.
+
+    Raises:
+        ValueError: it is not (a bool, a float, a string), or it is outside that range.
     """
     index = as_index(value)
-    if index is None or (minimum is not None and index < minimum):
+    if index is None or (minimum is not None and index < minimum) or (below is not None and index >= below):
         bound = "" if minimum is None else f" >= {minimum}"
+        bound += "" if below is None else f"{' and' if bound else ''} < {below}"
         fix = f" ({meaning})" if meaning else ""
         raise ValueError(f"{name}={value!r} must be an int{bound}{fix}; got {type(value).__name__}")
     return index

@@ -117,7 +117,7 @@ def effective_rf(
                 f"refuses: {error}; one unbatched input (C, H, W) is passed as inputs.unsqueeze(0)"
             ) from error
     else:
-        _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout)
+        _check_theoretical(theoretical, pos, shape, layer, element, parsed_layout, layout)
     fields = theoretical if isinstance(theoretical, list) else [theoretical]
     # The map's mass is what counts, not its exact zeros: cuDNN's fast kernels stay on.
     kernels = exact_kernels(device, exact_zeros=False)
@@ -305,8 +305,12 @@ def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:
     return f"position{'s' if len(positions) > 1 else ''} {named}"
 
 
-def _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout) -> None:
-    """Refuses ``theoretical`` fields that are not those of ``pos``, ``layer`` and ``layout`` on ``shape``."""
+def _check_theoretical(theoretical, pos, shape, layer, element, parsed_layout, layout) -> None:
+    """Refuses ``theoretical`` fields that are not those of ``pos``, ``layer``, ``element`` and ``layout`` on ``shape``.
+
+    ``element`` is compared as given: ``-1`` and the last index name one feature map, but which one only the output
+    tells, so a field probed with the other spelling is refused with its own.
+    """
     fields = theoretical if isinstance(theoretical, list) else [theoretical]
     first = fields[0] if fields and isinstance(fields[0], ReceptiveField) else None
     try:
@@ -321,6 +325,7 @@ def _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout) ->
             f.mode != "theoretical"
             or tuple(f.input_shape[1:]) != shape[1:]
             or f.layer != layer
+            or f.element != element
             or checked_layout(f.layout) != parsed_layout
             for f in fields
         )
@@ -329,8 +334,14 @@ def _check_theoretical(theoretical, pos, shape, layer, parsed_layout, layout) ->
         described = first.describe(stride=False) if first is not None else repr(theoretical)
         raise ValueError(
             f"theoretical={described}{' ...' if isinstance(theoretical, list) else ''} must be the theoretical "
-            f"field of pos={pos!r} (a list of them for a list of positions), layer={layer!r}, layout={layout!r}, on "
-            f"inputs shaped {shape}; pass theoretical=None to probe it"
+            f"field of pos={pos!r} (a list of them for a list of positions), layer={layer!r}, element={element!r}, "
+            f"layout={layout!r}, on inputs shaped {shape}"
+            + (
+                f" (it was probed with element={first.element!r})"
+                if first is not None and first.element != element
+                else ""
+            )
+            + "; pass theoretical=None to probe it"
         )
 
 

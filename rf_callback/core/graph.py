@@ -22,6 +22,7 @@ from rf_callback.core.geometry_flow import Flow
 from rf_callback.core.layouts import CHANNELS_FIRST, CHANNELS_LAST, Tokens, axis_letters
 from rf_callback.core.model_copy import (
     DROPPED_HOOKS,
+    GRADIENT_OFF,
     WALK_LIMIT,
     ProbeError,
     autograd_nodes,
@@ -299,7 +300,7 @@ class ProbeGraph(GraphShapes):
         else:
             # Random positive weights per (draw, channel): signed gradients of different output channels cannot
             # cancel except on a set of measure zero, and one pass serves every channel.
-            generator = torch.Generator().manual_seed(request.seed + 1)
+            generator = torch.Generator().manual_seed(request.seed + 1 if request.seed + 1 < 2**64 else 0)  # its range
             weights = 0.5 + torch.rand(self.output.shape[:2], dtype=dtype, generator=generator)
             self.channel_weights = weights.to(device)
         self.passes = 0
@@ -879,10 +880,19 @@ def forward_to(
     # Only the probed element's cut matters: a model may return a pick's indices beside its feature map.
     cuts = [*functions.cuts, *filter(None, [functions.cut_reason(output)])]
     if cuts:
+        fix = "remove the cut from the forward, or probe a layer before it with layer="
+        if any(cut.endswith(GRADIENT_OFF) for cut in cuts):
+            # A frozen feature extractor run without gradients: no layer inside it has one either.
+            fix = (
+                "remove the cut from the forward (a frozen feature extractor run inside the block is frozen as well "
+                "by requires_grad_(False) on its parameters, which lets the gradient reach the input), or probe a "
+                "layer before the block with layer=, or the part inside it as a model of its own (e.g. "
+                "probe_rf(model.backbone, input_shape))"
+            )
         raise ProbeError(
             f"the forward up to the output of {where(layer)} cuts the gradient on a path from the input "
             f"({', '.join(dict.fromkeys(cuts))}): the probe reads fields from gradients and would miss the "
-            f"inputs on that path; remove the cut from the forward, or probe a layer before it with layer="
+            f"inputs on that path; {fix}"
         )
     # Whether the output's dim 1 holds its channels, as the forward laid it out (read before any layout moves it).
     functions.output_channels_first = None if functions.flow is None else functions.flow.channels_first(output)

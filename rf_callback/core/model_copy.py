@@ -159,6 +159,15 @@ def max_pool_twin(n_axes: int, input, kernel_size, stride=None, padding=0, dilat
     return y.squeeze(0) if unbatched else y
 
 
+def _gradient_off() -> str:
+    """The block that turned gradients off around the call being run, as the forward wrote it."""
+    return "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+
+
+# Cut reasons of a block without gradients (see _gradient_off): a frozen part run in one needs another fix.
+GRADIENT_OFF = ("inside torch.no_grad()", "inside torch.inference_mode()")
+
+
 class _ProbeFunctions(TorchFunctionMode):
     """Replaces torch functions while the probe's copy runs.
 
@@ -372,7 +381,7 @@ class _ProbeFunctions(TorchFunctionMode):
             if any(id(t) in self._mask_numbers for t in direct):
                 return self._of_mask_numbers(func, name, args, kwargs)
         if self.linearise and from_input and name in _TO_PYTHON and not torch.is_grad_enabled():
-            self.branches.append(f"{name}() of the input inside torch.no_grad()")
+            self.branches.append(f"{name}() of the input inside {_gradient_off()}")
         coupling = None
         if from_input and torch.is_grad_enabled():
             self.cuts += [reason for t in tensors if (reason := self.cut_reason(t))]
@@ -401,9 +410,9 @@ class _ProbeFunctions(TorchFunctionMode):
             # Written in place without gradient: the target keeps no trace of what flowed into it.
             target = args[0]
             if isinstance(target, torch.Tensor) and target.requires_grad:
-                self.cuts.append(f"{name}() inside torch.no_grad()")
+                self.cuts.append(f"{name}() inside {_gradient_off()}")
             elif isinstance(target, torch.Tensor):
-                self._cut_from_input[id(target)] = (target, f"{name}() inside torch.no_grad()")
+                self._cut_from_input[id(target)] = (target, f"{name}() inside {_gradient_off()}")
         if args and isinstance(args[0], torch.Tensor) and (dims := _fixed_dims(name, args, kwargs)):
             self.fixed_size.append((f"{name}()", tuple(args[0].shape), dims))
         if name in ("linear", "layer_norm") and args and isinstance(args[0], torch.Tensor) and args[0].dim():
@@ -478,7 +487,7 @@ class _ProbeFunctions(TorchFunctionMode):
             and result.dtype != torch.bool
             and not _from_shape_alone(name)
         ):
-            reason = f"{name}() inside torch.no_grad()" if not torch.is_grad_enabled() else f"{name}()"
+            reason = f"{name}() inside {_gradient_off()}" if not torch.is_grad_enabled() else f"{name}()"
             self._cut_from_input[id(result)] = (result, reason)
         self._note_random_draws(name, args, kwargs, tensors, result)
         return self._counted(result)

@@ -18,9 +18,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from rf_callback.core.arguments import (
-    as_index,
-)
+from rf_callback.core.arguments import as_index, positions_of_index_columns
 from rf_callback.core.geometry import AxisGeometry, Bounds, LazyGeometry, consistent, is_whole
 from rf_callback.core.geometry_flow import checked_flow
 from rf_callback.core.geometry_probe import NO_FIT, Budget, centre_field_is_whole, graph_factory, measure_geometry
@@ -212,9 +210,7 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
     listed = isinstance(pos, list)  # a list of ints names positions on a 1D map; a tensor's values one position
     if isinstance(pos, torch.Tensor) or type(pos).__module__ == "numpy":
         pos = pos.tolist()
-    if isinstance(pos, tuple) and pos and all(_index_column(p) for p in pos):
-        # torch.nonzero(mask, as_tuple=True), np.nonzero, np.where: one array of indices per axis
-        pos = [list(position) for position in zip(*(p.tolist() for p in pos))]
+    pos = positions_of_index_columns(pos)
     if isinstance(pos, (list, tuple)) and any(isinstance(p, torch.Tensor) and p.dim() == 1 for p in pos):
         pos = [p.tolist() if isinstance(p, torch.Tensor) else p for p in pos]  # rows of torch.nonzero(mask)
     elif isinstance(pos, (list, tuple)) and any(type(p).__module__ == "numpy" and getattr(p, "ndim", 0) for p in pos):
@@ -226,13 +222,6 @@ def normalised_positions(pos, output_shape: tuple[int, ...], layer: str | None) 
     if isinstance(pos, Sequence) and pos and all(isinstance(p, Sequence) and not isinstance(p, str) for p in pos):
         return [checked_position(p, output_shape, place) for p in pos], "list"
     raise ValueError(f"pos={pos!r} is not allowed; use {_POS_ALLOWED}")
-
-
-def _index_column(value) -> bool:
-    """A 1-D tensor or numpy array of integer indices (one axis of an index tuple)."""
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool
-    return type(value).__module__ == "numpy" and getattr(value, "ndim", 0) == 1 and value.dtype.kind in ("i", "u")
 
 
 def _scalar(value) -> bool:

@@ -98,7 +98,9 @@ class ProbeRequest:
             layout=layout,
             mode=checked_mode(mode),
             draws=checked_int("draws", draws, minimum=1, meaning="the number of random inputs in weights mode"),
-            seed=checked_int("seed", seed, meaning="the seed of the probe's private generator"),
+            seed=checked_int(
+                "seed", seed, minimum=-(2**63), below=2**64, meaning="the seed of the probe's private generator"
+            ),
             dtype=checked_dtype(dtype) or torch.float32,
             guard=dtype is None,
             device=checked_device(device) or model_device(model),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from rf_callback.core.arguments import as_index
 from rf_callback.core.effective import (
     HIGH_CONTRIBUTION_THRESHOLDS,
     center_of_mass,
@@ -187,7 +187,7 @@ class ReceptiveFieldMap:
     def positions(self) -> Iterator[tuple[int, ...]]:
         """Yields every output position in row-major order."""
         for flat in range(len(self)):
-            yield tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), self.output_shape))
+            yield tuple(int(i) for i in torch.unravel_index(torch.tensor(flat, device="cpu"), self.output_shape))
 
     def __iter__(self) -> Iterator[ReceptiveField]:
         return (self[p] for p in self.positions())
@@ -195,14 +195,12 @@ class ReceptiveFieldMap:
     def __getitem__(self, position: int | Sequence[int]) -> ReceptiveField:
         if getattr(position, "ndim", 0) == 1:  # an array or tensor of indices
             position = position.tolist()  # type: ignore[union-attr]
-        try:  # numpy and torch integers too (np.argmax's), as plain ints: a field prints and serialises them
-            index = (
-                tuple(map(operator.index, position)) if isinstance(position, Sequence) else (operator.index(position),)
-            )
-        except TypeError:
-            raise IndexError(
-                f"position {position!r} must be integer indices, one per axis of {self.output_shape}"
-            ) from None
+        # numpy and torch integers too (np.argmax's), as plain ints: a field prints and serialises them; bools
+        # (a mask) are no indices
+        indices = [as_index(i) for i in position] if isinstance(position, Sequence) else [as_index(position)]
+        if None in indices:
+            raise IndexError(f"position {position!r} must be integer indices, one per axis of {self.output_shape}")
+        index = tuple(i for i in indices if i is not None)
         if len(index) != len(self.output_shape) or not all(-n <= i < n for i, n in zip(index, self.output_shape)):
             raise IndexError(f"position {position!r} is outside the output map of shape {self.output_shape}")
         index = tuple(i % n for i, n in zip(index, self.output_shape))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rf_callback.core.arguments import checked_dtype
 from rf_callback.core.graph import exact_kernels, forward_to
 from rf_callback.core.model_copy import (
     model_device,
@@ -66,8 +67,10 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
         An :class:`RFVerification`, truthy when the field passed.
 
     Raises:
-        ValueError: ``field`` is not one field (a list, a map), or not a theoretical one.
+        ValueError: ``field`` is not one field (a list, a map), or not a theoretical one; ``dtype`` is not a
+            floating torch dtype.
     """
+    checked_dtype(dtype)
     if not isinstance(field, ReceptiveField):
         kind = "a list of fields" if isinstance(field, list) else f"a {type(field).__name__}"
         raise ValueError(
