@@ -325,6 +325,13 @@ def test_arguments_refused_naming_them():
         with pytest.raises(IndexError, match="must be integer indices"):
             fields[index]
     assert fields[np.array([1, 2])].bounds == ((1, 3), (2, 4))
+    axis = field.geometry[0]  # an output index, not a coordinate: span(2.7) gave (1.7, 4.7), span(True) index 1
+    for index in (2.7, True, np.float64(2.0)):
+        with pytest.raises(TypeError, match=r"must be an int, the index of an output cell"):
+            axis.span(index)
+        with pytest.raises(TypeError, match=r"must be an int"):
+            axis.center(index)
+    assert axis.span(np.int64(2)) == axis.span(torch.tensor(2)) == (2, 4) and axis.center(2) == 3.0
 
 
 def test_index_arrays_of_unequal_lengths_are_refused():

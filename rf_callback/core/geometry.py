@@ -8,6 +8,7 @@ inputs that no window reaches). This module fits (r, S, P) to measured bounds an
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,13 +37,21 @@ class AxisGeometry:
     offset: int
 
     def span(self, index: int) -> Bounds:
-        """Returns the unclipped inclusive input interval seen by output ``index``."""
-        first = index * self.stride - self.offset
+        """Returns the unclipped inclusive input interval seen by output ``index``.
+
+        Raises:
+            TypeError: ``index`` is not an integer (a float, a bool).
+        """
+        first = _output_index(index) * self.stride - self.offset
         return first, first + self.size - 1
 
     def center(self, index: int) -> float:
-        """Returns the input coordinate of the centre of output ``index``'s field."""
-        return index * self.stride - self.offset + (self.size - 1) / 2
+        """Returns the input coordinate of the centre of output ``index``'s field.
+
+        Raises:
+            TypeError: ``index`` is not an integer (a float, a bool).
+        """
+        return _output_index(index) * self.stride - self.offset + (self.size - 1) / 2
 
     def index_of(self, coordinate: float) -> int:
         """Returns the output index whose field is centred nearest to input ``coordinate`` (may be out of range).
@@ -55,6 +64,19 @@ class AxisGeometry:
     def to_dict(self) -> dict[str, int]:
         """Returns ``{"size": r, "stride": S, "offset": P}``."""
         return {"size": self.size, "stride": self.stride, "offset": self.offset}
+
+
+def _output_index(index) -> int:
+    """``index`` as a Python int (numpy and torch integers too); a float or a bool is refused, not rounded."""
+    if not isinstance(index, bool):
+        try:
+            return operator.index(index)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"index={index!r} must be an int, the index of an output cell (an input coordinate goes to index_of, which "
+        f"gives the output index whose field is centred nearest to it)"
+    )
 
 
 class LazyGeometry(Sequence):
