@@ -944,6 +944,14 @@ def test_positions_given_as_index_arrays_are_the_cells_probe_rf_reads(tmp_path):
         RFCallback(layer="features", pos=(np.array([1, 5]), np.array([6])))
     with pytest.raises(MisconfigurationException, match=r"erf_samples must be an int >= 1 .*; e\.g\. erf_samples=\d"):
         RFCallback(erf_samples=0)
+    with pytest.raises(MisconfigurationException, match=r"empty index arrays .* names no position"):
+        RFCallback(layer="features", pos=np.nonzero(np.zeros((8, 8), dtype=bool)))
+    # One cell on a 1D map reads alike as rows and as columns: the key of checkpoints written before stays.
+    one = np.zeros(8, dtype=bool)
+    one[3] = True
+    assert RFCallback(pos=np.nonzero(one)).state_key == (
+        "RFCallback{'pos': '([3],)', 'layer': None, 'module': None, 'mode': 'weights'}"
+    )
     callback = RFCallback(layer="features", pos=np.nonzero(mask))
     fit(tmp_path, [callback], logger=False, max_epochs=1)
     assert [f["position"] for f in callback.history[-1]["fields"]] == [[1, 6], [5, 2]]

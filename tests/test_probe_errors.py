@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rf_callback import ProbeError, probe_rf
+from rf_callback import ProbeError, effective_rf, probe_rf
 from tests.models import TinyResNet, seed_readme_convs
 
 
@@ -325,6 +325,10 @@ def test_arguments_refused_naming_them():
         with pytest.raises(IndexError, match="must be integer indices"):
             fields[index]
     assert fields[np.array([1, 2])].bounds == ((1, 3), (2, 4))
+    mask = torch.zeros(6, 6, dtype=torch.bool)
+    mask[1, 2] = True  # a mask's one cell, as torch.where gives it, and one-element index arrays beside ints
+    for index in (torch.where(mask), np.nonzero(mask.numpy()), (torch.tensor([1]), 2), (np.array([1]), 2)):
+        assert fields[index].bounds == ((1, 3), (2, 4))
     axis = field.geometry[0]  # an output index, not a coordinate: span(2.7) gave (1.7, 4.7), span(True) index 1
     for index in (2.7, True, np.float64(2.0)):
         with pytest.raises(TypeError, match=r"must be an int, the index of an output cell"):
@@ -343,6 +347,9 @@ def test_index_arrays_of_unequal_lengths_are_refused():
     for columns in ((np.array([1, 2, 5]), np.array([3, 4])), (torch.tensor([1, 2, 5]), torch.tensor([3]))):
         with pytest.raises(ValueError, match=r"index arrays, one per axis .* of lengths \[3, \d\]"):
             probe_rf(model, (1, 1, 12, 12), columns)
+    inputs = torch.rand(2, 1, 12, 12)
+    with pytest.raises(ValueError, match=r"of lengths \[2, 1\]"):  # not "theoretical= must be the field of pos"
+        effective_rf(model, inputs, (np.array([1, 2]), np.array([3])), theoretical=probe_rf(model, inputs.shape))
     assert [f.position for f in probe_rf(model, (1, 1, 12, 12), (np.array([1, 5]), np.array([6, 2])))] == [
         (1, 6),
         (5, 2),

@@ -158,9 +158,16 @@ def checked_positions(pos) -> tuple[list, Any]:
     if isinstance(pos, (np.ndarray, torch.Tensor)):
         pos = pos.tolist()
     try:  # np.nonzero(mask): one array of indices per axis, read as probe_rf reads it
-        pos = positions_of_index_columns(pos)
+        columns = positions_of_index_columns(pos)
     except ValueError as error:
         raise refused("pos", pos, _POS_ALLOWED, str(error)) from None
+    if columns is not pos:
+        rows = [tuple(p.tolist()) for p in pos]
+        if [tuple(c) for c in columns] == rows:
+            # Read as rows before (one position per array): where that names the same cells, the same spelling, so
+            # a checkpoint's state_key still finds its state.
+            return rows, tuple(list(r) for r in rows)
+        pos = columns
     index = as_index(pos)
     if index is not None:
         return [(index,)], index

@@ -41,12 +41,17 @@ def positions_of_index_columns(pos):
         A list of positions (lists of ints), or ``pos`` unchanged.
 
     Raises:
-        ValueError: the arrays differ in length, so some indices would belong to no position.
+        ValueError: the arrays are empty, or differ in length (some indices would belong to no position).
     """
     if not (isinstance(pos, tuple) and pos and all(_index_column(p) for p in pos)):
         return pos
     columns = [p.tolist() for p in pos]
     lengths = [len(column) for column in columns]
+    if not any(lengths):
+        raise ValueError(
+            "pos is a tuple of empty index arrays (as np.nonzero gives for a mask with no True cell): it names no "
+            "position; pick at least one cell, e.g. pos=(0, 0)"
+        )
     if len(set(lengths)) > 1:
         raise ValueError(
             f"pos is a tuple of index arrays, one per axis (as np.nonzero gives), of lengths {lengths}: each position "

@@ -12,6 +12,7 @@ from rf_callback.core.arguments import (
     checked_dtype,
     checked_int,
     checked_layout,
+    positions_of_index_columns,
 )
 from rf_callback.core.effective import checked_map
 from rf_callback.core.errors import NoGradientError
@@ -92,6 +93,7 @@ def effective_rf(
     )  # fmt: skip
     shape, layer, element, device = request.input_shape, request.layer, request.element, request.device
     parsed_layout = request.parsed_layout
+    pos = positions_of_index_columns(pos)  # before the check of theoretical=: the arrays' own refusal first
     if isinstance(pos, str) and pos == "all":
         raise ValueError(
             "pos='all' is not allowed here: the effective field costs one backward pass per position over every "

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rf_callback.core.arguments import as_index
+from rf_callback.core.arguments import as_index, positions_of_index_columns
 from rf_callback.core.effective import (
     HIGH_CONTRIBUTION_THRESHOLDS,
     center_of_mass,
@@ -24,6 +24,13 @@ __all__ = ["AxisGeometry", "Bounds", "EffectiveField", "ReceptiveField", "Recept
 
 def _geometry_dict(geometry: AxisGeometry | None) -> dict[str, int] | None:
     return None if geometry is None else geometry.to_dict()
+
+
+def _one_integer(value) -> bool:
+    """A one-element integer tensor or numpy array (an index array of one cell), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool
+    return type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1 and value.dtype.kind in ("i", "u")
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,11 @@ class ReceptiveFieldMap:
     def __getitem__(self, position: int | Sequence[int]) -> ReceptiveField:
         if getattr(position, "ndim", 0) == 1:  # an array or tensor of indices
             position = position.tolist()  # type: ignore[union-attr]
+        columns = positions_of_index_columns(position)  # torch.where(mask) of a mask with one True cell
+        if columns is not position and len(columns) == 1:
+            position = tuple(columns[0])
+        elif isinstance(position, tuple):  # (torch.tensor([1]), 2): one-element index arrays with ints
+            position = tuple(p.item() if _one_integer(p) else p for p in position)
         # numpy and torch integers too (np.argmax's), as plain ints: a field prints and serialises them; bools
         # (a mask) are no indices
         indices = [as_index(i) for i in position] if isinstance(position, Sequence) else [as_index(position)]
