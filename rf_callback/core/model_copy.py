@@ -2796,6 +2796,8 @@ def _copied_hooks(hooks: dict, memo: dict[int, Any]) -> dict:
     made the whole copy fail, blaming the model (and, shared with the model, left a half-built copy of itself in
     the memo), and one bound to a callback copied the callback and its ``Trainer``.
     """
+    if not hooks:  # most modules' (four dicts each): no generator to run
+        return type(hooks)()
     return type(hooks)(
         (key, copy.deepcopy(hook, memo) if _is_torch_hook(hook) else hook) for key, hook in hooks.items()
     )
@@ -2944,8 +2946,8 @@ def _uncompiled(model: nn.Module, live: nn.Module, copied: list[nn.Module]) -> t
     compiled = [
         (module, name, original)
         for module in copied
-        for name, child in module.named_children()
-        if isinstance(original := getattr(child, "_orig_mod", None), nn.Module)
+        for name, child in _children(module)
+        if child is not None and (original := _compiled_original(child)) is not None
     ]
     if not compiled and not hasattr(model, "_orig_mod") and not any("forward" in m.__dict__ for m in copied):
         return model, False  # the common case: nothing compiled, no forward attribute to rebind
@@ -2956,6 +2958,19 @@ def _uncompiled(model: nn.Module, live: nn.Module, copied: list[nn.Module]) -> t
     for module in model.modules():
         _own_forward(module, counterpart)
     return model, True
+
+
+def _children(module: nn.Module):
+    """``module.named_children()``, read off its dict of modules where it has a plain one (faster, no set of seen)."""
+    modules = module.__dict__.get("_modules")
+    return modules.items() if isinstance(modules, dict) else module.named_children()  # TorchScript's: its own kind
+
+
+def _compiled_original(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper wraps (its ``_orig_mod``), or None."""
+    modules = module.__dict__.get("_modules")
+    original = modules.get("_orig_mod") if isinstance(modules, dict) else getattr(module, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else None
 
 
 def _own_forward(module: nn.Module, counterpart: dict[int, nn.Module]) -> None:
@@ -3090,8 +3105,13 @@ def prepared_copy(
         copied = list(clone.named_modules())
         _references_on_the_copy(copied, memo, source_modules)
         clone, changed = _uncompiled(clone, source, [module for _, module in copied])
-        _strip_user_hooks(clone, list(clone.named_modules()) if changed else copied)
-        clone.eval()
+        copied = list(clone.named_modules()) if changed else copied
+        _strip_user_hooks(clone, copied)
+        if all(type(module).train is nn.Module.train and "training" in module.__dict__ for _, module in copied):
+            for _, module in copied:  # what eval() does, without a __setattr__ per module
+                module.__dict__["training"] = False
+        else:  # a module's own train() (freezing its norms, say) runs
+            clone.eval()
     return clone
 
 
@@ -3228,6 +3248,8 @@ def _rebuilt(module: nn.Module, cls: type[nn.Module], sharded: type | None, memo
             state[key] = memo.setdefault(id(value), value.detach().clone())
         elif type(value) in _IMMUTABLE or (type(value) in (dict, OrderedDict, set) and not value):
             state[key] = value if type(value) in _IMMUTABLE else type(value)()
+        elif type(value) is tuple and all(type(item) in _IMMUTABLE for item in value):
+            state[key] = value  # a kernel size, a stride: nothing in it can change
         elif type(value) is set and all(type(item) is str for item in value):
             state[key] = set(value)
         else:
