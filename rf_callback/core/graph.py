@@ -407,17 +407,17 @@ class ProbeGraph(GraphShapes):
                 f"straight-through estimator past its range on every input probed): the input still changes the "
                 f"output, so the field would miss paths, as after a detach(); probe a layer before it with layer="
             )
-        magnitude = gradient.abs().sum(dim=(0, 1)).to("cpu", torch.float64)
-        positive = gradient.abs()[gradient != 0]
+        absolute = gradient.abs()
+        magnitude = absolute.sum(dim=(0, 1)).to("cpu", torch.float64)
+        any_gradient = bool(magnitude.any())  # a sum of magnitudes is zero only where each of them is
         # A float16 part of the forward flushes its gradient at float16's edge, however wide the input's dtype.
         narrowest = torch.float16 if self.float16_inside else gradient.dtype
-        if positive.numel() and float(positive.min()) < max(
-            underflow_guard(gradient.dtype), underflow_guard(narrowest)
-        ):
+        guard = max(underflow_guard(gradient.dtype), underflow_guard(narrowest))
+        if any_gradient and bool(((absolute < guard) & (absolute > 0)).any()):
             if self.guard and gradient.dtype == torch.float32:
                 return self._in_float64(positions, scale)
             raise self._underflow_error(narrowest)
-        if positive.numel():
+        if any_gradient:
             self._any_gradient = True
         elif self.guard and gradient.dtype == torch.float32 and self.mode == "weights" and not self._any_gradient:
             # Every value flushed at once (20 layers of weights near 0.0005: 1e-47) reads as dead units; float64

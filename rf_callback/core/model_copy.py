@@ -159,6 +159,16 @@ def max_pool_twin(n_axes: int, input, kernel_size, stride=None, padding=0, dilat
     return y.squeeze(0) if unbatched else y
 
 
+def _returns_its_input(args, kwargs) -> bool:
+    """Whether a dropout call returns its input itself in torch (in eval mode, or p=0): the twin does too.
+
+    Each of a model's dropouts in eval mode (timm's EfficientViT runs 41) was cloned, a copy of its feature map.
+    """
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+    return training is False or (isinstance(p, (int, float)) and p == 0)
+
+
 def _gradient_off() -> str:
     """The block that turned gradients off around the call being run, as the forward wrote it."""
     return "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
@@ -997,7 +1007,9 @@ class _ProbeFunctions(TorchFunctionMode):
             return _fake_quantized(func, args, kwargs)
         if base in _DROPOUTS or (self.linearise and (base in _ACTIVATIONS or base in _NORMALISATIONS or clamped)):
             x = args[0] if args else kwargs["input"]
-            return x if name.endswith("_") or kwargs.get("inplace") else x.clone()
+            if name.endswith("_") or kwargs.get("inplace") or (base in _DROPOUTS and _returns_its_input(args, kwargs)):
+                return x
+            return x.clone()
         if (self.linearise or self.whole_windows) and _pools_with_indices(name, args, kwargs):
             # The indices feed an unpooling (the theoretical twin spreads each value over its whole window): real.
             values, indices = func(*args, **kwargs)
