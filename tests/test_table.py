@@ -501,3 +501,32 @@ def test_a_weights_table_leaves_out_a_head_run_per_draw_and_a_model_with_no_regi
             return torch.cat([tokens, self.registers.expand(len(x), -1, -1)], dim=1)
 
     assert probe_rf(NoRegisters(), (1, 1, 6, 10), (1, 2), layout="tokens:3x5").bounds == ((2, 3), (4, 5))
+
+
+class _RareThenDead(nn.Module):
+    """Inputs above 2 pass a ReLU (about 2% of normal draws), a 9-tap sum reads them, then a ReLU never fires."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.sum = nn.Conv1d(1, 1, 9, bias=False)
+        self.flip = nn.Conv1d(1, 1, 1, bias=False)
+        self.dead = nn.ReLU()
+        with torch.no_grad():
+            self.sum.weight.fill_(1.0)
+            self.flip.weight.fill_(-1.0)
+
+    def forward(self, x):
+        return self.dead(self.flip(self.sum(self.relu(x - 2.0))))
+
+
+def test_weights_rows_are_probe_rfs_own_fields_beside_a_dead_row():
+    """A dead row (float32 flushes every value) made rf_table redo the whole table in float64, whose 8 draws are
+    other inputs: the rows before it held other fields than probe_rf's of the same layer (here 16..20 for 19..19),
+    and where the other draws left another row dead, the table raised a bare TypeError."""
+    model, shape = _RareThenDead(), (1, 1, 40)
+    with pytest.warns(UserWarning, match=r"1 row is left out, whose centre has no field \(dead\)"):
+        rows = rf_table(model, shape, mode="weights")
+    assert [row.name for row in rows] == ["relu", "sum", "flip"]
+    for row in rows:
+        assert row.bounds == probe_rf(model, shape, layer=row.name, mode="weights").bounds, row.name

@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.probe import border_followed, probe_rf, table_followed, table_for_picks
 from rf_callback.core.request import ProbeRequest
-from rf_callback.core.result import Bounds
+from rf_callback.core.result import Bounds, ReceptiveField
 from rf_callback.core.support import box_of
 
 
@@ -420,14 +421,19 @@ def _rows(model: nn.Module, request: ProbeRequest, wanted, progress) -> list[Lay
                 geometry = border_followed(theory, geometry, output.grid, shape, {center: support})
         theoretical[output.name] = support, geometry
         if mode == "weights":
-            row_request = request.replaced(layer=output.name, layout=output.layout)
+            # The row is probe_rf's own field of that layer: its draws, and its float64 redo of that layer alone
+            # where float32 flushes (a redo of the whole table drew other inputs for every row).
             try:
-                support = ProbeGraph(model, row_request).support([center])
-            except (ProbeError, ValueError) as error:  # a head run per draw in a loop runs more than once there
+                field = probe_rf(
+                    model, shape, "center", layer=output.name, mode=mode, layout=output.layout, device=request.device
+                )
+            except (ProbeError, ValueError) as error:  # a dead centre; a head run per draw in a loop
                 if wanted is not None:
                     raise
                 fieldless.append((output.name, str(error)))
                 continue
+            rows.append(_row(output, center, cast(ReceptiveField, field).bounds, geometry, shape))
+            continue
         bounds = box_of(support)
         if bounds is None:  # the probe's own error: raised for a row asked for by name, else the row is left out
             try:
