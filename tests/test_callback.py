@@ -307,6 +307,20 @@ def test_a_network_whose_layers_change_during_the_fit_gets_its_theoretical_field
     assert effective["extent0.95_ratio_h"] == effective["extent0.95_h"] / 12
 
 
+def test_stochastic_weight_averaging_changes_no_layer_in_the_callbacks_eyes(tmp_path, caplog):
+    """Lightning's StochasticWeightAveraging sets every BatchNorm's momentum to None for the epoch that recomputes
+    their statistics: the callback said "the probed model's layers changed", probed the theoretical field again and
+    logged it a second time, where nothing the field depends on changed."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    callback = RFCallback(layer="features", log_images=False, effective=False)
+    averaging = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, [averaging, callback], logger=False, max_epochs=3)
+    assert [entry["fields"][0]["size"] for entry in callback.history][-1] == [8, 8]
+    assert not [r.message for r in caplog.records if "the probed model's" in r.message]
+
+
 class MaskedConv(torch.nn.Conv2d):
     """A convolution pruned by a mask of its own, held in a buffer (not ``torch.nn.utils.prune``)."""
 

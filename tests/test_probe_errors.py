@@ -354,3 +354,28 @@ def test_index_arrays_of_unequal_lengths_are_refused():
         (1, 6),
         (5, 2),
     ]
+
+
+class _DoubleHead(nn.Module):
+    """A float32 body and a float64 head, the forward casting to the head's dtype by name (``.double()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Conv2d(4, 4, 3, stride=2).double()
+
+    def forward(self, x):
+        return self.head(self.body(x).double())
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_forward_casting_to_a_dtype_of_its_own_is_refused_with_why_and_the_fix(mode):
+    # The copy runs every tensor in one dtype: the message said only "Input type (double) and bias type (float)
+    # should be the same", which blames the model that runs; it says why and what to pass.
+    with pytest.raises(ProbeError, match=r"runs every floating parameter and buffer in torch.float32.*dtype="):
+        probe_rf(_DoubleHead(), (1, 3, 31, 33), (2, 3), mode=mode)
+    # the fix it names gives the closed form: r = 3 + 2 * 2 = 7, S = 4
+    assert probe_rf(_DoubleHead(), (1, 3, 31, 33), (2, 3), mode=mode, dtype=torch.float64).bounds == (
+        (8, 14),
+        (12, 18),
+    )

@@ -484,3 +484,41 @@ def test_a_module_the_deep_copy_would_share_with_the_live_model_is_copied(how):
     assert_same(before, snapshot(model))
     norm = model[1][0] if how == "deepcopy" else model[1]
     assert norm.num_batches_tracked == 0
+
+
+class _ShallowOnEval(nn.Module):
+    """Runs a 5 x 5 convolution after its 3 x 3 one until its own ``eval()`` has run (3 x 3 alone then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.small, self.large = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 5, padding=2)
+        self.shallow = False
+
+    def eval(self):
+        self.shallow = True
+        return super().eval()
+
+    def forward(self, x):
+        return self.small(x) if self.shallow else self.large(self.small(x))
+
+
+class _ShallowWhenNotTraining(_ShallowOnEval):
+    """The same, told by its ``__setattr__`` of ``training`` (no ``eval()`` or ``train()`` of its own)."""
+
+    eval = nn.Module.eval
+
+    def __setattr__(self, name, value):
+        if name == "training":
+            object.__setattr__(self, "shallow", not value)
+        super().__setattr__(name, value)
+
+
+@pytest.mark.parametrize("kind", [_ShallowOnEval, _ShallowWhenNotTraining])
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_models_own_eval_or_setattr_of_training_runs_on_the_copy(kind, mode):
+    # The copy is put in eval mode; where a module reacts to it by its own code, that code runs (a train-mode
+    # model's copy read the 5 x 5 branch, 7 x 7 pixels, where the model in eval mode reads 3 x 3).
+    model = kind()
+    assert probe_rf(model, (1, 1, 11, 11), (2, 2), mode=mode).bounds == ((2, 4), (2, 4))
+    assert probe_rf(kind().eval(), (1, 1, 11, 11), (2, 2), mode=mode).bounds == ((2, 4), (2, 4))
+    assert model.training and not model.shallow  # the live model's mode, as it was

@@ -321,9 +321,29 @@ def _architecture(module: nn.Module) -> tuple:
     :func:`_settings` and :class:`_Constants`.
     """
     return tuple(
-        (name, type(m).__qualname__, m.extra_repr(), tuple(sorted(tuple(p.shape) for p in m.parameters(recurse=False))))
+        (
+            name,
+            type(m).__qualname__,
+            _layer_settings(m),
+            tuple(sorted(tuple(p.shape) for p in m.parameters(recurse=False))),
+        )
         for name, m in module.named_modules()
     )
+
+
+def _layer_settings(module: nn.Module) -> str:
+    """A module's ``extra_repr()``, without a normalisation's ``momentum`` (see :data:`_STATISTICS_ONLY`)."""
+    settings = module.extra_repr()
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        for key in _STATISTICS_ONLY:
+            settings = settings.replace(f", {key}={getattr(module, key)}", "")
+    return settings
+
+
+# What only the running statistics of a normalisation read, which the theoretical copy does not: Lightning's
+# StochasticWeightAveraging sets every BatchNorm's momentum to None for the epoch that recomputes them, and a fit
+# may anneal it, where no field changes.
+_STATISTICS_ONLY = frozenset({"momentum"})
 
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -351,6 +371,7 @@ def _settings(module: nn.Module) -> tuple:
             (name, key, value)
             for key, value in vars(m).items()
             if key not in _HOOK_STATE
+            and not (key in _STATISTICS_ONLY and isinstance(m, nn.modules.batchnorm._NormBase))
             and (read is None or key in read)
             and (isinstance(value, _SCALARS) or (type(value) is tuple and all(isinstance(v, _SCALARS) for v in value)))
         ]

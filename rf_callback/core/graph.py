@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 import warnings
 import weakref
@@ -1310,7 +1311,7 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
         return ProbeError(
             f"the model's forward raised on a batch of {draws} random inputs of shape {tuple(input_shape[1:])} "
             f"(weights mode runs its draws={draws} as one batch): {error}; if the model runs on one sample at a time "
-            f"(a buffer of batch 1), pass draws=1"
+            f"(a buffer of batch 1), pass draws=1{_cast_hint(copy, error)}"
         )
     hooked = copy.__dict__.get(DROPPED_HOOKS)
     named = ", ".join(repr(name or "the model") for name in (hooked or [])[:3])
@@ -1322,7 +1323,28 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
         if hooked
         else ""
     )
-    return ProbeError(f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}{hooks}")
+    return ProbeError(
+        f"the model's forward raised on an input of shape {tuple(input_shape)}: {error}{hooks}{_cast_hint(copy, error)}"
+    )
+
+
+_DTYPE_MISMATCH = ("should be the same", "same dtype", "expected scalar type", "dtype mismatch")
+
+
+def _cast_hint(copy: nn.Module, error: Exception) -> str:
+    """Why a forward that casts to a dtype of its own fails on the copy, whose tensors all run in one dtype."""
+    if not any(words in str(error).lower() for words in _DTYPE_MISMATCH):
+        return ""
+    dtypes = {t.dtype for t in itertools.chain(copy.parameters(), copy.buffers()) if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return ""
+    (dtype,) = dtypes
+    return (
+        f" (note: the probe's copy runs every floating parameter and buffer in {dtype}, whatever dtype each has in "
+        f"the model; a forward that casts a tensor to a dtype of its own, as x.double() or x.to(torch.bfloat16) "
+        f"before a part kept in that dtype, meets weights of another: cast to the part's weights instead, "
+        f"x.to(self.head.weight.dtype), or pass dtype= the dtype the forward casts to, or probe that part alone)"
+    )
 
 
 class _Reached(Exception):

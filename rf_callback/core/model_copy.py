@@ -3119,12 +3119,18 @@ def prepared_copy(
         clone, changed = _uncompiled(clone, source, [module for _, module in copied])
         copied = list(clone.named_modules()) if changed else copied
         _strip_user_hooks(clone, copied)
-        if all(type(module).train is nn.Module.train and "training" in module.__dict__ for _, module in copied):
+        if type(clone).eval is nn.Module.eval and all(_plain_mode_switch(module) for _, module in copied):
             for _, module in copied:  # what eval() does, without a __setattr__ per module
                 module.__dict__["training"] = False
-        else:  # a module's own train() (freezing its norms, say) runs
+        else:  # a module's own eval(), train() (freezing its norms, say) or __setattr__ runs
             clone.eval()
     return clone
+
+
+def _plain_mode_switch(module: nn.Module) -> bool:
+    """Whether ``eval()`` only sets ``module.training``: no ``train()`` or ``__setattr__`` of its own reacts to it."""
+    kind = type(module)
+    return kind.train is nn.Module.train and kind.__setattr__ is nn.Module.__setattr__ and "training" in module.__dict__
 
 
 def _write_prepared(source: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> None:
