@@ -368,6 +368,34 @@ class _DoubleHead(nn.Module):
         return self.head(self.body(x).double())
 
 
+class _DoubleLinearHead(_DoubleHead):
+    """The same with a float64 ``Linear`` over the channels (torch says "expected m1 and m2 to have the same dtype")."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        return self.head(self.body(x).double().movedim(1, -1)).movedim(-1, 1)
+
+
+class _BranchesOfTwoSizes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 5)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_the_dtype_note_comes_with_torchs_dtype_errors_alone():
+    with pytest.raises(ProbeError, match=r"runs every floating parameter and buffer in torch.float32"):
+        probe_rf(_DoubleLinearHead(), (1, 3, 31, 33), (2, 3))
+    with pytest.raises(ProbeError, match=r"must match the size") as raised:
+        probe_rf(_BranchesOfTwoSizes(), (1, 3, 16, 16), (2, 3))
+    assert "dtype" not in str(raised.value)
+
+
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
 def test_a_forward_casting_to_a_dtype_of_its_own_is_refused_with_why_and_the_fix(mode):
     # The copy runs every tensor in one dtype: the message said only "Input type (double) and bias type (float)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import types
 import weakref
 
 import numpy as np
@@ -486,26 +487,28 @@ def test_a_module_the_deep_copy_would_share_with_the_live_model_is_copied(how):
     assert norm.num_batches_tracked == 0
 
 
-class _ShallowOnEval(nn.Module):
-    """Runs a 5 x 5 convolution after its 3 x 3 one until its own ``eval()`` has run (3 x 3 alone then)."""
+class _Shallow(nn.Module):
+    """Runs a 5 x 5 convolution after its 3 x 3 one until ``shallow`` is set (3 x 3 alone then)."""
 
     def __init__(self):
         super().__init__()
         self.small, self.large = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 5, padding=2)
         self.shallow = False
 
-    def eval(self):
-        self.shallow = True
-        return super().eval()
-
     def forward(self, x):
         return self.small(x) if self.shallow else self.large(self.small(x))
 
 
-class _ShallowWhenNotTraining(_ShallowOnEval):
-    """The same, told by its ``__setattr__`` of ``training`` (no ``eval()`` or ``train()`` of its own)."""
+class _ShallowOnEval(_Shallow):
+    """Shallow once its own ``eval()`` has run."""
 
-    eval = nn.Module.eval
+    def eval(self):
+        self.shallow = True
+        return super().eval()
+
+
+class _ShallowWhenNotTraining(_Shallow):
+    """Shallow when its ``__setattr__`` of ``training`` is told False (no ``eval()`` or ``train()`` of its own)."""
 
     def __setattr__(self, name, value):
         if name == "training":
@@ -513,9 +516,21 @@ class _ShallowWhenNotTraining(_ShallowOnEval):
         super().__setattr__(name, value)
 
 
-@pytest.mark.parametrize("kind", [_ShallowOnEval, _ShallowWhenNotTraining])
+def _shallow_by_its_own_train_function() -> nn.Module:
+    """A module whose instance holds a ``train`` of its own (latent diffusion's ``model.train = disabled_train``)."""
+    model = _Shallow()
+
+    def own_train(self, mode=True):
+        self.shallow = not mode
+        return nn.Module.train(self, mode)
+
+    model.train = types.MethodType(own_train, model)
+    return model
+
+
+@pytest.mark.parametrize("kind", [_ShallowOnEval, _ShallowWhenNotTraining, _shallow_by_its_own_train_function])
 @pytest.mark.parametrize("mode", ["theoretical", "weights"])
-def test_a_models_own_eval_or_setattr_of_training_runs_on_the_copy(kind, mode):
+def test_a_models_own_eval_train_or_setattr_of_training_runs_on_the_copy(kind, mode):
     # The copy is put in eval mode; where a module reacts to it by its own code, that code runs (a train-mode
     # model's copy read the 5 x 5 branch, 7 x 7 pixels, where the model in eval mode reads 3 x 3).
     model = kind()

@@ -9,6 +9,7 @@ import difflib
 import functools
 import itertools
 import math
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -1328,12 +1329,18 @@ def forward_error(copy: nn.Module, input_shape, error: Exception, *, draws: int 
     )
 
 
-_DTYPE_MISMATCH = ("should be the same", "same dtype", "expected scalar type", "dtype mismatch")
+# torch's words for operands of two dtypes (a convolution's, linear's, matmul's, a norm's, an RNN's, an index_put's);
+# not those of two devices ("Input type (torch.FloatTensor) and weight type (torch.cuda.FloatTensor)").
+_DTYPE_MISMATCH = re.compile(
+    r"same dtype|share same datatype|dtypes match|does not match weight dtype|expected scalar type \w+ but found"
+    r"|input type \((?:float|double|half|c10::half|c10::bfloat16)\) and \w+ type \(\S+\) should be the same",
+    re.IGNORECASE,
+)
 
 
 def _cast_hint(copy: nn.Module, error: Exception) -> str:
     """Why a forward that casts to a dtype of its own fails on the copy, whose tensors all run in one dtype."""
-    if not any(words in str(error).lower() for words in _DTYPE_MISMATCH):
+    if not _DTYPE_MISMATCH.search(str(error)):
         return ""
     dtypes = {t.dtype for t in itertools.chain(copy.parameters(), copy.buffers()) if t.is_floating_point()}
     if len(dtypes) != 1:

@@ -3119,7 +3119,8 @@ def prepared_copy(
         clone, changed = _uncompiled(clone, source, [module for _, module in copied])
         copied = list(clone.named_modules()) if changed else copied
         _strip_user_hooks(clone, copied)
-        if type(clone).eval is nn.Module.eval and all(_plain_mode_switch(module) for _, module in copied):
+        own_eval = type(clone).eval is not nn.Module.eval or "eval" in clone.__dict__
+        if not own_eval and all(_plain_mode_switch(module) for _, module in copied):
             for _, module in copied:  # what eval() does, without a __setattr__ per module
                 module.__dict__["training"] = False
         else:  # a module's own eval(), train() (freezing its norms, say) or __setattr__ runs
@@ -3128,9 +3129,23 @@ def prepared_copy(
 
 
 def _plain_mode_switch(module: nn.Module) -> bool:
-    """Whether ``eval()`` only sets ``module.training``: no ``train()`` or ``__setattr__`` of its own reacts to it."""
+    """Whether ``eval()`` only sets ``module.training``: no ``train()`` or ``__setattr__`` of its own reacts to it.
+
+    Its class's or its own (an instance's ``train`` set to a function, as latent diffusion's ``disabled_train``), nor
+    a ``training`` property of its class.
+    """
     kind = type(module)
-    return kind.train is nn.Module.train and kind.__setattr__ is nn.Module.__setattr__ and "training" in module.__dict__
+    return (
+        kind.train is nn.Module.train
+        and kind.__setattr__ in _SETATTR_OF_PLAIN_MODES
+        and "train" not in module.__dict__
+        and "training" in module.__dict__
+        and not hasattr(kind, "training")
+    )
+
+
+# __setattr__ methods that set `training` as nn.Module's does (an RNN's watches its weights' names alone).
+_SETATTR_OF_PLAIN_MODES = (nn.Module.__setattr__, nn.RNNBase.__setattr__)
 
 
 def _write_prepared(source: nn.Module, clone: nn.Module, memo: dict[int, Any]) -> None:
