@@ -789,6 +789,57 @@ def test_weights_changed_after_a_weights_probe_do_not_change_its_geometry():
     assert geometry_triples(field) == [(13, 2, 6), (13, 2, 6)]
 
 
+BLOCKS = {"count": 4}  # read by _ConvsOfAGlobalCount's forward
+
+
+class _ConvsOfAGlobalCount(nn.Module):
+    """``BLOCKS["count"]`` 3 x 3 convolutions (of 8 held): 4 give r = 9, S = 1, P = 4 by hand; 8 give r = 17, P = 8.
+
+    This module's probes carry no geometry along the forward (see ``measured_geometry``): it is measured on first use.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1, 1, 3, padding=1) for _ in range(8))
+
+    def forward(self, x):
+        for conv in self.convs[: BLOCKS["count"]]:
+            x = conv(x)
+        return x
+
+
+class _ConvsOfAClassCount(_ConvsOfAGlobalCount):
+    count = 4
+
+    def forward(self, x):
+        for conv in self.convs[: type(self).count]:
+            x = conv(x)
+        return x
+
+
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+@pytest.mark.parametrize("where", ["global", "class"])
+def test_a_forward_whose_global_or_class_attribute_changed_after_the_probe_measures_no_other_network(where, mode):
+    # The copy a field keeps holds the modules as probed, but its class code reads the globals and class attributes
+    # as they are: the field probed with 4 convolutions reported the 8's r = 17, P = 8 (its bounds 0..15 are
+    # clipped, so they fit either geometry). It says why it has none instead.
+    model = _ConvsOfAGlobalCount() if where == "global" else _ConvsOfAClassCount()
+    unchanged = probe_rf(model, (1, 1, 16, 16), (8, 8), mode=mode)
+    field = probe_rf(model, (1, 1, 16, 16), (8, 8), mode=mode)
+    assert not field.geometry.measured and field.bounds == ((4, 12), (4, 12))
+    try:
+        if where == "global":
+            BLOCKS["count"] = 8
+        else:
+            _ConvsOfAClassCount.count = 8
+        assert tuple(field.geometry) == (None, None)
+        assert "the model's forward is no longer the one probed" in field.geometry.reasons[0]
+        assert str(field) == f"RF of the output at (8, 8): 9 x 9 (input 4..12, 4..12) [{mode}]"
+    finally:
+        BLOCKS["count"] = _ConvsOfAClassCount.count = 4
+    assert geometry_triples(unchanged) == [(9, 1, 4), (9, 1, 4)]  # read with the forward as probed
+
+
 def test_the_theoretical_copy_a_field_keeps_holds_no_copy_of_the_weights():
     model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1))
     field = probe_rf(model, (1, 64, 8, 8), (1, 1))

@@ -249,6 +249,7 @@ class ProbeGraph(GraphShapes):
         self._wide: ProbeGraph | None = None
         self.work = 0  # elements the forward's calls returned: its cost (see probe_functions)
         self.float16_inside = False  # a call on the way returned float16 (see probe_functions)
+        self.trace: list[tuple] = []  # the calls on input-dependent tensors (see probe_functions)
         self._supports: dict[tuple, torch.Tensor] = {}
         # The geometry carried along the theoretical forward to the output (see geometry_flow), a candidate only.
         self.flow: Flow | None = None
@@ -265,7 +266,7 @@ class ProbeGraph(GraphShapes):
             self.flow = None if functions.flow is None else functions.flow.of(self.output)
             self.fixed_size, self.couplings = functions.fixed_size, functions.couplings
             self.work, self.float16_inside = functions.work, functions.float16_inside
-            self.border_modes = functions.border_modes
+            self.border_modes, self.trace = functions.border_modes, functions.trace
             self.position_picks = picks_on_path(functions.position_picks, self.output)
             self.comparison = functions.comparison_behind(self.output)
             walk = functions.read_without_grad

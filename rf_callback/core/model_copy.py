@@ -270,6 +270,10 @@ class _ProbeFunctions(TorchFunctionMode):
         # Operator overloads called on input-dependent tensors in theoretical mode (aten.max_pool2d.default, what a
         # torch.export or make_fx graph calls): they come below the functions whose twins the copy runs.
         self.operator_calls: list[str] = []
+        # The calls on input-dependent tensors, in order, with their plain arguments on the theoretical copy (a
+        # stride, a padding mode, a slice): what a field measured later on a copy kept from the probe must find
+        # again, where the forward's code, a global or a class attribute it reads may have changed since.
+        self.trace: list[tuple] = []
         # The probe's input and what the forward made of it by layout and pointwise calls alone, by id: (a weak
         # reference, the dim its channels lie at); and the first layers that read another dim of it as channels or
         # features (an (N, L, C) series permuted before its Conv1d): the input is not channels first.
@@ -442,6 +446,8 @@ class _ProbeFunctions(TorchFunctionMode):
         # An in-place write into a tensor without generic twins (a kernel built in a buffer): its state before it
         unwritten = self._unwritten(name, args) if of_weights else None
         result = self._called(func, called, args, kwargs)
+        if from_input and _tensors_among((result,)):  # not a shape or a dim read (the probe's own hooks read them)
+            self.trace.append((name, _plain_arguments((args, kwargs))) if self.linearise else (name,))
         if from_input and self.recording:
             self._note_pick_by_position(name, args, kwargs, result)
         if self._unread_couplings and from_input:
@@ -1966,6 +1972,24 @@ _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bo
 # the steps lie before it), the calls that move its dims, and the pointwise ones that keep them (x / 255,
 # (x - mean) / std, a cast, a slice, a pad). Not a linear layer or a layer norm: on an (N, C, L) input one may mix
 # or normalise the positions (a token mixer, DLinear's Linear(L, horizon)) as well as an (N, L, C) input's channels.
+# Arguments compared by value in a call's trace entry (see _ProbeFunctions.trace); any other by its type's name.
+_PLAIN = (bool, int, float, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format)
+
+
+def _plain_arguments(values) -> tuple:
+    """The plain values among a call's arguments, as text (a NaN equals itself), nested as they are."""
+    if isinstance(values, dict):
+        values = tuple(values.items())
+    return tuple(
+        repr(v)
+        if isinstance(v, _PLAIN)
+        else _plain_arguments(v)
+        if isinstance(v, (tuple, list, dict))
+        else type(v).__name__
+        for v in values
+    )
+
+
 _INPUT_LAYERS = frozenset(
     {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "lstm", "gru",
      "rnn_tanh", "rnn_relu"}

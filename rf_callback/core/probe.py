@@ -264,13 +264,42 @@ class _TheoryOnDemand(GraphShapes):
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
+        return getattr(self.ran(), name)
+
+    def ran(self) -> ProbeGraph:
+        """The graph, run now if it was not yet.
+
+        Raises:
+            ProbeError: the copy no longer runs on the input it was probed on.
+        """
         if self._graph is None:
             self._graph = self._graph_on(self.input_shape)
             if self._graph is None:
                 raise ProbeError(
                     "the theoretical copy kept from the probe no longer runs on the input shape it was probed on"
                 )
-        return getattr(self._graph, name)
+        return self._graph
+
+    def changed_since(self, trace: list[tuple], *, names_only: bool) -> str | None:
+        """Why the forward run now is not the one probed (its calls on the input, or its output's shape), or None.
+
+        The copy kept from the probe holds the model's modules as they were; its class code, the globals and class
+        attributes it reads, and the functions it calls are the process's as they are now.
+
+        Args:
+            trace: the probe's calls on input-dependent tensors (:attr:`ProbeGraph.trace`).
+            names_only: compare the functions' names alone (the probe ran another copy, on another batch).
+        """
+        graph = self.ran()
+        now = [entry[:1] for entry in graph.trace] if names_only else graph.trace
+        then = [entry[:1] for entry in trace] if names_only else trace
+        if now == then and tuple(graph.output_shape) == tuple(self.output_shape):
+            return None
+        return (
+            "the model's forward is no longer the one probed: its code, a global or class attribute it reads, or a "
+            "function it calls changed since, so a geometry measured now would describe another network; read the "
+            "geometry (str(field), field.stride) before such a change, or probe again"
+        )
 
 
 def _within_spans(geometry, axis: int, fields: Sequence[tuple[Position, Box]], shape) -> bool:
@@ -614,6 +643,7 @@ class _Prober:
 
         # The theoretical forward's selections by position (weights mode reads them off its theoretical graph).
         picks = list(self.measured.position_picks) if self.mode == "theoretical" else None
+        trace = list(self.measured.trace)  # what the forward called, for a measurement that comes later
 
         def measure():
             nonlocal table
@@ -628,8 +658,13 @@ class _Prober:
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
                     graph_on = graph_factory(copy, attempt, widen=True)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
-                    theory = cast(ProbeGraph, _TheoryOnDemand(shape, output_shape, graph_on))
+                    on_demand = _TheoryOnDemand(shape, output_shape, graph_on)
+                    theory = cast(ProbeGraph, on_demand)
                     reasons.clear()
+                    if attempt is request and trace:
+                        changed = on_demand.changed_since(trace, names_only=self.mode != "theoretical")
+                        if changed:
+                            return _no_theory(changed)
                     try:
                         found = picks if picks is not None else theory.position_picks
                         if found and (table is None or not _is_full(table, output_shape)):
