@@ -1973,21 +1973,25 @@ _TO_PYTHON = frozenset({"item", "tolist", "numpy", "__float__", "__int__", "__bo
 # (x - mean) / std, a cast, a slice, a pad). Not a linear layer or a layer norm: on an (N, C, L) input one may mix
 # or normalise the positions (a token mixer, DLinear's Linear(L, horizon)) as well as an (N, L, C) input's channels.
 # Arguments compared by value in a call's trace entry (see _ProbeFunctions.trace); any other by its type's name.
-_PLAIN = (bool, int, float, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format)
+_PLAIN = frozenset({bool, int, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device, torch.memory_format})
 
 
 def _plain_arguments(values) -> tuple:
-    """The plain values among a call's arguments, as text (a NaN equals itself), nested as they are."""
-    if isinstance(values, dict):
-        values = tuple(values.items())
-    return tuple(
-        repr(v)
-        if isinstance(v, _PLAIN)
-        else _plain_arguments(v)
-        if isinstance(v, (tuple, list, dict))
-        else type(v).__name__
-        for v in values
-    )
+    """The plain values among a call's arguments, nested as they are; a float as text (a NaN equals itself)."""
+    plain: list = []
+    for value in values:
+        kind = type(value)
+        if kind in _PLAIN:
+            plain.append(value)
+        elif kind is float:
+            plain.append(repr(value))
+        elif kind in (tuple, list, torch.Size):
+            plain.append(_plain_arguments(value))
+        elif kind is dict:
+            plain.append(_plain_arguments(value.items()))
+        else:
+            plain.append(kind.__name__)
+    return tuple(plain)
 
 
 _INPUT_LAYERS = frozenset(
