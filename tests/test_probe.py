@@ -691,3 +691,31 @@ def test_a_frozen_mask_named_as_a_bias_is_kept_in_weights_mode(name):
     model = _BandedAttention(name)
     for mode in ("theoretical", "weights"):
         assert probe_rf(model, (1, 2, 16), 8, mode=mode).bounds == ((6, 10),)
+
+
+class _DeepWithAPositionTerm(nn.Module):
+    """40 3-tap convolutions (r = 81, P = 40) and a term of the position added at the end, as an embedding is."""
+
+    def __init__(self, depth: int = 40, length: int = 100):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv1d(2, 2, 3, padding=1) for _ in range(depth)))
+        self.position = nn.Parameter(torch.randn(1, 2, length))
+
+    def forward(self, x):
+        return self.convs(x) + self.position
+
+
+def test_verify_rf_refuses_a_check_below_the_rounding_of_an_input_independent_term():
+    # The field's edges reach the output by 8e-20 beside a term of 5e-3: compared with zeros in float64, the right
+    # field's faces changed nothing and failed, and a field one input too small on each side passed.
+    model = _DeepWithAPositionTerm()
+    field = probe_rf(model, (1, 2, 100), 50)
+    assert field.bounds == ((10, 90),)  # the closed form
+    too_small = dataclasses.replace(field, bounds=((11, 89),), heatmap=None)
+    for checked in (field, too_small):
+        with pytest.raises(ProbeError, match=r"cannot check the field at \(50,\) by forward passes.*input-independent"):
+            verify_rf(model, checked)
+    shallow = _DeepWithAPositionTerm(depth=4)  # effects of 1e-3 beside it: checked as before
+    field = probe_rf(shallow, (1, 2, 100), 50)
+    assert verify_rf(shallow, field).passed
+    assert not verify_rf(shallow, dataclasses.replace(field, bounds=((47, 53),), heatmap=None)).passed

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rf_callback.core.arguments import checked_dtype
+from rf_callback.core.errors import ProbeError
 from rf_callback.core.graph import exact_kernels, forward_to
 from rf_callback.core.model_copy import (
     model_device,
@@ -69,6 +70,8 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
     Raises:
         ValueError: ``field`` is not one field (a list, a map), or not a theoretical one; ``dtype`` is not a
             floating torch dtype.
+        ProbeError: forward passes cannot see the weakest input's effect (its gradient lies within the rounding of
+            an input-independent term the output holds, or of ``dtype``'s range), so a field too small could pass.
     """
     checked_dtype(dtype)
     if not isinstance(field, ReceptiveField):
@@ -116,13 +119,16 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
         # change to an input of ones.
         zeros = torch.zeros_like(ones)
         batch = torch.stack([zeros, ones, outside, ones + outside, *faces])
-        at = _influence(copy, request, batch, field.position)
+        at, sensitivity = _influence(copy, request, batch, field.position, sensitivity_of=1)
+        _check_resolution(at[0], sensitivity, dtype, field)
         changed = [not torch.equal(at[i], at[0]) for i in range(len(batch))]
         leaks = changed[2] or not torch.equal(at[3], at[1])
         # For the same reason a face alone (zeros elsewhere) can reach nothing: it is checked as a change too.
         unseen = [i for i in range(len(faces)) if not changed[4 + i]]
         if unseen:
-            again = _influence(copy, request, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field.position)
+            again, _ = _influence(
+                copy, request, torch.stack([ones, *(ones + faces[i] for i in unseen)]), field.position
+            )
             for k, i in enumerate(unseen):
                 changed[4 + i] = not torch.equal(again[1 + k], again[0])
     reached = tuple((changed[4 + 2 * a], changed[5 + 2 * a]) for a in range(len(field.bounds)))
@@ -135,11 +141,15 @@ def _verified(model: nn.Module, field: ReceptiveField, dtype: torch.dtype) -> RF
     )
 
 
-def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, position) -> torch.Tensor:
-    """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass, no backward).
+def _influence(
+    copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, position, *, sensitivity_of: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per input of ``batch``, the probed output position's channels, on the CPU (one forward pass).
 
-    A forward that draws at random (noise added to a map) would draw other values for each input, which would all
-    seem to change the output: each input then runs alone, on the same draws.
+    With ``sensitivity_of``, also |d (those channels summed) / d input| of that input of the batch, summed over the
+    input's channels (one backward pass; ``None`` where the forward draws at random). A forward that draws at random
+    (noise added to a map) would draw other values for each input, which would all seem to change the output: each
+    input then runs alone, on the same draws.
     """
     functions = probe_functions("theoretical", exact_values=True)
     inputs = batch.to(request.device).requires_grad_(True)
@@ -149,6 +159,53 @@ def _influence(copy: nn.Module, request: ProbeRequest, batch: torch.Tensor, posi
         alone = []
         for one in batch:
             torch.manual_seed(0)  # inside probe_scope: the user's random state is restored
-            alone.append(_influence(copy, request, one.unsqueeze(0), position))
-        return torch.cat(alone)
-    return output[at].detach().cpu()
+            alone.append(_influence(copy, request, one.unsqueeze(0), position)[0])
+        return torch.cat(alone), None
+    sensitivity = None
+    if sensitivity_of is not None:
+        (gradient,) = torch.autograd.grad(output[at][sensitivity_of].sum(), inputs)
+        sensitivity = gradient[sensitivity_of].abs().sum(dim=0).cpu()
+    return output[at].detach().cpu(), sensitivity
+
+
+# How far above the rounding of the output's input-independent term the weakest input's effect must lie to be seen
+# by comparing two forward passes (the forward's own roundings add up over its calls).
+_RESOLUTION_MARGIN = 4096.0
+
+
+def _check_resolution(baseline: torch.Tensor, sensitivity: torch.Tensor | None, dtype, field: ReceptiveField) -> None:
+    """Refuses a check by forward passes that could not see the weakest input's effect.
+
+    Every comparison is with the output on zeros, which holds the network's input-independent terms (a position or
+    time embedding added to the maps): an input whose effect lies below their rounding changes nothing, so pixels
+    outside a field too small would go unseen and its faces pass, and the right field's faces fail (a diffusion
+    UNet's time embedding before 16 residual blocks: 1e-20 against 5e-3 in float64). Effects below the dtype's
+    smallest normal number are lost the same way.
+
+    Raises:
+        ProbeError: the weakest effect the gradient shows is within the rounding of the output, or of ``dtype``'s range.
+    """
+    if sensitivity is None or not bool((sensitivity > 0).any()):
+        return
+    info = torch.finfo(dtype)
+    term = float(baseline.abs().max())
+    resolution = max(info.eps * term, info.tiny) * _RESOLUTION_MARGIN
+    weakest = float(sensitivity[sensitivity > 0].min()) / max(
+        baseline.numel(), 1
+    )  # on the output channel it moves most
+    if weakest > resolution:
+        return
+    kind = str(dtype).removeprefix("torch.")
+    why = (
+        f"an input-independent term of {term:.1e} (a position or time embedding, a constant the forward adds)"
+        if info.eps * term >= info.tiny
+        else f"{kind}'s smallest normal number, {info.tiny:.1e}"
+    )
+    wider = "" if dtype == torch.float64 else ", or dtype=torch.float64"
+    raise ProbeError(
+        f"verify_rf cannot check the field at {field.position} by forward passes: the weakest input's effect on the "
+        f"output there ({weakest:.1e}, from its gradient) lies within the rounding of {why} in {kind}, so pixels "
+        f"outside the bounds could change nothing it can see and a field too small would pass; the field itself is "
+        f"read off the gradient (probe_rf), which no such term reaches: check it against a brute force of the "
+        f"gradient instead{wider}"
+    )
