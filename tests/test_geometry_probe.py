@@ -1214,3 +1214,32 @@ def test_fields_that_alternate_by_parity_after_a_transposed_conv_have_no_geometr
     assert tuple(field.geometry) == (None,) and tuple(fields.geometry) == (None,)
     rows = [row for row in rf_table(model, shape) if row.name in ("1", "2")]
     assert [row.full_size for row in rows] == [(None,), (None,)]
+
+
+class _GuardedOnItsValues(nn.Module):
+    """Four 3-tap convolutions, then a Python guard on the values (refused on the theoretical copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv1d(1, 1, 3, padding=1) for _ in range(4)))
+
+    def forward(self, x):
+        x = self.convs(x)
+        return x / 2 if x.max() > 1e3 else x
+
+
+class _BranchesOnItsBatch(_GuardedOnItsValues):
+    def forward(self, x):
+        x = self.convs(x)
+        return x.contiguous() if x.shape[0] > 1 else x
+
+
+def test_a_weights_field_whose_theoretical_copy_refuses_or_branches_on_the_batch_says_why_it_has_no_geometry():
+    # The check that the forward is the one probed ran before the refusal was turned into a reason: str(field)
+    # raised. A branch on the batch's size (weights mode probes its draws as one batch) says what to pass.
+    field = probe_rf(_GuardedOnItsValues(), (1, 1, 64), 32, mode="weights")
+    assert tuple(field.geometry) == (None,) and "no longer runs" in field.geometry.reasons[0]
+    assert str(field) == "RF of the output at (32,): 9 (input 28..36) [weights]"
+    field = probe_rf(_BranchesOnItsBatch(), (1, 1, 64), 32, mode="weights")
+    assert tuple(field.geometry) == (None,) and "probe with draws=1" in field.geometry.reasons[0]
+    assert geometry_triples(probe_rf(_BranchesOnItsBatch(), (1, 1, 64), 32, mode="weights", draws=1)) == [(9, 1, 4)]

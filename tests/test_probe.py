@@ -719,3 +719,26 @@ def test_verify_rf_refuses_a_check_below_the_rounding_of_an_input_independent_te
     field = probe_rf(shallow, (1, 2, 100), 50)
     assert verify_rf(shallow, field).passed
     assert not verify_rf(shallow, dataclasses.replace(field, bounds=((47, 53),), heatmap=None)).passed
+
+
+class _ConvsAndABufferedShift(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv2d(4, 4, 3, padding=1) for _ in range(12)))
+        self.register_buffer("shift", torch.full((1, 4, 1, 1), 10.0))
+
+    def forward(self, x):
+        return self.convs(x) + self.shift
+
+
+def test_verify_rf_checks_a_field_whose_faces_stand_well_above_a_shift_it_cannot_zero():
+    # Its corner pixels reach the output by 3.5e-12 beside 10, but each face as a whole by 2e-6: the faces are what
+    # the comparisons see (the first version of the refusal took the weakest pixel, and refused this one in float64).
+    model = _ConvsAndABufferedShift()
+    field = probe_rf(model, (1, 4, 40, 40))
+    assert field.bounds == ((8, 32), (8, 32))  # r = 25 at (20, 20)
+    too_small = dataclasses.replace(field, bounds=((9, 31), (9, 31)), heatmap=None)
+    assert verify_rf(model, field).passed and not verify_rf(model, too_small).passed
+    # in float32 a face's 2e-6 lies within 16 units of rounding of 10: refused, with the dtype that sees it
+    with pytest.raises(ProbeError, match=r"within the rounding of an input-independent term.*dtype=torch.float64"):
+        verify_rf(model, field, dtype=torch.float32)

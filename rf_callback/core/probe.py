@@ -280,7 +280,7 @@ class _TheoryOnDemand(GraphShapes):
                 )
         return self._graph
 
-    def changed_since(self, trace: list[tuple], *, names_only: bool) -> str | None:
+    def changed_since(self, trace: list[tuple], *, draws: int | None = None) -> str | None:
         """Why the forward run now is not the one probed (its calls on the input, or its output's shape), or None.
 
         The copy kept from the probe holds the model's modules as they were; its class code, the globals and class
@@ -288,17 +288,24 @@ class _TheoryOnDemand(GraphShapes):
 
         Args:
             trace: the probe's calls on input-dependent tensors (:attr:`ProbeGraph.trace`).
-            names_only: compare the functions' names alone (the probe ran another copy, on another batch).
+            draws: weights mode's batch of draws, which the probe ran (another copy): the functions' names alone are
+                compared; ``None``: the same copy ran the probe on this input, its calls' arguments are compared too.
         """
         graph = self.ran()
-        now = [entry[:1] for entry in graph.trace] if names_only else graph.trace
-        then = [entry[:1] for entry in trace] if names_only else trace
+        now = [entry[:1] for entry in graph.trace] if draws is not None else graph.trace
+        then = [entry[:1] for entry in trace] if draws is not None else trace
         if now == then and tuple(graph.output_shape) == tuple(self.output_shape):
             return None
+        batch = (
+            f"; where the forward branches on its batch's size (weights mode probed a batch of draws={draws}, the "
+            f"geometry is read on one input), probe with draws=1"
+            if draws is not None and draws > 1
+            else ""
+        )
         return (
             "the model's forward is no longer the one probed: its code, a global or class attribute it reads, or a "
             "function it calls changed since, so a geometry measured now would describe another network; read the "
-            "geometry (str(field), field.stride) before such a change, or probe again"
+            f"geometry (str(field), field.stride) before such a change, or probe again{batch}"
         )
 
 
@@ -661,11 +668,13 @@ class _Prober:
                     on_demand = _TheoryOnDemand(shape, output_shape, graph_on)
                     theory = cast(ProbeGraph, on_demand)
                     reasons.clear()
-                    if attempt is request and trace:
-                        changed = on_demand.changed_since(trace, names_only=self.mode != "theoretical")
-                        if changed:
-                            return _no_theory(changed)
                     try:
+                        if attempt is request and trace:
+                            changed = on_demand.changed_since(
+                                trace, draws=self.draws if self.mode == "weights" else None
+                            )
+                            if changed:
+                                return _no_theory(changed)
                         found = picks if picks is not None else theory.position_picks
                         if found and (table is None or not _is_full(table, output_shape)):
                             checked = table_for_picks(theory, found, known)

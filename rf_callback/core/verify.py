@@ -20,7 +20,7 @@ from rf_callback.core.model_copy import (
 )
 from rf_callback.core.request import ProbeRequest
 from rf_callback.core.result import ReceptiveField
-from rf_callback.core.support import box_slices
+from rf_callback.core.support import box_of, box_slices
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ def verify_rf(model: nn.Module, field: ReceptiveField, *, dtype: torch.dtype = t
     Raises:
         ValueError: ``field`` is not one field (a list, a map), or not a theoretical one; ``dtype`` is not a
             floating torch dtype.
-        ProbeError: forward passes cannot see the weakest input's effect (its gradient lies within the rounding of
-            an input-independent term the output holds, or of ``dtype``'s range), so a field too small could pass.
+        ProbeError: forward passes cannot see the effect of the field's weakest face (its gradient lies within the
+            rounding of an input-independent term the output holds, or of ``dtype``'s range), so a field too small
+            could pass.
     """
     checked_dtype(dtype)
     if not isinstance(field, ReceptiveField):
@@ -168,31 +169,38 @@ def _influence(
     return output[at].detach().cpu(), sensitivity
 
 
-# How far above the rounding of the output's input-independent term the weakest input's effect must lie to be seen
+# How far above the rounding of the output's input-independent term the weakest face's effect must lie to be seen
 # by comparing two forward passes (the forward's own roundings add up over its calls).
-_RESOLUTION_MARGIN = 4096.0
+_RESOLUTION_MARGIN = 64.0
 
 
 def _check_resolution(baseline: torch.Tensor, sensitivity: torch.Tensor | None, dtype, field: ReceptiveField) -> None:
-    """Refuses a check by forward passes that could not see the weakest input's effect.
+    """Refuses a check by forward passes that could not see the weakest face of the field's effect.
 
     Every comparison is with the output on zeros, which holds the network's input-independent terms (a position or
-    time embedding added to the maps): an input whose effect lies below their rounding changes nothing, so pixels
-    outside a field too small would go unseen and its faces pass, and the right field's faces fail (a diffusion
-    UNet's time embedding before 16 residual blocks: 1e-20 against 5e-3 in float64). Effects below the dtype's
-    smallest normal number are lost the same way.
+    time embedding added to the maps): a slab of inputs whose effect lies below their rounding changes nothing, so
+    the face of a true field that a field too small leaves outside would go unseen and the smaller field pass, and
+    the right field's faces fail (a diffusion UNet's time embedding before 16 residual blocks: 1e-20 against 5e-3
+    in float64). Effects below the dtype's smallest normal number are lost the same way. Each face of the field the
+    gradient shows (its outermost slab along an axis) is what one comparison must see.
 
     Raises:
-        ProbeError: the weakest effect the gradient shows is within the rounding of the output, or of ``dtype``'s range.
+        ProbeError: the weakest face's effect lies within the rounding of the output, or of ``dtype``'s range.
     """
-    if sensitivity is None or not bool((sensitivity > 0).any()):
+    if sensitivity is None:
+        return
+    box = box_of(sensitivity > 0)
+    if box is None:
         return
     info = torch.finfo(dtype)
     term = float(baseline.abs().max())
     resolution = max(info.eps * term, info.tiny) * _RESOLUTION_MARGIN
-    weakest = float(sensitivity[sensitivity > 0].min()) / max(
-        baseline.numel(), 1
-    )  # on the output channel it moves most
+    faces = []
+    for axis, (first, last) in enumerate(box):
+        for edge in (first, last):
+            faces.append(float(sensitivity.select(axis, edge).sum()))
+    # on the output channel it moves most, at least its share of the sum over channels
+    weakest = min(faces) / max(baseline.numel(), 1)
     if weakest > resolution:
         return
     kind = str(dtype).removeprefix("torch.")
@@ -203,9 +211,9 @@ def _check_resolution(baseline: torch.Tensor, sensitivity: torch.Tensor | None, 
     )
     wider = "" if dtype == torch.float64 else ", or dtype=torch.float64"
     raise ProbeError(
-        f"verify_rf cannot check the field at {field.position} by forward passes: the weakest input's effect on the "
-        f"output there ({weakest:.1e}, from its gradient) lies within the rounding of {why} in {kind}, so pixels "
-        f"outside the bounds could change nothing it can see and a field too small would pass; the field itself is "
+        f"verify_rf cannot check the field at {field.position} by forward passes: the effect of the field's weakest "
+        f"face on the output there ({weakest:.1e}, from its gradient) lies within the rounding of {why} in {kind}, so "
+        f"pixels outside the bounds could change nothing it can see and a field too small would pass; the field is "
         f"read off the gradient (probe_rf), which no such term reaches: check it against a brute force of the "
         f"gradient instead{wider}"
     )
