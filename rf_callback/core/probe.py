@@ -255,11 +255,24 @@ def checked_position(pos, output_shape: tuple[int, ...], where: str) -> Position
     return tuple(i % n for i, n in zip(ints, output_shape))
 
 
-class _TheoryOnDemand(GraphShapes):
-    """The theoretical graph on the user's input, run only if a pass on it is needed (its shapes are known)."""
+class _ForwardChanged(ProbeError):
+    """The forward run on the copy kept from the probe is not the one probed (see :class:`_TheoryOnDemand`)."""
 
-    def __init__(self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on):
-        self.input_shape, self.output_shape, self._graph_on, self._graph = input_shape, output_shape, graph_on, None
+
+class _TheoryOnDemand(GraphShapes):
+    """The theoretical graph on the user's input, run only if a pass on it is needed (its shapes are known).
+
+    The copy kept from the probe holds the model's modules as they were, but its class code, the globals and class
+    attributes it reads, and the functions it calls are the process's as they are now: a forward whose output's
+    shape is no longer the probe's is refused at once, and :meth:`changed` compares its calls with the probe's.
+    """
+
+    def __init__(
+        self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on, *, trace=None, draws=None
+    ):
+        self.input_shape, self.output_shape, self._graph_on = input_shape, output_shape, graph_on
+        self._graph: ProbeGraph | None = None
+        self._trace, self._draws = trace, draws
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -271,31 +284,41 @@ class _TheoryOnDemand(GraphShapes):
 
         Raises:
             ProbeError: the copy no longer runs on the input it was probed on.
+            _ForwardChanged: its output's shape is not the probe's.
         """
-        if self._graph is None:
-            self._graph = self._graph_on(self.input_shape)
-            if self._graph is None:
+        graph = self._graph
+        if graph is None:
+            graph = self._graph_on(self.input_shape)
+            if graph is None:
                 raise ProbeError(
                     "the theoretical copy kept from the probe no longer runs on the input shape it was probed on"
                 )
-        return self._graph
+            if tuple(graph.output_shape) != tuple(self.output_shape):
+                raise _ForwardChanged(self._why_changed())
+            self._graph = graph
+        return graph
 
-    def changed_since(self, trace: list[tuple], *, draws: int | None = None) -> str | None:
-        """Why the forward run now is not the one probed (its calls on the input, or its output's shape), or None.
+    @property
+    def has_run(self) -> bool:
+        """Whether the graph has been run."""
+        return self._graph is not None
 
-        The copy kept from the probe holds the model's modules as they were; its class code, the globals and class
-        attributes it reads, and the functions it calls are the process's as they are now.
+    def changed(self) -> str | None:
+        """Why the forward run now is not the one probed (its calls on input-dependent tensors), or None.
 
-        Args:
-            trace: the probe's calls on input-dependent tensors (:attr:`ProbeGraph.trace`).
-            draws: weights mode's batch of draws, which the probe ran (another copy): the functions' names alone are
-                compared; ``None``: the same copy ran the probe on this input, its calls' arguments are compared too.
+        In weights mode (``draws``: its batch, run on another copy) the functions' names alone are compared; in
+        theoretical mode the same copy ran the probe on this input, so their plain arguments are compared too. It
+        runs the graph if it was not yet (one forward pass).
         """
-        graph = self.ran()
-        now = [entry[:1] for entry in graph.trace] if draws is not None else graph.trace
-        then = [entry[:1] for entry in trace] if draws is not None else trace
-        if now == then and tuple(graph.output_shape) == tuple(self.output_shape):
+        if not self._trace:
             return None
+        draws, graph = self._draws, self.ran()
+        now = [entry[:1] for entry in graph.trace] if draws is not None else graph.trace
+        then = [entry[:1] for entry in self._trace] if draws is not None else self._trace
+        return None if now == then else self._why_changed()
+
+    def _why_changed(self) -> str:
+        draws = self._draws
         batch = (
             f"; where the forward branches on its batch's size (weights mode probed a batch of draws={draws}, the "
             f"geometry is read on one input), probe with draws=1"
@@ -665,16 +688,22 @@ class _Prober:
                     copy = skeleton if attempt is request else prepared_copy(skeleton, "theoretical", attempt.dtype)
                     graph_on = graph_factory(copy, attempt, widen=True)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
-                    on_demand = _TheoryOnDemand(shape, output_shape, graph_on)
+                    on_demand = _TheoryOnDemand(
+                        shape, output_shape, graph_on, trace=trace if attempt is request else None,
+                        draws=self.draws if self.mode == "weights" else None,
+                    )  # fmt: skip
                     theory = cast(ProbeGraph, on_demand)
+
+                    def as_probed(geometry: tuple, on_demand: _TheoryOnDemand = on_demand) -> tuple:
+                        # A geometry found on the kept copy must be the probed forward's: one forward more where the
+                        # measurement did not run it (a None found without it describes no other network's field,
+                        # and gets the reason where that forward ran already).
+                        found = any(g is not None for g in geometry) or on_demand.has_run
+                        changed = on_demand.changed() if found else None
+                        return _no_theory(changed) if changed else geometry
+
                     reasons.clear()
                     try:
-                        if attempt is request and trace:
-                            changed = on_demand.changed_since(
-                                trace, draws=self.draws if self.mode == "weights" else None
-                            )
-                            if changed:
-                                return _no_theory(changed)
                         found = picks if picks is not None else theory.position_picks
                         if found and (table is None or not _is_full(table, output_shape)):
                             checked = table_for_picks(theory, found, known)
@@ -689,7 +718,7 @@ class _Prober:
                             if on_theory is not None:
                                 geometry, why = on_theory
                                 reasons.update(why)
-                                return geometry
+                                return as_probed(geometry)
                         geometry = measure_geometry(
                             theory, graph_on, known=known, table=table, reasons=reasons,
                             budget=Budget(shape, work=user_work), one_shape=isinstance(request.parsed_layout, Tokens),
@@ -703,8 +732,11 @@ class _Prober:
                                                  reasons, exact=True)  # fmt: skip
                         if found:
                             _blame_the_picks(found, geometry, reasons)
+                        geometry = as_probed(geometry)
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
+                    except _ForwardChanged as refused:
+                        return _no_theory(str(refused))
                     except ProbeError as error:  # weights mode: the theoretical copy refuses (theirs would have)
                         return _no_theory(f"the geometry is measured on a theoretical copy, and {error}")
                     return geometry
