@@ -1243,3 +1243,29 @@ def test_a_weights_field_whose_theoretical_copy_refuses_or_branches_on_the_batch
     field = probe_rf(_BranchesOnItsBatch(), (1, 1, 64), 32, mode="weights")
     assert tuple(field.geometry) == (None,) and "probe with draws=1" in field.geometry.reasons[0]
     assert geometry_triples(probe_rf(_BranchesOnItsBatch(), (1, 1, 64), 32, mode="weights", draws=1)) == [(9, 1, 4)]
+
+
+def test_a_changed_forward_is_seen_on_the_float64_attempt_too(monkeypatch):
+    # Where the float32 reading of the geometry underflows, it is read again on a float64 twin of the kept copy: that
+    # attempt returned the changed network's r = 17 unchecked (the float32 one was checked). A float32 reading that
+    # fades is made to happen here; the float64 twin's calls are compared by name.
+    from rf_callback.core import graph as graph_module
+    from rf_callback.core import probe as probe_module
+
+    measured = probe_module.measure_geometry
+
+    def fading_in_float32(theory, *args, **kwargs):
+        if theory.dtype == torch.float32:
+            raise graph_module.Underflow
+        return measured(theory, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module, "measure_geometry", fading_in_float32)
+    model = _ConvsOfAGlobalCount()
+    assert geometry_triples(probe_rf(model, (1, 1, 16, 16), (8, 8))) == [(9, 1, 4), (9, 1, 4)]
+    field = probe_rf(model, (1, 1, 16, 16), (8, 8))
+    try:
+        BLOCKS["count"] = 8
+        assert tuple(field.geometry) == (None, None)
+        assert "the model's forward is no longer the one probed" in field.geometry.reasons[0]
+    finally:
+        BLOCKS["count"] = 4

@@ -268,11 +268,12 @@ class _TheoryOnDemand(GraphShapes):
     """
 
     def __init__(
-        self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on, *, trace=None, draws=None
-    ):
+        self, input_shape: tuple[int, ...], output_shape: tuple[int, ...], graph_on, *, trace=None, draws=None,
+        names_only: bool = False,
+    ):  # fmt: skip
         self.input_shape, self.output_shape, self._graph_on = input_shape, output_shape, graph_on
         self._graph: ProbeGraph | None = None
-        self._trace, self._draws = trace, draws
+        self._trace, self._draws, self._names_only = trace, draws, names_only or draws is not None
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -306,15 +307,15 @@ class _TheoryOnDemand(GraphShapes):
     def changed(self) -> str | None:
         """Why the forward run now is not the one probed (its calls on input-dependent tensors), or None.
 
-        In weights mode (``draws``: its batch, run on another copy) the functions' names alone are compared; in
-        theoretical mode the same copy ran the probe on this input, so their plain arguments are compared too. It
-        runs the graph if it was not yet (one forward pass).
+        In weights mode (``draws``: its batch, run on another copy) and on a float64 twin (``names_only``) the
+        functions' names alone are compared; in theoretical mode the same copy ran the probe on this input, so their
+        plain arguments are compared too. It runs the graph if it was not yet (one forward pass).
         """
         if not self._trace:
             return None
-        draws, graph = self._draws, self.ran()
-        now = [entry[:1] for entry in graph.trace] if draws is not None else graph.trace
-        then = [entry[:1] for entry in self._trace] if draws is not None else self._trace
+        graph = self.ran()
+        now = [entry[:1] for entry in graph.trace] if self._names_only else graph.trace
+        then = [entry[:1] for entry in self._trace] if self._names_only else self._trace
         return None if now == then else self._why_changed()
 
     def _why_changed(self) -> str:
@@ -689,8 +690,9 @@ class _Prober:
                     graph_on = graph_factory(copy, attempt, widen=True)
                     # It forwards every other attribute to the ProbeGraph it builds on first use.
                     on_demand = _TheoryOnDemand(
-                        shape, output_shape, graph_on, trace=trace if attempt is request else None,
+                        shape, output_shape, graph_on, trace=trace,
                         draws=self.draws if self.mode == "weights" else None,
+                        names_only=attempt is not request,  # a float64 twin's calls cast to float64
                     )  # fmt: skip
                     theory = cast(ProbeGraph, on_demand)
 
