@@ -114,48 +114,33 @@ def nan_net() -> nn.Module:
     return model
 
 
-class _TwoMaps(nn.Module):
-    def __init__(self):
+class _KeyedMaps(nn.Module):
+    """A dict of two feature maps under ``keys``: a 3 x 3 convolution's, then one of ``kernel`` (padded to keep the
+    size) and ``stride``'s."""
+
+    def __init__(self, keys: tuple[str, str], kernel: int, stride: int = 1):
         super().__init__()
-        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 5, padding=2)
+        self.keys = keys
+        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, kernel, stride, padding=kernel // 2)
 
     def forward(self, x):
-        return {"fine": self.fine(x), "coarse": self.coarse(x)}
+        return {self.keys[0]: self.fine(x), self.keys[1]: self.coarse(x)}
 
 
 def two_maps() -> nn.Module:
     """A dict of two feature maps: 'fine' (3 x 3 field) and 'coarse' (5 x 5)."""
-    return _TwoMaps()
-
-
-class _LevelMaps(nn.Module):
-    """Two levels keyed by digit strings, as torchvision's FPN and IntermediateLayerGetter key theirs."""
-
-    def __init__(self):
-        super().__init__()
-        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 5, stride=2, padding=2)
-
-    def forward(self, x):
-        return {"0": self.fine(x), "1": self.coarse(x)}
+    return _KeyedMaps(("fine", "coarse"), 5)
 
 
 def level_maps() -> nn.Module:
-    """A dict of two feature maps keyed '0' (3 x 3 field) and '1' (5 x 5, stride 2)."""
-    return _LevelMaps()
-
-
-class _PaddedKeys(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fine, self.coarse = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 2, 9, padding=4)
-
-    def forward(self, x):
-        return {"01": self.fine(x), "1": self.coarse(x)}
+    """Two levels keyed by digit strings, as torchvision's FPN and IntermediateLayerGetter key theirs: '0' (3 x 3
+    field) and '1' (5 x 5, stride 2)."""
+    return _KeyedMaps(("0", "1"), 5, stride=2)
 
 
 def padded_keys() -> nn.Module:
     """A dict keyed '01' (3 x 3 field) and '1' (9 x 9): digits that name keys, not one index."""
-    return _PaddedKeys()
+    return _KeyedMaps(("01", "1"), 9)
 
 
 class _EmptyMap(nn.Module):
