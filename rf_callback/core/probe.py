@@ -299,19 +299,16 @@ class _TheoryOnDemand(GraphShapes):
             self._graph = graph
         return graph
 
-    @property
-    def has_run(self) -> bool:
-        """Whether the graph has been run."""
-        return self._graph is not None
+    def not_probed(self, geometry: tuple) -> str | None:
+        """Why ``geometry``, found on the kept copy, is not the probed forward's (its calls on the input), or None.
 
-    def changed(self) -> str | None:
-        """Why the forward run now is not the one probed (its calls on input-dependent tensors), or None.
-
+        A geometry found costs the forward on the user's input where the measurement did not run it; a ``None``
+        found without it describes no other network's field, and is checked only where that forward ran already.
         In weights mode (``draws``: its batch, run on another copy) and on a float64 twin (``names_only``) the
         functions' names alone are compared; in theoretical mode the same copy ran the probe on this input, so their
-        plain arguments are compared too. It runs the graph if it was not yet (one forward pass).
+        plain arguments are compared too.
         """
-        if not self._trace:
+        if not self._trace or (self._graph is None and all(g is None for g in geometry)):
             return None
         graph = self.ran()
         now = [entry[:1] for entry in graph.trace] if self._names_only else graph.trace
@@ -695,15 +692,6 @@ class _Prober:
                         names_only=attempt is not request,  # a float64 twin's calls cast to float64
                     )  # fmt: skip
                     theory = cast(ProbeGraph, on_demand)
-
-                    def as_probed(geometry: tuple, on_demand: _TheoryOnDemand = on_demand) -> tuple:
-                        # A geometry found on the kept copy must be the probed forward's: one forward more where the
-                        # measurement did not run it (a None found without it describes no other network's field,
-                        # and gets the reason where that forward ran already).
-                        found = any(g is not None for g in geometry) or on_demand.has_run
-                        changed = on_demand.changed() if found else None
-                        return _no_theory(changed) if changed else geometry
-
                     reasons.clear()
                     try:
                         found = picks if picks is not None else theory.position_picks
@@ -720,7 +708,8 @@ class _Prober:
                             if on_theory is not None:
                                 geometry, why = on_theory
                                 reasons.update(why)
-                                return as_probed(geometry)
+                                changed = on_demand.not_probed(geometry)
+                                return _no_theory(changed) if changed else geometry
                         geometry = measure_geometry(
                             theory, graph_on, known=known, table=table, reasons=reasons,
                             budget=Budget(shape, work=user_work), one_shape=isinstance(request.parsed_layout, Tokens),
@@ -734,7 +723,8 @@ class _Prober:
                                                  reasons, exact=True)  # fmt: skip
                         if found:
                             _blame_the_picks(found, geometry, reasons)
-                        geometry = as_probed(geometry)
+                        if changed := on_demand.not_probed(geometry):
+                            return _no_theory(changed)
                     except Underflow:  # the end fields' passes too: a deep chain's corners can underflow float32
                         continue
                     except _ForwardChanged as refused:
