@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rf_callback import NoGradientError, ProbeError, effective_rf, probe_rf
+from rf_callback.core import geometry_flow
 from rf_callback.core.effective import center_of_mass, high_contribution, mass_extent, spread
 
 TRINOMIAL = [1.0, 3.0, 6.0, 7.0, 6.0, 3.0, 1.0]  # three 3-tap unit convolutions: (1 + x + x^2)^3
@@ -515,3 +516,35 @@ def test_extent_and_metrics_under_a_meta_default_device():
         inside = effective_rf(model, inputs, (6, 6))
         assert inside.extent(0.95) == outside.extent(0.95)
         assert inside.metrics() == outside.metrics()
+
+
+class _ConvsOfAClassCount(nn.Module):
+    """``count`` 3-tap convolutions, ``count`` read from the class when the forward runs."""
+
+    count = 4
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(1, 1, 3, padding=1) for _ in range(8))
+
+    def forward(self, x):
+        for conv in self.convs[: type(self).count]:
+            x = conv(x)
+        return x
+
+
+@pytest.mark.parametrize("flow", [True, False])
+def test_metrics_read_after_the_forward_changed_are_those_of_the_network_measured(flow, monkeypatch):
+    # At position 1, four convolutions span -3..5 (centre 1), clipped to 0..5. The metrics' offsets are from the
+    # span's centre: where the probe's forward carried no geometry (flow=False), it was read lazily, and after the
+    # class attribute changed it was None, the centre the clipped bounds' 2.5: com_offset_l moved by -1.5 unsaid.
+    monkeypatch.setattr(geometry_flow, "ENABLED", flow)
+    inputs = torch.rand(4, 1, 16) + 0.1
+    field = effective_rf(_ConvsOfAClassCount(), inputs, 1)
+    try:
+        _ConvsOfAClassCount.count = 8
+        metrics = field.metrics()
+    finally:
+        _ConvsOfAClassCount.count = 4
+    assert field.theoretical.bounds == ((0, 5),) and field.theoretical.center == (1.0,)
+    assert metrics["com_offset_l"] == pytest.approx(metrics["com_l"] - 1)

@@ -206,6 +206,12 @@ def effective_rf(
             f"and in float64 the map of one input differs by more than 1 % from the {dtype} one; pass "
             f"dtype=torch.float64"
         )
+    for field in fields:
+        if _clipped(field):
+            # Its centre, which the metrics' offsets and squares are taken from, is the unclipped span's: read the
+            # lazy geometry now, while the kept copy's forward is still the one probed (later, a changed forward
+            # gives None, and the centre would fall back to the clipped bounds' midpoint).
+            tuple(field.geometry)
     effective = [
         EffectiveField(
             position=field.position,
@@ -305,6 +311,11 @@ def _positions_named(positions: list[tuple[int, ...]], asked: int) -> str:
         return "the output position"
     named = ", ".join(str(p[0] if len(p) == 1 else p) for p in positions)
     return f"position{'s' if len(positions) > 1 else ''} {named}"
+
+
+def _clipped(field: ReceptiveField) -> bool:
+    """Whether the field's bounds reach an end of the input on some axis (where its span may go beyond)."""
+    return any(first == 0 or last == n - 1 for (first, last), n in zip(field.bounds, field.input_shape[2:]))
 
 
 def _check_theoretical(theoretical, pos, shape, layer, element, parsed_layout, layout) -> None:
