@@ -105,6 +105,13 @@ def test_input_shape_without_channels_says_how_it_was_read(capsys):
     assert "N, C" not in err  # the command has no batch axis to talk about
 
 
+def test_input_shape_of_the_channels_and_one_axis_for_a_2d_model_suggests_both_axes(capsys):
+    # 3,40 is C=3 (the first convolution's channels) and one spatial axis: the example was 3,3,40 (H=3), too small
+    err, _ = failure(capsys, "tests.cli_models:small_net", "--input-shape", "3,40")
+    assert "--input-shape 3,40 is read as C=3, L=40" in err
+    assert "pass C,H,W, e.g. 3,40,40; a spatial axis seems to be missing" in err
+
+
 def test_input_shape_with_a_batch_axis_says_to_leave_it_out(capsys):
     err, _ = failure(capsys, "tests.cli_models:small_net", "--input-shape", "1,3,16,16")
     assert "--input-shape 1,3,16,16 is read as C=1, D=3, H=16, W=16" in err

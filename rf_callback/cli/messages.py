@@ -123,13 +123,17 @@ def _rank_mismatch(model: nn.Module, text: str, shape: tuple[int, ...]) -> str |
     if takes == given or takes not in AXIS_NAMES:
         return None
     read = ", ".join(f"{axis}={value}" for axis, value in zip(("C", *axis_letters(given)), values))
-    if len(values) >= takes:
+    # "3,40" for a Conv2d taking 3 channels is C and one spatial axis, not H and W without C.
+    channels_given = len(values) == takes and values[0] == conv.in_channels
+    if len(values) >= takes and not channels_given:
         spatial = values[-takes:]
     else:
         spatial = values[1:] + values[-1:] * (takes - given)
     channels = conv.in_channels if conv.in_channels > 0 else "C"
     example = ",".join(map(str, (channels, *spatial)))
-    if len(values) == takes:
+    if channels_given:
+        why = "; a spatial axis seems to be missing"
+    elif len(values) == takes:
         why = "; C (the channels) seems to be missing"
     elif len(values) == takes + 2 and values[0] == 1:
         why = "; leave out the batch axis, which the command adds"
