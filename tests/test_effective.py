@@ -548,3 +548,19 @@ def test_metrics_read_after_the_forward_changed_are_those_of_the_network_measure
         _ConvsOfAClassCount.count = 4
     assert field.theoretical.bounds == ((0, 5),) and field.theoretical.center == (1.0,)
     assert metrics["com_offset_l"] == pytest.approx(metrics["com_l"] - 1)
+
+
+def test_a_map_that_rounds_to_zero_in_float32_alone_is_not_said_to_be_dead():
+    # uint8-scale inputs saturate the tanh: its derivative rounds to 0 in float32 (tanh(18) == 1), not in float64
+    # (4 exp(-36)): the refusal said "dead units, zero weights", and pointed away from dtype=torch.float64.
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, bias=False), nn.Tanh(), nn.Conv2d(1, 1, 3, bias=False))
+    nn.init.constant_(model[0].weight, 1.0)
+    inputs = torch.full((2, 1, 12, 12), 2, dtype=torch.uint8)
+    with pytest.raises(NoGradientError, match=r"zero everywhere on these 2 inputs in torch.float32, though not in "
+                       r"float64 .* pass dtype=torch.float64") as refused:  # fmt: skip
+        effective_rf(model, inputs, (4, 4))
+    assert refused.value.positions == [(4, 4)]
+    assert effective_rf(model, inputs, (4, 4), dtype=torch.float64).heatmap.sum() > 0
+    nn.init.zeros_(model[2].weight)
+    with pytest.raises(NoGradientError, match=r"2 inputs: the output there does not depend on them \(dead units"):
+        effective_rf(model, inputs, (4, 4))

@@ -161,10 +161,18 @@ def effective_rf(
             start += len(chunk)
         dead = [field.position for field, total in zip(fields, totals) if not bool(total.any())]
         if dead:
+            others = "; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""
+            if _resolved_in_float64(model, inputs[:1].detach(), request, dead, biases == "zero"):
+                why = (
+                    f" in {dtype}, though not in float64 on the first input: the gradient rounds to zero in {dtype} "
+                    f"(an activation saturated by inputs of a large scale, such as uint8 pixels); pass "
+                    f"dtype=torch.float64, or scale the inputs as the model is trained on them"
+                )
+            else:
+                why = ": the output there does not depend on them (dead units, zero weights)"
             raise NoGradientError(
                 f"the gradient map of {_positions_named(dead, len(fields))} is zero everywhere on these "
-                f"{inputs.shape[0]} inputs: the output there does not depend on them (dead units, zero weights)"
-                + ("; the other positions' maps are not: measure them alone" if len(dead) < len(fields) else ""),
+                f"{inputs.shape[0]} inputs{why}{others}",
                 dead,
             )
         rounding = _ROUNDING_NOISE * torch.finfo(dtype).eps
@@ -251,6 +259,21 @@ def _one_sample_maps(
         (gradient,) = torch.autograd.grad(output, x, cotangent, retain_graph=index < len(passes) - 1)
         maps.append(gradient[0].abs().sum(dim=0).to("cpu", torch.float64))
     return [maps[i : i + len(positions)] for i in range(0, len(maps), len(positions))]
+
+
+def _resolved_in_float64(model, sample, request: ProbeRequest, positions: list, zero_biases: bool) -> bool:
+    """Whether some of ``positions``, whose maps are zero in ``request.dtype``, have a map on ``sample`` in float64.
+
+    False in float64 itself, and where the float64 copy does not run (a float32-only model): the zeros stand.
+    """
+    if request.dtype == torch.float64:
+        return False
+    try:
+        wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
+        (maps,) = _one_sample_maps(wide, sample, request.in_dtype(torch.float64), positions, (False,))
+    except (ProbeError, ValueError, RuntimeError, TypeError):
+        return False
+    return any(bool(m.any()) for m in maps)
 
 
 def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, zero_biases: bool):
