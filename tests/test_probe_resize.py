@@ -212,6 +212,37 @@ def test_verify_rf_passes_the_fields_of_a_fixed_warp(theta, padding, sampling):
     assert not failed
 
 
+class SegmentationHead(nn.Module):
+    """Stride-2 convolutions, a 1 x 1 head, and the logits resized to the input (``F.interpolate(size=...)``)."""
+
+    def __init__(self, **resize):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv2d(1, 1, 3, stride=2, padding=1) for _ in range(3)))
+        self.resize = resize
+
+    def forward(self, x):
+        return F.interpolate(self.convs(x), size=x.shape[-2:], **self.resize)
+
+
+@pytest.mark.parametrize(
+    "resize",
+    [
+        {"mode": "bilinear", "align_corners": False},
+        {"mode": "bicubic", "align_corners": False},
+        {"mode": "bilinear", "align_corners": False, "antialias": True},
+    ],
+)
+def test_verify_rf_passes_a_resize_whose_source_falls_on_an_input_index(resize):
+    """verify_rf ran PyTorch's resize kernel, which gives the neighbour of a source that lands exactly on an index a
+    weight of 1e-16 (7 to 51 rows: output row 25's source is (25.5 * 7 / 51 - 0.5) = 3): it failed right fields."""
+    model = SegmentationHead(**resize)
+    field = probe_rf(model, (1, 1, 51, 51), (25, 25))
+    assert verify_rf(model, field).passed
+    field_map = probe_rf(model, (1, 1, 51, 51), "all")
+    failed = [p for p in list(field_map.positions())[::7] if not verify_rf(model, field_map[p]).passed]
+    assert not failed
+
+
 def test_a_warp_by_a_fraction_of_a_pixel_reads_both_neighbours():
     # A shift of 0.25 in [-1, 1] on 7 columns is 0.875 of a column: column j reads j and j + 1 (none past the edge).
     field_map = probe_rf(Warp([[1.0, 0, 0.25], [0, 1.0, 0]]), (1, 1, 6, 7), "all")

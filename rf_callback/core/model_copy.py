@@ -206,9 +206,9 @@ class _ProbeFunctions(TorchFunctionMode):
         self.linearise = linearise
         # Weights mode's fields: a max-pooling's gradient reaches its whole windows (see probe_functions).
         self.whole_windows = whole_windows and not linearise
-        # Samplings give their exact values too, not PyTorch's kernel's (see _real_values): a check by forward
-        # passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output (a resize's
-        # float64 kernel holds its exact zeros there).
+        # Samplings and resizes give their exact values too, not PyTorch's kernel's (see _real_values): a check by
+        # forward passes alone (verify_rf) reads values, and rounding's weights of 1e-16 would move the output (a
+        # bilinear resize of 7 to 25 rows gives row 4 a weight of 6e-16 at output row 12, whose source is row 3).
         self.exact_values = exact_values
         # The geometry carried beside each input-dependent tensor (see geometry_flow), where it is asked for.
         self.flow = flow
@@ -1068,7 +1068,7 @@ class _ProbeFunctions(TorchFunctionMode):
             if _depends_on_input(args[1]):
                 return func(*_apart(name, args[0], args[1]), *args[2:], **kwargs)
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
-            return _real_values(func(*args, **kwargs), resized)
+            return resized if self.exact_values else _real_values(func(*args, **kwargs), resized)
         if name == "grid_sample":
             sampled = exact_grid_sample(args, kwargs, unsigned=self.linearise)
             if sampled is None:
