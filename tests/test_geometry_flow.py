@@ -367,6 +367,28 @@ class WrittenThroughAView(nn.Module):
         return self.second(y)
 
 
+class ViewThenWrite(nn.Module):
+    """A convolution, a view of two of its channels, then the whole tensor written in place, and the view read on."""
+
+    def __init__(self, write: str):
+        super().__init__()
+        self.first = nn.Conv1d(1, 4, 3, padding=1)
+        self.wrapped = nn.Conv1d(1, 4, 3, padding=1, padding_mode="circular")
+        self.second, self.write = nn.Conv1d(2, 2, 3, padding=1), write  # the last child: the table's row read
+        self.register_buffer("mask", (torch.arange(16) >= 4).float())
+
+    def forward(self, x):
+        y = self.first(x)
+        view = y[:, :2]
+        if self.write == "wrapped":
+            y += self.wrapped(x)
+        elif self.write == "masked":
+            y.mul_(self.mask)
+        else:
+            torch.relu_(y)
+        return self.second(view)
+
+
 class Windowed(nn.Module):
     """A Hann window multiplied into the signal (periodic: its first value is 0), held or made in the forward."""
 
@@ -392,6 +414,8 @@ class Windowed(nn.Module):
         (WrittenThroughAView("zeroed"), (1, 1, 8, 12)),
         (WrittenThroughAView("copied"), (1, 1, 8, 12)),
         (WrittenThroughAView("zeroed under a view"), (1, 1, 8, 12)),
+        (ViewThenWrite("wrapped"), (1, 1, 16)),
+        (ViewThenWrite("masked"), (1, 1, 16)),
     ],
     ids=[
         "a window's zeros",
@@ -402,14 +426,17 @@ class Windowed(nn.Module):
         "columns zeroed through a view",
         "columns copied through a view",
         "a view taken before the write",
+        "a view taken before a wrapped branch is added in place",
+        "a view taken before a mask is multiplied in place",
     ],
 )
 def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model, shape):
     """A nearest upsampling by 2.2 reads input floor(i / 2.2), not i // 2 (indices 0 0 1 1 2 2 2 3), and a write
     through a view changes the written columns' fields: the flow kept (4, 4, 0) and (5, 1, 2), which position 3 (of
     the upsampling: 8..15, not 12..15) and column 9 (7..9, not 7..11) break; a window's 0 hides input 0 from output
-    0 (1..4, where (5, 1, 0) said 0..4). Every offered geometry, of the probe and of the table's row, now holds at
-    every position."""
+    0 (1..4, where (5, 1, 0) said 0..4); a view taken before its tensor is written whole in place reads the new
+    values (of a circular branch: output 0 reads 0..15, where (5, 1, 2) said 0..2). Every offered geometry, of the
+    probe (both modes) and of the table's row, now holds at every position."""
     torch.manual_seed(0)
     fields = probe_rf(model, shape, "all")
     row = [r for r in rf_table(model, shape) if r.name == list(dict(model.named_children()))[-1]][0]
@@ -417,7 +444,8 @@ def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model,
         None if r is None or s is None else AxisGeometry(size=r, stride=s, offset=p)
         for r, s, p in zip(row.full_size, row.stride, row.offset)
     ]
-    for geometry in (probe_rf(model, shape, "center").geometry, from_row):
+    weights_mode = probe_rf(model, shape, "center", mode="weights").geometry  # the theoretical fields' geometry
+    for geometry in (probe_rf(model, shape, "center").geometry, weights_mode, from_row):
         for axis, g in enumerate(geometry):
             if g is None:
                 continue
@@ -425,6 +453,13 @@ def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model,
                 bounds = fields[position].bounds[axis]
                 if bounds[0] <= bounds[1]:  # an empty field (zeroed columns) says nothing about the other axis
                     assert consistent(g, {position[axis]: bounds}, shape[2 + axis]), (axis, position)
+
+
+def test_a_view_keeps_its_flow_through_a_pointwise_write_in_place(monkeypatch):
+    """An in-place activation of the whole tensor changes no view's fields: the flow stays (no other pass)."""
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(ViewThenWrite("relu"), (1, 1, 16))
+    assert triples(field.geometry) == [(5, 1, 2)] and len(shapes) == 1
 
 
 class AddedTerm(Windowed):

@@ -201,6 +201,7 @@ class GeometryFlow:
             result: what it returned.
         """
         target = args[0] if writes_in_place(name) and args and isinstance(args[0], torch.Tensor) else None
+        before = self._tag(target)
         if target is not None and name in _PARTIAL_WRITES:
             self._forget_storage(target)
         elif target is not None and target._base is not None:
@@ -230,6 +231,10 @@ class GeometryFlow:
                     self._mixed.pop(id(item), None)
                 else:
                     self._mixed[id(item)] = (weakref.ref(item), segments if isinstance(segments, tuple) else None)
+        if target is not None and target._base is None and name not in _PARTIAL_WRITES and self._tag(target) != before:
+            # A tensor written whole with other fields (y += branch): its views taken before (a = y[:, :2]) read
+            # the new values, whose fields no longer are the ones they were given.
+            self._forget_storage(target, keep=target)
 
     def _forget_storage(self, target: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Ends the flow of every tensor that shares ``target``'s memory, after a write into part of it.
