@@ -389,6 +389,47 @@ class ViewThenWrite(nn.Module):
         return self.second(view)
 
 
+class PaddedValidBranch(nn.Module):
+    """A valid 7-tap convolution padded back to its input's size by a zero ``F.pad``, plus a 3-tap branch (1D) or the
+    input (2D: a residual block), then a 1 x 1 convolution."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.valid, self.dims = conv(1, 1, 7), dims
+        self.same = conv(1, 1, 3, padding=1) if dims == 1 else nn.Identity()
+        self.out = conv(1, 1, 1)  # the last child: the table's row read
+
+    def forward(self, x):
+        return self.out(nn.functional.pad(self.valid(x), (3, 3) * self.dims) + self.same(x))
+
+
+class PaddedAlongEachAxis(nn.Module):
+    """A 3 x 3 convolution plus two 7 x 7 ones, valid along the rows or along the columns and padded back there: at
+    a corner both read nothing, and the field is the 3 x 3 one's."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Conv2d(1, 1, 3, padding=1)
+        self.rows, self.columns = nn.Conv2d(1, 1, 7, padding=(0, 3)), nn.Conv2d(1, 1, 7, padding=(3, 0))
+        self.out = nn.Conv2d(1, 1, 1)  # the last child: the table's row read
+
+    def forward(self, x):
+        pad = nn.functional.pad
+        return self.out(self.base(x) + pad(self.rows(x), (0, 0, 3, 3)) + pad(self.columns(x), (3, 3, 0, 0)))
+
+
+class CroppedAtTheEnd(nn.Module):
+    """Two 3-tap convolutions, the first one's map cropped at its end (``y[..., :12]``) before the second pads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.second(self.first(x)[..., :12])
+
+
 class Windowed(nn.Module):
     """A Hann window multiplied into the signal (periodic: its first value is 0), held or made in the forward."""
 
@@ -416,6 +457,10 @@ class Windowed(nn.Module):
         (WrittenThroughAView("zeroed under a view"), (1, 1, 8, 12)),
         (ViewThenWrite("wrapped"), (1, 1, 16)),
         (ViewThenWrite("masked"), (1, 1, 16)),
+        (PaddedValidBranch(1), (1, 1, 24)),
+        (PaddedValidBranch(2), (1, 1, 14, 12)),
+        (PaddedAlongEachAxis(), (1, 1, 16, 16)),
+        (CroppedAtTheEnd(), (1, 1, 16)),
     ],
     ids=[
         "a window's zeros",
@@ -428,6 +473,10 @@ class Windowed(nn.Module):
         "a view taken before the write",
         "a view taken before a wrapped branch is added in place",
         "a view taken before a mask is multiplied in place",
+        "a valid convolution padded back, beside a 3-tap branch",
+        "a valid convolution padded back, beside the input",
+        "valid convolutions padded back along each axis (the corners)",
+        "a crop of the end before a padded convolution",
     ],
 )
 def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model, shape):
@@ -435,8 +484,12 @@ def test_a_flow_that_no_rule_follows_offers_no_geometry_the_border_breaks(model,
     through a view changes the written columns' fields: the flow kept (4, 4, 0) and (5, 1, 2), which position 3 (of
     the upsampling: 8..15, not 12..15) and column 9 (7..9, not 7..11) break; a window's 0 hides input 0 from output
     0 (1..4, where (5, 1, 0) said 0..4); a view taken before its tensor is written whole in place reads the new
-    values (of a circular branch: output 0 reads 0..15, where (5, 1, 2) said 0..2). Every offered geometry, of the
-    probe (both modes) and of the table's row, now holds at every position."""
+    values (of a circular branch: output 0 reads 0..15, where (5, 1, 2) said 0..2); a valid convolution padded back
+    by a zero ``F.pad`` reads nothing at the padded positions, where the other branch's field is the sum's (3..5 at
+    position 4, where (7, 1, 3) said 1..7), and two padded along different axes leave the corners to the third
+    branch (0..1 at (0, 0), where (7, 1, 3) said 0..3); a map cropped at its end reads nothing where the next
+    convolution pads it (9..12 at its last position 11, where (5, 1, 2) said 9..13). Every offered geometry, of
+    the probe (both modes) and of the table's row, now holds at every position."""
     torch.manual_seed(0)
     fields = probe_rf(model, shape, "all")
     row = [r for r in rf_table(model, shape) if r.name == list(dict(model.named_children()))[-1]][0]
@@ -460,6 +513,34 @@ def test_a_view_keeps_its_flow_through_a_pointwise_write_in_place(monkeypatch):
     shapes = count_graphs(monkeypatch)
     field = probe_rf(ViewThenWrite("relu"), (1, 1, 16))
     assert triples(field.geometry) == [(5, 1, 2)] and len(shapes) == 1
+
+
+class SamePadded(nn.Module):
+    """TensorFlow's "SAME" padding, as timm's ``Conv2dSame`` pads: a zero ``F.pad`` of the map, then a valid
+    convolution (a stride-2 stem, then two 3 x 3 convolutions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1, 2, 3, stride=2), nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3)])
+
+    def forward(self, x):
+        x = self.convs[0](nn.functional.pad(x, (0, 1, 0, 1)))
+        for conv in self.convs[1:]:
+            x = conv(nn.functional.pad(x, (1, 1, 1, 1)))
+        return x
+
+
+def test_a_zero_padding_of_a_map_that_a_convolution_reads_on_keeps_the_flow(monkeypatch):
+    """Its padded positions read nothing, but every window of the next convolution reads a position that does, and
+    their spans reach no further into the input: the probe's own forward carries the closed form, which holds at
+    every position."""
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(SamePadded(), (1, 1, 20, 20))
+    assert triples(field.geometry) == [(11, 2, 4), (11, 2, 4)] and len(shapes) == 1
+    fields = probe_rf(SamePadded(), (1, 1, 20, 20), "all")
+    for position in fields.positions():
+        for axis in (0, 1):
+            assert consistent(field.geometry[axis], {position[axis]: fields[position].bounds[axis]}, 20), position
 
 
 class AddedTerm(Windowed):

@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -131,6 +131,11 @@ class GeometryFlow:
         self._mixed: dict[int, tuple[weakref.ref, _Segments | None]] = {}
         # Boolean masks computed from the input or the weights, by id: the probe's function mode shares its own.
         self.masks: Mapping[int, torch.Tensor] = {}
+        # Per axis, the runs of leading and trailing positions whose field is empty (a zero padding of a feature map
+        # reads nothing there, though the span the flow composes for it reaches into the input), by id; tensors
+        # without such positions have no entry.
+        self._empty: dict[int, tuple[weakref.ref, _Borders]] = {}
+        self._input_lengths: tuple[int, ...] = ()
 
     def start(self, inputs: torch.Tensor) -> None:
         """Gives the probe's input ``(N, C, *spatial)`` the identity geometry on every axis.
@@ -139,6 +144,7 @@ class GeometryFlow:
             inputs: the input leaf.
         """
         n_axes = inputs.dim() - 2
+        self._input_lengths = tuple(inputs.shape[2:])
         self._set(inputs, ((_Periodic(1, (0,), (1,)),) * n_axes, tuple(range(2, 2 + n_axes))))
 
     def of(self, tensor) -> Flow | None:
@@ -185,11 +191,60 @@ class GeometryFlow:
         entry = self._tags.get(id(tensor))
         return entry[1] if entry is not None and entry[0]() is tensor else None
 
-    def _set(self, tensor: torch.Tensor, tag: _Tag | None) -> None:
+    def _set(self, tensor: torch.Tensor, tag: _Tag | None, empty: _Borders | None = None) -> None:
         if tag is None:
             self._tags.pop(id(tensor), None)
         else:
             self._tags[id(tensor)] = (weakref.ref(tensor), tag)
+        if tag is None or empty is None:
+            self._empty.pop(id(tensor), None)
+        else:
+            self._empty[id(tensor)] = (weakref.ref(tensor), empty)
+
+    def _empty_of(self, tensor) -> _Borders | None:
+        """Per axis, the leading and trailing positions of ``tensor`` whose field is empty; None where none is."""
+        entry = self._empty.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def _empty_after(self, name: str, args, kwargs, result: torch.Tensor, dependent, tag: _Tag) -> _Borders | None:
+        """The empty border positions of ``result``, tagged ``tag`` by the call's rule.
+
+        Raises:
+            _Inexact: a field at the border is not what the flow composes for it where that matters: an end of the
+                composed span inside the input that an empty position gave (``F.pad(valid_conv(x)) + other(x)``:
+                the padded positions read nothing, the hull only the other branch), or an empty field whose span
+                lies inside the input.
+        """
+        axes, dims = tag
+        first = args[0] if args else kwargs.get("input")
+        if _is_layer(name, len(dims)) and (source := self._tag(first)) is not None:
+            layers = cast(list, _layers(name, args, kwargs, len(dims)))
+            empty = self._empty_of(first) or ((0, 0),) * len(dims)
+            return _normalised(
+                [
+                    (0, 0) if isinstance(axis, str) else _layer_empty(axis, layer, ends, n, m, length)
+                    for axis, layer, ends, n, m, length in zip(
+                        source[0], layers, empty, first.shape[2:], result.shape[2:], self._input_lengths
+                    )
+                ]
+            )
+        known = [self._empty_of(t) for t in dependent]
+        if all(e is None for e in known):
+            return None
+        if _base(name) in _ELEMENTWISE and name != "where":
+            operands = [(cast(_Tag, self._tag(t))[0], e or ((0, 0),) * len(axes)) for t, e in zip(dependent, known)]
+            return _hull_empty(axes, operands, [result.shape[d] for d in dims], self._input_lengths)
+        if len(dependent) > 1:  # cat, where: operands empty alike, or no rule
+            if len(set(known)) == 1:
+                return known[0]
+            raise _Inexact
+        if first is not dependent[0] or known[0] is None:
+            raise _Inexact
+        source_dims = cast(_Tag, self._tag(first))[1]
+        lengths = zip(axes, source_dims, dims)
+        if any(not isinstance(a, str) and first.shape[d] != result.shape[e] for a, d, e in lengths):
+            raise _Inexact  # a crop or an upsampling of a map with empty border positions: no rule follows them
+        return _normalised([(0, 0) if isinstance(a, str) else ends for a, ends in zip(axes, known[0])])
 
     def after(self, name: str, args: tuple, kwargs: dict, result: Any) -> None:
         """Gives ``result`` the flow of the call ``name(*args, **kwargs)``, or none where the rules do not cover it.
@@ -225,7 +280,13 @@ class GeometryFlow:
             tags = self._selected(name, args, kwargs, results)
         for index, item in enumerate(results):
             if isinstance(item, torch.Tensor):
-                self._set(item, None if tags is None else tags[index] if index < len(tags) else None)
+                tag, empty = None if tags is None else tags[index] if index < len(tags) else None, None
+                if tag is not None:
+                    try:
+                        empty = self._empty_after(name, args, kwargs, item, dependent, tag)
+                    except _Inexact:
+                        tag = None
+                self._set(item, tag, empty)
                 segments = mixed[index] if index < len(mixed) else None
                 if segments is None:
                     self._mixed.pop(id(item), None)
@@ -248,6 +309,7 @@ class GeometryFlow:
             tensor = reference()
             if tensor is None or (tensor is not keep and tensor.untyped_storage().data_ptr() == memory):
                 self._tags.pop(key, None)
+                self._empty.pop(key, None)
 
     def _segments(self, tensor) -> _Segments | bool | None:
         """A mixed tensor's segments (``False`` where unknown); ``None`` if its channels hold one field."""
@@ -338,15 +400,9 @@ class GeometryFlow:
         n_axes = len(dims)
         if dims != tuple(range(2, 2 + n_axes)) or first.dim() != n_axes + 2:
             return None  # the layers below read (N, C, *spatial)
-        if _CONVS.get(name) == n_axes:
-            return [(_composed(flow, _conv_layers(args, kwargs, n_axes)), dims)]
-        if name == "pad":
-            layers = _pad_layers(args, kwargs, n_axes)
+        if _is_layer(name, n_axes):
+            layers = _layers(name, args, kwargs, n_axes)
             return None if layers is None else [(_composed(flow, layers), dims)]
-        if _MAX_POOLS.get(name.removesuffix("_with_indices")) == n_axes:
-            return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=True)), dims)]
-        if _AVG_POOLS.get(name) == n_axes:
-            return [(_composed(flow, _pool_layers(args, kwargs, n_axes, dilated=False)), dims)]
         if _ADAPTIVE_POOLS.get(name) == n_axes and all(n == 1 for n in result.shape[2:]):
             return [((name,) * n_axes, dims)]
         if name == "interpolate" and _argument(args, kwargs, 3, "mode", "nearest") in ("nearest", "nearest-exact"):
@@ -360,6 +416,138 @@ class GeometryFlow:
 
 
 _Tag = tuple[tuple[_Axis, ...], tuple[int, ...]]  # a tensor's fields per axis, and the dims its spatial axes lie at
+_Borders = tuple[tuple[int, int], ...]  # per axis, how many leading and trailing positions have an empty field
+
+
+class _Inexact(Exception):
+    """A field at the border of a map is not the one the flow composes for it (see GeometryFlow._empty_after)."""
+
+
+def _normalised(empty: Sequence[tuple[int, int]]) -> _Borders | None:
+    return None if all(ends == (0, 0) for ends in empty) else tuple(empty)
+
+
+def _span_hull(spans: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    return min(first for first, _ in spans), max(last for _, last in spans)
+
+
+def _border_field(spans: Sequence[tuple[int, int]], read: Sequence[tuple[int, int]], length: int) -> bool:
+    """Whether a position whose span is the hull of ``spans`` but which reads only ``read``'s fields is empty.
+
+    Raises:
+        _Inexact: an end of the span inside the input (of ``length``) is not the field's: it reads nothing though
+            its span lies inside, or an end inside comes from a position that reads nothing.
+    """
+    first, last = _span_hull(spans)
+    if not read:
+        if first >= 0 and last <= length - 1:
+            raise _Inexact
+        return True
+    read_first, read_last = _span_hull(read)
+    if (first >= 0 and first != read_first) or (last <= length - 1 and last != read_last):
+        raise _Inexact
+    return False
+
+
+def _runs(empty: dict[int, bool], count: int) -> tuple[int, int]:
+    """The leading and trailing runs of empty positions among ``count``, from each border position's emptiness.
+
+    Raises:
+        _Inexact: an empty position between positions that read something.
+    """
+    lead = next((o for o in range(count) if not empty.get(o, False)), count)
+    trail = 0 if lead == count else next(o for o in range(count) if not empty.get(count - 1 - o, False))
+    if sum(empty.values()) != lead + trail:
+        raise _Inexact
+    return lead, trail
+
+
+def _layer_empty(
+    axis: _Periodic, layer: tuple[int, int, int, int], empty: tuple[int, int], size: int, out_size: int, length: int
+) -> tuple[int, int]:
+    """The empty runs of a layer's output along one axis, checking the border outputs' fields against their spans.
+
+    ``size`` and ``out_size`` are the layer's input and output lengths, ``length`` the probe's input's; output
+    ``o`` reads the positions ``o*stride - padding + t*dilation`` that lie inside its input and are not empty.
+    """
+    kernel, stride, padding, dilation = layer
+    reach = (kernel - 1) * dilation
+    if (
+        empty == (0, 0)
+        and len(axis.offsets) == 1
+        and padding <= reach
+        and (out_size - 1) * stride - padding < size
+        and axis.field(size)[1] > length - 1
+    ):
+        # Every window reads a position, and its padded taps' spans lie beyond the input on their side (at one
+        # class the fields move away from the border; after the last position's, unless a crop of the end dropped
+        # positions whose spans lie inside): no border output's span has an end inside that its field lacks.
+        return 0, 0
+    first_read, last_read = empty[0], size - 1 - empty[1]
+
+    def is_empty(o: int) -> bool | None:  # None: every tap reads
+        taps = range(o * stride - padding, o * stride - padding + reach + 1, dilation)
+        read = [axis.field(t) for t in taps if first_read <= t <= last_read]
+        return None if len(read) == kernel else _border_field([axis.field(t) for t in taps], read, length)
+
+    found: dict[int, bool] = {}
+    for order in (range(out_size), range(out_size - 1, -1, -1)):
+        for o in order:
+            if o in found or (kind := is_empty(o)) is None:
+                break
+            found[o] = kind
+    return _runs(found, out_size)
+
+
+def _hull_empty(
+    axes: tuple[_Axis, ...], operands: list[tuple[tuple[_Axis, ...], _Borders]], sizes: list[int], lengths
+) -> _Borders | None:
+    """The empty runs of an elementwise function's result (the hull of its operands' fields), checked as a layer's.
+
+    Each operand reads inside its box (the positions clear of its empty runs on every axis), so which operands a
+    position reads depends on all its indices: along each axis, every index is checked with every pattern of the
+    other axes' boxes (at a corner of ``a(x) + pad_rows(b(x)) + pad_columns(c(x))``, ``a`` alone). The result's
+    empty positions are those outside every box, which must themselves make one box (one operand's holding the
+    others').
+
+    Raises:
+        _Inexact: as :func:`_border_field`, or the boxes' union is no box.
+    """
+    empties = [empty for _, empty in operands]
+    if len(set(empties)) == 1:
+        return _normalised([(0, 0) if isinstance(axis, str) else ends for axis, ends in zip(axes, empties[0])])
+    if any(isinstance(axis, str) and len({e[a] for e in empties}) > 1 for a, axis in enumerate(axes)):
+        raise _Inexact
+    boxes = [[(e[a][0], size - 1 - e[a][1]) for a, size in enumerate(sizes)] for e in empties]
+    union = next((box for box in boxes if all(_holds(box, other) for other in boxes)), None)
+    if union is None:
+        raise _Inexact
+    # Per axis and index, which operands' boxes hold it; per axis, the patterns that occur.
+    inside = [
+        [tuple(box[a][0] <= o <= box[a][1] for box in boxes) for o in range(size)] for a, size in enumerate(sizes)
+    ]
+    patterns = [sorted(set(along)) for along in inside]
+    for a, (axis, length) in enumerate(zip(axes, lengths)):
+        if isinstance(axis, str):
+            continue
+        others = itertools.product(*(patterns[b] for b in range(len(axes)) if b != a))
+        # Along a 1D map's one axis, the product of no other axes is one empty pattern: it holds every operand.
+        for other in [tuple(map(all, zip(*combination))) or (True,) * len(boxes) for combination in others]:
+            for o, here in enumerate(inside[a]):
+                if all(here) and all(other):
+                    continue  # read by every operand: the hull of their fields, exact as each is
+                spans = [cast(_Periodic, own[a]).field(o) for own, _ in operands]
+                reads = [i for i, flag in enumerate(here) if flag and other[i]]
+                _border_field(spans, [spans[i] for i in reads], length)
+    return _normalised([(box[0], size - 1 - box[1]) for box, size in zip(union, sizes)])
+
+
+def _holds(box: list[tuple[int, int]], other: list[tuple[int, int]]) -> bool:
+    return all(
+        first <= other_first and other_last <= last for (first, last), (other_first, other_last) in zip(box, other)
+    )
+
+
 _Segments = tuple[int, tuple[tuple[int, "_Tag | None"], ...]]  # a concatenation's dim, and each operand's size and tag
 
 
@@ -669,6 +857,21 @@ def _conv_layers(args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]]:
     if isinstance(padding, str):  # "valid", or "same": PyTorch pads the smaller half first
         padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     return list(zip(kernel, stride, _per_axis(padding, n_axes), dilation))
+
+
+def _is_layer(name: str, n_axes: int) -> bool:
+    """Whether ``name`` is a convolution, a zero padding or a pooling of ``n_axes`` spatial axes (see _layers)."""
+    name = name.removesuffix("_with_indices")
+    return name == "pad" or n_axes == _CONVS.get(name, _MAX_POOLS.get(name, _AVG_POOLS.get(name)))
+
+
+def _layers(name: str, args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]] | None:
+    """The ``(kernel, stride, padding, dilation)`` per axis of a call that :func:`_is_layer`; None for no rule."""
+    if name in _CONVS:
+        return _conv_layers(args, kwargs, n_axes)
+    if name == "pad":
+        return _pad_layers(args, kwargs, n_axes)
+    return _pool_layers(args, kwargs, n_axes, dilated=name.removesuffix("_with_indices") in _MAX_POOLS)
 
 
 def _pad_layers(args, kwargs, n_axes: int) -> list[tuple[int, int, int, int]] | None:

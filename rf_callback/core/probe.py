@@ -413,15 +413,12 @@ def border_follows(
     # The centre index at the ends of the other axes: a field that depends on another axis's index (branches of
     # other strides concatenated along it, a roll of some rows) differs there. Each must follow on its own (a
     # union would hide a smaller one): one pass for all where their fields lie apart, else one pass each.
-    seams = set(itertools.product(*({centre[a]} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
-    seams.discard(tuple(centre))
-    for seam, seam_bounds in _seam_fields(theory, sorted(seams), axis).items():
-        if seam_bounds is not None:
-            if not consistent(geometry, {centre[axis]: seam_bounds}, length):
-                return False
-        elif not consistent(geometry, {centre[axis]: None}, length) and not _empty_along_another_axis(
-            seam, axis, others, shape
-        ):
+    # The ends of the axis at the ends of the others too (the corners): where two branches padded along different
+    # axes meet (F.pad of a valid convolution along the rows, another along the columns), the field is neither's.
+    for index in sorted({centre[axis], 0, count - 1}):
+        seams = set(itertools.product(*({index} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
+        seams.discard(at(index))  # read below, or the centre
+        if not _seams_follow(theory, geometry, sorted(seams), axis, index, length, others, shape):
             return False
 
     for end in sorted({0, count - 1}):
@@ -442,6 +439,23 @@ def border_follows(
             continue
         box = box_of(theory.support([at(x) for x in band]))
         if box is not None and (box[axis][0] < low or box[axis][1] > high):
+            return False
+    return True
+
+
+def _seams_follow(theory, geometry: AxisGeometry, seams: list[Position], axis: int, index: int, length: int, others,
+                  shape) -> bool:  # fmt: skip
+    """Whether the fields at ``seams`` (each at ``index`` along ``axis``) are :func:`consistent` with ``geometry``.
+
+    An empty one is, where its span leaves the input along ``axis`` or along another axis (``others``).
+    """
+    for seam, bounds in _seam_fields(theory, seams, axis).items():
+        if bounds is not None:
+            if not consistent(geometry, {index: bounds}, length):
+                return False
+        elif not consistent(geometry, {index: None}, length) and not _empty_along_another_axis(
+            seam, axis, others, shape
+        ):
             return False
     return True
 
