@@ -543,6 +543,48 @@ def test_a_zero_padding_of_a_map_that_a_convolution_reads_on_keeps_the_flow(monk
             assert consistent(field.geometry[axis], {position[axis]: fields[position].bounds[axis]}, 20), position
 
 
+class PaddedToAMultiple(nn.Module):
+    """Inference-style: the input padded at its end to a multiple of 16, strided convolutions and a residual block,
+    the output cropped back (``[..., :ceil(n / 4)]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 3, 2, 1))
+        self.block = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        height, width = x.shape[2:]
+        y = self.down(nn.functional.pad(x, (0, -width % 16, 0, -height % 16)))
+        return (torch.relu(self.block(y)) + y)[..., : -(-height // 4), : -(-width // 4)]
+
+
+class ShiftedPads(nn.Module):
+    """The input padded at its end, plus the input padded by two on each side: fields [i - 2, i] at every index."""
+
+    def forward(self, x):
+        return nn.functional.pad(x, (0, 4)) + nn.functional.pad(x, (2, 2))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "expected"),
+    [(PaddedToAMultiple(), (1, 1, 21, 26), [(15, 4, 7)] * 2), (ShiftedPads(), (1, 1, 12), [(3, 1, 2)])],
+    ids=["padded to a multiple, cropped back", "two paddings whose empty ends differ"],
+)
+def test_empty_border_positions_that_no_field_reads_from_keep_the_flow(model, shape, expected, monkeypatch):
+    """The padded positions read nothing, but no field's end inside the input comes from one: the flow keeps the
+    geometry (a crop of the end keeps the runs it leaves; two operands' boxes join into one), and it holds at every
+    position."""
+    shapes = count_graphs(monkeypatch)
+    field = probe_rf(model, shape)
+    assert triples(field.geometry) == expected and len(shapes) == 1
+    fields = probe_rf(model, shape, "all")
+    for position in fields.positions():
+        for axis, g in enumerate(field.geometry):
+            bounds = fields[position].bounds[axis]
+            read = bounds if bounds[0] <= bounds[1] else None  # the positions both paddings add read nothing
+            assert consistent(g, {position[axis]: read}, shape[2 + axis]), (position, axis)
+
+
 class AddedTerm(Windowed):
     """A position code with zeros added through ``addcmul``: its zeros are added, not multiplied."""
 

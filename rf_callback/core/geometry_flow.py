@@ -218,7 +218,7 @@ class GeometryFlow:
         axes, dims = tag
         first = args[0] if args else kwargs.get("input")
         if _is_layer(name, len(dims)) and (source := self._tag(first)) is not None:
-            layers = cast(list, _layers(name, args, kwargs, len(dims)))
+            layers = cast(list, _layers(name, args, kwargs, len(dims)))  # not None: _tags_of composed them
             empty = self._empty_of(first) or ((0, 0),) * len(dims)
             return _normalised(
                 [
@@ -240,11 +240,17 @@ class GeometryFlow:
             raise _Inexact
         if first is not dependent[0] or known[0] is None:
             raise _Inexact
-        source_dims = cast(_Tag, self._tag(first))[1]
-        lengths = zip(axes, source_dims, dims)
-        if any(not isinstance(a, str) and first.shape[d] != result.shape[e] for a, d, e in lengths):
-            raise _Inexact  # a crop or an upsampling of a map with empty border positions: no rule follows them
-        return _normalised([(0, 0) if isinstance(a, str) else ends for a, ends in zip(axes, known[0])])
+        runs = []
+        for axis, d, e, (lead, trail) in zip(axes, cast(_Tag, self._tag(first))[1], dims, known[0]):
+            size, kept = first.shape[d], result.shape[e]
+            if isinstance(axis, str) or kept == size:
+                runs.append((0, 0) if isinstance(axis, str) else (lead, trail))
+            elif name == "__getitem__" and kept < size:  # x[..., :n], the one crop the rules follow: the runs left
+                lead = min(lead, kept)
+                runs.append((lead, 0 if lead == kept else max(0, trail - (size - kept))))
+            else:
+                raise _Inexact  # an upsampling of a map with empty border positions: no rule follows them
+        return _normalised(runs)
 
     def after(self, name: str, args: tuple, kwargs: dict, result: Any) -> None:
         """Gives ``result`` the flow of the call ``name(*args, **kwargs)``, or none where the rules do not cover it.
@@ -280,11 +286,12 @@ class GeometryFlow:
             tags = self._selected(name, args, kwargs, results)
         for index, item in enumerate(results):
             if isinstance(item, torch.Tensor):
-                tag, empty = None if tags is None else tags[index] if index < len(tags) else None, None
+                tag = None if tags is None or index >= len(tags) else tags[index]
+                empty = None
                 if tag is not None:
                     try:
                         empty = self._empty_after(name, args, kwargs, item, dependent, tag)
-                    except _Inexact:
+                    except (_Inexact, TypeError, ValueError, IndexError, AttributeError):  # as _tags_of: no flow
                         tag = None
                 self._set(item, tag, empty)
                 segments = mixed[index] if index < len(mixed) else None
@@ -519,9 +526,7 @@ def _hull_empty(
     if any(isinstance(axis, str) and len({e[a] for e in empties}) > 1 for a, axis in enumerate(axes)):
         raise _Inexact
     boxes = [[(e[a][0], size - 1 - e[a][1]) for a, size in enumerate(sizes)] for e in empties]
-    union = next((box for box in boxes if all(_holds(box, other) for other in boxes)), None)
-    if union is None:
-        raise _Inexact
+    union = _union_box(boxes)
     # Per axis and index, which operands' boxes hold it; per axis, the patterns that occur.
     inside = [
         [tuple(box[a][0] <= o <= box[a][1] for box in boxes) for o in range(size)] for a, size in enumerate(sizes)
@@ -531,21 +536,45 @@ def _hull_empty(
         if isinstance(axis, str):
             continue
         others = itertools.product(*(patterns[b] for b in range(len(axes)) if b != a))
-        # Along a 1D map's one axis, the product of no other axes is one empty pattern: it holds every operand.
+        # Per combination of the other axes' patterns, which operands' boxes hold those indices (along a 1D map's
+        # one axis, the product of no other axes is one empty combination: every operand's).
         for other in [tuple(map(all, zip(*combination))) or (True,) * len(boxes) for combination in others]:
             for o, here in enumerate(inside[a]):
                 if all(here) and all(other):
                     continue  # read by every operand: the hull of their fields, exact as each is
-                spans = [cast(_Periodic, own[a]).field(o) for own, _ in operands]
                 reads = [i for i, flag in enumerate(here) if flag and other[i]]
+                if not reads:
+                    continue  # empty in every operand: each one's span leaves the input where its runs were made
+                spans = [cast(_Periodic, own[a]).field(o) for own, _ in operands]
                 _border_field(spans, [spans[i] for i in reads], length)
     return _normalised([(box[0], size - 1 - box[1]) for box, size in zip(union, sizes)])
 
 
-def _holds(box: list[tuple[int, int]], other: list[tuple[int, int]]) -> bool:
-    return all(
-        first <= other_first and other_last <= last for (first, last), (other_first, other_last) in zip(box, other)
-    )
+def _union_box(boxes: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """The union of boxes (per axis, inclusive first and last index) where it is one box.
+
+    One box holding the others, or boxes alike on every axis but one, along which they join without a gap (in 1D,
+    ``F.pad(x, (0, 4)) + F.pad(x, (2, 2))``).
+
+    Raises:
+        _Inexact: the union is no box, or a box is empty.
+    """
+    if any(first > last for box in boxes for first, last in box):
+        raise _Inexact
+    for box in boxes:
+        if all(first <= other[0] and other[1] <= last for o in boxes for (first, last), other in zip(box, o)):
+            return box
+    differ = [a for a in range(len(boxes[0])) if len({box[a] for box in boxes}) > 1]
+    if len(differ) != 1:
+        raise _Inexact
+    (axis,) = differ
+    intervals = sorted(box[axis] for box in boxes)
+    first, last = intervals[0]
+    for start, end in intervals[1:]:
+        if start > last + 1:
+            raise _Inexact
+        last = max(last, end)
+    return [(first, last) if a == axis else ends for a, ends in enumerate(boxes[0])]
 
 
 _Segments = tuple[int, tuple[tuple[int, "_Tag | None"], ...]]  # a concatenation's dim, and each operand's size and tag

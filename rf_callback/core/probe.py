@@ -395,9 +395,10 @@ def border_follows(
     one pass each, outermost first, where the band holds a few or the forward pads with the input's own values (a
     reflection or a replication folds a field back inside there, where the band's union hides it); otherwise the
     band must together lie inside its clipped spans (one pass), which a wrap to the far end breaks. At the
-    ends of the other axes, the centre index's fields must together be its span (one pass), or all be empty where
-    ``others`` (the geometry of every axis) puts each of them beyond the input along another axis: a dilated field
-    at the end of that axis can fall between the input's rows.
+    ends of the other axes, the centre index's and both ends' fields (the corners) must each be their spans (one
+    pass per index where they lie apart, else one per field, which ``known`` keeps for the other axes), or be empty
+    where ``others`` (the geometry of every axis) puts each of them beyond the input along another axis: a dilated
+    field at the end of that axis can fall between the input's rows.
     """
     length, count = shape[2 + axis], output_shape[axis]
     centre = [n // 2 for n in output_shape]
@@ -418,7 +419,7 @@ def border_follows(
     for index in sorted({centre[axis], 0, count - 1}):
         seams = set(itertools.product(*({index} if a == axis else {0, n - 1} for a, n in enumerate(output_shape))))
         seams.discard(at(index))  # read below, or the centre
-        if not _seams_follow(theory, geometry, sorted(seams), axis, index, length, others, shape):
+        if not _seams_follow(theory, geometry, sorted(seams), axis, index, length, others, shape, known):
             return False
 
     for end in sorted({0, count - 1}):
@@ -443,13 +444,15 @@ def border_follows(
     return True
 
 
-def _seams_follow(theory, geometry: AxisGeometry, seams: list[Position], axis: int, index: int, length: int, others,
-                  shape) -> bool:  # fmt: skip
+def _seams_follow(
+    theory, geometry: AxisGeometry, seams: list[Position], axis: int, index: int, length: int, others: tuple,
+    shape, known: dict,
+) -> bool:  # fmt: skip
     """Whether the fields at ``seams`` (each at ``index`` along ``axis``) are :func:`consistent` with ``geometry``.
 
     An empty one is, where its span leaves the input along ``axis`` or along another axis (``others``).
     """
-    for seam, bounds in _seam_fields(theory, seams, axis).items():
+    for seam, bounds in _seam_fields(theory, seams, axis, known).items():
         if bounds is not None:
             if not consistent(geometry, {index: bounds}, length):
                 return False
@@ -460,14 +463,16 @@ def _seams_follow(theory, geometry: AxisGeometry, seams: list[Position], axis: i
     return True
 
 
-def _seam_fields(theory, seams: list[Position], axis: int) -> dict[Position, Bounds | None]:
+def _seam_fields(theory, seams: list[Position], axis: int, known: dict) -> dict[Position, Bounds | None]:
     """Per position of ``seams`` (which differ along the axes other than ``axis`` only), its bounds along ``axis``.
 
     One pass from all of them, split along each other axis into one run per index, where their fields lie apart
-    there; else one pass each.
+    there; else one pass each, kept in ``known`` (the corners serve every axis).
     """
     if not seams:
         return {}
+    if all(seam in known for seam in seams):
+        return {seam: hull(marginal(known[seam], axis)) for seam in seams}
     support = theory.support(seams)
     slabs: dict[int, dict[int, Bounds]] = {}
     for other in range(support.dim()):
@@ -476,7 +481,10 @@ def _seam_fields(theory, seams: list[Position], axis: int) -> dict[Position, Bou
         indices = sorted({seam[other] for seam in seams})
         found = runs(marginal(support, other), 1)
         if len(found) != len(indices):  # fields that touch along this axis, or an empty one
-            return {seam: hull(marginal(theory.support([seam]), axis)) for seam in seams}
+            for seam in seams:
+                if seam not in known:
+                    known[seam] = theory.support([seam])
+            return {seam: hull(marginal(known[seam], axis)) for seam in seams}
         slabs[other] = dict(zip(indices, found))
     fields = {}
     for seam in seams:
