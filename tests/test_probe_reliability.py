@@ -2399,6 +2399,18 @@ def test_every_output_of_a_spectral_filter_reads_the_whole_axis():
     assert [field.bounds for field in fields] == [((1, 3), (0, 11))] * 10
 
 
+def test_zero_initialised_complex_spectral_weights_read_the_whole_axis_in_theoretical_mode():
+    """A complex parameter kept its trained values on the theoretical copy: a Fourier layer's spectral weights
+    initialised to zero cut the spectral path, and output 5 read 5..5 alone of 0..31. Weights mode still reads what
+    the zero weights connect: the 1 x 1 path alone."""
+    model = FourierLayer1d()
+    with torch.no_grad():
+        model.weights.zero_()
+    assert str(probe_rf(model, (1, 2, 32), 5)) == "RF of the output at (5,): 32 (input 0..31) [theoretical]"
+    assert probe_rf(model, (1, 2, 32), 5, mode="weights").bounds == ((5, 5),)
+    assert model.weights.dtype == torch.cfloat and not model.weights.any()  # the live weights are left as they were
+
+
 def _deformable_op():
     """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
     reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""

@@ -3403,6 +3403,11 @@ def _pruning_masks(modules: list[nn.Module]) -> set[int]:
 def _prepared_parameter(
     name: str, param: torch.Tensor, mode: str, dtype, zero_biases: bool, device, *, mask: bool = False
 ) -> torch.Tensor:
+    if param.is_complex() and mode == "theoretical":
+        # A spectral weight (an FNO's or a GFNet's filter, multiplied with an rfft's coefficients): as a real weight,
+        # a positive constant, whatever its trained values (zero-initialised ones cut the whole spectral path).
+        fan_in = max(math.prod(param.shape[1:]), 1) if param.dim() >= 2 else 1
+        return _constant(param, torch.promote_types(dtype, torch.complex64), 1.0 / fan_in, device)
     if not param.is_floating_point():
         return param.detach().to(device, copy=True)
     if mask:  # a fixed mask (is_fixed_mask): the architecture's own values
