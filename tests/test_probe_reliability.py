@@ -2411,6 +2411,44 @@ def test_zero_initialised_complex_spectral_weights_read_the_whole_axis_in_theore
     assert model.weights.dtype == torch.cfloat and not model.weights.any()  # the live weights are left as they were
 
 
+class SpectrogramGain(nn.Module):
+    """A learned gain per frequency of a short-time Fourier transform (8-sample Hann frames every 2 samples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(5, 1))
+
+    def forward(self, x):
+        window = torch.hann_window(8, dtype=x.dtype)
+        spectrogram = torch.stft(x[:, 0], 8, hop_length=2, window=window, return_complex=True)
+        return torch.istft(spectrogram * self.gain, 8, hop_length=2, window=window, length=x.shape[-1]).unsqueeze(1)
+
+
+class SpectrogramMask(nn.Module):
+    """A mask computed from a spectrogram's magnitudes (a convolution along its frequencies) applied to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = nn.Conv2d(1, 1, (3, 1), padding=(1, 0))
+
+    def forward(self, x):
+        window = torch.hann_window(16, dtype=x.dtype)
+        spectrogram = torch.stft(x[:, 0], 16, hop_length=4, window=window, return_complex=True)
+        mask = torch.sigmoid(self.mask(spectrogram.abs().unsqueeze(1)))[:, 0]
+        return torch.istft(spectrogram * mask, 16, hop_length=4, window=window, length=x.shape[-1]).unsqueeze(1)
+
+
+def test_a_filter_of_a_spectrogram_reads_the_frames_that_cover_the_output():
+    """A gain per frequency may be any kernel inside each frame; the copy's equal gains made the stft and istft
+    round trip an identity, and output 20 read 20 alone (with rounding noise around it). Each output reads the
+    frames whose windows cover it, as any gains do: a frame's first sample is under the Hann window's zero, and
+    the reflection at the ends reads back into the input. A mask computed from the input reads those frames too."""
+    fields = probe_rf(SpectrogramGain(), (1, 1, 40), [0, 3, 20, 21, 39])
+    assert [field.bounds for field in fields] == [((0, 5),), ((0, 9),), ((15, 25),), ((15, 27),), ((33, 39),)]
+    assert probe_rf(SpectrogramGain(), (1, 1, 40), 20, mode="weights").bounds == ((20, 20),)  # gains of 1: identity
+    assert probe_rf(SpectrogramMask(), (1, 1, 64), 32).bounds == ((21, 43),)
+
+
 def _deformable_op():
     """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
     reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""

@@ -1005,6 +1005,8 @@ class _ProbeFunctions(TorchFunctionMode):
             # own paths to the other outputs are rounding noise on the copy's constants.
             spectrum = args[0].real if args[0].is_complex() else args[0]
             return func(*args, **kwargs) + spectrum.mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
+        if self.linearise and name in _SHORT_TIME_FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
+            return _short_time_fourier_twin(func, name, args, kwargs)
         clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input", kwargs.get("self")))
         # A fake quantization is an identity of the theoretical copy, of a weight too: on the copy's constants with
         # the live scales, a weight's would round a whole channel to zero and cut what it feeds.
@@ -1162,6 +1164,42 @@ _INVERSE_FOURIER_TRANSFORMS = {
     **dict.fromkeys(("fft_ifft2", "fft_irfft2", "fft_hfft2"), 2),
     **dict.fromkeys(("fft_ifftn", "fft_irfftn", "fft_hfftn"), None),
 }
+
+
+# Short-time Fourier transforms, each frame on its own: a filter of their spectrogram mixes the frame's samples.
+_SHORT_TIME_FOURIER_TRANSFORMS = frozenset({"stft", "istft"})
+# Where stft(input, n_fft, hop_length, win_length, window, ...) and istft take their window, if not by name.
+_WINDOW_ARGUMENT = 4
+
+
+def _short_time_fourier_twin(func, name: str, args, kwargs) -> torch.Tensor:
+    """The theoretical copy's twin of an ``stft`` or ``istft``: every frequency of a frame reads the whole frame.
+
+    A filter of the spectrogram (a learned gain per frequency) may be any kernel inside each frame, but the copy's
+    equal weights make it a constant, whose kernel is a single tap: the round trip read its own sample alone, and
+    rounding noise around it. As the twins of ``rfft`` and ``irfft`` do along the whole axis, the ``stft`` adds to
+    every frequency of a frame that frame's sum under the window's magnitude (the frequency 0 of a spectrogram
+    with that window), and the ``istft`` adds the mean of each frame's frequencies, brought back as the frame's
+    frequency 0 alone: an output reads the frames whose windows cover it, no others.
+    """
+    result = func(*args, **kwargs)
+    if name == "stft":
+        window = kwargs.get("window", args[_WINDOW_ARGUMENT] if len(args) > _WINDOW_ARGUMENT else None)
+        if isinstance(window, torch.Tensor):
+            if len(args) > _WINDOW_ARGUMENT:
+                args = (*args[:_WINDOW_ARGUMENT], window.abs(), *args[_WINDOW_ARGUMENT + 1 :])
+            else:
+                kwargs = {**kwargs, "window": window.abs()}
+        frequency_dim = -2 if result.is_complex() else -3  # (..., frequencies, frames), or real pairs after them
+        return result + func(*args, **kwargs).narrow(frequency_dim, 0, 1)
+    spectrum = args[0]
+    if not spectrum.is_complex():  # torch's istft refuses real pairs: no twin needed
+        return result
+    parts = spectrum.real + spectrum.imag  # a complex gain's product reads both parts of each frequency
+    frame_means = parts.mean(dim=-2, keepdim=True)
+    zero_frequency_alone = torch.cat([frame_means, torch.zeros_like(parts[..., 1:, :])], dim=-2)
+    zero_frequency_alone = torch.complex(zero_frequency_alone, torch.zeros_like(zero_frequency_alone))
+    return result + func(zero_frequency_alone, *args[1:], **kwargs)
 
 
 def _fourier_dims(name: str, args, kwargs) -> tuple[int, ...]:
