@@ -506,6 +506,35 @@ def test_the_values_of_a_pick_are_probed_where_its_indices_are_not_used():
         assert probe_rf(returned, (1, 1, 12), 6, mode=mode, element=0).bounds == ((4, 8),)
 
 
+class IndexedAlongLength(nn.Module):
+    """Two convolutions of 3 joined by an ``index_add`` or an ``index_fill`` along the length."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv1d(1, 1, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[-1])
+        if self.how == "index_add":
+            return self.a(x).index_add(2, positions, self.b(x))
+        if self.how == "index_add reversed":
+            return self.a(x).index_add(2, positions.flip(0), self.b(x))
+        return self.a(x).index_fill(2, torch.tensor([0]), 0.0) + self.b(x)
+
+
+@pytest.mark.parametrize(
+    "how, pos, support",
+    [("index_add", 10, [9, 10, 11]), ("index_add reversed", 0, [0, 1, 19, 20]), ("index_fill", 10, [9, 10, 11])],
+)
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_an_index_add_or_fill_along_a_spatial_dim_reads_the_positions_its_index_names(mode, how, pos, support):
+    """Both raised "Dimension out of range" inside the probe, though the model runs; the fields are the brute force's
+    union over random weights and inputs."""
+    field = probe_rf(IndexedAlongLength(how), (1, 1, 21), pos, mode=mode)
+    assert torch.nonzero(field.heatmap > 0).flatten().tolist() == support
+
+
 CUTS_INSIDE_A_LIST = {
     "a detached branch in cat's list": lambda w, t, n: torch.cat([w.detach(), n], dim=1).sum(1, keepdim=True),
     "an argsort in an index tuple": lambda w, t, n: w[..., n.sum(1)[0].argsort()],

@@ -910,7 +910,7 @@ class _ProbeFunctions(TorchFunctionMode):
             pick = _stitched(name, args, kwargs, self._spatial_dims)
         elif name in _PARTIAL_COPIES:
             pick = _stitched_write(name, args, kwargs, self._spatial_dims)
-        elif name in _INDEXINGS:
+        elif name in _PICKS_BY_INDEX:
             pick = _reordered(name, args, kwargs, self._spatial_dims)
         elif geometry_flow.cuts_by_zeros(name) and isinstance(result, torch.Tensor):
             dependent = [t for t in (*args, *kwargs.values()) if _depends_on_input(t)]
@@ -1535,7 +1535,7 @@ BORDER_PIECES = "a padding made of border pieces"
 
 
 # Calls that pick positions by an index tensor (or list, or fixed mask); how each takes its dim (see _reordered).
-_INDEXINGS = frozenset({"__getitem__", "index_select", "gather", "take_along_dim"})
+_PICKS_BY_INDEX = frozenset({"__getitem__", "index_select", "gather", "take_along_dim"})
 
 
 def _reordered(name: str, args, kwargs, spatial_dims: Callable) -> str | None:
