@@ -989,6 +989,9 @@ PICKS = {
     "minimum": torch.minimum,
     "fmax": torch.fmax,
     "max of two": torch.max,
+    "maximum by keyword": lambda a, b: torch.maximum(a, other=b),  # read 5..7 at position 6, not 2..10
+    "fmin by keyword": lambda a, b: torch.fmin(a, other=b),
+    "max of two by keyword": lambda a, b: torch.max(input=a, other=b),
     "amax": lambda a, b: torch.stack([a, b]).amax(0),
     "amin": lambda a, b: torch.stack([a, b]).amin(dim=0),
     "where by value": lambda a, b: torch.where(a > b, a, b),

@@ -1115,8 +1115,8 @@ class _ProbeFunctions(TorchFunctionMode):
         mean, with the real indices where the call returns them.
         """
         base = name.rstrip("_")
-        if _picks_elementwise(base, args):
-            return _mean_of_dependent(args[:2])
+        if _picks_elementwise(base, operands := _pick_operands(args, kwargs)):
+            return _mean_of_dependent(operands)
         if base in _CLAMPS and len(args) + len(kwargs) > 1:
             bounds = [
                 kwargs.get("min", args[1] if len(args) > 1 else None),
@@ -1286,9 +1286,21 @@ def _recurrent_cell_twin(name: str, x, hx):
     return outputs if name == "lstm_cell" else outputs[0]
 
 
-def _picks_elementwise(base: str, args) -> bool:
-    """Whether the call picks one of two operands' values elementwise (``maximum``, ``fmin``, ``max(x, y)``)."""
-    two_tensors = len(args) > 1 and isinstance(args[1], torch.Tensor)
+def _pick_operands(args, kwargs) -> list:
+    """The two operands of an elementwise pick, given by position or by keyword (``maximum(a, other=b)``)."""
+    first = args[0] if args else kwargs.get("input")
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    return [first, second]
+
+
+def _picks_elementwise(base: str, operands: list) -> bool:
+    """Whether the call picks one of two operands' values elementwise (``maximum``, ``fmin``, ``max(x, y)``).
+
+    Args:
+        base: the call's name without a trailing ``_``.
+        operands: its two operands, as :func:`_pick_operands` gives them.
+    """
+    two_tensors = isinstance(operands[1], torch.Tensor)
     return base in _ELEMENTWISE_PICKS or (base in ("max", "min") and two_tensors)
 
 
@@ -1322,10 +1334,10 @@ def _whole_pick(func, name: str, args, kwargs):
     base = name.rstrip("_")
     if base != name or kwargs.get("out") is not None:  # in place, or into a tensor given: as it is
         return None
-    if _picks_elementwise(base, args):
-        if sum(_depends_on_input(a) for a in args[:2]) < 2:  # maximum(x, 0): a ReLU, read on the draws
+    if _picks_elementwise(base, operands := _pick_operands(args, kwargs)):
+        if sum(_depends_on_input(a) for a in operands) < 2:  # maximum(x, 0): a ReLU, read on the draws
             return None
-        twin = _mean_of_dependent([_finite(a) for a in args[:2]])
+        twin = _mean_of_dependent([_finite(a) for a in operands])
         return _real_values(func(*args, **kwargs), cast(torch.Tensor, twin))
     if not (_picks_along_dims(base, name, args, kwargs) and args and _depends_on_input(args[0])):
         return None
