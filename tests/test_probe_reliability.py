@@ -2943,6 +2943,25 @@ def test_a_frozen_weight_of_two_values_is_still_a_weight():
     assert probe_rf(mixer, (1, 3, 16), 8).bounds == ((0, 15),)
 
 
+class FrozenKernelByKeyword(nn.Module):
+    """``F.conv1d(x, weight=k)`` or ``F.linear(x, weight=eye)`` with a frozen Dirac or identity weight."""
+
+    def __init__(self, linear: bool):
+        super().__init__()
+        kernel = torch.eye(21) if linear else torch.tensor([[[0.0, 0.0, 1.0, 0.0, 0.0]]])
+        self.kernel = nn.Parameter(kernel, requires_grad=False)
+        self.linear = linear
+
+    def forward(self, x):
+        return F.linear(x, weight=self.kernel) if self.linear else F.conv1d(x, weight=self.kernel, padding=2)
+
+
+@pytest.mark.parametrize("linear, bounds", [(False, ((8, 12),)), (True, ((0, 20),))])
+def test_a_frozen_weight_of_two_values_given_by_keyword_is_still_a_weight(linear, bounds):
+    """Given as ``weight=`` it was kept as a mask: both read input 10..10 at position 10."""
+    assert probe_rf(FrozenKernelByKeyword(linear), (1, 1, 21), 10).bounds == bounds
+
+
 def test_a_frozen_float8_parameter_is_a_weight_not_a_refusal():
     """The mask test ran ``aminmax``, which float8 lacks on the CPU: the whole probe failed as a copy error."""
 

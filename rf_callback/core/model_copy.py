@@ -1037,8 +1037,12 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.whole_windows and name in _MAX_UNPOOLS and args and (entry := self._pooled.get(id(args[0]))):
             if entry[0]() is args[0] and isinstance(args[0], torch.Tensor) and args[0]._version == entry[1]:
                 return func(entry[2], *args[1:], **kwargs)
-        if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(args, kwargs)) is not None:
-            args, kwargs = (args[0], weight, *args[2:]), kwargs
+        if self.linearise and name in _WEIGHED and (weight := _collapsed_weight(name, args, kwargs)) is not None:
+            at = _WEIGHT_POSITION.get(name, 1)
+            if len(args) > at:
+                args = (*args[:at], weight, *args[at + 1 :])
+            else:
+                kwargs = {**kwargs, "weight": weight}
         if (self.linearise or self.whole_windows) and (name in _MAX_POOLS or name in _ADAPTIVE_MAX_POOLS):
             if self.linearise:  # return_indices=False, or not given (with indices: above)
                 return _whole_window_pool(name, args, kwargs)
@@ -2701,6 +2705,8 @@ def _diff_twin(x: torch.Tensor, n: int = 1, dim: int = -1, prepend=None, append=
 _WEIGHED = frozenset(
     {"linear", "bilinear", *(f"conv{n}d" for n in (1, 2, 3)), *(f"conv_transpose{n}d" for n in (1, 2, 3))}
 )
+# Where a weighed call takes its weight, where not second (bilinear's comes after its two inputs).
+_WEIGHT_POSITION = {"bilinear": 2}
 
 
 # Calls linear in each tensor operand: a constant operand with signed values (a fixed Haar, Sobel or DCT filter held
@@ -2789,7 +2795,7 @@ def _fake_quantized(func, args, kwargs):
     return result.to(tensors[0].dtype)
 
 
-def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
+def _collapsed_weight(name: str, args, kwargs) -> torch.Tensor | None:
     """The positive constant weight to use where a weight computed from the copy's constants is all zeros, or None.
 
     The copy's own weights are positive constants, but a forward may compute the weight it uses from them: weight
@@ -2797,11 +2803,11 @@ def _collapsed_weight(args, kwargs) -> torch.Tensor | None:
     path. Such a layer gets ``1 / fan_in`` everywhere, as a weight of the copy does. A weight with some zeros (a
     mask that shapes the kernel, as a PixelCNN's) stays as computed. A frozen parameter of two values that the
     copy kept as a mask (:func:`is_fixed_mask`) but that is a layer's weight itself (a frozen Dirac or identity
-    initialisation, which a fine-tuning schedule unfreezes later) is a weight: ``1 / fan_in`` too.
+    initialisation, which a fine-tuning schedule unfreezes later) is a weight: ``1 / fan_in`` too. The weight may
+    be given by position or as ``weight=``.
     """
-    if len(args) < 2 or "weight" in kwargs:
-        return None
-    weight = args[1]
+    at = _WEIGHT_POSITION.get(name, 1)
+    weight = args[at] if len(args) > at else kwargs.get("weight")
     if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and _kept_as_mask(weight):
         return torch.full_like(weight, 1.0 / math.prod(weight.shape[1:]))
     if not isinstance(weight, torch.Tensor) or _stands_for_weights(weight) or weight.requires_grad:
