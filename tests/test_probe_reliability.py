@@ -2012,6 +2012,11 @@ def _multiplied_in_place(target, factor):
     return target
 
 
+def _squared_in_place(target):
+    target **= 2
+    return target
+
+
 ZERO_ON_THE_COPY = {
     "times (x - 1)": lambda w, t, n: w * (n - 1) + n,
     "times (x - a constant tensor)": lambda w, t, n: w * (n - torch.ones(1)) + n,
@@ -2021,6 +2026,10 @@ ZERO_ON_THE_COPY = {
     "divided by a sum, times log|x|": lambda w, t, n: torch.log(n.abs()) / (w + 2),
     "(x - 1) squared": lambda w, t, n: n + (w - 1) ** 2,
     "|x - 1|": lambda w, t, n: n + (w - 1).abs(),
+    "(x - 1) squared by pow_": lambda w, t, n: n + (w - 1).pow_(2),
+    "(x - 1) squared by **=": lambda w, t, n: n + _squared_in_place(w - 1),
+    "(x - 1) squared by square_": lambda w, t, n: n + (w - 1).square_(),
+    "|x - 1| by abs_": lambda w, t, n: n + (w - 1).abs_(),
     "torch.mul with other=": lambda w, t, n: torch.mul(w, other=n - 1) + n,
     "addcmul by (x - 1)": lambda w, t, n: torch.addcmul(n, w, n - 1),
     "in place into a signed constant": lambda w, t, n: _multiplied_in_place(torch.full_like(w, -2.0) * 1.0, w) + n,

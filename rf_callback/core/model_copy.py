@@ -2455,19 +2455,24 @@ def _depends_on_input(value) -> bool:
 
 
 # Elementwise functions whose gradient is 0 where their input is (|x|, x ** 2): on the copy, y - 1 is exactly 0.
-_FLAT_AT_ZERO = frozenset({"abs", "absolute", "square", "pow", "__pow__", "float_power"})
+_FLAT_AT_ZERO = frozenset(
+    {"abs", "absolute", "square", "pow", "__pow__", "float_power", "abs_", "absolute_", "square_", "pow_", "__ipow__",
+     "float_power_"}
+)  # fmt: skip
 
 
 def _unflattened(func, name: str, args, kwargs):
     """``abs``, ``square`` or a positive power of an input-dependent value: its real values, the identity's gradient.
 
-    The same support, and never 0 where the value is (``(y - 1) ** 2`` on the copy's ones). None for other calls.
+    The same support, and never 0 where the value is (``(y - 1) ** 2`` on the copy's ones), in place too
+    (``t.pow_(2)``, ``t **= 2``, ``t.abs_()``). None for other calls.
     """
     x = args[0] if args else kwargs.get("input", kwargs.get("self"))
-    if not _depends_on_input(x) or not x.is_floating_point() or name.endswith("_") or kwargs.get("out") is not None:
+    if not _depends_on_input(x) or not x.is_floating_point() or kwargs.get("out") is not None:
         return None  # a complex value's magnitude is real: its gradient stays the real one
-    exponent = 2 if name == "square" else 1
-    if name in _POWERS | {"float_power"}:
+    in_place = name.endswith("_") or name == "__ipow__"
+    exponent = 2 if name.startswith("square") else 1
+    if name in _POWERS | {"float_power", "float_power_"}:
         exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
         if not isinstance(exponent, (int, float)) or isinstance(exponent, bool) or exponent <= 0:
             return None
@@ -2475,8 +2480,12 @@ def _unflattened(func, name: str, args, kwargs):
         # The magnitude's values: a power above 1 compounds through a deep stack (MetaFormer's StarReLU squares in
         # every block) past any number format, where its support is the identity's; its sign stays the power's
         # (a log or square root of a negative value is NaN, and a softmax would read no live input).
-        return _real_values(x.detach().abs(), x)
-    return _real_values(func(*args, **kwargs), x)
+        twin = _real_values(x.detach().abs(), x)
+    elif in_place:
+        twin = _real_values(func(x.detach().clone(), *args[1:], **kwargs), x)
+    else:
+        twin = _real_values(func(*args, **kwargs), x)
+    return x.copy_(twin) if in_place else twin  # written in place, read through x
 
 
 def _factors(args, kwargs) -> list:
