@@ -3136,12 +3136,14 @@ def test_weights_mode_zeroes_a_bias_held_in_a_buffer():
     assert fields[0].bounds == fields[1].bounds == ((3, 9), (3, 9))
 
 
-@pytest.mark.parametrize("call", ["mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "pairwise_distance", "atan2"])
+@pytest.mark.parametrize(
+    "call", ["mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss", "pairwise_distance", "atan2", "atan2_"]
+)
 def test_a_call_that_takes_a_difference_inside_keeps_both_operands_fields(call):
     """A loss, a distance or an angle of two branches reads their difference inside, which is 0 on the theoretical
     copy's equal values: a(x) + mse_loss(a(x), b(x) shifted by 2 columns) read columns 5..7 where 3..7 is right (the
     shifted branch's gradient vanished), atan2 of two channels of one convolution read nothing ("its window covers
-    only padding"), and a distance along the width dropped the width."""
+    only padding"), in place too, and a distance along the width dropped the width."""
 
     class Compared(nn.Module):
         def __init__(self):
@@ -3156,9 +3158,14 @@ def test_a_call_that_takes_a_difference_inside_keeps_both_operands_fields(call):
             if call == "atan2":  # of two channels of one convolution
                 y = self.both(x)
                 return torch.atan2(y[:, :1], y[:, 1:])
+            if call == "atan2_":
+                y = self.both(x)
+                return y[:, :1].clone().atan2_(y[:, 1:])
             return a + getattr(F, call)(a, b, reduction="none")
 
-    expected = {"pairwise_distance": ((5, 7), (0, 11)), "atan2": ((5, 7), (5, 7))}.get(call, ((5, 7), (3, 7)))
+    expected = {"pairwise_distance": ((5, 7), (0, 11)), "atan2": ((5, 7), (5, 7))}.get(
+        call.rstrip("_"), ((5, 7), (3, 7))
+    )
     assert probe_rf(Compared(), (1, 1, 12, 12), (6, 6)).bounds == expected
 
 

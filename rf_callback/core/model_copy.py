@@ -1071,6 +1071,9 @@ class _ProbeFunctions(TorchFunctionMode):
         if self.linearise and name in _SIGNED and (twin := _sign_free_twin(name, args, kwargs)) is not None:
             return twin
         if self.linearise and name in _DIFFERENCES_INSIDE and len(args) >= 2 and _depends_on_input(args[0]):
+            if _depends_on_input(args[1]) and name.endswith("_"):  # atan2_: the twin written into its target
+                apart = getattr(torch, name[:-1])(*_apart(name[:-1], args[0], args[1]), *args[2:], **kwargs)
+                return args[0].copy_(apart)
             if _depends_on_input(args[1]):
                 return func(*_apart(name, args[0], args[1]), *args[2:], **kwargs)
         if name == "interpolate" and (resized := exact_resize(args, kwargs, unsigned=self.linearise)) is not None:
@@ -2393,7 +2396,7 @@ _SIGNED = (
 # (mse_loss(a, b) dropped b's shifted columns, atan2 of two channels of one convolution read nothing at all).
 _DIFFERENCES_INSIDE = frozenset(
     {"atan2", "arctan2", "pairwise_distance", "cdist", "dist", "mse_loss", "l1_loss", "huber_loss", "smooth_l1_loss",
-     "cross", "linalg_cross"}
+     "cross", "linalg_cross", "atan2_", "arctan2_"}
 )  # fmt: skip
 
 
