@@ -1001,14 +1001,26 @@ PICKS = {
     "nanquantile": lambda a, b: torch.stack([a, b], -1).nanquantile(0.0, -1),
     "quantiles": lambda a, b: torch.stack([a, b], -1).quantile(torch.tensor([0.0, 1.0]), -1, keepdim=True)[0, ..., 0],
     "clamp to a branch": lambda a, b: a.clamp(min=b),
+    "linalg.norm of order inf": lambda a, b: torch.linalg.norm(torch.stack([a, 0.5 * b]), ord=float("inf"), dim=0),
+    "scatter_reduce by amax": lambda a, b: torch.zeros_like(a).scatter_reduce(
+        1, torch.zeros(1, 2, a.shape[-1], dtype=torch.long), torch.cat([a, 0.5 * b], 1), "amax", include_self=False
+    ),
+    "index_reduce by amin": lambda a, b: torch.zeros_like(a).index_reduce(
+        1, torch.tensor([0, 0]), torch.cat([a, 2 * b], 1), "amin", include_self=False
+    ),
+    "segment_reduce by max": lambda a, b: torch.segment_reduce(
+        torch.stack([a, 0.5 * b]), "max", lengths=torch.tensor([2]), axis=0
+    )[0],
     "clamp in place, read through its target": lambda a, b: (a.clamp_(min=b), a)[1],
 }
 
 
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
 @pytest.mark.parametrize("name", list(PICKS))
 def test_a_pick_between_branches_keeps_every_branch_in_theoretical_mode(name):
     """Before, on the copy's equal values a pick followed ties and dropped a branch: position 1 of a maximum read
-    0..2, not 0..5, and the weights field (0..5) lay outside the theoretical one."""
+    0..2, not 0..5, and the weights field (0..5) lay outside the theoretical one. A branch scaled down never won a
+    max of order inf, a ``scatter_reduce``, ``index_reduce`` or ``segment_reduce`` by max or min."""
     model = PickOfBranches(PICKS[name])
     field_map = probe_rf(model, (1, 1, 12), "all")
     for i in range(12):

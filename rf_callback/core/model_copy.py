@@ -1154,7 +1154,7 @@ class _ProbeFunctions(TorchFunctionMode):
                 return _written(args[0], value, in_place=True)  # __setitem__'s result is not read
         if _picks_along_dims(base, name, args, kwargs) and args and _depends_on_input(args[0]):
             return _picks_twin(func, base, args, kwargs)
-        return None
+        return _reduced_by_mean(func, name, args, kwargs)
 
 
 # Fourier transforms into the frequency domain, where spectral layers (FNO, GFNet, FFC) filter; by dims transformed
@@ -1298,6 +1298,32 @@ def _pick_operands(args, kwargs) -> list:
     first = args[0] if args else kwargs.get("input")
     second = args[1] if len(args) > 1 else kwargs.get("other")
     return [first, second]
+
+
+# Calls that reduce what lands on one position by a reduction they take by name, and where they take it.
+_REDUCTIONS_BY_NAME = {
+    "scatter_reduce": (4, "reduce"), "scatter_reduce_": (4, "reduce"), "index_reduce": (4, "reduce"),
+    "index_reduce_": (4, "reduce"), "segment_reduce": (1, "reduce"),
+}  # fmt: skip
+
+
+def _reduced_by_mean(func, name: str, args, kwargs):
+    """A ``scatter_reduce``, ``index_reduce`` or ``segment_reduce`` by max or min, reduced by the mean instead, or None.
+
+    A max of what lands on one position picks by value, as ``amax`` does: the mean reads every candidate.
+    """
+    where = _REDUCTIONS_BY_NAME.get(name)
+    if where is None:
+        return None
+    at, keyword = where
+    reduction = args[at] if len(args) > at else kwargs.get(keyword)
+    if reduction not in ("amax", "amin", "max", "min"):
+        return None
+    if not any(_depends_on_input(t) for t in (*args, *kwargs.values())):
+        return None
+    if len(args) > at:
+        return func(*args[:at], "mean", *args[at + 1 :], **kwargs)
+    return func(*args, **{**kwargs, keyword: "mean"})
 
 
 def _picks_elementwise(base: str, operands: list) -> bool:
@@ -1868,7 +1894,7 @@ def _picks_twin(func, base: str, args, kwargs, real=None):
         shape = [1] * x.dim()
         shape[dim] = x.shape[dim]
         return type(real)((x.cumsum(dim) / counts.reshape(shape), real[1]))
-    if base in ("norm", "linalg_vector_norm", "vector_norm"):  # of order inf: the largest magnitude
+    if base in _NORMS:  # of order inf: the largest magnitude
         dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
         keepdim = kwargs.get("keepdim", len(args) > 3 and args[3])
         size = x.abs()
@@ -2163,9 +2189,13 @@ def _reduces_along_a_dim(args, kwargs) -> bool:
     return whole or (isinstance(dim, int) and not isinstance(dim, bool))
 
 
+# Norms whose order may be infinite: (x, ord or p, dim, keepdim) each.
+_NORMS = frozenset({"norm", "linalg_norm", "linalg_vector_norm", "vector_norm"})
+
+
 def _infinity_norm(name: str, args, kwargs) -> bool:
     """Whether the call is a norm of order +-inf (its largest or least magnitude: a pick, not a sum)."""
-    if name not in ("norm", "linalg_vector_norm", "vector_norm"):
+    if name not in _NORMS:
         return False
     order = kwargs.get("ord", kwargs.get("p", args[1] if len(args) > 1 else None))
     return isinstance(order, (int, float)) and math.isinf(order)
