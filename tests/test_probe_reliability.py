@@ -1973,6 +1973,12 @@ CANCELLING_OR_GATING = {
     "times -1 in place": lambda w, t, n: (t.mul_(-1), w + t + n)[1],
     "times a tensor of -1": lambda w, t, n: w + t * -torch.ones_like(t) + n,
     "divided by -1": lambda w, t, n: w + t / -1 + n,
+    "times NumPy's int64 -1": lambda w, t, n: w + t * np.int64(-1) + n,
+    "times NumPy's float32 -1": lambda w, t, n: w + t * np.float32(-1) + n,
+    "times an int64 tensor(-1)": lambda w, t, n: w + t * torch.tensor(-1) + n,
+    "times int64 signs per channel": lambda w, t, n: (
+        (torch.cat([w, t], 1) * torch.tensor([1, -1]).view(1, 2, 1)).sum(1, keepdim=True) + n
+    ),
     "addcmul with value=-1": lambda w, t, n: w.addcmul(t, torch.ones_like(t), value=-1) + n,
     "addmm with alpha=-1": lambda w, t, n: torch.addmm(_rows(w), _rows(t), torch.ones(1, 1), alpha=-1).view_as(w) + n,
     "addmm with beta=-1": lambda w, t, n: torch.addmm(_rows(t), _rows(w), torch.ones(1, 1), beta=-1).view_as(w) + n,
@@ -2000,11 +2006,11 @@ CANCELLING_OR_GATING = {
 
 @pytest.mark.parametrize("name", list(CANCELLING_OR_GATING))
 def test_negative_scalars_and_masks_hide_no_branch_in_theoretical_mode(name):
-    """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, ``value=-1``,
-    the fused ``addmm`` family's ``alpha=-1`` or ``beta=-1``, a custom Function's hand-written negative backward)
-    cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed from the input (all True or all
-    False there) picked one branch where it was combined (``&``, ``~``), turned into numbers or used as an index:
-    position 6 read 6..6, not 4..8 as in weights mode."""
+    """On the copy's equal values, ``w - t`` spelled with a negative scalar (``alpha=-1``, ``* -1``, NumPy's or an
+    integer tensor's -1, ``value=-1``, the fused ``addmm`` family's ``alpha=-1`` or ``beta=-1``, a custom Function's
+    hand-written negative backward) cancelled exactly, a ``lerp`` by a gate of 1 cut its start, and a mask computed
+    from the input (all True or all False there) picked one branch where it was combined (``&``, ``~``), turned into
+    numbers or used as an index: position 6 read 6..6, not 4..8 as in weights mode."""
     _assert_reads_the_wide_branch(WideAndNarrow(CANCELLING_OR_GATING[name]))
 
 

@@ -2456,12 +2456,18 @@ def _apart(name: str, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.
 
 
 def _negative(value) -> bool:
-    """A negative Python number, or a tensor of negative numbers that does not depend on the input (``-ones``)."""
+    """A negative number (Python's or NumPy's), or a constant tensor of negative numbers (``-ones``, ``tensor(-1)``)."""
     if isinstance(value, torch.Tensor):  # the copy's parameters are positive constants: not read
-        constant = not _stands_for_weights(value) and not value.requires_grad and value.is_floating_point()
+        constant = not _stands_for_weights(value) and not value.requires_grad and _may_be_negative(value)
         constant = constant and value.numel() > 0
         return constant and bool((value < 0).all())
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    return real and value < 0
+
+
+def _may_be_negative(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s type holds negative values: floating or signed integers (an int64 ``tensor([1, -1])``)."""
+    return tensor.is_floating_point() or (tensor.dtype.is_signed and not tensor.is_complex())
 
 
 # The operands of the product additions by name: the added input, then the two factors.
@@ -2777,7 +2783,7 @@ def _unsigned_constants(name: str, args, kwargs):
             return False
         if value is target:
             return False
-        return value.is_floating_point() and value.numel() > 0 and bool((value < 0).any())
+        return _may_be_negative(value) and value.numel() > 0 and bool((value < 0).any())
 
     def unsigned(value):
         return value.abs() if signed(value) else value
