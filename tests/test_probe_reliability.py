@@ -2631,6 +2631,37 @@ def test_a_fixed_signed_filter_in_a_buffer_hides_no_pixel_in_theoretical_mode():
     assert bool((probe_rf(DctFilter(), (1, 1, 4, 8), (1, 3)).heatmap[1] > 1e-3).all())
 
 
+class DifferenceMatrix(nn.Module):
+    """``y_i = x_i - x_(i+1)`` by a fixed +1/-1 matrix in a buffer, through ``call``, then a learned conv of 2."""
+
+    def __init__(self, call: str, length: int = 21):
+        super().__init__()
+        self.register_buffer("difference", torch.eye(length) - torch.eye(length).roll(1, 0).tril())
+        self.call = call
+        self.conv = nn.Conv1d(1, 1, 2, bias=False)
+
+    def forward(self, x):
+        matrix, eye = self.difference.to(x.dtype), torch.eye(x.shape[-1], dtype=x.dtype)
+        if self.call == "addmm":
+            y = torch.addmm(torch.zeros(1, x.shape[-1], dtype=x.dtype), x[:, 0], matrix).unsqueeze(1)
+        elif self.call == "baddbmm":
+            y = torch.baddbmm(torch.zeros_like(x), x, matrix[None])
+        elif self.call == "linalg.multi_dot":
+            y = torch.linalg.multi_dot([x[0], matrix, eye])[None]
+        else:
+            y = torch.chain_matmul(x[0], matrix, eye)[None]
+        return self.conv(y)
+
+
+@pytest.mark.filterwarnings("ignore:torch.chain_matmul is deprecated:UserWarning")
+@pytest.mark.parametrize("call", ["addmm", "baddbmm", "linalg.multi_dot", "chain_matmul"])
+def test_a_fixed_signed_matrix_in_a_fused_or_chained_product_hides_no_pixel(call):
+    """Its +1 and -1 cancelled on the copy's equal values in the conv after it: position 10 read 10 and 12, a hole at
+    11 inside the right bounds 10..12."""
+    field = probe_rf(DifferenceMatrix(call), (1, 1, 21), 10)
+    assert torch.nonzero(field.heatmap > 0).flatten().tolist() == [10, 11, 12]
+
+
 @pytest.mark.parametrize("statistics", [torch.var_mean, torch.std_mean])
 def test_var_mean_and_std_mean_gates_read_the_whole_input_in_theoretical_mode(statistics):
     """``x * sqrt(var_mean(y, dim=(2, 3))[0])`` kept only ``x``'s 3 x 3 window: on the copy's equal values the variance

@@ -2763,8 +2763,10 @@ _LINEAR_IN_EACH_OPERAND = (
     _WEIGHED
     | _MULTIPLICATIONS
     | _DIVISIONS
-    | {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "tensordot", "mv", "inner", "outer", "kron"}
-)
+    | _PRODUCT_ADDITIONS
+    | {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum", "tensordot", "mv", "inner", "outer", "kron",
+       "linalg_multi_dot", "chain_matmul"}
+)  # fmt: skip
 
 
 def _unsigned_constants(name: str, args, kwargs):
