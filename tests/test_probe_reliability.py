@@ -2508,6 +2508,47 @@ def test_a_filter_of_a_spectrogram_reads_the_frames_that_cover_the_output():
     assert probe_rf(SpectrogramMask(), (1, 1, 64), 32).bounds == ((21, 43),)
 
 
+class SpectrogramBin(nn.Module):
+    """The magnitude of one frequency of an stft (8-sample rectangular frames every 2 samples, not centred), by
+    keyword arguments or by position, through a 1 x 1 convolution."""
+
+    def __init__(self, frequency: int, by_keyword: bool):
+        super().__init__()
+        self.frequency, self.by_keyword, self.conv = frequency, by_keyword, nn.Conv1d(1, 1, 1)
+
+    def forward(self, x):
+        options = {"n_fft": 8, "hop_length": 2, "center": False, "return_complex": True}
+        spectrogram = torch.stft(input=x[:, 0], **options) if self.by_keyword else torch.stft(x[:, 0], **options)
+        return self.conv(spectrogram.abs()[:, self.frequency].unsqueeze(1))
+
+
+class ImaginaryRotation(nn.Module):
+    """The real part of a learned complex kernel times an imaginary input: it reads the kernel's imaginary part."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(1, 1, 5, dtype=torch.cfloat))
+
+    def forward(self, x):
+        return F.conv1d(torch.complex(torch.zeros_like(x), x), self.kernel, padding=2).real
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+@pytest.mark.parametrize("frequency", [2, 4])
+def test_one_frequency_of_a_spectrogram_reads_its_whole_frame(frequency, by_keyword):
+    """The stft's twin added its frame sum to each frequency's own term, which it cancelled where that frequency's
+    cosine is -1: frame 5 (inputs 10..17) of frequency 2 read without 12 and 16, of frequency 4 (the Nyquist) 10..16
+    without 11, 13, 15; a call by keyword (``torch.stft(input=x, ...)``) met no twin at all."""
+    field = probe_rf(SpectrogramBin(frequency, by_keyword), (1, 1, 40), 5)
+    assert field.bounds == ((10, 17),) and bool((field.heatmap[10:18] > 0).all())
+
+
+def test_a_complex_kernel_on_an_imaginary_input_keeps_its_path():
+    """A complex parameter became a real constant, whose product with an imaginary input has no real part: the
+    probe refused (no input position influences the output), where the kernel's imaginary part reads 18..22."""
+    assert probe_rf(ImaginaryRotation(), (1, 1, 40), 20).bounds == ((18, 22),)
+
+
 def _deformable_op():
     """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
     reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""

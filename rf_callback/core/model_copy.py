@@ -1005,8 +1005,10 @@ class _ProbeFunctions(TorchFunctionMode):
             # own paths to the other outputs are rounding noise on the copy's constants.
             spectrum = args[0].real if args[0].is_complex() else args[0]
             return func(*args, **kwargs) + spectrum.mean(dim=_fourier_dims(name, args, kwargs), keepdim=True)
-        if self.linearise and name in _SHORT_TIME_FOURIER_TRANSFORMS and _depends_on_input(args[0] if args else None):
-            return _short_time_fourier_twin(func, name, args, kwargs)
+        if self.linearise and name in _SHORT_TIME_FOURIER_TRANSFORMS:
+            args, kwargs = _input_first(args, kwargs)  # torch.stft(input=x, ...)
+            if _depends_on_input(args[0] if args else None):
+                return _short_time_fourier_twin(func, name, args, kwargs)
         clamped = base in _CLAMPS and _depends_on_input(args[0] if args else kwargs.get("input", kwargs.get("self")))
         # A fake quantization is an identity of the theoretical copy, of a weight too: on the copy's constants with
         # the live scales, a weight's would round a whole channel to zero and cut what it feeds.
@@ -1179,15 +1181,26 @@ _SHORT_TIME_FOURIER_TRANSFORMS = frozenset({"stft", "istft"})
 _WINDOW_ARGUMENT = 4
 
 
+def _input_first(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with a keyword ``input`` moved to the front (``torch.stft(input=x, n_fft=8)``)."""
+    if args or "input" not in kwargs:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    return (kwargs.pop("input"),), kwargs
+
+
 def _short_time_fourier_twin(func, name: str, args, kwargs) -> torch.Tensor:
     """The theoretical copy's twin of an ``stft`` or ``istft``: every frequency of a frame reads the whole frame.
 
     A filter of the spectrogram (a learned gain per frequency) may be any kernel inside each frame, but the copy's
     equal weights make it a constant, whose kernel is a single tap: the round trip read its own sample alone, and
     rounding noise around it. As the twins of ``rfft`` and ``irfft`` do along the whole axis, the ``stft`` adds to
-    every frequency of a frame that frame's sum under the window's magnitude (the frequency 0 of a spectrogram
-    with that window), and the ``istft`` adds the mean of each frame's frequencies, brought back as the frame's
-    frequency 0 alone: an output reads the frames whose windows cover it, no others.
+    every frequency of a frame twice that frame's sum under the window's magnitude (the frequency 0 of a
+    spectrogram with that window; twice, so that no frequency's own term, at most the window's magnitude, cancels
+    it where its cosine is -1), and the ``istft`` adds the mean of each frame's frequencies, brought back as the
+    frame's frequency 0 alone: an output reads the frames whose windows cover it, no others. A model that reads one
+    frequency's real or imaginary part alone reads the whole frame too, where its exact field skips the samples at
+    which that frequency's cosine (or sine) is 0.
     """
     result = func(*args, **kwargs)
     if name == "stft":
@@ -1198,7 +1211,7 @@ def _short_time_fourier_twin(func, name: str, args, kwargs) -> torch.Tensor:
             else:
                 kwargs = {**kwargs, "window": window.abs()}
         frequency_dim = -2 if result.is_complex() else -3  # (..., frequencies, frames), or real pairs after them
-        return result + func(*args, **kwargs).narrow(frequency_dim, 0, 1)
+        return result + 2 * func(*args, **kwargs).narrow(frequency_dim, 0, 1)
     spectrum = args[0]
     if not spectrum.is_complex():  # torch's istft refuses real pairs: no twin needed
         return result
@@ -3511,9 +3524,10 @@ def _prepared_parameter(
 ) -> torch.Tensor:
     if param.is_complex() and mode == "theoretical":
         # A spectral weight (an FNO's or a GFNet's filter, multiplied with an rfft's coefficients): as a real weight,
-        # a positive constant, whatever its trained values (zero-initialised ones cut the whole spectral path).
+        # a constant, whatever its trained values (zero-initialised ones cut the whole spectral path), with equal
+        # real and imaginary parts, so that neither part of what it multiplies loses its path (w * 1j x, read .real).
         fan_in = max(math.prod(param.shape[1:]), 1) if param.dim() >= 2 else 1
-        return _constant(param, torch.promote_types(dtype, torch.complex64), 1.0 / fan_in, device)
+        return _constant(param, torch.promote_types(dtype, torch.complex64), complex(1, 1) / fan_in, device)
     if not param.is_floating_point():
         return param.detach().to(device, copy=True)
     if mask:  # a fixed mask (is_fixed_mask): the architecture's own values
@@ -3651,7 +3665,7 @@ def _needs_constants_in_full(error: BaseException | None) -> bool:
     return False
 
 
-def _constant(like: torch.Tensor, dtype, value: float, device) -> torch.Tensor:
+def _constant(like: torch.Tensor, dtype, value: complex, device) -> torch.Tensor:
     """A tensor shaped like ``like`` holding ``value`` everywhere, in one element of memory (an expanded scalar).
 
     The theoretical copy's weights are constants, so its copy of a model of several GB costs no more than the
