@@ -2549,6 +2549,30 @@ def test_a_complex_kernel_on_an_imaginary_input_keeps_its_path():
     assert probe_rf(ImaginaryRotation(), (1, 1, 40), 20).bounds == ((18, 22),)
 
 
+class TensordotByTensorDims(nn.Module):
+    """A fixed mixing of the columns (a buffer) by ``tensordot`` over the last dim, its dims given as an int64 tensor
+    (-1: the last), between two 3 x 3 convolutions: 9 channels and 9 columns, so contracting the channels instead
+    still runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Conv2d(2, 9, 3, padding=1), nn.Conv2d(9, 2, 3, padding=1)
+        mixing = torch.zeros(9, 9)
+        mixing[0, 8] = mixing[8, 0] = mixing[4, 4] = 1.0
+        self.register_buffer("mixing", mixing)
+        self.register_buffer("dims", torch.tensor([[-1], [0]]))
+
+    def forward(self, x):
+        return self.second(torch.tensordot(self.first(x), self.mixing, dims=self.dims))
+
+
+def test_tensordot_dims_given_as_a_tensor_are_no_signed_constant():
+    """Signed integer tensors count as signed constants (a sign flip by an int64 tensor), but tensordot's dims are
+    names of dims: their magnitude contracted the channels instead of the columns (45 pixels, not 15)."""
+    field = probe_rf(TensordotByTensorDims(), (1, 2, 9, 9), (4, 4))
+    assert field.bounds == ((2, 6), (3, 5)) and int((field.heatmap > 0).sum()) == 15  # column 4 reads column 4
+
+
 def _deformable_op():
     """An op named as torchvision's ``deform_conv2d`` (input, weight, offset, mask), with its own backward: each output
     reads the input where its offset points (torchvision does not import beside the CPU build the tests run on)."""

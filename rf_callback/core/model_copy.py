@@ -2792,11 +2792,14 @@ def _unsigned_constants(name: str, args, kwargs):
     depends on the input, and never to the target of an in-place call (``y.mul_(x)`` must write ``y`` itself).
     """
     target = args[0] if args and geometry_flow.writes_in_place(name) else None
+    # tensordot's dims, given as tensors, name dims (-1 is the last) and are no operand
+    dims = kwargs.get("dims", args[2] if len(args) > 2 else None) if name == "tensordot" else None
+    dims_given = [id(d) for d in (dims if isinstance(dims, (list, tuple)) else (dims,)) if d is not None]
 
     def signed(value) -> bool:  # a constant (no Parameter of the copy, nor a view of one: positive) with a value < 0
         if not isinstance(value, torch.Tensor) or _stands_for_weights(value) or value.requires_grad:
             return False
-        if value is target:
+        if value is target or id(value) in dims_given:
             return False
         return _may_be_negative(value) and value.numel() > 0 and bool((value < 0).any())
 
