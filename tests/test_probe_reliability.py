@@ -1032,6 +1032,25 @@ def test_a_pick_between_branches_keeps_every_branch_in_theoretical_mode(name):
         assert low <= first and last <= high, i
 
 
+class PickOfAlwaysOneBranch(PickOfBranches):
+    """The same branches, the first squared and shifted (at least 10), the second squashed (below 1): the pick
+    always takes the first on these weights, whatever the input."""
+
+    def forward(self, x):
+        return self.pick(self.a(x) ** 2 + 10, torch.sigmoid(self.b(x)))
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta:UserWarning")
+@pytest.mark.parametrize("name", ["amax", "scatter_reduce by amax", "index_reduce by amin", "segment_reduce by max"])
+def test_a_pick_by_value_reads_every_candidate_in_weights_mode(name):
+    """The input, not a weight, decides which candidate a max picks: weights mode reads all of them, as for a
+    max-pool's window. A scatter_reduce, index_reduce or segment_reduce by max or min read the winner alone (5..7,
+    the 3-tap branch's, where amax reads 2..10; a min, the dilated branch's 2, 6 and 10 alone)."""
+    torch.manual_seed(0)
+    field = probe_rf(PickOfAlwaysOneBranch(PICKS[name]), (1, 1, 12), 6, mode="weights")
+    assert field.heatmap.nonzero().flatten().tolist() == [2, 5, 6, 7, 10]
+
+
 def test_a_weights_map_of_a_maximum_equals_its_single_probes():
     """The map reads many positions per pass and attributes each support by the theoretical boxes: with a pick that
     dropped a branch there, positions 0, 1, 9, 10 and 11 got wrong fields (single probes were right)."""

@@ -1334,6 +1334,10 @@ def _reduced_by_mean(func, name: str, args, kwargs):
         return None
     if not any(_depends_on_input(t) for t in (*args, *kwargs.values())):
         return None
+    if name.startswith("scatter_reduce") and len(args) > 3 and args[2].shape != args[3].shape:
+        # scatter reads src only where index reaches (a batch-1 index beside weights mode's 8 draws): mean's
+        # backward wants them alike
+        args = (*args[:3], args[3][tuple(slice(0, n) for n in args[2].shape)], *args[4:])
     if len(args) > at:
         return func(*args[:at], "mean", *args[at + 1 :], **kwargs)
     return func(*args, **{**kwargs, keyword: "mean"})
@@ -1365,8 +1369,9 @@ def _whole_pick(func, name: str, args, kwargs):
 
     A max-pool connects its whole window: the input, not a weight, decides which element wins. So do the other picks
     by value: ``amax`` and ``max`` along a dim, ``maximum`` of two input-dependent branches, ``sort``, ``topk``,
-    ``median``, ``cummax``... (the theoretical copy's twins, see :meth:`_ProbeFunctions._selection_twin`, give the
-    gradient; entries that are not finite, a mask's -inf, add none).
+    ``median``, ``cummax``, a ``scatter_reduce`` by ``amax``... (the theoretical copy's twins, see
+    :meth:`_ProbeFunctions._selection_twin`, give the gradient; entries that are not finite, a mask's -inf, add
+    none).
 
     Args:
         func: the torch function called.
@@ -1385,6 +1390,8 @@ def _whole_pick(func, name: str, args, kwargs):
             return None
         twin = _mean_of_dependent([_finite(a) for a in operands])
         return _real_values(func(*args, **kwargs), cast(torch.Tensor, twin))
+    if (reduced := _reduced_by_mean(func, name, args, kwargs)) is not None:  # scatter_reduce by amax, ...
+        return _real_values(func(*args, **kwargs), reduced)
     if not (_picks_along_dims(base, name, args, kwargs) and args and _depends_on_input(args[0])):
         return None
     real = func(*args, **kwargs)
