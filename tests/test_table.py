@@ -530,3 +530,30 @@ def test_weights_rows_are_probe_rfs_own_fields_beside_a_dead_row():
     assert [row.name for row in rows] == ["relu", "sum", "flip"]
     for row in rows:
         assert row.bounds == probe_rf(model, shape, layer=row.name, mode="weights").bounds, row.name
+
+
+class StepsMixedByAConvolution(nn.Module):
+    """A 1D forecaster laid out channels last: an embedding, a transpose and a layer norm (N, 16 steps, 8 features),
+    then a 1 x 1 Conv1d that maps the 16 steps to 12 (the steps as its channels), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Conv1d(3, 8, 3, padding=1), nn.LayerNorm(8)
+        self.steps, self.head = nn.Conv1d(16, 12, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.steps(self.norm(self.embed(x).transpose(1, 2))))
+
+
+@pytest.mark.filterwarnings("ignore:the output of layer")
+@pytest.mark.parametrize("mode", ["theoretical", "weights"])
+def test_a_1x1_convolution_of_a_map_read_channels_last_has_its_own_field(mode):
+    """A 1 x 1 convolution keeps its input's field where both are read alike; this one reads the layer norm's map
+    channels first (its 16 steps as channels, its features as positions): its row copied the layer norm's field,
+    7..9 with (3, 1, 1), where every output reads all 16 steps (as probe_rf(layer='steps') and a brute force say)."""
+    torch.manual_seed(0)
+    model = StepsMixedByAConvolution()
+    row = next(r for r in rf_table(model, (1, 3, 16), layout="channels_last", mode=mode) if r.name == "steps")
+    probed = probe_rf(model, (1, 3, 16), row.position, layer="steps", mode=mode)
+    assert row.bounds == probed.bounds == ((0, 15),)
+    assert (row.full_size, row.stride, row.offset) == ((None,), (None,), (None,))

@@ -614,7 +614,12 @@ def _forward_outputs(
             key = (id(output), _version(output))
             same_as = producers.get(key)
             if same_as is None and _keeps_the_field(module) and args and torch.is_tensor(args[0]):
-                same_as = producers.get((id(args[0]), _version(args[0])))
+                producer = outputs.get(producers.get((id(args[0]), _version(args[0])), ""))
+                # Its input's field, read in the same layout: a 1 x 1 convolution of a map a row read channels last
+                # (a Linear's) reads that map's channels as positions (its tokens as channels), another field.
+                reading = _known_reading(module)
+                if producer is not None and reading in (None, producer.layout):
+                    same_as = producer.name
             producers.setdefault(key, same_as or name)
             alive.append(output)
             # An operator overload (aten.max_pool2d.default) runs below the twins that hide no pixel: like a cut, the
