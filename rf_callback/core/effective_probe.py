@@ -261,6 +261,12 @@ def _one_sample_maps(
     return [maps[i : i + len(positions)] for i in range(0, len(maps), len(positions))]
 
 
+def _float64_maps(model, sample, request: ProbeRequest, positions: list, signed: Sequence[bool], zero_biases: bool):
+    """:func:`_one_sample_maps` of ``sample`` on a float64 copy of ``model`` (as ``request`` runs it otherwise)."""
+    wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
+    return _one_sample_maps(wide, sample, request.in_dtype(torch.float64), positions, signed)
+
+
 def _resolved_in_float64(model, sample, request: ProbeRequest, positions: list, zero_biases: bool) -> bool:
     """Whether some of ``positions``, whose maps are zero in ``request.dtype``, have a map on ``sample`` in float64.
 
@@ -269,8 +275,7 @@ def _resolved_in_float64(model, sample, request: ProbeRequest, positions: list, 
     if request.dtype == torch.float64:
         return False
     try:
-        wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
-        (maps,) = _one_sample_maps(wide, sample, request.in_dtype(torch.float64), positions, (False,))
+        (maps,) = _float64_maps(model, sample, request, positions, (False,), zero_biases)
     except (ProbeError, ValueError, RuntimeError, TypeError):
         return False
     return any(bool(m.any()) for m in maps)
@@ -290,10 +295,8 @@ def _rounding_noise(model, copy, sample, request: ProbeRequest, suspects: list, 
     if not suspects or request.dtype == torch.float64:
         return suspects, []
     positions = [position for position, _ in suspects]
-    wide_request = request.in_dtype(torch.float64)
     try:
-        wide = prepared_copy(model, "weights", torch.float64, zero_biases=zero_biases, device=request.device)
-        wide_maps, wide_scales = _one_sample_maps(wide, sample, wide_request, positions, (False, True))
+        wide_maps, wide_scales = _float64_maps(model, sample, request, positions, (False, True), zero_biases)
     except (ProbeError, ValueError, RuntimeError, TypeError) as error:
         raise ProbeError(
             f"the gradient map of {_positions_named(positions, len(positions))} is at most {suspects[0][1]:.1e} of "

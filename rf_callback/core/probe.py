@@ -264,7 +264,7 @@ class _TheoryOnDemand(GraphShapes):
 
     The copy kept from the probe holds the model's modules as they were, but its class code, the globals and class
     attributes it reads, and the functions it calls are the process's as they are now: a forward whose output's
-    shape is no longer the probe's is refused at once, and :meth:`changed` compares its calls with the probe's.
+    shape is no longer the probe's is refused at once, and :meth:`not_probed` compares its calls with the probe's.
     """
 
     def __init__(
